@@ -1,0 +1,24 @@
+//! carpulse keeps a time-series history of Smartcar-connected vehicles in SQLite and exports it
+//! as Prometheus metrics.
+//!
+//! Data flows one way (DESIGN §1): [`config`] is validated at start; [`store`] owns the SQLite
+//! file on one thread; [`tokens`] keeps every connection's access token fresh and persists each
+//! rotated pair before it is used; [`schedule`] turns cron expressions into ticks; [`poller`]
+//! turns a tick into one bounded, concurrent poll cycle through the [`smartcar`] client; its
+//! readings go to the store's writer and its outcomes to [`metrics`]. [`connect`] runs the
+//! OAuth consent flow, [`simulator`] is a Smartcar look-alike for offline use, and [`app`] wires
+//! the daemon together with one shutdown path. [`demo`] runs all of it in one process.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod connect;
+pub mod demo;
+pub mod domain;
+pub mod metrics;
+pub mod poller;
+pub mod schedule;
+pub mod simulator;
+pub mod smartcar;
+pub mod store;
+pub mod tokens;

@@ -1,0 +1,1 @@
+//! TODO: ApiError, ErrorKind, AuthError
