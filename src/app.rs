@@ -1,1 +1,255 @@
-//! TODO
+//! Wiring and lifecycle of `carpulse run`: build binds and loads everything (so a test or the
+//! demo learns the metrics address before anything runs), `run_until_stopped` serves until the
+//! shutdown token fires, then stops scheduling, drains in-flight polls within a grace period,
+//! flushes the writer and returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::domain::ConnectionStatus;
+use crate::metrics::{self, Health, Metrics};
+use crate::poller::{PolledVehicle, Poller};
+use crate::schedule::{self, job_label};
+use crate::smartcar::{ClientConfig, SmartcarClient};
+use crate::store::{queries, Store, WriteObserver, WriteReport};
+use crate::tokens::TokenManager;
+
+/// How long in-flight polls may run on after a stop request before they are abandoned.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+pub struct Daemon {
+    config: Config,
+    store: Store,
+    metrics: Metrics,
+    health: Health,
+    tokens: Arc<TokenManager>,
+    poller: Arc<Poller>,
+    listener: TcpListener,
+}
+
+/// The Smartcar client settings a config implies.
+pub fn client_config(cfg: &Config) -> ClientConfig {
+    let sc = &cfg.smartcar;
+    ClientConfig {
+        client_id: sc.client_id.clone(),
+        client_secret: sc.client_secret.clone(),
+        redirect_uri: sc.redirect_uri.clone(),
+        token_url: sc.token_url.clone(),
+        api_v2_url: sc.api_v2_url.clone(),
+        api_v3_url: sc.api_v3_url.clone(),
+        unit_system: sc.unit_system,
+        timeout: cfg.poll.timeout,
+    }
+}
+
+/// Feeds the row counters from the writer's reports.
+fn write_observer(metrics: &Metrics) -> WriteObserver {
+    let m = metrics.clone();
+    Arc::new(move |r: &WriteReport| {
+        for (table, n) in &r.written {
+            m.rows_written.with_label_values(&[table]).inc_by(*n);
+        }
+        for (table, n) in &r.duplicates {
+            m.rows_duplicate.with_label_values(&[table]).inc_by(*n);
+        }
+        for (table, n) in &r.dropped {
+            m.rows_dropped.with_label_values(&[table]).inc_by(*n);
+        }
+    })
+}
+
+impl Daemon {
+    /// Opens the store, loads connections and vehicles, binds the metrics listener.
+    pub async fn build(config: Config) -> anyhow::Result<Daemon> {
+        let metrics = Metrics::new().context("creating the metrics registry")?;
+        let store = Store::open(&config.store.path, Some(write_observer(&metrics)))
+            .with_context(|| format!("opening the store {}", config.store.path.display()))?;
+        let client = SmartcarClient::new(client_config(&config)).context("creating the Smartcar client")?;
+        let tokens = TokenManager::new(
+            store.clone(),
+            client.clone(),
+            metrics.clone(),
+            config.schedule.refresh_margin,
+        );
+        let poller = Poller::new(
+            config.smartcar.api,
+            client,
+            tokens.clone(),
+            store.clone(),
+            metrics.clone(),
+            config.poll.concurrency,
+            config.poll.timeout,
+        );
+        let listener = TcpListener::bind(config.metrics.listen)
+            .await
+            .with_context(|| format!("metrics.listen: cannot listen on {}", config.metrics.listen))?;
+        let daemon = Daemon {
+            config,
+            store,
+            metrics,
+            health: Health::default(),
+            tokens,
+            poller,
+            listener,
+        };
+        daemon.load().await?;
+        Ok(daemon)
+    }
+
+    /// (Re)loads connections and enabled vehicles from the store.
+    async fn load(&self) -> anyhow::Result<()> {
+        let connections = self
+            .store
+            .call(|c| queries::load_connections(c))
+            .await
+            .context("loading connections")?;
+        let vehicles = self
+            .store
+            .call(|c| queries::load_vehicles(c))
+            .await
+            .context("loading vehicles")?;
+        let active: std::collections::HashSet<_> = connections
+            .iter()
+            .filter(|c| c.status == ConnectionStatus::Active)
+            .map(|c| c.id)
+            .collect();
+        let n_connections = connections.len();
+        let needs_reauth = n_connections - active.len();
+        for v in vehicles.iter() {
+            if let (Some(make), Some(model), Some(year)) = (&v.make, &v.model, v.year) {
+                self.metrics.record_info(
+                    &v.vehicle_id,
+                    &crate::domain::VehicleInfo {
+                        make: make.clone(),
+                        model: model.clone(),
+                        year,
+                    },
+                );
+            }
+        }
+        let polled: Vec<PolledVehicle> = vehicles
+            .into_iter()
+            .filter(|v| v.enabled && active.contains(&v.connection_id))
+            .map(|v| PolledVehicle {
+                id: v.vehicle_id,
+                connection: v.connection_id,
+            })
+            .collect();
+        self.tokens.load(connections);
+        if needs_reauth > 0 {
+            warn!(needs_reauth, "some connections need re-authorization: run `carpulse connect` for them");
+        }
+        if polled.is_empty() {
+            warn!("no vehicles to poll: run `carpulse connect` to add a Smartcar account");
+        }
+        info!(connections = n_connections, vehicles = polled.len(), "loaded the store");
+        self.poller.set_vehicles(polled);
+        Ok(())
+    }
+
+    pub fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serves until `shutdown` is cancelled; returns after the writer is flushed.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Daemon {
+            config,
+            store,
+            metrics,
+            health,
+            tokens,
+            poller,
+            listener,
+        } = self;
+        let addr = listener.local_addr()?;
+        info!(
+            metrics = %format!("http://{addr}/metrics"),
+            api = ?config.smartcar.api,
+            battery = %config.schedule.battery,
+            info = %config.schedule.info,
+            "carpulse running"
+        );
+
+        // Every long-running part is on one tracker; an unexpected end of any of them stops
+        // the daemon (systemd restarts it) rather than leaving it half alive.
+        let tasks = TaskTracker::new();
+        let failed = CancellationToken::new();
+
+        let server_stop = shutdown.clone();
+        let server_failed = failed.clone();
+        let (m, h) = (metrics.clone(), health.clone());
+        tasks.spawn(async move {
+            if let Err(e) = metrics::serve(listener, m, h, server_stop.clone()).await {
+                error!(error = %e, "the metrics server stopped");
+                server_failed.cancel();
+            }
+        });
+
+        let refresher_stop = shutdown.clone();
+        tasks.spawn(tokens.clone().run(refresher_stop));
+
+        let (schedule, mut ticks) = schedule::start(&config.schedule, &metrics)
+            .await
+            .context("starting the schedule")?;
+
+        // Polls get their own token: on shutdown they are given a grace period first.
+        let polls_cancel = CancellationToken::new();
+        let cycles = TaskTracker::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = failed.cancelled() => {
+                    shutdown.cancel();
+                    break;
+                }
+                tick = ticks.recv() => {
+                    let Some(job) = tick else { break };
+                    let poller = poller.clone();
+                    let cancel = polls_cancel.clone();
+                    cycles.spawn(async move {
+                        poller.cycle(job, cancel).await;
+                    });
+                    tracing::debug!(job = job_label(job), "cycle started");
+                }
+            }
+        }
+
+        info!("stopping: no new polls; waiting for in-flight ones");
+        schedule.shutdown().await;
+        cycles.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, cycles.wait()).await.is_err() {
+            warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "in-flight polls did not finish in time; abandoning them");
+            polls_cancel.cancel();
+            cycles.wait().await;
+        }
+        tasks.close();
+        tasks.wait().await;
+        store.close().await.context("flushing the store")?;
+        info!("stopped");
+        if failed.is_cancelled() {
+            anyhow::bail!("a daemon task failed; see the log above");
+        }
+        Ok(())
+    }
+}
+
+/// `carpulse run`: the daemon until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    crate::signals::spawn_handler(shutdown.clone()).context("installing signal handlers")?;
+    let daemon = Daemon::build(config).await?;
+    daemon.run_until_stopped(shutdown).await
+}

@@ -1,1 +1,60 @@
-//! TODO
+//! The command line of DESIGN §3 (clap). Parsing only: `main` dispatches.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::demo::DemoArgs;
+use crate::simulator::SimulatorArgs;
+
+/// carpulse: a telemetry logger for Smartcar-connected vehicles (SQLite history, Prometheus metrics).
+#[derive(Parser, Debug)]
+#[command(name = "carpulse", version, propagate_version = true)]
+pub struct Cli {
+    /// Config file (TOML). Default: $CARPULSE_CONFIG, then /etc/carpulse/carpulse.toml.
+    #[arg(long, global = true, env = "CARPULSE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: refresh tokens, poll on schedule, store readings, serve /metrics.
+    Run,
+    /// Connect a Smartcar account: print the Connect URL, serve the redirect URI, store the
+    /// account's vehicles.
+    Connect {
+        /// How long to wait for the browser to come back (Smartcar codes live 10 minutes).
+        #[arg(long, default_value = "10m", value_parser = parse_duration_arg)]
+        wait: std::time::Duration,
+    },
+    /// List or remove stored vehicles.
+    Vehicles {
+        #[command(subcommand)]
+        action: VehiclesCommand,
+    },
+    /// Health at a glance: connections and token expiry, last poll per vehicle.
+    Status,
+    /// Stored readings of one or all vehicles.
+    History(crate::history::HistoryArgs),
+    /// The Smartcar-compatible vehicle simulator, on loopback.
+    Simulator(SimulatorArgs),
+    /// Simulator + Connect + daemon in one process on a local SQLite file; no account needed.
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VehiclesCommand {
+    /// Every stored vehicle with its connection status and last readings.
+    List,
+    /// Remove a vehicle and its history from the store.
+    Remove {
+        /// The Smartcar vehicle id.
+        id: String,
+    },
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(s)
+}

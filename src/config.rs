@@ -1,1 +1,656 @@
-//! TODO
+//! The configuration file (DESIGN §3): `RawConfig` is the TOML as the user wrote it; [`Config`] is
+//! the validated, typed form (parsed cron, `Duration`s, socket addresses, the secret resolved).
+//! Everything is checked at start so that a bad file fails before anything runs, with the file,
+//! the line and the key named, and a distinct exit code ([`EX_CONFIG`]) that systemd does not
+//! retry.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::domain::{ApiVersion, Secret, UnitSystem};
+
+/// sysexits' EX_CONFIG: the unit file lists it in `RestartPreventExitStatus`.
+pub const EX_CONFIG: u8 = 78;
+
+/// Where `run` looks when neither `--config` nor `CARPULSE_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/carpulse/carpulse.toml";
+
+/// A config problem, already phrased for the user: `file:line: key: what is wrong`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Smartcar Connect `mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Live,
+    Simulated,
+    Test,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Live => "live",
+            Mode::Simulated => "simulated",
+            Mode::Test => "test",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from, for messages (`None` when built in code, as the demo does).
+    pub source: Option<PathBuf>,
+    pub smartcar: SmartcarConfig,
+    pub store: StoreConfig,
+    pub metrics: MetricsConfig,
+    pub schedule: ScheduleConfig,
+    pub poll: PollConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct SmartcarConfig {
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub redirect_uri: String,
+    pub mode: Mode,
+    pub api: ApiVersion,
+    pub scope: Vec<String>,
+    pub unit_system: UnitSystem,
+    pub connect_url: String,
+    pub token_url: String,
+    pub api_v2_url: String,
+    pub api_v3_url: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct ScheduleConfig {
+    /// Cron with a seconds field, validated; battery + charge.
+    pub battery: String,
+    /// Cron with a seconds field, validated; make/model/year, VIN, odometer.
+    pub info: String,
+    pub refresh_margin: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct PollConfig {
+    pub concurrency: usize,
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_SCOPE: [&str; 5] = [
+    "read_vehicle_info",
+    "read_vin",
+    "read_battery",
+    "read_charge",
+    "read_odometer",
+];
+pub const DEFAULT_REDIRECT_URI: &str = "http://localhost:8000/exchange";
+pub const DEFAULT_CONNECT_URL: &str = "https://connect.smartcar.com/oauth/authorize";
+pub const DEFAULT_TOKEN_URL: &str = "https://auth.smartcar.com/oauth/token";
+pub const DEFAULT_API_V2_URL: &str = "https://api.smartcar.com/v2.0";
+pub const DEFAULT_API_V3_URL: &str = "https://vehicle.api.smartcar.com/v3";
+pub const DEFAULT_STORE_PATH: &str = "/var/lib/carpulse/carpulse.db";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9841";
+pub const DEFAULT_BATTERY_CRON: &str = "0 */15 * * * *";
+pub const DEFAULT_INFO_CRON: &str = "0 0 4 * * *";
+pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(600);
+pub const DEFAULT_CONCURRENCY: usize = 8;
+pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(310);
+
+/// Environment variables that point carpulse at another Smartcar host (the simulator, a proxy),
+/// as Smartcar's SDKs allow with their `SMARTCAR_*_ORIGIN` variables. They win over the file.
+pub const ENV_URL_OVERRIDES: [(&str, &str); 4] = [
+    ("CARPULSE_CONNECT_URL", "smartcar.connect_url"),
+    ("CARPULSE_TOKEN_URL", "smartcar.token_url"),
+    ("CARPULSE_API_V2_URL", "smartcar.api_v2_url"),
+    ("CARPULSE_API_V3_URL", "smartcar.api_v3_url"),
+];
+pub const ENV_CLIENT_SECRET: &str = "CARPULSE_CLIENT_SECRET";
+
+type S<T> = Option<Spanned<T>>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    smartcar: RawSmartcar,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    schedule: RawSchedule,
+    #[serde(default)]
+    poll: RawPoll,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSmartcar {
+    client_id: S<String>,
+    client_secret: S<String>,
+    client_secret_file: S<String>,
+    redirect_uri: S<String>,
+    mode: S<String>,
+    api: S<String>,
+    scope: S<Vec<String>>,
+    unit_system: S<String>,
+    connect_url: S<String>,
+    token_url: S<String>,
+    api_v2_url: S<String>,
+    api_v3_url: S<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: S<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: S<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    battery: S<String>,
+    info: S<String>,
+    refresh_margin: S<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPoll {
+    concurrency: S<i64>,
+    timeout: S<String>,
+}
+
+/// Where a config value came from, to name it in an error.
+struct Origin<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Origin<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .bytes()
+            .filter(|b| *b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err<T>(&self, key: &str, span: Option<std::ops::Range<usize>>, msg: String) -> Result<T, ConfigError> {
+        Err(ConfigError(match span {
+            Some(span) => format!("{}:{}: {key}: {msg}", self.file, self.line_of(span.start)),
+            None => format!("{}: {key}: {msg}", self.file),
+        }))
+    }
+}
+
+/// The environment as the loader sees it; a parameter so tests need not touch the process's.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read the config file: {e}", path.display())))?;
+        let mut cfg = Self::parse(&text, &path.display().to_string(), env)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        let origin = Origin { file, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| origin.line_of(s.start));
+            let msg = e.message().trim().to_string();
+            ConfigError(match line {
+                Some(line) => format!("{file}:{line}: {msg}"),
+                None => format!("{file}: {msg}"),
+            })
+        })?;
+        validate(raw, &origin, env)
+    }
+}
+
+fn span<T>(v: &S<T>) -> Option<std::ops::Range<usize>> {
+    v.as_ref().map(|s| s.span())
+}
+
+fn string_or(v: &S<String>, default: &str) -> String {
+    v.as_ref().map(|s| s.get_ref().clone()).unwrap_or_else(|| default.to_string())
+}
+
+fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, ConfigError> {
+    let sc = &raw.smartcar;
+
+    let client_id = match &sc.client_id {
+        Some(id) if !id.get_ref().trim().is_empty() => id.get_ref().trim().to_string(),
+        Some(id) => return o.err("smartcar.client_id", Some(id.span()), "must not be empty".into()),
+        None => {
+            return o.err(
+                "smartcar.client_id",
+                None,
+                "missing: set it to your Smartcar application's client id".into(),
+            )
+        }
+    };
+    let client_secret = resolve_secret(sc, o, env)?;
+
+    let redirect_uri = string_or(&sc.redirect_uri, DEFAULT_REDIRECT_URI);
+    check_http_url(&redirect_uri, "smartcar.redirect_uri", span(&sc.redirect_uri), o)?;
+
+    let mode = match sc.mode.as_ref().map(|m| m.get_ref().as_str()) {
+        None | Some("live") => Mode::Live,
+        Some("simulated") => Mode::Simulated,
+        Some("test") => Mode::Test,
+        Some(other) => {
+            return o.err(
+                "smartcar.mode",
+                span(&sc.mode),
+                format!("{other:?} is not one of live, simulated, test"),
+            )
+        }
+    };
+    let api = match sc.api.as_ref().map(|m| m.get_ref().as_str()) {
+        None | Some("v3") => ApiVersion::V3,
+        Some("v2") | Some("v2.0") => ApiVersion::V2,
+        Some(other) => return o.err("smartcar.api", span(&sc.api), format!("{other:?} is not one of v3, v2")),
+    };
+    let unit_system = match sc.unit_system.as_ref().map(|m| m.get_ref().as_str()) {
+        None | Some("metric") => UnitSystem::Metric,
+        Some("imperial") => UnitSystem::Imperial,
+        Some(other) => {
+            return o.err(
+                "smartcar.unit_system",
+                span(&sc.unit_system),
+                format!("{other:?} is not one of metric, imperial"),
+            )
+        }
+    };
+    let scope = match &sc.scope {
+        Some(s) if s.get_ref().is_empty() => {
+            return o.err("smartcar.scope", Some(s.span()), "must name at least one permission".into())
+        }
+        Some(s) => s.get_ref().clone(),
+        None => DEFAULT_SCOPE.iter().map(|s| s.to_string()).collect(),
+    };
+
+    let mut urls = [
+        (string_or(&sc.connect_url, DEFAULT_CONNECT_URL), span(&sc.connect_url)),
+        (string_or(&sc.token_url, DEFAULT_TOKEN_URL), span(&sc.token_url)),
+        (string_or(&sc.api_v2_url, DEFAULT_API_V2_URL), span(&sc.api_v2_url)),
+        (string_or(&sc.api_v3_url, DEFAULT_API_V3_URL), span(&sc.api_v3_url)),
+    ];
+    for ((var, key), (url, at)) in ENV_URL_OVERRIDES.iter().zip(urls.iter_mut()) {
+        if let Some(value) = env.var(var) {
+            check_http_url(&value, &format!("{key} (from ${var})"), None, o)?;
+            *url = value;
+            *at = None;
+        } else {
+            check_http_url(url, key, at.clone(), o)?;
+        }
+    }
+    let [connect_url, token_url, api_v2_url, api_v3_url] = urls.map(|(u, _)| u);
+
+    let store_path = string_or(&raw.store.path, DEFAULT_STORE_PATH);
+    if store_path.trim().is_empty() {
+        return o.err("store.path", span(&raw.store.path), "must not be empty".into());
+    }
+
+    let listen_text = string_or(&raw.metrics.listen, DEFAULT_METRICS_LISTEN);
+    let listen: SocketAddr = match listen_text.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            return o.err(
+                "metrics.listen",
+                span(&raw.metrics.listen),
+                format!("{listen_text:?} is not an IP:port address (e.g. 127.0.0.1:9841)"),
+            )
+        }
+    };
+
+    let battery = string_or(&raw.schedule.battery, DEFAULT_BATTERY_CRON);
+    check_cron(&battery, "schedule.battery", span(&raw.schedule.battery), o)?;
+    let info = string_or(&raw.schedule.info, DEFAULT_INFO_CRON);
+    check_cron(&info, "schedule.info", span(&raw.schedule.info), o)?;
+    let refresh_margin = duration_or(
+        &raw.schedule.refresh_margin,
+        DEFAULT_REFRESH_MARGIN,
+        "schedule.refresh_margin",
+        o,
+    )?;
+
+    let concurrency = match &raw.poll.concurrency {
+        None => DEFAULT_CONCURRENCY,
+        Some(c) if (1..=4096).contains(c.get_ref()) => *c.get_ref() as usize,
+        Some(c) => {
+            return o.err(
+                "poll.concurrency",
+                Some(c.span()),
+                format!("{} is out of range 1..=4096", c.get_ref()),
+            )
+        }
+    };
+    let timeout = duration_or(&raw.poll.timeout, DEFAULT_POLL_TIMEOUT, "poll.timeout", o)?;
+    if timeout.is_zero() {
+        return o.err("poll.timeout", span(&raw.poll.timeout), "must be more than 0".into());
+    }
+
+    Ok(Config {
+        source: None,
+        smartcar: SmartcarConfig {
+            client_id,
+            client_secret,
+            redirect_uri,
+            mode,
+            api,
+            scope,
+            unit_system,
+            connect_url,
+            token_url,
+            api_v2_url,
+            api_v3_url,
+        },
+        store: StoreConfig {
+            path: PathBuf::from(store_path),
+        },
+        metrics: MetricsConfig { listen },
+        schedule: ScheduleConfig {
+            battery,
+            info,
+            refresh_margin,
+        },
+        poll: PollConfig { concurrency, timeout },
+    })
+}
+
+/// Precedence: `CARPULSE_CLIENT_SECRET`, then `client_secret_file` (systemd credentials), then
+/// `client_secret` in the file. Both file keys at once is refused as ambiguous.
+fn resolve_secret(sc: &RawSmartcar, o: &Origin<'_>, env: &dyn Env) -> Result<Secret, ConfigError> {
+    if let (Some(_), Some(f)) = (&sc.client_secret, &sc.client_secret_file) {
+        return o.err(
+            "smartcar.client_secret_file",
+            Some(f.span()),
+            "set either client_secret or client_secret_file, not both".into(),
+        );
+    }
+    if let Some(v) = env.var(ENV_CLIENT_SECRET) {
+        return Ok(Secret::new(v.trim().to_string()));
+    }
+    if let Some(f) = &sc.client_secret_file {
+        let path = f.get_ref();
+        return match std::fs::read_to_string(path) {
+            Ok(s) if !s.trim().is_empty() => Ok(Secret::new(s.trim().to_string())),
+            Ok(_) => o.err("smartcar.client_secret_file", Some(f.span()), format!("{path} is empty")),
+            Err(e) => o.err("smartcar.client_secret_file", Some(f.span()), format!("cannot read {path}: {e}")),
+        };
+    }
+    match &sc.client_secret {
+        Some(s) if !s.get_ref().trim().is_empty() => Ok(Secret::new(s.get_ref().trim().to_string())),
+        Some(s) => o.err("smartcar.client_secret", Some(s.span()), "must not be empty".into()),
+        None => o.err(
+            "smartcar.client_secret",
+            None,
+            format!("missing: set client_secret, client_secret_file or ${ENV_CLIENT_SECRET}"),
+        ),
+    }
+}
+
+fn check_http_url(
+    url: &str,
+    key: &str,
+    at: Option<std::ops::Range<usize>>,
+    o: &Origin<'_>,
+) -> Result<(), ConfigError> {
+    match oauth2::url::Url::parse(url) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(()),
+        Ok(_) => o.err(key, at, format!("{url:?} is not an http(s) URL")),
+        Err(e) => o.err(key, at, format!("{url:?} is not a URL: {e}")),
+    }
+}
+
+/// Parses a cron expression exactly as tokio-cron-scheduler will (seconds field required).
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(expr)
+        .map_err(|e| e.to_string())
+}
+
+fn check_cron(expr: &str, key: &str, at: Option<std::ops::Range<usize>>, o: &Origin<'_>) -> Result<(), ConfigError> {
+    parse_cron(expr).map(|_| ()).or_else(|e| {
+        o.err(
+            key,
+            at,
+            format!("{expr:?} is not a cron expression with a seconds field (e.g. \"0 */15 * * * *\"): {e}"),
+        )
+    })
+}
+
+fn duration_or(v: &S<String>, default: Duration, key: &str, o: &Origin<'_>) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => parse_duration(s.get_ref()).or_else(|e| o.err(key, Some(s.span()), e)),
+    }
+}
+
+/// `"90s"`, `"10m"`, `"2h"`, `"1d"`, `"500ms"`, or a combination such as `"1h30m"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let bad = || format!("{text:?} is not a duration (e.g. \"90s\", \"10m\", \"2h\", \"1h30m\")");
+    if t.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86400)),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct MapEnv(HashMap<&'static str, String>);
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).cloned()
+        }
+    }
+    fn no_env() -> MapEnv {
+        MapEnv(HashMap::new())
+    }
+
+    const MINIMAL: &str = "[smartcar]\nclient_id = \"abc\"\nclient_secret = \"s3cret\"\n";
+
+    fn err(text: &str) -> String {
+        match Config::parse(text, "c.toml", &no_env()) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = Config::parse(MINIMAL, "c.toml", &no_env()).unwrap();
+        assert_eq!(c.smartcar.client_id, "abc");
+        assert_eq!(c.smartcar.client_secret.expose(), "s3cret");
+        assert_eq!(c.smartcar.redirect_uri, DEFAULT_REDIRECT_URI);
+        assert_eq!(c.smartcar.api, ApiVersion::V3);
+        assert_eq!(c.smartcar.mode, Mode::Live);
+        assert_eq!(c.smartcar.scope.len(), 5);
+        assert_eq!(c.smartcar.token_url, DEFAULT_TOKEN_URL);
+        assert_eq!(c.store.path, PathBuf::from(DEFAULT_STORE_PATH));
+        assert_eq!(c.metrics.listen.to_string(), DEFAULT_METRICS_LISTEN);
+        assert_eq!(c.schedule.battery, DEFAULT_BATTERY_CRON);
+        assert_eq!(c.schedule.refresh_margin, Duration::from_secs(600));
+        assert_eq!(c.poll.concurrency, 8);
+        assert_eq!(c.poll.timeout, Duration::from_secs(310));
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let text = include_str!("../config/carpulse.example.toml");
+        let c = Config::parse(text, "carpulse.example.toml", &no_env()).unwrap();
+        assert_eq!(c.smartcar.api, ApiVersion::V3);
+        assert_eq!(c.schedule.info, DEFAULT_INFO_CRON);
+    }
+
+    #[test]
+    fn a_bad_cron_names_key_and_line() {
+        let e = err(&format!("{MINIMAL}\n[schedule]\nbattery = \"every 5 minutes\"\n"));
+        assert!(e.starts_with("c.toml:6: schedule.battery:"), "{e}");
+        // Five fields (no seconds) is the classic mistake.
+        let e = err(&format!("{MINIMAL}[schedule]\ninfo = \"*/15 * * * *\"\n"));
+        assert!(e.starts_with("c.toml:5: schedule.info:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_line() {
+        let e = err(&format!("{MINIMAL}[poll]\nconcurency = 3\n"));
+        assert!(e.starts_with("c.toml:5:"), "{e}");
+        assert!(e.contains("concurency"), "{e}");
+        let e = err(&format!("{MINIMAL}[poll]\nconcurrency = \"eight\"\n"));
+        assert!(e.starts_with("c.toml:5:"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_key() {
+        let cases = [
+            ("[poll]\nconcurrency = 0\n", "c.toml:5: poll.concurrency:"),
+            ("[poll]\ntimeout = \"ten\"\n", "c.toml:5: poll.timeout:"),
+            ("[metrics]\nlisten = \"localhost\"\n", "c.toml:5: metrics.listen:"),
+            ("[schedule]\nrefresh_margin = \"5x\"\n", "c.toml:5: schedule.refresh_margin:"),
+        ];
+        for (tail, prefix) in cases {
+            let e = err(&format!("{MINIMAL}{tail}"));
+            assert!(e.starts_with(prefix), "{e}");
+        }
+        let e = err("[smartcar]\nclient_id = \"a\"\nclient_secret = \"b\"\napi = \"v4\"\n");
+        assert!(e.starts_with("c.toml:4: smartcar.api:"), "{e}");
+        let e = err("[smartcar]\nclient_id = \"a\"\nclient_secret = \"b\"\ntoken_url = \"ftp://x\"\n");
+        assert!(e.starts_with("c.toml:4: smartcar.token_url:"), "{e}");
+    }
+
+    #[test]
+    fn missing_credentials_are_named() {
+        let e = err("[smartcar]\nclient_secret = \"b\"\n");
+        assert!(e.contains("smartcar.client_id: missing"), "{e}");
+        let e = err("[smartcar]\nclient_id = \"a\"\n");
+        assert!(e.contains("smartcar.client_secret: missing"), "{e}");
+        assert!(e.contains(ENV_CLIENT_SECRET), "{e}");
+    }
+
+    #[test]
+    fn secret_sources_and_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!(
+            "[smartcar]\nclient_id = \"a\"\nclient_secret_file = \"{}\"\n",
+            file.display()
+        );
+        let c = Config::parse(&text, "c.toml", &no_env()).unwrap();
+        assert_eq!(c.smartcar.client_secret.expose(), "from-file");
+
+        let env = MapEnv(HashMap::from([(ENV_CLIENT_SECRET, "from-env".to_string())]));
+        let c = Config::parse(&text, "c.toml", &env).unwrap();
+        assert_eq!(c.smartcar.client_secret.expose(), "from-env");
+        let c = Config::parse("[smartcar]\nclient_id = \"a\"\n", "c.toml", &env).unwrap();
+        assert_eq!(c.smartcar.client_secret.expose(), "from-env");
+
+        let both = format!("{text}client_secret = \"x\"\n");
+        assert!(err(&both).contains("not both"));
+        let missing = "[smartcar]\nclient_id = \"a\"\nclient_secret_file = \"/nonexistent/carpulse\"\n";
+        assert!(err(missing).starts_with("c.toml:3: smartcar.client_secret_file: cannot read"));
+    }
+
+    #[test]
+    fn the_secret_never_prints() {
+        let c = Config::parse(MINIMAL, "c.toml", &no_env()).unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn env_overrides_urls() {
+        let env = MapEnv(HashMap::from([
+            ("CARPULSE_TOKEN_URL", "http://127.0.0.1:9/oauth/token".to_string()),
+            ("CARPULSE_API_V3_URL", "http://127.0.0.1:9/v3".to_string()),
+        ]));
+        let c = Config::parse(MINIMAL, "c.toml", &env).unwrap();
+        assert_eq!(c.smartcar.token_url, "http://127.0.0.1:9/oauth/token");
+        assert_eq!(c.smartcar.api_v3_url, "http://127.0.0.1:9/v3");
+        assert_eq!(c.smartcar.api_v2_url, DEFAULT_API_V2_URL);
+        let env = MapEnv(HashMap::from([("CARPULSE_API_V2_URL", "nope".to_string())]));
+        let e = Config::parse(MINIMAL, "c.toml", &env).unwrap_err().0;
+        assert!(e.contains("smartcar.api_v2_url (from $CARPULSE_API_V2_URL)"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("310s"), Ok(Duration::from_secs(310)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in ["", "m", "10", "10 m", "1.5h", "-3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}

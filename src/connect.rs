@@ -1,1 +1,298 @@
-//! TODO
+//! `carpulse connect`: Smartcar Connect, the OAuth consent flow. Prints the authorize URL, serves
+//! the redirect URI (`http://localhost:8000/exchange` by default, the one Smartcar users already
+//! register), checks `state`, exchanges the code, discovers the user's vehicles and stores the
+//! connection (token pair durably, before anything else) and its vehicles.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::Html;
+use axum::routing::get;
+use axum::Router;
+use oauth2::url::Url;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::domain::{now_ms, ConnectionId, VehicleId, VehicleInfo};
+use crate::smartcar::{RequestCtx, SmartcarClient};
+use crate::store::{queries, Store};
+
+/// Smartcar's authorization codes expire after 10 minutes; waiting longer is pointless.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(600);
+
+/// What a successful connect stored.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub connection: ConnectionId,
+    pub user_id: String,
+    pub vehicles: Vec<(VehicleId, Option<VehicleInfo>)>,
+}
+
+/// The Connect URL (smartcar-api.md §1.1). `approval_prompt=force` so a reconnect shows the
+/// consent screen again instead of silently reusing an old grant.
+pub fn authorize_url(cfg: &Config, redirect_uri: &str, state: &str) -> anyhow::Result<String> {
+    let sc = &cfg.smartcar;
+    let mut url = Url::parse(&sc.connect_url).context("smartcar.connect_url")?;
+    url.query_pairs_mut()
+        .append_pair("response_type", "code")
+        .append_pair("client_id", &sc.client_id)
+        .append_pair("redirect_uri", redirect_uri)
+        .append_pair("scope", &sc.scope.join(" "))
+        .append_pair("state", state)
+        .append_pair("mode", sc.mode.as_str())
+        .append_pair("approval_prompt", "force");
+    Ok(url.to_string())
+}
+
+/// Binds the host and port of the redirect URI. `localhost` is bound on 127.0.0.1 and, when
+/// the machine has it, [::1] too, since a browser may resolve either.
+pub async fn bind_redirect(redirect_uri: &str) -> anyhow::Result<Vec<TcpListener>> {
+    let url = Url::parse(redirect_uri).with_context(|| format!("smartcar.redirect_uri {redirect_uri:?}"))?;
+    let host = url.host_str().context("smartcar.redirect_uri has no host")?.to_string();
+    let port = url.port_or_known_default().context("smartcar.redirect_uri has no port")?;
+    let addrs: Vec<SocketAddr> = if host == "localhost" {
+        vec![([127, 0, 0, 1], port).into(), (std::net::Ipv6Addr::LOCALHOST, port).into()]
+    } else {
+        let h = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let resolved = tokio::net::lookup_host((h.as_str(), port))
+            .await
+            .with_context(|| format!("resolving the redirect URI host {host}"))?;
+        resolved.collect()
+    };
+    let mut listeners = Vec::new();
+    let mut first_err = None;
+    for a in addrs {
+        match TcpListener::bind(a).await {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                first_err.get_or_insert(format!("{a}: {e}"));
+            }
+        }
+    }
+    if listeners.is_empty() {
+        bail!(
+            "cannot listen on the redirect URI {redirect_uri} ({}); is another `carpulse connect` running?",
+            first_err.unwrap_or_default()
+        );
+    }
+    Ok(listeners)
+}
+
+/// A code that arrived on the redirect URI, and where to send the page shown in the browser.
+struct Callback {
+    params: HashMap<String, String>,
+    reply: oneshot::Sender<Result<String, String>>,
+}
+
+#[derive(Clone)]
+struct CallbackState {
+    tx: mpsc::Sender<Callback>,
+}
+
+/// Runs the whole flow on already-bound redirect listeners. `redirect_uri` is the URI Smartcar
+/// redirects to (it must match the one used in the authorize URL and the code exchange);
+/// `on_url` is given the authorize URL (the CLI prints it; the demo follows it itself).
+pub async fn run(
+    cfg: &Config,
+    client: &SmartcarClient,
+    store: &Store,
+    listeners: Vec<TcpListener>,
+    on_url: impl FnOnce(&str),
+    wait: Duration,
+) -> anyhow::Result<Connected> {
+    let redirect = Url::parse(&cfg.smartcar.redirect_uri).context("smartcar.redirect_uri")?;
+    let path = redirect.path().to_string();
+    let state = random_state();
+    let url = authorize_url(cfg, &cfg.smartcar.redirect_uri, &state)?;
+
+    let (tx, mut rx) = mpsc::channel::<Callback>(4);
+    let stop = CancellationToken::new();
+    let app = Router::new()
+        .route(&path, get(callback))
+        .with_state(CallbackState { tx });
+    for l in listeners {
+        let app = app.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+    }
+    let _stop_guard = stop.drop_guard();
+
+    on_url(&url);
+
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let cb = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer on {} within {} s", cfg.smartcar.redirect_uri, wait.as_secs()))?
+            .context("the callback server stopped")?;
+        let p = &cb.params;
+        if let Some(err) = p.get("error") {
+            let desc = p.get("error_description").cloned().unwrap_or_default();
+            let _ = cb.reply.send(Err(format!("Smartcar Connect answered {err}: {desc}")));
+            bail!("Smartcar Connect answered {err}: {desc}");
+        }
+        if p.get("state") != Some(&state) {
+            // A stray or forged request: refuse it and keep waiting for the real one.
+            warn!("a request on the redirect URI had a wrong or missing state; ignored");
+            let _ = cb
+                .reply
+                .send(Err("state mismatch: this answer does not belong to this connect".into()));
+            continue;
+        }
+        let Some(code) = p.get("code").cloned() else {
+            let _ = cb.reply.send(Err("the redirect carried no code".into()));
+            bail!("Smartcar redirected without a code");
+        };
+        // The v3 model may name the user on the redirect (smartcar-api.md §1.2).
+        let user_hint = p.get("user_id").or_else(|| p.get("userId")).cloned();
+        match finish(cfg, client, store, &code, user_hint).await {
+            Ok(c) => {
+                let _ = cb.reply.send(Ok(format!(
+                    "carpulse stored {} vehicle(s) for this account. You can close this tab.",
+                    c.vehicles.len()
+                )));
+                return Ok(c);
+            }
+            Err(e) => {
+                let _ = cb.reply.send(Err(format!("{e:#}")));
+                return Err(e);
+            }
+        }
+    }
+}
+
+async fn callback(
+    State(s): State<CallbackState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> (StatusCode, Html<String>) {
+    let (reply, answer) = oneshot::channel();
+    if s.tx.send(Callback { params, reply }).await.is_err() {
+        return (StatusCode::GONE, page("carpulse connect has already finished."));
+    }
+    match answer.await {
+        Ok(Ok(msg)) => (StatusCode::OK, page(&msg)),
+        Ok(Err(msg)) => (StatusCode::BAD_REQUEST, page(&msg)),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, page("carpulse connect stopped.")),
+    }
+}
+
+fn page(msg: &str) -> Html<String> {
+    let escaped = msg.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    Html(format!(
+        "<!doctype html><meta charset=utf-8><title>carpulse</title><p style=\"font-family:sans-serif\">{escaped}</p>"
+    ))
+}
+
+/// Exchange, discover, store. The token pair is committed before vehicles are listed with it.
+async fn finish(
+    cfg: &Config,
+    client: &SmartcarClient,
+    store: &Store,
+    code: &str,
+    user_hint: Option<String>,
+) -> anyhow::Result<Connected> {
+    let tokens = client
+        .exchange_code(code)
+        .await
+        .context("exchanging the authorization code at smartcar.token_url")?;
+    let user_id = match user_hint {
+        Some(u) => u,
+        None => client
+            .user_id(&tokens.access_token)
+            .await
+            .context("GET /user (smartcar.api_v2_url)")?,
+    };
+    let t = tokens.clone();
+    let uid = user_id.clone();
+    let connection = store
+        .call(move |c| queries::upsert_connection(c, &uid, &t, now_ms()))
+        .await
+        .context("storing the connection")?;
+    let ids = client
+        .list_vehicles(&tokens.access_token)
+        .await
+        .context("listing the account's vehicles (GET /vehicles)")?;
+    let ctx = RequestCtx {
+        access_token: &tokens.access_token,
+        user_id: Some(user_id.as_str()),
+    };
+    let mut vehicles = Vec::new();
+    for id in ids {
+        let info = match client.vehicle_info(cfg.smartcar.api, &ctx, &id).await {
+            Ok(i) => Some(i),
+            Err(e) => {
+                warn!(vehicle = %id, error = %e, "cannot read make/model/year now; the info job will retry");
+                None
+            }
+        };
+        let (vid, inf) = (id.clone(), info.clone());
+        store
+            .call(move |c| queries::upsert_vehicle(c, connection, &vid, inf.as_ref(), now_ms()))
+            .await
+            .with_context(|| format!("storing vehicle {id}"))?;
+        vehicles.push((id, info));
+    }
+    info!(connection = %connection, user = %user_id, vehicles = vehicles.len(), "connected");
+    Ok(Connected {
+        connection,
+        user_id,
+        vehicles,
+    })
+}
+
+fn random_state() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The lines `carpulse connect` prints about what it stored.
+pub fn describe(c: &Connected) -> String {
+    let mut out = format!(
+        "stored connection {} for Smartcar user {} with {} vehicle(s):\n",
+        c.connection,
+        c.user_id,
+        c.vehicles.len()
+    );
+    for (id, info) in &c.vehicles {
+        match info {
+            Some(i) => out.push_str(&format!("  {id}  {} {} {}\n", i.year, i.make, i.model)),
+            None => out.push_str(&format!("  {id}  (make/model/year not yet known)\n")),
+        }
+    }
+    out
+}
+
+/// `carpulse connect` from the command line.
+pub async fn run_cli(cfg: Config, wait: Duration) -> anyhow::Result<()> {
+    let store = Store::open(&cfg.store.path, None)
+        .with_context(|| format!("opening the store {}", cfg.store.path.display()))?;
+    let client = SmartcarClient::new(crate::app::client_config(&cfg))?;
+    let listeners = bind_redirect(&cfg.smartcar.redirect_uri).await?;
+    let result = run(
+        &cfg,
+        &client,
+        &store,
+        listeners,
+        |url| {
+            eprintln!("Open this URL in a browser and approve access (waiting on {}):", cfg.smartcar.redirect_uri);
+            println!("{url}");
+        },
+        wait,
+    )
+    .await;
+    store.close().await?;
+    let connected = result?;
+    print!("{}", describe(&connected));
+    Ok(())
+}

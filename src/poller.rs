@@ -1,1 +1,334 @@
-//! TODO
+//! A tick becomes one poll cycle: every enabled vehicle of a live connection is polled on a
+//! bounded pool (`poll.concurrency`), each request bounded by `poll.timeout`. One vehicle's
+//! failure is logged, counted and recorded in `poll_events`, never fatal, and a slow vehicle
+//! holds one slot of the pool, never the cycle: a vehicle still busy from an earlier tick is
+//! skipped rather than queued twice.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::domain::{now_ms, ApiVersion, ConnectionId, PollEvent, Reading, VehicleId};
+use crate::metrics::Metrics;
+use crate::schedule::{job_endpoints, job_label};
+use crate::smartcar::error::{ApiError, ErrorKind};
+use crate::smartcar::{EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
+use crate::store::{Store, WriteItem};
+use crate::tokens::{Access, TokenError, TokenManager};
+
+/// A vehicle the poller polls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolledVehicle {
+    pub id: VehicleId,
+    pub connection: ConnectionId,
+}
+
+/// What one cycle came to, for the log line and for tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CycleReport {
+    pub vehicles: usize,
+    /// Vehicles whose every endpoint answered.
+    pub ok: usize,
+    /// Vehicles with at least one failed endpoint (or no token).
+    pub failed: usize,
+    /// Vehicles skipped because their previous poll of this job was still running.
+    pub busy: usize,
+    /// Readings handed to the store's writer.
+    pub readings: usize,
+}
+
+pub struct Poller {
+    api: ApiVersion,
+    client: SmartcarClient,
+    tokens: Arc<TokenManager>,
+    store: Store,
+    metrics: Metrics,
+    timeout: Duration,
+    pool: Arc<Semaphore>,
+    /// Std mutexes: held for a clone or an insert, never across an await.
+    vehicles: Mutex<Vec<PolledVehicle>>,
+    busy: Mutex<HashSet<(VehicleId, &'static str)>>,
+}
+
+enum VehicleOutcome {
+    Ok(usize),
+    Failed(usize),
+    Busy,
+}
+
+impl Poller {
+    pub fn new(
+        api: ApiVersion,
+        client: SmartcarClient,
+        tokens: Arc<TokenManager>,
+        store: Store,
+        metrics: Metrics,
+        concurrency: usize,
+        timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Poller {
+            api,
+            client,
+            tokens,
+            store,
+            metrics,
+            timeout,
+            pool: Arc::new(Semaphore::new(concurrency.max(1))),
+            vehicles: Mutex::new(Vec::new()),
+            busy: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn set_vehicles(&self, vehicles: Vec<PolledVehicle>) {
+        *self.vehicles.lock().unwrap_or_else(|p| p.into_inner()) = vehicles;
+    }
+
+    pub fn vehicles(&self) -> Vec<PolledVehicle> {
+        self.vehicles.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Polls every vehicle for `job` and waits for all of them. `cancel` abandons requests
+    /// still in flight (shutdown); what was already fetched is still handed to the writer.
+    pub async fn cycle(self: &Arc<Self>, job: Job, cancel: CancellationToken) -> CycleReport {
+        let vehicles = self.vehicles();
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for v in vehicles.iter().cloned() {
+            let me = self.clone();
+            let cancel = cancel.clone();
+            let span = tracing::info_span!("poll", vehicle = %v.id, job = job_label(job));
+            tasks.spawn(async move { me.poll_vehicle(&v, job, cancel).await }.instrument(span));
+        }
+        let mut report = CycleReport {
+            vehicles: vehicles.len(),
+            ..Default::default()
+        };
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(VehicleOutcome::Ok(n)) => {
+                    report.ok += 1;
+                    report.readings += n;
+                }
+                Ok(VehicleOutcome::Failed(n)) => {
+                    report.failed += 1;
+                    report.readings += n;
+                }
+                Ok(VehicleOutcome::Busy) => report.busy += 1,
+                Err(e) => {
+                    report.failed += 1;
+                    warn!(error = %e, "a poll task ended abnormally");
+                }
+            }
+        }
+        info!(
+            job = job_label(job),
+            vehicles = report.vehicles,
+            ok = report.ok,
+            failed = report.failed,
+            busy = report.busy,
+            readings = report.readings,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "poll cycle done"
+        );
+        report
+    }
+
+    async fn poll_vehicle(&self, v: &PolledVehicle, job: Job, cancel: CancellationToken) -> VehicleOutcome {
+        let key = (v.id.clone(), job_label(job));
+        if !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
+            debug!("still busy with the previous poll; skipped");
+            return VehicleOutcome::Busy;
+        }
+        let outcome = self.poll_vehicle_inner(v, job, cancel).await;
+        self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        outcome
+    }
+
+    async fn poll_vehicle_inner(&self, v: &PolledVehicle, job: Job, cancel: CancellationToken) -> VehicleOutcome {
+        // The permit bounds concurrent requests; closed only if the poller is dropped.
+        let Ok(_permit) = self.pool.clone().acquire_owned().await else {
+            return VehicleOutcome::Failed(0);
+        };
+        if cancel.is_cancelled() {
+            return VehicleOutcome::Failed(0);
+        }
+        let started = Instant::now();
+        let results = tokio::select! {
+            r = self.fetch_with_auth_retry(v, job) => r,
+            _ = cancel.cancelled() => {
+                debug!("abandoned at shutdown");
+                return VehicleOutcome::Failed(0);
+            }
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        let at = now_ms();
+
+        let mut items = Vec::new();
+        let mut failed = false;
+        let mut readings = 0;
+        match results {
+            Err(Failure::Token(e)) => {
+                failed = true;
+                let outcome = match e {
+                    TokenError::NeedsReauth(_) => "needs_reauth",
+                    _ => "token_error",
+                };
+                warn!(error = %e, "no access token; vehicle not polled");
+                for endpoint in job_endpoints(job) {
+                    self.metrics.polls.with_label_values(&[endpoint, outcome]).inc();
+                    items.push(WriteItem::Event(event(v, at, endpoint, outcome, None)));
+                }
+            }
+            Err(Failure::Api(e)) => {
+                failed = true;
+                warn!(error = %e, "request failed");
+                for endpoint in job_endpoints(job) {
+                    self.count(endpoint, e.kind.label(), elapsed);
+                    items.push(WriteItem::Event(event(v, at, endpoint, e.kind.label(), Some(&e))));
+                }
+            }
+            Ok(results) => {
+                for EndpointResult { endpoint, result } in results {
+                    match result {
+                        Ok(payload) => {
+                            self.count(endpoint, "ok", elapsed);
+                            items.push(WriteItem::Event(event(v, at, endpoint, "ok", None)));
+                            readings += self.apply(v, payload, &mut items);
+                        }
+                        Err(e) => {
+                            failed = true;
+                            warn!(endpoint, error = %e, "endpoint failed");
+                            self.count(endpoint, e.kind.label(), elapsed);
+                            items.push(WriteItem::Event(event(v, at, endpoint, e.kind.label(), Some(&e))));
+                        }
+                    }
+                }
+            }
+        }
+        self.write(items).await;
+        if failed {
+            VehicleOutcome::Failed(readings)
+        } else {
+            VehicleOutcome::Ok(readings)
+        }
+    }
+
+    fn count(&self, endpoint: &str, outcome: &str, elapsed: f64) {
+        self.metrics.polls.with_label_values(&[endpoint, outcome]).inc();
+        self.metrics.poll_duration.with_label_values(&[endpoint]).observe(elapsed);
+    }
+
+    /// Turns a payload into store items and gauges; returns the number of readings.
+    fn apply(&self, v: &PolledVehicle, payload: Payload, items: &mut Vec<WriteItem>) -> usize {
+        let id = &v.id;
+        match payload {
+            Payload::Battery(r) => {
+                self.metrics.record_battery(id, &r);
+                debug!(soc_percent = r.soc_percent, range_km = r.range_km, recorded_at = r.stamp.recorded_at, "battery");
+                items.push(WriteItem::Reading(id.clone(), Reading::Battery(r)));
+                1
+            }
+            Payload::Charge(r) => {
+                self.metrics.record_charge(id, &r);
+                debug!(plugged_in = r.plugged_in, state = r.state.as_str(), "charge");
+                items.push(WriteItem::Reading(id.clone(), Reading::Charge(r)));
+                1
+            }
+            Payload::Odometer(r) => {
+                self.metrics.record_odometer(id, &r);
+                debug!(odometer_km = r.odometer_km, "odometer");
+                items.push(WriteItem::Reading(id.clone(), Reading::Odometer(r)));
+                1
+            }
+            Payload::Info(info) => {
+                self.metrics.record_info(id, &info);
+                items.push(WriteItem::Info(id.clone(), info));
+                0
+            }
+            Payload::Vin(vin) => {
+                // The VIN is stored, never logged or used as a label.
+                items.push(WriteItem::Vin(id.clone(), vin));
+                0
+            }
+        }
+    }
+
+    /// Hands items to the writer; if the store is gone, the readings among them are counted
+    /// as dropped (nothing is lost silently).
+    async fn write(&self, items: Vec<WriteItem>) {
+        if items.is_empty() {
+            return;
+        }
+        let tables: Vec<&'static str> = items
+            .iter()
+            .filter_map(|i| match i {
+                WriteItem::Reading(_, r) => Some(r.table()),
+                WriteItem::Event(_) => Some("poll_events"),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = self.store.write(items).await {
+            warn!(error = format!("{e:#}"), rows = tables.len(), "the store refused the rows; counted as dropped");
+            for t in tables {
+                self.metrics.rows_dropped.with_label_values(&[t]).inc();
+            }
+        }
+    }
+
+    /// One request for the job; on 401 AUTHENTICATION, one refresh and one retry (DESIGN §2.2).
+    async fn fetch_with_auth_retry(&self, v: &PolledVehicle, job: Job) -> Result<Vec<EndpointResult>, Failure> {
+        let access = self.tokens.access(v.connection).await.map_err(Failure::Token)?;
+        match self.fetch_once(v, job, &access).await {
+            Err(e) if e.kind == ErrorKind::Authentication => {
+                info!("401 from Smartcar; refreshing the token once and retrying");
+                let fresh = self
+                    .tokens
+                    .refresh_after_401(v.connection, &access.token)
+                    .await
+                    .map_err(Failure::Token)?;
+                self.fetch_once(v, job, &fresh).await.map_err(Failure::Api)
+            }
+            other => other.map_err(Failure::Api),
+        }
+    }
+
+    async fn fetch_once(&self, v: &PolledVehicle, job: Job, access: &Access) -> Result<Vec<EndpointResult>, ApiError> {
+        let ctx = RequestCtx {
+            access_token: &access.token,
+            user_id: Some(access.user_id.as_str()),
+        };
+        match tokio::time::timeout(self.timeout, self.client.fetch(self.api, &ctx, &v.id, job)).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError {
+                kind: ErrorKind::Timeout,
+                status: None,
+                error_type: None,
+                code: None,
+                description: Some(format!("no answer within {} s (poll.timeout)", self.timeout.as_secs())),
+                retry_after: None,
+                request_id: None,
+            }),
+        }
+    }
+}
+
+enum Failure {
+    Token(TokenError),
+    Api(ApiError),
+}
+
+fn event(v: &PolledVehicle, at: i64, endpoint: &str, outcome: &str, e: Option<&ApiError>) -> PollEvent {
+    PollEvent {
+        vehicle_id: v.id.clone(),
+        at,
+        endpoint: endpoint.to_string(),
+        outcome: outcome.to_string(),
+        http_status: e.and_then(|e| e.status),
+        error_type: e.and_then(|e| e.error_type.clone()),
+        error_code: e.and_then(|e| e.code.clone()),
+    }
+}

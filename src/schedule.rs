@@ -1,1 +1,73 @@
-//! TODO
+//! Cron → ticks. A tokio-cron-scheduler job only *starts* work: it sends a tick on a bounded
+//! channel and returns, so the poller owns the cycle, the overlap rule and cancellation, and the
+//! scheduler (which detaches each activation) never holds a poll.
+
+use tokio::sync::mpsc;
+use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
+use tracing::{debug, warn};
+
+use crate::config::ScheduleConfig;
+use crate::metrics::Metrics;
+use crate::smartcar::Job;
+
+/// Ticks waiting for the poller. Small on purpose: the poller spawns each cycle at once, so a
+/// full queue means it is stuck, and piling up more ticks would only burst later.
+const TICK_QUEUE: usize = 4;
+
+/// A running schedule; [`Schedule::shutdown`] stops it.
+pub struct Schedule {
+    scheduler: JobScheduler,
+}
+
+/// Starts one cron job per poll job; ticks arrive on the returned receiver.
+pub async fn start(cfg: &ScheduleConfig, metrics: &Metrics) -> anyhow::Result<(Schedule, mpsc::Receiver<Job>)> {
+    let (tx, rx) = mpsc::channel(TICK_QUEUE);
+    let scheduler = JobScheduler::new().await?;
+    for (job, expr) in [(Job::Battery, &cfg.battery), (Job::Info, &cfg.info)] {
+        let tx = tx.clone();
+        let metrics = metrics.clone();
+        let cron = CronJob::new_async(expr.as_str(), move |_, _| {
+            let tx = tx.clone();
+            let metrics = metrics.clone();
+            Box::pin(async move {
+                match tx.try_send(job) {
+                    Ok(()) => debug!(job = job_label(job), "tick"),
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        metrics.ticks_skipped.with_label_values(&[job_label(job)]).inc();
+                        warn!(job = job_label(job), "tick skipped: the poller has not taken the previous ones");
+                    }
+                    // The poller is gone: the daemon is stopping.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            })
+        })
+        .map_err(|e| anyhow::anyhow!("schedule.{}: {expr:?}: {e}", job_label(job)))?;
+        scheduler.add(cron).await?;
+    }
+    scheduler.start().await?;
+    Ok((Schedule { scheduler }, rx))
+}
+
+impl Schedule {
+    pub async fn shutdown(mut self) {
+        if let Err(e) = self.scheduler.shutdown().await {
+            warn!(error = %e, "stopping the scheduler");
+        }
+    }
+}
+
+/// The `job` label of metrics and logs, and the config key of the job's cron.
+pub fn job_label(job: Job) -> &'static str {
+    match job {
+        Job::Battery => "battery",
+        Job::Info => "info",
+    }
+}
+
+/// The endpoints a job reads, for outcomes that concern the whole request.
+pub fn job_endpoints(job: Job) -> &'static [&'static str] {
+    match job {
+        Job::Battery => &["battery", "charge"],
+        Job::Info => &["info", "vin", "odometer"],
+    }
+}

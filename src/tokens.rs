@@ -1,1 +1,368 @@
-//! TODO
+//! Keeps every active connection's access token fresh, independently of polling.
+//!
+//! Smartcar rotates the refresh token on every refresh and invalidates the used one shortly
+//! after, so a refresh that is lost is a connection lost: the owner must reconnect. Hence the
+//! rules (DESIGN §2): refresh ahead of expiry, one refresh at a time per connection
+//! (single-flight), and the rotated pair committed to SQLite (its own `synchronous=FULL`
+//! transaction) before anyone uses it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::domain::{now_ms, ConnectionId, ConnectionStatus, Secret, TokenPair, UnixMillis, REFRESH_TOKEN_LIFETIME_MS};
+use crate::metrics::Metrics;
+use crate::smartcar::error::AuthError;
+use crate::smartcar::SmartcarClient;
+use crate::store::queries::{self, ConnectionRecord};
+use crate::store::Store;
+
+/// Within this of expiry a token is refreshed before use even if the background task has not
+/// got to it (a suspended laptop, a clock jump).
+const USE_SAFETY_MS: i64 = 15_000;
+/// Attempts with the same refresh token after a network or 5xx failure, inside Smartcar's grace
+/// window for a used refresh token (1 min by the most cautious reading of the docs).
+const PROMPT_RETRIES: u32 = 3;
+const PROMPT_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Backoff after the prompt retries failed.
+const BACKOFF_MIN: Duration = Duration::from_secs(30);
+const BACKOFF_MAX: Duration = Duration::from_secs(600);
+
+/// Why no token can be had for a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("connection {0} needs re-authorization: run `carpulse connect` for that account")]
+    NeedsReauth(ConnectionId),
+    #[error("connection {0} is not loaded")]
+    Unknown(ConnectionId),
+    #[error("refreshing the token of connection {id} failed: {source}")]
+    Refresh {
+        id: ConnectionId,
+        #[source]
+        source: AuthError,
+    },
+}
+
+/// When a pair should be refreshed: `margin` before expiry, but never later than half the
+/// token's lifetime (a 20 s test token is refreshed after 10 s, not 10 min before it was
+/// issued), minus up to a tenth of that lead as jitter (`jitter` in 0..1) so that many
+/// connections issued together don't refresh together.
+pub fn refresh_due_at(tokens: &TokenPair, margin: Duration, jitter: f64) -> UnixMillis {
+    let issued_at = tokens.refresh_expires_at - REFRESH_TOKEN_LIFETIME_MS;
+    let lifetime = (tokens.access_expires_at - issued_at).max(0);
+    let lead = (margin.as_millis() as i64).min(lifetime / 2);
+    let jitter_ms = (lead as f64 * 0.1 * jitter.clamp(0.0, 1.0)) as i64;
+    // At least a second after issue, so a zero-lifetime token can't spin.
+    (tokens.access_expires_at - lead - jitter_ms).max(issued_at + 1000)
+}
+
+struct Slot {
+    id: ConnectionId,
+    user_id: String,
+    /// A tokio mutex because it is held across the refresh request: that is the single flight.
+    state: tokio::sync::Mutex<SlotState>,
+}
+
+struct SlotState {
+    tokens: TokenPair,
+    status: ConnectionStatus,
+    /// Consecutive failed refresh rounds, for the backoff.
+    failures: u32,
+    /// When the background task tries again after a failure.
+    retry_at: Option<UnixMillis>,
+}
+
+/// What a poll needs to make a request for a connection.
+#[derive(Clone)]
+pub struct Access {
+    pub token: Secret,
+    pub user_id: String,
+}
+
+pub struct TokenManager {
+    store: Store,
+    client: SmartcarClient,
+    metrics: Metrics,
+    margin: Duration,
+    /// A std mutex: held only to look up or insert, never across an await.
+    slots: Mutex<HashMap<ConnectionId, Arc<Slot>>>,
+}
+
+impl TokenManager {
+    pub fn new(store: Store, client: SmartcarClient, metrics: Metrics, margin: Duration) -> Arc<Self> {
+        Arc::new(TokenManager {
+            store,
+            client,
+            metrics,
+            margin,
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Arc<Slot>>> {
+        // Poisoning would need a panic while inserting into a HashMap; the map is still valid.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers connections loaded from the store (all statuses, so `needs_reauth` ones answer
+    /// with a clear error instead of "unknown").
+    pub fn load(&self, records: Vec<ConnectionRecord>) {
+        let mut slots = self.slots();
+        for r in records {
+            slots.insert(
+                r.id,
+                Arc::new(Slot {
+                    id: r.id,
+                    user_id: r.user_id,
+                    state: tokio::sync::Mutex::new(SlotState {
+                        tokens: r.tokens,
+                        status: r.status,
+                        failures: 0,
+                        retry_at: None,
+                    }),
+                }),
+            );
+        }
+    }
+
+    pub fn connection_ids(&self) -> Vec<ConnectionId> {
+        let mut ids: Vec<_> = self.slots().keys().copied().collect();
+        ids.sort();
+        ids
+    }
+
+    fn slot(&self, id: ConnectionId) -> Result<Arc<Slot>, TokenError> {
+        self.slots().get(&id).cloned().ok_or(TokenError::Unknown(id))
+    }
+
+    /// A token that is valid now, refreshing first if it is about to expire.
+    pub async fn access(&self, id: ConnectionId) -> Result<Access, TokenError> {
+        let slot = self.slot(id)?;
+        let mut st = slot.state.lock().await;
+        if st.status == ConnectionStatus::NeedsReauth {
+            return Err(TokenError::NeedsReauth(id));
+        }
+        if now_ms() >= st.tokens.access_expires_at - USE_SAFETY_MS {
+            self.refresh_locked(&slot, &mut st).await?;
+        }
+        Ok(Access {
+            token: st.tokens.access_token.clone(),
+            user_id: slot.user_id.clone(),
+        })
+    }
+
+    /// Called after a 401 with `rejected`: refreshes once, unless another task already replaced
+    /// that token while we waited for the lock (then the new one is returned as is).
+    pub async fn refresh_after_401(&self, id: ConnectionId, rejected: &Secret) -> Result<Access, TokenError> {
+        let slot = self.slot(id)?;
+        let mut st = slot.state.lock().await;
+        if st.status == ConnectionStatus::NeedsReauth {
+            return Err(TokenError::NeedsReauth(id));
+        }
+        if &st.tokens.access_token == rejected {
+            self.refresh_locked(&slot, &mut st).await?;
+        }
+        Ok(Access {
+            token: st.tokens.access_token.clone(),
+            user_id: slot.user_id.clone(),
+        })
+    }
+
+    /// One refresh of a connection whose lock is held: prompt retries with the same refresh
+    /// token on transient failures, persist-before-use on success, `needs_reauth` on refusal.
+    async fn refresh_locked(&self, slot: &Slot, st: &mut SlotState) -> Result<(), TokenError> {
+        let id = slot.id;
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            match self.client.refresh(&st.tokens.refresh_token).await {
+                Ok(pair) => break Ok(pair),
+                Err(e) if e.needs_reauth() => break Err(e),
+                Err(e) if attempt < PROMPT_RETRIES => {
+                    warn!(connection = %id, attempt, error = %e, "token refresh failed; retrying with the same refresh token");
+                    self.metrics.token_refreshes.with_label_values(&["error"]).inc();
+                    tokio::time::sleep(PROMPT_RETRY_DELAY).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match result {
+            Ok(pair) => {
+                self.persist(id, &pair).await;
+                st.tokens = pair;
+                st.failures = 0;
+                st.retry_at = None;
+                self.metrics.token_refreshes.with_label_values(&["ok"]).inc();
+                info!(
+                    connection = %id,
+                    access_expires_at = st.tokens.access_expires_at,
+                    "refreshed access token"
+                );
+                Ok(())
+            }
+            Err(e) if e.needs_reauth() => {
+                self.metrics.token_refreshes.with_label_values(&["rejected"]).inc();
+                error!(connection = %id, error = %e, "Smartcar refused the refresh token; the connection needs re-authorization (run `carpulse connect`)");
+                st.status = ConnectionStatus::NeedsReauth;
+                let store_result = self
+                    .store
+                    .call(move |c| queries::set_connection_status(c, id, ConnectionStatus::NeedsReauth, now_ms()))
+                    .await;
+                if let Err(err) = store_result {
+                    error!(connection = %id, error = format!("{err:#}"), "cannot record needs_reauth in the store");
+                }
+                self.update_connection_gauge().await;
+                Err(TokenError::Refresh { id, source: e })
+            }
+            Err(e) => {
+                self.metrics.token_refreshes.with_label_values(&["error"]).inc();
+                st.failures += 1;
+                let backoff = backoff(st.failures);
+                st.retry_at = Some(now_ms() + backoff.as_millis() as i64);
+                warn!(connection = %id, error = %e, retry_in_s = backoff.as_secs(), "token refresh failed; backing off");
+                Err(TokenError::Refresh { id, source: e })
+            }
+        }
+    }
+
+    /// Commits a rotated pair durably. The old refresh token is dead once Smartcar's grace
+    /// window passes, so the new pair is kept in memory even if the disk refuses it: losing it
+    /// there too would lose the connection for certain.
+    async fn persist(&self, id: ConnectionId, pair: &TokenPair) {
+        for attempt in 1..=3 {
+            let p = pair.clone();
+            match self.store.call(move |c| queries::save_tokens(c, id, &p, now_ms())).await {
+                Ok(()) => return,
+                Err(e) => {
+                    error!(connection = %id, attempt, error = format!("{e:#}"), "cannot persist the rotated token pair");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+            }
+        }
+        self.metrics.token_refreshes.with_label_values(&["persist_failed"]).inc();
+    }
+
+    /// Recounts `carpulse_connections{status}` from the loaded slots.
+    pub async fn update_connection_gauge(&self) {
+        let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        let (mut active, mut reauth) = (0, 0);
+        for s in slots {
+            // try_lock: a slot busy refreshing is active (only a finished refusal flips it).
+            match s.state.try_lock() {
+                Ok(st) if st.status == ConnectionStatus::NeedsReauth => reauth += 1,
+                _ => active += 1,
+            }
+        }
+        self.metrics.set_connections(&[
+            (ConnectionStatus::Active.as_str(), active),
+            (ConnectionStatus::NeedsReauth.as_str(), reauth),
+        ]);
+    }
+
+    /// The background refresher: one task per connection, each sleeping until its pair is due.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.update_connection_gauge().await;
+        let tracker = TaskTracker::new();
+        for id in self.connection_ids() {
+            let Ok(slot) = self.slot(id) else { continue };
+            let me = self.clone();
+            let stop = shutdown.clone();
+            tracker.spawn(async move { me.keep_fresh(slot, stop).await });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    async fn keep_fresh(&self, slot: Arc<Slot>, shutdown: CancellationToken) {
+        loop {
+            let due = {
+                let st = slot.state.lock().await;
+                if st.status == ConnectionStatus::NeedsReauth {
+                    return;
+                }
+                st.retry_at
+                    .unwrap_or_else(|| refresh_due_at(&st.tokens, self.margin, rand::random::<f64>()))
+            };
+            let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let mut st = slot.state.lock().await;
+            // Someone (a 401 path) may have refreshed while we slept.
+            let still_due = st.retry_at.is_some_and(|r| now_ms() >= r)
+                || now_ms() >= refresh_due_at(&st.tokens, self.margin, 1.0);
+            if !still_due {
+                continue;
+            }
+            // Errors are logged and counted inside; the loop goes on with the backoff it set.
+            let _ = self.refresh_locked(&slot, &mut st).await;
+        }
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(1 << failures.saturating_sub(1).min(10));
+    let capped = exp.min(BACKOFF_MAX);
+    // Up to 20 % jitter so that connections failing together don't retry together.
+    capped.mul_f64(1.0 + rand::random::<f64>() * 0.2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(issued_at: UnixMillis, lifetime_s: i64) -> TokenPair {
+        TokenPair {
+            access_token: Secret::new("a"),
+            refresh_token: Secret::new("r"),
+            access_expires_at: issued_at + lifetime_s * 1000,
+            refresh_expires_at: issued_at + REFRESH_TOKEN_LIFETIME_MS,
+        }
+    }
+
+    #[test]
+    fn a_two_hour_token_is_refreshed_margin_ahead() {
+        let t = pair(1_000_000, 7200);
+        let due = refresh_due_at(&t, Duration::from_secs(600), 0.0);
+        assert_eq!(due, t.access_expires_at - 600_000);
+        // Full jitter moves it earlier by at most a tenth of the lead.
+        let due_j = refresh_due_at(&t, Duration::from_secs(600), 1.0);
+        assert_eq!(due_j, t.access_expires_at - 660_000);
+    }
+
+    #[test]
+    fn a_short_token_is_refreshed_at_half_its_lifetime() {
+        let t = pair(1_000_000, 20);
+        let due = refresh_due_at(&t, Duration::from_secs(600), 0.0);
+        assert_eq!(due, 1_000_000 + 10_000);
+        let due_j = refresh_due_at(&t, Duration::from_secs(600), 1.0);
+        assert_eq!(due_j, 1_000_000 + 9_000);
+    }
+
+    #[test]
+    fn a_zero_lifetime_token_does_not_spin() {
+        let t = pair(1_000_000, 0);
+        assert_eq!(refresh_due_at(&t, Duration::from_secs(600), 1.0), 1_001_000);
+    }
+
+    #[test]
+    fn a_small_margin_wins_over_half_the_lifetime() {
+        let t = pair(0, 7200);
+        assert_eq!(refresh_due_at(&t, Duration::from_secs(60), 0.0), 7_140_000);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let b1 = backoff(1);
+        assert!(b1 >= BACKOFF_MIN && b1 <= BACKOFF_MIN.mul_f64(1.2));
+        let b3 = backoff(3);
+        assert!(b3 >= BACKOFF_MIN * 4 && b3 <= (BACKOFF_MIN * 4).mul_f64(1.2));
+        let b20 = backoff(20);
+        assert!(b20 >= BACKOFF_MAX && b20 <= BACKOFF_MAX.mul_f64(1.2));
+    }
+}
