@@ -76,8 +76,8 @@ struct SlotState {
     retry_at: Option<UnixMillis>,
 }
 
-/// What a poll needs to make a request for a connection.
-#[derive(Clone)]
+/// What a poll needs to make a request for a connection. `Debug` is safe: the token is a `Secret`.
+#[derive(Clone, Debug)]
 pub struct Access {
     pub token: Secret,
     pub user_id: String,
