@@ -48,6 +48,10 @@ pub fn authorize_url(cfg: &Config, redirect_uri: &str, state: &str) -> anyhow::R
         .append_pair("state", state)
         .append_pair("mode", sc.mode.as_str())
         .append_pair("approval_prompt", "force");
+    // Form encoding writes spaces (between scopes) as '+'; Smartcar's SDKs send %20, which every
+    // server decodes the same way. A literal '+' was already escaped as %2B, so this is exact.
+    let query = url.query().unwrap_or_default().replace('+', "%20");
+    url.set_query(Some(&query));
     Ok(url.to_string())
 }
 
@@ -249,6 +253,36 @@ async fn finish(
         user_id,
         vehicles,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connect_url_carries_what_smartcar_expects() {
+        let text = "[smartcar]\nclient_id = \"cid\"\nclient_secret = \"s\"\nmode = \"simulated\"\n";
+        struct NoEnv;
+        impl crate::config::Env for NoEnv {
+            fn var(&self, _: &str) -> Option<String> {
+                None
+            }
+        }
+        let cfg = Config::parse(text, "t.toml", &NoEnv).unwrap();
+        let url = authorize_url(&cfg, "http://localhost:8000/exchange", "st4te").unwrap();
+        assert!(url.starts_with("https://connect.smartcar.com/oauth/authorize?response_type=code&client_id=cid&"));
+        assert!(url.contains("&redirect_uri=http%3A%2F%2Flocalhost%3A8000%2Fexchange&"), "{url}");
+        assert!(url.contains("&scope=read_vehicle_info%20read_vin%20read_battery%20read_charge%20read_odometer&"));
+        assert!(url.contains("&state=st4te&mode=simulated&approval_prompt=force"), "{url}");
+        assert!(!url.contains("secret") && !url.contains('+'));
+    }
+
+    #[test]
+    fn states_are_unguessable_and_distinct() {
+        let (a, b) = (random_state(), random_state());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
 }
 
 fn random_state() -> String {
