@@ -72,7 +72,8 @@ impl Daemon {
         let metrics = Metrics::new().context("creating the metrics registry")?;
         let store = Store::open(&config.store.path, Some(write_observer(&metrics)))
             .with_context(|| format!("opening the store {}", config.store.path.display()))?;
-        let client = SmartcarClient::new(client_config(&config)).context("creating the Smartcar client")?;
+        let client =
+            SmartcarClient::new(client_config(&config)).context("creating the Smartcar client")?;
         let tokens = TokenManager::new(
             store.clone(),
             client.clone(),
@@ -90,7 +91,9 @@ impl Daemon {
         );
         let listener = TcpListener::bind(config.metrics.listen)
             .await
-            .with_context(|| format!("metrics.listen: cannot listen on {}", config.metrics.listen))?;
+            .with_context(|| {
+                format!("metrics.listen: cannot listen on {}", config.metrics.listen)
+            })?;
         let daemon = Daemon {
             config,
             store,
@@ -145,12 +148,19 @@ impl Daemon {
             .collect();
         self.tokens.load(connections);
         if needs_reauth > 0 {
-            warn!(needs_reauth, "some connections need re-authorization: run `carpulse connect` for them");
+            warn!(
+                needs_reauth,
+                "some connections need re-authorization: run `carpulse connect` for them"
+            );
         }
         if polled.is_empty() {
             warn!("no vehicles to poll: run `carpulse connect` to add a Smartcar account");
         }
-        info!(connections = n_connections, vehicles = polled.len(), "loaded the store");
+        info!(
+            connections = n_connections,
+            vehicles = polled.len(),
+            "loaded the store"
+        );
         self.poller.set_vehicles(polled);
         Ok(())
     }
@@ -230,8 +240,14 @@ impl Daemon {
         info!("stopping: no new polls; waiting for in-flight ones");
         schedule.shutdown().await;
         cycles.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, cycles.wait()).await.is_err() {
-            warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "in-flight polls did not finish in time; abandoning them");
+        if tokio::time::timeout(SHUTDOWN_GRACE, cycles.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace_s = SHUTDOWN_GRACE.as_secs(),
+                "in-flight polls did not finish in time; abandoning them"
+            );
             polls_cancel.cancel();
             cycles.wait().await;
         }

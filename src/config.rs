@@ -199,7 +199,12 @@ impl Origin<'_> {
             + 1
     }
 
-    fn err<T>(&self, key: &str, span: Option<std::ops::Range<usize>>, msg: String) -> Result<T, ConfigError> {
+    fn err<T>(
+        &self,
+        key: &str,
+        span: Option<std::ops::Range<usize>>,
+        msg: String,
+    ) -> Result<T, ConfigError> {
         Err(ConfigError(match span {
             Some(span) => format!("{}:{}: {key}: {msg}", self.file, self.line_of(span.start)),
             None => format!("{}: {key}: {msg}", self.file),
@@ -224,8 +229,12 @@ impl Env for ProcessEnv {
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("{}: cannot read the config file: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "{}: cannot read the config file: {e}",
+                path.display()
+            ))
+        })?;
         let mut cfg = Self::parse(&text, &path.display().to_string(), env)?;
         cfg.source = Some(path.to_path_buf());
         Ok(cfg)
@@ -251,7 +260,9 @@ fn span<T>(v: &S<T>) -> Option<std::ops::Range<usize>> {
 }
 
 fn string_or(v: &S<String>, default: &str) -> String {
-    v.as_ref().map(|s| s.get_ref().clone()).unwrap_or_else(|| default.to_string())
+    v.as_ref()
+        .map(|s| s.get_ref().clone())
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, ConfigError> {
@@ -259,7 +270,13 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
 
     let client_id = match &sc.client_id {
         Some(id) if !id.get_ref().trim().is_empty() => id.get_ref().trim().to_string(),
-        Some(id) => return o.err("smartcar.client_id", Some(id.span()), "must not be empty".into()),
+        Some(id) => {
+            return o.err(
+                "smartcar.client_id",
+                Some(id.span()),
+                "must not be empty".into(),
+            )
+        }
         None => {
             return o.err(
                 "smartcar.client_id",
@@ -271,7 +288,12 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
     let client_secret = resolve_secret(sc, o, env)?;
 
     let redirect_uri = string_or(&sc.redirect_uri, DEFAULT_REDIRECT_URI);
-    check_http_url(&redirect_uri, "smartcar.redirect_uri", span(&sc.redirect_uri), o)?;
+    check_http_url(
+        &redirect_uri,
+        "smartcar.redirect_uri",
+        span(&sc.redirect_uri),
+        o,
+    )?;
 
     let mode = match sc.mode.as_ref().map(|m| m.get_ref().as_str()) {
         None | Some("live") => Mode::Live,
@@ -288,7 +310,13 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
     let api = match sc.api.as_ref().map(|m| m.get_ref().as_str()) {
         None | Some("v3") => ApiVersion::V3,
         Some("v2") | Some("v2.0") => ApiVersion::V2,
-        Some(other) => return o.err("smartcar.api", span(&sc.api), format!("{other:?} is not one of v3, v2")),
+        Some(other) => {
+            return o.err(
+                "smartcar.api",
+                span(&sc.api),
+                format!("{other:?} is not one of v3, v2"),
+            )
+        }
     };
     let unit_system = match sc.unit_system.as_ref().map(|m| m.get_ref().as_str()) {
         None | Some("metric") => UnitSystem::Metric,
@@ -303,17 +331,33 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
     };
     let scope = match &sc.scope {
         Some(s) if s.get_ref().is_empty() => {
-            return o.err("smartcar.scope", Some(s.span()), "must name at least one permission".into())
+            return o.err(
+                "smartcar.scope",
+                Some(s.span()),
+                "must name at least one permission".into(),
+            )
         }
         Some(s) => s.get_ref().clone(),
         None => DEFAULT_SCOPE.iter().map(|s| s.to_string()).collect(),
     };
 
     let mut urls = [
-        (string_or(&sc.connect_url, DEFAULT_CONNECT_URL), span(&sc.connect_url)),
-        (string_or(&sc.token_url, DEFAULT_TOKEN_URL), span(&sc.token_url)),
-        (string_or(&sc.api_v2_url, DEFAULT_API_V2_URL), span(&sc.api_v2_url)),
-        (string_or(&sc.api_v3_url, DEFAULT_API_V3_URL), span(&sc.api_v3_url)),
+        (
+            string_or(&sc.connect_url, DEFAULT_CONNECT_URL),
+            span(&sc.connect_url),
+        ),
+        (
+            string_or(&sc.token_url, DEFAULT_TOKEN_URL),
+            span(&sc.token_url),
+        ),
+        (
+            string_or(&sc.api_v2_url, DEFAULT_API_V2_URL),
+            span(&sc.api_v2_url),
+        ),
+        (
+            string_or(&sc.api_v3_url, DEFAULT_API_V3_URL),
+            span(&sc.api_v3_url),
+        ),
     ];
     for ((var, key), (url, at)) in ENV_URL_OVERRIDES.iter().zip(urls.iter_mut()) {
         if let Some(value) = env.var(var) {
@@ -328,7 +372,11 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
 
     let store_path = string_or(&raw.store.path, DEFAULT_STORE_PATH);
     if store_path.trim().is_empty() {
-        return o.err("store.path", span(&raw.store.path), "must not be empty".into());
+        return o.err(
+            "store.path",
+            span(&raw.store.path),
+            "must not be empty".into(),
+        );
     }
 
     let listen_text = string_or(&raw.metrics.listen, DEFAULT_METRICS_LISTEN);
@@ -367,7 +415,11 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
     };
     let timeout = duration_or(&raw.poll.timeout, DEFAULT_POLL_TIMEOUT, "poll.timeout", o)?;
     if timeout.is_zero() {
-        return o.err("poll.timeout", span(&raw.poll.timeout), "must be more than 0".into());
+        return o.err(
+            "poll.timeout",
+            span(&raw.poll.timeout),
+            "must be more than 0".into(),
+        );
     }
 
     Ok(Config {
@@ -394,7 +446,10 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             info,
             refresh_margin,
         },
-        poll: PollConfig { concurrency, timeout },
+        poll: PollConfig {
+            concurrency,
+            timeout,
+        },
     })
 }
 
@@ -415,13 +470,27 @@ fn resolve_secret(sc: &RawSmartcar, o: &Origin<'_>, env: &dyn Env) -> Result<Sec
         let path = f.get_ref();
         return match std::fs::read_to_string(path) {
             Ok(s) if !s.trim().is_empty() => Ok(Secret::new(s.trim().to_string())),
-            Ok(_) => o.err("smartcar.client_secret_file", Some(f.span()), format!("{path} is empty")),
-            Err(e) => o.err("smartcar.client_secret_file", Some(f.span()), format!("cannot read {path}: {e}")),
+            Ok(_) => o.err(
+                "smartcar.client_secret_file",
+                Some(f.span()),
+                format!("{path} is empty"),
+            ),
+            Err(e) => o.err(
+                "smartcar.client_secret_file",
+                Some(f.span()),
+                format!("cannot read {path}: {e}"),
+            ),
         };
     }
     match &sc.client_secret {
-        Some(s) if !s.get_ref().trim().is_empty() => Ok(Secret::new(s.get_ref().trim().to_string())),
-        Some(s) => o.err("smartcar.client_secret", Some(s.span()), "must not be empty".into()),
+        Some(s) if !s.get_ref().trim().is_empty() => {
+            Ok(Secret::new(s.get_ref().trim().to_string()))
+        }
+        Some(s) => o.err(
+            "smartcar.client_secret",
+            Some(s.span()),
+            "must not be empty".into(),
+        ),
         None => o.err(
             "smartcar.client_secret",
             None,
@@ -453,7 +522,12 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
         .map_err(|e| e.to_string())
 }
 
-fn check_cron(expr: &str, key: &str, at: Option<std::ops::Range<usize>>, o: &Origin<'_>) -> Result<(), ConfigError> {
+fn check_cron(
+    expr: &str,
+    key: &str,
+    at: Option<std::ops::Range<usize>>,
+    o: &Origin<'_>,
+) -> Result<(), ConfigError> {
     parse_cron(expr).map(|_| ()).or_else(|e| {
         o.err(
             key,
@@ -463,7 +537,12 @@ fn check_cron(expr: &str, key: &str, at: Option<std::ops::Range<usize>>, o: &Ori
     })
 }
 
-fn duration_or(v: &S<String>, default: Duration, key: &str, o: &Origin<'_>) -> Result<Duration, ConfigError> {
+fn duration_or(
+    v: &S<String>,
+    default: Duration,
+    key: &str,
+    o: &Origin<'_>,
+) -> Result<Duration, ConfigError> {
     match v {
         None => Ok(default),
         Some(s) => parse_duration(s.get_ref()).or_else(|e| o.err(key, Some(s.span()), e)),
@@ -480,13 +559,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = t;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(bad());
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -554,7 +637,9 @@ mod tests {
 
     #[test]
     fn a_bad_cron_names_key_and_line() {
-        let e = err(&format!("{MINIMAL}\n[schedule]\nbattery = \"every 5 minutes\"\n"));
+        let e = err(&format!(
+            "{MINIMAL}\n[schedule]\nbattery = \"every 5 minutes\"\n"
+        ));
         assert!(e.starts_with("c.toml:6: schedule.battery:"), "{e}");
         // Five fields (no seconds) is the classic mistake.
         let e = err(&format!("{MINIMAL}[schedule]\ninfo = \"*/15 * * * *\"\n"));
@@ -575,8 +660,14 @@ mod tests {
         let cases = [
             ("[poll]\nconcurrency = 0\n", "c.toml:5: poll.concurrency:"),
             ("[poll]\ntimeout = \"ten\"\n", "c.toml:5: poll.timeout:"),
-            ("[metrics]\nlisten = \"localhost\"\n", "c.toml:5: metrics.listen:"),
-            ("[schedule]\nrefresh_margin = \"5x\"\n", "c.toml:5: schedule.refresh_margin:"),
+            (
+                "[metrics]\nlisten = \"localhost\"\n",
+                "c.toml:5: metrics.listen:",
+            ),
+            (
+                "[schedule]\nrefresh_margin = \"5x\"\n",
+                "c.toml:5: schedule.refresh_margin:",
+            ),
         ];
         for (tail, prefix) in cases {
             let e = err(&format!("{MINIMAL}{tail}"));
@@ -584,7 +675,8 @@ mod tests {
         }
         let e = err("[smartcar]\nclient_id = \"a\"\nclient_secret = \"b\"\napi = \"v4\"\n");
         assert!(e.starts_with("c.toml:4: smartcar.api:"), "{e}");
-        let e = err("[smartcar]\nclient_id = \"a\"\nclient_secret = \"b\"\ntoken_url = \"ftp://x\"\n");
+        let e =
+            err("[smartcar]\nclient_id = \"a\"\nclient_secret = \"b\"\ntoken_url = \"ftp://x\"\n");
         assert!(e.starts_with("c.toml:4: smartcar.token_url:"), "{e}");
     }
 
@@ -617,7 +709,8 @@ mod tests {
 
         let both = format!("{text}client_secret = \"x\"\n");
         assert!(err(&both).contains("not both"));
-        let missing = "[smartcar]\nclient_id = \"a\"\nclient_secret_file = \"/nonexistent/carpulse\"\n";
+        let missing =
+            "[smartcar]\nclient_id = \"a\"\nclient_secret_file = \"/nonexistent/carpulse\"\n";
         assert!(err(missing).starts_with("c.toml:3: smartcar.client_secret_file: cannot read"));
     }
 
@@ -630,7 +723,10 @@ mod tests {
     #[test]
     fn env_overrides_urls() {
         let env = MapEnv(HashMap::from([
-            ("CARPULSE_TOKEN_URL", "http://127.0.0.1:9/oauth/token".to_string()),
+            (
+                "CARPULSE_TOKEN_URL",
+                "http://127.0.0.1:9/oauth/token".to_string(),
+            ),
             ("CARPULSE_API_V3_URL", "http://127.0.0.1:9/v3".to_string()),
         ]));
         let c = Config::parse(MINIMAL, "c.toml", &env).unwrap();
@@ -639,7 +735,10 @@ mod tests {
         assert_eq!(c.smartcar.api_v2_url, DEFAULT_API_V2_URL);
         let env = MapEnv(HashMap::from([("CARPULSE_API_V2_URL", "nope".to_string())]));
         let e = Config::parse(MINIMAL, "c.toml", &env).unwrap_err().0;
-        assert!(e.contains("smartcar.api_v2_url (from $CARPULSE_API_V2_URL)"), "{e}");
+        assert!(
+            e.contains("smartcar.api_v2_url (from $CARPULSE_API_V2_URL)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -58,13 +58,25 @@ pub fn authorize_url(cfg: &Config, redirect_uri: &str, state: &str) -> anyhow::R
 /// Binds the host and port of the redirect URI. `localhost` is bound on 127.0.0.1 and, when
 /// the machine has it, [::1] too, since a browser may resolve either.
 pub async fn bind_redirect(redirect_uri: &str) -> anyhow::Result<Vec<TcpListener>> {
-    let url = Url::parse(redirect_uri).with_context(|| format!("smartcar.redirect_uri {redirect_uri:?}"))?;
-    let host = url.host_str().context("smartcar.redirect_uri has no host")?.to_string();
-    let port = url.port_or_known_default().context("smartcar.redirect_uri has no port")?;
+    let url = Url::parse(redirect_uri)
+        .with_context(|| format!("smartcar.redirect_uri {redirect_uri:?}"))?;
+    let host = url
+        .host_str()
+        .context("smartcar.redirect_uri has no host")?
+        .to_string();
+    let port = url
+        .port_or_known_default()
+        .context("smartcar.redirect_uri has no port")?;
     let addrs: Vec<SocketAddr> = if host == "localhost" {
-        vec![([127, 0, 0, 1], port).into(), (std::net::Ipv6Addr::LOCALHOST, port).into()]
+        vec![
+            ([127, 0, 0, 1], port).into(),
+            (std::net::Ipv6Addr::LOCALHOST, port).into(),
+        ]
     } else {
-        let h = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let h = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let resolved = tokio::net::lookup_host((h.as_str(), port))
             .await
             .with_context(|| format!("resolving the redirect URI host {host}"))?;
@@ -138,20 +150,28 @@ pub async fn run(
     loop {
         let cb = tokio::time::timeout_at(deadline, rx.recv())
             .await
-            .map_err(|_| anyhow::anyhow!("no answer on {} within {} s", cfg.smartcar.redirect_uri, wait.as_secs()))?
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "no answer on {} within {} s",
+                    cfg.smartcar.redirect_uri,
+                    wait.as_secs()
+                )
+            })?
             .context("the callback server stopped")?;
         let p = &cb.params;
         if let Some(err) = p.get("error") {
             let desc = p.get("error_description").cloned().unwrap_or_default();
-            let _ = cb.reply.send(Err(format!("Smartcar Connect answered {err}: {desc}")));
+            let _ = cb
+                .reply
+                .send(Err(format!("Smartcar Connect answered {err}: {desc}")));
             bail!("Smartcar Connect answered {err}: {desc}");
         }
         if p.get("state") != Some(&state) {
             // A stray or forged request: refuse it and keep waiting for the real one.
             warn!("a request on the redirect URI had a wrong or missing state; ignored");
-            let _ = cb
-                .reply
-                .send(Err("state mismatch: this answer does not belong to this connect".into()));
+            let _ = cb.reply.send(Err(
+                "state mismatch: this answer does not belong to this connect".into(),
+            ));
             continue;
         }
         let Some(code) = p.get("code").cloned() else {
@@ -182,17 +202,26 @@ async fn callback(
 ) -> (StatusCode, Html<String>) {
     let (reply, answer) = oneshot::channel();
     if s.tx.send(Callback { params, reply }).await.is_err() {
-        return (StatusCode::GONE, page("carpulse connect has already finished."));
+        return (
+            StatusCode::GONE,
+            page("carpulse connect has already finished."),
+        );
     }
     match answer.await {
         Ok(Ok(msg)) => (StatusCode::OK, page(&msg)),
         Ok(Err(msg)) => (StatusCode::BAD_REQUEST, page(&msg)),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, page("carpulse connect stopped.")),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            page("carpulse connect stopped."),
+        ),
     }
 }
 
 fn page(msg: &str) -> Html<String> {
-    let escaped = msg.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let escaped = msg
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
     Html(format!(
         "<!doctype html><meta charset=utf-8><title>carpulse</title><p style=\"font-family:sans-serif\">{escaped}</p>"
     ))
@@ -255,36 +284,6 @@ async fn finish(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_connect_url_carries_what_smartcar_expects() {
-        let text = "[smartcar]\nclient_id = \"cid\"\nclient_secret = \"s\"\nmode = \"simulated\"\n";
-        struct NoEnv;
-        impl crate::config::Env for NoEnv {
-            fn var(&self, _: &str) -> Option<String> {
-                None
-            }
-        }
-        let cfg = Config::parse(text, "t.toml", &NoEnv).unwrap();
-        let url = authorize_url(&cfg, "http://localhost:8000/exchange", "st4te").unwrap();
-        assert!(url.starts_with("https://connect.smartcar.com/oauth/authorize?response_type=code&client_id=cid&"));
-        assert!(url.contains("&redirect_uri=http%3A%2F%2Flocalhost%3A8000%2Fexchange&"), "{url}");
-        assert!(url.contains("&scope=read_vehicle_info%20read_vin%20read_battery%20read_charge%20read_odometer&"));
-        assert!(url.contains("&state=st4te&mode=simulated&approval_prompt=force"), "{url}");
-        assert!(!url.contains("secret") && !url.contains('+'));
-    }
-
-    #[test]
-    fn states_are_unguessable_and_distinct() {
-        let (a, b) = (random_state(), random_state());
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, b);
-    }
-}
-
 fn random_state() -> String {
     let bytes: [u8; 16] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -319,7 +318,10 @@ pub async fn run_cli(cfg: Config, wait: Duration) -> anyhow::Result<()> {
         &store,
         listeners,
         |url| {
-            eprintln!("Open this URL in a browser and approve access (waiting on {}):", cfg.smartcar.redirect_uri);
+            eprintln!(
+                "Open this URL in a browser and approve access (waiting on {}):",
+                cfg.smartcar.redirect_uri
+            );
             println!("{url}");
         },
         wait,
@@ -329,4 +331,44 @@ pub async fn run_cli(cfg: Config, wait: Duration) -> anyhow::Result<()> {
     let connected = result?;
     print!("{}", describe(&connected));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connect_url_carries_what_smartcar_expects() {
+        let text = "[smartcar]\nclient_id = \"cid\"\nclient_secret = \"s\"\nmode = \"simulated\"\n";
+        struct NoEnv;
+        impl crate::config::Env for NoEnv {
+            fn var(&self, _: &str) -> Option<String> {
+                None
+            }
+        }
+        let cfg = Config::parse(text, "t.toml", &NoEnv).unwrap();
+        let url = authorize_url(&cfg, "http://localhost:8000/exchange", "st4te").unwrap();
+        assert!(url.starts_with(
+            "https://connect.smartcar.com/oauth/authorize?response_type=code&client_id=cid&"
+        ));
+        assert!(
+            url.contains("&redirect_uri=http%3A%2F%2Flocalhost%3A8000%2Fexchange&"),
+            "{url}"
+        );
+        assert!(url.contains(
+            "&scope=read_vehicle_info%20read_vin%20read_battery%20read_charge%20read_odometer&"
+        ));
+        assert!(
+            url.contains("&state=st4te&mode=simulated&approval_prompt=force"),
+            "{url}"
+        );
+        assert!(!url.contains("secret") && !url.contains('+'));
+    }
+
+    #[test]
+    fn states_are_unguessable_and_distinct() {
+        let (a, b) = (random_state(), random_state());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
 }

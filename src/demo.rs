@@ -14,7 +14,8 @@ use tracing::info;
 
 use crate::app::Daemon;
 use crate::config::{
-    Config, MetricsConfig, Mode, PollConfig, ScheduleConfig, SmartcarConfig, StoreConfig, DEFAULT_SCOPE,
+    Config, MetricsConfig, Mode, PollConfig, ScheduleConfig, SmartcarConfig, StoreConfig,
+    DEFAULT_SCOPE,
 };
 use crate::domain::{ApiVersion, Secret, UnitSystem};
 use crate::simulator::{self, SimulatorConfig};
@@ -59,7 +60,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         access_token_lifetime: Duration::from_secs(args.token_lifetime.max(10)),
         ..SimulatorConfig::default()
     };
-    let sim_listener = TcpListener::bind("127.0.0.1:0").await.context("binding the simulator")?;
+    let sim_listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the simulator")?;
     let sim_addr = sim_listener.local_addr()?;
     let sim_stop = shutdown.child_token();
     let sim_task = tokio::spawn(simulator::serve(sim_listener, sim_cfg.clone(), sim_stop));
@@ -69,7 +72,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Ok(l) => l.local_addr()?,
         Err(_) => SocketAddr::from(([127, 0, 0, 1], 0)),
     };
-    let callback = TcpListener::bind("127.0.0.1:0").await.context("binding the Connect callback")?;
+    let callback = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the Connect callback")?;
     let base = format!("http://{sim_addr}");
     let config = Config {
         source: None,
@@ -78,7 +83,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             client_secret: Secret::new(sim_cfg.client_secret.clone()),
             redirect_uri: format!("http://{}/exchange", callback.local_addr()?),
             mode: Mode::Simulated,
-            api: if args.api == "v2" { ApiVersion::V2 } else { ApiVersion::V3 },
+            api: if args.api == "v2" {
+                ApiVersion::V2
+            } else {
+                ApiVersion::V3
+            },
             scope: DEFAULT_SCOPE.iter().map(|s| s.to_string()).collect(),
             unit_system: UnitSystem::Metric,
             connect_url: format!("{base}/oauth/authorize"),
@@ -86,8 +95,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             api_v2_url: format!("{base}/v2.0"),
             api_v3_url: format!("{base}/v3"),
         },
-        store: StoreConfig { path: args.db.clone() },
-        metrics: MetricsConfig { listen: metrics_listen },
+        store: StoreConfig {
+            path: args.db.clone(),
+        },
+        metrics: MetricsConfig {
+            listen: metrics_listen,
+        },
         schedule: ScheduleConfig {
             battery: args.battery_cron.clone(),
             info: args.info_cron.clone(),
@@ -98,7 +111,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             timeout: Duration::from_secs(30),
         },
     };
-    for (key, expr) in [("--battery-cron", &config.schedule.battery), ("--info-cron", &config.schedule.info)] {
+    for (key, expr) in [
+        ("--battery-cron", &config.schedule.battery),
+        ("--info-cron", &config.schedule.info),
+    ] {
         crate::config::parse_cron(expr).map_err(|e| anyhow::anyhow!("{key} {expr:?}: {e}"))?;
     }
 
@@ -106,7 +122,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let daemon = Daemon::build(config).await?;
     let addr = daemon.metrics_addr()?;
-    println!("carpulse demo: {} simulated vehicle(s), API {}", sim_cfg.users * sim_cfg.vehicles_per_user, args.api);
+    println!(
+        "carpulse demo: {} simulated vehicle(s), API {}",
+        sim_cfg.users * sim_cfg.vehicles_per_user,
+        args.api
+    );
     println!("metrics: http://{addr}/metrics");
     println!(
         "history: sqlite3 {} 'SELECT vehicle_id, datetime(time, \"unixepoch\"), soc_percent, range_km FROM battery_history ORDER BY recorded_at DESC LIMIT 10'",
@@ -134,7 +154,9 @@ async fn connect_all(config: &Config, callback: TcpListener, users: usize) -> an
         // one is still closing.
         let l = match first.take() {
             Some(l) => l,
-            None => TcpListener::bind("127.0.0.1:0").await.context("binding the Connect callback")?,
+            None => TcpListener::bind("127.0.0.1:0")
+                .await
+                .context("binding the Connect callback")?,
         };
         let mut config = config.clone();
         config.smartcar.redirect_uri = format!("http://{}/exchange", l.local_addr()?);

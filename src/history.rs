@@ -42,7 +42,9 @@ pub fn parse_time(s: &str, now: UnixMillis) -> Result<UnixMillis, String> {
     if let Ok(d) = crate::config::parse_duration(s) {
         return Ok(now - d.as_millis() as i64);
     }
-    Err(format!("{s:?} is not RFC 3339, unix milliseconds or an age like 24h"))
+    Err(format!(
+        "{s:?} is not RFC 3339, unix milliseconds or an age like 24h"
+    ))
 }
 
 pub async fn run(cfg: &Config, args: &HistoryArgs) -> anyhow::Result<()> {
@@ -62,13 +64,45 @@ pub fn query(cfg: &Config, args: &HistoryArgs, now: UnixMillis) -> anyhow::Resul
         bail!("--until is before --since");
     }
     let (view, time_col, cols): (&str, &str, &[&str]) = match args.kind.as_str() {
-        "battery" => ("battery_history", "recorded_at", &["vehicle_id", "recorded_at", "fetched_at", "soc_percent", "range_km"]),
-        "charge" => ("charge_history", "recorded_at", &["vehicle_id", "recorded_at", "fetched_at", "plugged_in", "state"]),
-        "odometer" => ("odometer_history", "recorded_at", &["vehicle_id", "recorded_at", "fetched_at", "odometer_km"]),
+        "battery" => (
+            "battery_history",
+            "recorded_at",
+            &[
+                "vehicle_id",
+                "recorded_at",
+                "fetched_at",
+                "soc_percent",
+                "range_km",
+            ],
+        ),
+        "charge" => (
+            "charge_history",
+            "recorded_at",
+            &[
+                "vehicle_id",
+                "recorded_at",
+                "fetched_at",
+                "plugged_in",
+                "state",
+            ],
+        ),
+        "odometer" => (
+            "odometer_history",
+            "recorded_at",
+            &["vehicle_id", "recorded_at", "fetched_at", "odometer_km"],
+        ),
         "events" => (
             "poll_events",
             "at",
-            &["vehicle_id", "at", "endpoint", "outcome", "http_status", "error_type", "error_code"],
+            &[
+                "vehicle_id",
+                "at",
+                "endpoint",
+                "outcome",
+                "http_status",
+                "error_type",
+                "error_code",
+            ],
         ),
         other => bail!("unknown --kind {other}"),
     };
@@ -78,7 +112,9 @@ pub fn query(cfg: &Config, args: &HistoryArgs, now: UnixMillis) -> anyhow::Resul
          ORDER BY {time_col} DESC LIMIT ?4",
         cols.join(", ")
     );
-    let mut stmt = c.prepare(&sql).with_context(|| format!("querying {view}"))?;
+    let mut stmt = c
+        .prepare(&sql)
+        .with_context(|| format!("querying {view}"))?;
     let mut rows = stmt.query(rusqlite::params![since, until, args.vehicle, args.limit])?;
     let mut table: Vec<Vec<serde_json::Value>> = Vec::new();
     while let Some(r) = rows.next()? {
@@ -88,7 +124,9 @@ pub fn query(cfg: &Config, args: &HistoryArgs, now: UnixMillis) -> anyhow::Resul
             row.push(match v {
                 rusqlite::types::Value::Null => serde_json::Value::Null,
                 rusqlite::types::Value::Integer(n) => n.into(),
-                rusqlite::types::Value::Real(f) => serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into),
+                rusqlite::types::Value::Real(f) => {
+                    serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into)
+                }
                 rusqlite::types::Value::Text(s) => s.into(),
                 rusqlite::types::Value::Blob(_) => serde_json::Value::Null,
             });
@@ -113,7 +151,12 @@ fn render(cols: &[&str], rows: &[Vec<serde_json::Value>], format: &str) -> Strin
             let objs: Vec<serde_json::Value> = rows
                 .iter()
                 .map(|r| {
-                    serde_json::Value::Object(cols.iter().map(|c| c.to_string()).zip(r.iter().cloned()).collect())
+                    serde_json::Value::Object(
+                        cols.iter()
+                            .map(|c| c.to_string())
+                            .zip(r.iter().cloned())
+                            .collect(),
+                    )
                 })
                 .collect();
             out = serde_json::to_string_pretty(&objs).unwrap_or_default();
@@ -137,11 +180,18 @@ fn render(cols: &[&str], rows: &[Vec<serde_json::Value>], format: &str) -> Strin
             }
         }
         _ => {
-            let text: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(cell).collect()).collect();
+            let text: Vec<Vec<String>> =
+                rows.iter().map(|r| r.iter().map(cell).collect()).collect();
             let widths: Vec<usize> = cols
                 .iter()
                 .enumerate()
-                .map(|(i, c)| text.iter().map(|r| r[i].len()).max().unwrap_or(0).max(c.len()))
+                .map(|(i, c)| {
+                    text.iter()
+                        .map(|r| r[i].len())
+                        .max()
+                        .unwrap_or(0)
+                        .max(c.len())
+                })
                 .collect();
             let line = |cells: Vec<String>| {
                 cells
@@ -153,7 +203,11 @@ fn render(cols: &[&str], rows: &[Vec<serde_json::Value>], format: &str) -> Strin
                     .trim_end()
                     .to_string()
             };
-            let _ = writeln!(out, "{}", line(cols.iter().map(|c| c.to_uppercase()).collect()));
+            let _ = writeln!(
+                out,
+                "{}",
+                line(cols.iter().map(|c| c.to_uppercase()).collect())
+            );
             for r in text {
                 let _ = writeln!(out, "{}", line(r));
             }
@@ -174,7 +228,10 @@ mod tests {
         let now = 1_800_000_000_000;
         assert_eq!(parse_time("24h", now), Ok(now - 86_400_000));
         assert_eq!(parse_time("1700000000000", now), Ok(1_700_000_000_000));
-        assert_eq!(parse_time("2026-11-01T00:00:00Z", now), Ok(1_793_491_200_000));
+        assert_eq!(
+            parse_time("2026-11-01T00:00:00Z", now),
+            Ok(1_793_491_200_000)
+        );
         assert!(parse_time("yesterday", now).is_err());
     }
 

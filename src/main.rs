@@ -4,9 +4,9 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use carpulse::cli::{Cli, Command, VehiclesCommand};
 use carpulse::config::{Config, ConfigError, ProcessEnv, DEFAULT_CONFIG_PATH, EX_CONFIG};
+use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -46,7 +46,10 @@ fn init_logging(command: &Command) {
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
-    let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG_PATH.into());
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CONFIG_PATH.into());
     Ok(Config::load(&path, &ProcessEnv)?)
 }
 

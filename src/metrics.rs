@@ -10,12 +10,15 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{BatteryReading, ChargeReading, ChargeState, OdometerReading, VehicleId, VehicleInfo};
+use crate::domain::{
+    BatteryReading, ChargeReading, ChargeState, OdometerReading, VehicleId, VehicleInfo,
+};
 
 /// Every family carpulse exports. Cloning is cheap (the families are reference-counted).
 #[derive(Clone)]
@@ -42,13 +45,23 @@ pub struct Metrics {
     info_labels: Arc<std::sync::Mutex<std::collections::HashMap<VehicleId, [String; 4]>>>,
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<GaugeVec> {
+fn gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<GaugeVec> {
     let g = GaugeVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(g.clone()))?;
     Ok(g)
 }
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
@@ -68,13 +81,21 @@ impl Metrics {
         )?;
         r.register(Box::new(poll_duration.clone()))?;
         let connections = IntGaugeVec::new(
-            Opts::new("carpulse_connections", "Stored Smartcar connections by status."),
+            Opts::new(
+                "carpulse_connections",
+                "Stored Smartcar connections by status.",
+            ),
             &["status"],
         )?;
         r.register(Box::new(connections.clone()))?;
-        let build_info = IntGaugeVec::new(Opts::new("carpulse_build_info", "Always 1; the version as a label."), &["version"])?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("carpulse_build_info", "Always 1; the version as a label."),
+            &["version"],
+        )?;
         r.register(Box::new(build_info.clone()))?;
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let v = &["vehicle_id"];
         Ok(Metrics {
             soc_ratio: gauge(&r, "carpulse_battery_state_of_charge_ratio", "Traction battery state of charge, 0–1.", v)?,
@@ -130,7 +151,9 @@ impl Metrics {
 
     pub fn record_battery(&self, id: &VehicleId, r: &BatteryReading) {
         let v = [id.0.as_str()];
-        self.soc_ratio.with_label_values(&v).set(r.soc_percent / 100.0);
+        self.soc_ratio
+            .with_label_values(&v)
+            .set(r.soc_percent / 100.0);
         if let Some(km) = r.range_km {
             self.range_meters.with_label_values(&v).set(km * 1000.0);
         }
@@ -141,10 +164,14 @@ impl Metrics {
 
     pub fn record_charge(&self, id: &VehicleId, r: &ChargeReading) {
         let v = [id.0.as_str()];
-        self.plugged_in.with_label_values(&v).set(if r.plugged_in { 1.0 } else { 0.0 });
+        self.plugged_in
+            .with_label_values(&v)
+            .set(if r.plugged_in { 1.0 } else { 0.0 });
         for s in ChargeState::ALL {
             let on = if s == r.state { 1.0 } else { 0.0 };
-            self.charge_state.with_label_values(&[id.0.as_str(), s.as_str()]).set(on);
+            self.charge_state
+                .with_label_values(&[id.0.as_str(), s.as_str()])
+                .set(on);
         }
         self.reading_timestamp
             .with_label_values(&[id.0.as_str(), "charge"])
@@ -162,7 +189,12 @@ impl Metrics {
 
     /// Replaces the vehicle's info series (a changed label set must not leave the old one behind).
     pub fn record_info(&self, id: &VehicleId, info: &VehicleInfo) {
-        let labels = [id.0.clone(), info.make.clone(), info.model.clone(), info.year.to_string()];
+        let labels = [
+            id.0.clone(),
+            info.make.clone(),
+            info.model.clone(),
+            info.year.to_string(),
+        ];
         let mut known = self.info_labels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = known.insert(id.clone(), labels.clone()) {
             if old != labels {
@@ -175,7 +207,12 @@ impl Metrics {
     /// Drops every series of a vehicle that is no longer polled.
     pub fn forget_vehicle(&self, id: &VehicleId) {
         let v = id.0.as_str();
-        for g in [&self.soc_ratio, &self.range_meters, &self.plugged_in, &self.odometer_meters] {
+        for g in [
+            &self.soc_ratio,
+            &self.range_meters,
+            &self.plugged_in,
+            &self.odometer_meters,
+        ] {
             let _ = g.remove_label_values(&[v]);
         }
         for s in ChargeState::ALL {
@@ -184,7 +221,11 @@ impl Metrics {
         for signal in ["battery", "charge", "odometer"] {
             let _ = self.reading_timestamp.remove_label_values(&[v, signal]);
         }
-        let old = self.info_labels.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let old = self
+            .info_labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         if let Some(old) = old {
             let _ = self.vehicle_info.remove_label_values(&old);
         }
@@ -241,7 +282,10 @@ pub async fn serve(
 
 async fn metrics_handler(State(s): State<ServerState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }
@@ -255,7 +299,10 @@ async fn health_handler(State(s): State<ServerState>) -> impl IntoResponse {
     if problems.is_empty() {
         (StatusCode::OK, "ok\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", problems.join("\n")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", problems.join("\n")),
+        )
     }
 }
 
@@ -289,11 +336,25 @@ mod tests {
             },
         );
         let text = m.render();
-        assert!(text.contains("carpulse_battery_state_of_charge_ratio{vehicle_id=\"v1\"} 0.685"), "{text}");
-        assert!(text.contains("carpulse_battery_range_meters{vehicle_id=\"v1\"} 312400"), "{text}");
-        assert!(text.contains("carpulse_charge_state{state=\"CHARGING\",vehicle_id=\"v1\"} 1"), "{text}");
-        assert!(text.contains("carpulse_charge_state{state=\"NOT_CHARGING\",vehicle_id=\"v1\"} 0"), "{text}");
-        assert!(text.contains("carpulse_reading_timestamp_seconds{signal=\"battery\",vehicle_id=\"v1\"} 1700000000"));
+        assert!(
+            text.contains("carpulse_battery_state_of_charge_ratio{vehicle_id=\"v1\"} 0.685"),
+            "{text}"
+        );
+        assert!(
+            text.contains("carpulse_battery_range_meters{vehicle_id=\"v1\"} 312400"),
+            "{text}"
+        );
+        assert!(
+            text.contains("carpulse_charge_state{state=\"CHARGING\",vehicle_id=\"v1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("carpulse_charge_state{state=\"NOT_CHARGING\",vehicle_id=\"v1\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "carpulse_reading_timestamp_seconds{signal=\"battery\",vehicle_id=\"v1\"} 1700000000"
+        ));
         assert!(text.contains("carpulse_build_info{version=\""));
         m.record_info(
             &id,
@@ -312,7 +373,10 @@ mod tests {
             },
         );
         let text = m.render();
-        assert!(!text.contains("Model 3"), "the old info series must go: {text}");
+        assert!(
+            !text.contains("Model 3"),
+            "the old info series must go: {text}"
+        );
         assert!(text.contains("model=\"Model Y\""));
         m.forget_vehicle(&id);
         assert!(!m.render().contains("vehicle_id=\"v1\""));

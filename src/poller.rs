@@ -88,7 +88,10 @@ impl Poller {
     }
 
     pub fn vehicles(&self) -> Vec<PolledVehicle> {
-        self.vehicles.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.vehicles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Polls every vehicle for `job` and waits for all of them. `cancel` abandons requests
@@ -137,18 +140,36 @@ impl Poller {
         report
     }
 
-    async fn poll_vehicle(&self, v: &PolledVehicle, job: Job, cancel: CancellationToken) -> VehicleOutcome {
+    async fn poll_vehicle(
+        &self,
+        v: &PolledVehicle,
+        job: Job,
+        cancel: CancellationToken,
+    ) -> VehicleOutcome {
         let key = (v.id.clone(), job_label(job));
-        if !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
+        if !self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
             debug!("still busy with the previous poll; skipped");
             return VehicleOutcome::Busy;
         }
         let outcome = self.poll_vehicle_inner(v, job, cancel).await;
-        self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
         outcome
     }
 
-    async fn poll_vehicle_inner(&self, v: &PolledVehicle, job: Job, cancel: CancellationToken) -> VehicleOutcome {
+    async fn poll_vehicle_inner(
+        &self,
+        v: &PolledVehicle,
+        job: Job,
+        cancel: CancellationToken,
+    ) -> VehicleOutcome {
         // The permit bounds concurrent requests; closed only if the poller is dropped.
         let Ok(_permit) = self.pool.clone().acquire_owned().await else {
             return VehicleOutcome::Failed(0);
@@ -179,7 +200,10 @@ impl Poller {
                 };
                 warn!(error = %e, "no access token; vehicle not polled");
                 for endpoint in job_endpoints(job) {
-                    self.metrics.polls.with_label_values(&[endpoint, outcome]).inc();
+                    self.metrics
+                        .polls
+                        .with_label_values(&[endpoint, outcome])
+                        .inc();
                     items.push(WriteItem::Event(event(v, at, endpoint, outcome, None)));
                 }
             }
@@ -188,7 +212,13 @@ impl Poller {
                 warn!(error = %e, "request failed");
                 for endpoint in job_endpoints(job) {
                     self.count(endpoint, e.kind.label(), elapsed);
-                    items.push(WriteItem::Event(event(v, at, endpoint, e.kind.label(), Some(&e))));
+                    items.push(WriteItem::Event(event(
+                        v,
+                        at,
+                        endpoint,
+                        e.kind.label(),
+                        Some(&e),
+                    )));
                 }
             }
             Ok(results) => {
@@ -203,7 +233,13 @@ impl Poller {
                             failed = true;
                             warn!(endpoint, error = %e, "endpoint failed");
                             self.count(endpoint, e.kind.label(), elapsed);
-                            items.push(WriteItem::Event(event(v, at, endpoint, e.kind.label(), Some(&e))));
+                            items.push(WriteItem::Event(event(
+                                v,
+                                at,
+                                endpoint,
+                                e.kind.label(),
+                                Some(&e),
+                            )));
                         }
                     }
                 }
@@ -218,8 +254,14 @@ impl Poller {
     }
 
     fn count(&self, endpoint: &str, outcome: &str, elapsed: f64) {
-        self.metrics.polls.with_label_values(&[endpoint, outcome]).inc();
-        self.metrics.poll_duration.with_label_values(&[endpoint]).observe(elapsed);
+        self.metrics
+            .polls
+            .with_label_values(&[endpoint, outcome])
+            .inc();
+        self.metrics
+            .poll_duration
+            .with_label_values(&[endpoint])
+            .observe(elapsed);
     }
 
     /// Turns a payload into store items and gauges; returns the number of readings.
@@ -228,13 +270,22 @@ impl Poller {
         match payload {
             Payload::Battery(r) => {
                 self.metrics.record_battery(id, &r);
-                debug!(soc_percent = r.soc_percent, range_km = r.range_km, recorded_at = r.stamp.recorded_at, "battery");
+                debug!(
+                    soc_percent = r.soc_percent,
+                    range_km = r.range_km,
+                    recorded_at = r.stamp.recorded_at,
+                    "battery"
+                );
                 items.push(WriteItem::Reading(id.clone(), Reading::Battery(r)));
                 1
             }
             Payload::Charge(r) => {
                 self.metrics.record_charge(id, &r);
-                debug!(plugged_in = r.plugged_in, state = r.state.as_str(), "charge");
+                debug!(
+                    plugged_in = r.plugged_in,
+                    state = r.state.as_str(),
+                    "charge"
+                );
                 items.push(WriteItem::Reading(id.clone(), Reading::Charge(r)));
                 1
             }
@@ -272,7 +323,11 @@ impl Poller {
             })
             .collect();
         if let Err(e) = self.store.write(items).await {
-            warn!(error = format!("{e:#}"), rows = tables.len(), "the store refused the rows; counted as dropped");
+            warn!(
+                error = format!("{e:#}"),
+                rows = tables.len(),
+                "the store refused the rows; counted as dropped"
+            );
             for t in tables {
                 self.metrics.rows_dropped.with_label_values(&[t]).inc();
             }
@@ -280,8 +335,16 @@ impl Poller {
     }
 
     /// One request for the job; on 401 AUTHENTICATION, one refresh and one retry (DESIGN §2.2).
-    async fn fetch_with_auth_retry(&self, v: &PolledVehicle, job: Job) -> Result<Vec<EndpointResult>, Failure> {
-        let access = self.tokens.access(v.connection).await.map_err(Failure::Token)?;
+    async fn fetch_with_auth_retry(
+        &self,
+        v: &PolledVehicle,
+        job: Job,
+    ) -> Result<Vec<EndpointResult>, Failure> {
+        let access = self
+            .tokens
+            .access(v.connection)
+            .await
+            .map_err(Failure::Token)?;
         match self.fetch_once(v, job, &access).await {
             Err(e) if e.kind == ErrorKind::Authentication => {
                 info!("401 from Smartcar; refreshing the token once and retrying");
@@ -296,19 +359,29 @@ impl Poller {
         }
     }
 
-    async fn fetch_once(&self, v: &PolledVehicle, job: Job, access: &Access) -> Result<Vec<EndpointResult>, ApiError> {
+    async fn fetch_once(
+        &self,
+        v: &PolledVehicle,
+        job: Job,
+        access: &Access,
+    ) -> Result<Vec<EndpointResult>, ApiError> {
         let ctx = RequestCtx {
             access_token: &access.token,
             user_id: Some(access.user_id.as_str()),
         };
-        match tokio::time::timeout(self.timeout, self.client.fetch(self.api, &ctx, &v.id, job)).await {
+        match tokio::time::timeout(self.timeout, self.client.fetch(self.api, &ctx, &v.id, job))
+            .await
+        {
             Ok(r) => r,
             Err(_) => Err(ApiError {
                 kind: ErrorKind::Timeout,
                 status: None,
                 error_type: None,
                 code: None,
-                description: Some(format!("no answer within {} s (poll.timeout)", self.timeout.as_secs())),
+                description: Some(format!(
+                    "no answer within {} s (poll.timeout)",
+                    self.timeout.as_secs()
+                )),
                 retry_after: None,
                 request_id: None,
             }),
@@ -321,7 +394,13 @@ enum Failure {
     Api(ApiError),
 }
 
-fn event(v: &PolledVehicle, at: i64, endpoint: &str, outcome: &str, e: Option<&ApiError>) -> PollEvent {
+fn event(
+    v: &PolledVehicle,
+    at: i64,
+    endpoint: &str,
+    outcome: &str,
+    e: Option<&ApiError>,
+) -> PollEvent {
     PollEvent {
         vehicle_id: v.id.clone(),
         at,

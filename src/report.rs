@@ -19,8 +19,11 @@ pub fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
             path.display()
         );
     }
-    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .with_context(|| format!("opening {} read-only", path.display()))?;
+    let c = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("opening {} read-only", path.display()))?;
     c.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(c)
 }
@@ -54,8 +57,8 @@ pub async fn vehicles_list(cfg: &Config) -> anyhow::Result<()> {
     }
     let now = now_ms();
     println!(
-        "{:<38} {:<28} {:<12} {:<8} {:>7} {:>9} {:<14} {}",
-        "VEHICLE", "MAKE MODEL YEAR", "CONNECTION", "ENABLED", "SOC %", "RANGE KM", "CHARGE", "LAST READING"
+        "{:<38} {:<28} {:<12} {:<8} {:>7} {:>9} {:<14} LAST READING",
+        "VEHICLE", "MAKE MODEL YEAR", "CONNECTION", "ENABLED", "SOC %", "RANGE KM", "CHARGE"
     );
     for s in rows {
         let v = &s.vehicle;
@@ -65,14 +68,22 @@ pub async fn vehicles_list(cfg: &Config) -> anyhow::Result<()> {
             v.model.as_deref().unwrap_or("?"),
             v.year.map(|y| y.to_string()).unwrap_or_default()
         );
-        let soc = s.last_battery.as_ref().map(|b| format!("{:.1}", b.soc_percent)).unwrap_or("-".into());
+        let soc = s
+            .last_battery
+            .as_ref()
+            .map(|b| format!("{:.1}", b.soc_percent))
+            .unwrap_or("-".into());
         let range = s
             .last_battery
             .as_ref()
             .and_then(|b| b.range_km)
             .map(|r| format!("{r:.1}"))
             .unwrap_or("-".into());
-        let charge = s.last_charge.as_ref().map(|c| c.state.as_str()).unwrap_or("-");
+        let charge = s
+            .last_charge
+            .as_ref()
+            .map(|c| c.state.as_str())
+            .unwrap_or("-");
         let last = s
             .last_battery
             .as_ref()
@@ -143,7 +154,11 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
         println!(
             "  {}  {}  {}",
             s.vehicle.vehicle_id,
-            if s.vehicle.enabled { "enabled" } else { "disabled" },
+            if s.vehicle.enabled {
+                "enabled"
+            } else {
+                "disabled"
+            },
             last
         );
     }
@@ -151,9 +166,17 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
         "SELECT vehicle_id, at, endpoint, outcome, error_type, error_code FROM poll_events
          WHERE outcome <> 'ok' AND at > ?1 ORDER BY at DESC LIMIT 10",
     )?;
-    let errors: Vec<(String, i64, String, String, Option<String>, Option<String>)> = stmt
+    type ErrorRow = (String, i64, String, String, Option<String>, Option<String>);
+    let errors: Vec<ErrorRow> = stmt
         .query_map([now - 24 * 3600 * 1000], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })?
         .collect::<Result<_, _>>()?;
     println!("recent errors (24 h): {}", errors.len());

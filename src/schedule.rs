@@ -20,7 +20,10 @@ pub struct Schedule {
 }
 
 /// Starts one cron job per poll job; ticks arrive on the returned receiver.
-pub async fn start(cfg: &ScheduleConfig, metrics: &Metrics) -> anyhow::Result<(Schedule, mpsc::Receiver<Job>)> {
+pub async fn start(
+    cfg: &ScheduleConfig,
+    metrics: &Metrics,
+) -> anyhow::Result<(Schedule, mpsc::Receiver<Job>)> {
     let (tx, rx) = mpsc::channel(TICK_QUEUE);
     let scheduler = JobScheduler::new().await?;
     for (job, expr) in [(Job::Battery, &cfg.battery), (Job::Info, &cfg.info)] {
@@ -33,8 +36,14 @@ pub async fn start(cfg: &ScheduleConfig, metrics: &Metrics) -> anyhow::Result<(S
                 match tx.try_send(job) {
                     Ok(()) => debug!(job = job_label(job), "tick"),
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        metrics.ticks_skipped.with_label_values(&[job_label(job)]).inc();
-                        warn!(job = job_label(job), "tick skipped: the poller has not taken the previous ones");
+                        metrics
+                            .ticks_skipped
+                            .with_label_values(&[job_label(job)])
+                            .inc();
+                        warn!(
+                            job = job_label(job),
+                            "tick skipped: the poller has not taken the previous ones"
+                        );
                     }
                     // The poller is gone: the daemon is stopping.
                     Err(mpsc::error::TrySendError::Closed(_)) => {}

@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::domain::{now_ms, ConnectionId, ConnectionStatus, Secret, TokenPair, UnixMillis, REFRESH_TOKEN_LIFETIME_MS};
+use crate::domain::{
+    now_ms, ConnectionId, ConnectionStatus, Secret, TokenPair, UnixMillis,
+    REFRESH_TOKEN_LIFETIME_MS,
+};
 use crate::metrics::Metrics;
 use crate::smartcar::error::AuthError;
 use crate::smartcar::SmartcarClient;
@@ -93,7 +96,12 @@ pub struct TokenManager {
 }
 
 impl TokenManager {
-    pub fn new(store: Store, client: SmartcarClient, metrics: Metrics, margin: Duration) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        client: SmartcarClient,
+        metrics: Metrics,
+        margin: Duration,
+    ) -> Arc<Self> {
         Arc::new(TokenManager {
             store,
             client,
@@ -136,7 +144,10 @@ impl TokenManager {
     }
 
     fn slot(&self, id: ConnectionId) -> Result<Arc<Slot>, TokenError> {
-        self.slots().get(&id).cloned().ok_or(TokenError::Unknown(id))
+        self.slots()
+            .get(&id)
+            .cloned()
+            .ok_or(TokenError::Unknown(id))
     }
 
     /// A token that is valid now, refreshing first if it is about to expire.
@@ -157,7 +168,11 @@ impl TokenManager {
 
     /// Called after a 401 with `rejected`: refreshes once, unless another task already replaced
     /// that token while we waited for the lock (then the new one is returned as is).
-    pub async fn refresh_after_401(&self, id: ConnectionId, rejected: &Secret) -> Result<Access, TokenError> {
+    pub async fn refresh_after_401(
+        &self,
+        id: ConnectionId,
+        rejected: &Secret,
+    ) -> Result<Access, TokenError> {
         let slot = self.slot(id)?;
         let mut st = slot.state.lock().await;
         if st.status == ConnectionStatus::NeedsReauth {
@@ -184,7 +199,10 @@ impl TokenManager {
                 Err(e) if e.needs_reauth() => break Err(e),
                 Err(e) if attempt < PROMPT_RETRIES => {
                     warn!(connection = %id, attempt, error = %e, "token refresh failed; retrying with the same refresh token");
-                    self.metrics.token_refreshes.with_label_values(&["error"]).inc();
+                    self.metrics
+                        .token_refreshes
+                        .with_label_values(&["error"])
+                        .inc();
                     tokio::time::sleep(PROMPT_RETRY_DELAY).await;
                 }
                 Err(e) => break Err(e),
@@ -196,7 +214,10 @@ impl TokenManager {
                 st.tokens = pair;
                 st.failures = 0;
                 st.retry_at = None;
-                self.metrics.token_refreshes.with_label_values(&["ok"]).inc();
+                self.metrics
+                    .token_refreshes
+                    .with_label_values(&["ok"])
+                    .inc();
                 info!(
                     connection = %id,
                     access_expires_at = st.tokens.access_expires_at,
@@ -205,12 +226,22 @@ impl TokenManager {
                 Ok(())
             }
             Err(e) if e.needs_reauth() => {
-                self.metrics.token_refreshes.with_label_values(&["rejected"]).inc();
+                self.metrics
+                    .token_refreshes
+                    .with_label_values(&["rejected"])
+                    .inc();
                 error!(connection = %id, error = %e, "Smartcar refused the refresh token; the connection needs re-authorization (run `carpulse connect`)");
                 st.status = ConnectionStatus::NeedsReauth;
                 let store_result = self
                     .store
-                    .call(move |c| queries::set_connection_status(c, id, ConnectionStatus::NeedsReauth, now_ms()))
+                    .call(move |c| {
+                        queries::set_connection_status(
+                            c,
+                            id,
+                            ConnectionStatus::NeedsReauth,
+                            now_ms(),
+                        )
+                    })
                     .await;
                 if let Err(err) = store_result {
                     error!(connection = %id, error = format!("{err:#}"), "cannot record needs_reauth in the store");
@@ -219,7 +250,10 @@ impl TokenManager {
                 Err(TokenError::Refresh { id, source: e })
             }
             Err(e) => {
-                self.metrics.token_refreshes.with_label_values(&["error"]).inc();
+                self.metrics
+                    .token_refreshes
+                    .with_label_values(&["error"])
+                    .inc();
                 st.failures += 1;
                 let backoff = backoff(st.failures);
                 st.retry_at = Some(now_ms() + backoff.as_millis() as i64);
@@ -235,7 +269,11 @@ impl TokenManager {
     async fn persist(&self, id: ConnectionId, pair: &TokenPair) {
         for attempt in 1..=3 {
             let p = pair.clone();
-            match self.store.call(move |c| queries::save_tokens(c, id, &p, now_ms())).await {
+            match self
+                .store
+                .call(move |c| queries::save_tokens(c, id, &p, now_ms()))
+                .await
+            {
                 Ok(()) => return,
                 Err(e) => {
                     error!(connection = %id, attempt, error = format!("{e:#}"), "cannot persist the rotated token pair");
@@ -243,7 +281,10 @@ impl TokenManager {
                 }
             }
         }
-        self.metrics.token_refreshes.with_label_values(&["persist_failed"]).inc();
+        self.metrics
+            .token_refreshes
+            .with_label_values(&["persist_failed"])
+            .inc();
     }
 
     /// Recounts `carpulse_connections{status}` from the loaded slots.
@@ -284,8 +325,9 @@ impl TokenManager {
                 if st.status == ConnectionStatus::NeedsReauth {
                     return;
                 }
-                st.retry_at
-                    .unwrap_or_else(|| refresh_due_at(&st.tokens, self.margin, rand::random::<f64>()))
+                st.retry_at.unwrap_or_else(|| {
+                    refresh_due_at(&st.tokens, self.margin, rand::random::<f64>())
+                })
             };
             let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
             tokio::select! {

@@ -92,10 +92,24 @@ async fn poll_cycle_stores_every_vehicle(api: &str) {
     assert!(connected.vehicles.iter().all(|(_, info)| info.is_some()));
 
     let metrics = Metrics::new().unwrap();
-    let tokens = TokenManager::new(w.store.clone(), w.client.clone(), metrics.clone(), Duration::from_secs(600));
-    tokens.load(w.store.call(|c| queries::load_connections(c)).await.unwrap());
+    let tokens = TokenManager::new(
+        w.store.clone(),
+        w.client.clone(),
+        metrics.clone(),
+        Duration::from_secs(600),
+    );
+    tokens.load(
+        w.store
+            .call(|c| queries::load_connections(c))
+            .await
+            .unwrap(),
+    );
     let poller = Poller::new(
-        if api == "v2" { ApiVersion::V2 } else { ApiVersion::V3 },
+        if api == "v2" {
+            ApiVersion::V2
+        } else {
+            ApiVersion::V3
+        },
         w.client.clone(),
         tokens,
         w.store.clone(),
@@ -114,7 +128,11 @@ async fn poll_cycle_stores_every_vehicle(api: &str) {
             .collect(),
     );
     let report = poller.cycle(Job::Battery, CancellationToken::new()).await;
-    assert_eq!((report.vehicles, report.ok, report.failed), (3, 3, 0), "{report:?}");
+    assert_eq!(
+        (report.vehicles, report.ok, report.failed),
+        (3, 3, 0),
+        "{report:?}"
+    );
     assert_eq!(report.readings, 6, "battery + charge per vehicle");
     let report = poller.cycle(Job::Info, CancellationToken::new()).await;
     assert_eq!((report.ok, report.failed), (3, 0), "{report:?}");
@@ -125,15 +143,26 @@ async fn poll_cycle_stores_every_vehicle(api: &str) {
         .store
         .call(|c| {
             let n: i64 = c.query_row("SELECT count(*) FROM battery_history", [], |r| r.get(0))?;
-            let vins: i64 = c.query_row("SELECT count(*) FROM vehicles WHERE length(vin) = 17", [], |r| r.get(0))?;
-            let odo: i64 = c.query_row("SELECT count(*) FROM odometer_history WHERE odometer_km > 0", [], |r| r.get(0))?;
+            let vins: i64 = c.query_row(
+                "SELECT count(*) FROM vehicles WHERE length(vin) = 17",
+                [],
+                |r| r.get(0),
+            )?;
+            let odo: i64 = c.query_row(
+                "SELECT count(*) FROM odometer_history WHERE odometer_km > 0",
+                [],
+                |r| r.get(0),
+            )?;
             Ok((n, vins, odo))
         })
         .await
         .unwrap();
     assert_eq!(served_ok, (3, 3, 3));
     let text = metrics.render();
-    assert!(text.contains("carpulse_polls_total{endpoint=\"battery\",outcome=\"ok\"} 3"), "{text}");
+    assert!(
+        text.contains("carpulse_polls_total{endpoint=\"battery\",outcome=\"ok\"} 3"),
+        "{text}"
+    );
     w.stop.cancel();
 }
 
@@ -152,17 +181,36 @@ async fn an_expired_token_is_refreshed_and_persisted_before_use() {
     // 2 s tokens: the manager must refresh before handing one out once it is near expiry.
     let w = world("v3", Duration::from_secs(2)).await;
     let connected = connect(&w).await;
-    let before = w.store.call(|c| queries::load_connections(c)).await.unwrap();
+    let before = w
+        .store
+        .call(|c| queries::load_connections(c))
+        .await
+        .unwrap();
     let old_refresh = before[0].tokens.refresh_token.clone();
 
     let metrics = Metrics::new().unwrap();
-    let tokens = TokenManager::new(w.store.clone(), w.client.clone(), metrics.clone(), Duration::from_secs(600));
+    let tokens = TokenManager::new(
+        w.store.clone(),
+        w.client.clone(),
+        metrics.clone(),
+        Duration::from_secs(600),
+    );
     tokens.load(before);
     let access = tokens.access(connected.connection).await.unwrap();
     // The token is within the safety window of its 2 s life, so this was a refresh.
-    let after = w.store.call(|c| queries::load_connections(c)).await.unwrap();
-    assert_ne!(after[0].tokens.refresh_token, old_refresh, "the rotated refresh token is stored");
-    assert_eq!(after[0].tokens.access_token, access.token, "the token handed out is the stored one");
+    let after = w
+        .store
+        .call(|c| queries::load_connections(c))
+        .await
+        .unwrap();
+    assert_ne!(
+        after[0].tokens.refresh_token, old_refresh,
+        "the rotated refresh token is stored"
+    );
+    assert_eq!(
+        after[0].tokens.access_token, access.token,
+        "the token handed out is the stored one"
+    );
     assert_eq!(after[0].status, ConnectionStatus::Active);
 
     // A refresh token that Smartcar refuses marks the connection needs_reauth.
@@ -177,12 +225,25 @@ async fn an_expired_token_is_refreshed_and_persisted_before_use() {
             refresh_expires_at: after[0].tokens.refresh_expires_at,
         },
     };
-    let tokens = TokenManager::new(w.store.clone(), w.client.clone(), metrics.clone(), Duration::from_secs(600));
+    let tokens = TokenManager::new(
+        w.store.clone(),
+        w.client.clone(),
+        metrics.clone(),
+        Duration::from_secs(600),
+    );
     tokens.load(vec![broken]);
     let err = tokens.access(connected.connection).await.unwrap_err();
     assert!(err.to_string().contains("refresh"), "{err}");
-    assert!(!err.to_string().contains("not-a-token"), "no token in errors: {err}");
-    let status = w.store.call(|c| queries::load_connections(c)).await.unwrap()[0].status;
+    assert!(
+        !err.to_string().contains("not-a-token"),
+        "no token in errors: {err}"
+    );
+    let status = w
+        .store
+        .call(|c| queries::load_connections(c))
+        .await
+        .unwrap()[0]
+        .status;
     assert_eq!(status, ConnectionStatus::NeedsReauth);
 
     let stats: serde_json::Value = reqwest::get(format!("{}/_simulator/stats", w.base))

@@ -39,17 +39,32 @@ async fn walking_skeleton(api: &str) {
     let cfg = setup.config.to_str().unwrap();
 
     // A request on the redirect URI with a wrong state is refused while connect waits.
-    let mut first = spawn("connect", &["--config", cfg, "connect", "--wait", "60s"], &[]);
+    let mut first = spawn(
+        "connect",
+        &["--config", cfg, "connect", "--wait", "60s"],
+        &[],
+    );
     let url = first.line(Duration::from_secs(30)).await;
-    let forged = format!("http://127.0.0.1:{}/exchange?code=abc&state=forged", setup.redirect_port);
+    let forged = format!(
+        "http://127.0.0.1:{}/exchange?code=abc&state=forged",
+        setup.redirect_port
+    );
     let refused = http.get(&forged).send().await.unwrap();
     assert_eq!(refused.status(), 400, "a wrong state is rejected");
     let page = http.get(&url).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    assert_eq!(first.wait(Duration::from_secs(30)).await, Some(0), "{}", first.stderr());
+    assert_eq!(
+        first.wait(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        first.stderr()
+    );
     let stored = first.line(Duration::from_secs(5)).await;
     assert!(stored.starts_with("stored connection"), "{stored}");
-    assert!(stored.contains(&format!("with {VEHICLES_PER_USER} vehicle(s)")), "{stored}");
+    assert!(
+        stored.contains(&format!("with {VEHICLES_PER_USER} vehicle(s)")),
+        "{stored}"
+    );
 
     // The second account through the plain helper.
     let out = connect(&setup.config, &http).await;
@@ -69,24 +84,43 @@ async fn walking_skeleton(api: &str) {
     {
         let db = rusqlite::Connection::open(&setup.db).unwrap();
         let n: i64 = db
-            .query_row("SELECT count(*) FROM vehicles WHERE make IS NOT NULL AND year > 2000", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM vehicles WHERE make IS NOT NULL AND year > 2000",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(n as usize, vehicle_ids.len());
         let conns: i64 = db
-            .query_row("SELECT count(*) FROM connections WHERE status = 'active'", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM connections WHERE status = 'active'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(conns as usize, USERS);
     }
     let mode = std::fs::metadata(&setup.db).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(mode.permissions().mode() & 0o777, 0o600, "the store is created 0600");
+    assert_eq!(
+        mode.permissions().mode() & 0o777,
+        0o600,
+        "the store is created 0600"
+    );
 
     let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
     // Two refreshes per connection need a bit more than two half-lifetimes.
     let run_for = Duration::from_secs(TOKEN_LIFETIME_S + 6);
     let metrics_url = format!("http://127.0.0.1:{}/metrics", setup.metrics_port);
     tokio::time::sleep(run_for).await;
-    let metrics = http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(&metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
 
     // Served values, read before stopping so the last poll is among them.
     let mut served: HashMap<String, serde_json::Value> = HashMap::new();
@@ -97,26 +131,62 @@ async fn walking_skeleton(api: &str) {
         );
     }
     let code = daemon.terminate(Duration::from_secs(20)).await;
-    assert_eq!(code, Some(0), "clean exit on SIGTERM; stderr:\n{}", daemon.stderr());
+    assert_eq!(
+        code,
+        Some(0),
+        "clean exit on SIGTERM; stderr:\n{}",
+        daemon.stderr()
+    );
 
     // Metrics: the gauge of each vehicle is the last value the simulator served it.
     for id in &vehicle_ids {
-        let soc = metric(&metrics, "carpulse_battery_state_of_charge_ratio", &[("vehicle_id", id)])
-            .unwrap_or_else(|| panic!("no SoC gauge for {id}:\n{metrics}"));
+        let soc = metric(
+            &metrics,
+            "carpulse_battery_state_of_charge_ratio",
+            &[("vehicle_id", id)],
+        )
+        .unwrap_or_else(|| panic!("no SoC gauge for {id}:\n{metrics}"));
         let battery = served[id]["battery"].as_array().unwrap();
-        let served_socs: Vec<f64> = battery.iter().map(|b| b["soc_percent"].as_f64().unwrap() / 100.0).collect();
+        let served_socs: Vec<f64> = battery
+            .iter()
+            .map(|b| b["soc_percent"].as_f64().unwrap() / 100.0)
+            .collect();
         assert!(
             served_socs.iter().any(|s| (s - soc).abs() < 1e-9),
             "gauge {soc} for {id} is one of the served values {served_socs:?}"
         );
         assert!(metric(&metrics, "carpulse_vehicle_info", &[("vehicle_id", id)]) == Some(1.0));
     }
-    let refreshed = metric(&metrics, "carpulse_token_refreshes_total", &[("outcome", "ok")]).unwrap_or(0.0);
+    let refreshed = metric(
+        &metrics,
+        "carpulse_token_refreshes_total",
+        &[("outcome", "ok")],
+    )
+    .unwrap_or(0.0);
     assert!(refreshed >= (2 * USERS) as f64, "refreshes: {refreshed}");
-    let polls_ok = metric(&metrics, "carpulse_polls_total", &[("endpoint", "battery"), ("outcome", "ok")]).unwrap_or(0.0);
-    assert!(polls_ok >= (3 * USERS * VEHICLES_PER_USER) as f64, "battery polls: {polls_ok}");
-    assert_eq!(metric(&metrics, "carpulse_connections", &[("status", "active")]), Some(USERS as f64));
-    assert!(metric(&metrics, "carpulse_rows_written_total", &[("table", "battery")]).unwrap_or(0.0) > 0.0);
+    let polls_ok = metric(
+        &metrics,
+        "carpulse_polls_total",
+        &[("endpoint", "battery"), ("outcome", "ok")],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        polls_ok >= (3 * USERS * VEHICLES_PER_USER) as f64,
+        "battery polls: {polls_ok}"
+    );
+    assert_eq!(
+        metric(&metrics, "carpulse_connections", &[("status", "active")]),
+        Some(USERS as f64)
+    );
+    assert!(
+        metric(
+            &metrics,
+            "carpulse_rows_written_total",
+            &[("table", "battery")]
+        )
+        .unwrap_or(0.0)
+            > 0.0
+    );
 
     // The store: every vehicle has battery rows, each equal to a value the simulator served at
     // that recorded_at, none recorded after it was fetched, none stored twice.
@@ -126,11 +196,17 @@ async fn walking_skeleton(api: &str) {
             .prepare("SELECT recorded_at, fetched_at, soc_percent, range_km, time FROM battery_history WHERE vehicle_id = ?1")
             .unwrap();
         let rows: Vec<(i64, i64, f64, Option<f64>, f64)> = stmt
-            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .query_map([id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert!(rows.len() >= 2, "{id}: at least two distinct readings stored, got {}", rows.len());
+        assert!(
+            rows.len() >= 2,
+            "{id}: at least two distinct readings stored, got {}",
+            rows.len()
+        );
         let served_by_time: HashMap<i64, &serde_json::Value> = served[id]["battery"]
             .as_array()
             .unwrap()
@@ -138,30 +214,59 @@ async fn walking_skeleton(api: &str) {
             .map(|b| (b["recorded_at"].as_i64().unwrap(), b))
             .collect();
         for (recorded_at, fetched_at, soc, range, time) in rows {
-            assert!(recorded_at <= fetched_at, "{id}: recorded_at {recorded_at} > fetched_at {fetched_at}");
+            assert!(
+                recorded_at <= fetched_at,
+                "{id}: recorded_at {recorded_at} > fetched_at {fetched_at}"
+            );
             assert!((time - recorded_at as f64 / 1000.0).abs() < 1e-6);
-            let s = served_by_time
-                .get(&recorded_at)
-                .unwrap_or_else(|| panic!("{id}: stored reading at {recorded_at} was never served"));
-            assert!((s["soc_percent"].as_f64().unwrap() - soc).abs() < 1e-9, "{id}: soc {soc} vs {s}");
+            let s = served_by_time.get(&recorded_at).unwrap_or_else(|| {
+                panic!("{id}: stored reading at {recorded_at} was never served")
+            });
+            assert!(
+                (s["soc_percent"].as_f64().unwrap() - soc).abs() < 1e-9,
+                "{id}: soc {soc} vs {s}"
+            );
             let served_range = s["range_km"].as_f64().unwrap();
-            assert!((served_range - range.unwrap()).abs() < 1e-9, "{id}: range {range:?} vs {s}");
+            assert!(
+                (served_range - range.unwrap()).abs() < 1e-9,
+                "{id}: range {range:?} vs {s}"
+            );
         }
         let charge: i64 = db
-            .query_row("SELECT count(*) FROM charge_history WHERE vehicle_id = ?1", [id], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM charge_history WHERE vehicle_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
             .unwrap();
         assert!(charge >= 1, "{id}: charge rows");
         let odo: i64 = db
-            .query_row("SELECT count(*) FROM odometer_history WHERE vehicle_id = ?1", [id], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM odometer_history WHERE vehicle_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
             .unwrap();
         assert!(odo >= 1, "{id}: odometer rows");
         let vin: Option<String> = db
-            .query_row("SELECT vin FROM vehicles WHERE vehicle_id = ?1", [id], |r| r.get(0))
+            .query_row(
+                "SELECT vin FROM vehicles WHERE vehicle_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
             .unwrap();
-        assert_eq!(vin.map(|v| v.len()), Some(17), "{id}: VIN stored by the info job");
+        assert_eq!(
+            vin.map(|v| v.len()),
+            Some(17),
+            "{id}: VIN stored by the info job"
+        );
     }
     let ok_events: i64 = db
-        .query_row("SELECT count(*) FROM poll_events WHERE outcome = 'ok'", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(*) FROM poll_events WHERE outcome = 'ok'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert!(ok_events > 0);
 
@@ -188,7 +293,10 @@ async fn walking_skeleton(api: &str) {
         .collect::<Result<_, _>>()
         .unwrap();
     for t in tokens {
-        assert!(!log.contains(&t), "an access token appeared in the daemon's log");
+        assert!(
+            !log.contains(&t),
+            "an access token appeared in the daemon's log"
+        );
     }
 
     let _ = sim.terminate(Duration::from_secs(10)).await;

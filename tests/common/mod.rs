@@ -35,7 +35,9 @@ pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
     let (tx, rx) = mpsc::unbounded_channel();
     let out = child.stdout.take().unwrap();
     tokio::spawn(async move {
@@ -184,10 +186,21 @@ timeout = "10s"
 /// auto-approves and redirects to the callback). Returns connect's stdout after the URL.
 pub async fn connect(config: &Path, http: &reqwest::Client) -> Vec<String> {
     let cfg = config.to_str().unwrap();
-    let mut c = spawn("connect", &["--config", cfg, "connect", "--wait", "60s"], &[]);
+    let mut c = spawn(
+        "connect",
+        &["--config", cfg, "connect", "--wait", "60s"],
+        &[],
+    );
     let url = c.line(Duration::from_secs(30)).await;
-    assert!(url.contains("response_type=code"), "first stdout line is the Connect URL: {url}");
-    let page = http.get(&url).send().await.expect("following the Connect URL");
+    assert!(
+        url.contains("response_type=code"),
+        "first stdout line is the Connect URL: {url}"
+    );
+    let page = http
+        .get(&url)
+        .send()
+        .await
+        .expect("following the Connect URL");
     assert_eq!(page.status(), 200, "the callback page after approval");
     let code = c.wait(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "connect exit code; stderr:\n{}", c.stderr());
