@@ -12,7 +12,9 @@ pub fn now_ms() -> UnixMillis {
 }
 
 /// Smartcar's vehicle id (a UUID-like string). A newtype so it is never confused with a user id.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct VehicleId(pub String);
 
