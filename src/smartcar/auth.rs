@@ -8,7 +8,7 @@
 //! HTTP function we hand it records the status and body it saw and normalises harmless
 //! deviations (a missing `token_type`, `expires_in` as a string, a non-JSON content type).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use oauth2::basic::{BasicClient, BasicErrorResponse};
@@ -30,6 +30,15 @@ pub const DEFAULT_EXPIRES_IN_SECS: u64 = 7200;
 pub(crate) type OAuthClient =
     BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
 
+/// The future of one token-endpoint HTTP call (Send, so a refresh can run in a spawned task).
+type TokenHttpFuture<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<HttpResponse, HttpClientError<reqwest::Error>>>
+            + Send
+            + 'a,
+    >,
+>;
+
 type TokenError = RequestTokenError<HttpClientError<reqwest::Error>, BasicErrorResponse>;
 
 pub(crate) fn build_oauth(cfg: &ClientConfig) -> anyhow::Result<OAuthClient> {
@@ -46,7 +55,7 @@ pub(crate) fn build_oauth(cfg: &ClientConfig) -> anyhow::Result<OAuthClient> {
 
 /// What the token endpoint answered, whatever `oauth2` made of it.
 #[derive(Default)]
-struct Seen {
+pub(crate) struct Seen {
     status: Option<u16>,
     body: Vec<u8>,
 }
@@ -55,7 +64,7 @@ impl SmartcarClient {
     /// Exchanges a Connect authorization code (valid 10 minutes) for a token pair.
     pub async fn exchange_code(&self, code: &str) -> Result<TokenPair, AuthError> {
         let issued_at = now_ms();
-        let seen = Mutex::new(Seen::default());
+        let seen = Arc::new(Mutex::new(Seen::default()));
         let http = self.recording_http(&seen);
         let result = self
             .inner
@@ -84,7 +93,7 @@ impl SmartcarClient {
     /// refresh; an answer without one keeps the old one (tolerance for servers that don't).
     pub async fn refresh(&self, refresh_token: &Secret) -> Result<TokenPair, AuthError> {
         let issued_at = now_ms();
-        let seen = Mutex::new(Seen::default());
+        let seen = Arc::new(Mutex::new(Seen::default()));
         let http = self.recording_http(&seen);
         let rt = RefreshToken::new(refresh_token.expose().to_string());
         let result = self
@@ -111,32 +120,39 @@ impl SmartcarClient {
         }
     }
 
-    /// The HTTP function handed to `oauth2`: the shared reqwest client, plus a note of what
-    /// came back and the normalisation described in the module doc.
-    fn recording_http<'a>(
-        &'a self,
-        seen: &'a Mutex<Seen>,
-    ) -> impl Fn(
-        HttpRequest,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<HttpResponse, HttpClientError<reqwest::Error>>>
-                + Send
-                + 'a,
-        >,
-    > + 'a {
-        let http = self.http();
-        move |req: HttpRequest| {
-            Box::pin(async move {
-                let resp = http.call(req).await?;
-                let status = resp.status().as_u16();
-                if let Ok(mut s) = seen.lock() {
-                    s.status = Some(status);
-                    s.body = resp.body().clone();
-                }
-                Ok(normalize(resp))
-            })
+    /// The HTTP client handed to `oauth2`.
+    fn recording_http(&self, seen: &Arc<Mutex<Seen>>) -> RecordingHttp {
+        RecordingHttp {
+            http: self.http().clone(),
+            seen: Arc::clone(seen),
         }
+    }
+}
+
+/// The shared reqwest client, plus a note of what came back and the normalisation described
+/// in the module doc. A named type rather than a closure: `oauth2`'s blanket impl for
+/// closures leaves the request future's `Send` unprovable (a higher-ranked lifetime), and
+/// the token manager spawns refreshes on the multi-threaded runtime. It owns its parts (a
+/// reqwest client clone is one `Arc`) for the same reason: no lifetime parameter to trip on.
+pub(crate) struct RecordingHttp {
+    http: reqwest::Client,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl<'c> AsyncHttpClient<'c> for RecordingHttp {
+    type Error = HttpClientError<reqwest::Error>;
+    type Future = TokenHttpFuture<'c>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let resp = self.http.call(request).await?;
+            let status = resp.status().as_u16();
+            if let Ok(mut s) = self.seen.lock() {
+                s.status = Some(status);
+                s.body = resp.body().clone();
+            }
+            Ok(normalize(resp))
+        })
     }
 }
 

@@ -481,7 +481,13 @@ mod tests {
     #[test]
     fn classification_table_type_first() {
         use ErrorKind::*;
-        let cases: &[(Option<u16>, Option<&str>, Option<&str>, ErrorKind)] = &[
+        type Case = (
+            Option<u16>,
+            Option<&'static str>,
+            Option<&'static str>,
+            ErrorKind,
+        );
+        let cases: &[Case] = &[
             (Some(401), Some("AUTHENTICATION"), None, Authentication),
             (Some(403), Some("PERMISSION"), None, Permission),
             (Some(400), Some("VALIDATION"), Some("PARAMETER"), Validation),

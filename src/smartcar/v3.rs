@@ -161,9 +161,9 @@ pub fn resolve_next(base: &Url, current: &Url, next: &str) -> Result<Url, String
             ))
         };
     }
-    if next.starts_with('?') {
+    if let Some(query) = next.strip_prefix('?') {
         let mut u = current.clone();
-        u.set_query(Some(&next[1..]));
+        u.set_query(Some(query));
         return Ok(u);
     }
     let base_path = base.path().trim_end_matches('/');
