@@ -600,10 +600,6 @@ async fn v2_top_level_errors() {
             body: "<html>maintenance</html>".into(),
             delay: None,
         },
-        "/v2.0/vehicles/slow/batch" => Answer {
-            delay: Some(Duration::from_secs(3)),
-            ..answer(200, json!({"responses":[]}))
-        },
         _ => answer(404, json!({})),
     })
     .await;

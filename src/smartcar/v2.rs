@@ -114,10 +114,7 @@ pub(crate) async fn fetch(
     job: Job,
 ) -> Result<Vec<EndpointResult>, ApiError> {
     match job {
-        Job::Battery => {
-            let batch = batch(client, ctx, id, &[BATTERY, CHARGE]).await?;
-            Ok(batch)
-        }
+        Job::Battery => batch(client, ctx, id, &[BATTERY, CHARGE]).await,
         Job::Info => {
             // Both requests go out at once: the info call is cheap for Smartcar, and a slow
             // car must not double the poll's wall time.
