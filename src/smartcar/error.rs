@@ -1,16 +1,722 @@
-#![allow(unused)]
+//! The error taxonomy of smartcar-api.md §4: one [`ApiError`] for every way a Vehicle API call
+//! can fail, one [`AuthError`] for the token endpoint, and the one parser that reads every error
+//! body Smartcar has ever sent (v2 envelope, v3 `errors[]`, legacy/OAuth, plain text).
+//!
+//! Why one parser: the same body shapes appear at the top level, inside v2 batch items and (in
+//! part) inside v3 signals, and the poller must decide retry/backoff/disable from `kind` alone,
+//! whatever shape the server chose.
+
+use std::fmt;
 use std::time::Duration;
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("api error")]
-pub struct ApiError { pub kind: ErrorKind, pub status: Option<u16>, pub error_type: Option<String>, pub code: Option<String>, pub description: Option<String>, pub retry_after: Option<Duration>, pub request_id: Option<String> }
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind { Authentication, Permission, Validation, NotFound, ConnectedServicesAccount, VehicleState, RateLimitVehicle, RateLimitApp, Billing, Compatibility, Server, Upstream, Transport, Timeout, Decode, Other }
-impl ErrorKind { pub fn label(&self) -> &'static str { "x" } }
-#[derive(Debug, Clone, thiserror::Error)]
+
+use serde_json::Value;
+
+/// What a failure means to the poller; [`ErrorKind::label`] is the metric `outcome` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// 401 AUTHENTICATION: refresh once and retry once.
+    Authentication,
+    /// 403 PERMISSION: the consent lacks this scope; disable the endpoint.
+    Permission,
+    /// 400 VALIDATION: our bug; don't retry.
+    Validation,
+    /// 404 RESOURCE_NOT_FOUND.
+    NotFound,
+    /// 400 CONNECTED_SERVICES_ACCOUNT: the user must act at the OEM.
+    ConnectedServicesAccount,
+    /// 409 VEHICLE_STATE (asleep, unreachable, ...): try next tick.
+    VehicleState,
+    /// 429 RATE_LIMIT:VEHICLE: wait `retry_after` for this vehicle.
+    RateLimitVehicle,
+    /// 429 RATE_LIMIT:SMARTCAR_API: the app-wide bucket is empty.
+    RateLimitApp,
+    /// 430 BILLING: pause the vehicle.
+    Billing,
+    /// 501 COMPATIBILITY (and a v3 signal the vehicle does not provide).
+    Compatibility,
+    /// 500 SERVER.
+    Server,
+    /// 502 UPSTREAM (the OEM failed).
+    Upstream,
+    /// Connect/IO failure before an HTTP answer.
+    Transport,
+    /// The request took longer than `ClientConfig.timeout`.
+    Timeout,
+    /// An answer we could not make sense of (non-JSON, wrong shape).
+    Decode,
+    /// Anything else.
+    Other,
+}
+
+impl ErrorKind {
+    /// The metric `outcome` label (DESIGN §3, `carpulse_polls_total`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            ErrorKind::Authentication => "auth",
+            ErrorKind::Permission => "permission",
+            ErrorKind::Validation => "validation",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::ConnectedServicesAccount => "account",
+            ErrorKind::VehicleState => "vehicle_state",
+            ErrorKind::RateLimitVehicle => "rate_limited",
+            ErrorKind::RateLimitApp => "app_rate_limited",
+            ErrorKind::Billing => "billing",
+            ErrorKind::Compatibility => "compatibility",
+            ErrorKind::Server => "server",
+            ErrorKind::Upstream => "upstream",
+            ErrorKind::Transport => "network",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Decode => "decode",
+            ErrorKind::Other => "error",
+        }
+    }
+
+    /// Worth retrying later without a human (smartcar-api.md §4.2 "Retryable").
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ErrorKind::VehicleState
+                | ErrorKind::RateLimitVehicle
+                | ErrorKind::RateLimitApp
+                | ErrorKind::Server
+                | ErrorKind::Upstream
+                | ErrorKind::Transport
+                | ErrorKind::Timeout
+        )
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Classifies a failure per smartcar-api.md §4.2: the error `type` decides first (it is the
+/// stable part of the contract; statuses have drifted, e.g. UPSTREAM:RATE_LIMIT), the HTTP
+/// status is the fallback for bodies without a known type. Types are matched case-insensitively,
+/// and the legacy v1 / OAuth names map onto the same kinds.
+pub fn classify(status: Option<u16>, error_type: Option<&str>, code: Option<&str>) -> ErrorKind {
+    if let Some(kind) = error_type.and_then(|t| classify_type(t, code)) {
+        return kind;
+    }
+    match status {
+        Some(400) => ErrorKind::Validation,
+        Some(401) => ErrorKind::Authentication,
+        Some(403) => ErrorKind::Permission,
+        Some(404) => ErrorKind::NotFound,
+        Some(408) => ErrorKind::Timeout,
+        Some(409) => ErrorKind::VehicleState,
+        Some(429) => {
+            if code.is_some_and(|c| c.eq_ignore_ascii_case("SMARTCAR_API")) {
+                ErrorKind::RateLimitApp
+            } else {
+                ErrorKind::RateLimitVehicle
+            }
+        }
+        Some(430) => ErrorKind::Billing,
+        Some(501) => ErrorKind::Compatibility,
+        Some(502) | Some(504) => ErrorKind::Upstream,
+        Some(s) if (500..600).contains(&s) => ErrorKind::Server,
+        _ => ErrorKind::Other,
+    }
+}
+
+fn classify_type(error_type: &str, code: Option<&str>) -> Option<ErrorKind> {
+    let t = error_type.trim().to_ascii_uppercase().replace('-', "_");
+    let kind = match t.as_str() {
+        "AUTHENTICATION" | "AUTHENTICATION_ERROR" | "INVALID_TOKEN" => ErrorKind::Authentication,
+        "PERMISSION" | "PERMISSION_ERROR" => ErrorKind::Permission,
+        "VALIDATION" | "VALIDATION_ERROR" => ErrorKind::Validation,
+        "RESOURCE_NOT_FOUND" | "RESOURCE_NOT_FOUND_ERROR" => ErrorKind::NotFound,
+        "CONNECTED_SERVICES_ACCOUNT" | "VEHICLE_OWNER_ACTION_REQUIRED" => {
+            ErrorKind::ConnectedServicesAccount
+        }
+        "VEHICLE_STATE" | "VEHICLE_STATE_ERROR" => ErrorKind::VehicleState,
+        "RATE_LIMIT" | "RATE_LIMITING_ERROR" => {
+            // SMARTCAR_API is the app-wide bucket; VEHICLE (and an unknown or missing code,
+            // the common case in practice) is per vehicle, the narrower and cheaper reaction.
+            if code.is_some_and(|c| c.eq_ignore_ascii_case("SMARTCAR_API")) {
+                ErrorKind::RateLimitApp
+            } else {
+                ErrorKind::RateLimitVehicle
+            }
+        }
+        "BILLING" | "MONTHLY_LIMIT_EXCEEDED" => ErrorKind::Billing,
+        "COMPATIBILITY" | "VEHICLE_NOT_CAPABLE_ERROR" | "SMARTCAR_NOT_CAPABLE_ERROR" => {
+            ErrorKind::Compatibility
+        }
+        "SERVER" | "SERVER_ERROR" => ErrorKind::Server,
+        "UPSTREAM" | "GATEWAY_TIMEOUT_ERROR" => ErrorKind::Upstream,
+        _ => return None,
+    };
+    Some(kind)
+}
+
+/// A failed Vehicle API call (or one failed item of a batch, or one failed v3 signal).
+/// `Clone` because one top-level failure may be reported for several endpoints.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    /// HTTP status (of the item, for batch items); None for transport errors and v3 signals.
+    pub status: Option<u16>,
+    pub error_type: Option<String>,
+    pub code: Option<String>,
+    pub description: Option<String>,
+    /// From `retry-after` (integer seconds or an HTTP-date).
+    pub retry_after: Option<Duration>,
+    /// `sc-request-id` (or the body's `requestId`), for support tickets.
+    pub request_id: Option<String>,
+}
+
+impl fmt::Display for ApiError {
+    /// `rate_limited (HTTP 429 RATE_LIMIT:VEHICLE): <description>`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind.label())?;
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(s) = self.status {
+            parts.push(format!("HTTP {s}"));
+        }
+        match (&self.error_type, &self.code) {
+            (Some(t), Some(c)) => parts.push(format!("{t}:{c}")),
+            (Some(t), None) => parts.push(t.clone()),
+            (None, Some(c)) => parts.push(c.clone()),
+            (None, None) => {}
+        }
+        if !parts.is_empty() {
+            write!(f, " ({})", parts.join(" "))?;
+        }
+        if let Some(d) = &self.description {
+            write!(f, ": {d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ApiError {
+    /// An error with only a kind and a description (transport, decode, synthetic).
+    pub fn new(kind: ErrorKind, description: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            status: None,
+            error_type: None,
+            code: None,
+            description: Some(description.into()),
+            retry_after: None,
+            request_id: None,
+        }
+    }
+
+    /// An answer with a success status whose body we could not use. The body itself is not
+    /// copied into the error (it may be large, and errors end up in logs and metrics).
+    pub fn decode(status: Option<u16>, description: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            ..ApiError::new(ErrorKind::Decode, description)
+        }
+    }
+
+    /// A request that failed before an HTTP answer: timeout or transport. reqwest's messages
+    /// name the URL (vehicle ids, never tokens: those travel in headers).
+    pub fn from_reqwest(err: &reqwest::Error) -> Self {
+        let kind = if err.is_timeout() {
+            ErrorKind::Timeout
+        } else if err.is_decode() || err.is_body() {
+            ErrorKind::Decode
+        } else {
+            ErrorKind::Transport
+        };
+        let mut msg = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(s) = source {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            source = s.source();
+        }
+        ApiError::new(kind, msg)
+    }
+
+    /// The v3 "signal not provided by this vehicle" error (COMPATIBILITY:SIGNAL_NOT_PROVIDED).
+    pub fn signal_not_provided(signal: &str) -> Self {
+        ApiError {
+            error_type: Some("COMPATIBILITY".into()),
+            code: Some("SIGNAL_NOT_PROVIDED".into()),
+            ..ApiError::new(
+                ErrorKind::Compatibility,
+                format!("the vehicle did not provide signal {signal}"),
+            )
+        }
+    }
+}
+
+/// The token endpoint failed (smartcar-api.md §1.5). Never carries a token or the secret.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    #[error("rejected")]
-    Rejected { status: Option<u16>, error: String, description: Option<String> },
-    #[error("transient")]
+    /// The token endpoint refused: `error` ∈ invalid_grant, invalid_request, invalid_client,
+    /// unauthorized_client, ...
+    #[error("token endpoint refused{}: {error}{}", fmt_status(*status), fmt_desc(description))]
+    Rejected {
+        status: Option<u16>,
+        error: String,
+        description: Option<String>,
+    },
+    /// Network, timeout, 5xx, 429, unparsable body: retry with the same refresh token.
+    #[error("token endpoint unavailable: {message}")]
     Transient { message: String },
 }
-impl AuthError { pub fn needs_reauth(&self) -> bool { todo!() } }
+
+fn fmt_status(status: Option<u16>) -> String {
+    status.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
+}
+
+fn fmt_desc(d: &Option<String>) -> String {
+    d.as_ref().map(|d| format!(" ({d})")).unwrap_or_default()
+}
+
+impl AuthError {
+    /// True when retrying with the same grant cannot help: the user must run Connect again
+    /// (DESIGN §2.2). Transient failures are never terminal; a refusal answered with a 5xx or
+    /// 429 is already classified [`AuthError::Transient`].
+    pub fn needs_reauth(&self) -> bool {
+        match self {
+            AuthError::Rejected { status, .. } => match status {
+                Some(s) => (400..500).contains(s),
+                None => true,
+            },
+            AuthError::Transient { .. } => false,
+        }
+    }
+}
+
+/// The fields one error body yields, whatever its shape.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// Status written in the body (`statusCode`, v3 `status` string).
+    pub status: Option<u16>,
+    pub error_type: Option<String>,
+    pub code: Option<String>,
+    pub description: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// Reads any error body: the v2 envelope (§4.1; `code` may be null, `resolution` of any shape
+/// is ignored), v3 `{"errors":[…]}` (§3.6, first error wins), legacy/OAuth
+/// `{"error", "message"|"error_description", "code"?}`, or non-JSON text (kept as a short
+/// description). Never fails: an unknown shape yields an empty [`ErrorBody`].
+pub fn parse_error_body(body: &[u8]) -> ErrorBody {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => parse_error_value(&v),
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            ErrorBody {
+                description: (!text.is_empty()).then(|| excerpt(text, 200)),
+                ..ErrorBody::default()
+            }
+        }
+    }
+}
+
+/// [`parse_error_body`] on an already-parsed JSON value (batch item bodies arrive that way).
+pub fn parse_error_value(v: &Value) -> ErrorBody {
+    let Some(obj) = v.as_object() else {
+        return ErrorBody {
+            description: v.as_str().map(|s| excerpt(s, 200)),
+            ..ErrorBody::default()
+        };
+    };
+    // v3: {"errors":[{status,type,code,title,detail}]}
+    if let Some(first) = obj
+        .get("errors")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+    {
+        return ErrorBody {
+            status: first.get("status").and_then(value_u16),
+            error_type: str_field(first, "type"),
+            code: str_field(first, "code"),
+            description: str_field(first, "detail")
+                .or_else(|| str_field(first, "description"))
+                .or_else(|| str_field(first, "title")),
+            request_id: str_field(first, "requestId").or_else(|| str_field(v, "requestId")),
+        };
+    }
+    // v2 envelope: {type, code, description, statusCode, requestId, resolution}
+    if obj.contains_key("type") {
+        return ErrorBody {
+            status: obj.get("statusCode").and_then(value_u16),
+            error_type: str_field(v, "type"),
+            code: str_field(v, "code"),
+            description: str_field(v, "description").or_else(|| str_field(v, "message")),
+            request_id: str_field(v, "requestId"),
+        };
+    }
+    // legacy v1 / OAuth: {error, message|error_description, code?}
+    if let Some(err) = str_field(v, "error") {
+        return ErrorBody {
+            status: obj.get("statusCode").and_then(value_u16),
+            error_type: Some(err),
+            code: str_field(v, "code"),
+            description: str_field(v, "error_description").or_else(|| str_field(v, "message")),
+            request_id: str_field(v, "requestId"),
+        };
+    }
+    ErrorBody {
+        status: obj.get("statusCode").and_then(value_u16),
+        description: str_field(v, "message").or_else(|| str_field(v, "description")),
+        request_id: str_field(v, "requestId"),
+        ..ErrorBody::default()
+    }
+}
+
+/// Builds the [`ApiError`] of a non-success answer. `status` is the HTTP status (the body's
+/// own `statusCode` is only used when the transport gave none).
+pub fn api_error_from(
+    status: Option<u16>,
+    parsed: ErrorBody,
+    retry_after: Option<Duration>,
+    request_id: Option<String>,
+) -> ApiError {
+    let status = status.or(parsed.status);
+    let kind = classify(status, parsed.error_type.as_deref(), parsed.code.as_deref());
+    ApiError {
+        kind,
+        status,
+        error_type: parsed.error_type,
+        code: parsed.code,
+        description: parsed.description,
+        retry_after,
+        request_id: request_id.or(parsed.request_id),
+    }
+}
+
+/// `retry-after`: integer (or decimal) seconds as documented, or an HTTP-date (tolerated:
+/// RFC 7231 allows it); a date in the past means "now" (zero).
+pub fn parse_retry_after(value: &str, now_ms: i64) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = v.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Some(Duration::from_secs_f64(secs));
+        }
+        return None;
+    }
+    let date = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let delta = date.timestamp_millis().saturating_sub(now_ms).max(0);
+    Some(Duration::from_millis(delta as u64))
+}
+
+/// `retry-after` as a JSON value (batch item headers send it as a number or a string).
+pub fn retry_after_value(v: &Value, now_ms: i64) -> Option<Duration> {
+    match v {
+        Value::Number(n) => n
+            .as_f64()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64),
+        Value::String(s) => parse_retry_after(s, now_ms),
+        _ => None,
+    }
+}
+
+fn str_field(v: &Value, key: &str) -> Option<String> {
+    match v.get(key)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn value_u16(v: &Value) -> Option<u16> {
+    match v {
+        Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// At most `max` characters of `s` (on a char boundary), for logs and descriptions.
+pub fn excerpt(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn api(status: u16, body: &str) -> ApiError {
+        api_error_from(Some(status), parse_error_body(body.as_bytes()), None, None)
+    }
+
+    #[test]
+    fn labels_are_the_metric_contract() {
+        let table = [
+            (ErrorKind::Authentication, "auth"),
+            (ErrorKind::Permission, "permission"),
+            (ErrorKind::Validation, "validation"),
+            (ErrorKind::NotFound, "not_found"),
+            (ErrorKind::ConnectedServicesAccount, "account"),
+            (ErrorKind::VehicleState, "vehicle_state"),
+            (ErrorKind::RateLimitVehicle, "rate_limited"),
+            (ErrorKind::RateLimitApp, "app_rate_limited"),
+            (ErrorKind::Billing, "billing"),
+            (ErrorKind::Compatibility, "compatibility"),
+            (ErrorKind::Server, "server"),
+            (ErrorKind::Upstream, "upstream"),
+            (ErrorKind::Transport, "network"),
+            (ErrorKind::Timeout, "timeout"),
+            (ErrorKind::Decode, "decode"),
+            (ErrorKind::Other, "error"),
+        ];
+        for (kind, label) in table {
+            assert_eq!(kind.label(), label);
+        }
+    }
+
+    #[test]
+    fn classification_table_type_first() {
+        use ErrorKind::*;
+        type Case = (
+            Option<u16>,
+            Option<&'static str>,
+            Option<&'static str>,
+            ErrorKind,
+        );
+        let cases: &[Case] = &[
+            (Some(401), Some("AUTHENTICATION"), None, Authentication),
+            (Some(403), Some("PERMISSION"), None, Permission),
+            (Some(400), Some("VALIDATION"), Some("PARAMETER"), Validation),
+            (
+                Some(404),
+                Some("RESOURCE_NOT_FOUND"),
+                Some("PATH"),
+                NotFound,
+            ),
+            (
+                Some(400),
+                Some("CONNECTED_SERVICES_ACCOUNT"),
+                Some("VEHICLE_MISSING"),
+                ConnectedServicesAccount,
+            ),
+            (
+                Some(409),
+                Some("VEHICLE_STATE"),
+                Some("ASLEEP"),
+                VehicleState,
+            ),
+            (
+                Some(429),
+                Some("RATE_LIMIT"),
+                Some("VEHICLE"),
+                RateLimitVehicle,
+            ),
+            (
+                Some(429),
+                Some("RATE_LIMIT"),
+                Some("SMARTCAR_API"),
+                RateLimitApp,
+            ),
+            (Some(430), Some("BILLING"), Some("VEHICLE_LIMIT"), Billing),
+            (
+                Some(501),
+                Some("COMPATIBILITY"),
+                Some("VEHICLE_NOT_CAPABLE"),
+                Compatibility,
+            ),
+            (Some(500), Some("SERVER"), Some("INTERNAL"), Server),
+            (Some(502), Some("UPSTREAM"), Some("RATE_LIMIT"), Upstream),
+            // the type wins over a drifting status
+            (Some(500), Some("UPSTREAM"), Some("NO_RESPONSE"), Upstream),
+            (
+                Some(400),
+                Some("vehicle_state"),
+                Some("ASLEEP"),
+                VehicleState,
+            ),
+            // legacy v1 names
+            (
+                Some(409),
+                Some("vehicle_state_error"),
+                Some("VS_000"),
+                VehicleState,
+            ),
+            (
+                Some(501),
+                Some("vehicle_not_capable_error"),
+                None,
+                Compatibility,
+            ),
+            // status fallback
+            (Some(401), None, None, Authentication),
+            (Some(403), Some("weird"), None, Permission),
+            (Some(409), None, None, VehicleState),
+            (Some(429), None, None, RateLimitVehicle),
+            (Some(430), None, None, Billing),
+            (Some(501), None, None, Compatibility),
+            (Some(503), None, None, Server),
+            (Some(504), None, None, Upstream),
+            (Some(418), None, None, Other),
+            (None, None, None, Other),
+            (
+                None,
+                Some("COMPATIBILITY"),
+                Some("VEHICLE_NOT_CAPABLE"),
+                Compatibility,
+            ),
+        ];
+        for (status, t, c, want) in cases {
+            assert_eq!(classify(*status, *t, *c), *want, "{status:?} {t:?} {c:?}");
+        }
+    }
+
+    #[test]
+    fn v2_envelope_with_null_code_and_object_resolution() {
+        let e = api(
+            409,
+            r#"{"type":"VEHICLE_STATE","code":"ASLEEP","description":"asleep.","docURL":"x",
+               "statusCode":409,"requestId":"req-1","resolution":{"type":null},
+               "suggestedUserMessage":"zz"}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::VehicleState);
+        assert_eq!(e.status, Some(409));
+        assert_eq!(e.error_type.as_deref(), Some("VEHICLE_STATE"));
+        assert_eq!(e.code.as_deref(), Some("ASLEEP"));
+        assert_eq!(e.description.as_deref(), Some("asleep."));
+        assert_eq!(e.request_id.as_deref(), Some("req-1"));
+
+        let e = api(
+            401,
+            r#"{"type":"AUTHENTICATION","code":null,"description":"bad token","resolution":"REAUTHENTICATE","statusCode":401}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::Authentication);
+        assert_eq!(e.code, None);
+        assert_eq!(e.to_string(), "auth (HTTP 401 AUTHENTICATION): bad token");
+
+        let e = api(
+            403,
+            r#"{"type":"PERMISSION","code":null,"description":"no","resolution":null}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::Permission);
+    }
+
+    #[test]
+    fn v3_envelope_with_string_status() {
+        let body = r#"{"errors":[{"status":"502","type":"UPSTREAM","code":"INVALID_DATA","title":"Bad Gateway",
+            "detail":"invalid data","links":{"about":"x"},"resolution":{"type":"RETRY_LATER"}}]}"#;
+        let parsed = parse_error_body(body.as_bytes());
+        assert_eq!(parsed.status, Some(502));
+        let e = api_error_from(None, parsed, None, Some("rid".into()));
+        assert_eq!(e.kind, ErrorKind::Upstream);
+        assert_eq!(e.status, Some(502));
+        assert_eq!(e.code.as_deref(), Some("INVALID_DATA"));
+        assert_eq!(e.description.as_deref(), Some("invalid data"));
+        assert_eq!(e.request_id.as_deref(), Some("rid"));
+    }
+
+    #[test]
+    fn legacy_oauth_and_text_bodies() {
+        let e = api(
+            501,
+            r#"{"error":"vehicle_not_capable_error","message":"nope","code":"VNC_001"}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::Compatibility);
+        assert_eq!(e.description.as_deref(), Some("nope"));
+        assert_eq!(e.code.as_deref(), Some("VNC_001"));
+
+        let p = parse_error_body(br#"{"error":"invalid_grant","error_description":"expired"}"#);
+        assert_eq!(p.error_type.as_deref(), Some("invalid_grant"));
+        assert_eq!(p.description.as_deref(), Some("expired"));
+
+        let e = api(502, "<html>Bad gateway</html>");
+        assert_eq!(e.kind, ErrorKind::Upstream);
+        assert_eq!(e.description.as_deref(), Some("<html>Bad gateway</html>"));
+
+        let e = api(500, "");
+        assert_eq!(e.kind, ErrorKind::Server);
+        assert_eq!(e.description, None);
+        assert_eq!(e.to_string(), "server (HTTP 500)");
+
+        let e = api(429, r#"{"unexpected":true}"#);
+        assert_eq!(e.kind, ErrorKind::RateLimitVehicle);
+    }
+
+    #[test]
+    fn display_format() {
+        let e = ApiError {
+            retry_after: Some(Duration::from_secs(30)),
+            ..api(
+                429,
+                r#"{"type":"RATE_LIMIT","code":"VEHICLE","description":"slow down"}"#,
+            )
+        };
+        assert_eq!(
+            e.to_string(),
+            "rate_limited (HTTP 429 RATE_LIMIT:VEHICLE): slow down"
+        );
+    }
+
+    #[test]
+    fn retry_after_seconds_and_http_date() {
+        assert_eq!(parse_retry_after("30", 0), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(" 1.5 ", 0),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_retry_after("soon", 0), None);
+        assert_eq!(parse_retry_after("-3", 0), None);
+        let now = chrono::DateTime::parse_from_rfc3339("2015-10-21T07:27:00Z")
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:20:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            retry_after_value(&json!(999), 0),
+            Some(Duration::from_secs(999))
+        );
+        assert_eq!(
+            retry_after_value(&json!("12"), 0),
+            Some(Duration::from_secs(12))
+        );
+    }
+
+    #[test]
+    fn auth_error_reauth_rules() {
+        let r = AuthError::Rejected {
+            status: Some(400),
+            error: "invalid_grant".into(),
+            description: Some("expired".into()),
+        };
+        assert!(r.needs_reauth());
+        assert_eq!(
+            r.to_string(),
+            "token endpoint refused (HTTP 400): invalid_grant (expired)"
+        );
+        assert!(!AuthError::Transient {
+            message: "x".into()
+        }
+        .needs_reauth());
+        assert!(!AuthError::Rejected {
+            status: Some(500),
+            error: "server_error".into(),
+            description: None
+        }
+        .needs_reauth());
+    }
+
+    #[test]
+    fn excerpt_cuts_on_char_boundary() {
+        assert_eq!(excerpt("héllo", 2), "hé…");
+        assert_eq!(excerpt("hi", 5), "hi");
+    }
+}

@@ -1,32 +1,344 @@
-//! STUB
-#![allow(unused)]
+//! The Smartcar client: the token endpoint (through `oauth2`), Vehicle API v2.0 and v3, and the
+//! error taxonomy of smartcar-api.md §4. It turns wire shapes into the domain's readings, so the
+//! poller never sees JSON.
+//!
+//! INTERFACE (fixed; the rest of carpulse is written against it):
+//!
+//! ```ignore
+//! pub struct ClientConfig {
+//!     pub client_id: String,
+//!     pub client_secret: Secret,
+//!     pub redirect_uri: String,
+//!     pub token_url: String,
+//!     pub api_v2_url: String,   // e.g. "https://api.smartcar.com/v2.0" (no trailing slash needed)
+//!     pub api_v3_url: String,   // e.g. "https://vehicle.api.smartcar.com/v3"
+//!     pub unit_system: UnitSystem,
+//!     pub timeout: std::time::Duration, // per request
+//! }
+//! #[derive(Clone)] pub struct SmartcarClient { .. }
+//! impl SmartcarClient {
+//!     pub fn new(cfg: ClientConfig) -> anyhow::Result<Self>;
+//!     pub async fn exchange_code(&self, code: &str) -> Result<TokenPair, AuthError>;
+//!     pub async fn refresh(&self, refresh_token: &Secret) -> Result<TokenPair, AuthError>;
+//!     pub async fn user_id(&self, access: &Secret) -> Result<String, ApiError>;          // GET {v2}/user
+//!     pub async fn list_vehicles(&self, access: &Secret) -> Result<Vec<VehicleId>, ApiError>; // paged GET {v2}/vehicles
+//!     pub async fn vehicle_info(&self, api: ApiVersion, ctx: &RequestCtx<'_>, id: &VehicleId) -> Result<VehicleInfo, ApiError>;
+//!     pub async fn fetch(&self, api: ApiVersion, ctx: &RequestCtx<'_>, id: &VehicleId, job: Job)
+//!         -> Result<Vec<EndpointResult>, ApiError>;
+//! }
+//! pub struct RequestCtx<'a> { pub access_token: &'a Secret, pub user_id: Option<&'a str> }
+//! pub enum Job { Battery /* battery + charge */, Info /* info + vin + odometer */ }
+//! pub struct EndpointResult { pub endpoint: &'static str, pub result: Result<Payload, ApiError> }
+//! pub enum Payload { Battery(BatteryReading), Charge(ChargeReading), Odometer(OdometerReading), Info(VehicleInfo), Vin(String) }
+//! ```
+//!
+//! Layout: [`auth`] the token endpoint, [`v2`] and [`v3`] the two Vehicle APIs (pure parsing
+//! functions plus the requests), [`error`] the taxonomy and the one error-body parser,
+//! [`time`] and [`units`] the tolerant conversions. This file owns the one `reqwest::Client`
+//! and the request/response plumbing every call shares.
+
+pub mod auth;
 pub mod error;
-use crate::domain::*;
-use error::*;
+pub mod time;
+pub mod units;
+pub mod v2;
+pub mod v3;
+
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context as _;
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION};
+use reqwest::{Method, RequestBuilder, Url};
+use serde::de::DeserializeOwned;
+
+use crate::domain::{
+    now_ms, ApiVersion, BatteryReading, ChargeReading, OdometerReading, Secret, UnitSystem,
+    UnixMillis, VehicleId, VehicleInfo,
+};
+
+pub use error::{classify, ApiError, AuthError, ErrorKind};
+
+/// Where Smartcar lives and how to talk to it (DESIGN §3 `[smartcar]`, `[poll] timeout`).
+#[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub client_id: String,
     pub client_secret: Secret,
     pub redirect_uri: String,
     pub token_url: String,
+    /// e.g. "https://api.smartcar.com/v2.0" (a trailing slash is tolerated).
     pub api_v2_url: String,
+    /// e.g. "https://vehicle.api.smartcar.com/v3" (a trailing slash is tolerated).
     pub api_v3_url: String,
     pub unit_system: UnitSystem,
+    /// Per request (Smartcar answers in up to 300 s; the SDKs wait 310 s).
     pub timeout: Duration,
 }
+
+/// Who a Vehicle API request is made for.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestCtx<'a> {
+    pub access_token: &'a Secret,
+    /// Sent as `sc-user-id` on v3 requests (the 2026 auth model); ignored by v2.
+    pub user_id: Option<&'a str>,
+}
+
+/// What one scheduled poll asks for (DESIGN §3 `[schedule]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Job {
+    /// battery + charge
+    Battery,
+    /// info + vin + odometer
+    Info,
+}
+
+/// The outcome of one logical endpoint of a job: a poll event and maybe a reading each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointResult {
+    /// "battery", "charge", "info", "vin", "odometer".
+    pub endpoint: &'static str,
+    pub result: Result<Payload, ApiError>,
+}
+
+/// One successful endpoint, already in domain units.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Payload {
+    Battery(BatteryReading),
+    Charge(ChargeReading),
+    Odometer(OdometerReading),
+    Info(VehicleInfo),
+    Vin(String),
+}
+
+/// The Smartcar client. Cheap to clone (one `Arc`), so every poll task holds its own handle
+/// to the one connection pool.
 #[derive(Clone)]
-pub struct SmartcarClient;
-pub struct RequestCtx<'a> { pub access_token: &'a Secret, pub user_id: Option<&'a str> }
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Job { Battery, Info }
-pub struct EndpointResult { pub endpoint: &'static str, pub result: Result<Payload, ApiError> }
-pub enum Payload { Battery(BatteryReading), Charge(ChargeReading), Odometer(OdometerReading), Info(VehicleInfo), Vin(String) }
+pub struct SmartcarClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    oauth: auth::OAuthClient,
+    client_secret: Secret,
+    v2: String,
+    v3: String,
+    v3_url: Url,
+    unit_system: UnitSystem,
+}
+
+impl fmt::Debug for SmartcarClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmartcarClient")
+            .field("v2", &self.inner.v2)
+            .field("v3", &self.inner.v3)
+            .field("unit_system", &self.inner.unit_system)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A successful (2xx) answer, read in full.
+#[derive(Debug)]
+pub(crate) struct RawResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    /// When the answer arrived: the `fetched_at` of every reading in it.
+    pub fetched_at: UnixMillis,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn request_id(&self) -> Option<String> {
+        self.header("sc-request-id").map(str::to_owned)
+    }
+
+    /// Decodes the body; a body that does not fit is a [`ErrorKind::Decode`] error, with a
+    /// short excerpt logged at debug (never the whole body: it could be huge).
+    pub fn json<T: DeserializeOwned>(&self, what: &str) -> Result<T, ApiError> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            let text = String::from_utf8_lossy(&self.body);
+            tracing::debug!(
+                what,
+                status = self.status,
+                error = %e,
+                body = %error::excerpt(&text, 200),
+                "unexpected response body"
+            );
+            ApiError {
+                request_id: self.request_id(),
+                ..ApiError::decode(Some(self.status), format!("unexpected {what} body: {e}"))
+            }
+        })
+    }
+}
+
+/// `base` without its trailing slashes, so `{base}{/path}` never doubles or drops one.
+fn trim_base(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_string()
+}
+
 impl SmartcarClient {
-    pub fn new(cfg: ClientConfig) -> anyhow::Result<Self> { todo!() }
-    pub async fn exchange_code(&self, code: &str) -> Result<TokenPair, AuthError> { todo!() }
-    pub async fn refresh(&self, refresh_token: &Secret) -> Result<TokenPair, AuthError> { todo!() }
-    pub async fn user_id(&self, access: &Secret) -> Result<String, ApiError> { todo!() }
-    pub async fn list_vehicles(&self, access: &Secret) -> Result<Vec<VehicleId>, ApiError> { todo!() }
-    pub async fn vehicle_info(&self, api: ApiVersion, ctx: &RequestCtx<'_>, id: &VehicleId) -> Result<VehicleInfo, ApiError> { todo!() }
-    pub async fn fetch(&self, api: ApiVersion, ctx: &RequestCtx<'_>, id: &VehicleId, job: Job) -> Result<Vec<EndpointResult>, ApiError> { todo!() }
+    /// Builds the client; fails on a malformed URL or when TLS cannot initialise.
+    pub fn new(cfg: ClientConfig) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("carpulse/", env!("CARGO_PKG_VERSION")))
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(30)))
+            // oauth2 advises against redirects on the token endpoint (a redirect could carry
+            // the code or refresh token elsewhere); the Vehicle API never redirects either,
+            // so one redirect-free client serves both.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .context("building the HTTP client")?;
+        let oauth = auth::build_oauth(&cfg)?;
+        let v2 = trim_base(&cfg.api_v2_url);
+        let v3 = trim_base(&cfg.api_v3_url);
+        Url::parse(&v2).with_context(|| format!("api_v2_url {v2:?} is not a URL"))?;
+        let v3_url = Url::parse(&v3).with_context(|| format!("api_v3_url {v3:?} is not a URL"))?;
+        Ok(SmartcarClient {
+            inner: Arc::new(Inner {
+                http,
+                oauth,
+                client_secret: cfg.client_secret,
+                v2,
+                v3,
+                v3_url,
+                unit_system: cfg.unit_system,
+            }),
+        })
+    }
+
+    /// The unit system requested with `sc-unit-system`.
+    pub fn unit_system(&self) -> UnitSystem {
+        self.inner.unit_system
+    }
+
+    /// `GET {v2}/user`: the Smartcar user id of the token's account.
+    pub async fn user_id(&self, access: &Secret) -> Result<String, ApiError> {
+        v2::user_id(self, access).await
+    }
+
+    /// Every vehicle id the token covers, paged `GET {v2}/vehicles?limit=50&offset=N`.
+    pub async fn list_vehicles(&self, access: &Secret) -> Result<Vec<VehicleId>, ApiError> {
+        v2::list_vehicles(self, access).await
+    }
+
+    /// Make, model and year of one vehicle.
+    pub async fn vehicle_info(
+        &self,
+        api: ApiVersion,
+        ctx: &RequestCtx<'_>,
+        id: &VehicleId,
+    ) -> Result<VehicleInfo, ApiError> {
+        match api {
+            ApiVersion::V2 => v2::vehicle_info(self, ctx, id).await,
+            ApiVersion::V3 => v3::vehicle_info(self, ctx, id).await,
+        }
+    }
+
+    /// Runs one job for one vehicle. `Err` means the whole request failed (auth, app rate
+    /// limit, network, a non-200 batch/signals answer); a failure of one endpoint is an
+    /// `Err` inside its [`EndpointResult`] and the others still carry their readings.
+    pub async fn fetch(
+        &self,
+        api: ApiVersion,
+        ctx: &RequestCtx<'_>,
+        id: &VehicleId,
+        job: Job,
+    ) -> Result<Vec<EndpointResult>, ApiError> {
+        match api {
+            ApiVersion::V2 => v2::fetch(self, ctx, id, job).await,
+            ApiVersion::V3 => v3::fetch(self, ctx, id, job).await,
+        }
+    }
+
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.inner.http
+    }
+
+    pub(crate) fn v2_url(&self, path: &str) -> String {
+        format!("{}{}", self.inner.v2, path)
+    }
+
+    pub(crate) fn v3_url(&self, path: &str) -> String {
+        format!("{}{}", self.inner.v3, path)
+    }
+
+    pub(crate) fn v3_base(&self) -> &Url {
+        &self.inner.v3_url
+    }
+
+    /// A Vehicle API request with the headers every call carries (smartcar-api.md §2.1, §3.2).
+    pub(crate) fn vehicle_request(
+        &self,
+        method: Method,
+        url: &str,
+        access: &Secret,
+        user_id: Option<&str>,
+    ) -> RequestBuilder {
+        let mut req = self
+            .inner
+            .http
+            .request(method, url)
+            .header(AUTHORIZATION, format!("Bearer {}", access.expose()))
+            .header("sc-unit-system", self.inner.unit_system.as_str())
+            .header(ACCEPT, "application/json");
+        if let Some(user) = user_id {
+            req = req.header("sc-user-id", user);
+        }
+        req
+    }
+
+    /// Sends a request and reads the answer in full; any non-2xx status becomes the parsed
+    /// [`ApiError`] with `retry_after` and `request_id` from the headers.
+    pub(crate) async fn send(&self, req: RequestBuilder) -> Result<RawResponse, ApiError> {
+        let resp = req.send().await.map_err(|e| ApiError::from_reqwest(&e))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| ApiError::from_reqwest(&e))?
+            .to_vec();
+        let fetched_at = now_ms();
+        let raw = RawResponse {
+            status,
+            headers,
+            body,
+            fetched_at,
+        };
+        if (200..300).contains(&status) {
+            return Ok(raw);
+        }
+        let retry_after = raw
+            .header("retry-after")
+            .and_then(|v| error::parse_retry_after(v, fetched_at));
+        let err = error::api_error_from(
+            Some(status),
+            error::parse_error_body(&raw.body),
+            retry_after,
+            raw.request_id(),
+        );
+        tracing::debug!(status, outcome = err.kind.label(), error = %err, "request failed");
+        Err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_tolerate_trailing_slashes() {
+        assert_eq!(
+            trim_base("https://api.smartcar.com/v2.0/"),
+            "https://api.smartcar.com/v2.0"
+        );
+        assert_eq!(trim_base("http://127.0.0.1:9/v3"), "http://127.0.0.1:9/v3");
+    }
 }

@@ -1,0 +1,709 @@
+//! Vehicle API v3 (smartcar-api.md §3): `GET /vehicles/{id}` and the paged
+//! `GET /vehicles/{id}/signals`, from which a job's endpoints are picked by signal code.
+//!
+//! One signals listing per job (rather than one request per signal) because every request
+//! may wake the car. Pure functions parse pages and pick readings, so the tolerance rules
+//! (envelope with or without `data`, ms or s timestamps, unit spellings, failed signals,
+//! relative `links.next`) are unit-tested without a server.
+
+use std::collections::HashSet;
+
+use reqwest::{Method, Url};
+use serde_json::Value;
+
+use super::error::{api_error_from, ApiError, ErrorBody, ErrorKind};
+use super::time::{parse_epoch_value, stamp};
+use super::units::{v3_percent, DistanceUnit};
+use super::v2::{num, parse_info, value_bool};
+use super::{EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
+use crate::domain::{
+    BatteryReading, ChargeReading, ChargeState, OdometerReading, UnitSystem, UnixMillis, VehicleId,
+    VehicleInfo,
+};
+
+/// A bound on `links.next` chains (a server that links a page to itself or loops forever).
+pub const MAX_PAGES: usize = 50;
+
+pub const SOC: &str = "tractionbattery-stateofcharge";
+pub const RANGE: &str = "tractionbattery-range";
+pub const CABLE: &str = "charge-ischargingcableconnected";
+pub const DETAILED_STATUS: &str = "charge-detailedchargingstatus";
+pub const IS_CHARGING: &str = "charge-ischarging";
+pub const VIN: &str = "vehicleidentification-vin";
+pub const ODOMETER: &str = "odometer-traveleddistance";
+
+/// One signal of a listing, reduced to what the picks need.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Signal {
+    /// Lower-case kebab code, e.g. `tractionbattery-stateofcharge`.
+    pub code: String,
+    /// Set when `status.value` is ERROR, classified from `status.error.type`/`code`.
+    pub error: Option<ApiError>,
+    pub body: Value,
+    /// `meta.oemUpdatedAt`, when given and parsable.
+    pub recorded: Option<UnixMillis>,
+    /// When the page holding the signal arrived.
+    pub fetched_at: UnixMillis,
+}
+
+/// One page of `GET /vehicles/{id}/signals`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SignalsPage {
+    pub signals: Vec<Signal>,
+    pub next: Option<String>,
+    /// `included.vehicle`, which spares the Info job a request.
+    pub vehicle: Option<VehicleInfo>,
+}
+
+/// Parses a signals page; `Err` when it is not one (no `data` array).
+pub fn parse_signals_page(
+    v: &Value,
+    fetched_at: UnixMillis,
+    request_id: Option<&str>,
+) -> Result<SignalsPage, String> {
+    let data = v
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or("signals body has no `data` array")?;
+    let signals = data
+        .iter()
+        .filter_map(|s| parse_signal(s, fetched_at, request_id))
+        .collect();
+    let next = v
+        .get("links")
+        .and_then(|l| l.get("next"))
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    let vehicle = v
+        .get("included")
+        .and_then(|i| i.get("vehicle"))
+        .and_then(|veh| parse_vehicle(veh).ok());
+    Ok(SignalsPage {
+        signals,
+        next,
+        vehicle,
+    })
+}
+
+fn parse_signal(s: &Value, fetched_at: UnixMillis, request_id: Option<&str>) -> Option<Signal> {
+    let attrs = s.get("attributes").unwrap_or(s);
+    let code = attrs
+        .get("code")
+        .or_else(|| s.get("id"))
+        .and_then(Value::as_str)?
+        .trim()
+        .to_ascii_lowercase();
+    let status = attrs.get("status").or_else(|| s.get("status"));
+    let failed = status
+        .and_then(|st| st.get("value"))
+        .and_then(Value::as_str)
+        .is_some_and(|v| v.eq_ignore_ascii_case("ERROR"));
+    let error = failed.then(|| {
+        let e = status.and_then(|st| st.get("error"));
+        let field = |k: &str| {
+            e.and_then(|e| e.get(k))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let parsed = ErrorBody {
+            status: None,
+            error_type: field("type"),
+            code: field("code"),
+            description: field("description")
+                .or_else(|| field("detail"))
+                .or_else(|| Some(format!("signal {code} failed"))),
+            request_id: None,
+        };
+        api_error_from(None, parsed, None, request_id.map(str::to_owned))
+    });
+    let body = attrs
+        .get("body")
+        .or_else(|| s.get("body"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let recorded = s
+        .get("meta")
+        .or_else(|| attrs.get("meta"))
+        .and_then(|m| m.get("oemUpdatedAt"))
+        .and_then(parse_epoch_value);
+    Some(Signal {
+        code,
+        error,
+        body,
+        recorded,
+        fetched_at,
+    })
+}
+
+/// A vehicle resource with or without the `data` wrapper and `attributes`.
+pub fn parse_vehicle(v: &Value) -> Result<VehicleInfo, String> {
+    let d = v.get("data").unwrap_or(v);
+    let attrs = d.get("attributes").unwrap_or(d);
+    parse_info(attrs)
+}
+
+/// Resolves `links.next` (smartcar-api.md §3.4): an absolute URL (only on the v3 base's own
+/// origin, so the bearer token never travels elsewhere), a path relative to the v3 base with
+/// or without its leading `/v3`, or a bare `?query` on the current page.
+pub fn resolve_next(base: &Url, current: &Url, next: &str) -> Result<Url, String> {
+    if let Ok(abs) = Url::parse(next) {
+        let same = abs.scheme() == base.scheme()
+            && abs.host_str() == base.host_str()
+            && abs.port_or_known_default() == base.port_or_known_default();
+        return if same {
+            Ok(abs)
+        } else {
+            Err(format!(
+                "links.next points to another origin ({}); not following it",
+                abs.origin().ascii_serialization()
+            ))
+        };
+    }
+    if let Some(query) = next.strip_prefix('?') {
+        let mut u = current.clone();
+        u.set_query(Some(query));
+        return Ok(u);
+    }
+    let base_path = base.path().trim_end_matches('/');
+    let rel = if next.starts_with('/') {
+        next.to_string()
+    } else {
+        format!("/{next}")
+    };
+    let strip = |prefix: &str, s: &str| -> Option<String> {
+        if prefix.is_empty() {
+            return None;
+        }
+        let rest = s.strip_prefix(prefix)?;
+        (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+            .then(|| rest.to_string())
+    };
+    let last_segment = base_path.rsplit('/').next().unwrap_or("");
+    let rest = strip(base_path, &rel)
+        .or_else(|| strip(&format!("/{last_segment}"), &rel).filter(|_| !last_segment.is_empty()))
+        .unwrap_or(rel);
+    let joined = format!("{base_path}{rest}");
+    base.join(&joined)
+        .map_err(|e| format!("links.next {next:?} is not a usable URL: {e}"))
+}
+
+pub(crate) async fn vehicle_info(
+    client: &SmartcarClient,
+    ctx: &RequestCtx<'_>,
+    id: &VehicleId,
+) -> Result<VehicleInfo, ApiError> {
+    let url = client.v3_url(&format!("/vehicles/{}", id.0));
+    let raw = client
+        .send(client.vehicle_request(Method::GET, &url, ctx.access_token, ctx.user_id))
+        .await?;
+    let v: Value = raw.json("vehicle")?;
+    parse_vehicle(&v).map_err(|m| ApiError {
+        request_id: raw.request_id(),
+        ..ApiError::decode(Some(raw.status), m)
+    })
+}
+
+/// Every signal of the vehicle, following `links.next` up to [`MAX_PAGES`] pages.
+async fn all_signals(
+    client: &SmartcarClient,
+    ctx: &RequestCtx<'_>,
+    id: &VehicleId,
+) -> Result<(Vec<Signal>, Option<VehicleInfo>), ApiError> {
+    let first = client.v3_url(&format!("/vehicles/{}/signals", id.0));
+    let mut url = Url::parse(&first)
+        .map_err(|e| ApiError::new(ErrorKind::Other, format!("bad signals URL: {e}")))?;
+    let mut visited: HashSet<String> = HashSet::new();
+    let mut signals = Vec::new();
+    let mut vehicle = None;
+    for page_no in 1..=MAX_PAGES {
+        visited.insert(url.as_str().to_owned());
+        let raw = client
+            .send(client.vehicle_request(Method::GET, url.as_str(), ctx.access_token, ctx.user_id))
+            .await?;
+        let v: Value = raw.json("signals")?;
+        let rid = raw.request_id();
+        let page =
+            parse_signals_page(&v, raw.fetched_at, rid.as_deref()).map_err(|m| ApiError {
+                request_id: rid.clone(),
+                ..ApiError::decode(Some(raw.status), m)
+            })?;
+        signals.extend(page.signals);
+        vehicle = vehicle.or(page.vehicle);
+        let Some(next) = page.next else { break };
+        match resolve_next(client.v3_base(), &url, &next) {
+            Ok(n) if visited.contains(n.as_str()) => {
+                tracing::debug!(page = page_no, "links.next repeats a page; stopping");
+                break;
+            }
+            Ok(n) => url = n,
+            Err(msg) => {
+                tracing::warn!(page = page_no, reason = %msg, "not following links.next");
+                break;
+            }
+        }
+        if page_no == MAX_PAGES {
+            tracing::warn!(
+                pages = MAX_PAGES,
+                "signals paging stopped at the page limit"
+            );
+        }
+    }
+    Ok((signals, vehicle))
+}
+
+pub(crate) async fn fetch(
+    client: &SmartcarClient,
+    ctx: &RequestCtx<'_>,
+    id: &VehicleId,
+    job: Job,
+) -> Result<Vec<EndpointResult>, ApiError> {
+    let (signals, included) = all_signals(client, ctx, id).await?;
+    let units = client.unit_system();
+    match job {
+        Job::Battery => Ok(pick_battery_job(&signals, units)),
+        Job::Info => {
+            let info = match included {
+                Some(info) => Ok(info),
+                None => match vehicle_info(client, ctx, id).await {
+                    // A dead token fails the whole job, so the caller refreshes and retries.
+                    Err(e) if e.kind == ErrorKind::Authentication => return Err(e),
+                    other => other,
+                },
+            };
+            let mut out = vec![EndpointResult {
+                endpoint: "info",
+                result: info.map(Payload::Info),
+            }];
+            out.extend(pick_info_job(&signals, units));
+            Ok(out)
+        }
+    }
+}
+
+fn find<'a>(signals: &'a [Signal], code: &str) -> Option<&'a Signal> {
+    signals.iter().find(|s| s.code == code)
+}
+
+/// The signal's body, or its error, or "not provided".
+fn body_of<'a>(signals: &'a [Signal], code: &str) -> Result<&'a Signal, ApiError> {
+    let s = find(signals, code).ok_or_else(|| ApiError::signal_not_provided(code))?;
+    match &s.error {
+        Some(e) => Err(e.clone()),
+        None => Ok(s),
+    }
+}
+
+fn decode(code: &str, what: &str) -> ApiError {
+    ApiError::decode(None, format!("signal {code}: {what}"))
+}
+
+fn unit_of(s: &Signal) -> Option<&str> {
+    s.body.get("unit").and_then(Value::as_str)
+}
+
+fn distance_km(s: &Signal, units: UnitSystem) -> Result<f64, ApiError> {
+    let value = num(&s.body, "value").ok_or_else(|| decode(&s.code, "missing numeric `value`"))?;
+    let unit = match unit_of(s) {
+        Some(u) => DistanceUnit::parse(u)
+            .ok_or_else(|| decode(&s.code, &format!("unknown distance unit {u:?}")))?,
+        None => DistanceUnit::of_system(units),
+    };
+    Ok(unit.to_km(value))
+}
+
+/// "battery" and "charge" from a signal listing.
+pub fn pick_battery_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResult> {
+    vec![
+        EndpointResult {
+            endpoint: "battery",
+            result: pick_battery(signals, units).map(Payload::Battery),
+        },
+        EndpointResult {
+            endpoint: "charge",
+            result: pick_charge(signals).map(Payload::Charge),
+        },
+    ]
+}
+
+/// "vin" (omitted when the vehicle does not list it) and "odometer" from a signal listing.
+pub fn pick_info_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResult> {
+    let mut out = Vec::with_capacity(2);
+    if let Some(vin) = find(signals, VIN) {
+        let result = match &vin.error {
+            Some(e) => Err(e.clone()),
+            None => vin
+                .body
+                .get("value")
+                .and_then(Value::as_str)
+                .map(|v| Payload::Vin(v.trim().to_string()))
+                .ok_or_else(|| decode(VIN, "missing string `value`")),
+        };
+        out.push(EndpointResult {
+            endpoint: "vin",
+            result,
+        });
+    }
+    let odometer = body_of(signals, ODOMETER).and_then(|s| {
+        Ok(Payload::Odometer(OdometerReading {
+            stamp: stamp(s.recorded, s.fetched_at),
+            odometer_km: distance_km(s, units)?,
+        }))
+    });
+    out.push(EndpointResult {
+        endpoint: "odometer",
+        result: odometer,
+    });
+    out
+}
+
+fn pick_battery(signals: &[Signal], units: UnitSystem) -> Result<BatteryReading, ApiError> {
+    let soc = body_of(signals, SOC)?;
+    let value = num(&soc.body, "value").ok_or_else(|| decode(SOC, "missing numeric `value`"))?;
+    let soc_percent =
+        v3_percent(value, unit_of(soc)).ok_or_else(|| decode(SOC, "unit is not a percentage"))?;
+    // Range is optional: a failed or odd range must not cost the state of charge.
+    let range_km = match body_of(signals, RANGE) {
+        Ok(r) => match distance_km(r, units) {
+            Ok(km) => Some(km),
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring unusable range signal");
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    Ok(BatteryReading {
+        stamp: stamp(soc.recorded, soc.fetched_at),
+        soc_percent,
+        range_km,
+    })
+}
+
+fn pick_charge(signals: &[Signal]) -> Result<ChargeReading, ApiError> {
+    let cable = body_of(signals, CABLE)?;
+    let plugged_in = cable
+        .body
+        .get("value")
+        .and_then(value_bool)
+        .ok_or_else(|| decode(CABLE, "missing boolean `value`"))?;
+    let detailed = body_of(signals, DETAILED_STATUS).and_then(|s| {
+        s.body
+            .get("value")
+            .and_then(Value::as_str)
+            .and_then(ChargeState::parse)
+            .map(|st| (st, s))
+            .ok_or_else(|| decode(DETAILED_STATUS, "missing or unknown `value`"))
+    });
+    let (state, used) = match detailed {
+        Ok(found) => found,
+        Err(detailed_err) => match body_of(signals, IS_CHARGING) {
+            Ok(s) => {
+                let charging = s
+                    .body
+                    .get("value")
+                    .and_then(value_bool)
+                    .ok_or_else(|| decode(IS_CHARGING, "missing boolean `value`"))?;
+                let st = if charging {
+                    ChargeState::Charging
+                } else {
+                    ChargeState::NotCharging
+                };
+                (st, s)
+            }
+            // Report why the preferred signal failed: it is the one users look up.
+            Err(_) => return Err(detailed_err),
+        },
+    };
+    // The reading is as new as the newest signal it is made of.
+    let recorded = match (cable.recorded, used.recorded) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(ChargeReading {
+        stamp: stamp(recorded, cable.fetched_at.max(used.fetched_at)),
+        plugged_in,
+        state,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Stamp;
+    use serde_json::json;
+
+    const F: i64 = 1_752_104_300_000;
+
+    fn sig(code: &str, body: Value, oem: Value) -> Value {
+        json!({"id": code, "type": "signal",
+               "attributes": {"code": code, "name": "x", "group": "y",
+                              "status": {"value": "SUCCESS"}, "body": body},
+               "meta": {"retrievedAt": 1752104218549_i64, "oemUpdatedAt": oem}})
+    }
+
+    fn failed(code: &str, t: &str, c: &str) -> Value {
+        json!({"id": code, "type": "signal",
+               "attributes": {"code": code, "status": {"value": "ERROR", "error": {"type": t, "code": c}}}})
+    }
+
+    fn page(data: Vec<Value>, next: Value) -> Value {
+        json!({"data": data, "meta": {"page": 1, "pageSize": 10, "totalCount": 5},
+               "links": {"self": "/vehicles/v/signals?page=1", "next": next},
+               "included": {"vehicle": {"id": "v", "type": "vehicle",
+                                         "attributes": {"make": "Toyota", "model": "Camry", "year": 2020}}}})
+    }
+
+    fn parse(v: &Value) -> SignalsPage {
+        parse_signals_page(v, F, Some("rid")).unwrap()
+    }
+
+    #[test]
+    fn page_parsing_next_and_included() {
+        let p = parse(&page(
+            vec![sig(
+                SOC,
+                json!({"unit":"percent","value":75}),
+                json!(1752104118549_i64),
+            )],
+            json!("/vehicles/v/signals?page=2&pageSize=10"),
+        ));
+        assert_eq!(
+            p.next.as_deref(),
+            Some("/vehicles/v/signals?page=2&pageSize=10")
+        );
+        assert_eq!(
+            p.vehicle,
+            Some(VehicleInfo {
+                make: "Toyota".into(),
+                model: "Camry".into(),
+                year: 2020
+            })
+        );
+        assert_eq!(p.signals.len(), 1);
+        assert_eq!(p.signals[0].code, SOC);
+        assert_eq!(p.signals[0].recorded, Some(1752104118549));
+        let p = parse(&json!({"data": [], "links": {"next": null}}));
+        assert_eq!(p.next, None);
+        assert!(parse_signals_page(&json!({"errors": []}), F, None).is_err());
+    }
+
+    #[test]
+    fn battery_and_charge_picks() {
+        let p = parse(&page(
+            vec![
+                sig(
+                    SOC,
+                    json!({"unit":"percent","value":75.5}),
+                    json!(1696156800),
+                ),
+                sig(
+                    RANGE,
+                    json!({"unit":"miles","value":100}),
+                    json!(1696156800),
+                ),
+                sig(CABLE, json!({"value":true}), json!(1696156900000_i64)),
+                sig(
+                    DETAILED_STATUS,
+                    json!({"value":"FULLY_CHARGED"}),
+                    json!("2023-10-01T10:40:00Z"),
+                ),
+            ],
+            Value::Null,
+        ));
+        let r = pick_battery_job(&p.signals, UnitSystem::Metric);
+        assert_eq!(r[0].endpoint, "battery");
+        assert_eq!(
+            r[0].result,
+            Ok(Payload::Battery(BatteryReading {
+                stamp: Stamp {
+                    recorded_at: 1696156800000,
+                    fetched_at: F
+                },
+                soc_percent: 75.5,
+                range_km: Some(160.9344),
+            }))
+        );
+        assert_eq!(r[1].endpoint, "charge");
+        assert_eq!(
+            r[1].result,
+            Ok(Payload::Charge(ChargeReading {
+                // the newer of cable (…900000) and status (10:40:00Z = …1696156800000 + 0)
+                stamp: Stamp {
+                    recorded_at: 1696156900000,
+                    fetched_at: F
+                },
+                plugged_in: true,
+                state: ChargeState::FullyCharged,
+            }))
+        );
+    }
+
+    #[test]
+    fn charge_falls_back_to_ischarging_and_errors_are_classified() {
+        let p = parse(&page(
+            vec![
+                failed(SOC, "VEHICLE_STATE", "ASLEEP"),
+                sig(CABLE, json!({"value":true}), Value::Null),
+                sig(IS_CHARGING, json!({"value":true}), Value::Null),
+            ],
+            Value::Null,
+        ));
+        let r = pick_battery_job(&p.signals, UnitSystem::Metric);
+        let e = r[0].result.clone().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::VehicleState);
+        assert_eq!(e.code.as_deref(), Some("ASLEEP"));
+        assert_eq!(e.status, None);
+        assert_eq!(e.request_id.as_deref(), Some("rid"));
+        assert_eq!(
+            r[1].result,
+            Ok(Payload::Charge(ChargeReading {
+                stamp: Stamp {
+                    recorded_at: F,
+                    fetched_at: F
+                },
+                plugged_in: true,
+                state: ChargeState::Charging,
+            }))
+        );
+    }
+
+    #[test]
+    fn missing_signals_and_info_job() {
+        let p = parse(&page(
+            vec![
+                sig(
+                    ODOMETER,
+                    json!({"unit":"km","value":115071.5}),
+                    json!(1752104118549_i64),
+                ),
+                failed(VIN, "PERMISSION", ""),
+            ],
+            Value::Null,
+        ));
+        let r = pick_battery_job(&p.signals, UnitSystem::Metric);
+        let e = r[0].result.clone().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Compatibility);
+        assert_eq!(e.code.as_deref(), Some("SIGNAL_NOT_PROVIDED"));
+        let e = r[1].result.clone().unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("SIGNAL_NOT_PROVIDED"));
+
+        let r = pick_info_job(&p.signals, UnitSystem::Metric);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].endpoint, "vin");
+        assert_eq!(r[0].result.clone().unwrap_err().kind, ErrorKind::Permission);
+        assert_eq!(
+            r[1].result,
+            Ok(Payload::Odometer(OdometerReading {
+                stamp: Stamp {
+                    recorded_at: 1752104118549,
+                    fetched_at: F
+                },
+                odometer_km: 115071.5,
+            }))
+        );
+        // VIN absent: omitted, not an error.
+        let p = parse(&page(vec![], Value::Null));
+        let r = pick_info_job(&p.signals, UnitSystem::Metric);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].endpoint, "odometer");
+        assert_eq!(
+            r[0].result.clone().unwrap_err().code.as_deref(),
+            Some("SIGNAL_NOT_PROVIDED")
+        );
+    }
+
+    #[test]
+    fn odometer_unknown_unit_is_decode_and_future_time_is_clamped() {
+        let p = parse(&page(
+            vec![sig(
+                ODOMETER,
+                json!({"unit":"furlongs","value":1}),
+                json!(F + 3_600_000),
+            )],
+            Value::Null,
+        ));
+        let r = pick_info_job(&p.signals, UnitSystem::Metric);
+        assert_eq!(r[0].result.clone().unwrap_err().kind, ErrorKind::Decode);
+        let p = parse(&page(
+            vec![sig(ODOMETER, json!({"value":10}), json!(F + 3_600_000))],
+            Value::Null,
+        ));
+        let r = pick_info_job(&p.signals, UnitSystem::Imperial);
+        assert_eq!(
+            r[0].result,
+            Ok(Payload::Odometer(OdometerReading {
+                stamp: Stamp {
+                    recorded_at: F,
+                    fetched_at: F
+                },
+                odometer_km: 16.09344,
+            }))
+        );
+    }
+
+    #[test]
+    fn vehicle_with_or_without_data() {
+        let want = VehicleInfo {
+            make: "Toyota".into(),
+            model: "Camry".into(),
+            year: 2020,
+        };
+        assert_eq!(
+            parse_vehicle(
+                &json!({"data":{"id":"v","type":"vehicle","attributes":{"make":"Toyota","model":"Camry","year":2020}}})
+            ),
+            Ok(want.clone())
+        );
+        assert_eq!(
+            parse_vehicle(
+                &json!({"id":"v","type":"vehicle","attributes":{"make":"Toyota","model":"Camry","year":2020}})
+            ),
+            Ok(want.clone())
+        );
+        assert_eq!(
+            parse_vehicle(&json!({"id":"v","make":"Toyota","model":"Camry","year":2020})),
+            Ok(want)
+        );
+    }
+
+    #[test]
+    fn next_link_resolution() {
+        let base = Url::parse("http://127.0.0.1:8080/v3").unwrap();
+        let cur = Url::parse("http://127.0.0.1:8080/v3/vehicles/v/signals").unwrap();
+        let r = |n: &str| resolve_next(&base, &cur, n).map(|u| u.to_string());
+        let want = "http://127.0.0.1:8080/v3/vehicles/v/signals?page=2";
+        assert_eq!(r("/vehicles/v/signals?page=2").unwrap(), want);
+        assert_eq!(r("/v3/vehicles/v/signals?page=2").unwrap(), want);
+        assert_eq!(r("vehicles/v/signals?page=2").unwrap(), want);
+        assert_eq!(r("?page=2").unwrap(), want);
+        assert_eq!(
+            r("http://127.0.0.1:8080/v3/vehicles/v/signals?page=2").unwrap(),
+            want
+        );
+        assert!(r("https://evil.example/v3/vehicles/v/signals?page=2").is_err());
+
+        let base = Url::parse("http://h/api/v3/").unwrap();
+        let r = |n: &str| resolve_next(&base, &cur, n).map(|u| u.to_string());
+        assert_eq!(
+            r("/v3/vehicles/x?page=3").unwrap(),
+            "http://h/api/v3/vehicles/x?page=3"
+        );
+        assert_eq!(
+            r("/api/v3/vehicles/x?page=3").unwrap(),
+            "http://h/api/v3/vehicles/x?page=3"
+        );
+        assert_eq!(
+            r("/vehicles/x?page=3").unwrap(),
+            "http://h/api/v3/vehicles/x?page=3"
+        );
+
+        let base = Url::parse("http://h").unwrap();
+        let r = |n: &str| resolve_next(&base, &cur, n).map(|u| u.to_string());
+        assert_eq!(
+            r("/vehicles/x?page=3").unwrap(),
+            "http://h/vehicles/x?page=3"
+        );
+    }
+}
