@@ -253,6 +253,9 @@ impl Daemon {
         }
         tasks.close();
         tasks.wait().await;
+        // The last store handles, so that close() also stops the owner thread (WAL checkpoint).
+        drop(poller);
+        drop(tokens);
         store.close().await.context("flushing the store")?;
         info!("stopped");
         if failed.is_cancelled() {

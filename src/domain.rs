@@ -151,6 +151,15 @@ impl ChargeState {
             _ => None,
         }
     }
+    /// The inverse of [`ChargeState::code`]; an unknown code reads as NOT_CHARGING, as the
+    /// store's view does.
+    pub fn from_code(code: i64) -> Self {
+        match code {
+            1 => ChargeState::Charging,
+            2 => ChargeState::FullyCharged,
+            _ => ChargeState::NotCharging,
+        }
+    }
     /// The small integer the store keeps instead of the string (the view maps it back).
     pub fn code(self) -> i64 {
         match self {
