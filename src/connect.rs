@@ -117,13 +117,15 @@ struct CallbackState {
 /// `on_url` is given the authorize URL (the CLI prints it; the demo follows it itself).
 pub async fn run(
     cfg: &Config,
-    client: &SmartcarClient,
     store: &Store,
     listeners: Vec<TcpListener>,
     on_url: impl FnOnce(&str),
     wait: Duration,
 ) -> anyhow::Result<Connected> {
     let redirect = Url::parse(&cfg.smartcar.redirect_uri).context("smartcar.redirect_uri")?;
+    // Built here, from this flow's config: the code exchange must name the same redirect URI
+    // as the authorize URL did.
+    let client = SmartcarClient::new(crate::app::client_config(cfg))?;
     let path = redirect.path().to_string();
     let state = random_state();
     let url = authorize_url(cfg, &cfg.smartcar.redirect_uri, &state)?;
@@ -180,7 +182,7 @@ pub async fn run(
         };
         // The v3 model may name the user on the redirect (smartcar-api.md §1.2).
         let user_hint = p.get("user_id").or_else(|| p.get("userId")).cloned();
-        match finish(cfg, client, store, &code, user_hint).await {
+        match finish(cfg, &client, store, &code, user_hint).await {
             Ok(c) => {
                 let _ = cb.reply.send(Ok(format!(
                     "carpulse stored {} vehicle(s) for this account. You can close this tab.",
@@ -310,11 +312,9 @@ pub fn describe(c: &Connected) -> String {
 pub async fn run_cli(cfg: Config, wait: Duration) -> anyhow::Result<()> {
     let store = Store::open(&cfg.store.path, None)
         .with_context(|| format!("opening the store {}", cfg.store.path.display()))?;
-    let client = SmartcarClient::new(crate::app::client_config(&cfg))?;
     let listeners = bind_redirect(&cfg.smartcar.redirect_uri).await?;
     let result = run(
         &cfg,
-        &client,
         &store,
         listeners,
         |url| {

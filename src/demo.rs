@@ -19,7 +19,6 @@ use crate::config::{
 };
 use crate::domain::{ApiVersion, Secret, UnitSystem};
 use crate::simulator::{self, SimulatorConfig};
-use crate::smartcar::SmartcarClient;
 use crate::store::Store;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -143,7 +142,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 async fn connect_all(config: &Config, callback: TcpListener, users: usize) -> anyhow::Result<()> {
     let store = Store::open(&config.store.path, None)
         .with_context(|| format!("opening the store {}", config.store.path.display()))?;
-    let client = SmartcarClient::new(crate::app::client_config(config))?;
     let browser = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -164,7 +162,6 @@ async fn connect_all(config: &Config, callback: TcpListener, users: usize) -> an
         let b = browser.clone();
         let connected = crate::connect::run(
             config,
-            &client,
             &store,
             vec![l],
             move |url| {

@@ -72,7 +72,6 @@ async fn connect(w: &World) -> carpulse::connect::Connected {
     cfg.smartcar.redirect_uri = format!("http://{}/exchange", listener.local_addr().unwrap());
     carpulse::connect::run(
         &cfg,
-        &w.client,
         &w.store,
         vec![listener],
         |url| {
