@@ -243,8 +243,23 @@ fn auth_error(api: Api) -> Response {
     }
 }
 
+/// An error answer, boxed: a `Response` is large and this travels through every `Result`.
+pub struct Rejection(pub Box<Response>);
+
+impl From<Response> for Rejection {
+    fn from(r: Response) -> Self {
+        Rejection(Box::new(r))
+    }
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
 /// The user whose valid access token the request carries; counts what was wrong otherwise.
-pub fn authenticate(sim: &Sim, headers: &HeaderMap, api: Api) -> Result<usize, Response> {
+pub fn authenticate(sim: &Sim, headers: &HeaderMap, api: Api) -> Result<usize, Rejection> {
     Stats::bump(&sim.stats.requests);
     let token = headers
         .get(header::AUTHORIZATION)
@@ -256,24 +271,19 @@ pub fn authenticate(sim: &Sim, headers: &HeaderMap, api: Api) -> Result<usize, R
         .map(str::trim);
     let Some(token) = token else {
         Stats::bump(&sim.stats.unknown_token_requests);
-        return Err(auth_error(api));
+        return Err(auth_error(api).into());
     };
     let Ok(tokens) = sim.tokens.lock() else {
-        return Err(errors::v2(
-            500,
-            "SERVER",
-            Some("INTERNAL"),
-            "state poisoned",
-        ));
+        return Err(errors::v2(500, "SERVER", Some("INTERNAL"), "state poisoned").into());
     };
     let user = match tokens.access.get(token) {
         None => {
             Stats::bump(&sim.stats.unknown_token_requests);
-            return Err(auth_error(api));
+            return Err(auth_error(api).into());
         }
         Some(a) if a.expires_at <= now_ms() => {
             Stats::bump(&sim.stats.expired_token_requests);
-            return Err(auth_error(api));
+            return Err(auth_error(api).into());
         }
         Some(a) => a.user,
     };
@@ -281,7 +291,7 @@ pub fn authenticate(sim: &Sim, headers: &HeaderMap, api: Api) -> Result<usize, R
     // v3's app-token model names the user in `sc-user-id`; when sent it must be this one.
     if let Some(named) = headers.get("sc-user-id").and_then(|v| v.to_str().ok()) {
         if named != sim.fleet.users[user].id {
-            return Err(auth_error(api));
+            return Err(auth_error(api).into());
         }
     }
     Ok(user)

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::errors;
 use super::fleet::Snapshot;
-use super::oauth::{authenticate, Api};
+use super::oauth::{authenticate, Api, Rejection};
 use super::state::{iso, Served, Sim, Stats};
 use crate::domain::now_ms;
 
@@ -52,13 +52,13 @@ fn distance(km: f64, imperial: bool) -> f64 {
 }
 
 /// The vehicle `id` if it belongs to `user`.
-pub fn owned(sim: &Sim, user: usize, id: &str, api: Api) -> Result<usize, Response> {
+pub fn owned(sim: &Sim, user: usize, id: &str, api: Api) -> Result<usize, Rejection> {
     match sim.fleet.by_id.get(id) {
         Some(&v) if sim.fleet.vehicles[v].user == user => Ok(v),
         _ => {
             let msg =
                 "The vehicle is no longer associated with the user's connected services account.";
-            Err(match api {
+            Err(Rejection::from(match api {
                 Api::V2 => errors::v2(
                     400,
                     "CONNECTED_SERVICES_ACCOUNT",
@@ -72,7 +72,7 @@ pub fn owned(sim: &Sim, user: usize, id: &str, api: Api) -> Result<usize, Respon
                     "Bad Request",
                     msg,
                 ),
-            })
+            }))
         }
     }
 }
@@ -145,7 +145,7 @@ fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
 pub async fn user(State(sim): State<Arc<Sim>>, headers: HeaderMap) -> Response {
     match authenticate(&sim, &headers, Api::V2) {
         Ok(u) => Json(json!({"id": sim.fleet.users[u].id})).into_response(),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -187,7 +187,7 @@ pub async fn vehicles(
 ) -> Response {
     let user = match authenticate(&sim, &headers, Api::V2) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let ids = sim.fleet.users[user]
         .vehicles
@@ -223,11 +223,11 @@ fn data(
 ) -> Response {
     let user = match authenticate(sim, headers, Api::V2) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let v = match owned(sim, user, id, Api::V2) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if path == "/permissions" {
         let perms = PERMISSIONS.iter().map(|p| Value::from(*p)).collect();
@@ -269,11 +269,11 @@ pub async fn batch(
 ) -> Response {
     let user = match authenticate(&sim, &headers, Api::V2) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let v = match owned(&sim, user, &id, Api::V2) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let requests: Vec<String> = match serde_json::from_str::<Value>(&body_text) {
         Ok(b) => match b.get("requests").and_then(Value::as_array) {

@@ -39,7 +39,7 @@ pub async fn vehicle(
 ) -> Response {
     let v = match authenticate(&sim, &headers, Api::V3).and_then(|u| owned(&sim, u, &id, Api::V3)) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     Json(json!({"data": vehicle_object(&sim, v)})).into_response()
 }
@@ -194,7 +194,7 @@ pub async fn list(
 ) -> Response {
     let v = match authenticate(&sim, &headers, Api::V3).and_then(|u| owned(&sim, u, &id, Api::V3)) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let page = match q.get("page").map(|p| p.parse::<usize>()) {
         None => 1,
@@ -248,7 +248,7 @@ pub async fn one(
 ) -> Response {
     let v = match authenticate(&sim, &headers, Api::V3).and_then(|u| owned(&sim, u, &id, Api::V3)) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let now = now_ms();
     let (at, snap) = sim.data(v, now);
