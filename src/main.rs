@@ -2,6 +2,7 @@
 //! the library, and turn the result into an exit code (78, EX_CONFIG, for a bad config, which
 //! systemd is told not to retry; 1 for anything else).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use carpulse::cli::{Cli, Command, VehiclesCommand};
@@ -39,9 +40,11 @@ fn init_logging(command: &Command) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: journald and log files get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
