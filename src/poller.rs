@@ -211,14 +211,7 @@ impl Poller {
                 failed = true;
                 warn!(error = %e, "request failed");
                 for endpoint in job_endpoints(job) {
-                    self.count(endpoint, e.kind.label(), elapsed);
-                    items.push(WriteItem::Event(event(
-                        v,
-                        at,
-                        endpoint,
-                        e.kind.label(),
-                        Some(&e),
-                    )));
+                    items.push(self.failed(v, at, endpoint, &e, elapsed));
                 }
             }
             Ok(results) => {
@@ -232,14 +225,7 @@ impl Poller {
                         Err(e) => {
                             failed = true;
                             warn!(endpoint, error = %e, "endpoint failed");
-                            self.count(endpoint, e.kind.label(), elapsed);
-                            items.push(WriteItem::Event(event(
-                                v,
-                                at,
-                                endpoint,
-                                e.kind.label(),
-                                Some(&e),
-                            )));
+                            items.push(self.failed(v, at, endpoint, &e, elapsed));
                         }
                     }
                 }
@@ -251,6 +237,19 @@ impl Poller {
         } else {
             VehicleOutcome::Ok(readings)
         }
+    }
+
+    /// Counts a failed endpoint and returns its `poll_events` row.
+    fn failed(
+        &self,
+        v: &PolledVehicle,
+        at: i64,
+        endpoint: &str,
+        e: &ApiError,
+        elapsed: f64,
+    ) -> WriteItem {
+        self.count(endpoint, e.kind.label(), elapsed);
+        WriteItem::Event(event(v, at, endpoint, e.kind.label(), Some(e)))
     }
 
     fn count(&self, endpoint: &str, outcome: &str, elapsed: f64) {

@@ -52,6 +52,14 @@ pub async fn start(
         })
         .map_err(|e| anyhow::anyhow!("schedule.{}: {expr:?}: {e}", job_label(job)))?;
         scheduler.add(cron).await?;
+        // Say when the first poll comes: with the default 15-minute cron a new user would
+        // otherwise wonder why nothing happens.
+        if let Ok(next) = crate::config::parse_cron(expr).and_then(|c| {
+            c.find_next_occurrence(&chrono::Utc::now(), false)
+                .map_err(|e| e.to_string())
+        }) {
+            tracing::info!(job = job_label(job), cron = %expr, next = %next.to_rfc3339(), "scheduled");
+        }
     }
     scheduler.start().await?;
     Ok((Schedule { scheduler }, rx))

@@ -299,7 +299,63 @@ async fn walking_skeleton(api: &str) {
         );
     }
 
+    // The read-side commands on the store the daemon left.
+    if api == "v3" {
+        read_commands(cfg, &vehicle_ids).await;
+    }
+
     let _ = sim.terminate(Duration::from_secs(10)).await;
+}
+
+async fn output(args: &[&str]) -> String {
+    let mut p = spawn(args[args.len() - 1], args, &[]);
+    let code = p.wait(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "{args:?}: {}", p.stderr());
+    let mut lines = Vec::new();
+    while let Some(l) = p.stdout.recv().await {
+        lines.push(l);
+    }
+    lines.join("\n")
+}
+
+async fn read_commands(cfg: &str, vehicle_ids: &[String]) {
+    let list = output(&["--config", cfg, "vehicles", "list"]).await;
+    for id in vehicle_ids {
+        assert!(
+            list.contains(id.as_str()),
+            "vehicles list names {id}:\n{list}"
+        );
+    }
+    assert!(list.contains("active"), "{list}");
+
+    let status = output(&["--config", cfg, "status"]).await;
+    assert!(
+        status.contains(&format!("connections: {USERS}")),
+        "{status}"
+    );
+    assert!(status.contains("last poll"), "{status}");
+
+    let id = &vehicle_ids[0];
+    let csv = output(&[
+        "--config",
+        cfg,
+        "history",
+        "--vehicle",
+        id,
+        "--since",
+        "1h",
+        "--format",
+        "csv",
+    ])
+    .await;
+    let mut rows = csv.lines();
+    assert_eq!(
+        rows.next(),
+        Some("vehicle_id,recorded_at,fetched_at,soc_percent,range_km")
+    );
+    let rows: Vec<&str> = rows.collect();
+    assert!(rows.len() >= 2, "{csv}");
+    assert!(rows.iter().all(|r| r.starts_with(id.as_str())), "{csv}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
