@@ -1,104 +1,172 @@
-//! Smartcar's error envelopes: v2 (smartcar-api.md §4.1), v3 `errors[]` (§3.6) and the token
-//! endpoint's OAuth body (§1.5).
+//! Smartcar's error envelopes, so the simulator fails exactly the way the real API does
+//! (smartcar-api.md §3.6 for v3 `errors[]`, §4.1 for the v2 object, §1.5 for the OAuth shape).
+//!
+//! One [`ApiError`] value describes the failure; the API version decides how it is rendered, so a
+//! handler never builds JSON error bodies by hand and the v2/v3 shapes can't drift apart.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::fleet::uuid;
-
-pub fn request_id() -> String {
-    uuid(&mut rand::rng())
+/// Which envelope to render.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Api {
+    V2,
+    V3,
 }
 
-fn resolution(error_type: &str) -> serde_json::Value {
-    match error_type {
-        "PERMISSION" | "AUTHENTICATION_FAILED" => json!({"type": "REAUTHENTICATE"}),
-        "RATE_LIMIT" | "SERVER" | "UPSTREAM" => json!({"type": "RETRY_LATER"}),
-        "BILLING" => json!({"type": "CONTACT_SUPPORT"}),
-        _ => json!({"type": null}),
+/// A Smartcar API error: type, code and the texts the docs give for them.
+#[derive(Clone, Debug)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) kind: &'static str,
+    pub(crate) code: Option<&'static str>,
+    pub(crate) description: String,
+    doc_path: &'static str,
+    resolution: Option<&'static str>,
+    suggested_user_message: &'static str,
+}
+
+impl ApiError {
+    /// 401 AUTHENTICATION: missing, unknown or expired access token (or a wrong `sc-user-id`).
+    pub(crate) fn authentication() -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "AUTHENTICATION",
+            code: None,
+            description: "The authorization header is missing or malformed, or it contains invalid or expired \
+                          authentication credentials. Please check for missing parameters, spelling and casing \
+                          mistakes, and other syntax issues."
+                .to_owned(),
+            doc_path: "authentication-errors",
+            resolution: None,
+            suggested_user_message: "Your application has encountered an error. Please contact us to resolve this issue.",
+        }
+    }
+
+    /// 400 CONNECTED_SERVICES_ACCOUNT:VEHICLE_MISSING: the vehicle is not covered by this token.
+    pub(crate) fn vehicle_missing() -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "CONNECTED_SERVICES_ACCOUNT",
+            code: Some("VEHICLE_MISSING"),
+            description:
+                "This vehicle is no longer associated with the user's connected services account. \
+                          Please prompt the user to re-add the vehicle to their account."
+                    .to_owned(),
+            doc_path: "connected-services-account-errors#vehicle-missing",
+            resolution: None,
+            suggested_user_message:
+                "Your car is no longer associated with your connected services account. \
+                                     Please log into your account and re-add your car.",
+        }
+    }
+
+    /// 404 RESOURCE_NOT_FOUND:PATH: no such endpoint (or, in v3, no such signal).
+    pub(crate) fn path_not_found() -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "RESOURCE_NOT_FOUND",
+            code: Some("PATH"),
+            description: "The requested resource does not exist. Please check the URL and try again.".to_owned(),
+            doc_path: "resource-not-found-errors#path",
+            resolution: None,
+            suggested_user_message: "Your application has encountered an error. Please contact us to resolve this issue.",
+        }
+    }
+
+    /// 400 VALIDATION:PARAMETER with what was wrong.
+    pub(crate) fn validation(detail: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "VALIDATION",
+            code: Some("PARAMETER"),
+            description: format!("Request invalid or malformed. {}", detail.into()),
+            doc_path: "validation-errors#parameter",
+            resolution: None,
+            suggested_user_message: "Your application has encountered an error. Please contact us to resolve this issue.",
+        }
+    }
+
+    fn doc_url(&self) -> String {
+        format!(
+            "https://smartcar.com/docs/errors/api-errors/{}",
+            self.doc_path
+        )
+    }
+
+    /// The v2 object (§4.1); also the body of a failed batch item.
+    pub(crate) fn v2_body(&self, request_id: &str) -> Value {
+        json!({
+            "type": self.kind,
+            "code": self.code,
+            "description": self.description,
+            "docURL": self.doc_url(),
+            "statusCode": self.status.as_u16(),
+            "requestId": request_id,
+            "resolution": {"type": self.resolution},
+            "suggestedUserMessage": self.suggested_user_message,
+        })
+    }
+
+    /// The v3 envelope (§3.6): `status` is a string.
+    pub(crate) fn v3_body(&self) -> Value {
+        json!({"errors": [{
+            "status": self.status.as_u16().to_string(),
+            "type": self.kind,
+            "code": self.code,
+            "title": self.status.canonical_reason().unwrap_or("Error"),
+            "detail": self.description,
+            "links": {"about": self.doc_url()},
+            "resolution": {"type": self.resolution},
+            "suggestedUserMessage": self.suggested_user_message,
+        }]})
+    }
+
+    /// The full HTTP response, with `sc-request-id` like every Smartcar answer.
+    pub(crate) fn into_api_response(self, api: Api, request_id: &str) -> Response {
+        let body = match api {
+            Api::V2 => self.v2_body(request_id),
+            Api::V3 => self.v3_body(),
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            response.headers_mut().insert("sc-request-id", value);
+        }
+        response
     }
 }
 
-fn doc_url(error_type: &str, code: Option<&str>) -> String {
-    let page = error_type.to_ascii_lowercase().replace('_', "-");
-    match code {
-        Some(c) => format!(
-            "https://smartcar.com/docs/errors/api-errors/{page}-errors#{}",
-            c.to_ascii_lowercase().replace('_', "-")
-        ),
-        None => format!("https://smartcar.com/docs/errors/api-errors/{page}-errors"),
-    }
-}
-
-/// A v2 error response with the `sc-request-id` header.
-pub fn v2(status: u16, error_type: &str, code: Option<&str>, description: &str) -> Response {
-    let rid = request_id();
-    let body = v2_body(status, error_type, code, description, &rid);
-    let mut r = (
-        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        Json(body),
-    )
-        .into_response();
-    if let Ok(v) = HeaderValue::from_str(&rid) {
-        r.headers_mut().insert("sc-request-id", v);
-    }
-    r
-}
-
-pub fn v2_body(
-    status: u16,
-    error_type: &str,
-    code: Option<&str>,
-    description: &str,
-    rid: &str,
-) -> serde_json::Value {
-    json!({
-        "type": error_type,
-        "code": code,
-        "description": description,
-        "docURL": doc_url(error_type, code),
-        "statusCode": status,
-        "requestId": rid,
-        "resolution": resolution(error_type),
-        "suggestedUserMessage": description,
-    })
-}
-
-/// A v3 `errors[]` response.
-pub fn v3(
-    status: u16,
-    error_type: &str,
-    code: Option<&str>,
-    title: &str,
-    detail: &str,
+/// The token endpoint's OAuth-style error `{"error","error_description"}` (§1.5).
+pub(crate) fn oauth_error(
+    status: StatusCode,
+    error: &str,
+    description: impl Into<String>,
 ) -> Response {
-    let body = json!({"errors": [{
-        "status": status.to_string(),
-        "type": error_type,
-        "code": code,
-        "title": title,
-        "detail": detail,
-        "links": {"about": doc_url(error_type, code)},
-        "resolution": resolution(error_type),
-    }]});
-    let mut r = (
-        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        Json(body),
-    )
-        .into_response();
-    if let Ok(v) = HeaderValue::from_str(&request_id()) {
-        r.headers_mut().insert("sc-request-id", v);
-    }
-    r
-}
-
-/// The token endpoint's OAuth error body.
-pub fn oauth(status: u16, error: &str, description: &str) -> Response {
     (
-        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-        Json(json!({"error": error, "error_description": description})),
+        status,
+        axum::Json(json!({"error": error, "error_description": description.into()})),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v2_and_v3_shapes() {
+        let e = ApiError::vehicle_missing();
+        let v2 = e.v2_body("rid");
+        assert_eq!(v2["type"], "CONNECTED_SERVICES_ACCOUNT");
+        assert_eq!(v2["code"], "VEHICLE_MISSING");
+        assert_eq!(v2["statusCode"], 400);
+        assert_eq!(v2["requestId"], "rid");
+        assert!(v2["resolution"]["type"].is_null());
+        let v3 = ApiError::authentication().v3_body();
+        assert_eq!(v3["errors"][0]["status"], "401");
+        assert_eq!(v3["errors"][0]["type"], "AUTHENTICATION");
+        assert!(v3["errors"][0]["code"].is_null());
+        assert_eq!(v3["errors"][0]["title"], "Unauthorized");
+    }
 }

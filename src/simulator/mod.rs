@@ -1,57 +1,72 @@
-//! `carpulse simulator`: a Smartcar look-alike on loopback, so that carpulse (and its users,
-//! CI and benchmarks) can run every path offline, as Smartcar's own Vehicle Simulator lets
-//! people try the API without a car. It serves Connect (`/oauth/authorize`, auto-approving),
-//! the token endpoint (`/oauth/token`) and Vehicle API v2.0 (`/v2.0`) and v3 (`/v3`) for
-//! simulated users whose battery-electric cars park, drive and charge in simulated time. It
-//! counts what clients did wrong (expired or unknown tokens, invalidated refresh tokens, no
-//! `sc-unit-system`) and serves those counters and what it served under `/_simulator/`.
+//! The built-in Smartcar-compatible simulator: `carpulse simulator`, and the server carpulse's own
+//! tests and `carpulse demo` run against.
+//!
+//! It serves Connect (`/oauth/authorize`), the token endpoint (`/oauth/token`), Vehicle API v2.0
+//! (`/v2.0`) and v3 signals (`/v3`) with the shapes, headers and errors of smartcar-api.md, over a
+//! deterministic fleet of BEVs whose values evolve with simulated time. `/_simulator/*` exposes
+//! counters and what was served, so tests can check carpulse against ground truth.
+//!
+//! Layout: [`fleet`] (ids and the vehicle model), [`oauth`] (codes and tokens), [`v2`], [`v3`],
+//! [`errors`] (envelopes) and [`stats`] (counters, served log). This file owns the configuration,
+//! the shared state, bearer authentication, routing and the CLI entry point.
 
-pub mod errors;
-pub mod fleet;
-pub mod oauth;
-pub mod state;
-pub mod v2;
-pub mod v3;
+mod errors;
+mod fleet;
+mod oauth;
+mod stats;
+mod v2;
+mod v3;
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::fmt;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use anyhow::Context as _;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tokio::net::TcpListener;
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use state::Sim;
+use crate::domain::{now_ms, UnixMillis};
+use errors::{Api, ApiError};
+use fleet::{Fleet, SimClock, Vehicle};
+use stats::{bump, ServedLog, Stats};
 
-#[derive(Clone, Debug)]
+/// How the simulator behaves. `Default` is what `carpulse simulator` runs with no flags.
+#[derive(Clone)]
 pub struct SimulatorConfig {
+    /// The one OAuth client the simulator knows.
     pub client_id: String,
+    /// Its secret (the token endpoint checks it in the Basic header). Redacted in `Debug`.
     pub client_secret: String,
+    /// Number of simulated accounts (each Connect consent picks one).
     pub users: usize,
     pub vehicles_per_user: usize,
+    /// `expires_in` of access tokens.
     pub access_token_lifetime: Duration,
     pub refresh_token_lifetime: Duration,
-    /// How long a used refresh token is still accepted (Smartcar: 1 or 10 minutes; docs differ).
+    /// How long a used refresh token is still accepted (Smartcar: about a minute).
     pub refresh_grace: Duration,
-    /// How often a simulated car reports new data.
+    /// How often a car reports new data; values change only at report times.
     pub report_interval: Duration,
-    /// Simulated seconds per real second.
+    /// Simulated seconds per real second (60 = a simulated day every 24 minutes).
     pub time_scale: f64,
+    /// Fleet seed: the same seed gives the same users, vehicle ids and VINs.
     pub seed: u64,
 }
 
 impl Default for SimulatorConfig {
     fn default() -> Self {
         SimulatorConfig {
-            client_id: "carpulse-demo".into(),
-            client_secret: "carpulse-demo-secret".into(),
+            client_id: "carpulse-demo".to_owned(),
+            client_secret: "carpulse-demo-secret".to_owned(),
             users: 1,
             vehicles_per_user: 2,
             access_token_lifetime: Duration::from_secs(7200),
@@ -64,132 +79,86 @@ impl Default for SimulatorConfig {
     }
 }
 
-/// The simulator's routes over its state (public so tests can mount it on their own listener).
-pub fn router(cfg: SimulatorConfig) -> Router {
-    let sim = Arc::new(Sim::new(cfg));
-    Router::new()
-        .route("/oauth/authorize", get(oauth::authorize))
-        .route("/oauth/token", post(oauth::token))
-        .route("/v2.0/user", get(v2::user))
-        .route("/v2.0/vehicles", get(v2::vehicles))
-        .route("/v2.0/vehicles/{id}", get(v2::info))
-        .route("/v2.0/vehicles/{id}/batch", post(v2::batch))
-        .route("/v2.0/vehicles/{id}/{*rest}", get(v2::path))
-        .route("/v3/vehicles/{id}", get(v3::vehicle))
-        .route("/v3/vehicles/{id}/signals", get(v3::list))
-        .route("/v3/vehicles/{id}/signals/{code}", get(v3::one))
-        .route("/_simulator/stats", get(stats))
-        .route("/_simulator/vehicles", get(vehicles))
-        .route("/_simulator/served", get(served))
-        .fallback(not_found)
-        .with_state(sim)
-}
-
-/// Serves until `shutdown` is cancelled.
-pub async fn serve(
-    listener: TcpListener,
-    cfg: SimulatorConfig,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let addr = listener.local_addr().ok();
-    tracing::info!(addr = ?addr, users = cfg.users, vehicles_per_user = cfg.vehicles_per_user, "simulator serving");
-    axum::serve(listener, router(cfg))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .context("simulator server")
-}
-
-async fn not_found(uri: axum::http::Uri) -> Response {
-    if uri.path().starts_with("/v3") {
-        errors::v3(
-            404,
-            "RESOURCE_NOT_FOUND",
-            Some("PATH"),
-            "Not Found",
-            "The requested resource does not exist.",
-        )
-    } else {
-        errors::v2(
-            404,
-            "RESOURCE_NOT_FOUND",
-            Some("PATH"),
-            "The requested resource does not exist.",
-        )
+/// Hand-written so the client secret never reaches a log line through `{:?}`.
+impl fmt::Debug for SimulatorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimulatorConfig")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("users", &self.users)
+            .field("vehicles_per_user", &self.vehicles_per_user)
+            .field("access_token_lifetime", &self.access_token_lifetime)
+            .field("refresh_token_lifetime", &self.refresh_token_lifetime)
+            .field("refresh_grace", &self.refresh_grace)
+            .field("report_interval", &self.report_interval)
+            .field("time_scale", &self.time_scale)
+            .field("seed", &self.seed)
+            .finish()
     }
 }
 
-async fn stats(State(sim): State<Arc<Sim>>) -> Response {
-    Json(sim.stats.to_json()).into_response()
-}
-
-async fn vehicles(State(sim): State<Arc<Sim>>) -> Response {
-    let users: Vec<serde_json::Value> = sim
-        .fleet
-        .users
-        .iter()
-        .map(|u| {
-            let vs: Vec<serde_json::Value> = u
-                .vehicles
-                .iter()
-                .map(|&v| {
-                    let v = &sim.fleet.vehicles[v];
-                    serde_json::json!({"id": v.id, "vin": v.vin, "make": v.make, "model": v.model, "year": v.year})
-                })
-                .collect();
-            serde_json::json!({"id": u.id, "vehicles": vs})
-        })
-        .collect();
-    Json(serde_json::json!({ "users": users })).into_response()
-}
-
-async fn served(State(sim): State<Arc<Sim>>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let Some(&v) = q.get("vehicle_id").and_then(|id| sim.fleet.by_id.get(id)) else {
-        return (StatusCode::NOT_FOUND, "unknown vehicle_id\n").into_response();
-    };
-    let Ok(logs) = sim.served.lock() else {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    };
-    match logs.get(&v) {
-        Some(log) => Json(log).into_response(),
-        None => {
-            Json(serde_json::json!({"battery": [], "charge": [], "odometer": []})).into_response()
-        }
-    }
-}
-
-/// `carpulse simulator` options.
-#[derive(clap::Args, Debug, Clone)]
+/// `carpulse simulator` flags.
+#[derive(clap::Args, Clone)]
 pub struct SimulatorArgs {
-    /// Address to listen on (port 0 picks a free one; the real address is printed).
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:8090")]
     pub listen: SocketAddr,
-    /// The client id the token endpoint and Connect accept.
+    /// OAuth client id the simulator accepts.
     #[arg(long, default_value = "carpulse-demo")]
     pub client_id: String,
-    /// The client secret the token endpoint accepts (Basic auth).
+    /// OAuth client secret the simulator accepts.
     #[arg(long, default_value = "carpulse-demo-secret")]
     pub client_secret: String,
-    /// Simulated Smartcar accounts; each Connect picks the next one (or `&user=N`).
+    /// Number of simulated user accounts.
     #[arg(long, default_value_t = 1)]
     pub users: usize,
-    /// Vehicles per account.
+    /// Vehicles per user account.
     #[arg(long, default_value_t = 2)]
     pub vehicles_per_user: usize,
-    /// Access-token lifetime in seconds (Smartcar: 7200).
-    #[arg(long, default_value_t = 7200)]
+    /// Access token lifetime in seconds (`expires_in`).
+    #[arg(long = "token-lifetime", value_name = "SECONDS", default_value_t = 7200,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub token_lifetime: u64,
-    /// Seconds a used refresh token is still accepted (Smartcar's docs say 60 or 600).
-    #[arg(long, default_value_t = 60)]
+    /// Seconds a used refresh token is still accepted.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub refresh_grace: u64,
-    /// Seconds between a simulated car's data reports (`sc-data-age` changes only then).
-    #[arg(long, default_value_t = 5)]
+    /// Seconds between a car's data reports.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub report_interval: u64,
-    /// Simulated seconds per real second (60: a simulated day in 24 minutes).
-    #[arg(long, default_value_t = 60.0)]
+    /// Simulated seconds per real second (0 freezes the cars).
+    #[arg(long, default_value_t = 60.0, value_parser = parse_time_scale)]
     pub time_scale: f64,
-    /// Seed of the users, vehicles and their ids (the same seed gives the same fleet).
+    /// Fleet seed: the same seed gives the same ids and VINs.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+/// Hand-written so the client secret never reaches a log line through `{:?}`.
+impl fmt::Debug for SimulatorArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimulatorArgs")
+            .field("listen", &self.listen)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("users", &self.users)
+            .field("vehicles_per_user", &self.vehicles_per_user)
+            .field("token_lifetime", &self.token_lifetime)
+            .field("refresh_grace", &self.refresh_grace)
+            .field("report_interval", &self.report_interval)
+            .field("time_scale", &self.time_scale)
+            .field("seed", &self.seed)
+            .finish()
+    }
+}
+
+fn parse_time_scale(s: &str) -> Result<f64, String> {
+    let value: f64 = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    if value.is_finite() && value >= 0.0 {
+        Ok(value)
+    } else {
+        Err("must be a finite number ≥ 0".to_owned())
+    }
 }
 
 impl SimulatorArgs {
@@ -200,32 +169,280 @@ impl SimulatorArgs {
             users: self.users,
             vehicles_per_user: self.vehicles_per_user,
             access_token_lifetime: Duration::from_secs(self.token_lifetime),
-            refresh_token_lifetime: SimulatorConfig::default().refresh_token_lifetime,
             refresh_grace: Duration::from_secs(self.refresh_grace),
-            report_interval: Duration::from_secs(self.report_interval.max(1)),
+            report_interval: Duration::from_secs(self.report_interval),
             time_scale: self.time_scale,
             seed: self.seed,
+            ..SimulatorConfig::default()
         }
     }
 }
 
-/// Binds, prints the address and the config lines to use, serves until shutdown.
-pub async fn run_cli(args: SimulatorArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen)
+/// Everything a request handler needs; shared read-mostly behind an `Arc`.
+pub(crate) struct Sim {
+    pub(crate) cfg: SimulatorConfig,
+    pub(crate) fleet: Fleet,
+    pub(crate) clock: SimClock,
+    pub(crate) tokens: oauth::TokenStore,
+    pub(crate) stats: Stats,
+    pub(crate) served: ServedLog,
+}
+
+pub(crate) type SimState = Arc<Sim>;
+
+impl Sim {
+    fn new(cfg: SimulatorConfig, now: UnixMillis) -> anyhow::Result<Sim> {
+        anyhow::ensure!(
+            cfg.users >= 1,
+            "the simulator needs at least one user (users = 0)"
+        );
+        anyhow::ensure!(
+            cfg.time_scale.is_finite() && cfg.time_scale >= 0.0,
+            "time_scale must be a finite number ≥ 0 (got {})",
+            cfg.time_scale
+        );
+        let report_interval_ms = i64::try_from(cfg.report_interval.as_millis()).unwrap_or(i64::MAX);
+        anyhow::ensure!(
+            report_interval_ms >= 1,
+            "report_interval must be at least 1 ms"
+        );
+        let fleet = Fleet::generate(
+            cfg.seed,
+            cfg.users,
+            cfg.vehicles_per_user,
+            report_interval_ms,
+        );
+        // Simulated time starts at the beginning of the current UTC day, so a restart on the same
+        // day continues the same trajectories and the odometer starts near its base value.
+        let anchor_ms = now - now.rem_euclid(86_400_000);
+        let clock = SimClock {
+            anchor_ms,
+            time_scale: cfg.time_scale,
+            report_interval_ms,
+        };
+        Ok(Sim {
+            cfg,
+            fleet,
+            clock,
+            tokens: oauth::TokenStore::default(),
+            stats: Stats::default(),
+            served: ServedLog::default(),
+        })
+    }
+
+    /// Checks the bearer token and returns the index of its user, counting unknown and expired
+    /// tokens (carpulse should refresh before expiry and never send a token it was not given).
+    pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Result<usize, ApiError> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        let Some(token) = token else {
+            bump(&self.stats.unknown_token_requests);
+            return Err(ApiError::authentication());
+        };
+        match self.tokens.check_access(token, now_ms()) {
+            oauth::AccessCheck::Valid { user } => Ok(user),
+            oauth::AccessCheck::Expired => {
+                bump(&self.stats.expired_token_requests);
+                Err(ApiError::authentication())
+            }
+            oauth::AccessCheck::Unknown => {
+                bump(&self.stats.unknown_token_requests);
+                Err(ApiError::authentication())
+            }
+        }
+    }
+
+    /// The vehicle `id` if the user owns it; VEHICLE_MISSING otherwise (also for ids that do not
+    /// exist, as Smartcar does not tell other users' vehicles from non-existent ones).
+    pub(crate) fn owned_vehicle(&self, user: usize, id: &str) -> Result<&Vehicle, ApiError> {
+        match self.fleet.vehicle(id) {
+            Some((owner, vehicle)) if owner == user => Ok(vehicle),
+            _ => Err(ApiError::vehicle_missing()),
+        }
+    }
+}
+
+/// ISO-8601 UTC with milliseconds, the format of `sc-data-age` and `sc-fetched-at`.
+pub(crate) fn iso_ms(ms: UnixMillis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A JSON 200 with `sc-request-id` and any extra headers.
+pub(crate) fn api_json(
+    request_id: &str,
+    body: Value,
+    extra: &[(&'static str, String)],
+) -> Response {
+    let mut response = (StatusCode::OK, Json(body)).into_response();
+    let headers = response.headers_mut();
+    for (name, value) in std::iter::once(&("sc-request-id", request_id.to_owned())).chain(extra) {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(*name, value);
+        }
+    }
+    response
+}
+
+/// The router with every endpoint, for [`serve`].
+fn router(sim: SimState) -> Router {
+    Router::new()
+        .route("/oauth/authorize", get(oauth::authorize))
+        .route("/oauth/token", post(oauth::token))
+        .route("/v2.0/user", get(v2::user))
+        .route("/v2.0/vehicles", get(v2::vehicles))
+        .route("/v2.0/vehicles/{id}", get(v2::vehicle_root))
+        .route("/v2.0/vehicles/{id}/batch", post(v2::batch))
+        .route("/v2.0/vehicles/{id}/{*rest}", get(v2::vehicle_resource))
+        .route("/v3/vehicles/{id}", get(v3::vehicle))
+        .route("/v3/vehicles/{id}/signals", get(v3::signals))
+        .route("/v3/vehicles/{id}/signals/{code}", get(v3::signal))
+        .route("/_simulator/stats", get(stats_handler))
+        .route("/_simulator/vehicles", get(vehicles_handler))
+        .route("/_simulator/served", get(served_handler))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(sim.clone(), log_and_count))
+        .with_state(sim)
+}
+
+/// One debug line per request (method, path, status, time; never the query, headers or body,
+/// which carry codes and tokens) and the request counters.
+async fn log_and_count(State(sim): State<SimState>, request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    if !path.starts_with("/_simulator/") {
+        bump(&sim.stats.requests);
+        if path.starts_with("/v2.0/") {
+            bump(&sim.stats.v2_requests);
+        } else if path.starts_with("/v3/") {
+            bump(&sim.stats.v3_requests);
+        }
+    }
+    let started = Instant::now();
+    let response = next.run(request).await;
+    tracing::debug!(
+        %method,
+        %path,
+        status = response.status().as_u16(),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "simulator request"
+    );
+    response
+}
+
+/// Unknown paths: the API's own 404 under `/v2.0` and `/v3`, plain text elsewhere.
+async fn not_found(request: Request) -> Response {
+    let path = request.uri().path();
+    let request_id = fleet::random_uuid();
+    if path == "/v2.0" || path.starts_with("/v2.0/") {
+        ApiError::path_not_found().into_api_response(Api::V2, &request_id)
+    } else if path == "/v3" || path.starts_with("/v3/") {
+        ApiError::path_not_found().into_api_response(Api::V3, &request_id)
+    } else {
+        (StatusCode::NOT_FOUND, "Not found\n").into_response()
+    }
+}
+
+async fn stats_handler(State(sim): State<SimState>) -> Json<Value> {
+    Json(sim.stats.to_json())
+}
+
+async fn vehicles_handler(State(sim): State<SimState>) -> Json<Value> {
+    let users: Vec<Value> = sim
+        .fleet
+        .users
+        .iter()
+        .map(|u| {
+            let vehicles: Vec<Value> = u
+                .vehicles
+                .iter()
+                .map(|v| json!({"id": v.id, "vin": v.vin, "make": v.make, "model": v.model, "year": v.year}))
+                .collect();
+            json!({"id": u.id, "vehicles": vehicles})
+        })
+        .collect();
+    Json(json!({ "users": users }))
+}
+
+async fn served_handler(
+    State(sim): State<SimState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    match q.get("vehicle_id") {
+        Some(id) if sim.fleet.vehicle(id).is_some() => Json(sim.served.to_json(id)).into_response(),
+        Some(_) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "unknown vehicle_id"})),
+        )
+            .into_response(),
+        None => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "vehicle_id is required"})),
+        )
+            .into_response(),
+    }
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cfg: SimulatorConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let sim = Arc::new(Sim::new(cfg, now_ms()).context("invalid simulator configuration")?);
+    let addr = listener
+        .local_addr()
+        .context("reading the simulator's bound address")?;
+    tracing::info!(
+        %addr,
+        users = sim.fleet.users.len(),
+        vehicles_per_user = sim.cfg.vehicles_per_user,
+        seed = sim.cfg.seed,
+        "simulator serving"
+    );
+    axum::serve(listener, router(sim))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-        .with_context(|| format!("--listen {}", args.listen))?;
-    let addr = listener.local_addr()?;
+        .context("simulator server failed")?;
+    tracing::info!(%addr, "simulator stopped");
+    Ok(())
+}
+
+/// Binds `args.listen`, prints exactly one line to stdout
+/// `carpulse simulator listening on http://{bound addr}` (flushed; tests parse it, so print it after
+/// binding, with the real port when --listen uses port 0), then prints (stdout) the client id and the
+/// base URLs to put in a carpulse config (connect_url, token_url, api_v2_url, api_v3_url) and serves
+/// until shutdown.
+pub async fn run_cli(args: SimulatorArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = args.to_config();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding the simulator to {}", args.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("reading the simulator's bound address")?;
     let base = format!("http://{addr}");
     let mut out = std::io::stdout().lock();
-    writeln!(out, "carpulse simulator listening on {base}")?;
-    writeln!(
+    writeln!(out, "carpulse simulator listening on {base}").context("writing to stdout")?;
+    write!(
         out,
-        "config for carpulse:\n  client_id = \"{}\"\n  client_secret = \"{}\"\n  mode = \"simulated\"\n  \
-         connect_url = \"{base}/oauth/authorize\"\n  token_url = \"{base}/oauth/token\"\n  \
-         api_v2_url = \"{base}/v2.0\"\n  api_v3_url = \"{base}/v3\"",
-        args.client_id, args.client_secret
-    )?;
-    out.flush()?;
+        "\n# Point carpulse at the simulator with these [smartcar] settings:\n\
+         client_id = \"{client_id}\"\n\
+         # client_secret = the value of --client-secret (default \"carpulse-demo-secret\")\n\
+         mode = \"simulated\"\n\
+         connect_url = \"{base}/oauth/authorize\"\n\
+         token_url = \"{base}/oauth/token\"\n\
+         api_v2_url = \"{base}/v2.0\"\n\
+         api_v3_url = \"{base}/v3\"\n\n",
+        client_id = cfg.client_id,
+    )
+    .context("writing to stdout")?;
+    out.flush().context("flushing stdout")?;
     drop(out);
-    serve(listener, args.to_config(), shutdown).await
+    serve(listener, cfg, shutdown).await
 }

@@ -1,298 +1,452 @@
-//! Connect and the token endpoint (smartcar-api.md §1): authorize auto-approves and redirects
-//! with a single-use code; the token endpoint exchanges codes and rotates refresh tokens with
-//! a grace window, and every Vehicle API request is checked against the tokens issued here.
+//! Smartcar's OAuth surface: Connect's `GET /oauth/authorize` (auto-approved) and the token
+//! endpoint `POST /oauth/token`, plus the token table the vehicle API checks bearer tokens against.
+//!
+//! The rules follow smartcar-api.md §1: single-use codes valid 10 minutes and bound to their
+//! redirect URI, Basic client auth, rotation on every refresh with the used refresh token still
+//! accepted for a grace window, old access tokens valid until their own expiry. Tokens are random
+//! (not seeded): they are credentials, and a restart must not re-issue old ones.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::Mutex;
 
-use axum::extract::{Query, State};
+use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::{Form, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Form, Json};
-use base64::Engine;
+use base64::Engine as _;
+use serde_json::json;
 
-use super::errors;
-use super::fleet::uuid;
-use super::state::{Access, Code, Refresh, Sim, Stats};
-use crate::domain::now_ms;
+use super::errors::oauth_error;
+use super::fleet::random_uuid;
+use super::stats::bump;
+use super::SimState;
+use crate::domain::{now_ms, UnixMillis};
 
-/// Authorization codes live 10 minutes.
-const CODE_LIFETIME_MS: i64 = 600_000;
+/// Authorization codes live 10 minutes (§1.2).
+const CODE_LIFETIME_MS: i64 = 10 * 60 * 1000;
+/// Expired tokens are remembered this long so a late use is reported as "expired", not "unknown".
+const FORGET_AFTER_MS: i64 = 24 * 3600 * 1000;
+/// Prune the tables after this many issued tokens.
+const PRUNE_EVERY: u64 = 1024;
 
-pub async fn authorize(
-    State(sim): State<Arc<Sim>>,
-    Query(q): Query<HashMap<String, String>>,
+struct Code {
+    user: usize,
+    redirect_uri: String,
+    expires_at: UnixMillis,
+}
+
+struct Access {
+    user: usize,
+    expires_at: UnixMillis,
+}
+
+struct Refresh {
+    user: usize,
+    expires_at: UnixMillis,
+    /// When it was first exchanged; it stays usable for `refresh_grace` after that.
+    first_used_at: Option<UnixMillis>,
+}
+
+#[derive(Default)]
+struct Tables {
+    codes: HashMap<String, Code>,
+    access: HashMap<String, Access>,
+    refresh: HashMap<String, Refresh>,
+    /// Round-robin cursor for authorizations that don't name a user.
+    next_user: usize,
+    issued: u64,
+}
+
+/// What a bearer token turned out to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AccessCheck {
+    Valid { user: usize },
+    Expired,
+    Unknown,
+}
+
+/// Outcome of presenting a refresh token.
+enum RefreshUse {
+    /// Accepted; `in_grace` when it had been used before (inside the grace window).
+    Accepted { user: usize, in_grace: bool },
+    /// Known but used longer ago than the grace window.
+    Invalidated,
+    /// Unknown, or past its 60-day lifetime.
+    Invalid,
+}
+
+/// Codes and tokens. No `Debug`: its keys are credentials.
+#[derive(Default)]
+pub(crate) struct TokenStore {
+    // std Mutex: every operation is a few map lookups with no `.await` inside, so contention is
+    // brief and a tokio mutex would buy nothing.
+    tables: Mutex<Tables>,
+}
+
+/// A freshly issued access/refresh pair.
+struct Issued {
+    access_token: String,
+    refresh_token: String,
+}
+
+impl TokenStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
+        // A poisoned lock only means another request panicked mid-update; the maps stay usable.
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn check_access(&self, token: &str, now: UnixMillis) -> AccessCheck {
+        match self.lock().access.get(token) {
+            None => AccessCheck::Unknown,
+            Some(a) if now >= a.expires_at => AccessCheck::Expired,
+            Some(a) => AccessCheck::Valid { user: a.user },
+        }
+    }
+
+    fn issue_code(&self, user: usize, redirect_uri: &str, now: UnixMillis) -> String {
+        let code = random_uuid();
+        self.lock().codes.insert(
+            code.clone(),
+            Code {
+                user,
+                redirect_uri: redirect_uri.to_owned(),
+                expires_at: now + CODE_LIFETIME_MS,
+            },
+        );
+        code
+    }
+
+    /// Picks the user for an authorization without a `user` parameter (round-robin).
+    fn next_user(&self, users: usize) -> usize {
+        let mut t = self.lock();
+        let user = t.next_user % users.max(1);
+        t.next_user = user + 1;
+        user
+    }
+
+    /// Consumes a code. Errors say why, without echoing the code.
+    fn redeem_code(
+        &self,
+        code: &str,
+        redirect_uri: &str,
+        now: UnixMillis,
+    ) -> Result<usize, &'static str> {
+        let mut t = self.lock();
+        let Some(entry) = t.codes.get(code) else {
+            return Err("the code is unknown or was already used.");
+        };
+        if now >= entry.expires_at {
+            t.codes.remove(code);
+            return Err("the code has expired.");
+        }
+        if entry.redirect_uri != redirect_uri {
+            return Err("redirect_uri does not match the one used to obtain the code.");
+        }
+        let user = entry.user;
+        t.codes.remove(code);
+        Ok(user)
+    }
+
+    fn use_refresh(&self, token: &str, grace_ms: i64, now: UnixMillis) -> RefreshUse {
+        let mut t = self.lock();
+        let Some(entry) = t.refresh.get_mut(token) else {
+            return RefreshUse::Invalid;
+        };
+        if now >= entry.expires_at {
+            return RefreshUse::Invalid;
+        }
+        match entry.first_used_at {
+            None => {
+                entry.first_used_at = Some(now);
+                RefreshUse::Accepted {
+                    user: entry.user,
+                    in_grace: false,
+                }
+            }
+            Some(first) if now - first <= grace_ms => RefreshUse::Accepted {
+                user: entry.user,
+                in_grace: true,
+            },
+            Some(_) => RefreshUse::Invalidated,
+        }
+    }
+
+    fn issue_pair(
+        &self,
+        user: usize,
+        access_ms: i64,
+        refresh_ms: i64,
+        grace_ms: i64,
+        now: UnixMillis,
+    ) -> Issued {
+        let issued = Issued {
+            access_token: random_uuid(),
+            refresh_token: random_uuid(),
+        };
+        let mut t = self.lock();
+        t.access.insert(
+            issued.access_token.clone(),
+            Access {
+                user,
+                expires_at: now + access_ms,
+            },
+        );
+        t.refresh.insert(
+            issued.refresh_token.clone(),
+            Refresh {
+                user,
+                expires_at: now + refresh_ms,
+                first_used_at: None,
+            },
+        );
+        t.issued += 1;
+        if t.issued % PRUNE_EVERY == 0 {
+            let horizon = now - FORGET_AFTER_MS;
+            t.codes.retain(|_, c| c.expires_at > now);
+            t.access.retain(|_, a| a.expires_at > horizon);
+            t.refresh.retain(|_, r| {
+                r.expires_at > horizon && r.first_used_at.map_or(true, |f| f + grace_ms > horizon)
+            });
+        }
+        issued
+    }
+}
+
+/// Percent-decodes `application/x-www-form-urlencoded` text (`+` is a space). The oauth2 crate
+/// form-encodes the client id and secret before base64 (RFC 6749 §2.3.1), so Basic credentials
+/// are compared both raw and decoded.
+fn form_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Percent-encodes a query value (everything but RFC 3986 unreserved characters).
+pub(crate) fn query_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether the request carries `Authorization: Basic base64(client_id:client_secret)` for this app.
+fn client_authenticated(headers: &HeaderMap, client_id: &str, client_secret: &str) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, encoded)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return false;
+    }
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+        return false;
+    };
+    let Ok(decoded) = String::from_utf8(decoded) else {
+        return false;
+    };
+    let Some((id, secret)) = decoded.split_once(':') else {
+        return false;
+    };
+    let raw = id == client_id && secret == client_secret;
+    raw || (form_decode(id).as_deref() == Some(client_id)
+        && form_decode(secret).as_deref() == Some(client_secret))
+}
+
+fn bad_authorize(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        format!("Invalid authorization request: {message}\n"),
+    )
+        .into_response()
+}
+
+/// `GET /oauth/authorize`: validates the Connect request and auto-approves it with a redirect
+/// carrying a single-use code. `user` (an id or a 1-based index) picks the account; otherwise
+/// users take turns, so successive `carpulse connect` runs connect different accounts.
+pub(crate) async fn authorize(
+    State(sim): State<SimState>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Response {
-    Stats::bump(&sim.stats.requests);
-    let bad = |msg: &str| {
-        (
-            StatusCode::BAD_REQUEST,
-            format!("carpulse simulator: {msg}\n"),
-        )
-            .into_response()
+    bump(&sim.stats.authorizations);
+    let Ok(Query(q)) = query else {
+        return bad_authorize("the query string is malformed.");
     };
-    if q.get("response_type").map(String::as_str) != Some("code") {
-        return bad("response_type must be `code`");
+    let param = |name: &str| q.get(name).map(String::as_str).filter(|v| !v.is_empty());
+    if param("response_type") != Some("code") {
+        return bad_authorize("response_type must be \"code\".");
     }
-    if q.get("client_id") != Some(&sim.cfg.client_id) {
-        return bad("unknown client_id");
+    if param("client_id") != Some(sim.cfg.client_id.as_str()) {
+        return bad_authorize("unknown client_id.");
     }
-    let Some(redirect_uri) = q.get("redirect_uri").filter(|r| !r.is_empty()) else {
-        return bad("redirect_uri is required");
+    let Some(redirect_uri) = param("redirect_uri") else {
+        return bad_authorize("redirect_uri is required.");
     };
-    let Ok(mut target) = oauth2::url::Url::parse(redirect_uri) else {
-        return bad("redirect_uri is not a URL");
-    };
-    if sim.fleet.users.is_empty() {
-        return bad("the simulator has no users");
-    }
-    let Ok(mut tokens) = sim.tokens.lock() else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "state poisoned").into_response();
-    };
-    // `user` names a user by id or 1-based index; otherwise users take turns.
-    let user = match q.get("user") {
-        Some(u) => match sim.fleet.users.iter().position(|x| &x.id == u) {
-            Some(i) => i,
-            None => match u.parse::<usize>() {
-                Ok(n) if (1..=sim.fleet.users.len()).contains(&n) => n - 1,
-                _ => return bad("unknown user"),
+    let users = sim.fleet.users.len();
+    let user = match param("user") {
+        Some(wanted) => match sim.fleet.user_by_id(wanted) {
+            Some(u) => u,
+            None => match wanted.parse::<usize>() {
+                Ok(n) if (1..=users).contains(&n) => n - 1,
+                _ => return bad_authorize("user must be a simulated user id or a 1-based index."),
             },
         },
-        None => {
-            let u = tokens.next_user % sim.fleet.users.len();
-            tokens.next_user += 1;
-            u
-        }
+        None => sim.tokens.next_user(users),
     };
-    let code = uuid(&mut rand::rng());
-    tokens.codes.insert(
-        code.clone(),
-        Code {
-            user,
-            redirect_uri: redirect_uri.clone(),
-            expires_at: now_ms() + CODE_LIFETIME_MS,
-            used: false,
-        },
-    );
-    drop(tokens);
-    {
-        let mut pairs = target.query_pairs_mut();
-        pairs.append_pair("code", &code);
-        if let Some(state) = q.get("state") {
-            pairs.append_pair("state", state);
-        }
+    let code = sim.tokens.issue_code(user, redirect_uri, now_ms());
+    let separator = if redirect_uri.contains('?') { '&' } else { '?' };
+    let mut location = format!("{redirect_uri}{separator}code={code}");
+    if let Some(state) = q.get("state") {
+        location.push_str("&state=");
+        location.push_str(&query_encode(state));
     }
-    (StatusCode::FOUND, [(header::LOCATION, target.to_string())]).into_response()
+    tracing::debug!(user = %sim.fleet.users[user].id, "authorization approved");
+    (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
 }
 
-fn client_ok(sim: &Sim, headers: &HeaderMap) -> bool {
-    let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some(b64) = v
-        .strip_prefix("Basic ")
-        .or_else(|| v.strip_prefix("basic "))
-    else {
-        return false;
-    };
-    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
-        return false;
-    };
-    let Ok(text) = String::from_utf8(raw) else {
-        return false;
-    };
-    let Some((id, secret)) = text.split_once(':') else {
-        return false;
-    };
-    // RFC 6749 clients form-encode id and secret before Basic; Smartcar's SDKs don't.
-    let decode = |s: &str| {
-        oauth2::url::form_urlencoded::parse(format!("x={s}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default()
-    };
-    (id == sim.cfg.client_id || decode(id) == sim.cfg.client_id)
-        && (secret == sim.cfg.client_secret || decode(secret) == sim.cfg.client_secret)
-}
-
-fn issue(sim: &Sim, tokens: &mut super::state::Tokens, user: usize) -> serde_json::Value {
-    let now = now_ms();
-    let access = uuid(&mut rand::rng());
-    let refresh = uuid(&mut rand::rng());
-    let lifetime = sim.cfg.access_token_lifetime.as_millis() as i64;
-    tokens.access.insert(
-        access.clone(),
-        Access {
-            user,
-            expires_at: now + lifetime,
-        },
-    );
-    tokens.refresh.insert(
-        refresh.clone(),
-        Refresh {
-            user,
-            expires_at: now + sim.cfg.refresh_token_lifetime.as_millis() as i64,
-            used_at: None,
-        },
-    );
-    serde_json::json!({
-        "access_token": access,
-        "token_type": "Bearer",
-        "expires_in": sim.cfg.access_token_lifetime.as_secs(),
-        "refresh_token": refresh,
-    })
-}
-
-pub async fn token(
-    State(sim): State<Arc<Sim>>,
+/// `POST /oauth/token`: code exchange and refresh (§1.3–1.5).
+pub(crate) async fn token(
+    State(sim): State<SimState>,
     headers: HeaderMap,
-    Form(f): Form<HashMap<String, String>>,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Response {
-    Stats::bump(&sim.stats.requests);
-    if !client_ok(&sim, &headers) {
-        return errors::oauth(401, "invalid_client", "Invalid client credentials.");
+    let response = token_inner(&sim, &headers, form);
+    if !response.status().is_success() {
+        bump(&sim.stats.token_errors);
     }
-    let Ok(mut tokens) = sim.tokens.lock() else {
-        return errors::oauth(500, "server_error", "state poisoned");
+    response
+}
+
+fn token_inner(
+    sim: &SimState,
+    headers: &HeaderMap,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
+) -> Response {
+    if !client_authenticated(headers, &sim.cfg.client_id, &sim.cfg.client_secret) {
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Invalid client credentials: send Authorization: Basic base64(client_id:client_secret).",
+        );
+    }
+    let Ok(Form(form)) = form else {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The body must be application/x-www-form-urlencoded.",
+        );
     };
+    let field = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
+    let cfg = &sim.cfg;
     let now = now_ms();
-    match f.get("grant_type").map(String::as_str) {
+    let access_ms = duration_ms(cfg.access_token_lifetime);
+    let refresh_ms = duration_ms(cfg.refresh_token_lifetime);
+    let grace_ms = duration_ms(cfg.refresh_grace);
+    let user = match field("grant_type") {
+        None => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Missing grant_type.",
+            )
+        }
         Some("authorization_code") => {
-            let (Some(code), Some(redirect)) = (f.get("code"), f.get("redirect_uri")) else {
-                return errors::oauth(
-                    400,
+            let (Some(code), Some(redirect_uri)) = (field("code"), field("redirect_uri")) else {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
                     "invalid_request",
-                    "code and redirect_uri are required.",
+                    "Missing code or redirect_uri.",
                 );
             };
-            let user = match tokens.codes.get_mut(code) {
-                Some(c) if !c.used && c.expires_at > now && &c.redirect_uri == redirect => {
-                    c.used = true;
-                    c.user
+            match sim.tokens.redeem_code(code, redirect_uri, now) {
+                Ok(user) => {
+                    bump(&sim.stats.code_exchanges);
+                    user
                 }
-                Some(c) if &c.redirect_uri != redirect => {
-                    return errors::oauth(
-                        400,
+                Err(why) => {
+                    return oauth_error(
+                        StatusCode::BAD_REQUEST,
                         "invalid_request",
-                        "Invalid code: redirect_uri does not match.",
+                        format!("Invalid code: {why}"),
                     )
                 }
-                _ => {
-                    return errors::oauth(400, "invalid_request", &format!("Invalid code: {code}."))
-                }
-            };
-            Stats::bump(&sim.stats.code_exchanges);
-            Json(issue(&sim, &mut tokens, user)).into_response()
+            }
         }
         Some("refresh_token") => {
-            let Some(rt) = f.get("refresh_token") else {
-                return errors::oauth(400, "invalid_request", "refresh_token is required.");
+            let Some(refresh_token) = field("refresh_token") else {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "Missing refresh_token.",
+                );
             };
-            let grace = sim.cfg.refresh_grace.as_millis() as i64;
-            let user = match tokens.refresh.get_mut(rt) {
-                Some(r) if r.expires_at <= now => None,
-                Some(r) => match r.used_at {
-                    None => {
-                        r.used_at = Some(now);
-                        Some(r.user)
+            match sim.tokens.use_refresh(refresh_token, grace_ms, now) {
+                RefreshUse::Accepted { user, in_grace } => {
+                    if in_grace {
+                        bump(&sim.stats.grace_refresh_token_uses);
                     }
-                    Some(used) if now - used <= grace => {
-                        Stats::bump(&sim.stats.grace_refresh_token_uses);
-                        Some(r.user)
+                    sim.stats.count_refresh(&sim.fleet.users[user].id);
+                    user
+                }
+                outcome @ (RefreshUse::Invalidated | RefreshUse::Invalid) => {
+                    if matches!(outcome, RefreshUse::Invalidated) {
+                        bump(&sim.stats.invalidated_refresh_token_uses);
                     }
-                    Some(_) => {
-                        Stats::bump(&sim.stats.invalidated_refresh_token_uses);
-                        None
-                    }
-                },
-                None => None,
-            };
-            let Some(user) = user else {
-                return errors::oauth(400, "invalid_grant", "Invalid or expired refresh token.");
-            };
-            Stats::bump(&sim.stats.refreshes);
-            if let Ok(mut by_user) = sim.stats.refreshes_by_user.lock() {
-                *by_user.entry(sim.fleet.users[user].id.clone()).or_default() += 1;
+                    return oauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "Invalid or expired refresh token.",
+                    );
+                }
             }
-            Json(issue(&sim, &mut tokens, user)).into_response()
         }
-        Some(other) => errors::oauth(
-            400,
-            "unsupported_grant_type",
-            &format!("{other} is not supported."),
-        ),
-        None => errors::oauth(400, "invalid_request", "grant_type is required."),
-    }
-}
-
-/// Which envelope an authentication failure uses.
-#[derive(Clone, Copy)]
-pub enum Api {
-    V2,
-    V3,
-}
-
-fn auth_error(api: Api) -> Response {
-    let msg = "The authorization header is missing or malformed, or it contains invalid or expired authentication credentials (e.g. access token).";
-    match api {
-        Api::V2 => errors::v2(401, "AUTHENTICATION", None, msg),
-        Api::V3 => errors::v3(401, "AUTHENTICATION", None, "Unauthorized", msg),
-    }
-}
-
-/// An error answer, boxed: a `Response` is large and this travels through every `Result`.
-pub struct Rejection(pub Box<Response>);
-
-impl From<Response> for Rejection {
-    fn from(r: Response) -> Self {
-        Rejection(Box::new(r))
-    }
-}
-
-impl IntoResponse for Rejection {
-    fn into_response(self) -> Response {
-        *self.0
-    }
-}
-
-/// The user whose valid access token the request carries; counts what was wrong otherwise.
-pub fn authenticate(sim: &Sim, headers: &HeaderMap, api: Api) -> Result<usize, Rejection> {
-    Stats::bump(&sim.stats.requests);
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let Some(token) = token else {
-        Stats::bump(&sim.stats.unknown_token_requests);
-        return Err(auth_error(api).into());
+        Some(_) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "grant_type must be authorization_code or refresh_token.",
+            )
+        }
     };
-    let Ok(tokens) = sim.tokens.lock() else {
-        return Err(errors::v2(500, "SERVER", Some("INTERNAL"), "state poisoned").into());
-    };
-    let user = match tokens.access.get(token) {
-        None => {
-            Stats::bump(&sim.stats.unknown_token_requests);
-            return Err(auth_error(api).into());
-        }
-        Some(a) if a.expires_at <= now_ms() => {
-            Stats::bump(&sim.stats.expired_token_requests);
-            return Err(auth_error(api).into());
-        }
-        Some(a) => a.user,
-    };
-    drop(tokens);
-    // v3's app-token model names the user in `sc-user-id`; when sent it must be this one.
-    if let Some(named) = headers.get("sc-user-id").and_then(|v| v.to_str().ok()) {
-        if named != sim.fleet.users[user].id {
-            return Err(auth_error(api).into());
-        }
-    }
-    Ok(user)
+    let issued = sim
+        .tokens
+        .issue_pair(user, access_ms, refresh_ms, grace_ms, now);
+    tracing::debug!(user = %sim.fleet.users[user].id, "token pair issued");
+    (
+        StatusCode::OK,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(json!({
+            "access_token": issued.access_token,
+            "token_type": "Bearer",
+            "expires_in": cfg.access_token_lifetime.as_secs(),
+            "refresh_token": issued.refresh_token,
+        })),
+    )
+        .into_response()
+}
+
+fn duration_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
 }

@@ -1,27 +1,29 @@
-//! Vehicle API v2.0 (smartcar-api.md §2): `/user`, paged `/vehicles` and `/permissions`, the
-//! per-vehicle data endpoints with their `sc-*` headers, and `POST /batch` with per-item codes.
+//! Vehicle API v2.0 (`/v2.0`): `/user`, `/vehicles`, the per-vehicle resources and `/batch`,
+//! with the `sc-*` headers and error objects of smartcar-api.md §2 and §4.
+//!
+//! Every per-vehicle resource is resolved by one function ([`resource`]) so a direct request and a
+//! batch item answer identically, and both record what they served.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::http::HeaderMap;
+use axum::response::Response;
 use serde_json::{json, Value};
 
-use super::errors;
-use super::fleet::Snapshot;
-use super::oauth::{authenticate, Api, Rejection};
-use super::state::{iso, Served, Sim, Stats};
-use crate::domain::now_ms;
+use super::errors::{Api, ApiError};
+use super::fleet::{km_to_miles, random_uuid, round_to, Vehicle, VehicleState};
+use super::stats::{bump, Served};
+use super::{api_json, iso_ms, Sim, SimState};
+use crate::domain::{now_ms, UnitSystem, UnixMillis};
 
-const KM_PER_MILE: f64 = 1.609344;
-const MAX_LIMIT: usize = 50;
 const DEFAULT_LIMIT: usize = 10;
+const MAX_LIMIT: usize = 50;
 
-/// The permissions every simulated vehicle grants.
-pub const PERMISSIONS: &[&str] = &[
+/// The permissions every simulated consent grants.
+const PERMISSIONS: &[&str] = &[
     "read_vehicle_info",
     "read_vin",
     "read_battery",
@@ -30,293 +32,298 @@ pub const PERMISSIONS: &[&str] = &[
     "read_location",
 ];
 
-fn imperial(headers: &HeaderMap) -> bool {
-    headers
-        .get("sc-unit-system")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("imperial"))
-}
+type QueryResult = Result<Query<HashMap<String, String>>, QueryRejection>;
 
-fn count_unit_header(sim: &Sim, headers: &HeaderMap) {
-    if headers.get("sc-unit-system").is_none() {
-        Stats::bump(&sim.stats.missing_unit_system);
-    }
-}
-
-fn distance(km: f64, imperial: bool) -> f64 {
-    if imperial {
-        (km / KM_PER_MILE * 10.0).round() / 10.0
-    } else {
-        km
-    }
-}
-
-/// The vehicle `id` if it belongs to `user`.
-pub fn owned(sim: &Sim, user: usize, id: &str, api: Api) -> Result<usize, Rejection> {
-    match sim.fleet.by_id.get(id) {
-        Some(&v) if sim.fleet.vehicles[v].user == user => Ok(v),
-        _ => {
-            let msg =
-                "The vehicle is no longer associated with the user's connected services account.";
-            Err(Rejection::from(match api {
-                Api::V2 => errors::v2(
-                    400,
-                    "CONNECTED_SERVICES_ACCOUNT",
-                    Some("VEHICLE_MISSING"),
-                    msg,
-                ),
-                Api::V3 => errors::v3(
-                    400,
-                    "CONNECTED_SERVICES_ACCOUNT",
-                    Some("VEHICLE_MISSING"),
-                    "Bad Request",
-                    msg,
-                ),
-            }))
-        }
-    }
-}
-
-/// The body of a data path for vehicle `v`, whether it carries units, and what it served.
-fn body(
-    sim: &Sim,
-    v: usize,
-    path: &str,
-    s: &Snapshot,
-    imperial: bool,
-) -> Option<(Value, bool, Served)> {
-    let veh = &sim.fleet.vehicles[v];
-    let none = Served::default();
-    Some(match path.trim_end_matches('/') {
-        "" => (
-            json!({"id": veh.id, "make": veh.make, "model": veh.model, "year": veh.year}),
-            false,
-            none,
-        ),
-        "/vin" => (json!({"vin": veh.vin}), false, none),
-        "/battery" => (
-            json!({
-                "percentRemaining": (s.soc_percent * 100.0).round() / 10_000.0,
-                "range": distance(s.range_km, imperial),
-            }),
-            true,
-            Served {
-                battery: true,
-                ..none
-            },
-        ),
-        "/battery/capacity" => (json!({"capacity": veh.capacity_kwh}), false, none),
-        "/charge" => (
-            json!({"isPluggedIn": s.plugged_in, "state": s.charge_state.as_str()}),
-            false,
-            Served {
-                charge: true,
-                ..none
-            },
-        ),
-        "/charge/limit" => (
-            json!({"limit": s.charge_limit_percent / 100.0}),
-            false,
-            none,
-        ),
-        "/odometer" => (
-            json!({"distance": distance(s.odometer_km, imperial)}),
-            true,
-            Served {
-                odometer: true,
-                ..none
-            },
-        ),
-        "/location" => (
-            json!({"latitude": s.latitude, "longitude": s.longitude}),
-            false,
-            none,
-        ),
-        _ => return None,
-    })
-}
-
-fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        h.insert(name, v);
-    }
-}
-
-pub async fn user(State(sim): State<Arc<Sim>>, headers: HeaderMap) -> Response {
-    match authenticate(&sim, &headers, Api::V2) {
-        Ok(u) => Json(json!({"id": sim.fleet.users[u].id})).into_response(),
-        Err(r) => r.into_response(),
-    }
-}
-
-/// `limit`/`offset` paging of a list, with Smartcar's validation error for a bad limit.
-fn page(items: Vec<Value>, q: &HashMap<String, String>, key: &str) -> Response {
-    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+/// `limit`/`offset` of a paged list: limit 1–50 (default 10), offset ≥ 0.
+fn paging(query: &HashMap<String, String>) -> Result<(usize, usize), ApiError> {
+    let limit = match query.get("limit") {
         None => DEFAULT_LIMIT,
-        Some(Ok(l)) if (1..=MAX_LIMIT).contains(&l) => l,
-        _ => {
-            return errors::v2(
-                400,
-                "VALIDATION",
-                Some("PARAMETER"),
-                "limit must be an integer between 1 and 50.",
-            )
-        }
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::validation(format!(
+                    "limit must be an integer from 1 to {MAX_LIMIT}."
+                )))
+            }
+        },
     };
-    let offset = match q.get("offset").map(|o| o.parse::<usize>()) {
+    let offset = match query.get("offset") {
         None => 0,
-        Some(Ok(o)) => o,
-        Some(Err(_)) => {
-            return errors::v2(
-                400,
-                "VALIDATION",
-                Some("PARAMETER"),
-                "offset must be a non-negative integer.",
-            )
-        }
+        Some(raw) => raw
+            .parse::<usize>()
+            .map_err(|_| ApiError::validation("offset must be a non-negative integer."))?,
     };
-    let count = items.len();
-    let slice: Vec<Value> = items.into_iter().skip(offset).take(limit).collect();
-    Json(json!({key: slice, "paging": {"count": count, "offset": offset}})).into_response()
+    Ok((limit, offset))
 }
 
-pub async fn vehicles(
-    State(sim): State<Arc<Sim>>,
+fn page_of<T: Clone>(items: &[T], limit: usize, offset: usize) -> Vec<T> {
+    items.iter().skip(offset).take(limit).cloned().collect()
+}
+
+fn respond(request_id: &str, result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(|e| e.into_api_response(Api::V2, request_id))
+}
+
+/// `GET /v2.0/user`
+pub(crate) async fn user(State(sim): State<SimState>, headers: HeaderMap) -> Response {
+    let rid = random_uuid();
+    let result = sim
+        .authenticate(&headers)
+        .map(|user| api_json(&rid, json!({"id": sim.fleet.users[user].id}), &[]));
+    respond(&rid, result)
+}
+
+/// `GET /v2.0/vehicles?limit=&offset=`: the token user's vehicle ids; `paging.count` is the total.
+pub(crate) async fn vehicles(
+    State(sim): State<SimState>,
     headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
+    query: QueryResult,
 ) -> Response {
-    let user = match authenticate(&sim, &headers, Api::V2) {
-        Ok(u) => u,
-        Err(r) => return r.into_response(),
-    };
-    let ids = sim.fleet.users[user]
-        .vehicles
-        .iter()
-        .map(|&v| Value::from(sim.fleet.vehicles[v].id.clone()))
-        .collect();
-    page(ids, &q, "vehicles")
+    let rid = random_uuid();
+    let result = (|| {
+        let user = sim.authenticate(&headers)?;
+        let Ok(Query(query)) = query else {
+            return Err(ApiError::validation("malformed query string."));
+        };
+        let (limit, offset) = paging(&query)?;
+        let ids: Vec<&str> = sim.fleet.users[user]
+            .vehicles
+            .iter()
+            .map(|v| v.id.as_str())
+            .collect();
+        let body = json!({
+            "vehicles": page_of(&ids, limit, offset),
+            "paging": {"count": ids.len(), "offset": offset},
+        });
+        Ok(api_json(&rid, body, &[]))
+    })();
+    respond(&rid, result)
 }
 
-pub async fn info(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
+/// `GET /v2.0/vehicles/{id}`: the vehicle info object.
+pub(crate) async fn vehicle_root(
+    State(sim): State<SimState>,
     Path(id): Path<String>,
-) -> Response {
-    data(&sim, &headers, &id, "", &HashMap::new())
-}
-
-pub async fn path(
-    State(sim): State<Arc<Sim>>,
     headers: HeaderMap,
-    Path((id, rest)): Path<(String, String)>,
-    Query(q): Query<HashMap<String, String>>,
+    query: QueryResult,
 ) -> Response {
-    data(&sim, &headers, &id, &format!("/{rest}"), &q)
+    vehicle_request(&sim, &headers, &id, "/", query)
 }
 
-fn data(
+/// `GET /v2.0/vehicles/{id}/{resource}`
+pub(crate) async fn vehicle_resource(
+    State(sim): State<SimState>,
+    Path((id, rest)): Path<(String, String)>,
+    headers: HeaderMap,
+    query: QueryResult,
+) -> Response {
+    vehicle_request(&sim, &headers, &id, &format!("/{rest}"), query)
+}
+
+/// The unit system asked for; a request without `sc-unit-system` is answered metric and counted
+/// (the SDKs always send it, so carpulse should too).
+fn unit_system(sim: &Sim, headers: &HeaderMap) -> UnitSystem {
+    match headers.get("sc-unit-system").and_then(|v| v.to_str().ok()) {
+        None => {
+            bump(&sim.stats.missing_unit_system);
+            UnitSystem::Metric
+        }
+        Some(v) if v.trim().eq_ignore_ascii_case("imperial") => UnitSystem::Imperial,
+        Some(_) => UnitSystem::Metric,
+    }
+}
+
+/// The `sc-data-age`/`sc-fetched-at`/`sc-unit-system` trio of a data response.
+fn data_headers(
+    state: &VehicleState,
+    now: UnixMillis,
+    units: UnitSystem,
+) -> [(&'static str, String); 3] {
+    [
+        ("sc-data-age", iso_ms(state.report_ms)),
+        ("sc-fetched-at", iso_ms(now)),
+        ("sc-unit-system", units.as_str().to_owned()),
+    ]
+}
+
+fn vehicle_request(
     sim: &Sim,
     headers: &HeaderMap,
     id: &str,
     path: &str,
-    q: &HashMap<String, String>,
+    query: QueryResult,
 ) -> Response {
-    let user = match authenticate(sim, headers, Api::V2) {
-        Ok(u) => u,
-        Err(r) => return r.into_response(),
-    };
-    let v = match owned(sim, user, id, Api::V2) {
-        Ok(v) => v,
-        Err(r) => return r.into_response(),
-    };
-    if path == "/permissions" {
-        let perms = PERMISSIONS.iter().map(|p| Value::from(*p)).collect();
-        return page(perms, q, "permissions");
-    }
-    count_unit_header(sim, headers);
-    let now = now_ms();
-    let (at, snap) = sim.data(v, now);
-    let imperial = imperial(headers);
-    let Some((body, units, served)) = body(sim, v, path, &snap, imperial) else {
-        return errors::v2(
-            404,
-            "RESOURCE_NOT_FOUND",
-            Some("PATH"),
-            "The requested resource does not exist.",
-        );
-    };
-    sim.record_served(v, at, &snap, served);
-    let mut r = Json(body).into_response();
-    let h = r.headers_mut();
-    set(h, "sc-request-id", &errors::request_id());
-    set(h, "sc-data-age", &iso(at));
-    set(h, "sc-fetched-at", &iso(now));
-    if units {
-        set(
-            h,
-            "sc-unit-system",
-            if imperial { "imperial" } else { "metric" },
-        );
-    }
-    r
+    let rid = random_uuid();
+    let result = (|| {
+        let user = sim.authenticate(headers)?;
+        let vehicle = sim.owned_vehicle(user, id)?;
+        let units = unit_system(sim, headers);
+        let Ok(Query(query)) = query else {
+            return Err(ApiError::validation("malformed query string."));
+        };
+        let now = now_ms();
+        let state = vehicle.state_now(&sim.clock, now);
+        let found = resource(vehicle, &state, path, units, &query)?;
+        sim.served.record(&vehicle.id, &state, found.served);
+        let headers = data_headers(&state, now, units);
+        let extra: &[(&'static str, String)] = if found.is_data { &headers } else { &[] };
+        Ok(api_json(&rid, found.body, extra))
+    })();
+    respond(&rid, result)
 }
 
-pub async fn batch(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body_text: String,
-) -> Response {
-    let user = match authenticate(&sim, &headers, Api::V2) {
-        Ok(u) => u,
-        Err(r) => return r.into_response(),
-    };
-    let v = match owned(&sim, user, &id, Api::V2) {
-        Ok(v) => v,
-        Err(r) => return r.into_response(),
-    };
-    let requests: Vec<String> = match serde_json::from_str::<Value>(&body_text) {
-        Ok(b) => match b.get("requests").and_then(Value::as_array) {
-            Some(items) => items
-                .iter()
-                .filter_map(|i| i.get("path").and_then(Value::as_str).map(str::to_string))
-                .collect(),
-            None => Vec::new(),
-        },
-        Err(_) => Vec::new(),
-    };
-    if requests.is_empty() {
-        return errors::v2(
-            400,
-            "VALIDATION",
-            None,
-            "The body must be {\"requests\": [{\"path\": ...}, ...]} with at least one path.",
-        );
+/// One resolved resource.
+struct Found {
+    body: Value,
+    /// Carries vehicle data (gets the `sc-data-age` headers).
+    is_data: bool,
+    served: &'static [Served],
+}
+
+fn distance(km: f64, units: UnitSystem) -> f64 {
+    match units {
+        UnitSystem::Metric => km,
+        UnitSystem::Imperial => km_to_miles(km),
     }
-    count_unit_header(&sim, &headers);
-    let now = now_ms();
-    let (at, snap) = sim.data(v, now);
-    let imperial = imperial(&headers);
-    let responses: Vec<Value> = requests
-        .iter()
-        .map(|p| match body(&sim, v, p, &snap, imperial) {
-            Some((b, units, served)) => {
-                sim.record_served(v, at, &snap, served);
-                let mut h = json!({"sc-data-age": iso(at), "sc-fetched-at": iso(now)});
-                if units {
-                    h["sc-unit-system"] = json!(if imperial { "imperial" } else { "metric" });
-                }
-                json!({"path": p, "code": 200, "body": b, "headers": h})
-            }
-            None => json!({
-                "path": p,
-                "code": 404,
-                "body": errors::v2_body(404, "RESOURCE_NOT_FOUND", Some("PATH"),
-                    "The requested resource does not exist.", &errors::request_id()),
-            }),
+}
+
+/// Resolves a vehicle resource path (`/`, `/battery`, ...) to its body.
+fn resource(
+    vehicle: &Vehicle,
+    state: &VehicleState,
+    path: &str,
+    units: UnitSystem,
+    query: &HashMap<String, String>,
+) -> Result<Found, ApiError> {
+    let data = |body: Value, served: &'static [Served]| {
+        Ok(Found {
+            body,
+            is_data: true,
+            served,
         })
-        .collect();
-    let mut r = Json(json!({"responses": responses})).into_response();
-    set(r.headers_mut(), "sc-request-id", &errors::request_id());
-    r
+    };
+    let trimmed = path.trim_end_matches('/');
+    match trimmed {
+        "" => data(
+            json!({"id": vehicle.id, "make": vehicle.make, "model": vehicle.model, "year": vehicle.year}),
+            &[],
+        ),
+        "/vin" => data(json!({"vin": vehicle.vin}), &[]),
+        "/battery" => data(
+            json!({
+                "percentRemaining": round_to(state.soc_percent / 100.0, 4),
+                "range": distance(state.range_km, units),
+            }),
+            &[Served::Battery],
+        ),
+        "/battery/nominal_capacity" => data(
+            json!({
+                "availableCapacities": [{"capacity": vehicle.capacity_kwh, "description": null}],
+                "capacity": {"nominal": vehicle.capacity_kwh, "source": "SMARTCAR"},
+                "url": null,
+            }),
+            &[],
+        ),
+        "/charge" => data(
+            json!({"isPluggedIn": state.plugged_in, "state": state.charge_state.as_str()}),
+            &[Served::Charge],
+        ),
+        "/charge/limit" => data(
+            json!({"limit": round_to(vehicle.charge_limit_pct / 100.0, 4)}),
+            &[],
+        ),
+        "/odometer" => data(
+            json!({"distance": distance(state.odometer_km, units)}),
+            &[Served::Odometer],
+        ),
+        "/location" => data(
+            json!({"latitude": state.latitude, "longitude": state.longitude}),
+            &[],
+        ),
+        "/permissions" => {
+            let (limit, offset) = paging(query)?;
+            Ok(Found {
+                body: json!({
+                    "permissions": page_of(PERMISSIONS, limit, offset),
+                    "paging": {"count": PERMISSIONS.len(), "offset": offset},
+                }),
+                is_data: false,
+                served: &[],
+            })
+        }
+        _ => Err(ApiError::path_not_found()),
+    }
+}
+
+/// `POST /v2.0/vehicles/{id}/batch`: `{"requests":[{"path":"/battery"},...]}` → 200 with one
+/// `{path, code, body, headers}` per item; failed items carry their error object and no headers.
+pub(crate) async fn batch(
+    State(sim): State<SimState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let rid = random_uuid();
+    let result = (|| {
+        let user = sim.authenticate(&headers)?;
+        let vehicle = sim.owned_vehicle(user, &id)?;
+        let units = unit_system(&sim, &headers);
+        let paths = parse_batch(&body)?;
+        let now = now_ms();
+        let state = vehicle.state_now(&sim.clock, now);
+        let no_query = HashMap::new();
+        let responses: Vec<Value> = paths
+            .iter()
+            .map(|path| {
+                bump(&sim.stats.batch_items);
+                let normalized = if path.starts_with('/') {
+                    path.clone()
+                } else {
+                    format!("/{path}")
+                };
+                match resource(vehicle, &state, &normalized, units, &no_query) {
+                    Ok(found) => {
+                        sim.served.record(&vehicle.id, &state, found.served);
+                        let mut item = json!({"path": path, "code": 200, "body": found.body});
+                        if found.is_data {
+                            let headers: serde_json::Map<String, Value> =
+                                data_headers(&state, now, units)
+                                    .into_iter()
+                                    .map(|(k, v)| (k.to_owned(), Value::String(v)))
+                                    .collect();
+                            item["headers"] = Value::Object(headers);
+                        }
+                        item
+                    }
+                    Err(e) => {
+                        json!({"path": path, "code": e.status.as_u16(), "body": e.v2_body(&rid)})
+                    }
+                }
+            })
+            .collect();
+        Ok(api_json(&rid, json!({ "responses": responses }), &[]))
+    })();
+    respond(&rid, result)
+}
+
+fn parse_batch(body: &[u8]) -> Result<Vec<String>, ApiError> {
+    let invalid =
+        || ApiError::validation("the body must be {\"requests\":[{\"path\":\"/battery\"},...]}.");
+    let value: Value = serde_json::from_slice(body).map_err(|_| invalid())?;
+    let requests = value
+        .get("requests")
+        .and_then(Value::as_array)
+        .ok_or_else(invalid)?;
+    if requests.is_empty() {
+        return Err(invalid());
+    }
+    requests
+        .iter()
+        .map(|r| {
+            r.get("path")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(invalid)
+        })
+        .collect()
 }

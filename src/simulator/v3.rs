@@ -1,269 +1,361 @@
-//! Vehicle API v3 (smartcar-api.md §3): the vehicle object and the JSON:API signal list, paged
-//! with `page`/`pageSize` and relative `links`, plus single signals. Units are v3's: percent
-//! 0–100, kilometres.
+//! Vehicle API v3 (`/v3`): the vehicle object and the JSON:API signal list and single signal of
+//! smartcar-api.md §3.4, with `errors[]` envelopes (§3.6).
+//!
+//! Signals are described by one table ([`SIGNALS`]) so adding one is a line plus its body; the
+//! list and the single-signal endpoint render the same objects.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde_json::{json, Value};
 
-use super::errors;
-use super::fleet::Snapshot;
-use super::oauth::{authenticate, Api};
-use super::state::{Served, Sim};
-use super::v2::owned;
-use crate::domain::{now_ms, ChargeState};
+use super::errors::{Api, ApiError};
+use super::fleet::{random_uuid, round_to, Vehicle, VehicleState};
+use super::stats::Served;
+use super::{api_json, Sim, SimState};
+use crate::domain::{now_ms, ChargeState, UnixMillis};
 
 const DEFAULT_PAGE_SIZE: usize = 10;
 const MAX_PAGE_SIZE: usize = 100;
 
-fn vehicle_object(sim: &Sim, v: usize) -> Value {
-    let veh = &sim.fleet.vehicles[v];
-    json!({
-        "id": veh.id,
-        "type": "vehicle",
-        "attributes": {"make": veh.make, "model": veh.model, "year": veh.year,
-                       "powertrainType": "BEV", "mode": "simulated"},
-        "links": {"self": format!("/vehicles/{}", veh.id)},
-    })
+/// One signal the simulated BEV serves: code, display name, group, and which served-log kind it
+/// feeds (if any).
+struct SignalDef {
+    code: &'static str,
+    name: &'static str,
+    group: &'static str,
+    served: Option<Served>,
 }
 
-pub async fn vehicle(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let v = match authenticate(&sim, &headers, Api::V3).and_then(|u| owned(&sim, u, &id, Api::V3)) {
-        Ok(v) => v,
-        Err(r) => return r.into_response(),
-    };
-    Json(json!({"data": vehicle_object(&sim, v)})).into_response()
+const SIGNALS: &[SignalDef] = &[
+    SignalDef {
+        code: "tractionbattery-stateofcharge",
+        name: "StateOfCharge",
+        group: "TractionBattery",
+        served: Some(Served::Battery),
+    },
+    SignalDef {
+        code: "tractionbattery-range",
+        name: "Range",
+        group: "TractionBattery",
+        served: Some(Served::Battery),
+    },
+    SignalDef {
+        code: "tractionbattery-nominalcapacity",
+        name: "NominalCapacity",
+        group: "TractionBattery",
+        served: None,
+    },
+    SignalDef {
+        code: "charge-ischarging",
+        name: "IsCharging",
+        group: "Charge",
+        served: Some(Served::Charge),
+    },
+    SignalDef {
+        code: "charge-ischargingcableconnected",
+        name: "IsChargingCableConnected",
+        group: "Charge",
+        served: Some(Served::Charge),
+    },
+    SignalDef {
+        code: "charge-detailedchargingstatus",
+        name: "DetailedChargingStatus",
+        group: "Charge",
+        served: Some(Served::Charge),
+    },
+    SignalDef {
+        code: "charge-chargelimits",
+        name: "ChargeLimits",
+        group: "Charge",
+        served: None,
+    },
+    SignalDef {
+        code: "charge-timetocomplete",
+        name: "TimeToComplete",
+        group: "Charge",
+        served: None,
+    },
+    SignalDef {
+        code: "charge-wattage",
+        name: "Wattage",
+        group: "Charge",
+        served: None,
+    },
+    SignalDef {
+        code: "odometer-traveleddistance",
+        name: "TraveledDistance",
+        group: "Odometer",
+        served: Some(Served::Odometer),
+    },
+    SignalDef {
+        code: "location-preciselocation",
+        name: "PreciseLocation",
+        group: "Location",
+        served: None,
+    },
+    SignalDef {
+        code: "location-isathome",
+        name: "IsAtHome",
+        group: "Location",
+        served: None,
+    },
+    SignalDef {
+        code: "lowvoltagebattery-stateofcharge",
+        name: "StateOfCharge",
+        group: "LowVoltageBattery",
+        served: None,
+    },
+    SignalDef {
+        code: "vehicleidentification-vin",
+        name: "VIN",
+        group: "VehicleIdentification",
+        served: None,
+    },
+];
+
+/// The 8-point compass direction of a heading.
+fn direction(heading: f64) -> &'static str {
+    const NAMES: [&str; 8] = ["N", "NE", "E", "SE", "S", "SW", "W", "NW"];
+    NAMES[(((heading.rem_euclid(360.0) + 22.5) / 45.0) as usize) % 8]
 }
 
-/// Every signal the simulated car reports: (code, name, group, body, what it serves).
-fn signals(
-    sim: &Sim,
-    v: usize,
-    s: &Snapshot,
-) -> Vec<(&'static str, &'static str, &'static str, Value, Served)> {
-    let veh = &sim.fleet.vehicles[v];
-    let none = Served::default();
-    let battery = Served {
-        battery: true,
-        ..none
-    };
-    let charge = Served {
-        charge: true,
-        ..none
-    };
-    vec![
-        (
-            "tractionbattery-stateofcharge",
-            "StateOfCharge",
-            "TractionBattery",
-            json!({"unit": "percent", "value": s.soc_percent}),
-            battery,
-        ),
-        (
-            "tractionbattery-range",
-            "Range",
-            "TractionBattery",
-            json!({"unit": "kilometers", "value": s.range_km,
-                   "additionalValues": [{"type": "ESTIMATED", "value": s.range_km}]}),
-            battery,
-        ),
-        (
-            "tractionbattery-nominalcapacity",
-            "NominalCapacity",
-            "TractionBattery",
-            json!({"source": "SMARTCAR", "capacity": veh.capacity_kwh, "unit": "kWh",
-                   "availableCapacities": [{"capacity": veh.capacity_kwh, "description": null}]}),
-            none,
-        ),
-        (
-            "charge-ischarging",
-            "IsCharging",
-            "Charge",
-            json!({"value": s.charge_state == ChargeState::Charging}),
-            none,
-        ),
-        (
-            "charge-ischargingcableconnected",
-            "IsChargingCableConnected",
-            "Charge",
-            json!({"value": s.plugged_in}),
-            charge,
-        ),
-        (
-            "charge-detailedchargingstatus",
-            "DetailedChargingStatus",
-            "Charge",
-            json!({"value": s.charge_state.as_str()}),
-            charge,
-        ),
-        (
-            "charge-chargelimits",
-            "ChargeLimits",
-            "Charge",
-            json!({"values": [{"type": "GLOBAL", "limit": s.charge_limit_percent, "condition": null}],
-                   "activeLimit": s.charge_limit_percent, "unit": "percent"}),
-            none,
-        ),
-        (
-            "charge-timetocomplete",
-            "TimeToComplete",
-            "Charge",
-            json!({"value": s.minutes_to_complete, "unit": "minutes"}),
-            none,
-        ),
-        (
-            "odometer-traveleddistance",
-            "TraveledDistance",
-            "Odometer",
-            json!({"unit": "kilometers", "value": s.odometer_km}),
-            Served {
-                odometer: true,
-                ..none
-            },
-        ),
-        (
-            "location-preciselocation",
-            "PreciseLocation",
-            "Location",
-            json!({"latitude": s.latitude, "longitude": s.longitude, "heading": 0.0, "direction": "N",
-                   "locationType": "CURRENT"}),
-            none,
-        ),
-        (
-            "location-isathome",
-            "IsAtHome",
-            "Location",
-            json!({"value": s.phase != super::fleet::Phase::Driving}),
-            none,
-        ),
-        (
-            "lowvoltagebattery-stateofcharge",
-            "StateOfCharge",
-            "LowVoltageBattery",
-            json!({"unit": "percent", "value": 92}),
-            none,
-        ),
-        (
-            "vehicleidentification-vin",
-            "Vin",
-            "VehicleIdentification",
-            json!({"value": veh.vin}),
-            none,
-        ),
-    ]
+fn signal_body(code: &str, vehicle: &Vehicle, state: &VehicleState) -> Value {
+    let limit = vehicle.charge_limit_pct;
+    match code {
+        "tractionbattery-stateofcharge" => json!({"unit": "percent", "value": state.soc_percent}),
+        "tractionbattery-range" => json!({
+            "unit": "kilometers",
+            "value": state.range_km,
+            "additionalValues": [{"type": "ESTIMATED", "value": state.range_km}],
+        }),
+        "tractionbattery-nominalcapacity" => json!({
+            "source": "SMARTCAR",
+            "capacity": vehicle.capacity_kwh,
+            "availableCapacities": [{"capacity": vehicle.capacity_kwh, "description": null}],
+            "unit": "kWh",
+        }),
+        "charge-ischarging" => json!({"value": state.charge_state == ChargeState::Charging}),
+        "charge-ischargingcableconnected" => json!({"value": state.plugged_in}),
+        "charge-detailedchargingstatus" => json!({"value": state.charge_state.as_str()}),
+        "charge-chargelimits" => json!({
+            "values": [{"type": "GLOBAL", "limit": limit, "condition": null}],
+            "activeLimit": limit,
+            "unit": "percent",
+        }),
+        "charge-timetocomplete" => json!({"unit": "minutes", "value": state.minutes_to_complete}),
+        "charge-wattage" => json!({"unit": "kW", "value": state.charge_power_kw}),
+        "odometer-traveleddistance" => json!({"unit": "kilometers", "value": state.odometer_km}),
+        "location-preciselocation" => json!({
+            "latitude": state.latitude,
+            "longitude": state.longitude,
+            "heading": state.heading,
+            "direction": direction(state.heading),
+            "locationType": "CURRENT",
+        }),
+        "location-isathome" => json!({"value": state.at_home}),
+        "lowvoltagebattery-stateofcharge" => {
+            json!({"unit": "percent", "value": round_to(state.low_voltage_soc, 1)})
+        }
+        "vehicleidentification-vin" => json!({"value": vehicle.vin}),
+        _ => Value::Null,
+    }
 }
 
 fn signal_object(
-    veh_id: &str,
-    code: &str,
-    name: &str,
-    group: &str,
-    body: Value,
-    at: i64,
-    now: i64,
+    def: &SignalDef,
+    vehicle: &Vehicle,
+    state: &VehicleState,
+    now: UnixMillis,
 ) -> Value {
     json!({
-        "id": code,
+        "id": def.code,
         "type": "signal",
-        "attributes": {"code": code, "name": name, "group": group,
-                       "status": {"value": "SUCCESS"}, "body": body},
-        "meta": {"retrievedAt": now, "oemUpdatedAt": at},
-        "links": {"self": format!("/vehicles/{veh_id}/signals/{code}"),
-                  "vehicle": format!("/vehicles/{veh_id}")},
+        "attributes": {
+            "code": def.code,
+            "name": def.name,
+            "group": def.group,
+            "status": {"value": "SUCCESS"},
+            "body": signal_body(def.code, vehicle, state),
+        },
+        "meta": {"retrievedAt": now, "oemUpdatedAt": state.report_ms},
+        "links": {
+            "self": format!("/vehicles/{}/signals/{}", vehicle.id, def.code),
+            "vehicle": format!("/vehicles/{}", vehicle.id),
+        },
     })
 }
 
-fn bad_param(detail: &str) -> Response {
-    errors::v3(400, "VALIDATION", Some("PARAMETER"), "Bad Request", detail)
-}
-
-pub async fn list(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    let v = match authenticate(&sim, &headers, Api::V3).and_then(|u| owned(&sim, u, &id, Api::V3)) {
-        Ok(v) => v,
-        Err(r) => return r.into_response(),
-    };
-    let page = match q.get("page").map(|p| p.parse::<usize>()) {
-        None => 1,
-        Some(Ok(p)) if p >= 1 => p,
-        _ => return bad_param("page must be a positive integer."),
-    };
-    let size = match q.get("pageSize").map(|p| p.parse::<usize>()) {
-        None => DEFAULT_PAGE_SIZE,
-        Some(Ok(s)) if (1..=MAX_PAGE_SIZE).contains(&s) => s,
-        _ => return bad_param("pageSize must be an integer between 1 and 100."),
-    };
-    let now = now_ms();
-    let (at, snap) = sim.data(v, now);
-    let all = signals(&sim, v, &snap);
-    let total = all.len();
-    let pages = total.div_ceil(size).max(1);
-    let veh_id = &sim.fleet.vehicles[v].id;
-    let mut served = Served::default();
-    let data: Vec<Value> = all
-        .into_iter()
-        .skip((page - 1) * size)
-        .take(size)
-        .map(|(code, name, group, body, what)| {
-            served.battery |= what.battery;
-            served.charge |= what.charge;
-            served.odometer |= what.odometer;
-            signal_object(veh_id, code, name, group, body, at, now)
-        })
-        .collect();
-    sim.record_served(v, at, &snap, served);
-    let link = |p: usize| format!("/vehicles/{veh_id}/signals?page={p}&pageSize={size}");
-    Json(json!({
-        "data": data,
-        "meta": {"page": page, "pageSize": size, "totalCount": total},
-        "links": {
-            "self": link(page),
-            "first": link(1),
-            "previous": if page > 1 { Value::from(link(page - 1)) } else { Value::Null },
-            "next": if page < pages { Value::from(link(page + 1)) } else { Value::Null },
-            "last": link(pages),
-        },
-        "included": {"vehicle": vehicle_object(&sim, v)},
-    }))
-    .into_response()
-}
-
-pub async fn one(
-    State(sim): State<Arc<Sim>>,
-    headers: HeaderMap,
-    Path((id, code)): Path<(String, String)>,
-) -> Response {
-    let v = match authenticate(&sim, &headers, Api::V3).and_then(|u| owned(&sim, u, &id, Api::V3)) {
-        Ok(v) => v,
-        Err(r) => return r.into_response(),
-    };
-    let now = now_ms();
-    let (at, snap) = sim.data(v, now);
-    let veh_id = sim.fleet.vehicles[v].id.clone();
-    match signals(&sim, v, &snap).into_iter().find(|s| s.0 == code) {
-        Some((code, name, group, body, what)) => {
-            sim.record_served(v, at, &snap, what);
-            Json(signal_object(&veh_id, code, name, group, body, at, now)).into_response()
+/// Authenticates and resolves the vehicle. `sc-user-id` is optional (the per-vehicle token
+/// model); when sent it must name the token's user (the 2026 app-token model).
+fn authorize_vehicle<'s>(
+    sim: &'s Sim,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<&'s Vehicle, ApiError> {
+    let user = sim.authenticate(headers)?;
+    if let Some(claimed) = headers.get("sc-user-id") {
+        if claimed.to_str().ok().map(str::trim) != Some(sim.fleet.users[user].id.as_str()) {
+            return Err(ApiError::authentication());
         }
-        None => errors::v3(
-            404,
-            "RESOURCE_NOT_FOUND",
-            Some("PATH"),
-            "Not Found",
-            &format!("The signal {code} does not exist for this vehicle."),
-        ),
+    }
+    sim.owned_vehicle(user, id)
+}
+
+fn respond(request_id: &str, result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(|e| e.into_api_response(Api::V3, request_id))
+}
+
+/// `GET /v3/vehicles/{id}`
+pub(crate) async fn vehicle(
+    State(sim): State<SimState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let rid = random_uuid();
+    let result = authorize_vehicle(&sim, &headers, &id).map(|v| {
+        let body = json!({"data": {
+            "id": v.id,
+            "type": "vehicle",
+            "attributes": {
+                "make": v.make, "model": v.model, "year": v.year,
+                "powertrainType": "BEV", "mode": "simulated",
+            },
+            "links": {"self": format!("/vehicles/{}", v.id)},
+        }});
+        api_json(&rid, body, &[])
+    });
+    respond(&rid, result)
+}
+
+/// A positive integer query parameter with a default and an upper bound.
+fn positive(
+    query: &HashMap<String, String>,
+    name: &str,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match query.get(name) {
+        None => Ok(default),
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::validation(format!(
+                "{name} must be an integer from 1 to {max}."
+            ))),
+        },
+    }
+}
+
+/// `GET /v3/vehicles/{id}/signals?page=&pageSize=`: one JSON:API page of signals.
+pub(crate) async fn signals(
+    State(sim): State<SimState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    let rid = random_uuid();
+    let result = (|| {
+        let vehicle = authorize_vehicle(&sim, &headers, &id)?;
+        let Ok(Query(query)) = query else {
+            return Err(ApiError::validation("malformed query string."));
+        };
+        let page = positive(&query, "page", 1, usize::MAX)?;
+        let page_size = positive(&query, "pageSize", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        let now = now_ms();
+        let state = vehicle.state_now(&sim.clock, now);
+        let total = SIGNALS.len();
+        let last = total.div_ceil(page_size).max(1);
+        let defs: Vec<&SignalDef> = SIGNALS
+            .iter()
+            .skip(page.saturating_sub(1).saturating_mul(page_size))
+            .take(page_size)
+            .collect();
+        let served: Vec<Served> = defs.iter().filter_map(|d| d.served).collect();
+        sim.served.record(&vehicle.id, &state, &served);
+        let data: Vec<Value> = defs
+            .iter()
+            .map(|d| signal_object(d, vehicle, &state, now))
+            .collect();
+        let link = |p: usize| {
+            format!(
+                "/vehicles/{}/signals?page={p}&pageSize={page_size}",
+                vehicle.id
+            )
+        };
+        let body = json!({
+            "data": data,
+            "meta": {"page": page, "pageSize": page_size, "totalCount": total},
+            "links": {
+                "self": link(page),
+                "first": link(1),
+                "previous": if page > 1 { Some(link((page - 1).min(last))) } else { None },
+                "next": if page < last { Some(link(page + 1)) } else { None },
+                "last": link(last),
+            },
+            "included": {"vehicle": {
+                "id": vehicle.id,
+                "type": "vehicle",
+                "attributes": {"make": vehicle.make, "model": vehicle.model, "year": vehicle.year},
+                "links": {"self": format!("/vehicles/{}", vehicle.id)},
+            }},
+        });
+        Ok(api_json(&rid, body, &[]))
+    })();
+    respond(&rid, result)
+}
+
+/// `GET /v3/vehicles/{id}/signals/{code}`: one signal object; 404 for a code this car lacks.
+pub(crate) async fn signal(
+    State(sim): State<SimState>,
+    Path((id, code)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let rid = random_uuid();
+    let result = (|| {
+        let vehicle = authorize_vehicle(&sim, &headers, &id)?;
+        let code = code.to_ascii_lowercase();
+        let def = SIGNALS
+            .iter()
+            .find(|d| d.code == code)
+            .ok_or_else(ApiError::path_not_found)?;
+        let now = now_ms();
+        let state = vehicle.state_now(&sim.clock, now);
+        if let Some(kind) = def.served {
+            sim.served.record(&vehicle.id, &state, &[kind]);
+        }
+        Ok(api_json(
+            &rid,
+            signal_object(def, vehicle, &state, now),
+            &[],
+        ))
+    })();
+    respond(&rid, result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_signal_has_a_body_and_compass_works() {
+        let fleet = super::super::fleet::Fleet::generate(1, 1, 1, 5_000);
+        let v = &fleet.users[0].vehicles[0];
+        let clock = super::super::fleet::SimClock {
+            anchor_ms: 0,
+            time_scale: 60.0,
+            report_interval_ms: 5_000,
+        };
+        let state = v.state_now(&clock, 1_000_000);
+        for def in SIGNALS {
+            assert!(signal_body(def.code, v, &state).is_object(), "{}", def.code);
+        }
+        assert!(SIGNALS.len() >= 12);
+        assert_eq!(direction(0.0), "N");
+        assert_eq!(direction(350.0), "N");
+        assert_eq!(direction(90.0), "E");
+        assert_eq!(direction(225.0), "SW");
     }
 }

@@ -1,0 +1,1157 @@
+//! The simulator over real HTTP on loopback: OAuth (authorize, code exchange, refresh rotation),
+//! bearer checks, v2.0 and v3 shapes and headers, batch, units, and the introspection endpoints
+//! that carpulse's own tests rely on.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use base64::Engine as _;
+use carpulse::simulator::{serve, SimulatorArgs, SimulatorConfig};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const REDIRECT: &str = "http://localhost:8000/exchange";
+
+struct TestSim {
+    base: String,
+    client: reqwest::Client,
+    cfg: SimulatorConfig,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn spawn(cfg: SimulatorConfig) -> TestSim {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(serve(listener, cfg.clone(), shutdown.clone()));
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    TestSim {
+        base,
+        client,
+        cfg,
+        shutdown,
+        handle,
+    }
+}
+
+/// A report interval long enough that a test never crosses a report boundary by accident.
+fn stable_cfg() -> SimulatorConfig {
+    SimulatorConfig {
+        report_interval: Duration::from_secs(3600),
+        ..SimulatorConfig::default()
+    }
+}
+
+impl TestSim {
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn basic(&self) -> String {
+        let raw = format!("{}:{}", self.cfg.client_id, self.cfg.client_secret);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    }
+
+    /// Runs Connect's authorize step and returns the `Location` of the redirect.
+    async fn authorize(&self, extra: &[(&str, &str)]) -> reqwest::Response {
+        let mut query = vec![
+            ("response_type", "code"),
+            ("client_id", self.cfg.client_id.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("scope", "read_vehicle_info read_battery"),
+            ("mode", "simulated"),
+        ];
+        query.extend_from_slice(extra);
+        self.client
+            .get(self.url("/oauth/authorize"))
+            .query(&query)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn code(&self, extra: &[(&str, &str)]) -> String {
+        let response = self.authorize(extra).await;
+        assert_eq!(response.status(), 302);
+        let location = response.headers()["location"].to_str().unwrap().to_owned();
+        let url = reqwest::Url::parse(&location).unwrap();
+        url.query_pairs()
+            .find(|(k, _)| k == "code")
+            .unwrap()
+            .1
+            .into_owned()
+    }
+
+    async fn token_request(&self, form: &[(&str, &str)]) -> reqwest::Response {
+        self.client
+            .post(self.url("/oauth/token"))
+            .header("authorization", self.basic())
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn exchange(&self, code: &str) -> Value {
+        let response = self
+            .token_request(&[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", REDIRECT),
+            ])
+            .await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// Connects the given user (1-based) and returns its access token.
+    async fn connect(&self, user: &str) -> String {
+        let code = self.code(&[("user", user)]).await;
+        self.exchange(&code).await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn refresh(&self, refresh_token: &str) -> reqwest::Response {
+        self.token_request(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ])
+        .await
+    }
+
+    async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .header("sc-unit-system", "metric")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn get_json(&self, path: &str, token: &str) -> Value {
+        let response = self.get(path, token).await;
+        assert_eq!(response.status(), 200, "{path}");
+        response.json().await.unwrap()
+    }
+
+    async fn stats(&self) -> Value {
+        self.client
+            .get(self.url("/_simulator/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn fleet(&self) -> Value {
+        self.client
+            .get(self.url("/_simulator/vehicles"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn served(&self, vehicle_id: &str) -> Value {
+        let response = self
+            .client
+            .get(self.url("/_simulator/served"))
+            .query(&[("vehicle_id", vehicle_id)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("missing {name}"))
+        .to_str()
+        .unwrap()
+}
+
+fn parse_iso_ms(s: &str) -> i64 {
+    assert_eq!(s.len(), 24, "ISO-8601 with milliseconds expected: {s}");
+    assert!(s.ends_with('Z'), "{s}");
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap()
+        .timestamp_millis()
+}
+
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.chars().enumerate().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
+}
+
+#[tokio::test]
+async fn authorize_redirects_with_code_and_state_and_rejects_bad_requests() {
+    let sim = spawn(SimulatorConfig::default()).await;
+    let response = sim
+        .authorize(&[("state", "abc 123&x"), ("approval_prompt", "force")])
+        .await;
+    assert_eq!(response.status(), 302);
+    let location = reqwest::Url::parse(header(&response, "location")).unwrap();
+    assert_eq!(
+        format!(
+            "{}://{}{}",
+            location.scheme(),
+            location.authority(),
+            location.path()
+        ),
+        REDIRECT
+    );
+    let pairs: Vec<(String, String)> = location.query_pairs().into_owned().collect();
+    assert_eq!(pairs[0].0, "code");
+    assert!(is_uuid(&pairs[0].1));
+    assert_eq!(pairs[1], ("state".to_owned(), "abc 123&x".to_owned()));
+
+    // No state given → none echoed.
+    let response = sim.authorize(&[]).await;
+    assert!(!header(&response, "location").contains("state="));
+
+    for (name, value) in [("response_type", "token"), ("client_id", "someone-else")] {
+        let query = [
+            ("response_type", "code"),
+            ("client_id", "carpulse-demo"),
+            ("redirect_uri", REDIRECT),
+        ]
+        .map(|(k, v)| if k == name { (k, value) } else { (k, v) });
+        let response = sim
+            .client
+            .get(sim.url("/oauth/authorize"))
+            .query(&query)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{name}");
+        assert!(response.text().await.unwrap().contains(name), "{name}");
+    }
+    let response = sim
+        .client
+        .get(sim.url("/oauth/authorize"))
+        .query(&[("response_type", "code"), ("client_id", "carpulse-demo")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("redirect_uri"));
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn code_exchange_checks_client_auth_single_use_and_redirect_uri() {
+    let sim = spawn(SimulatorConfig::default()).await;
+    let code = sim.code(&[]).await;
+    let form = [
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("redirect_uri", REDIRECT),
+    ];
+
+    // Missing and wrong client credentials → 401 invalid_client.
+    let missing = sim
+        .client
+        .post(sim.url("/oauth/token"))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 401);
+    assert_eq!(
+        missing.json::<Value>().await.unwrap()["error"],
+        "invalid_client"
+    );
+    let wrong = sim
+        .client
+        .post(sim.url("/oauth/token"))
+        .basic_auth("carpulse-demo", Some("not-the-secret"))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let body: Value = wrong.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_client");
+    assert!(!body.to_string().contains("not-the-secret"));
+
+    // Redirect mismatch → invalid_request, and the code survives a mismatch.
+    let mismatch = sim
+        .token_request(&[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", "http://evil/"),
+        ])
+        .await;
+    assert_eq!(mismatch.status(), 400);
+    let body: Value = mismatch.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_request");
+    assert!(body["error_description"]
+        .as_str()
+        .unwrap()
+        .starts_with("Invalid code: "));
+
+    // Good exchange: exactly the four fields.
+    let tokens = sim.exchange(&code).await;
+    let keys: HashSet<&str> = tokens
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        HashSet::from(["access_token", "token_type", "expires_in", "refresh_token"])
+    );
+    assert_eq!(tokens["token_type"], "Bearer");
+    assert_eq!(tokens["expires_in"], 7200);
+    assert!(is_uuid(tokens["access_token"].as_str().unwrap()));
+    assert!(is_uuid(tokens["refresh_token"].as_str().unwrap()));
+    assert_ne!(tokens["access_token"], tokens["refresh_token"]);
+
+    // Single use.
+    let again = sim.token_request(&form).await;
+    assert_eq!(again.status(), 400);
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_request");
+    assert!(body["error_description"]
+        .as_str()
+        .unwrap()
+        .starts_with("Invalid code: "));
+
+    // Missing grant_type or parameters.
+    let no_grant = sim.token_request(&[("code", &code)]).await;
+    assert_eq!(no_grant.status(), 400);
+    assert_eq!(
+        no_grant.json::<Value>().await.unwrap()["error"],
+        "invalid_request"
+    );
+    let no_code = sim
+        .token_request(&[
+            ("grant_type", "authorization_code"),
+            ("redirect_uri", REDIRECT),
+        ])
+        .await;
+    assert_eq!(no_code.status(), 400);
+    assert_eq!(
+        no_code.json::<Value>().await.unwrap()["error"],
+        "invalid_request"
+    );
+
+    // An oauth2-crate style Basic header (form-encoded id and secret) is accepted too.
+    let code = sim.code(&[]).await;
+    let encoded =
+        base64::engine::general_purpose::STANDARD.encode("carpulse-demo:carpulse-demo-secret");
+    let response = sim
+        .client
+        .post(sim.url("/oauth/token"))
+        .header("authorization", format!("Basic {encoded}"))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", REDIRECT),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let stats = sim.stats().await;
+    assert_eq!(stats["code_exchanges"], 2);
+    assert_eq!(stats["refreshes"], 0);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn refresh_rotates_with_grace_then_invalidates_and_counts() {
+    let cfg = SimulatorConfig {
+        refresh_grace: Duration::from_millis(800),
+        ..SimulatorConfig::default()
+    };
+    let sim = spawn(cfg).await;
+    let first = sim.exchange(&sim.code(&[]).await).await;
+    let old_refresh = first["refresh_token"].as_str().unwrap();
+    let old_access = first["access_token"].as_str().unwrap();
+
+    let second: Value = sim.refresh(old_refresh).await.json().await.unwrap();
+    assert_ne!(second["access_token"], first["access_token"]);
+    assert_ne!(second["refresh_token"], first["refresh_token"]);
+    assert_eq!(second["expires_in"], 7200);
+
+    // Inside the grace window the used token still works and yields another fresh pair.
+    let grace = sim.refresh(old_refresh).await;
+    assert_eq!(grace.status(), 200);
+    let grace: Value = grace.json().await.unwrap();
+    assert_ne!(grace["access_token"], second["access_token"]);
+    assert_ne!(grace["refresh_token"], second["refresh_token"]);
+
+    // Old access tokens stay valid until their own expiry.
+    let user = sim.get_json("/v2.0/user", old_access).await;
+    let user_id = user["id"].as_str().unwrap().to_owned();
+    assert_eq!(sim.fleet().await["users"][0]["id"], user_id.as_str());
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let late = sim.refresh(old_refresh).await;
+    assert_eq!(late.status(), 400);
+    assert_eq!(
+        late.json::<Value>().await.unwrap(),
+        json!({"error": "invalid_grant", "error_description": "Invalid or expired refresh token."})
+    );
+    // An unknown token is invalid_grant too, but not an "invalidated" use.
+    let unknown = sim.refresh("00000000-0000-4000-8000-000000000000").await;
+    assert_eq!(unknown.status(), 400);
+    assert_eq!(
+        unknown.json::<Value>().await.unwrap()["error"],
+        "invalid_grant"
+    );
+    // The newest tokens were never used, so they still rotate.
+    assert_eq!(
+        sim.refresh(second["refresh_token"].as_str().unwrap())
+            .await
+            .status(),
+        200
+    );
+    let missing = sim.token_request(&[("grant_type", "refresh_token")]).await;
+    assert_eq!(
+        missing.json::<Value>().await.unwrap()["error"],
+        "invalid_request"
+    );
+
+    let stats = sim.stats().await;
+    assert_eq!(stats["refreshes"], 3);
+    assert_eq!(stats["grace_refresh_token_uses"], 1);
+    assert_eq!(stats["invalidated_refresh_token_uses"], 1);
+    assert_eq!(stats["refreshes_by_user"], json!({ user_id: 3 }));
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_and_expired_tokens_get_401_and_are_counted() {
+    let cfg = SimulatorConfig {
+        access_token_lifetime: Duration::from_secs(1),
+        ..SimulatorConfig::default()
+    };
+    let sim = spawn(cfg).await;
+    let tokens = sim.exchange(&sim.code(&[]).await).await;
+    assert_eq!(tokens["expires_in"], 1);
+    let access = tokens["access_token"].as_str().unwrap();
+    let vehicle = sim.fleet().await["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let response = sim.get("/v2.0/vehicles", "not-a-token").await;
+    assert_eq!(response.status(), 401);
+    assert!(is_uuid(header(&response, "sc-request-id")));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["type"], "AUTHENTICATION");
+    assert_eq!(body["code"], Value::Null);
+    assert_eq!(body["statusCode"], 401);
+    assert!(is_uuid(body["requestId"].as_str().unwrap()));
+    let no_header = sim.client.get(sim.url("/v2.0/user")).send().await.unwrap();
+    assert_eq!(no_header.status(), 401);
+
+    let v3 = sim
+        .get(&format!("/v3/vehicles/{vehicle}/signals"), "not-a-token")
+        .await;
+    assert_eq!(v3.status(), 401);
+    let body: Value = v3.json().await.unwrap();
+    assert_eq!(body["errors"][0]["status"], "401");
+    assert_eq!(body["errors"][0]["type"], "AUTHENTICATION");
+
+    assert_eq!(sim.get("/v2.0/vehicles", access).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let expired = sim
+        .get(&format!("/v2.0/vehicles/{vehicle}/battery"), access)
+        .await;
+    assert_eq!(expired.status(), 401);
+    assert_eq!(
+        expired.json::<Value>().await.unwrap()["type"],
+        "AUTHENTICATION"
+    );
+    let expired_v3 = sim.get(&format!("/v3/vehicles/{vehicle}"), access).await;
+    assert_eq!(expired_v3.status(), 401);
+
+    let stats = sim.stats().await;
+    assert_eq!(stats["unknown_token_requests"], 3);
+    assert_eq!(stats["expired_token_requests"], 2);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn v2_vehicles_paging_ownership_and_user_choice() {
+    let cfg = SimulatorConfig {
+        users: 2,
+        vehicles_per_user: 3,
+        ..SimulatorConfig::default()
+    };
+    let sim = spawn(cfg).await;
+    let fleet = sim.fleet().await;
+    let ids = |u: usize| -> Vec<String> {
+        fleet["users"][u]["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // Round-robin: the first authorization connects user 1, the second user 2.
+    let token1 = sim.exchange(&sim.code(&[]).await).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token2 = sim.exchange(&sim.code(&[]).await).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        sim.get_json("/v2.0/user", &token1).await["id"],
+        fleet["users"][0]["id"]
+    );
+    assert_eq!(
+        sim.get_json("/v2.0/user", &token2).await["id"],
+        fleet["users"][1]["id"]
+    );
+    // Explicit choice by id and by index.
+    let by_id = sim.connect(fleet["users"][1]["id"].as_str().unwrap()).await;
+    assert_eq!(
+        sim.get_json("/v2.0/user", &by_id).await["id"],
+        fleet["users"][1]["id"]
+    );
+    let by_index = sim.connect("1").await;
+    assert_eq!(
+        sim.get_json("/v2.0/user", &by_index).await["id"],
+        fleet["users"][0]["id"]
+    );
+    assert_eq!(sim.authorize(&[("user", "3")]).await.status(), 400);
+
+    let mut seen = Vec::new();
+    for offset in 0..4 {
+        let page = sim
+            .get_json(&format!("/v2.0/vehicles?limit=1&offset={offset}"), &token1)
+            .await;
+        assert_eq!(page["paging"], json!({"count": 3, "offset": offset}));
+        let vehicles = page["vehicles"].as_array().unwrap();
+        assert_eq!(vehicles.len(), if offset < 3 { 1 } else { 0 });
+        seen.extend(vehicles.iter().map(|v| v.as_str().unwrap().to_owned()));
+    }
+    assert_eq!(seen, ids(0));
+    let all = sim.get_json("/v2.0/vehicles", &token2).await;
+    assert_eq!(all["vehicles"], json!(ids(1)));
+
+    let too_many = sim.get("/v2.0/vehicles?limit=51", &token1).await;
+    assert_eq!(too_many.status(), 400);
+    let body: Value = too_many.json().await.unwrap();
+    assert_eq!(
+        (body["type"].as_str(), body["code"].as_str()),
+        (Some("VALIDATION"), Some("PARAMETER"))
+    );
+
+    // Another user's vehicle.
+    let foreign = sim
+        .get(&format!("/v2.0/vehicles/{}/battery", ids(1)[0]), &token1)
+        .await;
+    assert_eq!(foreign.status(), 400);
+    let body: Value = foreign.json().await.unwrap();
+    assert_eq!(body["type"], "CONNECTED_SERVICES_ACCOUNT");
+    assert_eq!(body["code"], "VEHICLE_MISSING");
+    assert_eq!(body["statusCode"], 400);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn v2_endpoints_have_smartcar_shapes_and_headers() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let car = &fleet["users"][0]["vehicles"][0];
+    let id = car["id"].as_str().unwrap();
+
+    let info = sim.get(&format!("/v2.0/vehicles/{id}"), &token).await;
+    assert!(is_uuid(header(&info, "sc-request-id")));
+    let info: Value = info.json().await.unwrap();
+    assert_eq!(
+        info,
+        json!({"id": id, "make": car["make"], "model": car["model"], "year": car["year"]})
+    );
+    assert_eq!(
+        sim.get_json(&format!("/v2.0/vehicles/{id}/vin"), &token)
+            .await,
+        json!({"vin": car["vin"]})
+    );
+    assert_eq!(car["vin"].as_str().unwrap().len(), 17);
+
+    let battery = sim
+        .get(&format!("/v2.0/vehicles/{id}/battery"), &token)
+        .await;
+    assert!(is_uuid(header(&battery, "sc-request-id")));
+    assert_eq!(header(&battery, "sc-unit-system"), "metric");
+    let data_age = parse_iso_ms(header(&battery, "sc-data-age"));
+    let fetched_at = parse_iso_ms(header(&battery, "sc-fetched-at"));
+    assert!(data_age <= fetched_at && fetched_at - data_age <= 3_600_000);
+    let battery: Value = battery.json().await.unwrap();
+    let fraction = battery["percentRemaining"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&fraction));
+    assert_eq!(
+        fraction,
+        (fraction * 10_000.0).round() / 10_000.0,
+        "4 decimals"
+    );
+    let range = battery["range"].as_f64().unwrap();
+    assert!(range > 0.0 && range < 700.0);
+    assert_eq!(battery.as_object().unwrap().len(), 2);
+
+    let charge = sim
+        .get(&format!("/v2.0/vehicles/{id}/charge"), &token)
+        .await;
+    assert_eq!(parse_iso_ms(header(&charge, "sc-data-age")), data_age);
+    let charge: Value = charge.json().await.unwrap();
+    assert!(charge["isPluggedIn"].is_boolean());
+    assert!(
+        ["CHARGING", "FULLY_CHARGED", "NOT_CHARGING"].contains(&charge["state"].as_str().unwrap())
+    );
+    if charge["state"] != "NOT_CHARGING" {
+        assert_eq!(charge["isPluggedIn"], true);
+    }
+
+    let odometer = sim
+        .get_json(&format!("/v2.0/vehicles/{id}/odometer"), &token)
+        .await;
+    let km = odometer["distance"].as_f64().unwrap();
+    assert!(km >= 5_000.0, "{km}");
+    assert_eq!(km, (km * 10.0).round() / 10.0);
+
+    let permissions = sim
+        .get_json(
+            &format!("/v2.0/vehicles/{id}/permissions?limit=2&offset=1"),
+            &token,
+        )
+        .await;
+    assert_eq!(permissions["permissions"].as_array().unwrap().len(), 2);
+    assert_eq!(permissions["paging"]["offset"], 1);
+    assert!(permissions["paging"]["count"].as_u64().unwrap() >= 5);
+
+    // Same report window → identical values and data age.
+    let again = sim
+        .get(&format!("/v2.0/vehicles/{id}/battery"), &token)
+        .await;
+    assert_eq!(parse_iso_ms(header(&again, "sc-data-age")), data_age);
+    assert_eq!(again.json::<Value>().await.unwrap(), battery);
+
+    // Unknown paths → 404 RESOURCE_NOT_FOUND:PATH.
+    for path in [
+        format!("/v2.0/vehicles/{id}/teleport"),
+        "/v2.0/nothing".to_owned(),
+    ] {
+        let response = sim.get(&path, &token).await;
+        assert_eq!(response.status(), 404, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            (body["type"].as_str(), body["code"].as_str()),
+            (Some("RESOURCE_NOT_FOUND"), Some("PATH"))
+        );
+    }
+
+    // Requests without sc-unit-system are answered metric and counted.
+    assert_eq!(sim.stats().await["missing_unit_system"], 0);
+    let bare = sim
+        .client
+        .get(sim.url(&format!("/v2.0/vehicles/{id}/odometer")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&bare, "sc-unit-system"), "metric");
+    assert_eq!(
+        bare.json::<Value>().await.unwrap()["distance"]
+            .as_f64()
+            .unwrap(),
+        km
+    );
+    assert_eq!(sim.stats().await["missing_unit_system"], 1);
+
+    // The served log holds exactly what was answered, in metric, once per report time.
+    let served = sim.served(id).await;
+    assert_eq!(
+        served["battery"],
+        json!([{"recorded_at": data_age, "soc_percent": served["battery"][0]["soc_percent"], "range_km": range}])
+    );
+    assert!(
+        (served["battery"][0]["soc_percent"].as_f64().unwrap() - fraction * 100.0).abs() < 1e-9
+    );
+    assert_eq!(
+        served["charge"],
+        json!([{"recorded_at": data_age, "plugged_in": charge["isPluggedIn"], "state": charge["state"]}])
+    );
+    assert_eq!(
+        served["odometer"],
+        json!([{"recorded_at": data_age, "odometer_km": km}])
+    );
+    // authorize + token + 10 v2 requests; introspection is not counted.
+    let stats = sim.stats().await;
+    assert_eq!(stats["requests"], 12);
+    assert_eq!(stats["v2_requests"], 10);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn batch_answers_each_item_with_its_own_code_and_headers() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let id = sim.fleet().await["users"][0]["vehicles"][1]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let request = json!({"requests": [
+        {"path": "/battery"}, {"path": "/charge"}, {"path": "/odometer"}, {"path": "/"}, {"path": "/warp-drive"}
+    ]});
+    let response = sim
+        .client
+        .post(sim.url(&format!("/v2.0/vehicles/{id}/batch")))
+        .bearer_auth(&token)
+        .header("sc-unit-system", "metric")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(is_uuid(header(&response, "sc-request-id")));
+    let body: Value = response.json().await.unwrap();
+    let items = body["responses"].as_array().unwrap();
+    let codes: Vec<u64> = items.iter().map(|i| i["code"].as_u64().unwrap()).collect();
+    assert_eq!(codes, [200, 200, 200, 200, 404]);
+    let paths: Vec<&str> = items.iter().map(|i| i["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        ["/battery", "/charge", "/odometer", "/", "/warp-drive"]
+    );
+    for item in &items[..4] {
+        assert_eq!(item["headers"]["sc-unit-system"], "metric");
+        parse_iso_ms(item["headers"]["sc-data-age"].as_str().unwrap());
+        parse_iso_ms(item["headers"]["sc-fetched-at"].as_str().unwrap());
+    }
+    assert_eq!(items[3]["body"]["id"], id.as_str());
+    assert_eq!(items[4]["body"]["type"], "RESOURCE_NOT_FOUND");
+    assert_eq!(items[4]["body"]["statusCode"], 404);
+    assert!(items[4].get("headers").is_none());
+
+    // Batch items answer exactly what the single endpoints answer.
+    let battery = sim
+        .get_json(&format!("/v2.0/vehicles/{id}/battery"), &token)
+        .await;
+    assert_eq!(items[0]["body"], battery);
+    let data_age = parse_iso_ms(items[0]["headers"]["sc-data-age"].as_str().unwrap());
+    let served = sim.served(&id).await;
+    assert_eq!(served["battery"].as_array().unwrap().len(), 1);
+    assert_eq!(served["battery"][0]["recorded_at"], data_age);
+    assert_eq!(
+        served["odometer"][0]["odometer_km"],
+        items[2]["body"]["distance"]
+    );
+
+    let bad = sim
+        .client
+        .post(sim.url(&format!("/v2.0/vehicles/{id}/batch")))
+        .bearer_auth(&token)
+        .body("{\"requests\": 5}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(bad.json::<Value>().await.unwrap()["type"], "VALIDATION");
+    assert_eq!(sim.stats().await["batch_items"], 5);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn imperial_units_convert_distances_after_rounding() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let id = sim.fleet().await["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let imperial = |path: String| {
+        sim.client
+            .get(sim.url(&path))
+            .bearer_auth(&token)
+            .header("sc-unit-system", "imperial")
+            .send()
+    };
+    let metric_battery = sim
+        .get_json(&format!("/v2.0/vehicles/{id}/battery"), &token)
+        .await;
+    let response = imperial(format!("/v2.0/vehicles/{id}/battery"))
+        .await
+        .unwrap();
+    assert_eq!(header(&response, "sc-unit-system"), "imperial");
+    let imperial_battery: Value = response.json().await.unwrap();
+    assert_eq!(
+        imperial_battery["percentRemaining"],
+        metric_battery["percentRemaining"]
+    );
+    let km = metric_battery["range"].as_f64().unwrap();
+    let miles = imperial_battery["range"].as_f64().unwrap();
+    assert!(
+        (miles - km / 1.609_344).abs() < 1e-9,
+        "{miles} mi vs {km} km"
+    );
+
+    let metric_odo = sim
+        .get_json(&format!("/v2.0/vehicles/{id}/odometer"), &token)
+        .await;
+    let imperial_odo: Value = imperial(format!("/v2.0/vehicles/{id}/odometer"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let km = metric_odo["distance"].as_f64().unwrap();
+    assert!((imperial_odo["distance"].as_f64().unwrap() * 1.609_344 - km).abs() < 1e-6);
+    // The served log stays metric.
+    assert_eq!(
+        sim.served(&id).await["odometer"][0]["odometer_km"]
+            .as_f64()
+            .unwrap(),
+        km
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn v3_vehicle_signal_pages_and_single_signals() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let user_id = fleet["users"][0]["id"].as_str().unwrap().to_owned();
+    let car = &fleet["users"][0]["vehicles"][0];
+    let id = car["id"].as_str().unwrap();
+
+    let vehicle = sim.get_json(&format!("/v3/vehicles/{id}"), &token).await;
+    assert_eq!(
+        vehicle,
+        json!({"data": {"id": id, "type": "vehicle",
+            "attributes": {"make": car["make"], "model": car["model"], "year": car["year"],
+                           "powertrainType": "BEV", "mode": "simulated"},
+            "links": {"self": format!("/vehicles/{id}")}}})
+    );
+
+    // Follow links.next from the first page to the end.
+    let mut next = Some(format!("/vehicles/{id}/signals"));
+    let mut signals = Vec::new();
+    let mut pages = 0;
+    while let Some(link) = next {
+        let page = sim.get_json(&format!("/v3{link}"), &token).await;
+        pages += 1;
+        assert_eq!(page["meta"]["pageSize"], 10);
+        assert_eq!(page["meta"]["page"], pages);
+        assert_eq!(
+            page["links"]["first"],
+            format!("/vehicles/{id}/signals?page=1&pageSize=10")
+        );
+        assert_eq!(
+            page["links"]["self"],
+            format!("/vehicles/{id}/signals?page={pages}&pageSize=10")
+        );
+        if pages == 1 {
+            assert_eq!(page["links"]["previous"], Value::Null);
+        } else {
+            assert_eq!(
+                page["links"]["previous"],
+                format!("/vehicles/{id}/signals?page={}&pageSize=10", pages - 1)
+            );
+        }
+        assert_eq!(page["included"]["vehicle"]["id"], id);
+        assert_eq!(
+            page["included"]["vehicle"]["attributes"]["make"],
+            car["make"]
+        );
+        let total = page["meta"]["totalCount"].as_u64().unwrap();
+        assert!(total >= 12);
+        assert_eq!(
+            page["links"]["last"],
+            format!(
+                "/vehicles/{id}/signals?page={}&pageSize=10",
+                total.div_ceil(10)
+            )
+        );
+        signals.extend(page["data"].as_array().unwrap().iter().cloned());
+        next = page["links"]["next"].as_str().map(str::to_owned);
+        assert!(pages < 10);
+    }
+    assert_eq!(pages, 2);
+    let codes: HashSet<&str> = signals.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(codes.len(), signals.len());
+    for code in [
+        "tractionbattery-stateofcharge",
+        "tractionbattery-range",
+        "tractionbattery-nominalcapacity",
+        "charge-ischarging",
+        "charge-ischargingcableconnected",
+        "charge-detailedchargingstatus",
+        "charge-chargelimits",
+        "charge-timetocomplete",
+        "odometer-traveleddistance",
+        "location-preciselocation",
+        "lowvoltagebattery-stateofcharge",
+        "vehicleidentification-vin",
+    ] {
+        assert!(codes.contains(code), "{code}");
+    }
+    let find = |code: &str| signals.iter().find(|s| s["id"] == code).unwrap().clone();
+    let soc = find("tractionbattery-stateofcharge");
+    assert_eq!(soc["type"], "signal");
+    assert_eq!(soc["attributes"]["code"], "tractionbattery-stateofcharge");
+    assert_eq!(soc["attributes"]["group"], "TractionBattery");
+    assert_eq!(soc["attributes"]["status"]["value"], "SUCCESS");
+    assert_eq!(soc["attributes"]["body"]["unit"], "percent");
+    let percent = soc["attributes"]["body"]["value"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&percent));
+    assert_eq!(percent, (percent * 100.0).round() / 100.0);
+    let oem = soc["meta"]["oemUpdatedAt"].as_i64().unwrap();
+    let retrieved = soc["meta"]["retrievedAt"].as_i64().unwrap();
+    assert!(
+        oem > 1_600_000_000_000 && oem <= retrieved,
+        "milliseconds expected"
+    );
+    assert_eq!(
+        find("tractionbattery-range")["attributes"]["body"]["unit"],
+        "kilometers"
+    );
+    assert_eq!(
+        find("vehicleidentification-vin")["attributes"]["body"],
+        json!({"value": car["vin"]})
+    );
+    assert_eq!(
+        soc["links"]["self"],
+        format!("/vehicles/{id}/signals/tractionbattery-stateofcharge")
+    );
+
+    // The single signal equals the listed one (same report window), and v2 agrees with v3.
+    let single = sim
+        .get_json(
+            &format!("/v3/vehicles/{id}/signals/tractionbattery-stateofcharge"),
+            &token,
+        )
+        .await;
+    assert_eq!(single["attributes"], soc["attributes"]);
+    assert_eq!(single["meta"]["oemUpdatedAt"], oem);
+    let v2 = sim
+        .get_json(&format!("/v2.0/vehicles/{id}/battery"), &token)
+        .await;
+    assert!((v2["percentRemaining"].as_f64().unwrap() * 100.0 - percent).abs() < 1e-9);
+
+    let served = sim.served(id).await;
+    assert_eq!(served["battery"][0]["recorded_at"], oem);
+    assert_eq!(
+        served["battery"][0]["soc_percent"].as_f64().unwrap(),
+        percent
+    );
+    assert_eq!(
+        served["battery"][0]["range_km"],
+        find("tractionbattery-range")["attributes"]["body"]["value"]
+    );
+    assert_eq!(
+        served["odometer"][0]["odometer_km"],
+        find("odometer-traveleddistance")["attributes"]["body"]["value"]
+    );
+    assert_eq!(
+        served["charge"][0]["state"],
+        find("charge-detailedchargingstatus")["attributes"]["body"]["value"]
+    );
+
+    // Errors in the v3 envelope.
+    let unknown = sim
+        .get(&format!("/v3/vehicles/{id}/signals/flux-capacitor"), &token)
+        .await;
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(
+        unknown.json::<Value>().await.unwrap()["errors"][0]["status"],
+        "404"
+    );
+    let bad_size = sim
+        .get(&format!("/v3/vehicles/{id}/signals?pageSize=101"), &token)
+        .await;
+    assert_eq!(bad_size.status(), 400);
+    assert_eq!(
+        bad_size.json::<Value>().await.unwrap()["errors"][0]["type"],
+        "VALIDATION"
+    );
+    let missing = sim
+        .get("/v3/vehicles/00000000-0000-4000-8000-000000000000", &token)
+        .await;
+    assert_eq!(missing.status(), 400);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["errors"][0]["type"], "CONNECTED_SERVICES_ACCOUNT");
+    assert_eq!(body["errors"][0]["code"], "VEHICLE_MISSING");
+
+    // sc-user-id must name the token's user when sent.
+    let with_user = |user: &str| {
+        sim.client
+            .get(sim.url(&format!("/v3/vehicles/{id}")))
+            .bearer_auth(&token)
+            .header("sc-user-id", user)
+            .send()
+    };
+    assert_eq!(with_user(&user_id).await.unwrap().status(), 200);
+    assert_eq!(with_user("someone-else").await.unwrap().status(), 401);
+
+    // One big page holds everything.
+    let all = sim
+        .get_json(
+            &format!("/v3/vehicles/{id}/signals?page=1&pageSize=100"),
+            &token,
+        )
+        .await;
+    assert_eq!(all["data"].as_array().unwrap().len(), signals.len());
+    assert_eq!(all["links"]["next"], Value::Null);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn same_seed_gives_same_fleet_and_values_evolve_with_reports() {
+    let fast = SimulatorConfig {
+        seed: 42,
+        report_interval: Duration::from_secs(1),
+        time_scale: 3600.0,
+        ..SimulatorConfig::default()
+    };
+    let a = spawn(fast.clone()).await;
+    let b = spawn(fast).await;
+    let c = spawn(SimulatorConfig {
+        seed: 43,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let fleet = a.fleet().await;
+    assert_eq!(fleet, b.fleet().await);
+    assert_ne!(fleet, c.fleet().await);
+    assert_eq!(fleet["users"].as_array().unwrap().len(), 1);
+    assert_eq!(fleet["users"][0]["vehicles"].as_array().unwrap().len(), 2);
+
+    let token = a.connect("1").await;
+    let id = fleet["users"][0]["vehicles"][0]["id"].as_str().unwrap();
+    let first = a
+        .get(&format!("/v2.0/vehicles/{id}/odometer"), &token)
+        .await;
+    let first_age = parse_iso_ms(header(&first, "sc-data-age"));
+    let first_km = first.json::<Value>().await.unwrap()["distance"]
+        .as_f64()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let second = a
+        .get(&format!("/v2.0/vehicles/{id}/odometer"), &token)
+        .await;
+    let second_age = parse_iso_ms(header(&second, "sc-data-age"));
+    assert!(second_age >= first_age + 2000, "{first_age} → {second_age}");
+    assert_eq!(
+        (second_age - first_age) % 1000,
+        0,
+        "reports sit on the vehicle's grid"
+    );
+    assert!(
+        second.json::<Value>().await.unwrap()["distance"]
+            .as_f64()
+            .unwrap()
+            >= first_km
+    );
+    assert_eq!(a.served(id).await["odometer"].as_array().unwrap().len(), 2);
+    for sim in [a, b, c] {
+        sim.stop().await;
+    }
+}
+
+#[test]
+fn cli_defaults_match_config_defaults() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimulatorArgs,
+    }
+    let args = Cli::parse_from(["simulator"]).sim;
+    assert_eq!(args.listen.to_string(), "127.0.0.1:8090");
+    assert_eq!(
+        format!("{:?}", args.to_config()),
+        format!("{:?}", SimulatorConfig::default())
+    );
+    assert!(!format!("{args:?}").contains("carpulse-demo-secret"));
+    assert!(!format!("{:?}", args.to_config()).contains("carpulse-demo-secret"));
+
+    let args = Cli::parse_from([
+        "simulator",
+        "--listen",
+        "127.0.0.1:0",
+        "--users",
+        "3",
+        "--token-lifetime",
+        "60",
+        "--time-scale",
+        "0",
+        "--report-interval",
+        "2",
+        "--refresh-grace",
+        "5",
+        "--seed",
+        "9",
+    ])
+    .sim;
+    let cfg = args.to_config();
+    assert_eq!(cfg.users, 3);
+    assert_eq!(cfg.access_token_lifetime, Duration::from_secs(60));
+    assert_eq!(cfg.report_interval, Duration::from_secs(2));
+    assert_eq!(cfg.refresh_grace, Duration::from_secs(5));
+    assert_eq!(cfg.time_scale, 0.0);
+    assert_eq!(cfg.seed, 9);
+    assert!(Cli::try_parse_from(["simulator", "--time-scale", "-1"]).is_err());
+    assert!(Cli::try_parse_from(["simulator", "--report-interval", "0"]).is_err());
+}
+
+#[tokio::test]
+async fn serve_rejects_a_fleet_without_users_and_stops_on_shutdown() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cfg = SimulatorConfig {
+        users: 0,
+        ..SimulatorConfig::default()
+    };
+    let err = serve(listener, cfg, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("at least one user"), "{err:#}");
+
+    let sim = spawn(SimulatorConfig::default()).await;
+    let base = sim.base.clone();
+    sim.stop().await;
+    assert!(reqwest::get(format!("{base}/_simulator/stats"))
+        .await
+        .is_err());
+}
