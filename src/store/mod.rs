@@ -1,136 +1,94 @@
-//! The SQLite store. One owner thread holds the only read-write connection (SQLite allows one
-//! writer; a thread of its own keeps blocking I/O off the async runtime), and everything else
-//! talks to it over a bounded channel: `call` for queries and token saves, `write` for the
-//! writer, which folds whatever is queued into one transaction. Readers elsewhere (the CLI,
-//! Grafana, sqlite3) use WAL and never block it.
+//! The SQLite store: one owner thread holds the only read-write `rusqlite::Connection`, and
+//! async code talks to it through a bounded channel (STYLE habit 9).
+//!
+//! Why a dedicated thread and not a mutex or `spawn_blocking`: SQLite allows one writer at a
+//! time anyway, and a single owner lets the writer batch everything queued into one
+//! transaction (DESIGN §1 "one writer"), keeps the vehicle-key cache lock-free and never blocks
+//! a tokio worker on disk I/O. Readers elsewhere (CLI, Grafana, sqlite3) use WAL and never
+//! block it. Messages are handled in the order they were queued, so a [`Store::call`] sees
+//! every write queued before it.
+//!
+//! Opening creates the file with mode 0600 (it holds refresh tokens) before SQLite touches it,
+//! refuses a store written by a newer carpulse, sets the pragmas and migrates ([`migrate`]).
 
 pub mod migrate;
 pub mod queries;
-pub mod writer;
+mod writer;
+
+pub use writer::{WriteItem, WriteObserver, WriteReport};
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{anyhow, Context};
-use rusqlite::Connection;
+use anyhow::{anyhow, bail, Context};
+use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::{PollEvent, Reading, VehicleId, VehicleInfo};
-
-/// Called on the owner thread after each committed write batch (the daemon feeds its row
-/// counters from it).
-pub type WriteObserver = Arc<dyn Fn(&WriteReport) + Send + Sync>;
-
-/// One thing for the writer to store.
-#[derive(Clone, Debug)]
-pub enum WriteItem {
-    Reading(VehicleId, Reading),
-    Event(PollEvent),
-    /// Updates make/model/year.
-    Info(VehicleId, VehicleInfo),
-    Vin(VehicleId, String),
-}
-
-/// What one write batch came to, per table label (`battery`, `charge`, `odometer`,
-/// `poll_events`).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct WriteReport {
-    pub written: Vec<(&'static str, u64)>,
-    /// Rows not stored because that vehicle's reading at that `recorded_at` already was.
-    pub duplicates: Vec<(&'static str, u64)>,
-    /// Rows that could not be stored (unknown vehicle, failed transaction). Never silent.
-    pub dropped: Vec<(&'static str, u64)>,
-}
-
-/// Messages queued for the owner thread; a bound so that a stalled disk slows the pollers
-/// down instead of growing memory without limit.
-const QUEUE: usize = 1024;
-/// At most this many items go into one transaction.
-const MAX_BATCH: usize = 20_000;
+/// Messages queued before the senders wait (back-pressure). A message is a whole batch of
+/// items from one poll, so this is hundreds of polls of slack.
+const QUEUE_CAPACITY: usize = 256;
+/// Upper bound of items per transaction, so one commit never grows without limit while the
+/// queue keeps filling.
+const MAX_BATCH_ITEMS: usize = 50_000;
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 enum Msg {
-    Call(Job),
     Write(Vec<WriteItem>),
+    Control(Control),
+}
+
+/// Everything that is not a write: it ends the current batch.
+enum Control {
+    Call(Job),
     Flush(oneshot::Sender<()>),
+    Close(oneshot::Sender<anyhow::Result<()>>),
 }
 
 /// Handle to the owner thread; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Msg>,
-    path: Arc<PathBuf>,
-    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
-/// Creates the file with mode 0600 (it holds OAuth tokens) before SQLite touches it; SQLite
-/// gives its -wal and -shm files the same mode.
-fn create_private(path: &Path) -> anyhow::Result<()> {
-    if path.exists() {
-        return Ok(());
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(_) => Ok(()),
-        // Created by someone else in between: fine, SQLite opens it.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("closed", &self.tx.is_closed())
+            .finish()
     }
 }
 
-/// Opens a read-write connection with the daemon's pragmas and migrates it.
-pub fn open_connection(path: &Path) -> anyhow::Result<Connection> {
-    create_private(path)?;
-    let mut c = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
-    c.busy_timeout(std::time::Duration::from_secs(5))?;
-    let mode: String = c.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        tracing::warn!(
-            mode,
-            "the store could not switch to WAL; readers may block the writer"
-        );
-    }
-    c.pragma_update(None, "synchronous", "NORMAL")?;
-    c.pragma_update(None, "foreign_keys", "ON")?;
-    migrate::migrate(&mut c).with_context(|| format!("store {}", path.display()))?;
-    Ok(c)
+fn closed() -> anyhow::Error {
+    anyhow!("the store is closed")
 }
 
 impl Store {
-    /// Creates (0600) or opens the file, sets pragmas, migrates, starts the owner thread.
+    /// Creates (0600) / opens, sets pragmas, migrates, starts the owner thread.
+    /// `on_write` is called on the owner thread after each committed write batch (the daemon
+    /// feeds its metrics from it); a failed batch is reported too, with every row dropped.
     pub fn open(path: &Path, on_write: Option<WriteObserver>) -> anyhow::Result<Store> {
-        let conn = open_connection(path)?;
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let thread = std::thread::Builder::new()
+        let conn = open_connection(path)
+            .with_context(|| format!("opening the store {}", path.display()))?;
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let owner = Owner {
+            conn,
+            writer: writer::Writer::default(),
+            on_write,
+            path: path.to_path_buf(),
+        };
+        std::thread::Builder::new()
             .name("carpulse-store".into())
-            .spawn(move || owner(conn, rx, on_write))
-            .context("starting the store thread")?;
-        Ok(Store {
-            tx,
-            path: Arc::new(path.to_path_buf()),
-            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
-        })
+            .spawn(move || owner.run(rx))
+            .context("starting the store's owner thread")?;
+        Ok(Store { tx })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn closed(&self) -> anyhow::Error {
-        anyhow!("the store {} is closed", self.path.display())
-    }
-
-    /// Runs `f` on the owner thread (reads, token saves, small writes).
+    /// Runs `f` on the owner thread (for reads and small writes like token saves), after every
+    /// write queued before it. A panic in `f` is caught there and returned as an error.
     pub async fn call<R, F>(&self, f: F) -> anyhow::Result<R>
     where
         R: Send + 'static,
@@ -138,106 +96,188 @@ impl Store {
     {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |c| {
-            // A panic in a query must not take the owner thread (and every later write) down.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c)))
-                .unwrap_or_else(|_| Err(anyhow!("a store query panicked")));
-            let _ = reply.send(r);
+            let _ = reply.send(f(c));
         });
         self.tx
-            .send(Msg::Call(job))
+            .send(Msg::Control(Control::Call(job)))
             .await
-            .map_err(|_| self.closed())?;
-        answer.await.map_err(|_| self.closed())?
+            .map_err(|_| closed())?;
+        answer
+            .await
+            .map_err(|_| anyhow!("the store call panicked on the owner thread"))?
     }
 
-    /// Queues items for the writer. Waits when the writer is behind (back-pressure); fails
-    /// only when the store is closed.
+    /// Queues items for the writer, which batches everything queued into one transaction.
+    /// Bounded channel: waits when the writer is behind (back-pressure), errors only if the
+    /// store is closed.
     pub async fn write(&self, items: Vec<WriteItem>) -> anyhow::Result<()> {
         if items.is_empty() {
             return Ok(());
         }
-        self.tx
-            .send(Msg::Write(items))
-            .await
-            .map_err(|_| self.closed())
+        self.tx.send(Msg::Write(items)).await.map_err(|_| closed())
     }
 
-    /// Resolves when everything queued before it is committed.
+    /// Resolves when everything queued before it is committed (or reported dropped).
     pub async fn flush(&self) -> anyhow::Result<()> {
-        let (reply, answer) = oneshot::channel();
+        let (reply, done) = oneshot::channel();
         self.tx
-            .send(Msg::Flush(reply))
+            .send(Msg::Control(Control::Flush(reply)))
             .await
-            .map_err(|_| self.closed())?;
-        answer.await.map_err(|_| self.closed())
+            .map_err(|_| closed())?;
+        done.await.map_err(|_| closed())
     }
 
-    /// Flushes and, when this is the last handle, stops the owner thread, which checkpoints
-    /// the WAL and closes the connection.
+    /// Flushes, stops the owner thread and closes the connection (checkpoints WAL). Anything
+    /// other handles queued before the close is still processed; after it they get errors.
+    /// Closing a store that is already closed is a no-op.
     pub async fn close(self) -> anyhow::Result<()> {
-        self.flush().await?;
-        let Store { tx, thread, .. } = self;
-        drop(tx);
-        let handle = match Arc::try_unwrap(thread) {
-            Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
-            // Other handles are alive; the thread stops when the last one goes.
-            Err(_) => return Ok(()),
-        };
-        if let Some(h) = handle {
-            tokio::task::spawn_blocking(move || h.join())
-                .await
-                .map_err(|e| anyhow!("joining the store thread: {e}"))?
-                .map_err(|_| anyhow!("the store thread panicked"))?;
+        let (reply, done) = oneshot::channel();
+        if self
+            .tx
+            .send(Msg::Control(Control::Close(reply)))
+            .await
+            .is_err()
+        {
+            return Ok(());
         }
-        Ok(())
+        done.await.map_err(|_| closed())?
     }
 }
 
-fn owner(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, on_write: Option<WriteObserver>) {
-    let mut cache = writer::KeyCache::new();
-    let mut pending: Option<Msg> = None;
-    loop {
-        let msg = match pending.take() {
-            Some(m) => m,
-            None => match rx.blocking_recv() {
-                Some(m) => m,
-                None => break,
-            },
-        };
-        match msg {
-            Msg::Call(job) => {
-                job(&mut conn);
-                // The call may have removed or re-keyed vehicles.
-                cache.clear();
+/// Creates the file 0600 (and its directory), opens it, refuses a newer schema, sets the
+/// pragmas and migrates.
+fn open_connection(path: &Path) -> anyhow::Result<Connection> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating the directory {}", parent.display()))?;
+    }
+    // Created by us, not by SQLite, so the mode is 0600 from the first byte: the file will
+    // hold refresh tokens. SQLite gives its -wal and -shm files the database file's mode.
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => tracing::info!(path = %path.display(), "created a new store"),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).context("creating the store file with mode 0600"),
+    }
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .context("opening the SQLite file")?;
+    conn.busy_timeout(Duration::from_millis(5000))
+        .context("setting busy_timeout")?;
+    // Before any pragma that could rewrite the header: a newer store must stay untouched.
+    migrate::refuse_newer(&conn)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .context("setting journal_mode=WAL")?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        bail!("the store could not be switched to WAL (journal_mode is {mode})");
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .context("setting synchronous=NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", true)
+        .context("setting foreign_keys=ON")?;
+    migrate::migrate(&mut conn).context("migrating the schema")?;
+    Ok(conn)
+}
+
+/// State of the owner thread.
+struct Owner {
+    conn: Connection,
+    writer: writer::Writer,
+    on_write: Option<WriteObserver>,
+    path: PathBuf,
+}
+
+impl Owner {
+    /// Serves messages until every handle is dropped or a close is asked for. Consecutive
+    /// writes are merged into one batch; any other message first commits the batch before it,
+    /// so order is kept.
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut closers = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = Vec::new();
+            let mut other = None;
+            match first {
+                Msg::Write(items) => batch = items,
+                Msg::Control(c) => other = Some(c),
             }
-            Msg::Flush(reply) => {
-                let _ = reply.send(());
-            }
-            Msg::Write(mut items) => {
-                // Fold everything already queued into this transaction; stop at the first
-                // non-write so calls and flushes keep their order.
-                while items.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(Msg::Write(more)) => items.extend(more),
-                        Ok(other) => {
-                            pending = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
+            while other.is_none() && batch.len() < MAX_BATCH_ITEMS {
+                match rx.try_recv() {
+                    Ok(Msg::Write(items)) => batch.extend(items),
+                    Ok(Msg::Control(c)) => other = Some(c),
+                    Err(_) => break,
                 }
-                let report = writer::apply(&mut conn, &mut cache, &items);
-                if let Some(observe) = &on_write {
-                    observe(&report);
+            }
+            if !batch.is_empty() {
+                self.write(&batch);
+            }
+            match other {
+                None => {}
+                Some(Control::Call(job)) => self.run_call(job),
+                Some(Control::Flush(reply)) => {
+                    let _ = reply.send(());
+                }
+                Some(Control::Close(reply)) => {
+                    // Refuse new messages, but still serve what was queued before the close
+                    // (the loop ends when the queue is empty), so nothing is lost silently.
+                    rx.close();
+                    closers.push(reply);
                 }
             }
         }
+        let result = self.shutdown();
+        if closers.is_empty() {
+            if let Err(e) = &result {
+                tracing::error!(error = format!("{e:#}"), "closing the store failed");
+            }
+        }
+        let mut result = Some(result);
+        for reply in closers {
+            let r = match result.take() {
+                Some(r) => r,
+                None => Ok(()),
+            };
+            let _ = reply.send(r);
+        }
     }
-    if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
-        tracing::warn!(error = %e, "WAL checkpoint at close failed");
+
+    /// Runs a [`Store::call`] job; a panic in it is contained so the owner keeps serving (the
+    /// caller sees its reply channel dropped and gets an error).
+    fn run_call(&mut self, job: Job) {
+        if catch_unwind(AssertUnwindSafe(|| job(&mut self.conn))).is_err() {
+            tracing::error!("a store call panicked; the store keeps running");
+        }
     }
-    if let Err((_, e)) = conn.close() {
-        tracing::warn!(error = %e, "closing the store");
+
+    fn write(&mut self, batch: &[WriteItem]) {
+        let report = self.writer.write_batch(&mut self.conn, batch);
+        if let Some(observer) = &self.on_write {
+            if catch_unwind(AssertUnwindSafe(|| observer(&report))).is_err() {
+                tracing::error!("the store's write observer panicked");
+            }
+        }
+    }
+
+    /// Checkpoints the WAL into the main file and closes the connection.
+    fn shutdown(self) -> anyhow::Result<()> {
+        let path = self.path;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .with_context(|| format!("checkpointing the WAL of {}", path.display()))?;
+        self.conn
+            .close()
+            .map_err(|(_, e)| e)
+            .with_context(|| format!("closing the store {}", path.display()))?;
+        tracing::debug!(path = %path.display(), "store closed");
+        Ok(())
     }
 }
 

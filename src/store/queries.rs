@@ -1,16 +1,22 @@
-//! Plain synchronous queries on a `rusqlite::Connection`: connections, vehicles, summaries.
-//! The daemon runs them on the store's owner thread through `Store::call`; the read-only CLI
-//! commands run them on their own connection; tests run them in memory.
+//! Plain synchronous queries on a `rusqlite::Connection`: connections (tokens), vehicles and the
+//! summaries the CLI shows.
+//!
+//! They take the connection as an argument so they can be unit-tested on an in-memory database
+//! and run by the daemon and the CLI through [`super::Store::call`] on the owner thread (STYLE
+//! habit 9). Token writes get `synchronous=FULL` for their own transaction: in WAL mode NORMAL
+//! can lose the last commit on power loss, and a lost rotated refresh token loses the car
+//! (DESIGN §2.1).
 
-use anyhow::Context;
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use anyhow::{bail, Context};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::domain::{
     BatteryReading, ChargeReading, ChargeState, ConnectionId, ConnectionStatus, OdometerReading,
     PollEvent, Secret, Stamp, TokenPair, UnixMillis, VehicleId, VehicleInfo,
 };
 
-#[derive(Clone, Debug)]
+/// One row of `connections`, tokens included (never printed: they are `Secret`s).
+#[derive(Clone, Debug, PartialEq)]
 pub struct ConnectionRecord {
     pub id: ConnectionId,
     pub user_id: String,
@@ -18,6 +24,7 @@ pub struct ConnectionRecord {
     pub tokens: TokenPair,
 }
 
+/// One row of `vehicles`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VehicleRecord {
     pub vehicle_id: VehicleId,
@@ -29,7 +36,8 @@ pub struct VehicleRecord {
     pub enabled: bool,
 }
 
-#[derive(Clone, Debug)]
+/// A vehicle with its connection's status and its latest stored readings (`vehicles list`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct VehicleSummary {
     pub vehicle: VehicleRecord,
     pub connection_status: ConnectionStatus,
@@ -39,43 +47,52 @@ pub struct VehicleSummary {
     pub last_poll: Option<PollEvent>,
 }
 
-/// Runs `f` in a transaction committed with `synchronous=FULL`: WAL with NORMAL may lose the
-/// last commit on power loss, and a lost rotated token is a lost connection.
-fn durably<T>(
+/// Runs `f` in an IMMEDIATE transaction committed with `synchronous=FULL`, then puts the
+/// connection back to NORMAL whatever happened (the writer's batches stay cheap).
+fn durably<R>(
     c: &mut Connection,
-    f: impl FnOnce(&rusqlite::Transaction<'_>) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    c.pragma_update(None, "synchronous", "FULL")?;
-    let result = (|| -> anyhow::Result<T> {
-        let tx = c.transaction()?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+    what: &str,
+    f: impl FnOnce(&rusqlite::Transaction<'_>) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
+    c.pragma_update(None, "synchronous", "FULL")
+        .with_context(|| format!("{what}: setting synchronous=FULL"))?;
+    let result: anyhow::Result<R> = (|| {
+        let tx = c
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .with_context(|| format!("{what}: starting the transaction"))?;
+        let r = f(&tx)?;
+        tx.commit().with_context(|| format!("{what}: committing"))?;
+        Ok(r)
     })();
-    // Back to the daemon's default even when the transaction failed.
-    let restore = c.pragma_update(None, "synchronous", "NORMAL");
-    let out = result?;
+    let restore = c
+        .pragma_update(None, "synchronous", "NORMAL")
+        .with_context(|| format!("{what}: restoring synchronous=NORMAL"));
+    let r = result?;
     restore?;
-    Ok(out)
+    Ok(r)
 }
 
-/// Upsert by `user_id`: a reconnect replaces the tokens and makes the connection active again.
+/// Upsert by user_id: a reconnect replaces the tokens and sets status active. Its own
+/// transaction, synchronous=FULL.
 pub fn upsert_connection(
     c: &mut Connection,
     user_id: &str,
     tokens: &TokenPair,
     now: UnixMillis,
 ) -> anyhow::Result<ConnectionId> {
-    durably(c, |tx| {
+    durably(c, "saving the connection", |tx| {
         let id: i64 = tx
             .query_row(
                 "INSERT INTO connections (user_id, status, access_token, refresh_token,
                      access_expires_at, refresh_expires_at, created_at, updated_at)
                  VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?6)
-                 ON CONFLICT (user_id) DO UPDATE SET status = 'active',
-                     access_token = excluded.access_token, refresh_token = excluded.refresh_token,
+                 ON CONFLICT (user_id) DO UPDATE SET
+                     status = 'active',
+                     access_token = excluded.access_token,
+                     refresh_token = excluded.refresh_token,
                      access_expires_at = excluded.access_expires_at,
-                     refresh_expires_at = excluded.refresh_expires_at, updated_at = excluded.updated_at
+                     refresh_expires_at = excluded.refresh_expires_at,
+                     updated_at = excluded.updated_at
                  RETURNING id",
                 params![
                     user_id,
@@ -87,75 +104,106 @@ pub fn upsert_connection(
                 ],
                 |r| r.get(0),
             )
-            .context("storing the connection")?;
+            .context("inserting or updating the connection row")?;
         Ok(ConnectionId(id))
     })
 }
 
-/// Persists a rotated pair durably, in its own transaction.
+/// Persists a rotated pair durably: its own transaction with `PRAGMA synchronous=FULL` for it,
+/// NORMAL after. Fails if the connection does not exist (a rotated token must never vanish).
 pub fn save_tokens(
     c: &mut Connection,
     id: ConnectionId,
     tokens: &TokenPair,
     now: UnixMillis,
 ) -> anyhow::Result<()> {
-    durably(c, |tx| {
-        let n = tx.execute(
-            "UPDATE connections SET access_token = ?2, refresh_token = ?3, access_expires_at = ?4,
-                 refresh_expires_at = ?5, updated_at = ?6 WHERE id = ?1",
-            params![
-                id.0,
-                tokens.access_token.expose(),
-                tokens.refresh_token.expose(),
-                tokens.access_expires_at,
-                tokens.refresh_expires_at,
-                now
-            ],
-        )?;
-        anyhow::ensure!(n == 1, "connection {id} is not in the store");
+    durably(c, "saving rotated tokens", |tx| {
+        let n = tx
+            .execute(
+                "UPDATE connections SET access_token = ?2, refresh_token = ?3,
+                     access_expires_at = ?4, refresh_expires_at = ?5, updated_at = ?6
+                 WHERE id = ?1",
+                params![
+                    id.0,
+                    tokens.access_token.expose(),
+                    tokens.refresh_token.expose(),
+                    tokens.access_expires_at,
+                    tokens.refresh_expires_at,
+                    now
+                ],
+            )
+            .with_context(|| format!("updating the tokens of connection {id}"))?;
+        if n == 0 {
+            bail!("connection {id} is not in the store; its rotated tokens were not saved");
+        }
         Ok(())
     })
 }
 
+/// Sets `connections.status` (e.g. `needs_reauth` after `invalid_grant`).
 pub fn set_connection_status(
     c: &Connection,
     id: ConnectionId,
     status: ConnectionStatus,
     now: UnixMillis,
 ) -> anyhow::Result<()> {
-    let n = c.execute(
-        "UPDATE connections SET status = ?2, updated_at = ?3 WHERE id = ?1",
-        params![id.0, status.as_str(), now],
-    )?;
-    anyhow::ensure!(n == 1, "connection {id} is not in the store");
+    let n = c
+        .execute(
+            "UPDATE connections SET status = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id.0, status.as_str(), now],
+        )
+        .with_context(|| format!("setting the status of connection {id}"))?;
+    if n == 0 {
+        bail!("connection {id} is not in the store");
+    }
     Ok(())
 }
 
-pub fn load_connections(c: &Connection) -> anyhow::Result<Vec<ConnectionRecord>> {
-    let mut stmt = c.prepare(
-        "SELECT id, user_id, status, access_token, refresh_token, access_expires_at, refresh_expires_at
-         FROM connections ORDER BY id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        let status: String = r.get(2)?;
-        Ok(ConnectionRecord {
-            id: ConnectionId(r.get(0)?),
-            user_id: r.get(1)?,
-            // An unknown status (written by a newer version) is not polled.
-            status: ConnectionStatus::parse(&status).unwrap_or(ConnectionStatus::NeedsReauth),
-            tokens: TokenPair {
-                access_token: Secret::new(r.get::<_, String>(3)?),
-                refresh_token: Secret::new(r.get::<_, String>(4)?),
-                access_expires_at: r.get(5)?,
-                refresh_expires_at: r.get(6)?,
-            },
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+/// Maps a stored status; one a user typed by hand is treated as needing re-auth (not polled)
+/// rather than making the whole store unreadable.
+fn parse_status(id: i64, s: &str) -> ConnectionStatus {
+    ConnectionStatus::parse(s).unwrap_or_else(|| {
+        tracing::warn!(
+            connection = id,
+            status = s,
+            "unknown connection status in the store; treating it as needs_reauth"
+        );
+        ConnectionStatus::NeedsReauth
+    })
 }
 
-/// Inserts the vehicle or moves it to `connection_id` (a reconnect); keeps `enabled` and a known
-/// VIN; make/model/year are updated when `info` is given.
+/// Every connection with its tokens, by id.
+pub fn load_connections(c: &Connection) -> anyhow::Result<Vec<ConnectionRecord>> {
+    let mut stmt = c
+        .prepare(
+            "SELECT id, user_id, status, access_token, refresh_token, access_expires_at,
+                    refresh_expires_at
+             FROM connections ORDER BY id",
+        )
+        .context("preparing the connections query")?;
+    let rows = stmt
+        .query_map([], |r| {
+            let id: i64 = r.get(0)?;
+            let status: String = r.get(2)?;
+            Ok(ConnectionRecord {
+                id: ConnectionId(id),
+                user_id: r.get(1)?,
+                status: parse_status(id, &status),
+                tokens: TokenPair {
+                    access_token: Secret::new(r.get::<_, String>(3)?),
+                    refresh_token: Secret::new(r.get::<_, String>(4)?),
+                    access_expires_at: r.get(5)?,
+                    refresh_expires_at: r.get(6)?,
+                },
+            })
+        })
+        .context("loading connections")?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .context("reading a connection row")
+}
+
+/// Insert or move to `connection_id`; keeps `enabled` and any VIN already known; info updates
+/// make/model/year when Some.
 pub fn upsert_vehicle(
     c: &Connection,
     connection_id: ConnectionId,
@@ -166,8 +214,10 @@ pub fn upsert_vehicle(
     c.execute(
         "INSERT INTO vehicles (vehicle_id, connection_id, make, model, year, added_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (vehicle_id) DO UPDATE SET connection_id = excluded.connection_id,
-             make = coalesce(excluded.make, make), model = coalesce(excluded.model, model),
+         ON CONFLICT (vehicle_id) DO UPDATE SET
+             connection_id = excluded.connection_id,
+             make = coalesce(excluded.make, make),
+             model = coalesce(excluded.model, model),
              year = coalesce(excluded.year, year)",
         params![
             vehicle_id.0,
@@ -178,11 +228,14 @@ pub fn upsert_vehicle(
             now
         ],
     )
-    .with_context(|| format!("storing vehicle {vehicle_id}"))?;
+    .with_context(|| format!("storing vehicle {vehicle_id} of connection {connection_id}"))?;
     Ok(())
 }
 
-fn vehicle_record(r: &Row<'_>) -> rusqlite::Result<VehicleRecord> {
+const VEHICLE_COLUMNS: &str =
+    "v.vehicle_id, v.connection_id, v.make, v.model, v.year, v.vin, v.enabled";
+
+fn vehicle_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VehicleRecord> {
     Ok(VehicleRecord {
         vehicle_id: VehicleId(r.get(0)?),
         connection_id: ConnectionId(r.get(1)?),
@@ -194,136 +247,157 @@ fn vehicle_record(r: &Row<'_>) -> rusqlite::Result<VehicleRecord> {
     })
 }
 
-const VEHICLE_COLUMNS: &str = "vehicle_id, connection_id, make, model, year, vin, enabled";
-
+/// Every vehicle, in the order they were added.
 pub fn load_vehicles(c: &Connection) -> anyhow::Result<Vec<VehicleRecord>> {
-    let mut stmt = c.prepare(&format!(
-        "SELECT {VEHICLE_COLUMNS} FROM vehicles ORDER BY id"
-    ))?;
-    let rows = stmt.query_map([], vehicle_record)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut stmt = c
+        .prepare(&format!(
+            "SELECT {VEHICLE_COLUMNS} FROM vehicles v ORDER BY v.id"
+        ))
+        .context("preparing the vehicles query")?;
+    let rows = stmt
+        .query_map([], vehicle_from_row)
+        .context("loading vehicles")?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .context("reading a vehicle row")
 }
 
-/// Returns false when the vehicle is unknown.
+/// Enables or disables polling of a vehicle; false if the vehicle is unknown.
 pub fn set_vehicle_enabled(
     c: &Connection,
     vehicle_id: &VehicleId,
     enabled: bool,
 ) -> anyhow::Result<bool> {
-    let n = c.execute(
-        "UPDATE vehicles SET enabled = ?2 WHERE vehicle_id = ?1",
-        params![vehicle_id.0, enabled as i64],
-    )?;
-    Ok(n == 1)
-}
-
-/// Deletes the vehicle and all its history; false when unknown.
-pub fn remove_vehicle(c: &mut Connection, vehicle_id: &VehicleId) -> anyhow::Result<bool> {
-    let tx = c.transaction()?;
-    let key: Option<i64> = tx
-        .query_row(
-            "SELECT id FROM vehicles WHERE vehicle_id = ?1",
-            [&vehicle_id.0],
-            |r| r.get(0),
+    let n = c
+        .execute(
+            "UPDATE vehicles SET enabled = ?2 WHERE vehicle_id = ?1",
+            params![vehicle_id.0, enabled as i64],
         )
-        .optional()?;
-    let Some(key) = key else {
-        return Ok(false);
-    };
-    for table in [
-        "battery_readings",
-        "charge_readings",
-        "odometer_readings",
-        "poll_event_log",
-    ] {
-        tx.execute(&format!("DELETE FROM {table} WHERE vehicle = ?1"), [key])?;
-    }
-    tx.execute("DELETE FROM vehicles WHERE id = ?1", [key])?;
-    tx.commit()?;
-    Ok(true)
+        .with_context(|| format!("setting enabled={enabled} on vehicle {vehicle_id}"))?;
+    Ok(n > 0)
 }
 
+/// Deletes the vehicle and its history; false if unknown. The history goes with it through the
+/// `vehicles_after_delete` trigger, which also tells the writer to drop its cached key.
+pub fn remove_vehicle(c: &mut Connection, vehicle_id: &VehicleId) -> anyhow::Result<bool> {
+    let tx = c
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .with_context(|| format!("removing vehicle {vehicle_id}: starting the transaction"))?;
+    let n = tx
+        .execute(
+            "DELETE FROM vehicles WHERE vehicle_id = ?1",
+            params![vehicle_id.0],
+        )
+        .with_context(|| format!("removing vehicle {vehicle_id}"))?;
+    tx.commit()
+        .with_context(|| format!("removing vehicle {vehicle_id}: committing"))?;
+    Ok(n > 0)
+}
+
+/// Stored ms + lag back to a [`Stamp`].
 fn stamp(recorded_at: i64, lag: i64) -> Stamp {
     Stamp {
         recorded_at,
-        fetched_at: recorded_at + lag,
+        fetched_at: recorded_at.saturating_add(lag),
     }
 }
 
-/// Every vehicle with its connection's status and its latest readings and poll outcome.
+/// Every vehicle with its connection status and latest readings, for `vehicles list` and
+/// `status`. Each "latest" is one primary-key (or index) seek, so this stays cheap per vehicle.
 pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> {
-    let mut stmt = c.prepare(
-        "SELECT v.vehicle_id, v.connection_id, v.make, v.model, v.year, v.vin, v.enabled, c.status, v.id
-         FROM vehicles v JOIN connections c ON c.id = v.connection_id ORDER BY v.id",
+    let mut vehicles = c
+        .prepare(&format!(
+            "SELECT {VEHICLE_COLUMNS}, v.id, c.id, c.status
+             FROM vehicles v JOIN connections c ON c.id = v.connection_id
+             ORDER BY v.id"
+        ))
+        .context("preparing the vehicle summary query")?;
+    let rows = vehicles
+        .query_map([], |r| {
+            let conn_id: i64 = r.get(8)?;
+            let status: String = r.get(9)?;
+            Ok((vehicle_from_row(r)?, r.get::<_, i64>(7)?, conn_id, status))
+        })
+        .context("loading vehicles for the summary")?
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading a vehicle row for the summary")?;
+
+    let mut battery = c.prepare_cached(
+        "SELECT recorded_at, fetch_lag_ms, soc_cp, range_m FROM battery_readings
+         WHERE vehicle = ?1 ORDER BY recorded_at DESC LIMIT 1",
     )?;
-    let rows: Vec<(VehicleRecord, String, i64)> = stmt
-        .query_map([], |r| Ok((vehicle_record(r)?, r.get(7)?, r.get(8)?)))?
-        .collect::<Result<_, _>>()?;
+    let mut charge = c.prepare_cached(
+        "SELECT recorded_at, fetch_lag_ms, plugged_in, state FROM charge_readings
+         WHERE vehicle = ?1 ORDER BY recorded_at DESC LIMIT 1",
+    )?;
+    let mut odometer = c.prepare_cached(
+        "SELECT recorded_at, fetch_lag_ms, odometer_m FROM odometer_readings
+         WHERE vehicle = ?1 ORDER BY recorded_at DESC LIMIT 1",
+    )?;
+    let mut poll = c.prepare_cached(
+        "SELECT at, endpoint, outcome, http_status, error_type, error_code FROM poll_event_log
+         WHERE vehicle = ?1 ORDER BY at DESC, id DESC LIMIT 1",
+    )?;
+
     let mut out = Vec::with_capacity(rows.len());
-    for (vehicle, status, key) in rows {
-        let last_battery = c
-            .query_row(
-                "SELECT recorded_at, fetch_lag_ms, soc_cp, range_m FROM battery_readings
-                 WHERE vehicle = ?1 ORDER BY recorded_at DESC LIMIT 1",
-                [key],
-                |r| {
-                    Ok(BatteryReading {
-                        stamp: stamp(r.get(0)?, r.get(1)?),
-                        soc_percent: r.get::<_, i64>(2)? as f64 / 100.0,
-                        range_km: r.get::<_, Option<i64>>(3)?.map(|m| m as f64 / 1000.0),
-                    })
-                },
-            )
-            .optional()?;
-        let last_charge = c
-            .query_row(
-                "SELECT recorded_at, fetch_lag_ms, plugged_in, state FROM charge_readings
-                 WHERE vehicle = ?1 ORDER BY recorded_at DESC LIMIT 1",
-                [key],
-                |r| {
-                    Ok(ChargeReading {
-                        stamp: stamp(r.get(0)?, r.get(1)?),
-                        plugged_in: r.get::<_, i64>(2)? != 0,
-                        state: ChargeState::from_code(r.get(3)?),
-                    })
-                },
-            )
-            .optional()?;
-        let last_odometer = c
-            .query_row(
-                "SELECT recorded_at, fetch_lag_ms, odometer_m FROM odometer_readings
-                 WHERE vehicle = ?1 ORDER BY recorded_at DESC LIMIT 1",
-                [key],
-                |r| {
-                    Ok(OdometerReading {
-                        stamp: stamp(r.get(0)?, r.get(1)?),
-                        odometer_km: r.get::<_, i64>(2)? as f64 / 1000.0,
-                    })
-                },
-            )
-            .optional()?;
-        let last_poll = c
-            .query_row(
-                "SELECT at, endpoint, outcome, http_status, error_type, error_code FROM poll_event_log
-                 WHERE vehicle = ?1 ORDER BY at DESC, id DESC LIMIT 1",
-                [key],
-                |r| {
-                    Ok(PollEvent {
-                        vehicle_id: vehicle.vehicle_id.clone(),
-                        at: r.get(0)?,
-                        endpoint: r.get(1)?,
-                        outcome: r.get(2)?,
-                        http_status: r.get::<_, Option<i64>>(3)?.map(|s| s as u16),
-                        error_type: r.get(4)?,
-                        error_code: r.get(5)?,
-                    })
-                },
-            )
-            .optional()?;
+    for (vehicle, key, conn_id, status) in rows {
+        let vid = vehicle.vehicle_id.clone();
+        let last_battery = battery
+            .query_row([key], |r| {
+                Ok(BatteryReading {
+                    stamp: stamp(r.get(0)?, r.get(1)?),
+                    soc_percent: r.get::<_, i64>(2)? as f64 / 100.0,
+                    range_km: r.get::<_, Option<i64>>(3)?.map(|m| m as f64 / 1000.0),
+                })
+            })
+            .optional()
+            .with_context(|| format!("reading the last battery reading of {vid}"))?;
+        let last_charge = charge
+            .query_row([key], |r| {
+                let code: i64 = r.get(3)?;
+                Ok((
+                    stamp(r.get(0)?, r.get(1)?),
+                    r.get::<_, i64>(2)? != 0,
+                    ChargeState::ALL.into_iter().find(|s| s.code() == code),
+                ))
+            })
+            .optional()
+            .with_context(|| format!("reading the last charge reading of {vid}"))?
+            // A state code this build doesn't know is shown as no reading, not as a wrong one.
+            .and_then(|(stamp, plugged_in, state)| {
+                state.map(|state| ChargeReading {
+                    stamp,
+                    plugged_in,
+                    state,
+                })
+            });
+        let last_odometer = odometer
+            .query_row([key], |r| {
+                Ok(OdometerReading {
+                    stamp: stamp(r.get(0)?, r.get(1)?),
+                    odometer_km: r.get::<_, i64>(2)? as f64 / 1000.0,
+                })
+            })
+            .optional()
+            .with_context(|| format!("reading the last odometer reading of {vid}"))?;
+        let last_poll = poll
+            .query_row([key], |r| {
+                Ok(PollEvent {
+                    vehicle_id: vid.clone(),
+                    at: r.get(0)?,
+                    endpoint: r.get(1)?,
+                    outcome: r.get(2)?,
+                    http_status: r
+                        .get::<_, Option<i64>>(3)?
+                        .and_then(|s| u16::try_from(s).ok()),
+                    error_type: r.get(4)?,
+                    error_code: r.get(5)?,
+                })
+            })
+            .optional()
+            .with_context(|| format!("reading the last poll event of {vid}"))?;
         out.push(VehicleSummary {
-            connection_status: ConnectionStatus::parse(&status)
-                .unwrap_or(ConnectionStatus::NeedsReauth),
             vehicle,
+            connection_status: parse_status(conn_id, &status),
             last_battery,
             last_charge,
             last_odometer,
@@ -331,4 +405,235 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::migrate::migrate;
+
+    pub(crate) fn memory_store() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        c.pragma_update(None, "foreign_keys", true).unwrap();
+        migrate(&mut c).unwrap();
+        c
+    }
+
+    fn pair(tag: &str, at: i64) -> TokenPair {
+        TokenPair {
+            access_token: Secret::new(format!("access-{tag}-5f1c")),
+            refresh_token: Secret::new(format!("refresh-{tag}-9a7e")),
+            access_expires_at: at + 7_200_000,
+            refresh_expires_at: at + crate::domain::REFRESH_TOKEN_LIFETIME_MS,
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip_and_reconnect_replaces_them() {
+        let mut c = memory_store();
+        let first = pair("one", 1_000);
+        let id = upsert_connection(&mut c, "user-1", &first, 1_000).unwrap();
+        let loaded = load_connections(&c).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].id, id);
+        assert_eq!(loaded[0].user_id, "user-1");
+        assert_eq!(loaded[0].status, ConnectionStatus::Active);
+        assert_eq!(loaded[0].tokens, first);
+
+        set_connection_status(&c, id, ConnectionStatus::NeedsReauth, 2_000).unwrap();
+        assert_eq!(
+            load_connections(&c).unwrap()[0].status,
+            ConnectionStatus::NeedsReauth
+        );
+
+        // Reconnect: same user, same id, new tokens, active again.
+        let second = pair("two", 3_000);
+        assert_eq!(
+            upsert_connection(&mut c, "user-1", &second, 3_000).unwrap(),
+            id
+        );
+        let loaded = load_connections(&c).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].status, ConnectionStatus::Active);
+        assert_eq!(loaded[0].tokens, second);
+
+        // Rotation.
+        let third = pair("three", 4_000);
+        save_tokens(&mut c, id, &third, 4_000).unwrap();
+        assert_eq!(load_connections(&c).unwrap()[0].tokens, third);
+        let sync: i64 = c
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 1, "synchronous is back to NORMAL after a token save");
+
+        let created: (i64, i64) = c
+            .query_row(
+                "SELECT created_at, updated_at FROM connections WHERE id = ?1",
+                [id.0],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(created, (1_000, 4_000));
+
+        // Saving to a connection that doesn't exist is an error, and names no token.
+        let err = save_tokens(&mut c, ConnectionId(999), &third, 5_000).unwrap_err();
+        let msg = format!("{err:#} {err:?}");
+        assert!(msg.contains("999"), "{msg}");
+        assert!(!msg.contains("access-three"), "{msg}");
+        assert!(!msg.contains("refresh-three"), "{msg}");
+        // Debug of a record never shows a token.
+        let dbg = format!("{:?}", load_connections(&c).unwrap());
+        assert!(
+            !dbg.contains("access-three") && !dbg.contains("refresh-three"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn vehicles_upsert_move_enable_and_remove() {
+        let mut c = memory_store();
+        let a = upsert_connection(&mut c, "user-a", &pair("a", 0), 0).unwrap();
+        let b = upsert_connection(&mut c, "user-b", &pair("b", 0), 0).unwrap();
+        let v = VehicleId("36ab27d0-fd9d-4455-823a-ce30af709ffc".into());
+        upsert_vehicle(&c, a, &v, None, 10).unwrap();
+        let got = load_vehicles(&c).unwrap();
+        assert_eq!(
+            got,
+            vec![VehicleRecord {
+                vehicle_id: v.clone(),
+                connection_id: a,
+                make: None,
+                model: None,
+                year: None,
+                vin: None,
+                enabled: true,
+            }]
+        );
+        let info = VehicleInfo {
+            make: "TESLA".into(),
+            model: "Model 3".into(),
+            year: 2021,
+        };
+        upsert_vehicle(&c, a, &v, Some(&info), 20).unwrap();
+        c.execute(
+            "UPDATE vehicles SET vin = '5YJ3E1EA7KF000001' WHERE vehicle_id = ?1",
+            [&v.0],
+        )
+        .unwrap();
+        assert!(set_vehicle_enabled(&c, &v, false).unwrap());
+        assert!(!set_vehicle_enabled(&c, &VehicleId("nope".into()), false).unwrap());
+        // Moving to another connection without info keeps make/model/year, VIN and enabled.
+        upsert_vehicle(&c, b, &v, None, 30).unwrap();
+        let got = load_vehicles(&c).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].connection_id, b);
+        assert_eq!(got[0].make.as_deref(), Some("TESLA"));
+        assert_eq!(got[0].model.as_deref(), Some("Model 3"));
+        assert_eq!(got[0].year, Some(2021));
+        assert_eq!(got[0].vin.as_deref(), Some("5YJ3E1EA7KF000001"));
+        assert!(!got[0].enabled);
+        let added_at: i64 = c
+            .query_row("SELECT added_at FROM vehicles", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(added_at, 10);
+
+        // Removal takes the history with it.
+        c.execute(
+            "INSERT INTO battery_readings VALUES ((SELECT id FROM vehicles), 5, 1, 5000, NULL)",
+            [],
+        )
+        .unwrap();
+        assert!(remove_vehicle(&mut c, &v).unwrap());
+        assert!(!remove_vehicle(&mut c, &v).unwrap());
+        assert!(load_vehicles(&c).unwrap().is_empty());
+        let left: i64 = c
+            .query_row("SELECT count(*) FROM battery_readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+        let epoch: i64 = c
+            .query_row("SELECT vehicle_epoch FROM store_state", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(epoch, 1);
+    }
+
+    #[test]
+    fn summaries_show_the_latest_of_each_kind() {
+        let mut c = memory_store();
+        let conn = upsert_connection(&mut c, "u", &pair("s", 0), 0).unwrap();
+        let v = VehicleId("veh-1".into());
+        let quiet = VehicleId("veh-2".into());
+        upsert_vehicle(&c, conn, &v, None, 0).unwrap();
+        upsert_vehicle(&c, conn, &quiet, None, 0).unwrap();
+        let key: i64 = c
+            .query_row(
+                "SELECT id FROM vehicles WHERE vehicle_id='veh-1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        c.execute_batch(&format!(
+            "INSERT INTO battery_readings VALUES ({key}, 1000, 5, 5000, 100000),
+                                                ({key}, 2000, 7, 6834, 312400);
+             INSERT INTO charge_readings VALUES ({key}, 1500, 3, 1, 2);
+             INSERT INTO odometer_readings VALUES ({key}, 1700, 0, 12345678);
+             INSERT INTO poll_event_log (vehicle, at, endpoint, outcome, http_status, error_type, error_code)
+                 VALUES ({key}, 900, 'battery', 'ok', 200, NULL, NULL),
+                        ({key}, 2100, 'charge', 'vehicle_state', 409, 'VEHICLE_STATE', 'ASLEEP');"
+        ))
+        .unwrap();
+        set_connection_status(&c, conn, ConnectionStatus::NeedsReauth, 1).unwrap();
+        let s = vehicle_summaries(&c).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].vehicle.vehicle_id, v);
+        assert_eq!(s[0].connection_status, ConnectionStatus::NeedsReauth);
+        assert_eq!(
+            s[0].last_battery,
+            Some(BatteryReading {
+                stamp: Stamp {
+                    recorded_at: 2000,
+                    fetched_at: 2007
+                },
+                soc_percent: 68.34,
+                range_km: Some(312.4),
+            })
+        );
+        assert_eq!(
+            s[0].last_charge,
+            Some(ChargeReading {
+                stamp: Stamp {
+                    recorded_at: 1500,
+                    fetched_at: 1503
+                },
+                plugged_in: true,
+                state: ChargeState::FullyCharged,
+            })
+        );
+        assert_eq!(
+            s[0].last_odometer,
+            Some(OdometerReading {
+                stamp: Stamp {
+                    recorded_at: 1700,
+                    fetched_at: 1700
+                },
+                odometer_km: 12345.678,
+            })
+        );
+        assert_eq!(
+            s[0].last_poll,
+            Some(PollEvent {
+                vehicle_id: v.clone(),
+                at: 2100,
+                endpoint: "charge".into(),
+                outcome: "vehicle_state".into(),
+                http_status: Some(409),
+                error_type: Some("VEHICLE_STATE".into()),
+                error_code: Some("ASLEEP".into()),
+            })
+        );
+        assert_eq!(s[1].vehicle.vehicle_id, quiet);
+        assert_eq!(s[1].last_battery, None);
+        assert_eq!(s[1].last_charge, None);
+        assert_eq!(s[1].last_odometer, None);
+        assert_eq!(s[1].last_poll, None);
+    }
 }

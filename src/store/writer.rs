@@ -1,144 +1,384 @@
-//! The writer's one step: a batch of items in one transaction, with a report of what was
-//! written, what was already there and what could not be stored. Runs on the owner thread.
+//! The batch writer: turns queued [`WriteItem`]s into one transaction and reports, per table,
+//! what was written, what was a duplicate and what was dropped.
+//!
+//! It runs on the store's owner thread only (so its vehicle-key cache needs no lock). One
+//! transaction per batch is what makes thousands of polls per second cheap: the cost of a
+//! commit (and its fsync at checkpoints) is paid once per batch, not once per row. A reading
+//! that was fetched is either committed or counted as dropped, never lost silently (DESIGN §2.4).
 
 use std::collections::HashMap;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use anyhow::Context;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::{WriteItem, WriteReport};
-use crate::domain::{Reading, VehicleId};
+use crate::domain::{PollEvent, Reading, VehicleId, VehicleInfo};
 
-/// vehicle_id → the integer key readings carry. Cleared whenever a `call` may have changed
-/// the vehicles table.
-pub type KeyCache = HashMap<VehicleId, i64>;
-
-fn key(c: &Connection, cache: &mut KeyCache, id: &VehicleId) -> rusqlite::Result<Option<i64>> {
-    if let Some(k) = cache.get(id) {
-        return Ok(Some(*k));
-    }
-    let k: Option<i64> = c
-        .prepare_cached("SELECT id FROM vehicles WHERE vehicle_id = ?1")?
-        .query_row([&id.0], |r| r.get(0))
-        .optional()?;
-    if let Some(k) = k {
-        cache.insert(id.clone(), k);
-    }
-    Ok(k)
+/// One row (or vehicle update) bound for the store.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WriteItem {
+    /// A battery, charge or odometer reading of a vehicle.
+    Reading(VehicleId, Reading),
+    /// The outcome of one poll, for `poll_events`.
+    Event(PollEvent),
+    /// Updates make/model/year.
+    Info(VehicleId, VehicleInfo),
+    /// Updates the VIN.
+    Vin(VehicleId, String),
 }
 
-/// Centi-percent and metres, rounded (not truncated) so a value reads back as written.
-fn centi(x: f64) -> i64 {
-    (x * 100.0).round() as i64
-}
-fn milli(x: f64) -> i64 {
-    (x * 1000.0).round() as i64
-}
-
-/// The report label of an item that stores a row, if it does.
-pub fn table_of(item: &WriteItem) -> Option<&'static str> {
-    match item {
-        WriteItem::Reading(_, r) => Some(r.table()),
-        WriteItem::Event(_) => Some("poll_events"),
-        WriteItem::Info(..) | WriteItem::Vin(..) => None,
-    }
-}
-
-fn bump(v: &mut Vec<(&'static str, u64)>, table: &'static str) {
-    match v.iter_mut().find(|(t, _)| *t == table) {
-        Some((_, n)) => *n += 1,
-        None => v.push((table, 1)),
-    }
-}
-
-/// Commits `items` in one transaction. On failure nothing of the batch is kept and every row
-/// is reported as dropped.
-pub fn apply(c: &mut Connection, cache: &mut KeyCache, items: &[WriteItem]) -> WriteReport {
-    match try_apply(c, cache, items) {
-        Ok(report) => report,
-        Err(e) => {
-            tracing::error!(error = %e, items = items.len(), "a write batch failed; its rows are dropped");
-            // The transaction was rolled back; cached keys may name rows that are gone.
-            cache.clear();
-            let mut report = WriteReport::default();
-            for t in items.iter().filter_map(table_of) {
-                bump(&mut report.dropped, t);
-            }
-            report
+impl WriteItem {
+    /// The table label this item is counted under.
+    fn label(&self) -> Label {
+        match self {
+            WriteItem::Reading(_, Reading::Battery(_)) => Label::Battery,
+            WriteItem::Reading(_, Reading::Charge(_)) => Label::Charge,
+            WriteItem::Reading(_, Reading::Odometer(_)) => Label::Odometer,
+            WriteItem::Event(_) => Label::PollEvents,
+            WriteItem::Info(..) | WriteItem::Vin(..) => Label::Vehicles,
         }
     }
 }
 
-fn try_apply(
-    c: &mut Connection,
-    cache: &mut KeyCache,
-    items: &[WriteItem],
-) -> rusqlite::Result<WriteReport> {
-    let mut report = WriteReport::default();
-    let tx = c.transaction()?;
-    for item in items {
-        let table = table_of(item);
-        let vehicle = match item {
-            WriteItem::Reading(id, _) | WriteItem::Info(id, _) | WriteItem::Vin(id, _) => id,
-            WriteItem::Event(e) => &e.vehicle_id,
+/// What one write batch came to; the daemon feeds `carpulse_rows_written_total` /
+/// `carpulse_rows_dropped_total` from it. Only labels with a non-zero count are listed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WriteReport {
+    /// per table label ("battery", "charge", "odometer", "poll_events", and "vehicles" for
+    /// info/VIN updates): rows inserted
+    pub written: Vec<(&'static str, u64)>,
+    /// same key: rows skipped because (vehicle, recorded_at) was already stored
+    pub duplicates: Vec<(&'static str, u64)>,
+    /// same key: rows that could not be stored (unknown vehicle, invalid value, or the
+    /// transaction failed) — never silent
+    pub dropped: Vec<(&'static str, u64)>,
+}
+
+impl WriteReport {
+    fn get(list: &[(&'static str, u64)], table: &str) -> u64 {
+        list.iter()
+            .filter(|(t, _)| *t == table)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+    /// Rows written under `table`.
+    pub fn written_in(&self, table: &str) -> u64 {
+        Self::get(&self.written, table)
+    }
+    /// Duplicates under `table`.
+    pub fn duplicates_in(&self, table: &str) -> u64 {
+        Self::get(&self.duplicates, table)
+    }
+    /// Rows dropped under `table`.
+    pub fn dropped_in(&self, table: &str) -> u64 {
+        Self::get(&self.dropped, table)
+    }
+}
+
+/// Called on the owner thread after each write batch (committed or failed).
+pub type WriteObserver = std::sync::Arc<dyn Fn(&WriteReport) + Send + Sync>;
+
+#[derive(Clone, Copy)]
+enum Label {
+    Battery = 0,
+    Charge = 1,
+    Odometer = 2,
+    PollEvents = 3,
+    Vehicles = 4,
+}
+
+const LABELS: [&str; 5] = ["battery", "charge", "odometer", "poll_events", "vehicles"];
+
+/// Counters per label; a fixed array so counting a row costs nothing.
+#[derive(Default)]
+struct Counts {
+    written: [u64; 5],
+    duplicates: [u64; 5],
+    dropped: [u64; 5],
+}
+
+impl Counts {
+    fn into_report(self) -> WriteReport {
+        let list = |a: [u64; 5]| {
+            LABELS
+                .iter()
+                .zip(a)
+                .filter(|(_, n)| *n > 0)
+                .map(|(l, n)| (*l, n))
+                .collect()
         };
-        let Some(k) = key(&tx, cache, vehicle)? else {
-            // The vehicle was removed while its poll was in flight.
-            if let Some(t) = table {
-                tracing::warn!(vehicle = %vehicle, table = t, "row for a vehicle not in the store; dropped");
-                bump(&mut report.dropped, t);
+        WriteReport {
+            written: list(self.written),
+            duplicates: list(self.duplicates),
+            dropped: list(self.dropped),
+        }
+    }
+}
+
+/// Rounds a value to an integer number of `scale`ths (centi-percent, metres), or None if it
+/// can't be stored honestly (NaN, infinite, absurd).
+fn scaled(x: f64, scale: f64) -> Option<i64> {
+    let v = (x * scale).round();
+    (v.is_finite() && v.abs() < 9.0e15).then_some(v as i64)
+}
+
+/// The writer's state on the owner thread.
+#[derive(Default)]
+pub(crate) struct Writer {
+    /// vehicle_id → vehicles.id. Valid while `store_state.vehicle_epoch` equals `epoch`.
+    keys: HashMap<String, i64>,
+    epoch: Option<i64>,
+}
+
+impl Writer {
+    /// Writes `items` in one transaction. On failure the whole batch is reported as dropped
+    /// (and logged); the caller keeps going.
+    pub(crate) fn write_batch(&mut self, c: &mut Connection, items: &[WriteItem]) -> WriteReport {
+        let mut counts = Counts::default();
+        match self.try_batch(c, items, &mut counts) {
+            Ok(()) => counts.into_report(),
+            Err(error) => {
+                // The cache may hold keys read inside the rolled-back transaction.
+                self.keys.clear();
+                self.epoch = None;
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    rows = items.len(),
+                    "store write batch failed; all of its rows are dropped"
+                );
+                let mut counts = Counts::default();
+                for item in items {
+                    counts.dropped[item.label() as usize] += 1;
+                }
+                counts.into_report()
             }
-            continue;
-        };
-        let inserted = match item {
-            WriteItem::Reading(_, r) => {
-                let s = r.stamp();
-                let lag = (s.fetched_at - s.recorded_at).max(0);
-                match r {
-                    Reading::Battery(b) => tx
+        }
+    }
+
+    fn try_batch(
+        &mut self,
+        c: &mut Connection,
+        items: &[WriteItem],
+        counts: &mut Counts,
+    ) -> anyhow::Result<()> {
+        // IMMEDIATE: take the write lock first, so the epoch read below can't go stale
+        // before our inserts.
+        let tx = c
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .context("starting the write batch transaction")?;
+        let epoch: i64 = tx
+            .query_row(
+                "SELECT vehicle_epoch FROM store_state WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .context("reading the vehicle epoch")?;
+        if self.epoch != Some(epoch) {
+            self.keys.clear();
+            self.epoch = Some(epoch);
+        }
+        let mut unknown: Option<&VehicleId> = None;
+        let mut unknown_count = 0u64;
+        let mut invalid = 0u64;
+        for item in items {
+            let label = item.label() as usize;
+            let outcome = match item {
+                WriteItem::Reading(vid, reading) => match self.key(&tx, vid)? {
+                    None => Outcome::Unknown,
+                    Some(key) => insert_reading(&tx, key, reading).with_context(|| {
+                        format!("storing a {} reading of {vid}", reading.table())
+                    })?,
+                },
+                WriteItem::Event(ev) => match self.key(&tx, &ev.vehicle_id)? {
+                    None => Outcome::Unknown,
+                    Some(key) => insert_event(&tx, key, ev)
+                        .with_context(|| format!("storing a poll event of {}", ev.vehicle_id))?,
+                },
+                WriteItem::Info(vid, info) => {
+                    let n = tx
                         .prepare_cached(
-                            "INSERT OR IGNORE INTO battery_readings
-                             (vehicle, recorded_at, fetch_lag_ms, soc_cp, range_m) VALUES (?1, ?2, ?3, ?4, ?5)",
+                            "UPDATE vehicles SET make = ?2, model = ?3, year = ?4
+                             WHERE vehicle_id = ?1",
                         )?
-                        .execute(params![k, s.recorded_at, lag, centi(b.soc_percent), b.range_km.map(milli)])?,
-                    Reading::Charge(ch) => tx
-                        .prepare_cached(
-                            "INSERT OR IGNORE INTO charge_readings
-                             (vehicle, recorded_at, fetch_lag_ms, plugged_in, state) VALUES (?1, ?2, ?3, ?4, ?5)",
-                        )?
-                        .execute(params![k, s.recorded_at, lag, ch.plugged_in as i64, ch.state.code()])?,
-                    Reading::Odometer(o) => tx
-                        .prepare_cached(
-                            "INSERT OR IGNORE INTO odometer_readings
-                             (vehicle, recorded_at, fetch_lag_ms, odometer_m) VALUES (?1, ?2, ?3, ?4)",
-                        )?
-                        .execute(params![k, s.recorded_at, lag, milli(o.odometer_km)])?,
+                        .execute(params![vid.0, info.make, info.model, info.year])
+                        .with_context(|| format!("updating the info of vehicle {vid}"))?;
+                    if n == 0 {
+                        Outcome::Unknown
+                    } else {
+                        Outcome::Written
+                    }
+                }
+                WriteItem::Vin(vid, vin) => {
+                    let n = tx
+                        .prepare_cached("UPDATE vehicles SET vin = ?2 WHERE vehicle_id = ?1")?
+                        .execute(params![vid.0, vin])
+                        // The VIN itself stays out of the error: it identifies a car's owner.
+                        .with_context(|| format!("updating the VIN of vehicle {vid}"))?;
+                    if n == 0 {
+                        Outcome::Unknown
+                    } else {
+                        Outcome::Written
+                    }
+                }
+            };
+            match outcome {
+                Outcome::Written => counts.written[label] += 1,
+                Outcome::Duplicate => counts.duplicates[label] += 1,
+                Outcome::Unknown => {
+                    counts.dropped[label] += 1;
+                    unknown_count += 1;
+                    if unknown.is_none() {
+                        unknown = Some(match item {
+                            WriteItem::Reading(v, _)
+                            | WriteItem::Info(v, _)
+                            | WriteItem::Vin(v, _) => v,
+                            WriteItem::Event(ev) => &ev.vehicle_id,
+                        });
+                    }
+                }
+                Outcome::Invalid => {
+                    counts.dropped[label] += 1;
+                    invalid += 1;
                 }
             }
-            WriteItem::Event(e) => tx
-                .prepare_cached(
-                    "INSERT INTO poll_event_log (vehicle, at, endpoint, outcome, http_status, error_type, error_code)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![k, e.at, e.endpoint, e.outcome, e.http_status, e.error_type, e.error_code])?,
-            WriteItem::Info(_, info) => {
-                tx.prepare_cached("UPDATE vehicles SET make = ?2, model = ?3, year = ?4 WHERE id = ?1")?
-                    .execute(params![k, info.make, info.model, info.year])?;
-                continue;
-            }
-            WriteItem::Vin(_, vin) => {
-                tx.prepare_cached("UPDATE vehicles SET vin = ?2 WHERE id = ?1")?
-                    .execute(params![k, vin])?;
-                continue;
-            }
-        };
-        if let Some(t) = table {
-            if inserted == 1 {
-                bump(&mut report.written, t);
-            } else {
-                bump(&mut report.duplicates, t);
-            }
         }
+        tx.commit().context("committing the write batch")?;
+        if let Some(example) = unknown {
+            tracing::warn!(
+                rows = unknown_count,
+                example_vehicle = %example,
+                "dropped rows of vehicles that are not in the store"
+            );
+        }
+        if invalid > 0 {
+            tracing::warn!(rows = invalid, "dropped readings with non-finite values");
+        }
+        Ok(())
     }
-    tx.commit()?;
-    Ok(report)
+
+    /// The integer key of a vehicle, cached; None if the vehicle is not in the store (not
+    /// cached, so a vehicle added later is found).
+    fn key(&mut self, tx: &Transaction<'_>, vid: &VehicleId) -> anyhow::Result<Option<i64>> {
+        if let Some(k) = self.keys.get(&vid.0) {
+            return Ok(Some(*k));
+        }
+        let k: Option<i64> = tx
+            .prepare_cached("SELECT id FROM vehicles WHERE vehicle_id = ?1")?
+            .query_row([&vid.0], |r| r.get(0))
+            .optional()
+            .with_context(|| format!("looking up vehicle {vid}"))?;
+        if let Some(k) = k {
+            self.keys.insert(vid.0.clone(), k);
+        }
+        Ok(k)
+    }
+}
+
+enum Outcome {
+    Written,
+    Duplicate,
+    Unknown,
+    Invalid,
+}
+
+fn inserted(n: usize) -> Outcome {
+    if n == 0 {
+        Outcome::Duplicate
+    } else {
+        Outcome::Written
+    }
+}
+
+fn insert_reading(tx: &Transaction<'_>, key: i64, reading: &Reading) -> anyhow::Result<Outcome> {
+    let stamp = reading.stamp();
+    let lag = stamp.fetched_at.saturating_sub(stamp.recorded_at);
+    let n = match reading {
+        Reading::Battery(b) => {
+            let Some(soc_cp) = scaled(b.soc_percent, 100.0) else {
+                return Ok(Outcome::Invalid);
+            };
+            let range_m = match b.range_km {
+                None => None,
+                Some(r) => match scaled(r, 1000.0) {
+                    Some(m) => Some(m),
+                    None => return Ok(Outcome::Invalid),
+                },
+            };
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO battery_readings
+                     (vehicle, recorded_at, fetch_lag_ms, soc_cp, range_m)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![key, stamp.recorded_at, lag, soc_cp, range_m])?
+        }
+        Reading::Charge(ch) => tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO charge_readings
+                     (vehicle, recorded_at, fetch_lag_ms, plugged_in, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                key,
+                stamp.recorded_at,
+                lag,
+                ch.plugged_in as i64,
+                ch.state.code()
+            ])?,
+        Reading::Odometer(o) => {
+            let Some(m) = scaled(o.odometer_km, 1000.0) else {
+                return Ok(Outcome::Invalid);
+            };
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO odometer_readings
+                     (vehicle, recorded_at, fetch_lag_ms, odometer_m)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![key, stamp.recorded_at, lag, m])?
+        }
+    };
+    Ok(inserted(n))
+}
+
+fn insert_event(tx: &Transaction<'_>, key: i64, ev: &PollEvent) -> anyhow::Result<Outcome> {
+    tx.prepare_cached(
+        "INSERT INTO poll_event_log
+             (vehicle, at, endpoint, outcome, http_status, error_type, error_code)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        key,
+        ev.at,
+        ev.endpoint,
+        ev.outcome,
+        ev.http_status,
+        ev.error_type,
+        ev.error_code
+    ])?;
+    Ok(Outcome::Written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaling_rounds_and_rejects_non_finite() {
+        assert_eq!(scaled(68.34, 100.0), Some(6834));
+        assert_eq!(scaled(312.4, 1000.0), Some(312_400));
+        assert_eq!(scaled(0.29 * 100.0, 100.0), Some(2900)); // 28.999999999999996 rounds up
+        assert_eq!(scaled(f64::NAN, 100.0), None);
+        assert_eq!(scaled(f64::INFINITY, 1000.0), None);
+    }
+
+    #[test]
+    fn report_lists_only_non_zero_labels() {
+        let mut c = Counts::default();
+        c.written[Label::Battery as usize] = 3;
+        c.dropped[Label::PollEvents as usize] = 1;
+        let r = c.into_report();
+        assert_eq!(r.written, vec![("battery", 3)]);
+        assert!(r.duplicates.is_empty());
+        assert_eq!(r.dropped, vec![("poll_events", 1)]);
+        assert_eq!(r.written_in("battery"), 3);
+        assert_eq!(r.dropped_in("charge"), 0);
+    }
 }
