@@ -147,6 +147,15 @@ impl Daemon {
             })
             .collect();
         self.tokens.load(connections);
+        let per_vehicle = polled.len() <= self.config.metrics.per_vehicle_max;
+        if !per_vehicle {
+            info!(
+                vehicles = polled.len(),
+                per_vehicle_max = self.config.metrics.per_vehicle_max,
+                "per-vehicle metrics are off for a fleet this size (metrics.per_vehicle); totals are exported"
+            );
+        }
+        self.metrics.set_per_vehicle(per_vehicle);
         if needs_reauth > 0 {
             warn!(
                 needs_reauth,

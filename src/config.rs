@@ -76,6 +76,10 @@ pub struct StoreConfig {
 #[derive(Clone, Debug)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
+    /// Per-vehicle series are exported while the fleet has at most this many vehicles (0: never).
+    /// 10,000 vehicles × 15 series is more than a Prometheus server should hold; fleet-wide
+    /// totals are always exported.
+    pub per_vehicle_max: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -107,6 +111,7 @@ pub const DEFAULT_API_V2_URL: &str = "https://api.smartcar.com/v2.0";
 pub const DEFAULT_API_V3_URL: &str = "https://vehicle.api.smartcar.com/v3";
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/carpulse/carpulse.db";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9841";
+pub const DEFAULT_PER_VEHICLE_MAX: usize = 1000;
 pub const DEFAULT_BATTERY_CRON: &str = "0 */15 * * * *";
 pub const DEFAULT_INFO_CRON: &str = "0 0 4 * * *";
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(600);
@@ -167,6 +172,7 @@ struct RawStore {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: S<String>,
+    per_vehicle: S<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -391,6 +397,25 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         }
     };
 
+    let per_vehicle_max = match raw
+        .metrics
+        .per_vehicle
+        .as_ref()
+        .map(|v| (v.get_ref(), v.span()))
+    {
+        None => DEFAULT_PER_VEHICLE_MAX,
+        Some((toml::Value::Boolean(true), _)) => usize::MAX,
+        Some((toml::Value::Boolean(false), _)) => 0,
+        Some((toml::Value::Integer(n), _)) if *n >= 0 => *n as usize,
+        Some((other, at)) => {
+            return o.err(
+                "metrics.per_vehicle",
+                Some(at),
+                format!("{other} is not true, false or a fleet size (a whole number)"),
+            )
+        }
+    };
+
     let battery = string_or(&raw.schedule.battery, DEFAULT_BATTERY_CRON);
     check_cron(&battery, "schedule.battery", span(&raw.schedule.battery), o)?;
     let info = string_or(&raw.schedule.info, DEFAULT_INFO_CRON);
@@ -440,7 +465,10 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         store: StoreConfig {
             path: PathBuf::from(store_path),
         },
-        metrics: MetricsConfig { listen },
+        metrics: MetricsConfig {
+            listen,
+            per_vehicle_max,
+        },
         schedule: ScheduleConfig {
             battery,
             info,
@@ -621,6 +649,7 @@ mod tests {
         assert_eq!(c.smartcar.token_url, DEFAULT_TOKEN_URL);
         assert_eq!(c.store.path, PathBuf::from(DEFAULT_STORE_PATH));
         assert_eq!(c.metrics.listen.to_string(), DEFAULT_METRICS_LISTEN);
+        assert_eq!(c.metrics.per_vehicle_max, DEFAULT_PER_VEHICLE_MAX);
         assert_eq!(c.schedule.battery, DEFAULT_BATTERY_CRON);
         assert_eq!(c.schedule.refresh_margin, Duration::from_secs(600));
         assert_eq!(c.poll.concurrency, 8);
@@ -739,6 +768,24 @@ mod tests {
             e.contains("smartcar.api_v2_url (from $CARPULSE_API_V2_URL)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn per_vehicle_series_switch() {
+        let parse = |v: &str| {
+            Config::parse(
+                &format!("{MINIMAL}[metrics]\nper_vehicle = {v}\n"),
+                "c.toml",
+                &no_env(),
+            )
+            .map(|c| c.metrics.per_vehicle_max)
+        };
+        assert_eq!(parse("true").unwrap(), usize::MAX);
+        assert_eq!(parse("false").unwrap(), 0);
+        assert_eq!(parse("250").unwrap(), 250);
+        let e = parse("\"lots\"").unwrap_err().0;
+        assert!(e.starts_with("c.toml:5: metrics.per_vehicle:"), "{e}");
+        assert!(parse("-1").is_err());
     }
 
     #[test]

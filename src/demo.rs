@@ -99,6 +99,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         metrics: MetricsConfig {
             listen: metrics_listen,
+            per_vehicle_max: crate::config::DEFAULT_PER_VEHICLE_MAX,
         },
         schedule: ScheduleConfig {
             battery: args.battery_cron.clone(),

@@ -2,6 +2,7 @@
 //! test builds its own and reads it), and the loopback HTTP listener serving `/metrics` and
 //! `/healthz`. Tokens, secrets and VINs never become label values.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -43,6 +44,8 @@ pub struct Metrics {
     /// The label set of each vehicle's info series, to replace it when make/model/year change
     /// (prometheus 0.14 cannot remove by partial labels).
     info_labels: Arc<std::sync::Mutex<std::collections::HashMap<VehicleId, [String; 4]>>>,
+    /// Whether per-vehicle series are exported (`metrics.per_vehicle`); totals always are.
+    per_vehicle: Arc<AtomicBool>,
 }
 
 fn gauge(
@@ -145,11 +148,15 @@ impl Metrics {
             )?,
             build_info,
             info_labels: Arc::default(),
+            per_vehicle: Arc::new(AtomicBool::new(true)),
             registry: r,
         })
     }
 
     pub fn record_battery(&self, id: &VehicleId, r: &BatteryReading) {
+        if !self.per_vehicle() {
+            return;
+        }
         let v = [id.0.as_str()];
         self.soc_ratio
             .with_label_values(&v)
@@ -163,6 +170,9 @@ impl Metrics {
     }
 
     pub fn record_charge(&self, id: &VehicleId, r: &ChargeReading) {
+        if !self.per_vehicle() {
+            return;
+        }
         let v = [id.0.as_str()];
         self.plugged_in
             .with_label_values(&v)
@@ -179,6 +189,9 @@ impl Metrics {
     }
 
     pub fn record_odometer(&self, id: &VehicleId, r: &OdometerReading) {
+        if !self.per_vehicle() {
+            return;
+        }
         self.odometer_meters
             .with_label_values(&[id.0.as_str()])
             .set(r.odometer_km * 1000.0);
@@ -189,6 +202,9 @@ impl Metrics {
 
     /// Replaces the vehicle's info series (a changed label set must not leave the old one behind).
     pub fn record_info(&self, id: &VehicleId, info: &VehicleInfo) {
+        if !self.per_vehicle() {
+            return;
+        }
         let labels = [
             id.0.clone(),
             info.make.clone(),
@@ -202,6 +218,32 @@ impl Metrics {
             }
         }
         self.vehicle_info.with_label_values(&labels).set(1.0);
+    }
+
+    pub fn per_vehicle(&self) -> bool {
+        self.per_vehicle.load(Ordering::Relaxed)
+    }
+
+    /// Turns per-vehicle series on or off; off drops the ones already exported.
+    pub fn set_per_vehicle(&self, on: bool) {
+        if !self.per_vehicle.swap(on, Ordering::Relaxed) || on {
+            return;
+        }
+        for g in [
+            &self.soc_ratio,
+            &self.range_meters,
+            &self.plugged_in,
+            &self.charge_state,
+            &self.odometer_meters,
+            &self.vehicle_info,
+            &self.reading_timestamp,
+        ] {
+            g.reset();
+        }
+        self.info_labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Drops every series of a vehicle that is no longer polled.
@@ -380,5 +422,27 @@ mod tests {
         assert!(text.contains("model=\"Model Y\""));
         m.forget_vehicle(&id);
         assert!(!m.render().contains("vehicle_id=\"v1\""));
+
+        // Switched off, per-vehicle series go and stay away; totals remain.
+        m.record_odometer(
+            &id,
+            &OdometerReading {
+                stamp,
+                odometer_km: 1.0,
+            },
+        );
+        m.polls.with_label_values(&["battery", "ok"]).inc();
+        m.set_per_vehicle(false);
+        m.record_battery(
+            &id,
+            &BatteryReading {
+                stamp,
+                soc_percent: 1.0,
+                range_km: None,
+            },
+        );
+        let text = m.render();
+        assert!(!text.contains("vehicle_id="), "{text}");
+        assert!(text.contains("carpulse_polls_total{endpoint=\"battery\",outcome=\"ok\"} 1"));
     }
 }
