@@ -241,12 +241,22 @@ async fn finish(
         .exchange_code(code)
         .await
         .context("exchanging the authorization code at smartcar.token_url")?;
+    let ids = client
+        .list_vehicles(&tokens.access_token)
+        .await
+        .context("listing the account's vehicles (GET /vehicles)")?;
     let user_id = match user_hint {
         Some(u) => u,
-        None => client
-            .user_id(&tokens.access_token)
-            .await
-            .context("GET /user (smartcar.api_v2_url)")?,
+        None => match client.user_id(&tokens.access_token).await {
+            Ok(u) => u,
+            // The user id only keys the connection for reconnects; a server without `/user`
+            // should not make Connect fail. The fallback is stable for the same vehicles.
+            Err(e) => {
+                let fallback = fallback_user_id(&ids);
+                warn!(error = %e, user = %fallback, "GET /user failed; keying the connection by its vehicles");
+                fallback
+            }
+        },
     };
     let t = tokens.clone();
     let uid = user_id.clone();
@@ -254,10 +264,6 @@ async fn finish(
         .call(move |c| queries::upsert_connection(c, &uid, &t, now_ms()))
         .await
         .context("storing the connection")?;
-    let ids = client
-        .list_vehicles(&tokens.access_token)
-        .await
-        .context("listing the account's vehicles (GET /vehicles)")?;
     let ctx = RequestCtx {
         access_token: &tokens.access_token,
         user_id: Some(user_id.as_str()),
@@ -284,6 +290,14 @@ async fn finish(
         user_id,
         vehicles,
     })
+}
+
+/// A connection key when Smartcar names no user: derived from the sorted vehicle ids, so the same
+/// account connected again finds its old row.
+fn fallback_user_id(ids: &[VehicleId]) -> String {
+    let mut sorted: Vec<&str> = ids.iter().map(|v| v.0.as_str()).collect();
+    sorted.sort_unstable();
+    format!("vehicles:{}", sorted.join(","))
 }
 
 fn random_state() -> String {
@@ -363,6 +377,14 @@ mod tests {
             "{url}"
         );
         assert!(!url.contains("secret") && !url.contains('+'));
+    }
+
+    #[test]
+    fn the_fallback_user_key_is_stable() {
+        let a = [VehicleId("b".into()), VehicleId("a".into())];
+        let b = [VehicleId("a".into()), VehicleId("b".into())];
+        assert_eq!(fallback_user_id(&a), "vehicles:a,b");
+        assert_eq!(fallback_user_id(&a), fallback_user_id(&b));
     }
 
     #[test]
