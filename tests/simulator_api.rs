@@ -1155,3 +1155,245 @@ async fn serve_rejects_a_fleet_without_users_and_stops_on_shutdown() {
         .await
         .is_err());
 }
+
+impl TestSim {
+    async fn set_fault(&self, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/_simulator/faults"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn every_fault_kind_answers_with_smartcar_s_status_type_and_code() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let id = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = fleet["users"][0]["vehicles"][1]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cases = [
+        ("rate_limit", 429, "RATE_LIMIT", Some("VEHICLE")),
+        ("app_rate_limit", 429, "RATE_LIMIT", Some("SMARTCAR_API")),
+        ("asleep", 409, "VEHICLE_STATE", Some("ASLEEP")),
+        ("unreachable", 409, "VEHICLE_STATE", Some("UNREACHABLE")),
+        ("server", 500, "SERVER", Some("INTERNAL")),
+        ("upstream", 502, "UPSTREAM", Some("NO_RESPONSE")),
+        ("permission", 403, "PERMISSION", None),
+        (
+            "compatibility",
+            501,
+            "COMPATIBILITY",
+            Some("VEHICLE_NOT_CAPABLE"),
+        ),
+        ("billing", 430, "BILLING", Some("VEHICLE_REQUEST_LIMIT")),
+    ];
+    for (kind, status, error_type, code) in cases {
+        // Two requests: one v2, one v3; a rate limit lasts 0 s so the next case is not refused.
+        let set = sim
+            .set_fault(json!({"vehicle_id": id, "kind": kind, "count": 2, "retry_after": 0}))
+            .await;
+        assert_eq!(set.status(), 200, "{kind}");
+
+        let v2 = sim
+            .get(&format!("/v2.0/vehicles/{id}/battery"), &token)
+            .await;
+        assert_eq!(v2.status().as_u16(), status, "{kind} v2");
+        assert!(is_uuid(header(&v2, "sc-request-id")));
+        if kind == "rate_limit" {
+            assert_eq!(header(&v2, "retry-after"), "0");
+        }
+        let body: Value = v2.json().await.unwrap();
+        assert_eq!(body["type"], error_type, "{kind}: {body}");
+        assert_eq!(body["code"], json!(code), "{kind}: {body}");
+        assert_eq!(body["statusCode"], status, "{kind}: {body}");
+
+        let v3 = sim.get(&format!("/v3/vehicles/{id}/signals"), &token).await;
+        assert_eq!(v3.status().as_u16(), status, "{kind} v3");
+        let body: Value = v3.json().await.unwrap();
+        assert_eq!(
+            body["errors"][0]["status"],
+            status.to_string(),
+            "{kind}: {body}"
+        );
+        assert_eq!(body["errors"][0]["type"], error_type, "{kind}: {body}");
+
+        // The count ran out; the other vehicle was never affected.
+        assert_eq!(
+            sim.get(&format!("/v2.0/vehicles/{id}/battery"), &token)
+                .await
+                .status(),
+            200,
+            "{kind}"
+        );
+        assert_eq!(
+            sim.get(&format!("/v2.0/vehicles/{other}/battery"), &token)
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(sim.stats().await["faults_served"], 2 * cases.len() as u64);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_before_retry_after_is_refused_and_counted() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let id = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sim.set_fault(json!({"vehicle_id": id, "kind": "rate_limit", "count": 1, "retry_after": 30}))
+        .await;
+    let first = sim
+        .get(&format!("/v2.0/vehicles/{id}/odometer"), &token)
+        .await;
+    assert_eq!(
+        (first.status().as_u16(), header(&first, "retry-after")),
+        (429, "30")
+    );
+    // The fault's count is spent, but the window it announced still holds.
+    let early = sim
+        .get(&format!("/v2.0/vehicles/{id}/odometer"), &token)
+        .await;
+    assert_eq!(early.status(), 429);
+    let left: u64 = header(&early, "retry-after").parse().unwrap();
+    assert!((1..=30).contains(&left), "{left}");
+    let stats = sim.stats().await;
+    assert_eq!(stats["retry_after_violations"], 1, "{stats}");
+
+    // Clearing the vehicle's faults also lifts its window.
+    let cleared = sim
+        .client
+        .delete(sim.url("/_simulator/faults"))
+        .query(&[("vehicle_id", id.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cleared.status(), 200);
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{id}/odometer"), &token)
+            .await
+            .status(),
+        200
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn fleet_wide_faults_from_flags_and_bad_fault_requests() {
+    let (none, fault) = carpulse::simulator::faults::parse_spec("asleep*1").unwrap();
+    assert!(none.is_none());
+    let sim = spawn(SimulatorConfig {
+        faults: vec![(None, fault)],
+        ..stable_cfg()
+    })
+    .await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let id = fleet["users"][0]["vehicles"][1]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let batch = sim
+        .client
+        .post(sim.url(&format!("/v2.0/vehicles/{id}/batch")))
+        .bearer_auth(&token)
+        .header("sc-unit-system", "metric")
+        .json(&json!({"requests": [{"path": "/battery"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        batch.status(),
+        409,
+        "a fault fails the whole batch, as a sleeping car does"
+    );
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{id}/battery"), &token)
+            .await
+            .status(),
+        200
+    );
+
+    for bad in [
+        json!({"kind": "sleepy"}),
+        json!({"vehicle_id": "nope", "kind": "asleep"}),
+        json!({}),
+    ] {
+        assert_eq!(sim.set_fault(bad.clone()).await.status(), 400, "{bad}");
+    }
+    let listed: Value = sim
+        .client
+        .get(sim.url("/_simulator/faults"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["fleet"], Value::Null, "{listed}");
+    sim.stop().await;
+}
+
+/// Latency is a wait per request, not a queue: 200 requests at 2 s take about 2 s, not 400 s.
+#[tokio::test]
+async fn slow_answers_wait_side_by_side() {
+    let sim = spawn(SimulatorConfig {
+        latency: Some((Duration::from_secs(2), Duration::from_secs(2))),
+        ..stable_cfg()
+    })
+    .await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let id = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let started = std::time::Instant::now();
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (client, url, token) = (
+            sim.client.clone(),
+            sim.url(&format!("/v2.0/vehicles/{id}/battery")),
+            token.clone(),
+        );
+        requests.spawn(async move {
+            let r = client
+                .get(url)
+                .bearer_auth(token)
+                .header("sc-unit-system", "metric");
+            r.send().await.map(|r| r.status().as_u16())
+        });
+    }
+    let answers: Vec<u16> = requests
+        .join_all()
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let elapsed = started.elapsed();
+    assert_eq!(answers.len(), 200);
+    assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
+    assert!(
+        elapsed >= Duration::from_secs(2),
+        "the latency applies: {elapsed:?}"
+    );
+    // Generous bound (a loaded CI machine): serial answers would take 400 s.
+    assert!(
+        elapsed < Duration::from_secs(60),
+        "answers were serialised: {elapsed:?}"
+    );
+    sim.stop().await;
+}

@@ -25,9 +25,32 @@ pub(crate) struct ApiError {
     doc_path: &'static str,
     resolution: Option<&'static str>,
     suggested_user_message: &'static str,
+    /// Seconds for the `retry-after` header (RATE_LIMIT:VEHICLE only).
+    pub(crate) retry_after: Option<u32>,
 }
 
 impl ApiError {
+    /// Any type/code from the table of smartcar-api.md §4.2 (the faults use it).
+    pub(crate) fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: Option<&'static str>,
+        description: &str,
+        resolution: Option<&'static str>,
+    ) -> Self {
+        ApiError {
+            status,
+            kind,
+            code,
+            description: description.to_owned(),
+            doc_path: "",
+            resolution,
+            suggested_user_message:
+                "Your application has encountered an error. Please contact us to resolve this issue.",
+            retry_after: None,
+        }
+    }
+
     /// 401 AUTHENTICATION: missing, unknown or expired access token (or a wrong `sc-user-id`).
     pub(crate) fn authentication() -> Self {
         ApiError {
@@ -41,6 +64,7 @@ impl ApiError {
             doc_path: "authentication-errors",
             resolution: None,
             suggested_user_message: "Your application has encountered an error. Please contact us to resolve this issue.",
+            retry_after: None,
         }
     }
 
@@ -59,6 +83,7 @@ impl ApiError {
             suggested_user_message:
                 "Your car is no longer associated with your connected services account. \
                                      Please log into your account and re-add your car.",
+            retry_after: None,
         }
     }
 
@@ -72,6 +97,7 @@ impl ApiError {
             doc_path: "resource-not-found-errors#path",
             resolution: None,
             suggested_user_message: "Your application has encountered an error. Please contact us to resolve this issue.",
+            retry_after: None,
         }
     }
 
@@ -85,10 +111,22 @@ impl ApiError {
             doc_path: "validation-errors#parameter",
             resolution: None,
             suggested_user_message: "Your application has encountered an error. Please contact us to resolve this issue.",
+            retry_after: None,
         }
     }
 
     fn doc_url(&self) -> String {
+        if self.doc_path.is_empty() {
+            // The page of the error's type, anchored at its code, as Smartcar's docURLs are.
+            let page = self.kind.to_ascii_lowercase().replace('_', "-");
+            return match self.code {
+                Some(c) => format!(
+                    "https://smartcar.com/docs/errors/api-errors/{page}-errors#{}",
+                    c.to_ascii_lowercase().replace('_', "-")
+                ),
+                None => format!("https://smartcar.com/docs/errors/api-errors/{page}-errors"),
+            };
+        }
         format!(
             "https://smartcar.com/docs/errors/api-errors/{}",
             self.doc_path
@@ -132,6 +170,11 @@ impl ApiError {
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Ok(value) = HeaderValue::from_str(request_id) {
             response.headers_mut().insert("sc-request-id", value);
+        }
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from(seconds));
         }
         response
     }

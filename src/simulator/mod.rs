@@ -11,6 +11,7 @@
 //! the shared state, bearer authentication, routing and the CLI entry point.
 
 mod errors;
+pub mod faults;
 mod fleet;
 mod oauth;
 mod stats;
@@ -60,6 +61,12 @@ pub struct SimulatorConfig {
     pub time_scale: f64,
     /// Fleet seed: the same seed gives the same users, vehicle ids and VINs.
     pub seed: u64,
+    /// Faults active from the start: per vehicle id, or fleet-wide (`None`).
+    pub faults: Vec<(Option<String>, faults::Fault)>,
+    /// Probability that any vehicle request gets a random transient fault (soak tests).
+    pub fault_rate: f64,
+    /// Answer latency of vehicle requests, uniform in [min, max]; requests wait concurrently.
+    pub latency: Option<(Duration, Duration)>,
 }
 
 impl Default for SimulatorConfig {
@@ -75,6 +82,9 @@ impl Default for SimulatorConfig {
             report_interval: Duration::from_secs(5),
             time_scale: 60.0,
             seed: 1,
+            faults: Vec::new(),
+            fault_rate: 0.0,
+            latency: None,
         }
     }
 }
@@ -93,6 +103,9 @@ impl fmt::Debug for SimulatorConfig {
             .field("report_interval", &self.report_interval)
             .field("time_scale", &self.time_scale)
             .field("seed", &self.seed)
+            .field("faults", &self.faults)
+            .field("fault_rate", &self.fault_rate)
+            .field("latency", &self.latency)
             .finish()
     }
 }
@@ -132,6 +145,43 @@ pub struct SimulatorArgs {
     /// Fleet seed: the same seed gives the same ids and VINs.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// A fault from the start, repeatable: KIND[@VEHICLE_ID][*COUNT], e.g. `asleep`,
+    /// `rate_limit@<id>`, `server*3`. Kinds: rate_limit, app_rate_limit, asleep, unreachable,
+    /// server, upstream, permission, compatibility, billing. Without @, fleet-wide; without *,
+    /// until cleared through /_simulator/faults.
+    #[arg(long = "fault", value_name = "SPEC", value_parser = faults::parse_spec)]
+    pub faults: Vec<(Option<String>, faults::Fault)>,
+    /// Probability (0–1) that a vehicle request gets a random transient fault (asleep, server,
+    /// upstream, rate_limit), for soak tests.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_probability)]
+    pub fault_rate: f64,
+    /// Answer latency of vehicle requests in seconds: `2` or a uniform range `3-45` (real cars
+    /// answer in 3–45 s). Requests wait concurrently.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_latency)]
+    pub latency: Option<(Duration, Duration)>,
+}
+
+fn parse_probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err("must be a number from 0 to 1".to_owned()),
+    }
+}
+
+/// `2`, `0.5` or `3-45` seconds.
+pub fn parse_latency(s: &str) -> Result<(Duration, Duration), String> {
+    let secs = |x: &str| match x.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{x:?} is not a number of seconds")),
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (secs(a)?, secs(b)?),
+        None => (secs(s)?, secs(s)?),
+    };
+    if hi < lo {
+        return Err(format!("{s:?}: the range must go from low to high"));
+    }
+    Ok((lo, hi))
 }
 
 /// Hand-written so the client secret never reaches a log line through `{:?}`.
@@ -148,6 +198,9 @@ impl fmt::Debug for SimulatorArgs {
             .field("report_interval", &self.report_interval)
             .field("time_scale", &self.time_scale)
             .field("seed", &self.seed)
+            .field("faults", &self.faults)
+            .field("fault_rate", &self.fault_rate)
+            .field("latency", &self.latency)
             .finish()
     }
 }
@@ -173,6 +226,9 @@ impl SimulatorArgs {
             report_interval: Duration::from_secs(self.report_interval),
             time_scale: self.time_scale,
             seed: self.seed,
+            faults: self.faults.clone(),
+            fault_rate: self.fault_rate,
+            latency: self.latency,
             ..SimulatorConfig::default()
         }
     }
@@ -186,6 +242,7 @@ pub(crate) struct Sim {
     pub(crate) tokens: oauth::TokenStore,
     pub(crate) stats: Stats,
     pub(crate) served: ServedLog,
+    pub(crate) faults: faults::Faults,
 }
 
 pub(crate) type SimState = Arc<Sim>;
@@ -220,6 +277,17 @@ impl Sim {
             time_scale: cfg.time_scale,
             report_interval_ms,
         };
+        let faults = faults::Faults::default();
+        for (vehicle, fault) in &cfg.faults {
+            if let Some(v) = vehicle {
+                anyhow::ensure!(
+                    fleet.vehicle(v).is_some(),
+                    "--fault names an unknown vehicle {v}"
+                );
+            }
+            faults.set(vehicle.clone(), fault.clone());
+        }
+        faults.set_random_rate(cfg.fault_rate);
         Ok(Sim {
             cfg,
             fleet,
@@ -227,6 +295,7 @@ impl Sim {
             tokens: oauth::TokenStore::default(),
             stats: Stats::default(),
             served: ServedLog::default(),
+            faults,
         })
     }
 
@@ -260,7 +329,10 @@ impl Sim {
     /// exist, as Smartcar does not tell other users' vehicles from non-existent ones).
     pub(crate) fn owned_vehicle(&self, user: usize, id: &str) -> Result<&Vehicle, ApiError> {
         match self.fleet.vehicle(id) {
-            Some((owner, vehicle)) if owner == user => Ok(vehicle),
+            Some((owner, vehicle)) if owner == user => {
+                self.faults.check(&vehicle.id, now_ms(), &self.stats)?;
+                Ok(vehicle)
+            }
             _ => Err(ApiError::vehicle_missing()),
         }
     }
@@ -305,6 +377,10 @@ fn router(sim: SimState) -> Router {
         .route("/_simulator/stats", get(stats_handler))
         .route("/_simulator/vehicles", get(vehicles_handler))
         .route("/_simulator/served", get(served_handler))
+        .route(
+            "/_simulator/faults",
+            get(faults_list).post(faults_set).delete(faults_clear),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(sim.clone(), log_and_count))
         .with_state(sim)
@@ -324,6 +400,17 @@ async fn log_and_count(State(sim): State<SimState>, request: Request, next: Next
         }
     }
     let started = Instant::now();
+    if let Some((lo, hi)) = sim.cfg.latency {
+        if path.starts_with("/v2.0/") || path.starts_with("/v3/") {
+            // A sleep, not a blocked thread: hundreds of slow answers wait side by side.
+            let wait = if hi > lo {
+                lo + (hi - lo).mul_f64(rand::random::<f64>())
+            } else {
+                lo
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
     let response = next.run(request).await;
     tracing::debug!(
         %method,
@@ -346,6 +433,48 @@ async fn not_found(request: Request) -> Response {
     } else {
         (StatusCode::NOT_FOUND, "Not found\n").into_response()
     }
+}
+
+async fn faults_list(State(sim): State<SimState>) -> Json<Value> {
+    Json(sim.faults.to_json())
+}
+
+/// `POST /_simulator/faults` with `{"kind": "...", "vehicle_id"?: "...", "count"?: n,
+/// "retry_after"?: seconds}`, or `{"random_rate": p}`.
+async fn faults_set(State(sim): State<SimState>, body: axum::body::Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        vehicle_id: Option<String>,
+        #[serde(flatten)]
+        fault: Option<faults::Fault>,
+        random_rate: Option<f64>,
+    }
+    let bad =
+        |msg: String| (StatusCode::BAD_REQUEST, Json(json!({ "error": msg }))).into_response();
+    let b: Body = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad(format!("not a fault: {e}")),
+    };
+    if let Some(v) = &b.vehicle_id {
+        if sim.fleet.vehicle(v).is_none() {
+            return bad(format!("unknown vehicle_id {v}"));
+        }
+    }
+    match (b.fault, b.random_rate) {
+        (Some(f), _) => sim.faults.set(b.vehicle_id, f),
+        (None, Some(p)) if (0.0..=1.0).contains(&p) => sim.faults.set_random_rate(p),
+        _ => return bad("give a `kind` or a `random_rate` from 0 to 1".to_owned()),
+    }
+    Json(sim.faults.to_json()).into_response()
+}
+
+/// `DELETE /_simulator/faults[?vehicle_id=ID]`: one vehicle's fault, or all of them.
+async fn faults_clear(
+    State(sim): State<SimState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Json<Value> {
+    sim.faults.clear(q.get("vehicle_id").map(String::as_str));
+    Json(sim.faults.to_json())
 }
 
 async fn stats_handler(State(sim): State<SimState>) -> Json<Value> {

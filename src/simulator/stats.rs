@@ -34,6 +34,10 @@ pub(crate) struct Stats {
     pub(crate) v2_requests: AtomicU64,
     pub(crate) v3_requests: AtomicU64,
     pub(crate) batch_items: AtomicU64,
+    /// Requests for a vehicle inside the `retry-after` window of a 429 it was sent.
+    pub(crate) retry_after_violations: AtomicU64,
+    /// Error answers produced by faults (set or random).
+    pub(crate) faults_served: AtomicU64,
     refreshes_by_user: Mutex<HashMap<String, u64>>,
 }
 
@@ -75,6 +79,8 @@ impl Stats {
             "v2_requests": get(&self.v2_requests),
             "v3_requests": get(&self.v3_requests),
             "batch_items": get(&self.batch_items),
+            "retry_after_violations": get(&self.retry_after_violations),
+            "faults_served": get(&self.faults_served),
             "refreshes_by_user": by_user,
         })
     }

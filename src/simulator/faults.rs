@@ -1,0 +1,396 @@
+//! Faults on demand: the failures a real Smartcar answer can bring (smartcar-api.md §4.2), set per
+//! vehicle or fleet-wide at start (`--fault`), at run time (`/_simulator/faults`), or at random
+//! (`--fault-rate`), so a client's every error path can be exercised offline.
+//!
+//! A `rate_limit` fault also starts the vehicle's `retry-after` window: a request inside it is a
+//! client that did not wait, counted as `retry_after_violations` and refused again.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::errors::ApiError;
+use super::stats::{bump, Stats};
+use crate::domain::UnixMillis;
+
+/// What a fault makes the API answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// 429 RATE_LIMIT:VEHICLE with `retry-after`.
+    RateLimit,
+    /// 429 RATE_LIMIT:SMARTCAR_API (the app-wide bucket).
+    AppRateLimit,
+    /// 409 VEHICLE_STATE:ASLEEP.
+    Asleep,
+    /// 409 VEHICLE_STATE:UNREACHABLE.
+    Unreachable,
+    /// 500 SERVER:INTERNAL.
+    Server,
+    /// 502 UPSTREAM:NO_RESPONSE.
+    Upstream,
+    /// 403 PERMISSION.
+    Permission,
+    /// 501 COMPATIBILITY:VEHICLE_NOT_CAPABLE.
+    Compatibility,
+    /// 430 BILLING:VEHICLE_REQUEST_LIMIT.
+    Billing,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 9] = [
+        FaultKind::RateLimit,
+        FaultKind::AppRateLimit,
+        FaultKind::Asleep,
+        FaultKind::Unreachable,
+        FaultKind::Server,
+        FaultKind::Upstream,
+        FaultKind::Permission,
+        FaultKind::Compatibility,
+        FaultKind::Billing,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::RateLimit => "rate_limit",
+            FaultKind::AppRateLimit => "app_rate_limit",
+            FaultKind::Asleep => "asleep",
+            FaultKind::Unreachable => "unreachable",
+            FaultKind::Server => "server",
+            FaultKind::Upstream => "upstream",
+            FaultKind::Permission => "permission",
+            FaultKind::Compatibility => "compatibility",
+            FaultKind::Billing => "billing",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// The error Smartcar answers for it.
+    pub(crate) fn error(self, retry_after_s: u64) -> ApiError {
+        let (status, kind, code, description, resolution) = match self {
+            FaultKind::RateLimit => (
+                429,
+                "RATE_LIMIT",
+                Some("VEHICLE"),
+                "You have reached the throttling rate limit for this vehicle. Please see the retry-after header for when to retry the request.",
+                Some("RETRY_LATER"),
+            ),
+            FaultKind::AppRateLimit => (
+                429,
+                "RATE_LIMIT",
+                Some("SMARTCAR_API"),
+                "You have reached the throttling rate limit for your application. Please use exponential backoff.",
+                Some("RETRY_LATER"),
+            ),
+            FaultKind::Asleep => (
+                409,
+                "VEHICLE_STATE",
+                Some("ASLEEP"),
+                "The vehicle is in a sleep state and temporarily unable to perform your request.",
+                None,
+            ),
+            FaultKind::Unreachable => (
+                409,
+                "VEHICLE_STATE",
+                Some("UNREACHABLE"),
+                "The vehicle was unable to perform your request due to poor internet connectivity.",
+                None,
+            ),
+            FaultKind::Server => (
+                500,
+                "SERVER",
+                Some("INTERNAL"),
+                "An internal Smartcar error has occurred.",
+                Some("RETRY_LATER"),
+            ),
+            FaultKind::Upstream => (
+                502,
+                "UPSTREAM",
+                Some("NO_RESPONSE"),
+                "Smartcar did not receive a response from the vehicle's manufacturer.",
+                Some("RETRY_LATER"),
+            ),
+            FaultKind::Permission => (
+                403,
+                "PERMISSION",
+                None,
+                "Your application does not have permission to access this endpoint for this vehicle.",
+                Some("REAUTHENTICATE"),
+            ),
+            FaultKind::Compatibility => (
+                501,
+                "COMPATIBILITY",
+                Some("VEHICLE_NOT_CAPABLE"),
+                "The vehicle is not capable of performing your request.",
+                None,
+            ),
+            FaultKind::Billing => (
+                430,
+                "BILLING",
+                Some("VEHICLE_REQUEST_LIMIT"),
+                "You have reached the monthly request limit for this vehicle under your plan.",
+                Some("CONTACT_SUPPORT"),
+            ),
+        };
+        let mut e = ApiError::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            kind,
+            code,
+            description,
+            resolution,
+        );
+        if self == FaultKind::RateLimit {
+            e.retry_after = Some(u32::try_from(retry_after_s).unwrap_or(u32::MAX));
+        }
+        e
+    }
+}
+
+/// One fault: what, for how many more requests (None: until cleared), and the `retry-after`
+/// a rate-limit fault announces.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Fault {
+    pub kind: FaultKind,
+    #[serde(default)]
+    pub count: Option<u64>,
+    #[serde(default = "default_retry_after")]
+    pub retry_after: u64,
+}
+
+fn default_retry_after() -> u64 {
+    60
+}
+
+impl Fault {
+    pub fn new(kind: FaultKind) -> Fault {
+        Fault {
+            kind,
+            count: None,
+            retry_after: default_retry_after(),
+        }
+    }
+}
+
+/// Parses `--fault KIND[@VEHICLE_ID][*COUNT]`, e.g. `asleep`, `rate_limit@<id>`, `server*3`.
+pub fn parse_spec(s: &str) -> Result<(Option<String>, Fault), String> {
+    let (rest, count) = match s.split_once('*') {
+        Some((r, c)) => (
+            r,
+            Some(
+                c.parse::<u64>()
+                    .map_err(|_| format!("{s:?}: the count after * must be a whole number"))?,
+            ),
+        ),
+        None => (s, None),
+    };
+    let (kind, vehicle) = match rest.split_once('@') {
+        Some((k, v)) => (k, Some(v.to_owned())),
+        None => (rest, None),
+    };
+    let kind = FaultKind::parse(kind).ok_or_else(|| {
+        let names: Vec<_> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+        format!("{kind:?} is not a fault kind ({})", names.join(", "))
+    })?;
+    Ok((
+        vehicle,
+        Fault {
+            count,
+            ..Fault::new(kind)
+        },
+    ))
+}
+
+#[derive(Default)]
+struct Table {
+    fleet: Option<Fault>,
+    vehicles: HashMap<String, Fault>,
+    /// Per vehicle: until when the last `retry-after` holds.
+    retry_after_until: HashMap<String, UnixMillis>,
+    /// Probability that a request without a set fault gets a random transient one.
+    random_rate: f64,
+}
+
+/// The fault table. A std mutex: a check is a few map operations and never spans an await.
+#[derive(Default)]
+pub struct Faults {
+    table: Mutex<Table>,
+}
+
+/// Transient kinds a random fault picks from (never the ones that need a human).
+const RANDOM_KINDS: [FaultKind; 4] = [
+    FaultKind::Asleep,
+    FaultKind::Server,
+    FaultKind::Upstream,
+    FaultKind::RateLimit,
+];
+
+impl Faults {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set(&self, vehicle: Option<String>, fault: Fault) {
+        let mut t = self.lock();
+        match vehicle {
+            Some(v) => {
+                t.vehicles.insert(v, fault);
+            }
+            None => t.fleet = Some(fault),
+        }
+    }
+
+    pub fn set_random_rate(&self, rate: f64) {
+        self.lock().random_rate = rate.clamp(0.0, 1.0);
+    }
+
+    /// Clears one vehicle's fault, the fleet-wide one (`Some("fleet")`-free form: `None` clears
+    /// everything, including pending `retry-after` windows and the random rate).
+    pub fn clear(&self, vehicle: Option<&str>) {
+        let mut t = self.lock();
+        match vehicle {
+            Some(v) => {
+                t.vehicles.remove(v);
+                t.retry_after_until.remove(v);
+            }
+            None => *t = Table::default(),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let t = self.lock();
+        json!({
+            "fleet": t.fleet,
+            "vehicles": t.vehicles,
+            "random_rate": t.random_rate,
+        })
+    }
+
+    /// Decides one request for `vehicle_id`: `Err` with the error to answer, or `Ok` to serve.
+    pub(crate) fn check(
+        &self,
+        vehicle_id: &str,
+        now: UnixMillis,
+        stats: &Stats,
+    ) -> Result<(), ApiError> {
+        let mut t = self.lock();
+        if let Some(&until) = t.retry_after_until.get(vehicle_id) {
+            if now < until {
+                bump(&stats.retry_after_violations);
+                let left = ((until - now) as u64).div_ceil(1000);
+                return Err(FaultKind::RateLimit.error(left));
+            }
+            t.retry_after_until.remove(vehicle_id);
+        }
+        let fault = take_one(t.vehicles.get_mut(vehicle_id)).or_else(|| take_one(t.fleet.as_mut()));
+        t.vehicles.retain(|_, f| f.count != Some(0));
+        if t.fleet.as_ref().is_some_and(|f| f.count == Some(0)) {
+            t.fleet = None;
+        }
+        let fault = match fault {
+            Some(f) => Some(f),
+            None if t.random_rate > 0.0 && rand::random::<f64>() < t.random_rate => {
+                let kind = RANDOM_KINDS[rand::random_range(0..RANDOM_KINDS.len())];
+                Some(Fault {
+                    retry_after: 5,
+                    ..Fault::new(kind)
+                })
+            }
+            None => None,
+        };
+        let Some(fault) = fault else {
+            return Ok(());
+        };
+        bump(&stats.faults_served);
+        if fault.kind == FaultKind::RateLimit {
+            t.retry_after_until
+                .insert(vehicle_id.to_owned(), now + fault.retry_after as i64 * 1000);
+        }
+        Err(fault.kind.error(fault.retry_after))
+    }
+}
+
+/// Uses one request of a fault: returns a copy to apply, counting it down.
+fn take_one(f: Option<&mut Fault>) -> Option<Fault> {
+    let f = f?;
+    match f.count {
+        Some(0) => None,
+        Some(n) => {
+            f.count = Some(n - 1);
+            Some(f.clone())
+        }
+        None => Some(f.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!(
+            parse_spec("asleep").unwrap(),
+            (None, Fault::new(FaultKind::Asleep))
+        );
+        let (v, f) = parse_spec("rate_limit@abc*2").unwrap();
+        assert_eq!(v.as_deref(), Some("abc"));
+        assert_eq!((f.kind, f.count), (FaultKind::RateLimit, Some(2)));
+        assert!(parse_spec("sleepy").unwrap_err().contains("asleep"));
+        assert!(parse_spec("server*x").is_err());
+    }
+
+    #[test]
+    fn counted_faults_run_out_and_vehicle_faults_win() {
+        let stats = Stats::default();
+        let f = Faults::default();
+        f.set(
+            None,
+            Fault {
+                count: Some(1),
+                ..Fault::new(FaultKind::Server)
+            },
+        );
+        f.set(
+            Some("v".into()),
+            Fault {
+                count: Some(1),
+                ..Fault::new(FaultKind::Asleep)
+            },
+        );
+        assert_eq!(f.check("v", 0, &stats).unwrap_err().code, Some("ASLEEP"));
+        assert_eq!(f.check("v", 0, &stats).unwrap_err().code, Some("INTERNAL"));
+        assert!(f.check("v", 0, &stats).is_ok());
+        assert!(f.check("w", 0, &stats).is_ok());
+    }
+
+    #[test]
+    fn a_request_inside_retry_after_is_a_violation() {
+        let stats = Stats::default();
+        let f = Faults::default();
+        f.set(
+            Some("v".into()),
+            Fault {
+                count: Some(1),
+                retry_after: 10,
+                ..Fault::new(FaultKind::RateLimit)
+            },
+        );
+        let e = f.check("v", 1_000, &stats).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.retry_after), (429, Some(10)));
+        let again = f.check("v", 5_500, &stats).unwrap_err();
+        assert_eq!(again.retry_after, Some(6));
+        assert_eq!(
+            stats
+                .retry_after_violations
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert!(f.check("v", 11_000, &stats).is_ok());
+    }
+}
