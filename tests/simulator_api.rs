@@ -1397,3 +1397,307 @@ async fn slow_answers_wait_side_by_side() {
     );
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn consent_page_picks_vehicles_and_deny_redirects_with_access_denied() {
+    let sim = spawn(SimulatorConfig {
+        consent: true,
+        vehicles_per_user: 3,
+        ..stable_cfg()
+    })
+    .await;
+    let page = sim.authorize(&[("state", "s1"), ("user", "1")]).await;
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    let fleet = sim.fleet().await;
+    let cars: Vec<String> = fleet["users"][0]["vehicles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    for id in &cars {
+        assert!(html.contains(id.as_str()), "the picker lists {id}");
+    }
+    assert!(html.contains("Approve") && html.contains("Deny"));
+    let user_id = fleet["users"][0]["id"].as_str().unwrap();
+
+    let decide = |decision: &'static str, vehicles: Vec<String>| {
+        let mut form = vec![
+            ("redirect_uri".to_owned(), REDIRECT.to_owned()),
+            ("state".to_owned(), "s1".to_owned()),
+            ("user".to_owned(), user_id.to_owned()),
+            ("decision".to_owned(), decision.to_owned()),
+        ];
+        form.extend(vehicles.into_iter().map(|v| ("vehicle".to_owned(), v)));
+        sim.client
+            .post(sim.url("/oauth/authorize/decision"))
+            .form(&form)
+            .send()
+    };
+    let denied = decide("deny", vec![]).await.unwrap();
+    assert_eq!(denied.status(), 302);
+    let location = header(&denied, "location").to_owned();
+    assert!(location.starts_with(REDIRECT), "{location}");
+    assert!(
+        location.contains("error=access_denied") && location.contains("state=s1"),
+        "{location}"
+    );
+
+    // Approve two of the three: the token sees only those.
+    let approved = decide("approve", cars[..2].to_vec()).await.unwrap();
+    assert_eq!(approved.status(), 302);
+    let location = reqwest::Url::parse(header(&approved, "location")).unwrap();
+    let code = location
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    let token = sim.exchange(&code).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let listed = sim.get_json("/v2.0/vehicles", &token).await;
+    assert_eq!(listed["vehicles"], json!(cars[..2]));
+    assert_eq!(listed["paging"]["count"], 2);
+    let excluded = sim
+        .get(&format!("/v2.0/vehicles/{}/battery", cars[2]), &token)
+        .await;
+    assert_eq!(
+        excluded.status(),
+        400,
+        "a vehicle left out of the consent is not accessible"
+    );
+
+    // Scripts skip the page.
+    let auto = sim.authorize(&[("auto_approve", "true")]).await;
+    assert_eq!(auto.status(), 302);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn authorize_checks_scope_and_mode() {
+    let sim = spawn(stable_cfg()).await;
+    assert_eq!(sim.authorize(&[("mode", "dream")]).await.status(), 400);
+    let bad_scope = sim
+        .client
+        .get(sim.url("/oauth/authorize"))
+        .query(&[
+            ("response_type", "code"),
+            ("client_id", sim.cfg.client_id.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("scope", "read_battery read_minds"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_scope.status(), 400);
+    assert!(bad_scope.text().await.unwrap().contains("read_minds"));
+    let required = sim
+        .client
+        .get(sim.url("/oauth/authorize"))
+        .query(&[
+            ("response_type", "code"),
+            ("client_id", sim.cfg.client_id.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("scope", "required:read_odometer read_vin"),
+            ("mode", "test"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(required.status(), 302);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn the_v3_application_token_works_with_sc_user_id() {
+    let sim = spawn(stable_cfg()).await;
+    let ask = |form: Vec<(&'static str, String)>| {
+        sim.client.post(sim.url("/oauth2/token")).form(&form).send()
+    };
+    let id = sim.cfg.client_id.clone();
+    let secret = sim.cfg.client_secret.clone();
+    let missing = ask(vec![("grant_type", "client_credentials".into())])
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 400);
+    assert_eq!(
+        missing.json::<Value>().await.unwrap()["error"],
+        "invalid_request"
+    );
+    let wrong = ask(vec![
+        ("grant_type", "client_credentials".into()),
+        ("client_id", id.clone()),
+        ("client_secret", "nope".into()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(
+        wrong.json::<Value>().await.unwrap()["error"],
+        "invalid_client"
+    );
+    let ok: Value = ask(vec![
+        ("grant_type", "client_credentials".into()),
+        ("client_id", id),
+        ("client_secret", secret),
+    ])
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(ok["token_type"], "Bearer");
+    assert_eq!(ok["expires_in"], 3600);
+    assert!(ok.get("refresh_token").is_none());
+    let token = ok["access_token"].as_str().unwrap();
+
+    let fleet = sim.fleet().await;
+    let user = fleet["users"][0]["id"].as_str().unwrap();
+    let car = fleet["users"][0]["vehicles"][0]["id"].as_str().unwrap();
+    let path = sim.url(&format!("/v3/vehicles/{car}/signals"));
+    let with_user = sim
+        .client
+        .get(&path)
+        .bearer_auth(token)
+        .header("sc-user-id", user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_user.status(), 200);
+    let without = sim
+        .client
+        .get(&path)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without.status(), 401, "an app token needs sc-user-id");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_connection_gets_401_and_invalid_grant_until_it_reconnects() {
+    let sim = spawn(stable_cfg()).await;
+    let code = sim.code(&[("user", "1")]).await;
+    let pair = sim.exchange(&code).await;
+    let access = pair["access_token"].as_str().unwrap().to_owned();
+    let refresh = pair["refresh_token"].as_str().unwrap().to_owned();
+    let fleet = sim.fleet().await;
+    let car = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let revoked = sim
+        .client
+        .post(sim.url("/_simulator/revoke"))
+        .json(&json!({"vehicle_id": car}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{car}/battery"), &access)
+            .await
+            .status(),
+        401
+    );
+    let refused = sim.refresh(&refresh).await;
+    assert_eq!(refused.status(), 400);
+    assert_eq!(
+        refused.json::<Value>().await.unwrap()["error"],
+        "invalid_grant"
+    );
+    let stats = sim.stats().await;
+    assert_eq!(stats["revoked_token_uses"], 2, "{stats}");
+    assert_eq!(stats["unknown_token_requests"], 0, "{stats}");
+
+    // Connect again: a new consent restores access.
+    let token = sim.connect("1").await;
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{car}/battery"), &token)
+            .await
+            .status(),
+        200
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn slow_malformed_and_dropped_answers() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let car = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/v2.0/vehicles/{car}/battery");
+
+    sim.set_fault(json!({"vehicle_id": car, "kind": "slow", "delay": 1.5, "count": 1}))
+        .await;
+    let started = std::time::Instant::now();
+    assert_eq!(sim.get(&path, &token).await.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    sim.set_fault(json!({"vehicle_id": car, "kind": "malformed", "count": 1}))
+        .await;
+    let malformed = sim.get(&path, &token).await;
+    assert_eq!(malformed.status(), 200);
+    assert!(
+        malformed.json::<Value>().await.is_err(),
+        "the body is not valid JSON"
+    );
+
+    sim.set_fault(json!({"vehicle_id": car, "kind": "drop", "count": 1}))
+        .await;
+    let dropped = sim
+        .client
+        .get(sim.url(&path))
+        .bearer_auth(&token)
+        .send()
+        .await;
+    let failed = match dropped {
+        Err(_) => true,
+        Ok(r) => r.bytes().await.is_err(),
+    };
+    assert!(failed, "the answer must break off");
+
+    // Spent: the next answer is whole again.
+    assert!(sim.get_json(&path, &token).await["percentRemaining"].is_number());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn the_app_wide_bucket_refuses_the_121st_request() {
+    let sim = spawn(SimulatorConfig {
+        app_rate_limit: true,
+        ..stable_cfg()
+    })
+    .await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let car = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/v2.0/vehicles/{car}/odometer");
+    for i in 0..120 {
+        assert_eq!(sim.get(&path, &token).await.status(), 200, "request {i}");
+    }
+    let refused = sim.get(&path, &token).await;
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(
+        (body["type"].as_str(), body["code"].as_str()),
+        (Some("RATE_LIMIT"), Some("SMARTCAR_API"))
+    );
+    assert_eq!(sim.stats().await["app_rate_limited"], 1);
+    sim.stop().await;
+}

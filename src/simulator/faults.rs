@@ -38,10 +38,16 @@ pub enum FaultKind {
     Compatibility,
     /// 430 BILLING:VEHICLE_REQUEST_LIMIT.
     Billing,
+    /// The answer comes `delay` seconds late (a car that takes its time).
+    Slow,
+    /// A 200 whose JSON body is cut short.
+    Malformed,
+    /// The connection drops mid-answer.
+    Drop,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 12] = [
         FaultKind::RateLimit,
         FaultKind::AppRateLimit,
         FaultKind::Asleep,
@@ -51,7 +57,18 @@ impl FaultKind {
         FaultKind::Permission,
         FaultKind::Compatibility,
         FaultKind::Billing,
+        FaultKind::Slow,
+        FaultKind::Malformed,
+        FaultKind::Drop,
     ];
+
+    /// Faults of the connection rather than of the API: applied around the handler.
+    pub fn is_transport(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Slow | FaultKind::Malformed | FaultKind::Drop
+        )
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -64,6 +81,9 @@ impl FaultKind {
             FaultKind::Permission => "permission",
             FaultKind::Compatibility => "compatibility",
             FaultKind::Billing => "billing",
+            FaultKind::Slow => "slow",
+            FaultKind::Malformed => "malformed",
+            FaultKind::Drop => "drop",
         }
     }
 
@@ -130,6 +150,14 @@ impl FaultKind {
                 "The vehicle is not capable of performing your request.",
                 None,
             ),
+            // Transport faults never become an API error; a server error if one is asked for.
+            FaultKind::Slow | FaultKind::Malformed | FaultKind::Drop => (
+                500,
+                "SERVER",
+                Some("INTERNAL"),
+                "An internal Smartcar error has occurred.",
+                Some("RETRY_LATER"),
+            ),
             FaultKind::Billing => (
                 430,
                 "BILLING",
@@ -161,6 +189,13 @@ pub struct Fault {
     pub count: Option<u64>,
     #[serde(default = "default_retry_after")]
     pub retry_after: u64,
+    /// Seconds a `slow` answer is held back.
+    #[serde(default = "default_delay")]
+    pub delay: f64,
+}
+
+fn default_delay() -> f64 {
+    10.0
 }
 
 fn default_retry_after() -> u64 {
@@ -173,6 +208,7 @@ impl Fault {
             kind,
             count: None,
             retry_after: default_retry_after(),
+            delay: default_delay(),
         }
     }
 }
@@ -287,11 +323,7 @@ impl Faults {
             }
             t.retry_after_until.remove(vehicle_id);
         }
-        let fault = take_one(t.vehicles.get_mut(vehicle_id)).or_else(|| take_one(t.fleet.as_mut()));
-        t.vehicles.retain(|_, f| f.count != Some(0));
-        if t.fleet.as_ref().is_some_and(|f| f.count == Some(0)) {
-            t.fleet = None;
-        }
+        let fault = t.take(vehicle_id, false);
         let fault = match fault {
             Some(f) => Some(f),
             None if t.random_rate > 0.0 && rand::random::<f64>() < t.random_rate => {
@@ -312,6 +344,32 @@ impl Faults {
                 .insert(vehicle_id.to_owned(), now + fault.retry_after as i64 * 1000);
         }
         Err(fault.kind.error(fault.retry_after))
+    }
+}
+
+impl Table {
+    /// Uses one request of the vehicle's fault, else the fleet's, of the transport or the API
+    /// family; spent faults are removed.
+    fn take(&mut self, vehicle_id: &str, transport: bool) -> Option<Fault> {
+        let fits = |f: &&mut Fault| f.kind.is_transport() == transport;
+        let fault = take_one(self.vehicles.get_mut(vehicle_id).filter(fits))
+            .or_else(|| take_one(self.fleet.as_mut().filter(fits)));
+        self.vehicles.retain(|_, f| f.count != Some(0));
+        if self.fleet.as_ref().is_some_and(|f| f.count == Some(0)) {
+            self.fleet = None;
+        }
+        fault
+    }
+}
+
+impl Faults {
+    /// The transport fault (slow, malformed, drop) for one request to `vehicle_id`, if any.
+    pub(crate) fn transport(&self, vehicle_id: &str, stats: &Stats) -> Option<Fault> {
+        let fault = self.lock().take(vehicle_id, true);
+        if fault.is_some() {
+            bump(&stats.faults_served);
+        }
+        fault
     }
 }
 

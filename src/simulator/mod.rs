@@ -10,6 +10,7 @@
 //! [`errors`] (envelopes) and [`stats`] (counters, served log). This file owns the configuration,
 //! the shared state, bearer authentication, routing and the CLI entry point.
 
+mod consent;
 mod errors;
 pub mod faults;
 mod fleet;
@@ -67,6 +68,11 @@ pub struct SimulatorConfig {
     pub fault_rate: f64,
     /// Answer latency of vehicle requests, uniform in [min, max]; requests wait concurrently.
     pub latency: Option<(Duration, Duration)>,
+    /// Show Connect's consent page (vehicle picker, Approve/Deny) instead of auto-approving;
+    /// `auto_approve=true` on the authorize URL still skips it.
+    pub consent: bool,
+    /// Enforce Smartcar's app-wide bucket: 120 requests, refilled at 2 per minute.
+    pub app_rate_limit: bool,
 }
 
 impl Default for SimulatorConfig {
@@ -85,6 +91,8 @@ impl Default for SimulatorConfig {
             faults: Vec::new(),
             fault_rate: 0.0,
             latency: None,
+            consent: false,
+            app_rate_limit: false,
         }
     }
 }
@@ -106,6 +114,8 @@ impl fmt::Debug for SimulatorConfig {
             .field("faults", &self.faults)
             .field("fault_rate", &self.fault_rate)
             .field("latency", &self.latency)
+            .field("consent", &self.consent)
+            .field("app_rate_limit", &self.app_rate_limit)
             .finish()
     }
 }
@@ -159,6 +169,14 @@ pub struct SimulatorArgs {
     /// answer in 3–45 s). Requests wait concurrently.
     #[arg(long, value_name = "SECONDS", value_parser = parse_latency)]
     pub latency: Option<(Duration, Duration)>,
+    /// Show Connect's consent page (the user's vehicles, Approve/Deny) in the browser instead of
+    /// approving at once; `&auto_approve=true` on the authorize URL skips it for scripts.
+    #[arg(long)]
+    pub consent: bool,
+    /// Enforce Smartcar's app-wide rate limit: a bucket of 120 requests refilled at 2 per
+    /// minute; past it, 429 RATE_LIMIT:SMARTCAR_API.
+    #[arg(long)]
+    pub app_rate_limit: bool,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {
@@ -201,6 +219,8 @@ impl fmt::Debug for SimulatorArgs {
             .field("faults", &self.faults)
             .field("fault_rate", &self.fault_rate)
             .field("latency", &self.latency)
+            .field("consent", &self.consent)
+            .field("app_rate_limit", &self.app_rate_limit)
             .finish()
     }
 }
@@ -229,6 +249,8 @@ impl SimulatorArgs {
             faults: self.faults.clone(),
             fault_rate: self.fault_rate,
             latency: self.latency,
+            consent: self.consent,
+            app_rate_limit: self.app_rate_limit,
             ..SimulatorConfig::default()
         }
     }
@@ -243,7 +265,15 @@ pub(crate) struct Sim {
     pub(crate) stats: Stats,
     pub(crate) served: ServedLog,
     pub(crate) faults: faults::Faults,
+    /// Vehicles a user chose on the consent page; a user absent here granted all of theirs.
+    grants: std::sync::Mutex<HashMap<usize, std::collections::HashSet<String>>>,
+    /// The app-wide bucket: (tokens left, when last refilled).
+    bucket: std::sync::Mutex<(f64, UnixMillis)>,
 }
+
+/// Smartcar's default app-wide bucket (smartcar-api.md §2.4).
+const BUCKET_SIZE: f64 = 120.0;
+const BUCKET_REFILL_PER_MS: f64 = 2.0 / 60_000.0;
 
 pub(crate) type SimState = Arc<Sim>;
 
@@ -296,6 +326,8 @@ impl Sim {
             stats: Stats::default(),
             served: ServedLog::default(),
             faults,
+            grants: Default::default(),
+            bucket: std::sync::Mutex::new((BUCKET_SIZE, now)),
         })
     }
 
@@ -314,6 +346,16 @@ impl Sim {
         };
         match self.tokens.check_access(token, now_ms()) {
             oauth::AccessCheck::Valid { user } => Ok(user),
+            // The v3 application token names its user in `sc-user-id` (smartcar-api.md §1.7).
+            oauth::AccessCheck::App => headers
+                .get("sc-user-id")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|id| self.fleet.user_by_id(id.trim()))
+                .ok_or_else(ApiError::authentication),
+            oauth::AccessCheck::Revoked => {
+                bump(&self.stats.revoked_token_uses);
+                Err(ApiError::authentication())
+            }
             oauth::AccessCheck::Expired => {
                 bump(&self.stats.expired_token_requests);
                 Err(ApiError::authentication())
@@ -329,12 +371,71 @@ impl Sim {
     /// exist, as Smartcar does not tell other users' vehicles from non-existent ones).
     pub(crate) fn owned_vehicle(&self, user: usize, id: &str) -> Result<&Vehicle, ApiError> {
         match self.fleet.vehicle(id) {
-            Some((owner, vehicle)) if owner == user => {
+            Some((owner, vehicle)) if owner == user && self.granted(user, &vehicle.id) => {
                 self.faults.check(&vehicle.id, now_ms(), &self.stats)?;
                 Ok(vehicle)
             }
             _ => Err(ApiError::vehicle_missing()),
         }
+    }
+}
+
+impl Sim {
+    /// Records the vehicles a user approved on the consent page.
+    pub(crate) fn grant(&self, user: usize, vehicles: std::collections::HashSet<String>) {
+        self.grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user, vehicles);
+    }
+
+    /// Whether the user's consent covers the vehicle.
+    pub(crate) fn granted(&self, user: usize, vehicle_id: &str) -> bool {
+        self.grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&user)
+            .is_none_or(|set| set.contains(vehicle_id))
+    }
+
+    /// Takes one request from the app-wide bucket; false when it is empty.
+    fn take_from_bucket(&self, now: UnixMillis) -> bool {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let refilled = (b.0 + (now - b.1) as f64 * BUCKET_REFILL_PER_MS).min(BUCKET_SIZE);
+        *b = (refilled, now);
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The vehicle id in a vehicle API path (`/v2.0/vehicles/{id}/...`, `/v3/vehicles/{id}/...`).
+fn vehicle_in_path(path: &str) -> Option<&str> {
+    let rest = path
+        .strip_prefix("/v2.0/vehicles/")
+        .or_else(|| path.strip_prefix("/v3/vehicles/"))?;
+    let id = rest.split('/').next()?;
+    (!id.is_empty()).then_some(id)
+}
+
+/// A body that fails after the headers went out: the client sees the connection drop mid-answer.
+struct DroppedBody;
+
+impl axum::body::HttpBody for DroppedBody {
+    type Data = axum::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Ready(Some(Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "simulated dropped connection",
+        ))))
     }
 }
 
@@ -365,7 +466,9 @@ pub(crate) fn api_json(
 fn router(sim: SimState) -> Router {
     Router::new()
         .route("/oauth/authorize", get(oauth::authorize))
+        .route("/oauth/authorize/decision", post(consent::decision))
         .route("/oauth/token", post(oauth::token))
+        .route("/oauth2/token", post(oauth::app_token))
         .route("/v2.0/user", get(v2::user))
         .route("/v2.0/vehicles", get(v2::vehicles))
         .route("/v2.0/vehicles/{id}", get(v2::vehicle_root))
@@ -381,6 +484,7 @@ fn router(sim: SimState) -> Router {
             "/_simulator/faults",
             get(faults_list).post(faults_set).delete(faults_clear),
         )
+        .route("/_simulator/revoke", post(revoke_handler))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(sim.clone(), log_and_count))
         .with_state(sim)
@@ -411,7 +515,36 @@ async fn log_and_count(State(sim): State<SimState>, request: Request, next: Next
             tokio::time::sleep(wait).await;
         }
     }
-    let response = next.run(request).await;
+    let is_api = path.starts_with("/v2.0/") || path.starts_with("/v3/");
+    if is_api && sim.cfg.app_rate_limit && !sim.take_from_bucket(now_ms()) {
+        bump(&sim.stats.app_rate_limited);
+        let api = if path.starts_with("/v3/") {
+            Api::V3
+        } else {
+            Api::V2
+        };
+        return faults::FaultKind::AppRateLimit
+            .error(0)
+            .into_api_response(api, &fleet::random_uuid());
+    }
+    let transport = vehicle_in_path(&path).and_then(|id| sim.faults.transport(id, &sim.stats));
+    if let Some(f) = &transport {
+        if f.kind == faults::FaultKind::Slow {
+            tokio::time::sleep(Duration::from_secs_f64(f.delay.max(0.0))).await;
+        }
+    }
+    let mut response = next.run(request).await;
+    match transport.map(|f| f.kind) {
+        Some(faults::FaultKind::Malformed) if response.status().is_success() => {
+            *response.body_mut() = axum::body::Body::from("{\"percentRemaining\": 0.5, \"ran");
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        Some(faults::FaultKind::Drop) => {
+            *response.body_mut() = axum::body::Body::new(DroppedBody);
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        _ => {}
+    }
     tracing::debug!(
         %method,
         %path,
@@ -432,6 +565,39 @@ async fn not_found(request: Request) -> Response {
         ApiError::path_not_found().into_api_response(Api::V3, &request_id)
     } else {
         (StatusCode::NOT_FOUND, "Not found\n").into_response()
+    }
+}
+
+/// `POST /_simulator/revoke` with `{"user": "<id or 1-based index>"}` or `{"vehicle_id": ...}`:
+/// the user's connection is revoked; their tokens get 401 / `invalid_grant` until they connect
+/// again.
+async fn revoke_handler(State(sim): State<SimState>, body: axum::body::Bytes) -> Response {
+    let bad = |msg: &str| (StatusCode::BAD_REQUEST, Json(json!({ "error": msg }))).into_response();
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return bad("the body must be JSON");
+    };
+    let by_user = v.get("user").and_then(|u| match u {
+        Value::String(s) => sim
+            .fleet
+            .user_by_id(s)
+            .or_else(|| s.parse::<usize>().ok().and_then(|n| n.checked_sub(1))),
+        Value::Number(n) => n.as_u64().and_then(|n| (n as usize).checked_sub(1)),
+        _ => None,
+    });
+    let by_vehicle = v
+        .get("vehicle_id")
+        .and_then(Value::as_str)
+        .and_then(|id| sim.fleet.vehicle(id))
+        .map(|(owner, _)| owner);
+    match by_user
+        .or(by_vehicle)
+        .filter(|u| *u < sim.fleet.users.len())
+    {
+        Some(user) => {
+            sim.tokens.revoke(user);
+            Json(json!({"revoked": sim.fleet.users[user].id})).into_response()
+        }
+        None => bad("name a known `user` (id or 1-based index) or `vehicle_id`"),
     }
 }
 

@@ -55,14 +55,25 @@ struct Tables {
     /// Round-robin cursor for authorizations that don't name a user.
     next_user: usize,
     issued: u64,
+    /// v3 application tokens (client_credentials) → expiry.
+    app: HashMap<String, UnixMillis>,
+    /// Users whose connection was revoked: their tokens answer 401 / `invalid_grant` until they
+    /// go through Connect again.
+    revoked: std::collections::HashSet<usize>,
 }
 
 /// What a bearer token turned out to be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AccessCheck {
-    Valid { user: usize },
+    Valid {
+        user: usize,
+    },
+    /// A v3 application token: the user comes from `sc-user-id`.
+    App,
     Expired,
     Unknown,
+    /// Issued to a user whose connection was revoked.
+    Revoked,
 }
 
 /// Outcome of presenting a refresh token.
@@ -73,6 +84,8 @@ enum RefreshUse {
     Invalidated,
     /// Unknown, or past its 60-day lifetime.
     Invalid,
+    /// Its user's connection was revoked.
+    Revoked,
 }
 
 /// Codes and tokens. No `Debug`: its keys are credentials.
@@ -96,14 +109,33 @@ impl TokenStore {
     }
 
     pub(crate) fn check_access(&self, token: &str, now: UnixMillis) -> AccessCheck {
-        match self.lock().access.get(token) {
-            None => AccessCheck::Unknown,
+        let t = self.lock();
+        match t.access.get(token) {
+            None => match t.app.get(token) {
+                Some(&exp) if now < exp => AccessCheck::App,
+                Some(_) => AccessCheck::Expired,
+                None => AccessCheck::Unknown,
+            },
+            Some(a) if t.revoked.contains(&a.user) => AccessCheck::Revoked,
             Some(a) if now >= a.expires_at => AccessCheck::Expired,
             Some(a) => AccessCheck::Valid { user: a.user },
         }
     }
 
-    fn issue_code(&self, user: usize, redirect_uri: &str, now: UnixMillis) -> String {
+    /// Revokes a user's connection (as a user removing the app in their account would).
+    pub(crate) fn revoke(&self, user: usize) {
+        self.lock().revoked.insert(user);
+    }
+
+    fn issue_app_token(&self, lifetime_ms: i64, now: UnixMillis) -> String {
+        let token = random_uuid();
+        let mut t = self.lock();
+        t.app.retain(|_, exp| now < *exp + FORGET_AFTER_MS);
+        t.app.insert(token.clone(), now + lifetime_ms);
+        token
+    }
+
+    pub(crate) fn issue_code(&self, user: usize, redirect_uri: &str, now: UnixMillis) -> String {
         let code = random_uuid();
         self.lock().codes.insert(
             code.clone(),
@@ -117,7 +149,7 @@ impl TokenStore {
     }
 
     /// Picks the user for an authorization without a `user` parameter (round-robin).
-    fn next_user(&self, users: usize) -> usize {
+    pub(crate) fn next_user(&self, users: usize) -> usize {
         let mut t = self.lock();
         let user = t.next_user % users.max(1);
         t.next_user = user + 1;
@@ -144,11 +176,20 @@ impl TokenStore {
         }
         let user = entry.user;
         t.codes.remove(code);
+        // A new consent restores a revoked connection.
+        t.revoked.remove(&user);
         Ok(user)
     }
 
     fn use_refresh(&self, token: &str, grace_ms: i64, now: UnixMillis) -> RefreshUse {
         let mut t = self.lock();
+        let revoked = t
+            .refresh
+            .get(token)
+            .is_some_and(|e| t.revoked.contains(&e.user));
+        if revoked {
+            return RefreshUse::Revoked;
+        }
         let Some(entry) = t.refresh.get_mut(token) else {
             return RefreshUse::Invalid;
         };
@@ -205,7 +246,7 @@ impl TokenStore {
             t.codes.retain(|_, c| c.expires_at > now);
             t.access.retain(|_, a| a.expires_at > horizon);
             t.refresh.retain(|_, r| {
-                r.expires_at > horizon && r.first_used_at.map_or(true, |f| f + grace_ms > horizon)
+                r.expires_at > horizon && r.first_used_at.is_none_or(|f| f + grace_ms > horizon)
             });
         }
         issued
@@ -304,6 +345,29 @@ pub(crate) async fn authorize(
     let Some(redirect_uri) = param("redirect_uri") else {
         return bad_authorize("redirect_uri is required.");
     };
+    if oauth2::url::Url::parse(redirect_uri).is_err() {
+        return bad_authorize("redirect_uri is not an absolute URL.");
+    }
+    if let Some(mode) = param("mode") {
+        if !["live", "simulated", "test"].contains(&mode) {
+            return bad_authorize("mode must be live, simulated or test.");
+        }
+    }
+    // Scope is optional in newer docs (the dashboard's default applies); when given, every
+    // permission must be one Smartcar knows, `required:` prefix allowed.
+    if let Some(scope) = q.get("scope") {
+        let unknown: Vec<&str> = scope
+            .split(' ')
+            .filter(|p| !p.is_empty())
+            .filter(|p| !PERMISSIONS.contains(&p.trim_start_matches("required:")))
+            .collect();
+        if !unknown.is_empty() {
+            return bad_authorize(&format!(
+                "unknown permission(s) in scope: {}.",
+                unknown.join(" ")
+            ));
+        }
+    }
     let users = sim.fleet.users.len();
     let user = match param("user") {
         Some(wanted) => match sim.fleet.user_by_id(wanted) {
@@ -315,6 +379,9 @@ pub(crate) async fn authorize(
         },
         None => sim.tokens.next_user(users),
     };
+    if sim.cfg.consent && param("auto_approve") != Some("true") {
+        return super::consent::page(&sim, user, &q);
+    }
     let code = sim.tokens.issue_code(user, redirect_uri, now_ms());
     let separator = if redirect_uri.contains('?') { '&' } else { '?' };
     let mut location = format!("{redirect_uri}{separator}code={code}");
@@ -324,6 +391,81 @@ pub(crate) async fn authorize(
     }
     tracing::debug!(user = %sim.fleet.users[user].id, "authorization approved");
     (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
+}
+
+/// Permissions Connect accepts in `scope` (Smartcar's list, smartcar-api.md §2.2 and its docs).
+pub(crate) const PERMISSIONS: &[&str] = &[
+    "read_vehicle_info",
+    "read_vin",
+    "read_battery",
+    "read_charge",
+    "read_odometer",
+    "read_location",
+    "read_tires",
+    "read_fuel",
+    "read_engine_oil",
+    "read_security",
+    "read_speedometer",
+    "read_thermometer",
+    "read_compass",
+    "read_climate",
+    "read_extended_vehicle_info",
+    "read_user_profile",
+    "control_security",
+    "control_charge",
+    "control_climate",
+    "control_navigation",
+];
+
+/// v3 application tokens live one hour (smartcar-api.md §1.7).
+const APP_TOKEN_LIFETIME_MS: i64 = 3_600_000;
+
+/// `POST /oauth2/token`: the v3 application token (`client_credentials`, credentials in the
+/// form body, not Basic). No refresh token; requests name the user with `sc-user-id`.
+pub(crate) async fn app_token(
+    State(sim): State<SimState>,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
+) -> Response {
+    let Ok(Form(form)) = form else {
+        bump(&sim.stats.token_errors);
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The body must be application/x-www-form-urlencoded.",
+        );
+    };
+    let field = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
+    let (Some("client_credentials"), Some(id), Some(secret)) = (
+        field("grant_type"),
+        field("client_id"),
+        field("client_secret"),
+    ) else {
+        bump(&sim.stats.token_errors);
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "grant_type=client_credentials, client_id and client_secret are required.",
+        );
+    };
+    if id != sim.cfg.client_id || secret != sim.cfg.client_secret {
+        bump(&sim.stats.token_errors);
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Invalid client credentials.",
+        );
+    }
+    let token = sim.tokens.issue_app_token(APP_TOKEN_LIFETIME_MS, now_ms());
+    (
+        StatusCode::OK,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(json!({
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": APP_TOKEN_LIFETIME_MS / 1000,
+        })),
+    )
+        .into_response()
 }
 
 /// `POST /oauth/token`: code exchange and refresh (§1.3–1.5).
@@ -410,9 +552,11 @@ fn token_inner(
                     sim.stats.count_refresh(&sim.fleet.users[user].id);
                     user
                 }
-                outcome @ (RefreshUse::Invalidated | RefreshUse::Invalid) => {
-                    if matches!(outcome, RefreshUse::Invalidated) {
-                        bump(&sim.stats.invalidated_refresh_token_uses);
+                outcome @ (RefreshUse::Invalidated | RefreshUse::Invalid | RefreshUse::Revoked) => {
+                    match outcome {
+                        RefreshUse::Invalidated => bump(&sim.stats.invalidated_refresh_token_uses),
+                        RefreshUse::Revoked => bump(&sim.stats.revoked_token_uses),
+                        _ => {}
                     }
                     return oauth_error(
                         StatusCode::BAD_REQUEST,

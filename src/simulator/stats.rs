@@ -38,6 +38,10 @@ pub(crate) struct Stats {
     pub(crate) retry_after_violations: AtomicU64,
     /// Error answers produced by faults (set or random).
     pub(crate) faults_served: AtomicU64,
+    /// Access or refresh tokens of a revoked connection presented again.
+    pub(crate) revoked_token_uses: AtomicU64,
+    /// Requests refused by the app-wide bucket (RATE_LIMIT:SMARTCAR_API).
+    pub(crate) app_rate_limited: AtomicU64,
     refreshes_by_user: Mutex<HashMap<String, u64>>,
 }
 
@@ -81,6 +85,8 @@ impl Stats {
             "batch_items": get(&self.batch_items),
             "retry_after_violations": get(&self.retry_after_violations),
             "faults_served": get(&self.faults_served),
+            "revoked_token_uses": get(&self.revoked_token_uses),
+            "app_rate_limited": get(&self.app_rate_limited),
             "refreshes_by_user": by_user,
         })
     }

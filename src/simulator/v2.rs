@@ -89,6 +89,7 @@ pub(crate) async fn vehicles(
         let ids: Vec<&str> = sim.fleet.users[user]
             .vehicles
             .iter()
+            .filter(|v| sim.granted(user, &v.id))
             .map(|v| v.id.as_str())
             .collect();
         let body = json!({
