@@ -1701,3 +1701,91 @@ async fn the_app_wide_bucket_refuses_the_121st_request() {
     assert_eq!(sim.stats().await["app_rate_limited"], 1);
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn the_per_vehicle_limit_answers_429_with_retry_after() {
+    let sim = spawn(SimulatorConfig {
+        vehicle_rate_limit: Some((3, Duration::from_secs(3600))),
+        ..stable_cfg()
+    })
+    .await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let car = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = fleet["users"][0]["vehicles"][1]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..3 {
+        assert_eq!(
+            sim.get(&format!("/v2.0/vehicles/{car}/vin"), &token)
+                .await
+                .status(),
+            200
+        );
+    }
+    let limited = sim.get(&format!("/v2.0/vehicles/{car}/vin"), &token).await;
+    assert_eq!(limited.status(), 429);
+    let wait: u64 = header(&limited, "retry-after").parse().unwrap();
+    assert!((3590..=3600).contains(&wait), "{wait}");
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["code"], "VEHICLE");
+    // Another vehicle has its own budget; coming back early is a violation.
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{other}/vin"), &token)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{car}/vin"), &token)
+            .await
+            .status(),
+        429
+    );
+    assert_eq!(sim.stats().await["retry_after_violations"], 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn three_users_page_through_their_vehicles_two_at_a_time() {
+    let sim = spawn(SimulatorConfig {
+        users: 3,
+        vehicles_per_user: 5,
+        ..stable_cfg()
+    })
+    .await;
+    let fleet = sim.fleet().await;
+    let mut seen_all = HashSet::new();
+    for (i, user) in fleet["users"].as_array().unwrap().iter().enumerate() {
+        let token = sim.connect(&(i + 1).to_string()).await;
+        let expected: Vec<&str> = user["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap())
+            .collect();
+        let mut got = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page = sim
+                .get_json(&format!("/v2.0/vehicles?limit=2&offset={offset}"), &token)
+                .await;
+            assert_eq!(page["paging"], json!({"count": 5, "offset": offset}));
+            let ids = page["vehicles"].as_array().unwrap();
+            assert!(ids.len() <= 2);
+            if ids.is_empty() {
+                break;
+            }
+            got.extend(ids.iter().map(|v| v.as_str().unwrap().to_owned()));
+            offset += ids.len();
+        }
+        assert_eq!(got, expected, "user {}", i + 1);
+        seen_all.extend(got);
+    }
+    assert_eq!(seen_all.len(), 15, "no vehicle belongs to two users");
+    sim.stop().await;
+}

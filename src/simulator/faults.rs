@@ -250,6 +250,8 @@ struct Table {
     retry_after_until: HashMap<String, UnixMillis>,
     /// Probability that a request without a set fault gets a random transient one.
     random_rate: f64,
+    /// Per vehicle: times of its recent requests, for the per-vehicle rate limit.
+    recent: HashMap<String, std::collections::VecDeque<UnixMillis>>,
 }
 
 /// The fault table. A std mutex: a check is a few map operations and never spans an await.
@@ -363,6 +365,33 @@ impl Table {
 }
 
 impl Faults {
+    /// Smartcar's per-vehicle limit (its real thresholds are unpublished): at most `max` requests
+    /// per `window_ms`, each batch item counting as one (`cost`). Past it, 429 RATE_LIMIT:VEHICLE
+    /// with `retry-after` until the oldest request leaves the window — and that window is
+    /// enforced like any other `retry-after`.
+    pub(crate) fn limit(
+        &self,
+        vehicle_id: &str,
+        cost: u32,
+        now: UnixMillis,
+        (max, window_ms): (u32, i64),
+    ) -> Result<(), ApiError> {
+        let mut t = self.lock();
+        let recent = t.recent.entry(vehicle_id.to_owned()).or_default();
+        while recent.front().is_some_and(|&at| at <= now - window_ms) {
+            recent.pop_front();
+        }
+        if recent.len() + cost as usize > max as usize {
+            let oldest = recent.front().copied().unwrap_or(now);
+            let wait_ms = (oldest + window_ms - now).max(1000);
+            t.retry_after_until
+                .insert(vehicle_id.to_owned(), now + wait_ms);
+            return Err(FaultKind::RateLimit.error((wait_ms as u64).div_ceil(1000)));
+        }
+        recent.extend(std::iter::repeat_n(now, cost as usize));
+        Ok(())
+    }
+
     /// The transport fault (slow, malformed, drop) for one request to `vehicle_id`, if any.
     pub(crate) fn transport(&self, vehicle_id: &str, stats: &Stats) -> Option<Fault> {
         let fault = self.lock().take(vehicle_id, true);

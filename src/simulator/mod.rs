@@ -73,6 +73,8 @@ pub struct SimulatorConfig {
     pub consent: bool,
     /// Enforce Smartcar's app-wide bucket: 120 requests, refilled at 2 per minute.
     pub app_rate_limit: bool,
+    /// Per-vehicle limit: at most N requests (batch items each count) per window.
+    pub vehicle_rate_limit: Option<(u32, Duration)>,
 }
 
 impl Default for SimulatorConfig {
@@ -93,6 +95,7 @@ impl Default for SimulatorConfig {
             latency: None,
             consent: false,
             app_rate_limit: false,
+            vehicle_rate_limit: None,
         }
     }
 }
@@ -116,6 +119,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("latency", &self.latency)
             .field("consent", &self.consent)
             .field("app_rate_limit", &self.app_rate_limit)
+            .field("vehicle_rate_limit", &self.vehicle_rate_limit)
             .finish()
     }
 }
@@ -177,6 +181,28 @@ pub struct SimulatorArgs {
     /// minute; past it, 429 RATE_LIMIT:SMARTCAR_API.
     #[arg(long)]
     pub app_rate_limit: bool,
+    /// Per-vehicle rate limit, N/PERIOD (e.g. `20/1h`, `5/60s`): past it, 429
+    /// RATE_LIMIT:VEHICLE with `retry-after`; each batch item counts. Off by default.
+    #[arg(long, value_name = "N/PERIOD", value_parser = parse_rate)]
+    pub vehicle_rate_limit: Option<(u32, Duration)>,
+}
+
+/// `20/1h`: a count and a period (s, m, h).
+fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+    let (n, period) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not N/PERIOD (e.g. 20/1h)"))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?}: N must be a positive whole number"))?;
+    let period = crate::config::parse_duration(period)?;
+    if period.is_zero() {
+        return Err(format!("{s:?}: the period must be more than 0"));
+    }
+    Ok((n, period))
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {
@@ -221,6 +247,7 @@ impl fmt::Debug for SimulatorArgs {
             .field("latency", &self.latency)
             .field("consent", &self.consent)
             .field("app_rate_limit", &self.app_rate_limit)
+            .field("vehicle_rate_limit", &self.vehicle_rate_limit)
             .finish()
     }
 }
@@ -251,6 +278,7 @@ impl SimulatorArgs {
             latency: self.latency,
             consent: self.consent,
             app_rate_limit: self.app_rate_limit,
+            vehicle_rate_limit: self.vehicle_rate_limit,
             ..SimulatorConfig::default()
         }
     }
@@ -370,9 +398,26 @@ impl Sim {
     /// The vehicle `id` if the user owns it; VEHICLE_MISSING otherwise (also for ids that do not
     /// exist, as Smartcar does not tell other users' vehicles from non-existent ones).
     pub(crate) fn owned_vehicle(&self, user: usize, id: &str) -> Result<&Vehicle, ApiError> {
+        self.owned_vehicle_costing(user, id, 1)
+    }
+
+    /// As [`Sim::owned_vehicle`], for a request that counts `cost` times against the vehicle's
+    /// rate limit (a batch counts each item).
+    pub(crate) fn owned_vehicle_costing(
+        &self,
+        user: usize,
+        id: &str,
+        cost: u32,
+    ) -> Result<&Vehicle, ApiError> {
         match self.fleet.vehicle(id) {
             Some((owner, vehicle)) if owner == user && self.granted(user, &vehicle.id) => {
-                self.faults.check(&vehicle.id, now_ms(), &self.stats)?;
+                let now = now_ms();
+                self.faults.check(&vehicle.id, now, &self.stats)?;
+                if let Some((max, window)) = self.cfg.vehicle_rate_limit {
+                    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX / 4);
+                    self.faults
+                        .limit(&vehicle.id, cost, now, (max, window_ms))?;
+                }
                 Ok(vehicle)
             }
             _ => Err(ApiError::vehicle_missing()),
