@@ -158,9 +158,10 @@ impl Metrics {
             return;
         }
         let v = [id.0.as_str()];
+        // Through centi-percent, the store's resolution: 99.9 % reads 0.999, not 0.9990000000000001.
         self.soc_ratio
             .with_label_values(&v)
-            .set(r.soc_percent / 100.0);
+            .set((r.soc_percent * 100.0).round() / 10_000.0);
         if let Some(km) = r.range_km {
             self.range_meters.with_label_values(&v).set(km * 1000.0);
         }
