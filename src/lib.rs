@@ -15,6 +15,7 @@ pub mod config;
 pub mod connect;
 pub mod demo;
 pub mod domain;
+pub mod gate;
 pub mod history;
 pub mod metrics;
 pub mod poller;

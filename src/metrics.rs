@@ -40,6 +40,7 @@ pub struct Metrics {
     pub rows_dropped: IntCounterVec,
     pub rows_duplicate: IntCounterVec,
     pub ticks_skipped: IntCounterVec,
+    pub polls_skipped: IntCounterVec,
     pub build_info: IntGaugeVec,
     /// The label set of each vehicle's info series, to replace it when make/model/year change
     /// (prometheus 0.14 cannot remove by partial labels).
@@ -145,6 +146,12 @@ impl Metrics {
                 "carpulse_ticks_skipped_total",
                 "Scheduled ticks skipped because the previous cycle of that job was still running.",
                 &["job"],
+            )?,
+            polls_skipped: counter(
+                &r,
+                "carpulse_polls_skipped_total",
+                "Vehicle polls not made: paused, waiting out retry-after or a backoff, app throttled, or every endpoint disabled.",
+                &["job", "reason"],
             )?,
             build_info,
             info_labels: Arc::default(),

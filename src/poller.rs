@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::domain::{now_ms, ApiVersion, ConnectionId, PollEvent, Reading, VehicleId};
+use crate::gate::{Gates, Reaction};
 use crate::metrics::Metrics;
 use crate::schedule::{job_endpoints, job_label};
 use crate::smartcar::error::{ApiError, ErrorKind};
@@ -37,6 +38,8 @@ pub struct CycleReport {
     pub failed: usize,
     /// Vehicles skipped because their previous poll of this job was still running.
     pub busy: usize,
+    /// Vehicles not called: paused, inside retry-after or a backoff, or nothing left enabled.
+    pub skipped: usize,
     /// Readings handed to the store's writer.
     pub readings: usize,
 }
@@ -52,12 +55,15 @@ pub struct Poller {
     /// Std mutexes: held for a clone or an insert, never across an await.
     vehicles: Mutex<Vec<PolledVehicle>>,
     busy: Mutex<HashSet<(VehicleId, &'static str)>>,
+    /// What earlier outcomes allow next (retry-after, backoff, disabled endpoints, pauses).
+    gates: Mutex<Gates>,
 }
 
 enum VehicleOutcome {
     Ok(usize),
     Failed(usize),
     Busy,
+    Skipped,
 }
 
 impl Poller {
@@ -80,6 +86,7 @@ impl Poller {
             pool: Arc::new(Semaphore::new(concurrency.max(1))),
             vehicles: Mutex::new(Vec::new()),
             busy: Mutex::new(HashSet::new()),
+            gates: Mutex::new(Gates::default()),
         })
     }
 
@@ -121,6 +128,7 @@ impl Poller {
                     report.readings += n;
                 }
                 Ok(VehicleOutcome::Busy) => report.busy += 1,
+                Ok(VehicleOutcome::Skipped) => report.skipped += 1,
                 Err(e) => {
                     report.failed += 1;
                     warn!(error = %e, "a poll task ended abnormally");
@@ -133,6 +141,7 @@ impl Poller {
             ok = report.ok,
             failed = report.failed,
             busy = report.busy,
+            skipped = report.skipped,
             readings = report.readings,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "poll cycle done"
@@ -164,12 +173,34 @@ impl Poller {
         outcome
     }
 
+    fn gates(&self) -> std::sync::MutexGuard<'_, Gates> {
+        self.gates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Disabled endpoints and pause reason of a vehicle, for status output and tests.
+    pub fn gate_of(&self, id: &VehicleId) -> (Vec<String>, Option<String>) {
+        self.gates().describe(id)
+    }
+
     async fn poll_vehicle_inner(
         &self,
         v: &PolledVehicle,
         job: Job,
         cancel: CancellationToken,
     ) -> VehicleOutcome {
+        // Asked before taking a pool slot: a vehicle that must not be called costs nothing.
+        let admitted = self.gates().admit(&v.id, job_endpoints(job), now_ms());
+        let allowed = match admitted {
+            Ok(endpoints) => endpoints,
+            Err(skip) => {
+                debug!(reason = skip.label(), "not polled");
+                self.metrics
+                    .polls_skipped
+                    .with_label_values(&[job_label(job), skip.label()])
+                    .inc();
+                return VehicleOutcome::Skipped;
+            }
+        };
         // The permit bounds concurrent requests; closed only if the poller is dropped.
         let Ok(_permit) = self.pool.clone().acquire_owned().await else {
             return VehicleOutcome::Failed(0);
@@ -209,22 +240,38 @@ impl Poller {
             }
             Err(Failure::Api(e)) => {
                 failed = true;
-                warn!(error = %e, "request failed");
-                for endpoint in job_endpoints(job) {
+                let reaction = self
+                    .gates()
+                    .failed(&v.id, allowed[0], &e, at, rand::random());
+                if reaction == Reaction::DisableEndpoint {
+                    for endpoint in &allowed[1..] {
+                        self.gates().failed(&v.id, endpoint, &e, at, 0.0);
+                    }
+                }
+                warn!(error = %e, ?reaction, "request failed");
+                for endpoint in &allowed {
                     items.push(self.failed(v, at, endpoint, &e, elapsed));
                 }
             }
             Ok(results) => {
                 for EndpointResult { endpoint, result } in results {
+                    // What was disabled is not stored or counted, even when a combined answer
+                    // (v3 signals, a v2 batch) still carries it.
+                    if !allowed.contains(&endpoint) {
+                        continue;
+                    }
                     match result {
                         Ok(payload) => {
+                            self.gates().succeeded(&v.id);
                             self.count(endpoint, "ok", elapsed);
                             items.push(WriteItem::Event(event(v, at, endpoint, "ok", None)));
                             readings += self.apply(v, payload, &mut items);
                         }
                         Err(e) => {
                             failed = true;
-                            warn!(endpoint, error = %e, "endpoint failed");
+                            let reaction =
+                                self.gates().failed(&v.id, endpoint, &e, at, rand::random());
+                            warn!(endpoint, error = %e, ?reaction, "endpoint failed");
                             items.push(self.failed(v, at, endpoint, &e, elapsed));
                         }
                     }

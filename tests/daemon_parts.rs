@@ -84,12 +84,12 @@ async fn connect(w: &World) -> carpulse::connect::Connected {
     .unwrap()
 }
 
-async fn poll_cycle_stores_every_vehicle(api: &str) {
-    let w = world(api, Duration::from_secs(7200)).await;
-    let connected = connect(&w).await;
-    assert_eq!(connected.vehicles.len(), 3);
-    assert!(connected.vehicles.iter().all(|(_, info)| info.is_some()));
-
+/// A poller over the connected vehicles, as the daemon builds it.
+async fn poller_for(
+    w: &World,
+    api: &str,
+    connected: &carpulse::connect::Connected,
+) -> (std::sync::Arc<Poller>, Metrics) {
     let metrics = Metrics::new().unwrap();
     let tokens = TokenManager::new(
         w.store.clone(),
@@ -126,6 +126,16 @@ async fn poll_cycle_stores_every_vehicle(api: &str) {
             })
             .collect(),
     );
+    (poller, metrics)
+}
+
+async fn poll_cycle_stores_every_vehicle(api: &str) {
+    let w = world(api, Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    assert_eq!(connected.vehicles.len(), 3);
+    assert!(connected.vehicles.iter().all(|(_, info)| info.is_some()));
+
+    let (poller, metrics) = poller_for(&w, api, &connected).await;
     let report = poller.cycle(Job::Battery, CancellationToken::new()).await;
     assert_eq!(
         (report.vehicles, report.ok, report.failed),
@@ -252,5 +262,170 @@ async fn an_expired_token_is_refreshed_and_persisted_before_use() {
         .await
         .unwrap();
     assert_eq!(stats["invalidated_refresh_token_uses"], 0, "{stats}");
+    w.stop.cancel();
+}
+
+async fn set_fault(w: &World, body: serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/_simulator/faults", w.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "setting {body}");
+}
+
+async fn sim_stats(w: &World) -> serde_json::Value {
+    reqwest::get(format!("{}/_simulator/stats", w.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn events(w: &World, vehicle: &str) -> Vec<(String, String, Option<String>)> {
+    let v = vehicle.to_owned();
+    w.store
+        .call(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT endpoint, outcome, error_code FROM poll_events WHERE vehicle_id = ?1 ORDER BY at, endpoint",
+            )?;
+            let rows = stmt
+                .query_map([v], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+        .unwrap()
+}
+
+/// Each fault class gets its reaction from the poller, and the other vehicles keep their cadence.
+async fn reactions(api: &str) {
+    let w = world(api, Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    let (poller, metrics) = poller_for(&w, api, &connected).await;
+    let ids: Vec<String> = connected
+        .vehicles
+        .iter()
+        .map(|(id, _)| id.0.clone())
+        .collect();
+    let (limited, denied, billed) = (&ids[0], &ids[1], &ids[2]);
+    set_fault(&w, serde_json::json!({"vehicle_id": limited, "kind": "rate_limit", "retry_after": 3600, "count": 1})).await;
+    set_fault(
+        &w,
+        serde_json::json!({"vehicle_id": denied, "kind": "permission"}),
+    )
+    .await;
+    set_fault(
+        &w,
+        serde_json::json!({"vehicle_id": billed, "kind": "billing"}),
+    )
+    .await;
+
+    let first = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(
+        (first.ok, first.failed, first.skipped),
+        (0, 3, 0),
+        "{first:?}"
+    );
+    let served_after_first = sim_stats(&w).await["faults_served"].as_u64().unwrap();
+    assert_eq!(served_after_first, 3);
+
+    // Second tick: nobody is called: one waits out retry-after, one has nothing left it may
+    // read, one is paused.
+    let second = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(
+        (second.ok, second.failed, second.skipped),
+        (0, 0, 3),
+        "{second:?}"
+    );
+    let stats = sim_stats(&w).await;
+    assert_eq!(
+        stats["faults_served"], 3,
+        "no further call reached the simulator: {stats}"
+    );
+    assert_eq!(stats["retry_after_violations"], 0, "{stats}");
+    let (disabled, _) = poller.gate_of(&carpulse::domain::VehicleId(denied.clone()));
+    assert_eq!(disabled, vec!["battery", "charge"]);
+    let (_, paused) = poller.gate_of(&carpulse::domain::VehicleId(billed.clone()));
+    assert_eq!(paused.as_deref(), Some("BILLING:VEHICLE_REQUEST_LIMIT"));
+
+    // The info job of the denied vehicle is still allowed (only battery and charge were refused).
+    set_fault(
+        &w,
+        serde_json::json!({"vehicle_id": denied, "kind": "asleep", "count": 1}),
+    )
+    .await;
+    let info = poller.cycle(Job::Info, CancellationToken::new()).await;
+    assert_eq!(info.skipped, 2, "{info:?}");
+    let e = events(&w, denied).await;
+    assert!(
+        e.iter().any(|(ep, outcome, code)| ep == "battery"
+            && outcome == "permission"
+            && code.is_none()),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|(_, outcome, code)| outcome == "vehicle_state"
+                && code.as_deref() == Some("ASLEEP")),
+        "{e:?}"
+    );
+    // Asleep is "try next tick": the next info cycle calls it again and succeeds.
+    let again = poller.cycle(Job::Info, CancellationToken::new()).await;
+    assert_eq!(again.ok, 1, "{again:?}");
+
+    let e = events(&w, limited).await;
+    assert_eq!(
+        e.iter().filter(|(_, o, _)| o == "rate_limited").count(),
+        2,
+        "{e:?}"
+    );
+    let text = metrics.render();
+    assert!(
+        text.contains("carpulse_polls_skipped_total{job=\"battery\",reason=\"waiting\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("carpulse_polls_skipped_total{job=\"battery\",reason=\"paused\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("carpulse_polls_skipped_total{job=\"battery\",reason=\"disabled\"} 1"),
+        "{text}"
+    );
+    w.stop.cancel();
+}
+
+#[tokio::test]
+async fn v3_fault_reactions() {
+    reactions("v3").await;
+}
+
+#[tokio::test]
+async fn v2_fault_reactions() {
+    reactions("v2").await;
+}
+
+#[tokio::test]
+async fn a_server_error_backs_the_vehicle_off_while_the_others_go_on() {
+    let w = world("v3", Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    let (poller, _) = poller_for(&w, "v3", &connected).await;
+    let sick = connected.vehicles[0].0 .0.clone();
+    set_fault(
+        &w,
+        serde_json::json!({"vehicle_id": sick, "kind": "server", "count": 1}),
+    )
+    .await;
+    let first = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!((first.ok, first.failed), (2, 1), "{first:?}");
+    let second = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(
+        (second.ok, second.skipped),
+        (2, 1),
+        "backing off, the others polled: {second:?}"
+    );
     w.stop.cancel();
 }

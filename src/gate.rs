@@ -1,0 +1,356 @@
+//! What an outcome means for the next call (DESIGN §2.3, smartcar-api.md §4.2), per vehicle:
+//! honour `retry-after`, back off exponentially on server and network trouble, try again next
+//! tick when the car sleeps, stop asking for what the car or the consent cannot give, pause a
+//! vehicle whose account or plan needs a human. Pure bookkeeping with `now` passed in, so every
+//! rule is unit-tested; the poller asks [`Gates::admit`] before a call and tells
+//! [`Gates::record`] what came of it.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use crate::domain::{UnixMillis, VehicleId};
+use crate::smartcar::error::{ApiError, ErrorKind};
+
+/// First backoff after a server, upstream or network failure; doubles per failure.
+const BACKOFF_BASE: Duration = Duration::from_secs(60);
+const BACKOFF_MAX: Duration = Duration::from_secs(30 * 60);
+/// UPSTREAM:RATE_LIMIT is the manufacturer's own limit: "poll once every 30 mins" (docs).
+const UPSTREAM_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30 * 60);
+/// `retry-after` when a 429 RATE_LIMIT:VEHICLE carries none.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// What to do after one failed endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reaction {
+    /// Transient at the car (asleep, unreachable): the next tick is soon enough.
+    NextTick,
+    /// Do not call this vehicle before then (`retry-after`).
+    WaitUntil(UnixMillis),
+    /// Exponential backoff for this vehicle.
+    BackOff { at_least: Duration },
+    /// The whole application is throttled: back off every vehicle.
+    ThrottleApp,
+    /// Permanent for this endpoint and vehicle until the owner reconnects.
+    DisableEndpoint,
+    /// Needs a human (billing, the connected-services account): stop polling the vehicle.
+    Pause,
+    /// The token manager deals with it (refresh, then re-auth).
+    Auth,
+}
+
+pub fn reaction(e: &ApiError, now: UnixMillis) -> Reaction {
+    match e.kind {
+        ErrorKind::VehicleState => Reaction::NextTick,
+        ErrorKind::RateLimitVehicle => {
+            let wait = e.retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
+            Reaction::WaitUntil(now + wait.as_millis() as i64)
+        }
+        ErrorKind::RateLimitApp => Reaction::ThrottleApp,
+        ErrorKind::Upstream if e.code.as_deref() == Some("RATE_LIMIT") => Reaction::BackOff {
+            at_least: UPSTREAM_RATE_LIMIT_WAIT,
+        },
+        // SERVER:RECORD_NOT_FOUND / MULTIPLE_RECORDS_FOUND are not worth repeating.
+        ErrorKind::Server
+            if matches!(
+                e.code.as_deref(),
+                Some("RECORD_NOT_FOUND") | Some("MULTIPLE_RECORDS_FOUND")
+            ) =>
+        {
+            Reaction::DisableEndpoint
+        }
+        ErrorKind::Server
+        | ErrorKind::Upstream
+        | ErrorKind::Transport
+        | ErrorKind::Timeout
+        | ErrorKind::Decode
+        | ErrorKind::Other => Reaction::BackOff {
+            at_least: Duration::ZERO,
+        },
+        ErrorKind::Permission
+        | ErrorKind::Compatibility
+        | ErrorKind::Validation
+        | ErrorKind::NotFound => Reaction::DisableEndpoint,
+        ErrorKind::Billing | ErrorKind::ConnectedServicesAccount => Reaction::Pause,
+        ErrorKind::Authentication => Reaction::Auth,
+    }
+}
+
+/// Why a vehicle was not called this tick (the `reason` label of the skip counter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    Paused,
+    /// Inside a `retry-after` window or a backoff.
+    Waiting,
+    /// The app-wide limit is being waited out.
+    AppThrottled,
+    /// Every endpoint of the job is disabled for this vehicle.
+    Disabled,
+}
+
+impl Skip {
+    pub fn label(self) -> &'static str {
+        match self {
+            Skip::Paused => "paused",
+            Skip::Waiting => "waiting",
+            Skip::AppThrottled => "app_throttled",
+            Skip::Disabled => "disabled",
+        }
+    }
+}
+
+#[derive(Default, Debug)]
+struct Gate {
+    not_before: UnixMillis,
+    failures: u32,
+    paused: Option<String>,
+    disabled: HashSet<String>,
+}
+
+/// The gates of every vehicle, plus the app-wide throttle.
+#[derive(Default, Debug)]
+pub struct Gates {
+    vehicles: HashMap<VehicleId, Gate>,
+    app_not_before: UnixMillis,
+    app_failures: u32,
+}
+
+/// `base · 2^(failures-1)`, capped, with up to 20 % jitter (`jitter` in 0..1) so vehicles that
+/// failed together do not retry together.
+pub fn backoff(failures: u32, jitter: f64) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    exp.min(BACKOFF_MAX)
+        .mul_f64(1.0 + 0.2 * jitter.clamp(0.0, 1.0))
+}
+
+impl Gates {
+    /// The endpoints of a job that may be called now, or why none may.
+    pub fn admit<'e>(
+        &self,
+        id: &VehicleId,
+        endpoints: &[&'e str],
+        now: UnixMillis,
+    ) -> Result<Vec<&'e str>, Skip> {
+        if now < self.app_not_before {
+            return Err(Skip::AppThrottled);
+        }
+        let Some(g) = self.vehicles.get(id) else {
+            return Ok(endpoints.to_vec());
+        };
+        if g.paused.is_some() {
+            return Err(Skip::Paused);
+        }
+        if now < g.not_before {
+            return Err(Skip::Waiting);
+        }
+        let open: Vec<&str> = endpoints
+            .iter()
+            .copied()
+            .filter(|e| !g.disabled.contains(*e))
+            .collect();
+        if open.is_empty() {
+            return Err(Skip::Disabled);
+        }
+        Ok(open)
+    }
+
+    /// A successful answer: the vehicle's (and the app's) backoff starts over.
+    pub fn succeeded(&mut self, id: &VehicleId) {
+        self.app_failures = 0;
+        if let Some(g) = self.vehicles.get_mut(id) {
+            g.failures = 0;
+        }
+    }
+
+    /// Applies the reaction to a failure of `endpoint`; returns it for the log.
+    pub fn failed(
+        &mut self,
+        id: &VehicleId,
+        endpoint: &str,
+        e: &ApiError,
+        now: UnixMillis,
+        jitter: f64,
+    ) -> Reaction {
+        let r = reaction(e, now);
+        match &r {
+            Reaction::NextTick | Reaction::Auth => {}
+            Reaction::WaitUntil(at) => {
+                let g = self.vehicles.entry(id.clone()).or_default();
+                g.not_before = g.not_before.max(*at);
+            }
+            Reaction::BackOff { at_least } => {
+                let g = self.vehicles.entry(id.clone()).or_default();
+                g.failures += 1;
+                let wait = backoff(g.failures, jitter).max(*at_least);
+                g.not_before = g.not_before.max(now + wait.as_millis() as i64);
+            }
+            Reaction::ThrottleApp => {
+                self.app_failures += 1;
+                let wait = backoff(self.app_failures, jitter);
+                self.app_not_before = self.app_not_before.max(now + wait.as_millis() as i64);
+            }
+            Reaction::DisableEndpoint => {
+                self.vehicles
+                    .entry(id.clone())
+                    .or_default()
+                    .disabled
+                    .insert(endpoint.to_owned());
+            }
+            Reaction::Pause => {
+                let why = match (&e.error_type, &e.code) {
+                    (Some(t), Some(c)) => format!("{t}:{c}"),
+                    (Some(t), None) => t.clone(),
+                    _ => e.kind.label().to_owned(),
+                };
+                self.vehicles.entry(id.clone()).or_default().paused = Some(why);
+            }
+        }
+        r
+    }
+
+    /// Endpoints disabled for a vehicle, and why it is paused (for status and logs).
+    pub fn describe(&self, id: &VehicleId) -> (Vec<String>, Option<String>) {
+        match self.vehicles.get(id) {
+            Some(g) => {
+                let mut d: Vec<String> = g.disabled.iter().cloned().collect();
+                d.sort();
+                (d, g.paused.clone())
+            }
+            None => (Vec::new(), None),
+        }
+    }
+
+    /// A new consent (reconnect) lifts disabled endpoints and a pause.
+    pub fn reset(&mut self, id: &VehicleId) {
+        self.vehicles.remove(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(kind: ErrorKind, code: Option<&str>, retry_after: Option<u64>) -> ApiError {
+        ApiError {
+            kind,
+            status: None,
+            error_type: None,
+            code: code.map(str::to_owned),
+            description: None,
+            retry_after: retry_after.map(Duration::from_secs),
+            request_id: None,
+        }
+    }
+
+    const JOB: [&str; 2] = ["battery", "charge"];
+
+    #[test]
+    fn retry_after_is_honoured_to_the_millisecond() {
+        let mut g = Gates::default();
+        let v = VehicleId("v".into());
+        let r = g.failed(
+            &v,
+            "battery",
+            &err(ErrorKind::RateLimitVehicle, Some("VEHICLE"), Some(120)),
+            1_000,
+            0.0,
+        );
+        assert_eq!(r, Reaction::WaitUntil(121_000));
+        assert_eq!(g.admit(&v, &JOB, 120_999), Err(Skip::Waiting));
+        assert_eq!(g.admit(&v, &JOB, 121_000), Ok(JOB.to_vec()));
+        // Another vehicle is untouched.
+        assert!(g.admit(&VehicleId("w".into()), &JOB, 2_000).is_ok());
+    }
+
+    #[test]
+    fn server_errors_back_off_exponentially_and_success_resets() {
+        let mut g = Gates::default();
+        let v = VehicleId("v".into());
+        let e = err(ErrorKind::Server, Some("INTERNAL"), None);
+        g.failed(&v, "battery", &e, 0, 0.0);
+        assert_eq!(g.admit(&v, &JOB, 59_999), Err(Skip::Waiting));
+        assert!(g.admit(&v, &JOB, 60_000).is_ok());
+        g.failed(&v, "battery", &e, 60_000, 0.0);
+        assert_eq!(g.admit(&v, &JOB, 60_000 + 119_999), Err(Skip::Waiting));
+        assert!(g.admit(&v, &JOB, 180_000).is_ok());
+        g.succeeded(&v);
+        g.failed(&v, "battery", &e, 200_000, 0.0);
+        assert!(g.admit(&v, &JOB, 260_000).is_ok(), "back to the first step");
+        assert_eq!(backoff(40, 0.0), BACKOFF_MAX);
+        assert_eq!(backoff(1, 1.0), BACKOFF_BASE.mul_f64(1.2));
+        let upstream = err(ErrorKind::Upstream, Some("RATE_LIMIT"), None);
+        g.failed(&v, "battery", &upstream, 300_000, 0.0);
+        assert_eq!(
+            g.admit(&v, &JOB, 300_000 + 30 * 60_000 - 1),
+            Err(Skip::Waiting)
+        );
+    }
+
+    #[test]
+    fn a_sleeping_car_is_asked_again_next_tick() {
+        let mut g = Gates::default();
+        let v = VehicleId("v".into());
+        let r = g.failed(
+            &v,
+            "battery",
+            &err(ErrorKind::VehicleState, Some("ASLEEP"), None),
+            0,
+            0.0,
+        );
+        assert_eq!(r, Reaction::NextTick);
+        assert!(g.admit(&v, &JOB, 0).is_ok());
+    }
+
+    #[test]
+    fn permission_and_compatibility_disable_only_that_endpoint() {
+        let mut g = Gates::default();
+        let v = VehicleId("v".into());
+        g.failed(
+            &v,
+            "charge",
+            &err(ErrorKind::Compatibility, Some("VEHICLE_NOT_CAPABLE"), None),
+            0,
+            0.0,
+        );
+        assert_eq!(g.admit(&v, &JOB, 0), Ok(vec!["battery"]));
+        g.failed(
+            &v,
+            "battery",
+            &err(ErrorKind::Permission, None, None),
+            0,
+            0.0,
+        );
+        assert_eq!(g.admit(&v, &JOB, 0), Err(Skip::Disabled));
+        assert_eq!(g.admit(&v, &["odometer"], 0), Ok(vec!["odometer"]));
+        assert_eq!(g.describe(&v).0, vec!["battery", "charge"]);
+        g.reset(&v);
+        assert!(g.admit(&v, &JOB, 0).is_ok());
+    }
+
+    #[test]
+    fn billing_pauses_and_the_app_limit_throttles_everyone() {
+        let mut g = Gates::default();
+        let v = VehicleId("v".into());
+        let mut billing = err(ErrorKind::Billing, Some("VEHICLE_REQUEST_LIMIT"), None);
+        billing.error_type = Some("BILLING".into());
+        g.failed(&v, "battery", &billing, 0, 0.0);
+        assert_eq!(g.admit(&v, &JOB, i64::MAX / 2), Err(Skip::Paused));
+        assert_eq!(
+            g.describe(&v).1.as_deref(),
+            Some("BILLING:VEHICLE_REQUEST_LIMIT")
+        );
+
+        let w = VehicleId("w".into());
+        g.failed(
+            &w,
+            "battery",
+            &err(ErrorKind::RateLimitApp, Some("SMARTCAR_API"), None),
+            0,
+            0.0,
+        );
+        assert_eq!(
+            g.admit(&VehicleId("x".into()), &JOB, 1_000),
+            Err(Skip::AppThrottled)
+        );
+        assert!(g.admit(&VehicleId("x".into()), &JOB, 60_000).is_ok());
+    }
+}
