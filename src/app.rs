@@ -220,6 +220,26 @@ impl Daemon {
         let refresher_stop = shutdown.clone();
         tasks.spawn(tokens.clone().run(refresher_stop));
 
+        let health_stop = shutdown.clone();
+        let (h, t, p, m) = (
+            health.clone(),
+            tokens.clone(),
+            poller.clone(),
+            metrics.clone(),
+        );
+        let stale_after = config.metrics.stale_after;
+        tasks.spawn(async move {
+            let started = crate::domain::now_ms();
+            let mut every = tokio::time::interval(HEALTH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = health_stop.cancelled() => return,
+                    _ = every.tick() => check_health(&h, &t, &p, &m, stale_after, started).await,
+                }
+            }
+        });
+
         let (schedule, mut ticks) = schedule::start(&config.schedule, &metrics)
             .await
             .context("starting the schedule")?;
@@ -272,6 +292,64 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// How often `/healthz` and the freshness gauges are brought up to date.
+const HEALTH_EVERY: Duration = Duration::from_secs(15);
+
+fn human(ms: i64) -> String {
+    let s = ms / 1000;
+    if s >= 3600 {
+        format!("{} h {} min", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{} min", s / 60)
+    }
+}
+
+/// Recomputes `/healthz` (connections needing re-auth, vehicles with no answered poll for
+/// `stale_after`) and the freshness gauges.
+pub async fn check_health(
+    health: &Health,
+    tokens: &TokenManager,
+    poller: &Poller,
+    metrics: &Metrics,
+    stale_after: Duration,
+    started: crate::domain::UnixMillis,
+) {
+    let now = crate::domain::now_ms();
+    let mut problems = Vec::new();
+    for (id, user, status, expires_at) in tokens.overview().await {
+        metrics
+            .token_expiry
+            .with_label_values(&[id.to_string().as_str()])
+            .set(expires_at as f64 / 1000.0);
+        if status == ConnectionStatus::NeedsReauth {
+            problems.push(format!(
+                "connection {id} (Smartcar user {user}) needs re-authorization: run `carpulse connect` for that account"
+            ));
+        }
+    }
+    let stale_ms = stale_after.as_millis() as i64;
+    for (vehicle, fresh) in poller.freshness() {
+        let since = fresh.last_answered.unwrap_or(started);
+        if now - since > stale_ms {
+            problems.push(format!(
+                "vehicle {vehicle}: no answered poll for {} (metrics.stale_after is {})",
+                human(now - since),
+                human(stale_ms)
+            ));
+        }
+        if metrics.per_vehicle() {
+            for (signal, recorded) in &fresh.recorded {
+                metrics
+                    .reading_age
+                    .with_label_values(&[vehicle.0.as_str(), signal])
+                    .set((now - recorded) as f64 / 1000.0);
+            }
+        }
+    }
+    let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+    h.problems = problems;
 }
 
 /// `carpulse run`: the daemon until SIGTERM/SIGINT.

@@ -80,6 +80,8 @@ pub struct MetricsConfig {
     /// 10,000 vehicles × 15 series is more than a Prometheus server should hold; fleet-wide
     /// totals are always exported.
     pub per_vehicle_max: usize,
+    /// `/healthz` fails when a vehicle has had no answered poll for this long.
+    pub stale_after: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -112,6 +114,7 @@ pub const DEFAULT_API_V3_URL: &str = "https://vehicle.api.smartcar.com/v3";
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/carpulse/carpulse.db";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9841";
 pub const DEFAULT_PER_VEHICLE_MAX: usize = 1000;
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(6 * 3600);
 pub const DEFAULT_BATTERY_CRON: &str = "0 */15 * * * *";
 pub const DEFAULT_INFO_CRON: &str = "0 0 4 * * *";
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(600);
@@ -173,6 +176,7 @@ struct RawStore {
 struct RawMetrics {
     listen: S<String>,
     per_vehicle: S<toml::Value>,
+    stale_after: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -416,6 +420,13 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         }
     };
 
+    let stale_after = duration_or(
+        &raw.metrics.stale_after,
+        DEFAULT_STALE_AFTER,
+        "metrics.stale_after",
+        o,
+    )?;
+
     let battery = string_or(&raw.schedule.battery, DEFAULT_BATTERY_CRON);
     check_cron(&battery, "schedule.battery", span(&raw.schedule.battery), o)?;
     let info = string_or(&raw.schedule.info, DEFAULT_INFO_CRON);
@@ -468,6 +479,7 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         metrics: MetricsConfig {
             listen,
             per_vehicle_max,
+            stale_after,
         },
         schedule: ScheduleConfig {
             battery,

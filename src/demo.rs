@@ -100,6 +100,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         metrics: MetricsConfig {
             listen: metrics_listen,
             per_vehicle_max: crate::config::DEFAULT_PER_VEHICLE_MAX,
+            stale_after: Duration::from_secs(120),
         },
         schedule: ScheduleConfig {
             battery: args.battery_cron.clone(),

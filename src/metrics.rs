@@ -32,6 +32,9 @@ pub struct Metrics {
     pub odometer_meters: GaugeVec,
     pub vehicle_info: GaugeVec,
     pub reading_timestamp: GaugeVec,
+    pub reading_age: GaugeVec,
+    pub vehicle_up: GaugeVec,
+    pub token_expiry: GaugeVec,
     pub polls: IntCounterVec,
     pub poll_duration: HistogramVec,
     pub token_refreshes: IntCounterVec,
@@ -147,6 +150,24 @@ impl Metrics {
                 "Scheduled ticks skipped because the previous cycle of that job was still running.",
                 &["job"],
             )?,
+            reading_age: gauge(
+                &r,
+                "carpulse_reading_age_seconds",
+                "Age of the latest stored reading at the vehicle (now - recorded_at), updated every 15 s.",
+                &["vehicle_id", "signal"],
+            )?,
+            vehicle_up: gauge(
+                &r,
+                "carpulse_vehicle_up",
+                "1 when the vehicle's last poll got an answer, 0 when it failed.",
+                &["vehicle_id"],
+            )?,
+            token_expiry: gauge(
+                &r,
+                "carpulse_token_expiry_timestamp_seconds",
+                "When each connection's access token expires (unix seconds).",
+                &["connection"],
+            )?,
             polls_skipped: counter(
                 &r,
                 "carpulse_polls_skipped_total",
@@ -245,6 +266,8 @@ impl Metrics {
             &self.odometer_meters,
             &self.vehicle_info,
             &self.reading_timestamp,
+            &self.reading_age,
+            &self.vehicle_up,
         ] {
             g.reset();
         }
@@ -262,6 +285,7 @@ impl Metrics {
             &self.range_meters,
             &self.plugged_in,
             &self.odometer_meters,
+            &self.vehicle_up,
         ] {
             let _ = g.remove_label_values(&[v]);
         }
@@ -270,6 +294,7 @@ impl Metrics {
         }
         for signal in ["battery", "charge", "odometer"] {
             let _ = self.reading_timestamp.remove_label_values(&[v, signal]);
+            let _ = self.reading_age.remove_label_values(&[v, signal]);
         }
         let old = self
             .info_labels

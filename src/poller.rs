@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::domain::{now_ms, ApiVersion, ConnectionId, PollEvent, Reading, VehicleId};
+use crate::domain::{now_ms, ApiVersion, ConnectionId, PollEvent, Reading, UnixMillis, VehicleId};
 use crate::gate::{Gates, Reaction};
 use crate::metrics::Metrics;
 use crate::schedule::{job_endpoints, job_label};
@@ -57,6 +57,16 @@ pub struct Poller {
     busy: Mutex<HashSet<(VehicleId, &'static str)>>,
     /// What earlier outcomes allow next (retry-after, backoff, disabled endpoints, pauses).
     gates: Mutex<Gates>,
+    /// Per vehicle: when a poll was last answered and when each signal was last recorded.
+    freshness: Mutex<std::collections::HashMap<VehicleId, Freshness>>,
+}
+
+/// How fresh a vehicle's data is, for `/healthz` and `carpulse_reading_age_seconds`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Freshness {
+    pub last_answered: Option<UnixMillis>,
+    /// (signal, recorded_at) of the latest battery, charge and odometer readings.
+    pub recorded: Vec<(&'static str, UnixMillis)>,
 }
 
 enum VehicleOutcome {
@@ -87,6 +97,7 @@ impl Poller {
             vehicles: Mutex::new(Vec::new()),
             busy: Mutex::new(HashSet::new()),
             gates: Mutex::new(Gates::default()),
+            freshness: Mutex::new(Default::default()),
         })
     }
 
@@ -175,6 +186,30 @@ impl Poller {
 
     fn gates(&self) -> std::sync::MutexGuard<'_, Gates> {
         self.gates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every polled vehicle's freshness (vehicles never answered have a default entry).
+    pub fn freshness(&self) -> Vec<(VehicleId, Freshness)> {
+        let f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
+        self.vehicles()
+            .into_iter()
+            .map(|v| {
+                let fresh = f.get(&v.id).cloned().unwrap_or_default();
+                (v.id, fresh)
+            })
+            .collect()
+    }
+
+    fn note_answer(&self, id: &VehicleId, at: UnixMillis, readings: &[(&'static str, UnixMillis)]) {
+        let mut f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = f.entry(id.clone()).or_default();
+        entry.last_answered = Some(at);
+        for (signal, recorded) in readings {
+            match entry.recorded.iter_mut().find(|(s, _)| s == signal) {
+                Some(slot) => slot.1 = slot.1.max(*recorded),
+                None => entry.recorded.push((signal, *recorded)),
+            }
+        }
     }
 
     /// Disabled endpoints and pause reason of a vehicle, for status output and tests.
@@ -277,6 +312,25 @@ impl Poller {
                     }
                 }
             }
+        }
+        let answered = items
+            .iter()
+            .any(|i| matches!(i, WriteItem::Event(e) if e.outcome == "ok"));
+        if answered {
+            let recorded: Vec<(&'static str, UnixMillis)> = items
+                .iter()
+                .filter_map(|i| match i {
+                    WriteItem::Reading(_, r) => Some((r.table(), r.stamp().recorded_at)),
+                    _ => None,
+                })
+                .collect();
+            self.note_answer(&v.id, at, &recorded);
+        }
+        if self.metrics.per_vehicle() {
+            self.metrics
+                .vehicle_up
+                .with_label_values(&[v.id.0.as_str()])
+                .set(if answered { 1.0 } else { 0.0 });
         }
         self.write(items).await;
         if failed {

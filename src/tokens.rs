@@ -287,6 +287,24 @@ impl TokenManager {
             .inc();
     }
 
+    /// Every loaded connection: id, user, status and access-token expiry. A connection busy
+    /// refreshing is reported as active with its previous expiry.
+    pub async fn overview(&self) -> Vec<(ConnectionId, String, ConnectionStatus, UnixMillis)> {
+        let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        let mut out = Vec::with_capacity(slots.len());
+        for s in slots {
+            let st = s.state.lock().await;
+            out.push((
+                s.id,
+                s.user_id.clone(),
+                st.status,
+                st.tokens.access_expires_at,
+            ));
+        }
+        out.sort_by_key(|c| c.0);
+        out
+    }
+
     /// Recounts `carpulse_connections{status}` from the loaded slots.
     pub async fn update_connection_gauge(&self) {
         let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();

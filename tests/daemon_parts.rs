@@ -429,3 +429,115 @@ async fn a_server_error_backs_the_vehicle_off_while_the_others_go_on() {
     );
     w.stop.cancel();
 }
+
+#[tokio::test]
+async fn healthz_names_stale_vehicles_and_connections_that_need_reauth() {
+    use carpulse::metrics::Health;
+    let w = world("v3", Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    let metrics = Metrics::new().unwrap();
+    let tokens = TokenManager::new(
+        w.store.clone(),
+        w.client.clone(),
+        metrics.clone(),
+        Duration::from_secs(600),
+    );
+    tokens.load(
+        w.store
+            .call(|c| queries::load_connections(c))
+            .await
+            .unwrap(),
+    );
+    let (poller, poller_metrics) = poller_for(&w, "v3", &connected).await;
+    let report = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(report.ok, 3);
+    let health = Health::default();
+    let now = carpulse::domain::now_ms();
+
+    carpulse::app::check_health(
+        &health,
+        &tokens,
+        &poller,
+        &metrics,
+        Duration::from_secs(3600),
+        now,
+    )
+    .await;
+    assert!(
+        health.lock().unwrap().problems.is_empty(),
+        "{:?}",
+        health.lock().unwrap().problems
+    );
+    let text = metrics.render();
+    assert!(
+        text.contains("carpulse_reading_age_seconds{signal=\"battery\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("carpulse_token_expiry_timestamp_seconds{connection=\"1\"}"),
+        "{text}"
+    );
+    let polled = poller_metrics.render();
+    assert_eq!(
+        polled.matches("carpulse_vehicle_up{").count(),
+        3,
+        "{polled}"
+    );
+
+    // Nothing answered for longer than stale_after: every vehicle is named.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    carpulse::app::check_health(
+        &health,
+        &tokens,
+        &poller,
+        &metrics,
+        Duration::from_millis(5),
+        now,
+    )
+    .await;
+    let problems = health.lock().unwrap().problems.clone();
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(
+        problems.iter().all(|p| p.contains("no answered poll")),
+        "{problems:?}"
+    );
+
+    // The account revokes access: the next refresh is refused and /healthz says which connection.
+    let r = reqwest::Client::new()
+        .post(format!("{}/_simulator/revoke", w.base))
+        .json(&serde_json::json!({"user": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let stored = w
+        .store
+        .call(|c| queries::load_connections(c))
+        .await
+        .unwrap();
+    let expired = queries::ConnectionRecord {
+        tokens: TokenPair {
+            access_expires_at: 0,
+            ..stored[0].tokens.clone()
+        },
+        ..stored[0].clone()
+    };
+    tokens.load(vec![expired]);
+    assert!(tokens.access(connected.connection).await.is_err());
+    carpulse::app::check_health(
+        &health,
+        &tokens,
+        &poller,
+        &metrics,
+        Duration::from_secs(3600),
+        carpulse::domain::now_ms(),
+    )
+    .await;
+    let problems = health.lock().unwrap().problems.clone();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("needs re-authorization"),
+        "{problems:?}"
+    );
+    w.stop.cancel();
+}
