@@ -240,6 +240,36 @@ impl Daemon {
             }
         });
 
+        let reload_now = Arc::new(tokio::sync::Notify::new());
+        crate::signals::spawn_reload_handler(reload_now.clone(), shutdown.clone())
+            .context("installing the SIGHUP handler")?;
+        let reload_stop = shutdown.clone();
+        let (st, t, p, m) = (
+            store.clone(),
+            tokens.clone(),
+            poller.clone(),
+            metrics.clone(),
+        );
+        let per_vehicle_max = config.metrics.per_vehicle_max;
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(RELOAD_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            every.tick().await; // the first tick is immediate; the daemon just loaded
+            loop {
+                tokio::select! {
+                    _ = reload_stop.cancelled() => return,
+                    _ = every.tick() => {}
+                    _ = reload_now.notified() => {}
+                }
+                if let Err(e) = reload(&st, &t, &p, &m, per_vehicle_max).await {
+                    warn!(
+                        error = format!("{e:#}"),
+                        "reloading the vehicle set failed; keeping the current one"
+                    );
+                }
+            }
+        });
+
         let (schedule, mut ticks) = schedule::start(&config.schedule, &metrics)
             .await
             .context("starting the schedule")?;
@@ -292,6 +322,72 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// How often the store is re-read for vehicles and connections that `carpulse connect` or
+/// `carpulse vehicles` changed (SIGHUP does it at once).
+const RELOAD_EVERY: Duration = Duration::from_secs(60);
+
+/// Re-reads connections and vehicles: new accounts get a refresher, re-authorized ones are
+/// adopted (and their vehicles' disabled endpoints lifted), removed or disabled vehicles stop
+/// being polled.
+pub async fn reload(
+    store: &Store,
+    tokens: &Arc<TokenManager>,
+    poller: &Poller,
+    metrics: &Metrics,
+    per_vehicle_max: usize,
+) -> anyhow::Result<()> {
+    let connections = store
+        .call(|c| queries::load_connections(c))
+        .await
+        .context("loading connections")?;
+    let vehicles = store
+        .call(|c| queries::load_vehicles(c))
+        .await
+        .context("loading vehicles")?;
+    let started = tokens.merge(connections).await;
+    let active: std::collections::HashSet<_> = tokens
+        .overview()
+        .await
+        .into_iter()
+        .filter(|c| c.2 == ConnectionStatus::Active)
+        .map(|c| c.0)
+        .collect();
+    let before: std::collections::HashSet<_> =
+        poller.vehicles().into_iter().map(|v| v.id).collect();
+    let mut polled = Vec::new();
+    for v in vehicles {
+        if started.contains(&v.connection_id) {
+            poller.reset_gate(&v.vehicle_id);
+        }
+        if v.enabled && active.contains(&v.connection_id) {
+            polled.push(PolledVehicle {
+                id: v.vehicle_id,
+                connection: v.connection_id,
+            });
+        }
+    }
+    let now: std::collections::HashSet<_> = polled.iter().map(|v| v.id.clone()).collect();
+    let (added, removed) = (
+        now.difference(&before).count(),
+        before.difference(&now).count(),
+    );
+    for gone in before.difference(&now) {
+        metrics.forget_vehicle(gone);
+    }
+    metrics.set_per_vehicle(polled.len() <= per_vehicle_max);
+    poller.set_vehicles(polled);
+    if added + removed + started.len() > 0 {
+        info!(
+            added,
+            removed,
+            connections_added_or_reauthorized = started.len(),
+            vehicles = now.len(),
+            "vehicle set reloaded"
+        );
+    }
+    Ok(())
 }
 
 /// How often `/healthz` and the freshness gauges are brought up to date.

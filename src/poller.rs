@@ -212,6 +212,11 @@ impl Poller {
         }
     }
 
+    /// A new consent lifts what the old one could not give (disabled endpoints, a pause).
+    pub fn reset_gate(&self, id: &VehicleId) {
+        self.gates().reset(id);
+    }
+
     /// Disabled endpoints and pause reason of a vehicle, for status output and tests.
     pub fn gate_of(&self, id: &VehicleId) -> (Vec<String>, Option<String>) {
         self.gates().describe(id)

@@ -1,5 +1,6 @@
 //! The process signals the daemon answers: SIGTERM (systemd's stop) and SIGINT (Ctrl-C) both
-//! mean "stop scheduling, drain, flush, exit 0".
+//! mean "stop scheduling, drain, flush, exit 0"; SIGHUP means "pick up what `carpulse connect`
+//! and `carpulse vehicles` changed in the store".
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -16,6 +17,30 @@ pub fn spawn_handler(shutdown: CancellationToken) -> std::io::Result<()> {
             _ = shutdown.cancelled() => return,
         }
         shutdown.cancel();
+    });
+    Ok(())
+}
+
+/// Calls `notify` on every SIGHUP (reload the vehicle set) until `shutdown`.
+pub fn spawn_reload_handler(
+    notify: std::sync::Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    info!(signal = "SIGHUP", "reloading the vehicle set");
+                    notify.notify_one();
+                }
+            }
+        }
     });
     Ok(())
 }

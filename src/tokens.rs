@@ -93,6 +93,8 @@ pub struct TokenManager {
     margin: Duration,
     /// A std mutex: held only to look up or insert, never across an await.
     slots: Mutex<HashMap<ConnectionId, Arc<Slot>>>,
+    /// Where [`TokenManager::run`] spawns refreshers, so connections added later get one.
+    runner: Mutex<Option<(TaskTracker, CancellationToken)>>,
 }
 
 impl TokenManager {
@@ -108,6 +110,7 @@ impl TokenManager {
             metrics,
             margin,
             slots: Mutex::new(HashMap::new()),
+            runner: Mutex::new(None),
         })
     }
 
@@ -135,6 +138,59 @@ impl TokenManager {
                 }),
             );
         }
+    }
+
+    /// Brings in what the store learned while running (`carpulse connect` added an account or
+    /// re-authorized one): new connections are added, and a stored pair newer than the one in
+    /// memory (a reconnect) is adopted with its status. Returns the connections that were added
+    /// or re-authorized; their refreshers are started when the manager runs.
+    pub async fn merge(self: &Arc<Self>, records: Vec<ConnectionRecord>) -> Vec<ConnectionId> {
+        let mut started = Vec::new();
+        for r in records {
+            let existing = self.slots().get(&r.id).cloned();
+            match existing {
+                None => {
+                    let id = r.id;
+                    self.load(vec![r]);
+                    started.push(id);
+                }
+                Some(slot) => {
+                    let mut st = slot.state.lock().await;
+                    let newer = r.tokens.refresh_expires_at > st.tokens.refresh_expires_at;
+                    let reauthorized = st.status == ConnectionStatus::NeedsReauth
+                        && r.status == ConnectionStatus::Active;
+                    if r.status == ConnectionStatus::Active && (newer || reauthorized) {
+                        st.tokens = r.tokens;
+                        st.status = ConnectionStatus::Active;
+                        st.failures = 0;
+                        st.retry_at = None;
+                        if reauthorized {
+                            started.push(r.id);
+                        }
+                    }
+                }
+            }
+        }
+        for id in &started {
+            self.spawn_refresher(*id);
+        }
+        if !started.is_empty() {
+            self.update_connection_gauge().await;
+        }
+        started
+    }
+
+    fn spawn_refresher(self: &Arc<Self>, id: ConnectionId) {
+        let runner = self
+            .runner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (Some((tracker, stop)), Ok(slot)) = (runner, self.slot(id)) else {
+            return;
+        };
+        let me = self.clone();
+        tracker.spawn(async move { me.keep_fresh(slot, stop).await });
     }
 
     pub fn connection_ids(&self) -> Vec<ConnectionId> {
@@ -326,12 +382,13 @@ impl TokenManager {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         self.update_connection_gauge().await;
         let tracker = TaskTracker::new();
+        *self.runner.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((tracker.clone(), shutdown.clone()));
         for id in self.connection_ids() {
-            let Ok(slot) = self.slot(id) else { continue };
-            let me = self.clone();
-            let stop = shutdown.clone();
-            tracker.spawn(async move { me.keep_fresh(slot, stop).await });
+            self.spawn_refresher(id);
         }
+        shutdown.cancelled().await;
+        self.runner.lock().unwrap_or_else(|p| p.into_inner()).take();
         tracker.close();
         tracker.wait().await;
     }
