@@ -13,6 +13,7 @@
 mod errors;
 pub mod faults;
 mod fleet;
+pub use fleet::Powertrain;
 mod oauth;
 mod stats;
 mod v2;
@@ -67,6 +68,9 @@ pub struct SimulatorConfig {
     pub fault_rate: f64,
     /// Answer latency of vehicle requests, uniform in [min, max]; requests wait concurrently.
     pub latency: Option<(Duration, Duration)>,
+    /// Powertrains the fleet is drawn from, round-robin per vehicle from a seed-chosen start
+    /// (e.g. `[Bev, Phev, Ice]` gives an even mix). Default all-BEV.
+    pub powertrains: Vec<Powertrain>,
 }
 
 impl Default for SimulatorConfig {
@@ -85,6 +89,7 @@ impl Default for SimulatorConfig {
             faults: Vec::new(),
             fault_rate: 0.0,
             latency: None,
+            powertrains: vec![Powertrain::Bev],
         }
     }
 }
@@ -106,6 +111,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("faults", &self.faults)
             .field("fault_rate", &self.fault_rate)
             .field("latency", &self.latency)
+            .field("powertrains", &self.powertrains)
             .finish()
     }
 }
@@ -159,6 +165,11 @@ pub struct SimulatorArgs {
     /// answer in 3–45 s). Requests wait concurrently.
     #[arg(long, value_name = "SECONDS", value_parser = parse_latency)]
     pub latency: Option<(Duration, Duration)>,
+    /// Powertrains of the simulated fleet, comma-separated: bev, phev, ice. Vehicles take them
+    /// in turn (`bev,phev,ice` = an even mix; repeat one to weight it, e.g. `bev,bev,ice`). ICE
+    /// cars answer 501 on /battery and /charge, BEVs on /fuel and /engine/oil.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "bev")]
+    pub powertrains: Vec<Powertrain>,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {
@@ -201,6 +212,7 @@ impl fmt::Debug for SimulatorArgs {
             .field("faults", &self.faults)
             .field("fault_rate", &self.fault_rate)
             .field("latency", &self.latency)
+            .field("powertrains", &self.powertrains)
             .finish()
     }
 }
@@ -229,6 +241,7 @@ impl SimulatorArgs {
             faults: self.faults.clone(),
             fault_rate: self.fault_rate,
             latency: self.latency,
+            powertrains: self.powertrains.clone(),
             ..SimulatorConfig::default()
         }
     }
@@ -268,6 +281,7 @@ impl Sim {
             cfg.users,
             cfg.vehicles_per_user,
             report_interval_ms,
+            &cfg.powertrains,
         );
         // Simulated time starts at the beginning of the current UTC day, so a restart on the same
         // day continues the same trajectories and the odometer starts near its base value.
