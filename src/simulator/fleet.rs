@@ -335,6 +335,9 @@ pub(crate) struct SimClock {
     pub(crate) anchor_ms: UnixMillis,
     pub(crate) time_scale: f64,
     pub(crate) report_interval_ms: i64,
+    /// Cars parked longer than [`SLEEP_AFTER_S`] fall asleep (`--sleeping-cars`). Off by default
+    /// so a fleet always has fresh data for tests that expect every car to report.
+    pub(crate) sleeping: bool,
 }
 
 impl Vehicle {
@@ -461,7 +464,7 @@ impl Vehicle {
     /// For a sleeping car, the last report time before it fell asleep; `None` when awake.
     /// Frozen time (`time_scale` 0) never sleeps: the car would have to have slept forever.
     fn last_report_before_sleep(&self, clock: &SimClock, report_ms: UnixMillis) -> Option<i64> {
-        if clock.time_scale <= 0.0 || !clock.time_scale.is_finite() {
+        if !clock.sleeping || clock.time_scale <= 0.0 || !clock.time_scale.is_finite() {
             return None;
         }
         let sim_s = self.sim_seconds(clock, report_ms);
@@ -766,6 +769,7 @@ mod tests {
             anchor_ms: 1_700_000_000_000,
             time_scale: 60.0,
             report_interval_ms: 5_000,
+            sleeping: true,
         }
     }
 
@@ -907,6 +911,26 @@ mod tests {
         let ice = Fleet::generate(5, 1, 4, 5_000, &[Powertrain::Ice]);
         for v in &ice.users[0].vehicles {
             assert!(v.tank_l > 0.0 && v.capacity_kwh == 0.0, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn cars_sleep_only_when_asked() {
+        let fleet = Fleet::generate(4, 1, 6, 5_000, &ALL);
+        let awake = SimClock {
+            sleeping: false,
+            ..clock()
+        };
+        for v in &fleet.users[0].vehicles {
+            let mut slept = 0;
+            for i in 0..(24 * 60 * 12) {
+                let at = v.report_time(&awake, awake.anchor_ms + i * 5_000);
+                assert_eq!(v.state_at(&awake, at).report_ms, at);
+                if v.state_at(&clock(), at).report_ms < at {
+                    slept += 1;
+                }
+            }
+            assert!(slept > 0, "{v:?}");
         }
     }
 

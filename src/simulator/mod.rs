@@ -71,6 +71,10 @@ pub struct SimulatorConfig {
     /// Powertrains the fleet is drawn from, round-robin per vehicle from a seed-chosen start
     /// (e.g. `[Bev, Phev, Ice]` gives an even mix). Default all-BEV.
     pub powertrains: Vec<Powertrain>,
+    /// Cars parked (not driving, not plugged in) for more than 2 simulated hours fall asleep:
+    /// their report time and values stay at their last report until they next drive or plug in.
+    /// Off by default so every car always has fresh data.
+    pub sleeping_cars: bool,
 }
 
 impl Default for SimulatorConfig {
@@ -90,6 +94,7 @@ impl Default for SimulatorConfig {
             fault_rate: 0.0,
             latency: None,
             powertrains: vec![Powertrain::Bev],
+            sleeping_cars: false,
         }
     }
 }
@@ -112,6 +117,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("fault_rate", &self.fault_rate)
             .field("latency", &self.latency)
             .field("powertrains", &self.powertrains)
+            .field("sleeping_cars", &self.sleeping_cars)
             .finish()
     }
 }
@@ -170,6 +176,11 @@ pub struct SimulatorArgs {
     /// cars answer 501 on /battery and /charge, BEVs on /fuel and /engine/oil.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "bev")]
     pub powertrains: Vec<Powertrain>,
+    /// Cars parked for more than 2 simulated hours fall asleep, like real telematics units: they
+    /// stop reporting (sc-data-age and every value stay at the last report) until they next drive
+    /// or plug in. Off by default.
+    #[arg(long)]
+    pub sleeping_cars: bool,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {
@@ -213,6 +224,7 @@ impl fmt::Debug for SimulatorArgs {
             .field("fault_rate", &self.fault_rate)
             .field("latency", &self.latency)
             .field("powertrains", &self.powertrains)
+            .field("sleeping_cars", &self.sleeping_cars)
             .finish()
     }
 }
@@ -242,6 +254,7 @@ impl SimulatorArgs {
             fault_rate: self.fault_rate,
             latency: self.latency,
             powertrains: self.powertrains.clone(),
+            sleeping_cars: self.sleeping_cars,
             ..SimulatorConfig::default()
         }
     }
@@ -290,6 +303,7 @@ impl Sim {
             anchor_ms,
             time_scale: cfg.time_scale,
             report_interval_ms,
+            sleeping: cfg.sleeping_cars,
         };
         let faults = faults::Faults::default();
         for (vehicle, fault) in &cfg.faults {

@@ -444,6 +444,7 @@ mod tests {
             anchor_ms: 0,
             time_scale: 60.0,
             report_interval_ms: 5_000,
+            sleeping: true,
         };
         let mut seen = std::collections::HashSet::new();
         for v in &fleet.users[0].vehicles {
