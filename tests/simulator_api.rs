@@ -1789,3 +1789,32 @@ async fn three_users_page_through_their_vehicles_two_at_a_time() {
     assert_eq!(seen_all.len(), 15, "no vehicle belongs to two users");
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn batch_items_count_against_the_per_vehicle_limit() {
+    let sim = spawn(SimulatorConfig {
+        vehicle_rate_limit: Some((4, Duration::from_secs(3600))),
+        ..stable_cfg()
+    })
+    .await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let car = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let batch = |n: usize| {
+        let requests: Vec<Value> = (0..n).map(|_| json!({"path": "/odometer"})).collect();
+        sim.client
+            .post(sim.url(&format!("/v2.0/vehicles/{car}/batch")))
+            .bearer_auth(&token)
+            .header("sc-unit-system", "metric")
+            .json(&json!({ "requests": requests }))
+            .send()
+    };
+    assert_eq!(batch(3).await.unwrap().status(), 200, "3 of 4");
+    let over = batch(2).await.unwrap();
+    assert_eq!(over.status(), 429, "3 + 2 items exceed 4 per hour");
+    assert!(header(&over, "retry-after").parse::<u64>().unwrap() > 3500);
+    sim.stop().await;
+}

@@ -14,6 +14,7 @@ mod consent;
 mod errors;
 pub mod faults;
 mod fleet;
+pub use fleet::Powertrain;
 mod oauth;
 mod stats;
 mod v2;
@@ -75,6 +76,13 @@ pub struct SimulatorConfig {
     pub app_rate_limit: bool,
     /// Per-vehicle limit: at most N requests (batch items each count) per window.
     pub vehicle_rate_limit: Option<(u32, Duration)>,
+    /// Powertrains the fleet is drawn from, round-robin per vehicle from a seed-chosen start
+    /// (e.g. `[Bev, Phev, Ice]` gives an even mix). Default all-BEV.
+    pub powertrains: Vec<Powertrain>,
+    /// Cars parked (not driving, not plugged in) for more than 2 simulated hours fall asleep:
+    /// their report time and values stay at their last report until they next drive or plug in.
+    /// Off by default so every car always has fresh data.
+    pub sleeping_cars: bool,
 }
 
 impl Default for SimulatorConfig {
@@ -96,6 +104,8 @@ impl Default for SimulatorConfig {
             consent: false,
             app_rate_limit: false,
             vehicle_rate_limit: None,
+            powertrains: vec![Powertrain::Bev],
+            sleeping_cars: false,
         }
     }
 }
@@ -120,6 +130,8 @@ impl fmt::Debug for SimulatorConfig {
             .field("consent", &self.consent)
             .field("app_rate_limit", &self.app_rate_limit)
             .field("vehicle_rate_limit", &self.vehicle_rate_limit)
+            .field("powertrains", &self.powertrains)
+            .field("sleeping_cars", &self.sleeping_cars)
             .finish()
     }
 }
@@ -185,6 +197,16 @@ pub struct SimulatorArgs {
     /// RATE_LIMIT:VEHICLE with `retry-after`; each batch item counts. Off by default.
     #[arg(long, value_name = "N/PERIOD", value_parser = parse_rate)]
     pub vehicle_rate_limit: Option<(u32, Duration)>,
+    /// Powertrains of the simulated fleet, comma-separated: bev, phev, ice. Vehicles take them
+    /// in turn (`bev,phev,ice` = an even mix; repeat one to weight it, e.g. `bev,bev,ice`). ICE
+    /// cars answer 501 on /battery and /charge, BEVs on /fuel and /engine/oil.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "bev")]
+    pub powertrains: Vec<Powertrain>,
+    /// Cars parked for more than 2 simulated hours fall asleep, like real telematics units: they
+    /// stop reporting (sc-data-age and every value stay at the last report) until they next drive
+    /// or plug in. Off by default.
+    #[arg(long)]
+    pub sleeping_cars: bool,
 }
 
 /// `20/1h`: a count and a period (s, m, h).
@@ -248,6 +270,8 @@ impl fmt::Debug for SimulatorArgs {
             .field("consent", &self.consent)
             .field("app_rate_limit", &self.app_rate_limit)
             .field("vehicle_rate_limit", &self.vehicle_rate_limit)
+            .field("powertrains", &self.powertrains)
+            .field("sleeping_cars", &self.sleeping_cars)
             .finish()
     }
 }
@@ -279,6 +303,8 @@ impl SimulatorArgs {
             consent: self.consent,
             app_rate_limit: self.app_rate_limit,
             vehicle_rate_limit: self.vehicle_rate_limit,
+            powertrains: self.powertrains.clone(),
+            sleeping_cars: self.sleeping_cars,
             ..SimulatorConfig::default()
         }
     }
@@ -326,6 +352,7 @@ impl Sim {
             cfg.users,
             cfg.vehicles_per_user,
             report_interval_ms,
+            &cfg.powertrains,
         );
         // Simulated time starts at the beginning of the current UTC day, so a restart on the same
         // day continues the same trajectories and the odometer starts near its base value.
@@ -334,6 +361,7 @@ impl Sim {
             anchor_ms,
             time_scale: cfg.time_scale,
             report_interval_ms,
+            sleeping: cfg.sleeping_cars,
         };
         let faults = faults::Faults::default();
         for (vehicle, fault) in &cfg.faults {

@@ -2,19 +2,23 @@
 //! with the `sc-*` headers and error objects of smartcar-api.md §2 and §4.
 //!
 //! Every per-vehicle resource is resolved by one function ([`resource`]) so a direct request and a
-//! batch item answer identically, and both record what they served.
+//! batch item answer identically, and both record what they served. What a car cannot answer for
+//! its powertrain (fuel on a BEV, battery on an ICE) is 501 COMPATIBILITY:VEHICLE_NOT_CAPABLE,
+//! as Smartcar answers it, so carpulse learns to disable such endpoints per vehicle.
 
 use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
 
 use super::errors::{Api, ApiError};
-use super::fleet::{km_to_miles, random_uuid, round_to, Vehicle, VehicleState};
+use super::fleet::{
+    km_to_miles, kpa_to_psi, litres_to_us_gallons, random_uuid, round_to, Vehicle, VehicleState,
+};
 use super::stats::{bump, Served};
 use super::{api_json, iso_ms, Sim, SimState};
 use crate::domain::{now_ms, UnitSystem, UnixMillis};
@@ -30,7 +34,22 @@ const PERMISSIONS: &[&str] = &[
     "read_charge",
     "read_odometer",
     "read_location",
+    "read_fuel",
+    "read_engine_oil",
+    "read_tires",
 ];
+
+/// 501 COMPATIBILITY:VEHICLE_NOT_CAPABLE: the endpoint exists but this car's powertrain has
+/// nothing to answer it with (smartcar-api.md §4.2: permanent for that endpoint and vehicle).
+pub(crate) fn not_capable() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "COMPATIBILITY",
+        Some("VEHICLE_NOT_CAPABLE"),
+        "The vehicle is not capable of performing your request.",
+        None,
+    )
+}
 
 type QueryResult = Result<Query<HashMap<String, String>>, QueryRejection>;
 
@@ -188,6 +207,22 @@ fn distance(km: f64, units: UnitSystem) -> f64 {
     }
 }
 
+/// Litres (metric) or US gallons (imperial).
+fn volume(litres: f64, units: UnitSystem) -> f64 {
+    match units {
+        UnitSystem::Metric => litres,
+        UnitSystem::Imperial => litres_to_us_gallons(litres),
+    }
+}
+
+/// kPa (metric) or psi (imperial).
+fn pressure(kpa: f64, units: UnitSystem) -> f64 {
+    match units {
+        UnitSystem::Metric => kpa,
+        UnitSystem::Imperial => kpa_to_psi(kpa),
+    }
+}
+
 /// Resolves a vehicle resource path (`/`, `/battery`, ...) to its body.
 fn resource(
     vehicle: &Vehicle,
@@ -204,6 +239,17 @@ fn resource(
         })
     };
     let trimmed = path.trim_end_matches('/');
+    let battery_path = matches!(
+        trimmed,
+        "/battery"
+            | "/battery/capacity"
+            | "/battery/nominal_capacity"
+            | "/charge"
+            | "/charge/limit"
+    );
+    if battery_path && !vehicle.powertrain.has_battery() {
+        return Err(not_capable());
+    }
     match trimmed {
         "" => data(
             json!({"id": vehicle.id, "make": vehicle.make, "model": vehicle.model, "year": vehicle.year}),
@@ -217,6 +263,7 @@ fn resource(
             }),
             &[Served::Battery],
         ),
+        "/battery/capacity" => data(json!({"capacity": vehicle.capacity_kwh}), &[]),
         "/battery/nominal_capacity" => data(
             json!({
                 "availableCapacities": [{"capacity": vehicle.capacity_kwh, "description": null}],
@@ -241,6 +288,28 @@ fn resource(
             json!({"latitude": state.latitude, "longitude": state.longitude}),
             &[],
         ),
+        "/fuel" => {
+            let fuel = state.fuel.ok_or_else(not_capable)?;
+            data(
+                json!({
+                    "range": distance(fuel.range_km, units),
+                    "percentRemaining": round_to(fuel.percent / 100.0, 4),
+                    "amountRemaining": volume(fuel.litres, units),
+                }),
+                &[],
+            )
+        }
+        "/engine/oil" => {
+            let life = state.oil_life.ok_or_else(not_capable)?;
+            data(json!({ "lifeRemaining": life }), &[])
+        }
+        "/tires/pressure" => {
+            let [fl, fr, bl, br] = state.tire_kpa.map(|kpa| pressure(kpa, units));
+            data(
+                json!({"frontLeft": fl, "frontRight": fr, "backLeft": bl, "backRight": br}),
+                &[],
+            )
+        }
         "/permissions" => {
             let (limit, offset) = paging(query)?;
             Ok(Found {
@@ -267,9 +336,11 @@ pub(crate) async fn batch(
     let rid = random_uuid();
     let result = (|| {
         let user = sim.authenticate(&headers)?;
-        let vehicle = sim.owned_vehicle(user, &id)?;
-        let units = unit_system(&sim, &headers);
         let paths = parse_batch(&body)?;
+        // Every item counts against the vehicle's limit (smartcar-api.md §2.3).
+        let cost = u32::try_from(paths.len()).unwrap_or(u32::MAX);
+        let vehicle = sim.owned_vehicle_costing(user, &id, cost)?;
+        let units = unit_system(&sim, &headers);
         let now = now_ms();
         let state = vehicle.state_now(&sim.clock, now);
         let no_query = HashMap::new();

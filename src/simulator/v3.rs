@@ -2,7 +2,10 @@
 //! smartcar-api.md §3.4, with `errors[]` envelopes (§3.6).
 //!
 //! Signals are described by one table ([`SIGNALS`]) so adding one is a line plus its body; the
-//! list and the single-signal endpoint render the same objects.
+//! list and the single-signal endpoint render the same objects. Every car lists every signal: one
+//! its powertrain lacks (fuel on a BEV, traction battery on an ICE) is an item with
+//! `status.value = ERROR` and COMPATIBILITY:VEHICLE_NOT_CAPABLE and no body (§3.4), as Smartcar
+//! reports per-signal failures, so carpulse must handle mixed pages.
 
 use std::collections::HashMap;
 
@@ -13,7 +16,7 @@ use axum::response::Response;
 use serde_json::{json, Value};
 
 use super::errors::{Api, ApiError};
-use super::fleet::{random_uuid, round_to, Vehicle, VehicleState};
+use super::fleet::{random_uuid, round_to, Powertrain, Vehicle, VehicleState};
 use super::stats::Served;
 use super::{api_json, Sim, SimState};
 use crate::domain::{now_ms, ChargeState, UnixMillis};
@@ -21,13 +24,34 @@ use crate::domain::{now_ms, ChargeState, UnixMillis};
 const DEFAULT_PAGE_SIZE: usize = 10;
 const MAX_PAGE_SIZE: usize = 100;
 
-/// One signal the simulated BEV serves: code, display name, group, and which served-log kind it
-/// feeds (if any).
+/// What a car needs to have for a signal to carry a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Needs {
+    Nothing,
+    /// A traction battery and a charge port (BEV, PHEV).
+    Battery,
+    /// A fuel tank and an engine (PHEV, ICE).
+    Engine,
+}
+
+impl Needs {
+    fn met_by(self, powertrain: Powertrain) -> bool {
+        match self {
+            Needs::Nothing => true,
+            Needs::Battery => powertrain.has_battery(),
+            Needs::Engine => powertrain.has_engine(),
+        }
+    }
+}
+
+/// One signal the simulator serves: code, display name, group, which served-log kind it feeds
+/// (if any), and what the car needs to provide it.
 struct SignalDef {
     code: &'static str,
     name: &'static str,
     group: &'static str,
     served: Option<Served>,
+    needs: Needs,
 }
 
 const SIGNALS: &[SignalDef] = &[
@@ -36,84 +60,126 @@ const SIGNALS: &[SignalDef] = &[
         name: "StateOfCharge",
         group: "TractionBattery",
         served: Some(Served::Battery),
+        needs: Needs::Battery,
     },
     SignalDef {
         code: "tractionbattery-range",
         name: "Range",
         group: "TractionBattery",
         served: Some(Served::Battery),
+        needs: Needs::Battery,
     },
     SignalDef {
         code: "tractionbattery-nominalcapacity",
         name: "NominalCapacity",
         group: "TractionBattery",
         served: None,
+        needs: Needs::Battery,
     },
     SignalDef {
         code: "charge-ischarging",
         name: "IsCharging",
         group: "Charge",
         served: Some(Served::Charge),
+        needs: Needs::Battery,
     },
     SignalDef {
         code: "charge-ischargingcableconnected",
         name: "IsChargingCableConnected",
         group: "Charge",
         served: Some(Served::Charge),
+        needs: Needs::Battery,
     },
     SignalDef {
         code: "charge-detailedchargingstatus",
         name: "DetailedChargingStatus",
         group: "Charge",
         served: Some(Served::Charge),
+        needs: Needs::Battery,
     },
     SignalDef {
         code: "charge-chargelimits",
         name: "ChargeLimits",
         group: "Charge",
         served: None,
+        needs: Needs::Battery,
     },
     SignalDef {
         code: "charge-timetocomplete",
         name: "TimeToComplete",
         group: "Charge",
         served: None,
+        needs: Needs::Battery,
     },
     SignalDef {
         code: "charge-wattage",
         name: "Wattage",
         group: "Charge",
         served: None,
+        needs: Needs::Battery,
     },
     SignalDef {
         code: "odometer-traveleddistance",
         name: "TraveledDistance",
         group: "Odometer",
         served: Some(Served::Odometer),
+        needs: Needs::Nothing,
     },
     SignalDef {
         code: "location-preciselocation",
         name: "PreciseLocation",
         group: "Location",
         served: None,
+        needs: Needs::Nothing,
     },
     SignalDef {
         code: "location-isathome",
         name: "IsAtHome",
         group: "Location",
         served: None,
+        needs: Needs::Nothing,
     },
     SignalDef {
         code: "lowvoltagebattery-stateofcharge",
         name: "StateOfCharge",
         group: "LowVoltageBattery",
         served: None,
+        needs: Needs::Nothing,
     },
     SignalDef {
         code: "vehicleidentification-vin",
         name: "VIN",
         group: "VehicleIdentification",
         served: None,
+        needs: Needs::Nothing,
+    },
+    SignalDef {
+        code: "internalcombustionengine-fuellevel",
+        name: "FuelLevel",
+        group: "InternalCombustionEngine",
+        served: None,
+        needs: Needs::Engine,
+    },
+    SignalDef {
+        code: "internalcombustionengine-amountremaining",
+        name: "AmountRemaining",
+        group: "InternalCombustionEngine",
+        served: None,
+        needs: Needs::Engine,
+    },
+    SignalDef {
+        code: "internalcombustionengine-range",
+        name: "Range",
+        group: "InternalCombustionEngine",
+        served: None,
+        needs: Needs::Engine,
+    },
+    SignalDef {
+        code: "internalcombustionengine-oillife",
+        name: "OilLife",
+        group: "InternalCombustionEngine",
+        served: None,
+        needs: Needs::Engine,
     },
 ];
 
@@ -161,6 +227,22 @@ fn signal_body(code: &str, vehicle: &Vehicle, state: &VehicleState) -> Value {
             json!({"unit": "percent", "value": round_to(state.low_voltage_soc, 1)})
         }
         "vehicleidentification-vin" => json!({"value": vehicle.vin}),
+        "internalcombustionengine-fuellevel" => match state.fuel {
+            Some(fuel) => json!({"unit": "percent", "value": fuel.percent}),
+            None => Value::Null,
+        },
+        "internalcombustionengine-amountremaining" => match state.fuel {
+            Some(fuel) => json!({"unit": "liters", "value": fuel.litres}),
+            None => Value::Null,
+        },
+        "internalcombustionengine-range" => match state.fuel {
+            Some(fuel) => json!({"unit": "kilometers", "value": fuel.range_km}),
+            None => Value::Null,
+        },
+        "internalcombustionengine-oillife" => match state.oil_life {
+            Some(life) => json!({"unit": "percent", "value": round_to(life * 100.0, 2)}),
+            None => Value::Null,
+        },
         _ => Value::Null,
     }
 }
@@ -171,16 +253,26 @@ fn signal_object(
     state: &VehicleState,
     now: UnixMillis,
 ) -> Value {
-    json!({
-        "id": def.code,
-        "type": "signal",
-        "attributes": {
+    let attributes = if def.needs.met_by(vehicle.powertrain) {
+        json!({
             "code": def.code,
             "name": def.name,
             "group": def.group,
             "status": {"value": "SUCCESS"},
             "body": signal_body(def.code, vehicle, state),
-        },
+        })
+    } else {
+        json!({
+            "code": def.code,
+            "name": def.name,
+            "group": def.group,
+            "status": {"value": "ERROR", "error": {"type": "COMPATIBILITY", "code": "VEHICLE_NOT_CAPABLE"}},
+        })
+    };
+    json!({
+        "id": def.code,
+        "type": "signal",
+        "attributes": attributes,
         "meta": {"retrievedAt": now, "oemUpdatedAt": state.report_ms},
         "links": {
             "self": format!("/vehicles/{}/signals/{}", vehicle.id, def.code),
@@ -222,7 +314,7 @@ pub(crate) async fn vehicle(
             "type": "vehicle",
             "attributes": {
                 "make": v.make, "model": v.model, "year": v.year,
-                "powertrainType": "BEV", "mode": "simulated",
+                "powertrainType": v.powertrain.as_str(), "mode": "simulated",
             },
             "links": {"self": format!("/vehicles/{}", v.id)},
         }});
@@ -273,7 +365,11 @@ pub(crate) async fn signals(
             .skip(page.saturating_sub(1).saturating_mul(page_size))
             .take(page_size)
             .collect();
-        let served: Vec<Served> = defs.iter().filter_map(|d| d.served).collect();
+        let served: Vec<Served> = defs
+            .iter()
+            .filter(|d| d.needs.met_by(vehicle.powertrain))
+            .filter_map(|d| d.served)
+            .collect();
         sim.served.record(&vehicle.id, &state, &served);
         let data: Vec<Value> = defs
             .iter()
@@ -307,7 +403,8 @@ pub(crate) async fn signals(
     respond(&rid, result)
 }
 
-/// `GET /v3/vehicles/{id}/signals/{code}`: one signal object; 404 for a code this car lacks.
+/// `GET /v3/vehicles/{id}/signals/{code}`: one signal object (200 with an ERROR status for a
+/// signal this car's powertrain lacks, the same item the list shows); 404 for an unknown code.
 pub(crate) async fn signal(
     State(sim): State<SimState>,
     Path((id, code)): Path<(String, String)>,
@@ -323,7 +420,7 @@ pub(crate) async fn signal(
             .ok_or_else(ApiError::path_not_found)?;
         let now = now_ms();
         let state = vehicle.state_now(&sim.clock, now);
-        if let Some(kind) = def.served {
+        if let (Some(kind), true) = (def.served, def.needs.met_by(vehicle.powertrain)) {
             sim.served.record(&vehicle.id, &state, &[kind]);
         }
         Ok(api_json(
@@ -340,18 +437,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_signal_has_a_body_and_compass_works() {
-        let fleet = super::super::fleet::Fleet::generate(1, 1, 1, 5_000);
-        let v = &fleet.users[0].vehicles[0];
+    fn every_capable_signal_has_a_body_and_compass_works() {
+        let all = [Powertrain::Bev, Powertrain::Phev, Powertrain::Ice];
+        let fleet = super::super::fleet::Fleet::generate(1, 1, 3, 5_000, &all);
         let clock = super::super::fleet::SimClock {
             anchor_ms: 0,
             time_scale: 60.0,
             report_interval_ms: 5_000,
+            sleeping: true,
         };
-        let state = v.state_now(&clock, 1_000_000);
-        for def in SIGNALS {
-            assert!(signal_body(def.code, v, &state).is_object(), "{}", def.code);
+        let mut seen = std::collections::HashSet::new();
+        for v in &fleet.users[0].vehicles {
+            seen.insert(v.powertrain);
+            let state = v.state_now(&clock, 1_000_000);
+            for def in SIGNALS {
+                let body = signal_body(def.code, v, &state);
+                let object = signal_object(def, v, &state, 1_000_000);
+                if def.needs.met_by(v.powertrain) {
+                    assert!(body.is_object(), "{} {:?}", def.code, v.powertrain);
+                    assert_eq!(object["attributes"]["status"]["value"], "SUCCESS");
+                } else {
+                    assert_eq!(object["attributes"]["status"]["value"], "ERROR");
+                    assert!(object["attributes"].get("body").is_none());
+                }
+            }
         }
+        assert_eq!(seen.len(), 3, "one car of each powertrain");
         assert!(SIGNALS.len() >= 12);
         assert_eq!(direction(0.0), "N");
         assert_eq!(direction(350.0), "N");
