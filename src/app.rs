@@ -274,6 +274,20 @@ impl Daemon {
             .await
             .context("starting the schedule")?;
 
+        crate::sdnotify::notify("READY=1");
+        if let Some(every) = crate::sdnotify::watchdog_interval() {
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => crate::sdnotify::notify("WATCHDOG=1"),
+                    }
+                }
+            });
+        }
+
         // Polls get their own token: on shutdown they are given a grace period first.
         let polls_cancel = CancellationToken::new();
         let cycles = TaskTracker::new();
@@ -296,6 +310,7 @@ impl Daemon {
             }
         }
 
+        crate::sdnotify::notify("STOPPING=1");
         info!("stopping: no new polls; waiting for in-flight ones");
         schedule.shutdown().await;
         cycles.close();

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod poller;
 pub mod report;
 pub mod schedule;
+pub mod sdnotify;
 pub mod signals;
 pub mod simulator;
 pub mod smartcar;

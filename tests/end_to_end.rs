@@ -108,7 +108,20 @@ async fn walking_skeleton(api: &str) {
         "the store is created 0600"
     );
 
-    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    // As under systemd: readiness and stopping arrive on $NOTIFY_SOCKET.
+    let notify_path = setup.dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut daemon = spawn(
+        "run",
+        &["--config", cfg, "run"],
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
     // Two refreshes per connection need a bit more than two half-lifetimes.
     let run_for = Duration::from_secs(TOKEN_LIFETIME_S + 6);
     let metrics_url = format!("http://127.0.0.1:{}/metrics", setup.metrics_port);
@@ -137,6 +150,8 @@ async fn walking_skeleton(api: &str) {
         "clean exit on SIGTERM; stderr:\n{}",
         daemon.stderr()
     );
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
 
     // Metrics: the gauge of each vehicle is the last value the simulator served it.
     for id in &vehicle_ids {
