@@ -388,4 +388,110 @@ mod tests {
         assert_eq!(off.to_json(&v.id)["odometer"], json!([]));
         assert!(off.shards.iter().all(|s| s.lock().unwrap().is_empty()));
     }
+
+    /// `--served-log 2` end to end: the flag reaches the config, and over real HTTP the served
+    /// log keeps the two newest report times while the JSON shape stays the same.
+    #[tokio::test]
+    async fn served_log_flag_bounds_the_log_over_http() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sim: super::super::SimulatorArgs,
+        }
+        let args = Cli::parse_from(["sim", "--served-log", "2"]).sim;
+        assert_eq!(args.to_config().served_log, 2);
+        assert_eq!(
+            Cli::parse_from(["sim"]).sim.to_config().served_log,
+            SERVED_LOG_LIMIT
+        );
+        let cfg = super::super::SimulatorConfig {
+            // Reports every 100 ms, so a few requests span several report times.
+            report_interval: std::time::Duration::from_millis(100),
+            ..args.to_config()
+        };
+        let (client_id, secret) = (cfg.client_id.clone(), cfg.client_secret.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(super::super::serve(listener, cfg, shutdown.clone()));
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let redirect = http
+            .get(format!("{base}/oauth/authorize"))
+            .query(&[
+                ("response_type", "code"),
+                ("client_id", client_id.as_str()),
+                ("redirect_uri", "http://127.0.0.1:9/cb"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let location = redirect.headers()["location"].to_str().unwrap().to_owned();
+        let code = location.split("code=").nth(1).unwrap().to_owned();
+        let token: Value = http
+            .post(format!("{base}/oauth/token"))
+            .basic_auth(&client_id, Some(&secret))
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("code", code.as_str()),
+                ("redirect_uri", "http://127.0.0.1:9/cb"),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let access = token["access_token"].as_str().unwrap().to_owned();
+        let vehicles: Value = http
+            .get(format!("{base}/v2.0/vehicles"))
+            .bearer_auth(&access)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = vehicles["vehicles"][0].as_str().unwrap().to_owned();
+        let mut last = Value::Null;
+        for _ in 0..4 {
+            let battery: Value = http
+                .get(format!("{base}/v2.0/vehicles/{id}/battery"))
+                .bearer_auth(&access)
+                .header("sc-unit-system", "metric")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            last = battery;
+            tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        }
+        let served: Value = http
+            .get(format!("{base}/_simulator/served?vehicle_id={id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let battery = served["battery"].as_array().unwrap();
+        assert_eq!(battery.len(), 2, "{served}");
+        assert!(battery[0]["recorded_at"].as_i64() < battery[1]["recorded_at"].as_i64());
+        assert_eq!(battery[1]["range_km"], last["range"]);
+        assert_eq!(
+            battery[1]["soc_percent"]
+                .as_f64()
+                .map(|s| round_to(s / 100.0, 4)),
+            last["percentRemaining"].as_f64()
+        );
+        assert_eq!(served["charge"], json!([]));
+        assert_eq!(served["odometer"], json!([]));
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
 }
