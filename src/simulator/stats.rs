@@ -175,6 +175,9 @@ fn push_once<T>(
 /// share one, few enough that an idle simulator's empty maps cost nothing worth noting.
 const SHARDS: usize = 64;
 
+/// One lock shard: the logs of the vehicles whose id hashes to it.
+type Shard = Mutex<HashMap<Box<str>, VehicleLog>>;
+
 /// Served values per vehicle id, metric, newest last.
 #[derive(Debug)]
 pub(crate) struct ServedLog {
@@ -183,7 +186,7 @@ pub(crate) struct ServedLog {
     /// Picks a vehicle's shard.
     hasher: RandomState,
     // std Mutex: short, non-async critical sections (see the module doc).
-    shards: Box<[Mutex<HashMap<Box<str>, VehicleLog>>]>,
+    shards: Box<[Shard]>,
 }
 
 impl Default for ServedLog {
@@ -202,7 +205,7 @@ impl ServedLog {
         }
     }
 
-    fn shard(&self, vehicle_id: &str) -> &Mutex<HashMap<Box<str>, VehicleLog>> {
+    fn shard(&self, vehicle_id: &str) -> &Shard {
         let index = self.hasher.hash_one(vehicle_id) as usize % self.shards.len();
         &self.shards[index]
     }
