@@ -167,7 +167,7 @@ pub struct SimulatorArgs {
     pub latency: Option<(Duration, Duration)>,
     /// Served values `/_simulator/served` keeps per vehicle and kind, for checking carpulse
     /// against ground truth; 0 turns it off. Costs up to 48 bytes × N per served vehicle
-    /// (N = 512: 24 KiB per vehicle, 240 MiB for 10,000 vehicles once full).
+    /// (N = 512: 24 KiB per vehicle, about 235 MiB for 10,000 vehicles once full).
     #[arg(long, value_name = "N", default_value_t = stats::SERVED_LOG_LIMIT)]
     pub served_log: usize,
 }
