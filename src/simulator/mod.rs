@@ -83,6 +83,10 @@ pub struct SimulatorConfig {
     /// their report time and values stay at their last report until they next drive or plug in.
     /// Off by default so every car always has fresh data.
     pub sleeping_cars: bool,
+    /// Entries `/_simulator/served` keeps per vehicle and kind (battery, charge, odometer); 0
+    /// records nothing. Each entry is 16 bytes, so a vehicle costs up to 48 × this many bytes once
+    /// it has been served for that many report times.
+    pub served_log: usize,
 }
 
 impl Default for SimulatorConfig {
@@ -106,6 +110,7 @@ impl Default for SimulatorConfig {
             vehicle_rate_limit: None,
             powertrains: vec![Powertrain::Bev],
             sleeping_cars: false,
+            served_log: stats::SERVED_LOG_LIMIT,
         }
     }
 }
@@ -132,6 +137,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("vehicle_rate_limit", &self.vehicle_rate_limit)
             .field("powertrains", &self.powertrains)
             .field("sleeping_cars", &self.sleeping_cars)
+            .field("served_log", &self.served_log)
             .finish()
     }
 }
@@ -207,6 +213,11 @@ pub struct SimulatorArgs {
     /// or plug in. Off by default.
     #[arg(long)]
     pub sleeping_cars: bool,
+    /// Served values `/_simulator/served` keeps per vehicle and kind, for checking carpulse
+    /// against ground truth; 0 turns it off. Costs up to 48 bytes × N per served vehicle
+    /// (N = 512: 24 KiB per vehicle, about 235 MiB for 10,000 vehicles once full).
+    #[arg(long, value_name = "N", default_value_t = stats::SERVED_LOG_LIMIT)]
+    pub served_log: usize,
 }
 
 /// `20/1h`: a count and a period (s, m, h).
@@ -272,6 +283,7 @@ impl fmt::Debug for SimulatorArgs {
             .field("vehicle_rate_limit", &self.vehicle_rate_limit)
             .field("powertrains", &self.powertrains)
             .field("sleeping_cars", &self.sleeping_cars)
+            .field("served_log", &self.served_log)
             .finish()
     }
 }
@@ -305,6 +317,7 @@ impl SimulatorArgs {
             vehicle_rate_limit: self.vehicle_rate_limit,
             powertrains: self.powertrains.clone(),
             sleeping_cars: self.sleeping_cars,
+            served_log: self.served_log,
             ..SimulatorConfig::default()
         }
     }
@@ -375,12 +388,13 @@ impl Sim {
         }
         faults.set_random_rate(cfg.fault_rate);
         Ok(Sim {
+            // Before `cfg` moves in.
+            served: ServedLog::new(cfg.served_log),
             cfg,
             fleet,
             clock,
             tokens: oauth::TokenStore::default(),
             stats: Stats::default(),
-            served: ServedLog::default(),
             faults,
             grants: Default::default(),
             bucket: std::sync::Mutex::new((BUCKET_SIZE, now)),
