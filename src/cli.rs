@@ -53,6 +53,17 @@ pub enum VehiclesCommand {
         /// The Smartcar vehicle id.
         id: String,
     },
+    /// Stop polling a vehicle (its history stays); a running daemon notices within a minute
+    /// or at once on SIGHUP.
+    Disable {
+        /// The Smartcar vehicle id.
+        id: String,
+    },
+    /// Poll a disabled vehicle again.
+    Enable {
+        /// The Smartcar vehicle id.
+        id: String,
+    },
 }
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {

@@ -65,6 +65,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             match action {
                 VehiclesCommand::List => carpulse::report::vehicles_list(&cfg).await,
                 VehiclesCommand::Remove { id } => carpulse::report::vehicles_remove(&cfg, id).await,
+                VehiclesCommand::Disable { id } => {
+                    carpulse::report::vehicles_enable(&cfg, id, false).await
+                }
+                VehiclesCommand::Enable { id } => {
+                    carpulse::report::vehicles_enable(&cfg, id, true).await
+                }
             }
         }
         Command::Status => carpulse::report::status(&load_config(&cli)?).await,

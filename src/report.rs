@@ -118,6 +118,24 @@ pub async fn vehicles_remove(cfg: &Config, id: &str) -> anyhow::Result<()> {
     }
 }
 
+pub async fn vehicles_enable(cfg: &Config, id: &str, enabled: bool) -> anyhow::Result<()> {
+    open_read_only(&cfg.store.path)?; // refuses to create a store just to change it
+    let store = Store::open(&cfg.store.path, None)?;
+    let vid = VehicleId(id.to_string());
+    let changed = store
+        .call(move |c| queries::set_vehicle_enabled(c, &vid, enabled))
+        .await;
+    store.close().await?;
+    if !changed? {
+        bail!("no vehicle {id} in the store (see `carpulse vehicles list`)");
+    }
+    println!(
+        "vehicle {id} {}; a running daemon picks this up within a minute (or now: systemctl reload carpulse)",
+        if enabled { "enabled" } else { "disabled" }
+    );
+    Ok(())
+}
+
 pub async fn status(cfg: &Config) -> anyhow::Result<()> {
     let c = open_read_only(&cfg.store.path)?;
     let now = now_ms();

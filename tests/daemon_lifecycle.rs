@@ -1,0 +1,140 @@
+//! The daemon's life through the real binary: killed with SIGKILL right after refreshes and
+//! restarted (no token lost), and told with SIGHUP about an account connected and a vehicle
+//! disabled while it runs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn battery_rows(db: &std::path::Path, vehicle: &str) -> i64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row(
+        "SELECT count(*) FROM battery_history WHERE vehicle_id = ?1",
+        [vehicle],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+async fn vehicle_ids(http: &reqwest::Client, base: &str, user: usize) -> Vec<String> {
+    let fleet = get_json(http, &format!("{base}/_simulator/vehicles")).await;
+    fleet["users"][user]["vehicles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn kill(p: &Proc, signal: &str) {
+    let pid = p.child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_refreshes_loses_no_token() {
+    let http = reqwest::Client::new();
+    // 6 s tokens: refreshed every 3 s, so a kill lands close to a rotation.
+    let (mut sim, base) =
+        start_simulator(&["--token-lifetime", "6", "--report-interval", "1"]).await;
+    let setup = write_config(
+        &base,
+        "v3",
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let car = vehicle_ids(&http, &base, 0).await.remove(0);
+
+    for round in 0..2 {
+        let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+        tokio::time::sleep(Duration::from_millis(6_500)).await;
+        kill(&daemon, "-KILL");
+        let _ = daemon.wait(Duration::from_secs(10)).await;
+        let stats = get_json(&http, &format!("{base}/_simulator/stats")).await;
+        assert!(
+            stats["refreshes"].as_u64().unwrap() >= 2 * (round + 1),
+            "refreshes happened before the kill: {stats}"
+        );
+    }
+    let before = battery_rows(&setup.db, &car);
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    let after = battery_rows(&setup.db, &car);
+    assert!(
+        after > before,
+        "polling resumed after the kills: {before} -> {after}"
+    );
+
+    let stats = get_json(&http, &format!("{base}/_simulator/stats")).await;
+    assert_eq!(stats["invalidated_refresh_token_uses"], 0, "{stats}");
+    assert_eq!(stats["expired_token_requests"], 0, "{stats}");
+    assert_eq!(stats["unknown_token_requests"], 0, "{stats}");
+    let c = rusqlite::Connection::open(&setup.db).unwrap();
+    let status: String = c
+        .query_row("SELECT status FROM connections", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(status, "active");
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_picks_up_a_new_account_and_a_disabled_vehicle() {
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&["--users", "2", "--report-interval", "1"]).await;
+    let setup = write_config(
+        &base,
+        "v2",
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let first = vehicle_ids(&http, &base, 0).await;
+    let second = vehicle_ids(&http, &base, 1).await;
+
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(battery_rows(&setup.db, &first[0]) > 0);
+
+    // While it runs: a second account connects, and one of the first account's cars is disabled.
+    connect(&setup.config, &http).await;
+    let out = std::process::Command::new(BIN)
+        .args(["--config", cfg, "vehicles", "disable", &first[1]])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    kill(&daemon, "-HUP");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let disabled_then = battery_rows(&setup.db, &first[1]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    assert!(
+        battery_rows(&setup.db, &second[0]) > 0,
+        "the new account's vehicles are polled"
+    );
+    assert_eq!(
+        battery_rows(&setup.db, &first[1]),
+        disabled_then,
+        "the disabled vehicle is no longer polled"
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    assert!(
+        daemon.stderr().contains("vehicle set reloaded"),
+        "{}",
+        daemon.stderr()
+    );
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
