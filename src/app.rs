@@ -467,6 +467,18 @@ pub async fn check_health(
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     crate::signals::spawn_handler(shutdown.clone()).context("installing signal handlers")?;
+    if let (Some(budget), Ok((_, calls))) = (
+        config.budget.calls_per_vehicle_month,
+        crate::plan::plan(&config, chrono::Utc::now()),
+    ) {
+        if calls > budget {
+            warn!(
+                calls_per_vehicle_month = calls,
+                budget,
+                "the schedule makes more calls than [budget] calls_per_vehicle_month; see `carpulse plan`"
+            );
+        }
+    }
     let daemon = Daemon::build(config).await?;
     daemon.run_until_stopped(shutdown).await
 }

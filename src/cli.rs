@@ -36,6 +36,13 @@ pub enum Command {
     },
     /// Health at a glance: connections and token expiry, last poll per vehicle.
     Status,
+    /// The calls per vehicle per month the schedule makes, checked against
+    /// `[budget] calls_per_vehicle_month`; exits 1 over budget unless --force.
+    Plan {
+        /// Accept a schedule over the budget.
+        #[arg(long)]
+        force: bool,
+    },
     /// Stored readings of one or all vehicles.
     History(crate::history::HistoryArgs),
     /// The Smartcar-compatible vehicle simulator, on loopback.

@@ -51,6 +51,14 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub schedule: ScheduleConfig,
     pub poll: PollConfig,
+    pub budget: BudgetConfig,
+}
+
+/// Smartcar bills per call, each batch item counting (the free tier is about 500 calls per
+/// vehicle per month); `carpulse plan` checks a schedule against this.
+#[derive(Clone, Debug, Default)]
+pub struct BudgetConfig {
+    pub calls_per_vehicle_month: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -146,6 +154,14 @@ struct RawConfig {
     schedule: RawSchedule,
     #[serde(default)]
     poll: RawPoll,
+    #[serde(default)]
+    budget: RawBudget,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    calls_per_vehicle_month: S<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -449,6 +465,17 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             )
         }
     };
+    let calls_per_vehicle_month = match &raw.budget.calls_per_vehicle_month {
+        None => None,
+        Some(n) if *n.get_ref() > 0 => Some(*n.get_ref() as u64),
+        Some(n) => {
+            return o.err(
+                "budget.calls_per_vehicle_month",
+                Some(n.span()),
+                format!("{} must be a positive number of calls", n.get_ref()),
+            )
+        }
+    };
     let timeout = duration_or(&raw.poll.timeout, DEFAULT_POLL_TIMEOUT, "poll.timeout", o)?;
     if timeout.is_zero() {
         return o.err(
@@ -489,6 +516,9 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         poll: PollConfig {
             concurrency,
             timeout,
+        },
+        budget: BudgetConfig {
+            calls_per_vehicle_month,
         },
     })
 }

@@ -111,6 +111,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             concurrency: 8,
             timeout: Duration::from_secs(30),
         },
+        budget: Default::default(),
     };
     for (key, expr) in [
         ("--battery-cron", &config.schedule.battery),

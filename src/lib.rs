@@ -18,6 +18,7 @@ pub mod domain;
 pub mod gate;
 pub mod history;
 pub mod metrics;
+pub mod plan;
 pub mod poller;
 pub mod report;
 pub mod schedule;

@@ -74,6 +74,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Status => carpulse::report::status(&load_config(&cli)?).await,
+        Command::Plan { force } => carpulse::plan::run(&load_config(&cli)?, *force),
         Command::History(args) => carpulse::history::run(&load_config(&cli)?, args).await,
         Command::Simulator(args) => {
             let shutdown = tokio_util::sync::CancellationToken::new();

@@ -399,3 +399,51 @@ async fn a_bad_config_exits_78_naming_key_and_line() {
     let err = p.stderr();
     assert!(err.contains("bad.toml:6: schedule.battery:"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_checks_the_schedule_against_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, schedule: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[smartcar]\nclient_id = \"a\"\nclient_secret = \"b\"\napi = \"v2\"\n\n[schedule]\n{schedule}\n\n[budget]\ncalls_per_vehicle_month = 500\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let run = |path: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["--config", path.to_str().unwrap(), "plan"];
+        args.extend_from_slice(extra);
+        std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    // Twice a day: 60 runs x 2 + 30 x 3 = 210 calls.
+    let under = write(
+        "under.toml",
+        "battery = \"0 0 */12 * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let out = run(&under, &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("60 runs x 2"), "{text}");
+    assert!(text.contains("210 calls"), "{text}");
+    assert!(text.contains("within the budget of 500"), "{text}");
+
+    // Every 15 minutes: 2880 x 2 + 90 = 5850 calls, refused with the arithmetic.
+    let over = write("over.toml", "battery = \"0 */15 * * * *\"");
+    let out = run(&over, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("5850 calls per vehicle per month is over the budget of 500"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2880 runs x 2"));
+    let forced = run(&over, &["--force"]);
+    assert!(forced.status.success());
+}

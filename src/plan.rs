@@ -1,0 +1,160 @@
+//! `carpulse plan`: what the schedule costs. Smartcar bills per call and counts every batch
+//! item (the free tier is about 500 calls per vehicle per month), so before running a schedule
+//! a user should see its arithmetic — and be stopped when it is over the configured budget.
+
+use std::fmt::Write as _;
+
+use anyhow::bail;
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+
+use crate::config::{parse_cron, Config};
+use crate::domain::ApiVersion;
+
+/// A month for billing purposes.
+pub const MONTH_DAYS: i64 = 30;
+/// Counting occurrences one by one past this many, the count is taken over one day and scaled.
+const COUNT_CAP: u64 = 200_000;
+
+/// Billed calls one run of a job makes for one vehicle, and what they are.
+pub fn calls_per_run(api: ApiVersion, job: &str) -> (u64, &'static str) {
+    match (api, job) {
+        (ApiVersion::V2, "battery") => (2, "one batch of /battery and /charge: 2 items"),
+        (ApiVersion::V2, _) => (
+            3,
+            "GET /vehicles/{id} + a batch of /vin and /odometer: 1 + 2",
+        ),
+        (ApiVersion::V3, "battery") => (1, "GET /signals (+1 per extra page)"),
+        (ApiVersion::V3, _) => (2, "GET /vehicles/{id} + GET /signals (+1 per extra page)"),
+    }
+}
+
+/// How many times `expr` fires in the `MONTH_DAYS` days after `from`.
+pub fn runs_per_month(expr: &str, from: DateTime<Utc>) -> Result<u64, String> {
+    let cron = parse_cron(expr)?;
+    // find_next_occurrence step by step: croner's own iterator skips every other second of
+    // a per-second pattern (it steps past a match and then searches exclusively again).
+    let count_until = |end: DateTime<Utc>, cap: u64| -> u64 {
+        let (mut n, mut t) = (0, from);
+        while n < cap {
+            match cron.find_next_occurrence(&t, false) {
+                Ok(next) if next <= end => {
+                    n += 1;
+                    t = next;
+                }
+                _ => break,
+            }
+        }
+        n
+    };
+    let month_end = from + ChronoDuration::days(MONTH_DAYS);
+    let n = count_until(month_end, COUNT_CAP);
+    if n < COUNT_CAP {
+        return Ok(n);
+    }
+    // Second-level schedules: count one day and scale (they are periodic within a day).
+    Ok(count_until(from + ChronoDuration::days(1), COUNT_CAP * 10) * MONTH_DAYS as u64)
+}
+
+/// The plan as text, and the total calls per vehicle per month.
+pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> {
+    let api = cfg.smartcar.api;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "calls per vehicle in a {MONTH_DAYS}-day month (API {}, schedules in UTC):",
+        match api {
+            ApiVersion::V2 => "v2",
+            ApiVersion::V3 => "v3",
+        }
+    );
+    let mut total = 0u64;
+    for (job, expr) in [
+        ("battery", &cfg.schedule.battery),
+        ("info", &cfg.schedule.info),
+    ] {
+        let runs = runs_per_month(expr, from).map_err(|e| format!("schedule.{job}: {e}"))?;
+        let (per, what) = calls_per_run(api, job);
+        let calls = runs * per;
+        total += calls;
+        let _ = writeln!(
+            out,
+            "  {job:<8} {expr:<18} {runs:>9} runs x {per} = {calls:>10} calls   ({what})"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  {:<8} {:<18} {:>9}        {total:>10} calls",
+        "total", "", ""
+    );
+    Ok((out, total))
+}
+
+/// `carpulse plan [--force]`.
+pub fn run(cfg: &Config, force: bool) -> anyhow::Result<()> {
+    let (text, total) = plan(cfg, Utc::now()).map_err(|e| anyhow::anyhow!(e))?;
+    print!("{text}");
+    let Some(budget) = cfg.budget.calls_per_vehicle_month else {
+        println!("no budget set ([budget] calls_per_vehicle_month); nothing to check against");
+        return Ok(());
+    };
+    if total <= budget {
+        println!(
+            "within the budget of {budget} calls per vehicle per month ({:.0} % of it)",
+            total as f64 * 100.0 / budget as f64
+        );
+        return Ok(());
+    }
+    let over = format!(
+        "{total} calls per vehicle per month is over the budget of {budget} ([budget] calls_per_vehicle_month) by {} ({:.0} % of it)",
+        total - budget,
+        total as f64 * 100.0 / budget as f64
+    );
+    if force {
+        println!("{over}; going ahead because of --force");
+        return Ok(());
+    }
+    bail!("{over}: slow the schedule down, or pass --force to accept it")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-01T00:00:30Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn monthly_runs_of_common_schedules() {
+        assert_eq!(runs_per_month("0 */15 * * * *", from()), Ok(30 * 24 * 4));
+        assert_eq!(runs_per_month("0 0 4 * * *", from()), Ok(30));
+        assert_eq!(runs_per_month("0 0 */6 * * *", from()), Ok(120));
+        // Every second: counted over a day and scaled.
+        assert_eq!(runs_per_month("* * * * * *", from()), Ok(30 * 86_400));
+        assert!(runs_per_month("every minute", from()).is_err());
+    }
+
+    #[test]
+    fn the_default_schedule_costs_this_much() {
+        struct NoEnv;
+        impl crate::config::Env for NoEnv {
+            fn var(&self, _: &str) -> Option<String> {
+                None
+            }
+        }
+        let mut cfg = Config::parse(
+            "[smartcar]\nclient_id = \"a\"\nclient_secret = \"b\"\n",
+            "c.toml",
+            &NoEnv,
+        )
+        .unwrap();
+        let (text, total) = plan(&cfg, from()).unwrap();
+        assert_eq!(total, 2880 + 30 * 2, "{text}");
+        assert!(text.contains("2880 runs x 1"), "{text}");
+        cfg.smartcar.api = ApiVersion::V2;
+        let (_, total) = plan(&cfg, from()).unwrap();
+        assert_eq!(total, 2880 * 2 + 30 * 3);
+    }
+}
