@@ -1818,3 +1818,42 @@ async fn batch_items_count_against_the_per_vehicle_limit() {
     assert!(header(&over, "retry-after").parse::<u64>().unwrap() > 3500);
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn codes_and_refresh_tokens_expire() {
+    let sim = spawn(SimulatorConfig {
+        code_lifetime: Duration::from_millis(300),
+        refresh_token_lifetime: Duration::from_millis(600),
+        ..stable_cfg()
+    })
+    .await;
+    // A code used after its lifetime is refused as invalid_request (smartcar-api.md §1.5).
+    let late = sim.code(&[]).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let refused = sim
+        .token_request(&[
+            ("grant_type", "authorization_code"),
+            ("code", late.as_str()),
+            ("redirect_uri", REDIRECT),
+        ])
+        .await;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_request", "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{body}"
+    );
+
+    // A refresh token past its lifetime (60 days at Smartcar) gets invalid_grant.
+    let pair = sim.exchange(&sim.code(&[]).await).await;
+    let refresh = pair["refresh_token"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let old = sim.refresh(&refresh).await;
+    assert_eq!(old.status(), 400);
+    assert_eq!(old.json::<Value>().await.unwrap()["error"], "invalid_grant");
+    sim.stop().await;
+}

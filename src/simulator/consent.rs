@@ -103,7 +103,10 @@ pub(crate) async fn decision(
         .collect();
     let location = if get("decision") == Some("approve") && !chosen.is_empty() {
         sim.grant(user, chosen);
-        let code = sim.tokens.issue_code(user, redirect_uri, now_ms());
+        let lifetime = super::oauth::duration_ms(sim.cfg.code_lifetime);
+        let code = sim
+            .tokens
+            .issue_code(user, redirect_uri, lifetime, now_ms());
         format!("{redirect_uri}{separator}code={code}{state}")
     } else if get("decision") == Some("approve") {
         format!("{redirect_uri}{separator}error=no_vehicles&error_description=No+vehicle+was+selected.{state}")

@@ -55,6 +55,8 @@ pub struct SimulatorConfig {
     /// `expires_in` of access tokens.
     pub access_token_lifetime: Duration,
     pub refresh_token_lifetime: Duration,
+    /// How long an authorization code can be exchanged (Smartcar: 10 minutes).
+    pub code_lifetime: Duration,
     /// How long a used refresh token is still accepted (Smartcar: about a minute).
     pub refresh_grace: Duration,
     /// How often a car reports new data; values change only at report times.
@@ -98,6 +100,7 @@ impl Default for SimulatorConfig {
             vehicles_per_user: 2,
             access_token_lifetime: Duration::from_secs(7200),
             refresh_token_lifetime: Duration::from_secs(60 * 24 * 3600),
+            code_lifetime: Duration::from_secs(600),
             refresh_grace: Duration::from_secs(60),
             report_interval: Duration::from_secs(5),
             time_scale: 60.0,
@@ -125,6 +128,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("vehicles_per_user", &self.vehicles_per_user)
             .field("access_token_lifetime", &self.access_token_lifetime)
             .field("refresh_token_lifetime", &self.refresh_token_lifetime)
+            .field("code_lifetime", &self.code_lifetime)
             .field("refresh_grace", &self.refresh_grace)
             .field("report_interval", &self.report_interval)
             .field("time_scale", &self.time_scale)

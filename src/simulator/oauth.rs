@@ -22,8 +22,6 @@ use super::stats::bump;
 use super::SimState;
 use crate::domain::{now_ms, UnixMillis};
 
-/// Authorization codes live 10 minutes (§1.2).
-const CODE_LIFETIME_MS: i64 = 10 * 60 * 1000;
 /// Expired tokens are remembered this long so a late use is reported as "expired", not "unknown".
 const FORGET_AFTER_MS: i64 = 24 * 3600 * 1000;
 /// Prune the tables after this many issued tokens.
@@ -135,14 +133,20 @@ impl TokenStore {
         token
     }
 
-    pub(crate) fn issue_code(&self, user: usize, redirect_uri: &str, now: UnixMillis) -> String {
+    pub(crate) fn issue_code(
+        &self,
+        user: usize,
+        redirect_uri: &str,
+        lifetime_ms: i64,
+        now: UnixMillis,
+    ) -> String {
         let code = random_uuid();
         self.lock().codes.insert(
             code.clone(),
             Code {
                 user,
                 redirect_uri: redirect_uri.to_owned(),
-                expires_at: now + CODE_LIFETIME_MS,
+                expires_at: now + lifetime_ms,
             },
         );
         code
@@ -382,7 +386,12 @@ pub(crate) async fn authorize(
     if sim.cfg.consent && param("auto_approve") != Some("true") {
         return super::consent::page(&sim, user, &q);
     }
-    let code = sim.tokens.issue_code(user, redirect_uri, now_ms());
+    let code = sim.tokens.issue_code(
+        user,
+        redirect_uri,
+        duration_ms(sim.cfg.code_lifetime),
+        now_ms(),
+    );
     let separator = if redirect_uri.contains('?') { '&' } else { '?' };
     let mut location = format!("{redirect_uri}{separator}code={code}");
     if let Some(state) = q.get("state") {
@@ -591,6 +600,6 @@ fn token_inner(
         .into_response()
 }
 
-fn duration_ms(d: std::time::Duration) -> i64 {
+pub(crate) fn duration_ms(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
 }
