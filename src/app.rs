@@ -89,6 +89,14 @@ impl Daemon {
             config.poll.concurrency,
             config.poll.timeout,
         );
+        poller.set_spread(
+            crate::smartcar::Job::Battery,
+            crate::poller::default_spread(&config.schedule.battery),
+        );
+        poller.set_spread(
+            crate::smartcar::Job::Info,
+            crate::poller::default_spread(&config.schedule.info),
+        );
         let listener = TcpListener::bind(config.metrics.listen)
             .await
             .with_context(|| {

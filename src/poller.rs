@@ -54,6 +54,8 @@ pub struct Poller {
     pool: Arc<Semaphore>,
     /// Std mutexes: held for a clone or an insert, never across an await.
     vehicles: Mutex<Vec<PolledVehicle>>,
+    /// Per job (battery, info): the window a tick's polls are spread over.
+    spreads: Mutex<[Duration; 2]>,
     busy: Mutex<HashSet<(VehicleId, &'static str)>>,
     /// What earlier outcomes allow next (retry-after, backoff, disabled endpoints, pauses).
     gates: Mutex<Gates>,
@@ -95,6 +97,7 @@ impl Poller {
             timeout,
             pool: Arc::new(Semaphore::new(concurrency.max(1))),
             vehicles: Mutex::new(Vec::new()),
+            spreads: Mutex::new([Duration::ZERO; 2]),
             busy: Mutex::new(HashSet::new()),
             gates: Mutex::new(Gates::default()),
             freshness: Mutex::new(Default::default()),
@@ -103,6 +106,15 @@ impl Poller {
 
     pub fn set_vehicles(&self, vehicles: Vec<PolledVehicle>) {
         *self.vehicles.lock().unwrap_or_else(|p| p.into_inner()) = vehicles;
+    }
+
+    /// Spreads the polls of one tick of `job` over `window`.
+    pub fn set_spread(&self, job: Job, window: Duration) {
+        self.spreads.lock().unwrap_or_else(|p| p.into_inner())[job_index(job)] = window;
+    }
+
+    fn spread(&self, job: Job) -> Duration {
+        self.spreads.lock().unwrap_or_else(|p| p.into_inner())[job_index(job)]
     }
 
     pub fn vehicles(&self) -> Vec<PolledVehicle> {
@@ -118,11 +130,26 @@ impl Poller {
         let vehicles = self.vehicles();
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
+        let spread = self.spread(job);
         for v in vehicles.iter().cloned() {
             let me = self.clone();
             let cancel = cancel.clone();
             let span = tracing::info_span!("poll", vehicle = %v.id, job = job_label(job));
-            tasks.spawn(async move { me.poll_vehicle(&v, job, cancel).await }.instrument(span));
+            // Each vehicle at its own fixed offset inside the spread window, so a tick is not
+            // a burst (Smartcar's app-wide limit, the pool, the writer).
+            let delay = offset_in(&v.id, spread);
+            tasks.spawn(
+                async move {
+                    if !delay.is_zero() {
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = cancel.cancelled() => return VehicleOutcome::Failed(0),
+                        }
+                    }
+                    me.poll_vehicle(&v, job, cancel).await
+                }
+                .instrument(span),
+            );
         }
         let mut report = CycleReport {
             vehicles: vehicles.len(),
@@ -494,6 +521,47 @@ impl Poller {
     }
 }
 
+fn job_index(job: Job) -> usize {
+    match job {
+        Job::Battery => 0,
+        Job::Info => 1,
+    }
+}
+
+/// A vehicle's fixed offset in `window`: from a hash of its id, so it is the same every tick
+/// (an even cadence per vehicle) and different between vehicles.
+pub fn offset_in(id: &VehicleId, window: Duration) -> Duration {
+    let ms = window.as_millis() as u64;
+    if ms == 0 {
+        return Duration::ZERO;
+    }
+    // FNV-1a: stable across runs and builds, unlike std's randomly seeded hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.0.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Duration::from_millis(h % ms)
+}
+
+/// The default spread of a job: a quarter of the time between two of its runs, at most a
+/// minute, so one tick's polls are done well before the next tick.
+pub fn default_spread(cron: &str) -> Duration {
+    let Ok(c) = crate::config::parse_cron(cron) else {
+        return Duration::ZERO;
+    };
+    let now = chrono::Utc::now();
+    let (Ok(a), Ok(b)) = (
+        c.find_next_occurrence(&now, false),
+        c.find_next_occurrence(&now, false)
+            .and_then(|a| c.find_next_occurrence(&a, false)),
+    ) else {
+        return Duration::ZERO;
+    };
+    let gap = (b - a).to_std().unwrap_or_default();
+    (gap / 4).min(Duration::from_secs(60))
+}
+
 enum Failure {
     Token(TokenError),
     Api(ApiError),
@@ -514,5 +582,35 @@ fn event(
         http_status: e.and_then(|e| e.status),
         error_type: e.and_then(|e| e.error_type.clone()),
         error_code: e.and_then(|e| e.code.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_stable_spread_and_inside_the_window() {
+        let w = Duration::from_secs(60);
+        let ids: Vec<VehicleId> = (0..200)
+            .map(|i| VehicleId(format!("vehicle-{i}")))
+            .collect();
+        let offsets: Vec<Duration> = ids.iter().map(|id| offset_in(id, w)).collect();
+        assert!(offsets.iter().all(|o| *o < w));
+        assert_eq!(offsets[7], offset_in(&ids[7], w), "the same every tick");
+        let first_half = offsets.iter().filter(|o| **o < w / 2).count();
+        assert!(
+            (60..140).contains(&first_half),
+            "roughly even: {first_half} of 200"
+        );
+        assert_eq!(offset_in(&ids[0], Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn default_spread_is_a_quarter_of_the_gap_at_most_a_minute() {
+        assert_eq!(default_spread("*/2 * * * * *"), Duration::from_millis(500));
+        assert_eq!(default_spread("0 */15 * * * *"), Duration::from_secs(60));
+        assert_eq!(default_spread("0 * * * * *"), Duration::from_secs(15));
+        assert_eq!(default_spread("nonsense"), Duration::ZERO);
     }
 }
