@@ -20,7 +20,8 @@ pub struct VehicleId(pub String);
 
 impl fmt::Display for VehicleId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        // `pad`, so table columns (`{:<38}`) line up.
+        f.pad(&self.0)
     }
 }
 

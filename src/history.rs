@@ -180,8 +180,23 @@ fn render(cols: &[&str], rows: &[Vec<serde_json::Value>], format: &str) -> Strin
             }
         }
         _ => {
-            let text: Vec<Vec<String>> =
-                rows.iter().map(|r| r.iter().map(cell).collect()).collect();
+            // For people: times as UTC dates (csv and json keep the store's milliseconds).
+            let text: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    r.iter()
+                        .zip(cols)
+                        .map(|(v, c)| match (v.as_i64(), *c) {
+                            (Some(ms), "recorded_at" | "fetched_at" | "at") => {
+                                chrono::DateTime::from_timestamp_millis(ms)
+                                    .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+                                    .unwrap_or_else(|| ms.to_string())
+                            }
+                            _ => cell(v),
+                        })
+                        .collect()
+                })
+                .collect();
             let widths: Vec<usize> = cols
                 .iter()
                 .enumerate()
@@ -243,5 +258,10 @@ mod tests {
         let j: serde_json::Value = serde_json::from_str(&render(&cols, &rows, "json")).unwrap();
         assert_eq!(j, serde_json::json!([{"a": "x,y", "b": 1.5}]));
         assert_eq!(render(&cols, &rows, "table"), "A    B\nx,y  1.5\n");
+        let timed = vec![vec![serde_json::json!(1_700_000_000_123i64)]];
+        assert_eq!(
+            render(&["recorded_at"], &timed, "table"),
+            "RECORDED_AT\n2023-11-14 22:13:20.123\n"
+        );
     }
 }
