@@ -296,6 +296,14 @@ impl Daemon {
             });
         }
 
+        // A vehicle the base cron just answered is not asked again by the charging cron.
+        let charging_gap = config
+            .schedule
+            .battery_charging
+            .as_deref()
+            .map(|c| crate::poller::default_spread(c) * 2)
+            .unwrap_or_default();
+
         // Polls get their own token: on shutdown they are given a grace period first.
         let polls_cancel = CancellationToken::new();
         let cycles = TaskTracker::new();
@@ -307,13 +315,18 @@ impl Daemon {
                     break;
                 }
                 tick = ticks.recv() => {
-                    let Some(job) = tick else { break };
+                    let Some(tick) = tick else { break };
                     let poller = poller.clone();
                     let cancel = polls_cancel.clone();
+                    let job = tick.job;
                     cycles.spawn(async move {
-                        poller.cycle(job, cancel).await;
+                        if tick.plugged_in_only {
+                            poller.cycle_plugged_in(job, charging_gap, cancel).await;
+                        } else {
+                            poller.cycle(job, cancel).await;
+                        }
                     });
-                    tracing::debug!(job = job_label(job), "cycle started");
+                    tracing::debug!(job = job_label(job), plugged_in_only = tick.plugged_in_only, "cycle started");
                 }
             }
         }

@@ -98,6 +98,9 @@ pub struct ScheduleConfig {
     pub battery: String,
     /// Cron with a seconds field, validated; make/model/year, VIN, odometer.
     pub info: String,
+    /// A faster battery cron for vehicles that are plugged in (their state changes by the
+    /// minute); parked cars keep the base cron, which spares their 12 V battery.
+    pub battery_charging: Option<String>,
     pub refresh_margin: Duration,
 }
 
@@ -199,6 +202,7 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawSchedule {
     battery: S<String>,
+    battery_charging: S<String>,
     info: S<String>,
     refresh_margin: S<String>,
 }
@@ -445,6 +449,13 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
 
     let battery = string_or(&raw.schedule.battery, DEFAULT_BATTERY_CRON);
     check_cron(&battery, "schedule.battery", span(&raw.schedule.battery), o)?;
+    let battery_charging = match &raw.schedule.battery_charging {
+        None => None,
+        Some(c) => {
+            check_cron(c.get_ref(), "schedule.battery_charging", Some(c.span()), o)?;
+            Some(c.get_ref().clone())
+        }
+    };
     let info = string_or(&raw.schedule.info, DEFAULT_INFO_CRON);
     check_cron(&info, "schedule.info", span(&raw.schedule.info), o)?;
     let refresh_margin = duration_or(
@@ -510,6 +521,7 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         },
         schedule: ScheduleConfig {
             battery,
+            battery_charging,
             info,
             refresh_margin,
         },

@@ -104,6 +104,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         schedule: ScheduleConfig {
             battery: args.battery_cron.clone(),
+            battery_charging: None,
             info: args.info_cron.clone(),
             refresh_margin: Duration::from_secs(600),
         },

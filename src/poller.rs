@@ -59,6 +59,8 @@ pub struct Poller {
     busy: Mutex<HashSet<(VehicleId, &'static str)>>,
     /// What earlier outcomes allow next (retry-after, backoff, disabled endpoints, pauses).
     gates: Mutex<Gates>,
+    /// Vehicles whose latest charge reading says plugged in (the charging cadence polls them).
+    plugged: Mutex<HashSet<VehicleId>>,
     /// Per vehicle: when a poll was last answered and when each signal was last recorded.
     freshness: Mutex<std::collections::HashMap<VehicleId, Freshness>>,
 }
@@ -101,6 +103,7 @@ impl Poller {
             busy: Mutex::new(HashSet::new()),
             gates: Mutex::new(Gates::default()),
             freshness: Mutex::new(Default::default()),
+            plugged: Mutex::new(HashSet::new()),
         })
     }
 
@@ -127,7 +130,48 @@ impl Poller {
     /// Polls every vehicle for `job` and waits for all of them. `cancel` abandons requests
     /// still in flight (shutdown); what was already fetched is still handed to the writer.
     pub async fn cycle(self: &Arc<Self>, job: Job, cancel: CancellationToken) -> CycleReport {
-        let vehicles = self.vehicles();
+        self.cycle_of(job, self.vehicles(), cancel).await
+    }
+
+    /// The charging cadence: polls only vehicles that were plugged in at their last charge
+    /// reading and were not answered within `min_gap` (the base cron may just have run).
+    pub async fn cycle_plugged_in(
+        self: &Arc<Self>,
+        job: Job,
+        min_gap: Duration,
+        cancel: CancellationToken,
+    ) -> CycleReport {
+        let plugged = self
+            .plugged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let recent = now_ms() - min_gap.as_millis() as i64;
+        let fresh = self
+            .freshness
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let due: Vec<PolledVehicle> = self
+            .vehicles()
+            .into_iter()
+            .filter(|v| plugged.contains(&v.id))
+            .filter(|v| {
+                fresh
+                    .get(&v.id)
+                    .and_then(|f| f.last_answered)
+                    .is_none_or(|at| at < recent)
+            })
+            .collect();
+        self.cycle_of(job, due, cancel).await
+    }
+
+    async fn cycle_of(
+        self: &Arc<Self>,
+        job: Job,
+        vehicles: Vec<PolledVehicle>,
+        cancel: CancellationToken,
+    ) -> CycleReport {
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         let spread = self.spread(job);
@@ -412,6 +456,14 @@ impl Poller {
                 1
             }
             Payload::Charge(r) => {
+                {
+                    let mut plugged = self.plugged.lock().unwrap_or_else(|p| p.into_inner());
+                    if r.plugged_in || r.state == crate::domain::ChargeState::Charging {
+                        plugged.insert(id.clone());
+                    } else {
+                        plugged.remove(id);
+                    }
+                }
                 self.metrics.record_charge(id, &r);
                 debug!(
                     plugged_in = r.plugged_in,

@@ -19,21 +19,40 @@ pub struct Schedule {
     scheduler: JobScheduler,
 }
 
+/// One scheduled activation: which job, and whether only vehicles that are plugged in are due
+/// (`schedule.battery_charging`, the faster cadence while charging).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tick {
+    pub job: Job,
+    pub plugged_in_only: bool,
+}
+
 /// Starts one cron job per poll job; ticks arrive on the returned receiver.
 pub async fn start(
     cfg: &ScheduleConfig,
     metrics: &Metrics,
-) -> anyhow::Result<(Schedule, mpsc::Receiver<Job>)> {
+) -> anyhow::Result<(Schedule, mpsc::Receiver<Tick>)> {
     let (tx, rx) = mpsc::channel(TICK_QUEUE);
     let scheduler = JobScheduler::new().await?;
-    for (job, expr) in [(Job::Battery, &cfg.battery), (Job::Info, &cfg.info)] {
+    let mut crons = vec![
+        (Job::Battery, false, &cfg.battery),
+        (Job::Info, false, &cfg.info),
+    ];
+    if let Some(charging) = &cfg.battery_charging {
+        crons.push((Job::Battery, true, charging));
+    }
+    for (job, plugged_in_only, expr) in crons {
+        let tick = Tick {
+            job,
+            plugged_in_only,
+        };
         let tx = tx.clone();
         let metrics = metrics.clone();
         let cron = CronJob::new_async(expr.as_str(), move |_, _| {
             let tx = tx.clone();
             let metrics = metrics.clone();
             Box::pin(async move {
-                match tx.try_send(job) {
+                match tx.try_send(tick) {
                     Ok(()) => debug!(job = job_label(job), "tick"),
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         metrics
@@ -58,7 +77,7 @@ pub async fn start(
             c.find_next_occurrence(&chrono::Utc::now(), false)
                 .map_err(|e| e.to_string())
         }) {
-            tracing::info!(job = job_label(job), cron = %expr, next = %next.to_rfc3339(), "scheduled");
+            tracing::info!(job = job_label(job), plugged_in_only, cron = %expr, next = %next.to_rfc3339(), "scheduled");
         }
     }
     scheduler.start().await?;

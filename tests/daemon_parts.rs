@@ -30,11 +30,15 @@ struct World {
 }
 
 async fn world(api: &str, token_lifetime: Duration) -> World {
+    world_of(api, token_lifetime, 3).await
+}
+
+async fn world_of(api: &str, token_lifetime: Duration, vehicles: usize) -> World {
     let sim_cfg = SimulatorConfig {
         client_id: "parts-client".into(),
         client_secret: "parts-secret".into(),
         users: 1,
-        vehicles_per_user: 3,
+        vehicles_per_user: vehicles,
         access_token_lifetime: token_lifetime,
         report_interval: Duration::from_secs(1),
         ..SimulatorConfig::default()
@@ -539,5 +543,40 @@ async fn healthz_names_stale_vehicles_and_connections_that_need_reauth() {
         problems[0].contains("needs re-authorization"),
         "{problems:?}"
     );
+    w.stop.cancel();
+}
+
+#[tokio::test]
+async fn the_charging_cadence_polls_only_plugged_in_vehicles() {
+    let w = world_of("v3", Duration::from_secs(7200), 16).await;
+    let connected = connect(&w).await;
+    let (poller, _) = poller_for(&w, "v3", &connected).await;
+    let all = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(all.ok, 16);
+    let plugged: i64 = w
+        .store
+        .call(|c| {
+            Ok(c.query_row(
+                "SELECT count(*) FROM charge_history WHERE plugged_in = 1 OR state = 'CHARGING'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+        .unwrap();
+    // Just answered by the base cron: within the gap, nobody is asked again.
+    let none = poller
+        .cycle_plugged_in(
+            Job::Battery,
+            Duration::from_secs(3600),
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(none.vehicles, 0, "{none:?}");
+    let charging = poller
+        .cycle_plugged_in(Job::Battery, Duration::ZERO, CancellationToken::new())
+        .await;
+    assert_eq!(charging.vehicles as i64, plugged, "{charging:?}");
+    assert_eq!(charging.ok as i64, plugged);
     w.stop.cancel();
 }
