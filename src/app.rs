@@ -315,7 +315,12 @@ impl Daemon {
                     break;
                 }
                 tick = ticks.recv() => {
-                    let Some(tick) = tick else { break };
+                    let Some(tick) = tick else {
+                        // The scheduler is gone: nothing will poll again, so stop cleanly.
+                        error!("the schedule stopped unexpectedly; stopping the daemon");
+                        shutdown.cancel();
+                        break;
+                    };
                     let poller = poller.clone();
                     let cancel = polls_cancel.clone();
                     let job = tick.job;
@@ -347,7 +352,14 @@ impl Daemon {
             cycles.wait().await;
         }
         tasks.close();
-        tasks.wait().await;
+        // Refreshes in flight get up to 25 s (see tokens.rs); past 30 s, leave rather than
+        // be killed by systemd mid-flush.
+        if tokio::time::timeout(Duration::from_secs(30), tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("background tasks did not stop within 30 s; flushing and exiting anyway");
+        }
         // The last store handles, so that close() also stops the owner thread (WAL checkpoint).
         drop(poller);
         drop(tokens);

@@ -161,13 +161,6 @@ pub async fn run(
             })?
             .context("the callback server stopped")?;
         let p = &cb.params;
-        if let Some(err) = p.get("error") {
-            let desc = p.get("error_description").cloned().unwrap_or_default();
-            let _ = cb
-                .reply
-                .send(Err(format!("Smartcar Connect answered {err}: {desc}")));
-            bail!("Smartcar Connect answered {err}: {desc}");
-        }
         if p.get("state") != Some(&state) {
             // A stray or forged request: refuse it and keep waiting for the real one.
             warn!("a request on the redirect URI had a wrong or missing state; ignored");
@@ -175,6 +168,13 @@ pub async fn run(
                 "state mismatch: this answer does not belong to this connect".into(),
             ));
             continue;
+        }
+        if let Some(err) = p.get("error") {
+            let desc = p.get("error_description").cloned().unwrap_or_default();
+            let _ = cb
+                .reply
+                .send(Err(format!("Smartcar Connect answered {err}: {desc}")));
+            bail!("Smartcar Connect answered {err}: {desc}");
         }
         let Some(code) = p.get("code").cloned() else {
             let _ = cb.reply.send(Err("the redirect carried no code".into()));

@@ -247,12 +247,22 @@ impl Poller {
             debug!("still busy with the previous poll; skipped");
             return VehicleOutcome::Busy;
         }
-        let outcome = self.poll_vehicle_inner(v, job, cancel).await;
-        self.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
-        outcome
+        // Released on every way out, a panic or a cancelled task included: a key left
+        // behind would mark the vehicle busy until restart.
+        struct Release<'a>(
+            &'a Mutex<HashSet<(VehicleId, &'static str)>>,
+            (VehicleId, &'static str),
+        );
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&self.1);
+            }
+        }
+        let _release = Release(&self.busy, key);
+        self.poll_vehicle_inner(v, job, cancel).await
     }
 
     fn gates(&self) -> std::sync::MutexGuard<'_, Gates> {
@@ -365,6 +375,7 @@ impl Poller {
                 }
             }
             Ok(results) => {
+                let mut delayed = false;
                 for EndpointResult { endpoint, result } in results {
                     // What was disabled is not stored or counted, even when a combined answer
                     // (v3 signals, a v2 batch) still carries it.
@@ -380,8 +391,19 @@ impl Poller {
                         }
                         Err(e) => {
                             failed = true;
-                            let reaction =
+                            // One answer, one step of backoff: two endpoints failing together
+                            // (battery and charge of one request) must not double the wait.
+                            let reaction = crate::gate::reaction(&e, at);
+                            let timed = matches!(
+                                reaction,
+                                Reaction::BackOff { .. }
+                                    | Reaction::WaitUntil(_)
+                                    | Reaction::ThrottleApp
+                            );
+                            if !(timed && delayed) {
+                                delayed |= timed;
                                 self.gates().failed(&v.id, endpoint, &e, at, rand::random());
+                            }
                             warn!(endpoint, error = %e, ?reaction, "endpoint failed");
                             items.push(self.failed(v, at, endpoint, &e, elapsed));
                         }

@@ -42,6 +42,8 @@ pub enum TokenError {
     NeedsReauth(ConnectionId),
     #[error("connection {0} is not loaded")]
     Unknown(ConnectionId),
+    #[error("connection {0}: the token endpoint failed recently; backing off before trying again")]
+    BackingOff(ConnectionId),
     #[error("refreshing the token of connection {id} failed: {source}")]
     Refresh {
         id: ConnectionId,
@@ -66,8 +68,33 @@ pub fn refresh_due_at(tokens: &TokenPair, margin: Duration, jitter: f64) -> Unix
 struct Slot {
     id: ConnectionId,
     user_id: String,
+    /// What `access()` needs without waiting on `state` (which a refresh holds for seconds):
+    /// the current access token, its expiry and the status. Written under `state`'s lock.
+    view: Mutex<View>,
+    /// A background refresher runs for this slot (so a reload does not start a second one).
+    refresher: std::sync::atomic::AtomicBool,
     /// A tokio mutex because it is held across the refresh request: that is the single flight.
     state: tokio::sync::Mutex<SlotState>,
+}
+
+#[derive(Clone)]
+struct View {
+    token: Secret,
+    expires_at: UnixMillis,
+    status: ConnectionStatus,
+}
+
+impl Slot {
+    fn view(&self) -> View {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn publish(&self, st: &SlotState) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = View {
+            token: st.tokens.access_token.clone(),
+            expires_at: st.tokens.access_expires_at,
+            status: st.status,
+        };
+    }
 }
 
 struct SlotState {
@@ -95,7 +122,13 @@ pub struct TokenManager {
     slots: Mutex<HashMap<ConnectionId, Arc<Slot>>>,
     /// Where [`TokenManager::run`] spawns refreshers, so connections added later get one.
     runner: Mutex<Option<(TaskTracker, CancellationToken)>>,
+    /// Refresh requests in flight (each with the save of its answer): shutdown waits for them,
+    /// since one that is dropped after Smartcar rotated the pair loses the connection.
+    inflight: TaskTracker,
 }
+
+/// How long shutdown waits for refreshes in flight (a token request is bounded at 20 s).
+const INFLIGHT_GRACE: Duration = Duration::from_secs(25);
 
 impl TokenManager {
     pub fn new(
@@ -111,6 +144,7 @@ impl TokenManager {
             margin,
             slots: Mutex::new(HashMap::new()),
             runner: Mutex::new(None),
+            inflight: TaskTracker::new(),
         })
     }
 
@@ -129,6 +163,12 @@ impl TokenManager {
                 Arc::new(Slot {
                     id: r.id,
                     user_id: r.user_id,
+                    view: Mutex::new(View {
+                        token: r.tokens.access_token.clone(),
+                        expires_at: r.tokens.access_expires_at,
+                        status: r.status,
+                    }),
+                    refresher: std::sync::atomic::AtomicBool::new(false),
                     state: tokio::sync::Mutex::new(SlotState {
                         tokens: r.tokens,
                         status: r.status,
@@ -143,41 +183,39 @@ impl TokenManager {
     /// Brings in what the store learned while running (`carpulse connect` added an account or
     /// re-authorized one): new connections are added, and a stored pair newer than the one in
     /// memory (a reconnect) is adopted with its status. Returns the connections that were added
-    /// or re-authorized; their refreshers are started when the manager runs.
+    /// or consented again (their vehicles' disabled endpoints and pauses may be lifted); their
+    /// refreshers are started when the manager runs.
     pub async fn merge(self: &Arc<Self>, records: Vec<ConnectionRecord>) -> Vec<ConnectionId> {
-        let mut started = Vec::new();
+        let mut changed = Vec::new();
         for r in records {
             let existing = self.slots().get(&r.id).cloned();
             match existing {
                 None => {
                     let id = r.id;
                     self.load(vec![r]);
-                    started.push(id);
+                    changed.push(id);
                 }
                 Some(slot) => {
                     let mut st = slot.state.lock().await;
                     let newer = r.tokens.refresh_expires_at > st.tokens.refresh_expires_at;
-                    let reauthorized = st.status == ConnectionStatus::NeedsReauth
-                        && r.status == ConnectionStatus::Active;
-                    if r.status == ConnectionStatus::Active && (newer || reauthorized) {
+                    if r.status == ConnectionStatus::Active && newer {
                         st.tokens = r.tokens;
                         st.status = ConnectionStatus::Active;
                         st.failures = 0;
                         st.retry_at = None;
-                        if reauthorized {
-                            started.push(r.id);
-                        }
+                        slot.publish(&st);
+                        changed.push(r.id);
                     }
                 }
             }
         }
-        for id in &started {
+        for id in &changed {
             self.spawn_refresher(*id);
         }
-        if !started.is_empty() {
+        if !changed.is_empty() {
             self.update_connection_gauge().await;
         }
-        started
+        changed
     }
 
     fn spawn_refresher(self: &Arc<Self>, id: ConnectionId) {
@@ -189,8 +227,18 @@ impl TokenManager {
         let (Some((tracker, stop)), Ok(slot)) = (runner, self.slot(id)) else {
             return;
         };
+        if slot
+            .refresher
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return; // one is already keeping this connection fresh
+        }
         let me = self.clone();
-        tracker.spawn(async move { me.keep_fresh(slot, stop).await });
+        tracker.spawn(async move {
+            me.keep_fresh(slot.clone(), stop).await;
+            slot.refresher
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        });
     }
 
     pub fn connection_ids(&self) -> Vec<ConnectionId> {
@@ -206,15 +254,33 @@ impl TokenManager {
             .ok_or(TokenError::Unknown(id))
     }
 
-    /// A token that is valid now, refreshing first if it is about to expire.
+    /// A token that is valid now, refreshing first if it is about to expire. The common case
+    /// reads the published view and never waits behind a refresh in progress.
     pub async fn access(&self, id: ConnectionId) -> Result<Access, TokenError> {
         let slot = self.slot(id)?;
+        let view = slot.view();
+        if view.status == ConnectionStatus::NeedsReauth {
+            return Err(TokenError::NeedsReauth(id));
+        }
+        if now_ms() < view.expires_at - USE_SAFETY_MS {
+            return Ok(Access {
+                token: view.token,
+                user_id: slot.user_id.clone(),
+            });
+        }
         let mut st = slot.state.lock().await;
         if st.status == ConnectionStatus::NeedsReauth {
             return Err(TokenError::NeedsReauth(id));
         }
-        if now_ms() >= st.tokens.access_expires_at - USE_SAFETY_MS {
-            self.refresh_locked(&slot, &mut st).await?;
+        let now = now_ms();
+        if now >= st.tokens.access_expires_at - USE_SAFETY_MS {
+            match st.retry_at {
+                // Backing off after failures: use what is still valid, else say so at once
+                // rather than hammering the token endpoint from every poll.
+                Some(at) if now < at && now < st.tokens.access_expires_at => {}
+                Some(at) if now < at => return Err(TokenError::BackingOff(id)),
+                _ => self.refresh_locked(&slot, &mut st).await?,
+            }
         }
         Ok(Access {
             token: st.tokens.access_token.clone(),
@@ -247,29 +313,47 @@ impl TokenManager {
     /// token on transient failures, persist-before-use on success, `needs_reauth` on refusal.
     async fn refresh_locked(&self, slot: &Slot, st: &mut SlotState) -> Result<(), TokenError> {
         let id = slot.id;
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            match self.client.refresh(&st.tokens.refresh_token).await {
-                Ok(pair) => break Ok(pair),
-                Err(e) if e.needs_reauth() => break Err(e),
-                Err(e) if attempt < PROMPT_RETRIES => {
-                    warn!(connection = %id, attempt, error = %e, "token refresh failed; retrying with the same refresh token");
-                    self.metrics
-                        .token_refreshes
-                        .with_label_values(&["error"])
-                        .inc();
-                    tokio::time::sleep(PROMPT_RETRY_DELAY).await;
+        // The request and the save of its answer run as a task of their own: if the caller is
+        // cancelled (shutdown) after Smartcar rotated the pair, the new pair is still saved.
+        let (client, store, metrics) = (
+            self.client.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+        );
+        let refresh_token = st.tokens.refresh_token.clone();
+        let task = self.inflight.spawn(async move {
+            let mut attempt = 0;
+            let result = loop {
+                attempt += 1;
+                match client.refresh(&refresh_token).await {
+                    Ok(pair) => break Ok(pair),
+                    // A refusal does not get better by asking again at once.
+                    Err(e @ AuthError::Rejected { .. }) => break Err(e),
+                    Err(e) if attempt < PROMPT_RETRIES => {
+                        warn!(connection = %id, attempt, error = %e, "token refresh failed; retrying with the same refresh token");
+                        metrics.token_refreshes.with_label_values(&["error"]).inc();
+                        tokio::time::sleep(PROMPT_RETRY_DELAY).await;
+                    }
+                    Err(e) => break Err(e),
                 }
-                Err(e) => break Err(e),
+            };
+            if let Ok(pair) = &result {
+                persist(&store, &metrics, id, pair).await;
             }
+            result
+        });
+        let result = match task.await {
+            Ok(r) => r,
+            Err(e) => Err(AuthError::Transient {
+                message: format!("the refresh task ended abnormally: {e}"),
+            }),
         };
         match result {
             Ok(pair) => {
-                self.persist(id, &pair).await;
                 st.tokens = pair;
                 st.failures = 0;
                 st.retry_at = None;
+                slot.publish(st);
                 self.metrics
                     .token_refreshes
                     .with_label_values(&["ok"])
@@ -288,6 +372,7 @@ impl TokenManager {
                     .inc();
                 error!(connection = %id, error = %e, "Smartcar refused the refresh token; the connection needs re-authorization (run `carpulse connect`)");
                 st.status = ConnectionStatus::NeedsReauth;
+                slot.publish(st);
                 let store_result = self
                     .store
                     .call(move |c| {
@@ -313,34 +398,15 @@ impl TokenManager {
                 st.failures += 1;
                 let backoff = backoff(st.failures);
                 st.retry_at = Some(now_ms() + backoff.as_millis() as i64);
-                warn!(connection = %id, error = %e, retry_in_s = backoff.as_secs(), "token refresh failed; backing off");
+                if matches!(e, AuthError::Rejected { .. }) {
+                    // invalid_client, a 404...: carpulse's configuration, not the owner's grant.
+                    error!(connection = %id, error = %e, retry_in_s = backoff.as_secs(), "the token endpoint refused carpulse itself: check smartcar.client_id, the client secret and smartcar.token_url");
+                } else {
+                    warn!(connection = %id, error = %e, retry_in_s = backoff.as_secs(), "token refresh failed; backing off");
+                }
                 Err(TokenError::Refresh { id, source: e })
             }
         }
-    }
-
-    /// Commits a rotated pair durably. The old refresh token is dead once Smartcar's grace
-    /// window passes, so the new pair is kept in memory even if the disk refuses it: losing it
-    /// there too would lose the connection for certain.
-    async fn persist(&self, id: ConnectionId, pair: &TokenPair) {
-        for attempt in 1..=3 {
-            let p = pair.clone();
-            match self
-                .store
-                .call(move |c| queries::save_tokens(c, id, &p, now_ms()))
-                .await
-            {
-                Ok(()) => return,
-                Err(e) => {
-                    error!(connection = %id, attempt, error = format!("{e:#}"), "cannot persist the rotated token pair");
-                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-                }
-            }
-        }
-        self.metrics
-            .token_refreshes
-            .with_label_values(&["persist_failed"])
-            .inc();
     }
 
     /// Every loaded connection: id, user, status and access-token expiry. A connection busy
@@ -361,19 +427,18 @@ impl TokenManager {
         out
     }
 
-    /// Recounts `carpulse_connections{status}` from the loaded slots.
+    /// Recounts `carpulse_connections{status}` from the loaded slots' published views.
     pub async fn update_connection_gauge(&self) {
         let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
-        let (mut active, mut reauth) = (0, 0);
-        for s in slots {
-            // try_lock: a slot busy refreshing is active (only a finished refusal flips it).
-            match s.state.try_lock() {
-                Ok(st) if st.status == ConnectionStatus::NeedsReauth => reauth += 1,
-                _ => active += 1,
-            }
-        }
+        let reauth = slots
+            .iter()
+            .filter(|s| s.view().status == ConnectionStatus::NeedsReauth)
+            .count() as i64;
         self.metrics.set_connections(&[
-            (ConnectionStatus::Active.as_str(), active),
+            (
+                ConnectionStatus::Active.as_str(),
+                slots.len() as i64 - reauth,
+            ),
             (ConnectionStatus::NeedsReauth.as_str(), reauth),
         ]);
     }
@@ -391,6 +456,13 @@ impl TokenManager {
         self.runner.lock().unwrap_or_else(|p| p.into_inner()).take();
         tracker.close();
         tracker.wait().await;
+        self.inflight.close();
+        if tokio::time::timeout(INFLIGHT_GRACE, self.inflight.wait())
+            .await
+            .is_err()
+        {
+            error!("a token refresh was still in flight at shutdown; its rotated pair may be lost");
+        }
     }
 
     async fn keep_fresh(&self, slot: Arc<Slot>, shutdown: CancellationToken) {
@@ -417,9 +489,36 @@ impl TokenManager {
                 continue;
             }
             // Errors are logged and counted inside; the loop goes on with the backoff it set.
-            let _ = self.refresh_locked(&slot, &mut st).await;
+            // On shutdown the wait ends, but the request itself runs on (see `inflight`).
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.refresh_locked(&slot, &mut st) => {}
+            }
         }
     }
+}
+
+/// Commits a rotated pair durably. The old refresh token is dead once Smartcar's grace window
+/// passes, so the new pair is kept in memory even if the disk refuses it: losing it there too
+/// would lose the connection for certain.
+async fn persist(store: &Store, metrics: &Metrics, id: ConnectionId, pair: &TokenPair) {
+    for attempt in 1..=3 {
+        let p = pair.clone();
+        match store
+            .call(move |c| queries::save_tokens(c, id, &p, now_ms()))
+            .await
+        {
+            Ok(()) => return,
+            Err(e) => {
+                error!(connection = %id, attempt, error = format!("{e:#}"), "cannot persist the rotated token pair");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+        }
+    }
+    metrics
+        .token_refreshes
+        .with_label_values(&["persist_failed"])
+        .inc();
 }
 
 fn backoff(failures: u32) -> Duration {

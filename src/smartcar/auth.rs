@@ -134,6 +134,9 @@ impl SmartcarClient {
 /// closures leaves the request future's `Send` unprovable (a higher-ranked lifetime), and
 /// the token manager spawns refreshes on the multi-threaded runtime. It owns its parts (a
 /// reqwest client clone is one `Arc`) for the same reason: no lifetime parameter to trip on.
+/// How long a token request may take.
+pub const TOKEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 pub(crate) struct RecordingHttp {
     http: reqwest::Client,
     seen: Arc<Mutex<Seen>>,
@@ -145,7 +148,19 @@ impl<'c> AsyncHttpClient<'c> for RecordingHttp {
 
     fn call(&'c self, request: HttpRequest) -> Self::Future {
         Box::pin(async move {
-            let resp = self.http.call(request).await?;
+            // The token endpoint answers in well under a second; a refresh must not wait out
+            // the vehicle API's 310 s (the used refresh token's grace window is ~1 minute).
+            let resp = tokio::time::timeout(TOKEN_TIMEOUT, self.http.call(request))
+                .await
+                .map_err(|_| {
+                    HttpClientError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no answer from the token endpoint within {} s",
+                            TOKEN_TIMEOUT.as_secs()
+                        ),
+                    ))
+                })??;
             let status = resp.status().as_u16();
             if let Ok(mut s) = self.seen.lock() {
                 s.status = Some(status);

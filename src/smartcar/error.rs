@@ -278,11 +278,13 @@ impl AuthError {
     /// (DESIGN §2.2). Transient failures are never terminal; a refusal answered with a 5xx or
     /// 429 is already classified [`AuthError::Transient`].
     pub fn needs_reauth(&self) -> bool {
+        // Only a refusal of the grant itself (DESIGN §2.2): `invalid_client`, a 404 and the
+        // like say carpulse's own configuration is wrong (secret, token_url), and must not
+        // cost every owner a reconnect.
         match self {
-            AuthError::Rejected { status, .. } => match status {
-                Some(s) => (400..500).contains(s),
-                None => true,
-            },
+            AuthError::Rejected { error, .. } => {
+                matches!(error.as_str(), "invalid_grant" | "invalid_request")
+            }
             AuthError::Transient { .. } => false,
         }
     }
@@ -395,26 +397,30 @@ pub fn api_error_from(
 pub fn parse_retry_after(value: &str, now_ms: i64) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(cap_retry_after(Duration::from_secs(secs)));
     }
     if let Ok(secs) = v.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Some(Duration::from_secs_f64(secs));
-        }
-        return None;
+        return secs_capped(secs);
     }
     let date = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let delta = date.timestamp_millis().saturating_sub(now_ms).max(0);
     Some(Duration::from_millis(delta as u64))
 }
 
+/// A day at most: a larger `retry-after` is a server's mistake, not a plan.
+fn cap_retry_after(d: Duration) -> Duration {
+    d.min(Duration::from_secs(86_400))
+}
+
+/// Fractional seconds, capped; negative or not a number is no value (never a panic).
+fn secs_capped(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
 /// `retry-after` as a JSON value (batch item headers send it as a number or a string).
 pub fn retry_after_value(v: &Value, now_ms: i64) -> Option<Duration> {
     match v {
-        Value::Number(n) => n
-            .as_f64()
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64),
+        Value::Number(n) => n.as_f64().and_then(secs_capped),
         Value::String(s) => parse_retry_after(s, now_ms),
         _ => None,
     }
@@ -718,5 +724,36 @@ mod tests {
     fn excerpt_cuts_on_char_boundary() {
         assert_eq!(excerpt("héllo", 2), "hé…");
         assert_eq!(excerpt("hi", 5), "hi");
+    }
+}
+
+#[cfg(test)]
+mod review_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_grant_needs_reauth() {
+        let rejected = |error: &str, status| AuthError::Rejected {
+            status: Some(status),
+            error: error.into(),
+            description: None,
+        };
+        assert!(rejected("invalid_grant", 400).needs_reauth());
+        assert!(rejected("invalid_request", 400).needs_reauth());
+        // carpulse's own configuration is wrong: the owners' grants are fine.
+        assert!(!rejected("invalid_client", 401).needs_reauth());
+        assert!(!rejected("unauthorized_client", 400).needs_reauth());
+        assert!(!rejected("http_404", 404).needs_reauth());
+    }
+
+    #[test]
+    fn absurd_retry_after_values_are_capped_not_a_panic() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(parse_retry_after("1e30", 0), Some(day));
+        assert_eq!(parse_retry_after("99999999999", 0), Some(day));
+        assert_eq!(parse_retry_after("-5", 0), None);
+        assert_eq!(retry_after_value(&serde_json::json!(1e300), 0), Some(day));
+        assert_eq!(retry_after_value(&serde_json::json!(-1.0), 0), None);
+        assert_eq!(parse_retry_after("30", 0), Some(Duration::from_secs(30)));
     }
 }
