@@ -88,13 +88,8 @@ async fn connect(w: &World) -> carpulse::connect::Connected {
     .unwrap()
 }
 
-/// A poller over the connected vehicles, as the daemon builds it.
-async fn poller_for(
-    w: &World,
-    api: &str,
-    connected: &carpulse::connect::Connected,
-) -> (std::sync::Arc<Poller>, Metrics) {
-    let metrics = Metrics::new().unwrap();
+/// A token manager loaded with the store's connections, as the daemon builds it.
+async fn tokens_for(w: &World, metrics: &Metrics) -> std::sync::Arc<TokenManager> {
     let tokens = TokenManager::new(
         w.store.clone(),
         w.client.clone(),
@@ -107,6 +102,17 @@ async fn poller_for(
             .await
             .unwrap(),
     );
+    tokens
+}
+
+/// A poller over the connected vehicles, as the daemon builds it.
+async fn poller_for(
+    w: &World,
+    api: &str,
+    connected: &carpulse::connect::Connected,
+) -> (std::sync::Arc<Poller>, Metrics) {
+    let metrics = Metrics::new().unwrap();
+    let tokens = tokens_for(w, &metrics).await;
     let poller = Poller::new(
         if api == "v2" {
             ApiVersion::V2
@@ -440,18 +446,7 @@ async fn healthz_names_stale_vehicles_and_connections_that_need_reauth() {
     let w = world("v3", Duration::from_secs(7200)).await;
     let connected = connect(&w).await;
     let metrics = Metrics::new().unwrap();
-    let tokens = TokenManager::new(
-        w.store.clone(),
-        w.client.clone(),
-        metrics.clone(),
-        Duration::from_secs(600),
-    );
-    tokens.load(
-        w.store
-            .call(|c| queries::load_connections(c))
-            .await
-            .unwrap(),
-    );
+    let tokens = tokens_for(&w, &metrics).await;
     let (poller, poller_metrics) = poller_for(&w, "v3", &connected).await;
     let report = poller.cycle(Job::Battery, CancellationToken::new()).await;
     assert_eq!(report.ok, 3);
