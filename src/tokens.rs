@@ -337,10 +337,10 @@ impl TokenManager {
                     Err(e) => break Err(e),
                 }
             };
-            if let Ok(pair) = &result {
-                persist(&store, &metrics, id, pair).await;
+            match result {
+                Ok(pair) => Ok(persist(&store, &metrics, id, &refresh_token, pair).await),
+                Err(e) => Err(e),
             }
-            result
         });
         let result = match task.await {
             Ok(r) => r,
@@ -366,6 +366,27 @@ impl TokenManager {
                 Ok(())
             }
             Err(e) if e.needs_reauth() => {
+                // A reconnect may have stored a new grant since this pair was loaded: then the
+                // refusal concerns the old grant only, and the new one is adopted.
+                let used = st.tokens.refresh_token.clone();
+                let stored = self
+                    .store
+                    .call(move |c| {
+                        Ok(queries::load_connections(c)?
+                            .into_iter()
+                            .find(|r| r.id == id))
+                    })
+                    .await;
+                if let Ok(Some(r)) = stored {
+                    if r.tokens.refresh_token != used && r.status == ConnectionStatus::Active {
+                        info!(connection = %id, "the old grant was refused, but a reconnect stored a new one; using it");
+                        st.tokens = r.tokens;
+                        st.failures = 0;
+                        st.retry_at = None;
+                        slot.publish(st);
+                        return Ok(());
+                    }
+                }
                 self.metrics
                     .token_refreshes
                     .with_label_values(&["rejected"])
@@ -498,17 +519,28 @@ impl TokenManager {
     }
 }
 
-/// Commits a rotated pair durably. The old refresh token is dead once Smartcar's grace window
-/// passes, so the new pair is kept in memory even if the disk refuses it: losing it there too
-/// would lose the connection for certain.
-async fn persist(store: &Store, metrics: &Metrics, id: ConnectionId, pair: &TokenPair) {
+/// Commits a rotated pair durably, before anyone uses it, and returns the pair to use: the
+/// rotated one, or the grant a reconnect stored meanwhile (never overwritten). The old refresh
+/// token is dead once Smartcar's grace window passes, so the new pair is kept in memory even if
+/// the disk refuses it: losing it there too would lose the connection for certain.
+async fn persist(
+    store: &Store,
+    metrics: &Metrics,
+    id: ConnectionId,
+    refreshed: &Secret,
+    pair: TokenPair,
+) -> TokenPair {
     for attempt in 1..=3 {
-        let p = pair.clone();
+        let (p, old) = (pair.clone(), refreshed.clone());
         match store
-            .call(move |c| queries::save_tokens(c, id, &p, now_ms()))
+            .call(move |c| queries::save_rotated(c, id, &old, &p, now_ms()))
             .await
         {
-            Ok(()) => return,
+            Ok(queries::Rotation::Saved) => return pair,
+            Ok(queries::Rotation::Superseded(r)) => {
+                info!(connection = %id, "a reconnect stored a new grant meanwhile; using it");
+                return r.tokens;
+            }
             Err(e) => {
                 error!(connection = %id, attempt, error = format!("{e:#}"), "cannot persist the rotated token pair");
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
@@ -519,6 +551,7 @@ async fn persist(store: &Store, metrics: &Metrics, id: ConnectionId, pair: &Toke
         .token_refreshes
         .with_label_values(&["persist_failed"])
         .inc();
+    pair
 }
 
 fn backoff(failures: u32) -> Duration {

@@ -244,6 +244,12 @@ async fn an_expired_token_is_refreshed_and_persisted_before_use() {
             refresh_expires_at: after[0].tokens.refresh_expires_at,
         },
     };
+    // The store holds the same dead pair (otherwise a newer stored grant would be adopted).
+    let (bid, btokens) = (broken.id, broken.tokens.clone());
+    w.store
+        .call(move |c| queries::save_tokens(c, bid, &btokens, carpulse::domain::now_ms()))
+        .await
+        .unwrap();
     let tokens = TokenManager::new(
         w.store.clone(),
         w.client.clone(),
@@ -264,6 +270,34 @@ async fn an_expired_token_is_refreshed_and_persisted_before_use() {
         .unwrap()[0]
         .status;
     assert_eq!(status, ConnectionStatus::NeedsReauth);
+
+    // A refusal while the store holds a newer grant (a reconnect) adopts that grant instead.
+    let code_owner = connect(&w).await;
+    assert_eq!(code_owner.connection, connected.connection);
+    let stale = queries::ConnectionRecord {
+        tokens: TokenPair {
+            access_token: Secret::new("old-access"),
+            refresh_token: Secret::new("old-grant"),
+            access_expires_at: 0,
+            refresh_expires_at: after[0].tokens.refresh_expires_at,
+        },
+        ..after[0].clone()
+    };
+    let tokens = TokenManager::new(
+        w.store.clone(),
+        w.client.clone(),
+        metrics.clone(),
+        Duration::from_secs(600),
+    );
+    tokens.load(vec![stale]);
+    let adopted = tokens.access(connected.connection).await.unwrap();
+    let stored = w
+        .store
+        .call(|c| queries::load_connections(c))
+        .await
+        .unwrap();
+    assert_eq!(adopted.token, stored[0].tokens.access_token);
+    assert_eq!(stored[0].status, ConnectionStatus::Active);
 
     let stats: serde_json::Value = reqwest::get(format!("{}/_simulator/stats", w.base))
         .await

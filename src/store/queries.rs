@@ -140,6 +140,52 @@ pub fn save_tokens(
     })
 }
 
+/// What became of a rotated pair.
+#[derive(Debug)]
+pub enum Rotation {
+    Saved,
+    /// The stored pair is no longer the one that was refreshed: `carpulse connect` stored a
+    /// new grant meanwhile. That record is returned for the daemon to adopt.
+    Superseded(ConnectionRecord),
+}
+
+/// Saves a rotated pair only while the store still holds the refresh token it came from, so
+/// a refresher never overwrites a reconnect's newer grant. Durable, like [`save_tokens`].
+pub fn save_rotated(
+    c: &mut Connection,
+    id: ConnectionId,
+    refreshed: &Secret,
+    tokens: &TokenPair,
+    now: UnixMillis,
+) -> anyhow::Result<Rotation> {
+    let saved = durably(c, "saving rotated tokens", |tx| {
+        let n = tx
+            .execute(
+                "UPDATE connections SET access_token = ?2, refresh_token = ?3,
+                     access_expires_at = ?4, refresh_expires_at = ?5, updated_at = ?6
+                 WHERE id = ?1 AND refresh_token = ?7",
+                params![
+                    id.0,
+                    tokens.access_token.expose(),
+                    tokens.refresh_token.expose(),
+                    tokens.access_expires_at,
+                    tokens.refresh_expires_at,
+                    now,
+                    refreshed.expose()
+                ],
+            )
+            .with_context(|| format!("updating the tokens of connection {id}"))?;
+        Ok(n == 1)
+    })?;
+    if saved {
+        return Ok(Rotation::Saved);
+    }
+    match load_connections(c)?.into_iter().find(|r| r.id == id) {
+        Some(r) => Ok(Rotation::Superseded(r)),
+        None => bail!("connection {id} is not in the store; its rotated tokens were not saved"),
+    }
+}
+
 /// Sets `connections.status` (e.g. `needs_reauth` after `invalid_grant`).
 pub fn set_connection_status(
     c: &Connection,

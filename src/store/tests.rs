@@ -789,3 +789,49 @@ fn one_vehicle_time_window_through_the_views_is_an_index_search() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_rotated_pair_never_overwrites_a_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open_recording(&dir.path().join("c.db"));
+    let id = seed(&store, &["v1"]).await;
+    let rotated = TokenPair {
+        access_token: Secret::new("acc-2"),
+        refresh_token: Secret::new("ref-2"),
+        ..tokens()
+    };
+    // The stored refresh token is the one that was refreshed: saved.
+    let r = rotated.clone();
+    let saved = store
+        .call(move |c| queries::save_rotated(c, id, &Secret::new(REFRESH), &r, 2_000))
+        .await
+        .unwrap();
+    assert!(matches!(saved, queries::Rotation::Saved), "{saved:?}");
+
+    // A reconnect stores a new grant; a rotation of the old one must not replace it.
+    let reconnect = TokenPair {
+        access_token: Secret::new("acc-new-grant"),
+        refresh_token: Secret::new("ref-new-grant"),
+        ..tokens()
+    };
+    let rc = reconnect.clone();
+    store
+        .call(move |c| queries::upsert_connection(c, "user-1", &rc, 3_000))
+        .await
+        .unwrap();
+    let late = TokenPair {
+        access_token: Secret::new("acc-3"),
+        refresh_token: Secret::new("ref-3"),
+        ..tokens()
+    };
+    let outcome = store
+        .call(move |c| queries::save_rotated(c, id, &Secret::new("ref-2"), &late, 4_000))
+        .await
+        .unwrap();
+    match outcome {
+        queries::Rotation::Superseded(r) => assert_eq!(r.tokens, reconnect),
+        other => panic!("expected the reconnect to win: {other:?}"),
+    }
+    let stored = store.call(|c| queries::load_connections(c)).await.unwrap();
+    assert_eq!(stored[0].tokens, reconnect);
+}
