@@ -160,7 +160,7 @@ impl Poller {
                 fresh
                     .get(&v.id)
                     .and_then(|f| f.last_answered)
-                    .is_none_or(|at| at < recent)
+                    .is_none_or(|at| at <= recent)
             })
             .collect();
         self.cycle_of(job, due, cancel).await
