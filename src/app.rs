@@ -112,6 +112,7 @@ impl Daemon {
             listener,
         };
         daemon.load().await?;
+        daemon.load_ledger().await?;
         Ok(daemon)
     }
 
@@ -179,6 +180,62 @@ impl Daemon {
             "loaded the store"
         );
         self.poller.set_vehicles(polled);
+        Ok(())
+    }
+
+    /// Seeds the monthly call ledger from this month's `poll_events`, so a restart does not
+    /// forget what was spent. Events of one poll share its `at`: in v2 each event row is a
+    /// billed call or batch item; in v3 a poll is billed as its plan cost (1 or 2 calls)
+    /// whatever number of signals it read. Polls that never reached Smartcar (no token) are
+    /// not counted.
+    async fn load_ledger(&self) -> anyhow::Result<()> {
+        let Some(budget) = self.config.budget.calls_per_vehicle_month else {
+            return Ok(());
+        };
+        let api = self.config.smartcar.api;
+        let now = crate::domain::now_ms();
+        let since = crate::gate::month_start(now);
+        let polls = self
+            .store
+            .call(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT vehicle_id, count(*),
+                            max(endpoint IN ('info', 'vin', 'odometer'))
+                     FROM poll_events
+                     WHERE at >= ?1 AND outcome NOT IN ('needs_reauth', 'token_error')
+                     GROUP BY vehicle_id, at",
+                )?;
+                let rows = stmt
+                    .query_map([since], |r| {
+                        Ok((
+                            crate::domain::VehicleId(r.get(0)?),
+                            r.get::<_, i64>(1)?.max(0) as u64,
+                            r.get::<_, bool>(2)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await
+            .context("reading this month's calls from poll_events")?;
+        let mut used: std::collections::HashMap<crate::domain::VehicleId, u64> = Default::default();
+        for (vehicle, events, info) in polls {
+            let cost = match api {
+                crate::domain::ApiVersion::V2 => events,
+                crate::domain::ApiVersion::V3 => {
+                    crate::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
+                }
+            };
+            *used.entry(vehicle).or_default() += cost;
+        }
+        info!(
+            budget,
+            vehicles_with_calls = used.len(),
+            most_calls = used.values().copied().max().unwrap_or(0),
+            "monthly call budget in force"
+        );
+        self.poller
+            .set_ledger(crate::gate::Ledger::new(Some(budget), used, now));
         Ok(())
     }
 
@@ -508,7 +565,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             warn!(
                 calls_per_vehicle_month = calls,
                 budget,
-                "the schedule makes more calls than [budget] calls_per_vehicle_month; see `carpulse plan`"
+                "the schedule makes more calls than [budget] calls_per_vehicle_month: each vehicle's polls stop for the month when its next one would pass the budget; see `carpulse plan`"
             );
         }
     }

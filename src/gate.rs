@@ -85,6 +85,8 @@ pub enum Skip {
     AppThrottled,
     /// Every endpoint of the job is disabled for this vehicle.
     Disabled,
+    /// The vehicle's calls this month would pass `[budget] calls_per_vehicle_month`.
+    Budget,
 }
 
 impl Skip {
@@ -94,6 +96,7 @@ impl Skip {
             Skip::Waiting => "waiting",
             Skip::AppThrottled => "app_throttled",
             Skip::Disabled => "disabled",
+            Skip::Budget => "budget",
         }
     }
 }
@@ -352,5 +355,100 @@ mod tests {
             Err(Skip::AppThrottled)
         );
         assert!(g.admit(&VehicleId("x".into()), &JOB, 60_000).is_ok());
+    }
+}
+
+/// Calls made per vehicle in the current calendar month (UTC), against a monthly budget.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    budget: Option<u64>,
+    month: (i32, u32),
+    used: HashMap<VehicleId, u64>,
+}
+
+/// (year, month) of a unix-ms time, UTC.
+pub fn month_of(at: UnixMillis) -> (i32, u32) {
+    use chrono::Datelike;
+    let t = chrono::DateTime::from_timestamp_millis(at).unwrap_or_default();
+    (t.year(), t.month())
+}
+
+/// The first millisecond of the month `at` falls in, UTC.
+pub fn month_start(at: UnixMillis) -> UnixMillis {
+    let (y, m) = month_of(at);
+    chrono::NaiveDate::from_ymd_opt(y, m, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp_millis())
+        .unwrap_or(0)
+}
+
+impl Ledger {
+    /// A ledger for `budget` (None: unlimited), seeded with this month's calls so far.
+    pub fn new(budget: Option<u64>, used: HashMap<VehicleId, u64>, now: UnixMillis) -> Ledger {
+        Ledger {
+            budget,
+            month: month_of(now),
+            used,
+        }
+    }
+
+    fn roll(&mut self, now: UnixMillis) {
+        let m = month_of(now);
+        if m != self.month {
+            self.month = m;
+            self.used.clear();
+        }
+    }
+
+    /// Whether `cost` more calls fit this month's budget.
+    pub fn allows(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) -> bool {
+        self.roll(now);
+        match self.budget {
+            None => true,
+            Some(b) => self.used.get(id).copied().unwrap_or(0) + cost <= b,
+        }
+    }
+
+    pub fn spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) {
+        self.roll(now);
+        *self.used.entry(id.clone()).or_default() += cost;
+    }
+
+    /// Gives back calls spent on admission that never reached Smartcar (no token, shutdown).
+    pub fn refund(&mut self, id: &VehicleId, cost: u64) {
+        if let Some(n) = self.used.get_mut(id) {
+            *n = n.saturating_sub(cost);
+        }
+    }
+
+    pub fn used(&self, id: &VehicleId) -> u64 {
+        self.used.get(id).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod ledger_tests {
+    use super::*;
+
+    const NOV_29: UnixMillis = 1_795_910_400_000; // 2026-11-29T00:00:00Z
+
+    #[test]
+    fn the_budget_stops_short_and_a_new_month_starts_over() {
+        let v = VehicleId("v".into());
+        let mut l = Ledger::new(Some(5), HashMap::from([(v.clone(), 3)]), NOV_29);
+        assert!(l.allows(&v, 2, NOV_29));
+        l.spend(&v, 2, NOV_29);
+        assert!(!l.allows(&v, 1, NOV_29), "5 of 5 used");
+        assert!(l.allows(&VehicleId("w".into()), 5, NOV_29));
+        let december = NOV_29 + 3 * 86_400_000;
+        assert!(l.allows(&v, 5, december), "a new month, a new budget");
+        assert_eq!(l.used(&v), 0);
+        assert!(Ledger::new(None, HashMap::new(), NOV_29).allows(&v, u64::MAX / 2, NOV_29));
+    }
+
+    #[test]
+    fn month_boundaries_are_utc() {
+        assert_eq!(month_of(NOV_29), (2026, 11));
+        assert_eq!(month_start(NOV_29), 1_793_491_200_000); // 2026-11-01T00:00:00Z
     }
 }

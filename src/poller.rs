@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::domain::{now_ms, ApiVersion, ConnectionId, PollEvent, Reading, UnixMillis, VehicleId};
-use crate::gate::{Gates, Reaction};
+use crate::gate::{Gates, Ledger, Reaction, Skip};
 use crate::metrics::Metrics;
 use crate::schedule::{job_endpoints, job_label};
 use crate::smartcar::error::{ApiError, ErrorKind};
@@ -59,6 +59,8 @@ pub struct Poller {
     busy: Mutex<HashSet<(VehicleId, &'static str)>>,
     /// What earlier outcomes allow next (retry-after, backoff, disabled endpoints, pauses).
     gates: Mutex<Gates>,
+    /// Calls per vehicle this month against `[budget] calls_per_vehicle_month`.
+    ledger: Mutex<Ledger>,
     /// Vehicles whose latest charge reading says plugged in (the charging cadence polls them).
     plugged: Mutex<HashSet<VehicleId>>,
     /// Per vehicle: when a poll was last answered and when each signal was last recorded.
@@ -102,6 +104,7 @@ impl Poller {
             spreads: Mutex::new([Duration::ZERO; 2]),
             busy: Mutex::new(HashSet::new()),
             gates: Mutex::new(Gates::default()),
+            ledger: Mutex::new(Ledger::default()),
             freshness: Mutex::new(Default::default()),
             plugged: Mutex::new(HashSet::new()),
         })
@@ -293,6 +296,26 @@ impl Poller {
         }
     }
 
+    /// Sets the monthly call budget, with this month's calls so far.
+    pub fn set_ledger(&self, ledger: Ledger) {
+        *self.ledger.lock().unwrap_or_else(|p| p.into_inner()) = ledger;
+    }
+
+    fn refund(&self, id: &VehicleId, cost: u64) {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refund(id, cost);
+    }
+
+    /// Calls this vehicle made this month, as the ledger counts them.
+    pub fn calls_this_month(&self, id: &VehicleId) -> u64 {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .used(id)
+    }
+
     /// A new consent lifts what the old one could not give (disabled endpoints, a pause).
     pub fn reset_gate(&self, id: &VehicleId) {
         self.gates().reset(id);
@@ -310,7 +333,20 @@ impl Poller {
         cancel: CancellationToken,
     ) -> VehicleOutcome {
         // Asked before taking a pool slot: a vehicle that must not be called costs nothing.
-        let admitted = self.gates().admit(&v.id, job_endpoints(job), now_ms());
+        let (cost, _) = crate::plan::calls_per_run(self.api, job_label(job));
+        let admitted = self
+            .gates()
+            .admit(&v.id, job_endpoints(job), now_ms())
+            .and_then(|open| {
+                let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+                if ledger.allows(&v.id, cost, now_ms()) {
+                    // Counted when admitted: a request that fails is billed all the same.
+                    ledger.spend(&v.id, cost, now_ms());
+                    Ok(open)
+                } else {
+                    Err(Skip::Budget)
+                }
+            });
         let allowed = match admitted {
             Ok(endpoints) => endpoints,
             Err(skip) => {
@@ -324,9 +360,11 @@ impl Poller {
         };
         // The permit bounds concurrent requests; closed only if the poller is dropped.
         let Ok(_permit) = self.pool.clone().acquire_owned().await else {
+            self.refund(&v.id, cost);
             return VehicleOutcome::Failed(0);
         };
         if cancel.is_cancelled() {
+            self.refund(&v.id, cost);
             return VehicleOutcome::Failed(0);
         }
         let started = Instant::now();
@@ -346,6 +384,7 @@ impl Poller {
         match results {
             Err(Failure::Token(e)) => {
                 failed = true;
+                self.refund(&v.id, cost);
                 let outcome = match e {
                     TokenError::NeedsReauth(_) => "needs_reauth",
                     _ => "token_error",

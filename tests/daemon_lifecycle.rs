@@ -138,3 +138,71 @@ async fn sighup_picks_up_a_new_account_and_a_disabled_vehicle() {
     );
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
+
+fn ok_battery_polls(db: &std::path::Path) -> Vec<i64> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = c
+        .prepare(
+            "SELECT count(*) FROM poll_events WHERE endpoint = 'battery' AND outcome = 'ok'
+             GROUP BY vehicle_id ORDER BY vehicle_id",
+        )
+        .unwrap();
+    let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_holds_across_a_restart() {
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&["--report-interval", "1"]).await;
+    let setup = write_config(
+        &base,
+        "v3",
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 1 1 *\"",
+    );
+    // A v3 battery poll is one call: 3 polls a month per vehicle, whatever the cron says.
+    let mut text = std::fs::read_to_string(&setup.config).unwrap();
+    text.push_str("\n[budget]\ncalls_per_vehicle_month = 3\n");
+    std::fs::write(&setup.config, text).unwrap();
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    let polls = ok_battery_polls(&setup.db);
+    assert!(!polls.is_empty());
+    assert!(polls.iter().all(|&n| n == 3), "3 polls each: {polls:?}");
+    assert!(
+        daemon
+            .stderr()
+            .contains("each vehicle's polls stop for the month")
+            && daemon.stderr().contains("monthly call budget in force"),
+        "{}",
+        daemon.stderr()
+    );
+
+    // A restart remembers this month's calls from the store: nothing more is polled.
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let metrics = http
+        .get(format!("http://127.0.0.1:{}/metrics", setup.metrics_port))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    assert_eq!(ok_battery_polls(&setup.db), polls);
+    let skipped = metric(
+        &metrics,
+        "carpulse_polls_skipped_total",
+        &[("job", "battery"), ("reason", "budget")],
+    );
+    assert!(
+        skipped.is_some_and(|n| n >= polls.len() as f64),
+        "{metrics}"
+    );
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}

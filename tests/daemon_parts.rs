@@ -609,3 +609,55 @@ async fn the_charging_cadence_polls_only_plugged_in_vehicles() {
     assert_eq!(charging.ok as i64, plugged);
     w.stop.cancel();
 }
+
+#[tokio::test]
+async fn the_monthly_budget_stops_polling_short_of_it() {
+    let w = world("v2", Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    let (poller, metrics) = poller_for(&w, "v2", &connected).await;
+    let first = connected.vehicles[0].0.clone();
+    // 6 calls a month; a v2 battery poll is one batch of 2 items. The first vehicle already
+    // spent 1 this month.
+    let now = carpulse::domain::now_ms();
+    poller.set_ledger(carpulse::gate::Ledger::new(
+        Some(6),
+        std::collections::HashMap::from([(first.clone(), 1)]),
+        now,
+    ));
+    for _ in 0..2 {
+        let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+        assert_eq!(r.ok, 3, "{r:?}");
+    }
+    let third = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(
+        (third.ok, third.skipped),
+        (2, 1),
+        "the first vehicle is at 1 + 2 + 2 = 5 of 6: no room for 2 more: {third:?}"
+    );
+    assert_eq!(poller.calls_this_month(&first), 5);
+    let fourth = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(
+        fourth.skipped, 3,
+        "5 + 2 and 6 + 2 are both over 6: {fourth:?}"
+    );
+    assert!(metrics
+        .render()
+        .contains("carpulse_polls_skipped_total{job=\"battery\",reason=\"budget\"} 4"));
+    // What was skipped never reached the simulator: 2 battery polls answered for the first
+    // vehicle, 3 for the others.
+    w.store.flush().await.unwrap();
+    let first_id = first.0.clone();
+    let answered: (i64, i64) = w
+        .store
+        .call(move |c| {
+            let q = "SELECT count(*) FROM poll_events WHERE endpoint = 'battery' AND outcome = 'ok' AND vehicle_id";
+            Ok((
+                c.query_row(&format!("{q} = ?1"), [&first_id], |r| r.get(0))?,
+                c.query_row(&format!("{q} <> ?1"), [&first_id], |r| r.get(0))?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(answered, (2, 6));
+    w.stop.cancel();
+}
