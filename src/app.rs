@@ -180,6 +180,7 @@ impl Daemon {
             "loaded the store"
         );
         self.poller.set_vehicles(polled);
+        adopt_stored_blocks(&self.store, &self.poller).await?;
         Ok(())
     }
 
@@ -316,6 +317,20 @@ impl Daemon {
             metrics.clone(),
         );
         let per_vehicle_max = config.metrics.per_vehicle_max;
+        let discovery = Arc::new(crate::discovery::Discovery::default());
+        let discover_every = config.schedule.discover_every;
+        let discover = move |st: Store, p: Arc<Poller>, stop: CancellationToken| {
+            let discovery = discovery.clone();
+            async move {
+                if let Err(e) = discovery.run_due(&st, &p, discover_every, &stop).await {
+                    warn!(error = format!("{e:#}"), "capability discovery failed");
+                }
+            }
+        };
+        // Capabilities never read (a store from before discovery, a connect that could not
+        // read them) are read at once; the rest when due, checked at every reload.
+        tasks.spawn(discover(store.clone(), poller.clone(), shutdown.clone()));
+        let discoveries = tasks.clone();
         tasks.spawn(async move {
             let mut every = tokio::time::interval(RELOAD_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -332,6 +347,7 @@ impl Daemon {
                         "reloading the vehicle set failed; keeping the current one"
                     );
                 }
+                discoveries.spawn(discover(st.clone(), p.clone(), reload_stop.clone()));
             }
         });
 
@@ -483,6 +499,7 @@ pub async fn reload(
     }
     metrics.set_per_vehicle(polled.len() <= per_vehicle_max);
     poller.set_vehicles(polled);
+    adopt_stored_blocks(store, poller).await?;
     if added + removed + started.len() > 0 {
         info!(
             added,
@@ -492,6 +509,24 @@ pub async fn reload(
             "vehicle set reloaded"
         );
     }
+    Ok(())
+}
+
+/// Gives the poller's gates the stored blocks (disabled endpoints, pauses): what earlier runs
+/// learnt is not asked again, and what a reconnect or `vehicles enable` lifted is asked again.
+pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Result<()> {
+    let blocks = store
+        .call(|c| queries::load_blocks(c))
+        .await
+        .context("loading blocked endpoints")?;
+    let mut by_vehicle: std::collections::HashMap<_, Vec<(String, String)>> = Default::default();
+    for b in blocks {
+        by_vehicle
+            .entry(b.vehicle_id)
+            .or_default()
+            .push((b.endpoint, b.reason));
+    }
+    poller.adopt_blocks(&by_vehicle);
     Ok(())
 }
 

@@ -102,6 +102,9 @@ pub struct ScheduleConfig {
     /// minute); parked cars keep the base cron, which spares their 12 V battery.
     pub battery_charging: Option<String>,
     pub refresh_margin: Duration,
+    /// How often each vehicle's capabilities (granted permissions, supported signals) are
+    /// read again; also read at connect and when never read.
+    pub discover_every: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -129,6 +132,7 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(6 * 3600);
 pub const DEFAULT_BATTERY_CRON: &str = "0 */15 * * * *";
 pub const DEFAULT_INFO_CRON: &str = "0 0 4 * * *";
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(600);
+pub const DEFAULT_DISCOVER_EVERY: Duration = Duration::from_secs(7 * 86_400);
 pub const DEFAULT_CONCURRENCY: usize = 8;
 pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(310);
 
@@ -205,6 +209,7 @@ struct RawSchedule {
     battery_charging: S<String>,
     info: S<String>,
     refresh_margin: S<String>,
+    discover_every: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -464,6 +469,19 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         "schedule.refresh_margin",
         o,
     )?;
+    let discover_every = duration_or(
+        &raw.schedule.discover_every,
+        DEFAULT_DISCOVER_EVERY,
+        "schedule.discover_every",
+        o,
+    )?;
+    if discover_every < Duration::from_secs(3600) {
+        return o.err(
+            "schedule.discover_every",
+            span(&raw.schedule.discover_every),
+            "must be at least 1h (each reading is a billed call per vehicle)".into(),
+        );
+    }
 
     let concurrency = match &raw.poll.concurrency {
         None => DEFAULT_CONCURRENCY,
@@ -524,6 +542,7 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             battery_charging,
             info,
             refresh_margin,
+            discover_every,
         },
         poll: PollConfig {
             concurrency,
@@ -632,6 +651,22 @@ fn duration_or(
 }
 
 /// `"90s"`, `"10m"`, `"2h"`, `"1d"`, `"500ms"`, or a combination such as `"1h30m"`.
+/// A duration the way `parse_duration` reads it: "7d", "1h30m", "90s".
+pub fn format_duration(d: Duration) -> String {
+    let mut s = d.as_secs();
+    if s == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let mut out = String::new();
+    for (unit, len) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if s >= len {
+            out.push_str(&format!("{}{unit}", s / len));
+            s %= len;
+        }
+    }
+    out
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let bad = || format!("{text:?} is not a duration (e.g. \"90s\", \"10m\", \"2h\", \"1h30m\")");

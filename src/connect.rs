@@ -33,6 +33,9 @@ pub struct Connected {
     pub connection: ConnectionId,
     pub user_id: String,
     pub vehicles: Vec<(VehicleId, Option<VehicleInfo>)>,
+    /// Per vehicle, the endpoints it cannot answer (endpoint, reason), as read at connect;
+    /// no entry when they could not be read (the daemon reads them).
+    pub unavailable: std::collections::HashMap<VehicleId, Vec<(&'static str, String)>>,
 }
 
 /// The Connect URL (smartcar-api.md §1.1). `approval_prompt=force` so a reconnect shows the
@@ -269,6 +272,7 @@ async fn finish(
         user_id: Some(user_id.as_str()),
     };
     let mut vehicles = Vec::new();
+    let mut unavailable = std::collections::HashMap::new();
     for id in ids {
         let info = match client.vehicle_info(cfg.smartcar.api, &ctx, &id).await {
             Ok(i) => Some(i),
@@ -279,9 +283,22 @@ async fn finish(
         };
         let (vid, inf) = (id.clone(), info.clone());
         store
-            .call(move |c| queries::upsert_vehicle(c, connection, &vid, inf.as_ref(), now_ms()))
+            .call(move |c| {
+                queries::upsert_vehicle(c, connection, &vid, inf.as_ref(), now_ms())?;
+                // A new consent may grant what the old one did not: start over.
+                queries::clear_blocks(c, &vid, false)
+            })
             .await
             .with_context(|| format!("storing vehicle {id}"))?;
+        match client.unavailable(cfg.smartcar.api, &ctx, &id).await {
+            Ok(blocked) => {
+                crate::discovery::save(store, &id, &blocked).await?;
+                unavailable.insert(id.clone(), blocked);
+            }
+            Err(e) => {
+                warn!(vehicle = %id, error = %e, "cannot read the vehicle's capabilities now; the daemon will");
+            }
+        }
         vehicles.push((id, info));
     }
     info!(connection = %connection, user = %user_id, vehicles = vehicles.len(), "connected");
@@ -289,6 +306,7 @@ async fn finish(
         connection,
         user_id,
         vehicles,
+        unavailable,
     })
 }
 
@@ -317,6 +335,9 @@ pub fn describe(c: &Connected) -> String {
         match info {
             Some(i) => out.push_str(&format!("  {id}  {} {} {}\n", i.year, i.make, i.model)),
             None => out.push_str(&format!("  {id}  (make/model/year not yet known)\n")),
+        }
+        for (endpoint, reason) in c.unavailable.get(id).into_iter().flatten() {
+            out.push_str(&format!("      not polled: {endpoint} ({reason})\n"));
         }
     }
     out

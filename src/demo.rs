@@ -107,6 +107,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             battery_charging: None,
             info: args.info_cron.clone(),
             refresh_margin: Duration::from_secs(600),
+            discover_every: crate::config::DEFAULT_DISCOVER_EVERY,
         },
         poll: PollConfig {
             concurrency: 8,

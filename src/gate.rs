@@ -75,6 +75,16 @@ pub fn reaction(e: &ApiError, now: UnixMillis) -> Reaction {
     }
 }
 
+/// An error's `TYPE:CODE` as Smartcar named it (the kind when it named nothing), for a pause
+/// or a block's reason.
+pub fn cause(e: &ApiError) -> String {
+    match (&e.error_type, &e.code) {
+        (Some(t), Some(c)) => format!("{t}:{c}"),
+        (Some(t), None) => t.clone(),
+        _ => e.kind.label().to_owned(),
+    }
+}
+
 /// Why a vehicle was not called this tick (the `reason` label of the skip counter).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Skip {
@@ -199,12 +209,7 @@ impl Gates {
                     .insert(endpoint.to_owned());
             }
             Reaction::Pause => {
-                let why = match (&e.error_type, &e.code) {
-                    (Some(t), Some(c)) => format!("{t}:{c}"),
-                    (Some(t), None) => t.clone(),
-                    _ => e.kind.label().to_owned(),
-                };
-                self.vehicles.entry(id.clone()).or_default().paused = Some(why);
+                self.vehicles.entry(id.clone()).or_default().paused = Some(cause(e));
             }
         }
         r
@@ -219,6 +224,29 @@ impl Gates {
                 (d, g.paused.clone())
             }
             None => (Vec::new(), None),
+        }
+    }
+
+    /// Takes the stored blocks as the truth for these vehicles (a reconnect or `vehicles
+    /// enable` lifted some; a discovery added some). Backoff and `retry-after` are untouched.
+    pub fn adopt_blocks(&mut self, blocks: &HashMap<VehicleId, Vec<(String, String)>>) {
+        for (id, g) in self.vehicles.iter_mut() {
+            if !blocks.contains_key(id) {
+                g.disabled.clear();
+                g.paused = None;
+            }
+        }
+        for (id, rows) in blocks {
+            let g = self.vehicles.entry(id.clone()).or_default();
+            g.disabled = rows
+                .iter()
+                .filter(|(e, _)| e != "*")
+                .map(|(e, _)| e.clone())
+                .collect();
+            g.paused = rows
+                .iter()
+                .find(|(e, _)| e == "*")
+                .map(|(_, why)| why.clone());
         }
     }
 

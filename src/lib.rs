@@ -4,7 +4,8 @@
 //! Data flows one way (DESIGN §1): [`config`] is validated at start; [`store`] owns the SQLite
 //! file on one thread; [`tokens`] keeps every connection's access token fresh and persists each
 //! rotated pair before it is used; [`schedule`] turns cron expressions into ticks; [`poller`]
-//! turns a tick into one bounded, concurrent poll cycle through the [`smartcar`] client; its
+//! turns a tick into one bounded, concurrent poll cycle through the [`smartcar`] client, skipping
+//! what [`discovery`] found a vehicle cannot answer; its
 //! readings go to the store's writer and its outcomes to [`metrics`]. [`connect`] runs the
 //! OAuth consent flow, [`simulator`] is a Smartcar look-alike for offline use, and [`app`] wires
 //! the daemon together with one shutdown path. [`demo`] runs all of it in one process.
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod demo;
+pub mod discovery;
 pub mod domain;
 pub mod gate;
 pub mod history;

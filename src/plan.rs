@@ -81,9 +81,25 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
             "  {job:<8} {expr:<18} {runs:>9} runs x {per} = {calls:>10} calls   ({what})"
         );
     }
+    let every = cfg.schedule.discover_every.as_secs().max(1);
+    let runs = (MONTH_DAYS as u64 * 86_400).div_ceil(every);
+    total += runs;
     let _ = writeln!(
         out,
-        "  {:<8} {:<18} {:>9}        {total:>10} calls",
+        "  {:<8} {:<18} {runs:>9} runs x 1 = {runs:>10} calls   ({})",
+        "capabil.",
+        format!(
+            "every {}",
+            crate::config::format_duration(cfg.schedule.discover_every)
+        ),
+        match api {
+            ApiVersion::V2 => "GET /permissions",
+            ApiVersion::V3 => "GET /signals",
+        }
+    );
+    let _ = writeln!(
+        out,
+        "  {:<8} {:<18} {:>9}            {total:>10} calls",
         "total", "", ""
     );
     Ok((out, total))
@@ -151,10 +167,12 @@ mod tests {
         )
         .unwrap();
         let (text, total) = plan(&cfg, from()).unwrap();
-        assert_eq!(total, 2880 + 30 * 2, "{text}");
+        // Battery every 15 min, info daily, capabilities weekly: 5 times in 30 days.
+        assert_eq!(total, 2880 + 30 * 2 + 5, "{text}");
         assert!(text.contains("2880 runs x 1"), "{text}");
+        assert!(text.contains("every 7d"), "{text}");
         cfg.smartcar.api = ApiVersion::V2;
         let (_, total) = plan(&cfg, from()).unwrap();
-        assert_eq!(total, 2880 * 2 + 30 * 3);
+        assert_eq!(total, 2880 * 2 + 30 * 3 + 5);
     }
 }

@@ -4,7 +4,7 @@
 //! holds one slot of the pool, never the cycle: a vehicle still busy from an earlier tick is
 //! skipped rather than queued twice.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,15 @@ use crate::tokens::{Access, TokenError, TokenManager};
 pub struct PolledVehicle {
     pub id: VehicleId,
     pub connection: ConnectionId,
+}
+
+/// Why a capability discovery failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
 }
 
 /// What one cycle came to, for the log line and for tests.
@@ -316,6 +325,11 @@ impl Poller {
             .used(id)
     }
 
+    /// Adopts the store's blocked endpoints and pauses (see [`Gates::adopt_blocks`]).
+    pub fn adopt_blocks(&self, blocks: &HashMap<VehicleId, Vec<(String, String)>>) {
+        self.gates().adopt_blocks(blocks);
+    }
+
     /// A new consent lifts what the old one could not give (disabled endpoints, a pause).
     pub fn reset_gate(&self, id: &VehicleId) {
         self.gates().reset(id);
@@ -333,11 +347,12 @@ impl Poller {
         cancel: CancellationToken,
     ) -> VehicleOutcome {
         // Asked before taking a pool slot: a vehicle that must not be called costs nothing.
-        let (cost, _) = crate::plan::calls_per_run(self.api, job_label(job));
+        let mut cost = 0;
         let admitted = self
             .gates()
             .admit(&v.id, job_endpoints(job), now_ms())
             .and_then(|open| {
+                cost = call_cost(self.api, job, &open);
                 let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
                 if ledger.allows(&v.id, cost, now_ms()) {
                     // Counted when admitted: a request that fails is billed all the same.
@@ -369,7 +384,7 @@ impl Poller {
         }
         let started = Instant::now();
         let results = tokio::select! {
-            r = self.fetch_with_auth_retry(v, job) => r,
+            r = self.fetch_with_auth_retry(v, job, &allowed) => r,
             _ = cancel.cancelled() => {
                 debug!("abandoned at shutdown");
                 return VehicleOutcome::Failed(0);
@@ -410,7 +425,7 @@ impl Poller {
                 }
                 warn!(error = %e, ?reaction, "request failed");
                 for endpoint in &allowed {
-                    items.push(self.failed(v, at, endpoint, &e, elapsed));
+                    self.failed(v, at, endpoint, &e, elapsed, &mut items);
                 }
             }
             Ok(results) => {
@@ -444,7 +459,7 @@ impl Poller {
                                 self.gates().failed(&v.id, endpoint, &e, at, rand::random());
                             }
                             warn!(endpoint, error = %e, ?reaction, "endpoint failed");
-                            items.push(self.failed(v, at, endpoint, &e, elapsed));
+                            self.failed(v, at, endpoint, &e, elapsed, &mut items);
                         }
                     }
                 }
@@ -477,7 +492,9 @@ impl Poller {
         }
     }
 
-    /// Counts a failed endpoint and returns its `poll_events` row.
+    /// Counts a failed endpoint and queues its `poll_events` row, and the block it causes
+    /// (a disabled endpoint, a paused vehicle) so a restart does not ask again. A v3 signal
+    /// merely missing from a listing is not kept: a sleeping car may list less.
     fn failed(
         &self,
         v: &PolledVehicle,
@@ -485,9 +502,34 @@ impl Poller {
         endpoint: &str,
         e: &ApiError,
         elapsed: f64,
-    ) -> WriteItem {
+        items: &mut Vec<WriteItem>,
+    ) {
         self.count(endpoint, e.kind.label(), elapsed);
-        WriteItem::Event(event(v, at, endpoint, e.kind.label(), Some(e)))
+        items.push(WriteItem::Event(event(
+            v,
+            at,
+            endpoint,
+            e.kind.label(),
+            Some(e),
+        )));
+        let blocked = match crate::gate::reaction(e, at) {
+            Reaction::DisableEndpoint if e.code.as_deref() != Some("SIGNAL_NOT_PROVIDED") => {
+                endpoint
+            }
+            Reaction::Pause => "*",
+            _ => return,
+        };
+        let known = items
+            .iter()
+            .any(|i| matches!(i, WriteItem::Block { endpoint: b, .. } if b.as_str() == blocked));
+        if !known {
+            items.push(WriteItem::Block {
+                vehicle_id: v.id.clone(),
+                endpoint: blocked.to_owned(),
+                reason: crate::gate::cause(e),
+                at,
+            });
+        }
     }
 
     fn count(&self, endpoint: &str, outcome: &str, elapsed: f64) {
@@ -580,17 +622,88 @@ impl Poller {
     }
 
     /// One request for the job; on 401 AUTHENTICATION, one refresh and one retry (DESIGN §2.2).
+    /// Reads what the vehicle cannot answer ([`SmartcarClient::unavailable`]), with the
+    /// poll's token handling (one refresh and retry on a 401), timeout, pool slot and budget
+    /// (one call). `Ok(None)`: not asked now (gate, budget or shutdown).
+    pub async fn discover(
+        &self,
+        v: &PolledVehicle,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Vec<(&'static str, String)>>, DiscoveryError> {
+        let now = now_ms();
+        if self.gates().admit(&v.id, &["discover"], now).is_err() {
+            return Ok(None);
+        }
+        {
+            let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+            if !ledger.allows(&v.id, 1, now) {
+                return Ok(None);
+            }
+            ledger.spend(&v.id, 1, now);
+        }
+        let Ok(_permit) = self.pool.clone().acquire_owned().await else {
+            self.refund(&v.id, 1);
+            return Ok(None);
+        };
+        let ask = async {
+            let access = self.tokens.access(v.connection).await?;
+            let first = self.unavailable_once(v, &access).await;
+            match first {
+                Err(e) if e.kind == ErrorKind::Authentication => {
+                    let fresh = self
+                        .tokens
+                        .refresh_after_401(v.connection, &access.token)
+                        .await?;
+                    Ok(self.unavailable_once(v, &fresh).await?)
+                }
+                other => Ok(other?),
+            }
+        };
+        tokio::select! {
+            r = ask => {
+                if let Err(DiscoveryError::Token(_)) = &r {
+                    self.refund(&v.id, 1);
+                }
+                r.map(Some)
+            }
+            _ = cancel.cancelled() => Ok(None),
+        }
+    }
+
+    async fn unavailable_once(
+        &self,
+        v: &PolledVehicle,
+        access: &Access,
+    ) -> Result<Vec<(&'static str, String)>, ApiError> {
+        let ctx = RequestCtx {
+            access_token: &access.token,
+            user_id: Some(access.user_id.as_str()),
+        };
+        let ask = self.client.unavailable(self.api, &ctx, &v.id);
+        match tokio::time::timeout(self.timeout, ask).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "no answer within {} s (poll.timeout)",
+                    self.timeout.as_secs()
+                ),
+            )),
+        }
+    }
+
     async fn fetch_with_auth_retry(
         &self,
         v: &PolledVehicle,
         job: Job,
+        only: &[&str],
     ) -> Result<Vec<EndpointResult>, Failure> {
         let access = self
             .tokens
             .access(v.connection)
             .await
             .map_err(Failure::Token)?;
-        match self.fetch_once(v, job, &access).await {
+        match self.fetch_once(v, job, only, &access).await {
             Err(e) if e.kind == ErrorKind::Authentication => {
                 info!("401 from Smartcar; refreshing the token once and retrying");
                 let fresh = self
@@ -598,7 +711,9 @@ impl Poller {
                     .refresh_after_401(v.connection, &access.token)
                     .await
                     .map_err(Failure::Token)?;
-                self.fetch_once(v, job, &fresh).await.map_err(Failure::Api)
+                self.fetch_once(v, job, only, &fresh)
+                    .await
+                    .map_err(Failure::Api)
             }
             other => other.map_err(Failure::Api),
         }
@@ -608,15 +723,15 @@ impl Poller {
         &self,
         v: &PolledVehicle,
         job: Job,
+        only: &[&str],
         access: &Access,
     ) -> Result<Vec<EndpointResult>, ApiError> {
         let ctx = RequestCtx {
             access_token: &access.token,
             user_id: Some(access.user_id.as_str()),
         };
-        match tokio::time::timeout(self.timeout, self.client.fetch(self.api, &ctx, &v.id, job))
-            .await
-        {
+        let fetch = self.client.fetch_only(self.api, &ctx, &v.id, job, only);
+        match tokio::time::timeout(self.timeout, fetch).await {
             Ok(r) => r,
             Err(_) => Err(ApiError {
                 kind: ErrorKind::Timeout,
@@ -631,6 +746,15 @@ impl Poller {
                 request_id: None,
             }),
         }
+    }
+}
+
+/// What one poll of `open` endpoints is billed: in v2 every batch item and the info call
+/// count; a v3 poll costs its plan price whatever it reads.
+fn call_cost(api: ApiVersion, job: Job, open: &[&str]) -> u64 {
+    match api {
+        ApiVersion::V2 => open.len() as u64,
+        ApiVersion::V3 => crate::plan::calls_per_run(api, job_label(job)).0,
     }
 }
 

@@ -123,16 +123,33 @@ pub async fn vehicles_enable(cfg: &Config, id: &str, enabled: bool) -> anyhow::R
     let store = Store::open(&cfg.store.path, None)?;
     let vid = VehicleId(id.to_string());
     let changed = store
-        .call(move |c| queries::set_vehicle_enabled(c, &vid, enabled))
+        .call(move |c| {
+            if !queries::set_vehicle_enabled(c, &vid, enabled)? {
+                return Ok(None);
+            }
+            // Enabling says the owner fixed what stopped it (billing, an account, a
+            // permission): what answers blocked is asked again.
+            let lifted = if enabled {
+                queries::clear_blocks(c, &vid, true)?
+            } else {
+                0
+            };
+            Ok(Some(lifted))
+        })
         .await;
     store.close().await?;
-    if !changed? {
+    let Some(lifted) = changed? else {
         bail!("no vehicle {id} in the store (see `carpulse vehicles list`)");
-    }
+    };
     println!(
         "vehicle {id} {}; a running daemon picks this up within a minute (or now: systemctl reload carpulse)",
         if enabled { "enabled" } else { "disabled" }
     );
+    if lifted > 0 {
+        println!(
+            "lifted {lifted} block(s) that earlier answers had set (a pause or disabled endpoints)"
+        );
+    }
     Ok(())
 }
 
@@ -153,6 +170,8 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
         );
     }
     let rows = queries::vehicle_summaries(&c)?;
+    // A store not yet migrated by this version has no blocks to show.
+    let blocks = queries::load_blocks(&c).unwrap_or_default();
     println!("vehicles: {}", rows.len());
     for s in rows {
         let last = match &s.last_poll {
@@ -179,6 +198,17 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
             },
             last
         );
+        for b in blocks
+            .iter()
+            .filter(|b| b.vehicle_id == s.vehicle.vehicle_id)
+        {
+            let what = if b.endpoint == "*" {
+                "paused".to_owned()
+            } else {
+                format!("not polled: {}", b.endpoint)
+            };
+            println!("      {what} ({}; from {})", b.reason, b.source);
+        }
     }
     let mut stmt = c.prepare(
         "SELECT vehicle_id, at, endpoint, outcome, error_type, error_code FROM poll_events

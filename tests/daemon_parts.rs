@@ -34,14 +34,24 @@ async fn world(api: &str, token_lifetime: Duration) -> World {
 }
 
 async fn world_of(api: &str, token_lifetime: Duration, vehicles: usize) -> World {
+    world_with(
+        api,
+        SimulatorConfig {
+            vehicles_per_user: vehicles,
+            access_token_lifetime: token_lifetime,
+            ..SimulatorConfig::default()
+        },
+    )
+    .await
+}
+
+async fn world_with(api: &str, sim_cfg: SimulatorConfig) -> World {
     let sim_cfg = SimulatorConfig {
         client_id: "parts-client".into(),
         client_secret: "parts-secret".into(),
         users: 1,
-        vehicles_per_user: vehicles,
-        access_token_lifetime: token_lifetime,
         report_interval: Duration::from_secs(1),
-        ..SimulatorConfig::default()
+        ..sim_cfg
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -659,5 +669,137 @@ async fn the_monthly_budget_stops_polling_short_of_it() {
         .await
         .unwrap();
     assert_eq!(answered, (2, 6));
+    w.stop.cancel();
+}
+
+/// A BEV and an ICE car (which is which depends on the simulator's seed), connected.
+async fn bev_and_ice(api: &str) -> (World, carpulse::connect::Connected) {
+    let w = world_with(
+        api,
+        SimulatorConfig {
+            vehicles_per_user: 2,
+            powertrains: vec![simulator::Powertrain::Bev, simulator::Powertrain::Ice],
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    let connected = connect(&w).await;
+    (w, connected)
+}
+
+async fn requests(w: &World, api: &str) -> u64 {
+    sim_stats(w).await[format!("{api}_requests")]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn v3_discovery_at_connect_keeps_the_ice_car_out_of_battery_polls() {
+    let (w, connected) = bev_and_ice("v3").await;
+    // The signal list of the ICE car marks its traction battery and charge signals ERROR
+    // COMPATIBILITY; the BEV's blocks nothing.
+    let (ice, bev): (Vec<_>, Vec<_>) = connected
+        .vehicles
+        .iter()
+        .map(|(id, _)| id.clone())
+        .partition(|id| !connected.unavailable[id].is_empty());
+    assert_eq!(
+        (ice.len(), bev.len()),
+        (1, 1),
+        "{:?}",
+        connected.unavailable
+    );
+    let mut blocked: Vec<&str> = connected.unavailable[&ice[0]].iter().map(|b| b.0).collect();
+    blocked.sort();
+    assert_eq!(
+        blocked,
+        ["battery", "charge"],
+        "{:?}",
+        connected.unavailable
+    );
+    assert!(carpulse::connect::describe(&connected)
+        .contains("not polled: battery (COMPATIBILITY:VEHICLE_NOT_CAPABLE)"));
+
+    let (poller, metrics) = poller_for(&w, "v3", &connected).await;
+    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+        .await
+        .unwrap();
+    let before = requests(&w, "v3").await;
+    let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!((r.ok, r.skipped, r.failed), (1, 1, 0), "{r:?}");
+    let bev_only = requests(&w, "v3").await - before;
+    assert!(metrics
+        .render()
+        .contains("carpulse_polls_skipped_total{job=\"battery\",reason=\"disabled\"} 1"));
+    // Lifted (as a reconnect would), the ICE car is asked again: twice the requests.
+    let id = ice[0].clone();
+    w.store
+        .call(move |c| queries::clear_blocks(c, &id, false))
+        .await
+        .unwrap();
+    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+        .await
+        .unwrap();
+    let before = requests(&w, "v3").await;
+    let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!((r.ok, r.failed), (1, 1), "{r:?}");
+    assert_eq!(requests(&w, "v3").await - before, 2 * bev_only);
+    // The info job still polls the ICE car (its odometer).
+    let r = poller.cycle(Job::Info, CancellationToken::new()).await;
+    assert_eq!((r.ok, r.failed), (2, 0), "{r:?}");
+    w.stop.cancel();
+}
+
+#[tokio::test]
+async fn v2_blocks_learnt_from_answers_survive_a_restart_until_the_vehicle_is_enabled() {
+    let (w, connected) = bev_and_ice("v2").await;
+    // Every permission is granted: v2 discovery blocks nothing; the ICE car's answers will.
+    assert!(connected.unavailable.values().all(Vec::is_empty));
+    let (poller, _) = poller_for(&w, "v2", &connected).await;
+    let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(r.failed, 1, "the ICE car answers 501 twice: {r:?}");
+    w.store.flush().await.unwrap();
+    let blocks = w.store.call(|c| queries::load_blocks(c)).await.unwrap();
+    let mut stored: Vec<(&str, &str, &str)> = blocks
+        .iter()
+        .map(|b| (b.endpoint.as_str(), b.source.as_str(), b.reason.as_str()))
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            ("battery", "poll", "COMPATIBILITY:VEHICLE_NOT_CAPABLE"),
+            ("charge", "poll", "COMPATIBILITY:VEHICLE_NOT_CAPABLE")
+        ]
+    );
+    let ice = blocks[0].vehicle_id.clone();
+    assert!(
+        blocks.iter().all(|b| b.vehicle_id == ice),
+        "one car: {blocks:?}"
+    );
+
+    // "Restart": a new poller adopts the stored blocks and never asks the ICE car again.
+    let (poller, _) = poller_for(&w, "v2", &connected).await;
+    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+        .await
+        .unwrap();
+    let before = requests(&w, "v2").await;
+    let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!((r.ok, r.skipped), (1, 1), "{r:?}");
+    assert_eq!(requests(&w, "v2").await - before, 1, "the BEV's batch only");
+
+    // `vehicles enable` lifts what answers blocked; the next reload asks again.
+    let id = ice.clone();
+    let lifted = w
+        .store
+        .call(move |c| queries::clear_blocks(c, &id, true))
+        .await
+        .unwrap();
+    assert_eq!(lifted, 2);
+    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+        .await
+        .unwrap();
+    let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!((r.failed, r.skipped), (1, 0), "asked again: {r:?}");
     w.stop.cancel();
 }

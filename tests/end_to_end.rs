@@ -422,7 +422,7 @@ async fn plan_checks_the_schedule_against_the_budget() {
             .output()
             .unwrap()
     };
-    // Twice a day: 60 runs x 2 + 30 x 3 = 210 calls.
+    // Twice a day: 60 runs x 2 + 30 x 3 + 5 weekly capability reads = 215 calls.
     let under = write(
         "under.toml",
         "battery = \"0 0 */12 * * *\"\ninfo = \"0 0 4 * * *\"",
@@ -431,16 +431,16 @@ async fn plan_checks_the_schedule_against_the_budget() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("60 runs x 2"), "{text}");
-    assert!(text.contains("210 calls"), "{text}");
+    assert!(text.contains("215 calls"), "{text}");
     assert!(text.contains("within the budget of 500"), "{text}");
 
-    // Every 15 minutes: 2880 x 2 + 90 = 5850 calls, refused with the arithmetic.
+    // Every 15 minutes: 2880 x 2 + 90 + 5 = 5855 calls, refused with the arithmetic.
     let over = write("over.toml", "battery = \"0 */15 * * * *\"");
     let out = run(&over, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("5850 calls per vehicle per month is over the budget of 500"),
+        err.contains("5855 calls per vehicle per month is over the budget of 500"),
         "{err}"
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("2880 runs x 2"));

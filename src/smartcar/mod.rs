@@ -251,9 +251,46 @@ impl SmartcarClient {
         id: &VehicleId,
         job: Job,
     ) -> Result<Vec<EndpointResult>, ApiError> {
+        self.fetch_only(api, ctx, id, job, &[]).await
+    }
+
+    /// [`fetch`](Self::fetch) asking only for `only` of the job's endpoints (empty: all).
+    /// In v2 each batch item is billed, so what the vehicle cannot answer is not asked; a v3
+    /// signal listing costs the same whatever is read from it.
+    pub async fn fetch_only(
+        &self,
+        api: ApiVersion,
+        ctx: &RequestCtx<'_>,
+        id: &VehicleId,
+        job: Job,
+        only: &[&str],
+    ) -> Result<Vec<EndpointResult>, ApiError> {
         match api {
-            ApiVersion::V2 => v2::fetch(self, ctx, id, job).await,
+            ApiVersion::V2 => v2::fetch(self, ctx, id, job, only).await,
             ApiVersion::V3 => v3::fetch(self, ctx, id, job).await,
+        }
+    }
+
+    /// What the vehicle cannot answer, by the API's own account, as (endpoint, reason): in
+    /// v2 the endpoints whose permission the consent did not grant (`/permissions`); in v3
+    /// the signals the listing marks ERROR with PERMISSION or COMPATIBILITY. A signal merely
+    /// missing from a listing blocks nothing: a sleeping car may list less.
+    pub async fn unavailable(
+        &self,
+        api: ApiVersion,
+        ctx: &RequestCtx<'_>,
+        id: &VehicleId,
+    ) -> Result<Vec<(&'static str, String)>, ApiError> {
+        match api {
+            ApiVersion::V2 => {
+                let granted = v2::permissions(self, ctx, id).await?;
+                Ok(v2::ENDPOINT_PERMISSIONS
+                    .iter()
+                    .filter(|(_, p)| !granted.iter().any(|g| g == p))
+                    .map(|(e, p)| (*e, format!("not granted: {p}")))
+                    .collect())
+            }
+            ApiVersion::V3 => v3::unavailable(self, ctx, id).await,
         }
     }
 

@@ -31,12 +31,13 @@ struct UserBody {
     id: String,
 }
 
+/// One page of a v2 list: `{"<key>": [...], "paging": {"count": N, "offset": M}}`.
 #[derive(Deserialize)]
-struct VehiclesPage {
-    #[serde(default)]
-    vehicles: Vec<String>,
+struct ListPage {
     #[serde(default)]
     paging: Option<Paging>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -53,27 +54,62 @@ pub(crate) async fn user_id(client: &SmartcarClient, access: &Secret) -> Result<
     Ok(raw.json::<UserBody>("user")?.id)
 }
 
-/// Pages through `GET /vehicles` until `paging.count` ids are read. Guards against a server
-/// whose pages or count are wrong: stops on an empty page, on a page that adds no new id
-/// (an ignored `offset`), and after [`MAX_PAGES`].
+/// Every vehicle id the token covers (`GET /vehicles`, paged).
 pub(crate) async fn list_vehicles(
     client: &SmartcarClient,
     access: &Secret,
 ) -> Result<Vec<VehicleId>, ApiError> {
-    let mut out: Vec<VehicleId> = Vec::new();
+    let ids = paged_list(client, access, "/vehicles", "vehicles").await?;
+    Ok(ids.into_iter().map(VehicleId).collect())
+}
+
+/// The permissions the consent granted for this vehicle (`GET /vehicles/{id}/permissions`,
+/// paged).
+pub(crate) async fn permissions(
+    client: &SmartcarClient,
+    ctx: &RequestCtx<'_>,
+    id: &VehicleId,
+) -> Result<Vec<String>, ApiError> {
+    let path = format!("/vehicles/{}/permissions", id.0);
+    paged_list(client, ctx.access_token, &path, "permissions").await
+}
+
+/// Pages through a v2 list of strings until `paging.count` are read. Guards against a server
+/// whose pages or count are wrong: stops on an empty page, on a page that adds nothing new
+/// (an ignored `offset`), and after [`MAX_PAGES`].
+async fn paged_list(
+    client: &SmartcarClient,
+    access: &Secret,
+    path: &str,
+    key: &'static str,
+) -> Result<Vec<String>, ApiError> {
+    let mut out: Vec<String> = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut offset = 0usize;
     for _ in 0..MAX_PAGES {
-        let url = client.v2_url(&format!("/vehicles?limit={PAGE_LIMIT}&offset={offset}"));
+        let url = client.v2_url(&format!("{path}?limit={PAGE_LIMIT}&offset={offset}"));
         let raw = client
             .send(client.vehicle_request(Method::GET, &url, access, None))
             .await?;
-        let page: VehiclesPage = raw.json("vehicles")?;
-        let n = page.vehicles.len();
+        let page: ListPage = raw.json(key)?;
+        let items: Vec<String> = match page.rest.get(key) {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            Some(_) => {
+                return Err(ApiError {
+                    request_id: raw.request_id(),
+                    ..ApiError::decode(Some(raw.status), format!("`{key}` is not a list"))
+                })
+            }
+        };
+        let n = items.len();
         let mut added = 0;
-        for id in page.vehicles {
-            if seen.insert(id.clone()) {
-                out.push(VehicleId(id));
+        for item in items {
+            if seen.insert(item.clone()) {
+                out.push(item);
                 added += 1;
             }
         }
@@ -107,32 +143,54 @@ pub(crate) async fn vehicle_info(
     })
 }
 
+/// The permission each polled endpoint needs (smartcar-api.md §2.2).
+pub const ENDPOINT_PERMISSIONS: &[(&str, &str)] = &[
+    ("battery", "read_battery"),
+    ("charge", "read_charge"),
+    ("info", "read_vehicle_info"),
+    ("vin", "read_vin"),
+    ("odometer", "read_odometer"),
+];
+
 pub(crate) async fn fetch(
     client: &SmartcarClient,
     ctx: &RequestCtx<'_>,
     id: &VehicleId,
     job: Job,
+    only: &[&str],
 ) -> Result<Vec<EndpointResult>, ApiError> {
+    let wanted = |e: &str| only.is_empty() || only.contains(&e);
+    let paths = |all: &[BatchPath]| -> Vec<BatchPath> {
+        all.iter().copied().filter(|p| wanted(p.endpoint)).collect()
+    };
     match job {
-        Job::Battery => batch(client, ctx, id, &[BATTERY, CHARGE]).await,
+        Job::Battery => batch(client, ctx, id, &paths(&[BATTERY, CHARGE])).await,
         Job::Info => {
+            let items = paths(&[VIN, ODOMETER]);
             // Both requests go out at once: the info call is cheap for Smartcar, and a slow
             // car must not double the poll's wall time.
             let (info, batch) = tokio::join!(
-                vehicle_info(client, ctx, id),
-                batch(client, ctx, id, &[VIN, ODOMETER])
+                async {
+                    if wanted("info") {
+                        Some(vehicle_info(client, ctx, id).await)
+                    } else {
+                        None
+                    }
+                },
+                batch(client, ctx, id, &items)
             );
             let mut results = batch?;
             match info {
                 // A dead token fails the whole job, so the caller refreshes and retries once.
-                Err(e) if e.kind == ErrorKind::Authentication => return Err(e),
-                info => results.insert(
+                Some(Err(e)) if e.kind == ErrorKind::Authentication => return Err(e),
+                Some(info) => results.insert(
                     0,
                     EndpointResult {
                         endpoint: "info",
                         result: info.map(Payload::Info),
                     },
                 ),
+                None => {}
             }
             Ok(results)
         }
@@ -175,6 +233,9 @@ async fn batch(
     id: &VehicleId,
     paths: &[BatchPath],
 ) -> Result<Vec<EndpointResult>, ApiError> {
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
     let url = client.v2_url(&format!("/vehicles/{}/batch", id.0));
     let req = client
         .vehicle_request(Method::POST, &url, ctx.access_token, None)

@@ -282,6 +282,40 @@ pub(crate) async fn fetch(
     }
 }
 
+/// Endpoints the signal listing says the vehicle cannot answer (see
+/// [`SmartcarClient::unavailable`]).
+pub(crate) async fn unavailable(
+    client: &SmartcarClient,
+    ctx: &RequestCtx<'_>,
+    id: &VehicleId,
+) -> Result<Vec<(&'static str, String)>, ApiError> {
+    let (signals, _) = all_signals(client, ctx, id).await?;
+    Ok(unavailable_in(&signals, client.unit_system()))
+}
+
+/// The pure half of [`unavailable`].
+pub fn unavailable_in(signals: &[Signal], units: UnitSystem) -> Vec<(&'static str, String)> {
+    let mut results = pick_battery_job(signals, units);
+    results.extend(pick_info_job(signals, units));
+    results
+        .into_iter()
+        .filter_map(|r| match r.result {
+            Err(e)
+                if matches!(e.kind, ErrorKind::Permission | ErrorKind::Compatibility)
+                    && e.code.as_deref() != Some("SIGNAL_NOT_PROVIDED") =>
+            {
+                let reason = format!(
+                    "{}:{}",
+                    e.error_type.as_deref().unwrap_or(e.kind.label()),
+                    e.code.as_deref().unwrap_or("null")
+                );
+                Some((r.endpoint, reason))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 fn find<'a>(signals: &'a [Signal], code: &str) -> Option<&'a Signal> {
     signals.iter().find(|s| s.code == code)
 }
@@ -487,6 +521,30 @@ mod tests {
         let p = parse(&json!({"data": [], "links": {"next": null}}));
         assert_eq!(p.next, None);
         assert!(parse_signals_page(&json!({"errors": []}), F, None).is_err());
+    }
+
+    #[test]
+    fn only_explicit_permission_and_compatibility_errors_make_an_endpoint_unavailable() {
+        let p = parse(&page(
+            vec![
+                failed(SOC, "COMPATIBILITY", "VEHICLE_NOT_CAPABLE"),
+                failed(CABLE, "PERMISSION", "NOT_GRANTED"),
+                // Asleep: a state, not a capability.
+                failed(ODOMETER, "VEHICLE_STATE", "ASLEEP"),
+            ],
+            Value::Null,
+        ));
+        let mut got = unavailable_in(&p.signals, UnitSystem::Metric);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("battery", "COMPATIBILITY:VEHICLE_NOT_CAPABLE".to_string()),
+                ("charge", "PERMISSION:NOT_GRANTED".to_string()),
+            ]
+        );
+        // Signals merely missing from a listing block nothing.
+        assert_eq!(unavailable_in(&[], UnitSystem::Metric), []);
     }
 
     #[test]

@@ -10,7 +10,10 @@ use rusqlite::{Connection, TransactionBehavior};
 
 /// The migrations in order; the store's `user_version` is how many of them it has.
 /// Append only: never edit or reorder a released entry.
-pub const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_initial.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_initial.sql"),
+    include_str!("migrations/0002_vehicle_blocks.sql"),
+];
 
 /// The schema version this build writes.
 pub fn latest_version() -> i64 {

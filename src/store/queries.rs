@@ -683,3 +683,129 @@ mod tests {
         assert_eq!(s[1].last_poll, None);
     }
 }
+
+/// One thing a vehicle cannot be asked for (`endpoint` `*`: the whole vehicle is paused).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub vehicle_id: VehicleId,
+    pub endpoint: String,
+    pub source: String,
+    pub reason: String,
+}
+
+/// Every stored block, for the gates at start and at each reload.
+pub fn load_blocks(c: &Connection) -> anyhow::Result<Vec<Block>> {
+    let mut stmt = c
+        .prepare(
+            "SELECT v.vehicle_id, b.endpoint, b.source, b.reason
+             FROM vehicle_blocks b JOIN vehicles v ON v.id = b.vehicle
+             ORDER BY v.id, b.endpoint",
+        )
+        .context("preparing the blocked endpoints query")?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(Block {
+                vehicle_id: VehicleId(r.get(0)?),
+                endpoint: r.get(1)?,
+                source: r.get(2)?,
+                reason: r.get(3)?,
+            })
+        })
+        .context("loading blocked endpoints")?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .context("reading a blocked endpoint row")
+}
+
+/// Records a capability discovery: its blocks replace the vehicle's earlier discovery blocks
+/// (a block an answer caused stays), and `capabilities_at` is set. False if the vehicle is
+/// unknown.
+pub fn save_discovery(
+    c: &mut Connection,
+    vehicle_id: &VehicleId,
+    blocked: &[(String, String)],
+    now: UnixMillis,
+) -> anyhow::Result<bool> {
+    let tx = c
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .with_context(|| format!("saving the capabilities of {vehicle_id}: starting"))?;
+    let key: Option<i64> = tx
+        .query_row(
+            "SELECT id FROM vehicles WHERE vehicle_id = ?1",
+            [&vehicle_id.0],
+            |r| r.get(0),
+        )
+        .optional()
+        .with_context(|| format!("looking up vehicle {vehicle_id}"))?;
+    let Some(key) = key else {
+        return Ok(false);
+    };
+    tx.execute(
+        "DELETE FROM vehicle_blocks WHERE vehicle = ?1 AND source = 'discovery'",
+        [key],
+    )
+    .with_context(|| format!("clearing the old capabilities of {vehicle_id}"))?;
+    for (endpoint, reason) in blocked {
+        tx.execute(
+            "INSERT OR IGNORE INTO vehicle_blocks (vehicle, endpoint, source, reason, since)
+             VALUES (?1, ?2, 'discovery', ?3, ?4)",
+            params![key, endpoint, reason, now],
+        )
+        .with_context(|| format!("blocking {endpoint} of {vehicle_id}"))?;
+    }
+    tx.execute(
+        "UPDATE vehicles SET capabilities_at = ?2 WHERE id = ?1",
+        params![key, now],
+    )
+    .with_context(|| format!("dating the capabilities of {vehicle_id}"))?;
+    tx.commit()
+        .with_context(|| format!("saving the capabilities of {vehicle_id}: committing"))?;
+    Ok(true)
+}
+
+/// Lifts a vehicle's blocks: all of them (a reconnect, whose consent may grant what the old
+/// one did not; its capabilities are read again), or only those answers caused (`vehicles
+/// enable`: the owner says the cause is fixed). Returns how many were lifted.
+pub fn clear_blocks(
+    c: &Connection,
+    vehicle_id: &VehicleId,
+    only_from_polls: bool,
+) -> anyhow::Result<usize> {
+    let filter = if only_from_polls {
+        " AND source = 'poll'"
+    } else {
+        ""
+    };
+    let n = c
+        .execute(
+            &format!(
+                "DELETE FROM vehicle_blocks
+                 WHERE vehicle = (SELECT id FROM vehicles WHERE vehicle_id = ?1){filter}"
+            ),
+            [&vehicle_id.0],
+        )
+        .with_context(|| format!("lifting the blocks of vehicle {vehicle_id}"))?;
+    if !only_from_polls {
+        c.execute(
+            "UPDATE vehicles SET capabilities_at = NULL WHERE vehicle_id = ?1",
+            [&vehicle_id.0],
+        )
+        .with_context(|| format!("marking vehicle {vehicle_id} for capability discovery"))?;
+    }
+    Ok(n)
+}
+
+/// Enabled vehicles whose capabilities were never read, or not since `before`.
+pub fn vehicles_to_discover(c: &Connection, before: UnixMillis) -> anyhow::Result<Vec<VehicleId>> {
+    let mut stmt = c
+        .prepare(
+            "SELECT vehicle_id FROM vehicles
+             WHERE enabled = 1 AND (capabilities_at IS NULL OR capabilities_at < ?1)
+             ORDER BY id",
+        )
+        .context("preparing the capability discovery query")?;
+    let rows = stmt
+        .query_map([before], |r| Ok(VehicleId(r.get(0)?)))
+        .context("finding vehicles to discover")?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .context("reading a vehicle id")
+}

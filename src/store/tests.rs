@@ -584,7 +584,11 @@ async fn tokens_round_trip_and_never_appear_in_any_view() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(views.len(), 4);
+    assert_eq!(
+        views.len(),
+        5,
+        "the four history views and blocked_endpoints"
+    );
     let mut cells = 0;
     for view in views {
         let mut stmt = c.prepare(&format!("SELECT * FROM {view}")).unwrap();
@@ -834,4 +838,101 @@ async fn a_rotated_pair_never_overwrites_a_reconnect() {
     }
     let stored = store.call(|c| queries::load_connections(c)).await.unwrap();
     assert_eq!(stored[0].tokens, reconnect);
+}
+
+#[tokio::test]
+async fn blocks_discovery_replaces_its_own_rows_and_each_lift_lifts_its_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let store = Store::open(&path, None).unwrap();
+    seed(&store, &["car", "other"]).await;
+    let block = |endpoint: &str, at| WriteItem::Block {
+        vehicle_id: vid("car"),
+        endpoint: endpoint.into(),
+        reason: "PERMISSION".into(),
+        at,
+    };
+    store
+        .write(vec![
+            block("odometer", 5),
+            block("odometer", 6),
+            block("*", 7),
+        ])
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    let rows = |store: &Store| {
+        let store = store.clone();
+        async move {
+            let mut v: Vec<(String, String, String)> = store
+                .call(|c| queries::load_blocks(c))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|b| (b.vehicle_id.0, b.endpoint, b.source))
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let discover = |blocked: Vec<(String, String)>| {
+        let store = store.clone();
+        async move {
+            store
+                .call(move |c| queries::save_discovery(c, &vid("car"), &blocked, 10))
+                .await
+                .unwrap()
+        }
+    };
+    let due = |store: &Store| {
+        let store = store.clone();
+        async move {
+            store
+                .call(|c| queries::vehicles_to_discover(c, 10))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(due(&store).await, [vid("car"), vid("other")]);
+    assert!(discover(vec![("charge".into(), "not granted: read_charge".into())]).await);
+    assert_eq!(due(&store).await, [vid("other")], "car was read at 10");
+    // A second discovery replaces the first one's rows; answers' rows stay.
+    assert!(discover(vec![("vin".into(), "not granted: read_vin".into())]).await);
+    let s = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    assert_eq!(
+        rows(&store).await,
+        [
+            s("car", "*", "poll"),
+            s("car", "odometer", "poll"),
+            s("car", "vin", "discovery")
+        ]
+    );
+    // `vehicles enable` lifts what answers set.
+    let lifted = store
+        .call(|c| queries::clear_blocks(c, &vid("car"), true))
+        .await
+        .unwrap();
+    assert_eq!(lifted, 2);
+    assert_eq!(rows(&store).await, [s("car", "vin", "discovery")]);
+    // A reconnect lifts everything and asks for a new discovery.
+    store
+        .call(|c| queries::clear_blocks(c, &vid("car"), false))
+        .await
+        .unwrap();
+    assert_eq!(rows(&store).await, []);
+    assert_eq!(due(&store).await, [vid("car"), vid("other")]);
+    // Removing the vehicle removes its blocks; unknown vehicles are refused.
+    assert!(discover(vec![("vin".into(), "x".into())]).await);
+    store
+        .call(|c| queries::remove_vehicle(c, &vid("car")))
+        .await
+        .unwrap();
+    assert_eq!(rows(&store).await, []);
+    assert!(!discover(vec![]).await);
+    store.close().await.unwrap();
+    let c = Connection::open(&path).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM blocked_endpoints", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use crate::domain::{PollEvent, Reading, VehicleId, VehicleInfo};
+use crate::domain::{PollEvent, Reading, UnixMillis, VehicleId, VehicleInfo};
 
 /// One row (or vehicle update) bound for the store.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +24,14 @@ pub enum WriteItem {
     Info(VehicleId, VehicleInfo),
     /// Updates the VIN.
     Vin(VehicleId, String),
+    /// An answer said the endpoint (`*`: the whole vehicle) cannot be asked for until the
+    /// owner reconnects or re-enables the vehicle; kept so a restart does not ask again.
+    Block {
+        vehicle_id: VehicleId,
+        endpoint: String,
+        reason: String,
+        at: UnixMillis,
+    },
 }
 
 impl WriteItem {
@@ -34,7 +42,7 @@ impl WriteItem {
             WriteItem::Reading(_, Reading::Charge(_)) => Label::Charge,
             WriteItem::Reading(_, Reading::Odometer(_)) => Label::Odometer,
             WriteItem::Event(_) => Label::PollEvents,
-            WriteItem::Info(..) | WriteItem::Vin(..) => Label::Vehicles,
+            WriteItem::Info(..) | WriteItem::Vin(..) | WriteItem::Block { .. } => Label::Vehicles,
         }
     }
 }
@@ -207,6 +215,31 @@ impl Writer {
                         Outcome::Written
                     }
                 }
+                WriteItem::Block {
+                    vehicle_id,
+                    endpoint,
+                    reason,
+                    at,
+                } => match self.key(&tx, vehicle_id)? {
+                    None => Outcome::Unknown,
+                    Some(key) => {
+                        let n = tx
+                            .prepare_cached(
+                                "INSERT OR IGNORE INTO vehicle_blocks
+                                     (vehicle, endpoint, source, reason, since)
+                                 VALUES (?1, ?2, 'poll', ?3, ?4)",
+                            )?
+                            .execute(params![key, endpoint, reason, at])
+                            .with_context(|| {
+                                format!("blocking {endpoint} of vehicle {vehicle_id}")
+                            })?;
+                        if n == 0 {
+                            Outcome::Duplicate
+                        } else {
+                            Outcome::Written
+                        }
+                    }
+                },
                 WriteItem::Vin(vid, vin) => {
                     let n = tx
                         .prepare_cached("UPDATE vehicles SET vin = ?2 WHERE vehicle_id = ?1")?
@@ -230,7 +263,8 @@ impl Writer {
                         unknown = Some(match item {
                             WriteItem::Reading(v, _)
                             | WriteItem::Info(v, _)
-                            | WriteItem::Vin(v, _) => v,
+                            | WriteItem::Vin(v, _)
+                            | WriteItem::Block { vehicle_id: v, .. } => v,
                             WriteItem::Event(ev) => &ev.vehicle_id,
                         });
                     }

@@ -1,0 +1,34 @@
+-- carpulse schema 2: what a vehicle cannot be asked for, kept across restarts.
+--
+-- endpoint: a poll endpoint (battery, charge, info, vin, odometer), or '*' for the whole
+-- vehicle (a pause: BILLING, CONNECTED_SERVICES_ACCOUNT).
+-- source: 'discovery' (the grant's /permissions or the v3 signal list says so, rewritten at
+-- every discovery) or 'poll' (an answer said so: PERMISSION, COMPATIBILITY, BILLING, ...).
+-- A reconnect of the vehicle's account lifts every row of it; `carpulse vehicles enable`
+-- lifts the 'poll' rows.
+CREATE TABLE vehicle_blocks (
+    vehicle   INTEGER NOT NULL,
+    endpoint  TEXT    NOT NULL,
+    source    TEXT    NOT NULL,
+    reason    TEXT    NOT NULL,
+    since     INTEGER NOT NULL,
+    PRIMARY KEY (vehicle, endpoint)
+) WITHOUT ROWID;
+
+-- When the vehicle's capabilities were last read (NULL: never; the daemon reads them soon).
+ALTER TABLE vehicles ADD COLUMN capabilities_at INTEGER;
+
+CREATE TRIGGER vehicles_after_delete_blocks AFTER DELETE ON vehicles
+BEGIN
+    DELETE FROM vehicle_blocks WHERE vehicle = old.id;
+END;
+
+CREATE VIEW blocked_endpoints AS
+SELECT v.vehicle_id        AS vehicle_id,
+       b.endpoint          AS endpoint,
+       b.source            AS source,
+       b.reason            AS reason,
+       b.since             AS since,
+       b.since / 1000.0    AS time
+FROM vehicle_blocks b
+JOIN vehicles v ON v.id = b.vehicle;
