@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, ScheduleConfig};
 use crate::domain::ConnectionStatus;
 use crate::metrics::{self, Health, Metrics};
 use crate::poller::{PolledVehicle, Poller};
@@ -112,7 +112,13 @@ impl Daemon {
             listener,
         };
         daemon.load().await?;
-        daemon.load_ledger().await?;
+        load_ledger(
+            &daemon.store,
+            &daemon.poller,
+            daemon.config.smartcar.api,
+            daemon.config.budget.calls_per_vehicle_month,
+        )
+        .await?;
         Ok(daemon)
     }
 
@@ -184,62 +190,6 @@ impl Daemon {
         Ok(())
     }
 
-    /// Seeds the monthly call ledger from this month's `poll_events`, so a restart does not
-    /// forget what was spent. Events of one poll share its `at`: in v2 each event row is a
-    /// billed call or batch item; in v3 a poll is billed as its plan cost (1 or 2 calls)
-    /// whatever number of signals it read. Polls that never reached Smartcar (no token) are
-    /// not counted.
-    async fn load_ledger(&self) -> anyhow::Result<()> {
-        let Some(budget) = self.config.budget.calls_per_vehicle_month else {
-            return Ok(());
-        };
-        let api = self.config.smartcar.api;
-        let now = crate::domain::now_ms();
-        let since = crate::gate::month_start(now);
-        let polls = self
-            .store
-            .call(move |c| {
-                let mut stmt = c.prepare(
-                    "SELECT vehicle_id, count(*),
-                            max(endpoint IN ('info', 'vin', 'odometer'))
-                     FROM poll_events
-                     WHERE at >= ?1 AND outcome NOT IN ('needs_reauth', 'token_error')
-                     GROUP BY vehicle_id, at",
-                )?;
-                let rows = stmt
-                    .query_map([since], |r| {
-                        Ok((
-                            crate::domain::VehicleId(r.get(0)?),
-                            r.get::<_, i64>(1)?.max(0) as u64,
-                            r.get::<_, bool>(2)?,
-                        ))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
-            })
-            .await
-            .context("reading this month's calls from poll_events")?;
-        let mut used: std::collections::HashMap<crate::domain::VehicleId, u64> = Default::default();
-        for (vehicle, events, info) in polls {
-            let cost = match api {
-                crate::domain::ApiVersion::V2 => events,
-                crate::domain::ApiVersion::V3 => {
-                    crate::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
-                }
-            };
-            *used.entry(vehicle).or_default() += cost;
-        }
-        info!(
-            budget,
-            vehicles_with_calls = used.len(),
-            most_calls = used.values().copied().max().unwrap_or(0),
-            "monthly call budget in force"
-        );
-        self.poller
-            .set_ledger(crate::gate::Ledger::new(Some(budget), used, now));
-        Ok(())
-    }
-
     pub fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
         Ok(self.listener.local_addr()?)
     }
@@ -293,7 +243,13 @@ impl Daemon {
             poller.clone(),
             metrics.clone(),
         );
-        let stale_after = config.metrics.stale_after;
+        // The config as last (re)loaded: SIGHUP swaps it, the tasks below read it when they
+        // run. A std lock, held only to copy a value out.
+        let live = Arc::new(std::sync::RwLock::new(config.clone()));
+        let read_live = |live: &std::sync::RwLock<Config>| {
+            live.read().unwrap_or_else(|p| p.into_inner()).clone()
+        };
+        let health_live = live.clone();
         tasks.spawn(async move {
             let started = crate::domain::now_ms();
             let mut every = tokio::time::interval(HEALTH_EVERY);
@@ -301,7 +257,10 @@ impl Daemon {
             loop {
                 tokio::select! {
                     _ = health_stop.cancelled() => return,
-                    _ = every.tick() => check_health(&h, &t, &p, &m, stale_after, started).await,
+                    _ = every.tick() => {
+                        let stale_after = read_live(&health_live).metrics.stale_after;
+                        check_health(&h, &t, &p, &m, stale_after, started).await
+                    }
                 }
             }
         });
@@ -318,9 +277,10 @@ impl Daemon {
         );
         let per_vehicle_max = config.metrics.per_vehicle_max;
         let discovery = Arc::new(crate::discovery::Discovery::default());
-        let discover_every = config.schedule.discover_every;
+        let discover_live = live.clone();
         let discover = move |st: Store, p: Arc<Poller>, stop: CancellationToken| {
             let discovery = discovery.clone();
+            let discover_every = read_live(&discover_live).schedule.discover_every;
             async move {
                 if let Err(e) = discovery.run_due(&st, &p, discover_every, &stop).await {
                     warn!(error = format!("{e:#}"), "capability discovery failed");
@@ -331,15 +291,20 @@ impl Daemon {
         // read them) are read at once; the rest when due, checked at every reload.
         tasks.spawn(discover(store.clone(), poller.clone(), shutdown.clone()));
         let discoveries = tasks.clone();
+        let config_live = live.clone();
+        let (schedule_tx, mut schedule_rx) = tokio::sync::mpsc::channel::<ScheduleConfig>(1);
         tasks.spawn(async move {
             let mut every = tokio::time::interval(RELOAD_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             every.tick().await; // the first tick is immediate; the daemon just loaded
             loop {
-                tokio::select! {
+                let hup = tokio::select! {
                     _ = reload_stop.cancelled() => return,
-                    _ = every.tick() => {}
-                    _ = reload_now.notified() => {}
+                    _ = every.tick() => false,
+                    _ = reload_now.notified() => true,
+                };
+                if hup {
+                    reconfigure(&config_live, &st, &t, &p, &schedule_tx).await;
                 }
                 if let Err(e) = reload(&st, &t, &p, &m, per_vehicle_max).await {
                     warn!(
@@ -351,7 +316,7 @@ impl Daemon {
             }
         });
 
-        let (schedule, mut ticks) = schedule::start(&config.schedule, &metrics)
+        let (mut schedule, mut ticks) = schedule::start(&config.schedule, &metrics)
             .await
             .context("starting the schedule")?;
 
@@ -370,12 +335,13 @@ impl Daemon {
         }
 
         // A vehicle the base cron just answered is not asked again by the charging cron.
-        let charging_gap = config
-            .schedule
-            .battery_charging
-            .as_deref()
-            .map(|c| crate::poller::default_spread(c) * 2)
-            .unwrap_or_default();
+        let gap_of = |s: &ScheduleConfig| {
+            s.battery_charging
+                .as_deref()
+                .map(|c| crate::poller::default_spread(c) * 2)
+                .unwrap_or_default()
+        };
+        let mut charging_gap = gap_of(&config.schedule);
 
         // Polls get their own token: on shutdown they are given a grace period first.
         let polls_cancel = CancellationToken::new();
@@ -386,6 +352,27 @@ impl Daemon {
                 _ = failed.cancelled() => {
                     shutdown.cancel();
                     break;
+                }
+                Some(new) = schedule_rx.recv() => {
+                    // The new crons start before the old ones stop: no tick is lost between.
+                    match schedule::start(&new, &metrics).await {
+                        Ok((next, next_ticks)) => {
+                            let old = std::mem::replace(&mut schedule, next);
+                            ticks = next_ticks;
+                            old.shutdown().await;
+                            charging_gap = gap_of(&new);
+                            poller.set_spread(
+                                crate::smartcar::Job::Battery,
+                                crate::poller::default_spread(&new.battery),
+                            );
+                            poller.set_spread(
+                                crate::smartcar::Job::Info,
+                                crate::poller::default_spread(&new.info),
+                            );
+                            info!(battery = %new.battery, info = %new.info, battery_charging = ?new.battery_charging, "schedule changed");
+                        }
+                        Err(e) => warn!(error = format!("{e:#}"), "the new schedule did not start; keeping the old one"),
+                    }
                 }
                 tick = ticks.recv() => {
                     let Some(tick) = tick else {
@@ -528,6 +515,125 @@ pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Resu
     }
     poller.adopt_blocks(&by_vehicle);
     Ok(())
+}
+
+/// Seeds the monthly call ledger from this month's `poll_events`, so a restart does not
+/// forget what was spent. Events of one poll share its `at`: in v2 each event row is a
+/// billed call or batch item; in v3 a poll is billed as its plan cost (1 or 2 calls)
+/// whatever number of signals it read. Polls that never reached Smartcar (no token) are
+/// not counted.
+pub async fn load_ledger(
+    store: &Store,
+    poller: &Poller,
+    api: crate::domain::ApiVersion,
+    budget: Option<u64>,
+) -> anyhow::Result<()> {
+    let Some(budget) = budget else {
+        poller.set_budget(None);
+        return Ok(());
+    };
+    let now = crate::domain::now_ms();
+    let since = crate::gate::month_start(now);
+    let polls = store
+        .call(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT vehicle_id, count(*),
+                        max(endpoint IN ('info', 'vin', 'odometer'))
+                 FROM poll_events
+                 WHERE at >= ?1 AND outcome NOT IN ('needs_reauth', 'token_error')
+                 GROUP BY vehicle_id, at",
+            )?;
+            let rows = stmt
+                .query_map([since], |r| {
+                    Ok((
+                        crate::domain::VehicleId(r.get(0)?),
+                        r.get::<_, i64>(1)?.max(0) as u64,
+                        r.get::<_, bool>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+        .context("reading this month's calls from poll_events")?;
+    let mut used: std::collections::HashMap<crate::domain::VehicleId, u64> = Default::default();
+    for (vehicle, events, info) in polls {
+        let cost = match api {
+            crate::domain::ApiVersion::V2 => events,
+            crate::domain::ApiVersion::V3 => {
+                crate::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
+            }
+        };
+        *used.entry(vehicle).or_default() += cost;
+    }
+    info!(
+        budget,
+        vehicles_with_calls = used.len(),
+        most_calls = used.values().copied().max().unwrap_or(0),
+        "monthly call budget in force"
+    );
+    poller.set_ledger(crate::gate::Ledger::new(Some(budget), used, now));
+    Ok(())
+}
+
+/// SIGHUP: re-reads the config file and applies what a running daemon can take on (see
+/// [`crate::reconfig`]). A file that no longer parses changes nothing.
+async fn reconfigure(
+    live: &std::sync::RwLock<Config>,
+    store: &Store,
+    tokens: &TokenManager,
+    poller: &Poller,
+    schedule: &tokio::sync::mpsc::Sender<ScheduleConfig>,
+) {
+    let current = live.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(path) = current.source.clone() else {
+        return; // built in code (the demo): there is no file to re-read
+    };
+    let new = match Config::load(&path, &crate::config::ProcessEnv) {
+        Ok(new) => new,
+        Err(e) => {
+            warn!(error = %e, "the config file did not load; keeping the running config");
+            return;
+        }
+    };
+    let changes = crate::reconfig::compare(&current, &new);
+    if !changes.need_restart.is_empty() {
+        warn!(
+            keys = changes.need_restart.join(", "),
+            "these changes take effect only after a restart (systemctl restart carpulse)"
+        );
+    }
+    if changes.applied.is_empty() {
+        info!("config reloaded: nothing a running daemon applies changed");
+        return;
+    }
+    if changes.has("poll.concurrency") || changes.has("poll.timeout") {
+        poller.set_limits(new.poll.timeout, new.poll.concurrency);
+    }
+    if changes.has("schedule.refresh_margin") {
+        tokens.set_margin(new.schedule.refresh_margin);
+    }
+    if changes.has("budget.calls_per_vehicle_month") {
+        let api = current.smartcar.api;
+        if let Err(e) = load_ledger(store, poller, api, new.budget.calls_per_vehicle_month).await {
+            warn!(
+                error = format!("{e:#}"),
+                "the new budget could not count this month's calls; keeping the old budget"
+            );
+            return;
+        }
+    }
+    if changes.schedule() && schedule.send(new.schedule.clone()).await.is_err() {
+        return; // the daemon is stopping
+    }
+    info!(applied = changes.applied.join(", "), "config reloaded");
+    // Keys that need a restart keep their running values.
+    let mut next = new;
+    next.smartcar = current.smartcar;
+    next.store = current.store;
+    next.metrics.listen = current.metrics.listen;
+    next.metrics.per_vehicle_max = current.metrics.per_vehicle_max;
+    *live.write().unwrap_or_else(|p| p.into_inner()) = next;
 }
 
 /// How often `/healthz` and the freshness gauges are brought up to date.

@@ -442,6 +442,10 @@ impl Ledger {
         *self.used.entry(id.clone()).or_default() += cost;
     }
 
+    pub fn set_budget(&mut self, budget: Option<u64>) {
+        self.budget = budget;
+    }
+
     /// Gives back calls spent on admission that never reached Smartcar (no token, shutdown).
     pub fn refund(&mut self, id: &VehicleId, cost: u64) {
         if let Some(n) = self.used.get_mut(id) {

@@ -59,7 +59,8 @@ pub struct Poller {
     tokens: Arc<TokenManager>,
     store: Store,
     metrics: Metrics,
-    timeout: Duration,
+    /// `poll.timeout` and `poll.concurrency` (the pool's size); SIGHUP may change both.
+    limits: Mutex<(Duration, usize)>,
     pool: Arc<Semaphore>,
     /// Std mutexes: held for a clone or an insert, never across an await.
     vehicles: Mutex<Vec<PolledVehicle>>,
@@ -107,7 +108,7 @@ impl Poller {
             tokens,
             store,
             metrics,
-            timeout,
+            limits: Mutex::new((timeout, concurrency.max(1))),
             pool: Arc::new(Semaphore::new(concurrency.max(1))),
             vehicles: Mutex::new(Vec::new()),
             spreads: Mutex::new([Duration::ZERO; 2]),
@@ -303,6 +304,41 @@ impl Poller {
                 None => entry.recorded.push((signal, *recorded)),
             }
         }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.limits.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// New `poll.timeout` and `poll.concurrency` (SIGHUP). A larger pool takes effect at once;
+    /// a smaller one as polls in flight finish (the surplus slots are taken and dropped).
+    pub fn set_limits(&self, timeout: Duration, concurrency: usize) {
+        let concurrency = concurrency.max(1);
+        let old = {
+            let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+            let old = l.1;
+            *l = (timeout, concurrency);
+            old
+        };
+        if concurrency > old {
+            self.pool.add_permits(concurrency - old);
+        } else if concurrency < old {
+            let pool = self.pool.clone();
+            let surplus = (old - concurrency) as u32;
+            tokio::spawn(async move {
+                if let Ok(permits) = pool.acquire_many_owned(surplus).await {
+                    permits.forget();
+                }
+            });
+        }
+    }
+
+    /// A new `[budget] calls_per_vehicle_month` (SIGHUP); what was spent this month stays.
+    pub fn set_budget(&self, budget: Option<u64>) {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_budget(budget);
     }
 
     /// Sets the monthly call budget, with this month's calls so far.
@@ -680,14 +716,12 @@ impl Poller {
             user_id: Some(access.user_id.as_str()),
         };
         let ask = self.client.unavailable(self.api, &ctx, &v.id);
-        match tokio::time::timeout(self.timeout, ask).await {
+        let timeout = self.timeout();
+        match tokio::time::timeout(timeout, ask).await {
             Ok(r) => r,
             Err(_) => Err(ApiError::new(
                 ErrorKind::Timeout,
-                format!(
-                    "no answer within {} s (poll.timeout)",
-                    self.timeout.as_secs()
-                ),
+                format!("no answer within {} s (poll.timeout)", timeout.as_secs()),
             )),
         }
     }
@@ -731,7 +765,8 @@ impl Poller {
             user_id: Some(access.user_id.as_str()),
         };
         let fetch = self.client.fetch_only(self.api, &ctx, &v.id, job, only);
-        match tokio::time::timeout(self.timeout, fetch).await {
+        let timeout = self.timeout();
+        match tokio::time::timeout(timeout, fetch).await {
             Ok(r) => r,
             Err(_) => Err(ApiError {
                 kind: ErrorKind::Timeout,
@@ -740,7 +775,7 @@ impl Poller {
                 code: None,
                 description: Some(format!(
                     "no answer within {} s (poll.timeout)",
-                    self.timeout.as_secs()
+                    timeout.as_secs()
                 )),
                 retry_after: None,
                 request_id: None,

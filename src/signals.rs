@@ -36,7 +36,7 @@ pub fn spawn_reload_handler(
                     if got.is_none() {
                         return;
                     }
-                    info!(signal = "SIGHUP", "reloading the vehicle set");
+                    info!(signal = "SIGHUP", "reloading the config file and the vehicle set");
                     notify.notify_one();
                 }
             }

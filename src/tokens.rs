@@ -117,7 +117,8 @@ pub struct TokenManager {
     store: Store,
     client: SmartcarClient,
     metrics: Metrics,
-    margin: Duration,
+    /// `schedule.refresh_margin`; SIGHUP may change it (a std mutex, never held across an await).
+    margin: Mutex<Duration>,
     /// A std mutex: held only to look up or insert, never across an await.
     slots: Mutex<HashMap<ConnectionId, Arc<Slot>>>,
     /// Where [`TokenManager::run`] spawns refreshers, so connections added later get one.
@@ -141,7 +142,7 @@ impl TokenManager {
             store,
             client,
             metrics,
-            margin,
+            margin: Mutex::new(margin),
             slots: Mutex::new(HashMap::new()),
             runner: Mutex::new(None),
             inflight: TaskTracker::new(),
@@ -486,6 +487,15 @@ impl TokenManager {
         }
     }
 
+    fn margin(&self) -> Duration {
+        *self.margin.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new `schedule.refresh_margin` (SIGHUP); each connection's next refresh time uses it.
+    pub fn set_margin(&self, margin: Duration) {
+        *self.margin.lock().unwrap_or_else(|p| p.into_inner()) = margin;
+    }
+
     async fn keep_fresh(&self, slot: Arc<Slot>, shutdown: CancellationToken) {
         loop {
             let due = {
@@ -494,7 +504,7 @@ impl TokenManager {
                     return;
                 }
                 st.retry_at.unwrap_or_else(|| {
-                    refresh_due_at(&st.tokens, self.margin, rand::random::<f64>())
+                    refresh_due_at(&st.tokens, self.margin(), rand::random::<f64>())
                 })
             };
             let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
@@ -505,7 +515,7 @@ impl TokenManager {
             let mut st = slot.state.lock().await;
             // Someone (a 401 path) may have refreshed while we slept.
             let still_due = st.retry_at.is_some_and(|r| now_ms() >= r)
-                || now_ms() >= refresh_due_at(&st.tokens, self.margin, 1.0);
+                || now_ms() >= refresh_due_at(&st.tokens, self.margin(), 1.0);
             if !still_due {
                 continue;
             }

@@ -206,3 +206,52 @@ async fn the_budget_holds_across_a_restart() {
     );
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file() {
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&["--report-interval", "1"]).await;
+    // Battery once a day at 04:00: nothing is polled while the test runs.
+    let setup = write_config(
+        &base,
+        "v3",
+        "battery = \"0 0 4 * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let car = vehicle_ids(&http, &base, 0).await.remove(0);
+    let original = std::fs::read_to_string(&setup.config).unwrap();
+
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(battery_rows(&setup.db, &car), 0);
+
+    // A broken file changes nothing.
+    std::fs::write(&setup.config, original.replace("[poll]", "[poll\n")).unwrap();
+    kill(&daemon, "-HUP");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // Every second now; the store path cannot move under a running daemon.
+    let faster = original
+        .replace("battery = \"0 0 4 * * *\"", "battery = \"* * * * * *\"")
+        .replace("carpulse.db", "elsewhere.db");
+    std::fs::write(&setup.config, faster).unwrap();
+    kill(&daemon, "-HUP");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let rows = battery_rows(&setup.db, &car);
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    let log = daemon.stderr();
+    assert!(rows >= 2, "polled on the new schedule: {rows} rows\n{log}");
+    assert!(
+        log.contains("the config file did not load; keeping the running config"),
+        "{log}"
+    );
+    assert!(log.contains("schedule changed"), "{log}");
+    assert!(log.contains("schedule.battery"), "{log}");
+    assert!(
+        log.contains("store.path") && log.contains("only after a restart"),
+        "{log}"
+    );
+    assert!(!setup.dir.path().join("elsewhere.db").exists());
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
