@@ -174,7 +174,7 @@ impl Daemon {
         if needs_reauth > 0 {
             warn!(
                 needs_reauth,
-                "some connections need re-authorization: run `carpulse connect` for them"
+                "some connections need re-authorization: run `carpulse reauth VEHICLE` (or `carpulse connect`) for them"
             );
         }
         if polled.is_empty() {
@@ -667,7 +667,7 @@ pub async fn check_health(
             .set(expires_at as f64 / 1000.0);
         if status == ConnectionStatus::NeedsReauth {
             problems.push(format!(
-                "connection {id} (Smartcar user {user}) needs re-authorization: run `carpulse connect` for that account"
+                "connection {id} (Smartcar user {user}) needs re-authorization: run `carpulse reauth VEHICLE` for one of its vehicles (or `carpulse connect` as that account)"
             ));
         }
     }

@@ -29,6 +29,19 @@ pub enum Command {
         #[arg(long, default_value = "10m", value_parser = parse_duration_arg)]
         wait: std::time::Duration,
     },
+    /// Get a vehicle polled again after its owner's consent or login broke, keeping its
+    /// history: Connect again for its account (a connection that needs re-authorization, a
+    /// missing permission), or Smartcar's re-authentication (a vehicle paused by
+    /// CONNECTED_SERVICES_ACCOUNT). The flow is picked from the store unless --flow says.
+    Reauth {
+        /// The Smartcar vehicle id (see `carpulse vehicles list`).
+        vehicle: String,
+        #[arg(long, value_enum)]
+        flow: Option<crate::reauth::Flow>,
+        /// How long to wait for the browser to come back.
+        #[arg(long, default_value = "10m", value_parser = parse_duration_arg)]
+        wait: std::time::Duration,
+    },
     /// List or remove stored vehicles.
     Vehicles {
         #[command(subcommand)]

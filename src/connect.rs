@@ -125,14 +125,72 @@ pub async fn run(
     on_url: impl FnOnce(&str),
     wait: Duration,
 ) -> anyhow::Result<Connected> {
-    let redirect = Url::parse(&cfg.smartcar.redirect_uri).context("smartcar.redirect_uri")?;
+    run_with(cfg, store, listeners, on_url, wait, &Options::default()).await
+}
+
+/// What `carpulse reauth` adds to a plain connect.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The grant must cover this vehicle; otherwise nothing is stored.
+    pub must_include: Option<VehicleId>,
+    /// Skips Connect's brand selector (the `make` parameter).
+    pub make: Option<String>,
+}
+
+/// [`run`] with [`Options`].
+pub async fn run_with(
+    cfg: &Config,
+    store: &Store,
+    listeners: Vec<TcpListener>,
+    on_url: impl FnOnce(&str),
+    wait: Duration,
+    options: &Options,
+) -> anyhow::Result<Connected> {
     // Built here, from this flow's config: the code exchange must name the same redirect URI
     // as the authorize URL did.
     let client = SmartcarClient::new(crate::app::client_config(cfg))?;
-    let path = redirect.path().to_string();
     let state = random_state();
-    let url = authorize_url(cfg, &cfg.smartcar.redirect_uri, &state)?;
+    let mut url = authorize_url(cfg, &cfg.smartcar.redirect_uri, &state)?;
+    if let Some(make) = &options.make {
+        let mut u = Url::parse(&url).context("the authorize URL")?;
+        u.query_pairs_mut().append_pair("make", make);
+        url = u.to_string().replace('+', "%20");
+    }
+    await_callback(cfg, listeners, &url, &state, on_url, wait, |p| async move {
+        let Some(code) = p.get("code").cloned() else {
+            bail!("Smartcar redirected without a code");
+        };
+        // The v3 model may name the user on the redirect (smartcar-api.md §1.2).
+        let user_hint = p.get("user_id").or_else(|| p.get("userId")).cloned();
+        let c = finish(cfg, &client, store, &code, user_hint, options).await?;
+        let msg = format!(
+            "carpulse stored {} vehicle(s) for this account. You can close this tab.",
+            c.vehicles.len()
+        );
+        Ok((c, msg))
+    })
+    .await
+}
 
+/// Serves the redirect URI on `listeners`, hands `url` to `on_url`, and waits up to `wait` for
+/// the redirect that carries this flow's `state` (others are refused and ignored). An `error`
+/// redirect ends the flow; otherwise `finish` gets the parameters, and the browser is shown its
+/// message or its error.
+pub async fn await_callback<T, F, Fut>(
+    cfg: &Config,
+    listeners: Vec<TcpListener>,
+    url: &str,
+    state: &str,
+    on_url: impl FnOnce(&str),
+    wait: Duration,
+    finish: F,
+) -> anyhow::Result<T>
+where
+    F: FnOnce(HashMap<String, String>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(T, String)>>,
+{
+    let redirect = Url::parse(&cfg.smartcar.redirect_uri).context("smartcar.redirect_uri")?;
+    let path = redirect.path().to_string();
     let (tx, mut rx) = mpsc::channel::<Callback>(4);
     let stop = CancellationToken::new();
     let app = Router::new()
@@ -149,7 +207,7 @@ pub async fn run(
     }
     let _stop_guard = stop.drop_guard();
 
-    on_url(&url);
+    on_url(url);
 
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -164,11 +222,11 @@ pub async fn run(
             })?
             .context("the callback server stopped")?;
         let p = &cb.params;
-        if p.get("state") != Some(&state) {
+        if p.get("state").map(String::as_str) != Some(state) {
             // A stray or forged request: refuse it and keep waiting for the real one.
             warn!("a request on the redirect URI had a wrong or missing state; ignored");
             let _ = cb.reply.send(Err(
-                "state mismatch: this answer does not belong to this connect".into(),
+                "state mismatch: this answer does not belong to this flow".into(),
             ));
             continue;
         }
@@ -179,25 +237,16 @@ pub async fn run(
                 .send(Err(format!("Smartcar Connect answered {err}: {desc}")));
             bail!("Smartcar Connect answered {err}: {desc}");
         }
-        let Some(code) = p.get("code").cloned() else {
-            let _ = cb.reply.send(Err("the redirect carried no code".into()));
-            bail!("Smartcar redirected without a code");
-        };
-        // The v3 model may name the user on the redirect (smartcar-api.md §1.2).
-        let user_hint = p.get("user_id").or_else(|| p.get("userId")).cloned();
-        match finish(cfg, &client, store, &code, user_hint).await {
-            Ok(c) => {
-                let _ = cb.reply.send(Ok(format!(
-                    "carpulse stored {} vehicle(s) for this account. You can close this tab.",
-                    c.vehicles.len()
-                )));
-                return Ok(c);
+        return match finish(cb.params).await {
+            Ok((value, msg)) => {
+                let _ = cb.reply.send(Ok(msg));
+                Ok(value)
             }
             Err(e) => {
                 let _ = cb.reply.send(Err(format!("{e:#}")));
-                return Err(e);
+                Err(e)
             }
-        }
+        };
     }
 }
 
@@ -239,6 +288,7 @@ async fn finish(
     store: &Store,
     code: &str,
     user_hint: Option<String>,
+    options: &Options,
 ) -> anyhow::Result<Connected> {
     let tokens = client
         .exchange_code(code)
@@ -248,6 +298,15 @@ async fn finish(
         .list_vehicles(&tokens.access_token)
         .await
         .context("listing the account's vehicles (GET /vehicles)")?;
+    if let Some(wanted) = &options.must_include {
+        if !ids.contains(wanted) {
+            bail!(
+                "the account that was approved does not include vehicle {wanted} (it has {} \
+                 vehicle(s)); nothing was stored. Log in with the account that owns the vehicle",
+                ids.len()
+            );
+        }
+    }
     let user_id = match user_hint {
         Some(u) => u,
         None => match client.user_id(&tokens.access_token).await {
@@ -318,7 +377,7 @@ fn fallback_user_id(ids: &[VehicleId]) -> String {
     format!("vehicles:{}", sorted.join(","))
 }
 
-fn random_state() -> String {
+pub fn random_state() -> String {
     let bytes: [u8; 16] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

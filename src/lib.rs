@@ -22,6 +22,7 @@ pub mod history;
 pub mod metrics;
 pub mod plan;
 pub mod poller;
+pub mod reauth;
 pub mod reconfig;
 pub mod report;
 pub mod schedule;

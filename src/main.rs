@@ -60,6 +60,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Run => carpulse::app::run(load_config(&cli)?).await,
         Command::Connect { wait } => carpulse::connect::run_cli(load_config(&cli)?, *wait).await,
+        Command::Reauth {
+            vehicle,
+            flow,
+            wait,
+        } => carpulse::reauth::run_cli(load_config(&cli)?, vehicle, *flow, *wait).await,
         Command::Vehicles { action } => {
             let cfg = load_config(&cli)?;
             match action {

@@ -38,7 +38,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// Why no token can be had for a connection.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("connection {0} needs re-authorization: run `carpulse connect` for that account")]
+    #[error("connection {0} needs re-authorization: run `carpulse reauth VEHICLE` (or `carpulse connect`) for that account")]
     NeedsReauth(ConnectionId),
     #[error("connection {0} is not loaded")]
     Unknown(ConnectionId),
@@ -392,7 +392,7 @@ impl TokenManager {
                     .token_refreshes
                     .with_label_values(&["rejected"])
                     .inc();
-                error!(connection = %id, error = %e, "Smartcar refused the refresh token; the connection needs re-authorization (run `carpulse connect`)");
+                error!(connection = %id, error = %e, "Smartcar refused the refresh token; the connection needs re-authorization (run `carpulse reauth VEHICLE`)");
                 st.status = ConnectionStatus::NeedsReauth;
                 slot.publish(st);
                 let store_result = self

@@ -1,0 +1,137 @@
+//! `carpulse reauth VEHICLE` through the real binary against the simulator: Connect again for a
+//! connection whose consent was revoked, keeping the vehicle's history; a grant from the wrong
+//! account stores nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn battery_rows(db: &std::path::Path) -> i64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("SELECT count(*) FROM battery_history", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Runs `carpulse reauth`, plays the browser on the printed URL (plus `extra` query), and
+/// returns (exit code, stdout, stderr).
+async fn reauth(
+    config: &std::path::Path,
+    http: &reqwest::Client,
+    vehicle: &str,
+    extra: &str,
+) -> (Option<i32>, String, String) {
+    let cfg = config.to_str().unwrap();
+    let mut p = spawn(
+        "reauth",
+        &["--config", cfg, "reauth", vehicle, "--wait", "60s"],
+        &[],
+    );
+    let url = p.line(Duration::from_secs(30)).await;
+    let _ = http.get(format!("{url}{extra}")).send().await;
+    let code = p.wait(Duration::from_secs(30)).await;
+    let mut out = String::new();
+    while let Ok(l) = p.stdout.try_recv() {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    (code, format!("{url}\n{out}"), p.stderr())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reauth_connects_the_vehicles_account_again_and_keeps_its_history() {
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&["--users", "2", "--report-interval", "1"]).await;
+    let setup = write_config(
+        &base,
+        "v3",
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let fleet = get_json(&http, &format!("{base}/_simulator/vehicles")).await;
+    let car = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let make = fleet["users"][0]["vehicles"][0]["make"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    let history = battery_rows(&setup.db);
+    assert!(history > 0);
+
+    // The owner revoked access; the daemon found the refresh refused (set here directly).
+    let r = http
+        .post(format!("{base}/_simulator/revoke"))
+        .json(&serde_json::json!({"user": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let db = rusqlite::Connection::open(&setup.db).unwrap();
+    db.execute("UPDATE connections SET status = 'needs_reauth'", [])
+        .unwrap();
+
+    // The second account's consent does not cover this car: nothing is stored.
+    let (code, out, err) = reauth(&setup.config, &http, &car, "&user=2").await;
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains(&format!("does not include vehicle {car}")),
+        "{err}"
+    );
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM connections", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1, "the wrong account was not stored");
+
+    // The owner's account: the connection is active again, in place, history intact.
+    let (code, out, err) = reauth(&setup.config, &http, &car, "&user=1").await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("response_type=code"), "{out}");
+    assert!(out.contains("approval_prompt=force"), "{out}");
+    assert!(out.contains(&format!("make={make}")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "vehicle {car} is re-authorized through connection 1"
+        )),
+        "{out}"
+    );
+    let (id, status): (i64, String) = db
+        .query_row("SELECT id, status FROM connections", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((id, status.as_str()), (1, "active"));
+    assert_eq!(battery_rows(&setup.db), history, "history kept");
+
+    // And polling resumes with the new grant.
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    assert!(battery_rows(&setup.db) > history);
+    let stats = get_json(&http, &format!("{base}/_simulator/stats")).await;
+    assert_eq!(stats["expired_token_requests"], 0, "{stats}");
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reauth_of_an_unknown_vehicle_says_so() {
+    let (mut sim, base) = start_simulator(&[]).await;
+    let setup = write_config(&base, "v3", "battery = \"0 0 4 * * *\"");
+    let http = reqwest::Client::new();
+    connect(&setup.config, &http).await;
+    let out = std::process::Command::new(BIN)
+        .args(["--config", setup.config.to_str().unwrap(), "reauth", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no vehicle nope in the store"), "{err}");
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
