@@ -65,7 +65,8 @@ impl TestSim {
             ("response_type", "code"),
             ("client_id", self.cfg.client_id.as_str()),
             ("redirect_uri", REDIRECT),
-            ("scope", "read_vehicle_info read_battery"),
+            // Every permission these tests read (the simulator enforces the granted scope).
+            ("scope", "read_vehicle_info read_vin read_battery read_charge read_odometer read_location read_tires read_fuel read_engine_oil"),
             ("mode", "simulated"),
         ];
         query.extend_from_slice(extra);
