@@ -51,6 +51,26 @@ impl ApiError {
         }
     }
 
+    /// 403 PERMISSION (code null, resolution REAUTHENTICATE): the consent behind the token did
+    /// not grant the permission this endpoint or signal needs (smartcar-api.md §4.2).
+    pub(crate) fn permission() -> Self {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            kind: "PERMISSION",
+            code: None,
+            description:
+                "Your application has insufficient permissions to access the requested resource. \
+                          Please prompt the user to re-authenticate using Smartcar Connect."
+                    .to_owned(),
+            doc_path: "permission-errors",
+            resolution: Some("REAUTHENTICATE"),
+            suggested_user_message:
+                "Your car's connection needs to be updated. Please reauthenticate to \
+                                     continue.",
+            retry_after: None,
+        }
+    }
+
     /// 401 AUTHENTICATION: missing, unknown or expired access token (or a wrong `sc-user-id`).
     pub(crate) fn authentication() -> Self {
         ApiError {
@@ -211,5 +231,21 @@ mod tests {
         assert_eq!(v3["errors"][0]["type"], "AUTHENTICATION");
         assert!(v3["errors"][0]["code"].is_null());
         assert_eq!(v3["errors"][0]["title"], "Unauthorized");
+    }
+
+    #[test]
+    fn permission_errors_ask_for_reauthentication() {
+        let v2 = ApiError::permission().v2_body("rid");
+        assert_eq!(v2["type"], "PERMISSION");
+        assert!(v2["code"].is_null());
+        assert_eq!(v2["statusCode"], 403);
+        assert_eq!(v2["resolution"], json!({"type": "REAUTHENTICATE"}));
+        assert_eq!(
+            v2["docURL"],
+            "https://smartcar.com/docs/errors/api-errors/permission-errors"
+        );
+        let v3 = ApiError::permission().v3_body();
+        assert_eq!(v3["errors"][0]["status"], "403");
+        assert_eq!(v3["errors"][0]["title"], "Forbidden");
     }
 }

@@ -6,9 +6,13 @@
 //! deterministic fleet of BEVs whose values evolve with simulated time. `/_simulator/*` exposes
 //! counters and what was served, so tests can check carpulse against ground truth.
 //!
-//! Layout: [`fleet`] (ids and the vehicle model), [`oauth`] (codes and tokens), [`v2`], [`v3`],
-//! [`errors`] (envelopes) and [`stats`] (counters, served log). This file owns the configuration,
-//! the shared state, bearer authentication, routing and the CLI entry point.
+//! Tokens carry the permissions their consent granted ([`scope`]); an endpoint or signal they do
+//! not cover answers 403 PERMISSION like Smartcar's.
+//!
+//! Layout: [`fleet`] (ids and the vehicle model), [`oauth`] (codes and tokens), [`scope`]
+//! (granted permissions), [`v2`], [`v3`], [`errors`] (envelopes) and [`stats`] (counters,
+//! served log). This file owns the configuration, the shared state, bearer authentication,
+//! routing and the CLI entry point.
 
 mod consent;
 mod errors;
@@ -16,6 +20,7 @@ pub mod faults;
 mod fleet;
 pub use fleet::Powertrain;
 mod oauth;
+mod scope;
 mod stats;
 mod v2;
 mod v3;
@@ -40,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{now_ms, UnixMillis};
 use errors::{Api, ApiError};
 use fleet::{Fleet, SimClock, Vehicle};
+use scope::Scope;
 use stats::{bump, ServedLog, Stats};
 
 /// How the simulator behaves. `Default` is what `carpulse simulator` runs with no flags.
@@ -195,8 +201,9 @@ pub struct SimulatorArgs {
     /// answer in 3–45 s). Requests wait concurrently.
     #[arg(long, value_name = "SECONDS", value_parser = parse_latency)]
     pub latency: Option<(Duration, Duration)>,
-    /// Show Connect's consent page (the user's vehicles, Approve/Deny) in the browser instead of
-    /// approving at once; `&auto_approve=true` on the authorize URL skips it for scripts.
+    /// Show Connect's consent page (the permissions asked for, the user's vehicles, Approve/Deny)
+    /// in the browser instead of approving at once; `&auto_approve=true` on the authorize URL
+    /// skips it for scripts.
     #[arg(long)]
     pub consent: bool,
     /// Enforce Smartcar's app-wide rate limit: a bucket of 120 requests refilled at 2 per
@@ -342,6 +349,26 @@ pub(crate) struct Sim {
     bucket: std::sync::Mutex<(f64, UnixMillis)>,
 }
 
+/// Who a bearer token speaks for and what their consent granted.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Caller {
+    /// Index of the user in the fleet.
+    pub(crate) user: usize,
+    pub(crate) scope: Scope,
+}
+
+impl Caller {
+    /// 403 PERMISSION unless the consent granted `permission` (counted in `permission_denied`).
+    pub(crate) fn require(&self, sim: &Sim, permission: &str) -> Result<(), ApiError> {
+        if self.scope.allows(permission) {
+            Ok(())
+        } else {
+            bump(&sim.stats.permission_denied);
+            Err(ApiError::permission())
+        }
+    }
+}
+
 /// Smartcar's default app-wide bucket (smartcar-api.md §2.4).
 const BUCKET_SIZE: f64 = 120.0;
 const BUCKET_REFILL_PER_MS: f64 = 2.0 / 60_000.0;
@@ -405,9 +432,12 @@ impl Sim {
         })
     }
 
-    /// Checks the bearer token and returns the index of its user, counting unknown and expired
-    /// tokens (carpulse should refresh before expiry and never send a token it was not given).
-    pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Result<usize, ApiError> {
+    /// Checks the bearer token and returns its user and granted scope, counting unknown and
+    /// expired tokens (carpulse should refresh before expiry and never send a token it was not
+    /// given). A v3 application token acts for the `sc-user-id` user with what that user's latest
+    /// Connect approval granted, or [`scope::DEFAULT_GRANT`] if they never approved one (the
+    /// 2026 model has no per-token consent; the simulator assumes the app's dashboard default).
+    pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -419,12 +449,19 @@ impl Sim {
             return Err(ApiError::authentication());
         };
         match self.tokens.check_access(token, now_ms()) {
-            oauth::AccessCheck::Valid { user } => Ok(user),
+            oauth::AccessCheck::Valid { user, scope } => Ok(Caller { user, scope }),
             // The v3 application token names its user in `sc-user-id` (smartcar-api.md §1.7).
             oauth::AccessCheck::App => headers
                 .get("sc-user-id")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|id| self.fleet.user_by_id(id.trim()))
+                .map(|user| Caller {
+                    user,
+                    scope: self
+                        .tokens
+                        .consented_scope(user)
+                        .unwrap_or_else(Scope::default_grant),
+                })
                 .ok_or_else(ApiError::authentication),
             oauth::AccessCheck::Revoked => {
                 bump(&self.stats.revoked_token_uses);
@@ -441,33 +478,42 @@ impl Sim {
         }
     }
 
-    /// The vehicle `id` if the user owns it; VEHICLE_MISSING otherwise (also for ids that do not
-    /// exist, as Smartcar does not tell other users' vehicles from non-existent ones).
-    pub(crate) fn owned_vehicle(&self, user: usize, id: &str) -> Result<&Vehicle, ApiError> {
-        self.owned_vehicle_costing(user, id, 1)
+    /// The vehicle `id` if the user owns it and their consent covers it; VEHICLE_MISSING
+    /// otherwise (also for ids that do not exist, as Smartcar does not tell other users' vehicles
+    /// from non-existent ones). Checks no fault or limit: see [`Sim::admit`].
+    pub(crate) fn vehicle_of(&self, user: usize, id: &str) -> Result<&Vehicle, ApiError> {
+        match self.fleet.vehicle(id) {
+            Some((owner, vehicle)) if owner == user && self.granted(user, &vehicle.id) => {
+                Ok(vehicle)
+            }
+            _ => Err(ApiError::vehicle_missing()),
+        }
     }
 
-    /// As [`Sim::owned_vehicle`], for a request that counts `cost` times against the vehicle's
-    /// rate limit (a batch counts each item).
+    /// Lets one request through to the vehicle, counting `cost` times against its rate limit (a
+    /// batch counts each item), or answers its fault. Permission checks come before this, as
+    /// Smartcar refuses them without asking the car.
+    pub(crate) fn admit(&self, vehicle: &Vehicle, cost: u32) -> Result<(), ApiError> {
+        let now = now_ms();
+        self.faults.check(&vehicle.id, now, &self.stats)?;
+        if let Some((max, window)) = self.cfg.vehicle_rate_limit {
+            let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX / 4);
+            self.faults
+                .limit(&vehicle.id, cost, now, (max, window_ms))?;
+        }
+        Ok(())
+    }
+
+    /// [`Sim::vehicle_of`] then [`Sim::admit`] at a cost of `cost` requests.
     pub(crate) fn owned_vehicle_costing(
         &self,
         user: usize,
         id: &str,
         cost: u32,
     ) -> Result<&Vehicle, ApiError> {
-        match self.fleet.vehicle(id) {
-            Some((owner, vehicle)) if owner == user && self.granted(user, &vehicle.id) => {
-                let now = now_ms();
-                self.faults.check(&vehicle.id, now, &self.stats)?;
-                if let Some((max, window)) = self.cfg.vehicle_rate_limit {
-                    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX / 4);
-                    self.faults
-                        .limit(&vehicle.id, cost, now, (max, window_ms))?;
-                }
-                Ok(vehicle)
-            }
-            _ => Err(ApiError::vehicle_missing()),
-        }
+        let vehicle = self.vehicle_of(user, id)?;
+        self.admit(vehicle, cost)?;
+        Ok(vehicle)
     }
 }
 
