@@ -1,10 +1,11 @@
 //! The built-in Smartcar-compatible simulator: `carpulse simulator`, and the server carpulse's own
 //! tests and `carpulse demo` run against.
 //!
-//! It serves Connect (`/oauth/authorize`), the token endpoint (`/oauth/token`), Vehicle API v2.0
-//! (`/v2.0`) and v3 signals (`/v3`) with the shapes, headers and errors of smartcar-api.md, over a
-//! deterministic fleet of BEVs whose values evolve with simulated time. `/_simulator/*` exposes
-//! counters and what was served, so tests can check carpulse against ground truth.
+//! It serves Connect (`/oauth/authorize`, the re-auth flow `/oauth/reauthenticate`), the token
+//! endpoint (`/oauth/token`), Vehicle API v2.0 (`/v2.0`) and v3 signals (`/v3`) with the shapes,
+//! headers and errors of smartcar-api.md, over a deterministic fleet of BEVs whose values evolve
+//! with simulated time. `/_simulator/*` exposes counters and what was served, so tests can check
+//! carpulse against ground truth.
 //!
 //! Tokens carry the permissions their consent granted ([`scope`]); an endpoint or signal they do
 //! not cover answers 403 PERMISSION like Smartcar's.
@@ -189,8 +190,10 @@ pub struct SimulatorArgs {
     pub seed: u64,
     /// A fault from the start, repeatable: KIND[@VEHICLE_ID][*COUNT], e.g. `asleep`,
     /// `rate_limit@<id>`, `server*3`. Kinds: rate_limit, app_rate_limit, asleep, unreachable,
-    /// server, upstream, permission, compatibility, billing. Without @, fleet-wide; without *,
-    /// until cleared through /_simulator/faults.
+    /// server, upstream, permission, connected_services_account, compatibility, billing, slow,
+    /// malformed, drop. Without @, fleet-wide; without *, until cleared through
+    /// /_simulator/faults (a vehicle's connected_services_account fault also by the re-auth flow,
+    /// /oauth/reauthenticate).
     #[arg(long = "fault", value_name = "SPEC", value_parser = faults::parse_spec)]
     pub faults: Vec<(Option<String>, faults::Fault)>,
     /// Probability (0–1) that a vehicle request gets a random transient fault (asleep, server,
@@ -347,6 +350,8 @@ pub(crate) struct Sim {
     grants: std::sync::Mutex<HashMap<usize, std::collections::HashSet<String>>>,
     /// The app-wide bucket: (tokens left, when last refilled).
     bucket: std::sync::Mutex<(f64, UnixMillis)>,
+    /// `http://{bound address}`, set by [`serve`]; the base of the re-auth `resolution.url`.
+    base_url: std::sync::OnceLock<String>,
 }
 
 /// Who a bearer token speaks for and what their consent granted.
@@ -429,6 +434,7 @@ impl Sim {
             faults,
             grants: Default::default(),
             bucket: std::sync::Mutex::new((BUCKET_SIZE, now)),
+            base_url: std::sync::OnceLock::new(),
         })
     }
 
@@ -495,7 +501,9 @@ impl Sim {
     /// Smartcar refuses them without asking the car.
     pub(crate) fn admit(&self, vehicle: &Vehicle, cost: u32) -> Result<(), ApiError> {
         let now = now_ms();
-        self.faults.check(&vehicle.id, now, &self.stats)?;
+        self.faults
+            .check(&vehicle.id, now, &self.stats)
+            .map_err(|e| self.with_reauth_url(e, &vehicle.id))?;
         if let Some((max, window)) = self.cfg.vehicle_rate_limit {
             let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX / 4);
             self.faults
@@ -514,6 +522,20 @@ impl Sim {
         let vehicle = self.vehicle_of(user, id)?;
         self.admit(vehicle, cost)?;
         Ok(vehicle)
+    }
+
+    /// An AUTHENTICATION_FAILED error gets the re-auth flow for the vehicle as its
+    /// `resolution.url`, as Smartcar's does (relative if the bound address is unknown).
+    fn with_reauth_url(&self, e: ApiError, vehicle_id: &str) -> ApiError {
+        if e.code != Some("AUTHENTICATION_FAILED") {
+            return e;
+        }
+        let base = self.base_url.get().map(String::as_str).unwrap_or("");
+        e.with_resolution_url(format!(
+            "{base}/oauth/reauthenticate?response_type=vehicle_id&client_id={}&vehicle_id={}",
+            oauth::query_encode(&self.cfg.client_id),
+            oauth::query_encode(vehicle_id),
+        ))
     }
 }
 
@@ -604,6 +626,7 @@ fn router(sim: SimState) -> Router {
     Router::new()
         .route("/oauth/authorize", get(oauth::authorize))
         .route("/oauth/authorize/decision", post(consent::decision))
+        .route("/oauth/reauthenticate", get(oauth::reauthenticate))
         .route("/oauth/token", post(oauth::token))
         .route("/oauth2/token", post(oauth::app_token))
         .route("/v2.0/user", get(v2::user))
@@ -830,6 +853,13 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .context("reading the simulator's bound address")?;
+    // A wildcard address is no place to send a browser; loopback is where it is reachable.
+    let reachable = if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let _ = sim.base_url.set(format!("http://{reachable}"));
     tracing::info!(
         %addr,
         users = sim.fleet.users.len(),

@@ -1,5 +1,6 @@
-//! Smartcar's OAuth surface: Connect's `GET /oauth/authorize` (auto-approved) and the token
-//! endpoint `POST /oauth/token`, plus the token table the vehicle API checks bearer tokens against.
+//! Smartcar's OAuth surface: Connect's `GET /oauth/authorize` (auto-approved) and re-auth flow
+//! `GET /oauth/reauthenticate`, the token endpoint `POST /oauth/token`, plus the token table the
+//! vehicle API checks bearer tokens against.
 //!
 //! Every code and token carries the [`Scope`] its consent granted: the code remembers the
 //! approved `scope`, the pair exchanged for it carries it, each rotation hands it on. The
@@ -434,6 +435,60 @@ pub(crate) async fn authorize(
         location.push_str(&query_encode(state));
     }
     tracing::debug!(user = %sim.fleet.users[user].id, "authorization approved");
+    (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
+}
+
+/// `GET /oauth/reauthenticate?response_type=vehicle_id&client_id=…&vehicle_id=…&redirect_uri=…&state=…`:
+/// Connect's re-auth flow (smartcar-api.md §0, §1.1, §1.2), the `resolution.url` of a
+/// CONNECTED_SERVICES_ACCOUNT:AUTHENTICATION_FAILED error. Validated like `/oauth/authorize`
+/// (`response_type` must be `vehicle_id`, the client known, the vehicle simulated, `redirect_uri`
+/// an absolute URL; 400 plain text otherwise), then approved at once: 302 to
+/// `redirect_uri?vehicle_id=…&state=…`. Its effect is the owner fixing their manufacturer login:
+/// the vehicle's connected-services-account fault is cleared. Tokens are untouched (existing ones
+/// stay valid, none are issued) and the consent page is never shown. Counted as
+/// `reauthentications`.
+pub(crate) async fn reauthenticate(
+    State(sim): State<SimState>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    let bad = |message: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("Invalid re-authentication request: {message}\n"),
+        )
+            .into_response()
+    };
+    let Ok(Query(q)) = query else {
+        return bad("the query string is malformed.");
+    };
+    let param = |name: &str| q.get(name).map(String::as_str).filter(|v| !v.is_empty());
+    if param("response_type") != Some("vehicle_id") {
+        return bad("response_type must be \"vehicle_id\".");
+    }
+    if param("client_id") != Some(sim.cfg.client_id.as_str()) {
+        return bad("unknown client_id.");
+    }
+    let Some((_, vehicle)) = param("vehicle_id").and_then(|id| sim.fleet.vehicle(id)) else {
+        return bad("vehicle_id must be a simulated vehicle id.");
+    };
+    let Some(redirect_uri) = param("redirect_uri") else {
+        return bad("redirect_uri is required.");
+    };
+    if oauth2::url::Url::parse(redirect_uri).is_err() {
+        return bad("redirect_uri is not an absolute URL.");
+    }
+    let cleared = sim.faults.clear_account_fault(&vehicle.id);
+    bump(&sim.stats.reauthentications);
+    let separator = if redirect_uri.contains('?') { '&' } else { '?' };
+    let mut location = format!(
+        "{redirect_uri}{separator}vehicle_id={}",
+        query_encode(&vehicle.id)
+    );
+    if let Some(state) = q.get("state") {
+        location.push_str("&state=");
+        location.push_str(&query_encode(state));
+    }
+    tracing::debug!(vehicle = %vehicle.id, cleared, "re-authentication approved");
     (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
 }
 
