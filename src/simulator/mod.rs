@@ -5,7 +5,8 @@
 //! endpoint (`/oauth/token`), Vehicle API v2.0 (`/v2.0`) and v3 signals (`/v3`) with the shapes,
 //! headers and errors of smartcar-api.md, over a deterministic fleet of BEVs whose values evolve
 //! with simulated time. `/_simulator/*` exposes counters and what was served, so tests can check
-//! carpulse against ground truth.
+//! carpulse against ground truth. [`ENDPOINTS_HELP`] (the end of `carpulse simulator --help`)
+//! lists it all.
 //!
 //! Tokens carry the permissions their consent granted ([`scope`]); an endpoint or signal they do
 //! not cover answers 403 PERMISSION like Smartcar's.
@@ -153,8 +154,9 @@ impl fmt::Debug for SimulatorConfig {
     }
 }
 
-/// `carpulse simulator` flags.
+/// `carpulse simulator` flags. `carpulse simulator --help` ends with [`ENDPOINTS_HELP`].
 #[derive(clap::Args, Clone)]
+#[command(after_long_help = ENDPOINTS_HELP)]
 pub struct SimulatorArgs {
     /// Address to listen on; port 0 picks a free port (the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:8090")]
@@ -233,6 +235,55 @@ pub struct SimulatorArgs {
     #[arg(long, value_name = "N", default_value_t = stats::SERVED_LOG_LIMIT)]
     pub served_log: usize,
 }
+
+/// What `carpulse simulator --help` says after the flags: the endpoints the simulator serves and
+/// how consent, permissions and the re-auth flow behave. (Attached to [`SimulatorArgs`] with
+/// `#[command(after_long_help)]`, so `-h` stays short.)
+pub const ENDPOINTS_HELP: &str = "\
+Endpoints (base http://<listen address>; smartcar-api.md has the shapes):
+  GET  /oauth/authorize          Connect. response_type=code, client_id, redirect_uri, state,
+                                 scope, mode, user (id or 1-based index), auto_approve. 302 to
+                                 redirect_uri?code=...&state=... (or the consent page with
+                                 --consent). The approval grants exactly `scope` (space-separated;
+                                 a `required:` prefix is stripped); without scope it grants the
+                                 default set: read_vehicle_info read_vin read_battery read_charge
+                                 read_odometer read_location read_tires read_fuel read_engine_oil.
+  GET  /oauth/reauthenticate     Connect's re-auth flow: response_type=vehicle_id, client_id,
+                                 vehicle_id, redirect_uri, state. 302 to
+                                 redirect_uri?vehicle_id=...&state=...; clears the vehicle's
+                                 connected_services_account fault (the owner fixed their login).
+                                 Tokens are untouched. 400 (text) for a bad request.
+  POST /oauth/token              Code exchange and refresh (Basic client auth). Tokens carry the
+                                 scope of their consent; each rotation keeps it.
+  POST /oauth2/token             v3 application token (client_credentials); requests name the
+                                 user in sc-user-id and get what that user's latest Connect
+                                 approval granted (the default set if they never approved one).
+  GET  /v2.0/user, /v2.0/vehicles
+  GET  /v2.0/vehicles/{id}[/vin|/battery|/battery/capacity|/battery/nominal_capacity|/charge|
+       /charge/limit|/odometer|/location|/tires/pressure|/fuel|/engine/oil]
+  GET  /v2.0/vehicles/{id}/permissions   the granted scope, paged (limit 1-50, offset)
+  POST /v2.0/vehicles/{id}/batch
+  GET  /v3/vehicles/{id}, /v3/vehicles/{id}/signals, /v3/vehicles/{id}/signals/{code}
+
+Permissions: / needs read_vehicle_info, /vin read_vin, /battery* read_battery, /charge*
+read_charge, /odometer read_odometer, /location read_location, /tires/pressure read_tires,
+/fuel read_fuel, /engine/oil read_engine_oil. v3 signals: tractionbattery-* and
+lowvoltagebattery-* read_battery, charge-* read_charge, odometer-* read_odometer, location-*
+read_location, vehicleidentification-vin read_vin, internalcombustionengine-oillife
+read_engine_oil, other internalcombustionengine-* read_fuel. Without it: 403 PERMISSION (code
+null, resolution REAUTHENTICATE); a batch item gets that error with code 403; a signal list
+shows the signal with status ERROR, error type PERMISSION. /v2.0/user, /v2.0/vehicles,
+/v2.0/vehicles/{id}/permissions and /v3/vehicles/{id} need no permission.
+
+Introspection (not Smartcar):
+  GET /_simulator/stats          counters, e.g. authorizations, refreshes, faults_served,
+                                 permission_denied, reauthentications
+  GET /_simulator/vehicles       users and their vehicles
+  GET /_simulator/served?vehicle_id=ID   values served, for checking against ground truth
+  GET|POST|DELETE /_simulator/faults     set or clear faults ({\"kind\", \"vehicle_id\"?,
+                                 \"count\"?, \"retry_after\"?} or {\"random_rate\"})
+  POST /_simulator/revoke        {\"user\"} or {\"vehicle_id\"}: revoke a connection
+";
 
 /// `20/1h`: a count and a period (s, m, h).
 fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
