@@ -65,7 +65,8 @@ impl TestSim {
             ("response_type", "code"),
             ("client_id", self.cfg.client_id.as_str()),
             ("redirect_uri", REDIRECT),
-            ("scope", "read_vehicle_info read_battery"),
+            // Every permission these tests read (the simulator enforces the granted scope).
+            ("scope", "read_vehicle_info read_vin read_battery read_charge read_odometer read_location read_tires read_fuel read_engine_oil"),
             ("mode", "simulated"),
         ];
         query.extend_from_slice(extra);
@@ -1855,5 +1856,685 @@ async fn codes_and_refresh_tokens_expire() {
     let old = sim.refresh(&refresh).await;
     assert_eq!(old.status(), 400);
     assert_eq!(old.json::<Value>().await.unwrap()["error"], "invalid_grant");
+    sim.stop().await;
+}
+
+// ---- Granted scope, PERMISSION errors and the re-auth flow ----
+
+/// The simulator's grant when Connect names no scope.
+const DEFAULT_GRANT: [&str; 9] = [
+    "read_vehicle_info",
+    "read_vin",
+    "read_battery",
+    "read_charge",
+    "read_odometer",
+    "read_location",
+    "read_tires",
+    "read_fuel",
+    "read_engine_oil",
+];
+
+impl TestSim {
+    /// Authorize for user 1 with exactly this `scope` (absent when `None`), then exchange the
+    /// code: the token pair.
+    async fn pair_with_scope(&self, scope: Option<&str>) -> Value {
+        let mut query = vec![
+            ("response_type", "code"),
+            ("client_id", self.cfg.client_id.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("mode", "simulated"),
+            ("user", "1"),
+        ];
+        if let Some(scope) = scope {
+            query.push(("scope", scope));
+        }
+        let response = self
+            .client
+            .get(self.url("/oauth/authorize"))
+            .query(&query)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 302);
+        let location = reqwest::Url::parse(header(&response, "location")).unwrap();
+        let code = location
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .unwrap()
+            .1
+            .into_owned();
+        self.exchange(&code).await
+    }
+
+    async fn first_car(&self) -> String {
+        self.fleet().await["users"][0]["vehicles"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn permissions(&self, car: &str, token: &str) -> Value {
+        self.get_json(&format!("/v2.0/vehicles/{car}/permissions"), token)
+            .await
+    }
+
+    async fn batch(&self, car: &str, token: &str, paths: &[&str]) -> Vec<Value> {
+        let requests: Vec<Value> = paths.iter().map(|p| json!({ "path": p })).collect();
+        let response = self
+            .client
+            .post(self.url(&format!("/v2.0/vehicles/{car}/batch")))
+            .bearer_auth(token)
+            .header("sc-unit-system", "metric")
+            .json(&json!({ "requests": requests }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json::<Value>().await.unwrap()["responses"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    async fn reauthenticate(&self, query: &[(&str, &str)]) -> reqwest::Response {
+        self.client
+            .get(self.url("/oauth/reauthenticate"))
+            .query(query)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+fn access(pair: &Value) -> String {
+    pair["access_token"].as_str().unwrap().to_owned()
+}
+
+/// The v2 PERMISSION object of smartcar-api.md §4.1/§4.2.
+fn assert_permission_error(body: &Value, request_id: Option<&str>) {
+    assert_eq!(body["type"], "PERMISSION", "{body}");
+    assert!(body["code"].is_null(), "{body}");
+    assert_eq!(body["statusCode"], 403, "{body}");
+    assert_eq!(
+        body["resolution"],
+        json!({"type": "REAUTHENTICATE"}),
+        "{body}"
+    );
+    assert_eq!(
+        body["docURL"],
+        "https://smartcar.com/docs/errors/api-errors/permission-errors"
+    );
+    assert!(body["description"].as_str().is_some_and(|d| !d.is_empty()));
+    if let Some(rid) = request_id {
+        assert_eq!(body["requestId"], rid);
+    }
+}
+
+#[tokio::test]
+async fn a_narrow_scope_lists_exactly_its_permissions_and_forbids_the_rest() {
+    let sim = spawn(stable_cfg()).await;
+    let car = sim.first_car().await;
+    let token = access(
+        &sim.pair_with_scope(Some("read_vehicle_info read_battery"))
+            .await,
+    );
+
+    let permissions = sim.permissions(&car, &token).await;
+    assert_eq!(
+        permissions,
+        json!({"permissions": ["read_vehicle_info", "read_battery"],
+               "paging": {"count": 2, "offset": 0}})
+    );
+    let page = sim
+        .get_json(
+            &format!("/v2.0/vehicles/{car}/permissions?limit=1&offset=1"),
+            &token,
+        )
+        .await;
+    assert_eq!(page["permissions"], json!(["read_battery"]));
+    assert_eq!(page["paging"], json!({"count": 2, "offset": 1}));
+    let too_many = sim
+        .get(
+            &format!("/v2.0/vehicles/{car}/permissions?limit=51"),
+            &token,
+        )
+        .await;
+    assert_eq!(too_many.status(), 400);
+
+    for granted in ["", "/battery", "/battery/capacity"] {
+        let path = format!("/v2.0/vehicles/{car}{granted}");
+        assert_eq!(sim.get(&path, &token).await.status(), 200, "{path}");
+    }
+    let charge = sim
+        .get(&format!("/v2.0/vehicles/{car}/charge"), &token)
+        .await;
+    assert_eq!(charge.status(), 403);
+    let rid = header(&charge, "sc-request-id").to_owned();
+    assert!(is_uuid(&rid));
+    assert_permission_error(&charge.json().await.unwrap(), Some(&rid));
+    for denied in [
+        "/vin",
+        "/charge/limit",
+        "/odometer",
+        "/location",
+        "/tires/pressure",
+        "/fuel",
+        "/engine/oil",
+    ] {
+        let path = format!("/v2.0/vehicles/{car}{denied}");
+        let response = sim.get(&path, &token).await;
+        assert_eq!(response.status(), 403, "{path}");
+        assert_permission_error(&response.json().await.unwrap(), None);
+    }
+    // Nothing was served for a refused request, and each refusal is counted.
+    assert!(sim.served(&car).await["charge"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(sim.stats().await["permission_denied"], 8);
+
+    // `required:` marks a permission as mandatory; it grants the same thing.
+    let token = access(
+        &sim.pair_with_scope(Some("required:read_odometer read_vin"))
+            .await,
+    );
+    assert_eq!(
+        sim.permissions(&car, &token).await["permissions"],
+        json!(["read_vin", "read_odometer"])
+    );
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{car}/odometer"), &token)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{car}"), &token)
+            .await
+            .status(),
+        403,
+        "vehicle info needs read_vehicle_info"
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_item_without_permission_gets_403_while_the_batch_answers_200() {
+    let sim = spawn(stable_cfg()).await;
+    let car = sim.first_car().await;
+    let token = access(
+        &sim.pair_with_scope(Some("read_vehicle_info read_battery"))
+            .await,
+    );
+    let items = sim
+        .batch(&car, &token, &["/battery", "/charge", "/permissions"])
+        .await;
+    assert_eq!(items[0]["code"], 200);
+    assert!(items[0]["body"]["percentRemaining"].is_number());
+    assert_eq!(items[1]["path"], "/charge");
+    assert_eq!(items[1]["code"], 403);
+    assert_permission_error(&items[1]["body"], None);
+    assert!(items[1].get("headers").is_none());
+    assert_eq!(
+        items[2]["code"], 200,
+        "asking for the permissions needs none"
+    );
+    assert_eq!(items[2]["body"]["paging"]["count"], 2);
+    assert_eq!(sim.stats().await["permission_denied"], 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn v3_signals_outside_the_scope_are_permission_errors() {
+    let sim = spawn(stable_cfg()).await;
+    let car = sim.first_car().await;
+    let token = access(
+        &sim.pair_with_scope(Some("read_vehicle_info read_battery"))
+            .await,
+    );
+    let list = sim
+        .get_json(&format!("/v3/vehicles/{car}/signals?pageSize=100"), &token)
+        .await;
+    let signals = list["data"].as_array().unwrap();
+    let (mut charge, mut battery) = (0, 0);
+    for signal in signals {
+        let code = signal["id"].as_str().unwrap();
+        let attributes = &signal["attributes"];
+        if code.starts_with("charge-") {
+            charge += 1;
+            assert_eq!(
+                attributes["status"],
+                json!({"value": "ERROR", "error": {"type": "PERMISSION", "code": null}}),
+                "{code}"
+            );
+            assert!(attributes.get("body").is_none(), "{code}");
+        } else if code.starts_with("tractionbattery-") {
+            battery += 1;
+            assert_eq!(attributes["status"]["value"], "SUCCESS", "{code}");
+            assert!(attributes["body"].is_object(), "{code}");
+        } else if code.starts_with("odometer-")
+            || code.starts_with("location-")
+            || code == "vehicleidentification-vin"
+        {
+            assert_eq!(
+                attributes["status"]["error"]["type"], "PERMISSION",
+                "{code}"
+            );
+        }
+    }
+    assert!(charge >= 3 && battery >= 2, "{charge} {battery}");
+    // Only the granted battery signals were served.
+    let served = sim.served(&car).await;
+    assert_eq!(served["battery"].as_array().unwrap().len(), 1);
+    assert!(served["charge"].as_array().unwrap().is_empty());
+
+    let single = sim
+        .get(
+            &format!("/v3/vehicles/{car}/signals/charge-ischarging"),
+            &token,
+        )
+        .await;
+    assert_eq!(single.status(), 403);
+    assert!(is_uuid(header(&single, "sc-request-id")));
+    let body: Value = single.json().await.unwrap();
+    let error = &body["errors"][0];
+    assert_eq!(error["status"], "403", "{body}");
+    assert_eq!(error["type"], "PERMISSION", "{body}");
+    assert!(error["code"].is_null(), "{body}");
+    assert_eq!(error["title"], "Forbidden", "{body}");
+    assert_eq!(
+        error["resolution"],
+        json!({"type": "REAUTHENTICATE"}),
+        "{body}"
+    );
+    let soc = sim
+        .get_json(
+            &format!("/v3/vehicles/{car}/signals/tractionbattery-stateofcharge"),
+            &token,
+        )
+        .await;
+    assert_eq!(soc["attributes"]["status"]["value"], "SUCCESS");
+    // An unknown signal is still 404, granted or not.
+    assert_eq!(
+        sim.get(&format!("/v3/vehicles/{car}/signals/warp-drive"), &token)
+            .await
+            .status(),
+        404
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn rotation_keeps_the_granted_scope() {
+    let sim = spawn(stable_cfg()).await;
+    let car = sim.first_car().await;
+    let first = sim
+        .pair_with_scope(Some("read_vehicle_info read_battery"))
+        .await;
+    let narrow = json!(["read_vehicle_info", "read_battery"]);
+    let mut refresh = first["refresh_token"].as_str().unwrap().to_owned();
+    for round in 0..2 {
+        let response = sim.refresh(&refresh).await;
+        assert_eq!(response.status(), 200, "round {round}");
+        let pair: Value = response.json().await.unwrap();
+        let token = access(&pair);
+        assert_eq!(
+            sim.permissions(&car, &token).await["permissions"],
+            narrow,
+            "round {round}"
+        );
+        assert_eq!(
+            sim.get(&format!("/v2.0/vehicles/{car}/charge"), &token)
+                .await
+                .status(),
+            403,
+            "round {round}"
+        );
+        refresh = pair["refresh_token"].as_str().unwrap().to_owned();
+    }
+    // The used first refresh token, inside its grace window, also hands on the same scope.
+    let again: Value = sim
+        .refresh(first["refresh_token"].as_str().unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        sim.permissions(&car, &access(&again)).await["permissions"],
+        narrow
+    );
+    // The first access token is still valid and still narrow.
+    assert_eq!(
+        sim.permissions(&car, &access(&first)).await["permissions"],
+        narrow
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn no_scope_grants_the_full_default_set() {
+    let sim = spawn(stable_cfg()).await;
+    let car = sim.first_car().await;
+    for scope in [None, Some(""), Some(" ")] {
+        let token = access(&sim.pair_with_scope(scope).await);
+        let permissions = sim.permissions(&car, &token).await;
+        assert_eq!(
+            permissions["permissions"],
+            json!(DEFAULT_GRANT),
+            "{scope:?}"
+        );
+        assert_eq!(permissions["paging"]["count"], DEFAULT_GRANT.len());
+        for path in [
+            "",
+            "/vin",
+            "/battery",
+            "/charge",
+            "/charge/limit",
+            "/odometer",
+            "/location",
+            "/tires/pressure",
+        ] {
+            let path = format!("/v2.0/vehicles/{car}{path}");
+            assert_eq!(sim.get(&path, &token).await.status(), 200, "{path}");
+        }
+        // Granted, but a BEV has no tank: 501, not 403.
+        assert_eq!(
+            sim.get(&format!("/v2.0/vehicles/{car}/fuel"), &token)
+                .await
+                .status(),
+            501
+        );
+    }
+    let two_pages = sim
+        .get_json(
+            &format!("/v2.0/vehicles/{car}/permissions?limit=5&offset=5"),
+            &access(&sim.pair_with_scope(None).await),
+        )
+        .await;
+    assert_eq!(two_pages["permissions"], json!(DEFAULT_GRANT[5..]));
+    assert_eq!(sim.stats().await["permission_denied"], 0);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn the_v3_application_token_acts_with_the_user_s_latest_consent() {
+    let sim = spawn(stable_cfg()).await;
+    let fleet = sim.fleet().await;
+    let user = fleet["users"][0]["id"].as_str().unwrap().to_owned();
+    let car = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let app: Value = sim
+        .client
+        .post(sim.url("/oauth2/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", sim.cfg.client_id.as_str()),
+            ("client_secret", sim.cfg.client_secret.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let app = access(&app);
+    let signal = |code: &'static str| {
+        sim.client
+            .get(sim.url(&format!("/v3/vehicles/{car}/signals/{code}")))
+            .bearer_auth(&app)
+            .header("sc-user-id", &user)
+            .send()
+    };
+    // No consent yet: the default set.
+    assert_eq!(signal("charge-ischarging").await.unwrap().status(), 200);
+    // After a narrow consent, the app token reads only what it granted.
+    sim.pair_with_scope(Some("read_battery")).await;
+    assert_eq!(signal("charge-ischarging").await.unwrap().status(), 403);
+    assert_eq!(
+        signal("tractionbattery-stateofcharge")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // A newer, wider consent widens it again.
+    sim.pair_with_scope(Some("read_battery read_charge")).await;
+    assert_eq!(signal("charge-ischarging").await.unwrap().status(), 200);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn the_consent_page_shows_and_keeps_the_requested_scope() {
+    let sim = spawn(SimulatorConfig {
+        consent: true,
+        ..stable_cfg()
+    })
+    .await;
+    let car = sim.first_car().await;
+    let fleet = sim.fleet().await;
+    let user_id = fleet["users"][0]["id"].as_str().unwrap().to_owned();
+    let page = sim
+        .client
+        .get(sim.url("/oauth/authorize"))
+        .query(&[
+            ("response_type", "code"),
+            ("client_id", sim.cfg.client_id.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("scope", "read_battery required:read_odometer"),
+            ("user", "1"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("<code>read_battery</code>") && html.contains("<code>read_odometer</code>"),
+        "{html}"
+    );
+    assert!(!html.contains("<code>read_charge</code>"), "{html}");
+    assert!(
+        html.contains("name=\"scope\" value=\"read_battery required:read_odometer\""),
+        "the form keeps the scope: {html}"
+    );
+
+    let decide = |scope: &'static str| {
+        sim.client
+            .post(sim.url("/oauth/authorize/decision"))
+            .form(&[
+                ("redirect_uri", REDIRECT),
+                ("user", user_id.as_str()),
+                ("scope", scope),
+                ("decision", "approve"),
+                ("vehicle", car.as_str()),
+            ])
+            .send()
+    };
+    let approved = decide("read_battery required:read_odometer").await.unwrap();
+    assert_eq!(approved.status(), 302);
+    let location = reqwest::Url::parse(header(&approved, "location")).unwrap();
+    let code = location
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    let token = access(&sim.exchange(&code).await);
+    assert_eq!(
+        sim.permissions(&car, &token).await["permissions"],
+        json!(["read_battery", "read_odometer"])
+    );
+    assert_eq!(decide("read_minds").await.unwrap().status(), 400);
+
+    // Without a scope the page says the default set applies, and lists it.
+    let default_page = sim
+        .client
+        .get(sim.url("/oauth/authorize"))
+        .query(&[
+            ("response_type", "code"),
+            ("client_id", sim.cfg.client_id.as_str()),
+            ("redirect_uri", REDIRECT),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(default_page.contains("default set"), "{default_page}");
+    assert!(default_page.contains("<code>read_engine_oil</code>"));
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn reauthentication_redirects_and_clears_the_account_fault() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let fleet = sim.fleet().await;
+    let car = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = fleet["users"][0]["vehicles"][1]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let set = sim
+        .set_fault(json!({"vehicle_id": car, "kind": "connected_services_account"}))
+        .await;
+    assert_eq!(set.status(), 200);
+    assert_eq!(
+        sim.set_fault(json!({"vehicle_id": other, "kind": "asleep"}))
+            .await
+            .status(),
+        200
+    );
+
+    let broken = sim
+        .get(&format!("/v2.0/vehicles/{car}/battery"), &token)
+        .await;
+    assert_eq!(broken.status(), 400);
+    let body: Value = broken.json().await.unwrap();
+    assert_eq!(body["type"], "CONNECTED_SERVICES_ACCOUNT", "{body}");
+    assert_eq!(body["code"], "AUTHENTICATION_FAILED", "{body}");
+    assert_eq!(body["statusCode"], 400);
+    assert_eq!(body["resolution"]["type"], "REAUTHENTICATE", "{body}");
+    let url = reqwest::Url::parse(body["resolution"]["url"].as_str().unwrap()).unwrap();
+    assert_eq!(url.path(), "/oauth/reauthenticate");
+    assert_eq!(format!("{}", url.origin().ascii_serialization()), sim.base);
+    let params: std::collections::HashMap<String, String> =
+        url.query_pairs().into_owned().collect();
+    assert_eq!(params["response_type"], "vehicle_id");
+    assert_eq!(params["client_id"], sim.cfg.client_id);
+    assert_eq!(params["vehicle_id"], car);
+    let v3 = sim
+        .get(&format!("/v3/vehicles/{car}/signals"), &token)
+        .await;
+    assert_eq!(v3.status(), 400);
+    let v3: Value = v3.json().await.unwrap();
+    assert_eq!(v3["errors"][0]["code"], "AUTHENTICATION_FAILED");
+    assert_eq!(v3["errors"][0]["resolution"], body["resolution"]);
+
+    // The owner follows resolution.url, adding where to come back to.
+    let mut follow = url.clone();
+    follow
+        .query_pairs_mut()
+        .append_pair("redirect_uri", REDIRECT)
+        .append_pair("state", "s 1&x");
+    let redirected = sim.client.get(follow).send().await.unwrap();
+    assert_eq!(redirected.status(), 302);
+    let back = reqwest::Url::parse(header(&redirected, "location")).unwrap();
+    assert!(back.as_str().starts_with(REDIRECT), "{back}");
+    let back: std::collections::HashMap<String, String> = back.query_pairs().into_owned().collect();
+    assert_eq!(back.len(), 2, "{back:?}");
+    assert_eq!(back["vehicle_id"], car);
+    assert_eq!(back["state"], "s 1&x");
+
+    // Fixed, with the same token; the other car's (non-account) fault is untouched.
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{car}/battery"), &token)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        sim.get(&format!("/v3/vehicles/{car}/signals"), &token)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{other}/battery"), &token)
+            .await
+            .status(),
+        409
+    );
+    let stats = sim.stats().await;
+    assert_eq!(stats["reauthentications"], 1, "{stats}");
+    assert_eq!(
+        stats["authorizations"], 1,
+        "re-auth is not an authorization"
+    );
+    assert_eq!(stats["code_exchanges"], 1, "and issues no tokens");
+
+    // A redirect URI with a query of its own gets `&`; no state, no state parameter.
+    let again = sim
+        .reauthenticate(&[
+            ("response_type", "vehicle_id"),
+            ("client_id", sim.cfg.client_id.as_str()),
+            ("vehicle_id", car.as_str()),
+            ("redirect_uri", "http://localhost:8000/back?from=sim"),
+        ])
+        .await;
+    assert_eq!(again.status(), 302);
+    assert_eq!(
+        header(&again, "location"),
+        format!("http://localhost:8000/back?from=sim&vehicle_id={car}")
+    );
+    assert_eq!(sim.stats().await["reauthentications"], 2);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn reauthentication_validates_its_request() {
+    let sim = spawn(stable_cfg()).await;
+    let car = sim.first_car().await;
+    let client_id = sim.cfg.client_id.clone();
+    let good = [
+        ("response_type", "vehicle_id"),
+        ("client_id", client_id.as_str()),
+        ("vehicle_id", car.as_str()),
+        ("redirect_uri", REDIRECT),
+        ("state", "s"),
+    ];
+    let without = |name: &str| -> Vec<(&str, &str)> {
+        good.iter().copied().filter(|(k, _)| *k != name).collect()
+    };
+    let with = |name: &str, value: &'static str| -> Vec<(&str, &str)> {
+        good.iter()
+            .map(|&(k, v)| if k == name { (k, value) } else { (k, v) })
+            .collect()
+    };
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (with("response_type", "code"), "response_type"),
+        (without("response_type"), "response_type"),
+        (with("client_id", "someone-else"), "client_id"),
+        (without("client_id"), "client_id"),
+        (with("vehicle_id", "not-a-car"), "vehicle_id"),
+        (without("vehicle_id"), "vehicle_id"),
+        (without("redirect_uri"), "redirect_uri"),
+        (with("redirect_uri", "/exchange"), "redirect_uri"),
+    ];
+    for (query, mentions) in cases {
+        let response = sim.reauthenticate(&query).await;
+        assert_eq!(response.status(), 400, "{query:?}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains(mentions), "{query:?}: {text}");
+    }
+    assert_eq!(sim.stats().await["reauthentications"], 0);
+    assert_eq!(sim.reauthenticate(&good).await.status(), 302);
+    assert_eq!(sim.stats().await["reauthentications"], 1);
     sim.stop().await;
 }

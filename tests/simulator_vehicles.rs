@@ -78,7 +78,8 @@ impl TestSim {
                 ("response_type", "code"),
                 ("client_id", self.cfg.client_id.as_str()),
                 ("redirect_uri", REDIRECT),
-                ("scope", "read_vehicle_info read_battery read_fuel"),
+                // Every permission these tests read (the simulator enforces the granted scope).
+                ("scope", "read_vehicle_info read_vin read_battery read_charge read_odometer read_location read_tires read_fuel read_engine_oil"),
                 ("mode", "simulated"),
                 ("user", "1"),
             ])

@@ -1,7 +1,9 @@
 //! Connect's consent screen, for people trying the simulator in a browser (`--consent`): the
-//! user's vehicles with checkboxes, Approve and Deny. Approve redirects with a code covering the
-//! chosen vehicles; Deny redirects with `error=access_denied` (smartcar-api.md §1.2). Headless
-//! clients skip it with `auto_approve=true` on the authorize URL (or run without `--consent`).
+//! permissions asked for, the user's vehicles with checkboxes, Approve and Deny. Approve redirects
+//! with a code covering the chosen vehicles and granting the requested `scope` (carried through
+//! the form; without one, the simulator's default set); Deny redirects with `error=access_denied`
+//! (smartcar-api.md §1.2). Headless clients skip it with `auto_approve=true` on the authorize URL
+//! (or run without `--consent`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -11,6 +13,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 
 use super::oauth::query_encode;
+use super::scope::Scope;
 use super::{Sim, SimState};
 use crate::domain::now_ms;
 
@@ -48,26 +51,37 @@ pub(crate) fn page(sim: &Sim, user: usize, q: &HashMap<String, String>) -> Respo
             escape(&v.vin)
         ));
     }
-    let scope = q
-        .get("scope")
-        .map(String::as_str)
-        .unwrap_or("(the application's default)");
+    // `authorize` validated the scope before showing the page.
+    let requested = q.get("scope").map(String::as_str);
+    let granted = Scope::from_request(requested).unwrap_or_else(|_| Scope::default_grant());
+    let default_note = if requested.is_some_and(|s| !s.trim().is_empty()) {
+        ""
+    } else {
+        " <small>(no scope requested: the simulator's default set)</small>"
+    };
+    let permissions: String = granted
+        .names()
+        .iter()
+        .map(|p| format!("<li><code>{}</code></li>", escape(p)))
+        .collect();
     Html(format!(
         "<!doctype html><meta charset=utf-8><title>Smartcar simulator: connect</title>\
          <body style=\"font-family:sans-serif;max-width:40em;margin:2em auto\">\
-         <h1>Allow access</h1><p>Application <b>{client}</b> asks for: <code>{scope}</code></p>\
+         <h1>Allow access</h1><p>Application <b>{client}</b> asks for:{default_note}</p>\
+         <ul id=permissions>{permissions}</ul>\
          <form method=post action=\"/oauth/authorize/decision\">{hidden}\
          <p>Vehicles of simulated user <code>{user}</code>:</p><ul>{cars}</ul>\
          <button name=decision value=approve>Approve</button> \
          <button name=decision value=deny>Deny</button></form></body>",
         client = escape(&sim.cfg.client_id),
-        scope = escape(scope),
         user = escape(&u.id),
     ))
     .into_response()
 }
 
-/// `POST /oauth/authorize/decision`, the consent form's answer.
+/// `POST /oauth/authorize/decision`, the consent form's answer. Its `scope` field (the
+/// authorize request's, kept in a hidden field) is what an approval grants; 400 if it names a
+/// permission Smartcar does not know.
 pub(crate) async fn decision(
     State(sim): State<SimState>,
     form: Result<Form<Vec<(String, String)>>, FormRejection>,
@@ -91,6 +105,16 @@ pub(crate) async fn decision(
     let Some(user) = sim.fleet.user_by_id(user_id) else {
         return (StatusCode::BAD_REQUEST, "unknown user\n").into_response();
     };
+    let scope = match Scope::from_request(get("scope")) {
+        Ok(scope) => scope,
+        Err(unknown) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("unknown permission(s) in scope: {}\n", unknown.join(" ")),
+            )
+                .into_response()
+        }
+    };
     let separator = if redirect_uri.contains('?') { '&' } else { '?' };
     let state = get("state")
         .map(|s| format!("&state={}", query_encode(s)))
@@ -106,7 +130,7 @@ pub(crate) async fn decision(
         let lifetime = super::oauth::duration_ms(sim.cfg.code_lifetime);
         let code = sim
             .tokens
-            .issue_code(user, redirect_uri, lifetime, now_ms());
+            .issue_code(user, redirect_uri, scope, lifetime, now_ms());
         format!("{redirect_uri}{separator}code={code}{state}")
     } else if get("decision") == Some("approve") {
         format!("{redirect_uri}{separator}error=no_vehicles&error_description=No+vehicle+was+selected.{state}")

@@ -15,6 +15,25 @@ pub(crate) enum Api {
     V3,
 }
 
+/// `resolution.type` (smartcar-api.md §4.1). An enum rather than a string so an [`ApiError`]
+/// stays under clippy's `result_large_err` bound with room for `resolution.url`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Resolution {
+    RetryLater,
+    Reauthenticate,
+    ContactSupport,
+}
+
+impl Resolution {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Resolution::RetryLater => "RETRY_LATER",
+            Resolution::Reauthenticate => "REAUTHENTICATE",
+            Resolution::ContactSupport => "CONTACT_SUPPORT",
+        }
+    }
+}
+
 /// A Smartcar API error: type, code and the texts the docs give for them.
 #[derive(Clone, Debug)]
 pub(crate) struct ApiError {
@@ -23,7 +42,9 @@ pub(crate) struct ApiError {
     pub(crate) code: Option<&'static str>,
     pub(crate) description: String,
     doc_path: &'static str,
-    resolution: Option<&'static str>,
+    resolution: Option<Resolution>,
+    /// `resolution.url`, where the user can fix it (the re-auth flow of AUTHENTICATION_FAILED).
+    resolution_url: Option<Box<str>>,
     suggested_user_message: &'static str,
     /// Seconds for the `retry-after` header (RATE_LIMIT:VEHICLE only).
     pub(crate) retry_after: Option<u32>,
@@ -36,7 +57,7 @@ impl ApiError {
         kind: &'static str,
         code: Option<&'static str>,
         description: &str,
-        resolution: Option<&'static str>,
+        resolution: Option<Resolution>,
     ) -> Self {
         ApiError {
             status,
@@ -45,9 +66,68 @@ impl ApiError {
             description: description.to_owned(),
             doc_path: "",
             resolution,
+            resolution_url: None,
             suggested_user_message:
                 "Your application has encountered an error. Please contact us to resolve this issue.",
             retry_after: None,
+        }
+    }
+
+    /// 403 PERMISSION (code null, resolution REAUTHENTICATE): the consent behind the token did
+    /// not grant the permission this endpoint or signal needs (smartcar-api.md §4.2).
+    pub(crate) fn permission() -> Self {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            kind: "PERMISSION",
+            code: None,
+            description:
+                "Your application has insufficient permissions to access the requested resource. \
+                          Please prompt the user to re-authenticate using Smartcar Connect."
+                    .to_owned(),
+            doc_path: "permission-errors",
+            resolution: Some(Resolution::Reauthenticate),
+            resolution_url: None,
+            suggested_user_message:
+                "Your car's connection needs to be updated. Please reauthenticate to \
+                                     continue.",
+            retry_after: None,
+        }
+    }
+
+    /// 400 CONNECTED_SERVICES_ACCOUNT:AUTHENTICATION_FAILED (resolution REAUTHENTICATE): the
+    /// owner's login at the manufacturer stopped working; `resolution.url` is the re-auth flow
+    /// (`/oauth/reauthenticate?response_type=vehicle_id&client_id=…&vehicle_id=…`), which
+    /// [`ApiError::with_resolution_url`] fills in once the vehicle is known.
+    pub(crate) fn account_authentication_failed() -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "CONNECTED_SERVICES_ACCOUNT",
+            code: Some("AUTHENTICATION_FAILED"),
+            description:
+                "Smartcar was unable to authenticate with the user's connected services account. \
+                          Please prompt the user to re-authenticate using Smartcar Connect."
+                    .to_owned(),
+            doc_path: "connected-services-account-errors#authentication-failed",
+            resolution: Some(Resolution::Reauthenticate),
+            resolution_url: None,
+            suggested_user_message:
+                "Smartcar can no longer log into your connected services account. \
+                                     Please reconnect your car.",
+            retry_after: None,
+        }
+    }
+
+    /// Sets `resolution.url`.
+    pub(crate) fn with_resolution_url(mut self, url: String) -> Self {
+        self.resolution_url = Some(url.into_boxed_str());
+        self
+    }
+
+    /// `resolution`: `{"type": …}`, plus `url` when there is one.
+    fn resolution_json(&self) -> Value {
+        match &self.resolution_url {
+            Some(url) => json!({"type": self.resolution.map(Resolution::as_str), "url": url}),
+            None => json!({"type": self.resolution.map(Resolution::as_str)}),
         }
     }
 
@@ -63,6 +143,7 @@ impl ApiError {
                 .to_owned(),
             doc_path: "authentication-errors",
             resolution: None,
+            resolution_url: None,
             suggested_user_message: "Your application has encountered an error. Please contact us to resolve this issue.",
             retry_after: None,
         }
@@ -80,6 +161,7 @@ impl ApiError {
                     .to_owned(),
             doc_path: "connected-services-account-errors#vehicle-missing",
             resolution: None,
+            resolution_url: None,
             suggested_user_message:
                 "Your car is no longer associated with your connected services account. \
                                      Please log into your account and re-add your car.",
@@ -96,6 +178,7 @@ impl ApiError {
             description: "The requested resource does not exist. Please check the URL and try again.".to_owned(),
             doc_path: "resource-not-found-errors#path",
             resolution: None,
+            resolution_url: None,
             suggested_user_message: "Your application has encountered an error. Please contact us to resolve this issue.",
             retry_after: None,
         }
@@ -110,6 +193,7 @@ impl ApiError {
             description: format!("Request invalid or malformed. {}", detail.into()),
             doc_path: "validation-errors#parameter",
             resolution: None,
+            resolution_url: None,
             suggested_user_message: "Your application has encountered an error. Please contact us to resolve this issue.",
             retry_after: None,
         }
@@ -142,7 +226,7 @@ impl ApiError {
             "docURL": self.doc_url(),
             "statusCode": self.status.as_u16(),
             "requestId": request_id,
-            "resolution": {"type": self.resolution},
+            "resolution": self.resolution_json(),
             "suggestedUserMessage": self.suggested_user_message,
         })
     }
@@ -156,7 +240,7 @@ impl ApiError {
             "title": self.status.canonical_reason().unwrap_or("Error"),
             "detail": self.description,
             "links": {"about": self.doc_url()},
-            "resolution": {"type": self.resolution},
+            "resolution": self.resolution_json(),
             "suggestedUserMessage": self.suggested_user_message,
         }]})
     }
@@ -211,5 +295,40 @@ mod tests {
         assert_eq!(v3["errors"][0]["type"], "AUTHENTICATION");
         assert!(v3["errors"][0]["code"].is_null());
         assert_eq!(v3["errors"][0]["title"], "Unauthorized");
+    }
+
+    #[test]
+    fn permission_and_account_errors_ask_for_reauthentication() {
+        let v2 = ApiError::permission().v2_body("rid");
+        assert_eq!(v2["type"], "PERMISSION");
+        assert!(v2["code"].is_null());
+        assert_eq!(v2["statusCode"], 403);
+        assert_eq!(v2["resolution"], json!({"type": "REAUTHENTICATE"}));
+        assert_eq!(
+            v2["docURL"],
+            "https://smartcar.com/docs/errors/api-errors/permission-errors"
+        );
+        let v3 = ApiError::permission().v3_body();
+        assert_eq!(v3["errors"][0]["status"], "403");
+        assert_eq!(v3["errors"][0]["title"], "Forbidden");
+        let account = ApiError::account_authentication_failed()
+            .with_resolution_url("http://x/oauth/reauthenticate?vehicle_id=v".to_owned());
+        let v2 = account.v2_body("rid");
+        assert_eq!(
+            (&v2["type"], &v2["code"], &v2["statusCode"]),
+            (
+                &json!("CONNECTED_SERVICES_ACCOUNT"),
+                &json!("AUTHENTICATION_FAILED"),
+                &json!(400)
+            )
+        );
+        assert_eq!(
+            v2["resolution"],
+            json!({"type": "REAUTHENTICATE", "url": "http://x/oauth/reauthenticate?vehicle_id=v"})
+        );
+        assert_eq!(
+            account.v3_body()["errors"][0]["resolution"],
+            v2["resolution"]
+        );
     }
 }

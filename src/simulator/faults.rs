@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::errors::ApiError;
+use super::errors::{ApiError, Resolution};
 use super::stats::{bump, Stats};
 use crate::domain::UnixMillis;
 
@@ -34,6 +34,10 @@ pub enum FaultKind {
     Upstream,
     /// 403 PERMISSION.
     Permission,
+    /// 400 CONNECTED_SERVICES_ACCOUNT:AUTHENTICATION_FAILED (resolution REAUTHENTICATE with the
+    /// re-auth flow's `url`): the owner's login at the manufacturer broke. The owner going
+    /// through `/oauth/reauthenticate` for the vehicle clears it.
+    ConnectedServicesAccount,
     /// 501 COMPATIBILITY:VEHICLE_NOT_CAPABLE.
     Compatibility,
     /// 430 BILLING:VEHICLE_REQUEST_LIMIT.
@@ -47,7 +51,7 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 12] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::RateLimit,
         FaultKind::AppRateLimit,
         FaultKind::Asleep,
@@ -55,6 +59,7 @@ impl FaultKind {
         FaultKind::Server,
         FaultKind::Upstream,
         FaultKind::Permission,
+        FaultKind::ConnectedServicesAccount,
         FaultKind::Compatibility,
         FaultKind::Billing,
         FaultKind::Slow,
@@ -79,6 +84,7 @@ impl FaultKind {
             FaultKind::Server => "server",
             FaultKind::Upstream => "upstream",
             FaultKind::Permission => "permission",
+            FaultKind::ConnectedServicesAccount => "connected_services_account",
             FaultKind::Compatibility => "compatibility",
             FaultKind::Billing => "billing",
             FaultKind::Slow => "slow",
@@ -91,59 +97,69 @@ impl FaultKind {
         FaultKind::ALL.into_iter().find(|k| k.name() == s)
     }
 
+    /// Faults of the owner's connected services account (400 CONNECTED_SERVICES_ACCOUNT), which
+    /// the re-auth flow fixes.
+    pub fn is_connected_services_account(self) -> bool {
+        matches!(self, FaultKind::ConnectedServicesAccount)
+    }
+
     /// The error Smartcar answers for it.
     pub(crate) fn error(self, retry_after_s: u64) -> ApiError {
-        let (status, kind, code, description, resolution) = match self {
-            FaultKind::RateLimit => (
+        let new = |status: u16, kind, code, description: &str, resolution| {
+            ApiError::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                kind,
+                code,
+                description,
+                resolution,
+            )
+        };
+        let mut e = match self {
+            FaultKind::Permission => ApiError::permission(),
+            FaultKind::ConnectedServicesAccount => ApiError::account_authentication_failed(),
+            FaultKind::RateLimit => new(
                 429,
                 "RATE_LIMIT",
                 Some("VEHICLE"),
                 "You have reached the throttling rate limit for this vehicle. Please see the retry-after header for when to retry the request.",
-                Some("RETRY_LATER"),
+                Some(Resolution::RetryLater),
             ),
-            FaultKind::AppRateLimit => (
+            FaultKind::AppRateLimit => new(
                 429,
                 "RATE_LIMIT",
                 Some("SMARTCAR_API"),
                 "You have reached the throttling rate limit for your application. Please use exponential backoff.",
-                Some("RETRY_LATER"),
+                Some(Resolution::RetryLater),
             ),
-            FaultKind::Asleep => (
+            FaultKind::Asleep => new(
                 409,
                 "VEHICLE_STATE",
                 Some("ASLEEP"),
                 "The vehicle is in a sleep state and temporarily unable to perform your request.",
                 None,
             ),
-            FaultKind::Unreachable => (
+            FaultKind::Unreachable => new(
                 409,
                 "VEHICLE_STATE",
                 Some("UNREACHABLE"),
                 "The vehicle was unable to perform your request due to poor internet connectivity.",
                 None,
             ),
-            FaultKind::Server => (
+            FaultKind::Server => new(
                 500,
                 "SERVER",
                 Some("INTERNAL"),
                 "An internal Smartcar error has occurred.",
-                Some("RETRY_LATER"),
+                Some(Resolution::RetryLater),
             ),
-            FaultKind::Upstream => (
+            FaultKind::Upstream => new(
                 502,
                 "UPSTREAM",
                 Some("NO_RESPONSE"),
                 "Smartcar did not receive a response from the vehicle's manufacturer.",
-                Some("RETRY_LATER"),
+                Some(Resolution::RetryLater),
             ),
-            FaultKind::Permission => (
-                403,
-                "PERMISSION",
-                None,
-                "Your application does not have permission to access this endpoint for this vehicle.",
-                Some("REAUTHENTICATE"),
-            ),
-            FaultKind::Compatibility => (
+            FaultKind::Compatibility => new(
                 501,
                 "COMPATIBILITY",
                 Some("VEHICLE_NOT_CAPABLE"),
@@ -151,28 +167,21 @@ impl FaultKind {
                 None,
             ),
             // Transport faults never become an API error; a server error if one is asked for.
-            FaultKind::Slow | FaultKind::Malformed | FaultKind::Drop => (
+            FaultKind::Slow | FaultKind::Malformed | FaultKind::Drop => new(
                 500,
                 "SERVER",
                 Some("INTERNAL"),
                 "An internal Smartcar error has occurred.",
-                Some("RETRY_LATER"),
+                Some(Resolution::RetryLater),
             ),
-            FaultKind::Billing => (
+            FaultKind::Billing => new(
                 430,
                 "BILLING",
                 Some("VEHICLE_REQUEST_LIMIT"),
                 "You have reached the monthly request limit for this vehicle under your plan.",
-                Some("CONTACT_SUPPORT"),
+                Some(Resolution::ContactSupport),
             ),
         };
-        let mut e = ApiError::new(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            kind,
-            code,
-            description,
-            resolution,
-        );
         if self == FaultKind::RateLimit {
             e.retry_after = Some(u32::try_from(retry_after_s).unwrap_or(u32::MAX));
         }
@@ -298,6 +307,20 @@ impl Faults {
             }
             None => *t = Table::default(),
         }
+    }
+
+    /// The re-auth flow for `vehicle`: removes its fault if that is a connected-services-account
+    /// one (the owner fixed their login). Fleet-wide faults stay. True if one was removed.
+    pub fn clear_account_fault(&self, vehicle: &str) -> bool {
+        let mut t = self.lock();
+        let is_account = t
+            .vehicles
+            .get(vehicle)
+            .is_some_and(|f| f.kind.is_connected_services_account());
+        if is_account {
+            t.vehicles.remove(vehicle);
+        }
+        is_account
     }
 
     pub fn to_json(&self) -> Value {
@@ -479,5 +502,31 @@ mod tests {
             1
         );
         assert!(f.check("v", 11_000, &stats).is_ok());
+    }
+
+    #[test]
+    fn the_re_auth_flow_clears_only_a_vehicle_s_account_fault() {
+        let stats = Stats::default();
+        let f = Faults::default();
+        let (v, account) = parse_spec("connected_services_account@v").unwrap();
+        f.set(v, account);
+        f.set(Some("w".into()), Fault::new(FaultKind::Asleep));
+        let e = f.check("v", 0, &stats).unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.kind, e.code),
+            (
+                400,
+                "CONNECTED_SERVICES_ACCOUNT",
+                Some("AUTHENTICATION_FAILED")
+            )
+        );
+        assert!(
+            !f.clear_account_fault("w"),
+            "an asleep car is not an account problem"
+        );
+        assert!(f.check("w", 0, &stats).is_err());
+        assert!(f.clear_account_fault("v"));
+        assert!(f.check("v", 0, &stats).is_ok());
+        assert!(!f.clear_account_fault("v"), "nothing left to clear");
     }
 }

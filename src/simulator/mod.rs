@@ -1,14 +1,20 @@
 //! The built-in Smartcar-compatible simulator: `carpulse simulator`, and the server carpulse's own
 //! tests and `carpulse demo` run against.
 //!
-//! It serves Connect (`/oauth/authorize`), the token endpoint (`/oauth/token`), Vehicle API v2.0
-//! (`/v2.0`) and v3 signals (`/v3`) with the shapes, headers and errors of smartcar-api.md, over a
-//! deterministic fleet of BEVs whose values evolve with simulated time. `/_simulator/*` exposes
-//! counters and what was served, so tests can check carpulse against ground truth.
+//! It serves Connect (`/oauth/authorize`, the re-auth flow `/oauth/reauthenticate`), the token
+//! endpoint (`/oauth/token`), Vehicle API v2.0 (`/v2.0`) and v3 signals (`/v3`) with the shapes,
+//! headers and errors of smartcar-api.md, over a deterministic fleet of BEVs whose values evolve
+//! with simulated time. `/_simulator/*` exposes counters and what was served, so tests can check
+//! carpulse against ground truth. [`ENDPOINTS_HELP`] (the end of `carpulse simulator --help`)
+//! lists it all.
 //!
-//! Layout: [`fleet`] (ids and the vehicle model), [`oauth`] (codes and tokens), [`v2`], [`v3`],
-//! [`errors`] (envelopes) and [`stats`] (counters, served log). This file owns the configuration,
-//! the shared state, bearer authentication, routing and the CLI entry point.
+//! Tokens carry the permissions their consent granted ([`scope`]); an endpoint or signal they do
+//! not cover answers 403 PERMISSION like Smartcar's.
+//!
+//! Layout: [`fleet`] (ids and the vehicle model), [`oauth`] (codes and tokens), [`scope`]
+//! (granted permissions), [`v2`], [`v3`], [`errors`] (envelopes) and [`stats`] (counters,
+//! served log). This file owns the configuration, the shared state, bearer authentication,
+//! routing and the CLI entry point.
 
 mod consent;
 mod errors;
@@ -16,6 +22,7 @@ pub mod faults;
 mod fleet;
 pub use fleet::Powertrain;
 mod oauth;
+mod scope;
 mod stats;
 mod v2;
 mod v3;
@@ -40,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{now_ms, UnixMillis};
 use errors::{Api, ApiError};
 use fleet::{Fleet, SimClock, Vehicle};
+use scope::Scope;
 use stats::{bump, ServedLog, Stats};
 
 /// How the simulator behaves. `Default` is what `carpulse simulator` runs with no flags.
@@ -146,8 +154,9 @@ impl fmt::Debug for SimulatorConfig {
     }
 }
 
-/// `carpulse simulator` flags.
+/// `carpulse simulator` flags. `carpulse simulator --help` ends with [`ENDPOINTS_HELP`].
 #[derive(clap::Args, Clone)]
+#[command(after_long_help = ENDPOINTS_HELP)]
 pub struct SimulatorArgs {
     /// Address to listen on; port 0 picks a free port (the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:8090")]
@@ -183,8 +192,10 @@ pub struct SimulatorArgs {
     pub seed: u64,
     /// A fault from the start, repeatable: KIND[@VEHICLE_ID][*COUNT], e.g. `asleep`,
     /// `rate_limit@<id>`, `server*3`. Kinds: rate_limit, app_rate_limit, asleep, unreachable,
-    /// server, upstream, permission, compatibility, billing. Without @, fleet-wide; without *,
-    /// until cleared through /_simulator/faults.
+    /// server, upstream, permission, connected_services_account, compatibility, billing, slow,
+    /// malformed, drop. Without @, fleet-wide; without *, until cleared through
+    /// /_simulator/faults (a vehicle's connected_services_account fault also by the re-auth flow,
+    /// /oauth/reauthenticate).
     #[arg(long = "fault", value_name = "SPEC", value_parser = faults::parse_spec)]
     pub faults: Vec<(Option<String>, faults::Fault)>,
     /// Probability (0–1) that a vehicle request gets a random transient fault (asleep, server,
@@ -195,8 +206,9 @@ pub struct SimulatorArgs {
     /// answer in 3–45 s). Requests wait concurrently.
     #[arg(long, value_name = "SECONDS", value_parser = parse_latency)]
     pub latency: Option<(Duration, Duration)>,
-    /// Show Connect's consent page (the user's vehicles, Approve/Deny) in the browser instead of
-    /// approving at once; `&auto_approve=true` on the authorize URL skips it for scripts.
+    /// Show Connect's consent page (the permissions asked for, the user's vehicles, Approve/Deny)
+    /// in the browser instead of approving at once; `&auto_approve=true` on the authorize URL
+    /// skips it for scripts.
     #[arg(long)]
     pub consent: bool,
     /// Enforce Smartcar's app-wide rate limit: a bucket of 120 requests refilled at 2 per
@@ -223,6 +235,55 @@ pub struct SimulatorArgs {
     #[arg(long, value_name = "N", default_value_t = stats::SERVED_LOG_LIMIT)]
     pub served_log: usize,
 }
+
+/// What `carpulse simulator --help` says after the flags: the endpoints the simulator serves and
+/// how consent, permissions and the re-auth flow behave. (Attached to [`SimulatorArgs`] with
+/// `#[command(after_long_help)]`, so `-h` stays short.)
+pub const ENDPOINTS_HELP: &str = "\
+Endpoints (base http://<listen address>; smartcar-api.md has the shapes):
+  GET  /oauth/authorize          Connect. response_type=code, client_id, redirect_uri, state,
+                                 scope, mode, user (id or 1-based index), auto_approve. 302 to
+                                 redirect_uri?code=...&state=... (or the consent page with
+                                 --consent). The approval grants exactly `scope` (space-separated;
+                                 a `required:` prefix is stripped); without scope it grants the
+                                 default set: read_vehicle_info read_vin read_battery read_charge
+                                 read_odometer read_location read_tires read_fuel read_engine_oil.
+  GET  /oauth/reauthenticate     Connect's re-auth flow: response_type=vehicle_id, client_id,
+                                 vehicle_id, redirect_uri, state. 302 to
+                                 redirect_uri?vehicle_id=...&state=...; clears the vehicle's
+                                 connected_services_account fault (the owner fixed their login).
+                                 Tokens are untouched. 400 (text) for a bad request.
+  POST /oauth/token              Code exchange and refresh (Basic client auth). Tokens carry the
+                                 scope of their consent; each rotation keeps it.
+  POST /oauth2/token             v3 application token (client_credentials); requests name the
+                                 user in sc-user-id and get what that user's latest Connect
+                                 approval granted (the default set if they never approved one).
+  GET  /v2.0/user, /v2.0/vehicles
+  GET  /v2.0/vehicles/{id}[/vin|/battery|/battery/capacity|/battery/nominal_capacity|/charge|
+       /charge/limit|/odometer|/location|/tires/pressure|/fuel|/engine/oil]
+  GET  /v2.0/vehicles/{id}/permissions   the granted scope, paged (limit 1-50, offset)
+  POST /v2.0/vehicles/{id}/batch
+  GET  /v3/vehicles/{id}, /v3/vehicles/{id}/signals, /v3/vehicles/{id}/signals/{code}
+
+Permissions: / needs read_vehicle_info, /vin read_vin, /battery* read_battery, /charge*
+read_charge, /odometer read_odometer, /location read_location, /tires/pressure read_tires,
+/fuel read_fuel, /engine/oil read_engine_oil. v3 signals: tractionbattery-* and
+lowvoltagebattery-* read_battery, charge-* read_charge, odometer-* read_odometer, location-*
+read_location, vehicleidentification-vin read_vin, internalcombustionengine-oillife
+read_engine_oil, other internalcombustionengine-* read_fuel. Without it: 403 PERMISSION (code
+null, resolution REAUTHENTICATE); a batch item gets that error with code 403; a signal list
+shows the signal with status ERROR, error type PERMISSION. /v2.0/user, /v2.0/vehicles,
+/v2.0/vehicles/{id}/permissions and /v3/vehicles/{id} need no permission.
+
+Introspection (not Smartcar):
+  GET /_simulator/stats          counters, e.g. authorizations, refreshes, faults_served,
+                                 permission_denied, reauthentications
+  GET /_simulator/vehicles       users and their vehicles
+  GET /_simulator/served?vehicle_id=ID   values served, for checking against ground truth
+  GET|POST|DELETE /_simulator/faults     set or clear faults ({\"kind\", \"vehicle_id\"?,
+                                 \"count\"?, \"retry_after\"?} or {\"random_rate\"})
+  POST /_simulator/revoke        {\"user\"} or {\"vehicle_id\"}: revoke a connection
+";
 
 /// `20/1h`: a count and a period (s, m, h).
 fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
@@ -340,6 +401,28 @@ pub(crate) struct Sim {
     grants: std::sync::Mutex<HashMap<usize, std::collections::HashSet<String>>>,
     /// The app-wide bucket: (tokens left, when last refilled).
     bucket: std::sync::Mutex<(f64, UnixMillis)>,
+    /// `http://{bound address}`, set by [`serve`]; the base of the re-auth `resolution.url`.
+    base_url: std::sync::OnceLock<String>,
+}
+
+/// Who a bearer token speaks for and what their consent granted.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Caller {
+    /// Index of the user in the fleet.
+    pub(crate) user: usize,
+    pub(crate) scope: Scope,
+}
+
+impl Caller {
+    /// 403 PERMISSION unless the consent granted `permission` (counted in `permission_denied`).
+    pub(crate) fn require(&self, sim: &Sim, permission: &str) -> Result<(), ApiError> {
+        if self.scope.allows(permission) {
+            Ok(())
+        } else {
+            bump(&sim.stats.permission_denied);
+            Err(ApiError::permission())
+        }
+    }
 }
 
 /// Smartcar's default app-wide bucket (smartcar-api.md §2.4).
@@ -402,12 +485,16 @@ impl Sim {
             faults,
             grants: Default::default(),
             bucket: std::sync::Mutex::new((BUCKET_SIZE, now)),
+            base_url: std::sync::OnceLock::new(),
         })
     }
 
-    /// Checks the bearer token and returns the index of its user, counting unknown and expired
-    /// tokens (carpulse should refresh before expiry and never send a token it was not given).
-    pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Result<usize, ApiError> {
+    /// Checks the bearer token and returns its user and granted scope, counting unknown and
+    /// expired tokens (carpulse should refresh before expiry and never send a token it was not
+    /// given). A v3 application token acts for the `sc-user-id` user with what that user's latest
+    /// Connect approval granted, or [`scope::DEFAULT_GRANT`] if they never approved one (the
+    /// 2026 model has no per-token consent; the simulator assumes the app's dashboard default).
+    pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -419,12 +506,19 @@ impl Sim {
             return Err(ApiError::authentication());
         };
         match self.tokens.check_access(token, now_ms()) {
-            oauth::AccessCheck::Valid { user } => Ok(user),
+            oauth::AccessCheck::Valid { user, scope } => Ok(Caller { user, scope }),
             // The v3 application token names its user in `sc-user-id` (smartcar-api.md §1.7).
             oauth::AccessCheck::App => headers
                 .get("sc-user-id")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|id| self.fleet.user_by_id(id.trim()))
+                .map(|user| Caller {
+                    user,
+                    scope: self
+                        .tokens
+                        .consented_scope(user)
+                        .unwrap_or_else(Scope::default_grant),
+                })
                 .ok_or_else(ApiError::authentication),
             oauth::AccessCheck::Revoked => {
                 bump(&self.stats.revoked_token_uses);
@@ -441,33 +535,58 @@ impl Sim {
         }
     }
 
-    /// The vehicle `id` if the user owns it; VEHICLE_MISSING otherwise (also for ids that do not
-    /// exist, as Smartcar does not tell other users' vehicles from non-existent ones).
-    pub(crate) fn owned_vehicle(&self, user: usize, id: &str) -> Result<&Vehicle, ApiError> {
-        self.owned_vehicle_costing(user, id, 1)
+    /// The vehicle `id` if the user owns it and their consent covers it; VEHICLE_MISSING
+    /// otherwise (also for ids that do not exist, as Smartcar does not tell other users' vehicles
+    /// from non-existent ones). Checks no fault or limit: see [`Sim::admit`].
+    pub(crate) fn vehicle_of(&self, user: usize, id: &str) -> Result<&Vehicle, ApiError> {
+        match self.fleet.vehicle(id) {
+            Some((owner, vehicle)) if owner == user && self.granted(user, &vehicle.id) => {
+                Ok(vehicle)
+            }
+            _ => Err(ApiError::vehicle_missing()),
+        }
     }
 
-    /// As [`Sim::owned_vehicle`], for a request that counts `cost` times against the vehicle's
-    /// rate limit (a batch counts each item).
+    /// Lets one request through to the vehicle, counting `cost` times against its rate limit (a
+    /// batch counts each item), or answers its fault. Permission checks come before this, as
+    /// Smartcar refuses them without asking the car.
+    pub(crate) fn admit(&self, vehicle: &Vehicle, cost: u32) -> Result<(), ApiError> {
+        let now = now_ms();
+        self.faults
+            .check(&vehicle.id, now, &self.stats)
+            .map_err(|e| self.with_reauth_url(e, &vehicle.id))?;
+        if let Some((max, window)) = self.cfg.vehicle_rate_limit {
+            let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX / 4);
+            self.faults
+                .limit(&vehicle.id, cost, now, (max, window_ms))?;
+        }
+        Ok(())
+    }
+
+    /// [`Sim::vehicle_of`] then [`Sim::admit`] at a cost of `cost` requests.
     pub(crate) fn owned_vehicle_costing(
         &self,
         user: usize,
         id: &str,
         cost: u32,
     ) -> Result<&Vehicle, ApiError> {
-        match self.fleet.vehicle(id) {
-            Some((owner, vehicle)) if owner == user && self.granted(user, &vehicle.id) => {
-                let now = now_ms();
-                self.faults.check(&vehicle.id, now, &self.stats)?;
-                if let Some((max, window)) = self.cfg.vehicle_rate_limit {
-                    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX / 4);
-                    self.faults
-                        .limit(&vehicle.id, cost, now, (max, window_ms))?;
-                }
-                Ok(vehicle)
-            }
-            _ => Err(ApiError::vehicle_missing()),
+        let vehicle = self.vehicle_of(user, id)?;
+        self.admit(vehicle, cost)?;
+        Ok(vehicle)
+    }
+
+    /// An AUTHENTICATION_FAILED error gets the re-auth flow for the vehicle as its
+    /// `resolution.url`, as Smartcar's does (relative if the bound address is unknown).
+    fn with_reauth_url(&self, e: ApiError, vehicle_id: &str) -> ApiError {
+        if e.code != Some("AUTHENTICATION_FAILED") {
+            return e;
         }
+        let base = self.base_url.get().map(String::as_str).unwrap_or("");
+        e.with_resolution_url(format!(
+            "{base}/oauth/reauthenticate?response_type=vehicle_id&client_id={}&vehicle_id={}",
+            oauth::query_encode(&self.cfg.client_id),
+            oauth::query_encode(vehicle_id),
+        ))
     }
 }
 
@@ -558,6 +677,7 @@ fn router(sim: SimState) -> Router {
     Router::new()
         .route("/oauth/authorize", get(oauth::authorize))
         .route("/oauth/authorize/decision", post(consent::decision))
+        .route("/oauth/reauthenticate", get(oauth::reauthenticate))
         .route("/oauth/token", post(oauth::token))
         .route("/oauth2/token", post(oauth::app_token))
         .route("/v2.0/user", get(v2::user))
@@ -784,6 +904,13 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .context("reading the simulator's bound address")?;
+    // A wildcard address is no place to send a browser; loopback is where it is reachable.
+    let reachable = if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let _ = sim.base_url.set(format!("http://{reachable}"));
     tracing::info!(
         %addr,
         users = sim.fleet.users.len(),

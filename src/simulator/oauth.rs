@@ -1,5 +1,10 @@
-//! Smartcar's OAuth surface: Connect's `GET /oauth/authorize` (auto-approved) and the token
-//! endpoint `POST /oauth/token`, plus the token table the vehicle API checks bearer tokens against.
+//! Smartcar's OAuth surface: Connect's `GET /oauth/authorize` (auto-approved) and re-auth flow
+//! `GET /oauth/reauthenticate`, the token endpoint `POST /oauth/token`, plus the token table the
+//! vehicle API checks bearer tokens against.
+//!
+//! Every code and token carries the [`Scope`] its consent granted: the code remembers the
+//! approved `scope`, the pair exchanged for it carries it, each rotation hands it on. The
+//! vehicle API answers 403 PERMISSION for what it does not cover.
 //!
 //! The rules follow smartcar-api.md §1: single-use codes valid 10 minutes and bound to their
 //! redirect URI, Basic client auth, rotation on every refresh with the used refresh token still
@@ -18,6 +23,7 @@ use serde_json::json;
 
 use super::errors::oauth_error;
 use super::fleet::random_uuid;
+use super::scope::Scope;
 use super::stats::bump;
 use super::SimState;
 use crate::domain::{now_ms, UnixMillis};
@@ -30,16 +36,21 @@ const PRUNE_EVERY: u64 = 1024;
 struct Code {
     user: usize,
     redirect_uri: String,
+    /// What the consent granted; the tokens issued from the code carry it.
+    scope: Scope,
     expires_at: UnixMillis,
 }
 
 struct Access {
     user: usize,
+    scope: Scope,
     expires_at: UnixMillis,
 }
 
 struct Refresh {
     user: usize,
+    /// Handed on to the pair a refresh issues, so rotation never widens or narrows the grant.
+    scope: Scope,
     expires_at: UnixMillis,
     /// When it was first exchanged; it stays usable for `refresh_grace` after that.
     first_used_at: Option<UnixMillis>,
@@ -58,6 +69,8 @@ struct Tables {
     /// Users whose connection was revoked: their tokens answer 401 / `invalid_grant` until they
     /// go through Connect again.
     revoked: std::collections::HashSet<usize>,
+    /// Per user, what their latest Connect approval granted (v3 application tokens act with it).
+    consents: HashMap<usize, Scope>,
 }
 
 /// What a bearer token turned out to be.
@@ -65,6 +78,7 @@ struct Tables {
 pub(crate) enum AccessCheck {
     Valid {
         user: usize,
+        scope: Scope,
     },
     /// A v3 application token: the user comes from `sc-user-id`.
     App,
@@ -77,7 +91,11 @@ pub(crate) enum AccessCheck {
 /// Outcome of presenting a refresh token.
 enum RefreshUse {
     /// Accepted; `in_grace` when it had been used before (inside the grace window).
-    Accepted { user: usize, in_grace: bool },
+    Accepted {
+        user: usize,
+        scope: Scope,
+        in_grace: bool,
+    },
     /// Known but used longer ago than the grace window.
     Invalidated,
     /// Unknown, or past its 60-day lifetime.
@@ -116,7 +134,10 @@ impl TokenStore {
             },
             Some(a) if t.revoked.contains(&a.user) => AccessCheck::Revoked,
             Some(a) if now >= a.expires_at => AccessCheck::Expired,
-            Some(a) => AccessCheck::Valid { user: a.user },
+            Some(a) => AccessCheck::Valid {
+                user: a.user,
+                scope: a.scope,
+            },
         }
     }
 
@@ -133,23 +154,33 @@ impl TokenStore {
         token
     }
 
+    /// A code for an approved consent; also records `scope` as the user's latest consent.
     pub(crate) fn issue_code(
         &self,
         user: usize,
         redirect_uri: &str,
+        scope: Scope,
         lifetime_ms: i64,
         now: UnixMillis,
     ) -> String {
         let code = random_uuid();
-        self.lock().codes.insert(
+        let mut t = self.lock();
+        t.codes.insert(
             code.clone(),
             Code {
                 user,
                 redirect_uri: redirect_uri.to_owned(),
+                scope,
                 expires_at: now + lifetime_ms,
             },
         );
+        t.consents.insert(user, scope);
         code
+    }
+
+    /// What the user's latest Connect approval granted, if they ever approved one.
+    pub(crate) fn consented_scope(&self, user: usize) -> Option<Scope> {
+        self.lock().consents.get(&user).copied()
     }
 
     /// Picks the user for an authorization without a `user` parameter (round-robin).
@@ -160,13 +191,13 @@ impl TokenStore {
         user
     }
 
-    /// Consumes a code. Errors say why, without echoing the code.
+    /// Consumes a code: its user and granted scope. Errors say why, without echoing the code.
     fn redeem_code(
         &self,
         code: &str,
         redirect_uri: &str,
         now: UnixMillis,
-    ) -> Result<usize, &'static str> {
+    ) -> Result<(usize, Scope), &'static str> {
         let mut t = self.lock();
         let Some(entry) = t.codes.get(code) else {
             return Err("the code is unknown or was already used.");
@@ -178,11 +209,11 @@ impl TokenStore {
         if entry.redirect_uri != redirect_uri {
             return Err("redirect_uri does not match the one used to obtain the code.");
         }
-        let user = entry.user;
+        let (user, scope) = (entry.user, entry.scope);
         t.codes.remove(code);
         // A new consent restores a revoked connection.
         t.revoked.remove(&user);
-        Ok(user)
+        Ok((user, scope))
     }
 
     fn use_refresh(&self, token: &str, grace_ms: i64, now: UnixMillis) -> RefreshUse {
@@ -205,11 +236,13 @@ impl TokenStore {
                 entry.first_used_at = Some(now);
                 RefreshUse::Accepted {
                     user: entry.user,
+                    scope: entry.scope,
                     in_grace: false,
                 }
             }
             Some(first) if now - first <= grace_ms => RefreshUse::Accepted {
                 user: entry.user,
+                scope: entry.scope,
                 in_grace: true,
             },
             Some(_) => RefreshUse::Invalidated,
@@ -219,6 +252,7 @@ impl TokenStore {
     fn issue_pair(
         &self,
         user: usize,
+        scope: Scope,
         access_ms: i64,
         refresh_ms: i64,
         grace_ms: i64,
@@ -233,6 +267,7 @@ impl TokenStore {
             issued.access_token.clone(),
             Access {
                 user,
+                scope,
                 expires_at: now + access_ms,
             },
         );
@@ -240,6 +275,7 @@ impl TokenStore {
             issued.refresh_token.clone(),
             Refresh {
                 user,
+                scope,
                 expires_at: now + refresh_ms,
                 first_used_at: None,
             },
@@ -329,8 +365,10 @@ fn bad_authorize(message: &str) -> Response {
 }
 
 /// `GET /oauth/authorize`: validates the Connect request and auto-approves it with a redirect
-/// carrying a single-use code. `user` (an id or a 1-based index) picks the account; otherwise
-/// users take turns, so successive `carpulse connect` runs connect different accounts.
+/// carrying a single-use code. The code grants `scope` (`required:` stripped; without `scope`,
+/// [`super::scope::DEFAULT_GRANT`]), and the tokens exchanged for it carry that grant. `user`
+/// (an id or a 1-based index) picks the account; otherwise users take turns, so successive
+/// `carpulse connect` runs connect different accounts.
 pub(crate) async fn authorize(
     State(sim): State<SimState>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
@@ -357,21 +395,18 @@ pub(crate) async fn authorize(
             return bad_authorize("mode must be live, simulated or test.");
         }
     }
-    // Scope is optional in newer docs (the dashboard's default applies); when given, every
-    // permission must be one Smartcar knows, `required:` prefix allowed.
-    if let Some(scope) = q.get("scope") {
-        let unknown: Vec<&str> = scope
-            .split(' ')
-            .filter(|p| !p.is_empty())
-            .filter(|p| !PERMISSIONS.contains(&p.trim_start_matches("required:")))
-            .collect();
-        if !unknown.is_empty() {
+    // Scope is optional in newer docs (the dashboard's default applies; here the simulator's
+    // full read set); when given, every permission must be one Smartcar knows, `required:`
+    // prefix allowed, and the approval grants exactly those.
+    let scope = match Scope::from_request(q.get("scope").map(String::as_str)) {
+        Ok(scope) => scope,
+        Err(unknown) => {
             return bad_authorize(&format!(
                 "unknown permission(s) in scope: {}.",
                 unknown.join(" ")
-            ));
+            ))
         }
-    }
+    };
     let users = sim.fleet.users.len();
     let user = match param("user") {
         Some(wanted) => match sim.fleet.user_by_id(wanted) {
@@ -389,6 +424,7 @@ pub(crate) async fn authorize(
     let code = sim.tokens.issue_code(
         user,
         redirect_uri,
+        scope,
         duration_ms(sim.cfg.code_lifetime),
         now_ms(),
     );
@@ -402,29 +438,59 @@ pub(crate) async fn authorize(
     (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
 }
 
-/// Permissions Connect accepts in `scope` (Smartcar's list, smartcar-api.md §2.2 and its docs).
-pub(crate) const PERMISSIONS: &[&str] = &[
-    "read_vehicle_info",
-    "read_vin",
-    "read_battery",
-    "read_charge",
-    "read_odometer",
-    "read_location",
-    "read_tires",
-    "read_fuel",
-    "read_engine_oil",
-    "read_security",
-    "read_speedometer",
-    "read_thermometer",
-    "read_compass",
-    "read_climate",
-    "read_extended_vehicle_info",
-    "read_user_profile",
-    "control_security",
-    "control_charge",
-    "control_climate",
-    "control_navigation",
-];
+/// `GET /oauth/reauthenticate?response_type=vehicle_id&client_id=…&vehicle_id=…&redirect_uri=…&state=…`:
+/// Connect's re-auth flow (smartcar-api.md §0, §1.1, §1.2), the `resolution.url` of a
+/// CONNECTED_SERVICES_ACCOUNT:AUTHENTICATION_FAILED error. Validated like `/oauth/authorize`
+/// (`response_type` must be `vehicle_id`, the client known, the vehicle simulated, `redirect_uri`
+/// an absolute URL; 400 plain text otherwise), then approved at once: 302 to
+/// `redirect_uri?vehicle_id=…&state=…`. Its effect is the owner fixing their manufacturer login:
+/// the vehicle's connected-services-account fault is cleared. Tokens are untouched (existing ones
+/// stay valid, none are issued) and the consent page is never shown. Counted as
+/// `reauthentications`.
+pub(crate) async fn reauthenticate(
+    State(sim): State<SimState>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    let bad = |message: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("Invalid re-authentication request: {message}\n"),
+        )
+            .into_response()
+    };
+    let Ok(Query(q)) = query else {
+        return bad("the query string is malformed.");
+    };
+    let param = |name: &str| q.get(name).map(String::as_str).filter(|v| !v.is_empty());
+    if param("response_type") != Some("vehicle_id") {
+        return bad("response_type must be \"vehicle_id\".");
+    }
+    if param("client_id") != Some(sim.cfg.client_id.as_str()) {
+        return bad("unknown client_id.");
+    }
+    let Some((_, vehicle)) = param("vehicle_id").and_then(|id| sim.fleet.vehicle(id)) else {
+        return bad("vehicle_id must be a simulated vehicle id.");
+    };
+    let Some(redirect_uri) = param("redirect_uri") else {
+        return bad("redirect_uri is required.");
+    };
+    if oauth2::url::Url::parse(redirect_uri).is_err() {
+        return bad("redirect_uri is not an absolute URL.");
+    }
+    let cleared = sim.faults.clear_account_fault(&vehicle.id);
+    bump(&sim.stats.reauthentications);
+    let separator = if redirect_uri.contains('?') { '&' } else { '?' };
+    let mut location = format!(
+        "{redirect_uri}{separator}vehicle_id={}",
+        query_encode(&vehicle.id)
+    );
+    if let Some(state) = q.get("state") {
+        location.push_str("&state=");
+        location.push_str(&query_encode(state));
+    }
+    tracing::debug!(vehicle = %vehicle.id, cleared, "re-authentication approved");
+    (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
+}
 
 /// v3 application tokens live one hour (smartcar-api.md §1.7).
 const APP_TOKEN_LIFETIME_MS: i64 = 3_600_000;
@@ -515,7 +581,7 @@ fn token_inner(
     let access_ms = duration_ms(cfg.access_token_lifetime);
     let refresh_ms = duration_ms(cfg.refresh_token_lifetime);
     let grace_ms = duration_ms(cfg.refresh_grace);
-    let user = match field("grant_type") {
+    let (user, scope) = match field("grant_type") {
         None => {
             return oauth_error(
                 StatusCode::BAD_REQUEST,
@@ -532,9 +598,9 @@ fn token_inner(
                 );
             };
             match sim.tokens.redeem_code(code, redirect_uri, now) {
-                Ok(user) => {
+                Ok(granted) => {
                     bump(&sim.stats.code_exchanges);
-                    user
+                    granted
                 }
                 Err(why) => {
                     return oauth_error(
@@ -554,12 +620,16 @@ fn token_inner(
                 );
             };
             match sim.tokens.use_refresh(refresh_token, grace_ms, now) {
-                RefreshUse::Accepted { user, in_grace } => {
+                RefreshUse::Accepted {
+                    user,
+                    scope,
+                    in_grace,
+                } => {
                     if in_grace {
                         bump(&sim.stats.grace_refresh_token_uses);
                     }
                     sim.stats.count_refresh(&sim.fleet.users[user].id);
-                    user
+                    (user, scope)
                 }
                 outcome @ (RefreshUse::Invalidated | RefreshUse::Invalid | RefreshUse::Revoked) => {
                     match outcome {
@@ -585,7 +655,7 @@ fn token_inner(
     };
     let issued = sim
         .tokens
-        .issue_pair(user, access_ms, refresh_ms, grace_ms, now);
+        .issue_pair(user, scope, access_ms, refresh_ms, grace_ms, now);
     tracing::debug!(user = %sim.fleet.users[user].id, "token pair issued");
     (
         StatusCode::OK,

@@ -49,6 +49,11 @@ pub(crate) struct Stats {
     pub(crate) revoked_token_uses: AtomicU64,
     /// Requests refused by the app-wide bucket (RATE_LIMIT:SMARTCAR_API).
     pub(crate) app_rate_limited: AtomicU64,
+    /// Completed re-auth flows (`GET /oauth/reauthenticate` answered with its redirect).
+    pub(crate) reauthentications: AtomicU64,
+    /// 403 PERMISSION answers for want of a granted permission: v2 requests, v2 batch items
+    /// and v3 single signals (a signal listed with an ERROR PERMISSION status is not counted).
+    pub(crate) permission_denied: AtomicU64,
     refreshes_by_user: Mutex<HashMap<String, u64>>,
 }
 
@@ -94,6 +99,8 @@ impl Stats {
             "faults_served": get(&self.faults_served),
             "revoked_token_uses": get(&self.revoked_token_uses),
             "app_rate_limited": get(&self.app_rate_limited),
+            "reauthentications": get(&self.reauthentications),
+            "permission_denied": get(&self.permission_denied),
             "refreshes_by_user": by_user,
         })
     }

@@ -5,6 +5,11 @@
 //! batch item answer identically, and both record what they served. What a car cannot answer for
 //! its powertrain (fuel on a BEV, battery on an ICE) is 501 COMPATIBILITY:VEHICLE_NOT_CAPABLE,
 //! as Smartcar answers it, so carpulse learns to disable such endpoints per vehicle.
+//!
+//! Each resource needs the permission of smartcar-api.md §2.2 ([`v2_permission`]); one the
+//! token's consent did not grant is 403 PERMISSION (code null, resolution REAUTHENTICATE), checked
+//! before faults and rate limits as Smartcar refuses it without asking the car. In a batch only
+//! that item fails. `/permissions` lists exactly the granted scope.
 
 use std::collections::HashMap;
 
@@ -19,25 +24,13 @@ use super::errors::{Api, ApiError};
 use super::fleet::{
     km_to_miles, kpa_to_psi, litres_to_us_gallons, random_uuid, round_to, Vehicle, VehicleState,
 };
+use super::scope::{v2_permission, Scope};
 use super::stats::{bump, Served};
-use super::{api_json, iso_ms, Sim, SimState};
+use super::{api_json, iso_ms, Caller, Sim, SimState};
 use crate::domain::{now_ms, UnitSystem, UnixMillis};
 
 const DEFAULT_LIMIT: usize = 10;
 const MAX_LIMIT: usize = 50;
-
-/// The permissions every simulated consent grants.
-const PERMISSIONS: &[&str] = &[
-    "read_vehicle_info",
-    "read_vin",
-    "read_battery",
-    "read_charge",
-    "read_odometer",
-    "read_location",
-    "read_fuel",
-    "read_engine_oil",
-    "read_tires",
-];
 
 /// 501 COMPATIBILITY:VEHICLE_NOT_CAPABLE: the endpoint exists but this car's powertrain has
 /// nothing to answer it with (smartcar-api.md §4.2: permanent for that endpoint and vehicle).
@@ -88,7 +81,7 @@ pub(crate) async fn user(State(sim): State<SimState>, headers: HeaderMap) -> Res
     let rid = random_uuid();
     let result = sim
         .authenticate(&headers)
-        .map(|user| api_json(&rid, json!({"id": sim.fleet.users[user].id}), &[]));
+        .map(|caller| api_json(&rid, json!({"id": sim.fleet.users[caller.user].id}), &[]));
     respond(&rid, result)
 }
 
@@ -100,7 +93,7 @@ pub(crate) async fn vehicles(
 ) -> Response {
     let rid = random_uuid();
     let result = (|| {
-        let user = sim.authenticate(&headers)?;
+        let user = sim.authenticate(&headers)?.user;
         let Ok(Query(query)) = query else {
             return Err(ApiError::validation("malformed query string."));
         };
@@ -175,15 +168,19 @@ fn vehicle_request(
 ) -> Response {
     let rid = random_uuid();
     let result = (|| {
-        let user = sim.authenticate(headers)?;
-        let vehicle = sim.owned_vehicle(user, id)?;
+        let caller = sim.authenticate(headers)?;
+        let vehicle = sim.vehicle_of(caller.user, id)?;
+        // Smartcar refuses a permission it was not granted without asking the car: before any
+        // fault or rate limit.
+        check_permission(sim, &caller, path)?;
+        sim.admit(vehicle, 1)?;
         let units = unit_system(sim, headers);
         let Ok(Query(query)) = query else {
             return Err(ApiError::validation("malformed query string."));
         };
         let now = now_ms();
         let state = vehicle.state_now(&sim.clock, now);
-        let found = resource(vehicle, &state, path, units, &query)?;
+        let found = resource(vehicle, &state, path, units, &query, caller.scope)?;
         sim.served.record(&vehicle.id, &state, found.served);
         let headers = data_headers(&state, now, units);
         let extra: &[(&'static str, String)] = if found.is_data { &headers } else { &[] };
@@ -223,13 +220,15 @@ fn pressure(kpa: f64, units: UnitSystem) -> f64 {
     }
 }
 
-/// Resolves a vehicle resource path (`/`, `/battery`, ...) to its body.
+/// Resolves a vehicle resource path (`/`, `/battery`, ...) to its body. The caller checked the
+/// path's permission ([`v2_permission`]); `scope` is what `/permissions` lists.
 fn resource(
     vehicle: &Vehicle,
     state: &VehicleState,
     path: &str,
     units: UnitSystem,
     query: &HashMap<String, String>,
+    scope: Scope,
 ) -> Result<Found, ApiError> {
     let data = |body: Value, served: &'static [Served]| {
         Ok(Found {
@@ -310,12 +309,14 @@ fn resource(
                 &[],
             )
         }
+        // Exactly what the token's consent granted (no permission needed to ask).
         "/permissions" => {
             let (limit, offset) = paging(query)?;
+            let granted = scope.names();
             Ok(Found {
                 body: json!({
-                    "permissions": page_of(PERMISSIONS, limit, offset),
-                    "paging": {"count": PERMISSIONS.len(), "offset": offset},
+                    "permissions": page_of(&granted, limit, offset),
+                    "paging": {"count": granted.len(), "offset": offset},
                 }),
                 is_data: false,
                 served: &[],
@@ -326,7 +327,8 @@ fn resource(
 }
 
 /// `POST /v2.0/vehicles/{id}/batch`: `{"requests":[{"path":"/battery"},...]}` → 200 with one
-/// `{path, code, body, headers}` per item; failed items carry their error object and no headers.
+/// `{path, code, body, headers}` per item; failed items carry their error object and no headers
+/// (an item whose permission was not granted: `code` 403 and the PERMISSION object).
 pub(crate) async fn batch(
     State(sim): State<SimState>,
     Path(id): Path<String>,
@@ -335,11 +337,11 @@ pub(crate) async fn batch(
 ) -> Response {
     let rid = random_uuid();
     let result = (|| {
-        let user = sim.authenticate(&headers)?;
+        let caller = sim.authenticate(&headers)?;
         let paths = parse_batch(&body)?;
         // Every item counts against the vehicle's limit (smartcar-api.md §2.3).
         let cost = u32::try_from(paths.len()).unwrap_or(u32::MAX);
-        let vehicle = sim.owned_vehicle_costing(user, &id, cost)?;
+        let vehicle = sim.owned_vehicle_costing(caller.user, &id, cost)?;
         let units = unit_system(&sim, &headers);
         let now = now_ms();
         let state = vehicle.state_now(&sim.clock, now);
@@ -353,7 +355,10 @@ pub(crate) async fn batch(
                 } else {
                     format!("/{path}")
                 };
-                match resource(vehicle, &state, &normalized, units, &no_query) {
+                let found = check_permission(&sim, &caller, &normalized).and_then(|()| {
+                    resource(vehicle, &state, &normalized, units, &no_query, caller.scope)
+                });
+                match found {
                     Ok(found) => {
                         sim.served.record(&vehicle.id, &state, found.served);
                         let mut item = json!({"path": path, "code": 200, "body": found.body});
@@ -376,6 +381,15 @@ pub(crate) async fn batch(
         Ok(api_json(&rid, json!({ "responses": responses }), &[]))
     })();
     respond(&rid, result)
+}
+
+/// 403 PERMISSION if the path needs a permission the token's consent did not grant
+/// (smartcar-api.md §2.2, §4.2); the same check for a direct request and a batch item.
+fn check_permission(sim: &Sim, caller: &Caller, path: &str) -> Result<(), ApiError> {
+    match v2_permission(path) {
+        Some(permission) => caller.require(sim, permission),
+        None => Ok(()),
+    }
 }
 
 fn parse_batch(body: &[u8]) -> Result<Vec<String>, ApiError> {

@@ -6,6 +6,12 @@
 //! its powertrain lacks (fuel on a BEV, traction battery on an ICE) is an item with
 //! `status.value = ERROR` and COMPATIBILITY:VEHICLE_NOT_CAPABLE and no body (§3.4), as Smartcar
 //! reports per-signal failures, so carpulse must handle mixed pages.
+//!
+//! Each signal needs a permission (its [`SignalDef::permission`]: tractionbattery-* and
+//! lowvoltagebattery-* read_battery, charge-* read_charge, odometer-* read_odometer, location-*
+//! read_location, vehicleidentification-vin read_vin, internalcombustionengine-oillife
+//! read_engine_oil, the other internalcombustionengine-* read_fuel). One the consent did not grant
+//! is an ERROR item with PERMISSION in the list, and 403 PERMISSION on its own.
 
 use std::collections::HashMap;
 
@@ -17,8 +23,9 @@ use serde_json::{json, Value};
 
 use super::errors::{Api, ApiError};
 use super::fleet::{random_uuid, round_to, Powertrain, Vehicle, VehicleState};
+use super::scope::Scope;
 use super::stats::Served;
-use super::{api_json, Sim, SimState};
+use super::{api_json, Caller, Sim, SimState};
 use crate::domain::{now_ms, ChargeState, UnixMillis};
 
 const DEFAULT_PAGE_SIZE: usize = 10;
@@ -45,12 +52,14 @@ impl Needs {
 }
 
 /// One signal the simulator serves: code, display name, group, which served-log kind it feeds
-/// (if any), and what the car needs to provide it.
+/// (if any), the permission a consent must grant to read it, and what the car needs to provide
+/// it.
 struct SignalDef {
     code: &'static str,
     name: &'static str,
     group: &'static str,
     served: Option<Served>,
+    permission: &'static str,
     needs: Needs,
 }
 
@@ -60,6 +69,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "StateOfCharge",
         group: "TractionBattery",
         served: Some(Served::Battery),
+        permission: "read_battery",
         needs: Needs::Battery,
     },
     SignalDef {
@@ -67,6 +77,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "Range",
         group: "TractionBattery",
         served: Some(Served::Battery),
+        permission: "read_battery",
         needs: Needs::Battery,
     },
     SignalDef {
@@ -74,6 +85,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "NominalCapacity",
         group: "TractionBattery",
         served: None,
+        permission: "read_battery",
         needs: Needs::Battery,
     },
     SignalDef {
@@ -81,6 +93,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "IsCharging",
         group: "Charge",
         served: Some(Served::Charge),
+        permission: "read_charge",
         needs: Needs::Battery,
     },
     SignalDef {
@@ -88,6 +101,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "IsChargingCableConnected",
         group: "Charge",
         served: Some(Served::Charge),
+        permission: "read_charge",
         needs: Needs::Battery,
     },
     SignalDef {
@@ -95,6 +109,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "DetailedChargingStatus",
         group: "Charge",
         served: Some(Served::Charge),
+        permission: "read_charge",
         needs: Needs::Battery,
     },
     SignalDef {
@@ -102,6 +117,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "ChargeLimits",
         group: "Charge",
         served: None,
+        permission: "read_charge",
         needs: Needs::Battery,
     },
     SignalDef {
@@ -109,6 +125,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "TimeToComplete",
         group: "Charge",
         served: None,
+        permission: "read_charge",
         needs: Needs::Battery,
     },
     SignalDef {
@@ -116,6 +133,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "Wattage",
         group: "Charge",
         served: None,
+        permission: "read_charge",
         needs: Needs::Battery,
     },
     SignalDef {
@@ -123,6 +141,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "TraveledDistance",
         group: "Odometer",
         served: Some(Served::Odometer),
+        permission: "read_odometer",
         needs: Needs::Nothing,
     },
     SignalDef {
@@ -130,6 +149,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "PreciseLocation",
         group: "Location",
         served: None,
+        permission: "read_location",
         needs: Needs::Nothing,
     },
     SignalDef {
@@ -137,6 +157,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "IsAtHome",
         group: "Location",
         served: None,
+        permission: "read_location",
         needs: Needs::Nothing,
     },
     SignalDef {
@@ -144,6 +165,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "StateOfCharge",
         group: "LowVoltageBattery",
         served: None,
+        permission: "read_battery",
         needs: Needs::Nothing,
     },
     SignalDef {
@@ -151,6 +173,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "VIN",
         group: "VehicleIdentification",
         served: None,
+        permission: "read_vin",
         needs: Needs::Nothing,
     },
     SignalDef {
@@ -158,6 +181,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "FuelLevel",
         group: "InternalCombustionEngine",
         served: None,
+        permission: "read_fuel",
         needs: Needs::Engine,
     },
     SignalDef {
@@ -165,6 +189,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "AmountRemaining",
         group: "InternalCombustionEngine",
         served: None,
+        permission: "read_fuel",
         needs: Needs::Engine,
     },
     SignalDef {
@@ -172,6 +197,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "Range",
         group: "InternalCombustionEngine",
         served: None,
+        permission: "read_fuel",
         needs: Needs::Engine,
     },
     SignalDef {
@@ -179,6 +205,7 @@ const SIGNALS: &[SignalDef] = &[
         name: "OilLife",
         group: "InternalCombustionEngine",
         served: None,
+        permission: "read_engine_oil",
         needs: Needs::Engine,
     },
 ];
@@ -247,13 +274,31 @@ fn signal_body(code: &str, vehicle: &Vehicle, state: &VehicleState) -> Value {
     }
 }
 
+/// Whether the signal has a value to serve: granted and within the car's powertrain.
+fn readable(def: &SignalDef, vehicle: &Vehicle, scope: Scope) -> bool {
+    scope.allows(def.permission) && def.needs.met_by(vehicle.powertrain)
+}
+
+/// The signal object: its body, or an ERROR status with PERMISSION (not granted; checked first,
+/// as Smartcar refuses it without asking the car) or COMPATIBILITY:VEHICLE_NOT_CAPABLE.
 fn signal_object(
     def: &SignalDef,
     vehicle: &Vehicle,
     state: &VehicleState,
     now: UnixMillis,
+    scope: Scope,
 ) -> Value {
-    let attributes = if def.needs.met_by(vehicle.powertrain) {
+    let failed = |error: Value| {
+        json!({
+            "code": def.code,
+            "name": def.name,
+            "group": def.group,
+            "status": {"value": "ERROR", "error": error},
+        })
+    };
+    let attributes = if !scope.allows(def.permission) {
+        failed(json!({"type": "PERMISSION", "code": null}))
+    } else if def.needs.met_by(vehicle.powertrain) {
         json!({
             "code": def.code,
             "name": def.name,
@@ -262,12 +307,7 @@ fn signal_object(
             "body": signal_body(def.code, vehicle, state),
         })
     } else {
-        json!({
-            "code": def.code,
-            "name": def.name,
-            "group": def.group,
-            "status": {"value": "ERROR", "error": {"type": "COMPATIBILITY", "code": "VEHICLE_NOT_CAPABLE"}},
-        })
+        failed(json!({"type": "COMPATIBILITY", "code": "VEHICLE_NOT_CAPABLE"}))
     };
     json!({
         "id": def.code,
@@ -281,20 +321,32 @@ fn signal_object(
     })
 }
 
-/// Authenticates and resolves the vehicle. `sc-user-id` is optional (the per-vehicle token
-/// model); when sent it must name the token's user (the 2026 app-token model).
+/// Authenticates and resolves the vehicle (ownership only: no fault or limit yet, see
+/// [`Sim::admit`]). `sc-user-id` is optional (the per-vehicle token model); when sent it must
+/// name the token's user (the 2026 app-token model).
+fn caller_and_vehicle<'s>(
+    sim: &'s Sim,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(Caller, &'s Vehicle), ApiError> {
+    let caller = sim.authenticate(headers)?;
+    if let Some(claimed) = headers.get("sc-user-id") {
+        if claimed.to_str().ok().map(str::trim) != Some(sim.fleet.users[caller.user].id.as_str()) {
+            return Err(ApiError::authentication());
+        }
+    }
+    Ok((caller, sim.vehicle_of(caller.user, id)?))
+}
+
+/// [`caller_and_vehicle`], then the vehicle's faults and limits.
 fn authorize_vehicle<'s>(
     sim: &'s Sim,
     headers: &HeaderMap,
     id: &str,
-) -> Result<&'s Vehicle, ApiError> {
-    let user = sim.authenticate(headers)?;
-    if let Some(claimed) = headers.get("sc-user-id") {
-        if claimed.to_str().ok().map(str::trim) != Some(sim.fleet.users[user].id.as_str()) {
-            return Err(ApiError::authentication());
-        }
-    }
-    sim.owned_vehicle(user, id)
+) -> Result<(Caller, &'s Vehicle), ApiError> {
+    let (caller, vehicle) = caller_and_vehicle(sim, headers, id)?;
+    sim.admit(vehicle, 1)?;
+    Ok((caller, vehicle))
 }
 
 fn respond(request_id: &str, result: Result<Response, ApiError>) -> Response {
@@ -308,7 +360,7 @@ pub(crate) async fn vehicle(
     headers: HeaderMap,
 ) -> Response {
     let rid = random_uuid();
-    let result = authorize_vehicle(&sim, &headers, &id).map(|v| {
+    let result = authorize_vehicle(&sim, &headers, &id).map(|(_, v)| {
         let body = json!({"data": {
             "id": v.id,
             "type": "vehicle",
@@ -341,7 +393,9 @@ fn positive(
     }
 }
 
-/// `GET /v3/vehicles/{id}/signals?page=&pageSize=`: one JSON:API page of signals.
+/// `GET /v3/vehicles/{id}/signals?page=&pageSize=`: one JSON:API page of signals; a signal the
+/// consent did not grant is listed with `status: {"value":"ERROR","error":{"type":"PERMISSION",
+/// "code":null}}` and no body.
 pub(crate) async fn signals(
     State(sim): State<SimState>,
     Path(id): Path<String>,
@@ -350,7 +404,7 @@ pub(crate) async fn signals(
 ) -> Response {
     let rid = random_uuid();
     let result = (|| {
-        let vehicle = authorize_vehicle(&sim, &headers, &id)?;
+        let (caller, vehicle) = authorize_vehicle(&sim, &headers, &id)?;
         let Ok(Query(query)) = query else {
             return Err(ApiError::validation("malformed query string."));
         };
@@ -367,13 +421,13 @@ pub(crate) async fn signals(
             .collect();
         let served: Vec<Served> = defs
             .iter()
-            .filter(|d| d.needs.met_by(vehicle.powertrain))
+            .filter(|d| readable(d, vehicle, caller.scope))
             .filter_map(|d| d.served)
             .collect();
         sim.served.record(&vehicle.id, &state, &served);
         let data: Vec<Value> = defs
             .iter()
-            .map(|d| signal_object(d, vehicle, &state, now))
+            .map(|d| signal_object(d, vehicle, &state, now, caller.scope))
             .collect();
         let link = |p: usize| {
             format!(
@@ -404,7 +458,9 @@ pub(crate) async fn signals(
 }
 
 /// `GET /v3/vehicles/{id}/signals/{code}`: one signal object (200 with an ERROR status for a
-/// signal this car's powertrain lacks, the same item the list shows); 404 for an unknown code.
+/// signal this car's powertrain lacks, the same item the list shows); 404 for an unknown code;
+/// 403 PERMISSION in the `errors[]` envelope for a signal the consent did not grant (before any
+/// fault, as for v2).
 pub(crate) async fn signal(
     State(sim): State<SimState>,
     Path((id, code)): Path<(String, String)>,
@@ -412,20 +468,22 @@ pub(crate) async fn signal(
 ) -> Response {
     let rid = random_uuid();
     let result = (|| {
-        let vehicle = authorize_vehicle(&sim, &headers, &id)?;
+        let (caller, vehicle) = caller_and_vehicle(&sim, &headers, &id)?;
         let code = code.to_ascii_lowercase();
-        let def = SIGNALS
-            .iter()
-            .find(|d| d.code == code)
-            .ok_or_else(ApiError::path_not_found)?;
+        let def = SIGNALS.iter().find(|d| d.code == code);
+        if let Some(def) = def {
+            caller.require(&sim, def.permission)?;
+        }
+        sim.admit(vehicle, 1)?;
+        let def = def.ok_or_else(ApiError::path_not_found)?;
         let now = now_ms();
         let state = vehicle.state_now(&sim.clock, now);
-        if let (Some(kind), true) = (def.served, def.needs.met_by(vehicle.powertrain)) {
+        if let (Some(kind), true) = (def.served, readable(def, vehicle, caller.scope)) {
             sim.served.record(&vehicle.id, &state, &[kind]);
         }
         Ok(api_json(
             &rid,
-            signal_object(def, vehicle, &state, now),
+            signal_object(def, vehicle, &state, now, caller.scope),
             &[],
         ))
     })();
@@ -452,7 +510,7 @@ mod tests {
             let state = v.state_now(&clock, 1_000_000);
             for def in SIGNALS {
                 let body = signal_body(def.code, v, &state);
-                let object = signal_object(def, v, &state, 1_000_000);
+                let object = signal_object(def, v, &state, 1_000_000, Scope::default_grant());
                 if def.needs.met_by(v.powertrain) {
                     assert!(body.is_object(), "{} {:?}", def.code, v.powertrain);
                     assert_eq!(object["attributes"]["status"]["value"], "SUCCESS");
