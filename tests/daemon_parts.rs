@@ -803,3 +803,39 @@ async fn v2_blocks_learnt_from_answers_survive_a_restart_until_the_vehicle_is_en
     assert_eq!((r.failed, r.skipped), (1, 0), "asked again: {r:?}");
     w.stop.cancel();
 }
+
+#[tokio::test]
+async fn v2_discovery_leaves_what_the_consent_did_not_grant_out_of_the_batch() {
+    let mut w = world("v2", Duration::from_secs(7200)).await;
+    w.config.smartcar.scope = [
+        "read_vehicle_info",
+        "read_vin",
+        "read_battery",
+        "read_odometer",
+    ]
+    .map(String::from)
+    .to_vec();
+    let connected = connect(&w).await;
+    for (id, _) in &connected.vehicles {
+        assert_eq!(
+            connected.unavailable[id],
+            vec![("charge", "not granted: read_charge".to_string())]
+        );
+    }
+    let (poller, _) = poller_for(&w, "v2", &connected).await;
+    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+        .await
+        .unwrap();
+    let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(
+        (r.ok, r.failed, r.readings),
+        (3, 0, 3),
+        "battery only: {r:?}"
+    );
+    let stats = sim_stats(&w).await;
+    assert_eq!(
+        stats["permission_denied"], 0,
+        "/charge was never asked: {stats}"
+    );
+    w.stop.cancel();
+}

@@ -135,3 +135,87 @@ async fn reauth_of_an_unknown_vehicle_says_so() {
     assert!(err.contains("no vehicle nope in the store"), "{err}");
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reauth_of_a_vehicle_paused_by_its_manufacturer_login_uses_smartcars_reauth_flow() {
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&["--report-interval", "1"]).await;
+    let setup = write_config(
+        &base,
+        "v2",
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let fleet = get_json(&http, &format!("{base}/_simulator/vehicles")).await;
+    let car = fleet["users"][0]["vehicles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The owner changed their manufacturer password: every request for the car fails.
+    let r = http
+        .post(format!("{base}/_simulator/faults"))
+        .json(&serde_json::json!({"kind": "connected_services_account", "vehicle_id": car}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let db = rusqlite::Connection::open(&setup.db).unwrap();
+    let pause: String = db
+        .query_row(
+            "SELECT reason FROM blocked_endpoints WHERE vehicle_id = ?1 AND endpoint = '*'",
+            [&car],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(pause.starts_with("CONNECTED_SERVICES_ACCOUNT"), "{pause}");
+    let status = std::process::Command::new(BIN)
+        .args(["--config", cfg, "status"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("paused (CONNECTED_SERVICES_ACCOUNT"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+
+    // carpulse picks Smartcar's re-auth flow; the owner logs in again.
+    let (code, out, err) = reauth(&setup.config, &http, &car, "").await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("/oauth/reauthenticate?response_type=vehicle_id"),
+        "{out}"
+    );
+    assert!(out.contains("lifted 1 block(s)"), "{out}");
+    let stats = get_json(&http, &format!("{base}/_simulator/stats")).await;
+    assert_eq!(stats["reauthentications"], 1, "{stats}");
+
+    // The running daemon is told, and polls the car again.
+    let before: i64 = db
+        .query_row(
+            "SELECT count(*) FROM battery_history WHERE vehicle_id = ?1",
+            [&car],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let pid = daemon.child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    let after: i64 = db
+        .query_row(
+            "SELECT count(*) FROM battery_history WHERE vehicle_id = ?1",
+            [&car],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(after > before, "polled again: {before} -> {after}");
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
