@@ -294,8 +294,9 @@ async fn finish(
         .exchange_code(code)
         .await
         .context("exchanging the authorization code at smartcar.token_url")?;
-    let ids = client
-        .list_vehicles(&tokens.access_token)
+    // The code is spent: if these fail for good the owner must consent again, so a
+    // transient failure is retried first.
+    let ids = retried(|| client.list_vehicles(&tokens.access_token))
         .await
         .context("listing the account's vehicles (GET /vehicles)")?;
     if let Some(wanted) = &options.must_include {
@@ -309,7 +310,7 @@ async fn finish(
     }
     let user_id = match user_hint {
         Some(u) => u,
-        None => match client.user_id(&tokens.access_token).await {
+        None => match retried(|| client.user_id(&tokens.access_token)).await {
             Ok(u) => u,
             // The user id only keys the connection for reconnects; a server without `/user`
             // should not make Connect fail. The fallback is stable for the same vehicles.
@@ -367,6 +368,30 @@ async fn finish(
         vehicles,
         unavailable,
     })
+}
+
+/// Up to 3 tries, 1 s then 2 s apart, while the failure is transient (network, 5xx, rate
+/// limit; a `retry-after` up to 10 s is honoured).
+async fn retried<T, F, Fut>(mut call: F) -> Result<T, crate::smartcar::ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::smartcar::ApiError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if e.kind.is_transient() && attempt < 3 => {
+                let wait = e
+                    .retry_after
+                    .filter(|w| *w <= Duration::from_secs(10))
+                    .unwrap_or(Duration::from_secs(attempt));
+                warn!(attempt, error = %e, wait_s = wait.as_secs(), "Smartcar request failed; retrying");
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A connection key when Smartcar names no user: derived from the sorted vehicle ids, so the same

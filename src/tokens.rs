@@ -104,6 +104,9 @@ struct SlotState {
     failures: u32,
     /// When the background task tries again after a failure.
     retry_at: Option<UnixMillis>,
+    /// Set while `tokens` is a rotated pair the store refused: the refresh token the store
+    /// still holds, which the save must replace. The background task retries the save.
+    unsaved_from: Option<Secret>,
 }
 
 /// What a poll needs to make a request for a connection. `Debug` is safe: the token is a `Secret`.
@@ -171,6 +174,7 @@ impl TokenManager {
                     }),
                     refresher: std::sync::atomic::AtomicBool::new(false),
                     state: tokio::sync::Mutex::new(SlotState {
+                        unsaved_from: None,
                         tokens: r.tokens,
                         status: r.status,
                         failures: 0,
@@ -322,6 +326,12 @@ impl TokenManager {
             self.metrics.clone(),
         );
         let refresh_token = st.tokens.refresh_token.clone();
+        // The store holds the token this pair replaces, or, while an earlier pair is unsaved,
+        // the one before it.
+        let stored_token = st
+            .unsaved_from
+            .clone()
+            .unwrap_or_else(|| refresh_token.clone());
         let task = self.inflight.spawn(async move {
             let mut attempt = 0;
             let result = loop {
@@ -339,7 +349,7 @@ impl TokenManager {
                 }
             };
             match result {
-                Ok(pair) => Ok(persist(&store, &metrics, id, &refresh_token, pair).await),
+                Ok(pair) => Ok(persist(&store, &metrics, id, &stored_token, pair).await),
                 Err(e) => Err(e),
             }
         });
@@ -350,8 +360,9 @@ impl TokenManager {
             }),
         };
         match result {
-            Ok(pair) => {
+            Ok((pair, unsaved_from)) => {
                 st.tokens = pair;
+                st.unsaved_from = unsaved_from;
                 st.failures = 0;
                 st.retry_at = None;
                 slot.publish(st);
@@ -369,7 +380,11 @@ impl TokenManager {
             Err(e) if e.needs_reauth() => {
                 // A reconnect may have stored a new grant since this pair was loaded: then the
                 // refusal concerns the old grant only, and the new one is adopted.
-                let used = st.tokens.refresh_token.clone();
+                // What the store holds for the grant in use (an unsaved pair's predecessor).
+                let used = st
+                    .unsaved_from
+                    .clone()
+                    .unwrap_or_else(|| st.tokens.refresh_token.clone());
                 let stored = self
                     .store
                     .call(move |c| {
@@ -382,6 +397,7 @@ impl TokenManager {
                     if r.tokens.refresh_token != used && r.status == ConnectionStatus::Active {
                         info!(connection = %id, "the old grant was refused, but a reconnect stored a new one; using it");
                         st.tokens = r.tokens;
+                        st.unsaved_from = None;
                         st.failures = 0;
                         st.retry_at = None;
                         slot.publish(st);
@@ -503,9 +519,13 @@ impl TokenManager {
                 if st.status == ConnectionStatus::NeedsReauth {
                     return;
                 }
-                st.retry_at.unwrap_or_else(|| {
+                let due = st.retry_at.unwrap_or_else(|| {
                     refresh_due_at(&st.tokens, self.margin(), rand::random::<f64>())
-                })
+                });
+                match st.unsaved_from {
+                    Some(_) => due.min(now_ms() + UNSAVED_RETRY.as_millis() as i64),
+                    None => due,
+                }
             };
             let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
             tokio::select! {
@@ -513,6 +533,21 @@ impl TokenManager {
                 _ = tokio::time::sleep(wait) => {}
             }
             let mut st = slot.state.lock().await;
+            if let Some(stored) = st.unsaved_from.clone() {
+                match save_once(&self.store, slot.id, &stored, &st.tokens).await {
+                    Ok(newer) => {
+                        info!(connection = %slot.id, "the rotated token pair is saved now");
+                        if let Some(pair) = newer {
+                            st.tokens = pair;
+                        }
+                        st.unsaved_from = None;
+                        slot.publish(&st);
+                    }
+                    Err(e) => {
+                        error!(connection = %slot.id, error = format!("{e:#}"), "the rotated token pair is still not saved");
+                    }
+                }
+            }
             // Someone (a 401 path) may have refreshed while we slept.
             let still_due = st.retry_at.is_some_and(|r| now_ms() >= r)
                 || now_ms() >= refresh_due_at(&st.tokens, self.margin(), 1.0);
@@ -533,24 +568,20 @@ impl TokenManager {
 /// rotated one, or the grant a reconnect stored meanwhile (never overwritten). The old refresh
 /// token is dead once Smartcar's grace window passes, so the new pair is kept in memory even if
 /// the disk refuses it: losing it there too would lose the connection for certain.
+///
+/// Returns the pair to use and, when the store refused it, the refresh token the store still
+/// holds (the background task retries the save every [`UNSAVED_RETRY`]).
 async fn persist(
     store: &Store,
     metrics: &Metrics,
     id: ConnectionId,
     refreshed: &Secret,
     pair: TokenPair,
-) -> TokenPair {
+) -> (TokenPair, Option<Secret>) {
     for attempt in 1..=3 {
-        let (p, old) = (pair.clone(), refreshed.clone());
-        match store
-            .call(move |c| queries::save_rotated(c, id, &old, &p, now_ms()))
-            .await
-        {
-            Ok(queries::Rotation::Saved) => return pair,
-            Ok(queries::Rotation::Superseded(r)) => {
-                info!(connection = %id, "a reconnect stored a new grant meanwhile; using it");
-                return r.tokens;
-            }
+        match save_once(store, id, refreshed, &pair).await {
+            Ok(Some(newer)) => return (newer, None),
+            Ok(None) => return (pair, None),
             Err(e) => {
                 error!(connection = %id, attempt, error = format!("{e:#}"), "cannot persist the rotated token pair");
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
@@ -561,8 +592,33 @@ async fn persist(
         .token_refreshes
         .with_label_values(&["persist_failed"])
         .inc();
-    pair
+    error!(connection = %id, retry_s = UNSAVED_RETRY.as_secs(), "the rotated token pair is only in memory; saving it again until the store takes it");
+    (pair, Some(refreshed.clone()))
 }
+
+/// One save of a rotated pair: `Ok(None)` saved, `Ok(Some(pair))` a reconnect's newer grant
+/// is in the store (use it; nothing was overwritten).
+async fn save_once(
+    store: &Store,
+    id: ConnectionId,
+    refreshed: &Secret,
+    pair: &TokenPair,
+) -> anyhow::Result<Option<TokenPair>> {
+    let (p, old) = (pair.clone(), refreshed.clone());
+    match store
+        .call(move |c| queries::save_rotated(c, id, &old, &p, now_ms()))
+        .await?
+    {
+        queries::Rotation::Saved => Ok(None),
+        queries::Rotation::Superseded(r) => {
+            info!(connection = %id, "a reconnect stored a new grant meanwhile; using it");
+            Ok(Some(r.tokens))
+        }
+    }
+}
+
+/// How often a rotated pair the store refused is offered to it again.
+const UNSAVED_RETRY: Duration = Duration::from_secs(5);
 
 fn backoff(failures: u32) -> Duration {
     let exp = BACKOFF_MIN.saturating_mul(1 << failures.saturating_sub(1).min(10));

@@ -839,3 +839,52 @@ async fn v2_discovery_leaves_what_the_consent_did_not_grant_out_of_the_batch() {
     );
     w.stop.cancel();
 }
+
+#[tokio::test]
+async fn a_rotated_pair_the_store_refused_is_saved_once_it_can_be() {
+    let w = world("v3", Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    let metrics = Metrics::new().unwrap();
+    let tokens = tokens_for(&w, &metrics).await;
+    let first = tokens.access(connected.connection).await.unwrap();
+
+    // The disk refuses every update of the connection row.
+    let side = rusqlite::Connection::open(&w.config.store.path).unwrap();
+    side.execute_batch(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON connections
+         BEGIN SELECT RAISE(ABORT, 'disk says no'); END;",
+    )
+    .unwrap();
+    let rotated = tokens
+        .refresh_after_401(connected.connection, &first.token)
+        .await
+        .unwrap();
+    assert_ne!(rotated.token, first.token, "rotated and in use");
+    let stored_access = |side: &rusqlite::Connection| -> String {
+        side.query_row("SELECT access_token FROM connections", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(stored_access(&side), first.token.expose());
+    assert!(metrics
+        .render()
+        .contains("carpulse_token_refreshes_total{outcome=\"persist_failed\"} 1"));
+
+    // The background task offers it again; once the disk takes it, it is stored.
+    let stop = CancellationToken::new();
+    tokio::spawn(tokens.clone().run(stop.clone()));
+    side.execute_batch("DROP TRIGGER refuse").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while stored_access(&side) != rotated.token.expose() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rotated pair was never saved"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The pair in use is still the rotated one, and Smartcar never saw a dead token.
+    let now = tokens.access(connected.connection).await.unwrap();
+    assert_eq!(now.token, rotated.token);
+    assert_eq!(sim_stats(&w).await["invalidated_refresh_token_uses"], 0);
+    stop.cancel();
+    w.stop.cancel();
+}
