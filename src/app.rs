@@ -518,10 +518,10 @@ pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Resu
 }
 
 /// Seeds the monthly call ledger from this month's `poll_events`, so a restart does not
-/// forget what was spent. Events of one poll share its `at`: in v2 each event row is a
-/// billed call or batch item; in v3 a poll is billed as its plan cost (1 or 2 calls)
-/// whatever number of signals it read. Polls that never reached Smartcar (no token) are
-/// not counted.
+/// forget what was spent. Events of one poll share its `at` and carry its billed `calls`;
+/// rows from before schema 2 have none, and count as in v2 one call per event (a billed call
+/// or batch item) and in v3 the poll's plan price. Polls that never reached Smartcar (no
+/// token) cost nothing.
 pub async fn load_ledger(
     store: &Store,
     poller: &Poller,
@@ -538,7 +538,7 @@ pub async fn load_ledger(
         .call(move |c| {
             let mut stmt = c.prepare(
                 "SELECT vehicle_id, count(*),
-                        max(endpoint IN ('info', 'vin', 'odometer'))
+                        max(endpoint IN ('info', 'vin', 'odometer')), max(calls)
                  FROM poll_events
                  WHERE at >= ?1 AND outcome NOT IN ('needs_reauth', 'token_error')
                  GROUP BY vehicle_id, at",
@@ -549,6 +549,7 @@ pub async fn load_ledger(
                         crate::domain::VehicleId(r.get(0)?),
                         r.get::<_, i64>(1)?.max(0) as u64,
                         r.get::<_, bool>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
                     ))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -557,10 +558,11 @@ pub async fn load_ledger(
         .await
         .context("reading this month's calls from poll_events")?;
     let mut used: std::collections::HashMap<crate::domain::VehicleId, u64> = Default::default();
-    for (vehicle, events, info) in polls {
-        let cost = match api {
-            crate::domain::ApiVersion::V2 => events,
-            crate::domain::ApiVersion::V3 => {
+    for (vehicle, events, info, calls) in polls {
+        let cost = match (calls, api) {
+            (Some(n), _) => n.max(0) as u64,
+            (None, crate::domain::ApiVersion::V2) => events,
+            (None, crate::domain::ApiVersion::V3) => {
                 crate::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
             }
         };

@@ -246,4 +246,7 @@ pub struct PollEvent {
     pub http_status: Option<u16>,
     pub error_type: Option<String>,
     pub error_code: Option<String>,
+    /// Smartcar calls the poll was billed (every event of one poll carries the poll's total);
+    /// `None` where not known (rows from before schema 2).
+    pub calls: Option<u64>,
 }

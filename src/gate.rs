@@ -392,6 +392,8 @@ pub struct Ledger {
     budget: Option<u64>,
     month: (i32, u32),
     used: HashMap<VehicleId, u64>,
+    /// The billed calls of each (vehicle, job)'s latest poll.
+    last: HashMap<(VehicleId, &'static str), u64>,
 }
 
 /// (year, month) of a unix-ms time, UTC.
@@ -417,6 +419,7 @@ impl Ledger {
             budget,
             month: month_of(now),
             used,
+            last: HashMap::new(),
         }
     }
 
@@ -446,11 +449,20 @@ impl Ledger {
         self.budget = budget;
     }
 
-    /// Gives back calls spent on admission that never reached Smartcar (no token, shutdown).
-    pub fn refund(&mut self, id: &VehicleId, cost: u64) {
-        if let Some(n) = self.used.get_mut(id) {
-            *n = n.saturating_sub(cost);
+    /// Replaces what admission `charged` with what the calls were `billed` (0: none reached
+    /// Smartcar, e.g. no token or shutdown), and remembers a job's real cost, so the next
+    /// admission of it is charged that much.
+    pub fn settle(&mut self, id: &VehicleId, job: Option<&'static str>, charged: u64, billed: u64) {
+        let n = self.used.entry(id.clone()).or_default();
+        *n = n.saturating_sub(charged) + billed;
+        if let (Some(job), true) = (job, billed > 0) {
+            self.last.insert((id.clone(), job), billed);
         }
+    }
+
+    /// What `job` last cost this vehicle (0: not known yet).
+    pub fn last_cost(&self, id: &VehicleId, job: &'static str) -> u64 {
+        self.last.get(&(id.clone(), job)).copied().unwrap_or(0)
     }
 
     pub fn used(&self, id: &VehicleId) -> u64 {

@@ -350,7 +350,14 @@ impl Poller {
         self.ledger
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .refund(id, cost);
+            .settle(id, None, cost, 0);
+    }
+
+    fn settle(&self, id: &VehicleId, job: Job, charged: u64, billed: u64) {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settle(id, Some(job_label(job)), charged, billed);
     }
 
     /// Calls this vehicle made this month, as the ledger counts them.
@@ -388,8 +395,9 @@ impl Poller {
             .gates()
             .admit(&v.id, job_endpoints(job), now_ms())
             .and_then(|open| {
-                cost = call_cost(self.api, job, &open);
                 let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+                // What this job last cost the vehicle, if more than the plan says (pages).
+                cost = call_cost(self.api, job, &open).max(ledger.last_cost(&v.id, job_label(job)));
                 if ledger.allows(&v.id, cost, now_ms()) {
                     // Counted when admitted: a request that fails is billed all the same.
                     ledger.spend(&v.id, cost, now_ms());
@@ -419,8 +427,14 @@ impl Poller {
             return VehicleOutcome::Failed(0);
         }
         let started = Instant::now();
-        let results = tokio::select! {
-            r = self.fetch_with_auth_retry(v, job, &allowed) => r,
+        let fetch = crate::smartcar::count_billed(self.fetch_with_auth_retry(v, job, &allowed));
+        let (results, billed) = tokio::select! {
+            (r, billed) = fetch => {
+                // Charged on admission at the estimate; what the poll really cost counts (a
+                // v3 listing of several pages, nothing when no token was at hand).
+                self.settle(&v.id, job, cost, billed);
+                (r, billed)
+            }
             _ = cancel.cancelled() => {
                 debug!("abandoned at shutdown");
                 return VehicleOutcome::Failed(0);
@@ -435,7 +449,6 @@ impl Poller {
         match results {
             Err(Failure::Token(e)) => {
                 failed = true;
-                self.refund(&v.id, cost);
                 let outcome = match e {
                     TokenError::NeedsReauth(_) => "needs_reauth",
                     _ => "token_error",
@@ -519,6 +532,11 @@ impl Poller {
                 .vehicle_up
                 .with_label_values(&[v.id.0.as_str()])
                 .set(if answered { 1.0 } else { 0.0 });
+        }
+        for item in items.iter_mut() {
+            if let WriteItem::Event(ev) = item {
+                ev.calls = Some(billed);
+            }
         }
         self.write(items).await;
         if failed {
@@ -696,10 +714,11 @@ impl Poller {
             }
         };
         tokio::select! {
-            r = ask => {
-                if let Err(DiscoveryError::Token(_)) = &r {
-                    self.refund(&v.id, 1);
-                }
+            (r, billed) = crate::smartcar::count_billed(ask) => {
+                self.ledger
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .settle(&v.id, Some("discover"), 1, billed);
                 r.map(Some)
             }
             _ = cancel.cancelled() => Ok(None),
@@ -854,6 +873,7 @@ fn event(
         http_status: e.and_then(|e| e.status),
         error_type: e.and_then(|e| e.error_type.clone()),
         error_code: e.and_then(|e| e.code.clone()),
+        calls: None,
     }
 }
 

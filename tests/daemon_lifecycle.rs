@@ -139,15 +139,18 @@ async fn sighup_picks_up_a_new_account_and_a_disabled_vehicle() {
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
 
-fn ok_battery_polls(db: &std::path::Path) -> Vec<i64> {
+/// Per vehicle: (answered battery polls, calls billed this month), from `poll_events`.
+fn polls_and_calls(db: &std::path::Path) -> Vec<(i64, i64)> {
     let c = rusqlite::Connection::open(db).unwrap();
     let mut stmt = c
         .prepare(
-            "SELECT count(*) FROM poll_events WHERE endpoint = 'battery' AND outcome = 'ok'
+            "SELECT count(*), sum(calls) FROM
+               (SELECT vehicle_id, at, max(calls) AS calls FROM poll_events
+                WHERE endpoint = 'battery' AND outcome = 'ok' GROUP BY vehicle_id, at)
              GROUP BY vehicle_id ORDER BY vehicle_id",
         )
         .unwrap();
-    let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
     rows.map(Result::unwrap).collect()
 }
 
@@ -160,19 +163,27 @@ async fn the_budget_holds_across_a_restart() {
         "v3",
         "battery = \"* * * * * *\"\ninfo = \"0 0 4 1 1 *\"",
     );
-    // A v3 battery poll is one call: 3 polls a month per vehicle, whatever the cron says.
+    // 6 calls a month per vehicle, whatever the cron says. A v3 battery poll is one signals
+    // listing: one call per page.
     let mut text = std::fs::read_to_string(&setup.config).unwrap();
-    text.push_str("\n[budget]\ncalls_per_vehicle_month = 3\n");
+    text.push_str("\n[budget]\ncalls_per_vehicle_month = 6\n");
     std::fs::write(&setup.config, text).unwrap();
     let cfg = setup.config.to_str().unwrap();
     connect(&setup.config, &http).await;
 
     let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
-    let polls = ok_battery_polls(&setup.db);
+    let polls = polls_and_calls(&setup.db);
     assert!(!polls.is_empty());
-    assert!(polls.iter().all(|&n| n == 3), "3 polls each: {polls:?}");
+    for &(n, calls) in &polls {
+        let per_poll = calls / n;
+        assert!(per_poll >= 1 && calls == n * per_poll, "{polls:?}");
+        assert!(
+            calls <= 6 && calls + per_poll > 6,
+            "stopped short of 6 calls, with no room for another poll: {polls:?}"
+        );
+    }
     assert!(
         daemon
             .stderr()
@@ -194,7 +205,7 @@ async fn the_budget_holds_across_a_restart() {
         .await
         .unwrap();
     assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
-    assert_eq!(ok_battery_polls(&setup.db), polls);
+    assert_eq!(polls_and_calls(&setup.db), polls);
     let skipped = metric(
         &metrics,
         "carpulse_polls_skipped_total",

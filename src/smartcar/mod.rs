@@ -60,6 +60,28 @@ use crate::domain::{
 
 pub use error::{classify, ApiError, AuthError, ErrorKind};
 
+tokio::task_local! {
+    /// Calls Smartcar bills, made inside [`count_billed`]: one per request, plus one per v2
+    /// batch item beyond the first.
+    static BILLED: std::cell::Cell<u64>;
+}
+
+/// Runs `f` and counts the billed calls it made (for the monthly budget: a v3 signal listing
+/// may take several pages).
+pub async fn count_billed<F: std::future::Future>(f: F) -> (F::Output, u64) {
+    BILLED
+        .scope(std::cell::Cell::new(0), async move {
+            let out = f.await;
+            (out, BILLED.with(|c| c.get()))
+        })
+        .await
+}
+
+/// Adds `n` billed calls to the enclosing [`count_billed`], if any.
+pub(crate) fn bill(n: u64) {
+    let _ = BILLED.try_with(|c| c.set(c.get() + n));
+}
+
 /// Where Smartcar lives and how to talk to it (DESIGN §3 `[smartcar]`, `[poll] timeout`).
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -334,6 +356,7 @@ impl SmartcarClient {
     /// Sends a request and reads the answer in full; any non-2xx status becomes the parsed
     /// [`ApiError`] with `retry_after` and `request_id` from the headers.
     pub(crate) async fn send(&self, req: RequestBuilder) -> Result<RawResponse, ApiError> {
+        bill(1);
         let resp = req.send().await.map_err(|e| ApiError::from_reqwest(&e))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();

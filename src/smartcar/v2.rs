@@ -236,6 +236,8 @@ async fn batch(
     if paths.is_empty() {
         return Ok(Vec::new());
     }
+    // Smartcar bills every batch item (`send` counts the request itself).
+    super::bill(paths.len() as u64 - 1);
     let url = client.v2_url(&format!("/vehicles/{}/batch", id.0));
     let req = client
         .vehicle_request(Method::POST, &url, ctx.access_token, None)

@@ -12,7 +12,7 @@ use rusqlite::{Connection, TransactionBehavior};
 /// Append only: never edit or reorder a released entry.
 pub const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
-    include_str!("migrations/0002_vehicle_blocks.sql"),
+    include_str!("migrations/0002_blocks_and_calls.sql"),
 ];
 
 /// The schema version this build writes.

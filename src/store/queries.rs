@@ -437,6 +437,7 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
                         .and_then(|s| u16::try_from(s).ok()),
                     error_type: r.get(4)?,
                     error_code: r.get(5)?,
+                    calls: None,
                 })
             })
             .optional()
@@ -674,6 +675,7 @@ mod tests {
                 http_status: Some(409),
                 error_type: Some("VEHICLE_STATE".into()),
                 error_code: Some("ASLEEP".into()),
+                calls: None,
             })
         );
         assert_eq!(s[1].vehicle.vehicle_id, quiet);

@@ -214,6 +214,7 @@ async fn views_return_exactly_what_was_written() {
                 http_status: Some(429),
                 error_type: Some("RATE_LIMIT".into()),
                 error_code: Some("VEHICLE".into()),
+                calls: None,
             }),
             WriteItem::Info(
                 a.clone(),
@@ -414,6 +415,7 @@ async fn duplicates_are_counted_as_duplicates_and_unknown_vehicles_as_dropped() 
                 http_status: Some(200),
                 error_type: None,
                 error_code: None,
+                calls: None,
             }),
             WriteItem::Vin(vid("ghost"), "VIN".into()),
             WriteItem::Reading(vid("known"), battery(6_000, 6_000, f64::NAN, None)),
@@ -463,6 +465,7 @@ async fn a_failed_transaction_reports_every_row_dropped_and_the_writer_keeps_goi
                 http_status: Some(200),
                 error_type: None,
                 error_code: None,
+                calls: None,
             }),
         ])
         .await
@@ -563,6 +566,7 @@ async fn tokens_round_trip_and_never_appear_in_any_view() {
                 http_status: Some(200),
                 error_type: None,
                 error_code: None,
+                calls: None,
             }),
         ])
         .await

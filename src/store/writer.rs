@@ -375,8 +375,8 @@ fn insert_reading(tx: &Transaction<'_>, key: i64, reading: &Reading) -> anyhow::
 fn insert_event(tx: &Transaction<'_>, key: i64, ev: &PollEvent) -> anyhow::Result<Outcome> {
     tx.prepare_cached(
         "INSERT INTO poll_event_log
-             (vehicle, at, endpoint, outcome, http_status, error_type, error_code)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             (vehicle, at, endpoint, outcome, http_status, error_type, error_code, calls)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         key,
@@ -385,7 +385,8 @@ fn insert_event(tx: &Transaction<'_>, key: i64, ev: &PollEvent) -> anyhow::Resul
         ev.outcome,
         ev.http_status,
         ev.error_type,
-        ev.error_code
+        ev.error_code,
+        ev.calls.map(|n| n as i64)
     ])?;
     Ok(Outcome::Written)
 }

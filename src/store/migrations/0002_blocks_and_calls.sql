@@ -1,4 +1,5 @@
--- carpulse schema 2: what a vehicle cannot be asked for, kept across restarts.
+-- carpulse schema 2: what a vehicle cannot be asked for, kept across restarts; the calls
+-- each poll was billed.
 --
 -- endpoint: a poll endpoint (battery, charge, info, vin, odometer), or '*' for the whole
 -- vehicle (a pause: BILLING, CONNECTED_SERVICES_ACCOUNT).
@@ -32,3 +33,21 @@ SELECT v.vehicle_id        AS vehicle_id,
        b.since / 1000.0    AS time
 FROM vehicle_blocks b
 JOIN vehicles v ON v.id = b.vehicle;
+
+-- The Smartcar calls each poll was billed (every event row of one poll carries the poll's
+-- total), so the monthly budget survives a restart exactly. NULL on older rows.
+ALTER TABLE poll_event_log ADD COLUMN calls INTEGER;
+
+DROP VIEW poll_events;
+CREATE VIEW poll_events AS
+SELECT v.vehicle_id   AS vehicle_id,
+       e.at           AS at,
+       e.endpoint     AS endpoint,
+       e.outcome      AS outcome,
+       e.http_status  AS http_status,
+       e.error_type   AS error_type,
+       e.error_code   AS error_code,
+       e.at / 1000.0  AS time,
+       e.calls        AS calls
+FROM poll_event_log e
+JOIN vehicles v ON v.id = e.vehicle;
