@@ -288,8 +288,8 @@ impl Daemon {
             }
         };
         // Capabilities never read (a store from before discovery, a connect that could not
-        // read them) are read at once; the rest when due, checked at every reload.
-        tasks.spawn(discover(store.clone(), poller.clone(), shutdown.clone()));
+        // read them) or due are read after each reload, the first a minute after start: the
+        // first polls go out undelayed, and a vehicle's one wasted call teaches the same.
         let discoveries = tasks.clone();
         let config_live = live.clone();
         let (schedule_tx, mut schedule_rx) = tokio::sync::mpsc::channel::<ScheduleConfig>(1);

@@ -250,9 +250,13 @@ impl Gates {
         }
     }
 
-    /// A new consent (reconnect) lifts disabled endpoints and a pause.
+    /// A new consent (reconnect) lifts disabled endpoints and a pause. A `retry-after` or a
+    /// backoff still running stays: the car and Smartcar's limits did not change with it.
     pub fn reset(&mut self, id: &VehicleId) {
-        self.vehicles.remove(id);
+        if let Some(g) = self.vehicles.get_mut(id) {
+            g.disabled.clear();
+            g.paused = None;
+        }
     }
 }
 

@@ -41,10 +41,13 @@ fn init_logging(command: &Command) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only on a terminal: journald and log files get plain text.
+    // A log write that fails (stderr's reader is gone) is dropped; reporting it would write to
+    // the same broken stderr and panic, killing whichever task logged.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        .log_internal_errors(false)
         .init();
 }
 

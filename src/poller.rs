@@ -28,6 +28,9 @@ pub struct PolledVehicle {
     pub connection: ConnectionId,
 }
 
+/// The `endpoint` of a capability reading in `poll_events`, `polls_total` and the gates.
+pub const CAPABILITIES: &str = "capabilities";
+
 /// Why a capability discovery failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -685,7 +688,7 @@ impl Poller {
         cancel: &CancellationToken,
     ) -> Result<Option<Vec<(&'static str, String)>>, DiscoveryError> {
         let now = now_ms();
-        if self.gates().admit(&v.id, &["discover"], now).is_err() {
+        if self.gates().admit(&v.id, &[CAPABILITIES], now).is_err() {
             return Ok(None);
         }
         {
@@ -699,6 +702,7 @@ impl Poller {
             self.refund(&v.id, 1);
             return Ok(None);
         };
+        let started = Instant::now();
         let ask = async {
             let access = self.tokens.access(v.connection).await?;
             let first = self.unavailable_once(v, &access).await;
@@ -713,16 +717,44 @@ impl Poller {
                 other => Ok(other?),
             }
         };
-        tokio::select! {
-            (r, billed) = crate::smartcar::count_billed(ask) => {
-                self.ledger
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .settle(&v.id, Some("discover"), 1, billed);
-                r.map(Some)
+        let (r, billed) = tokio::select! {
+            out = crate::smartcar::count_billed(ask) => out,
+            _ = cancel.cancelled() => return Ok(None),
+        };
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settle(&v.id, Some(CAPABILITIES), 1, billed);
+        // Recorded and gated like a poll: an outcome in poll_events and polls_total, a
+        // retry-after or backoff honoured, a billing pause kept.
+        let (at, elapsed) = (now_ms(), started.elapsed().as_secs_f64());
+        let mut items = Vec::new();
+        match &r {
+            Ok(_) => {
+                self.count(CAPABILITIES, "ok", elapsed);
+                items.push(WriteItem::Event(event(v, at, CAPABILITIES, "ok", None)));
             }
-            _ = cancel.cancelled() => Ok(None),
+            Err(DiscoveryError::Api(e)) => {
+                self.gates()
+                    .failed(&v.id, CAPABILITIES, e, at, rand::random());
+                self.failed(v, at, CAPABILITIES, e, elapsed, &mut items);
+            }
+            Err(DiscoveryError::Token(e)) => {
+                let outcome = match e {
+                    TokenError::NeedsReauth(_) => "needs_reauth",
+                    _ => "token_error",
+                };
+                self.count(CAPABILITIES, outcome, elapsed);
+                items.push(WriteItem::Event(event(v, at, CAPABILITIES, outcome, None)));
+            }
         }
+        for item in items.iter_mut() {
+            if let WriteItem::Event(ev) = item {
+                ev.calls = Some(billed);
+            }
+        }
+        self.write(items).await;
+        r.map(Some)
     }
 
     async fn unavailable_once(

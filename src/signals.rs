@@ -1,6 +1,6 @@
 //! The process signals the daemon answers: SIGTERM (systemd's stop) and SIGINT (Ctrl-C) both
-//! mean "stop scheduling, drain, flush, exit 0"; SIGHUP means "pick up what `carpulse connect`
-//! and `carpulse vehicles` changed in the store".
+//! mean "stop scheduling, drain, flush, exit 0"; SIGHUP means "re-read the config file and pick
+//! up what `carpulse connect` and `carpulse vehicles` changed in the store".
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -11,12 +11,14 @@ pub fn spawn_handler(shutdown: CancellationToken) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => info!(signal = "SIGTERM", "stopping"),
-            _ = int.recv() => info!(signal = "SIGINT", "stopping"),
+        let signal = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
             _ = shutdown.cancelled() => return,
-        }
+        };
+        // Stop first, then say so: a log write that fails (a dead pipe) must not lose the stop.
         shutdown.cancel();
+        info!(signal, "stopping");
     });
     Ok(())
 }
@@ -36,8 +38,8 @@ pub fn spawn_reload_handler(
                     if got.is_none() {
                         return;
                     }
-                    info!(signal = "SIGHUP", "reloading the config file and the vehicle set");
                     notify.notify_one();
+                    info!(signal = "SIGHUP", "reloading the config file and the vehicle set");
                 }
             }
         }

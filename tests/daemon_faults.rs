@@ -14,9 +14,8 @@
 //!   any more, until `/healthz` (recomputed every 15 s) names the revoked connection.
 //!
 //! A smaller run checks that a reconnect (and SIGHUP) lifts what PERMISSION, COMPATIBILITY and
-//! BILLING stopped. Two tests marked `BUG` (ignored, run with `-- --ignored`) pin down daemon
-//! bugs this file found: a reconnect forgets `retry-after`, and a broken stderr pipe makes the
-//! daemon ignore SIGTERM.
+//! BILLING stopped. Two tests pin down fixed bugs this file found: a reconnect forgot
+//! `retry-after`, and a broken stderr pipe made the daemon ignore SIGTERM.
 
 mod common;
 
@@ -485,6 +484,12 @@ async fn faults_through_the_daemon(api: &str, inject: Inject) {
     assert_eq!(revoked["revoked"], users[REVOKED_USER].0.as_str());
     let stats_url = format!("{base}/_simulator/stats");
     let s0 = get_json(&http, &stats_url).await;
+    // What connect itself was served (its capability reading lists the signals).
+    let mut served0: HashMap<String, Value> = HashMap::new();
+    for car in &cars {
+        let url = format!("{base}/_simulator/served?vehicle_id={}", car.id);
+        served0.insert(car.id.clone(), get_json(&http, &url).await);
+    }
 
     // The daemon.
     let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
@@ -730,7 +735,13 @@ async fn faults_through_the_daemon(api: &str, inject: Inject) {
         "ticks skipped inside retry-after: {waits:?}"
     );
     // The simulator served it nothing inside the window, and was never asked inside it.
-    for s in served[&limited.id]["battery"].as_array().unwrap() {
+    let before = served0[&limited.id]["battery"].as_array().unwrap();
+    for s in served[&limited.id]["battery"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| !before.contains(s))
+    {
         let recorded_at = s["recorded_at"].as_i64().unwrap();
         assert!(
             recorded_at > window_end - 1000,
@@ -1196,18 +1207,11 @@ async fn a_reconnect_lifts_disabled_endpoints_and_a_pause() {
     );
 }
 
-/// BUG (found by this file; ignored until fixed so the suite stays green):
-/// a reconnect forgets a car's `retry-after`. The owner reconnects (as the README tells them
-/// to for a PERMISSION error on one car); on the next reload (SIGHUP or the minute's re-read)
-/// `app::reload` calls `Poller::reset_gate` for every car of the re-authorized connection, and
-/// `Gates::reset` (src/gate.rs) removes the car's whole gate: disabled endpoints and pause, as
-/// intended, but also `not_before` (an unexpired RATE_LIMIT:VEHICLE `retry-after`) and the
-/// backoff. The daemon then calls a rate-limited car at the next tick, long before
-/// `retry-after`, which Smartcar says never to do (smartcar-api.md §2.4).
-/// Run: `cargo test --test daemon_faults -- --ignored`.
+/// A reconnect lifts disabled endpoints and pauses, but not a car's `retry-after`: the daemon
+/// must not call a rate-limited car before it (smartcar-api.md §2.4) just because its owner
+/// consented again. (Found by this file: `Gates::reset` used to drop the whole gate.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a reconnect (Gates::reset) drops an unexpired retry-after; see the doc comment"]
-async fn bug_a_reconnect_must_not_forget_retry_after() {
+async fn a_reconnect_keeps_an_unexpired_retry_after() {
     const LONG_RETRY_AFTER_S: i64 = 30;
     let r = reconnect_scenario(
         &[
@@ -1252,20 +1256,12 @@ async fn bug_a_reconnect_must_not_forget_retry_after() {
     );
 }
 
-/// BUG (found by this file; ignored until fixed so the suite stays green):
-/// once the daemon's stderr is a broken pipe (its reader gone: a `carpulse run 2>&1 | tee`
-/// whose tee died, a log collector restarted), SIGTERM no longer stops it. tracing-subscriber's
-/// fmt layer (set up in src/main.rs `init_logging`) reports a failed write with `eprintln!`
-/// (`log_internal_errors`, on by default), which panics on the same broken stderr: every log
-/// line becomes a panic of the task that logs it. The SIGTERM task in src/signals.rs logs
-/// `info!("stopping")` *before* `shutdown.cancel()`, so it dies in that panic and the stop is
-/// lost; the process then ignores SIGTERM and needs SIGKILL (no drain, no writer flush). A log
-/// line in the main future (e.g. at start-up) exits 101 instead. The simulator shares the
-/// handler and hangs the same way.
-/// Run: `cargo test --test daemon_faults -- --ignored`.
+/// SIGTERM stops the daemon even when its stderr is a broken pipe (its reader gone: a
+/// `carpulse run 2>&1 | tee` whose tee died). (Found by this file: tracing-subscriber reported
+/// the failed write with `eprintln!`, which panicked the task that logged, and the SIGTERM
+/// task logged before it cancelled.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: with a broken stderr pipe the daemon ignores SIGTERM; see the doc comment"]
-async fn bug_sigterm_stops_the_daemon_even_when_its_log_pipe_is_broken() {
+async fn sigterm_stops_the_daemon_even_when_its_log_pipe_is_broken() {
     use tokio::io::AsyncBufReadExt;
     // Nothing to poll: the daemon only serves /metrics and logs its ticks.
     let setup = write_config(

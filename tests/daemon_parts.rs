@@ -888,3 +888,68 @@ async fn a_rotated_pair_the_store_refused_is_saved_once_it_can_be() {
     stop.cancel();
     w.stop.cancel();
 }
+
+#[tokio::test]
+async fn a_capability_reading_is_recorded_billed_and_gated_like_a_poll() {
+    let w = world("v2", Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    let ids: Vec<_> = connected
+        .vehicles
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    // Due again (as after a reconnect), and the first car is rate-limited for a minute.
+    for id in ids.clone() {
+        w.store
+            .call(move |c| queries::clear_blocks(c, &id, false))
+            .await
+            .unwrap();
+    }
+    set_fault(
+        &w,
+        serde_json::json!({"kind": "rate_limit", "vehicle_id": ids[0].0, "retry_after": 60}),
+    )
+    .await;
+    let (poller, metrics) = poller_for(&w, "v2", &connected).await;
+    let pass = carpulse::discovery::Discovery::default()
+        .run_due(
+            &w.store,
+            &poller,
+            Duration::from_secs(7 * 86_400),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((pass.read, pass.failed), (2, 1), "{pass:?}");
+    w.store.flush().await.unwrap();
+    let mut rows: Vec<(String, String, Option<i64>)> = w
+        .store
+        .call(|c| {
+            let mut stmt = c.prepare(
+                "SELECT vehicle_id, outcome, calls FROM poll_events WHERE endpoint = 'capabilities'",
+            )?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+        .unwrap();
+    rows.sort();
+    let mut want = vec![
+        (ids[0].0.clone(), "rate_limited".to_string(), Some(1)),
+        (ids[1].0.clone(), "ok".to_string(), Some(1)),
+        (ids[2].0.clone(), "ok".to_string(), Some(1)),
+    ];
+    want.sort();
+    assert_eq!(rows, want);
+    assert!(metrics
+        .render()
+        .contains("carpulse_polls_total{endpoint=\"capabilities\",outcome=\"ok\"} 2"));
+    // The 429's retry-after holds the car's polls too, and it is not read again meanwhile.
+    let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!((r.ok, r.skipped), (2, 1), "{r:?}");
+    assert_eq!(poller.calls_this_month(&ids[0]), 1);
+    assert_eq!(sim_stats(&w).await["retry_after_violations"], 0);
+    w.stop.cancel();
+}
