@@ -196,19 +196,42 @@ where
     let app = Router::new()
         .route(&path, get(callback))
         .with_state(CallbackState { tx });
+    let mut servers = Vec::new();
     for l in listeners {
         let app = app.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        servers.push(tokio::spawn(async move {
             let _ = axum::serve(l, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;
-        });
+        }));
     }
-    let _stop_guard = stop.drop_guard();
-
     on_url(url);
+    let result = wait_for_callback(cfg, &mut rx, state, wait, finish).await;
+    // The browser's answer page is still being written: let the servers finish it (bounded)
+    // before the caller, often about to exit, moves on.
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), futures_join(servers)).await;
+    result
+}
 
+async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+async fn wait_for_callback<T, F, Fut>(
+    cfg: &Config,
+    rx: &mut mpsc::Receiver<Callback>,
+    state: &str,
+    wait: Duration,
+    finish: F,
+) -> anyhow::Result<T>
+where
+    F: FnOnce(HashMap<String, String>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(T, String)>>,
+{
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let cb = tokio::time::timeout_at(deadline, rx.recv())

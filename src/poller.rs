@@ -450,19 +450,37 @@ impl Poller {
         let mut failed = false;
         let mut readings = 0;
         match results {
+            // Known before any call: not a poll but a skip, until the reload drops the vehicle
+            // (the refusal that caused it was recorded as token_error).
+            Err(Failure::Token(TokenError::NeedsReauth(_))) => {
+                debug!(reason = "needs_reauth", "not polled");
+                self.metrics
+                    .polls_skipped
+                    .with_label_values(&[job_label(job), "needs_reauth"])
+                    .inc();
+                if self.metrics.per_vehicle() {
+                    self.metrics
+                        .vehicle_up
+                        .with_label_values(&[v.id.0.as_str()])
+                        .set(0.0);
+                }
+                return VehicleOutcome::Skipped;
+            }
             Err(Failure::Token(e)) => {
                 failed = true;
-                let outcome = match e {
-                    TokenError::NeedsReauth(_) => "needs_reauth",
-                    _ => "token_error",
-                };
                 warn!(error = %e, "no access token; vehicle not polled");
                 for endpoint in job_endpoints(job) {
                     self.metrics
                         .polls
-                        .with_label_values(&[endpoint, outcome])
+                        .with_label_values(&[endpoint, "token_error"])
                         .inc();
-                    items.push(WriteItem::Event(event(v, at, endpoint, outcome, None)));
+                    items.push(WriteItem::Event(event(
+                        v,
+                        at,
+                        endpoint,
+                        "token_error",
+                        None,
+                    )));
                 }
             }
             Err(Failure::Api(e)) => {
@@ -739,13 +757,16 @@ impl Poller {
                     .failed(&v.id, CAPABILITIES, e, at, rand::random());
                 self.failed(v, at, CAPABILITIES, e, elapsed, &mut items);
             }
-            Err(DiscoveryError::Token(e)) => {
-                let outcome = match e {
-                    TokenError::NeedsReauth(_) => "needs_reauth",
-                    _ => "token_error",
-                };
-                self.count(CAPABILITIES, outcome, elapsed);
-                items.push(WriteItem::Event(event(v, at, CAPABILITIES, outcome, None)));
+            Err(DiscoveryError::Token(TokenError::NeedsReauth(_))) => {}
+            Err(DiscoveryError::Token(_)) => {
+                self.count(CAPABILITIES, "token_error", elapsed);
+                items.push(WriteItem::Event(event(
+                    v,
+                    at,
+                    CAPABILITIES,
+                    "token_error",
+                    None,
+                )));
             }
         }
         for item in items.iter_mut() {
