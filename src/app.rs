@@ -517,11 +517,8 @@ pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Resu
     Ok(())
 }
 
-/// Seeds the monthly call ledger from this month's `poll_events`, so a restart does not
-/// forget what was spent. Events of one poll share its `at` and carry its billed `calls`;
-/// rows from before schema 2 have none, and count as in v2 one call per event (a billed call
-/// or batch item) and in v3 the poll's plan price. Polls that never reached Smartcar (no
-/// token) cost nothing.
+/// Seeds the monthly call ledger from this month's `poll_events` (see
+/// [`queries::calls_since`]), so a restart does not forget what was spent.
 pub async fn load_ledger(
     store: &Store,
     poller: &Poller,
@@ -534,40 +531,10 @@ pub async fn load_ledger(
     };
     let now = crate::domain::now_ms();
     let since = crate::gate::month_start(now);
-    let polls = store
-        .call(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT vehicle_id, count(*),
-                        max(endpoint IN ('info', 'vin', 'odometer')), max(calls)
-                 FROM poll_events
-                 WHERE at >= ?1 AND outcome NOT IN ('needs_reauth', 'token_error')
-                 GROUP BY vehicle_id, at",
-            )?;
-            let rows = stmt
-                .query_map([since], |r| {
-                    Ok((
-                        crate::domain::VehicleId(r.get(0)?),
-                        r.get::<_, i64>(1)?.max(0) as u64,
-                        r.get::<_, bool>(2)?,
-                        r.get::<_, Option<i64>>(3)?,
-                    ))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
+    let used = store
+        .call(move |c| queries::calls_since(c, since, api))
         .await
         .context("reading this month's calls from poll_events")?;
-    let mut used: std::collections::HashMap<crate::domain::VehicleId, u64> = Default::default();
-    for (vehicle, events, info, calls) in polls {
-        let cost = match (calls, api) {
-            (Some(n), _) => n.max(0) as u64,
-            (None, crate::domain::ApiVersion::V2) => events,
-            (None, crate::domain::ApiVersion::V3) => {
-                crate::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
-            }
-        };
-        *used.entry(vehicle).or_default() += cost;
-    }
     info!(
         budget,
         vehicles_with_calls = used.len(),

@@ -170,8 +170,15 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
         );
     }
     let rows = queries::vehicle_summaries(&c)?;
-    // A store not yet migrated by this version has no blocks to show.
+    // A store not yet migrated by this version has no blocks or billed calls to show.
     let blocks = queries::load_blocks(&c).unwrap_or_default();
+    let month = queries::calls_since(&c, crate::gate::month_start(now), cfg.smartcar.api)
+        .unwrap_or_default();
+    let budget = cfg
+        .budget
+        .calls_per_vehicle_month
+        .map(|b| format!(" of {b}"))
+        .unwrap_or_default();
     println!("vehicles: {}", rows.len());
     for s in rows {
         let last = match &s.last_poll {
@@ -189,14 +196,15 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
             None => "never polled".into(),
         };
         println!(
-            "  {}  {}  {}",
+            "  {}  {}  {}; {} calls this month{budget}",
             s.vehicle.vehicle_id,
             if s.vehicle.enabled {
                 "enabled"
             } else {
                 "disabled"
             },
-            last
+            last,
+            month.get(&s.vehicle.vehicle_id).copied().unwrap_or(0)
         );
         for b in blocks
             .iter()

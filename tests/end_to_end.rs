@@ -349,6 +349,33 @@ async fn read_commands(cfg: &str, vehicle_ids: &[String]) {
         "{status}"
     );
     assert!(status.contains("last poll"), "{status}");
+    // Each vehicle's line states the calls it was billed this month, as poll_events has them.
+    let db = rusqlite::Connection::open(
+        std::path::Path::new(cfg)
+            .parent()
+            .unwrap()
+            .join("carpulse.db"),
+    )
+    .unwrap();
+    for id in vehicle_ids {
+        let calls: i64 = db
+            .query_row(
+                "SELECT coalesce(sum(c), 0) FROM
+                   (SELECT max(calls) AS c FROM poll_events WHERE vehicle_id = ?1 GROUP BY at)",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(calls > 0);
+        let line = status
+            .lines()
+            .find(|l| l.contains(id.as_str()))
+            .unwrap_or_else(|| panic!("{id} in {status}"));
+        assert!(
+            line.ends_with(&format!("; {calls} calls this month")),
+            "{line}"
+        );
+    }
 
     let id = &vehicle_ids[0];
     let csv = output(&[

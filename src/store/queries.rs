@@ -811,3 +811,47 @@ pub fn vehicles_to_discover(c: &Connection, before: UnixMillis) -> anyhow::Resul
     rows.collect::<Result<Vec<_>, _>>()
         .context("reading a vehicle id")
 }
+
+/// Smartcar calls billed per vehicle since `since`, from `poll_events`. Events of one poll share
+/// its `at` and carry its billed `calls`. Rows from before schema 2 have none: they count as in
+/// v2 one call per event (a billed call or batch item), in v3 the poll's plan price, and not
+/// at all when no token was at hand.
+pub fn calls_since(
+    c: &Connection,
+    since: UnixMillis,
+    api: crate::domain::ApiVersion,
+) -> anyhow::Result<std::collections::HashMap<VehicleId, u64>> {
+    let mut stmt = c
+        .prepare(
+            "SELECT vehicle_id, count(*), max(endpoint IN ('info', 'vin', 'odometer')),
+                    max(calls), max(outcome IN ('needs_reauth', 'token_error'))
+             FROM poll_events WHERE at >= ?1
+             GROUP BY vehicle_id, at",
+        )
+        .context("preparing the monthly calls query")?;
+    let rows = stmt
+        .query_map([since], |r| {
+            Ok((
+                VehicleId(r.get(0)?),
+                r.get::<_, i64>(1)?.max(0) as u64,
+                r.get::<_, bool>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, bool>(4)?,
+            ))
+        })
+        .context("reading this month's polls")?;
+    let mut used: std::collections::HashMap<VehicleId, u64> = Default::default();
+    for row in rows {
+        let (vehicle, events, info, calls, no_token) = row.context("reading a poll row")?;
+        let cost = match (calls, api) {
+            (Some(n), _) => n.max(0) as u64,
+            (None, _) if no_token => 0,
+            (None, crate::domain::ApiVersion::V2) => events,
+            (None, crate::domain::ApiVersion::V3) => {
+                crate::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
+            }
+        };
+        *used.entry(vehicle).or_default() += cost;
+    }
+    Ok(used)
+}
