@@ -81,6 +81,16 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
             "  {job:<8} {expr:<18} {runs:>9} runs x {per} = {calls:>10} calls   ({what})"
         );
     }
+    // The charging cron adds calls only while a vehicle is plugged in: shown, not totalled.
+    let charging = match &cfg.schedule.battery_charging {
+        Some(expr) => {
+            let runs = runs_per_month(expr, from)
+                .map_err(|e| format!("schedule.battery_charging: {e}"))?;
+            let (per, _) = calls_per_run(api, "battery");
+            Some((expr.clone(), runs, per))
+        }
+        None => None,
+    };
     let every = cfg.schedule.discover_every.as_secs().max(1);
     let runs = (MONTH_DAYS as u64 * 86_400).div_ceil(every);
     total += runs;
@@ -102,6 +112,14 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
         "  {:<8} {:<18} {:>9}            {total:>10} calls",
         "total", "", ""
     );
+    if let Some((expr, runs, per)) = charging {
+        let _ = writeln!(
+            out,
+            "  plus, only while plugged in: battery_charging {expr}, up to {runs} runs x {per} = {} calls \
+             if plugged in all month (the daemon's budget ledger still stops short of the budget)",
+            runs * per
+        );
+    }
     Ok((out, total))
 }
 
@@ -174,5 +192,13 @@ mod tests {
         cfg.smartcar.api = ApiVersion::V2;
         let (_, total) = plan(&cfg, from()).unwrap();
         assert_eq!(total, 2880 * 2 + 30 * 3 + 5);
+        // The charging cron is shown as a worst case, outside the total.
+        cfg.schedule.battery_charging = Some("0 */30 * * * *".into());
+        let (text, with_charging) = plan(&cfg, from()).unwrap();
+        assert_eq!(with_charging, total);
+        assert!(
+            text.contains("up to 1440 runs x 2 = 2880 calls if plugged in all month"),
+            "{text}"
+        );
     }
 }
