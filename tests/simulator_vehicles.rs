@@ -3,44 +3,19 @@
 //! batches too) and v3 (`powertrainType`, per-signal ERROR items), fuel that burns and refills,
 //! and cars that fall asleep and stop reporting.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use carpulse::simulator::{serve, Powertrain, SimulatorArgs, SimulatorConfig};
+use carpulse::simulator::{Powertrain, SimulatorArgs, SimulatorConfig};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
-const REDIRECT: &str = "http://localhost:8000/exchange";
+mod common;
+
+use common::sim::{header, spawn, stable_cfg, TestSim};
+
 const LITRES_PER_US_GALLON: f64 = 3.785_411_784;
 const KPA_PER_PSI: f64 = 6.894_757_293;
 const KM_PER_MILE: f64 = 1.609_344;
-
-struct TestSim {
-    base: String,
-    client: reqwest::Client,
-    cfg: SimulatorConfig,
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-async fn spawn(cfg: SimulatorConfig) -> TestSim {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(serve(listener, cfg.clone(), shutdown.clone()));
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    TestSim {
-        base,
-        client,
-        cfg,
-        shutdown,
-        handle,
-    }
-}
 
 /// One user with `vehicles` cars of the given powertrains, and a report interval long enough that
 /// a test never crosses a report boundary by accident.
@@ -49,8 +24,7 @@ fn fleet_of(powertrains: &[Powertrain], vehicles: usize) -> SimulatorConfig {
         users: 1,
         vehicles_per_user: vehicles,
         powertrains: powertrains.to_vec(),
-        report_interval: Duration::from_secs(3600),
-        ..SimulatorConfig::default()
+        ..stable_cfg()
     }
 }
 
@@ -62,162 +36,6 @@ fn fast(powertrains: &[Powertrain]) -> SimulatorConfig {
         report_interval: Duration::from_millis(100),
         ..fleet_of(powertrains, 1)
     }
-}
-
-impl TestSim {
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
-    /// Connect (authorize + code exchange) for user 1; returns the access token.
-    async fn connect(&self) -> String {
-        let response = self
-            .client
-            .get(self.url("/oauth/authorize"))
-            .query(&[
-                ("response_type", "code"),
-                ("client_id", self.cfg.client_id.as_str()),
-                ("redirect_uri", REDIRECT),
-                // Every permission these tests read (the simulator enforces the granted scope).
-                ("scope", "read_vehicle_info read_vin read_battery read_charge read_odometer read_location read_tires read_fuel read_engine_oil"),
-                ("mode", "simulated"),
-                ("user", "1"),
-            ])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 302);
-        let location = response.headers()["location"].to_str().unwrap();
-        let code = reqwest::Url::parse(location)
-            .unwrap()
-            .query_pairs()
-            .find(|(k, _)| k == "code")
-            .unwrap()
-            .1
-            .into_owned();
-        let basic = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", self.cfg.client_id, self.cfg.client_secret));
-        let tokens: Value = self
-            .client
-            .post(self.url("/oauth/token"))
-            .header("authorization", format!("Basic {basic}"))
-            .form(&[
-                ("grant_type", "authorization_code"),
-                ("code", code.as_str()),
-                ("redirect_uri", REDIRECT),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        tokens["access_token"].as_str().unwrap().to_owned()
-    }
-
-    async fn get_units(&self, path: &str, token: &str, units: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path))
-            .bearer_auth(token)
-            .header("sc-unit-system", units)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// GET with `sc-unit-system: metric`; asserts 200 and returns (data age, fetched at, body).
-    async fn data(&self, path: &str, token: &str, units: &str) -> (i64, i64, Value) {
-        let response = self.get_units(path, token, units).await;
-        assert_eq!(response.status(), 200, "{path}");
-        assert_eq!(header(&response, "sc-unit-system"), units);
-        let age = parse_iso_ms(header(&response, "sc-data-age"));
-        let fetched = parse_iso_ms(header(&response, "sc-fetched-at"));
-        (age, fetched, response.json().await.unwrap())
-    }
-
-    async fn batch(&self, id: &str, token: &str, paths: &[&str]) -> Vec<Value> {
-        let requests: Vec<Value> = paths.iter().map(|p| json!({ "path": p })).collect();
-        let response = self
-            .client
-            .post(self.url(&format!("/v2.0/vehicles/{id}/batch")))
-            .bearer_auth(token)
-            .header("sc-unit-system", "metric")
-            .json(&json!({ "requests": requests }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        let body: Value = response.json().await.unwrap();
-        body["responses"].as_array().unwrap().clone()
-    }
-
-    async fn v3(&self, path: &str, token: &str) -> Value {
-        let response = self.get_units(path, token, "metric").await;
-        assert_eq!(response.status(), 200, "{path}");
-        response.json().await.unwrap()
-    }
-
-    async fn vehicle_ids(&self, token: &str) -> Vec<String> {
-        let body = self.v3_or_v2_vehicles(token).await;
-        body["vehicles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap().to_owned())
-            .collect()
-    }
-
-    async fn v3_or_v2_vehicles(&self, token: &str) -> Value {
-        let response = self.get_units("/v2.0/vehicles", token, "metric").await;
-        assert_eq!(response.status(), 200);
-        response.json().await.unwrap()
-    }
-
-    /// Vehicle id by v3 `powertrainType`.
-    async fn by_powertrain(&self, token: &str) -> HashMap<String, String> {
-        let mut found = HashMap::new();
-        for id in self.vehicle_ids(token).await {
-            let vehicle = self.v3(&format!("/v3/vehicles/{id}"), token).await;
-            let kind = vehicle["data"]["attributes"]["powertrainType"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            found.insert(kind, id);
-        }
-        found
-    }
-
-    async fn served(&self, id: &str) -> Value {
-        self.client
-            .get(self.url("/_simulator/served"))
-            .query(&[("vehicle_id", id)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.handle.await.unwrap().unwrap();
-    }
-}
-
-fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
-    response
-        .headers()
-        .get(name)
-        .unwrap_or_else(|| panic!("missing {name}"))
-        .to_str()
-        .unwrap()
-}
-
-fn parse_iso_ms(s: &str) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .unwrap_or_else(|e| panic!("{s}: {e}"))
-        .timestamp_millis()
 }
 
 fn f(v: &Value) -> f64 {
@@ -240,7 +58,7 @@ fn assert_not_capable(body: &Value, what: &str) {
 }
 
 async fn expect_501(sim: &TestSim, token: &str, path: &str) {
-    let response = sim.get_units(path, token, "metric").await;
+    let response = sim.get(path, token).await;
     assert_eq!(response.status(), 501, "{path}");
     assert_eq!(header(&response, "sc-request-id").len(), 36);
     assert!(response.headers().get("sc-data-age").is_none(), "{path}");
@@ -250,7 +68,7 @@ async fn expect_501(sim: &TestSim, token: &str, path: &str) {
 #[tokio::test]
 async fn ice_serves_fuel_oil_and_tyres_in_both_unit_systems_and_501_for_the_battery() {
     let sim = spawn(fleet_of(&[Powertrain::Ice], 1)).await;
-    let token = sim.connect().await;
+    let token = sim.connect("1").await;
     let id = sim.vehicle_ids(&token).await.remove(0);
     let v = format!("/v2.0/vehicles/{id}");
 
@@ -331,7 +149,7 @@ async fn ice_serves_fuel_oil_and_tyres_in_both_unit_systems_and_501_for_the_batt
     assert_eq!(served["charge"], json!([]));
     assert_eq!(served["odometer"].as_array().unwrap().len(), 1);
 
-    let vehicle = sim.v3(&format!("/v3/vehicles/{id}"), &token).await;
+    let vehicle = sim.get_json(&format!("/v3/vehicles/{id}"), &token).await;
     assert_eq!(vehicle["data"]["attributes"]["powertrainType"], "ICE");
     sim.stop().await;
 }
@@ -339,7 +157,7 @@ async fn ice_serves_fuel_oil_and_tyres_in_both_unit_systems_and_501_for_the_batt
 #[tokio::test]
 async fn bev_answers_501_for_fuel_and_oil_and_phev_answers_everything() {
     let sim = spawn(fleet_of(&[Powertrain::Bev, Powertrain::Phev], 2)).await;
-    let token = sim.connect().await;
+    let token = sim.connect("1").await;
     let ids = sim.by_powertrain(&token).await;
     assert_eq!(ids.len(), 2, "one BEV and one PHEV: {ids:?}");
     let bev = format!("/v2.0/vehicles/{}", ids["BEV"]);
@@ -382,7 +200,7 @@ async fn bev_answers_501_for_fuel_and_oil_and_phev_answers_everything() {
 #[tokio::test]
 async fn batch_mixes_200_and_501_items() {
     let sim = spawn(fleet_of(&[Powertrain::Ice], 1)).await;
-    let token = sim.connect().await;
+    let token = sim.connect("1").await;
     let id = sim.vehicle_ids(&token).await.remove(0);
     let paths = [
         "/fuel",
@@ -420,7 +238,7 @@ async fn batch_mixes_200_and_501_items() {
 async fn v3_lists_every_signal_with_error_items_for_what_the_powertrain_lacks() {
     let all = [Powertrain::Bev, Powertrain::Phev, Powertrain::Ice];
     let sim = spawn(fleet_of(&all, 3)).await;
-    let token = sim.connect().await;
+    let token = sim.connect("1").await;
     let ids = sim.by_powertrain(&token).await;
     assert_eq!(
         ids.keys().map(String::as_str).collect::<BTreeSet<_>>(),
@@ -435,7 +253,7 @@ async fn v3_lists_every_signal_with_error_items_for_what_the_powertrain_lacks() 
     let mut totals = BTreeSet::new();
     for (kind, id) in &ids {
         let list = sim
-            .v3(&format!("/v3/vehicles/{id}/signals?pageSize=100"), &token)
+            .get_json(&format!("/v3/vehicles/{id}/signals?pageSize=100"), &token)
             .await;
         let total = list["meta"]["totalCount"].as_u64().unwrap();
         totals.insert(total);
@@ -483,7 +301,7 @@ async fn v3_lists_every_signal_with_error_items_for_what_the_powertrain_lacks() 
     // A single signal the car lacks: 200 with the same ERROR item as the list.
     let bev = &ids["BEV"];
     let single = sim
-        .v3(
+        .get_json(
             &format!("/v3/vehicles/{bev}/signals/internalcombustionengine-fuellevel"),
             &token,
         )
@@ -500,10 +318,10 @@ async fn v3_lists_every_signal_with_error_items_for_what_the_powertrain_lacks() 
     // An ICE's engine signals agree with v2 (same report window).
     let ice = &ids["ICE"];
     let signal = |code: &str| format!("/v3/vehicles/{ice}/signals/internalcombustionengine-{code}");
-    let level = sim.v3(&signal("fuellevel"), &token).await;
-    let amount = sim.v3(&signal("amountremaining"), &token).await;
-    let range = sim.v3(&signal("range"), &token).await;
-    let oil = sim.v3(&signal("oillife"), &token).await;
+    let level = sim.get_json(&signal("fuellevel"), &token).await;
+    let amount = sim.get_json(&signal("amountremaining"), &token).await;
+    let range = sim.get_json(&signal("range"), &token).await;
+    let oil = sim.get_json(&signal("oillife"), &token).await;
     assert_eq!(level["attributes"]["body"]["unit"], "percent");
     assert_eq!(amount["attributes"]["body"]["unit"], "liters");
     assert_eq!(range["attributes"]["body"]["unit"], "kilometers");
@@ -534,10 +352,9 @@ async fn v3_lists_every_signal_with_error_items_for_what_the_powertrain_lacks() 
 
     // Unknown codes are still 404.
     let unknown = sim
-        .get_units(
+        .get(
             &format!("/v3/vehicles/{ice}/signals/warpdrive-speed"),
             &token,
-            "metric",
         )
         .await;
     assert_eq!(unknown.status(), 404);
@@ -547,7 +364,7 @@ async fn v3_lists_every_signal_with_error_items_for_what_the_powertrain_lacks() 
 #[tokio::test]
 async fn fuel_falls_with_distance_and_refills_at_the_fuel_stop() {
     let sim = spawn(fast(&[Powertrain::Ice])).await;
-    let token = sim.connect().await;
+    let token = sim.connect("1").await;
     let id = sim.vehicle_ids(&token).await.remove(0);
     let (mut burned, mut refilled) = (false, false);
     let mut last: Option<(f64, f64)> = None;
@@ -586,7 +403,7 @@ async fn a_parked_car_falls_asleep_and_its_data_age_stops() {
         ..fast(&[Powertrain::Bev])
     })
     .await;
-    let token = sim.connect().await;
+    let token = sim.connect("1").await;
     let id = sim.vehicle_ids(&token).await.remove(0);
     let path = format!("/v2.0/vehicles/{id}/odometer");
     let mut ages = BTreeSet::new();
@@ -606,7 +423,7 @@ async fn a_parked_car_falls_asleep_and_its_data_age_stops() {
                     // v3 says the same: oemUpdatedAt is the frozen report (checked only if
                     // the car is still asleep after the v3 call).
                     let signal = sim
-                        .v3(
+                        .get_json(
                             &format!("/v3/vehicles/{id}/signals/odometer-traveleddistance"),
                             &token,
                         )

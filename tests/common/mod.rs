@@ -1,7 +1,10 @@
 //! Shared harness for the tests that run the real `carpulse` binary: child processes whose
-//! output is read line by line, free loopback ports, Prometheus text parsing.
+//! output is read line by line, free loopback ports, Prometheus text parsing. [`sim`] is the
+//! in-process simulator harness of the tests that talk to the simulator over HTTP.
 
 #![allow(dead_code)]
+
+pub mod sim;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
