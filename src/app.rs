@@ -502,8 +502,19 @@ pub async fn reload(
 /// Gives the poller's gates the stored blocks (disabled endpoints, pauses): what earlier runs
 /// learnt is not asked again, and what a reconnect or `vehicles enable` lifted is asked again.
 pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Result<()> {
+    // Blocks polls have set are committed first, so the snapshot has them.
+    let read_at = crate::domain::now_ms();
+    store
+        .flush()
+        .await
+        .context("flushing the writer before reading blocks")?;
     let blocks = store
-        .call(|c| queries::load_blocks(c))
+        .call(move |c| {
+            for lifted in queries::expire_pauses(c, read_at)? {
+                info!(vehicle = %lifted.vehicle_id, reason = lifted.reason, "pause over; the vehicle is polled again");
+            }
+            queries::load_blocks(c)
+        })
         .await
         .context("loading blocked endpoints")?;
     let mut by_vehicle: std::collections::HashMap<_, Vec<(String, String)>> = Default::default();
@@ -513,7 +524,7 @@ pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Resu
             .or_default()
             .push((b.endpoint, b.reason));
     }
-    poller.adopt_blocks(&by_vehicle);
+    poller.adopt_blocks(&by_vehicle, read_at);
     Ok(())
 }
 

@@ -5,11 +5,16 @@
 //! rule is unit-tested; the poller asks [`Gates::admit`] before a call and tells
 //! [`Gates::record`] what came of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::domain::{UnixMillis, VehicleId};
 use crate::smartcar::error::{ApiError, ErrorKind};
+
+/// How long a block this process set is kept by [`Gates::adopt_blocks`] though the store's
+/// snapshot lacks it: the writer is flushed before the read, so only a block set in the
+/// instant between the flush and the poll's write can be missing.
+const ADOPT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// First backoff after a server, upstream or network failure; doubles per failure.
 const BACKOFF_BASE: Duration = Duration::from_secs(60);
@@ -115,8 +120,10 @@ impl Skip {
 struct Gate {
     not_before: UnixMillis,
     failures: u32,
-    paused: Option<String>,
-    disabled: HashSet<String>,
+    /// Why the vehicle is paused, and when this process paused it (0: adopted from the store).
+    paused: Option<(String, UnixMillis)>,
+    /// Disabled endpoints, each with when this process disabled it (0: adopted from the store).
+    disabled: HashMap<String, UnixMillis>,
 }
 
 /// The gates of every vehicle, plus the app-wide throttle.
@@ -158,7 +165,7 @@ impl Gates {
         let open: Vec<&str> = endpoints
             .iter()
             .copied()
-            .filter(|e| !g.disabled.contains(*e))
+            .filter(|e| !g.disabled.contains_key(*e))
             .collect();
         if open.is_empty() {
             return Err(Skip::Disabled);
@@ -206,10 +213,10 @@ impl Gates {
                     .entry(id.clone())
                     .or_default()
                     .disabled
-                    .insert(endpoint.to_owned());
+                    .insert(endpoint.to_owned(), now);
             }
             Reaction::Pause => {
-                self.vehicles.entry(id.clone()).or_default().paused = Some(cause(e));
+                self.vehicles.entry(id.clone()).or_default().paused = Some((cause(e), now));
             }
         }
         r
@@ -219,34 +226,50 @@ impl Gates {
     pub fn describe(&self, id: &VehicleId) -> (Vec<String>, Option<String>) {
         match self.vehicles.get(id) {
             Some(g) => {
-                let mut d: Vec<String> = g.disabled.iter().cloned().collect();
+                let mut d: Vec<String> = g.disabled.keys().cloned().collect();
                 d.sort();
-                (d, g.paused.clone())
+                (d, g.paused.as_ref().map(|p| p.0.clone()))
             }
             None => (Vec::new(), None),
         }
     }
 
-    /// Takes the stored blocks as the truth for these vehicles (a reconnect or `vehicles
-    /// enable` lifted some; a discovery added some). Backoff and `retry-after` are untouched.
-    pub fn adopt_blocks(&mut self, blocks: &HashMap<VehicleId, Vec<(String, String)>>) {
+    /// Takes the stored blocks, read at `read_at`, as the truth (a reconnect or `vehicles
+    /// enable` lifted some; a discovery added some). A block this process set after
+    /// [`ADOPT_GRACE`] before the read is kept: its row may still be on its way to the store.
+    /// Backoff and `retry-after` are untouched.
+    pub fn adopt_blocks(
+        &mut self,
+        blocks: &HashMap<VehicleId, Vec<(String, String)>>,
+        read_at: UnixMillis,
+    ) {
+        let recent = read_at - ADOPT_GRACE.as_millis() as i64;
         for (id, g) in self.vehicles.iter_mut() {
-            if !blocks.contains_key(id) {
-                g.disabled.clear();
-                g.paused = None;
+            let rows = blocks.get(id).map(Vec::as_slice).unwrap_or_default();
+            g.disabled.retain(|_, at| *at >= recent && *at > 0);
+            for (e, _) in rows.iter().filter(|(e, _)| e != "*") {
+                g.disabled.entry(e.clone()).or_insert(0);
             }
-        }
-        for (id, rows) in blocks {
-            let g = self.vehicles.entry(id.clone()).or_default();
-            g.disabled = rows
-                .iter()
-                .filter(|(e, _)| e != "*")
-                .map(|(e, _)| e.clone())
-                .collect();
+            let kept = g.paused.take().filter(|(_, at)| *at >= recent && *at > 0);
             g.paused = rows
                 .iter()
                 .find(|(e, _)| e == "*")
-                .map(|(_, why)| why.clone());
+                .map(|(_, why)| (why.clone(), 0))
+                .or(kept);
+        }
+        for (id, rows) in blocks {
+            if !self.vehicles.contains_key(id) {
+                let g = self.vehicles.entry(id.clone()).or_default();
+                g.disabled = rows
+                    .iter()
+                    .filter(|(e, _)| e != "*")
+                    .map(|(e, _)| (e.clone(), 0))
+                    .collect();
+                g.paused = rows
+                    .iter()
+                    .find(|(e, _)| e == "*")
+                    .map(|(_, why)| (why.clone(), 0));
+            }
         }
     }
 
@@ -277,6 +300,36 @@ mod tests {
     }
 
     const JOB: [&str; 2] = ["battery", "charge"];
+
+    #[test]
+    fn the_store_is_the_truth_except_for_blocks_set_just_before_its_read() {
+        let mut g = Gates::default();
+        let (a, b) = (VehicleId("a".into()), VehicleId("b".into()));
+        let t = 1_000_000;
+        g.failed(
+            &a,
+            "charge",
+            &err(ErrorKind::Permission, None, None),
+            t,
+            0.0,
+        );
+        g.failed(&b, "battery", &err(ErrorKind::Billing, None, None), t, 0.0);
+        // A snapshot read the same instant lacks both rows (still queued): both are kept.
+        g.adopt_blocks(&HashMap::new(), t + 500);
+        assert_eq!(g.admit(&a, &JOB, t + 500), Ok(vec!["battery"]));
+        assert_eq!(g.admit(&b, &JOB, t + 500), Err(Skip::Paused));
+        // A minute on, the store lacks them because they were lifted: both go.
+        g.adopt_blocks(&HashMap::new(), t + 60_000);
+        assert_eq!(g.admit(&a, &JOB, t + 60_000), Ok(JOB.to_vec()));
+        assert_eq!(g.admit(&b, &JOB, t + 60_000), Ok(JOB.to_vec()));
+        // Stored rows are adopted, and dropped once the store drops them.
+        let stored = HashMap::from([(a.clone(), vec![("*".to_string(), "BILLING".to_string())])]);
+        g.adopt_blocks(&stored, t + 61_000);
+        assert_eq!(g.admit(&a, &JOB, t + 61_000), Err(Skip::Paused));
+        assert_eq!(g.describe(&a).1.as_deref(), Some("BILLING"));
+        g.adopt_blocks(&HashMap::new(), t + 62_000);
+        assert_eq!(g.admit(&a, &JOB, t + 62_000), Ok(JOB.to_vec()));
+    }
 
     #[test]
     fn retry_after_is_honoured_to_the_millisecond() {

@@ -372,8 +372,12 @@ impl Poller {
     }
 
     /// Adopts the store's blocked endpoints and pauses (see [`Gates::adopt_blocks`]).
-    pub fn adopt_blocks(&self, blocks: &HashMap<VehicleId, Vec<(String, String)>>) {
-        self.gates().adopt_blocks(blocks);
+    pub fn adopt_blocks(
+        &self,
+        blocks: &HashMap<VehicleId, Vec<(String, String)>>,
+        read_at: UnixMillis,
+    ) {
+        self.gates().adopt_blocks(blocks, read_at);
     }
 
     /// A new consent lifts what the old one could not give (disabled endpoints, a pause).

@@ -129,7 +129,7 @@ pub async fn run(
                 }
                 let id = vehicle.clone();
                 let lifted = store
-                    .call(move |c| queries::clear_blocks(c, &id, true))
+                    .call(move |c| queries::lift_pause(c, &id, "CONNECTED_SERVICES_ACCOUNT"))
                     .await
                     .with_context(|| format!("lifting the pause of vehicle {vehicle}"))?;
                 let msg = format!(

@@ -812,6 +812,51 @@ pub fn vehicles_to_discover(c: &Connection, before: UnixMillis) -> anyhow::Resul
         .context("reading a vehicle id")
 }
 
+/// How long a CONNECTED_SERVICES_ACCOUNT pause lasts before one poll checks again
+/// (smartcar-api.md §4.2: the owner must act; "check occasionally (hours)").
+pub const ACCOUNT_PAUSE_RECHECK_MS: i64 = 6 * 3_600_000;
+
+/// Lifts the pauses that end by themselves, and returns them: BILLING:VEHICLE_REQUEST_LIMIT
+/// (the plan's monthly quota) at the start of the next month (UTC), CONNECTED_SERVICES_ACCOUNT
+/// after [`ACCOUNT_PAUSE_RECHECK_MS`] (a poll checks; still failing, it pauses again).
+pub fn expire_pauses(c: &Connection, now: UnixMillis) -> anyhow::Result<Vec<Block>> {
+    let month = crate::gate::month_start(now);
+    let recheck = now - ACCOUNT_PAUSE_RECHECK_MS;
+    let mut stmt = c
+        .prepare(
+            "DELETE FROM vehicle_blocks
+             WHERE endpoint = '*' AND (
+                 (reason LIKE 'BILLING:VEHICLE_REQUEST_LIMIT%' AND since < ?1)
+                 OR (reason LIKE 'CONNECTED_SERVICES_ACCOUNT%' AND since < ?2))
+             RETURNING (SELECT vehicle_id FROM vehicles WHERE id = vehicle), endpoint, source, reason",
+        )
+        .context("preparing the pause expiry")?;
+    let rows = stmt
+        .query_map(params![month, recheck], |r| {
+            Ok(Block {
+                vehicle_id: VehicleId(r.get(0)?),
+                endpoint: r.get(1)?,
+                source: r.get(2)?,
+                reason: r.get(3)?,
+            })
+        })
+        .context("lifting pauses that are over")?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .context("reading a lifted pause")
+}
+
+/// Lifts a vehicle's pause whose reason starts with `cause` (e.g. the re-authentication flow
+/// fixed CONNECTED_SERVICES_ACCOUNT); other blocks stay. Returns how many were lifted.
+pub fn lift_pause(c: &Connection, vehicle_id: &VehicleId, cause: &str) -> anyhow::Result<usize> {
+    c.execute(
+        "DELETE FROM vehicle_blocks
+         WHERE vehicle = (SELECT id FROM vehicles WHERE vehicle_id = ?1)
+           AND endpoint = '*' AND substr(reason, 1, length(?2)) = ?2",
+        params![vehicle_id.0, cause],
+    )
+    .with_context(|| format!("lifting the pause of vehicle {vehicle_id}"))
+}
+
 /// Smartcar calls billed per vehicle since `since`, from `poll_events`. Events of one poll share
 /// its `at` and carry its billed `calls`. Rows from before schema 2 have none: they count as in
 /// v2 one call per event (a billed call or batch item), in v3 the poll's plan price, and not

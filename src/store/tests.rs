@@ -940,3 +940,61 @@ async fn blocks_discovery_replaces_its_own_rows_and_each_lift_lifts_its_kind() {
         .unwrap();
     assert_eq!(n, 0);
 }
+
+#[tokio::test]
+async fn quota_pauses_end_with_the_month_and_account_pauses_are_checked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("p.db"), None).unwrap();
+    seed(&store, &["quota", "account", "billing", "perm"]).await;
+    const NOV_20: i64 = 1_795_132_800_000; // 2026-11-20T00:00:00Z
+    let block = |v: &str, endpoint: &str, reason: &str, at| WriteItem::Block {
+        vehicle_id: vid(v),
+        endpoint: endpoint.into(),
+        reason: reason.into(),
+        at,
+    };
+    store
+        .write(vec![
+            block("quota", "*", "BILLING:VEHICLE_REQUEST_LIMIT", NOV_20),
+            block(
+                "account",
+                "*",
+                "CONNECTED_SERVICES_ACCOUNT:AUTHENTICATION_FAILED",
+                NOV_20,
+            ),
+            block("billing", "*", "BILLING:INVALID_PLAN", NOV_20),
+            block("perm", "charge", "PERMISSION", NOV_20),
+        ])
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    let expire = |now: i64| {
+        let store = store.clone();
+        async move {
+            let mut v: Vec<String> = store
+                .call(move |c| queries::expire_pauses(c, now))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|b| b.vehicle_id.0)
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    // Five hours on: nothing ends yet.
+    assert!(expire(NOV_20 + 5 * 3_600_000).await.is_empty());
+    // Seven hours on: the account pause is checked again.
+    assert_eq!(expire(NOV_20 + 7 * 3_600_000).await, ["account"]);
+    // December: the monthly quota starts over; a plan problem still needs a human.
+    assert_eq!(expire(NOV_20 + 11 * 86_400_000).await, ["quota"]);
+    let left: Vec<String> = store
+        .call(|c| queries::load_blocks(c))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.vehicle_id.0)
+        .collect();
+    assert_eq!(left, ["billing", "perm"]);
+    store.close().await.unwrap();
+}
