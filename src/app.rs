@@ -346,6 +346,23 @@ impl Daemon {
         // Polls get their own token: on shutdown they are given a grace period first.
         let polls_cancel = CancellationToken::new();
         let cycles = TaskTracker::new();
+        let start_cycle = |tick: schedule::Tick, charging_gap: Duration| {
+            let poller = poller.clone();
+            let cancel = polls_cancel.clone();
+            let job = tick.job;
+            cycles.spawn(async move {
+                if tick.plugged_in_only {
+                    poller.cycle_plugged_in(job, charging_gap, cancel).await;
+                } else {
+                    poller.cycle(job, cancel).await;
+                }
+            });
+            tracing::debug!(
+                job = job_label(job),
+                plugged_in_only = tick.plugged_in_only,
+                "cycle started"
+            );
+        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -358,9 +375,13 @@ impl Daemon {
                     match schedule::start(&new, &metrics).await {
                         Ok((next, next_ticks)) => {
                             let old = std::mem::replace(&mut schedule, next);
-                            ticks = next_ticks;
+                            let mut old_ticks = std::mem::replace(&mut ticks, next_ticks);
                             old.shutdown().await;
                             charging_gap = gap_of(&new);
+                            // Ticks the old crons queued meanwhile still run.
+                            while let Ok(tick) = old_ticks.try_recv() {
+                                start_cycle(tick, charging_gap);
+                            }
                             poller.set_spread(
                                 crate::smartcar::Job::Battery,
                                 crate::poller::default_spread(&new.battery),
@@ -381,17 +402,7 @@ impl Daemon {
                         shutdown.cancel();
                         break;
                     };
-                    let poller = poller.clone();
-                    let cancel = polls_cancel.clone();
-                    let job = tick.job;
-                    cycles.spawn(async move {
-                        if tick.plugged_in_only {
-                            poller.cycle_plugged_in(job, charging_gap, cancel).await;
-                        } else {
-                            poller.cycle(job, cancel).await;
-                        }
-                    });
-                    tracing::debug!(job = job_label(job), plugged_in_only = tick.plugged_in_only, "cycle started");
+                    start_cycle(tick, charging_gap);
                 }
             }
         }
@@ -552,7 +563,7 @@ pub async fn load_ledger(
         most_calls = used.values().copied().max().unwrap_or(0),
         "monthly call budget in force"
     );
-    poller.set_ledger(crate::gate::Ledger::new(Some(budget), used, now));
+    poller.seed_ledger(Some(budget), used);
     Ok(())
 }
 
@@ -595,6 +606,8 @@ async fn reconfigure(
     }
     if changes.has("budget.calls_per_vehicle_month") {
         let api = current.smartcar.api;
+        // Spending is counted from the start either way; the store's count adds what was
+        // spent this month before this process started, and in-flight charges are kept.
         if let Err(e) = load_ledger(store, poller, api, new.budget.calls_per_vehicle_month).await {
             warn!(
                 error = format!("{e:#}"),

@@ -403,11 +403,13 @@ where
     let mut attempt = 1;
     loop {
         match call().await {
-            Err(e) if e.kind.is_transient() && attempt < 3 => {
-                let wait = e
-                    .retry_after
-                    .filter(|w| *w <= Duration::from_secs(10))
-                    .unwrap_or(Duration::from_secs(attempt));
+            // Never before a `retry-after` (smartcar-api.md §2.4); a long one ends the try.
+            Err(e)
+                if e.kind.is_transient()
+                    && attempt < 3
+                    && e.retry_after.is_none_or(|w| w <= Duration::from_secs(10)) =>
+            {
+                let wait = e.retry_after.unwrap_or(Duration::from_secs(attempt));
                 warn!(attempt, error = %e, wait_s = wait.as_secs(), "Smartcar request failed; retrying");
                 tokio::time::sleep(wait).await;
                 attempt += 1;

@@ -14,8 +14,10 @@ use tracing::{info, warn};
 
 use crate::domain::{now_ms, UnixMillis, VehicleId};
 use crate::poller::{DiscoveryError, PolledVehicle, Poller};
-use crate::smartcar::ErrorKind;
 use crate::store::{queries, Store};
+
+/// Capability readings in flight at once.
+const AT_ONCE: usize = 2;
 
 /// After a failed reading, the vehicle is not asked again for this long.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(3600);
@@ -71,11 +73,13 @@ impl Discovery {
         if vehicles.is_empty() {
             return Ok(Pass::default());
         }
-        // All at once: the poller's pool bounds the requests in flight.
+        // A few at a time, so polls never queue behind a whole pass for the pool's slots.
+        let limit = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
         let mut asks = tokio::task::JoinSet::new();
         for v in vehicles {
-            let (poller, cancel) = (poller.clone(), cancel.clone());
+            let (poller, cancel, limit) = (poller.clone(), cancel.clone(), limit.clone());
             asks.spawn(async move {
+                let _slot = limit.acquire_owned().await;
                 let r = poller.discover(&v, &cancel).await;
                 (v, r)
             });
@@ -92,13 +96,20 @@ impl Discovery {
                     pass.not_asked += 1;
                     continue;
                 }
-                // A server without the discovery endpoint (or a vehicle it does not know
-                // there) tells nothing to block: polls find out for themselves.
+                // A server without the reading (or a vehicle it does not have it for) tells
+                // nothing: what earlier readings found stays, polls find out the rest, and
+                // the reading is tried again when due.
                 Err(DiscoveryError::Api(e))
-                    if matches!(e.kind, ErrorKind::NotFound | ErrorKind::Validation) =>
+                    if crate::gate::reaction(&e, now) == crate::gate::Reaction::DisableEndpoint =>
                 {
-                    warn!(vehicle = %v.id, error = %e, "capabilities cannot be read here; polling every endpoint");
-                    Vec::new()
+                    warn!(vehicle = %v.id, error = %e, "capabilities cannot be read here; keeping what is known");
+                    let vid = v.id.clone();
+                    store
+                        .call(move |c| queries::touch_discovery(c, &vid, now_ms()))
+                        .await
+                        .with_context(|| format!("dating the capabilities of vehicle {}", v.id))?;
+                    pass.failed += 1;
+                    continue;
                 }
                 Err(e) => {
                     pass.failed += 1;

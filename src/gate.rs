@@ -506,6 +506,17 @@ impl Ledger {
         self.budget = budget;
     }
 
+    /// Sets the budget and takes this month's calls as the store counts them, keeping any
+    /// vehicle's higher count here (polls in flight are charged here but not yet stored).
+    pub fn seed(&mut self, budget: Option<u64>, counted: HashMap<VehicleId, u64>, now: UnixMillis) {
+        self.roll(now);
+        self.budget = budget;
+        for (id, n) in counted {
+            let used = self.used.entry(id).or_default();
+            *used = (*used).max(n);
+        }
+    }
+
     /// Replaces what admission `charged` with what the calls were `billed` (0: none reached
     /// Smartcar, e.g. no token or shutdown), and remembers a job's real cost, so the next
     /// admission of it is charged that much.

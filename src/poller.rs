@@ -317,6 +317,7 @@ impl Poller {
     /// a smaller one as polls in flight finish (the surplus slots are taken and dropped).
     pub fn set_limits(&self, timeout: Duration, concurrency: usize) {
         let concurrency = concurrency.max(1);
+        self.client.set_timeout(timeout);
         let old = {
             let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
             let old = l.1;
@@ -347,6 +348,14 @@ impl Poller {
     /// Sets the monthly call budget, with this month's calls so far.
     pub fn set_ledger(&self, ledger: Ledger) {
         *self.ledger.lock().unwrap_or_else(|p| p.into_inner()) = ledger;
+    }
+
+    /// See [`Ledger::seed`].
+    pub fn seed_ledger(&self, budget: Option<u64>, counted: HashMap<VehicleId, u64>) {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seed(budget, counted, now_ms());
     }
 
     fn refund(&self, id: &VehicleId, cost: u64) {
@@ -558,11 +567,7 @@ impl Poller {
                 .with_label_values(&[v.id.0.as_str()])
                 .set(if answered { 1.0 } else { 0.0 });
         }
-        for item in items.iter_mut() {
-            if let WriteItem::Event(ev) = item {
-                ev.calls = Some(billed);
-            }
-        }
+        bill_events(&mut items, billed);
         self.write(items).await;
         if failed {
             VehicleOutcome::Failed(readings)
@@ -713,6 +718,16 @@ impl Poller {
         if self.gates().admit(&v.id, &[CAPABILITIES], now).is_err() {
             return Ok(None);
         }
+        // Not while the vehicle is being polled: two requests at once invite a 429.
+        let busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(id, _)| id == &v.id);
+        if busy {
+            return Ok(None);
+        }
         {
             let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
             if !ledger.allows(&v.id, 1, now) {
@@ -756,6 +771,20 @@ impl Poller {
                 self.count(CAPABILITIES, "ok", elapsed);
                 items.push(WriteItem::Event(event(v, at, CAPABILITIES, "ok", None)));
             }
+            // This server or vehicle has no such reading (404, 403, 501, ...): recorded, not
+            // blocked; discovery notes the try and asks again when due.
+            Err(DiscoveryError::Api(e))
+                if crate::gate::reaction(e, at) == Reaction::DisableEndpoint =>
+            {
+                self.count(CAPABILITIES, e.kind.label(), elapsed);
+                items.push(WriteItem::Event(event(
+                    v,
+                    at,
+                    CAPABILITIES,
+                    e.kind.label(),
+                    Some(e),
+                )));
+            }
             Err(DiscoveryError::Api(e)) => {
                 self.gates()
                     .failed(&v.id, CAPABILITIES, e, at, rand::random());
@@ -773,11 +802,7 @@ impl Poller {
                 )));
             }
         }
-        for item in items.iter_mut() {
-            if let WriteItem::Event(ev) = item {
-                ev.calls = Some(billed);
-            }
-        }
+        bill_events(&mut items, billed);
         self.write(items).await;
         r.map(Some)
     }
@@ -856,6 +881,18 @@ impl Poller {
                 retry_after: None,
                 request_id: None,
             }),
+        }
+    }
+}
+
+/// Puts a poll's billed calls on its first event row (0 on the others), so summing `calls`
+/// over `poll_events` gives what was billed.
+fn bill_events(items: &mut [WriteItem], billed: u64) {
+    let mut first = true;
+    for item in items.iter_mut() {
+        if let WriteItem::Event(ev) = item {
+            ev.calls = Some(if first { billed } else { 0 });
+            first = false;
         }
     }
 }

@@ -205,6 +205,9 @@ impl TokenManager {
                     let newer = r.tokens.refresh_expires_at > st.tokens.refresh_expires_at;
                     if r.status == ConnectionStatus::Active && newer {
                         st.tokens = r.tokens;
+                        // The reconnect's grant is stored; an unsaved rotation of the old one
+                        // is moot.
+                        st.unsaved_from = None;
                         st.status = ConnectionStatus::Active;
                         st.failures = 0;
                         st.retry_at = None;
@@ -500,6 +503,26 @@ impl TokenManager {
             .is_err()
         {
             error!("a token refresh was still in flight at shutdown; its rotated pair may be lost");
+        }
+        // A rotated pair the store refused so far gets a last chance: after this process, only
+        // the store remembers it.
+        let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        for slot in slots {
+            let mut st = slot.state.lock().await;
+            let Some(stored) = st.unsaved_from.clone() else {
+                continue;
+            };
+            match save_once(&self.store, slot.id, &stored, &st.tokens).await {
+                Ok(_) => {
+                    st.unsaved_from = None;
+                    info!(connection = %slot.id, "the rotated token pair is saved");
+                }
+                Err(e) => error!(
+                    connection = %slot.id,
+                    error = format!("{e:#}"),
+                    "the rotated token pair could not be saved before exit; the connection will need re-authorization (carpulse reauth)"
+                ),
+            }
         }
     }
 

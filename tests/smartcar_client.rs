@@ -458,6 +458,59 @@ async fn discovery_stops_on_an_empty_page_despite_a_wrong_count() {
 }
 
 #[tokio::test]
+async fn v2_permissions_are_paged_and_an_odd_answer_is_an_error_not_an_empty_grant() {
+    let h = metric(|r| {
+        let body = match (r.path.as_str(), r.query.contains("offset=0")) {
+            ("/v2.0/vehicles/ok/permissions", true) => {
+                json!({"permissions": ["read_battery", "read_vin"], "paging": {"count": 3, "offset": 0}})
+            }
+            ("/v2.0/vehicles/ok/permissions", false) => {
+                json!({"permissions": ["read_vehicle_info"], "paging": {"count": 3, "offset": 2}})
+            }
+            ("/v2.0/vehicles/objects/permissions", _) => {
+                json!({"permissions": [{"permission": "read_battery"}], "paging": {"count": 1}})
+            }
+            ("/v2.0/vehicles/empty/permissions", _) => {
+                json!({"permissions": [], "paging": {"count": 0, "offset": 0}})
+            }
+            _ => json!({"data": ["read_battery"]}),
+        };
+        answer(200, body)
+    })
+    .await;
+    let token = Secret::new(ACCESS);
+    let mut got = h
+        .client
+        .unavailable(ApiVersion::V2, &ctx(&token, None), &vid("ok"))
+        .await
+        .unwrap();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("charge", "not granted: read_charge".to_string()),
+            ("odometer", "not granted: read_odometer".to_string())
+        ]
+    );
+    assert!(h.requests()[1].query.contains("offset=2"));
+    for odd in ["objects", "other"] {
+        let e = h
+            .client
+            .unavailable(ApiVersion::V2, &ctx(&token, None), &vid(odd))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Decode, "{odd}: {e}");
+    }
+    // An empty grant says nothing reliable: nothing is blocked.
+    let none = h
+        .client
+        .unavailable(ApiVersion::V2, &ctx(&token, None), &vid("empty"))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+#[tokio::test]
 async fn v2_battery_job_is_one_batch_with_per_item_outcomes() {
     let h = metric(|r| {
         assert_eq!(r.path, "/v2.0/vehicles/veh-1/batch");
@@ -788,6 +841,25 @@ async fn v3_info_job_fetches_the_vehicle_when_not_included() {
     for r in h.requests() {
         assert_vehicle_headers(&r, None);
     }
+    // Without info wanted (a vehicle whose consent lacks read_vehicle_info), the billed
+    // GET /vehicles/{id} is not made; each request is counted for the budget.
+    let before = h.requests().len();
+    let (out, billed) = carpulse::smartcar::count_billed(h.client.fetch_only(
+        ApiVersion::V3,
+        &ctx(&token, None),
+        &vid("veh-4"),
+        Job::Info,
+        &["vin", "odometer"],
+    ))
+    .await;
+    let endpoints: Vec<&str> = out.unwrap().iter().map(|r| r.endpoint).collect();
+    assert_eq!(endpoints, ["vin", "odometer"]);
+    let paths: Vec<String> = h.requests()[before..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(paths, ["/v3/vehicles/veh-4/signals"]);
+    assert_eq!(billed, 1);
 
     // The battery job on the same listing: a failed signal is that endpoint's classified error.
     let out = h

@@ -148,6 +148,8 @@ struct Inner {
     v3: String,
     v3_url: Url,
     unit_system: UnitSystem,
+    /// Per Vehicle API request, in ms (`poll.timeout`; SIGHUP may change it).
+    timeout_ms: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for SmartcarClient {
@@ -231,8 +233,17 @@ impl SmartcarClient {
                 v3,
                 v3_url,
                 unit_system: cfg.unit_system,
+                timeout_ms: std::sync::atomic::AtomicU64::new(cfg.timeout.as_millis() as u64),
             }),
         })
+    }
+
+    /// A new per-request timeout for Vehicle API calls (`poll.timeout` changed on SIGHUP).
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.inner.timeout_ms.store(
+            timeout.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The unit system requested with `sc-unit-system`.
@@ -277,8 +288,9 @@ impl SmartcarClient {
     }
 
     /// [`fetch`](Self::fetch) asking only for `only` of the job's endpoints (empty: all).
-    /// In v2 each batch item is billed, so what the vehicle cannot answer is not asked; a v3
-    /// signal listing costs the same whatever is read from it.
+    /// Each v2 batch item and the info call are billed, so what the vehicle cannot answer is
+    /// not asked; a v3 signal listing costs the same whatever is read from it, but its
+    /// separate `GET /vehicles/{id}` is left out when info is not wanted.
     pub async fn fetch_only(
         &self,
         api: ApiVersion,
@@ -289,7 +301,7 @@ impl SmartcarClient {
     ) -> Result<Vec<EndpointResult>, ApiError> {
         match api {
             ApiVersion::V2 => v2::fetch(self, ctx, id, job, only).await,
-            ApiVersion::V3 => v3::fetch(self, ctx, id, job).await,
+            ApiVersion::V3 => v3::fetch(self, ctx, id, job, only).await,
         }
     }
 
@@ -306,6 +318,11 @@ impl SmartcarClient {
         match api {
             ApiVersion::V2 => {
                 let granted = v2::permissions(self, ctx, id).await?;
+                if granted.is_empty() {
+                    // A consent grants something; an empty list says nothing reliable.
+                    tracing::warn!(vehicle = %id, "GET /permissions listed nothing; blocking nothing");
+                    return Ok(Vec::new());
+                }
                 Ok(v2::ENDPOINT_PERMISSIONS
                     .iter()
                     .filter(|(_, p)| !granted.iter().any(|g| g == p))
@@ -346,7 +363,12 @@ impl SmartcarClient {
             .request(method, url)
             .header(AUTHORIZATION, format!("Bearer {}", access.expose()))
             .header("sc-unit-system", self.inner.unit_system.as_str())
-            .header(ACCEPT, "application/json");
+            .header(ACCEPT, "application/json")
+            .timeout(Duration::from_millis(
+                self.inner
+                    .timeout_ms
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ));
         if let Some(user) = user_id {
             req = req.header("sc-user-id", user);
         }

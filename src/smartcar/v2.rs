@@ -92,18 +92,20 @@ async fn paged_list(
             .send(client.vehicle_request(Method::GET, &url, access, None))
             .await?;
         let page: ListPage = raw.json(key)?;
+        // A body of another shape is an error, never an empty list: an empty permission list
+        // would stop every endpoint of the vehicle.
+        let bad = |what: String| ApiError {
+            request_id: raw.request_id(),
+            ..ApiError::decode(Some(raw.status), what)
+        };
         let items: Vec<String> = match page.rest.get(key) {
-            None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(a)) => a
                 .iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect(),
-            Some(_) => {
-                return Err(ApiError {
-                    request_id: raw.request_id(),
-                    ..ApiError::decode(Some(raw.status), format!("`{key}` is not a list"))
-                })
-            }
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<Vec<String>>>()
+                .ok_or_else(|| bad(format!("`{key}` holds something other than strings")))?,
+            Some(_) => return Err(bad(format!("`{key}` is not a list"))),
+            None => return Err(bad(format!("no `{key}` in the answer"))),
         };
         let n = items.len();
         let mut added = 0;

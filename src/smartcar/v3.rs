@@ -258,11 +258,16 @@ pub(crate) async fn fetch(
     ctx: &RequestCtx<'_>,
     id: &VehicleId,
     job: Job,
+    only: &[&str],
 ) -> Result<Vec<EndpointResult>, ApiError> {
     let (signals, included) = all_signals(client, ctx, id).await?;
     let units = client.unit_system();
     match job {
         Job::Battery => Ok(pick_battery_job(&signals, units)),
+        // `GET /vehicles/{id}` is a billed call of its own: not made when info is not wanted.
+        Job::Info if !only.is_empty() && !only.contains(&"info") => {
+            Ok(pick_info_job(&signals, units))
+        }
         Job::Info => {
             let info = match included {
                 Some(info) => Ok(info),

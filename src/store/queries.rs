@@ -764,6 +764,21 @@ pub fn save_discovery(
     Ok(true)
 }
 
+/// Notes a capability reading that told nothing (the server has no such reading): its
+/// earlier findings stay, and it is due again after `schedule.discover_every`.
+pub fn touch_discovery(
+    c: &Connection,
+    vehicle_id: &VehicleId,
+    now: UnixMillis,
+) -> anyhow::Result<()> {
+    c.execute(
+        "UPDATE vehicles SET capabilities_at = ?2 WHERE vehicle_id = ?1",
+        params![vehicle_id.0, now],
+    )
+    .with_context(|| format!("dating the capabilities of vehicle {vehicle_id}"))?;
+    Ok(())
+}
+
 /// Lifts a vehicle's blocks: all of them (a reconnect, whose consent may grant what the old
 /// one did not; its capabilities are read again), or only those answers caused (`vehicles
 /// enable`: the owner says the cause is fixed). Returns how many were lifted.
@@ -857,46 +872,67 @@ pub fn lift_pause(c: &Connection, vehicle_id: &VehicleId, cause: &str) -> anyhow
     .with_context(|| format!("lifting the pause of vehicle {vehicle_id}"))
 }
 
-/// Smartcar calls billed per vehicle since `since`, from `poll_events`. Events of one poll share
-/// its `at` and carry its billed `calls`. Rows from before schema 2 have none: they count as in
-/// v2 one call per event (a billed call or batch item), in v3 the poll's plan price, and not
-/// at all when no token was at hand.
+/// Smartcar calls billed per vehicle since `since`, from `poll_events`: each poll's first
+/// event row carries its billed `calls` (the others 0). Rows from before schema 2 have none:
+/// their polls (events sharing an `at`) count as in v2 one call per event (a billed call or
+/// batch item), in v3 the poll's plan price, and not at all when no token was at hand. Per
+/// vehicle, so each query runs on the (vehicle, at) index.
 pub fn calls_since(
     c: &Connection,
     since: UnixMillis,
     api: crate::domain::ApiVersion,
 ) -> anyhow::Result<std::collections::HashMap<VehicleId, u64>> {
-    let mut stmt = c
-        .prepare(
-            "SELECT vehicle_id, count(*), max(endpoint IN ('info', 'vin', 'odometer')),
-                    max(calls), max(outcome IN ('needs_reauth', 'token_error'))
-             FROM poll_events WHERE at >= ?1
-             GROUP BY vehicle_id, at",
+    let mut vehicles = c
+        .prepare("SELECT id, vehicle_id FROM vehicles")
+        .context("preparing the vehicle list")?;
+    let keys = vehicles
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, VehicleId(r.get(1)?))))
+        .context("listing vehicles")?
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading a vehicle row")?;
+    let mut billed = c
+        .prepare_cached(
+            "SELECT coalesce(sum(calls), 0) FROM poll_event_log
+             WHERE vehicle = ?1 AND at >= ?2 AND calls IS NOT NULL",
         )
-        .context("preparing the monthly calls query")?;
-    let rows = stmt
-        .query_map([since], |r| {
-            Ok((
-                VehicleId(r.get(0)?),
-                r.get::<_, i64>(1)?.max(0) as u64,
-                r.get::<_, bool>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-                r.get::<_, bool>(4)?,
-            ))
-        })
-        .context("reading this month's polls")?;
-    let mut used: std::collections::HashMap<VehicleId, u64> = Default::default();
-    for row in rows {
-        let (vehicle, events, info, calls, no_token) = row.context("reading a poll row")?;
-        let cost = match (calls, api) {
-            (Some(n), _) => n.max(0) as u64,
-            (None, _) if no_token => 0,
-            (None, crate::domain::ApiVersion::V2) => events,
-            (None, crate::domain::ApiVersion::V3) => {
-                crate::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
-            }
-        };
-        *used.entry(vehicle).or_default() += cost;
+        .context("preparing the billed calls query")?;
+    let mut legacy = c
+        .prepare_cached(
+            "SELECT count(*), max(endpoint IN ('info', 'vin', 'odometer')),
+                    max(outcome IN ('needs_reauth', 'token_error'))
+             FROM poll_event_log
+             WHERE vehicle = ?1 AND at >= ?2 AND calls IS NULL
+             GROUP BY at",
+        )
+        .context("preparing the older polls query")?;
+    let mut used = std::collections::HashMap::new();
+    for (key, vehicle) in keys {
+        let mut n: u64 = billed
+            .query_row(params![key, since], |r| r.get::<_, i64>(0))
+            .with_context(|| format!("counting the calls of vehicle {vehicle}"))?
+            .max(0) as u64;
+        let polls = legacy
+            .query_map(params![key, since], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?.max(0) as u64,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, bool>(2)?,
+                ))
+            })
+            .with_context(|| format!("reading the older polls of vehicle {vehicle}"))?;
+        for poll in polls {
+            let (events, info, no_token) = poll.context("reading a poll row")?;
+            n += match api {
+                _ if no_token => 0,
+                crate::domain::ApiVersion::V2 => events,
+                crate::domain::ApiVersion::V3 => {
+                    crate::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
+                }
+            };
+        }
+        if n > 0 {
+            used.insert(vehicle, n);
+        }
     }
     Ok(used)
 }
