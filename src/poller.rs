@@ -522,8 +522,7 @@ impl Poller {
                     match result {
                         Ok(payload) => {
                             self.gates().succeeded(&v.id);
-                            self.count(endpoint, "ok", elapsed);
-                            items.push(WriteItem::Event(event(v, at, endpoint, "ok", None)));
+                            self.record(v, at, endpoint, "ok", None, elapsed, &mut items);
                             readings += self.apply(v, payload, &mut items);
                         }
                         Err(e) => {
@@ -576,6 +575,22 @@ impl Poller {
         }
     }
 
+    /// Counts one endpoint's outcome and queues its `poll_events` row.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        v: &PolledVehicle,
+        at: i64,
+        endpoint: &str,
+        outcome: &str,
+        e: Option<&ApiError>,
+        elapsed: f64,
+        items: &mut Vec<WriteItem>,
+    ) {
+        self.count(endpoint, outcome, elapsed);
+        items.push(WriteItem::Event(event(v, at, endpoint, outcome, e)));
+    }
+
     /// Counts a failed endpoint and queues its `poll_events` row, and the block it causes
     /// (a disabled endpoint, a paused vehicle) so a restart does not ask again. A v3 signal
     /// merely missing from a listing is not kept: a sleeping car may list less.
@@ -588,14 +603,7 @@ impl Poller {
         elapsed: f64,
         items: &mut Vec<WriteItem>,
     ) {
-        self.count(endpoint, e.kind.label(), elapsed);
-        items.push(WriteItem::Event(event(
-            v,
-            at,
-            endpoint,
-            e.kind.label(),
-            Some(e),
-        )));
+        self.record(v, at, endpoint, e.kind.label(), Some(e), elapsed, items);
         let blocked = match crate::gate::reaction(e, at) {
             Reaction::DisableEndpoint if e.code.as_deref() != Some("SIGNAL_NOT_PROVIDED") => {
                 endpoint
@@ -768,22 +776,22 @@ impl Poller {
         let mut items = Vec::new();
         match &r {
             Ok(_) => {
-                self.count(CAPABILITIES, "ok", elapsed);
-                items.push(WriteItem::Event(event(v, at, CAPABILITIES, "ok", None)));
+                self.record(v, at, CAPABILITIES, "ok", None, elapsed, &mut items);
             }
             // This server or vehicle has no such reading (404, 403, 501, ...): recorded, not
             // blocked; discovery notes the try and asks again when due.
             Err(DiscoveryError::Api(e))
                 if crate::gate::reaction(e, at) == Reaction::DisableEndpoint =>
             {
-                self.count(CAPABILITIES, e.kind.label(), elapsed);
-                items.push(WriteItem::Event(event(
+                self.record(
                     v,
                     at,
                     CAPABILITIES,
                     e.kind.label(),
                     Some(e),
-                )));
+                    elapsed,
+                    &mut items,
+                );
             }
             Err(DiscoveryError::Api(e)) => {
                 self.gates()
@@ -792,14 +800,15 @@ impl Poller {
             }
             Err(DiscoveryError::Token(TokenError::NeedsReauth(_))) => {}
             Err(DiscoveryError::Token(_)) => {
-                self.count(CAPABILITIES, "token_error", elapsed);
-                items.push(WriteItem::Event(event(
+                self.record(
                     v,
                     at,
                     CAPABILITIES,
                     "token_error",
                     None,
-                )));
+                    elapsed,
+                    &mut items,
+                );
             }
         }
         bill_events(&mut items, billed);
