@@ -1011,16 +1011,6 @@ async fn v2_every_fault_with_start_flags_and_the_control_endpoint() {
     faults_through_the_daemon("v2", Inject::StartFlags).await;
 }
 
-fn signal(p: &Proc, signal: &str) {
-    let pid = p.child.id().expect("running").to_string();
-    let ok = std::process::Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {signal} {pid}");
-}
-
 /// One run of the reconnect scenario: one account whose cars get `faults` (a car per entry),
 /// the daemon meets them, the faults are cleared (the owner re-consents, settles the bill),
 /// the account connects again and the daemon is told with SIGHUP.
@@ -1093,7 +1083,7 @@ async fn reconnect_scenario(faults: &[Value], keep: &[usize]) -> Reconnected {
     connect(&setup.config, &http).await;
     let before_hup = get_json(&http, &stats_url).await;
     let hup_at = now_ms();
-    signal(&daemon, "-HUP");
+    daemon.signal("-HUP");
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     let at_end = get_json(&http, &stats_url).await;
     assert_eq!(

@@ -28,16 +28,6 @@ async fn vehicle_ids(http: &reqwest::Client, base: &str, user: usize) -> Vec<Str
         .collect()
 }
 
-fn kill(p: &Proc, signal: &str) {
-    let pid = p.child.id().expect("running").to_string();
-    let ok = std::process::Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {signal} {pid}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_after_refreshes_loses_no_token() {
     let http = reqwest::Client::new();
@@ -56,7 +46,7 @@ async fn sigkill_after_refreshes_loses_no_token() {
     for round in 0..2 {
         let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
         tokio::time::sleep(Duration::from_millis(6_500)).await;
-        kill(&daemon, "-KILL");
+        daemon.signal("-KILL");
         let _ = daemon.wait(Duration::from_secs(10)).await;
         let stats = get_json(&http, &format!("{base}/_simulator/stats")).await;
         assert!(
@@ -116,7 +106,7 @@ async fn sighup_picks_up_a_new_account_and_a_disabled_vehicle() {
         String::from_utf8_lossy(&out.stderr)
     );
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    kill(&daemon, "-HUP");
+    daemon.signal("-HUP");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let disabled_then = battery_rows(&setup.db, &first[1]);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -239,7 +229,7 @@ async fn sighup_reloads_the_config_file() {
 
     // A broken file changes nothing.
     std::fs::write(&setup.config, original.replace("[poll]", "[poll\n")).unwrap();
-    kill(&daemon, "-HUP");
+    daemon.signal("-HUP");
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     // Every second now; the store path cannot move under a running daemon.
@@ -247,7 +237,7 @@ async fn sighup_reloads_the_config_file() {
         .replace("battery = \"0 0 4 * * *\"", "battery = \"* * * * * *\"")
         .replace("carpulse.db", "elsewhere.db");
     std::fs::write(&setup.config, faster).unwrap();
-    kill(&daemon, "-HUP");
+    daemon.signal("-HUP");
     tokio::time::sleep(Duration::from_secs(4)).await;
     let rows = battery_rows(&setup.db, &car);
     assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));

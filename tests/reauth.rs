@@ -201,12 +201,7 @@ async fn reauth_of_a_vehicle_paused_by_its_manufacturer_login_uses_smartcars_rea
             |r| r.get(0),
         )
         .unwrap();
-    let pid = daemon.child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    daemon.signal("-HUP");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
     let after: i64 = db

@@ -35,18 +35,8 @@ pub(crate) const KNOWN: &[&str] = &[
 ];
 
 /// What a consent without `scope` grants: every read permission the simulator serves data for
-/// (each v2 endpoint and v3 signal needs one of these).
-pub(crate) const DEFAULT_GRANT: &[&str] = &[
-    "read_vehicle_info",
-    "read_vin",
-    "read_battery",
-    "read_charge",
-    "read_odometer",
-    "read_location",
-    "read_tires",
-    "read_fuel",
-    "read_engine_oil",
-];
+/// (each v2 endpoint and v3 signal needs one of these), the first nine of [`KNOWN`].
+pub(crate) const DEFAULT_GRANT: &[&str] = KNOWN.split_at(9).0;
 
 const _: () = assert!(KNOWN.len() <= 32, "a Scope is a u32 bit set");
 

@@ -78,6 +78,17 @@ impl Proc {
         }
     }
 
+    /// Sends a signal (`-HUP`, `-KILL`, ...) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {signal} {pid}");
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr_log.lock().unwrap().join("\n")
     }
