@@ -629,6 +629,9 @@ async fn reconfigure(
     *live.write().unwrap_or_else(|p| p.into_inner()) = next;
 }
 
+/// `/healthz` staleness for a car only the info job asks (daily by default, plus slack).
+const BATTERYLESS_STALE_AFTER: Duration = Duration::from_secs(26 * 3600);
+
 /// How often `/healthz` and the freshness gauges are brought up to date.
 const HEALTH_EVERY: Duration = Duration::from_secs(15);
 
@@ -667,6 +670,13 @@ pub async fn check_health(
     let stale_ms = stale_after.as_millis() as i64;
     for (vehicle, fresh) in poller.freshness() {
         let since = fresh.last_answered.unwrap_or(started);
+        // A car the battery job has nothing to ask (an ICE car, a consent without battery and
+        // charge) is answered by the info job only, at its slower cadence.
+        let stale_ms = if poller.job_blocked(&vehicle, crate::smartcar::Job::Battery) {
+            stale_ms.max(BATTERYLESS_STALE_AFTER.as_millis() as i64)
+        } else {
+            stale_ms
+        };
         if now - since > stale_ms {
             problems.push(format!(
                 "vehicle {vehicle}: no answered poll for {} (metrics.stale_after is {})",

@@ -394,6 +394,14 @@ impl Poller {
         self.gates().reset(id);
     }
 
+    /// Whether every endpoint of `job` is blocked for the vehicle (its polls are skipped).
+    pub fn job_blocked(&self, id: &VehicleId, job: Job) -> bool {
+        let (disabled, _) = self.gates().describe(id);
+        job_endpoints(job)
+            .iter()
+            .all(|e| disabled.iter().any(|d| d == e))
+    }
+
     /// Disabled endpoints and pause reason of a vehicle, for status output and tests.
     pub fn gate_of(&self, id: &VehicleId) -> (Vec<String>, Option<String>) {
         self.gates().describe(id)

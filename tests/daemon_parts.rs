@@ -731,6 +731,22 @@ async fn v3_discovery_at_connect_keeps_the_ice_car_out_of_battery_polls() {
     assert!(metrics
         .render()
         .contains("carpulse_polls_skipped_total{job=\"battery\",reason=\"disabled\"} 1"));
+    // Two hours after start with a 1 h stale_after, the ICE car (never asked by the battery
+    // job) is judged against the info job's daily cadence: /healthz stays quiet.
+    let health = carpulse::metrics::Health::default();
+    let tokens = tokens_for(&w, &metrics).await;
+    let two_hours_ago = carpulse::domain::now_ms() - 2 * 3_600_000;
+    carpulse::app::check_health(
+        &health,
+        &tokens,
+        &poller,
+        &metrics,
+        Duration::from_secs(3600),
+        two_hours_ago,
+    )
+    .await;
+    let problems = health.lock().unwrap().problems.clone();
+    assert!(problems.is_empty(), "{problems:?}");
     // Lifted (as a reconnect would), the ICE car is asked again: twice the requests.
     let id = ice[0].clone();
     w.store
