@@ -521,21 +521,29 @@ pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Resu
         .context("flushing the writer before reading blocks")?;
     let blocks = store
         .call(move |c| {
-            for lifted in queries::expire_pauses(c, read_at)? {
-                info!(vehicle = %lifted.vehicle_id, reason = lifted.reason, "pause over; the vehicle is polled again");
+            for lifted in queries::expire_blocks(c, read_at)? {
+                if lifted.endpoint == "*" {
+                    info!(vehicle = %lifted.vehicle_id, reason = lifted.reason, "pause over; the vehicle is polled again");
+                }
             }
             queries::load_blocks(c)
         })
         .await
         .context("loading blocked endpoints")?;
     let mut by_vehicle: std::collections::HashMap<_, Vec<(String, String)>> = Default::default();
+    let mut waits = std::collections::HashMap::new();
     for b in blocks {
-        by_vehicle
-            .entry(b.vehicle_id)
-            .or_default()
-            .push((b.endpoint, b.reason));
+        match b.until {
+            Some(until) if b.endpoint == "~" => {
+                waits.insert(b.vehicle_id, until);
+            }
+            _ => by_vehicle
+                .entry(b.vehicle_id)
+                .or_default()
+                .push((b.endpoint, b.reason)),
+        }
     }
-    poller.adopt_blocks(&by_vehicle, read_at);
+    poller.adopt_blocks(&by_vehicle, &waits, read_at);
     Ok(())
 }
 

@@ -273,6 +273,20 @@ impl Gates {
         }
     }
 
+    /// No call to the vehicle before `until` (a stored retry-after or backoff).
+    pub fn wait_until(&mut self, id: &VehicleId, until: UnixMillis) {
+        let g = self.vehicles.entry(id.clone()).or_default();
+        g.not_before = g.not_before.max(until);
+    }
+
+    /// When the vehicle may be called again, if it has to wait.
+    pub fn not_before(&self, id: &VehicleId) -> Option<UnixMillis> {
+        self.vehicles
+            .get(id)
+            .map(|g| g.not_before)
+            .filter(|t| *t > 0)
+    }
+
     /// A new consent (reconnect) lifts disabled endpoints and a pause. A `retry-after` or a
     /// backoff still running stays: the car and Smartcar's limits did not change with it.
     pub fn reset(&mut self, id: &VehicleId) {

@@ -384,9 +384,14 @@ impl Poller {
     pub fn adopt_blocks(
         &self,
         blocks: &HashMap<VehicleId, Vec<(String, String)>>,
+        waits: &HashMap<VehicleId, UnixMillis>,
         read_at: UnixMillis,
     ) {
-        self.gates().adopt_blocks(blocks, read_at);
+        let mut gates = self.gates();
+        gates.adopt_blocks(blocks, read_at);
+        for (id, until) in waits {
+            gates.wait_until(id, *until);
+        }
     }
 
     /// A new consent lifts what the old one could not give (disabled endpoints, a pause).
@@ -470,6 +475,8 @@ impl Poller {
         let mut items = Vec::new();
         let mut failed = false;
         let mut readings = 0;
+        // Why this poll made the vehicle wait (a retry-after, a backoff), if it did.
+        let mut waited: Option<String> = None;
         match results {
             // Known before any call: not a poll but a skip, until the reload drops the vehicle
             // (the refusal that caused it was recorded as token_error).
@@ -509,6 +516,9 @@ impl Poller {
                 let reaction = self
                     .gates()
                     .failed(&v.id, allowed[0], &e, at, rand::random());
+                if is_wait(&reaction) {
+                    waited = Some(crate::gate::cause(&e));
+                }
                 if reaction == Reaction::DisableEndpoint {
                     for endpoint in &allowed[1..] {
                         self.gates().failed(&v.id, endpoint, &e, at, 0.0);
@@ -548,6 +558,9 @@ impl Poller {
                                 delayed |= timed;
                                 self.gates().failed(&v.id, endpoint, &e, at, rand::random());
                             }
+                            if is_wait(&reaction) {
+                                waited = Some(crate::gate::cause(&e));
+                            }
                             warn!(endpoint, error = %e, ?reaction, "endpoint failed");
                             self.failed(v, at, endpoint, &e, elapsed, &mut items);
                         }
@@ -574,12 +587,33 @@ impl Poller {
                 .with_label_values(&[v.id.0.as_str()])
                 .set(if answered { 1.0 } else { 0.0 });
         }
+        self.keep_wait(v, at, waited, &mut items);
         bill_events(&mut items, billed);
         self.write(items).await;
         if failed {
             VehicleOutcome::Failed(readings)
         } else {
             VehicleOutcome::Ok(readings)
+        }
+    }
+
+    /// Queues the vehicle's wait (`retry-after`, backoff) for the store when `waited` says this
+    /// answer caused one, so a restart does not call early.
+    fn keep_wait(
+        &self,
+        v: &PolledVehicle,
+        at: UnixMillis,
+        waited: Option<String>,
+        items: &mut Vec<WriteItem>,
+    ) {
+        let Some(reason) = waited else { return };
+        if let Some(until) = self.gates().not_before(&v.id).filter(|u| *u > at) {
+            items.push(WriteItem::Wait {
+                vehicle_id: v.id.clone(),
+                until,
+                reason,
+                at,
+            });
         }
     }
 
@@ -802,9 +836,13 @@ impl Poller {
                 );
             }
             Err(DiscoveryError::Api(e)) => {
-                self.gates()
+                let reaction = self
+                    .gates()
                     .failed(&v.id, CAPABILITIES, e, at, rand::random());
                 self.failed(v, at, CAPABILITIES, e, elapsed, &mut items);
+                if is_wait(&reaction) {
+                    self.keep_wait(v, at, Some(crate::gate::cause(e)), &mut items);
+                }
             }
             Err(DiscoveryError::Token(TokenError::NeedsReauth(_))) => {}
             Err(DiscoveryError::Token(_)) => {
@@ -900,6 +938,11 @@ impl Poller {
             }),
         }
     }
+}
+
+/// A reaction that makes the vehicle wait (its own retry-after or backoff, not the app's).
+fn is_wait(r: &Reaction) -> bool {
+    matches!(r, Reaction::BackOff { .. } | Reaction::WaitUntil(_))
 }
 
 /// Puts a poll's billed calls on its first event row (0 on the others), so summing `calls`

@@ -210,10 +210,11 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
             .iter()
             .filter(|b| b.vehicle_id == s.vehicle.vehicle_id)
         {
-            let what = if b.endpoint == "*" {
-                "paused".to_owned()
-            } else {
-                format!("not polled: {}", b.endpoint)
+            let what = match (b.endpoint.as_str(), b.until) {
+                ("*", _) => "paused".to_owned(),
+                ("~", Some(until)) if until <= now => continue,
+                ("~", Some(until)) => format!("not called until {}", ago(until, now)),
+                (endpoint, _) => format!("not polled: {endpoint}"),
             };
             println!("      {what} ({}; from {})", b.reason, b.source);
         }

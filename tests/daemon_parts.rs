@@ -969,3 +969,55 @@ async fn a_capability_reading_is_recorded_billed_and_gated_like_a_poll() {
     assert_eq!(sim_stats(&w).await["retry_after_violations"], 0);
     w.stop.cancel();
 }
+
+#[tokio::test]
+async fn a_retry_after_outlives_a_restart() {
+    let w = world("v2", Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    let limited = connected.vehicles[0].0.clone();
+    set_fault(
+        &w,
+        serde_json::json!({"kind": "rate_limit", "vehicle_id": limited.0, "retry_after": 60, "count": 1}),
+    )
+    .await;
+    let (poller, _) = poller_for(&w, "v2", &connected).await;
+    let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!((r.ok, r.failed), (2, 1), "{r:?}");
+    w.store.flush().await.unwrap();
+    let now = carpulse::domain::now_ms();
+    let waits: Vec<_> = w
+        .store
+        .call(|c| queries::load_blocks(c))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|b| b.endpoint == "~")
+        .collect();
+    assert_eq!(waits.len(), 1, "{waits:?}");
+    assert_eq!(waits[0].vehicle_id, limited);
+    assert_eq!(waits[0].reason, "RATE_LIMIT:VEHICLE");
+    let until = waits[0].until.unwrap();
+    assert!(
+        (now + 55_000..=now + 61_000).contains(&until),
+        "{until} vs {now}"
+    );
+    // A reconnect lifts blocks, never a wait.
+    let id = limited.clone();
+    w.store
+        .call(move |c| queries::clear_blocks(c, &id, false))
+        .await
+        .unwrap();
+
+    // "Restart": a new poller adopts the stored wait and does not call the car early.
+    let (poller, metrics) = poller_for(&w, "v2", &connected).await;
+    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+        .await
+        .unwrap();
+    let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!((r.ok, r.skipped), (2, 1), "{r:?}");
+    assert!(metrics
+        .render()
+        .contains("carpulse_polls_skipped_total{job=\"battery\",reason=\"waiting\"} 1"));
+    assert_eq!(sim_stats(&w).await["retry_after_violations"], 0);
+    w.stop.cancel();
+}

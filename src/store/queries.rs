@@ -693,13 +693,15 @@ pub struct Block {
     pub endpoint: String,
     pub source: String,
     pub reason: String,
+    /// For a wait (`~`): no call before then.
+    pub until: Option<UnixMillis>,
 }
 
 /// Every stored block, for the gates at start and at each reload.
 pub fn load_blocks(c: &Connection) -> anyhow::Result<Vec<Block>> {
     let mut stmt = c
         .prepare(
-            "SELECT v.vehicle_id, b.endpoint, b.source, b.reason
+            "SELECT v.vehicle_id, b.endpoint, b.source, b.reason, b.until
              FROM vehicle_blocks b JOIN vehicles v ON v.id = b.vehicle
              ORDER BY v.id, b.endpoint",
         )
@@ -711,6 +713,7 @@ pub fn load_blocks(c: &Connection) -> anyhow::Result<Vec<Block>> {
                 endpoint: r.get(1)?,
                 source: r.get(2)?,
                 reason: r.get(3)?,
+                until: r.get(4)?,
             })
         })
         .context("loading blocked endpoints")?;
@@ -787,10 +790,11 @@ pub fn clear_blocks(
     vehicle_id: &VehicleId,
     only_from_polls: bool,
 ) -> anyhow::Result<usize> {
+    // A wait stays: the car's and Smartcar's limits do not change with a consent.
     let filter = if only_from_polls {
-        " AND source = 'poll'"
+        " AND source = 'poll' AND endpoint <> '~'"
     } else {
-        ""
+        " AND endpoint <> '~'"
     };
     let n = c
         .execute(
@@ -831,28 +835,32 @@ pub fn vehicles_to_discover(c: &Connection, before: UnixMillis) -> anyhow::Resul
 /// (smartcar-api.md §4.2: the owner must act; "check occasionally (hours)").
 pub const ACCOUNT_PAUSE_RECHECK_MS: i64 = 6 * 3_600_000;
 
-/// Lifts the pauses that end by themselves, and returns them: BILLING:VEHICLE_REQUEST_LIMIT
-/// (the plan's monthly quota) at the start of the next month (UTC), CONNECTED_SERVICES_ACCOUNT
-/// after [`ACCOUNT_PAUSE_RECHECK_MS`] (a poll checks; still failing, it pauses again).
-pub fn expire_pauses(c: &Connection, now: UnixMillis) -> anyhow::Result<Vec<Block>> {
+/// Lifts the blocks that end by themselves, and returns them: a wait (`~`) once its `until`
+/// has passed; BILLING:VEHICLE_REQUEST_LIMIT (the plan's monthly quota) at the start of the
+/// next month (UTC); CONNECTED_SERVICES_ACCOUNT after [`ACCOUNT_PAUSE_RECHECK_MS`] (a poll
+/// checks; still failing, it pauses again).
+pub fn expire_blocks(c: &Connection, now: UnixMillis) -> anyhow::Result<Vec<Block>> {
     let month = crate::gate::month_start(now);
     let recheck = now - ACCOUNT_PAUSE_RECHECK_MS;
     let mut stmt = c
         .prepare(
             "DELETE FROM vehicle_blocks
-             WHERE endpoint = '*' AND (
-                 (reason LIKE 'BILLING:VEHICLE_REQUEST_LIMIT%' AND since < ?1)
-                 OR (reason LIKE 'CONNECTED_SERVICES_ACCOUNT%' AND since < ?2))
-             RETURNING (SELECT vehicle_id FROM vehicles WHERE id = vehicle), endpoint, source, reason",
+             WHERE (endpoint = '~' AND until < ?3)
+                OR (endpoint = '*' AND (
+                    (reason LIKE 'BILLING:VEHICLE_REQUEST_LIMIT%' AND since < ?1)
+                    OR (reason LIKE 'CONNECTED_SERVICES_ACCOUNT%' AND since < ?2)))
+             RETURNING (SELECT vehicle_id FROM vehicles WHERE id = vehicle), endpoint, source,
+                       reason, until",
         )
         .context("preparing the pause expiry")?;
     let rows = stmt
-        .query_map(params![month, recheck], |r| {
+        .query_map(params![month, recheck, now], |r| {
             Ok(Block {
                 vehicle_id: VehicleId(r.get(0)?),
                 endpoint: r.get(1)?,
                 source: r.get(2)?,
                 reason: r.get(3)?,
+                until: r.get(4)?,
             })
         })
         .context("lifting pauses that are over")?;

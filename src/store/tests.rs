@@ -942,10 +942,10 @@ async fn blocks_discovery_replaces_its_own_rows_and_each_lift_lifts_its_kind() {
 }
 
 #[tokio::test]
-async fn quota_pauses_end_with_the_month_and_account_pauses_are_checked_again() {
+async fn waits_and_quota_pauses_end_and_account_pauses_are_checked_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("p.db"), None).unwrap();
-    seed(&store, &["quota", "account", "billing", "perm"]).await;
+    seed(&store, &["quota", "account", "billing", "perm", "waiting"]).await;
     const NOV_20: i64 = 1_795_132_800_000; // 2026-11-20T00:00:00Z
     let block = |v: &str, endpoint: &str, reason: &str, at| WriteItem::Block {
         vehicle_id: vid(v),
@@ -964,6 +964,12 @@ async fn quota_pauses_end_with_the_month_and_account_pauses_are_checked_again() 
             ),
             block("billing", "*", "BILLING:INVALID_PLAN", NOV_20),
             block("perm", "charge", "PERMISSION", NOV_20),
+            WriteItem::Wait {
+                vehicle_id: vid("waiting"),
+                until: NOV_20 + 3_600_000,
+                reason: "RATE_LIMIT:VEHICLE".into(),
+                at: NOV_20,
+            },
         ])
         .await
         .unwrap();
@@ -972,7 +978,7 @@ async fn quota_pauses_end_with_the_month_and_account_pauses_are_checked_again() 
         let store = store.clone();
         async move {
             let mut v: Vec<String> = store
-                .call(move |c| queries::expire_pauses(c, now))
+                .call(move |c| queries::expire_blocks(c, now))
                 .await
                 .unwrap()
                 .into_iter()
@@ -982,8 +988,9 @@ async fn quota_pauses_end_with_the_month_and_account_pauses_are_checked_again() 
             v
         }
     };
-    // Five hours on: nothing ends yet.
-    assert!(expire(NOV_20 + 5 * 3_600_000).await.is_empty());
+    // Half an hour on, the wait still holds; five hours on, only the wait has ended.
+    assert!(expire(NOV_20 + 1_800_000).await.is_empty());
+    assert_eq!(expire(NOV_20 + 5 * 3_600_000).await, ["waiting"]);
     // Seven hours on: the account pause is checked again.
     assert_eq!(expire(NOV_20 + 7 * 3_600_000).await, ["account"]);
     // December: the monthly quota starts over; a plan problem still needs a human.

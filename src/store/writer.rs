@@ -32,6 +32,14 @@ pub enum WriteItem {
         reason: String,
         at: UnixMillis,
     },
+    /// No call to the vehicle before `until` (a retry-after, a backoff); kept so a restart
+    /// does not call early. A later wait replaces an earlier one.
+    Wait {
+        vehicle_id: VehicleId,
+        until: UnixMillis,
+        reason: String,
+        at: UnixMillis,
+    },
 }
 
 impl WriteItem {
@@ -42,7 +50,10 @@ impl WriteItem {
             WriteItem::Reading(_, Reading::Charge(_)) => Label::Charge,
             WriteItem::Reading(_, Reading::Odometer(_)) => Label::Odometer,
             WriteItem::Event(_) => Label::PollEvents,
-            WriteItem::Info(..) | WriteItem::Vin(..) | WriteItem::Block { .. } => Label::Vehicles,
+            WriteItem::Info(..)
+            | WriteItem::Vin(..)
+            | WriteItem::Block { .. }
+            | WriteItem::Wait { .. } => Label::Vehicles,
         }
     }
 }
@@ -240,6 +251,27 @@ impl Writer {
                         }
                     }
                 },
+                WriteItem::Wait {
+                    vehicle_id,
+                    until,
+                    reason,
+                    at,
+                } => match self.key(&tx, vehicle_id)? {
+                    None => Outcome::Unknown,
+                    Some(key) => {
+                        tx.prepare_cached(
+                            "INSERT INTO vehicle_blocks
+                                 (vehicle, endpoint, source, reason, since, until)
+                             VALUES (?1, '~', 'poll', ?2, ?3, ?4)
+                             ON CONFLICT (vehicle, endpoint) DO UPDATE SET
+                                 reason = excluded.reason, since = excluded.since,
+                                 until = max(coalesce(until, 0), excluded.until)",
+                        )?
+                        .execute(params![key, reason, at, until])
+                        .with_context(|| format!("recording the wait of vehicle {vehicle_id}"))?;
+                        Outcome::Written
+                    }
+                },
                 WriteItem::Vin(vid, vin) => {
                     let n = tx
                         .prepare_cached("UPDATE vehicles SET vin = ?2 WHERE vehicle_id = ?1")?
@@ -264,7 +296,8 @@ impl Writer {
                             WriteItem::Reading(v, _)
                             | WriteItem::Info(v, _)
                             | WriteItem::Vin(v, _)
-                            | WriteItem::Block { vehicle_id: v, .. } => v,
+                            | WriteItem::Block { vehicle_id: v, .. }
+                            | WriteItem::Wait { vehicle_id: v, .. } => v,
                             WriteItem::Event(ev) => &ev.vehicle_id,
                         });
                     }

@@ -1,8 +1,9 @@
 -- carpulse schema 2: what a vehicle cannot be asked for, kept across restarts; the calls
 -- each poll was billed.
 --
--- endpoint: a poll endpoint (battery, charge, info, vin, odometer), or '*' for the whole
--- vehicle (a pause: BILLING, CONNECTED_SERVICES_ACCOUNT).
+-- endpoint: a poll endpoint (battery, charge, info, vin, odometer), '*' for the whole
+-- vehicle (a pause: BILLING, CONNECTED_SERVICES_ACCOUNT), or '~' for a wait: no call to the
+-- vehicle before `until` (a retry-after, a backoff), so a restart does not call early.
 -- source: 'discovery' (the grant's /permissions or the v3 signal list says so, rewritten at
 -- every discovery) or 'poll' (an answer said so: PERMISSION, COMPATIBILITY, BILLING, ...).
 -- A reconnect of the vehicle's account lifts every row of it; `carpulse vehicles enable`
@@ -13,6 +14,7 @@ CREATE TABLE vehicle_blocks (
     source    TEXT    NOT NULL,
     reason    TEXT    NOT NULL,
     since     INTEGER NOT NULL,
+    until     INTEGER,
     PRIMARY KEY (vehicle, endpoint)
 ) WITHOUT ROWID;
 
@@ -30,7 +32,8 @@ SELECT v.vehicle_id        AS vehicle_id,
        b.source            AS source,
        b.reason            AS reason,
        b.since             AS since,
-       b.since / 1000.0    AS time
+       b.since / 1000.0    AS time,
+       b.until             AS until
 FROM vehicle_blocks b
 JOIN vehicles v ON v.id = b.vehicle;
 
