@@ -47,6 +47,7 @@ pub fn client_config(cfg: &Config) -> ClientConfig {
         api_v3_url: sc.api_v3_url.clone(),
         unit_system: sc.unit_system,
         timeout: cfg.poll.timeout,
+        v3_page_size: sc.v3_page_size,
     }
 }
 

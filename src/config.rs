@@ -74,6 +74,9 @@ pub struct SmartcarConfig {
     pub token_url: String,
     pub api_v2_url: String,
     pub api_v3_url: String,
+    /// `pageSize` asked of the v3 signal list (None: the server's default). Each page is a
+    /// billed call; smartcar-api.md marks the parameter uncertain, so it is opt-in.
+    pub v3_page_size: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -186,6 +189,7 @@ struct RawSmartcar {
     token_url: S<String>,
     api_v2_url: S<String>,
     api_v3_url: S<String>,
+    v3_page_size: S<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -505,6 +509,17 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             )
         }
     };
+    let v3_page_size = match &raw.smartcar.v3_page_size {
+        None => None,
+        Some(n) if (1..=1000).contains(n.get_ref()) => Some(*n.get_ref() as u32),
+        Some(n) => {
+            return o.err(
+                "smartcar.v3_page_size",
+                Some(n.span()),
+                format!("{} is out of range 1..=1000", n.get_ref()),
+            )
+        }
+    };
     let timeout = duration_or(&raw.poll.timeout, DEFAULT_POLL_TIMEOUT, "poll.timeout", o)?;
     if timeout.is_zero() {
         return o.err(
@@ -528,6 +543,7 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             token_url,
             api_v2_url,
             api_v3_url,
+            v3_page_size,
         },
         store: StoreConfig {
             path: PathBuf::from(store_path),
@@ -786,6 +802,10 @@ mod tests {
                 "[schedule]\nrefresh_margin = \"5x\"\n",
                 "c.toml:5: schedule.refresh_margin:",
             ),
+            (
+                "[schedule]\ndiscover_every = \"10m\"\n",
+                "c.toml:5: schedule.discover_every:",
+            ),
         ];
         for (tail, prefix) in cases {
             let e = err(&format!("{MINIMAL}{tail}"));
@@ -793,6 +813,8 @@ mod tests {
         }
         let e = err("[smartcar]\nclient_id = \"a\"\nclient_secret = \"b\"\napi = \"v4\"\n");
         assert!(e.starts_with("c.toml:4: smartcar.api:"), "{e}");
+        let e = err("[smartcar]\nclient_id = \"a\"\nclient_secret = \"b\"\nv3_page_size = 0\n");
+        assert!(e.starts_with("c.toml:4: smartcar.v3_page_size:"), "{e}");
         let e =
             err("[smartcar]\nclient_id = \"a\"\nclient_secret = \"b\"\ntoken_url = \"ftp://x\"\n");
         assert!(e.starts_with("c.toml:4: smartcar.token_url:"), "{e}");

@@ -93,6 +93,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             token_url: format!("{base}/oauth/token"),
             api_v2_url: format!("{base}/v2.0"),
             api_v3_url: format!("{base}/v3"),
+            v3_page_size: None,
         },
         store: StoreConfig {
             path: args.db.clone(),

@@ -70,6 +70,11 @@ pub fn compare(old: &Config, new: &Config) -> Changes {
     check(o.token_url != n.token_url, "smartcar.token_url", false);
     check(o.api_v2_url != n.api_v2_url, "smartcar.api_v2_url", false);
     check(o.api_v3_url != n.api_v3_url, "smartcar.api_v3_url", false);
+    check(
+        o.v3_page_size != n.v3_page_size,
+        "smartcar.v3_page_size",
+        false,
+    );
     check(old.store.path != new.store.path, "store.path", false);
     check(
         old.metrics.listen != new.metrics.listen,

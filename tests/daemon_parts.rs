@@ -1021,3 +1021,27 @@ async fn a_retry_after_outlives_a_restart() {
     assert_eq!(sim_stats(&w).await["retry_after_violations"], 0);
     w.stop.cancel();
 }
+
+#[tokio::test]
+async fn a_v3_page_size_makes_a_poll_one_billed_call() {
+    let mut w = world("v3", Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    // The server's default page (10 of 18 signals) costs two calls per poll.
+    let (poller, _) = poller_for(&w, "v3", &connected).await;
+    let before = requests(&w, "v3").await;
+    poller.cycle(Job::Battery, CancellationToken::new()).await;
+    let default_pages = requests(&w, "v3").await - before;
+    assert_eq!(default_pages, 2 * 3);
+    let first = &connected.vehicles[0].0;
+    assert_eq!(poller.calls_this_month(first), 2);
+
+    w.config.smartcar.v3_page_size = Some(50);
+    w.client = SmartcarClient::new(carpulse::app::client_config(&w.config)).unwrap();
+    let (poller, _) = poller_for(&w, "v3", &connected).await;
+    let before = requests(&w, "v3").await;
+    let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!((r.ok, r.readings), (3, 6), "{r:?}");
+    assert_eq!(requests(&w, "v3").await - before, 3, "one page per vehicle");
+    assert_eq!(poller.calls_this_month(first), 1);
+    w.stop.cancel();
+}

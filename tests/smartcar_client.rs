@@ -144,6 +144,7 @@ async fn start(
         api_v3_url: format!("{base}/v3"),
         unit_system: units,
         timeout,
+        v3_page_size: None,
     })
     .unwrap();
     Harness { client, seen }
@@ -383,6 +384,7 @@ async fn token_endpoint_outages_are_transient() {
         api_v3_url: format!("http://127.0.0.1:{port}/v3"),
         unit_system: UnitSystem::Metric,
         timeout: Duration::from_secs(5),
+        v3_page_size: None,
     })
     .unwrap();
     let err = client.refresh(&Secret::new("r-net")).await.unwrap_err();
@@ -989,6 +991,7 @@ fn client_futures_are_send() {
         api_v3_url: "http://127.0.0.1:1/v3".into(),
         unit_system: UnitSystem::Metric,
         timeout: Duration::from_secs(1),
+        v3_page_size: None,
     })
     .unwrap();
     let token = Secret::new(ACCESS);

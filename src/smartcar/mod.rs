@@ -96,6 +96,8 @@ pub struct ClientConfig {
     pub unit_system: UnitSystem,
     /// Per request (Smartcar answers in up to 300 s; the SDKs wait 310 s).
     pub timeout: Duration,
+    /// `pageSize` asked of the v3 signal list (None: the server's default).
+    pub v3_page_size: Option<u32>,
 }
 
 /// Who a Vehicle API request is made for.
@@ -150,6 +152,7 @@ struct Inner {
     unit_system: UnitSystem,
     /// Per Vehicle API request, in ms (`poll.timeout`; SIGHUP may change it).
     timeout_ms: std::sync::atomic::AtomicU64,
+    v3_page_size: Option<u32>,
 }
 
 impl fmt::Debug for SmartcarClient {
@@ -234,6 +237,7 @@ impl SmartcarClient {
                 v3_url,
                 unit_system: cfg.unit_system,
                 timeout_ms: std::sync::atomic::AtomicU64::new(cfg.timeout.as_millis() as u64),
+                v3_page_size: cfg.v3_page_size,
             }),
         })
     }
@@ -343,6 +347,10 @@ impl SmartcarClient {
 
     pub(crate) fn v3_url(&self, path: &str) -> String {
         format!("{}{}", self.inner.v3, path)
+    }
+
+    pub(crate) fn v3_page_size(&self) -> Option<u32> {
+        self.inner.v3_page_size
     }
 
     pub(crate) fn v3_base(&self) -> &Url {

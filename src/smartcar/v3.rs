@@ -214,6 +214,11 @@ async fn all_signals(
     let first = client.v3_url(&format!("/vehicles/{}/signals", id.0));
     let mut url = Url::parse(&first)
         .map_err(|e| ApiError::new(ErrorKind::Other, format!("bad signals URL: {e}")))?;
+    // Later pages come from `links.next`, which carries the size the server settled on.
+    if let Some(size) = client.v3_page_size() {
+        url.query_pairs_mut()
+            .append_pair("pageSize", &size.to_string());
+    }
     let mut visited: HashSet<String> = HashSet::new();
     let mut signals = Vec::new();
     let mut vehicle = None;
