@@ -697,6 +697,17 @@ pub struct Block {
     pub until: Option<UnixMillis>,
 }
 
+/// A [`Block`] from a row of (vehicle_id, endpoint, source, reason, until).
+fn block_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Block> {
+    Ok(Block {
+        vehicle_id: VehicleId(r.get(0)?),
+        endpoint: r.get(1)?,
+        source: r.get(2)?,
+        reason: r.get(3)?,
+        until: r.get(4)?,
+    })
+}
+
 /// Every stored block, for the gates at start and at each reload.
 pub fn load_blocks(c: &Connection) -> anyhow::Result<Vec<Block>> {
     let mut stmt = c
@@ -707,15 +718,7 @@ pub fn load_blocks(c: &Connection) -> anyhow::Result<Vec<Block>> {
         )
         .context("preparing the blocked endpoints query")?;
     let rows = stmt
-        .query_map([], |r| {
-            Ok(Block {
-                vehicle_id: VehicleId(r.get(0)?),
-                endpoint: r.get(1)?,
-                source: r.get(2)?,
-                reason: r.get(3)?,
-                until: r.get(4)?,
-            })
-        })
+        .query_map([], block_from_row)
         .context("loading blocked endpoints")?;
     rows.collect::<Result<Vec<_>, _>>()
         .context("reading a blocked endpoint row")
@@ -854,15 +857,7 @@ pub fn expire_blocks(c: &Connection, now: UnixMillis) -> anyhow::Result<Vec<Bloc
         )
         .context("preparing the pause expiry")?;
     let rows = stmt
-        .query_map(params![month, recheck, now], |r| {
-            Ok(Block {
-                vehicle_id: VehicleId(r.get(0)?),
-                endpoint: r.get(1)?,
-                source: r.get(2)?,
-                reason: r.get(3)?,
-                until: r.get(4)?,
-            })
-        })
+        .query_map(params![month, recheck, now], block_from_row)
         .context("lifting pauses that are over")?;
     rows.collect::<Result<Vec<_>, _>>()
         .context("reading a lifted pause")
