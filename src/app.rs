@@ -33,6 +33,9 @@ pub struct Daemon {
     tokens: Arc<TokenManager>,
     poller: Arc<Poller>,
     listener: TcpListener,
+    client: SmartcarClient,
+    /// The application token, with v3 API Authentication.
+    app: Option<Arc<crate::app_token::AppAuth>>,
 }
 
 /// The Smartcar client settings a config implies.
@@ -75,21 +78,39 @@ impl Daemon {
             .with_context(|| format!("opening the store {}", config.store.path.display()))?;
         let client =
             SmartcarClient::new(client_config(&config)).context("creating the Smartcar client")?;
-        let tokens = TokenManager::new(
-            store.clone(),
-            client.clone(),
-            metrics.clone(),
-            config.schedule.refresh_margin,
-        );
+        let app = match (&config.smartcar.api_credentials, config.smartcar.app_auth()) {
+            (Some(creds), true) => Some(Arc::new(crate::app_token::AppAuth::new(
+                client.clone(),
+                creds.clone(),
+                metrics.clone(),
+            ))),
+            _ => None,
+        };
+        let tokens = match &app {
+            Some(app) => TokenManager::with_app_auth(
+                store.clone(),
+                client.clone(),
+                metrics.clone(),
+                config.schedule.refresh_margin,
+                app.clone(),
+            ),
+            None => TokenManager::new(
+                store.clone(),
+                client.clone(),
+                metrics.clone(),
+                config.schedule.refresh_margin,
+            ),
+        };
         let poller = Poller::new(
             config.smartcar.api,
-            client,
+            client.clone(),
             tokens.clone(),
             store.clone(),
             metrics.clone(),
             config.poll.concurrency,
             config.poll.timeout,
         );
+        poller.set_no_data_every(config.schedule.no_data_every);
         poller.set_spread(
             crate::smartcar::Job::Battery,
             crate::poller::default_spread(&config.schedule.battery),
@@ -111,6 +132,8 @@ impl Daemon {
             tokens,
             poller,
             listener,
+            client,
+            app,
         };
         daemon.load().await?;
         load_ledger(
@@ -135,13 +158,22 @@ impl Daemon {
             .call(|c| queries::load_vehicles(c))
             .await
             .context("loading vehicles")?;
-        let active: std::collections::HashSet<_> = connections
+        let app_auth = self.tokens.app_auth();
+        let holds: std::collections::HashMap<_, _> = connections
             .iter()
-            .filter(|c| c.status == ConnectionStatus::Active)
-            .map(|c| c.id)
+            .map(|c| (c.id, connection_hold(c.status, &c.user_id, app_auth)))
+            .collect();
+        let active: std::collections::HashSet<_> = holds
+            .iter()
+            .filter(|(_, hold)| hold.is_none())
+            .map(|(id, _)| *id)
             .collect();
         let n_connections = connections.len();
-        let needs_reauth = n_connections - active.len();
+        let needs_reauth = holds
+            .values()
+            .filter(|h| **h == Some("needs_reauth"))
+            .count();
+        self.poller.set_held(held_vehicles(&vehicles, &holds));
         for v in vehicles.iter() {
             if let (Some(make), Some(model), Some(year)) = (&v.make, &v.model, v.year) {
                 self.metrics.record_info(
@@ -209,6 +241,8 @@ impl Daemon {
             tokens,
             poller,
             listener,
+            client,
+            app,
         } = self;
         let addr = listener.local_addr()?;
         info!(
@@ -266,6 +300,59 @@ impl Daemon {
             }
         });
 
+        // API Authentication: `/v3/connections` says who is connected (see connections_sync).
+        let sync_now = Arc::new(tokio::sync::Notify::new());
+        let sync_on_hup = sync_now.clone();
+        if let Some(app) = app.clone() {
+            let (st, t, p, m) = (
+                store.clone(),
+                tokens.clone(),
+                poller.clone(),
+                metrics.clone(),
+            );
+            let stop = shutdown.clone();
+            let denied = poller.connections_check();
+            let per_vehicle_max = config.metrics.per_vehicle_max;
+            let client = client.clone();
+            let sync_now = sync_now.clone();
+            tasks.spawn(async move {
+                let mut every = tokio::time::interval(crate::connections_sync::CHECK_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut last: Option<tokio::time::Instant> = None;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = every.tick() => {}
+                        _ = sync_now.notified() => {}
+                        _ = denied.notified() => {
+                            // Many vehicles of one revoked user answer together: one check.
+                            if last.is_some_and(|l| l.elapsed() < crate::connections_sync::MIN_GAP) {
+                                continue;
+                            }
+                        }
+                    }
+                    last = Some(tokio::time::Instant::now());
+                    match crate::connections_sync::check_once(&client, &app, &st, &t).await {
+                        Ok(report) => {
+                            info!(
+                                listed = report.listed,
+                                revoked = report.revoked.len(),
+                                restored = report.restored.len(),
+                                added = report.added.len(),
+                                "connections checked (GET /v3/connections)"
+                            );
+                            if report.changed() {
+                                if let Err(e) = reload(&st, &t, &p, &m, per_vehicle_max).await {
+                                    warn!(error = format!("{e:#}"), "reloading after the connections check failed");
+                                }
+                            }
+                        }
+                        Err(e) => warn!(error = format!("{e:#}"), "checking connections failed; trying again later"),
+                    }
+                }
+            });
+        }
+
         let reload_now = Arc::new(tokio::sync::Notify::new());
         crate::signals::spawn_reload_handler(reload_now.clone(), shutdown.clone())
             .context("installing the SIGHUP handler")?;
@@ -306,6 +393,7 @@ impl Daemon {
                 };
                 if hup {
                     reconfigure(&config_live, &st, &t, &p, &schedule_tx).await;
+                    sync_on_hup.notify_one();
                 }
                 if let Err(e) = reload(&st, &t, &p, &m, per_vehicle_max).await {
                     warn!(
@@ -403,7 +491,17 @@ impl Daemon {
                         shutdown.cancel();
                         break;
                     };
-                    start_cycle(tick, charging_gap);
+                    // Jobs due in the same second share one v3 listing.
+                    let mut due = vec![tick];
+                    if config.smartcar.api == crate::domain::ApiVersion::V3 {
+                        let until = tokio::time::Instant::now() + TICK_COALESCE;
+                        while let Ok(Some(more)) = tokio::time::timeout_at(until, ticks.recv()).await {
+                            due.push(more);
+                        }
+                    }
+                    for tick in schedule::merge_ticks(config.smartcar.api, due) {
+                        start_cycle(tick, charging_gap);
+                    }
                 }
             }
         }
@@ -444,6 +542,10 @@ impl Daemon {
     }
 }
 
+/// How long ticks are gathered after the first of a second, so crons due together (the
+/// daily info job and a battery tick) share one v3 listing.
+const TICK_COALESCE: Duration = Duration::from_millis(300);
+
 /// How often the store is re-read for vehicles and connections that `carpulse connect` or
 /// `carpulse vehicles` changed (SIGHUP does it at once).
 const RELOAD_EVERY: Duration = Duration::from_secs(60);
@@ -467,13 +569,18 @@ pub async fn reload(
         .await
         .context("loading vehicles")?;
     let started = tokens.merge(connections).await;
-    let active: std::collections::HashSet<_> = tokens
+    let holds: std::collections::HashMap<_, _> = tokens
         .overview()
         .await
         .into_iter()
-        .filter(|c| c.2 == ConnectionStatus::Active)
-        .map(|c| c.0)
+        .map(|c| (c.0, connection_hold(c.2, &c.1, tokens.app_auth())))
         .collect();
+    let active: std::collections::HashSet<_> = holds
+        .iter()
+        .filter(|(_, hold)| hold.is_none())
+        .map(|(id, _)| *id)
+        .collect();
+    poller.set_held(held_vehicles(&vehicles, &holds));
     let before: std::collections::HashSet<_> =
         poller.vehicles().into_iter().map(|v| v.id).collect();
     let mut polled = Vec::new();
@@ -509,6 +616,37 @@ pub async fn reload(
         );
     }
     Ok(())
+}
+
+/// Why a connection's vehicles are not polled, if they are not: `revoked` (Smartcar no longer
+/// lists it), `no_user_id` (API Authentication needs the user id Connect gave, and an old
+/// connection has none), `needs_reauth` (per-user tokens refused; irrelevant to the
+/// application token).
+fn connection_hold(status: ConnectionStatus, user_id: &str, app_auth: bool) -> Option<&'static str> {
+    match status {
+        ConnectionStatus::Revoked => Some("revoked"),
+        _ if app_auth && !crate::domain::is_real_user_id(user_id) => Some("no_user_id"),
+        ConnectionStatus::NeedsReauth if !app_auth => Some("needs_reauth"),
+        _ => None,
+    }
+}
+
+/// The enabled vehicles whose connection is held, with why.
+fn held_vehicles(
+    vehicles: &[queries::VehicleRecord],
+    holds: &std::collections::HashMap<crate::domain::ConnectionId, Option<&'static str>>,
+) -> Vec<(crate::domain::VehicleId, &'static str)> {
+    vehicles
+        .iter()
+        .filter(|v| v.enabled)
+        .filter_map(|v| {
+            holds
+                .get(&v.connection_id)
+                .copied()
+                .flatten()
+                .map(|h| (v.vehicle_id.clone(), h))
+        })
+        .collect()
 }
 
 /// Gives the poller's gates the stored blocks (disabled endpoints, pauses): what earlier runs
@@ -670,14 +808,30 @@ pub async fn check_health(
             .token_expiry
             .with_label_values(&[id.to_string().as_str()])
             .set(expires_at as f64 / 1000.0);
-        if status == ConnectionStatus::NeedsReauth {
-            problems.push(format!(
+        match (status, tokens.app_auth()) {
+            (ConnectionStatus::NeedsReauth, false) => problems.push(format!(
                 "connection {id} (Smartcar user {user}) needs re-authorization: run `carpulse reauth VEHICLE` for one of its vehicles (or `carpulse connect` as that account)"
-            ));
+            )),
+            (ConnectionStatus::Revoked, _) => problems.push(format!(
+                "connection {id} (Smartcar user {user}) is revoked: Smartcar no longer lists it, so its vehicles are not polled; run `carpulse connect` as that account to connect again"
+            )),
+            (_, true) if !crate::domain::is_real_user_id(&user) => problems.push(format!(
+                "connection {id} has no Smartcar user id, which API Authentication sends as sc-user-id: run `carpulse connect` as that account again"
+            )),
+            _ => {}
         }
     }
+    let mut states = poller.held();
     let stale_ms = stale_after.as_millis() as i64;
     for (vehicle, fresh) in poller.freshness() {
+        if let Some(since) = fresh.no_data_since {
+            problems.push(format!(
+                "vehicle {vehicle}: Smartcar holds no signals for it since {} ago (an empty listing); it is most likely not subscribed to a webhook: subscribe it in Smartcar's dashboard. Asked again every schedule.no_data_every",
+                human(now - since)
+            ));
+            states.push((vehicle.clone(), "no_data"));
+            continue;
+        }
         let since = fresh.last_answered.unwrap_or(started);
         // A car the battery job has nothing to ask (an ICE car, a consent without battery and
         // charge) is answered by the info job only, at its slower cadence.
@@ -702,6 +856,7 @@ pub async fn check_health(
             }
         }
     }
+    metrics.set_vehicle_states(&states);
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
     h.problems = problems;
 }

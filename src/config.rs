@@ -77,6 +77,16 @@ pub struct SmartcarConfig {
     /// `pageSize` asked of the v3 signal list (None: the server's default). Each page is a
     /// billed call; smartcar-api.md marks the parameter uncertain, so it is opt-in.
     pub v3_page_size: Option<u32>,
+    /// v3 API Authentication (smartcar-api.md §10.1): when set, v3 polls with one application
+    /// token plus `sc-user-id`, lists vehicles through `/v3/connections`, and makes no v2.0 call.
+    pub api_credentials: Option<crate::smartcar::iam::AppCredentials>,
+}
+
+impl SmartcarConfig {
+    /// True when v3 runs on the application token (API credentials configured, `api = "v3"`).
+    pub fn app_auth(&self) -> bool {
+        self.api == ApiVersion::V3 && self.api_credentials.is_some()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -108,6 +118,9 @@ pub struct ScheduleConfig {
     /// How often each vehicle's capabilities (granted permissions, supported signals) are
     /// read again; also read at connect and when never read.
     pub discover_every: Duration,
+    /// How often a vehicle with an empty v3 signal store (smartcar-api.md §10.5) is asked
+    /// again: slowly, so it does not burn the call budget.
+    pub no_data_every: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +141,8 @@ pub const DEFAULT_CONNECT_URL: &str = "https://connect.smartcar.com/oauth/author
 pub const DEFAULT_TOKEN_URL: &str = "https://auth.smartcar.com/oauth/token";
 pub const DEFAULT_API_V2_URL: &str = "https://api.smartcar.com/v2.0";
 pub const DEFAULT_API_V3_URL: &str = "https://vehicle.api.smartcar.com/v3";
+pub const DEFAULT_IAM_URL: &str = "https://iam.smartcar.com/oauth2/token";
+pub const DEFAULT_NO_DATA_EVERY: Duration = Duration::from_secs(3600);
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/carpulse/carpulse.db";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9841";
 pub const DEFAULT_PER_VEHICLE_MAX: usize = 1000;
@@ -148,6 +163,8 @@ pub const ENV_URL_OVERRIDES: [(&str, &str); 4] = [
     ("CARPULSE_API_V3_URL", "smartcar.api_v3_url"),
 ];
 pub const ENV_CLIENT_SECRET: &str = "CARPULSE_CLIENT_SECRET";
+pub const ENV_API_CLIENT_SECRET: &str = "CARPULSE_API_CLIENT_SECRET";
+pub const ENV_IAM_URL: &str = "CARPULSE_IAM_URL";
 
 type S<T> = Option<Spanned<T>>;
 
@@ -190,6 +207,10 @@ struct RawSmartcar {
     api_v2_url: S<String>,
     api_v3_url: S<String>,
     v3_page_size: S<i64>,
+    api_client_id: S<String>,
+    api_client_secret: S<String>,
+    api_client_secret_file: S<String>,
+    iam_url: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -214,6 +235,7 @@ struct RawSchedule {
     info: S<String>,
     refresh_margin: S<String>,
     discover_every: S<String>,
+    no_data_every: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -244,10 +266,14 @@ impl Origin<'_> {
         span: Option<std::ops::Range<usize>>,
         msg: String,
     ) -> Result<T, ConfigError> {
-        Err(ConfigError(match span {
+        Err(self.error(key, span, msg))
+    }
+
+    fn error(&self, key: &str, span: Option<std::ops::Range<usize>>, msg: String) -> ConfigError {
+        ConfigError(match span {
             Some(span) => format!("{}:{}: {key}: {msg}", self.file, self.line_of(span.start)),
             None => format!("{}: {key}: {msg}", self.file),
-        }))
+        })
     }
 }
 
@@ -324,7 +350,23 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             )
         }
     };
-    let client_secret = resolve_secret(sc, o, env)?;
+    let client_secret = resolve_secret(
+        SecretKeys {
+            value: &sc.client_secret,
+            file: &sc.client_secret_file,
+            env: ENV_CLIENT_SECRET,
+            key: "smartcar.client_secret",
+        },
+        o,
+        env,
+    )?
+    .ok_or_else(|| {
+        o.error(
+            "smartcar.client_secret",
+            None,
+            format!("missing: set client_secret, client_secret_file or ${ENV_CLIENT_SECRET}"),
+        )
+    })?;
 
     let redirect_uri = string_or(&sc.redirect_uri, DEFAULT_REDIRECT_URI);
     check_http_url(
@@ -409,6 +451,8 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
     }
     let [connect_url, token_url, api_v2_url, api_v3_url] = urls.map(|(u, _)| u);
 
+    let api_credentials = api_credentials(sc, o, env)?;
+
     let store_path = string_or(&raw.store.path, DEFAULT_STORE_PATH);
     if store_path.trim().is_empty() {
         return o.err(
@@ -479,6 +523,19 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         "schedule.discover_every",
         o,
     )?;
+    let no_data_every = duration_or(
+        &raw.schedule.no_data_every,
+        DEFAULT_NO_DATA_EVERY,
+        "schedule.no_data_every",
+        o,
+    )?;
+    if no_data_every < Duration::from_secs(60) {
+        return o.err(
+            "schedule.no_data_every",
+            span(&raw.schedule.no_data_every),
+            "must be at least 1m".into(),
+        );
+    }
     if discover_every < Duration::from_secs(3600) {
         return o.err(
             "schedule.discover_every",
@@ -544,6 +601,7 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             api_v2_url,
             api_v3_url,
             v3_page_size,
+            api_credentials,
         },
         store: StoreConfig {
             path: PathBuf::from(store_path),
@@ -559,6 +617,7 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             info,
             refresh_margin,
             discover_every,
+            no_data_every,
         },
         poll: PollConfig {
             concurrency,
@@ -570,50 +629,119 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
     })
 }
 
-/// Precedence: `CARPULSE_CLIENT_SECRET`, then `client_secret_file` (systemd credentials), then
-/// `client_secret` in the file. Both file keys at once is refused as ambiguous.
-fn resolve_secret(sc: &RawSmartcar, o: &Origin<'_>, env: &dyn Env) -> Result<Secret, ConfigError> {
-    if let (Some(_), Some(f)) = (&sc.client_secret, &sc.client_secret_file) {
+/// Where one secret may come from.
+struct SecretKeys<'a> {
+    value: &'a S<String>,
+    file: &'a S<String>,
+    env: &'static str,
+    /// `smartcar.client_secret`; the file key is this with `_file`.
+    key: &'static str,
+}
+
+/// Precedence: the environment variable, then the `_file` key (systemd credentials), then the
+/// value in the file. Both file keys at once is refused as ambiguous. `None`: none is set.
+fn resolve_secret(
+    k: SecretKeys<'_>,
+    o: &Origin<'_>,
+    env: &dyn Env,
+) -> Result<Option<Secret>, ConfigError> {
+    let file_key = format!("{}_file", k.key);
+    if let (Some(_), Some(f)) = (k.value, k.file) {
         return o.err(
-            "smartcar.client_secret_file",
+            &file_key,
             Some(f.span()),
-            "set either client_secret or client_secret_file, not both".into(),
+            format!("set either {0} or {0}_file, not both", short(k.key)),
         );
     }
-    if let Some(v) = env.var(ENV_CLIENT_SECRET) {
-        return Ok(Secret::new(v.trim().to_string()));
+    if let Some(v) = env.var(k.env).filter(|v| !v.trim().is_empty()) {
+        return Ok(Some(Secret::new(v.trim().to_string())));
     }
-    if let Some(f) = &sc.client_secret_file {
+    if let Some(f) = k.file {
         let path = f.get_ref();
         return match std::fs::read_to_string(path) {
-            Ok(s) if !s.trim().is_empty() => Ok(Secret::new(s.trim().to_string())),
-            Ok(_) => o.err(
-                "smartcar.client_secret_file",
-                Some(f.span()),
-                format!("{path} is empty"),
-            ),
-            Err(e) => o.err(
-                "smartcar.client_secret_file",
-                Some(f.span()),
-                format!("cannot read {path}: {e}"),
-            ),
+            Ok(s) if !s.trim().is_empty() => Ok(Some(Secret::new(s.trim().to_string()))),
+            Ok(_) => o.err(&file_key, Some(f.span()), format!("{path} is empty")),
+            Err(e) => o.err(&file_key, Some(f.span()), format!("cannot read {path}: {e}")),
         };
     }
-    match &sc.client_secret {
+    match k.value {
         Some(s) if !s.get_ref().trim().is_empty() => {
-            Ok(Secret::new(s.get_ref().trim().to_string()))
+            Ok(Some(Secret::new(s.get_ref().trim().to_string())))
         }
-        Some(s) => o.err(
-            "smartcar.client_secret",
-            Some(s.span()),
-            "must not be empty".into(),
-        ),
-        None => o.err(
-            "smartcar.client_secret",
-            None,
-            format!("missing: set client_secret, client_secret_file or ${ENV_CLIENT_SECRET}"),
-        ),
+        Some(s) => o.err(k.key, Some(s.span()), "must not be empty".into()),
+        None => Ok(None),
     }
+}
+
+fn short(key: &str) -> &str {
+    key.rsplit('.').next().unwrap_or(key)
+}
+
+/// `api_client_id` with its secret and `iam_url` (env `CARPULSE_IAM_URL` wins). One without
+/// the other is an error: half-configured API Authentication would silently fall back.
+fn api_credentials(
+    sc: &RawSmartcar,
+    o: &Origin<'_>,
+    env: &dyn Env,
+) -> Result<Option<crate::smartcar::iam::AppCredentials>, ConfigError> {
+    let secret = resolve_secret(
+        SecretKeys {
+            value: &sc.api_client_secret,
+            file: &sc.api_client_secret_file,
+            env: ENV_API_CLIENT_SECRET,
+            key: "smartcar.api_client_secret",
+        },
+        o,
+        env,
+    )?;
+    let id = match &sc.api_client_id {
+        Some(id) if id.get_ref().trim().is_empty() => {
+            return o.err(
+                "smartcar.api_client_id",
+                Some(id.span()),
+                "must not be empty".into(),
+            )
+        }
+        Some(id) => Some(id.get_ref().trim().to_string()),
+        None => None,
+    };
+    let (client_id, client_secret) = match (id, secret) {
+        (None, None) => return Ok(None),
+        (Some(id), Some(secret)) => (id, secret),
+        (Some(_), None) => {
+            return o.err(
+                "smartcar.api_client_secret",
+                None,
+                format!(
+                    "missing: api_client_id is set, so set api_client_secret, \
+                     api_client_secret_file or ${ENV_API_CLIENT_SECRET} too"
+                ),
+            )
+        }
+        (None, Some(_)) => {
+            return o.err(
+                "smartcar.api_client_id",
+                None,
+                "missing: an API client secret is set, so set api_client_id (Dashboard → API Credentials) too".into(),
+            )
+        }
+    };
+    let iam_url = match env.var(ENV_IAM_URL) {
+        Some(v) => {
+            check_http_url(&v, &format!("smartcar.iam_url (from ${ENV_IAM_URL})"), None, o)?;
+            v
+        }
+        None => {
+            let url = string_or(&sc.iam_url, DEFAULT_IAM_URL);
+            check_http_url(&url, "smartcar.iam_url", span(&sc.iam_url), o)?;
+            url
+        }
+    };
+    Ok(Some(crate::smartcar::iam::AppCredentials {
+        client_id,
+        client_secret,
+        iam_url,
+    }))
 }
 
 fn check_http_url(

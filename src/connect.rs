@@ -157,12 +157,34 @@ pub async fn run_with(
         url = u.to_string().replace('+', "%20");
     }
     await_callback(cfg, listeners, &url, &state, on_url, wait, |p| async move {
-        let Some(code) = p.get("code").cloned() else {
-            bail!("Smartcar redirected without a code");
+        // Connect names the user on the redirect, alongside the code or instead of it
+        // (smartcar-api.md §10.2; `user_id`, or `userId` in the migration guide).
+        let user_hint = p
+            .get("user_id")
+            .or_else(|| p.get("userId"))
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty());
+        let c = match (&cfg.smartcar.api_credentials, cfg.smartcar.app_auth()) {
+            (Some(creds), true) => {
+                // API Authentication: the code is not exchanged (nothing to keep secret).
+                let Some(user) = user_hint else {
+                    bail!(
+                        "Smartcar's redirect named no user_id, which API Authentication needs \
+                         (smartcar.api_client_id is set); run `carpulse doctor`"
+                    );
+                };
+                finish_app(&client, creds, store, &user, options).await?
+            }
+            _ => {
+                let Some(code) = p.get("code").cloned() else {
+                    bail!(
+                        "Smartcar redirected without a code; without API credentials \
+                         (smartcar.api_client_id) carpulse needs one to get tokens"
+                    );
+                };
+                finish(cfg, &client, store, &code, user_hint, options).await?
+            }
         };
-        // The v3 model may name the user on the redirect (smartcar-api.md §1.2).
-        let user_hint = p.get("user_id").or_else(|| p.get("userId")).cloned();
-        let c = finish(cfg, &client, store, &code, user_hint, options).await?;
         let msg = format!(
             "carpulse stored {} vehicle(s) for this account. You can close this tab.",
             c.vehicles.len()
@@ -373,8 +395,9 @@ async fn finish(
             })
             .await
             .with_context(|| format!("storing vehicle {id}"))?;
-        match client.unavailable(cfg.smartcar.api, &ctx, &id).await {
-            Ok(blocked) => {
+        match client.capabilities(cfg.smartcar.api, &ctx, &id).await {
+            Ok(caps) => {
+                let blocked = caps.unavailable;
                 crate::discovery::save(store, &id, &blocked).await?;
                 unavailable.insert(id.clone(), blocked);
             }
@@ -388,6 +411,70 @@ async fn finish(
     Ok(Connected {
         connection,
         user_id,
+        vehicles,
+        unavailable,
+    })
+}
+
+/// The v3 API Authentication side of [`finish`]: the user's vehicles, their make/model/year
+/// and granted permissions from `GET /v3/connections` (no v2.0 call), stored under Smartcar's
+/// user id with no token.
+async fn finish_app(
+    client: &SmartcarClient,
+    creds: &crate::smartcar::iam::AppCredentials,
+    store: &Store,
+    user_id: &str,
+    options: &Options,
+) -> anyhow::Result<Connected> {
+    let token = client
+        .app_token(creds)
+        .await
+        .context("getting an application token at smartcar.iam_url (check api_client_id and the API client secret)")?;
+    let listed = retried(|| client.connections(&token.token, Some(user_id)))
+        .await
+        .context("listing the user's connections (GET /v3/connections)")?;
+    if listed.is_empty() {
+        bail!(
+            "Smartcar lists no connected vehicle for user {user_id} (GET /v3/connections); \
+             nothing was stored. Run `carpulse doctor` to see what the account holds"
+        );
+    }
+    if let Some(wanted) = &options.must_include {
+        if !listed.iter().any(|c| &c.vehicle_id == wanted) {
+            bail!(
+                "the account that was approved does not include vehicle {wanted} (it has {} \
+                 vehicle(s)); nothing was stored. Log in with the account that owns the vehicle",
+                listed.len()
+            );
+        }
+    }
+    let uid = user_id.to_owned();
+    let connection = store
+        .call(move |c| queries::upsert_app_connection(c, &uid, now_ms()))
+        .await
+        .context("storing the connection")?;
+    let mut vehicles = Vec::new();
+    let mut unavailable = HashMap::new();
+    for conn in listed {
+        let id = conn.vehicle_id.clone();
+        let (vid, info) = (id.clone(), conn.vehicle.clone());
+        store
+            .call(move |c| {
+                queries::upsert_vehicle(c, connection, &vid, info.as_ref(), now_ms())?;
+                // A new consent may grant what the old one did not: start over.
+                queries::clear_blocks(c, &vid, false)
+            })
+            .await
+            .with_context(|| format!("storing vehicle {id}"))?;
+        let blocked = crate::smartcar::not_granted(&conn.permissions);
+        crate::discovery::save(store, &id, &blocked).await?;
+        unavailable.insert(id.clone(), blocked);
+        vehicles.push((id, conn.vehicle));
+    }
+    info!(connection = %connection, user = %user_id, vehicles = vehicles.len(), "connected (API Authentication)");
+    Ok(Connected {
+        connection,
+        user_id: user_id.to_owned(),
         vehicles,
         unavailable,
     })

@@ -94,6 +94,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             api_v2_url: format!("{base}/v2.0"),
             api_v3_url: format!("{base}/v3"),
             v3_page_size: None,
+            api_credentials: None,
         },
         store: StoreConfig {
             path: args.db.clone(),
@@ -109,6 +110,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             info: args.info_cron.clone(),
             refresh_margin: Duration::from_secs(600),
             discover_every: crate::config::DEFAULT_DISCOVER_EVERY,
+            no_data_every: crate::config::DEFAULT_NO_DATA_EVERY,
         },
         poll: PollConfig {
             concurrency: 8,

@@ -105,6 +105,9 @@ pub const REFRESH_TOKEN_LIFETIME_MS: i64 = 60 * 24 * 3600 * 1000;
 pub enum ConnectionStatus {
     Active,
     NeedsReauth,
+    /// Smartcar no longer lists the connection (`/v3/connections`): the owner disconnected
+    /// the app. Its vehicles are not polled until they are listed again or reconnected.
+    Revoked,
 }
 
 impl ConnectionStatus {
@@ -112,12 +115,14 @@ impl ConnectionStatus {
         match self {
             ConnectionStatus::Active => "active",
             ConnectionStatus::NeedsReauth => "needs_reauth",
+            ConnectionStatus::Revoked => "revoked",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "active" => Some(ConnectionStatus::Active),
             "needs_reauth" => Some(ConnectionStatus::NeedsReauth),
+            "revoked" => Some(ConnectionStatus::Revoked),
             _ => None,
         }
     }
@@ -249,4 +254,11 @@ pub struct PollEvent {
     /// Smartcar calls the poll was billed (every event of one poll carries the poll's total);
     /// `None` where not known (rows from before schema 2).
     pub calls: Option<u64>,
+}
+
+/// Whether `user_id` is a user id Smartcar gave (not the `vehicles:<ids>` key older carpulse
+/// versions made up when `GET /user` failed). Only a real one may be sent as `sc-user-id`.
+pub fn is_real_user_id(user_id: &str) -> bool {
+    let u = user_id.trim();
+    !u.is_empty() && !u.starts_with("vehicles:")
 }

@@ -23,6 +23,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30 * 60);
 const UPSTREAM_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30 * 60);
 /// `retry-after` when a 429 RATE_LIMIT:VEHICLE carries none.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// How long a vehicle with an empty v3 signal store waits when no cadence was given.
+pub const NO_DATA_WAIT: Duration = Duration::from_secs(3600);
 
 /// What to do after one failed endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +47,13 @@ pub enum Reaction {
 
 pub fn reaction(e: &ApiError, now: UnixMillis) -> Reaction {
     match e.kind {
-        ErrorKind::VehicleState => Reaction::NextTick,
+        ErrorKind::VehicleState | ErrorKind::NoReading => Reaction::NextTick,
+        // The slow cadence of a vehicle Smartcar holds no data for; the poller puts
+        // `schedule.no_data_every` in `retry_after`.
+        ErrorKind::NoData => {
+            let wait = e.retry_after.unwrap_or(NO_DATA_WAIT);
+            Reaction::WaitUntil(now + wait.as_millis() as i64)
+        }
         ErrorKind::RateLimitVehicle => {
             let wait = e.retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
             Reaction::WaitUntil(now + wait.as_millis() as i64)
@@ -68,13 +76,16 @@ pub fn reaction(e: &ApiError, now: UnixMillis) -> Reaction {
         | ErrorKind::Transport
         | ErrorKind::Timeout
         | ErrorKind::Decode
-        | ErrorKind::Other => Reaction::BackOff {
+        | ErrorKind::Other
+        | ErrorKind::Rejected
+        | ErrorKind::AccessDenied => Reaction::BackOff {
             at_least: Duration::ZERO,
         },
         ErrorKind::Permission
         | ErrorKind::Compatibility
         | ErrorKind::Validation
-        | ErrorKind::NotFound => Reaction::DisableEndpoint,
+        | ErrorKind::NotFound
+        | ErrorKind::PlanLocked => Reaction::DisableEndpoint,
         ErrorKind::Billing | ErrorKind::ConnectedServicesAccount => Reaction::Pause,
         ErrorKind::Authentication => Reaction::Auth,
     }
@@ -83,10 +94,16 @@ pub fn reaction(e: &ApiError, now: UnixMillis) -> Reaction {
 /// An error's `TYPE:CODE` as Smartcar named it (the kind when it named nothing), for a pause
 /// or a block's reason.
 pub fn cause(e: &ApiError) -> String {
-    match (&e.error_type, &e.code) {
+    let named = match (&e.error_type, &e.code) {
         (Some(t), Some(c)) => format!("{t}:{c}"),
         (Some(t), None) => t.clone(),
         _ => e.kind.label().to_owned(),
+    };
+    // A plan fact, told apart from "vehicle not capable" wherever a reason is shown.
+    if e.kind == ErrorKind::PlanLocked {
+        format!("plan_locked:{named}")
+    } else {
+        named
     }
 }
 

@@ -11,9 +11,11 @@
 //! the daemon together with one shutdown path. [`demo`] runs all of it in one process.
 
 pub mod app;
+pub mod app_token;
 pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod connections_sync;
 pub mod demo;
 pub mod discovery;
 pub mod domain;

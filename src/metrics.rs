@@ -22,6 +22,9 @@ use crate::domain::{
 };
 
 /// Every family carpulse exports. Cloning is cheap (the families are reference-counted).
+/// The states of `carpulse_vehicle_state` and `carpulse_vehicles`.
+pub const VEHICLE_STATES: [&str; 4] = ["revoked", "no_data", "no_user_id", "needs_reauth"];
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -45,9 +48,19 @@ pub struct Metrics {
     pub ticks_skipped: IntCounterVec,
     pub polls_skipped: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// v3 application token requests (API Authentication), by outcome.
+    pub app_token_requests: IntCounterVec,
+    pub app_token_expiry: prometheus::Gauge,
+    /// 1 for a vehicle in a state that keeps it from being polled normally (`revoked`,
+    /// `no_data`, `no_user_id`); the series is removed when the state ends.
+    pub vehicle_state: GaugeVec,
+    /// Fleet-wide counts of those states (always exported).
+    pub vehicles_in_state: IntGaugeVec,
     /// The label set of each vehicle's info series, to replace it when make/model/year change
     /// (prometheus 0.14 cannot remove by partial labels).
     info_labels: Arc<std::sync::Mutex<std::collections::HashMap<VehicleId, [String; 4]>>>,
+    /// The (vehicle, state) series of `carpulse_vehicle_state` now set, to remove when over.
+    state_labels: Arc<std::sync::Mutex<std::collections::HashSet<(VehicleId, &'static str)>>>,
     /// Whether per-vehicle series are exported (`metrics.per_vehicle`); totals always are.
     per_vehicle: Arc<AtomicBool>,
 }
@@ -103,8 +116,42 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let app_token_expiry = prometheus::Gauge::with_opts(Opts::new(
+            "carpulse_app_token_expiry_timestamp_seconds",
+            "When the v3 application token expires (unix seconds); 0 before the first.",
+        ))?;
+        r.register(Box::new(app_token_expiry.clone()))?;
+        let vehicles_in_state = IntGaugeVec::new(
+            Opts::new(
+                "carpulse_vehicles",
+                "Vehicles by a state that keeps them from normal polling: revoked (the connection is gone from Smartcar), no_data (Smartcar holds no signals), no_user_id (no Smartcar user id for API Authentication), needs_reauth (per-user tokens refused).",
+            ),
+            &["state"],
+        )?;
+        r.register(Box::new(vehicles_in_state.clone()))?;
+        for state in VEHICLE_STATES {
+            vehicles_in_state.with_label_values(&[state]).set(0);
+        }
+        let app_token_requests = counter(
+            &r,
+            "carpulse_app_token_requests_total",
+            "Requests for the v3 application token, by outcome (ok, refused: carpulse's API credentials are wrong, error: network or server).",
+            &["outcome"],
+        )?;
+        for outcome in ["ok", "refused", "error"] {
+            app_token_requests.with_label_values(&[outcome]);
+        }
         let v = &["vehicle_id"];
         Ok(Metrics {
+            app_token_requests,
+            app_token_expiry,
+            vehicle_state: gauge(
+                &r,
+                "carpulse_vehicle_state",
+                "1 while the vehicle is in that state (revoked, no_data, no_user_id, needs_reauth).",
+                &["vehicle_id", "state"],
+            )?,
+            vehicles_in_state,
             soc_ratio: gauge(&r, "carpulse_battery_state_of_charge_ratio", "Traction battery state of charge, 0–1.", v)?,
             range_meters: gauge(&r, "carpulse_battery_range_meters", "Estimated electric range in metres.", v)?,
             plugged_in: gauge(&r, "carpulse_charge_plugged_in", "1 while a charging cable is connected.", v)?,
@@ -176,6 +223,7 @@ impl Metrics {
             )?,
             build_info,
             info_labels: Arc::default(),
+            state_labels: Arc::default(),
             per_vehicle: Arc::new(AtomicBool::new(true)),
             registry: r,
         })
@@ -278,6 +326,32 @@ impl Metrics {
     }
 
     /// Drops every series of a vehicle that is no longer polled.
+    /// Sets `carpulse_vehicle_state` and `carpulse_vehicles` to exactly `states`; a vehicle's
+    /// series goes when its state ends.
+    pub fn set_vehicle_states(&self, states: &[(VehicleId, &'static str)]) {
+        for state in VEHICLE_STATES {
+            let n = states.iter().filter(|(_, s)| *s == state).count();
+            self.vehicles_in_state
+                .with_label_values(&[state])
+                .set(n as i64);
+        }
+        let now: std::collections::HashSet<(VehicleId, &'static str)> = if self.per_vehicle() {
+            states.iter().cloned().collect()
+        } else {
+            Default::default()
+        };
+        let mut set = self.state_labels.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, state) in set.difference(&now) {
+            let _ = self.vehicle_state.remove_label_values(&[id.0.as_str(), state]);
+        }
+        for (id, state) in &now {
+            self.vehicle_state
+                .with_label_values(&[id.0.as_str(), state])
+                .set(1.0);
+        }
+        *set = now;
+    }
+
     pub fn forget_vehicle(&self, id: &VehicleId) {
         let v = id.0.as_str();
         for g in [

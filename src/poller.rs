@@ -15,9 +15,9 @@ use tracing::{debug, info, warn, Instrument};
 use crate::domain::{now_ms, ApiVersion, ConnectionId, PollEvent, Reading, UnixMillis, VehicleId};
 use crate::gate::{Gates, Ledger, Reaction, Skip};
 use crate::metrics::Metrics;
-use crate::schedule::{job_endpoints, job_label};
+use crate::schedule::{job_endpoints, job_label, poll_endpoints};
 use crate::smartcar::error::{ApiError, ErrorKind};
-use crate::smartcar::{EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
+use crate::smartcar::{Capabilities, EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::store::{Store, WriteItem};
 use crate::tokens::{Access, TokenError, TokenManager};
 
@@ -78,6 +78,13 @@ pub struct Poller {
     plugged: Mutex<HashSet<VehicleId>>,
     /// Per vehicle: when a poll was last answered and when each signal was last recorded.
     freshness: Mutex<std::collections::HashMap<VehicleId, Freshness>>,
+    /// Woken when a vehicle answers ACCESS_DENIED: its connection is checked against
+    /// `/v3/connections` rather than its token refreshed (smartcar-api.md §10.4).
+    connections_check: Arc<tokio::sync::Notify>,
+    /// Enabled vehicles not polled because of their connection, with why (set at each reload).
+    held: Mutex<Vec<(VehicleId, &'static str)>>,
+    /// `schedule.no_data_every`, as ms (SIGHUP may change it).
+    no_data_every_ms: std::sync::atomic::AtomicU64,
 }
 
 /// How fresh a vehicle's data is, for `/healthz` and `carpulse_reading_age_seconds`.
@@ -86,6 +93,9 @@ pub struct Freshness {
     pub last_answered: Option<UnixMillis>,
     /// (signal, recorded_at) of the latest battery, charge and odometer readings.
     pub recorded: Vec<(&'static str, UnixMillis)>,
+    /// Since when Smartcar has answered an empty signal listing (smartcar-api.md §10.5);
+    /// cleared by the next listing with data.
+    pub no_data_since: Option<UnixMillis>,
 }
 
 enum VehicleOutcome {
@@ -120,7 +130,41 @@ impl Poller {
             ledger: Mutex::new(Ledger::default()),
             freshness: Mutex::new(Default::default()),
             plugged: Mutex::new(HashSet::new()),
+            connections_check: Arc::new(tokio::sync::Notify::new()),
+            held: Mutex::new(Vec::new()),
+            no_data_every_ms: std::sync::atomic::AtomicU64::new(
+                crate::config::DEFAULT_NO_DATA_EVERY.as_millis() as u64,
+            ),
         })
+    }
+
+    /// Sets the vehicles held back by their connection (revoked, no user id, needs_reauth).
+    pub fn set_held(&self, held: Vec<(VehicleId, &'static str)>) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = held;
+    }
+
+    /// See [`Poller::set_held`].
+    pub fn held(&self) -> Vec<(VehicleId, &'static str)> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Notified when a vehicle's connection should be checked (an ACCESS_DENIED answer).
+    pub fn connections_check(&self) -> Arc<tokio::sync::Notify> {
+        self.connections_check.clone()
+    }
+
+    /// `schedule.no_data_every`: how long a vehicle with an empty signal store waits.
+    pub fn set_no_data_every(&self, every: Duration) {
+        self.no_data_every_ms.store(
+            every.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn note_no_data(&self, id: &VehicleId, at: UnixMillis) {
+        let mut f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = f.entry(id.clone()).or_default();
+        entry.no_data_since.get_or_insert(at);
     }
 
     pub fn set_vehicles(&self, vehicles: Vec<PolledVehicle>) {
@@ -301,12 +345,20 @@ impl Poller {
         let mut f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
         let entry = f.entry(id.clone()).or_default();
         entry.last_answered = Some(at);
+        entry.no_data_since = None;
         for (signal, recorded) in readings {
             match entry.recorded.iter_mut().find(|(s, _)| s == signal) {
                 Some(slot) => slot.1 = slot.1.max(*recorded),
                 None => entry.recorded.push((signal, *recorded)),
             }
         }
+    }
+
+    fn no_data_every(&self) -> Duration {
+        Duration::from_millis(
+            self.no_data_every_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn timeout(&self) -> Duration {
@@ -422,7 +474,7 @@ impl Poller {
         let mut cost = 0;
         let admitted = self
             .gates()
-            .admit(&v.id, job_endpoints(job), now_ms())
+            .admit(&v.id, poll_endpoints(self.api, job), now_ms())
             .and_then(|open| {
                 let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
                 // What this job last cost the vehicle, if more than the plan says (pages).
@@ -480,11 +532,18 @@ impl Poller {
         match results {
             // Known before any call: not a poll but a skip, until the reload drops the vehicle
             // (the refusal that caused it was recorded as token_error).
-            Err(Failure::Token(TokenError::NeedsReauth(_))) => {
-                debug!(reason = "needs_reauth", "not polled");
+            Err(Failure::Token(
+                e @ (TokenError::NeedsReauth(_) | TokenError::Revoked(_) | TokenError::NoUserId(_)),
+            )) => {
+                let reason = match e {
+                    TokenError::Revoked(_) => "revoked",
+                    TokenError::NoUserId(_) => "no_user_id",
+                    _ => "needs_reauth",
+                };
+                debug!(reason, "not polled");
                 self.metrics
                     .polls_skipped
-                    .with_label_values(&[job_label(job), "needs_reauth"])
+                    .with_label_values(&[job_label(job), reason])
                     .inc();
                 if self.metrics.per_vehicle() {
                     self.metrics
@@ -497,7 +556,7 @@ impl Poller {
             Err(Failure::Token(e)) => {
                 failed = true;
                 warn!(error = %e, "no access token; vehicle not polled");
-                for endpoint in job_endpoints(job) {
+                for endpoint in poll_endpoints(self.api, job) {
                     self.metrics
                         .polls
                         .with_label_values(&[endpoint, "token_error"])
@@ -511,8 +570,16 @@ impl Poller {
                     )));
                 }
             }
-            Err(Failure::Api(e)) => {
+            Err(Failure::Api(mut e)) => {
                 failed = true;
+                match e.kind {
+                    ErrorKind::NoData => {
+                        e.retry_after = Some(self.no_data_every());
+                        self.note_no_data(&v.id, at);
+                    }
+                    ErrorKind::AccessDenied => self.connections_check.notify_one(),
+                    _ => {}
+                }
                 let reaction = self
                     .gates()
                     .failed(&v.id, allowed[0], &e, at, rand::random());
@@ -531,10 +598,19 @@ impl Poller {
             }
             Ok(results) => {
                 let mut delayed = false;
+                let disabled = self.gate_of(&v.id).0;
                 for EndpointResult { endpoint, result } in results {
                     // What was disabled is not stored or counted, even when a combined answer
                     // (v3 signals, a v2 batch) still carries it.
                     if !allowed.contains(&endpoint) {
+                        // A v3 listing carries other jobs' readings too: paid for, so kept
+                        // (when not disabled); their failures are left to their own job.
+                        if let (Ok(payload), false) =
+                            (result, disabled.iter().any(|d| d == endpoint))
+                        {
+                            self.record(v, at, endpoint, "ok", None, elapsed, &mut items);
+                            readings += self.apply(v, payload, &mut items);
+                        }
                         continue;
                     }
                     match result {
@@ -804,7 +880,7 @@ impl Poller {
                 other => Ok(other?),
             }
         };
-        let (r, billed) = tokio::select! {
+        let (r, billed): (Result<Capabilities, DiscoveryError>, u64) = tokio::select! {
             out = crate::smartcar::count_billed(ask) => out,
             _ = cancel.cancelled() => return Ok(None),
         };
@@ -812,13 +888,45 @@ impl Poller {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .settle(&v.id, Some(CAPABILITIES), 1, billed);
+        let r = r.map_err(|e| match e {
+            DiscoveryError::Api(mut e) => {
+                match e.kind {
+                    ErrorKind::NoData => {
+                        e.retry_after = Some(self.no_data_every());
+                        self.note_no_data(&v.id, now_ms());
+                    }
+                    ErrorKind::AccessDenied => self.connections_check.notify_one(),
+                    _ => {}
+                }
+                DiscoveryError::Api(e)
+            }
+            other => other,
+        });
         // Recorded and gated like a poll: an outcome in poll_events and polls_total, a
         // retry-after or backoff honoured, a billing pause kept.
         let (at, elapsed) = (now_ms(), started.elapsed().as_secs_f64());
         let mut items = Vec::new();
+        let mut readings = Vec::new();
         match &r {
-            Ok(_) => {
+            Ok(caps) => {
                 self.record(v, at, CAPABILITIES, "ok", None, elapsed, &mut items);
+                // A v3 listing's readings were paid for: stored like a poll's.
+                let blocked: Vec<&str> = caps.unavailable.iter().map(|(e, _)| *e).collect();
+                let disabled = self.gate_of(&v.id).0;
+                for r in &caps.readings {
+                    if let Ok(payload) = &r.result {
+                        if !blocked.contains(&r.endpoint)
+                            && !disabled.iter().any(|d| d == r.endpoint)
+                        {
+                            self.record(v, at, r.endpoint, "ok", None, elapsed, &mut items);
+                            self.apply(v, payload.clone(), &mut items);
+                            if let Payload::Battery(b) = payload {
+                                readings.push(("battery", b.stamp.recorded_at));
+                            }
+                        }
+                    }
+                }
+                self.note_answer(&v.id, at, &readings);
             }
             // This server or vehicle has no such reading (404, 403, 501, ...): recorded, not
             // blocked; discovery notes the try and asks again when due.
@@ -844,7 +952,9 @@ impl Poller {
                     self.keep_wait(v, at, Some(crate::gate::cause(e)), &mut items);
                 }
             }
-            Err(DiscoveryError::Token(TokenError::NeedsReauth(_))) => {}
+            Err(DiscoveryError::Token(
+                TokenError::NeedsReauth(_) | TokenError::Revoked(_) | TokenError::NoUserId(_),
+            )) => {}
             Err(DiscoveryError::Token(_)) => {
                 self.record(
                     v,
@@ -859,19 +969,19 @@ impl Poller {
         }
         bill_events(&mut items, billed);
         self.write(items).await;
-        r.map(Some)
+        r.map(|caps| Some(caps.unavailable))
     }
 
     async fn unavailable_once(
         &self,
         v: &PolledVehicle,
         access: &Access,
-    ) -> Result<Vec<(&'static str, String)>, ApiError> {
+    ) -> Result<Capabilities, ApiError> {
         let ctx = RequestCtx {
             access_token: &access.token,
-            user_id: Some(access.user_id.as_str()),
+            user_id: access.user_id.as_deref(),
         };
-        let ask = self.client.unavailable(self.api, &ctx, &v.id);
+        let ask = self.client.capabilities(self.api, &ctx, &v.id);
         let timeout = self.timeout();
         match tokio::time::timeout(timeout, ask).await {
             Ok(r) => r,
@@ -918,7 +1028,7 @@ impl Poller {
     ) -> Result<Vec<EndpointResult>, ApiError> {
         let ctx = RequestCtx {
             access_token: &access.token,
-            user_id: Some(access.user_id.as_str()),
+            user_id: access.user_id.as_deref(),
         };
         let fetch = self.client.fetch_only(self.api, &ctx, &v.id, job, only);
         let timeout = self.timeout();

@@ -101,9 +101,68 @@ pub fn job_label(job: Job) -> &'static str {
 }
 
 /// The endpoints a job reads, for outcomes that concern the whole request.
+/// The endpoints one poll of `job` asks and records under `api`. A v3 listing answers every
+/// reading at once, so each v3 job records them all (the Info job adds make/model/year):
+/// nothing a paid-for listing carried is thrown away.
+pub fn poll_endpoints(api: crate::domain::ApiVersion, job: Job) -> &'static [&'static str] {
+    match (api, job) {
+        (crate::domain::ApiVersion::V2, job) => job_endpoints(job),
+        (crate::domain::ApiVersion::V3, Job::Battery) => &["battery", "charge", "vin", "odometer"],
+        (crate::domain::ApiVersion::V3, Job::Info) => {
+            &["info", "battery", "charge", "vin", "odometer"]
+        }
+    }
+}
+
+/// Ticks that fall due together become one cycle per listing: under v3 an Info tick answers
+/// everything a Battery tick would, so a plain Battery tick beside it is dropped.
+pub fn merge_ticks(api: crate::domain::ApiVersion, ticks: Vec<Tick>) -> Vec<Tick> {
+    let info_due = ticks.iter().any(|t| t.job == Job::Info);
+    let mut out: Vec<Tick> = Vec::with_capacity(ticks.len());
+    for t in ticks {
+        let covered = api == crate::domain::ApiVersion::V3 && info_due && t.job == Job::Battery;
+        if !covered && !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    out
+}
+
 pub fn job_endpoints(job: Job) -> &'static [&'static str] {
     match job {
         Job::Battery => &["battery", "charge"],
         Job::Info => &["info", "vin", "odometer"],
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+    use crate::domain::ApiVersion;
+
+    fn tick(job: Job, plugged_in_only: bool) -> Tick {
+        Tick {
+            job,
+            plugged_in_only,
+        }
+    }
+
+    #[test]
+    fn v3_ticks_due_together_share_one_listing() {
+        let both = vec![tick(Job::Battery, false), tick(Job::Info, false)];
+        assert_eq!(
+            merge_ticks(ApiVersion::V3, both.clone()),
+            [tick(Job::Info, false)]
+        );
+        assert_eq!(merge_ticks(ApiVersion::V2, both.clone()), both);
+        let charging = vec![tick(Job::Battery, true), tick(Job::Info, false)];
+        assert_eq!(
+            merge_ticks(ApiVersion::V3, charging),
+            [tick(Job::Info, false)]
+        );
+        assert_eq!(
+            merge_ticks(ApiVersion::V3, vec![tick(Job::Battery, false)]),
+            [tick(Job::Battery, false)]
+        );
     }
 }

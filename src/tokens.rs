@@ -44,6 +44,12 @@ pub enum TokenError {
     Unknown(ConnectionId),
     #[error("connection {0}: the token endpoint failed recently; backing off before trying again")]
     BackingOff(ConnectionId),
+    #[error("connection {0} is revoked: Smartcar no longer lists it (the owner disconnected carpulse); run `carpulse connect` as that account to connect again")]
+    Revoked(ConnectionId),
+    #[error("connection {0} has no Smartcar user id, which API Authentication needs as sc-user-id: run `carpulse connect` as that account again")]
+    NoUserId(ConnectionId),
+    #[error("the v3 application token could not be had: {0}")]
+    AppAuth(AuthError),
     #[error("refreshing the token of connection {id} failed: {source}")]
     Refresh {
         id: ConnectionId,
@@ -113,7 +119,9 @@ struct SlotState {
 #[derive(Clone, Debug)]
 pub struct Access {
     pub token: Secret,
-    pub user_id: String,
+    /// Sent as `sc-user-id`: set with API Authentication only. A per-user token names its
+    /// user itself, and the SDKs send no `sc-user-id` with one (smartcar-api.md §3.2).
+    pub user_id: Option<String>,
 }
 
 pub struct TokenManager {
@@ -129,6 +137,9 @@ pub struct TokenManager {
     /// Refresh requests in flight (each with the save of its answer): shutdown waits for them,
     /// since one that is dropped after Smartcar rotated the pair loses the connection.
     inflight: TaskTracker,
+    /// With v3 API Authentication: the fleet's application token. Then every request uses it
+    /// with the connection's user id, and no per-user pair is refreshed.
+    app: Option<Arc<crate::app_token::AppAuth>>,
 }
 
 /// How long shutdown waits for refreshes in flight (a token request is bounded at 20 s).
@@ -149,7 +160,69 @@ impl TokenManager {
             slots: Mutex::new(HashMap::new()),
             runner: Mutex::new(None),
             inflight: TaskTracker::new(),
+            app: None,
         })
+    }
+
+    /// A manager for v3 API Authentication: connections supply user ids, `app` the token.
+    pub fn with_app_auth(
+        store: Store,
+        client: SmartcarClient,
+        metrics: Metrics,
+        margin: Duration,
+        app: Arc<crate::app_token::AppAuth>,
+    ) -> Arc<Self> {
+        Arc::new(TokenManager {
+            store,
+            client,
+            metrics,
+            margin: Mutex::new(margin),
+            slots: Mutex::new(HashMap::new()),
+            runner: Mutex::new(None),
+            inflight: TaskTracker::new(),
+            app: Some(app),
+        })
+    }
+
+    /// Whether requests use the application token (API Authentication).
+    pub fn app_auth(&self) -> bool {
+        self.app.is_some()
+    }
+
+    /// The application token with the connection's user id (API Authentication).
+    async fn app_access(
+        &self,
+        app: &crate::app_token::AppAuth,
+        slot: &Slot,
+        rejected: Option<&Secret>,
+    ) -> Result<Access, TokenError> {
+        let status = slot.view().status;
+        if status == ConnectionStatus::Revoked {
+            return Err(TokenError::Revoked(slot.id));
+        }
+        if !crate::domain::is_real_user_id(&slot.user_id) {
+            return Err(TokenError::NoUserId(slot.id));
+        }
+        let token = match rejected {
+            None => app.token().await,
+            Some(r) => app.renew_after_401(r).await,
+        }
+        .map_err(TokenError::AppAuth)?;
+        Ok(Access {
+            token,
+            user_id: Some(slot.user_id.clone()),
+        })
+    }
+
+    /// Marks a connection revoked or active again (the `/v3/connections` check); the caller
+    /// stores it.
+    pub async fn set_status(&self, id: ConnectionId, status: ConnectionStatus) {
+        let Ok(slot) = self.slot(id) else { return };
+        let mut st = slot.state.lock().await;
+        st.status = status;
+        slot.publish(&st);
+        drop(st);
+        self.update_connection_gauge().await;
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Arc<Slot>>> {
@@ -203,6 +276,19 @@ impl TokenManager {
                 Some(slot) => {
                     let mut st = slot.state.lock().await;
                     let newer = r.tokens.refresh_expires_at > st.tokens.refresh_expires_at;
+                    // A revocation the connections check stored, or its end (a reconnect, or
+                    // the connection listed again): no new pair, only the status changes.
+                    let revocation = r.status != st.status
+                        && (r.status == ConnectionStatus::Revoked
+                            || st.status == ConnectionStatus::Revoked);
+                    if revocation && !newer {
+                        st.status = r.status;
+                        slot.publish(&st);
+                        if r.status == ConnectionStatus::Active {
+                            changed.push(r.id);
+                        }
+                        continue;
+                    }
                     if r.status == ConnectionStatus::Active && newer {
                         st.tokens = r.tokens;
                         // The reconnect's grant is stored; an unsaved rotation of the old one
@@ -266,14 +352,20 @@ impl TokenManager {
     /// reads the published view and never waits behind a refresh in progress.
     pub async fn access(&self, id: ConnectionId) -> Result<Access, TokenError> {
         let slot = self.slot(id)?;
+        if let Some(app) = &self.app {
+            return self.app_access(app, &slot, None).await;
+        }
         let view = slot.view();
+        if view.status == ConnectionStatus::Revoked {
+            return Err(TokenError::Revoked(id));
+        }
         if view.status == ConnectionStatus::NeedsReauth {
             return Err(TokenError::NeedsReauth(id));
         }
         if now_ms() < view.expires_at - USE_SAFETY_MS {
             return Ok(Access {
                 token: view.token,
-                user_id: slot.user_id.clone(),
+                user_id: None,
             });
         }
         let mut st = slot.state.lock().await;
@@ -292,7 +384,7 @@ impl TokenManager {
         }
         Ok(Access {
             token: st.tokens.access_token.clone(),
-            user_id: slot.user_id.clone(),
+            user_id: None,
         })
     }
 
@@ -304,6 +396,9 @@ impl TokenManager {
         rejected: &Secret,
     ) -> Result<Access, TokenError> {
         let slot = self.slot(id)?;
+        if let Some(app) = &self.app {
+            return self.app_access(app, &slot, Some(rejected)).await;
+        }
         let mut st = slot.state.lock().await;
         if st.status == ConnectionStatus::NeedsReauth {
             return Err(TokenError::NeedsReauth(id));
@@ -313,7 +408,7 @@ impl TokenManager {
         }
         Ok(Access {
             token: st.tokens.access_token.clone(),
-            user_id: slot.user_id.clone(),
+            user_id: None,
         })
     }
 
@@ -471,22 +566,32 @@ impl TokenManager {
     /// Recounts `carpulse_connections{status}` from the loaded slots' published views.
     pub async fn update_connection_gauge(&self) {
         let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
-        let reauth = slots
-            .iter()
-            .filter(|s| s.view().status == ConnectionStatus::NeedsReauth)
-            .count() as i64;
+        let count = |status| slots.iter().filter(|s| s.view().status == status).count() as i64;
         self.metrics.set_connections(&[
             (
                 ConnectionStatus::Active.as_str(),
-                slots.len() as i64 - reauth,
+                count(ConnectionStatus::Active),
             ),
-            (ConnectionStatus::NeedsReauth.as_str(), reauth),
+            (
+                ConnectionStatus::NeedsReauth.as_str(),
+                count(ConnectionStatus::NeedsReauth),
+            ),
+            (
+                ConnectionStatus::Revoked.as_str(),
+                count(ConnectionStatus::Revoked),
+            ),
         ]);
     }
 
     /// The background refresher: one task per connection, each sleeping until its pair is due.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         self.update_connection_gauge().await;
+        if let Some(app) = &self.app {
+            // API Authentication: one application token; stored per-user pairs are not used
+            // and not refreshed.
+            app.run(shutdown).await;
+            return;
+        }
         let tracker = TaskTracker::new();
         *self.runner.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((tracker.clone(), shutdown.clone()));

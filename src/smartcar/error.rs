@@ -46,6 +46,23 @@ pub enum ErrorKind {
     Decode,
     /// Anything else.
     Other,
+    /// 403 AUTHENTICATION:ACCESS_DENIED (v3): the token is fine but this user's connection to
+    /// the vehicle is not (revoked, or a wrong `sc-user-id`). A refresh cannot help; the
+    /// connection is re-checked instead (smartcar-api.md §10.4).
+    AccessDenied,
+    /// A v3 signal answered `UNAVAILABLE`, or SUCCESS with a null value: no reading this
+    /// time, nothing wrong with the vehicle (§10.4).
+    NoReading,
+    /// A v3 listing with no signals at all (`data: []`, `totalCount: 0`): Smartcar holds no
+    /// data for the vehicle, most likely because it is not subscribed to a webhook (§10.5).
+    NoData,
+    /// A v3 signal group the app's Smartcar plan does not include (BILLING on a signal,
+    /// §10.6): a plan fact, not a vehicle fact.
+    PlanLocked,
+    /// A top-level 400 or 404 on a v3 collection call (`/signals`): the request was refused
+    /// as a whole (a missing `sc-user-id`, a Smartcar incident), which says nothing about what
+    /// the vehicle can answer (§10.4). Backed off, never stored as a block.
+    Rejected,
 }
 
 impl ErrorKind {
@@ -68,6 +85,11 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Decode => "decode",
             ErrorKind::Other => "error",
+            ErrorKind::AccessDenied => "access_denied",
+            ErrorKind::NoReading => "no_reading",
+            ErrorKind::NoData => "no_data",
+            ErrorKind::PlanLocked => "plan_locked",
+            ErrorKind::Rejected => "rejected",
         }
     }
 
@@ -125,6 +147,10 @@ pub fn classify(status: Option<u16>, error_type: Option<&str>, code: Option<&str
 fn classify_type(error_type: &str, code: Option<&str>) -> Option<ErrorKind> {
     let t = error_type.trim().to_ascii_uppercase().replace('-', "_");
     let kind = match t.as_str() {
+        // 403 ACCESS_DENIED is the connection, not the token (smartcar-api.md §10.4).
+        "AUTHENTICATION" if code.is_some_and(|c| c.eq_ignore_ascii_case("ACCESS_DENIED")) => {
+            ErrorKind::AccessDenied
+        }
         "AUTHENTICATION" | "AUTHENTICATION_ERROR" | "INVALID_TOKEN" => ErrorKind::Authentication,
         "PERMISSION" | "PERMISSION_ERROR" => ErrorKind::Permission,
         "VALIDATION" | "VALIDATION_ERROR" => ErrorKind::Validation,
@@ -340,7 +366,15 @@ pub fn parse_error_value(v: &Value) -> ErrorBody {
             description: str_field(first, "detail")
                 .or_else(|| str_field(first, "description"))
                 .or_else(|| str_field(first, "title")),
-            request_id: str_field(first, "requestId").or_else(|| str_field(v, "requestId")),
+            // Live v3 errors carry it in `meta.debug.requestId` (smartcar-api.md §10.4).
+            request_id: str_field(first, "requestId")
+                .or_else(|| {
+                    first
+                        .get("meta")
+                        .and_then(|m| m.get("debug"))
+                        .and_then(|d| str_field(d, "requestId"))
+                })
+                .or_else(|| str_field(v, "requestId")),
         };
     }
     // v2 envelope: {type, code, description, statusCode, requestId, resolution}

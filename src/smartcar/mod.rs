@@ -38,7 +38,9 @@
 //! and the request/response plumbing every call shares.
 
 pub mod auth;
+pub mod connections;
 pub mod error;
+pub mod iam;
 pub mod time;
 pub mod units;
 pub mod v2;
@@ -133,6 +135,24 @@ pub enum Payload {
     Odometer(OdometerReading),
     Info(VehicleInfo),
     Vin(String),
+}
+
+/// What a capability read learnt: the endpoints the vehicle cannot answer (endpoint, reason),
+/// and any readings the answer carried (a v3 listing), which the caller stores.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Capabilities {
+    pub unavailable: Vec<(&'static str, String)>,
+    pub readings: Vec<EndpointResult>,
+}
+
+/// The endpoints whose permission is missing from `granted` (v2 `/permissions`, v3
+/// `/connections` both list permission names).
+pub fn not_granted(granted: &[String]) -> Vec<(&'static str, String)> {
+    v2::ENDPOINT_PERMISSIONS
+        .iter()
+        .filter(|(_, p)| !granted.iter().any(|g| g == p))
+        .map(|(e, p)| (*e, format!("not granted: {p}")))
+        .collect()
 }
 
 /// The Smartcar client. Cheap to clone (one `Arc`), so every poll task holds its own handle
@@ -311,29 +331,29 @@ impl SmartcarClient {
 
     /// What the vehicle cannot answer, by the API's own account, as (endpoint, reason): in
     /// v2 the endpoints whose permission the consent did not grant (`/permissions`); in v3
-    /// the signals the listing marks ERROR with PERMISSION or COMPATIBILITY. A signal merely
-    /// missing from a listing blocks nothing: a sleeping car may list less.
-    pub async fn unavailable(
+    /// the signals the listing marks ERROR with PERMISSION, COMPATIBILITY or a plan lock, with
+    /// the readings that listing carried. A signal merely missing from a listing blocks
+    /// nothing: a sleeping car may list less.
+    pub async fn capabilities(
         &self,
         api: ApiVersion,
         ctx: &RequestCtx<'_>,
         id: &VehicleId,
-    ) -> Result<Vec<(&'static str, String)>, ApiError> {
+    ) -> Result<Capabilities, ApiError> {
         match api {
             ApiVersion::V2 => {
                 let granted = v2::permissions(self, ctx, id).await?;
                 if granted.is_empty() {
                     // A consent grants something; an empty list says nothing reliable.
                     tracing::warn!(vehicle = %id, "GET /permissions listed nothing; blocking nothing");
-                    return Ok(Vec::new());
+                    return Ok(Capabilities::default());
                 }
-                Ok(v2::ENDPOINT_PERMISSIONS
-                    .iter()
-                    .filter(|(_, p)| !granted.iter().any(|g| g == p))
-                    .map(|(e, p)| (*e, format!("not granted: {p}")))
-                    .collect())
+                Ok(Capabilities {
+                    unavailable: not_granted(&granted),
+                    readings: Vec::new(),
+                })
             }
-            ApiVersion::V3 => v3::unavailable(self, ctx, id).await,
+            ApiVersion::V3 => v3::capabilities(self, ctx, id).await,
         }
     }
 
@@ -387,6 +407,12 @@ impl SmartcarClient {
     /// [`ApiError`] with `retry_after` and `request_id` from the headers.
     pub(crate) async fn send(&self, req: RequestBuilder) -> Result<RawResponse, ApiError> {
         bill(1);
+        self.send_unbilled(req).await
+    }
+
+    /// [`send`](Self::send) for a call Smartcar does not bill to a vehicle (`/v3/connections`,
+    /// smartcar-api.md §10.3).
+    pub(crate) async fn send_unbilled(&self, req: RequestBuilder) -> Result<RawResponse, ApiError> {
         let resp = req.send().await.map_err(|e| ApiError::from_reqwest(&e))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -414,7 +440,13 @@ impl SmartcarClient {
             retry_after,
             raw.request_id(),
         );
-        tracing::debug!(status, outcome = err.kind.label(), error = %err, "request failed");
+        tracing::debug!(
+            status,
+            outcome = err.kind.label(),
+            request_id = err.request_id.as_deref().unwrap_or(""),
+            error = %err,
+            "request failed"
+        );
         Err(err)
     }
 }

@@ -53,6 +53,8 @@ pub struct SignalsPage {
     pub next: Option<String>,
     /// `included.vehicle`, which spares the Info job a request.
     pub vehicle: Option<VehicleInfo>,
+    /// `meta.totalCount`, when given.
+    pub total_count: Option<u64>,
 }
 
 /// Parses a signals page; `Err` when it is not one (no `data` array).
@@ -80,10 +82,15 @@ pub fn parse_signals_page(
         .get("included")
         .and_then(|i| i.get("vehicle"))
         .and_then(|veh| parse_vehicle(veh).ok());
+    let total_count = v
+        .get("meta")
+        .and_then(|m| m.get("totalCount"))
+        .and_then(Value::as_u64);
     Ok(SignalsPage {
         signals,
         next,
         vehicle,
+        total_count,
     })
 }
 
@@ -96,10 +103,24 @@ fn parse_signal(s: &Value, fetched_at: UnixMillis, request_id: Option<&str>) -> 
         .trim()
         .to_ascii_lowercase();
     let status = attrs.get("status").or_else(|| s.get("status"));
-    let failed = status
+    let status_value = status
         .and_then(|st| st.get("value"))
         .and_then(Value::as_str)
-        .is_some_and(|v| v.eq_ignore_ascii_case("ERROR"));
+        .unwrap_or("SUCCESS");
+    // UNAVAILABLE (smartcar-api.md §10.4): no reading this time, nothing wrong.
+    if status_value.eq_ignore_ascii_case("UNAVAILABLE") {
+        return Some(Signal {
+            error: Some(ApiError {
+                request_id: request_id.map(str::to_owned),
+                ..no_reading(&code, "UNAVAILABLE")
+            }),
+            code,
+            body: Value::Null,
+            recorded: None,
+            fetched_at,
+        });
+    }
+    let failed = status_value.eq_ignore_ascii_case("ERROR");
     let error = failed.then(|| {
         let e = status.and_then(|st| st.get("error"));
         let field = |k: &str| {
@@ -116,7 +137,13 @@ fn parse_signal(s: &Value, fetched_at: UnixMillis, request_id: Option<&str>) -> 
                 .or_else(|| Some(format!("signal {code} failed"))),
             request_id: None,
         };
-        api_error_from(None, parsed, None, request_id.map(str::to_owned))
+        let mut e = api_error_from(None, parsed, None, request_id.map(str::to_owned));
+        // A signal refused for BILLING is a group the app's plan does not include (§10.6),
+        // not a reason to pause the whole vehicle.
+        if e.kind == ErrorKind::Billing {
+            e.kind = ErrorKind::PlanLocked;
+        }
+        e
     });
     let body = attrs
         .get("body")
@@ -205,12 +232,56 @@ pub(crate) async fn vehicle_info(
     })
 }
 
-/// Every signal of the vehicle, following `links.next` up to [`MAX_PAGES`] pages.
-async fn all_signals(
+/// What one signal listing (all its pages) holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Listing {
+    pub signals: Vec<Signal>,
+    /// `included.vehicle`, when the listing carried it.
+    pub vehicle: Option<VehicleInfo>,
+}
+
+/// A top-level failure of the listing. A 400 or 404 refuses the request as a whole (a missing
+/// `sc-user-id`, a Smartcar incident: smartcar-api.md §10.4) and says nothing about the
+/// vehicle's signals, so it becomes [`ErrorKind::Rejected`]: backed off, never a stored block.
+fn whole_listing_failed(id: &VehicleId, mut e: ApiError) -> ApiError {
+    if matches!(e.kind, ErrorKind::Validation | ErrorKind::NotFound) {
+        tracing::warn!(
+            vehicle = %id,
+            status = e.status,
+            error_type = e.error_type.as_deref().unwrap_or(""),
+            code = e.code.as_deref().unwrap_or(""),
+            request_id = e.request_id.as_deref().unwrap_or(""),
+            "Smartcar refused the signal listing as a whole; backing off (this is not a fact about the vehicle)"
+        );
+        e.kind = ErrorKind::Rejected;
+    }
+    e
+}
+
+/// "No reading this time" for `code` (an UNAVAILABLE signal or a null value).
+fn no_reading(code: &str, why: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::NoReading,
+        format!("signal {code}: no reading this time ({why})"),
+    )
+}
+
+/// The empty signal store of smartcar-api.md §10.5.
+pub fn no_data() -> ApiError {
+    ApiError::new(
+        ErrorKind::NoData,
+        "Smartcar holds no signals for this vehicle (an empty listing); it is most likely not \
+         subscribed to a webhook: subscribe it in Smartcar's dashboard",
+    )
+}
+
+/// Every signal of the vehicle, following `links.next` up to [`MAX_PAGES`] pages. An empty
+/// listing is [`ErrorKind::NoData`].
+pub(crate) async fn listing(
     client: &SmartcarClient,
     ctx: &RequestCtx<'_>,
     id: &VehicleId,
-) -> Result<(Vec<Signal>, Option<VehicleInfo>), ApiError> {
+) -> Result<Listing, ApiError> {
     let first = client.v3_url(&format!("/vehicles/{}/signals", id.0));
     let mut url = Url::parse(&first)
         .map_err(|e| ApiError::new(ErrorKind::Other, format!("bad signals URL: {e}")))?;
@@ -220,13 +291,13 @@ async fn all_signals(
             .append_pair("pageSize", &size.to_string());
     }
     let mut visited: HashSet<String> = HashSet::new();
-    let mut signals = Vec::new();
-    let mut vehicle = None;
+    let mut out = Listing::default();
     for page_no in 1..=MAX_PAGES {
         visited.insert(url.as_str().to_owned());
         let raw = client
             .send(client.vehicle_request(Method::GET, url.as_str(), ctx.access_token, ctx.user_id))
-            .await?;
+            .await
+            .map_err(|e| whole_listing_failed(id, e))?;
         let v: Value = raw.json("signals")?;
         let rid = raw.request_id();
         let page =
@@ -234,8 +305,8 @@ async fn all_signals(
                 request_id: rid.clone(),
                 ..ApiError::decode(Some(raw.status), m)
             })?;
-        signals.extend(page.signals);
-        vehicle = vehicle.or(page.vehicle);
+        out.signals.extend(page.signals);
+        out.vehicle = out.vehicle.or(page.vehicle);
         let Some(next) = page.next else { break };
         match resolve_next(client.v3_base(), &url, &next) {
             Ok(n) if visited.contains(n.as_str()) => {
@@ -255,9 +326,14 @@ async fn all_signals(
             );
         }
     }
-    Ok((signals, vehicle))
+    if out.signals.is_empty() {
+        return Err(no_data());
+    }
+    Ok(out)
 }
 
+/// One job from one listing. Every reading the listing carries is returned, whichever job
+/// asked (it was paid for either way); the Info job adds make/model/year.
 pub(crate) async fn fetch(
     client: &SmartcarClient,
     ctx: &RequestCtx<'_>,
@@ -265,61 +341,62 @@ pub(crate) async fn fetch(
     job: Job,
     only: &[&str],
 ) -> Result<Vec<EndpointResult>, ApiError> {
-    let (signals, included) = all_signals(client, ctx, id).await?;
+    let listing = listing(client, ctx, id).await?;
     let units = client.unit_system();
-    match job {
-        Job::Battery => Ok(pick_battery_job(&signals, units)),
-        // `GET /vehicles/{id}` is a billed call of its own: not made when info is not wanted.
-        Job::Info if !only.is_empty() && !only.contains(&"info") => {
-            Ok(pick_info_job(&signals, units))
-        }
-        Job::Info => {
-            let info = match included {
-                Some(info) => Ok(info),
-                None => match vehicle_info(client, ctx, id).await {
-                    // A dead token fails the whole job, so the caller refreshes and retries.
-                    Err(e) if e.kind == ErrorKind::Authentication => return Err(e),
-                    other => other,
-                },
-            };
-            let mut out = vec![EndpointResult {
-                endpoint: "info",
-                result: info.map(Payload::Info),
-            }];
-            out.extend(pick_info_job(&signals, units));
-            Ok(out)
-        }
+    let mut out = Vec::with_capacity(5);
+    // `GET /vehicles/{id}` is a billed call of its own: not made when info is not wanted.
+    if job == Job::Info && (only.is_empty() || only.contains(&"info")) {
+        let info = match listing.vehicle {
+            Some(info) => Ok(info),
+            None => match vehicle_info(client, ctx, id).await {
+                // A dead token fails the whole job, so the caller refreshes and retries.
+                Err(e) if e.kind == ErrorKind::Authentication => return Err(e),
+                other => other,
+            },
+        };
+        out.push(EndpointResult {
+            endpoint: "info",
+            result: info.map(Payload::Info),
+        });
     }
+    out.extend(pick_all(&listing.signals, units));
+    Ok(out)
 }
 
-/// Endpoints the signal listing says the vehicle cannot answer (see
-/// [`SmartcarClient::unavailable`]).
-pub(crate) async fn unavailable(
+/// Every endpoint a listing answers: battery, charge, vin (when listed) and odometer.
+pub fn pick_all(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResult> {
+    let mut out = pick_battery_job(signals, units);
+    out.extend(pick_info_job(signals, units));
+    out
+}
+
+/// What a listing says the vehicle cannot answer, and the readings it carried (stored by the
+/// caller: the listing was paid for).
+pub(crate) async fn capabilities(
     client: &SmartcarClient,
     ctx: &RequestCtx<'_>,
     id: &VehicleId,
-) -> Result<Vec<(&'static str, String)>, ApiError> {
-    let (signals, _) = all_signals(client, ctx, id).await?;
-    Ok(unavailable_in(&signals, client.unit_system()))
+) -> Result<super::Capabilities, ApiError> {
+    let listing = listing(client, ctx, id).await?;
+    let units = client.unit_system();
+    Ok(super::Capabilities {
+        unavailable: unavailable_in(&listing.signals, units),
+        readings: pick_all(&listing.signals, units),
+    })
 }
 
 /// The pure half of [`unavailable`].
 pub fn unavailable_in(signals: &[Signal], units: UnitSystem) -> Vec<(&'static str, String)> {
-    let mut results = pick_battery_job(signals, units);
-    results.extend(pick_info_job(signals, units));
-    results
+    pick_all(signals, units)
         .into_iter()
         .filter_map(|r| match r.result {
             Err(e)
-                if matches!(e.kind, ErrorKind::Permission | ErrorKind::Compatibility)
-                    && e.code.as_deref() != Some("SIGNAL_NOT_PROVIDED") =>
+                if matches!(
+                    e.kind,
+                    ErrorKind::Permission | ErrorKind::Compatibility | ErrorKind::PlanLocked
+                ) && e.code.as_deref() != Some("SIGNAL_NOT_PROVIDED") =>
             {
-                let reason = format!(
-                    "{}:{}",
-                    e.error_type.as_deref().unwrap_or(e.kind.label()),
-                    e.code.as_deref().unwrap_or("null")
-                );
-                Some((r.endpoint, reason))
+                Some((r.endpoint, crate::gate::cause(&e)))
             }
             _ => None,
         })
@@ -343,12 +420,22 @@ fn decode(code: &str, what: &str) -> ApiError {
     ApiError::decode(None, format!("signal {code}: {what}"))
 }
 
+/// A signal whose `value` is not what `what` says: no reading this time when the value is
+/// null or the body absent (smartcar-api.md §10.4), a decode error otherwise.
+fn unusable(s: &Signal, what: &str) -> ApiError {
+    if s.body.is_null() || s.body.get("value").is_some_and(Value::is_null) {
+        no_reading(&s.code, "null value")
+    } else {
+        decode(&s.code, what)
+    }
+}
+
 fn unit_of(s: &Signal) -> Option<&str> {
     s.body.get("unit").and_then(Value::as_str)
 }
 
 fn distance_km(s: &Signal, units: UnitSystem) -> Result<f64, ApiError> {
-    let value = num(&s.body, "value").ok_or_else(|| decode(&s.code, "missing numeric `value`"))?;
+    let value = num(&s.body, "value").ok_or_else(|| unusable(s, "missing numeric `value`"))?;
     let unit = match unit_of(s) {
         Some(u) => DistanceUnit::parse(u)
             .ok_or_else(|| decode(&s.code, &format!("unknown distance unit {u:?}")))?,
@@ -382,7 +469,7 @@ pub fn pick_info_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResul
                 .get("value")
                 .and_then(Value::as_str)
                 .map(|v| Payload::Vin(v.trim().to_string()))
-                .ok_or_else(|| decode(VIN, "missing string `value`")),
+                .ok_or_else(|| unusable(vin, "missing string `value`")),
         };
         out.push(EndpointResult {
             endpoint: "vin",
@@ -404,7 +491,7 @@ pub fn pick_info_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResul
 
 fn pick_battery(signals: &[Signal], units: UnitSystem) -> Result<BatteryReading, ApiError> {
     let soc = body_of(signals, SOC)?;
-    let value = num(&soc.body, "value").ok_or_else(|| decode(SOC, "missing numeric `value`"))?;
+    let value = num(&soc.body, "value").ok_or_else(|| unusable(soc, "missing numeric `value`"))?;
     let soc_percent =
         v3_percent(value, unit_of(soc)).ok_or_else(|| decode(SOC, "unit is not a percentage"))?;
     // Range is optional: a failed or odd range must not cost the state of charge.
@@ -425,20 +512,41 @@ fn pick_battery(signals: &[Signal], units: UnitSystem) -> Result<BatteryReading,
     })
 }
 
+/// Logs each unknown `charge-detailedchargingstatus` value once per process.
+fn note_unknown_status(raw: &str) {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.len() < 64 && !seen.iter().any(|s| s == raw) {
+        seen.push(raw.to_owned());
+        tracing::info!(
+            value = %crate::smartcar::error::excerpt(raw, 40),
+            "unknown charge-detailedchargingstatus; taking the state from charge-ischarging"
+        );
+    }
+}
+
 fn pick_charge(signals: &[Signal]) -> Result<ChargeReading, ApiError> {
     let cable = body_of(signals, CABLE)?;
     let plugged_in = cable
         .body
         .get("value")
         .and_then(value_bool)
-        .ok_or_else(|| decode(CABLE, "missing boolean `value`"))?;
+        .ok_or_else(|| unusable(cable, "missing boolean `value`"))?;
     let detailed = body_of(signals, DETAILED_STATUS).and_then(|s| {
-        s.body
+        let raw = s
+            .body
             .get("value")
             .and_then(Value::as_str)
-            .and_then(ChargeState::parse)
-            .map(|st| (st, s))
-            .ok_or_else(|| decode(DETAILED_STATUS, "missing or unknown `value`"))
+            .ok_or_else(|| unusable(s, "missing string `value`"))?;
+        match ChargeState::parse(raw) {
+            Some(st) => Ok((st, s)),
+            // An open set of strings (smartcar-api.md §10.4): an unknown one is logged once
+            // and the state taken from charge-ischarging.
+            None => {
+                note_unknown_status(raw);
+                Err(decode(DETAILED_STATUS, "a charging status carpulse does not know"))
+            }
+        }
     });
     let (state, used) = match detailed {
         Ok(found) => found,
@@ -448,7 +556,7 @@ fn pick_charge(signals: &[Signal]) -> Result<ChargeReading, ApiError> {
                     .body
                     .get("value")
                     .and_then(value_bool)
-                    .ok_or_else(|| decode(IS_CHARGING, "missing boolean `value`"))?;
+                    .ok_or_else(|| unusable(s, "missing boolean `value`"))?;
                 let st = if charging {
                     ChargeState::Charging
                 } else {

@@ -109,6 +109,32 @@ pub fn upsert_connection(
     })
 }
 
+/// Stores a connection made with API Authentication (smartcar-api.md §10.2): keyed by the user
+/// id Smartcar gave, with no token (the application token lives in memory only). A connection
+/// the user made earlier with per-user tokens keeps its pair; its status becomes active.
+pub fn upsert_app_connection(
+    c: &mut Connection,
+    user_id: &str,
+    now: UnixMillis,
+) -> anyhow::Result<ConnectionId> {
+    durably(c, "saving the connection", |tx| {
+        let id: i64 = tx
+            .query_row(
+                "INSERT INTO connections (user_id, status, access_token, refresh_token,
+                     access_expires_at, refresh_expires_at, created_at, updated_at)
+                 VALUES (?1, 'active', '', '', 0, 0, ?2, ?2)
+                 ON CONFLICT (user_id) DO UPDATE SET
+                     status = 'active',
+                     updated_at = excluded.updated_at
+                 RETURNING id",
+                params![user_id, now],
+                |r| r.get(0),
+            )
+            .context("inserting or updating the connection row")?;
+        Ok(ConnectionId(id))
+    })
+}
+
 /// Persists a rotated pair durably: its own transaction with `PRAGMA synchronous=FULL` for it,
 /// NORMAL after. Fails if the connection does not exist (a rotated token must never vanish).
 pub fn save_tokens(
