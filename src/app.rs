@@ -748,6 +748,9 @@ async fn reconfigure(
     if changes.has("poll.concurrency") || changes.has("poll.timeout") {
         poller.set_limits(new.poll.timeout, new.poll.concurrency);
     }
+    if changes.has("schedule.no_data_every") {
+        poller.set_no_data_every(new.schedule.no_data_every);
+    }
     if changes.has("schedule.refresh_margin") {
         tokens.set_margin(new.schedule.refresh_margin);
     }

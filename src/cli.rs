@@ -56,6 +56,15 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Check the configured Smartcar account and the stored connections in plain words: which
+    /// authentication works, connections Smartcar lists, permissions, empty signal stores,
+    /// plan-locked signals, page size. Reading signals costs one billed call per connection;
+    /// it asks first. Exits 1 when it finds a problem.
+    Doctor {
+        /// Make the billed calls without asking.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Stored readings of one or all vehicles.
     History(crate::history::HistoryArgs),
     /// The Smartcar-compatible vehicle simulator, on loopback.

@@ -18,6 +18,7 @@ pub mod connect;
 pub mod connections_sync;
 pub mod demo;
 pub mod discovery;
+pub mod doctor;
 pub mod domain;
 pub mod gate;
 pub mod history;

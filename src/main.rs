@@ -82,6 +82,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Status => carpulse::report::status(&load_config(&cli)?).await,
+        Command::Doctor { yes } => {
+            if carpulse::doctor::run_cli(&load_config(&cli)?, *yes).await? {
+                Ok(())
+            } else {
+                anyhow::bail!("carpulse doctor found problems (see above)")
+            }
+        }
         Command::Plan { force } => carpulse::plan::run(&load_config(&cli)?, *force),
         Command::History(args) => carpulse::history::run(&load_config(&cli)?, args).await,
         Command::Simulator(args) => {

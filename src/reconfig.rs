@@ -110,6 +110,11 @@ pub fn compare(old: &Config, new: &Config) -> Changes {
         true,
     );
     check(
+        o.no_data_every != n.no_data_every,
+        "schedule.no_data_every",
+        true,
+    );
+    check(
         old.poll.concurrency != new.poll.concurrency,
         "poll.concurrency",
         true,

@@ -483,9 +483,10 @@ async fn v2_permissions_are_paged_and_an_odd_answer_is_an_error_not_an_empty_gra
     let token = Secret::new(ACCESS);
     let mut got = h
         .client
-        .unavailable(ApiVersion::V2, &ctx(&token, None), &vid("ok"))
+        .capabilities(ApiVersion::V2, &ctx(&token, None), &vid("ok"))
         .await
-        .unwrap();
+        .unwrap()
+        .unavailable;
     got.sort();
     assert_eq!(
         got,
@@ -498,7 +499,7 @@ async fn v2_permissions_are_paged_and_an_odd_answer_is_an_error_not_an_empty_gra
     for odd in ["objects", "other"] {
         let e = h
             .client
-            .unavailable(ApiVersion::V2, &ctx(&token, None), &vid(odd))
+            .capabilities(ApiVersion::V2, &ctx(&token, None), &vid(odd))
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Decode, "{odd}: {e}");
@@ -506,9 +507,10 @@ async fn v2_permissions_are_paged_and_an_odd_answer_is_an_error_not_an_empty_gra
     // An empty grant says nothing reliable: nothing is blocked.
     let none = h
         .client
-        .unavailable(ApiVersion::V2, &ctx(&token, None), &vid("empty"))
+        .capabilities(ApiVersion::V2, &ctx(&token, None), &vid("empty"))
         .await
-        .unwrap();
+        .unwrap()
+        .unavailable;
     assert!(none.is_empty());
 }
 

@@ -790,4 +790,40 @@ mod review_tests {
         assert_eq!(retry_after_value(&serde_json::json!(-1.0), 0), None);
         assert_eq!(parse_retry_after("30", 0), Some(Duration::from_secs(30)));
     }
+
+    #[test]
+    fn v3_errors_as_seen_live() {
+        // 400 without sc-user-id, with the request id only in meta.debug (smartcar-api.md §10.4).
+        let e = api_error_from(
+            Some(400),
+            parse_error_body(
+                br#"{"errors":[{"status":"400","type":"VALIDATION","code":"MISSING_PARAMETER","title":"Bad Request","detail":"missing userId","meta":{"debug":{"requestId":"rid-123"}}}]}"#,
+            ),
+            None,
+            None,
+        );
+        assert_eq!(e.kind, ErrorKind::Validation);
+        assert_eq!(e.code.as_deref(), Some("MISSING_PARAMETER"));
+        assert_eq!(e.request_id.as_deref(), Some("rid-123"));
+        // 403 ACCESS_DENIED is the connection, not the token.
+        let e = api_error_from(
+            Some(403),
+            parse_error_body(
+                br#"{"errors":[{"status":"403","type":"AUTHENTICATION","code":"ACCESS_DENIED","detail":"x"}]}"#,
+            ),
+            None,
+            None,
+        );
+        assert_eq!(e.kind, ErrorKind::AccessDenied);
+        // 401 UNAUTHORIZED is still a token to renew.
+        let e = api_error_from(
+            Some(401),
+            parse_error_body(
+                br#"{"errors":[{"status":"401","type":"AUTHENTICATION","code":"UNAUTHORIZED"}]}"#,
+            ),
+            None,
+            None,
+        );
+        assert_eq!(e.kind, ErrorKind::Authentication);
+    }
 }

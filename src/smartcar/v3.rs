@@ -238,6 +238,11 @@ pub struct Listing {
     pub signals: Vec<Signal>,
     /// `included.vehicle`, when the listing carried it.
     pub vehicle: Option<VehicleInfo>,
+    /// Pages read (each a billed call).
+    pub pages: usize,
+    /// `meta.pageSize` of the first page, when given (`carpulse doctor` checks it against
+    /// `smartcar.v3_page_size`).
+    pub page_size: Option<u64>,
 }
 
 /// A top-level failure of the listing. A 400 or 404 refuses the request as a whole (a missing
@@ -305,6 +310,13 @@ pub(crate) async fn listing(
                 request_id: rid.clone(),
                 ..ApiError::decode(Some(raw.status), m)
             })?;
+        if page_no == 1 {
+            out.page_size = v
+                .get("meta")
+                .and_then(|m| m.get("pageSize"))
+                .and_then(Value::as_u64);
+        }
+        out.pages = page_no;
         out.signals.extend(page.signals);
         out.vehicle = out.vehicle.or(page.vehicle);
         let Some(next) = page.next else { break };
@@ -881,5 +893,108 @@ mod tests {
             r("/vehicles/x?page=3").unwrap(),
             "http://h/vehicles/x?page=3"
         );
+    }
+
+    /// The real-world shapes of smartcar-api.md §3 and §10: UNAVAILABLE, a null value, an ERROR
+    /// item that carries a body, ISO timestamps, `km`, a plan-locked group.
+    #[test]
+    fn real_world_signal_shapes() {
+        let p = parse(&page(
+            vec![
+                json!({"id": SOC, "type": "signal",
+                       "attributes": {"code": SOC, "status": {"value": "UNAVAILABLE"}}}),
+                sig(RANGE, json!({"unit": "km", "value": null}), Value::Null),
+                json!({"id": CABLE, "type": "signal",
+                       "attributes": {"code": CABLE, "body": {"value": null},
+                                      "status": {"value": "ERROR", "error": {"type": "VEHICLE_STATE", "code": "NOT_CHARGING"}}}}),
+                sig(
+                    ODOMETER,
+                    json!({"unit": "km", "value": 50000}),
+                    json!("2025-07-09T23:15:18.549Z"),
+                ),
+                json!({"id": DETAILED_STATUS, "type": "signal",
+                       "attributes": {"code": DETAILED_STATUS, "group": "Charge",
+                                      "status": {"value": "ERROR", "error": {"type": "BILLING", "code": "INVALID_PLAN"}}}}),
+            ],
+            Value::Null,
+        ));
+        let r = pick_all(&p.signals, UnitSystem::Metric);
+        let by = |e: &str| r.iter().find(|x| x.endpoint == e).unwrap().result.clone();
+        // UNAVAILABLE: no reading this time, not a decode failure.
+        let e = by("battery").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NoReading);
+        // An ERROR item with a body is still an error, classified by its type.
+        let e = by("charge").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::VehicleState);
+        assert_eq!(e.code.as_deref(), Some("NOT_CHARGING"));
+        // ISO-8601 oemUpdatedAt and `km`.
+        assert_eq!(
+            by("odometer"),
+            Ok(Payload::Odometer(OdometerReading {
+                stamp: Stamp {
+                    recorded_at: 1_752_102_918_549,
+                    fetched_at: F
+                },
+                odometer_km: 50000.0,
+            }))
+        );
+        // A locked group is a plan fact, told apart from "not capable".
+        let locked = parse(&page(
+            vec![json!({"id": CABLE, "type": "signal",
+                   "attributes": {"code": CABLE, "group": "Charge",
+                                  "status": {"value": "ERROR", "error": {"type": "BILLING", "code": "INVALID_PLAN"}}}})],
+            Value::Null,
+        ));
+        let e = pick_battery_job(&locked.signals, UnitSystem::Metric)[1]
+            .result
+            .clone()
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PlanLocked);
+        assert_eq!(
+            unavailable_in(&locked.signals, UnitSystem::Metric),
+            [("charge", "plan_locked:BILLING:INVALID_PLAN".to_string())]
+        );
+        // A null value where a number belongs is no reading either.
+        let null_soc = parse(&page(
+            vec![sig(SOC, json!({"unit": "percent", "value": null}), Value::Null)],
+            Value::Null,
+        ));
+        assert_eq!(
+            pick_battery_job(&null_soc.signals, UnitSystem::Metric)[0]
+                .result
+                .clone()
+                .unwrap_err()
+                .kind,
+            ErrorKind::NoReading
+        );
+    }
+
+    #[test]
+    fn an_empty_listing_says_so() {
+        let p = parse(&json!({"data": [], "meta": {"totalCount": 0}, "links": {"next": null}}));
+        assert!(p.signals.is_empty());
+        assert_eq!(p.total_count, Some(0));
+        assert_eq!(no_data().kind, ErrorKind::NoData);
+    }
+
+    #[test]
+    fn an_unknown_charging_status_falls_back_to_ischarging() {
+        let p = parse(&page(
+            vec![
+                sig(CABLE, json!({"value": true}), Value::Null),
+                sig(
+                    DETAILED_STATUS,
+                    json!({"value": "CHARGING_PAUSED"}),
+                    Value::Null,
+                ),
+                sig(IS_CHARGING, json!({"value": false}), Value::Null),
+            ],
+            Value::Null,
+        ));
+        let r = pick_battery_job(&p.signals, UnitSystem::Metric);
+        match &r[1].result {
+            Ok(Payload::Charge(c)) => assert_eq!(c.state, ChargeState::NotCharging),
+            other => panic!("{other:?}"),
+        }
     }
 }
