@@ -28,6 +28,28 @@ pub fn calls_per_run(api: ApiVersion, job: &str) -> (u64, &'static str) {
     }
 }
 
+/// How many runs of `a` in the `MONTH_DAYS` days after `from` fall on a run of `b` (same
+/// second). Counted run by run up to [`COUNT_CAP`]; past that, 0 (the conservative answer).
+pub fn coinciding_runs(a: &str, b: &str, from: DateTime<Utc>) -> Result<u64, String> {
+    let (ca, cb) = (parse_cron(a)?, parse_cron(b)?);
+    let end = from + ChronoDuration::days(MONTH_DAYS);
+    let (mut n, mut seen, mut t) = (0, 0u64, from);
+    while let Ok(next) = ca.find_next_occurrence(&t, false) {
+        if next > end {
+            return Ok(n);
+        }
+        seen += 1;
+        if seen > COUNT_CAP {
+            return Ok(0);
+        }
+        if cb.is_time_matching(&next).unwrap_or(false) {
+            n += 1;
+        }
+        t = next;
+    }
+    Ok(n)
+}
+
 /// How many times `expr` fires in the `MONTH_DAYS` days after `from`.
 pub fn runs_per_month(expr: &str, from: DateTime<Utc>) -> Result<u64, String> {
     let cron = parse_cron(expr)?;
@@ -68,11 +90,21 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
         }
     );
     let mut total = 0u64;
+    // Under v3 a battery tick that falls on an info tick is not made: the info job's listing
+    // answers both (schedule::merge_ticks).
+    let shared = match api {
+        ApiVersion::V3 => coinciding_runs(&cfg.schedule.info, &cfg.schedule.battery, from)
+            .map_err(|e| format!("schedule: {e}"))?,
+        ApiVersion::V2 => 0,
+    };
     for (job, expr) in [
         ("battery", &cfg.schedule.battery),
         ("info", &cfg.schedule.info),
     ] {
-        let runs = runs_per_month(expr, from).map_err(|e| format!("schedule.{job}: {e}"))?;
+        let mut runs = runs_per_month(expr, from).map_err(|e| format!("schedule.{job}: {e}"))?;
+        if job == "battery" {
+            runs = runs.saturating_sub(shared);
+        }
         let (per, what) = calls_per_run(api, job);
         let calls = runs * per;
         total += calls;
@@ -112,6 +144,28 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
         "  {:<8} {:<18} {:>9}            {total:>10} calls",
         "total", "", ""
     );
+    if shared > 0 {
+        let _ = writeln!(
+            out,
+            "  ({shared} battery runs fall on an info run and share its listing; not counted twice)"
+        );
+    }
+    if api == ApiVersion::V3 {
+        let _ = writeln!(
+            out,
+            "  each v3 listing is one billed call per page: {}",
+            match cfg.smartcar.v3_page_size {
+                Some(n) => format!("smartcar.v3_page_size = {n}, so one page for a vehicle with up to {n} signals"),
+                None => "the server's default page size is undocumented; set smartcar.v3_page_size (e.g. 100) and check it with `carpulse doctor`".to_owned(),
+            }
+        );
+        if cfg.smartcar.app_auth() {
+            let _ = writeln!(
+                out,
+                "  GET /v3/connections (hourly, API Authentication) is not billed to a vehicle"
+            );
+        }
+    }
     if let Some((expr, runs, per)) = charging {
         let _ = writeln!(
             out,

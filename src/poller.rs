@@ -15,7 +15,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::domain::{now_ms, ApiVersion, ConnectionId, PollEvent, Reading, UnixMillis, VehicleId};
 use crate::gate::{Gates, Ledger, Reaction, Skip};
 use crate::metrics::Metrics;
-use crate::schedule::{job_endpoints, job_label, poll_endpoints};
+use crate::schedule::{job_endpoints, job_label};
 use crate::smartcar::error::{ApiError, ErrorKind};
 use crate::smartcar::{Capabilities, EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::store::{Store, WriteItem};
@@ -474,7 +474,7 @@ impl Poller {
         let mut cost = 0;
         let admitted = self
             .gates()
-            .admit(&v.id, poll_endpoints(self.api, job), now_ms())
+            .admit(&v.id, job_endpoints(job), now_ms())
             .and_then(|open| {
                 let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
                 // What this job last cost the vehicle, if more than the plan says (pages).
@@ -556,7 +556,7 @@ impl Poller {
             Err(Failure::Token(e)) => {
                 failed = true;
                 warn!(error = %e, "no access token; vehicle not polled");
-                for endpoint in poll_endpoints(self.api, job) {
+                for endpoint in job_endpoints(job) {
                     self.metrics
                         .polls
                         .with_label_values(&[endpoint, "token_error"])

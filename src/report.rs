@@ -158,16 +158,40 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
     let now = now_ms();
     let conns = queries::load_connections(&c)?;
     println!("store: {}", cfg.store.path.display());
-    println!("connections: {}", conns.len());
+    let app_auth = cfg.smartcar.app_auth();
+    println!(
+        "connections: {} ({})",
+        conns.len(),
+        if app_auth {
+            "v3 API Authentication: one application token, kept in memory"
+        } else {
+            "per-user Connect tokens"
+        }
+    );
     for k in &conns {
+        let tokens = if k.tokens.refresh_expires_at == 0 {
+            "no token stored (API Authentication)".to_owned()
+        } else {
+            format!(
+                "access token expires {}, refresh token {}",
+                ago(k.tokens.access_expires_at, now),
+                ago(k.tokens.refresh_expires_at, now)
+            )
+        };
         println!(
-            "  {:>4}  user {}  {}  access token expires {}, refresh token {}",
+            "  {:>4}  user {}  {}  {tokens}",
             k.id.0,
             k.user_id,
             k.status.as_str(),
-            ago(k.tokens.access_expires_at, now),
-            ago(k.tokens.refresh_expires_at, now),
         );
+        // Why a connection's vehicles are not polled, in words.
+        if k.status == crate::domain::ConnectionStatus::Revoked {
+            println!("        revoked: Smartcar no longer lists it (the owner disconnected carpulse); its vehicles are not polled. Fix: `carpulse connect` as that account");
+        } else if app_auth && !crate::domain::is_real_user_id(&k.user_id) {
+            println!("        not polled: no Smartcar user id, which API Authentication sends as sc-user-id. Fix: `carpulse connect` as that account again");
+        } else if !app_auth && k.tokens.refresh_expires_at == 0 {
+            println!("        not polled: made with API Authentication, so it holds no per-user token. Fix: set smartcar.api_client_id and its secret again, or `carpulse connect` without them");
+        }
     }
     let rows = queries::vehicle_summaries(&c)?;
     // A store not yet migrated by this version has no blocks or billed calls to show.
@@ -213,6 +237,10 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
             let what = match (b.endpoint.as_str(), b.until) {
                 ("*", _) => "paused".to_owned(),
                 ("~", Some(until)) if until <= now => continue,
+                ("~", Some(until)) if b.reason == "no_data" => format!(
+                    "Smartcar holds no signals for it (an empty listing; likely not subscribed to a webhook: subscribe it in Smartcar's dashboard); asked again {}",
+                    ago(until, now)
+                ),
                 ("~", Some(until)) => format!("not called until {}", ago(until, now)),
                 (endpoint, _) => format!("not polled: {endpoint}"),
             };

@@ -101,19 +101,6 @@ pub fn job_label(job: Job) -> &'static str {
 }
 
 /// The endpoints a job reads, for outcomes that concern the whole request.
-/// The endpoints one poll of `job` asks and records under `api`. A v3 listing answers every
-/// reading at once, so each v3 job records them all (the Info job adds make/model/year):
-/// nothing a paid-for listing carried is thrown away.
-pub fn poll_endpoints(api: crate::domain::ApiVersion, job: Job) -> &'static [&'static str] {
-    match (api, job) {
-        (crate::domain::ApiVersion::V2, job) => job_endpoints(job),
-        (crate::domain::ApiVersion::V3, Job::Battery) => &["battery", "charge", "vin", "odometer"],
-        (crate::domain::ApiVersion::V3, Job::Info) => {
-            &["info", "battery", "charge", "vin", "odometer"]
-        }
-    }
-}
-
 /// Ticks that fall due together become one cycle per listing: under v3 an Info tick answers
 /// everything a Battery tick would, so a plain Battery tick beside it is dropped.
 pub fn merge_ticks(api: crate::domain::ApiVersion, ticks: Vec<Tick>) -> Vec<Tick> {
