@@ -2357,3 +2357,22 @@ async fn a_trailing_slash_answers_like_the_plain_path() {
     assert_eq!(sim.get("/", &token).await.status(), 404);
     sim.stop().await;
 }
+
+/// Every successful batch item carries `headers` (smartcar-api.md §2.3), `{}` when it has no data
+/// headers (`/permissions`): the official Python SDK's `Vehicle.batch()` reads them unguarded.
+/// Failed items may omit them, as Smartcar's do.
+#[tokio::test]
+async fn every_successful_batch_item_has_headers() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let car = sim.first_car().await;
+    let items = sim
+        .batch(&car, &token, &["/permissions", "/odometer", "/nowhere"])
+        .await;
+    assert_eq!(items[0]["code"], 200);
+    assert_eq!(items[0]["headers"], json!({}));
+    assert_eq!(items[1]["headers"]["sc-unit-system"], "metric");
+    assert_eq!(items[2]["code"], 404);
+    assert!(items[2].get("headers").is_none());
+    sim.stop().await;
+}
