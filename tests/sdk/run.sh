@@ -111,7 +111,7 @@ node_suite() {
   SMARTCAR_NODE_PREFIX="$PWD/$prefix" node --test --test-reporter=tap tests/sdk/node/sdk.test.mjs \
     2>&1 | tee "$log" || rc=$?
   local result
-  result=$(grep -E '^# (tests|pass|fail|todo) ' "$log" | sed 's/^# //' | paste -sd ' ' -)
+  result=$(grep -E '^# (tests|pass|fail|cancelled|skipped|todo) ' "$log" | sed 's/^# //' | paste -sd ' ' -)
   if [[ $rc -eq 0 ]]; then
     summary+=("$suite: $result")
   else
