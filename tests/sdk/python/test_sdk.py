@@ -82,7 +82,7 @@ class Simulator:
         while self.base is None:
             left = deadline - time.monotonic()
             if left <= 0:
-                self.stop()
+                self.stop(keep_log=True)
                 raise RuntimeError(
                     f"{' '.join(argv)} printed no address within {START_TIMEOUT_S} s; "
                     f"log: {self.log.name}"
@@ -93,15 +93,16 @@ class Simulator:
                 continue
             if line is None:
                 code = self.proc.wait()
+                log = Path(self.log.name).read_text()[-2000:]
+                self.stop()
                 raise RuntimeError(
-                    f"{' '.join(argv)} exited ({code}) before printing its address: "
-                    f"{Path(self.log.name).read_text()[-2000:]}"
+                    f"{' '.join(argv)} exited ({code}) before printing its address: {log}"
                 )
             m = re.match(r"carpulse simulator listening on (http://\S+)", line)
             if m:
                 self.base = m.group(1)
 
-    def stop(self):
+    def stop(self, keep_log=False):
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -112,6 +113,8 @@ class Simulator:
         self.pump.join(timeout=10)
         self.proc.stdout.close()
         self.log.close()
+        if not keep_log:
+            Path(self.log.name).unlink(missing_ok=True)
 
     # Introspection and faults (not Smartcar: the simulator's own /_simulator endpoints).
     def fleet(self):
