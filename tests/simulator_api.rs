@@ -2256,3 +2256,123 @@ async fn reauthentication_validates_its_request() {
     assert_eq!(sim.stats().await["reauthentications"], 1);
     sim.stop().await;
 }
+
+/// `retrievedAt` is the time of the answer: two requests differ in it and nothing else.
+fn without_retrieved_at(mut value: Value) -> Value {
+    match &mut value {
+        Value::Object(map) => {
+            map.remove("retrievedAt");
+            for v in map.values_mut() {
+                *v = without_retrieved_at(v.take());
+            }
+        }
+        Value::Array(items) => {
+            for v in items.iter_mut() {
+                *v = without_retrieved_at(v.take());
+            }
+        }
+        _ => {}
+    }
+    value
+}
+
+/// Smartcar's official SDKs ask some resources with a trailing slash (Python
+/// `Vehicle.attributes()` → `/v2.0/vehicles/{id}/`; Node `getUser()` → `/v2.0/user/`,
+/// `getVehicles()` → `/v2.0/vehicles/`, `getVehicle()` → `/v3/vehicles/{id}/`), which Smartcar
+/// serves: every route answers them exactly like the plain path, query included.
+#[tokio::test]
+async fn a_trailing_slash_answers_like_the_plain_path() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let car = sim.first_car().await;
+    let paths = [
+        "/v2.0/user".to_owned(),
+        "/v2.0/vehicles".to_owned(),
+        "/v2.0/vehicles?limit=1&offset=1".to_owned(),
+        format!("/v2.0/vehicles/{car}"),
+        format!("/v2.0/vehicles/{car}/odometer"),
+        format!("/v2.0/vehicles/{car}/battery/capacity"),
+        format!("/v2.0/vehicles/{car}/permissions?limit=2&offset=1"),
+        format!("/v3/vehicles/{car}"),
+        format!("/v3/vehicles/{car}/signals?pageSize=3"),
+        format!("/v3/vehicles/{car}/signals/odometer-traveleddistance"),
+    ];
+    for plain in &paths {
+        let slashed = match plain.split_once('?') {
+            Some((path, query)) => format!("{path}/?{query}"),
+            None => format!("{plain}/"),
+        };
+        let a = sim.get(plain, &token).await;
+        let b = sim.get(&slashed, &token).await;
+        let statuses = (a.status().as_u16(), b.status().as_u16());
+        assert_eq!(statuses, (200, 200), "{plain} vs {slashed}");
+        let (a, b): (Value, Value) = (a.json().await.unwrap(), b.json().await.unwrap());
+        assert_eq!(
+            without_retrieved_at(a),
+            without_retrieved_at(b),
+            "{slashed}"
+        );
+    }
+
+    // POST routes too: the batch and the token endpoint.
+    let batch = sim
+        .client
+        .post(sim.url(&format!("/v2.0/vehicles/{car}/batch/")))
+        .bearer_auth(&token)
+        .json(&json!({"requests": [{"path": "/odometer"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(batch.status(), 200);
+    let body: Value = batch.json().await.unwrap();
+    assert_eq!(body["responses"][0]["code"], 200);
+    let code = sim.code(&[]).await;
+    let exchanged = sim
+        .client
+        .post(sim.url("/oauth/token/"))
+        .header("authorization", sim.basic())
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", REDIRECT),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(exchanged.status(), 200);
+
+    // An unknown path stays Smartcar's 404 with or without the slash; so does the bare root.
+    for path in [
+        "/v2.0/nowhere/",
+        format!("/v2.0/vehicles/{car}/nowhere/").as_str(),
+    ] {
+        let response = sim.get(path, &token).await;
+        assert_eq!(response.status(), 404, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            (&body["type"], &body["code"]),
+            (&json!("RESOURCE_NOT_FOUND"), &json!("PATH"))
+        );
+    }
+    assert_eq!(sim.get("/", &token).await.status(), 404);
+    sim.stop().await;
+}
+
+/// Every successful batch item carries `headers` (smartcar-api.md §2.3), `{}` when it has no data
+/// headers (`/permissions`): the official Python SDK's `Vehicle.batch()` reads them unguarded.
+/// Failed items may omit them, as Smartcar's do.
+#[tokio::test]
+async fn every_successful_batch_item_has_headers() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let car = sim.first_car().await;
+    let items = sim
+        .batch(&car, &token, &["/permissions", "/odometer", "/nowhere"])
+        .await;
+    assert_eq!(items[0]["code"], 200);
+    assert_eq!(items[0]["headers"], json!({}));
+    assert_eq!(items[1]["headers"]["sc-unit-system"], "metric");
+    assert_eq!(items[2]["code"], 404);
+    assert!(items[2].get("headers").is_none());
+    sim.stop().await;
+}

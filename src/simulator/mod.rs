@@ -701,6 +701,37 @@ fn router(sim: SimState) -> Router {
         .with_state(sim)
 }
 
+/// `router` answering `/v2.0/vehicles/{id}/` like `/v2.0/vehicles/{id}`, as Smartcar does: the
+/// official SDKs ask for some resources with a trailing slash (Python `Vehicle.attributes()`,
+/// Node `getUser()`, `getVehicles()`, `attributes()`, `getVehicle()`). The slash is trimmed before
+/// routing, so every route takes it; `Router::layer` runs after routing, hence the outer router.
+fn trailing_slash_tolerant(router: Router) -> Router {
+    Router::new()
+        .fallback_service(router)
+        .layer(middleware::map_request(trim_trailing_slash))
+}
+
+async fn trim_trailing_slash(mut request: Request) -> Request {
+    let path = request.uri().path();
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() || trimmed.len() == path.len() {
+        return request;
+    }
+    let path_and_query = match request.uri().query() {
+        Some(query) => format!("{trimmed}?{query}"),
+        None => trimmed.to_owned(),
+    };
+    let Ok(path_and_query) = path_and_query.parse() else {
+        return request;
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+    request
+}
+
 /// One debug line per request (method, path, status, time; never the query, headers or body,
 /// which carry codes and tokens) and the request counters.
 async fn log_and_count(State(sim): State<SimState>, request: Request, next: Next) -> Response {
@@ -918,7 +949,7 @@ pub async fn serve(
         seed = sim.cfg.seed,
         "simulator serving"
     );
-    axum::serve(listener, router(sim))
+    axum::serve(listener, trailing_slash_tolerant(router(sim)))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .context("simulator server failed")?;

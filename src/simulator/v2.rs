@@ -361,7 +361,10 @@ pub(crate) async fn batch(
                 match found {
                     Ok(found) => {
                         sim.served.record(&vehicle.id, &state, found.served);
-                        let mut item = json!({"path": path, "code": 200, "body": found.body});
+                        // Every successful item has `headers` (smartcar-api.md §2.3), if only
+                        // `{}`: the Python SDK reads them unguarded.
+                        let mut item =
+                            json!({"path": path, "code": 200, "body": found.body, "headers": {}});
                         if found.is_data {
                             let headers: serde_json::Map<String, Value> =
                                 data_headers(&state, now, units)
