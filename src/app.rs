@@ -807,10 +807,13 @@ pub async fn check_health(
     let now = crate::domain::now_ms();
     let mut problems = Vec::new();
     for (id, user, status, expires_at) in tokens.overview().await {
-        metrics
-            .token_expiry
-            .with_label_values(&[id.to_string().as_str()])
-            .set(expires_at as f64 / 1000.0);
+        // A connection made with API Authentication holds no token of its own.
+        if expires_at > 0 {
+            metrics
+                .token_expiry
+                .with_label_values(&[id.to_string().as_str()])
+                .set(expires_at as f64 / 1000.0);
+        }
         match (status, tokens.app_auth()) {
             (ConnectionStatus::NeedsReauth, false) => problems.push(format!(
                 "connection {id} (Smartcar user {user}) needs re-authorization: run `carpulse reauth VEHICLE` for one of its vehicles (or `carpulse connect` as that account)"
