@@ -192,10 +192,10 @@ pub struct SimulatorArgs {
     pub seed: u64,
     /// A fault from the start, repeatable: KIND[@VEHICLE_ID][*COUNT], e.g. `asleep`,
     /// `rate_limit@<id>`, `server*3`. Kinds: rate_limit, app_rate_limit, asleep, unreachable,
-    /// server, upstream, permission, connected_services_account, compatibility, billing, slow,
-    /// malformed, drop. Without @, fleet-wide; without *, until cleared through
-    /// /_simulator/faults (a vehicle's connected_services_account fault also by the re-auth flow,
-    /// /oauth/reauthenticate).
+    /// server, upstream, upstream_rate_limit, permission, connected_services_account,
+    /// compatibility, billing, slow, malformed, drop. Without @, fleet-wide; without *, until
+    /// cleared through /_simulator/faults (a vehicle's connected_services_account fault also by
+    /// the re-auth flow, /oauth/reauthenticate).
     #[arg(long = "fault", value_name = "SPEC", value_parser = faults::parse_spec)]
     pub faults: Vec<(Option<String>, faults::Fault)>,
     /// Probability (0–1) that a vehicle request gets a random transient fault (asleep, server,
