@@ -12,6 +12,9 @@
 //! read_location, vehicleidentification-vin read_vin, internalcombustionengine-oillife
 //! read_engine_oil, the other internalcombustionengine-* read_fuel). One the consent did not grant
 //! is an ERROR item with PERMISSION in the list, and 403 PERMISSION on its own.
+//!
+//! Who may ask is decided by [`Sim::authenticate_v3`] (per-user token, or the application token
+//! with `sc-user-id` and a connection, [`Sim::app_caller_for_vehicle`]).
 
 use std::collections::HashMap;
 
@@ -25,7 +28,7 @@ use super::errors::{Api, ApiError};
 use super::fleet::{random_uuid, round_to, Powertrain, Vehicle, VehicleState};
 use super::scope::Scope;
 use super::stats::Served;
-use super::{api_json, Caller, Sim, SimState};
+use super::{api_json, Caller, Sim, SimState, V3Bearer};
 use crate::domain::{now_ms, ChargeState, UnixMillis};
 
 const DEFAULT_PAGE_SIZE: usize = 10;
@@ -321,21 +324,28 @@ fn signal_object(
     })
 }
 
-/// Authenticates and resolves the vehicle (ownership only: no fault or limit yet, see
-/// [`Sim::admit`]). `sc-user-id` is optional (the per-vehicle token model); when sent it must
-/// name the token's user (the 2026 app-token model).
+/// Authenticates and resolves the vehicle (access only: no fault or limit yet, see
+/// [`Sim::admit`]). With a per-user token `sc-user-id` is optional (the SDK model); when sent it
+/// must name the token's user (401 otherwise). With the application token it is required and
+/// the user must have a connection to the vehicle ([`Sim::app_caller_for_vehicle`]).
 fn caller_and_vehicle<'s>(
     sim: &'s Sim,
     headers: &HeaderMap,
     id: &str,
 ) -> Result<(Caller, &'s Vehicle), ApiError> {
-    let caller = sim.authenticate(headers)?;
-    if let Some(claimed) = headers.get("sc-user-id") {
-        if claimed.to_str().ok().map(str::trim) != Some(sim.fleet.users[caller.user].id.as_str()) {
-            return Err(ApiError::authentication());
+    match sim.authenticate_v3(headers)? {
+        V3Bearer::User(caller) => {
+            if let Some(claimed) = headers.get("sc-user-id") {
+                if claimed.to_str().ok().map(str::trim)
+                    != Some(sim.fleet.users[caller.user].id.as_str())
+                {
+                    return Err(ApiError::authentication());
+                }
+            }
+            Ok((caller, sim.vehicle_of(caller.user, id)?))
         }
+        V3Bearer::App => sim.app_caller_for_vehicle(headers, id),
     }
-    Ok((caller, sim.vehicle_of(caller.user, id)?))
 }
 
 /// [`caller_and_vehicle`], then the vehicle's faults and limits.
