@@ -2905,6 +2905,345 @@ async fn revoking_removes_connections_until_the_user_approves_again() {
     sim.stop().await;
 }
 
+/// A signal item of a `/signals` page by code.
+fn item<'a>(page: &'a Value, code: &str) -> &'a Value {
+    page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == code)
+        .unwrap_or_else(|| panic!("{code} not on the page"))
+}
+
+#[tokio::test]
+async fn signal_options_shape_the_v3_answers_and_stay_out_of_the_served_log() {
+    let base = spawn(SimulatorConfig {
+        users: 1,
+        vehicles_per_user: 2,
+        ..stable_cfg()
+    })
+    .await;
+    let cars = base.cars_of(0).await;
+    base.stop().await;
+    let sim = spawn(SimulatorConfig {
+        vehicles_per_user: 2,
+        empty_signals: vec![cars[1].clone()],
+        unavailable_signals: vec!["tractionbattery-range".into()],
+        null_signals: vec![
+            "odometer-traveleddistance".into(),
+            "tractionbattery-nominalcapacity".into(),
+            "location-preciselocation".into(),
+        ],
+        locked_groups: vec!["charge".into()],
+        iso_timestamps: true,
+        ..stable_cfg()
+    })
+    .await;
+    let token = sim.connect("1").await;
+    let page = sim
+        .get_json(
+            &format!("/v3/vehicles/{}/signals?pageSize=100", cars[0]),
+            &token,
+        )
+        .await;
+
+    let range = &item(&page, "tractionbattery-range")["attributes"];
+    assert_eq!(range["status"], json!({"value": "UNAVAILABLE"}));
+    assert!(range.get("body").is_none(), "{range}");
+    let odometer = &item(&page, "odometer-traveleddistance")["attributes"];
+    assert_eq!(odometer["status"], json!({"value": "SUCCESS"}));
+    assert_eq!(
+        odometer["body"],
+        json!({"unit": "kilometers", "value": null})
+    );
+    let capacity = &item(&page, "tractionbattery-nominalcapacity")["attributes"];
+    assert_eq!(capacity["body"], json!({"unit": "kWh", "value": null}));
+    let location = &item(&page, "location-preciselocation")["attributes"];
+    assert_eq!(location["body"], json!({"value": null}));
+    for code in [
+        "charge-ischarging",
+        "charge-detailedchargingstatus",
+        "charge-chargelimits",
+    ] {
+        let charge = &item(&page, code)["attributes"];
+        assert_eq!(
+            charge["status"],
+            json!({"value": "ERROR", "error": {"type": "BILLING", "code": "INVALID_PLAN"}}),
+            "{code}"
+        );
+        assert!(charge.get("body").is_none(), "{code}");
+    }
+    let soc = item(&page, "tractionbattery-stateofcharge");
+    assert_eq!(soc["attributes"]["status"]["value"], "SUCCESS");
+    // ISO-8601 timestamps.
+    let retrieved = parse_iso_ms(soc["meta"]["retrievedAt"].as_str().unwrap());
+    let updated = parse_iso_ms(soc["meta"]["oemUpdatedAt"].as_str().unwrap());
+    assert!(updated <= retrieved);
+    // Single signals answer the same items.
+    let single = sim
+        .get_json(
+            &format!("/v3/vehicles/{}/signals/charge-ischarging", cars[0]),
+            &token,
+        )
+        .await;
+    assert_eq!(
+        single["attributes"]["status"]["error"]["code"],
+        "INVALID_PLAN"
+    );
+    let single = sim
+        .get_json(
+            &format!("/v3/vehicles/{}/signals/odometer-traveleddistance", cars[0]),
+            &token,
+        )
+        .await;
+    assert_eq!(single["attributes"]["body"]["value"], Value::Null);
+    // Nothing withheld reached the served log: the battery reading lost its range, the charge
+    // group is locked, the odometer was null.
+    assert_eq!(
+        sim.served(&cars[0]).await,
+        json!({"battery": [], "charge": [], "odometer": []})
+    );
+
+    // The empty car: 200 with no data and no `included`; its vehicle object still answers.
+    let empty = sim
+        .get_json(&format!("/v3/vehicles/{}/signals", cars[1]), &token)
+        .await;
+    assert_eq!(empty["data"], json!([]));
+    assert_eq!(
+        empty["meta"],
+        json!({"page": 1, "pageSize": 10, "totalCount": 0})
+    );
+    assert!(empty.get("included").is_none(), "{empty}");
+    assert_eq!(empty["links"]["next"], Value::Null);
+    assert_eq!(
+        empty["links"]["self"],
+        format!("/vehicles/{}/signals?page=1&pageSize=10", cars[1])
+    );
+    let vehicle = sim.get(&format!("/v3/vehicles/{}", cars[1]), &token).await;
+    assert_eq!(vehicle.status(), 200);
+    let one = sim
+        .get(
+            &format!(
+                "/v3/vehicles/{}/signals/tractionbattery-stateofcharge",
+                cars[1]
+            ),
+            &token,
+        )
+        .await;
+    let (status, kind, code) = v3_error(one).await;
+    assert_eq!(
+        (status, kind.as_str(), code.as_str()),
+        (404, "RESOURCE_NOT_FOUND", "SIGNAL_NOT_FOUND")
+    );
+    assert_eq!(
+        sim.served(&cars[1]).await,
+        json!({"battery": [], "charge": [], "odometer": []})
+    );
+    sim.stop().await;
+
+    // "all" empties every car.
+    let all = spawn(SimulatorConfig {
+        empty_signals: vec!["all".into()],
+        ..stable_cfg()
+    })
+    .await;
+    let token = all.connect("1").await;
+    for car in all.cars_of(0).await {
+        let page = all
+            .get_json(&format!("/v3/vehicles/{car}/signals"), &token)
+            .await;
+        assert_eq!(page["meta"]["totalCount"], 0);
+    }
+    all.stop().await;
+}
+
+#[tokio::test]
+async fn v3_distances_follow_the_unit_and_timestamps_default_to_epoch_ms() {
+    for (unit, per_km) in [("kilometers", 1.0), ("km", 1.0), ("miles", 1.0 / 1.609_344)] {
+        let sim = spawn(SimulatorConfig {
+            distance_unit: unit.into(),
+            ..stable_cfg()
+        })
+        .await;
+        let token = sim.connect("1").await;
+        let car = sim.first_car().await;
+        let page = sim
+            .get_json(&format!("/v3/vehicles/{car}/signals?pageSize=100"), &token)
+            .await;
+        let odometer = item(&page, "odometer-traveleddistance");
+        assert_eq!(odometer["attributes"]["body"]["unit"], unit);
+        let range = &item(&page, "tractionbattery-range")["attributes"]["body"];
+        assert_eq!(range["unit"], unit);
+        assert!(odometer["meta"]["oemUpdatedAt"].is_i64(), "{odometer}");
+        assert!(odometer["meta"]["retrievedAt"].is_i64(), "{odometer}");
+        let served = sim.served(&car).await;
+        let km = served["odometer"][0]["odometer_km"].as_f64().unwrap();
+        let value = odometer["attributes"]["body"]["value"].as_f64().unwrap();
+        assert!(
+            (value - km * per_km).abs() < 1e-9,
+            "{unit}: {value} vs {km} km"
+        );
+        let range_km = served["battery"][0]["range_km"].as_f64().unwrap();
+        assert!((range["value"].as_f64().unwrap() - range_km * per_km).abs() < 1e-9);
+        assert_eq!(range["additionalValues"][0]["value"], range["value"]);
+        sim.stop().await;
+    }
+    let bad = SimulatorConfig {
+        distance_unit: "parsecs".into(),
+        ..stable_cfg()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = serve(listener, bad, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("distance_unit"), "{err:#}");
+}
+
+#[tokio::test]
+async fn the_upstream_rate_limit_fault_is_a_502_without_retry_after() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let car = sim.first_car().await;
+    let set = sim
+        .set_fault(json!({"vehicle_id": car, "kind": "upstream_rate_limit", "count": 2}))
+        .await;
+    assert_eq!(set.status(), 200);
+    let v2 = sim
+        .get(&format!("/v2.0/vehicles/{car}/odometer"), &token)
+        .await;
+    assert_eq!(v2.status(), 502);
+    assert!(v2.headers().get("retry-after").is_none());
+    let body: Value = v2.json().await.unwrap();
+    assert_eq!(
+        (&body["type"], &body["code"]),
+        (&json!("UPSTREAM"), &json!("RATE_LIMIT"))
+    );
+    assert_eq!(body["statusCode"], 502);
+    let v3 = sim
+        .get(&format!("/v3/vehicles/{car}/signals"), &token)
+        .await;
+    assert!(v3.headers().get("retry-after").is_none());
+    let (status, kind, code) = v3_error(v3).await;
+    assert_eq!(
+        (status, kind.as_str(), code.as_str()),
+        (502, "UPSTREAM", "RATE_LIMIT")
+    );
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{car}/odometer"), &token)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(sim.stats().await["faults_served"], 2);
+    sim.stop().await;
+    // And from the command line.
+    let (vehicle, fault) = faults::parse_spec("upstream_rate_limit*1").unwrap();
+    assert_eq!(
+        (vehicle, fault.kind, fault.count),
+        (None, faults::FaultKind::UpstreamRateLimit, Some(1))
+    );
+}
+
+#[test]
+fn the_v3_flags_reach_the_config() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimulatorArgs,
+    }
+    let defaults = SimulatorConfig::default();
+    assert_eq!(
+        (
+            defaults.api_client_id.as_str(),
+            defaults.api_client_secret.as_str()
+        ),
+        ("carpulse-demo-api", "carpulse-demo-api-secret")
+    );
+    assert_eq!(defaults.app_token_lifetime, Duration::from_secs(3600));
+    assert_eq!(defaults.v3_auth, V3Auth::Both);
+    assert_eq!(defaults.distance_unit, "kilometers");
+    assert!(!format!("{defaults:?}").contains("carpulse-demo-api-secret"));
+    let args = Cli::parse_from([
+        "simulator",
+        "--api-client-id",
+        "client_x",
+        "--api-client-secret",
+        "s3cret",
+        "--app-token-lifetime",
+        "60",
+        "--v3-auth",
+        "app",
+        "--redirect-without-code",
+        "--empty-signals",
+        "a,b",
+        "--unavailable-signals",
+        "tractionbattery-range,Charge-IsCharging",
+        "--null-signals",
+        "odometer-traveleddistance",
+        "--locked-groups",
+        "charge,Location",
+        "--iso-timestamps",
+        "--distance-unit",
+        "miles",
+    ])
+    .sim;
+    assert!(!format!("{args:?}").contains("s3cret"));
+    let cfg = args.to_config();
+    assert!(!format!("{cfg:?}").contains("s3cret"));
+    assert_eq!(
+        (cfg.api_client_id.as_str(), cfg.api_client_secret.as_str()),
+        ("client_x", "s3cret")
+    );
+    assert_eq!(cfg.app_token_lifetime, Duration::from_secs(60));
+    assert_eq!(cfg.v3_auth, V3Auth::App);
+    assert!(cfg.redirect_without_code && cfg.iso_timestamps);
+    assert_eq!(cfg.empty_signals, ["a", "b"]);
+    assert_eq!(
+        cfg.unavailable_signals,
+        ["tractionbattery-range", "charge-ischarging"]
+    );
+    assert_eq!(cfg.null_signals, ["odometer-traveleddistance"]);
+    assert_eq!(cfg.locked_groups, ["charge", "location"]);
+    assert_eq!(cfg.distance_unit, "miles");
+    assert_eq!(
+        Cli::parse_from(["simulator", "--empty-signals", "all"])
+            .sim
+            .to_config()
+            .empty_signals,
+        ["all"]
+    );
+    for bad in [
+        ["--v3-auth", "nobody"],
+        ["--locked-groups", "warp"],
+        ["--null-signals", "odometer-bogus"],
+        ["--unavailable-signals", "x"],
+        ["--distance-unit", "parsecs"],
+        ["--app-token-lifetime", "0"],
+    ] {
+        assert!(
+            Cli::try_parse_from(["simulator", bad[0], bad[1]]).is_err(),
+            "{bad:?}"
+        );
+    }
+    let Err(help) = Cli::try_parse_from(["simulator", "--help"]) else {
+        panic!("--help parsed as arguments");
+    };
+    let help = help.to_string();
+    for needle in [
+        "--api-client-id",
+        "--v3-auth",
+        "--empty-signals",
+        "--locked-groups",
+        "--distance-unit",
+        "/v3/connections",
+        "upstream_rate_limit",
+        "missing userId",
+    ] {
+        assert!(help.contains(needle), "{needle} not in --help");
+    }
+}
+
 #[tokio::test]
 async fn stats_count_requests_by_api_and_every_new_counter_is_reported() {
     let sim = spawn(stable_cfg()).await;

@@ -80,6 +80,21 @@ pub struct SimulatorConfig {
     /// Connect's success redirect carries only `user_id` and `state`, no `code` (the newest docs'
     /// shape, smartcar-api.md §10.2); the approval still creates the connections.
     pub redirect_without_code: bool,
+    /// Vehicle ids whose v3 signal store is empty (`/signals` answers 200 with no data, as for a
+    /// car Smartcar has no data for yet, §10.5); `"all"` means every vehicle.
+    pub empty_signals: Vec<String>,
+    /// v3 signal codes answered with `status.value = UNAVAILABLE` and no body.
+    pub unavailable_signals: Vec<String>,
+    /// v3 signal codes answered SUCCESS with the body `{"value": null}` (and the unit, if any).
+    pub null_signals: Vec<String>,
+    /// Lower-case v3 signal groups (e.g. `charge`) locked by the app's plan (§10.6): each of
+    /// their signals is an ERROR BILLING:INVALID_PLAN item with no body.
+    pub locked_groups: Vec<String>,
+    /// v3 `meta.oemUpdatedAt`/`retrievedAt` as ISO-8601 strings instead of epoch milliseconds.
+    pub iso_timestamps: bool,
+    /// The unit string of v3 distances: `kilometers` (default), `km`, `miles` or `mi` (any case);
+    /// the mile ones convert the value.
+    pub distance_unit: String,
     /// Number of simulated accounts (each Connect consent picks one).
     pub users: usize,
     pub vehicles_per_user: usize,
@@ -132,6 +147,12 @@ impl Default for SimulatorConfig {
             app_token_lifetime: Duration::from_secs(3600),
             v3_auth: V3Auth::Both,
             redirect_without_code: false,
+            empty_signals: Vec::new(),
+            unavailable_signals: Vec::new(),
+            null_signals: Vec::new(),
+            locked_groups: Vec::new(),
+            iso_timestamps: false,
+            distance_unit: "kilometers".to_owned(),
             users: 1,
             vehicles_per_user: 2,
             access_token_lifetime: Duration::from_secs(7200),
@@ -177,6 +198,12 @@ impl fmt::Debug for SimulatorConfig {
             .field("app_token_lifetime", &self.app_token_lifetime)
             .field("v3_auth", &self.v3_auth)
             .field("redirect_without_code", &self.redirect_without_code)
+            .field("empty_signals", &self.empty_signals)
+            .field("unavailable_signals", &self.unavailable_signals)
+            .field("null_signals", &self.null_signals)
+            .field("locked_groups", &self.locked_groups)
+            .field("iso_timestamps", &self.iso_timestamps)
+            .field("distance_unit", &self.distance_unit)
             .field("users", &self.users)
             .field("vehicles_per_user", &self.vehicles_per_user)
             .field("access_token_lifetime", &self.access_token_lifetime)
@@ -212,7 +239,8 @@ pub struct SimulatorArgs {
     /// OAuth client secret the simulator accepts.
     #[arg(long, default_value = "carpulse-demo-secret")]
     pub client_secret: String,
-    /// The v3 flags: API credentials, `--v3-auth` and the Connect redirect shape.
+    /// The v3 flags: API credentials, `--v3-auth`, the Connect redirect shape and the signal
+    /// options.
     #[command(flatten)]
     pub v3: Box<V3Args>,
     /// Number of simulated user accounts.
@@ -307,6 +335,30 @@ pub struct V3Args {
     /// shape); the approval still creates the connections.
     #[arg(long)]
     pub redirect_without_code: bool,
+    /// Vehicles whose v3 signal store is empty (/signals answers 200 with no data), comma-
+    /// separated ids, or `all`.
+    #[arg(long, value_name = "ID[,ID..]|all", value_delimiter = ',')]
+    pub empty_signals: Vec<String>,
+    /// v3 signal codes answered with status UNAVAILABLE and no body, comma-separated.
+    #[arg(long, value_name = "CODE[,..]", value_delimiter = ',',
+          value_parser = v3::parse_signal_code)]
+    pub unavailable_signals: Vec<String>,
+    /// v3 signal codes answered SUCCESS with body {"value": null}, comma-separated.
+    #[arg(long, value_name = "CODE[,..]", value_delimiter = ',',
+          value_parser = v3::parse_signal_code)]
+    pub null_signals: Vec<String>,
+    /// v3 signal groups locked by the app's plan (e.g. `charge,location`): their signals are
+    /// status ERROR with error BILLING:INVALID_PLAN and no body.
+    #[arg(long, value_name = "GROUP[,..]", value_delimiter = ',',
+          value_parser = v3::parse_group)]
+    pub locked_groups: Vec<String>,
+    /// v3 meta.oemUpdatedAt/retrievedAt as ISO-8601 strings instead of epoch milliseconds.
+    #[arg(long)]
+    pub iso_timestamps: bool,
+    /// Unit string of v3 distances: kilometers, km, miles or mi (miles convert the value).
+    #[arg(long, value_name = "STRING", default_value = "kilometers",
+          value_parser = v3::parse_distance_unit)]
+    pub distance_unit: String,
 }
 
 /// Hand-written so the API secret never reaches a log line through `{:?}`.
@@ -318,6 +370,12 @@ impl fmt::Debug for V3Args {
             .field("app_token_lifetime", &self.app_token_lifetime)
             .field("v3_auth", &self.v3_auth)
             .field("redirect_without_code", &self.redirect_without_code)
+            .field("empty_signals", &self.empty_signals)
+            .field("unavailable_signals", &self.unavailable_signals)
+            .field("null_signals", &self.null_signals)
+            .field("locked_groups", &self.locked_groups)
+            .field("iso_timestamps", &self.iso_timestamps)
+            .field("distance_unit", &self.distance_unit)
             .finish()
     }
 }
@@ -375,6 +433,13 @@ user: 400 VALIDATION:INVALID_PARAMETER; a user who does not own the vehicle, nev
 in Connect, or revoked it: 403 AUTHENTICATION:ACCESS_DENIED. It reads with the scope of that
 user's latest approval of the vehicle. Every v3 error is {\"errors\": [{status (a string), type,
 code, title, detail, resolution, links, meta.debug.requestId (= the sc-request-id header)}]}.
+
+v3 signal options: --empty-signals (200 with no data, single signals 404
+RESOURCE_NOT_FOUND:SIGNAL_NOT_FOUND), --unavailable-signals (status UNAVAILABLE, no body),
+--null-signals (SUCCESS, body {\"value\": null} plus the unit), --locked-groups (status ERROR,
+error BILLING:INVALID_PLAN, no body), --iso-timestamps (meta times as ISO-8601, default epoch
+ms), --distance-unit (unit of tractionbattery-range, odometer-traveleddistance and
+internalcombustionengine-range). Values not served this way are not in /_simulator/served.
 
 Permissions: / needs read_vehicle_info, /vin read_vin, /battery* read_battery, /charge*
 read_charge, /odometer read_odometer, /location read_location, /tires/pressure read_tires,
@@ -492,6 +557,12 @@ impl SimulatorArgs {
             app_token_lifetime: Duration::from_secs(self.v3.app_token_lifetime),
             v3_auth: self.v3.v3_auth,
             redirect_without_code: self.v3.redirect_without_code,
+            empty_signals: self.v3.empty_signals.clone(),
+            unavailable_signals: self.v3.unavailable_signals.clone(),
+            null_signals: self.v3.null_signals.clone(),
+            locked_groups: self.v3.locked_groups.clone(),
+            iso_timestamps: self.v3.iso_timestamps,
+            distance_unit: self.v3.distance_unit.clone(),
             users: self.users,
             vehicles_per_user: self.vehicles_per_user,
             access_token_lifetime: Duration::from_secs(self.token_lifetime),
@@ -524,6 +595,8 @@ pub(crate) struct Sim {
     pub(crate) faults: faults::Faults,
     /// The (user, vehicle) pairs approved in Connect: what an application token can reach.
     pub(crate) connections: connections::Connections,
+    /// The v3 signal options of the configuration, validated and indexed.
+    pub(crate) signal_options: v3::SignalOptions,
     /// Vehicles a user chose on the consent page; a user absent here granted all of theirs.
     grants: std::sync::Mutex<HashMap<usize, std::collections::HashSet<String>>>,
     /// The app-wide bucket: (tokens left, when last refilled).
@@ -610,6 +683,7 @@ impl Sim {
             faults.set(vehicle.clone(), fault.clone());
         }
         faults.set_random_rate(cfg.fault_rate);
+        let signal_options = v3::SignalOptions::new(&cfg, &fleet)?;
         Ok(Sim {
             // Before `cfg` moves in.
             served: ServedLog::new(cfg.served_log),
@@ -620,6 +694,7 @@ impl Sim {
             stats: Stats::default(),
             faults,
             connections: Default::default(),
+            signal_options,
             grants: Default::default(),
             bucket: std::sync::Mutex::new((BUCKET_SIZE, now)),
             base_url: std::sync::OnceLock::new(),
