@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use base64::Engine as _;
-use carpulse::simulator::{serve, SimulatorArgs, SimulatorConfig};
+use carpulse::simulator::{faults, serve, Powertrain, SimulatorArgs, SimulatorConfig, V3Auth};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +34,10 @@ async fn authorize_redirects_with_code_and_state_and_rejects_bad_requests() {
     let pairs: Vec<(String, String)> = location.query_pairs().into_owned().collect();
     assert_eq!(pairs[0].0, "code");
     assert!(is_uuid(&pairs[0].1));
-    assert_eq!(pairs[1], ("state".to_owned(), "abc 123&x".to_owned()));
+    // The user id rides alongside the code (smartcar-api.md §10.2); round-robin picked user 1.
+    let first_user = sim.user_ids().await[0].clone();
+    assert_eq!(pairs[1], ("user_id".to_owned(), first_user));
+    assert_eq!(pairs[2], ("state".to_owned(), "abc 123&x".to_owned()));
 
     // No state given → none echoed.
     let response = sim.authorize(&[]).await;
@@ -1303,70 +1306,316 @@ async fn authorize_checks_scope_and_mode() {
 }
 
 #[tokio::test]
-async fn the_v3_application_token_works_with_sc_user_id() {
+async fn the_v3_application_token_is_issued_only_to_the_api_credentials() {
     let sim = spawn(stable_cfg()).await;
-    let ask = |form: Vec<(&'static str, String)>| {
-        sim.client.post(sim.url("/oauth2/token")).form(&form).send()
+    let (api_id, api_secret) = (
+        sim.cfg.api_client_id.clone(),
+        sim.cfg.api_client_secret.clone(),
+    );
+    let error_of = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error_description"].is_string(), "{body}");
+        (status, body["error"].as_str().unwrap().to_owned())
     };
-    let id = sim.cfg.client_id.clone();
-    let secret = sim.cfg.client_secret.clone();
-    let missing = ask(vec![("grant_type", "client_credentials".into())])
+    let invalid_request = (400, "invalid_request".to_owned());
+    let invalid_client = (401, "invalid_client".to_owned());
+    // Missing, malformed, or another grant type.
+    for form in [
+        vec![("grant_type", "client_credentials")],
+        vec![
+            ("client_id", api_id.as_str()),
+            ("client_secret", api_secret.as_str()),
+        ],
+        vec![
+            ("grant_type", "authorization_code"),
+            ("client_id", api_id.as_str()),
+            ("client_secret", api_secret.as_str()),
+        ],
+    ] {
+        let r = sim.app_token_request(&form).await;
+        assert_eq!(error_of(r).await, invalid_request, "{form:?}");
+    }
+    let not_a_form = sim
+        .client
+        .post(sim.url("/oauth2/token"))
+        .json(&json!({"grant_type": "client_credentials"}))
+        .send()
         .await
         .unwrap();
-    assert_eq!(missing.status(), 400);
-    assert_eq!(
-        missing.json::<Value>().await.unwrap()["error"],
-        "invalid_request"
+    assert_eq!(error_of(not_a_form).await, invalid_request);
+    // Credentials in a Basic header alone are not read (the docs put them in the body).
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{api_id}:{api_secret}"))
     );
-    let wrong = ask(vec![
-        ("grant_type", "client_credentials".into()),
-        ("client_id", id.clone()),
-        ("client_secret", "nope".into()),
-    ])
-    .await
-    .unwrap();
-    assert_eq!(wrong.status(), 401);
-    assert_eq!(
-        wrong.json::<Value>().await.unwrap()["error"],
-        "invalid_client"
-    );
-    let ok: Value = ask(vec![
-        ("grant_type", "client_credentials".into()),
-        ("client_id", id),
-        ("client_secret", secret),
-    ])
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let basic_only = sim
+        .client
+        .post(sim.url("/oauth2/token"))
+        .header("authorization", basic)
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(basic_only).await, invalid_request);
+    // Wrong secret, and Connect's client credentials: not API credentials.
+    for (id, secret) in [
+        (api_id.as_str(), "nope"),
+        (sim.cfg.client_id.as_str(), sim.cfg.client_secret.as_str()),
+    ] {
+        let r = sim
+            .app_token_request(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", id),
+                ("client_secret", secret),
+            ])
+            .await;
+        assert_eq!(error_of(r).await, invalid_client, "{id}");
+    }
+    assert_eq!(sim.stats().await["app_tokens_issued"], 0);
+
+    let ok = sim
+        .app_token_request(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", api_id.as_str()),
+            ("client_secret", api_secret.as_str()),
+        ])
+        .await;
+    assert_eq!(ok.status(), 200);
+    let ok: Value = ok.json().await.unwrap();
     assert_eq!(ok["token_type"], "Bearer");
     assert_eq!(ok["expires_in"], 3600);
     assert!(ok.get("refresh_token").is_none());
-    let token = ok["access_token"].as_str().unwrap();
+    assert!(is_uuid(ok["access_token"].as_str().unwrap()));
+    let stats = sim.stats().await;
+    assert_eq!(stats["app_tokens_issued"], 1, "{stats}");
+    assert_eq!(stats["token_errors"], 7, "{stats}");
 
-    let fleet = sim.fleet().await;
-    let user = fleet["users"][0]["id"].as_str().unwrap();
-    let car = fleet["users"][0]["vehicles"][0]["id"].as_str().unwrap();
-    let path = sim.url(&format!("/v3/vehicles/{car}/signals"));
-    let with_user = sim
-        .client
-        .get(&path)
-        .bearer_auth(token)
-        .header("sc-user-id", user)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(with_user.status(), 200);
-    let without = sim
-        .client
-        .get(&path)
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(without.status(), 401, "an app token needs sc-user-id");
+    // The app token reads a connected user's car with sc-user-id; it is no v2 credential.
+    let token = access(&ok);
+    sim.connect("1").await;
+    let user = sim.user_ids().await[0].clone();
+    let car = sim.first_car().await;
+    let signals = format!("/v3/vehicles/{car}/signals");
+    assert_eq!(
+        sim.get_as(&signals, &token, Some(&user)).await.status(),
+        200
+    );
+    let v2 = sim
+        .get(&format!("/v2.0/vehicles/{car}/battery"), &token)
+        .await;
+    assert_eq!(v2.status(), 401);
+    assert_eq!(v2.json::<Value>().await.unwrap()["type"], "AUTHENTICATION");
+    assert_eq!(sim.stats().await["app_tokens_on_v2"], 1);
     sim.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_application_token_is_refused_and_counted() {
+    let sim = spawn(SimulatorConfig {
+        app_token_lifetime: Duration::from_millis(300),
+        ..stable_cfg()
+    })
+    .await;
+    sim.connect("1").await;
+    let token = sim.app_token().await;
+    let user = sim.user_ids().await[0].clone();
+    let car = sim.first_car().await;
+    let path = format!("/v3/vehicles/{car}");
+    assert_eq!(sim.get_as(&path, &token, Some(&user)).await.status(), 200);
+    // Wait (with a deadline) until the simulator says the token expired.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let r = sim.get_as(&path, &token, Some(&user)).await;
+        if r.status() != 200 {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.status(), 401);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["errors"][0]["type"], "AUTHENTICATION");
+    assert_eq!(body["errors"][0]["status"], "401");
+    let stats = sim.stats().await;
+    assert_eq!(stats["app_token_expired_uses"], 1, "{stats}");
+    assert_eq!(stats["expired_token_requests"], 0, "{stats}");
+    // A new one works at once (no refresh token: ask again).
+    let again = sim.app_token().await;
+    assert_eq!(sim.get_as(&path, &again, Some(&user)).await.status(), 200);
+    sim.stop().await;
+}
+
+/// The 400/403 of an application-token request, checked against the v3 envelope and its request
+/// id: (status, type, code).
+async fn v3_error(response: reqwest::Response) -> (u16, String, String) {
+    let status = response.status().as_u16();
+    let request_id = header(&response, "sc-request-id").to_owned();
+    assert!(is_uuid(&request_id));
+    let body: Value = response.json().await.unwrap();
+    let e = &body["errors"][0];
+    assert_eq!(e["status"], status.to_string(), "{body}");
+    assert_eq!(e["meta"]["debug"]["requestId"], request_id, "{body}");
+    for field in ["title", "detail"] {
+        assert!(e[field].is_string(), "{field}: {body}");
+    }
+    assert!(e["resolution"].is_object(), "{body}");
+    (
+        status,
+        e["type"].as_str().unwrap().to_owned(),
+        e["code"].as_str().unwrap_or("null").to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_application_token_needs_sc_user_id_naming_the_connected_owner() {
+    let sim = spawn(SimulatorConfig {
+        users: 3,
+        ..stable_cfg()
+    })
+    .await;
+    let users = sim.user_ids().await;
+    let (cars1, cars2) = (sim.cars_of(0).await, sim.cars_of(1).await);
+    sim.connect("1").await;
+    sim.connect("2").await;
+    let token = sim.app_token().await;
+    let signals = |car: &str| format!("/v3/vehicles/{car}/signals");
+
+    let missing = sim.get_as(&signals(&cars1[0]), &token, None).await;
+    let request_id = header(&missing, "sc-request-id").to_owned();
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["errors"][0]["status"], "400");
+    assert_eq!(body["errors"][0]["type"], "VALIDATION");
+    assert_eq!(body["errors"][0]["code"], "MISSING_PARAMETER");
+    assert_eq!(body["errors"][0]["detail"], "missing userId");
+    assert_eq!(body["errors"][0]["meta"]["debug"]["requestId"], request_id);
+    let empty = sim.get_as(&signals(&cars1[0]), &token, Some(" ")).await;
+    let missing = ("VALIDATION".to_owned(), "MISSING_PARAMETER".to_owned());
+    let (status, kind, code) = v3_error(empty).await;
+    assert_eq!((status, (kind, code)), (400, missing));
+
+    let nobody = sim
+        .get_as(
+            &signals(&cars1[0]),
+            &token,
+            Some("0f0f0f0f-0000-4000-8000-000000000000"),
+        )
+        .await;
+    let (status, kind, code) = v3_error(nobody).await;
+    assert_eq!(
+        (status, kind.as_str(), code.as_str()),
+        (400, "VALIDATION", "INVALID_PARAMETER")
+    );
+
+    // User 2 asking for user 1's car: not the owner.
+    let not_owner = sim
+        .get_as(&signals(&cars1[0]), &token, Some(&users[1]))
+        .await;
+    let (status, kind, code) = v3_error(not_owner).await;
+    assert_eq!(
+        (status, kind.as_str(), code.as_str()),
+        (403, "AUTHENTICATION", "ACCESS_DENIED")
+    );
+    // User 3 never approved anything in Connect: their own car is out of reach.
+    let cars3 = sim.cars_of(2).await;
+    let unapproved = sim
+        .get_as(&signals(&cars3[0]), &token, Some(&users[2]))
+        .await;
+    let (status, _, code) = v3_error(unapproved).await;
+    assert_eq!((status, code.as_str()), (403, "ACCESS_DENIED"));
+    // The single-signal and vehicle paths follow the same rules.
+    let single = format!(
+        "/v3/vehicles/{}/signals/odometer-traveleddistance",
+        cars2[0]
+    );
+    let (status, _, code) = v3_error(sim.get_as(&single, &token, None).await).await;
+    assert_eq!((status, code.as_str()), (400, "MISSING_PARAMETER"));
+    assert_eq!(
+        sim.get_as(&single, &token, Some(&users[1])).await.status(),
+        200
+    );
+    let vehicle = format!("/v3/vehicles/{}", cars2[1]);
+    assert_eq!(
+        sim.get_as(&vehicle, &token, Some(&users[1])).await.status(),
+        200
+    );
+    let (status, _, _) = v3_error(sim.get_as(&vehicle, &token, Some(&users[0])).await).await;
+    assert_eq!(status, 403);
+
+    let stats = sim.stats().await;
+    assert_eq!(stats["missing_user_id"], 3, "{stats}");
+    assert_eq!(stats["wrong_user_id"], 3, "{stats}");
+    assert_eq!(stats["revoked_user_requests"], 0, "{stats}");
+    assert_eq!(stats["user_tokens_on_v3"], 0, "{stats}");
+    assert_eq!(stats["unknown_token_requests"], 0, "{stats}");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn v3_auth_decides_which_tokens_v3_accepts_and_user_tokens_are_counted() {
+    // Both (the default): a per-user token works without sc-user-id, and is counted.
+    let both = spawn(stable_cfg()).await;
+    let user_token = both.connect("1").await;
+    let car = both.first_car().await;
+    let path = format!("/v3/vehicles/{car}/signals");
+    assert_eq!(both.get(&path, &user_token).await.status(), 200);
+    assert_eq!(both.stats().await["user_tokens_on_v3"], 1);
+    both.stop().await;
+
+    let app_only = spawn(SimulatorConfig {
+        v3_auth: V3Auth::App,
+        ..stable_cfg()
+    })
+    .await;
+    let user_token = app_only.connect("1").await;
+    let user = app_only.user_ids().await[0].clone();
+    let car = app_only.first_car().await;
+    let refused = app_only
+        .get(&format!("/v3/vehicles/{car}/signals"), &user_token)
+        .await;
+    let (status, kind, _) = v3_error(refused).await;
+    assert_eq!((status, kind.as_str()), (401, "AUTHENTICATION"));
+    // Even with sc-user-id, and on the vehicle object; v2 still takes it.
+    let vehicle = format!("/v3/vehicles/{car}");
+    assert_eq!(
+        app_only
+            .get_as(&vehicle, &user_token, Some(&user))
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        app_only
+            .get(&format!("/v2.0/vehicles/{car}"), &user_token)
+            .await
+            .status(),
+        200
+    );
+    let app = app_only.app_token().await;
+    assert_eq!(
+        app_only.get_as(&vehicle, &app, Some(&user)).await.status(),
+        200
+    );
+    let stats = app_only.stats().await;
+    assert_eq!(stats["user_tokens_on_v3"], 2, "{stats}");
+    app_only.stop().await;
+
+    let user_only = spawn(SimulatorConfig {
+        v3_auth: V3Auth::User,
+        ..stable_cfg()
+    })
+    .await;
+    let user_token = user_only.connect("1").await;
+    let user = user_only.user_ids().await[0].clone();
+    let car = user_only.first_car().await;
+    let vehicle = format!("/v3/vehicles/{car}");
+    let app = user_only.app_token().await;
+    let (status, kind, _) = v3_error(user_only.get_as(&vehicle, &app, Some(&user)).await).await;
+    assert_eq!((status, kind.as_str()), (401, "AUTHENTICATION"));
+    let connections = user_only.get_as("/v3/connections", &app, None).await;
+    assert_eq!(connections.status(), 401);
+    assert_eq!(user_only.get(&vehicle, &user_token).await.status(), 200);
+    user_only.stop().await;
 }
 
 #[tokio::test]
@@ -1376,25 +1625,24 @@ async fn a_revoked_connection_gets_401_and_invalid_grant_until_it_reconnects() {
     let pair = sim.exchange(&code).await;
     let access = pair["access_token"].as_str().unwrap().to_owned();
     let refresh = pair["refresh_token"].as_str().unwrap().to_owned();
-    let fleet = sim.fleet().await;
-    let car = fleet["users"][0]["vehicles"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let revoked = sim
-        .client
-        .post(sim.url("/_simulator/revoke"))
-        .json(&json!({"vehicle_id": car}))
-        .send()
-        .await
-        .unwrap();
+    let cars = sim.cars_of(0).await;
+    let battery = |car: &str| format!("/v2.0/vehicles/{car}/battery");
+
+    // One vehicle's connection: only that car is refused; the token and the refresh live on.
+    let revoked = sim.revoke(json!({"vehicle_id": cars[0]})).await;
     assert_eq!(revoked.status(), 200);
-    assert_eq!(
-        sim.get(&format!("/v2.0/vehicles/{car}/battery"), &access)
-            .await
-            .status(),
-        401
-    );
+    let revoked: Value = revoked.json().await.unwrap();
+    assert_eq!(revoked["vehicle_id"], cars[0].as_str());
+    assert_eq!(revoked["connections"], 1);
+    assert_eq!(sim.get(&battery(&cars[0]), &access).await.status(), 401);
+    assert_eq!(sim.get(&battery(&cars[1]), &access).await.status(), 200);
+    assert_eq!(sim.vehicle_ids(&access).await, vec![cars[1].clone()]);
+    assert_eq!(sim.stats().await["revoked_token_uses"], 1);
+
+    // The whole user: every token 401, the refresh token invalid_grant.
+    let revoked = sim.revoke(json!({"user": 1})).await;
+    assert_eq!(revoked.status(), 200);
+    assert_eq!(sim.get(&battery(&cars[1]), &access).await.status(), 401);
     let refused = sim.refresh(&refresh).await;
     assert_eq!(refused.status(), 400);
     assert_eq!(
@@ -1402,17 +1650,19 @@ async fn a_revoked_connection_gets_401_and_invalid_grant_until_it_reconnects() {
         "invalid_grant"
     );
     let stats = sim.stats().await;
-    assert_eq!(stats["revoked_token_uses"], 2, "{stats}");
+    assert_eq!(stats["revoked_token_uses"], 3, "{stats}");
     assert_eq!(stats["unknown_token_requests"], 0, "{stats}");
-
-    // Connect again: a new consent restores access.
-    let token = sim.connect("1").await;
+    assert_eq!(sim.revoke(json!({"user": 9})).await.status(), 400);
     assert_eq!(
-        sim.get(&format!("/v2.0/vehicles/{car}/battery"), &token)
-            .await
-            .status(),
-        200
+        sim.revoke(json!({"vehicle_id": "nope"})).await.status(),
+        400
     );
+
+    // Connect again: a new consent restores access to both cars.
+    let token = sim.connect("1").await;
+    for car in &cars {
+        assert_eq!(sim.get(&battery(car), &token).await.status(), 200);
+    }
     sim.stop().await;
 }
 
@@ -1983,21 +2233,7 @@ async fn the_v3_application_token_acts_with_the_user_s_latest_consent() {
         .as_str()
         .unwrap()
         .to_owned();
-    let app: Value = sim
-        .client
-        .post(sim.url("/oauth2/token"))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", sim.cfg.client_id.as_str()),
-            ("client_secret", sim.cfg.client_secret.as_str()),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let app = access(&app);
+    let app = sim.app_token().await;
     let signal = |code: &'static str| {
         sim.client
             .get(sim.url(&format!("/v3/vehicles/{car}/signals/{code}")))
@@ -2005,8 +2241,12 @@ async fn the_v3_application_token_acts_with_the_user_s_latest_consent() {
             .header("sc-user-id", &user)
             .send()
     };
-    // No consent yet: the default set.
-    assert_eq!(signal("charge-ischarging").await.unwrap().status(), 200);
+    // No consent yet: no connection, so the user's car is out of the app token's reach.
+    let (status, kind, code) = v3_error(signal("charge-ischarging").await.unwrap()).await;
+    assert_eq!(
+        (status, kind.as_str(), code.as_str()),
+        (403, "AUTHENTICATION", "ACCESS_DENIED")
+    );
     // After a narrow consent, the app token reads only what it granted.
     sim.pair_with_scope(Some("read_battery")).await;
     assert_eq!(signal("charge-ischarging").await.unwrap().status(), 403);
@@ -2254,6 +2494,786 @@ async fn reauthentication_validates_its_request() {
     assert_eq!(sim.stats().await["reauthentications"], 0);
     assert_eq!(sim.reauthenticate(&good).await.status(), 302);
     assert_eq!(sim.stats().await["reauthentications"], 1);
+    sim.stop().await;
+}
+
+/// The `/v3/connections` pages from `first`, following `links.next`: every item, and the pages.
+async fn all_connections(
+    sim: &common::sim::TestSim,
+    token: &str,
+    first: &str,
+) -> (Vec<Value>, Vec<Value>) {
+    let (mut items, mut pages) = (Vec::new(), Vec::new());
+    let mut next = Some(first.to_owned());
+    while let Some(link) = next {
+        assert!(link.starts_with("/v3/connections?"), "{link}");
+        let page = sim.get_json(&link, token).await;
+        items.extend(page["data"].as_array().unwrap().iter().cloned());
+        next = page["links"]["next"].as_str().map(str::to_owned);
+        pages.push(page);
+        assert!(pages.len() < 20, "links.next never ends");
+    }
+    (items, pages)
+}
+
+#[tokio::test]
+async fn connections_list_filters_and_pages_through_links() {
+    let sim = spawn(SimulatorConfig {
+        users: 3,
+        vehicles_per_user: 3,
+        powertrains: vec![Powertrain::Bev, Powertrain::Phev, Powertrain::Ice],
+        ..stable_cfg()
+    })
+    .await;
+    let users = sim.user_ids().await;
+    for n in ["1", "2", "3"] {
+        sim.code(&[("user", n)]).await;
+    }
+    let token = sim.app_token().await;
+    let before = sim.stats().await;
+
+    let (items, pages) = all_connections(&sim, &token, "/v3/connections?page[size]=2").await;
+    assert_eq!(pages.len(), 5);
+    assert_eq!(items.len(), 9);
+    for (n, page) in pages.iter().enumerate() {
+        let number = n + 1;
+        assert_eq!(
+            page["meta"],
+            json!({"page": number, "pageSize": 2, "totalCount": 9})
+        );
+        let link = |p: usize| format!("/v3/connections?page[number]={p}&page[size]=2");
+        assert_eq!(page["links"]["self"], link(number));
+        assert_eq!(page["links"]["first"], link(1));
+        assert_eq!(page["links"]["last"], link(5));
+        let previous = (number > 1).then(|| link(number - 1));
+        assert_eq!(page["links"]["previous"], json!(previous));
+    }
+    let fleet = sim.fleet().await;
+    let mut ids = HashSet::new();
+    for (i, item) in items.iter().enumerate() {
+        let (u, v) = (i / 3, i % 3);
+        let car = &fleet["users"][u]["vehicles"][v];
+        assert!(is_uuid(item["id"].as_str().unwrap()), "{item}");
+        assert!(ids.insert(item["id"].as_str().unwrap().to_owned()));
+        assert_eq!(item["type"], "connection");
+        assert_eq!(
+            item["relationships"],
+            json!({"vehicle": {"data": {"id": car["id"], "type": "vehicle"}},
+                   "user": {"data": {"id": users[u], "type": "user"}}})
+        );
+        let vehicle = &item["attributes"]["vehicle"];
+        assert_eq!(
+            (
+                &vehicle["make"],
+                &vehicle["model"],
+                &vehicle["year"],
+                &vehicle["mode"]
+            ),
+            (
+                &car["make"],
+                &car["model"],
+                &car["year"],
+                &json!("simulated")
+            )
+        );
+        assert!(["BEV", "PHEV", "ICE"].contains(&vehicle["powertrainType"].as_str().unwrap()));
+        let permissions: Vec<&str> = item["attributes"]["permissions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
+        assert_eq!(permissions.join(" "), common::sim::FULL_SCOPE);
+        let created = parse_iso_ms(item["meta"]["createdAt"].as_str().unwrap());
+        assert!(created <= parse_iso_ms(item["meta"]["updatedAt"].as_str().unwrap()));
+        // One connection by id.
+        let one = sim
+            .get_json(
+                &format!("/v3/connections/{}", item["id"].as_str().unwrap()),
+                &token,
+            )
+            .await;
+        assert_eq!(one, json!({"data": item}));
+    }
+    let powertrains: HashSet<&str> = items
+        .iter()
+        .map(|i| {
+            i["attributes"]["vehicle"]["powertrainType"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(powertrains.len(), 3);
+
+    // Filters: by user (query, alias or header), by vehicle, by mode; they carry into the links.
+    let (of_user2, pages) = all_connections(
+        &sim,
+        &token,
+        &format!("/v3/connections?filter[userId]={}&page[size]=2", users[1]),
+    )
+    .await;
+    assert_eq!(of_user2, items[3..6].to_vec());
+    assert_eq!(
+        pages[0]["links"]["next"],
+        format!(
+            "/v3/connections?page[number]=2&page[size]=2&filter[userId]={}",
+            users[1]
+        )
+    );
+    for alias in ["userId", "user_id"] {
+        let page = sim
+            .get_json(&format!("/v3/connections?{alias}={}", users[2]), &token)
+            .await;
+        assert_eq!(
+            page["data"].as_array().unwrap(),
+            &items[6..9].to_vec(),
+            "{alias}"
+        );
+    }
+    let by_header = sim.get_as("/v3/connections", &token, Some(&users[0])).await;
+    assert_eq!(by_header.status(), 200);
+    let by_header: Value = by_header.json().await.unwrap();
+    assert_eq!(by_header["data"].as_array().unwrap(), &items[0..3].to_vec());
+    let car = fleet["users"][1]["vehicles"][2]["id"].as_str().unwrap();
+    for query in [
+        format!("filter[vehicleId]={car}"),
+        format!("vehicleId={car}"),
+        format!("vehicle_id={car}"),
+    ] {
+        let page = sim
+            .get_json(&format!("/v3/connections?{query}"), &token)
+            .await;
+        assert_eq!(page["data"], json!([items[5]]), "{query}");
+        assert_eq!(page["meta"]["totalCount"], 1);
+    }
+    let simulated = sim
+        .get_json(
+            "/v3/connections?filter[mode]=simulated&pageSize=100",
+            &token,
+        )
+        .await;
+    assert_eq!(simulated["meta"]["totalCount"], 9);
+    assert_eq!(simulated["links"]["next"], Value::Null);
+    let live = sim.get_json("/v3/connections?mode=live", &token).await;
+    assert_eq!(live["data"], json!([]));
+    assert_eq!(live["meta"]["totalCount"], 0);
+    let nobody = sim
+        .get_json("/v3/connections?filter[userId]=nobody", &token)
+        .await;
+    assert_eq!(nobody["meta"]["totalCount"], 0);
+    // Default page size 10, and `page` as an alias.
+    let default = sim.get_json("/v3/connections?page=1", &token).await;
+    assert_eq!(default["meta"]["pageSize"], 10);
+    assert_eq!(default["data"].as_array().unwrap().len(), 9);
+
+    // Bad paging, unknown ids, and user tokens.
+    for query in [
+        "page[size]=0",
+        "page[size]=101",
+        "pageSize=x",
+        "page[number]=0",
+        "filter[mode]=x",
+    ] {
+        let r = sim
+            .get_as(&format!("/v3/connections?{query}"), &token, None)
+            .await;
+        let (status, kind, _) = v3_error(r).await;
+        assert_eq!((status, kind.as_str()), (400, "VALIDATION"), "{query}");
+    }
+    let missing = sim.get_as("/v3/connections/nope", &token, None).await;
+    let (status, kind, _) = v3_error(missing).await;
+    assert_eq!((status, kind.as_str()), (404, "RESOURCE_NOT_FOUND"));
+    let user_token = sim.connect("1").await;
+    let (status, kind, _) = v3_error(sim.get("/v3/connections", &user_token).await).await;
+    assert_eq!((status, kind.as_str()), (401, "AUTHENTICATION"));
+    let id = items[0]["id"].as_str().unwrap();
+    let by_id = sim.get(&format!("/v3/connections/{id}"), &user_token).await;
+    assert_eq!(by_id.status(), 401);
+
+    let after = sim.stats().await;
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    // 5 pages + 9 by id + 2 + 2 + 1 + 3 + 4 + 5 bad + 1 unknown id + 2 with a user token; none
+    // is a vehicle request.
+    assert_eq!(delta("connections_requests"), 34, "{after}");
+    assert_eq!(delta("v3_requests"), 0, "{after}");
+    assert_eq!(delta("user_tokens_on_v3"), 2, "{after}");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn connections_are_neither_rate_limited_nor_faulted() {
+    let sim = spawn(SimulatorConfig {
+        app_rate_limit: true,
+        faults: vec![(None, faults::Fault::new(faults::FaultKind::Server))],
+        ..stable_cfg()
+    })
+    .await;
+    sim.code(&[("user", "1")]).await;
+    let token = sim.app_token().await;
+    for _ in 0..130 {
+        assert_eq!(
+            sim.get_as("/v3/connections", &token, None).await.status(),
+            200
+        );
+    }
+    let stats = sim.stats().await;
+    assert_eq!(stats["app_rate_limited"], 0, "{stats}");
+    assert_eq!(stats["faults_served"], 0, "{stats}");
+    assert_eq!(stats["connections_requests"], 130, "{stats}");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn the_connect_redirect_carries_user_id_and_can_leave_out_the_code() {
+    let sim = spawn(stable_cfg()).await;
+    let users = sim.user_ids().await;
+    let query_of = |r: &reqwest::Response| -> Vec<(String, String)> {
+        reqwest::Url::parse(header(r, "location"))
+            .unwrap()
+            .query_pairs()
+            .into_owned()
+            .collect()
+    };
+    let r = sim.authorize(&[("user", "1"), ("state", "s1")]).await;
+    let keys: Vec<String> = query_of(&r).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["code", "user_id", "state"]);
+    assert!(query_of(&r).contains(&("user_id".to_owned(), users[0].clone())));
+    sim.stop().await;
+
+    let sim = spawn(SimulatorConfig {
+        redirect_without_code: true,
+        users: 2,
+        ..stable_cfg()
+    })
+    .await;
+    let users = sim.user_ids().await;
+    let r = sim.authorize(&[("user", "2"), ("state", "s2")]).await;
+    assert_eq!(r.status(), 302);
+    assert_eq!(
+        query_of(&r),
+        vec![
+            ("user_id".to_owned(), users[1].clone()),
+            ("state".to_owned(), "s2".to_owned())
+        ]
+    );
+    // No code, but the approval made the connections: the app token reads the user's car.
+    let token = sim.app_token().await;
+    let cars = sim.cars_of(1).await;
+    let path = format!("/v3/vehicles/{}/signals", cars[0]);
+    assert_eq!(
+        sim.get_as(&path, &token, Some(&users[1])).await.status(),
+        200
+    );
+    let listed = sim
+        .get_json(
+            &format!("/v3/connections?filter[userId]={}", users[1]),
+            &token,
+        )
+        .await;
+    assert_eq!(listed["meta"]["totalCount"], 2);
+    assert_eq!(sim.stats().await["code_exchanges"], 0);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn the_consent_page_connects_only_the_chosen_vehicles_and_redirects_with_user_id() {
+    let sim = spawn(SimulatorConfig {
+        consent: true,
+        ..stable_cfg()
+    })
+    .await;
+    let user = sim.user_ids().await[0].clone();
+    let cars = sim.cars_of(0).await;
+    let page = sim.authorize(&[("user", "1"), ("state", "st")]).await;
+    assert_eq!(page.status(), 200);
+    let decision = sim
+        .client
+        .post(sim.url("/oauth/authorize/decision"))
+        .form(&[
+            ("redirect_uri", REDIRECT),
+            ("state", "st"),
+            ("user", user.as_str()),
+            ("vehicle", cars[1].as_str()),
+            ("decision", "approve"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decision.status(), 302);
+    let location = reqwest::Url::parse(header(&decision, "location")).unwrap();
+    let keys: Vec<String> = location
+        .query_pairs()
+        .map(|(k, _)| k.into_owned())
+        .collect();
+    assert_eq!(keys, ["code", "user_id", "state"]);
+    assert!(location
+        .query_pairs()
+        .any(|(k, v)| k == "user_id" && v == user.as_str()));
+    let token = sim.app_token().await;
+    let listed = sim.get_json("/v3/connections", &token).await;
+    assert_eq!(listed["meta"]["totalCount"], 1);
+    assert_eq!(
+        listed["data"][0]["relationships"]["vehicle"]["data"]["id"],
+        cars[1].as_str()
+    );
+    let unchosen = format!("/v3/vehicles/{}", cars[0]);
+    let (status, _, code) = v3_error(sim.get_as(&unchosen, &token, Some(&user)).await).await;
+    assert_eq!((status, code.as_str()), (403, "ACCESS_DENIED"));
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn revoking_removes_connections_until_the_user_approves_again() {
+    let sim = spawn(SimulatorConfig {
+        users: 2,
+        ..stable_cfg()
+    })
+    .await;
+    let users = sim.user_ids().await;
+    let (cars1, cars2) = (sim.cars_of(0).await, sim.cars_of(1).await);
+    sim.code(&[("user", "1")]).await;
+    let user2_token = sim.connect("2").await;
+    let token = sim.app_token().await;
+    let count = |page: Value| page["meta"]["totalCount"].as_u64().unwrap();
+    let of = |user: &str| format!("/v3/connections?filter[userId]={user}");
+    assert_eq!(count(sim.get_json("/v3/connections", &token).await), 4);
+
+    assert_eq!(sim.revoke(json!({"user": users[0]})).await.status(), 200);
+    assert_eq!(count(sim.get_json(&of(&users[0]), &token).await), 0);
+    assert_eq!(count(sim.get_json(&of(&users[1]), &token).await), 2);
+    let signals = |car: &str| format!("/v3/vehicles/{car}/signals");
+    let denied = sim
+        .get_as(&signals(&cars1[0]), &token, Some(&users[0]))
+        .await;
+    let (status, kind, code) = v3_error(denied).await;
+    assert_eq!(
+        (status, kind.as_str(), code.as_str()),
+        (403, "AUTHENTICATION", "ACCESS_DENIED")
+    );
+    assert_eq!(
+        sim.get_as(&signals(&cars2[0]), &token, Some(&users[1]))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(sim.stats().await["revoked_user_requests"], 1);
+
+    // A new approval restores them, with the same ids.
+    sim.code(&[("user", "1")]).await;
+    assert_eq!(count(sim.get_json(&of(&users[0]), &token).await), 2);
+    assert_eq!(
+        sim.get_as(&signals(&cars1[0]), &token, Some(&users[0]))
+            .await
+            .status(),
+        200
+    );
+
+    // One vehicle: only that connection goes; the owner's other car stays, for both tokens.
+    let r = sim.revoke(json!({"vehicle_id": cars2[0]})).await;
+    assert_eq!(r.status(), 200);
+    let left = sim.get_json(&of(&users[1]), &token).await;
+    assert_eq!(count(left.clone()), 1);
+    assert_eq!(
+        left["data"][0]["relationships"]["vehicle"]["data"]["id"],
+        cars2[1].as_str()
+    );
+    let (status, _, code) = v3_error(
+        sim.get_as(&signals(&cars2[0]), &token, Some(&users[1]))
+            .await,
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (403, "ACCESS_DENIED"));
+    assert_eq!(
+        sim.get_as(&signals(&cars2[1]), &token, Some(&users[1]))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        sim.get(&signals(&cars2[0]), &user2_token).await.status(),
+        401
+    );
+    assert_eq!(
+        sim.get(&signals(&cars2[1]), &user2_token).await.status(),
+        200
+    );
+    let stats = sim.stats().await;
+    assert_eq!(stats["revoked_user_requests"], 2, "{stats}");
+    assert_eq!(stats["revoked_token_uses"], 1, "{stats}");
+    sim.code(&[("user", "2")]).await;
+    assert_eq!(count(sim.get_json(&of(&users[1]), &token).await), 2);
+    sim.stop().await;
+}
+
+/// A signal item of a `/signals` page by code.
+fn item<'a>(page: &'a Value, code: &str) -> &'a Value {
+    page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == code)
+        .unwrap_or_else(|| panic!("{code} not on the page"))
+}
+
+#[tokio::test]
+async fn signal_options_shape_the_v3_answers_and_stay_out_of_the_served_log() {
+    let base = spawn(SimulatorConfig {
+        users: 1,
+        vehicles_per_user: 2,
+        ..stable_cfg()
+    })
+    .await;
+    let cars = base.cars_of(0).await;
+    base.stop().await;
+    let sim = spawn(SimulatorConfig {
+        vehicles_per_user: 2,
+        empty_signals: vec![cars[1].clone()],
+        unavailable_signals: vec!["tractionbattery-range".into()],
+        null_signals: vec![
+            "odometer-traveleddistance".into(),
+            "tractionbattery-nominalcapacity".into(),
+            "location-preciselocation".into(),
+        ],
+        locked_groups: vec!["charge".into()],
+        iso_timestamps: true,
+        ..stable_cfg()
+    })
+    .await;
+    let token = sim.connect("1").await;
+    let page = sim
+        .get_json(
+            &format!("/v3/vehicles/{}/signals?pageSize=100", cars[0]),
+            &token,
+        )
+        .await;
+
+    let range = &item(&page, "tractionbattery-range")["attributes"];
+    assert_eq!(range["status"], json!({"value": "UNAVAILABLE"}));
+    assert!(range.get("body").is_none(), "{range}");
+    let odometer = &item(&page, "odometer-traveleddistance")["attributes"];
+    assert_eq!(odometer["status"], json!({"value": "SUCCESS"}));
+    assert_eq!(
+        odometer["body"],
+        json!({"unit": "kilometers", "value": null})
+    );
+    let capacity = &item(&page, "tractionbattery-nominalcapacity")["attributes"];
+    assert_eq!(capacity["body"], json!({"unit": "kWh", "value": null}));
+    let location = &item(&page, "location-preciselocation")["attributes"];
+    assert_eq!(location["body"], json!({"value": null}));
+    for code in [
+        "charge-ischarging",
+        "charge-detailedchargingstatus",
+        "charge-chargelimits",
+    ] {
+        let charge = &item(&page, code)["attributes"];
+        assert_eq!(
+            charge["status"],
+            json!({"value": "ERROR", "error": {"type": "BILLING", "code": "INVALID_PLAN"}}),
+            "{code}"
+        );
+        assert!(charge.get("body").is_none(), "{code}");
+    }
+    let soc = item(&page, "tractionbattery-stateofcharge");
+    assert_eq!(soc["attributes"]["status"]["value"], "SUCCESS");
+    // ISO-8601 timestamps.
+    let retrieved = parse_iso_ms(soc["meta"]["retrievedAt"].as_str().unwrap());
+    let updated = parse_iso_ms(soc["meta"]["oemUpdatedAt"].as_str().unwrap());
+    assert!(updated <= retrieved);
+    // Single signals answer the same items.
+    let single = sim
+        .get_json(
+            &format!("/v3/vehicles/{}/signals/charge-ischarging", cars[0]),
+            &token,
+        )
+        .await;
+    assert_eq!(
+        single["attributes"]["status"]["error"]["code"],
+        "INVALID_PLAN"
+    );
+    let single = sim
+        .get_json(
+            &format!("/v3/vehicles/{}/signals/odometer-traveleddistance", cars[0]),
+            &token,
+        )
+        .await;
+    assert_eq!(single["attributes"]["body"]["value"], Value::Null);
+    // Nothing withheld reached the served log: the battery reading lost its range, the charge
+    // group is locked, the odometer was null.
+    assert_eq!(
+        sim.served(&cars[0]).await,
+        json!({"battery": [], "charge": [], "odometer": []})
+    );
+
+    // The empty car: 200 with no data and no `included`; its vehicle object still answers.
+    let empty = sim
+        .get_json(&format!("/v3/vehicles/{}/signals", cars[1]), &token)
+        .await;
+    assert_eq!(empty["data"], json!([]));
+    assert_eq!(
+        empty["meta"],
+        json!({"page": 1, "pageSize": 10, "totalCount": 0})
+    );
+    assert!(empty.get("included").is_none(), "{empty}");
+    assert_eq!(empty["links"]["next"], Value::Null);
+    assert_eq!(
+        empty["links"]["self"],
+        format!("/vehicles/{}/signals?page=1&pageSize=10", cars[1])
+    );
+    let vehicle = sim.get(&format!("/v3/vehicles/{}", cars[1]), &token).await;
+    assert_eq!(vehicle.status(), 200);
+    let one = sim
+        .get(
+            &format!(
+                "/v3/vehicles/{}/signals/tractionbattery-stateofcharge",
+                cars[1]
+            ),
+            &token,
+        )
+        .await;
+    let (status, kind, code) = v3_error(one).await;
+    assert_eq!(
+        (status, kind.as_str(), code.as_str()),
+        (404, "RESOURCE_NOT_FOUND", "SIGNAL_NOT_FOUND")
+    );
+    assert_eq!(
+        sim.served(&cars[1]).await,
+        json!({"battery": [], "charge": [], "odometer": []})
+    );
+    sim.stop().await;
+
+    // "all" empties every car.
+    let all = spawn(SimulatorConfig {
+        empty_signals: vec!["all".into()],
+        ..stable_cfg()
+    })
+    .await;
+    let token = all.connect("1").await;
+    for car in all.cars_of(0).await {
+        let page = all
+            .get_json(&format!("/v3/vehicles/{car}/signals"), &token)
+            .await;
+        assert_eq!(page["meta"]["totalCount"], 0);
+    }
+    all.stop().await;
+}
+
+#[tokio::test]
+async fn v3_distances_follow_the_unit_and_timestamps_default_to_epoch_ms() {
+    for (unit, per_km) in [("kilometers", 1.0), ("km", 1.0), ("miles", 1.0 / 1.609_344)] {
+        let sim = spawn(SimulatorConfig {
+            distance_unit: unit.into(),
+            ..stable_cfg()
+        })
+        .await;
+        let token = sim.connect("1").await;
+        let car = sim.first_car().await;
+        let page = sim
+            .get_json(&format!("/v3/vehicles/{car}/signals?pageSize=100"), &token)
+            .await;
+        let odometer = item(&page, "odometer-traveleddistance");
+        assert_eq!(odometer["attributes"]["body"]["unit"], unit);
+        let range = &item(&page, "tractionbattery-range")["attributes"]["body"];
+        assert_eq!(range["unit"], unit);
+        assert!(odometer["meta"]["oemUpdatedAt"].is_i64(), "{odometer}");
+        assert!(odometer["meta"]["retrievedAt"].is_i64(), "{odometer}");
+        let served = sim.served(&car).await;
+        let km = served["odometer"][0]["odometer_km"].as_f64().unwrap();
+        let value = odometer["attributes"]["body"]["value"].as_f64().unwrap();
+        assert!(
+            (value - km * per_km).abs() < 1e-9,
+            "{unit}: {value} vs {km} km"
+        );
+        let range_km = served["battery"][0]["range_km"].as_f64().unwrap();
+        assert!((range["value"].as_f64().unwrap() - range_km * per_km).abs() < 1e-9);
+        assert_eq!(range["additionalValues"][0]["value"], range["value"]);
+        sim.stop().await;
+    }
+    let bad = SimulatorConfig {
+        distance_unit: "parsecs".into(),
+        ..stable_cfg()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = serve(listener, bad, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("distance_unit"), "{err:#}");
+}
+
+#[tokio::test]
+async fn the_upstream_rate_limit_fault_is_a_502_without_retry_after() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let car = sim.first_car().await;
+    let set = sim
+        .set_fault(json!({"vehicle_id": car, "kind": "upstream_rate_limit", "count": 2}))
+        .await;
+    assert_eq!(set.status(), 200);
+    let v2 = sim
+        .get(&format!("/v2.0/vehicles/{car}/odometer"), &token)
+        .await;
+    assert_eq!(v2.status(), 502);
+    assert!(v2.headers().get("retry-after").is_none());
+    let body: Value = v2.json().await.unwrap();
+    assert_eq!(
+        (&body["type"], &body["code"]),
+        (&json!("UPSTREAM"), &json!("RATE_LIMIT"))
+    );
+    assert_eq!(body["statusCode"], 502);
+    let v3 = sim
+        .get(&format!("/v3/vehicles/{car}/signals"), &token)
+        .await;
+    assert!(v3.headers().get("retry-after").is_none());
+    let (status, kind, code) = v3_error(v3).await;
+    assert_eq!(
+        (status, kind.as_str(), code.as_str()),
+        (502, "UPSTREAM", "RATE_LIMIT")
+    );
+    assert_eq!(
+        sim.get(&format!("/v2.0/vehicles/{car}/odometer"), &token)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(sim.stats().await["faults_served"], 2);
+    sim.stop().await;
+    // And from the command line.
+    let (vehicle, fault) = faults::parse_spec("upstream_rate_limit*1").unwrap();
+    assert_eq!(
+        (vehicle, fault.kind, fault.count),
+        (None, faults::FaultKind::UpstreamRateLimit, Some(1))
+    );
+}
+
+#[test]
+fn the_v3_flags_reach_the_config() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimulatorArgs,
+    }
+    let defaults = SimulatorConfig::default();
+    assert_eq!(
+        (
+            defaults.api_client_id.as_str(),
+            defaults.api_client_secret.as_str()
+        ),
+        ("carpulse-demo-api", "carpulse-demo-api-secret")
+    );
+    assert_eq!(defaults.app_token_lifetime, Duration::from_secs(3600));
+    assert_eq!(defaults.v3_auth, V3Auth::Both);
+    assert_eq!(defaults.distance_unit, "kilometers");
+    assert!(!format!("{defaults:?}").contains("carpulse-demo-api-secret"));
+    let args = Cli::parse_from([
+        "simulator",
+        "--api-client-id",
+        "client_x",
+        "--api-client-secret",
+        "s3cret",
+        "--app-token-lifetime",
+        "60",
+        "--v3-auth",
+        "app",
+        "--redirect-without-code",
+        "--empty-signals",
+        "a,b",
+        "--unavailable-signals",
+        "tractionbattery-range,Charge-IsCharging",
+        "--null-signals",
+        "odometer-traveleddistance",
+        "--locked-groups",
+        "charge,Location",
+        "--iso-timestamps",
+        "--distance-unit",
+        "miles",
+    ])
+    .sim;
+    assert!(!format!("{args:?}").contains("s3cret"));
+    let cfg = args.to_config();
+    assert!(!format!("{cfg:?}").contains("s3cret"));
+    assert_eq!(
+        (cfg.api_client_id.as_str(), cfg.api_client_secret.as_str()),
+        ("client_x", "s3cret")
+    );
+    assert_eq!(cfg.app_token_lifetime, Duration::from_secs(60));
+    assert_eq!(cfg.v3_auth, V3Auth::App);
+    assert!(cfg.redirect_without_code && cfg.iso_timestamps);
+    assert_eq!(cfg.empty_signals, ["a", "b"]);
+    assert_eq!(
+        cfg.unavailable_signals,
+        ["tractionbattery-range", "charge-ischarging"]
+    );
+    assert_eq!(cfg.null_signals, ["odometer-traveleddistance"]);
+    assert_eq!(cfg.locked_groups, ["charge", "location"]);
+    assert_eq!(cfg.distance_unit, "miles");
+    assert_eq!(
+        Cli::parse_from(["simulator", "--empty-signals", "all"])
+            .sim
+            .to_config()
+            .empty_signals,
+        ["all"]
+    );
+    for bad in [
+        ["--v3-auth", "nobody"],
+        ["--locked-groups", "warp"],
+        ["--null-signals", "odometer-bogus"],
+        ["--unavailable-signals", "x"],
+        ["--distance-unit", "parsecs"],
+        ["--app-token-lifetime", "0"],
+    ] {
+        assert!(
+            Cli::try_parse_from(["simulator", bad[0], bad[1]]).is_err(),
+            "{bad:?}"
+        );
+    }
+    let Err(help) = Cli::try_parse_from(["simulator", "--help"]) else {
+        panic!("--help parsed as arguments");
+    };
+    let help = help.to_string();
+    for needle in [
+        "--api-client-id",
+        "--v3-auth",
+        "--empty-signals",
+        "--locked-groups",
+        "--distance-unit",
+        "/v3/connections",
+        "upstream_rate_limit",
+        "missing userId",
+    ] {
+        assert!(help.contains(needle), "{needle} not in --help");
+    }
+}
+
+#[tokio::test]
+async fn stats_count_requests_by_api_and_every_new_counter_is_reported() {
+    let sim = spawn(stable_cfg()).await;
+    let token = sim.connect("1").await;
+    let car = sim.first_car().await;
+    sim.get(&format!("/v2.0/vehicles/{car}/odometer"), &token)
+        .await;
+    sim.get("/v2.0/nowhere", &token).await;
+    sim.get(&format!("/v3/vehicles/{car}"), &token).await;
+    let stats = sim.stats().await;
+    assert_eq!(stats["v2_requests"], 2, "{stats}");
+    assert_eq!(stats["v3_requests"], 1, "{stats}");
+    for key in [
+        "v2_requests",
+        "v3_requests",
+        "missing_user_id",
+        "wrong_user_id",
+        "revoked_user_requests",
+        "user_tokens_on_v3",
+        "app_tokens_issued",
+        "app_token_expired_uses",
+        "connections_requests",
+        "requests",
+        "authorizations",
+        "refreshes",
+        "revoked_token_uses",
+        "permission_denied",
+    ] {
+        assert!(stats[key].is_u64(), "{key}: {stats}");
+    }
     sim.stop().await;
 }
 

@@ -1,7 +1,8 @@
 //! Connect's consent screen, for people trying the simulator in a browser (`--consent`): the
-//! permissions asked for, the user's vehicles with checkboxes, Approve and Deny. Approve redirects
-//! with a code covering the chosen vehicles and granting the requested `scope` (carried through
-//! the form; without one, the simulator's default set); Deny redirects with `error=access_denied`
+//! permissions asked for, the user's vehicles with checkboxes, Approve and Deny. Approve connects
+//! the chosen vehicles and redirects with a code covering them (and `user_id`), granting the
+//! requested `scope` (carried through the form; without one, the simulator's default set); Deny
+//! redirects with `error=access_denied`
 //! (smartcar-api.md §1.2). Headless clients skip it with `auto_approve=true` on the authorize URL
 //! (or run without `--consent`).
 
@@ -12,10 +13,9 @@ use axum::extract::{Form, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 
-use super::oauth::query_encode;
+use super::oauth::{approved_redirect, query_encode};
 use super::scope::Scope;
 use super::{Sim, SimState};
-use crate::domain::now_ms;
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -126,12 +126,10 @@ pub(crate) async fn decision(
         .filter(|v| sim.fleet.vehicle(v).is_some_and(|(owner, _)| owner == user))
         .collect();
     let location = if get("decision") == Some("approve") && !chosen.is_empty() {
+        let location =
+            approved_redirect(&sim, user, Some(&chosen), scope, redirect_uri, get("state"));
         sim.grant(user, chosen);
-        let lifetime = super::oauth::duration_ms(sim.cfg.code_lifetime);
-        let code = sim
-            .tokens
-            .issue_code(user, redirect_uri, scope, lifetime, now_ms());
-        format!("{redirect_uri}{separator}code={code}{state}")
+        location
     } else if get("decision") == Some("approve") {
         format!("{redirect_uri}{separator}error=no_vehicles&error_description=No+vehicle+was+selected.{state}")
     } else {

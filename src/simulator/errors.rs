@@ -184,6 +184,52 @@ impl ApiError {
         }
     }
 
+    /// 400 VALIDATION:MISSING_PARAMETER "missing userId": an application token without the
+    /// `sc-user-id` header on a vehicle path (smartcar-api.md §10.4, seen live).
+    pub(crate) fn missing_user_id() -> Self {
+        ApiError {
+            code: Some("MISSING_PARAMETER"),
+            description: "missing userId".to_owned(),
+            doc_path: "validation-errors#missing-parameter",
+            ..ApiError::validation("")
+        }
+    }
+
+    /// 400 VALIDATION:INVALID_PARAMETER with what was wrong (the v3 code for a bad value).
+    pub(crate) fn invalid_parameter(detail: impl Into<String>) -> Self {
+        ApiError {
+            code: Some("INVALID_PARAMETER"),
+            description: detail.into(),
+            doc_path: "validation-errors#invalid-parameter",
+            ..ApiError::validation("")
+        }
+    }
+
+    /// 403 AUTHENTICATION:ACCESS_DENIED: the application token names a user who has no
+    /// connection to the vehicle (not theirs, never approved in Connect, or revoked)
+    /// (smartcar-api.md §10.4).
+    pub(crate) fn access_denied() -> Self {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: Some("ACCESS_DENIED"),
+            description: "The user named in sc-user-id has no connection to this vehicle. \
+                          Please prompt the user to connect it using Smartcar Connect."
+                .to_owned(),
+            doc_path: "authentication-errors#access-denied",
+            ..ApiError::authentication()
+        }
+    }
+
+    /// 404 RESOURCE_NOT_FOUND with a v3 code (`SIGNAL_NOT_FOUND`, `CONNECTION_NOT_FOUND`).
+    pub(crate) fn not_found(code: &'static str, detail: &str) -> Self {
+        ApiError {
+            code: Some(code),
+            description: detail.to_owned(),
+            doc_path: "",
+            ..ApiError::path_not_found()
+        }
+    }
+
     /// 400 VALIDATION:PARAMETER with what was wrong.
     pub(crate) fn validation(detail: impl Into<String>) -> Self {
         ApiError {
@@ -231,8 +277,9 @@ impl ApiError {
         })
     }
 
-    /// The v3 envelope (§3.6): `status` is a string.
-    pub(crate) fn v3_body(&self) -> Value {
+    /// The v3 envelope (§3.6): `status` is a string; `meta.debug.requestId` repeats the
+    /// `sc-request-id` header, as live errors carry it (§10.4).
+    pub(crate) fn v3_body(&self, request_id: &str) -> Value {
         json!({"errors": [{
             "status": self.status.as_u16().to_string(),
             "type": self.kind,
@@ -242,6 +289,7 @@ impl ApiError {
             "links": {"about": self.doc_url()},
             "resolution": self.resolution_json(),
             "suggestedUserMessage": self.suggested_user_message,
+            "meta": {"debug": {"requestId": request_id}},
         }]})
     }
 
@@ -249,7 +297,7 @@ impl ApiError {
     pub(crate) fn into_api_response(self, api: Api, request_id: &str) -> Response {
         let body = match api {
             Api::V2 => self.v2_body(request_id),
-            Api::V3 => self.v3_body(),
+            Api::V3 => self.v3_body(request_id),
         };
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Ok(value) = HeaderValue::from_str(request_id) {
@@ -290,11 +338,28 @@ mod tests {
         assert_eq!(v2["statusCode"], 400);
         assert_eq!(v2["requestId"], "rid");
         assert!(v2["resolution"]["type"].is_null());
-        let v3 = ApiError::authentication().v3_body();
+        let v3 = ApiError::authentication().v3_body("rid");
         assert_eq!(v3["errors"][0]["status"], "401");
         assert_eq!(v3["errors"][0]["type"], "AUTHENTICATION");
         assert!(v3["errors"][0]["code"].is_null());
         assert_eq!(v3["errors"][0]["title"], "Unauthorized");
+        assert_eq!(v3["errors"][0]["meta"]["debug"]["requestId"], "rid");
+        let denied = ApiError::access_denied().v3_body("rid");
+        assert_eq!(
+            (
+                &denied["errors"][0]["status"],
+                &denied["errors"][0]["type"],
+                &denied["errors"][0]["code"]
+            ),
+            (
+                &json!("403"),
+                &json!("AUTHENTICATION"),
+                &json!("ACCESS_DENIED")
+            )
+        );
+        let missing = ApiError::missing_user_id().v3_body("rid");
+        assert_eq!(missing["errors"][0]["code"], "MISSING_PARAMETER");
+        assert_eq!(missing["errors"][0]["detail"], "missing userId");
     }
 
     #[test]
@@ -308,7 +373,7 @@ mod tests {
             v2["docURL"],
             "https://smartcar.com/docs/errors/api-errors/permission-errors"
         );
-        let v3 = ApiError::permission().v3_body();
+        let v3 = ApiError::permission().v3_body("rid");
         assert_eq!(v3["errors"][0]["status"], "403");
         assert_eq!(v3["errors"][0]["title"], "Forbidden");
         let account = ApiError::account_authentication_failed()
@@ -327,7 +392,7 @@ mod tests {
             json!({"type": "REAUTHENTICATE", "url": "http://x/oauth/reauthenticate?vehicle_id=v"})
         );
         assert_eq!(
-            account.v3_body()["errors"][0]["resolution"],
+            account.v3_body("rid")["errors"][0]["resolution"],
             v2["resolution"]
         );
     }

@@ -32,6 +32,9 @@ pub enum FaultKind {
     Server,
     /// 502 UPSTREAM:NO_RESPONSE.
     Upstream,
+    /// 502 UPSTREAM:RATE_LIMIT: the manufacturer's own limit (smartcar-api.md §2.4), no
+    /// `retry-after` (its status is unconfirmed, §9.7; 502 as its UPSTREAM family).
+    UpstreamRateLimit,
     /// 403 PERMISSION.
     Permission,
     /// 400 CONNECTED_SERVICES_ACCOUNT:AUTHENTICATION_FAILED (resolution REAUTHENTICATE with the
@@ -51,13 +54,14 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 14] = [
         FaultKind::RateLimit,
         FaultKind::AppRateLimit,
         FaultKind::Asleep,
         FaultKind::Unreachable,
         FaultKind::Server,
         FaultKind::Upstream,
+        FaultKind::UpstreamRateLimit,
         FaultKind::Permission,
         FaultKind::ConnectedServicesAccount,
         FaultKind::Compatibility,
@@ -83,6 +87,7 @@ impl FaultKind {
             FaultKind::Unreachable => "unreachable",
             FaultKind::Server => "server",
             FaultKind::Upstream => "upstream",
+            FaultKind::UpstreamRateLimit => "upstream_rate_limit",
             FaultKind::Permission => "permission",
             FaultKind::ConnectedServicesAccount => "connected_services_account",
             FaultKind::Compatibility => "compatibility",
@@ -157,6 +162,13 @@ impl FaultKind {
                 "UPSTREAM",
                 Some("NO_RESPONSE"),
                 "Smartcar did not receive a response from the vehicle's manufacturer.",
+                Some(Resolution::RetryLater),
+            ),
+            FaultKind::UpstreamRateLimit => new(
+                502,
+                "UPSTREAM",
+                Some("RATE_LIMIT"),
+                "The vehicle's manufacturer has rate limited Smartcar's requests for this vehicle. Please retry later.",
                 Some(Resolution::RetryLater),
             ),
             FaultKind::Compatibility => new(
@@ -453,6 +465,16 @@ mod tests {
         assert_eq!((f.kind, f.count), (FaultKind::RateLimit, Some(2)));
         assert!(parse_spec("sleepy").unwrap_err().contains("asleep"));
         assert!(parse_spec("server*x").is_err());
+        let (v, f) = parse_spec("upstream_rate_limit@abc").unwrap();
+        assert_eq!(
+            (v.as_deref(), f.kind),
+            (Some("abc"), FaultKind::UpstreamRateLimit)
+        );
+        let e = f.kind.error(f.retry_after);
+        assert_eq!(
+            (e.status.as_u16(), e.kind, e.code, e.retry_after),
+            (502, "UPSTREAM", Some("RATE_LIMIT"), None)
+        );
     }
 
     #[test]

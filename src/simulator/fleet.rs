@@ -751,6 +751,11 @@ impl Fleet {
         self.user_index.get(id).copied()
     }
 
+    /// Where the vehicle sits: (index of its owner, index among the owner's vehicles).
+    pub(crate) fn vehicle_position(&self, id: &str) -> Option<(usize, usize)> {
+        self.vehicle_index.get(id).copied()
+    }
+
     /// The vehicle and the index of the user owning it.
     pub(crate) fn vehicle(&self, id: &str) -> Option<(usize, &Vehicle)> {
         let &(ui, vi) = self.vehicle_index.get(id)?;

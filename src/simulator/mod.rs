@@ -2,20 +2,31 @@
 //! tests and `carpulse demo` run against.
 //!
 //! It serves Connect (`/oauth/authorize`, the re-auth flow `/oauth/reauthenticate`), the token
-//! endpoint (`/oauth/token`), Vehicle API v2.0 (`/v2.0`) and v3 signals (`/v3`) with the shapes,
-//! headers and errors of smartcar-api.md, over a deterministic fleet of BEVs whose values evolve
-//! with simulated time. `/_simulator/*` exposes counters and what was served, so tests can check
-//! carpulse against ground truth. [`ENDPOINTS_HELP`] (the end of `carpulse simulator --help`)
-//! lists it all.
+//! endpoints (`/oauth/token` for per-user tokens, `/oauth2/token` for v3 application tokens),
+//! Vehicle API v2.0 (`/v2.0`), v3 signals (`/v3/vehicles`) and v3 connections
+//! (`/v3/connections`) with the shapes, headers and errors of smartcar-api.md, over a
+//! deterministic fleet whose values evolve with simulated time. `/_simulator/*` exposes counters
+//! and what was served, so tests can check carpulse against ground truth. [`ENDPOINTS_HELP`] (the
+//! end of `carpulse simulator --help`) lists it all.
+//!
+//! Two credentials, as in Smartcar's late-2026 model (smartcar-api.md §1.7, §10): Connect's
+//! client (`client_id`/`client_secret`, per-user tokens through `/oauth/token`) and the separate
+//! API credentials (`api_client_id`/`api_client_secret`, one application token through
+//! `/oauth2/token`). `/v2.0` takes only per-user tokens. `/v3` takes either, as [`V3Auth`] allows:
+//! an application token names its user in `sc-user-id` and reaches only vehicles that user
+//! connected in Connect ([`connections`]); a per-user token needs no `sc-user-id` (the SDK model).
 //!
 //! Tokens carry the permissions their consent granted ([`scope`]); an endpoint or signal they do
 //! not cover answers 403 PERMISSION like Smartcar's.
 //!
-//! Layout: [`fleet`] (ids and the vehicle model), [`oauth`] (codes and tokens), [`scope`]
-//! (granted permissions), [`v2`], [`v3`], [`errors`] (envelopes) and [`stats`] (counters,
-//! served log). This file owns the configuration, the shared state, bearer authentication,
-//! routing and the CLI entry point.
+//! Layout: [`fleet`] (ids and the vehicle model), [`oauth`] (codes and tokens), [`consent`] (the
+//! consent page), [`connections`] (approved user/vehicle pairs and `/v3/connections`), [`scope`]
+//! (granted permissions), [`v2`], [`v3`], [`faults`], [`errors`] (envelopes) and [`stats`]
+//! (counters, served log). This file owns the configuration, the shared state, bearer
+//! authentication, routing and the CLI entry point. The simulator imports nothing from the
+//! client side (`crate::smartcar`), so it cannot inherit the client's mistakes.
 
+mod connections;
 mod consent;
 mod errors;
 pub mod faults;
@@ -53,10 +64,37 @@ use stats::{bump, ServedLog, Stats};
 /// How the simulator behaves. `Default` is what `carpulse simulator` runs with no flags.
 #[derive(Clone)]
 pub struct SimulatorConfig {
-    /// The one OAuth client the simulator knows.
+    /// The one Connect (OAuth) client the simulator knows.
     pub client_id: String,
     /// Its secret (the token endpoint checks it in the Basic header). Redacted in `Debug`.
     pub client_secret: String,
+    /// The API Credentials' client id, for v3 application tokens (`POST /oauth2/token`); not
+    /// Connect's (smartcar-api.md §10.1).
+    pub api_client_id: String,
+    /// Its secret (checked in the form body). Redacted in `Debug`.
+    pub api_client_secret: String,
+    /// `expires_in` of application tokens (Smartcar: one hour).
+    pub app_token_lifetime: Duration,
+    /// Which tokens `/v3` accepts.
+    pub v3_auth: V3Auth,
+    /// Connect's success redirect carries only `user_id` and `state`, no `code` (the newest docs'
+    /// shape, smartcar-api.md §10.2); the approval still creates the connections.
+    pub redirect_without_code: bool,
+    /// Vehicle ids whose v3 signal store is empty (`/signals` answers 200 with no data, as for a
+    /// car Smartcar has no data for yet, §10.5); `"all"` means every vehicle.
+    pub empty_signals: Vec<String>,
+    /// v3 signal codes answered with `status.value = UNAVAILABLE` and no body.
+    pub unavailable_signals: Vec<String>,
+    /// v3 signal codes answered SUCCESS with the body `{"value": null}` (and the unit, if any).
+    pub null_signals: Vec<String>,
+    /// Lower-case v3 signal groups (e.g. `charge`) locked by the app's plan (§10.6): each of
+    /// their signals is an ERROR BILLING:INVALID_PLAN item with no body.
+    pub locked_groups: Vec<String>,
+    /// v3 `meta.oemUpdatedAt`/`retrievedAt` as ISO-8601 strings instead of epoch milliseconds.
+    pub iso_timestamps: bool,
+    /// The unit string of v3 distances: `kilometers` (default), `km`, `miles` or `mi` (any case);
+    /// the mile ones convert the value.
+    pub distance_unit: String,
     /// Number of simulated accounts (each Connect consent picks one).
     pub users: usize,
     pub vehicles_per_user: usize,
@@ -104,6 +142,17 @@ impl Default for SimulatorConfig {
         SimulatorConfig {
             client_id: "carpulse-demo".to_owned(),
             client_secret: "carpulse-demo-secret".to_owned(),
+            api_client_id: "carpulse-demo-api".to_owned(),
+            api_client_secret: "carpulse-demo-api-secret".to_owned(),
+            app_token_lifetime: Duration::from_secs(3600),
+            v3_auth: V3Auth::Both,
+            redirect_without_code: false,
+            empty_signals: Vec::new(),
+            unavailable_signals: Vec::new(),
+            null_signals: Vec::new(),
+            locked_groups: Vec::new(),
+            iso_timestamps: false,
+            distance_unit: "kilometers".to_owned(),
             users: 1,
             vehicles_per_user: 2,
             access_token_lifetime: Duration::from_secs(7200),
@@ -126,12 +175,35 @@ impl Default for SimulatorConfig {
     }
 }
 
-/// Hand-written so the client secret never reaches a log line through `{:?}`.
+/// Which bearer tokens `/v3` accepts (`--v3-auth`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum V3Auth {
+    /// Per-user Connect tokens only (the Nov-2025 SDK model); application tokens get 401.
+    User,
+    /// Application tokens with `sc-user-id` only (the 2026 docs model); per-user tokens get 401.
+    App,
+    /// Both (Smartcar: "your existing opaque tokens continue to work indefinitely").
+    #[default]
+    Both,
+}
+
+/// Hand-written so the client secrets never reach a log line through `{:?}`.
 impl fmt::Debug for SimulatorConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SimulatorConfig")
             .field("client_id", &self.client_id)
             .field("client_secret", &"[redacted]")
+            .field("api_client_id", &self.api_client_id)
+            .field("api_client_secret", &"[redacted]")
+            .field("app_token_lifetime", &self.app_token_lifetime)
+            .field("v3_auth", &self.v3_auth)
+            .field("redirect_without_code", &self.redirect_without_code)
+            .field("empty_signals", &self.empty_signals)
+            .field("unavailable_signals", &self.unavailable_signals)
+            .field("null_signals", &self.null_signals)
+            .field("locked_groups", &self.locked_groups)
+            .field("iso_timestamps", &self.iso_timestamps)
+            .field("distance_unit", &self.distance_unit)
             .field("users", &self.users)
             .field("vehicles_per_user", &self.vehicles_per_user)
             .field("access_token_lifetime", &self.access_token_lifetime)
@@ -167,6 +239,10 @@ pub struct SimulatorArgs {
     /// OAuth client secret the simulator accepts.
     #[arg(long, default_value = "carpulse-demo-secret")]
     pub client_secret: String,
+    /// The v3 flags: API credentials, `--v3-auth`, the Connect redirect shape and the signal
+    /// options.
+    #[command(flatten)]
+    pub v3: Box<V3Args>,
     /// Number of simulated user accounts.
     #[arg(long, default_value_t = 1)]
     pub users: usize,
@@ -192,10 +268,10 @@ pub struct SimulatorArgs {
     pub seed: u64,
     /// A fault from the start, repeatable: KIND[@VEHICLE_ID][*COUNT], e.g. `asleep`,
     /// `rate_limit@<id>`, `server*3`. Kinds: rate_limit, app_rate_limit, asleep, unreachable,
-    /// server, upstream, permission, connected_services_account, compatibility, billing, slow,
-    /// malformed, drop. Without @, fleet-wide; without *, until cleared through
-    /// /_simulator/faults (a vehicle's connected_services_account fault also by the re-auth flow,
-    /// /oauth/reauthenticate).
+    /// server, upstream, upstream_rate_limit, permission, connected_services_account,
+    /// compatibility, billing, slow, malformed, drop. Without @, fleet-wide; without *, until
+    /// cleared through /_simulator/faults (a vehicle's connected_services_account fault also by
+    /// the re-auth flow, /oauth/reauthenticate).
     #[arg(long = "fault", value_name = "SPEC", value_parser = faults::parse_spec)]
     pub faults: Vec<(Option<String>, faults::Fault)>,
     /// Probability (0–1) that a vehicle request gets a random transient fault (asleep, server,
@@ -236,6 +312,74 @@ pub struct SimulatorArgs {
     pub served_log: usize,
 }
 
+/// The v3 flags of `carpulse simulator` (API Authentication, smartcar-api.md §10), flattened
+/// into [`SimulatorArgs`]. Boxed there so the CLI's `Command` enum stays small.
+#[derive(clap::Args, Clone)]
+pub struct V3Args {
+    /// API Credentials client id for v3 application tokens (POST /oauth2/token); Connect's
+    /// client id is refused there.
+    #[arg(long, default_value = "carpulse-demo-api")]
+    pub api_client_id: String,
+    /// API Credentials secret (sent in the /oauth2/token form body).
+    #[arg(long, default_value = "carpulse-demo-api-secret")]
+    pub api_client_secret: String,
+    /// Application token lifetime in seconds (`expires_in`; Smartcar: 3600).
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub app_token_lifetime: u64,
+    /// Tokens /v3 accepts: `user` (per-user Connect tokens), `app` (application token +
+    /// sc-user-id) or `both`.
+    #[arg(long, value_enum, default_value = "both")]
+    pub v3_auth: V3Auth,
+    /// Connect's success redirect carries only user_id and state, no code (the newest docs'
+    /// shape); the approval still creates the connections.
+    #[arg(long)]
+    pub redirect_without_code: bool,
+    /// Vehicles whose v3 signal store is empty (/signals answers 200 with no data), comma-
+    /// separated ids, or `all`.
+    #[arg(long, value_name = "ID[,ID..]|all", value_delimiter = ',')]
+    pub empty_signals: Vec<String>,
+    /// v3 signal codes answered with status UNAVAILABLE and no body, comma-separated.
+    #[arg(long, value_name = "CODE[,..]", value_delimiter = ',',
+          value_parser = v3::parse_signal_code)]
+    pub unavailable_signals: Vec<String>,
+    /// v3 signal codes answered SUCCESS with body {"value": null}, comma-separated.
+    #[arg(long, value_name = "CODE[,..]", value_delimiter = ',',
+          value_parser = v3::parse_signal_code)]
+    pub null_signals: Vec<String>,
+    /// v3 signal groups locked by the app's plan (e.g. `charge,location`): their signals are
+    /// status ERROR with error BILLING:INVALID_PLAN and no body.
+    #[arg(long, value_name = "GROUP[,..]", value_delimiter = ',',
+          value_parser = v3::parse_group)]
+    pub locked_groups: Vec<String>,
+    /// v3 meta.oemUpdatedAt/retrievedAt as ISO-8601 strings instead of epoch milliseconds.
+    #[arg(long)]
+    pub iso_timestamps: bool,
+    /// Unit string of v3 distances: kilometers, km, miles or mi (miles convert the value).
+    #[arg(long, value_name = "STRING", default_value = "kilometers",
+          value_parser = v3::parse_distance_unit)]
+    pub distance_unit: String,
+}
+
+/// Hand-written so the API secret never reaches a log line through `{:?}`.
+impl fmt::Debug for V3Args {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("V3Args")
+            .field("api_client_id", &self.api_client_id)
+            .field("api_client_secret", &"[redacted]")
+            .field("app_token_lifetime", &self.app_token_lifetime)
+            .field("v3_auth", &self.v3_auth)
+            .field("redirect_without_code", &self.redirect_without_code)
+            .field("empty_signals", &self.empty_signals)
+            .field("unavailable_signals", &self.unavailable_signals)
+            .field("null_signals", &self.null_signals)
+            .field("locked_groups", &self.locked_groups)
+            .field("iso_timestamps", &self.iso_timestamps)
+            .field("distance_unit", &self.distance_unit)
+            .finish()
+    }
+}
+
 /// What `carpulse simulator --help` says after the flags: the endpoints the simulator serves and
 /// how consent, permissions and the re-auth flow behave. (Attached to [`SimulatorArgs`] with
 /// `#[command(after_long_help)]`, so `-h` stays short.)
@@ -243,27 +387,59 @@ pub const ENDPOINTS_HELP: &str = "\
 Endpoints (base http://<listen address>; smartcar-api.md has the shapes):
   GET  /oauth/authorize          Connect. response_type=code, client_id, redirect_uri, state,
                                  scope, mode, user (id or 1-based index), auto_approve. 302 to
-                                 redirect_uri?code=...&state=... (or the consent page with
-                                 --consent). The approval grants exactly `scope` (space-separated;
-                                 a `required:` prefix is stripped); without scope it grants the
-                                 default set: read_vehicle_info read_vin read_battery read_charge
-                                 read_odometer read_location read_tires read_fuel read_engine_oil.
+                                 redirect_uri?code=...&user_id=...&state=... (only user_id and
+                                 state with --redirect-without-code; the consent page with
+                                 --consent). An approval connects the user's vehicles (those
+                                 chosen on the consent page) and grants exactly `scope`
+                                 (space-separated; a `required:` prefix is stripped); without
+                                 scope it grants the default set: read_vehicle_info read_vin
+                                 read_battery read_charge read_odometer read_location read_tires
+                                 read_fuel read_engine_oil.
   GET  /oauth/reauthenticate     Connect's re-auth flow: response_type=vehicle_id, client_id,
                                  vehicle_id, redirect_uri, state. 302 to
                                  redirect_uri?vehicle_id=...&state=...; clears the vehicle's
                                  connected_services_account fault (the owner fixed their login).
                                  Tokens are untouched. 400 (text) for a bad request.
-  POST /oauth/token              Code exchange and refresh (Basic client auth). Tokens carry the
-                                 scope of their consent; each rotation keeps it.
-  POST /oauth2/token             v3 application token (client_credentials); requests name the
-                                 user in sc-user-id and get what that user's latest Connect
-                                 approval granted (the default set if they never approved one).
-  GET  /v2.0/user, /v2.0/vehicles
+  POST /oauth/token              Code exchange and refresh (Basic auth with the Connect client).
+                                 Tokens carry the scope of their consent; each rotation keeps it.
+  POST /oauth2/token             v3 application token: grant_type=client_credentials with the
+                                 API credentials (--api-client-id/--api-client-secret, not
+                                 Connect's) as client_id and client_secret in the form body (a
+                                 Basic header is not read). 400 invalid_request when missing or
+                                 malformed, 401 invalid_client when wrong. {access_token,
+                                 token_type: Bearer, expires_in: --app-token-lifetime}, no
+                                 refresh token; 401 AUTHENTICATION once expired.
+  GET  /v2.0/user, /v2.0/vehicles          (per-user tokens only; an app token gets 401)
   GET  /v2.0/vehicles/{id}[/vin|/battery|/battery/capacity|/battery/nominal_capacity|/charge|
        /charge/limit|/odometer|/location|/tires/pressure|/fuel|/engine/oil]
   GET  /v2.0/vehicles/{id}/permissions   the granted scope, paged (limit 1-50, offset)
   POST /v2.0/vehicles/{id}/batch
-  GET  /v3/vehicles/{id}, /v3/vehicles/{id}/signals, /v3/vehicles/{id}/signals/{code}
+  GET  /v3/vehicles/{id}, /v3/vehicles/{id}/signals[?page=&pageSize=],
+       /v3/vehicles/{id}/signals/{code}
+  GET  /v3/connections           the (user, vehicle) pairs approved in Connect, app token only:
+                                 filter[userId] (or sc-user-id), filter[vehicleId], filter[mode]
+                                 (also userId/user_id, vehicleId/vehicle_id, mode),
+                                 page[number], page[size] 1-100, default 10 (also page,
+                                 pageSize). {data, meta {page, pageSize, totalCount}, links
+                                 {self, first, previous, next, last}} with links relative to the
+                                 server root. Not rate limited, no faults, no latency.
+  GET  /v3/connections/{id}      {data: connection}, or 404 RESOURCE_NOT_FOUND.
+
+v3 authentication (--v3-auth, default both): a per-user Connect token (Bearer, no sc-user-id
+needed; if sent it must be the token's user) is accepted unless --v3-auth app (then 401). The
+application token (refused with --v3-auth user) names the user in the sc-user-id header on
+/v3/vehicles/**: missing or empty: 400 VALIDATION:MISSING_PARAMETER \"missing userId\"; no such
+user: 400 VALIDATION:INVALID_PARAMETER; a user who does not own the vehicle, never approved it
+in Connect, or revoked it: 403 AUTHENTICATION:ACCESS_DENIED. It reads with the scope of that
+user's latest approval of the vehicle. Every v3 error is {\"errors\": [{status (a string), type,
+code, title, detail, resolution, links, meta.debug.requestId (= the sc-request-id header)}]}.
+
+v3 signal options: --empty-signals (200 with no data, single signals 404
+RESOURCE_NOT_FOUND:SIGNAL_NOT_FOUND), --unavailable-signals (status UNAVAILABLE, no body),
+--null-signals (SUCCESS, body {\"value\": null} plus the unit), --locked-groups (status ERROR,
+error BILLING:INVALID_PLAN, no body), --iso-timestamps (meta times as ISO-8601, default epoch
+ms), --distance-unit (unit of tractionbattery-range, odometer-traveleddistance and
+internalcombustionengine-range). Values not served this way are not in /_simulator/served.
 
 Permissions: / needs read_vehicle_info, /vin read_vin, /battery* read_battery, /charge*
 read_charge, /odometer read_odometer, /location read_location, /tires/pressure read_tires,
@@ -276,13 +452,21 @@ shows the signal with status ERROR, error type PERMISSION. /v2.0/user, /v2.0/veh
 /v2.0/vehicles/{id}/permissions and /v3/vehicles/{id} need no permission.
 
 Introspection (not Smartcar):
-  GET /_simulator/stats          counters, e.g. authorizations, refreshes, faults_served,
-                                 permission_denied, reauthentications
+  GET /_simulator/stats          counters: requests, v2_requests, v3_requests (vehicle requests;
+                                 not /v3/connections), authorizations, code_exchanges,
+                                 refreshes, token_errors, expired_token_requests,
+                                 unknown_token_requests, revoked_token_uses, faults_served,
+                                 permission_denied, reauthentications, missing_user_id,
+                                 wrong_user_id, revoked_user_requests, user_tokens_on_v3,
+                                 app_tokens_issued, app_token_expired_uses, app_tokens_on_v2,
+                                 connections_requests, ...
   GET /_simulator/vehicles       users and their vehicles
   GET /_simulator/served?vehicle_id=ID   values served, for checking against ground truth
   GET|POST|DELETE /_simulator/faults     set or clear faults ({\"kind\", \"vehicle_id\"?,
                                  \"count\"?, \"retry_after\"?} or {\"random_rate\"})
-  POST /_simulator/revoke        {\"user\"} or {\"vehicle_id\"}: revoke a connection
+  POST /_simulator/revoke        {\"user\"}: revoke the user's tokens and connections (back
+                                 with a new Connect approval); {\"vehicle_id\"}: only that
+                                 vehicle's connection
 ";
 
 /// `20/1h`: a count and a period (s, m, h).
@@ -326,13 +510,14 @@ pub fn parse_latency(s: &str) -> Result<(Duration, Duration), String> {
     Ok((lo, hi))
 }
 
-/// Hand-written so the client secret never reaches a log line through `{:?}`.
+/// Hand-written so the client secrets never reach a log line through `{:?}`.
 impl fmt::Debug for SimulatorArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SimulatorArgs")
             .field("listen", &self.listen)
             .field("client_id", &self.client_id)
             .field("client_secret", &"[redacted]")
+            .field("v3", &self.v3)
             .field("users", &self.users)
             .field("vehicles_per_user", &self.vehicles_per_user)
             .field("token_lifetime", &self.token_lifetime)
@@ -367,6 +552,17 @@ impl SimulatorArgs {
         SimulatorConfig {
             client_id: self.client_id.clone(),
             client_secret: self.client_secret.clone(),
+            api_client_id: self.v3.api_client_id.clone(),
+            api_client_secret: self.v3.api_client_secret.clone(),
+            app_token_lifetime: Duration::from_secs(self.v3.app_token_lifetime),
+            v3_auth: self.v3.v3_auth,
+            redirect_without_code: self.v3.redirect_without_code,
+            empty_signals: self.v3.empty_signals.clone(),
+            unavailable_signals: self.v3.unavailable_signals.clone(),
+            null_signals: self.v3.null_signals.clone(),
+            locked_groups: self.v3.locked_groups.clone(),
+            iso_timestamps: self.v3.iso_timestamps,
+            distance_unit: self.v3.distance_unit.clone(),
             users: self.users,
             vehicles_per_user: self.vehicles_per_user,
             access_token_lifetime: Duration::from_secs(self.token_lifetime),
@@ -397,6 +593,10 @@ pub(crate) struct Sim {
     pub(crate) stats: Stats,
     pub(crate) served: ServedLog,
     pub(crate) faults: faults::Faults,
+    /// The (user, vehicle) pairs approved in Connect: what an application token can reach.
+    pub(crate) connections: connections::Connections,
+    /// The v3 signal options of the configuration, validated and indexed.
+    pub(crate) signal_options: v3::SignalOptions,
     /// Vehicles a user chose on the consent page; a user absent here granted all of theirs.
     grants: std::sync::Mutex<HashMap<usize, std::collections::HashSet<String>>>,
     /// The app-wide bucket: (tokens left, when last refilled).
@@ -430,6 +630,15 @@ const BUCKET_SIZE: f64 = 120.0;
 const BUCKET_REFILL_PER_MS: f64 = 2.0 / 60_000.0;
 
 pub(crate) type SimState = Arc<Sim>;
+
+/// What a `/v3` request's bearer token turned out to be (see [`Sim::authenticate_v3`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum V3Bearer {
+    /// A per-user Connect token.
+    User(Caller),
+    /// The application token: the user comes from `sc-user-id`.
+    App,
+}
 
 impl Sim {
     fn new(cfg: SimulatorConfig, now: UnixMillis) -> anyhow::Result<Sim> {
@@ -474,6 +683,7 @@ impl Sim {
             faults.set(vehicle.clone(), fault.clone());
         }
         faults.set_random_rate(cfg.fault_rate);
+        let signal_options = v3::SignalOptions::new(&cfg, &fleet)?;
         Ok(Sim {
             // Before `cfg` moves in.
             served: ServedLog::new(cfg.served_log),
@@ -483,68 +693,189 @@ impl Sim {
             tokens: oauth::TokenStore::default(),
             stats: Stats::default(),
             faults,
+            connections: Default::default(),
+            signal_options,
             grants: Default::default(),
             bucket: std::sync::Mutex::new((BUCKET_SIZE, now)),
             base_url: std::sync::OnceLock::new(),
         })
     }
 
-    /// Checks the bearer token and returns its user and granted scope, counting unknown and
-    /// expired tokens (carpulse should refresh before expiry and never send a token it was not
-    /// given). A v3 application token acts for the `sc-user-id` user with what that user's latest
-    /// Connect approval granted, or [`scope::DEFAULT_GRANT`] if they never approved one (the
-    /// 2026 model has no per-token consent; the simulator assumes the app's dashboard default).
+    /// Checks a `/v2.0` bearer token and returns its user and granted scope, counting unknown,
+    /// expired and revoked tokens (carpulse should refresh before expiry and never send a token
+    /// it was not given). Only per-user Connect tokens: an application token is a v3 credential
+    /// (401, counted in `app_tokens_on_v2`).
     pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        match self.check_bearer(headers) {
+            oauth::AccessCheck::Valid { user, scope } => Ok(Caller { user, scope }),
+            check @ (oauth::AccessCheck::App | oauth::AccessCheck::AppExpired) => {
+                bump(&self.stats.app_tokens_on_v2);
+                if check == oauth::AccessCheck::AppExpired {
+                    bump(&self.stats.app_token_expired_uses);
+                }
+                Err(ApiError::authentication())
+            }
+            other => Err(self.refuse(other)),
+        }
+    }
+
+    /// Checks a `/v3` bearer token. A per-user Connect token counts `user_tokens_on_v3` (valid
+    /// or not) and is refused with `--v3-auth app`; the application token is refused with
+    /// `--v3-auth user`, and after its expiry (counted in `app_token_expired_uses`).
+    pub(crate) fn authenticate_v3(&self, headers: &HeaderMap) -> Result<V3Bearer, ApiError> {
+        let check = self.check_bearer(headers);
+        if matches!(
+            check,
+            oauth::AccessCheck::Valid { .. }
+                | oauth::AccessCheck::Expired
+                | oauth::AccessCheck::Revoked
+        ) {
+            bump(&self.stats.user_tokens_on_v3);
+        }
+        match check {
+            oauth::AccessCheck::Valid { user, scope } if self.cfg.v3_auth != V3Auth::App => {
+                Ok(V3Bearer::User(Caller { user, scope }))
+            }
+            oauth::AccessCheck::App if self.cfg.v3_auth != V3Auth::User => Ok(V3Bearer::App),
+            oauth::AccessCheck::Valid { .. } | oauth::AccessCheck::App => {
+                Err(ApiError::authentication())
+            }
+            oauth::AccessCheck::AppExpired => {
+                bump(&self.stats.app_token_expired_uses);
+                Err(ApiError::authentication())
+            }
+            other => Err(self.refuse(other)),
+        }
+    }
+
+    /// What the `Authorization: Bearer` header holds (`Unknown` when there is none).
+    fn check_bearer(&self, headers: &HeaderMap) -> oauth::AccessCheck {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim());
-        let Some(token) = token else {
-            bump(&self.stats.unknown_token_requests);
-            return Err(ApiError::authentication());
+        match token {
+            Some(token) => self.tokens.check_access(token, now_ms()),
+            None => oauth::AccessCheck::Unknown,
+        }
+    }
+
+    /// 401 AUTHENTICATION for a revoked, expired or unknown per-user token, counted.
+    fn refuse(&self, check: oauth::AccessCheck) -> ApiError {
+        let counter = match check {
+            oauth::AccessCheck::Revoked => &self.stats.revoked_token_uses,
+            oauth::AccessCheck::Expired => &self.stats.expired_token_requests,
+            _ => &self.stats.unknown_token_requests,
         };
-        match self.tokens.check_access(token, now_ms()) {
-            oauth::AccessCheck::Valid { user, scope } => Ok(Caller { user, scope }),
-            // The v3 application token names its user in `sc-user-id` (smartcar-api.md §1.7).
-            oauth::AccessCheck::App => headers
-                .get("sc-user-id")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|id| self.fleet.user_by_id(id.trim()))
-                .map(|user| Caller {
-                    user,
-                    scope: self
-                        .tokens
-                        .consented_scope(user)
-                        .unwrap_or_else(Scope::default_grant),
-                })
-                .ok_or_else(ApiError::authentication),
-            oauth::AccessCheck::Revoked => {
-                bump(&self.stats.revoked_token_uses);
-                Err(ApiError::authentication())
+        bump(counter);
+        ApiError::authentication()
+    }
+
+    /// The vehicle an application-token request may reach (2026 model, smartcar-api.md §10.1,
+    /// §10.4): `sc-user-id` must name a user of the fleet (missing: 400 VALIDATION:
+    /// MISSING_PARAMETER "missing userId", counted in `missing_user_id`; no such user: 400
+    /// VALIDATION:INVALID_PARAMETER, `wrong_user_id`), and that user must own the vehicle
+    /// (`wrong_user_id`) and have a connection to it: approved in Connect and not revoked since
+    /// (`revoked_user_requests` if revoked). Otherwise 403 AUTHENTICATION:ACCESS_DENIED. The
+    /// caller acts with the connection's scope.
+    pub(crate) fn app_caller_for_vehicle(
+        &self,
+        headers: &HeaderMap,
+        id: &str,
+    ) -> Result<(Caller, &Vehicle), ApiError> {
+        let claimed = match headers.get("sc-user-id").map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(v)) => Some(v.trim()).filter(|v| !v.is_empty()),
+            Some(Err(_)) => {
+                bump(&self.stats.wrong_user_id);
+                return Err(ApiError::invalid_parameter(
+                    "sc-user-id is not a valid user id.",
+                ));
             }
-            oauth::AccessCheck::Expired => {
-                bump(&self.stats.expired_token_requests);
-                Err(ApiError::authentication())
+        };
+        let Some(claimed) = claimed else {
+            bump(&self.stats.missing_user_id);
+            return Err(ApiError::missing_user_id());
+        };
+        let Some(user) = self.fleet.user_by_id(claimed) else {
+            bump(&self.stats.wrong_user_id);
+            return Err(ApiError::invalid_parameter(
+                "sc-user-id names no user of this application.",
+            ));
+        };
+        let Some((owner, index)) = self.fleet.vehicle_position(id) else {
+            // Like Smartcar, an unknown vehicle is not told apart from someone else's.
+            return Err(ApiError::access_denied());
+        };
+        if owner != user {
+            bump(&self.stats.wrong_user_id);
+            return Err(ApiError::access_denied());
+        }
+        match self.connections.access((owner, index)) {
+            connections::Access::Connected(scope) => Ok((
+                Caller { user, scope },
+                &self.fleet.users[owner].vehicles[index],
+            )),
+            connections::Access::Revoked => {
+                bump(&self.stats.revoked_user_requests);
+                Err(ApiError::access_denied())
             }
-            oauth::AccessCheck::Unknown => {
-                bump(&self.stats.unknown_token_requests);
-                Err(ApiError::authentication())
-            }
+            connections::Access::None => Err(ApiError::access_denied()),
         }
     }
 
     /// The vehicle `id` if the user owns it and their consent covers it; VEHICLE_MISSING
     /// otherwise (also for ids that do not exist, as Smartcar does not tell other users' vehicles
-    /// from non-existent ones). Checks no fault or limit: see [`Sim::admit`].
+    /// from non-existent ones). A vehicle whose connection was revoked (`/_simulator/revoke`
+    /// with `vehicle_id`) answers 401 AUTHENTICATION until its owner approves it again, counted
+    /// in `revoked_token_uses`. Checks no fault or limit: see [`Sim::admit`].
     pub(crate) fn vehicle_of(&self, user: usize, id: &str) -> Result<&Vehicle, ApiError> {
-        match self.fleet.vehicle(id) {
-            Some((owner, vehicle)) if owner == user && self.granted(user, &vehicle.id) => {
-                Ok(vehicle)
+        match self.fleet.vehicle_position(id) {
+            Some((owner, index)) if owner == user && self.granted(user, id) => {
+                if self.connections.is_revoked((owner, index)) {
+                    bump(&self.stats.revoked_token_uses);
+                    return Err(ApiError::authentication());
+                }
+                Ok(&self.fleet.users[owner].vehicles[index])
             }
             _ => Err(ApiError::vehicle_missing()),
         }
+    }
+
+    /// Whether a per-user token of `user` reaches the vehicle: covered by their consent and its
+    /// connection not revoked (what `/v2.0/vehicles` lists).
+    pub(crate) fn lists_vehicle(&self, user: usize, id: &str) -> bool {
+        self.granted(user, id)
+            && !self
+                .fleet
+                .vehicle_position(id)
+                .is_some_and(|pair| self.connections.is_revoked(pair))
+    }
+
+    /// Records an approved Connect consent as connections: to the `chosen` vehicles (all of the
+    /// user's when `None`), with `scope`.
+    pub(crate) fn connect(
+        &self,
+        user: usize,
+        chosen: Option<&std::collections::HashSet<String>>,
+        scope: Scope,
+        now: UnixMillis,
+    ) {
+        let u = &self.fleet.users[user];
+        let pairs = u
+            .vehicles
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| chosen.is_none_or(|c| c.contains(&v.id)))
+            .map(|(index, v)| {
+                (
+                    (user, index),
+                    connections::connection_id(self.cfg.seed, &u.id, &v.id),
+                )
+            });
+        self.connections.approve(pairs, scope, now);
     }
 
     /// Lets one request through to the vehicle, counting `cost` times against its rate limit (a
@@ -688,6 +1019,8 @@ fn router(sim: SimState) -> Router {
         .route("/v3/vehicles/{id}", get(v3::vehicle))
         .route("/v3/vehicles/{id}/signals", get(v3::signals))
         .route("/v3/vehicles/{id}/signals/{code}", get(v3::signal))
+        .route("/v3/connections", get(connections::list))
+        .route("/v3/connections/{id}", get(connections::one))
         .route("/_simulator/stats", get(stats_handler))
         .route("/_simulator/vehicles", get(vehicles_handler))
         .route("/_simulator/served", get(served_handler))
@@ -737,17 +1070,22 @@ async fn trim_trailing_slash(mut request: Request) -> Request {
 async fn log_and_count(State(sim): State<SimState>, request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    // Connections are account data, not vehicle requests: no latency, no app-wide bucket, not
+    // counted in v3_requests (they have their own counter).
+    let is_connections = path == "/v3/connections" || path.starts_with("/v3/connections/");
+    let is_api = (path == "/v2.0" || path.starts_with("/v2.0/") || path.starts_with("/v3/"))
+        && !is_connections;
     if !path.starts_with("/_simulator/") {
         bump(&sim.stats.requests);
-        if path.starts_with("/v2.0/") {
+        if path == "/v2.0" || path.starts_with("/v2.0/") {
             bump(&sim.stats.v2_requests);
-        } else if path.starts_with("/v3/") {
+        } else if path.starts_with("/v3/") && !is_connections {
             bump(&sim.stats.v3_requests);
         }
     }
     let started = Instant::now();
     if let Some((lo, hi)) = sim.cfg.latency {
-        if path.starts_with("/v2.0/") || path.starts_with("/v3/") {
+        if is_api {
             // A sleep, not a blocked thread: hundreds of slow answers wait side by side.
             let wait = if hi > lo {
                 lo + (hi - lo).mul_f64(rand::random::<f64>())
@@ -757,7 +1095,6 @@ async fn log_and_count(State(sim): State<SimState>, request: Request, next: Next
             tokio::time::sleep(wait).await;
         }
     }
-    let is_api = path.starts_with("/v2.0/") || path.starts_with("/v3/");
     if is_api && sim.cfg.app_rate_limit && !sim.take_from_bucket(now_ms()) {
         bump(&sim.stats.app_rate_limited);
         let api = if path.starts_with("/v3/") {
@@ -810,9 +1147,12 @@ async fn not_found(request: Request) -> Response {
     }
 }
 
-/// `POST /_simulator/revoke` with `{"user": "<id or 1-based index>"}` or `{"vehicle_id": ...}`:
-/// the user's connection is revoked; their tokens get 401 / `invalid_grant` until they connect
-/// again.
+/// `POST /_simulator/revoke` with `{"user": "<id or 1-based index>"}`: the user's connection is
+/// revoked: their tokens get 401 / `invalid_grant` until they connect again (a code exchange),
+/// their connections disappear from `/v3/connections`, and application-token requests naming
+/// them get 403 AUTHENTICATION:ACCESS_DENIED until a new Connect approval. With
+/// `{"vehicle_id": ...}` only that vehicle's connection goes: its owner's tokens get 401 on it
+/// (and only on it) and the app token 403, until the owner approves it again.
 async fn revoke_handler(State(sim): State<SimState>, body: axum::body::Bytes) -> Response {
     let bad = |msg: &str| (StatusCode::BAD_REQUEST, Json(json!({ "error": msg }))).into_response();
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
@@ -829,17 +1169,25 @@ async fn revoke_handler(State(sim): State<SimState>, body: axum::body::Bytes) ->
     let by_vehicle = v
         .get("vehicle_id")
         .and_then(Value::as_str)
-        .and_then(|id| sim.fleet.vehicle(id))
-        .map(|(owner, _)| owner);
-    match by_user
-        .or(by_vehicle)
-        .filter(|u| *u < sim.fleet.users.len())
-    {
-        Some(user) => {
+        .and_then(|id| sim.fleet.vehicle_position(id));
+    match (by_user.filter(|u| *u < sim.fleet.users.len()), by_vehicle) {
+        (Some(user), _) => {
             sim.tokens.revoke(user);
-            Json(json!({"revoked": sim.fleet.users[user].id})).into_response()
+            let connections = sim.connections.revoke(|(u, _)| u == user);
+            Json(json!({"revoked": sim.fleet.users[user].id, "connections": connections}))
+                .into_response()
         }
-        None => bad("name a known `user` (id or 1-based index) or `vehicle_id`"),
+        (None, Some(pair)) => {
+            let connections = sim.connections.revoke(|p| p == pair);
+            let owner = &sim.fleet.users[pair.0];
+            Json(json!({
+                "revoked": owner.id,
+                "vehicle_id": owner.vehicles[pair.1].id,
+                "connections": connections,
+            }))
+            .into_response()
+        }
+        (None, None) => bad("name a known `user` (id or 1-based index) or `vehicle_id`"),
     }
 }
 
@@ -960,8 +1308,8 @@ pub async fn serve(
 /// Binds `args.listen`, prints exactly one line to stdout
 /// `carpulse simulator listening on http://{bound addr}` (flushed; tests parse it, so print it after
 /// binding, with the real port when --listen uses port 0), then prints (stdout) the client id and the
-/// base URLs to put in a carpulse config (connect_url, token_url, api_v2_url, api_v3_url) and serves
-/// until shutdown.
+/// base URLs to put in a carpulse config (connect_url, token_url, api_v2_url, api_v3_url), and as
+/// comments the application-token endpoint and API client id, and serves until shutdown.
 pub async fn run_cli(args: SimulatorArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = args.to_config();
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -982,8 +1330,12 @@ pub async fn run_cli(args: SimulatorArgs, shutdown: CancellationToken) -> anyhow
          connect_url = \"{base}/oauth/authorize\"\n\
          token_url = \"{base}/oauth/token\"\n\
          api_v2_url = \"{base}/v2.0\"\n\
-         api_v3_url = \"{base}/v3\"\n\n",
+         api_v3_url = \"{base}/v3\"\n\
+         # v3 application token (API credentials, not Connect's): POST {base}/oauth2/token\n\
+         # with client_id \"{api_client_id}\" and the value of --api-client-secret\n\
+         # (default \"carpulse-demo-api-secret\") in the form body.\n\n",
         client_id = cfg.client_id,
+        api_client_id = cfg.api_client_id,
     )
     .context("writing to stdout")?;
     out.flush().context("flushing stdout")?;

@@ -1,6 +1,12 @@
 //! Smartcar's OAuth surface: Connect's `GET /oauth/authorize` (auto-approved) and re-auth flow
-//! `GET /oauth/reauthenticate`, the token endpoint `POST /oauth/token`, plus the token table the
-//! vehicle API checks bearer tokens against.
+//! `GET /oauth/reauthenticate`, the token endpoint `POST /oauth/token`, the v3 application token
+//! endpoint `POST /oauth2/token`, plus the token table the vehicle API checks bearer tokens
+//! against.
+//!
+//! Every approval (here or on the consent page) goes through [`approved_redirect`]: it records
+//! the user's connections ([`super::connections`]) and redirects with `code`, `user_id` and
+//! `state` (only `user_id` and `state` with `--redirect-without-code`, the newest docs' shape,
+//! smartcar-api.md §10.2).
 //!
 //! Every code and token carries the [`Scope`] its consent granted: the code remembers the
 //! approved `scope`, the pair exchanged for it carries it, each rotation hands it on. The
@@ -8,8 +14,10 @@
 //!
 //! The rules follow smartcar-api.md §1: single-use codes valid 10 minutes and bound to their
 //! redirect URI, Basic client auth, rotation on every refresh with the used refresh token still
-//! accepted for a grace window, old access tokens valid until their own expiry. Tokens are random
-//! (not seeded): they are credentials, and a restart must not re-issue old ones.
+//! accepted for a grace window, old access tokens valid until their own expiry. Application tokens
+//! follow §1.7/§10.1: `client_credentials` with the API credentials (not Connect's) in the form
+//! body, one hour, no refresh token. Tokens are random (not seeded): they are credentials, and a
+//! restart must not re-issue old ones.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -69,8 +77,6 @@ struct Tables {
     /// Users whose connection was revoked: their tokens answer 401 / `invalid_grant` until they
     /// go through Connect again.
     revoked: std::collections::HashSet<usize>,
-    /// Per user, what their latest Connect approval granted (v3 application tokens act with it).
-    consents: HashMap<usize, Scope>,
 }
 
 /// What a bearer token turned out to be.
@@ -82,6 +88,9 @@ pub(crate) enum AccessCheck {
     },
     /// A v3 application token: the user comes from `sc-user-id`.
     App,
+    /// A v3 application token past its expiry.
+    AppExpired,
+    /// A user's access token past its expiry.
     Expired,
     Unknown,
     /// Issued to a user whose connection was revoked.
@@ -129,7 +138,7 @@ impl TokenStore {
         match t.access.get(token) {
             None => match t.app.get(token) {
                 Some(&exp) if now < exp => AccessCheck::App,
-                Some(_) => AccessCheck::Expired,
+                Some(_) => AccessCheck::AppExpired,
                 None => AccessCheck::Unknown,
             },
             Some(a) if t.revoked.contains(&a.user) => AccessCheck::Revoked,
@@ -154,7 +163,7 @@ impl TokenStore {
         token
     }
 
-    /// A code for an approved consent; also records `scope` as the user's latest consent.
+    /// A code for an approved consent, carrying its `scope`.
     pub(crate) fn issue_code(
         &self,
         user: usize,
@@ -174,13 +183,7 @@ impl TokenStore {
                 expires_at: now + lifetime_ms,
             },
         );
-        t.consents.insert(user, scope);
         code
-    }
-
-    /// What the user's latest Connect approval granted, if they ever approved one.
-    pub(crate) fn consented_scope(&self, user: usize) -> Option<Scope> {
-        self.lock().consents.get(&user).copied()
     }
 
     /// Picks the user for an authorization without a `user` parameter (round-robin).
@@ -421,21 +424,51 @@ pub(crate) async fn authorize(
     if sim.cfg.consent && param("auto_approve") != Some("true") {
         return super::consent::page(&sim, user, &q);
     }
-    let code = sim.tokens.issue_code(
+    let location = approved_redirect(
+        &sim,
         user,
-        redirect_uri,
+        None,
         scope,
-        duration_ms(sim.cfg.code_lifetime),
-        now_ms(),
+        redirect_uri,
+        q.get("state").map(String::as_str),
     );
+    tracing::debug!(user = %sim.fleet.users[user].id, "authorization approved");
+    (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
+}
+
+/// An approved Connect consent: records the user's connections (to `chosen`, or all their
+/// vehicles) with `scope`, issues a code unless `--redirect-without-code`, and returns the
+/// redirect: `redirect_uri?code=…&user_id=…&state=…` (smartcar-api.md §10.2: the user id rides
+/// alongside the code; without code, `?user_id=…&state=…`).
+pub(crate) fn approved_redirect(
+    sim: &super::Sim,
+    user: usize,
+    chosen: Option<&std::collections::HashSet<String>>,
+    scope: Scope,
+    redirect_uri: &str,
+    state: Option<&str>,
+) -> String {
+    let now = now_ms();
+    sim.connect(user, chosen, scope, now);
     let separator = if redirect_uri.contains('?') { '&' } else { '?' };
-    let mut location = format!("{redirect_uri}{separator}code={code}");
-    if let Some(state) = q.get("state") {
+    let mut location = format!("{redirect_uri}{separator}");
+    if !sim.cfg.redirect_without_code {
+        let code = sim.tokens.issue_code(
+            user,
+            redirect_uri,
+            scope,
+            duration_ms(sim.cfg.code_lifetime),
+            now,
+        );
+        location.push_str(&format!("code={code}&"));
+    }
+    location.push_str("user_id=");
+    location.push_str(&query_encode(&sim.fleet.users[user].id));
+    if let Some(state) = state {
         location.push_str("&state=");
         location.push_str(&query_encode(state));
     }
-    tracing::debug!(user = %sim.fleet.users[user].id, "authorization approved");
-    (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
+    location
 }
 
 /// `GET /oauth/reauthenticate?response_type=vehicle_id&client_id=…&vehicle_id=…&redirect_uri=…&state=…`:
@@ -492,11 +525,12 @@ pub(crate) async fn reauthenticate(
     (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
 }
 
-/// v3 application tokens live one hour (smartcar-api.md §1.7).
-const APP_TOKEN_LIFETIME_MS: i64 = 3_600_000;
-
-/// `POST /oauth2/token`: the v3 application token (`client_credentials`, credentials in the
-/// form body, not Basic). No refresh token; requests name the user with `sc-user-id`.
+/// `POST /oauth2/token`: the v3 application token (smartcar-api.md §1.7, §10.1):
+/// `grant_type=client_credentials` with the API credentials (`api_client_id`/`api_client_secret`,
+/// not Connect's) in the form body; a Basic header alone is not read. 400 `invalid_request` when
+/// something is missing or malformed, 401 `invalid_client` for wrong credentials. The token
+/// lives `app_token_lifetime` (Smartcar: one hour), has no refresh token, and acts for the user
+/// each request names in `sc-user-id`. Counted in `app_tokens_issued`.
 pub(crate) async fn app_token(
     State(sim): State<SimState>,
     form: Result<Form<HashMap<String, String>>, FormRejection>,
@@ -519,10 +553,11 @@ pub(crate) async fn app_token(
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            "grant_type=client_credentials, client_id and client_secret are required.",
+            "grant_type=client_credentials, client_id and client_secret are required in the form \
+             body (a Basic header is not read).",
         );
     };
-    if id != sim.cfg.client_id || secret != sim.cfg.client_secret {
+    if id != sim.cfg.api_client_id || secret != sim.cfg.api_client_secret {
         bump(&sim.stats.token_errors);
         return oauth_error(
             StatusCode::UNAUTHORIZED,
@@ -530,14 +565,17 @@ pub(crate) async fn app_token(
             "Invalid client credentials.",
         );
     }
-    let token = sim.tokens.issue_app_token(APP_TOKEN_LIFETIME_MS, now_ms());
+    let token = sim
+        .tokens
+        .issue_app_token(duration_ms(sim.cfg.app_token_lifetime), now_ms());
+    bump(&sim.stats.app_tokens_issued);
     (
         StatusCode::OK,
         [(header::CACHE_CONTROL, "no-store")],
         axum::Json(json!({
             "access_token": token,
             "token_type": "Bearer",
-            "expires_in": APP_TOKEN_LIFETIME_MS / 1000,
+            "expires_in": sim.cfg.app_token_lifetime.as_secs(),
         })),
     )
         .into_response()

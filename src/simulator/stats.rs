@@ -38,7 +38,10 @@ pub(crate) struct Stats {
     pub(crate) invalidated_refresh_token_uses: AtomicU64,
     pub(crate) grace_refresh_token_uses: AtomicU64,
     pub(crate) missing_unit_system: AtomicU64,
+    /// Every request under `/v2.0`.
     pub(crate) v2_requests: AtomicU64,
+    /// Every request under `/v3` except `/v3/connections` (those are not vehicle requests and
+    /// are not billed; see `connections_requests`).
     pub(crate) v3_requests: AtomicU64,
     pub(crate) batch_items: AtomicU64,
     /// Requests for a vehicle inside the `retry-after` window of a 429 it was sent.
@@ -54,6 +57,23 @@ pub(crate) struct Stats {
     /// 403 PERMISSION answers for want of a granted permission: v2 requests, v2 batch items
     /// and v3 single signals (a signal listed with an ERROR PERMISSION status is not counted).
     pub(crate) permission_denied: AtomicU64,
+    /// v3 vehicle requests with an application token and no (or an empty) `sc-user-id`.
+    pub(crate) missing_user_id: AtomicU64,
+    /// v3 vehicle requests with an application token whose `sc-user-id` names no user of the
+    /// fleet, or a user who does not own the vehicle.
+    pub(crate) wrong_user_id: AtomicU64,
+    /// v3 vehicle requests with an application token for a connection its owner revoked.
+    pub(crate) revoked_user_requests: AtomicU64,
+    /// Per-user Connect tokens presented on any `/v3` path (accepted or not).
+    pub(crate) user_tokens_on_v3: AtomicU64,
+    /// Application tokens issued by `POST /oauth2/token`.
+    pub(crate) app_tokens_issued: AtomicU64,
+    /// Application tokens presented after their expiry.
+    pub(crate) app_token_expired_uses: AtomicU64,
+    /// Application tokens presented on `/v2.0` (refused: they are a v3 credential).
+    pub(crate) app_tokens_on_v2: AtomicU64,
+    /// Requests to `/v3/connections` and `/v3/connections/{id}`.
+    pub(crate) connections_requests: AtomicU64,
     refreshes_by_user: Mutex<HashMap<String, u64>>,
 }
 
@@ -101,6 +121,14 @@ impl Stats {
             "app_rate_limited": get(&self.app_rate_limited),
             "reauthentications": get(&self.reauthentications),
             "permission_denied": get(&self.permission_denied),
+            "missing_user_id": get(&self.missing_user_id),
+            "wrong_user_id": get(&self.wrong_user_id),
+            "revoked_user_requests": get(&self.revoked_user_requests),
+            "user_tokens_on_v3": get(&self.user_tokens_on_v3),
+            "app_tokens_issued": get(&self.app_tokens_issued),
+            "app_token_expired_uses": get(&self.app_token_expired_uses),
+            "app_tokens_on_v2": get(&self.app_tokens_on_v2),
+            "connections_requests": get(&self.connections_requests),
             "refreshes_by_user": by_user,
         })
     }
@@ -447,7 +475,9 @@ mod tests {
             .await
             .unwrap();
         let location = redirect.headers()["location"].to_str().unwrap().to_owned();
-        let code = location.split("code=").nth(1).unwrap().to_owned();
+        // The redirect is `…?code=…&user_id=…`: the code ends at the next parameter.
+        let code = location.split("code=").nth(1).unwrap();
+        let code = code.split('&').next().unwrap().to_owned();
         let token: Value = http
             .post(format!("{base}/oauth/token"))
             .basic_auth(&client_id, Some(&secret))

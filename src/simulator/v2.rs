@@ -101,7 +101,7 @@ pub(crate) async fn vehicles(
         let ids: Vec<&str> = sim.fleet.users[user]
             .vehicles
             .iter()
-            .filter(|v| sim.granted(user, &v.id))
+            .filter(|v| sim.lists_vehicle(user, &v.id))
             .map(|v| v.id.as_str())
             .collect();
         let body = json!({

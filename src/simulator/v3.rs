@@ -12,8 +12,21 @@
 //! read_location, vehicleidentification-vin read_vin, internalcombustionengine-oillife
 //! read_engine_oil, the other internalcombustionengine-* read_fuel). One the consent did not grant
 //! is an ERROR item with PERMISSION in the list, and 403 PERMISSION on its own.
+//!
+//! Who may ask is decided by [`Sim::authenticate_v3`] (per-user token, or the application token
+//! with `sc-user-id` and a connection, [`Sim::app_caller_for_vehicle`]).
+//!
+//! [`SignalOptions`] reproduce what third parties saw live (smartcar-api.md §10.4–§10.6): a car
+//! with no data at Smartcar (an empty list), UNAVAILABLE signals, SUCCESS with a null value,
+//! groups locked by the plan (our shape: ERROR with BILLING:INVALID_PLAN, §4.2), ISO-8601
+//! timestamps and other distance unit strings. A signal so answered carried no value, so it is
+//! not recorded in the served log; nor is any signal of its served kind (the log keeps battery,
+//! charge and odometer readings whole or not at all).
+//!
+//! Precedence for one signal: PERMISSION (not granted), then the plan (locked group), then
+//! COMPATIBILITY (the powertrain lacks it), then UNAVAILABLE, then the null value.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -22,10 +35,10 @@ use axum::response::Response;
 use serde_json::{json, Value};
 
 use super::errors::{Api, ApiError};
-use super::fleet::{random_uuid, round_to, Powertrain, Vehicle, VehicleState};
+use super::fleet::{km_to_miles, random_uuid, round_to, Fleet, Powertrain, Vehicle, VehicleState};
 use super::scope::Scope;
 use super::stats::Served;
-use super::{api_json, Caller, Sim, SimState};
+use super::{api_json, iso_ms, Caller, Sim, SimState, SimulatorConfig, V3Bearer};
 use crate::domain::{now_ms, ChargeState, UnixMillis};
 
 const DEFAULT_PAGE_SIZE: usize = 10;
@@ -210,20 +223,188 @@ const SIGNALS: &[SignalDef] = &[
     },
 ];
 
+/// Smartcar's signal groups (docs `signals/schema`, smartcar-api.md §3.5), lower-case: what
+/// `--locked-groups` accepts.
+const GROUPS: &[&str] = &[
+    "charge",
+    "climate",
+    "closure",
+    "connectivitysoftware",
+    "connectivitystatus",
+    "diagnostics",
+    "hvac",
+    "internalcombustionengine",
+    "location",
+    "lowvoltagebattery",
+    "motion",
+    "odometer",
+    "service",
+    "surveillance",
+    "tractionbattery",
+    "transmission",
+    "vehicleidentification",
+    "vehicleuseraccount",
+    "wheel",
+];
+
+/// `--unavailable-signals`/`--null-signals` values: a signal code the simulator serves (any
+/// case), lower-cased.
+pub(crate) fn parse_signal_code(s: &str) -> Result<String, String> {
+    let code = s.trim().to_ascii_lowercase();
+    if SIGNALS.iter().any(|d| d.code == code) {
+        Ok(code)
+    } else {
+        let codes: Vec<&str> = SIGNALS.iter().map(|d| d.code).collect();
+        Err(format!("{s:?} is not a signal code ({})", codes.join(", ")))
+    }
+}
+
+/// `--locked-groups` values: a Smartcar signal group (any case), lower-cased.
+pub(crate) fn parse_group(s: &str) -> Result<String, String> {
+    let group = s.trim().to_ascii_lowercase();
+    if GROUPS.contains(&group.as_str()) {
+        Ok(group)
+    } else {
+        Err(format!(
+            "{s:?} is not a signal group ({})",
+            GROUPS.join(", ")
+        ))
+    }
+}
+
+/// `--distance-unit`: kilometers, km, miles or mi, in any case; kept as written (it is the
+/// unit string served).
+pub(crate) fn parse_distance_unit(s: &str) -> Result<String, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "kilometers" | "km" | "miles" | "mi" => Ok(s.to_owned()),
+        _ => Err(format!("{s:?} is not kilometers, km, miles or mi")),
+    }
+}
+
+/// The v3 signal options of [`SimulatorConfig`], validated and indexed for the request path.
+#[derive(Debug)]
+pub(crate) struct SignalOptions {
+    empty_all: bool,
+    empty: HashSet<String>,
+    unavailable: HashSet<String>,
+    null: HashSet<String>,
+    locked_groups: HashSet<String>,
+    iso_timestamps: bool,
+    distance_unit: String,
+    miles: bool,
+}
+
+/// No option: what Smartcar usually answers.
+impl Default for SignalOptions {
+    fn default() -> Self {
+        SignalOptions {
+            empty_all: false,
+            empty: HashSet::new(),
+            unavailable: HashSet::new(),
+            null: HashSet::new(),
+            locked_groups: HashSet::new(),
+            iso_timestamps: false,
+            distance_unit: "kilometers".to_owned(),
+            miles: false,
+        }
+    }
+}
+
+impl SignalOptions {
+    /// Checks every option against the fleet and the signal table (a typo is an error at start,
+    /// not a silently ignored option).
+    pub(crate) fn new(cfg: &SimulatorConfig, fleet: &Fleet) -> anyhow::Result<SignalOptions> {
+        let mut options = SignalOptions {
+            iso_timestamps: cfg.iso_timestamps,
+            ..SignalOptions::default()
+        };
+        for id in &cfg.empty_signals {
+            let id = id.trim();
+            if id.eq_ignore_ascii_case("all") {
+                options.empty_all = true;
+            } else {
+                anyhow::ensure!(
+                    fleet.vehicle(id).is_some(),
+                    "empty_signals names an unknown vehicle {id}"
+                );
+                options.empty.insert(id.to_owned());
+            }
+        }
+        let codes = |list: &[String], what: &str| -> anyhow::Result<HashSet<String>> {
+            list.iter()
+                .map(|c| parse_signal_code(c).map_err(|e| anyhow::anyhow!("{what}: {e}")))
+                .collect()
+        };
+        options.unavailable = codes(&cfg.unavailable_signals, "unavailable_signals")?;
+        options.null = codes(&cfg.null_signals, "null_signals")?;
+        options.locked_groups = cfg
+            .locked_groups
+            .iter()
+            .map(|g| parse_group(g).map_err(|e| anyhow::anyhow!("locked_groups: {e}")))
+            .collect::<anyhow::Result<_>>()?;
+        options.distance_unit = parse_distance_unit(&cfg.distance_unit)
+            .map_err(|e| anyhow::anyhow!("distance_unit: {e}"))?;
+        options.miles = matches!(
+            options.distance_unit.to_ascii_lowercase().as_str(),
+            "miles" | "mi"
+        );
+        Ok(options)
+    }
+
+    fn is_empty_for(&self, vehicle_id: &str) -> bool {
+        self.empty_all || self.empty.contains(vehicle_id)
+    }
+
+    fn is_locked(&self, def: &SignalDef) -> bool {
+        !self.locked_groups.is_empty()
+            && self.locked_groups.contains(&def.group.to_ascii_lowercase())
+    }
+
+    /// A signal answered without its value by an option (locked, UNAVAILABLE or null).
+    fn withholds(&self, def: &SignalDef) -> bool {
+        self.is_locked(def) || self.unavailable.contains(def.code) || self.null.contains(def.code)
+    }
+
+    /// A distance value in the configured unit (converted from km for miles).
+    fn distance(&self, km: f64) -> Value {
+        if self.miles {
+            json!(km_to_miles(km))
+        } else {
+            json!(km)
+        }
+    }
+
+    /// A timestamp of `meta`: epoch ms, or ISO-8601 with `--iso-timestamps`.
+    fn timestamp(&self, ms: UnixMillis) -> Value {
+        if self.iso_timestamps {
+            json!(iso_ms(ms))
+        } else {
+            json!(ms)
+        }
+    }
+}
+
 /// The 8-point compass direction of a heading.
 fn direction(heading: f64) -> &'static str {
     const NAMES: [&str; 8] = ["N", "NE", "E", "SE", "S", "SW", "W", "NW"];
     NAMES[(((heading.rem_euclid(360.0) + 22.5) / 45.0) as usize) % 8]
 }
 
-fn signal_body(code: &str, vehicle: &Vehicle, state: &VehicleState) -> Value {
+fn signal_body(
+    code: &str,
+    vehicle: &Vehicle,
+    state: &VehicleState,
+    options: &SignalOptions,
+) -> Value {
     let limit = vehicle.charge_limit_pct;
+    let unit = options.distance_unit.as_str();
+    let distance = |km: f64| options.distance(km);
     match code {
         "tractionbattery-stateofcharge" => json!({"unit": "percent", "value": state.soc_percent}),
         "tractionbattery-range" => json!({
-            "unit": "kilometers",
-            "value": state.range_km,
-            "additionalValues": [{"type": "ESTIMATED", "value": state.range_km}],
+            "unit": unit,
+            "value": distance(state.range_km),
+            "additionalValues": [{"type": "ESTIMATED", "value": distance(state.range_km)}],
         }),
         "tractionbattery-nominalcapacity" => json!({
             "source": "SMARTCAR",
@@ -241,7 +422,7 @@ fn signal_body(code: &str, vehicle: &Vehicle, state: &VehicleState) -> Value {
         }),
         "charge-timetocomplete" => json!({"unit": "minutes", "value": state.minutes_to_complete}),
         "charge-wattage" => json!({"unit": "kW", "value": state.charge_power_kw}),
-        "odometer-traveleddistance" => json!({"unit": "kilometers", "value": state.odometer_km}),
+        "odometer-traveleddistance" => json!({"unit": unit, "value": distance(state.odometer_km)}),
         "location-preciselocation" => json!({
             "latitude": state.latitude,
             "longitude": state.longitude,
@@ -263,7 +444,7 @@ fn signal_body(code: &str, vehicle: &Vehicle, state: &VehicleState) -> Value {
             None => Value::Null,
         },
         "internalcombustionengine-range" => match state.fuel {
-            Some(fuel) => json!({"unit": "kilometers", "value": fuel.range_km}),
+            Some(fuel) => json!({"unit": unit, "value": distance(fuel.range_km)}),
             None => Value::Null,
         },
         "internalcombustionengine-oillife" => match state.oil_life {
@@ -274,46 +455,90 @@ fn signal_body(code: &str, vehicle: &Vehicle, state: &VehicleState) -> Value {
     }
 }
 
-/// Whether the signal has a value to serve: granted and within the car's powertrain.
-fn readable(def: &SignalDef, vehicle: &Vehicle, scope: Scope) -> bool {
-    scope.allows(def.permission) && def.needs.met_by(vehicle.powertrain)
+/// Whether the signal is served with its value: granted, within the car's powertrain and not
+/// withheld by an option.
+fn readable(def: &SignalDef, vehicle: &Vehicle, scope: Scope, options: &SignalOptions) -> bool {
+    scope.allows(def.permission) && def.needs.met_by(vehicle.powertrain) && !options.withholds(def)
 }
 
-/// The signal object: its body, or an ERROR status with PERMISSION (not granted; checked first,
-/// as Smartcar refuses it without asking the car) or COMPATIBILITY:VEHICLE_NOT_CAPABLE.
+/// The served-log kinds of `defs` whose values were served: each readable signal's kind, unless
+/// an option withholds a signal of that kind (the log keeps a kind's reading whole).
+fn served_kinds(
+    defs: &[&SignalDef],
+    vehicle: &Vehicle,
+    scope: Scope,
+    options: &SignalOptions,
+) -> Vec<Served> {
+    let withheld = |kind: Served| {
+        SIGNALS
+            .iter()
+            .any(|d| d.served == Some(kind) && options.withholds(d))
+    };
+    let mut kinds: Vec<Served> = defs
+        .iter()
+        .filter(|d| readable(d, vehicle, scope, options))
+        .filter_map(|d| d.served)
+        .filter(|k| !withheld(*k))
+        .collect();
+    kinds.dedup();
+    kinds
+}
+
+/// The signal object: its body, or what stands in for it, in the order of the module doc:
+/// ERROR PERMISSION (not granted; checked first, as Smartcar refuses it without asking the car),
+/// ERROR BILLING:INVALID_PLAN (locked group), ERROR COMPATIBILITY:VEHICLE_NOT_CAPABLE,
+/// UNAVAILABLE (no body), or SUCCESS with `{"value": null}` (plus the unit).
 fn signal_object(
     def: &SignalDef,
     vehicle: &Vehicle,
     state: &VehicleState,
     now: UnixMillis,
     scope: Scope,
+    options: &SignalOptions,
 ) -> Value {
-    let failed = |error: Value| {
+    let without_body = |status: Value| {
         json!({
             "code": def.code,
             "name": def.name,
             "group": def.group,
-            "status": {"value": "ERROR", "error": error},
+            "status": status,
         })
     };
-    let attributes = if !scope.allows(def.permission) {
-        failed(json!({"type": "PERMISSION", "code": null}))
-    } else if def.needs.met_by(vehicle.powertrain) {
+    let failed = |error: Value| without_body(json!({"value": "ERROR", "error": error}));
+    let success = |body: Value| {
         json!({
             "code": def.code,
             "name": def.name,
             "group": def.group,
             "status": {"value": "SUCCESS"},
-            "body": signal_body(def.code, vehicle, state),
+            "body": body,
         })
-    } else {
+    };
+    let attributes = if !scope.allows(def.permission) {
+        failed(json!({"type": "PERMISSION", "code": null}))
+    } else if options.is_locked(def) {
+        failed(json!({"type": "BILLING", "code": "INVALID_PLAN"}))
+    } else if !def.needs.met_by(vehicle.powertrain) {
         failed(json!({"type": "COMPATIBILITY", "code": "VEHICLE_NOT_CAPABLE"}))
+    } else if options.unavailable.contains(def.code) {
+        without_body(json!({"value": "UNAVAILABLE"}))
+    } else if options.null.contains(def.code) {
+        let body = signal_body(def.code, vehicle, state, options);
+        match body.get("unit") {
+            Some(unit) => success(json!({"unit": unit, "value": null})),
+            None => success(json!({"value": null})),
+        }
+    } else {
+        success(signal_body(def.code, vehicle, state, options))
     };
     json!({
         "id": def.code,
         "type": "signal",
         "attributes": attributes,
-        "meta": {"retrievedAt": now, "oemUpdatedAt": state.report_ms},
+        "meta": {
+            "retrievedAt": options.timestamp(now),
+            "oemUpdatedAt": options.timestamp(state.report_ms),
+        },
         "links": {
             "self": format!("/vehicles/{}/signals/{}", vehicle.id, def.code),
             "vehicle": format!("/vehicles/{}", vehicle.id),
@@ -321,21 +546,28 @@ fn signal_object(
     })
 }
 
-/// Authenticates and resolves the vehicle (ownership only: no fault or limit yet, see
-/// [`Sim::admit`]). `sc-user-id` is optional (the per-vehicle token model); when sent it must
-/// name the token's user (the 2026 app-token model).
+/// Authenticates and resolves the vehicle (access only: no fault or limit yet, see
+/// [`Sim::admit`]). With a per-user token `sc-user-id` is optional (the SDK model); when sent it
+/// must name the token's user (401 otherwise). With the application token it is required and
+/// the user must have a connection to the vehicle ([`Sim::app_caller_for_vehicle`]).
 fn caller_and_vehicle<'s>(
     sim: &'s Sim,
     headers: &HeaderMap,
     id: &str,
 ) -> Result<(Caller, &'s Vehicle), ApiError> {
-    let caller = sim.authenticate(headers)?;
-    if let Some(claimed) = headers.get("sc-user-id") {
-        if claimed.to_str().ok().map(str::trim) != Some(sim.fleet.users[caller.user].id.as_str()) {
-            return Err(ApiError::authentication());
+    match sim.authenticate_v3(headers)? {
+        V3Bearer::User(caller) => {
+            if let Some(claimed) = headers.get("sc-user-id") {
+                if claimed.to_str().ok().map(str::trim)
+                    != Some(sim.fleet.users[caller.user].id.as_str())
+                {
+                    return Err(ApiError::authentication());
+                }
+            }
+            Ok((caller, sim.vehicle_of(caller.user, id)?))
         }
+        V3Bearer::App => sim.app_caller_for_vehicle(headers, id),
     }
-    Ok((caller, sim.vehicle_of(caller.user, id)?))
 }
 
 /// [`caller_and_vehicle`], then the vehicle's faults and limits.
@@ -410,24 +642,24 @@ pub(crate) async fn signals(
         };
         let page = positive(&query, "page", 1, usize::MAX)?;
         let page_size = positive(&query, "pageSize", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        let options = &sim.signal_options;
         let now = now_ms();
         let state = vehicle.state_now(&sim.clock, now);
-        let total = SIGNALS.len();
+        // A car Smartcar has no data for lists nothing (smartcar-api.md §10.5).
+        let empty = options.is_empty_for(&vehicle.id);
+        let total = if empty { 0 } else { SIGNALS.len() };
         let last = total.div_ceil(page_size).max(1);
         let defs: Vec<&SignalDef> = SIGNALS
             .iter()
+            .take(total)
             .skip(page.saturating_sub(1).saturating_mul(page_size))
             .take(page_size)
             .collect();
-        let served: Vec<Served> = defs
-            .iter()
-            .filter(|d| readable(d, vehicle, caller.scope))
-            .filter_map(|d| d.served)
-            .collect();
+        let served = served_kinds(&defs, vehicle, caller.scope, options);
         sim.served.record(&vehicle.id, &state, &served);
         let data: Vec<Value> = defs
             .iter()
-            .map(|d| signal_object(d, vehicle, &state, now, caller.scope))
+            .map(|d| signal_object(d, vehicle, &state, now, caller.scope, options))
             .collect();
         let link = |p: usize| {
             format!(
@@ -435,7 +667,7 @@ pub(crate) async fn signals(
                 vehicle.id
             )
         };
-        let body = json!({
+        let mut body = json!({
             "data": data,
             "meta": {"page": page, "pageSize": page_size, "totalCount": total},
             "links": {
@@ -445,22 +677,25 @@ pub(crate) async fn signals(
                 "next": if page < last { Some(link(page + 1)) } else { None },
                 "last": link(last),
             },
-            "included": {"vehicle": {
+        });
+        if !empty {
+            body["included"] = json!({"vehicle": {
                 "id": vehicle.id,
                 "type": "vehicle",
                 "attributes": {"make": vehicle.make, "model": vehicle.model, "year": vehicle.year},
                 "links": {"self": format!("/vehicles/{}", vehicle.id)},
-            }},
-        });
+            }});
+        }
         Ok(api_json(&rid, body, &[]))
     })();
     respond(&rid, result)
 }
 
-/// `GET /v3/vehicles/{id}/signals/{code}`: one signal object (200 with an ERROR status for a
-/// signal this car's powertrain lacks, the same item the list shows); 404 for an unknown code;
-/// 403 PERMISSION in the `errors[]` envelope for a signal the consent did not grant (before any
-/// fault, as for v2).
+/// `GET /v3/vehicles/{id}/signals/{code}`: one signal object (200 with an ERROR or UNAVAILABLE
+/// status for a signal this car's powertrain lacks or an option withholds, the same item the
+/// list shows); 404 for an unknown code, and 404 RESOURCE_NOT_FOUND:SIGNAL_NOT_FOUND for any code
+/// of a car with an empty signal store; 403 PERMISSION in the `errors[]` envelope for a signal
+/// the consent did not grant (before any fault, as for v2).
 pub(crate) async fn signal(
     State(sim): State<SimState>,
     Path((id, code)): Path<(String, String)>,
@@ -476,14 +711,20 @@ pub(crate) async fn signal(
         }
         sim.admit(vehicle, 1)?;
         let def = def.ok_or_else(ApiError::path_not_found)?;
+        let options = &sim.signal_options;
+        if options.is_empty_for(&vehicle.id) {
+            return Err(ApiError::not_found(
+                "SIGNAL_NOT_FOUND",
+                "No data for this signal is available for the vehicle.",
+            ));
+        }
         let now = now_ms();
         let state = vehicle.state_now(&sim.clock, now);
-        if let (Some(kind), true) = (def.served, readable(def, vehicle, caller.scope)) {
-            sim.served.record(&vehicle.id, &state, &[kind]);
-        }
+        let served = served_kinds(&[def], vehicle, caller.scope, options);
+        sim.served.record(&vehicle.id, &state, &served);
         Ok(api_json(
             &rid,
-            signal_object(def, vehicle, &state, now, caller.scope),
+            signal_object(def, vehicle, &state, now, caller.scope, options),
             &[],
         ))
     })();
@@ -509,8 +750,10 @@ mod tests {
             seen.insert(v.powertrain);
             let state = v.state_now(&clock, 1_000_000);
             for def in SIGNALS {
-                let body = signal_body(def.code, v, &state);
-                let object = signal_object(def, v, &state, 1_000_000, Scope::default_grant());
+                let options = SignalOptions::default();
+                let body = signal_body(def.code, v, &state, &options);
+                let object =
+                    signal_object(def, v, &state, 1_000_000, Scope::default_grant(), &options);
                 if def.needs.met_by(v.powertrain) {
                     assert!(body.is_object(), "{} {:?}", def.code, v.powertrain);
                     assert_eq!(object["attributes"]["status"]["value"], "SUCCESS");

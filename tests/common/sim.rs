@@ -281,6 +281,71 @@ impl TestSim {
             .unwrap()
     }
 
+    /// `POST /oauth2/token` with this form and no other credentials.
+    pub async fn app_token_request(&self, form: &[(&str, &str)]) -> reqwest::Response {
+        self.client
+            .post(self.url("/oauth2/token"))
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A v3 application token for the configured API credentials (asserting 200).
+    pub async fn app_token(&self) -> String {
+        let response = self
+            .app_token_request(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", self.cfg.api_client_id.as_str()),
+                ("client_secret", self.cfg.api_client_secret.as_str()),
+            ])
+            .await;
+        assert_eq!(response.status(), 200);
+        response.json::<Value>().await.unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// A bearer GET with `sc-user-id` when `user` is given (the v3 application-token model).
+    pub async fn get_as(&self, path: &str, token: &str, user: Option<&str>) -> reqwest::Response {
+        let mut request = self.client.get(self.url(path)).bearer_auth(token);
+        if let Some(user) = user {
+            request = request.header("sc-user-id", user);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// `POST /_simulator/revoke` with this body.
+    pub async fn revoke(&self, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/_simulator/revoke"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The fleet's user ids, in order.
+    pub async fn user_ids(&self) -> Vec<String> {
+        self.fleet().await["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The vehicle ids of the n-th user (0-based), in order.
+    pub async fn cars_of(&self, user: usize) -> Vec<String> {
+        self.fleet().await["users"][user]["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// Shuts the simulator down and asserts it stopped cleanly.
     pub async fn stop(self) {
         self.shutdown.cancel();
