@@ -325,9 +325,14 @@ impl Daemon {
                         _ = every.tick() => {}
                         _ = sync_now.notified() => {}
                         _ = denied.notified() => {
-                            // Many vehicles of one revoked user answer together: one check.
-                            if last.is_some_and(|l| l.elapsed() < crate::connections_sync::MIN_GAP) {
-                                continue;
+                            // Many vehicles of one revoked user answer together: one check,
+                            // at most one per MIN_GAP (deferred, never dropped).
+                            let wait = last.map_or(Duration::ZERO, |l| {
+                                crate::connections_sync::MIN_GAP.saturating_sub(l.elapsed())
+                            });
+                            tokio::select! {
+                                _ = stop.cancelled() => return,
+                                _ = tokio::time::sleep(wait) => {}
                             }
                         }
                     }
@@ -343,11 +348,17 @@ impl Daemon {
                             );
                             if report.changed() {
                                 if let Err(e) = reload(&st, &t, &p, &m, per_vehicle_max).await {
-                                    warn!(error = format!("{e:#}"), "reloading after the connections check failed");
+                                    warn!(
+                                        error = format!("{e:#}"),
+                                        "reloading after the connections check failed"
+                                    );
                                 }
                             }
                         }
-                        Err(e) => warn!(error = format!("{e:#}"), "checking connections failed; trying again later"),
+                        Err(e) => warn!(
+                            error = format!("{e:#}"),
+                            "checking connections failed; trying again later"
+                        ),
                     }
                 }
             });
@@ -622,7 +633,11 @@ pub async fn reload(
 /// lists it), `no_user_id` (API Authentication needs the user id Connect gave, and an old
 /// connection has none), `needs_reauth` (per-user tokens refused; irrelevant to the
 /// application token).
-fn connection_hold(status: ConnectionStatus, user_id: &str, app_auth: bool) -> Option<&'static str> {
+fn connection_hold(
+    status: ConnectionStatus,
+    user_id: &str,
+    app_auth: bool,
+) -> Option<&'static str> {
     match status {
         ConnectionStatus::Revoked => Some("revoked"),
         _ if app_auth && !crate::domain::is_real_user_id(user_id) => Some("no_user_id"),

@@ -661,7 +661,11 @@ fn resolve_secret(
         return match std::fs::read_to_string(path) {
             Ok(s) if !s.trim().is_empty() => Ok(Some(Secret::new(s.trim().to_string()))),
             Ok(_) => o.err(&file_key, Some(f.span()), format!("{path} is empty")),
-            Err(e) => o.err(&file_key, Some(f.span()), format!("cannot read {path}: {e}")),
+            Err(e) => o.err(
+                &file_key,
+                Some(f.span()),
+                format!("cannot read {path}: {e}"),
+            ),
         };
     }
     match k.value {
@@ -728,7 +732,12 @@ fn api_credentials(
     };
     let iam_url = match env.var(ENV_IAM_URL) {
         Some(v) => {
-            check_http_url(&v, &format!("smartcar.iam_url (from ${ENV_IAM_URL})"), None, o)?;
+            check_http_url(
+                &v,
+                &format!("smartcar.iam_url (from ${ENV_IAM_URL})"),
+                None,
+                o,
+            )?;
             v
         }
         None => {

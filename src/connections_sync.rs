@@ -20,8 +20,8 @@ use crate::tokens::TokenManager;
 
 /// How often the connections are read when nothing asks sooner.
 pub const CHECK_EVERY: Duration = Duration::from_secs(3600);
-/// ACCESS_DENIED answers ask for a check; at most one per this long.
-pub const MIN_GAP: Duration = Duration::from_secs(30);
+/// ACCESS_DENIED answers ask for a check; at most one per this long (a later one waits).
+pub const MIN_GAP: Duration = Duration::from_secs(10);
 
 /// What one check changed, for the log and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -46,10 +46,7 @@ pub async fn check_once(
     store: &Store,
     tokens: &TokenManager,
 ) -> anyhow::Result<CheckReport> {
-    let token = app
-        .token()
-        .await
-        .context("getting the application token")?;
+    let token = app.token().await.context("getting the application token")?;
     let listed = client
         .connections(&token, None)
         .await

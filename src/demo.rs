@@ -44,19 +44,34 @@ pub struct DemoArgs {
     /// Info schedule (cron with seconds).
     #[arg(long, default_value = "0 * * * * *")]
     pub info_cron: String,
-    /// Access-token lifetime the simulator grants, in seconds (short, to show refreshes).
+    /// Access-token lifetime the simulator grants, in seconds (short, to show refreshes); the
+    /// application token of API Authentication lives this long too.
     #[arg(long, default_value_t = 120)]
     pub token_lifetime: u64,
+    /// v3 authentication: `app` (API Authentication: one application token plus sc-user-id,
+    /// no refresh token stored, no v2.0 call; the simulator refuses per-user tokens on /v3) or
+    /// `user` (per-user Connect tokens). Ignored with `--api v2`.
+    #[arg(long, default_value = "app", value_parser = ["app", "user"])]
+    pub auth: String,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     crate::signals::spawn_handler(shutdown.clone()).context("installing signal handlers")?;
 
+    let app_auth = args.api == "v3" && args.auth == "app";
     let sim_cfg = SimulatorConfig {
         users: args.users.max(1),
         vehicles_per_user: args.vehicles_per_user.max(1),
         access_token_lifetime: Duration::from_secs(args.token_lifetime.max(10)),
+        app_token_lifetime: Duration::from_secs(args.token_lifetime.max(10)),
+        // As Smartcar documents v3 now: the simulator refuses what API Authentication does not
+        // send, so the demo shows the real thing.
+        v3_auth: if app_auth {
+            simulator::V3Auth::App
+        } else {
+            simulator::V3Auth::Both
+        },
         ..SimulatorConfig::default()
     };
     let sim_listener = TcpListener::bind("127.0.0.1:0")
@@ -94,7 +109,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             api_v2_url: format!("{base}/v2.0"),
             api_v3_url: format!("{base}/v3"),
             v3_page_size: None,
-            api_credentials: None,
+            api_credentials: app_auth.then(|| crate::smartcar::iam::AppCredentials {
+                client_id: sim_cfg.api_client_id.clone(),
+                client_secret: Secret::new(sim_cfg.api_client_secret.clone()),
+                iam_url: format!("{base}/oauth2/token"),
+            }),
         },
         store: StoreConfig {
             path: args.db.clone(),
@@ -130,9 +149,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let daemon = Daemon::build(config).await?;
     let addr = daemon.metrics_addr()?;
     println!(
-        "carpulse demo: {} simulated vehicle(s), API {}",
+        "carpulse demo: {} simulated vehicle(s), API {}{}",
         sim_cfg.users * sim_cfg.vehicles_per_user,
-        args.api
+        args.api,
+        if app_auth {
+            " with API Authentication"
+        } else {
+            ""
+        }
     );
     println!("metrics: http://{addr}/metrics");
     println!(

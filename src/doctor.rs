@@ -68,7 +68,10 @@ pub async fn run_cli(cfg: &Config, yes: bool) -> anyhow::Result<bool> {
         if report.problems == 0 {
             "No problem found.".to_owned()
         } else {
-            format!("{} problem(s) found; each has its fix above.", report.problems)
+            format!(
+                "{} problem(s) found; each has its fix above.",
+                report.problems
+            )
         }
     )
     .ok();

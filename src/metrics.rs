@@ -342,7 +342,9 @@ impl Metrics {
         };
         let mut set = self.state_labels.lock().unwrap_or_else(|p| p.into_inner());
         for (id, state) in set.difference(&now) {
-            let _ = self.vehicle_state.remove_label_values(&[id.0.as_str(), state]);
+            let _ = self
+                .vehicle_state
+                .remove_label_values(&[id.0.as_str(), state]);
         }
         for (id, state) in &now {
             self.vehicle_state

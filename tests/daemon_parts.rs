@@ -168,7 +168,10 @@ async fn poll_cycle_stores_every_vehicle(api: &str) {
     let report = poller.cycle(Job::Info, CancellationToken::new()).await;
     assert_eq!((report.ok, report.failed), (3, 0), "{report:?}");
     let per_listing = if api == "v3" { 9 } else { 3 };
-    assert_eq!(report.readings, per_listing, "one odometer reading per vehicle");
+    assert_eq!(
+        report.readings, per_listing,
+        "one odometer reading per vehicle"
+    );
     w.store.flush().await.unwrap();
 
     let served_ok = w

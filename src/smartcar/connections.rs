@@ -217,7 +217,10 @@ mod tests {
         );
         assert_eq!(c.powertrain.as_deref(), Some("BEV"));
         // Without user or vehicle there is nothing to poll.
-        assert_eq!(parse_connection(&json!({"id": "x", "attributes": {}})), None);
+        assert_eq!(
+            parse_connection(&json!({"id": "x", "attributes": {}})),
+            None
+        );
     }
 
     #[test]

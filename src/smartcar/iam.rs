@@ -91,7 +91,8 @@ impl SmartcarClient {
 
 /// `{"access_token","token_type","expires_in"}`; `expires_in` may be a number or a string.
 pub fn parse_app_token(body: &[u8], issued_at: UnixMillis) -> Result<AppToken, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|_| "a body that is not JSON".to_owned())?;
+    let v: Value =
+        serde_json::from_slice(body).map_err(|_| "a body that is not JSON".to_owned())?;
     let token = v
         .get("access_token")
         .and_then(Value::as_str)

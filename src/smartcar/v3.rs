@@ -556,7 +556,10 @@ fn pick_charge(signals: &[Signal]) -> Result<ChargeReading, ApiError> {
             // and the state taken from charge-ischarging.
             None => {
                 note_unknown_status(raw);
-                Err(decode(DETAILED_STATUS, "a charging status carpulse does not know"))
+                Err(decode(
+                    DETAILED_STATUS,
+                    "a charging status carpulse does not know",
+                ))
             }
         }
     });
@@ -956,7 +959,11 @@ mod tests {
         );
         // A null value where a number belongs is no reading either.
         let null_soc = parse(&page(
-            vec![sig(SOC, json!({"unit": "percent", "value": null}), Value::Null)],
+            vec![sig(
+                SOC,
+                json!({"unit": "percent", "value": null}),
+                Value::Null,
+            )],
             Value::Null,
         ));
         assert_eq!(

@@ -34,6 +34,8 @@ pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
         .env("RUST_LOG", "info,carpulse::poller=debug")
         .env_remove("CARPULSE_CONFIG")
         .env_remove("CARPULSE_CLIENT_SECRET")
+        .env_remove("CARPULSE_API_CLIENT_SECRET")
+        .env_remove("CARPULSE_IAM_URL")
         .kill_on_drop(true);
     for (k, v) in envs {
         cmd.env(k, v);
@@ -154,6 +156,11 @@ pub struct Setup {
 
 /// Writes a config pointing at the simulator at `base`.
 pub fn write_config(base: &str, api: &str, schedule: &str) -> Setup {
+    write_config_with(base, api, schedule, "")
+}
+
+/// [`write_config`] with more `[smartcar]` lines (e.g. API credentials).
+pub fn write_config_with(base: &str, api: &str, schedule: &str, smartcar: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("carpulse.db");
     let metrics_port = free_port();
@@ -169,6 +176,7 @@ connect_url = "{base}/oauth/authorize"
 token_url = "{base}/oauth/token"
 api_v2_url = "{base}/v2.0"
 api_v3_url = "{base}/v3"
+{smartcar}
 
 [store]
 path = "{db}"
