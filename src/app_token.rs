@@ -54,7 +54,12 @@ impl AppAuth {
     fn usable(&self) -> Option<Secret> {
         let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         cur.as_ref()
-            .filter(|t| now_ms() < t.expires_at - USE_SAFETY_MS)
+            .filter(|t| {
+                // A quarter of a short token's life at most, so a 20 s test token is not
+                // renewed by every poll.
+                let safety = USE_SAFETY_MS.min((t.expires_at - t.issued_at) / 4);
+                now_ms() < t.expires_at - safety
+            })
             .map(|t| t.token.clone())
     }
 
@@ -109,6 +114,10 @@ impl AppAuth {
                 self.metrics
                     .app_token_expiry
                     .set(t.expires_at as f64 / 1000.0);
+                info!(
+                    valid_s = (t.expires_at - t.issued_at) / 1000,
+                    "got a v3 application token"
+                );
                 let token = t.token.clone();
                 *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
                 *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = None;

@@ -1047,4 +1047,62 @@ mod tests {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
+
+    #[test]
+    fn api_credentials_are_all_or_nothing_and_name_their_key() {
+        let c = Config::parse(MINIMAL, "c.toml", &no_env()).unwrap();
+        assert!(c.smartcar.api_credentials.is_none() && !c.smartcar.app_auth());
+        let text =
+            format!("{MINIMAL}api_client_id = \"client_1\"\napi_client_secret = \"api-s\"\n");
+        let c = Config::parse(&text, "c.toml", &no_env()).unwrap();
+        let creds = c.smartcar.api_credentials.clone().unwrap();
+        assert_eq!(creds.client_id, "client_1");
+        assert_eq!(creds.client_secret.expose(), "api-s");
+        assert_eq!(creds.iam_url, DEFAULT_IAM_URL);
+        assert!(c.smartcar.app_auth());
+        // v2 ignores them.
+        let v2 = format!("{text}api = \"v2\"\n");
+        assert!(!Config::parse(&v2, "c.toml", &no_env())
+            .unwrap()
+            .smartcar
+            .app_auth());
+        // The environment wins for the secret and the IAM URL.
+        let env = MapEnv(HashMap::from([
+            (ENV_API_CLIENT_SECRET, "from-env".to_owned()),
+            (ENV_IAM_URL, "http://127.0.0.1:9/oauth2/token".to_owned()),
+        ]));
+        let c = Config::parse(&text, "c.toml", &env).unwrap();
+        let creds = c.smartcar.api_credentials.unwrap();
+        assert_eq!(creds.client_secret.expose(), "from-env");
+        assert_eq!(creds.iam_url, "http://127.0.0.1:9/oauth2/token");
+        // Half a pair is an error naming the missing key; so are both secret keys at once.
+        let e = err(&format!("{MINIMAL}api_client_id = \"client_1\"\n"));
+        assert!(e.contains("smartcar.api_client_secret: missing"), "{e}");
+        let e = err(&format!("{MINIMAL}api_client_secret = \"x\"\n"));
+        assert!(e.contains("smartcar.api_client_id: missing"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}api_client_id = \"c\"\napi_client_secret = \"x\"\napi_client_secret_file = \"/nope\"\n"
+        ));
+        assert!(
+            e.starts_with("c.toml:6: smartcar.api_client_secret_file"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{MINIMAL}api_client_id = \"c\"\napi_client_secret = \"x\"\niam_url = \"ftp://x\"\n"
+        ));
+        assert!(e.contains("smartcar.iam_url"), "{e}");
+        // The secret never appears in an error.
+        assert!(!e.contains("\"x\""), "{e}");
+    }
+
+    #[test]
+    fn no_data_every_has_a_floor() {
+        let c = Config::parse(MINIMAL, "c.toml", &no_env()).unwrap();
+        assert_eq!(c.schedule.no_data_every, DEFAULT_NO_DATA_EVERY);
+        let e = err(&format!("{MINIMAL}[schedule]\nno_data_every = \"5s\"\n"));
+        assert!(
+            e.contains("schedule.no_data_every: must be at least 1m"),
+            "{e}"
+        );
+    }
 }

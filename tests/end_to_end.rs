@@ -135,7 +135,8 @@ async fn walking_skeleton(api: &str) {
         .await
         .unwrap();
 
-    // Served values, read before stopping so the last poll is among them.
+    let code = daemon.terminate(Duration::from_secs(20)).await;
+    // Served values, read once the daemon has stopped, so its last poll is among them.
     let mut served: HashMap<String, serde_json::Value> = HashMap::new();
     for id in &vehicle_ids {
         served.insert(
@@ -143,7 +144,6 @@ async fn walking_skeleton(api: &str) {
             get_json(&http, &format!("{base}/_simulator/served?vehicle_id={id}")).await,
         );
     }
-    let code = daemon.terminate(Duration::from_secs(20)).await;
     assert_eq!(
         code,
         Some(0),

@@ -365,3 +365,95 @@ async fn api_authentication_end_to_end() {
 
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
+
+/// Wrong API credentials are carpulse's own misconfiguration: logged as such and counted in
+/// `carpulse_app_token_requests_total{outcome="refused"}`, never blamed on an owner (every
+/// connection stays active), and the IAM endpoint is not hammered.
+#[tokio::test]
+async fn wrong_api_credentials_blame_no_owner() {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (mut sim, base) = start_simulator(&[
+        "--users",
+        "1",
+        "--v3-auth",
+        "app",
+        "--api-client-id",
+        API_ID,
+        "--api-client-secret",
+        API_SECRET,
+    ])
+    .await;
+    let schedule = "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"";
+    let creds = |secret: &str| {
+        format!(
+            "api_client_id = \"{API_ID}\"\napi_client_secret = \"{secret}\"\niam_url = \"{base}/oauth2/token\""
+        )
+    };
+    let good = write_config_with(&base, "v3", schedule, &creds(API_SECRET));
+    connect(&good.config, &http).await;
+    let wrong = write_config_with(&base, "v3", schedule, &creds("wrong-api-secret"));
+    std::fs::copy(&good.db, &wrong.db).unwrap();
+    let issued = get_json(&http, &format!("{base}/_simulator/stats")).await["app_tokens_issued"]
+        .as_u64()
+        .unwrap();
+
+    let mut daemon = spawn(
+        "run",
+        &["--config", wrong.config.to_str().unwrap(), "run"],
+        &[],
+    );
+    let url = format!("http://127.0.0.1:{}/metrics", wrong.metrics_port);
+    let h = http.clone();
+    until(
+        "a refused token request is counted",
+        Duration::from_secs(30),
+        || {
+            let (h, url) = (h.clone(), url.clone());
+            async move {
+                let Ok(r) = h.get(&url).send().await else {
+                    return false;
+                };
+                let text = r.text().await.unwrap_or_default();
+                metric(
+                    &text,
+                    "carpulse_app_token_requests_total",
+                    &[("outcome", "refused")],
+                )
+                .is_some_and(|n| n >= 1.0)
+                    && metric(
+                        &text,
+                        "carpulse_polls_total",
+                        &[("endpoint", "battery"), ("outcome", "token_error")],
+                    )
+                    .is_some_and(|n| n >= 2.0)
+            }
+        },
+    )
+    .await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    let log = daemon.stderr();
+    assert!(
+        log.contains("Smartcar refused carpulse's API credentials"),
+        "{log}"
+    );
+    assert!(!log.contains("wrong-api-secret"));
+    assert_eq!(
+        db_i64(
+            &wrong.db,
+            "SELECT count(*) FROM connections WHERE status <> 'active'"
+        ),
+        0,
+        "no owner is blamed"
+    );
+    let stats = get_json(&http, &format!("{base}/_simulator/stats")).await;
+    assert_eq!(stats["app_tokens_issued"].as_u64().unwrap(), issued);
+    // One refusal is held for a minute: polls every second do not each ask again.
+    assert!(
+        stats["token_errors"].as_u64().unwrap_or(0) <= 3,
+        "the IAM endpoint is not asked by every poll: {stats}"
+    );
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
