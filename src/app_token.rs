@@ -76,15 +76,19 @@ impl AppAuth {
         self.renew_locked().await
     }
 
-    /// After a 401 with `rejected`: renews once, unless another caller already replaced it.
-    pub async fn renew_after_401(&self, rejected: &Secret) -> Result<Secret, AuthError> {
-        let _flight = self.flight.lock().await;
-        let current = self
-            .current
+    /// The current token, usable or not, and when it is due for renewal.
+    fn current(&self) -> Option<(Secret, crate::domain::UnixMillis)> {
+        self.current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|t| t.token.clone());
+            .map(|t| (t.token.clone(), t.renew_at()))
+    }
+
+    /// After a 401 with `rejected`: renews once, unless another caller already replaced it.
+    pub async fn renew_after_401(&self, rejected: &Secret) -> Result<Secret, AuthError> {
+        let _flight = self.flight.lock().await;
+        let current = self.current().map(|(t, _)| t);
         match current {
             Some(t) if &t != rejected && self.usable().is_some() => Ok(t),
             _ => {
@@ -155,12 +159,7 @@ impl AppAuth {
         let mut failures: u32 = 0;
         loop {
             let wait = {
-                let due = self
-                    .current
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                    .map(AppToken::renew_at);
+                let due = self.current().map(|(_, at)| at);
                 match due {
                     Some(at) if failures == 0 => {
                         Duration::from_millis((at - now_ms()).max(0) as u64)
@@ -175,12 +174,7 @@ impl AppAuth {
             }
             let _flight = self.flight.lock().await;
             // A caller may have renewed it meanwhile.
-            let due = self
-                .current
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .map(AppToken::renew_at);
+            let due = self.current().map(|(_, at)| at);
             if failures == 0 && due.is_some_and(|at| now_ms() < at) {
                 continue;
             }

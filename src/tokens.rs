@@ -152,16 +152,7 @@ impl TokenManager {
         metrics: Metrics,
         margin: Duration,
     ) -> Arc<Self> {
-        Arc::new(TokenManager {
-            store,
-            client,
-            metrics,
-            margin: Mutex::new(margin),
-            slots: Mutex::new(HashMap::new()),
-            runner: Mutex::new(None),
-            inflight: TaskTracker::new(),
-            app: None,
-        })
+        Self::build(store, client, metrics, margin, None)
     }
 
     /// A manager for v3 API Authentication: connections supply user ids, `app` the token.
@@ -172,6 +163,16 @@ impl TokenManager {
         margin: Duration,
         app: Arc<crate::app_token::AppAuth>,
     ) -> Arc<Self> {
+        Self::build(store, client, metrics, margin, Some(app))
+    }
+
+    fn build(
+        store: Store,
+        client: SmartcarClient,
+        metrics: Metrics,
+        margin: Duration,
+        app: Option<Arc<crate::app_token::AppAuth>>,
+    ) -> Arc<Self> {
         Arc::new(TokenManager {
             store,
             client,
@@ -180,7 +181,7 @@ impl TokenManager {
             slots: Mutex::new(HashMap::new()),
             runner: Mutex::new(None),
             inflight: TaskTracker::new(),
-            app: Some(app),
+            app,
         })
     }
 

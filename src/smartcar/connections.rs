@@ -93,13 +93,7 @@ pub fn parse_connections_page(v: &Value) -> Result<ConnectionsPage, String> {
         .get("data")
         .and_then(Value::as_array)
         .ok_or("connections body has no `data` array")?;
-    let next = v
-        .get("links")
-        .and_then(|l| l.get("next"))
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned);
+    let next = super::v3::next_link(v);
     let meta = v.get("meta");
     let num = |keys: &[&str]| {
         keys.iter()

@@ -71,13 +71,7 @@ pub fn parse_signals_page(
         .iter()
         .filter_map(|s| parse_signal(s, fetched_at, request_id))
         .collect();
-    let next = v
-        .get("links")
-        .and_then(|l| l.get("next"))
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned);
+    let next = next_link(v);
     let vehicle = v
         .get("included")
         .and_then(|i| i.get("vehicle"))
@@ -92,6 +86,16 @@ pub fn parse_signals_page(
         vehicle,
         total_count,
     })
+}
+
+/// `links.next` of a JSON:API page, when it names one.
+pub fn next_link(v: &Value) -> Option<String> {
+    v.get("links")
+        .and_then(|l| l.get("next"))
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
 }
 
 fn parse_signal(s: &Value, fetched_at: UnixMillis, request_id: Option<&str>) -> Option<Signal> {
