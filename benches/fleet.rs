@@ -1,0 +1,417 @@
+//! `cargo bench --bench fleet`: the real daemon at fleet scale, as a user runs it. The simulator
+//! runs in its own process (`carpulse simulator`), the store is filled with N connected
+//! vehicles, and the real `carpulse run` polls them on a cron. What is measured, from outside
+//! the daemon, the way an operator would:
+//!
+//! - **CPU per stored poll**: the daemon's utime+stime (`/proc/PID/stat`) over a window,
+//!   divided by the battery polls stored in it (`carpulse_polls_total{endpoint="battery",
+//!   outcome="ok"}`);
+//! - **ceiling**: stored polls per second while every vehicle is due at once;
+//! - **RSS**: `VmRSS` and the peak `VmHWM` of the daemon;
+//! - **on time**: with latency, whether every vehicle was answered within the window;
+//! - **first poll**: from spawning `carpulse run` to the first stored poll;
+//! - **idle CPU**: between ticks;
+//! - **bytes per poll**: the store's size after a checkpoint divided by the polls it holds.
+//!
+//! Knobs (environment): `FLEET_VEHICLES` (10000), `FLEET_API` (`v3`, with API Authentication,
+//! or `v2`), `FLEET_LATENCY` (none, or `3-8` seconds), `FLEET_CRON` (`*/10 * * * * *`),
+//! `FLEET_SECONDS` (measurement window, 30), `FLEET_PER_VEHICLE` (`false`: per-vehicle metrics
+//! off, as the 10,000-vehicle target asks), `FLEET_CONCURRENCY` (`poll.concurrency`, unset:
+//! the default). Build with `--release` (`cargo bench` does). Without `--bench` (`cargo test
+//! --benches`) it is a 5-second smoke run of 200 vehicles.
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use carpulse::domain::{now_ms, TokenPair, VehicleId, VehicleInfo, REFRESH_TOKEN_LIFETIME_MS};
+use carpulse::store::{queries, Store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_carpulse");
+const API_ID: &str = "bench-api";
+const API_SECRET: &str = "bench-api-secret";
+const CLIENT: &str = "bench-client";
+const SECRET: &str = "bench-secret";
+const REDIRECT: &str = "http://127.0.0.1:9/cb";
+const VEHICLES_PER_USER: usize = 100;
+
+struct Params {
+    vehicles: usize,
+    api: String,
+    latency: Option<String>,
+    cron: String,
+    seconds: u64,
+    per_vehicle: bool,
+    concurrency: Option<usize>,
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+impl Params {
+    fn from_env(smoke: bool) -> anyhow::Result<Params> {
+        let (vehicles, seconds) = if smoke { ("200", "5") } else { ("10000", "30") };
+        Ok(Params {
+            vehicles: env_or("FLEET_VEHICLES", vehicles).parse()?,
+            api: env_or("FLEET_API", "v3"),
+            latency: std::env::var("FLEET_LATENCY").ok().filter(|s| !s.is_empty()),
+            cron: env_or("FLEET_CRON", "*/10 * * * * *"),
+            seconds: env_or("FLEET_SECONDS", seconds).parse()?,
+            per_vehicle: env_or("FLEET_PER_VEHICLE", "false").parse()?,
+            concurrency: std::env::var("FLEET_CONCURRENCY")
+                .ok()
+                .map(|c| c.parse())
+                .transpose()?,
+        })
+    }
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// CPU seconds (user + system) and RSS/peak RSS in KiB of a process.
+fn sample(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // /proc reports in USER_HZ, which Linux fixes at 100.
+    Ok((ticks / 100.0, kib("VmRSS:"), kib("VmHWM:")))
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn stored_polls(http: &reqwest::Client, metrics: &str) -> f64 {
+    match http.get(metrics).send().await {
+        Ok(r) => metric(
+            &r.text().await.unwrap_or_default(),
+            "carpulse_polls_total{endpoint=\"battery\",outcome=\"ok\"}",
+        ),
+        Err(_) => 0.0,
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let p = Params::from_env(smoke)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?
+        .block_on(run(p))
+}
+
+async fn run(p: Params) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let users = p.vehicles.div_ceil(VEHICLES_PER_USER).max(1);
+    let per_user = p.vehicles.min(VEHICLES_PER_USER).max(1);
+    let mut args = vec![
+        "simulator".to_owned(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--client-id".into(),
+        CLIENT.into(),
+        "--client-secret".into(),
+        SECRET.into(),
+        "--api-client-id".into(),
+        API_ID.into(),
+        "--api-client-secret".into(),
+        API_SECRET.into(),
+        "--users".into(),
+        users.to_string(),
+        "--vehicles-per-user".into(),
+        per_user.to_string(),
+        "--served-log".into(),
+        "0".into(),
+        "--report-interval".into(),
+        "1".into(),
+    ];
+    if let Some(l) = &p.latency {
+        args.extend(["--latency".into(), l.clone()]);
+    }
+    let mut sim = Command::new(BIN)
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting carpulse simulator")?;
+    let mut lines = std::io::BufReader::new(sim.stdout.take().context("simulator stdout")?).lines();
+    let first = lines.next().context("the simulator printed nothing")??;
+    // Keep draining its stdout: a closed pipe would end it at its next line.
+    std::thread::spawn(move || lines.for_each(drop));
+    let _sim = Proc(sim);
+    let base = first
+        .strip_prefix("carpulse simulator listening on ")
+        .context("unexpected simulator line")?
+        .trim()
+        .to_owned();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()?;
+
+    let db = dir.path().join("fleet.db");
+    let t = Instant::now();
+    let n = fill_store(&http, &base, &db, &p, users).await?;
+    eprintln!("store: {n} vehicles connected in {:?}", t.elapsed());
+
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.path().join("carpulse.toml");
+    std::fs::write(&config, config_text(&base, &db, metrics_port, &p))?;
+    let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+
+    let started = Instant::now();
+    let daemon = Command::new(BIN)
+        .args(["--config", config.to_str().context("path")?, "run"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting carpulse run")?;
+    let pid = daemon.id();
+    let _daemon = Proc(daemon);
+
+    // First stored poll.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stored_polls(&http, &metrics).await < 1.0 {
+        if Instant::now() > deadline {
+            bail!("no poll stored within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first_poll = started.elapsed();
+
+    // Warm up one full tick, then measure a window.
+    let warm = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < warm {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (cpu0, _, _) = sample(pid)?;
+    let polls0 = stored_polls(&http, &metrics).await;
+    let t0 = Instant::now();
+    let mut max_rate: f64 = 0.0;
+    let mut last = (t0, polls0);
+    while t0.elapsed() < Duration::from_secs(p.seconds) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = (Instant::now(), stored_polls(&http, &metrics).await);
+        max_rate = max_rate.max((now.1 - last.1) / (now.0 - last.0).as_secs_f64());
+        last = now;
+    }
+    let (cpu1, rss, hwm) = sample(pid)?;
+    let polls1 = stored_polls(&http, &metrics).await;
+    let window = t0.elapsed().as_secs_f64();
+    let polls = polls1 - polls0;
+    let per_poll_us = if polls > 0.0 {
+        (cpu1 - cpu0) / polls * 1e6
+    } else {
+        f64::NAN
+    };
+
+    // Idle CPU: a window with no tick (only with a per-minute or slower cron).
+    let bytes = store_bytes(&db, polls1)?;
+    println!(
+        "fleet: {} vehicles, api {}, latency {}, cron {:?}, per-vehicle metrics {}",
+        p.vehicles,
+        p.api,
+        p.latency.as_deref().unwrap_or("none"),
+        p.cron,
+        p.per_vehicle
+    );
+    println!("  first stored poll      {:>10.0} ms after start", first_poll.as_secs_f64() * 1e3);
+    println!("  stored polls           {polls:>10.0} in {window:.1} s ({:.0}/s average, {max_rate:.0}/s best second)", polls / window);
+    println!("  cpu per stored poll    {per_poll_us:>10.1} us");
+    println!("  cpu                    {:>10.1} % of a core", (cpu1 - cpu0) / window * 100.0);
+    println!("  rss                    {:>10.1} MiB (peak {:.1} MiB)", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+    println!("  store                  {bytes:>10.1} bytes per stored poll (file after checkpoint / polls)");
+    Ok(())
+}
+
+fn config_text(base: &str, db: &Path, metrics_port: u16, p: &Params) -> String {
+    let app = if p.api == "v3" {
+        format!(
+            "api_client_id = \"{API_ID}\"\napi_client_secret = \"{API_SECRET}\"\niam_url = \"{base}/oauth2/token\""
+        )
+    } else {
+        String::new()
+    };
+    let concurrency = p
+        .concurrency
+        .map(|c| format!("concurrency = {c}\n"))
+        .unwrap_or_default();
+    format!(
+        r#"[smartcar]
+client_id = "{CLIENT}"
+client_secret = "{SECRET}"
+mode = "simulated"
+api = "{api}"
+connect_url = "{base}/oauth/authorize"
+token_url = "{base}/oauth/token"
+api_v2_url = "{base}/v2.0"
+api_v3_url = "{base}/v3"
+v3_page_size = 100
+{app}
+
+[store]
+path = "{db}"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+per_vehicle = {per_vehicle}
+
+[schedule]
+battery = "{cron}"
+info = "0 0 0 1 1 *"
+discover_every = "365d"
+
+[poll]
+{concurrency}timeout = "30s"
+"#,
+        api = p.api,
+        db = db.display(),
+        per_vehicle = p.per_vehicle,
+        cron = p.cron,
+    )
+}
+
+/// Connects every simulated user (Connect approval over HTTP, as a browser would) and writes
+/// the connections and vehicles to the store, marked as discovered so no capability read runs.
+async fn fill_store(
+    http: &reqwest::Client,
+    base: &str,
+    db: &Path,
+    p: &Params,
+    users: usize,
+) -> anyhow::Result<usize> {
+    let fleet: serde_json::Value = http
+        .get(format!("{base}/_simulator/vehicles"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let store = Store::open(db, None)?;
+    let mut n = 0;
+    let scope = "read_vehicle_info read_vin read_battery read_charge read_odometer";
+    for u in 1..=users {
+        let loc = http
+            .get(format!("{base}/oauth/authorize"))
+            .query(&[
+                ("response_type", "code"),
+                ("client_id", CLIENT),
+                ("redirect_uri", REDIRECT),
+                ("scope", scope),
+                ("state", "s"),
+                ("mode", "simulated"),
+                ("user", &u.to_string()),
+                ("auto_approve", "true"),
+            ])
+            .send()
+            .await?;
+        let location = loc
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .context("no redirect from /oauth/authorize")?
+            .to_owned();
+        let url = reqwest::Url::parse(&location)?;
+        let q: std::collections::HashMap<String, String> = url.query_pairs().into_owned().collect();
+        let user = q.get("user_id").context("no user_id on the redirect")?.clone();
+        let tokens = if p.api == "v3" {
+            None
+        } else {
+            let code = q.get("code").context("no code")?;
+            let t: serde_json::Value = http
+                .post(format!("{base}/oauth/token"))
+                .basic_auth(CLIENT, Some(SECRET))
+                .form(&[
+                    ("grant_type", "authorization_code"),
+                    ("code", code.as_str()),
+                    ("redirect_uri", REDIRECT),
+                ])
+                .send()
+                .await?
+                .json()
+                .await?;
+            let now = now_ms();
+            Some(TokenPair {
+                access_token: carpulse::domain::Secret::new(
+                    t["access_token"].as_str().context("access_token")?,
+                ),
+                refresh_token: carpulse::domain::Secret::new(
+                    t["refresh_token"].as_str().context("refresh_token")?,
+                ),
+                access_expires_at: now + t["expires_in"].as_i64().unwrap_or(7200) * 1000,
+                refresh_expires_at: now + REFRESH_TOKEN_LIFETIME_MS,
+            })
+        };
+        let vehicles: Vec<(VehicleId, VehicleInfo)> = fleet["users"][u - 1]["vehicles"]
+            .as_array()
+            .context("fleet users")?
+            .iter()
+            .take(p.vehicles - n)
+            .map(|v| {
+                (
+                    VehicleId(v["id"].as_str().unwrap_or_default().to_owned()),
+                    VehicleInfo {
+                        make: v["make"].as_str().unwrap_or_default().to_owned(),
+                        model: v["model"].as_str().unwrap_or_default().to_owned(),
+                        year: v["year"].as_i64().unwrap_or(2024) as i32,
+                    },
+                )
+            })
+            .collect();
+        n += vehicles.len();
+        store
+            .call(move |c| {
+                let now = now_ms();
+                let conn = match &tokens {
+                    Some(t) => queries::upsert_connection(c, &user, t, now)?,
+                    None => queries::upsert_app_connection(c, &user, now)?,
+                };
+                for (id, info) in &vehicles {
+                    queries::upsert_vehicle(c, conn, id, Some(info), now)?;
+                    queries::save_discovery(c, id, &[], now)?;
+                }
+                Ok(())
+            })
+            .await?;
+    }
+    store.close().await?;
+    Ok(n)
+}
+
+/// The store's bytes per stored poll after a checkpoint (readings, events and indexes).
+fn store_bytes(db: &PathBuf, polls: f64) -> anyhow::Result<f64> {
+    let c = rusqlite::Connection::open(db)?;
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .ok();
+    let size = std::fs::metadata(db)?.len() as f64;
+    Ok(if polls > 0.0 { size / polls } else { f64::NAN })
+}
