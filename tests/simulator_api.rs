@@ -3396,3 +3396,346 @@ async fn every_successful_batch_item_has_headers() {
     assert!(items[2].get("headers").is_none());
     sim.stop().await;
 }
+
+/// A Management API request (smartcar-api.md §7): `Authorization: Basic base64(credentials)`
+/// when given, e.g. `default:amt`.
+async fn management(
+    sim: &common::sim::TestSim,
+    method: reqwest::Method,
+    query: &str,
+    credentials: Option<&str>,
+) -> reqwest::Response {
+    let mut request = sim.client.request(
+        method,
+        sim.url(&format!("/v2.0/management/connections{query}")),
+    );
+    if let Some(credentials) = credentials {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+        request = request.header("authorization", format!("Basic {encoded}"));
+    }
+    request.send().await.unwrap()
+}
+
+/// A Management API answer that must be 200 (with a UUID `sc-request-id`): its body.
+async fn management_ok(sim: &common::sim::TestSim, method: reqwest::Method, query: &str) -> Value {
+    let response = management(sim, method.clone(), query, Some("default:amt")).await;
+    assert_eq!(response.status(), 200, "{method} {query}");
+    assert!(is_uuid(header(&response, "sc-request-id")));
+    response.json().await.unwrap()
+}
+
+/// A v2 error object (§4.1) with a UUID request id matching `sc-request-id`: (status, type).
+async fn v2_error(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let request_id = header(&response, "sc-request-id").to_owned();
+    assert!(is_uuid(&request_id));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["statusCode"], status, "{body}");
+    assert_eq!(body["requestId"], request_id, "{body}");
+    assert!(
+        body["description"].is_string() && body["docURL"].is_string(),
+        "{body}"
+    );
+    (status, body["type"].as_str().unwrap().to_owned())
+}
+
+/// The (userId, vehicleId) of each listed or deleted connection.
+fn pairs_of(body: &Value) -> Vec<(String, String)> {
+    body["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["userId"].as_str().unwrap().to_owned(),
+                c["vehicleId"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn management_api_lists_by_cursor_filters_and_deletes_connections() {
+    use reqwest::Method;
+    let sim = spawn(SimulatorConfig {
+        users: 3,
+        vehicles_per_user: 3,
+        management_token: "amt".to_owned(),
+        ..stable_cfg()
+    })
+    .await;
+    let users = sim.user_ids().await;
+    let fleet = sim.fleet().await;
+    let pair = |u: usize, v: usize| {
+        (
+            users[u].clone(),
+            fleet["users"][u]["vehicles"][v]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        )
+    };
+    // Users 1, 2, 3 connect in turn, milliseconds apart.
+    let mut tokens = Vec::new();
+    for n in ["1", "2", "3"] {
+        tokens.push(sim.connect(n).await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Newest first: user 3's cars, then 2's, then 1's; one approval's cars in fleet order.
+    let newest_first: Vec<(String, String)> = [2, 1, 0]
+        .into_iter()
+        .flat_map(|u| (0..3).map(move |v| (u, v)))
+        .map(|(u, v)| pair(u, v))
+        .collect();
+    let before = sim.stats().await;
+
+    // The default page (10) holds all nine; the SDKs' trailing slash is served too.
+    let all = management_ok(&sim, Method::GET, "").await;
+    assert_eq!(pairs_of(&all), newest_first);
+    assert_eq!(all["paging"], json!({"cursor": null}));
+    let mut last = i64::MAX;
+    for c in all["connections"].as_array().unwrap() {
+        let keys: HashSet<&str> = c.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            HashSet::from(["userId", "vehicleId", "connectedAt", "mode"])
+        );
+        assert_eq!(c["mode"], "simulated");
+        let at = parse_iso_ms(c["connectedAt"].as_str().unwrap());
+        assert!(at <= last, "not newest first: {all}");
+        last = at;
+    }
+    assert_eq!(management_ok(&sim, Method::GET, "/").await, all);
+
+    // Paging by cursor: 4 + 4 + 1, the last page without a cursor.
+    let mut listed = Vec::new();
+    let mut query = "?limit=4".to_owned();
+    let mut sizes = Vec::new();
+    loop {
+        let page = management_ok(&sim, Method::GET, &query).await;
+        sizes.push(page["connections"].as_array().unwrap().len());
+        listed.extend(pairs_of(&page));
+        match page["paging"]["cursor"].as_str() {
+            Some(cursor) => query = format!("?limit=4&cursor={cursor}"),
+            None => break,
+        }
+        assert!(sizes.len() < 10, "the cursor never ends");
+    }
+    assert_eq!(sizes, [4, 4, 1]);
+    assert_eq!(listed, newest_first);
+    // Exactly a full last page: no cursor either.
+    let full = management_ok(&sim, Method::GET, "?limit=9").await;
+    assert_eq!(full["paging"]["cursor"], Value::Null);
+
+    // Filters: user, vehicle, both, mode; they combine with paging.
+    let of_user2 = management_ok(&sim, Method::GET, &format!("?user_id={}", users[1])).await;
+    assert_eq!(pairs_of(&of_user2), newest_first[3..6]);
+    let (_, car_1_2) = pair(0, 1);
+    let one = management_ok(&sim, Method::GET, &format!("?vehicle_id={car_1_2}")).await;
+    assert_eq!(pairs_of(&one), [pair(0, 1)]);
+    let crossed = format!("?user_id={}&vehicle_id={car_1_2}", users[1]);
+    assert_eq!(
+        pairs_of(&management_ok(&sim, Method::GET, &crossed).await),
+        []
+    );
+    let simulated = management_ok(&sim, Method::GET, "?mode=simulated&limit=100").await;
+    assert_eq!(pairs_of(&simulated), newest_first);
+    for query in [
+        "?mode=live",
+        "?mode=test",
+        "?user_id=nobody",
+        "?vehicle_id=nothing",
+    ] {
+        let body = management_ok(&sim, Method::GET, query).await;
+        assert_eq!(
+            body,
+            json!({"connections": [], "paging": {"cursor": null}}),
+            "{query}"
+        );
+    }
+    let first = management_ok(&sim, Method::GET, &format!("?user_id={}&limit=2", users[2])).await;
+    assert_eq!(pairs_of(&first), newest_first[0..2]);
+    let cursor = first["paging"]["cursor"].as_str().unwrap();
+    let rest = format!("?user_id={}&limit=2&cursor={cursor}", users[2]);
+    let rest = management_ok(&sim, Method::GET, &rest).await;
+    assert_eq!(pairs_of(&rest), newest_first[2..3]);
+    assert_eq!(rest["paging"]["cursor"], Value::Null);
+
+    // Bad parameters: 400 VALIDATION in the v2 error object.
+    for query in [
+        "?limit=0",
+        "?limit=101",
+        "?limit=x",
+        "?cursor=garbage",
+        "?mode=x",
+    ] {
+        let r = management(&sim, Method::GET, query, Some("default:amt")).await;
+        assert_eq!(v2_error(r).await, (400, "VALIDATION".to_owned()), "{query}");
+    }
+    // Authentication: Basic base64("default:" + AMT) only (the docs' example: AMT `amt`).
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD.encode("default:amt"),
+        "ZGVmYXVsdDphbXQ="
+    );
+    for credentials in [None, Some("default:wrong"), Some("admin:amt"), Some("amt")] {
+        let r = management(&sim, Method::GET, "", credentials).await;
+        assert_eq!(
+            v2_error(r).await,
+            (401, "AUTHENTICATION".to_owned()),
+            "{credentials:?}"
+        );
+    }
+    let bearer = sim
+        .client
+        .get(sim.url("/v2.0/management/connections"))
+        .bearer_auth(&tokens[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(v2_error(bearer).await, (401, "AUTHENTICATION".to_owned()));
+    let r = management(
+        &sim,
+        Method::DELETE,
+        &format!("?user_id={}", users[0]),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 401);
+    // 27 management requests so far, none a v2 vehicle request.
+    let after = sim.stats().await;
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(delta("management_requests"), 27, "{after}");
+    assert_eq!(delta("v2_requests"), 0, "{after}");
+
+    // A cursor holds its place across a deletion, even of the connection it points at.
+    let page1 = management_ok(&sim, Method::GET, "?limit=4").await;
+    assert_eq!(pairs_of(&page1), newest_first[0..4]);
+    let (_, car_2_1) = pair(1, 0);
+    let deleted = management_ok(&sim, Method::DELETE, &format!("?vehicle_id={car_2_1}")).await;
+    assert_eq!(
+        deleted,
+        json!({"connections": [{"userId": users[1], "vehicleId": car_2_1}]})
+    );
+    let cursor = page1["paging"]["cursor"].as_str().unwrap();
+    let page2 = management_ok(&sim, Method::GET, &format!("?limit=4&cursor={cursor}")).await;
+    assert_eq!(pairs_of(&page2), newest_first[4..8]);
+
+    // A deleted connection is revoked: its owner's token gets 401 on that car only, v2 no longer
+    // lists it, nor does /v3/connections, and the application token is refused on it.
+    let token2 = &tokens[1];
+    let odometer = |car: &str| format!("/v2.0/vehicles/{car}/odometer");
+    assert_eq!(sim.get(&odometer(&car_2_1), token2).await.status(), 401);
+    assert_eq!(
+        sim.get(&odometer(&pair(1, 1).1), token2).await.status(),
+        200
+    );
+    assert_eq!(sim.vehicle_ids(token2).await, [pair(1, 1).1, pair(1, 2).1]);
+    let app = sim.app_token().await;
+    let v3 = sim.get_json("/v3/connections?page[size]=100", &app).await;
+    assert_eq!(v3["meta"]["totalCount"], 8);
+    let denied = sim
+        .get_as(&format!("/v3/vehicles/{car_2_1}"), &app, Some(&users[1]))
+        .await;
+    assert_eq!(denied.status(), 403);
+
+    // DELETE by user: all of their connections, newest first; again: nothing left to delete.
+    let by_user = format!("?user_id={}", users[2]);
+    let deleted = management_ok(&sim, Method::DELETE, &by_user).await;
+    assert_eq!(pairs_of(&deleted), newest_first[0..3]);
+    assert_eq!(
+        management_ok(&sim, Method::DELETE, &by_user).await,
+        json!({"connections": []})
+    );
+    for query in ["?user_id=nobody", "?vehicle_id=nothing"] {
+        let body = management_ok(&sim, Method::DELETE, query).await;
+        assert_eq!(body, json!({"connections": []}), "{query}");
+    }
+    let both = format!("?user_id={}&vehicle_id={}", users[0], pair(0, 0).1);
+    for query in [both.as_str(), "", "?mode=simulated"] {
+        let r = management(&sim, Method::DELETE, query, Some("default:amt")).await;
+        assert_eq!(v2_error(r).await, (400, "VALIDATION".to_owned()), "{query}");
+    }
+    // The simulator's own revoke shows the same way.
+    assert_eq!(sim.revoke(json!({"user": 1})).await.status(), 200);
+    let left = management_ok(&sim, Method::GET, "").await;
+    assert_eq!(pairs_of(&left), newest_first[4..6]);
+
+    // A new Connect approval brings user 3's connections back, now the newest.
+    sim.connect("3").await;
+    let back = management_ok(&sim, Method::GET, "").await;
+    let mut expected = newest_first[0..3].to_vec();
+    expected.extend_from_slice(&newest_first[4..6]);
+    assert_eq!(pairs_of(&back), expected);
+    assert!(
+        parse_iso_ms(back["connections"][0]["connectedAt"].as_str().unwrap())
+            > parse_iso_ms(all["connections"][0]["connectedAt"].as_str().unwrap())
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn management_api_is_neither_rate_limited_nor_faulted_nor_delayed() {
+    let sim = spawn(SimulatorConfig {
+        app_rate_limit: true,
+        latency: Some((Duration::from_secs(5), Duration::from_secs(5))),
+        faults: vec![(None, faults::Fault::new(faults::FaultKind::Server))],
+        ..stable_cfg()
+    })
+    .await;
+    sim.code(&[("user", "1")]).await;
+    let started = std::time::Instant::now();
+    for _ in 0..130 {
+        let r = management(
+            &sim,
+            reqwest::Method::GET,
+            "",
+            Some("default:carpulse-demo-amt"),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let stats = sim.stats().await;
+    assert_eq!(stats["app_rate_limited"], 0, "{stats}");
+    assert_eq!(stats["faults_served"], 0, "{stats}");
+    assert_eq!(stats["management_requests"], 130, "{stats}");
+    assert_eq!(stats["v2_requests"], 0, "{stats}");
+    sim.stop().await;
+}
+
+#[test]
+fn the_management_token_flag_reaches_the_config_and_never_a_log_line() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimulatorArgs,
+    }
+    let defaults = SimulatorConfig::default();
+    assert_eq!(defaults.management_token, "carpulse-demo-amt");
+    assert!(!format!("{defaults:?}").contains("carpulse-demo-amt"));
+    let args = Cli::parse_from(["simulator", "--management-token", "amt-s3cret"]).sim;
+    let cfg = args.to_config();
+    assert_eq!(cfg.management_token, "amt-s3cret");
+    assert!(!format!("{args:?}").contains("amt-s3cret"));
+    assert!(!format!("{cfg:?}").contains("amt-s3cret"));
+    assert_eq!(
+        Cli::parse_from(["simulator"])
+            .sim
+            .to_config()
+            .management_token,
+        "carpulse-demo-amt"
+    );
+    let Err(help) = Cli::try_parse_from(["simulator", "--help"]) else {
+        panic!("--help parsed as arguments");
+    };
+    let help = help.to_string();
+    for needle in [
+        "--management-token",
+        "GET  /v2.0/management/connections",
+        "DELETE /v2.0/management/connections",
+        "management_requests",
+    ] {
+        assert!(help.contains(needle), "{needle} not in --help");
+    }
+}

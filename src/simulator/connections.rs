@@ -32,9 +32,9 @@ use crate::domain::UnixMillis;
 const DEFAULT_PAGE_SIZE: usize = 10;
 const MAX_PAGE_SIZE: usize = 100;
 /// Every simulated connection's `mode` (the fleet is simulated vehicles).
-const MODE: &str = "simulated";
+pub(crate) const MODE: &str = "simulated";
 /// The modes `filter[mode]` accepts (Connect's `mode` values, smartcar-api.md §1.1).
-const MODES: [&str; 3] = ["live", "simulated", "test"];
+pub(crate) const MODES: [&str; 3] = ["live", "simulated", "test"];
 
 /// A vehicle's place in the fleet: (user index, vehicle index within that user). Connections are
 /// keyed by it so a listing comes out in fleet order, the same on every call.
@@ -117,15 +117,16 @@ impl Connections {
         }
     }
 
-    /// Revokes every live connection `select` picks; returns how many.
-    pub(crate) fn revoke(&self, select: impl Fn(Pair) -> bool) -> usize {
+    /// Revokes every live connection `select` picks; returns them, in fleet order.
+    pub(crate) fn revoke(&self, select: impl Fn(Pair) -> bool) -> Vec<(Pair, Connection)> {
         let mut t = self.lock();
         let gone: Vec<Pair> = t.live.keys().copied().filter(|p| select(*p)).collect();
-        for pair in &gone {
-            t.live.remove(pair);
-            t.revoked.insert(*pair);
-        }
-        gone.len()
+        gone.into_iter()
+            .filter_map(|pair| {
+                t.revoked.insert(pair);
+                t.live.remove(&pair).map(|c| (pair, c))
+            })
+            .collect()
     }
 
     pub(crate) fn access(&self, pair: Pair) -> Access {
@@ -160,6 +161,20 @@ impl Connections {
             total += 1;
         }
         (total, page)
+    }
+
+    /// Every connection `select` keeps, newest first (by `created_at`; one approval's
+    /// connections, created at the same instant, in fleet order): the Management API's order.
+    pub(crate) fn newest_first(&self, select: impl Fn(Pair) -> bool) -> Vec<(Pair, Connection)> {
+        let t = self.lock();
+        let mut all: Vec<(Pair, Connection)> = t
+            .live
+            .iter()
+            .filter(|(p, _)| select(**p))
+            .map(|(p, c)| (*p, c.clone()))
+            .collect();
+        all.sort_by_key(|(pair, c)| (std::cmp::Reverse(c.created_at), *pair));
+        all
     }
 
     fn by_id(&self, id: &str) -> Option<(Pair, Connection)> {
@@ -359,10 +374,13 @@ mod tests {
         assert_eq!(c.access((2, 0)), Access::None);
         let (total, page) = c.page(|_| true, 1, 1);
         assert_eq!((total, page[0].1.id.as_str()), (3, "b"));
-        assert_eq!(c.revoke(|(u, _)| u == 0), 2);
+        let gone = c.revoke(|(u, _)| u == 0);
+        let gone: Vec<&str> = gone.iter().map(|(_, c)| c.id.as_str()).collect();
+        assert_eq!(gone, ["a", "b"]);
         assert_eq!(c.access((0, 1)), Access::Revoked);
         assert!(c.is_revoked((0, 0)));
         assert_eq!(c.page(|_| true, 0, 10).0, 1);
+        assert!(c.revoke(|(u, _)| u == 0).is_empty());
         // A new approval restores it, created anew.
         let narrow = Scope::from_request(Some("read_battery")).unwrap();
         c.approve([((0, 0), "a".to_owned())], narrow, 30);
@@ -373,6 +391,20 @@ mod tests {
         c.approve([((1, 0), "c".to_owned())], narrow, 40);
         let (_, again) = c.by_id("c").unwrap();
         assert_eq!((again.created_at, again.updated_at), (20, 40));
+        // Newest first by creation; a tie in fleet order.
+        c.approve([((0, 1), "b".to_owned())], narrow, 30);
+        let order: Vec<String> = c
+            .newest_first(|_| true)
+            .into_iter()
+            .map(|(_, c)| c.id)
+            .collect();
+        assert_eq!(order, ["a", "b", "c"]);
+        let of_user_0: Vec<Pair> = c
+            .newest_first(|(u, _)| u == 0)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(of_user_0, [(0, 0), (0, 1)]);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! It serves Connect (`/oauth/authorize`, the re-auth flow `/oauth/reauthenticate`), the token
 //! endpoints (`/oauth/token` for per-user tokens, `/oauth2/token` for v3 application tokens),
-//! Vehicle API v2.0 (`/v2.0`), v3 signals (`/v3/vehicles`) and v3 connections
-//! (`/v3/connections`) with the shapes, headers and errors of smartcar-api.md, over a
+//! Vehicle API v2.0 (`/v2.0`), v3 signals (`/v3/vehicles`), v3 connections
+//! (`/v3/connections`) and the Management API's connections
+//! (`/v2.0/management/connections`) with the shapes, headers and errors of smartcar-api.md, over a
 //! deterministic fleet whose values evolve with simulated time. `/_simulator/*` exposes counters
 //! and what was served, so tests can check carpulse against ground truth. [`ENDPOINTS_HELP`] (the
 //! end of `carpulse simulator --help`) lists it all.
@@ -20,7 +21,8 @@
 //! not cover answers 403 PERMISSION like Smartcar's.
 //!
 //! Layout: [`fleet`] (ids and the vehicle model), [`oauth`] (codes and tokens), [`consent`] (the
-//! consent page), [`connections`] (approved user/vehicle pairs and `/v3/connections`), [`scope`]
+//! consent page), [`connections`] (approved user/vehicle pairs and `/v3/connections`),
+//! [`management`] (the same pairs through the Management API), [`scope`]
 //! (granted permissions), [`v2`], [`v3`], [`faults`], [`errors`] (envelopes) and [`stats`]
 //! (counters, served log). This file owns the configuration, the shared state, bearer
 //! authentication, routing and the CLI entry point. The simulator imports nothing from the
@@ -32,6 +34,7 @@ mod errors;
 pub mod faults;
 mod fleet;
 pub use fleet::Powertrain;
+mod management;
 mod oauth;
 mod scope;
 mod stats;
@@ -73,6 +76,10 @@ pub struct SimulatorConfig {
     pub api_client_id: String,
     /// Its secret (checked in the form body). Redacted in `Debug`.
     pub api_client_secret: String,
+    /// The Application Management Token: the Management API (`/v2.0/management/connections`)
+    /// takes `Authorization: Basic base64("default:" + AMT)` (smartcar-api.md §7). Redacted in
+    /// `Debug`.
+    pub management_token: String,
     /// `expires_in` of application tokens (Smartcar: one hour).
     pub app_token_lifetime: Duration,
     /// Which tokens `/v3` accepts.
@@ -144,6 +151,7 @@ impl Default for SimulatorConfig {
             client_secret: "carpulse-demo-secret".to_owned(),
             api_client_id: "carpulse-demo-api".to_owned(),
             api_client_secret: "carpulse-demo-api-secret".to_owned(),
+            management_token: "carpulse-demo-amt".to_owned(),
             app_token_lifetime: Duration::from_secs(3600),
             v3_auth: V3Auth::Both,
             redirect_without_code: false,
@@ -195,6 +203,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("client_secret", &"[redacted]")
             .field("api_client_id", &self.api_client_id)
             .field("api_client_secret", &"[redacted]")
+            .field("management_token", &"[redacted]")
             .field("app_token_lifetime", &self.app_token_lifetime)
             .field("v3_auth", &self.v3_auth)
             .field("redirect_without_code", &self.redirect_without_code)
@@ -239,6 +248,10 @@ pub struct SimulatorArgs {
     /// OAuth client secret the simulator accepts.
     #[arg(long, default_value = "carpulse-demo-secret")]
     pub client_secret: String,
+    /// Application Management Token the Management API (/v2.0/management/connections) accepts
+    /// in `Authorization: Basic base64("default:" + AMT)`.
+    #[arg(long, value_name = "AMT", default_value = "carpulse-demo-amt")]
+    pub management_token: String,
     /// The v3 flags: API credentials, `--v3-auth`, the Connect redirect shape and the signal
     /// options.
     #[command(flatten)]
@@ -424,6 +437,20 @@ Endpoints (base http://<listen address>; smartcar-api.md has the shapes):
                                  {self, first, previous, next, last}} with links relative to the
                                  server root. Not rate limited, no faults, no latency.
   GET  /v3/connections/{id}      {data: connection}, or 404 RESOURCE_NOT_FOUND.
+  GET  /v2.0/management/connections    Management API: the same connections, newest first.
+                                 Authorization: Basic base64(\"default:\" + AMT), AMT =
+                                 --management-token (else 401 AUTHENTICATION, v2 error object).
+                                 Filters user_id, vehicle_id, mode; limit 1-100, default 10;
+                                 cursor = the previous page's paging.cursor. {connections
+                                 [{userId, vehicleId, connectedAt, mode}], paging {cursor}},
+                                 cursor null on the last page. 400 VALIDATION for a bad limit,
+                                 cursor or mode.
+  DELETE /v2.0/management/connections  user_id or vehicle_id (neither or both: 400): deletes
+                                 those connections, each like /_simulator/revoke
+                                 {\"vehicle_id\"} (its owner's tokens get 401 on it; back with a
+                                 new Connect approval). {connections [{userId, vehicleId}]},
+                                 empty when none matched. Neither is rate limited, faulted or
+                                 delayed.
 
 v3 authentication (--v3-auth, default both): a per-user Connect token (Bearer, no sc-user-id
 needed; if sent it must be the token's user) is accepted unless --v3-auth app (then 401). The
@@ -459,7 +486,7 @@ Introspection (not Smartcar):
                                  permission_denied, reauthentications, missing_user_id,
                                  wrong_user_id, revoked_user_requests, user_tokens_on_v3,
                                  app_tokens_issued, app_token_expired_uses, app_tokens_on_v2,
-                                 connections_requests, ...
+                                 connections_requests, management_requests, ...
   GET /_simulator/vehicles       users and their vehicles
   GET /_simulator/served?vehicle_id=ID   values served, for checking against ground truth
   GET|POST|DELETE /_simulator/faults     set or clear faults ({\"kind\", \"vehicle_id\"?,
@@ -517,6 +544,7 @@ impl fmt::Debug for SimulatorArgs {
             .field("listen", &self.listen)
             .field("client_id", &self.client_id)
             .field("client_secret", &"[redacted]")
+            .field("management_token", &"[redacted]")
             .field("v3", &self.v3)
             .field("users", &self.users)
             .field("vehicles_per_user", &self.vehicles_per_user)
@@ -554,6 +582,7 @@ impl SimulatorArgs {
             client_secret: self.client_secret.clone(),
             api_client_id: self.v3.api_client_id.clone(),
             api_client_secret: self.v3.api_client_secret.clone(),
+            management_token: self.management_token.clone(),
             app_token_lifetime: Duration::from_secs(self.v3.app_token_lifetime),
             v3_auth: self.v3.v3_auth,
             redirect_without_code: self.v3.redirect_without_code,
@@ -1021,6 +1050,10 @@ fn router(sim: SimState) -> Router {
         .route("/v3/vehicles/{id}/signals/{code}", get(v3::signal))
         .route("/v3/connections", get(connections::list))
         .route("/v3/connections/{id}", get(connections::one))
+        .route(
+            "/v2.0/management/connections",
+            get(management::list).delete(management::delete),
+        )
         .route("/_simulator/stats", get(stats_handler))
         .route("/_simulator/vehicles", get(vehicles_handler))
         .route("/_simulator/served", get(served_handler))
@@ -1071,13 +1104,15 @@ async fn log_and_count(State(sim): State<SimState>, request: Request, next: Next
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     // Connections are account data, not vehicle requests: no latency, no app-wide bucket, not
-    // counted in v3_requests (they have their own counter).
-    let is_connections = path == "/v3/connections" || path.starts_with("/v3/connections/");
+    // counted in v2_requests or v3_requests (they have their own counters).
+    let is_connections = path == "/v3/connections"
+        || path.starts_with("/v3/connections/")
+        || management::is_management(&path);
     let is_api = (path == "/v2.0" || path.starts_with("/v2.0/") || path.starts_with("/v3/"))
         && !is_connections;
     if !path.starts_with("/_simulator/") {
         bump(&sim.stats.requests);
-        if path == "/v2.0" || path.starts_with("/v2.0/") {
+        if (path == "/v2.0" || path.starts_with("/v2.0/")) && !is_connections {
             bump(&sim.stats.v2_requests);
         } else if path.starts_with("/v3/") && !is_connections {
             bump(&sim.stats.v3_requests);
@@ -1173,12 +1208,12 @@ async fn revoke_handler(State(sim): State<SimState>, body: axum::body::Bytes) ->
     match (by_user.filter(|u| *u < sim.fleet.users.len()), by_vehicle) {
         (Some(user), _) => {
             sim.tokens.revoke(user);
-            let connections = sim.connections.revoke(|(u, _)| u == user);
+            let connections = sim.connections.revoke(|(u, _)| u == user).len();
             Json(json!({"revoked": sim.fleet.users[user].id, "connections": connections}))
                 .into_response()
         }
         (None, Some(pair)) => {
-            let connections = sim.connections.revoke(|p| p == pair);
+            let connections = sim.connections.revoke(|p| p == pair).len();
             let owner = &sim.fleet.users[pair.0];
             Json(json!({
                 "revoked": owner.id,

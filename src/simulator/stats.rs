@@ -38,7 +38,7 @@ pub(crate) struct Stats {
     pub(crate) invalidated_refresh_token_uses: AtomicU64,
     pub(crate) grace_refresh_token_uses: AtomicU64,
     pub(crate) missing_unit_system: AtomicU64,
-    /// Every request under `/v2.0`.
+    /// Every request under `/v2.0` except the Management API's (see `management_requests`).
     pub(crate) v2_requests: AtomicU64,
     /// Every request under `/v3` except `/v3/connections` (those are not vehicle requests and
     /// are not billed; see `connections_requests`).
@@ -74,6 +74,8 @@ pub(crate) struct Stats {
     pub(crate) app_tokens_on_v2: AtomicU64,
     /// Requests to `/v3/connections` and `/v3/connections/{id}`.
     pub(crate) connections_requests: AtomicU64,
+    /// Requests to the Management API (`/v2.0/management/connections`, GET and DELETE).
+    pub(crate) management_requests: AtomicU64,
     refreshes_by_user: Mutex<HashMap<String, u64>>,
 }
 
@@ -129,6 +131,7 @@ impl Stats {
             "app_token_expired_uses": get(&self.app_token_expired_uses),
             "app_tokens_on_v2": get(&self.app_tokens_on_v2),
             "connections_requests": get(&self.connections_requests),
+            "management_requests": get(&self.management_requests),
             "refreshes_by_user": by_user,
         })
     }

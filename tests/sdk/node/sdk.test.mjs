@@ -16,7 +16,7 @@ import {spawn} from 'node:child_process';
 import {createRequire} from 'node:module';
 import path from 'node:path';
 import readline from 'node:readline';
-import {after, before, describe, test} from 'node:test';
+import {after, afterEach, before, beforeEach, describe, test} from 'node:test';
 import {fileURLToPath} from 'node:url';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -28,6 +28,8 @@ const SDK_VERSION = require('smartcar/package.json').version;
 
 const CLIENT_ID = 'sdk-conformance';
 const CLIENT_SECRET = 'sdk-conformance-secret';
+// The Application Management Token the connection tests' simulators take (--management-token).
+const AMT = 'sdk-conformance-amt';
 const REDIRECT = 'http://localhost:8000/callback';
 // Every read permission the simulator serves.
 const SCOPE = [
@@ -96,6 +98,8 @@ async function startSimulator(...flags) {
     fault: (kind, vehicleId, extra = {}) =>
       control('POST', '/_simulator/faults', {kind, vehicle_id: vehicleId, ...extra}),
     clearFaults: () => control('DELETE', '/_simulator/faults'),
+    revoke: (body) => control('POST', '/_simulator/revoke', body),
+    stats: () => control('GET', '/_simulator/stats'),
     /** Ground truth without the SDK. */
     rawGet: async(p, token) => {
       const res = await fetch(`${base}${p}`, {headers: {authorization: `Bearer ${token}`}});
@@ -696,12 +700,108 @@ describe('errors', () => {
   });
 });
 
+// The Management API (smartcar-api.md §7): getConnections and deleteConnections, which send GET
+// and DELETE /v2.0/management/connections with Basic base64("default:" + AMT) to
+// SMARTCAR_MANAGEMENT_API_ORIGIN. Each test has its own simulator (two users with two cars each),
+// as deleting connections changes what every other test would see.
 describe('connections', () => {
-  test('getConnections', {
-    todo: 'the simulator does not serve the Management API (GET /v2.0/management/connections, ' +
-      'Basic base64("default:" + AMT), §7) yet: a known gap, reported as TODO until it does',
-  }, async() => {
-    const got = await call('smartcar.getConnections()', () => smartcar.getConnections('amt'));
-    assert.ok(got.connections.length > 0);
+  let own;
+  let cars;
+  let tokens;
+  /** [userId, vehicleId] of every car of these users (1-based), in fleet order. */
+  const pairs = (...users) => users.flatMap((u) => cars[u - 1].vehicles.map((v) => [cars[u - 1].id, v.id]));
+  const pairsOf = (got) => got.connections.map((c) => [c.userId, c.vehicleId]);
+  const list = async(label, filter = {}, paging = {}) => {
+    const got = await call(label, () => smartcar.getConnections(AMT, filter, paging));
+    assert.match(got.meta.requestId, UUID, label);
+    return got;
+  };
+
+  beforeEach(async() => {
+    own = await startSimulator('--users', '2', '--vehicles-per-user', '2', '--management-token', AMT);
+    pointSdkAt(own.base);
+    cars = await own.fleet();
+    // User 1 connects, then user 2: the newest connections are user 2's.
+    tokens = [];
+    for (const user of [1, 2]) {
+      tokens.push((await connect(own.base, {user})).accessToken);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  });
+
+  afterEach(async() => {
+    pointSdkAt(sim.base);
+    await own?.stop();
+  });
+
+  test('getConnections lists what Connect approved, newest first, by cursor', async() => {
+    const got = await list('smartcar.getConnections()');
+    // Newest first (§7): user 2's cars, then user 1's, as /_simulator/vehicles lists them.
+    assert.deepEqual(pairsOf(got), pairs(2, 1));
+    assert.equal(got.paging.cursor ?? null, null, JSON.stringify(got.paging));
+    const times = got.connections.map((c) => Date.parse(c.connectedAt));
+    assert.deepEqual(times, [...times].sort((a, b) => b - a));
+    for (const c of got.connections) {
+      assert.equal(c.mode, 'simulated');
+    }
+    // Paged by cursor, limit 3: 3 then 1, the last page without a cursor.
+    const first = await list('smartcar.getConnections(limit 3)', {}, {limit: 3});
+    assert.deepEqual(first.connections, got.connections.slice(0, 3));
+    assert.ok(first.paging.cursor, JSON.stringify(first.paging));
+    const rest = await list('smartcar.getConnections(cursor)', {}, {limit: 3, cursor: first.paging.cursor});
+    assert.deepEqual(rest.connections, got.connections.slice(3));
+    assert.equal(rest.paging.cursor ?? null, null);
+    // Filters.
+    const ofUser1 = await list('smartcar.getConnections(userId)', {userId: cars[0].id});
+    assert.deepEqual(ofUser1.connections, got.connections.slice(2));
+    const car = cars[1].vehicles[1].id;
+    const one = await list('smartcar.getConnections(vehicleId)', {vehicleId: car});
+    assert.deepEqual(one.connections, [got.connections[1]]);
+    // A revoked connection is no longer listed.
+    await own.revoke({vehicle_id: car});
+    const after = await list('smartcar.getConnections() after a revoke');
+    assert.deepEqual(pairsOf(after), pairs(2, 1).filter(([, v]) => v !== car));
+    // Another AMT: 401 AUTHENTICATION in the v2 error object.
+    const e = await rejects('smartcar.getConnections(wrong AMT)', () => smartcar.getConnections('not-the-amt'));
+    assertV2Error('getConnections(wrong AMT)', e, 401, 'AUTHENTICATION', null);
+    assert.equal((await own.stats()).management_requests, 7);
+  });
+
+  test('deleteConnections revokes them', async() => {
+    const [user1, user2] = [cars[0].id, cars[1].id];
+    const [car, other] = cars[0].vehicles.map((v) => v.id);
+    let got = await call('smartcar.deleteConnections(vehicleId)',
+      () => smartcar.deleteConnections(AMT, {vehicleId: car}));
+    assert.deepEqual(pairsOf(got), [[user1, car]]);
+    assert.match(got.meta.requestId, UUID);
+    // Gone like a revoke: not listed, and the owner's token is refused on that car only.
+    const listed = await list('smartcar.getConnections() after the delete');
+    assert.ok(!listed.connections.some((c) => c.vehicleId === car), JSON.stringify(listed));
+    const token = tokens[0];
+    let e = await rejects('Vehicle(deleted connection).odometer()',
+      () => new smartcar.Vehicle(car, token).odometer());
+    assertV2Error('odometer()', e, 401, 'AUTHENTICATION', null);
+    await call('Vehicle(other car).odometer()', () => new smartcar.Vehicle(other, token).odometer());
+    const vehicles = await call('smartcar.getVehicles()', () => smartcar.getVehicles(token));
+    assert.deepEqual(vehicles.vehicles, [other]);
+    // By user: all of their connections, newest first; then nothing is left to delete.
+    got = await call('smartcar.deleteConnections(userId)', () => smartcar.deleteConnections(AMT, {userId: user2}));
+    assert.deepEqual(pairsOf(got), pairs(2));
+    got = await call('smartcar.deleteConnections(userId) again',
+      () => smartcar.deleteConnections(AMT, {userId: user2}));
+    assert.deepEqual(got.connections, []);
+    const left = await list('smartcar.getConnections() after both deletes');
+    assert.deepEqual(pairsOf(left), [[user1, other]]);
+    // Both filters: the SDK refuses before sending anything (the simulator would say 400).
+    const before = (await own.stats()).management_requests;
+    await assert.rejects(() => smartcar.deleteConnections(AMT, {userId: user1, vehicleId: other}), /EITHER/);
+    assert.equal((await own.stats()).management_requests, before);
+    e = await rejects('smartcar.deleteConnections(wrong AMT)',
+      () => smartcar.deleteConnections('not-the-amt', {userId: user1}));
+    assertV2Error('deleteConnections(wrong AMT)', e, 401, 'AUTHENTICATION', null);
+    // A new Connect approval brings the car back.
+    await connect(own.base, {user: 1});
+    const back = await list('smartcar.getConnections() after reconnecting');
+    assert.deepEqual(pairsOf(back), pairs(1));
   });
 });

@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parents[3]
 BIN = os.environ.get("CARPULSE_BIN") or str(REPO / "target" / "debug" / "carpulse")
 CLIENT_ID = "sdk-conformance"
 CLIENT_SECRET = "sdk-conformance-secret"
+# The Application Management Token the connection tests' simulators take (--management-token).
+AMT = "sdk-conformance-amt"
 REDIRECT = "http://localhost:8000/callback"
 # Every read permission the simulator serves.
 SCOPE = [
@@ -129,6 +131,13 @@ class Simulator:
 
     def clear_faults(self):
         requests.delete(f"{self.base}/_simulator/faults", timeout=10).raise_for_status()
+
+    def revoke(self, **body):
+        r = requests.post(f"{self.base}/_simulator/revoke", json=body, timeout=10)
+        assert r.status_code == 200, f"POST /_simulator/revoke {body} -> {r.status_code} {r.text}"
+
+    def stats(self):
+        return requests.get(f"{self.base}/_simulator/stats", timeout=10).json()
 
     def raw_get(self, path, token):
         """Ground truth without the SDK."""
@@ -670,14 +679,120 @@ class Errors(SdkCase):
 
 
 class Connections(SdkCase):
-    @unittest.expectedFailure
-    def test_get_connections(self):
-        # The SDK lists connections from the Management API (GET
-        # /v2.0/management/connections/, Basic base64("default:" + AMT), §7), which the simulator
-        # does not serve yet: a known gap, expected to fail until it does (then remove this
-        # decorator).
-        got = self.call("smartcar.get_connections()", smartcar.get_connections, "amt")
-        self.assertTrue(got.connections)
+    """The Management API (smartcar-api.md §7): get_connections and delete_connections, which
+    send GET and DELETE /v2.0/management/connections/ with Basic base64("default:" + AMT) to
+    SMARTCAR_MANAGEMENT_API_ORIGIN. Each test has its own simulator (two users with two cars
+    each), as deleting connections changes what every other test would see."""
+
+    def setUp(self):
+        self.sim = Simulator("--users", "2", "--vehicles-per-user", "2",
+                             "--management-token", AMT)
+        self.addCleanup(self.sim.stop)
+        # The Python SDK reads its origins at import: switched on smartcar.config.
+        env = sdk_env(self.sim.base)
+        patch = mock.patch.multiple(
+            smartcar.config,
+            API_ORIGIN=env["SMARTCAR_API_ORIGIN"],
+            AUTH_ORIGIN=env["SMARTCAR_AUTH_ORIGIN"],
+            CONNECT_ORIGIN=env["SMARTCAR_CONNECT_ORIGIN"],
+            VEHICLE_API_ORIGIN=env["SMARTCAR_VEHICLE_API_V3_ORIGIN"],
+            MANAGEMENT_API_ORIGIN=env["SMARTCAR_MANAGEMENT_API_ORIGIN"],
+        )
+        patch.start()
+        self.addCleanup(patch.stop)
+        self.fleet = self.sim.fleet()
+        # User 1 connects, then user 2: the newest connections are user 2's.
+        self.tokens = []
+        for user in (1, 2):
+            self.tokens.append(self.connect(user=user, base=self.sim.base).access_token)
+            time.sleep(0.01)
+
+    def pairs(self, *users):
+        """(user id, vehicle id) of every car of these users (1-based), in fleet order."""
+        return [(self.fleet[u - 1]["id"], v["id"])
+                for u in users for v in self.fleet[u - 1]["vehicles"]]
+
+    def listed(self, label, **kwargs):
+        got = self.call(label, smartcar.get_connections, AMT, **kwargs)
+        uuid.UUID(got.meta.request_id)
+        return got
+
+    def test_get_connections_lists_what_connect_approved_newest_first_by_cursor(self):
+        got = self.listed("smartcar.get_connections()")
+        # Newest first (§7): user 2's cars, then user 1's, as /_simulator/vehicles lists them.
+        self.assertEqual([(c.user_id, c.vehicle_id) for c in got.connections],
+                         self.pairs(2, 1))
+        self.assertIsNone(got.paging.cursor, got)
+        times = [datetime.datetime.fromisoformat(c.connected_at.replace("Z", "+00:00"))
+                 for c in got.connections]
+        self.assertEqual(times, sorted(times, reverse=True))
+        # Paged by cursor, limit 3: 3 then 1, the last page without a cursor.
+        first = self.listed("smartcar.get_connections(limit 3)", paging={"limit": 3})
+        self.assertEqual(first.connections, got.connections[:3])
+        self.assertTrue(first.paging.cursor, first)
+        rest = self.listed("smartcar.get_connections(cursor)",
+                           paging={"limit": 3, "cursor": first.paging.cursor})
+        self.assertEqual(rest.connections, got.connections[3:])
+        self.assertIsNone(rest.paging.cursor, rest)
+        # Filters.
+        user1 = self.fleet[0]["id"]
+        of_user1 = self.listed("smartcar.get_connections(user_id)", filter={"user_id": user1})
+        self.assertEqual(of_user1.connections, got.connections[2:])
+        car = self.fleet[1]["vehicles"][1]["id"]
+        one = self.listed("smartcar.get_connections(vehicle_id)", filter={"vehicle_id": car})
+        self.assertEqual(one.connections, [got.connections[1]])
+        # A revoked connection is no longer listed.
+        self.sim.revoke(vehicle_id=car)
+        after = self.listed("smartcar.get_connections() after a revoke")
+        self.assertEqual([(c.user_id, c.vehicle_id) for c in after.connections],
+                         [p for p in self.pairs(2, 1) if p[1] != car])
+        # Another AMT: 401 AUTHENTICATION in the v2 error object.
+        e = self.raises("smartcar.get_connections(wrong AMT)", smartcar.get_connections,
+                        "not-the-amt")
+        self.assert_v2_error("get_connections(wrong AMT)", e, 401, "AUTHENTICATION", None)
+        self.assertEqual(self.sim.stats()["management_requests"], 7)
+
+    def test_delete_connections_revokes_them(self):
+        user1, user2 = self.fleet[0]["id"], self.fleet[1]["id"]
+        car = self.fleet[0]["vehicles"][0]["id"]
+        other = self.fleet[0]["vehicles"][1]["id"]
+        got = self.call("smartcar.delete_connections(vehicle_id)", smartcar.delete_connections,
+                        AMT, {"vehicle_id": car})
+        self.assertEqual([(c.user_id, c.vehicle_id) for c in got.connections], [(user1, car)])
+        uuid.UUID(got.meta.request_id)
+        # Gone like a revoke: not listed, and the owner's token is refused on that car only.
+        listed = self.listed("smartcar.get_connections() after the delete")
+        self.assertNotIn(car, [c.vehicle_id for c in listed.connections])
+        token = self.tokens[0]
+        e = self.raises("Vehicle(deleted connection).odometer()",
+                        smartcar.Vehicle(car, token).odometer)
+        self.assert_v2_error("odometer()", e, 401, "AUTHENTICATION", None)
+        self.call("Vehicle(other car).odometer()", smartcar.Vehicle(other, token).odometer)
+        vehicles = self.call("smartcar.get_vehicles()", smartcar.get_vehicles, token)
+        self.assertEqual(vehicles.vehicles, [other])
+        # By user: all of their connections, newest first; then nothing is left to delete.
+        got = self.call("smartcar.delete_connections(user_id)", smartcar.delete_connections,
+                        AMT, {"user_id": user2})
+        self.assertEqual([(c.user_id, c.vehicle_id) for c in got.connections], self.pairs(2))
+        again = self.call("smartcar.delete_connections(user_id) again",
+                          smartcar.delete_connections, AMT, {"user_id": user2})
+        self.assertEqual(again.connections, [])
+        left = self.listed("smartcar.get_connections() after both deletes")
+        self.assertEqual([(c.user_id, c.vehicle_id) for c in left.connections],
+                         [(user1, other)])
+        # Both filters: the SDK refuses before sending anything (the simulator would say 400).
+        before = self.sim.stats()["management_requests"]
+        with self.assertRaisesRegex(Exception, "EITHER"):
+            smartcar.delete_connections(AMT, {"user_id": user1, "vehicle_id": other})
+        self.assertEqual(self.sim.stats()["management_requests"], before)
+        e = self.raises("smartcar.delete_connections(wrong AMT)", smartcar.delete_connections,
+                        "not-the-amt", {"user_id": user1})
+        self.assert_v2_error("delete_connections(wrong AMT)", e, 401, "AUTHENTICATION", None)
+        # A new Connect approval brings the car back.
+        self.connect(user=1, base=self.sim.base)
+        back = self.listed("smartcar.get_connections() after reconnecting")
+        self.assertEqual([(c.user_id, c.vehicle_id) for c in back.connections],
+                         self.pairs(1))
 
 
 if __name__ == "__main__":
