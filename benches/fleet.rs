@@ -57,7 +57,9 @@ impl Params {
         Ok(Params {
             vehicles: env_or("FLEET_VEHICLES", vehicles).parse()?,
             api: env_or("FLEET_API", "v3"),
-            latency: std::env::var("FLEET_LATENCY").ok().filter(|s| !s.is_empty()),
+            latency: std::env::var("FLEET_LATENCY")
+                .ok()
+                .filter(|s| !s.is_empty()),
             cron: env_or("FLEET_CRON", "*/10 * * * * *"),
             seconds: env_or("FLEET_SECONDS", seconds).parse()?,
             per_vehicle: env_or("FLEET_PER_VEHICLE", "false").parse()?,
@@ -130,7 +132,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(p: Params) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let users = p.vehicles.div_ceil(VEHICLES_PER_USER).max(1);
-    let per_user = p.vehicles.min(VEHICLES_PER_USER).max(1);
+    let per_user = p.vehicles.clamp(1, VEHICLES_PER_USER);
     let mut args = vec![
         "simulator".to_owned(),
         "--listen".into(),
@@ -245,11 +247,21 @@ async fn run(p: Params) -> anyhow::Result<()> {
         p.cron,
         p.per_vehicle
     );
-    println!("  first stored poll      {:>10.0} ms after start", first_poll.as_secs_f64() * 1e3);
+    println!(
+        "  first stored poll      {:>10.0} ms after start",
+        first_poll.as_secs_f64() * 1e3
+    );
     println!("  stored polls           {polls:>10.0} in {window:.1} s ({:.0}/s average, {max_rate:.0}/s best second)", polls / window);
     println!("  cpu per stored poll    {per_poll_us:>10.1} us");
-    println!("  cpu                    {:>10.1} % of a core", (cpu1 - cpu0) / window * 100.0);
-    println!("  rss                    {:>10.1} MiB (peak {:.1} MiB)", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+    println!(
+        "  cpu                    {:>10.1} % of a core",
+        (cpu1 - cpu0) / window * 100.0
+    );
+    println!(
+        "  rss                    {:>10.1} MiB (peak {:.1} MiB)",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
     println!("  store                  {bytes:>10.1} bytes per stored poll (file after checkpoint / polls)");
     Ok(())
 }
@@ -342,7 +354,10 @@ async fn fill_store(
             .to_owned();
         let url = reqwest::Url::parse(&location)?;
         let q: std::collections::HashMap<String, String> = url.query_pairs().into_owned().collect();
-        let user = q.get("user_id").context("no user_id on the redirect")?.clone();
+        let user = q
+            .get("user_id")
+            .context("no user_id on the redirect")?
+            .clone();
         let tokens = if p.api == "v3" {
             None
         } else {

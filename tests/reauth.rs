@@ -61,7 +61,12 @@ async fn reauth_connects_the_vehicles_account_again_and_keeps_its_history() {
         .to_owned();
 
     let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let db_path = setup.db.clone();
+    wait_for("battery rows stored", Duration::from_secs(30), || {
+        let db = db_path.clone();
+        async move { battery_rows(&db) > 0 }
+    })
+    .await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
     let history = battery_rows(&setup.db);
     assert!(history > 0);
@@ -112,7 +117,12 @@ async fn reauth_connects_the_vehicles_account_again_and_keeps_its_history() {
 
     // And polling resumes with the new grant.
     let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let db_path = setup.db.clone();
+    wait_for("polling resumes", Duration::from_secs(30), || {
+        let db = db_path.clone();
+        async move { battery_rows(&db) > history }
+    })
+    .await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
     assert!(battery_rows(&setup.db) > history);
     let stats = get_json(&http, &format!("{base}/_simulator/stats")).await;
@@ -162,7 +172,23 @@ async fn reauth_of_a_vehicle_paused_by_its_manufacturer_login_uses_smartcars_rea
     assert!(r.status().is_success(), "{}", r.status());
 
     let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let db_path = setup.db.clone();
+    let paused_car = car.clone();
+    wait_for("the car is paused", Duration::from_secs(30), || {
+        let (db, car) = (db_path.clone(), paused_car.clone());
+        async move {
+            rusqlite::Connection::open(&db)
+                .unwrap()
+                .query_row(
+                    "SELECT count(*) FROM blocked_endpoints WHERE vehicle_id = ?1 AND endpoint = '*'",
+                    [&car],
+                    |r| r.get::<_, i64>(0),
+                )
+                .unwrap_or(0)
+                > 0
+        }
+    })
+    .await;
     let db = rusqlite::Connection::open(&setup.db).unwrap();
     let pause: String = db
         .query_row(
@@ -201,8 +227,30 @@ async fn reauth_of_a_vehicle_paused_by_its_manufacturer_login_uses_smartcars_rea
             |r| r.get(0),
         )
         .unwrap();
-    daemon.signal("-HUP");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A pause set less than a second before a reload is kept (its row may still be on its
+    // way to the store), so the daemon is told again until it has taken the lift.
+    let db_path = setup.db.clone();
+    let polled_car = car.clone();
+    let mut told = std::time::Instant::now() - Duration::from_secs(10);
+    wait_for("the car is polled again", Duration::from_secs(30), || {
+        if told.elapsed() > Duration::from_millis(1500) {
+            daemon.signal("-HUP");
+            told = std::time::Instant::now();
+        }
+        let (db, car) = (db_path.clone(), polled_car.clone());
+        async move {
+            rusqlite::Connection::open(&db)
+                .unwrap()
+                .query_row(
+                    "SELECT count(*) FROM battery_history WHERE vehicle_id = ?1",
+                    [&car],
+                    |r| r.get::<_, i64>(0),
+                )
+                .unwrap_or(0)
+                > before
+        }
+    })
+    .await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
     let after: i64 = db
         .query_row(

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,19 +18,6 @@ use common::*;
 const API_ID: &str = "test-api-client";
 const API_SECRET: &str = "test-api-secret-5e1f";
 const APP_TOKEN_LIFETIME_S: u64 = 20;
-
-/// Waits for `cond` with a deadline, checking every 200 ms.
-async fn until<F, Fut>(what: &str, within: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn db_i64(db: &std::path::Path, sql: &str) -> i64 {
     let c = rusqlite::Connection::open(db).unwrap();
@@ -181,7 +167,7 @@ async fn api_authentication_end_to_end() {
     // Run; wait for readings of every vehicle.
     let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
     let db = setup.db.clone();
-    until(
+    wait_for(
         "two battery readings per vehicle",
         Duration::from_secs(60),
         || {
@@ -196,7 +182,7 @@ async fn api_authentication_end_to_end() {
 
     // SIGKILL: what was served and committed before it stays; the restart gets a new app token.
     let before_kill = served_battery(&http, &base, &all_ids).await;
-    until(
+    wait_for(
         "the store holds what was served before the kill",
         Duration::from_secs(20),
         || {
@@ -210,7 +196,7 @@ async fn api_authentication_end_to_end() {
     let at_restart = served_battery(&http, &base, &all_ids).await;
     let rows_at_restart = db_i64(&setup.db, "SELECT count(*) FROM battery_history");
     let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
-    until("polls resume after the restart", Duration::from_secs(60), || {
+    wait_for("polls resume after the restart", Duration::from_secs(60), || {
         let db = db.clone();
         async move {
             db_i64(&db, "SELECT count(*) FROM battery_history") >= rows_at_restart + 4
@@ -231,7 +217,7 @@ async fn api_authentication_end_to_end() {
     assert_eq!(r.status(), 200);
     let revoked_at = Instant::now();
     let user = revoked_user.clone();
-    until("the connection is stored as revoked", Duration::from_secs(60), || {
+    wait_for("the connection is stored as revoked", Duration::from_secs(60), || {
         let (db, user) = (db.clone(), user.clone());
         async move {
             db_i64(
@@ -244,7 +230,7 @@ async fn api_authentication_end_to_end() {
     let metrics_url = format!("http://127.0.0.1:{}/metrics", setup.metrics_port);
     let health_url = format!("http://127.0.0.1:{}/healthz", setup.metrics_port);
     let h = http.clone();
-    until(
+    wait_for(
         "metrics count 2 revoked vehicles",
         Duration::from_secs(30),
         || {
@@ -276,7 +262,7 @@ async fn api_authentication_end_to_end() {
             .sum::<usize>()
     };
     let kept_now = kept_rows(&setup.db);
-    until(
+    wait_for(
         "the kept vehicles are polled on",
         Duration::from_secs(60),
         || {
@@ -407,7 +393,7 @@ async fn wrong_api_credentials_blame_no_owner() {
     );
     let url = format!("http://127.0.0.1:{}/metrics", wrong.metrics_port);
     let h = http.clone();
-    until(
+    wait_for(
         "a refused token request is counted",
         Duration::from_secs(30),
         || {
