@@ -108,6 +108,7 @@ impl Daemon {
             store.clone(),
             metrics.clone(),
             config.poll.concurrency,
+            config.poll.max_in_flight,
             config.poll.timeout,
         );
         poller.set_no_data_every(config.schedule.no_data_every);

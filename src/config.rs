@@ -125,7 +125,10 @@ pub struct ScheduleConfig {
 
 #[derive(Clone, Debug)]
 pub struct PollConfig {
+    /// Polls in flight at least; more when the fleet needs them to finish a tick in time.
     pub concurrency: usize,
+    /// Polls in flight at most (memory and sockets are bounded by it).
+    pub max_in_flight: usize,
     pub timeout: Duration,
 }
 
@@ -152,6 +155,7 @@ pub const DEFAULT_INFO_CRON: &str = "0 0 4 * * *";
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(600);
 pub const DEFAULT_DISCOVER_EVERY: Duration = Duration::from_secs(7 * 86_400);
 pub const DEFAULT_CONCURRENCY: usize = 8;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(310);
 
 /// Environment variables that point carpulse at another Smartcar host (the simulator, a proxy),
@@ -242,6 +246,7 @@ struct RawSchedule {
 #[serde(deny_unknown_fields)]
 struct RawPoll {
     concurrency: S<i64>,
+    max_in_flight: S<i64>,
     timeout: S<String>,
 }
 
@@ -555,6 +560,20 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             )
         }
     };
+    let max_in_flight = match &raw.poll.max_in_flight {
+        None => DEFAULT_MAX_IN_FLIGHT.max(concurrency),
+        Some(c) if (concurrency as i64..=65_536).contains(c.get_ref()) => *c.get_ref() as usize,
+        Some(c) => {
+            return o.err(
+                "poll.max_in_flight",
+                Some(c.span()),
+                format!(
+                    "{} is out of range {concurrency}..=65536 (at least poll.concurrency)",
+                    c.get_ref()
+                ),
+            )
+        }
+    };
     let calls_per_vehicle_month = match &raw.budget.calls_per_vehicle_month {
         None => None,
         Some(n) if *n.get_ref() > 0 => Some(*n.get_ref() as u64),
@@ -621,6 +640,7 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         },
         poll: PollConfig {
             concurrency,
+            max_in_flight,
             timeout,
         },
         budget: BudgetConfig {

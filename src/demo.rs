@@ -133,6 +133,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         poll: PollConfig {
             concurrency: 8,
+            max_in_flight: crate::config::DEFAULT_MAX_IN_FLIGHT,
             timeout: Duration::from_secs(30),
         },
         budget: Default::default(),

@@ -294,7 +294,7 @@ async fn probe(client: &SmartcarClient, cfg: &Config, p: &Probe, r: &mut Report)
 fn report_listing(cfg: &Config, who: &str, l: &Listing, client: &SmartcarClient, r: &mut Report) {
     r.ok(format!(
         "{who}: {} signal(s) in {} page(s) ({} authentication works)",
-        l.signals.len(),
+        l.items,
         l.pages,
         if cfg.smartcar.app_auth() {
             "API"

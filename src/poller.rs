@@ -62,8 +62,14 @@ pub struct Poller {
     tokens: Arc<TokenManager>,
     store: Store,
     metrics: Metrics,
-    /// `poll.timeout` and `poll.concurrency` (the pool's size); SIGHUP may change both.
+    /// `poll.timeout` and `poll.concurrency` (the fewest workers a cycle gets); SIGHUP may
+    /// change both.
     limits: Mutex<(Duration, usize)>,
+    /// `poll.max_in_flight`: the pool's size, the most polls in flight at once.
+    max_in_flight: usize,
+    /// How long Smartcar has been taking to answer, in ms (an exponential average); the
+    /// workers a cycle gets follow it. Starts at 5 s, inside Smartcar's documented 3–45 s.
+    latency_ms: std::sync::atomic::AtomicU64,
     pool: Arc<Semaphore>,
     /// Std mutexes: held for a clone or an insert, never across an await.
     vehicles: Mutex<Vec<PolledVehicle>>,
@@ -105,6 +111,23 @@ enum VehicleOutcome {
     Skipped,
 }
 
+impl CycleReport {
+    fn add(&mut self, outcome: VehicleOutcome) {
+        match outcome {
+            VehicleOutcome::Ok(n) => {
+                self.ok += 1;
+                self.readings += n;
+            }
+            VehicleOutcome::Failed(n) => {
+                self.failed += 1;
+                self.readings += n;
+            }
+            VehicleOutcome::Busy => self.busy += 1,
+            VehicleOutcome::Skipped => self.skipped += 1,
+        }
+    }
+}
+
 impl Poller {
     pub fn new(
         api: ApiVersion,
@@ -113,6 +136,7 @@ impl Poller {
         store: Store,
         metrics: Metrics,
         concurrency: usize,
+        max_in_flight: usize,
         timeout: Duration,
     ) -> Arc<Self> {
         Arc::new(Poller {
@@ -122,7 +146,9 @@ impl Poller {
             store,
             metrics,
             limits: Mutex::new((timeout, concurrency.max(1))),
-            pool: Arc::new(Semaphore::new(concurrency.max(1))),
+            max_in_flight: max_in_flight.max(concurrency).max(1),
+            latency_ms: std::sync::atomic::AtomicU64::new(5_000),
+            pool: Arc::new(Semaphore::new(max_in_flight.max(concurrency).max(1))),
             vehicles: Mutex::new(Vec::new()),
             spreads: Mutex::new([Duration::ZERO; 2]),
             busy: Mutex::new(HashSet::new()),
@@ -233,50 +259,60 @@ impl Poller {
         cancel: CancellationToken,
     ) -> CycleReport {
         let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
         let spread = self.spread(job);
-        for v in vehicles.iter().cloned() {
-            let me = self.clone();
-            let cancel = cancel.clone();
-            let span = tracing::info_span!("poll", vehicle = %v.id, job = job_label(job));
-            // Each vehicle at its own fixed offset inside the spread window, so a tick is not
-            // a burst (Smartcar's app-wide limit, the pool, the writer).
-            let delay = offset_in(&v.id, spread);
-            tasks.spawn(
-                async move {
-                    if !delay.is_zero() {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = cancel.cancelled() => return VehicleOutcome::Failed(0),
-                        }
-                    }
-                    me.poll_vehicle(&v, job, cancel).await
-                }
-                .instrument(span),
-            );
-        }
+        // A time-ordered queue: each vehicle at its own fixed offset inside the spread window,
+        // so a tick is not a burst (Smartcar's app-wide limit, the pool, the writer).
+        let mut queue: Vec<(Duration, PolledVehicle)> = vehicles
+            .into_iter()
+            .map(|v| (offset_in(&v.id, spread), v))
+            .collect();
+        queue.sort_by_key(|(offset, _)| *offset);
         let mut report = CycleReport {
-            vehicles: vehicles.len(),
+            vehicles: queue.len(),
             ..Default::default()
         };
+        // A bounded set of workers pulls from the queue: memory follows what is in flight,
+        // not the fleet, and no task is spawned per vehicle per tick.
+        let workers = self.workers_for(queue.len(), spread);
+        let queue = Arc::new(queue);
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tally = Arc::new(Mutex::new(CycleReport::default()));
+        let start = tokio::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..workers {
+            let (me, queue, next, tally, cancel) = (
+                self.clone(),
+                queue.clone(),
+                next.clone(),
+                tally.clone(),
+                cancel.clone(),
+            );
+            tasks.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((offset, v)) = queue.get(i) else { return };
+                    let outcome = tokio::select! {
+                        _ = tokio::time::sleep_until(start + *offset) => {
+                            let span = tracing::info_span!("poll", vehicle = %v.id, job = job_label(job));
+                            me.poll_vehicle(v, job, cancel.clone()).instrument(span).await
+                        }
+                        _ = cancel.cancelled() => VehicleOutcome::Failed(0),
+                    };
+                    tally.lock().unwrap_or_else(|p| p.into_inner()).add(outcome);
+                }
+            });
+        }
         while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(VehicleOutcome::Ok(n)) => {
-                    report.ok += 1;
-                    report.readings += n;
-                }
-                Ok(VehicleOutcome::Failed(n)) => {
-                    report.failed += 1;
-                    report.readings += n;
-                }
-                Ok(VehicleOutcome::Busy) => report.busy += 1,
-                Ok(VehicleOutcome::Skipped) => report.skipped += 1,
-                Err(e) => {
-                    report.failed += 1;
-                    warn!(error = %e, "a poll task ended abnormally");
-                }
+            if let Err(e) = joined {
+                warn!(error = %e, "a poll worker ended abnormally");
             }
         }
+        let t = tally.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        report.ok = t.ok;
+        report.failed = t.failed + report.vehicles.saturating_sub(t.ok + t.failed + t.busy + t.skipped);
+        report.busy = t.busy;
+        report.skipped = t.skipped;
+        report.readings = t.readings;
         info!(
             job = job_label(job),
             vehicles = report.vehicles,
@@ -285,10 +321,49 @@ impl Poller {
             busy = report.busy,
             skipped = report.skipped,
             readings = report.readings,
+            workers,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "poll cycle done"
         );
         report
+    }
+
+    /// Workers for a cycle of `due` vehicles: enough to finish within the job's window (four
+    /// spreads, at most a minute) at the latency Smartcar has been answering with, at least
+    /// `poll.concurrency`, at most `poll.max_in_flight`.
+    fn workers_for(&self, due: usize, spread: Duration) -> usize {
+        let (_, concurrency) = *self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        let window = (spread * 4).min(Duration::from_secs(60));
+        let latency_ms = self
+            .latency_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1) as f64;
+        let needed = if window.is_zero() {
+            concurrency
+        } else {
+            (due as f64 * latency_ms / window.as_millis().max(1) as f64).ceil() as usize
+        };
+        let workers = needed.clamp(concurrency, self.max_in_flight.max(concurrency));
+        if needed > self.max_in_flight {
+            warn!(
+                due,
+                latency_ms,
+                window_s = window.as_secs(),
+                max_in_flight = self.max_in_flight,
+                "this tick cannot finish in its window at the latency Smartcar answers with; raise poll.max_in_flight or slow the schedule"
+            );
+        }
+        workers.min(due.max(1))
+    }
+
+    /// Folds one request's wall time into the latency estimate the worker count follows.
+    fn note_latency(&self, elapsed: Duration) {
+        let ms = elapsed.as_millis().min(u128::from(u32::MAX)) as u64;
+        let old = self.latency_ms.load(std::sync::atomic::Ordering::Relaxed);
+        // An exponential average (1/8 weight) that a single slow answer does not swing.
+        let new = (old * 7 + ms) / 8;
+        self.latency_ms
+            .store(new.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn poll_vehicle(
@@ -365,28 +440,10 @@ impl Poller {
         self.limits.lock().unwrap_or_else(|p| p.into_inner()).0
     }
 
-    /// New `poll.timeout` and `poll.concurrency` (SIGHUP). A larger pool takes effect at once;
-    /// a smaller one as polls in flight finish (the surplus slots are taken and dropped).
+    /// New `poll.timeout` and `poll.concurrency` (SIGHUP); the next cycle uses them.
     pub fn set_limits(&self, timeout: Duration, concurrency: usize) {
-        let concurrency = concurrency.max(1);
         self.client.set_timeout(timeout);
-        let old = {
-            let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
-            let old = l.1;
-            *l = (timeout, concurrency);
-            old
-        };
-        if concurrency > old {
-            self.pool.add_permits(concurrency - old);
-        } else if concurrency < old {
-            let pool = self.pool.clone();
-            let surplus = (old - concurrency) as u32;
-            tokio::spawn(async move {
-                if let Ok(permits) = pool.acquire_many_owned(surplus).await {
-                    permits.forget();
-                }
-            });
-        }
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = (timeout, concurrency.max(1));
     }
 
     /// A new `[budget] calls_per_vehicle_month` (SIGHUP); what was spent this month stays.
@@ -521,6 +578,7 @@ impl Poller {
                 return VehicleOutcome::Failed(0);
             }
         };
+        self.note_latency(started.elapsed());
         let elapsed = started.elapsed().as_secs_f64();
         let at = now_ms();
 

@@ -121,6 +121,11 @@ pub fn compare(old: &Config, new: &Config) -> Changes {
     );
     check(old.poll.timeout != new.poll.timeout, "poll.timeout", true);
     check(
+        old.poll.max_in_flight != new.poll.max_in_flight,
+        "poll.max_in_flight",
+        false,
+    );
+    check(
         old.budget.calls_per_vehicle_month != new.budget.calls_per_vehicle_month,
         "budget.calls_per_vehicle_month",
         true,

@@ -134,6 +134,7 @@ async fn poller_for(
         w.store.clone(),
         metrics.clone(),
         2,
+        2,
         Duration::from_secs(10),
     );
     poller.set_vehicles(

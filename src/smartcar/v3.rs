@@ -55,6 +55,135 @@ pub struct SignalsPage {
     pub vehicle: Option<VehicleInfo>,
     /// `meta.totalCount`, when given.
     pub total_count: Option<u64>,
+    /// Items in `data`, those carpulse reads or not (an empty listing has none).
+    pub items: usize,
+    /// `meta.pageSize`, when given.
+    pub page_size: Option<u64>,
+}
+
+/// The signals carpulse reads from a listing; the others are counted and skipped.
+const READ: [&str; 7] = [SOC, RANGE, CABLE, DETAILED_STATUS, IS_CHARGING, VIN, ODOMETER];
+
+/// A listing page as it arrives, with every part carpulse does not read left unparsed.
+#[derive(serde::Deserialize)]
+struct PageDto<'a> {
+    #[serde(borrow)]
+    data: Vec<ItemDto<'a>>,
+    #[serde(borrow, default)]
+    links: Option<LinksDto<'a>>,
+    #[serde(default)]
+    meta: Option<MetaDto>,
+    #[serde(borrow, default)]
+    included: Option<IncludedDto<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ItemDto<'a> {
+    #[serde(borrow, default)]
+    id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    attributes: Option<AttrsDto<'a>>,
+    #[serde(borrow, default)]
+    code: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    status: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    body: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    meta: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct AttrsDto<'a> {
+    #[serde(borrow, default)]
+    code: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    status: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    body: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    meta: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct LinksDto<'a> {
+    #[serde(borrow, default)]
+    next: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct MetaDto {
+    #[serde(default, rename = "totalCount")]
+    total_count: Option<u64>,
+    #[serde(default, rename = "pageSize")]
+    page_size: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct IncludedDto<'a> {
+    #[serde(borrow, default)]
+    vehicle: Option<&'a serde_json::value::RawValue>,
+}
+
+/// [`parse_signals_page`] straight from the answer's bytes: only the signals carpulse reads
+/// are turned into values. `None` when the body is not shaped as expected, so the caller can
+/// fall back to the tolerant tree parser.
+pub fn parse_signals_bytes(
+    body: &[u8],
+    fetched_at: UnixMillis,
+    request_id: Option<&str>,
+) -> Option<SignalsPage> {
+    let page: PageDto<'_> = serde_json::from_slice(body).ok()?;
+    let raw = |r: Option<&serde_json::value::RawValue>| -> Option<Value> {
+        r.and_then(|r| serde_json::from_str(r.get()).ok())
+    };
+    let items = page.data.len();
+    let mut signals = Vec::with_capacity(READ.len());
+    for item in page.data {
+        let attrs = item.attributes.as_ref();
+        let Some(code) = attrs
+            .and_then(|a| a.code.as_deref())
+            .or(item.code.as_deref())
+            .or(item.id.as_deref())
+        else {
+            continue;
+        };
+        let code = code.trim();
+        if !READ.iter().any(|c| c.eq_ignore_ascii_case(code)) {
+            continue;
+        }
+        let mut attributes = serde_json::Map::new();
+        attributes.insert("code".into(), Value::from(code));
+        if let Some(st) = raw(attrs.and_then(|a| a.status).or(item.status)) {
+            attributes.insert("status".into(), st);
+        }
+        if let Some(b) = raw(attrs.and_then(|a| a.body).or(item.body)) {
+            attributes.insert("body".into(), b);
+        }
+        let mut v = serde_json::Map::new();
+        v.insert("attributes".into(), Value::Object(attributes));
+        if let Some(m) = raw(item.meta.or(attrs.and_then(|a| a.meta))) {
+            v.insert("meta".into(), m);
+        }
+        signals.extend(parse_signal(&Value::Object(v), fetched_at, request_id));
+    }
+    let next = page
+        .links
+        .and_then(|l| l.next)
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty());
+    let vehicle = page
+        .included
+        .and_then(|i| raw(i.vehicle))
+        .and_then(|v| parse_vehicle(&v).ok());
+    Some(SignalsPage {
+        signals,
+        next,
+        vehicle,
+        total_count: page.meta.as_ref().and_then(|m| m.total_count),
+        items,
+        page_size: page.meta.and_then(|m| m.page_size),
+    })
 }
 
 /// Parses a signals page; `Err` when it is not one (no `data` array).
@@ -80,11 +209,17 @@ pub fn parse_signals_page(
         .get("meta")
         .and_then(|m| m.get("totalCount"))
         .and_then(Value::as_u64);
+    let page_size = v
+        .get("meta")
+        .and_then(|m| m.get("pageSize"))
+        .and_then(Value::as_u64);
     Ok(SignalsPage {
+        items: data.len(),
         signals,
         next,
         vehicle,
         total_count,
+        page_size,
     })
 }
 
@@ -247,6 +382,8 @@ pub struct Listing {
     /// `meta.pageSize` of the first page, when given (`carpulse doctor` checks it against
     /// `smartcar.v3_page_size`).
     pub page_size: Option<u64>,
+    /// Items the pages held, read or not.
+    pub items: usize,
 }
 
 /// A top-level failure of the listing. A 400 or 404 refuses the request as a whole (a missing
@@ -307,20 +444,23 @@ pub(crate) async fn listing(
             .send(client.vehicle_request(Method::GET, url.as_str(), ctx.access_token, ctx.user_id))
             .await
             .map_err(|e| whole_listing_failed(id, e))?;
-        let v: Value = raw.json("signals")?;
         let rid = raw.request_id();
-        let page =
-            parse_signals_page(&v, raw.fetched_at, rid.as_deref()).map_err(|m| ApiError {
-                request_id: rid.clone(),
-                ..ApiError::decode(Some(raw.status), m)
-            })?;
+        let page = match parse_signals_bytes(&raw.body, raw.fetched_at, rid.as_deref()) {
+            Some(page) => page,
+            // Not the shape the fast path expects: the tolerant tree parser decides.
+            None => {
+                let v: Value = raw.json("signals")?;
+                parse_signals_page(&v, raw.fetched_at, rid.as_deref()).map_err(|m| ApiError {
+                    request_id: rid.clone(),
+                    ..ApiError::decode(Some(raw.status), m)
+                })?
+            }
+        };
         if page_no == 1 {
-            out.page_size = v
-                .get("meta")
-                .and_then(|m| m.get("pageSize"))
-                .and_then(Value::as_u64);
+            out.page_size = page.page_size;
         }
         out.pages = page_no;
+        out.items += page.items;
         out.signals.extend(page.signals);
         out.vehicle = out.vehicle.or(page.vehicle);
         let Some(next) = page.next else { break };
@@ -342,7 +482,7 @@ pub(crate) async fn listing(
             );
         }
     }
-    if out.signals.is_empty() {
+    if out.items == 0 {
         return Err(no_data());
     }
     Ok(out)
@@ -626,8 +766,24 @@ mod tests {
                                          "attributes": {"make": "Toyota", "model": "Camry", "year": 2020}}}})
     }
 
+    /// Both parsers: the fast one must agree with the tolerant one on every signal carpulse
+    /// reads, and on paging, the vehicle and the counts.
     fn parse(v: &Value) -> SignalsPage {
-        parse_signals_page(v, F, Some("rid")).unwrap()
+        let slow = parse_signals_page(v, F, Some("rid")).unwrap();
+        let bytes = serde_json::to_vec(v).unwrap();
+        if let Some(fast) = parse_signals_bytes(&bytes, F, Some("rid")) {
+            let read: Vec<&Signal> = slow
+                .signals
+                .iter()
+                .filter(|s| READ.contains(&s.code.as_str()))
+                .collect();
+            assert_eq!(fast.signals.iter().collect::<Vec<_>>(), read, "{v}");
+            assert_eq!(
+                (&fast.next, &fast.vehicle, fast.total_count, fast.items),
+                (&slow.next, &slow.vehicle, slow.total_count, slow.items)
+            );
+        }
+        slow
     }
 
     #[test]
@@ -1007,5 +1163,23 @@ mod tests {
             Ok(Payload::Charge(c)) => assert_eq!(c.state, ChargeState::NotCharging),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_fast_parser_reads_documented_pages_and_skips_the_rest() {
+        let v = page(
+            vec![
+                sig(SOC, json!({"unit": "percent", "value": 75}), json!(1_752_104_118_549_i64)),
+                sig("climate-cabintemperature", json!({"unit": "celsius", "value": 21}), Value::Null),
+            ],
+            json!("/vehicles/v/signals?page=2"),
+        );
+        let fast = parse_signals_bytes(&serde_json::to_vec(&v).unwrap(), F, None).unwrap();
+        assert_eq!(fast.items, 2);
+        assert_eq!(fast.signals.len(), 1, "only what carpulse reads");
+        assert_eq!(fast.signals[0].code, SOC);
+        assert_eq!(fast.page_size, Some(10));
+        // Not a listing: no fast answer, the tolerant parser decides.
+        assert!(parse_signals_bytes(br#"{"errors":[]}"#, F, None).is_none());
     }
 }

@@ -146,6 +146,9 @@ pub(crate) struct Writer {
     /// vehicle_id → vehicles.id. Valid while `store_state.vehicle_epoch` equals `epoch`.
     keys: HashMap<String, i64>,
     epoch: Option<i64>,
+    /// The VIN last written per vehicle: a v3 listing carries it on every poll, and an
+    /// unchanged one is not written again (a page write per poll saved).
+    vins: HashMap<String, String>,
 }
 
 impl Writer {
@@ -156,8 +159,9 @@ impl Writer {
         match self.try_batch(c, items, &mut counts) {
             Ok(()) => counts.into_report(),
             Err(error) => {
-                // The cache may hold keys read inside the rolled-back transaction.
+                // The caches may hold what the rolled-back transaction read or wrote.
                 self.keys.clear();
+                self.vins.clear();
                 self.epoch = None;
                 tracing::error!(
                     error = format!("{error:#}"),
@@ -193,6 +197,7 @@ impl Writer {
             .context("reading the vehicle epoch")?;
         if self.epoch != Some(epoch) {
             self.keys.clear();
+            self.vins.clear();
             self.epoch = Some(epoch);
         }
         let mut unknown: Option<&VehicleId> = None;
@@ -272,7 +277,13 @@ impl Writer {
                         Outcome::Written
                     }
                 },
+                WriteItem::Vin(vid, vin)
+                    if self.vins.get(&vid.0).is_some_and(|known| known == vin) =>
+                {
+                    Outcome::Duplicate
+                }
                 WriteItem::Vin(vid, vin) => {
+                    self.vins.insert(vid.0.clone(), vin.clone());
                     let n = tx
                         .prepare_cached("UPDATE vehicles SET vin = ?2 WHERE vehicle_id = ?1")?
                         .execute(params![vid.0, vin])
