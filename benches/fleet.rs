@@ -17,7 +17,8 @@
 //! or `v2`), `FLEET_LATENCY` (none, or `3-8` seconds), `FLEET_CRON` (`*/10 * * * * *`),
 //! `FLEET_SECONDS` (measurement window, 30), `FLEET_PER_VEHICLE` (`false`: per-vehicle metrics
 //! off, as the 10,000-vehicle target asks), `FLEET_CONCURRENCY` (`poll.concurrency`, unset:
-//! the default). Build with `--release` (`cargo bench` does). Without `--bench` (`cargo test
+//! the default), `FLEET_MAX_IN_FLIGHT` (`poll.max_in_flight`), `FLEET_DAEMON_LOG` (a file for the daemon's log at info; unset: warnings
+//! only, discarded). Build with `--release` (`cargo bench` does). Without `--bench` (`cargo test
 //! --benches`) it is a 5-second smoke run of 200 vehicles.
 
 use std::io::BufRead as _;
@@ -45,6 +46,7 @@ struct Params {
     seconds: u64,
     per_vehicle: bool,
     concurrency: Option<usize>,
+    max_in_flight: Option<usize>,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -64,6 +66,10 @@ impl Params {
             seconds: env_or("FLEET_SECONDS", seconds).parse()?,
             per_vehicle: env_or("FLEET_PER_VEHICLE", "false").parse()?,
             concurrency: std::env::var("FLEET_CONCURRENCY")
+                .ok()
+                .map(|c| c.parse())
+                .transpose()?,
+            max_in_flight: std::env::var("FLEET_MAX_IN_FLIGHT")
                 .ok()
                 .map(|c| c.parse())
                 .transpose()?,
@@ -191,11 +197,16 @@ async fn run(p: Params) -> anyhow::Result<()> {
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
 
     let started = Instant::now();
+    // FLEET_DAEMON_LOG=FILE keeps the daemon's log (at info) for a look afterwards.
+    let (log_level, log) = match std::env::var("FLEET_DAEMON_LOG") {
+        Ok(path) => ("info", Stdio::from(std::fs::File::create(path)?)),
+        Err(_) => ("warn", Stdio::null()),
+    };
     let daemon = Command::new(BIN)
         .args(["--config", config.to_str().context("path")?, "run"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log_level)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .context("starting carpulse run")?;
     let pid = daemon.id();
@@ -277,7 +288,10 @@ fn config_text(base: &str, db: &Path, metrics_port: u16, p: &Params) -> String {
     let concurrency = p
         .concurrency
         .map(|c| format!("concurrency = {c}\n"))
-        .unwrap_or_default();
+        .unwrap_or_default()
+        + &p.max_in_flight
+            .map(|c| format!("max_in_flight = {c}\n"))
+            .unwrap_or_default();
     format!(
         r#"[smartcar]
 client_id = "{CLIENT}"

@@ -47,10 +47,17 @@ pub async fn check_once(
     tokens: &TokenManager,
 ) -> anyhow::Result<CheckReport> {
     let token = app.token().await.context("getting the application token")?;
-    let listed = client
-        .connections(&token, None)
+    let list = client
+        .connection_list(&token, None)
         .await
         .context("listing connections (GET /v3/connections)")?;
+    if !list.complete {
+        tracing::warn!(
+            listed = list.connections.len(),
+            "GET /v3/connections could not be read to its end; no connection is marked revoked from it"
+        );
+    }
+    let listed = list.connections;
     let mut by_user: HashMap<&str, Vec<&V3Connection>> = HashMap::new();
     for c in &listed {
         by_user.entry(c.user_id.as_str()).or_default().push(c);
@@ -78,6 +85,8 @@ pub async fn check_once(
         let theirs = by_user.get(conn.user_id.as_str());
         let status = match (theirs, conn.status) {
             (None, ConnectionStatus::Revoked) => continue,
+            // Not listed, but the listing was partial: nothing can be concluded.
+            (None, _) if !list.complete => conn.status,
             (None, _) => {
                 warn!(
                     connection = %conn.id,

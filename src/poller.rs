@@ -21,6 +21,15 @@ use crate::smartcar::{Capabilities, EndpointResult, Job, Payload, RequestCtx, Sm
 use crate::store::{Store, WriteItem};
 use crate::tokens::{Access, TokenError, TokenManager};
 
+/// How often a cycle checks whether its next vehicle is overdue (and adds workers).
+const GROW_CHECK: Duration = Duration::from_millis(250);
+
+/// When a poll counts as late: a quarter of the spread window after its vehicle's due time,
+/// at least a second (a busy moment at the server is not a reason to grow the pool).
+fn late_after(spread: Duration) -> Duration {
+    (spread / 4).max(Duration::from_secs(1))
+}
+
 /// A vehicle the poller polls.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolledVehicle {
@@ -70,6 +79,8 @@ pub struct Poller {
     /// How long Smartcar has been taking to answer, in ms (an exponential average); the
     /// workers a cycle gets follow it. Starts at 5 s, inside Smartcar's documented 3–45 s.
     latency_ms: std::sync::atomic::AtomicU64,
+    /// Per job: the workers its last cycle had and whether it fell behind (see `workers_for`).
+    pacing: Mutex<[Option<(usize, bool)>; 2]>,
     pool: Arc<Semaphore>,
     /// Std mutexes: held for a clone or an insert, never across an await.
     vehicles: Mutex<Vec<PolledVehicle>>,
@@ -148,6 +159,7 @@ impl Poller {
             limits: Mutex::new((timeout, concurrency.max(1))),
             max_in_flight: max_in_flight.max(concurrency).max(1),
             latency_ms: std::sync::atomic::AtomicU64::new(5_000),
+            pacing: Mutex::new([None; 2]),
             pool: Arc::new(Semaphore::new(max_in_flight.max(concurrency).max(1))),
             vehicles: Mutex::new(Vec::new()),
             spreads: Mutex::new([Duration::ZERO; 2]),
@@ -273,26 +285,35 @@ impl Poller {
         };
         // A bounded set of workers pulls from the queue: memory follows what is in flight,
         // not the fleet, and no task is spawned per vehicle per tick.
-        let workers = self.workers_for(queue.len(), spread);
+        let workers = self.workers_for(job, queue.len(), spread);
         let queue = Arc::new(queue);
+        // The most any vehicle's poll started after its due time, in ms.
+        let lateness = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let tally = Arc::new(Mutex::new(CycleReport::default()));
         let start = tokio::time::Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..workers {
-            let (me, queue, next, tally, cancel) = (
+        let spawn_worker = |tasks: &mut tokio::task::JoinSet<()>| {
+            let (me, queue, next, tally, cancel, lateness) = (
                 self.clone(),
                 queue.clone(),
                 next.clone(),
                 tally.clone(),
                 cancel.clone(),
+                lateness.clone(),
             );
             tasks.spawn(async move {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some((offset, v)) = queue.get(i) else { return };
+                    let due = start + *offset;
+                    let late = tokio::time::Instant::now().saturating_duration_since(due);
+                    lateness.fetch_max(
+                        late.as_millis() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     let outcome = tokio::select! {
-                        _ = tokio::time::sleep_until(start + *offset) => {
+                        _ = tokio::time::sleep_until(due) => {
                             let span = tracing::info_span!("poll", vehicle = %v.id, job = job_label(job));
                             me.poll_vehicle(v, job, cancel.clone()).instrument(span).await
                         }
@@ -301,12 +322,44 @@ impl Poller {
                     tally.lock().unwrap_or_else(|p| p.into_inner()).add(outcome);
                 }
             });
+        };
+        let mut workers = workers;
+        for _ in 0..workers {
+            spawn_worker(&mut tasks);
         }
-        while let Some(joined) = tasks.join_next().await {
-            if let Err(e) = joined {
-                warn!(error = %e, "a poll worker ended abnormally");
+        // Within the cycle, the pool doubles (up to poll.max_in_flight) whenever the next
+        // vehicle in the queue is overdue: slow answers are met within a second or two, and
+        // fast ones never cost more workers than they need.
+        let max = self.max_in_flight.min(queue.len().max(1));
+        let mut check = tokio::time::interval(GROW_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => match joined {
+                    None => break,
+                    Some(Err(e)) => warn!(error = %e, "a poll worker ended abnormally"),
+                    Some(Ok(())) => {}
+                },
+                _ = check.tick() => {
+                    let i = next.load(std::sync::atomic::Ordering::Relaxed);
+                    let overdue = queue.get(i).is_some_and(|(offset, _)| {
+                        tokio::time::Instant::now().saturating_duration_since(start + *offset)
+                            > late_after(spread)
+                    });
+                    if overdue && workers < max {
+                        let more = workers.min(max - workers);
+                        for _ in 0..more {
+                            spawn_worker(&mut tasks);
+                        }
+                        workers += more;
+                        debug!(workers, "polls are falling behind; more workers");
+                    }
+                }
             }
         }
+        let late_ms = lateness.load(std::sync::atomic::Ordering::Relaxed);
+        let grown = workers;
+        self.note_cycle(job, grown, spread, late_ms);
         let t = tally.lock().unwrap_or_else(|p| p.into_inner()).clone();
         report.ok = t.ok;
         report.failed = t.failed + report.vehicles.saturating_sub(t.ok + t.failed + t.busy + t.skipped);
@@ -328,32 +381,49 @@ impl Poller {
         report
     }
 
-    /// Workers for a cycle of `due` vehicles: enough to finish within the job's window (four
-    /// spreads, at most a minute) at the latency Smartcar has been answering with, at least
-    /// `poll.concurrency`, at most `poll.max_in_flight`.
-    fn workers_for(&self, due: usize, spread: Duration) -> usize {
+    /// Workers a cycle of `due` vehicles starts with, between `poll.concurrency` and
+    /// `poll.max_in_flight`: the job's first cycle starts at `poll.concurrency`; later ones
+    /// at what the last one ended with (it grows within a cycle that falls behind), a quarter
+    /// fewer when that one kept time, so the pool settles at the fewest that keep up. Sizing
+    /// by latency alone would overshoot when the server is the bottleneck (more requests in
+    /// flight only queue there, and each costs a connection's memory here). The latency
+    /// estimate still tells when even `poll.max_in_flight` cannot keep up.
+    fn workers_for(&self, job: Job, due: usize, spread: Duration) -> usize {
         let (_, concurrency) = *self.limits.lock().unwrap_or_else(|p| p.into_inner());
-        let window = (spread * 4).min(Duration::from_secs(60));
+        let max = self.max_in_flight.max(concurrency);
         let latency_ms = self
             .latency_ms
             .load(std::sync::atomic::Ordering::Relaxed)
             .max(1) as f64;
-        let needed = if window.is_zero() {
-            concurrency
-        } else {
-            (due as f64 * latency_ms / window.as_millis().max(1) as f64).ceil() as usize
-        };
-        let workers = needed.clamp(concurrency, self.max_in_flight.max(concurrency));
-        if needed > self.max_in_flight {
+        let work_ms = due as f64 * latency_ms;
+        let window = (spread * 4).min(Duration::from_secs(60));
+        if !window.is_zero() && work_ms / max as f64 > window.as_millis() as f64 {
             warn!(
                 due,
                 latency_ms,
                 window_s = window.as_secs(),
-                max_in_flight = self.max_in_flight,
-                "this tick cannot finish in its window at the latency Smartcar answers with; raise poll.max_in_flight or slow the schedule"
+                max_in_flight = max,
+                "this tick cannot finish before the next one at the latency Smartcar answers with; raise poll.max_in_flight or slow the schedule"
             );
         }
-        workers.min(due.max(1))
+        let last = self.pacing.lock().unwrap_or_else(|p| p.into_inner())[job_index(job)];
+        let wanted = match last {
+            _ if spread.is_zero() => due,
+            // The first cycle starts small and grows while it falls behind (see cycle_of).
+            None => concurrency,
+            // It grew within the cycle; half of that is where the next starts growing from.
+            Some((workers, true)) => workers / 2,
+            Some((workers, false)) => workers - workers / 4,
+        };
+        wanted.clamp(concurrency, max).min(due.max(1))
+    }
+
+    /// Remembers how a cycle kept time: late when a poll started more than a quarter of the
+    /// spread (at least a second) after its vehicle's due time.
+    fn note_cycle(&self, job: Job, workers: usize, spread: Duration, late_ms: u64) {
+        let late = late_ms > late_after(spread).as_millis() as u64;
+        self.pacing.lock().unwrap_or_else(|p| p.into_inner())[job_index(job)] =
+            Some((workers, late));
     }
 
     /// Folds one request's wall time into the latency estimate the worker count follows.

@@ -14,12 +14,23 @@ use serde_json::Value;
 
 use super::error::{ApiError, ErrorKind};
 use super::v2::parse_info;
-use super::v3::{resolve_next, MAX_PAGES};
+use super::v3::resolve_next;
 use super::SmartcarClient;
 use crate::domain::{Secret, VehicleId, VehicleInfo};
 
 /// Page size asked for (the documented maximum of the listing is 100).
 const PAGE_SIZE: u32 = 100;
+/// A bound on the pages followed: a million connections at the documented page size, so a
+/// server that pages forever still ends.
+const MAX_CONNECTION_PAGES: usize = 10_000;
+
+/// Every connection listed, and whether the listing was read to its end (a partial listing
+/// must never be taken as "the others are gone").
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConnectionList {
+    pub connections: Vec<V3Connection>,
+    pub complete: bool,
+}
 
 /// One v3 connection: a user's grant to one vehicle.
 #[derive(Clone, Debug, PartialEq)]
@@ -122,6 +133,15 @@ impl SmartcarClient {
         app_token: &Secret,
         user: Option<&str>,
     ) -> Result<Vec<V3Connection>, ApiError> {
+        Ok(self.connection_list(app_token, user).await?.connections)
+    }
+
+    /// [`connections`](Self::connections), saying whether the listing was read to its end.
+    pub async fn connection_list(
+        &self,
+        app_token: &Secret,
+        user: Option<&str>,
+    ) -> Result<ConnectionList, ApiError> {
         let mut url = Url::parse(&self.v3_url("/connections"))
             .map_err(|e| ApiError::new(ErrorKind::Other, format!("bad connections URL: {e}")))?;
         {
@@ -133,7 +153,8 @@ impl SmartcarClient {
         }
         let mut visited: HashSet<String> = HashSet::new();
         let mut out: Vec<V3Connection> = Vec::new();
-        for _ in 0..MAX_PAGES {
+        let mut complete = false;
+        for _ in 0..MAX_CONNECTION_PAGES {
             visited.insert(url.as_str().to_owned());
             let raw = self
                 .send_unbilled(self.vehicle_request(Method::GET, url.as_str(), app_token, user))
@@ -165,7 +186,14 @@ impl SmartcarClient {
             };
             match next {
                 Some(n) if !visited.contains(n.as_str()) => url = n,
-                _ => break,
+                Some(_) => {
+                    tracing::warn!("GET /v3/connections: links.next repeats a page; the listing is taken as partial");
+                    break;
+                }
+                None => {
+                    complete = true;
+                    break;
+                }
             }
         }
         // The filter's name is uncertain: a server that ignored it must not hand carpulse
@@ -175,7 +203,10 @@ impl SmartcarClient {
         }
         let mut seen = HashSet::new();
         out.retain(|c| seen.insert((c.user_id.clone(), c.vehicle_id.clone())));
-        Ok(out)
+        Ok(ConnectionList {
+            connections: out,
+            complete,
+        })
     }
 }
 
