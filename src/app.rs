@@ -74,6 +74,7 @@ impl Daemon {
     /// Opens the store, loads connections and vehicles, binds the metrics listener.
     pub async fn build(config: Config) -> anyhow::Result<Daemon> {
         let metrics = Metrics::new().context("creating the metrics registry")?;
+        metrics.set_api(config.smartcar.api);
         let store = Store::open(&config.store.path, Some(write_observer(&metrics)))
             .with_context(|| format!("opening the store {}", config.store.path.display()))?;
         let client =
@@ -174,6 +175,7 @@ impl Daemon {
             .filter(|h| **h == Some("needs_reauth"))
             .count();
         self.poller.set_held(held_vehicles(&vehicles, &holds));
+        self.metrics.set_fleet(&fleet_states(&vehicles, &holds));
         for v in vehicles.iter() {
             if let (Some(make), Some(model), Some(year)) = (&v.make, &v.model, v.year) {
                 self.metrics.record_info(
@@ -204,6 +206,9 @@ impl Daemon {
             );
         }
         self.metrics.set_per_vehicle(per_vehicle);
+        if per_vehicle {
+            seed_metrics(&self.store, &self.metrics).await;
+        }
         if needs_reauth > 0 {
             warn!(
                 needs_reauth,
@@ -293,8 +298,9 @@ impl Daemon {
                 tokio::select! {
                     _ = health_stop.cancelled() => return,
                     _ = every.tick() => {
-                        let stale_after = read_live(&health_live).metrics.stale_after;
-                        check_health(&h, &t, &p, &m, stale_after, started).await
+                        let live = read_live(&health_live);
+                        m.set_budget(live.budget.calls_per_vehicle_month);
+                        check_health(&h, &t, &p, &m, live.metrics.stale_after, started).await
                     }
                 }
             }
@@ -592,6 +598,9 @@ pub async fn reload(
         .map(|(id, _)| *id)
         .collect();
     poller.set_held(held_vehicles(&vehicles, &holds));
+    // Every stored vehicle keeps its series (a held or disabled one with vehicle_up 0); a
+    // removed one loses them.
+    metrics.set_fleet(&fleet_states(&vehicles, &holds));
     let before: std::collections::HashSet<_> =
         poller.vehicles().into_iter().map(|v| v.id).collect();
     let mut polled = Vec::new();
@@ -611,9 +620,6 @@ pub async fn reload(
         now.difference(&before).count(),
         before.difference(&now).count(),
     );
-    for gone in before.difference(&now) {
-        metrics.forget_vehicle(gone);
-    }
     metrics.set_per_vehicle(polled.len() <= per_vehicle_max);
     poller.set_vehicles(polled);
     adopt_stored_blocks(store, poller).await?;
@@ -664,6 +670,47 @@ fn held_vehicles(
         .collect()
 }
 
+/// Every stored vehicle with why it is not polled (`disabled`, or its connection's hold), for
+/// [`Metrics::set_fleet`].
+fn fleet_states(
+    vehicles: &[queries::VehicleRecord],
+    holds: &std::collections::HashMap<crate::domain::ConnectionId, Option<&'static str>>,
+) -> Vec<(crate::domain::VehicleId, Option<&'static str>)> {
+    vehicles
+        .iter()
+        .map(|v| {
+            let hold = if v.enabled {
+                holds.get(&v.connection_id).copied().flatten()
+            } else {
+                Some("disabled")
+            };
+            (v.vehicle_id.clone(), hold)
+        })
+        .collect()
+}
+
+/// Gives the per-vehicle gauges what the store knows (latest readings, whether the last poll
+/// was answered), so they are there from the first scrape. A failure only costs that.
+async fn seed_metrics(store: &Store, metrics: &Metrics) {
+    match store.call(|c| queries::vehicle_summaries(c)).await {
+        Ok(summaries) => {
+            for s in summaries {
+                metrics.seed_vehicle(
+                    &s.vehicle.vehicle_id,
+                    s.last_battery.as_ref(),
+                    s.last_charge.as_ref(),
+                    s.last_odometer.as_ref(),
+                    s.last_poll.as_ref().map(|p| p.outcome == "ok"),
+                );
+            }
+        }
+        Err(e) => warn!(
+            error = format!("{e:#}"),
+            "cannot read the latest readings for the metrics; they appear with the next polls"
+        ),
+    }
+}
+
 /// Gives the poller's gates the stored blocks (disabled endpoints, pauses): what earlier runs
 /// learnt is not asked again, and what a reconnect or `vehicles enable` lifted is asked again.
 pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Result<()> {
@@ -709,23 +756,23 @@ pub async fn load_ledger(
     api: crate::domain::ApiVersion,
     budget: Option<u64>,
 ) -> anyhow::Result<()> {
-    let Some(budget) = budget else {
-        poller.set_budget(None);
-        return Ok(());
-    };
+    // Seeded with or without a budget: `carpulse_smartcar_calls_billed` reports the month's
+    // calls from the store, not only those since this process started.
     let now = crate::domain::now_ms();
     let since = crate::gate::month_start(now);
     let used = store
         .call(move |c| queries::calls_since(c, since, api))
         .await
         .context("reading this month's calls from poll_events")?;
-    info!(
-        budget,
-        vehicles_with_calls = used.len(),
-        most_calls = used.values().copied().max().unwrap_or(0),
-        "monthly call budget in force"
-    );
-    poller.seed_ledger(Some(budget), used);
+    if let Some(budget) = budget {
+        info!(
+            budget,
+            vehicles_with_calls = used.len(),
+            most_calls = used.values().copied().max().unwrap_or(0),
+            "monthly call budget in force"
+        );
+    }
+    poller.seed_ledger(budget, used);
     Ok(())
 }
 
@@ -843,6 +890,7 @@ pub async fn check_health(
         }
     }
     let mut states = poller.held();
+    metrics.update_reading_ages(now);
     let stale_ms = stale_after.as_millis() as i64;
     for (vehicle, fresh) in poller.freshness() {
         if let Some(since) = fresh.no_data_since {
@@ -852,6 +900,9 @@ pub async fn check_health(
             ));
             states.push((vehicle.clone(), "no_data"));
             continue;
+        }
+        if poller.gate_of(&vehicle).1.is_some() {
+            states.push((vehicle.clone(), "paused"));
         }
         let since = fresh.last_answered.unwrap_or(started);
         // A car the battery job has nothing to ask (an ICE car, a consent without battery and
@@ -878,6 +929,18 @@ pub async fn check_health(
         }
     }
     metrics.set_vehicle_states(&states);
+    let billed: Vec<_> = metrics
+        .fleet()
+        .into_iter()
+        .chain(poller.vehicles().into_iter().map(|v| v.id))
+        .collect::<std::collections::HashSet<_>>()
+        .into_iter()
+        .map(|id| {
+            let n = poller.calls_this_month(&id);
+            (id, n)
+        })
+        .collect();
+    metrics.set_calls_billed(&billed);
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
     h.problems = problems;
 }
