@@ -36,6 +36,8 @@ pub struct Daemon {
     client: SmartcarClient,
     /// The application token, with v3 API Authentication.
     app: Option<Arc<crate::app_token::AppAuth>>,
+    /// TLS and basic auth of the metrics listener (`metrics.web_config_file`).
+    web: Option<Arc<crate::webconfig::WebConfig>>,
 }
 
 /// The Smartcar client settings a config implies.
@@ -73,6 +75,13 @@ fn write_observer(metrics: &Metrics) -> WriteObserver {
 impl Daemon {
     /// Opens the store, loads connections and vehicles, binds the metrics listener.
     pub async fn build(config: Config) -> anyhow::Result<Daemon> {
+        // First: a broken web config is a config error (exit 78) before anything is opened.
+        let web = match &config.metrics.web_config_file {
+            Some(path) => Some(Arc::new(crate::webconfig::WebConfig::load(path).map_err(
+                |e| crate::config::ConfigError(format!("metrics.web_config_file: {e}")),
+            )?)),
+            None => None,
+        };
         let metrics = Metrics::new().context("creating the metrics registry")?;
         metrics.set_api(config.smartcar.api);
         let store = Store::open(&config.store.path, Some(write_observer(&metrics)))
@@ -135,6 +144,7 @@ impl Daemon {
             listener,
             client,
             app,
+            web,
         };
         daemon.load().await?;
         load_ledger(
@@ -248,10 +258,16 @@ impl Daemon {
             listener,
             client,
             app,
+            web,
         } = self;
         let addr = listener.local_addr()?;
+        let scheme = match &web {
+            Some(w) if w.tls() => "https",
+            _ => "http",
+        };
         info!(
-            metrics = %format!("http://{addr}/metrics"),
+            metrics = %format!("{scheme}://{addr}/metrics"),
+            basic_auth = web.as_ref().is_some_and(|w| w.basic_auth()),
             api = ?config.smartcar.api,
             battery = %config.schedule.battery,
             info = %config.schedule.info,
@@ -267,7 +283,7 @@ impl Daemon {
         let server_failed = failed.clone();
         let (m, h) = (metrics.clone(), health.clone());
         tasks.spawn(async move {
-            if let Err(e) = metrics::serve(listener, m, h, server_stop.clone()).await {
+            if let Err(e) = metrics::serve_with(listener, m, h, web, server_stop.clone()).await {
                 error!(error = %e, "the metrics server stopped");
                 server_failed.cancel();
             }

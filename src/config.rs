@@ -103,6 +103,8 @@ pub struct MetricsConfig {
     pub per_vehicle_max: usize,
     /// `/healthz` fails when a vehicle has had no answered poll for this long.
     pub stale_after: Duration,
+    /// TLS and basic auth for the listener ([`crate::webconfig`]); validated at load.
+    pub web_config_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -225,6 +227,7 @@ struct RawMetrics {
     listen: S<String>,
     per_vehicle: S<toml::Value>,
     stale_after: S<String>,
+    web_config_file: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -500,6 +503,14 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         o,
     )?;
 
+    let web_config_file = match &raw.metrics.web_config_file {
+        None => None,
+        Some(f) if f.get_ref().trim().is_empty() => None,
+        // Read by `run` before it binds (a broken file is a config error, exit 78), not here:
+        // the other commands never serve metrics and may not be allowed to read its key.
+        Some(f) => Some(PathBuf::from(f.get_ref())),
+    };
+
     let battery = string_or(&raw.schedule.battery, DEFAULT_BATTERY_CRON);
     check_cron(&battery, "schedule.battery", span(&raw.schedule.battery), o)?;
     let battery_charging = match &raw.schedule.battery_charging {
@@ -610,6 +621,7 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             listen,
             per_vehicle_max,
             stale_after,
+            web_config_file,
         },
         schedule: ScheduleConfig {
             battery,

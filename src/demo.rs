@@ -122,6 +122,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             listen: metrics_listen,
             per_vehicle_max: crate::config::DEFAULT_PER_VEHICLE_MAX,
             stale_after: Duration::from_secs(120),
+            web_config_file: None,
         },
         schedule: ScheduleConfig {
             battery: args.battery_cron.clone(),

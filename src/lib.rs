@@ -35,3 +35,4 @@ pub mod simulator;
 pub mod smartcar;
 pub mod store;
 pub mod tokens;
+pub mod webconfig;

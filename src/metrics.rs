@@ -846,20 +846,43 @@ struct ServerState {
     health: Health,
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`.
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`, in plain HTTP.
 pub async fn serve(
     listener: TcpListener,
     metrics: Metrics,
     health: Health,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    serve_with(listener, metrics, health, None, shutdown).await
+}
+
+/// [`serve`] with the TLS and basic auth of `metrics.web_config_file`, when given.
+pub async fn serve_with(
+    listener: TcpListener,
+    metrics: Metrics,
+    health: Health,
+    web: Option<Arc<crate::webconfig::WebConfig>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(health_handler))
         .with_state(ServerState { metrics, health });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let stop = async move { shutdown.cancelled().await };
+    let Some(web) = web else {
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await;
+    };
+    app = web.layer(app);
+    match web.listener(listener)? {
+        crate::webconfig::Listener::Plain(l) => {
+            axum::serve(l, app).with_graceful_shutdown(stop).await
+        }
+        crate::webconfig::Listener::Tls(l) => {
+            axum::serve(l, app).with_graceful_shutdown(stop).await
+        }
+    }
 }
 
 async fn metrics_handler(State(s): State<ServerState>) -> impl IntoResponse {
