@@ -23,6 +23,7 @@ pub mod domain;
 pub mod gate;
 pub mod history;
 pub mod metrics;
+pub mod output;
 pub mod plan;
 pub mod poller;
 pub mod reauth;
