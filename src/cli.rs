@@ -28,6 +28,11 @@ pub enum Command {
         /// How long to wait for the browser to come back (Smartcar codes live 10 minutes).
         #[arg(long, default_value = "10m", value_parser = parse_duration_arg)]
         wait: std::time::Duration,
+        /// Serve nothing: after approving, paste the address the browser ended on (from its
+        /// address bar) here. For a server whose redirect URI the browser cannot reach (or use
+        /// an SSH tunnel: ssh -L 8000:localhost:8000 server).
+        #[arg(long)]
+        paste: bool,
     },
     /// Get a vehicle polled again after its owner's consent or login broke, keeping its
     /// history: Connect again for its account (a connection that needs re-authorization, a
@@ -41,6 +46,9 @@ pub enum Command {
         /// How long to wait for the browser to come back.
         #[arg(long, default_value = "10m", value_parser = parse_duration_arg)]
         wait: std::time::Duration,
+        /// Serve nothing: paste the address the browser ended on (see `connect --paste`).
+        #[arg(long)]
+        paste: bool,
     },
     /// List or remove stored vehicles.
     Vehicles {

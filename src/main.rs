@@ -75,12 +75,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout();
     match &cli.command {
         Command::Run => carpulse::app::run(load_config(&cli)?).await,
-        Command::Connect { wait } => carpulse::connect::run_cli(load_config(&cli)?, *wait).await,
+        Command::Connect { wait, paste } => {
+            carpulse::connect::run_cli(load_config(&cli)?, *wait, *paste).await
+        }
         Command::Reauth {
             vehicle,
             flow,
             wait,
-        } => carpulse::reauth::run_cli(load_config(&cli)?, vehicle, *flow, *wait).await,
+            paste,
+        } => carpulse::reauth::run_cli(load_config(&cli)?, vehicle, *flow, *wait, *paste).await,
         Command::Vehicles { action } => match action {
             VehiclesCommand::List { store } => {
                 carpulse::report::vehicles_list(&read_config(&cli, store)?, &mut out).await
