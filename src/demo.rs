@@ -161,7 +161,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("metrics: http://{addr}/metrics");
     println!(
-        "history: sqlite3 {} 'SELECT vehicle_id, datetime(time, \"unixepoch\"), soc_percent, range_km FROM battery_history ORDER BY recorded_at DESC LIMIT 10'",
+        "history: carpulse history --db {0}   (or: sqlite3 {0} \"SELECT vehicle_id, datetime(time, 'unixepoch'), soc_percent, range_km FROM battery_history ORDER BY recorded_at DESC LIMIT 10\")",
         args.db.display()
     );
     println!("stop with Ctrl-C");
