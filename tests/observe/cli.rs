@@ -300,3 +300,33 @@ async fn the_demo_store_is_read_with_db_and_status_sees_the_daemon() {
         "{status}"
     );
 }
+
+/// A web config carpulse cannot use stops `run` with the config exit code, before anything is
+/// opened or bound, and names the file and key without quoting secrets.
+#[test]
+fn a_broken_web_config_stops_run_with_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = write(
+        dir.path(),
+        "web.yml",
+        "basic_auth_users:\n  alice: hunter2\n",
+    );
+    let db = dir.path().join("c.db");
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &format!(
+            "[smartcar]\nclient_id = \"x\"\nclient_secret = \"y\"\n\n[store]\npath = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\nweb_config_file = \"{}\"\n",
+            db.display(),
+            web.display()
+        ),
+    );
+    let (code, _, err) = carpulse(&["--config", &cfg.display().to_string(), "run"], &[]);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("metrics.web_config_file") && err.contains("alice: not a bcrypt hash"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(!db.exists(), "nothing opened");
+}
