@@ -1,7 +1,7 @@
 //! `carpulse history`: stored readings through the same views users query with sqlite3 or
 //! Grafana, as a table for people (local times with their zone, vehicles by make and model) or
-//! CSV/JSON for programs (every time both as unix milliseconds, as in the views, and as
-//! ISO-8601 UTC in a `_utc` column). Reads the store only: no Smartcar credentials needed.
+//! CSV/JSON for programs (the views' columns, every time as unix milliseconds, then the
+//! vehicle's name and every time again as ISO-8601 UTC in a `_utc` column). Reads the store only: no Smartcar credentials needed.
 
 use std::fmt::Write as _;
 
@@ -200,32 +200,32 @@ fn csv_cell(s: String) -> String {
     }
 }
 
-/// The machine-readable columns: vehicle_id, vehicle, each time as ms and as `_utc`, values.
+/// The machine-readable columns: the view's own first (vehicle_id, the times as unix ms, the
+/// values, in the order scripts already read them), then what was added for people reading CSV
+/// and JSON: the vehicle's make, model and year, and each time as ISO-8601 UTC (`_utc`).
 fn machine_columns(times: &[&str], values: &[&str]) -> Vec<String> {
-    let mut cols = vec!["vehicle_id".to_owned(), "vehicle".to_owned()];
-    for t in times {
-        cols.push((*t).to_owned());
-        cols.push(format!("{t}_utc"));
-    }
+    let mut cols = vec!["vehicle_id".to_owned()];
+    cols.extend(times.iter().map(|t| (*t).to_owned()));
     cols.extend(values.iter().map(|v| (*v).to_owned()));
+    cols.push("vehicle".to_owned());
+    cols.extend(times.iter().map(|t| format!("{t}_utc")));
     cols
 }
 
 fn machine_row(r: &Row) -> Vec<serde_json::Value> {
-    let mut out = vec![r.vehicle_id.clone().into(), r.name.clone().into()];
-    for t in &r.times {
-        match t {
-            Some(ms) => {
-                out.push((*ms).into());
-                out.push(iso_utc(*ms).into());
-            }
-            None => {
-                out.push(serde_json::Value::Null);
-                out.push(serde_json::Value::Null);
-            }
-        }
-    }
+    let mut out = vec![r.vehicle_id.clone().into()];
+    out.extend(
+        r.times
+            .iter()
+            .map(|t| t.map_or(serde_json::Value::Null, Into::into)),
+    );
     out.extend(r.values.iter().cloned());
+    out.push(r.name.clone().into());
+    out.extend(
+        r.times
+            .iter()
+            .map(|t| t.map_or(serde_json::Value::Null, |ms| iso_utc(ms).into())),
+    );
     out
 }
 
@@ -332,8 +332,8 @@ mod tests {
         let local = |ms| crate::output::local_in(&cet, ms);
         assert_eq!(
             render(&times, &values, &rows, "csv", &local),
-            "vehicle_id,vehicle,recorded_at,recorded_at_utc,fetched_at,fetched_at_utc,soc_percent,note\n\
-             5f2d4a21-0569,TESLA Model 3 2021,1700000000123,2023-11-14T22:13:20.123Z,1700000001000,2023-11-14T22:13:21.000Z,68.5,\"a,b\"\n"
+            "vehicle_id,recorded_at,fetched_at,soc_percent,note,vehicle,recorded_at_utc,fetched_at_utc\n\
+             5f2d4a21-0569,1700000000123,1700000001000,68.5,\"a,b\",TESLA Model 3 2021,2023-11-14T22:13:20.123Z,2023-11-14T22:13:21.000Z\n"
         );
         let j: serde_json::Value =
             serde_json::from_str(&render(&times, &values, &rows, "json", &local)).unwrap();

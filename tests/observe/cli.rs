@@ -180,8 +180,8 @@ async fn times_are_local_with_their_zone_for_people_and_utc_for_programs() {
     assert_eq!(
         csv,
         format!(
-            "vehicle_id,vehicle,recorded_at,recorded_at_utc,fetched_at,fetched_at_utc,soc_percent,range_km\n\
-             {A},TESLA Model 3 2021,{t},2026-03-01T08:00:00.000Z,{f},2026-03-01T08:00:01.500Z,40.0,160.0\n",
+            "vehicle_id,recorded_at,fetched_at,soc_percent,range_km,vehicle,recorded_at_utc,fetched_at_utc\n\
+             {A},{t},{f},40.0,160.0,TESLA Model 3 2021,2026-03-01T08:00:00.000Z,2026-03-01T08:00:01.500Z\n",
             t = DAY1 + 8 * HOUR,
             f = DAY1 + 8 * HOUR + 1500
         )
