@@ -36,6 +36,8 @@ pub struct Daemon {
     client: SmartcarClient,
     /// The application token, with v3 API Authentication.
     app: Option<Arc<crate::app_token::AppAuth>>,
+    /// TLS and basic auth of the metrics listener (`metrics.web_config_file`).
+    web: Option<Arc<crate::webconfig::WebConfig>>,
 }
 
 /// The Smartcar client settings a config implies.
@@ -73,7 +75,15 @@ fn write_observer(metrics: &Metrics) -> WriteObserver {
 impl Daemon {
     /// Opens the store, loads connections and vehicles, binds the metrics listener.
     pub async fn build(config: Config) -> anyhow::Result<Daemon> {
+        // First: a broken web config is a config error (exit 78) before anything is opened.
+        let web = match &config.metrics.web_config_file {
+            Some(path) => Some(Arc::new(crate::webconfig::WebConfig::load(path).map_err(
+                |e| crate::config::ConfigError(format!("metrics.web_config_file: {e}")),
+            )?)),
+            None => None,
+        };
         let metrics = Metrics::new().context("creating the metrics registry")?;
+        metrics.set_api(config.smartcar.api);
         let store = Store::open(&config.store.path, Some(write_observer(&metrics)))
             .with_context(|| format!("opening the store {}", config.store.path.display()))?;
         let client =
@@ -135,6 +145,7 @@ impl Daemon {
             listener,
             client,
             app,
+            web,
         };
         daemon.load().await?;
         load_ledger(
@@ -175,6 +186,7 @@ impl Daemon {
             .filter(|h| **h == Some("needs_reauth"))
             .count();
         self.poller.set_held(held_vehicles(&vehicles, &holds));
+        self.metrics.set_fleet(&fleet_states(&vehicles, &holds));
         for v in vehicles.iter() {
             if let (Some(make), Some(model), Some(year)) = (&v.make, &v.model, v.year) {
                 self.metrics.record_info(
@@ -205,6 +217,9 @@ impl Daemon {
             );
         }
         self.metrics.set_per_vehicle(per_vehicle);
+        if per_vehicle {
+            seed_metrics(&self.store, &self.metrics).await;
+        }
         if needs_reauth > 0 {
             warn!(
                 needs_reauth,
@@ -244,10 +259,16 @@ impl Daemon {
             listener,
             client,
             app,
+            web,
         } = self;
         let addr = listener.local_addr()?;
+        let scheme = match &web {
+            Some(w) if w.tls() => "https",
+            _ => "http",
+        };
         info!(
-            metrics = %format!("http://{addr}/metrics"),
+            metrics = %format!("{scheme}://{addr}/metrics"),
+            basic_auth = web.as_ref().is_some_and(|w| w.basic_auth()),
             api = ?config.smartcar.api,
             battery = %config.schedule.battery,
             info = %config.schedule.info,
@@ -263,7 +284,7 @@ impl Daemon {
         let server_failed = failed.clone();
         let (m, h) = (metrics.clone(), health.clone());
         tasks.spawn(async move {
-            if let Err(e) = metrics::serve(listener, m, h, server_stop.clone()).await {
+            if let Err(e) = metrics::serve_with(listener, m, h, web, server_stop.clone()).await {
                 error!(error = %e, "the metrics server stopped");
                 server_failed.cancel();
             }
@@ -294,8 +315,9 @@ impl Daemon {
                 tokio::select! {
                     _ = health_stop.cancelled() => return,
                     _ = every.tick() => {
-                        let stale_after = read_live(&health_live).metrics.stale_after;
-                        check_health(&h, &t, &p, &m, stale_after, started).await
+                        let live = read_live(&health_live);
+                        m.set_budget(live.budget.calls_per_vehicle_month);
+                        check_health(&h, &t, &p, &m, live.metrics.stale_after, started).await
                     }
                 }
             }
@@ -593,6 +615,9 @@ pub async fn reload(
         .map(|(id, _)| *id)
         .collect();
     poller.set_held(held_vehicles(&vehicles, &holds));
+    // Every stored vehicle keeps its series (a held or disabled one with vehicle_up 0); a
+    // removed one loses them.
+    metrics.set_fleet(&fleet_states(&vehicles, &holds));
     let before: std::collections::HashSet<_> =
         poller.vehicles().into_iter().map(|v| v.id).collect();
     let mut polled = Vec::new();
@@ -612,9 +637,6 @@ pub async fn reload(
         now.difference(&before).count(),
         before.difference(&now).count(),
     );
-    for gone in before.difference(&now) {
-        metrics.forget_vehicle(gone);
-    }
     metrics.set_per_vehicle(polled.len() <= per_vehicle_max);
     poller.set_vehicles(polled);
     adopt_stored_blocks(store, poller).await?;
@@ -665,6 +687,47 @@ fn held_vehicles(
         .collect()
 }
 
+/// Every stored vehicle with why it is not polled (`disabled`, or its connection's hold), for
+/// [`Metrics::set_fleet`].
+fn fleet_states(
+    vehicles: &[queries::VehicleRecord],
+    holds: &std::collections::HashMap<crate::domain::ConnectionId, Option<&'static str>>,
+) -> Vec<(crate::domain::VehicleId, Option<&'static str>)> {
+    vehicles
+        .iter()
+        .map(|v| {
+            let hold = if v.enabled {
+                holds.get(&v.connection_id).copied().flatten()
+            } else {
+                Some("disabled")
+            };
+            (v.vehicle_id.clone(), hold)
+        })
+        .collect()
+}
+
+/// Gives the per-vehicle gauges what the store knows (latest readings, whether the last poll
+/// was answered), so they are there from the first scrape. A failure only costs that.
+async fn seed_metrics(store: &Store, metrics: &Metrics) {
+    match store.call(|c| queries::vehicle_summaries(c)).await {
+        Ok(summaries) => {
+            for s in summaries {
+                metrics.seed_vehicle(
+                    &s.vehicle.vehicle_id,
+                    s.last_battery.as_ref(),
+                    s.last_charge.as_ref(),
+                    s.last_odometer.as_ref(),
+                    s.last_poll.as_ref().map(|p| p.outcome == "ok"),
+                );
+            }
+        }
+        Err(e) => warn!(
+            error = format!("{e:#}"),
+            "cannot read the latest readings for the metrics; they appear with the next polls"
+        ),
+    }
+}
+
 /// Gives the poller's gates the stored blocks (disabled endpoints, pauses): what earlier runs
 /// learnt is not asked again, and what a reconnect or `vehicles enable` lifted is asked again.
 pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Result<()> {
@@ -710,23 +773,23 @@ pub async fn load_ledger(
     api: crate::domain::ApiVersion,
     budget: Option<u64>,
 ) -> anyhow::Result<()> {
-    let Some(budget) = budget else {
-        poller.set_budget(None);
-        return Ok(());
-    };
+    // Seeded with or without a budget: `carpulse_smartcar_calls_billed` reports the month's
+    // calls from the store, not only those since this process started.
     let now = crate::domain::now_ms();
     let since = crate::gate::month_start(now);
     let used = store
         .call(move |c| queries::calls_since(c, since, api))
         .await
         .context("reading this month's calls from poll_events")?;
-    info!(
-        budget,
-        vehicles_with_calls = used.len(),
-        most_calls = used.values().copied().max().unwrap_or(0),
-        "monthly call budget in force"
-    );
-    poller.seed_ledger(Some(budget), used);
+    if let Some(budget) = budget {
+        info!(
+            budget,
+            vehicles_with_calls = used.len(),
+            most_calls = used.values().copied().max().unwrap_or(0),
+            "monthly call budget in force"
+        );
+    }
+    poller.seed_ledger(budget, used);
     Ok(())
 }
 
@@ -844,6 +907,7 @@ pub async fn check_health(
         }
     }
     let mut states = poller.held();
+    metrics.update_reading_ages(now);
     let stale_ms = stale_after.as_millis() as i64;
     for (vehicle, fresh) in poller.freshness() {
         if let Some(since) = fresh.no_data_since {
@@ -853,6 +917,9 @@ pub async fn check_health(
             ));
             states.push((vehicle.clone(), "no_data"));
             continue;
+        }
+        if poller.gate_of(&vehicle).1.is_some() {
+            states.push((vehicle.clone(), "paused"));
         }
         let since = fresh.last_answered.unwrap_or(started);
         // A car the battery job has nothing to ask (an ICE car, a consent without battery and
@@ -879,6 +946,18 @@ pub async fn check_health(
         }
     }
     metrics.set_vehicle_states(&states);
+    let billed: Vec<_> = metrics
+        .fleet()
+        .into_iter()
+        .chain(poller.vehicles().into_iter().map(|v| v.id))
+        .collect::<std::collections::HashSet<_>>()
+        .into_iter()
+        .map(|id| {
+            let n = poller.calls_this_month(&id);
+            (id, n)
+        })
+        .collect();
+    metrics.set_calls_billed(&billed);
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
     h.problems = problems;
 }

@@ -28,6 +28,11 @@ pub enum Command {
         /// How long to wait for the browser to come back (Smartcar codes live 10 minutes).
         #[arg(long, default_value = "10m", value_parser = parse_duration_arg)]
         wait: std::time::Duration,
+        /// Serve nothing: after approving, paste the address the browser ended on (from its
+        /// address bar) here. For a server whose redirect URI the browser cannot reach (or use
+        /// an SSH tunnel: ssh -L 8000:localhost:8000 server).
+        #[arg(long)]
+        paste: bool,
     },
     /// Get a vehicle polled again after its owner's consent or login broke, keeping its
     /// history: Connect again for its account (a connection that needs re-authorization, a
@@ -41,20 +46,30 @@ pub enum Command {
         /// How long to wait for the browser to come back.
         #[arg(long, default_value = "10m", value_parser = parse_duration_arg)]
         wait: std::time::Duration,
+        /// Serve nothing: paste the address the browser ended on (see `connect --paste`).
+        #[arg(long)]
+        paste: bool,
     },
     /// List or remove stored vehicles.
     Vehicles {
         #[command(subcommand)]
         action: VehiclesCommand,
     },
-    /// Health at a glance: connections and token expiry, last poll per vehicle.
-    Status,
+    /// Health at a glance: whether the daemon runs, connections and token expiry, and per
+    /// vehicle what blocks it, each endpoint's last outcome and the calls billed this month.
+    Status {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// The calls per vehicle per month the schedule makes, checked against
-    /// `[budget] calls_per_vehicle_month`; exits 1 over budget unless --force.
+    /// `[budget] calls_per_vehicle_month`; exits 1 over budget unless --force. With a store,
+    /// also what was billed this month so far.
     Plan {
         /// Accept a schedule over the budget.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Check the configured Smartcar account and the stored connections in plain words: which
     /// authentication works, connections Smartcar lists, permissions, empty signal stores,
@@ -76,7 +91,10 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum VehiclesCommand {
     /// Every stored vehicle with its connection status and last readings.
-    List,
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Remove a vehicle and its history from the store.
     Remove {
         /// The Smartcar vehicle id.
@@ -93,6 +111,16 @@ pub enum VehiclesCommand {
         /// The Smartcar vehicle id.
         id: String,
     },
+}
+
+/// Where a read command (`history`, `status`, `vehicles list`, `plan`) finds the store. Read
+/// commands need no Smartcar credentials: with `--db` alone (no config file) they use the
+/// defaults for everything else.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct StoreArgs {
+    /// The SQLite store to read (default: store.path of the config).
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
 }
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {

@@ -103,6 +103,8 @@ pub struct MetricsConfig {
     pub per_vehicle_max: usize,
     /// `/healthz` fails when a vehicle has had no answered poll for this long.
     pub stale_after: Duration,
+    /// TLS and basic auth for the listener ([`crate::webconfig`]); validated at load.
+    pub web_config_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -229,6 +231,7 @@ struct RawMetrics {
     listen: S<String>,
     per_vehicle: S<toml::Value>,
     stale_after: S<String>,
+    web_config_file: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -312,6 +315,71 @@ impl Config {
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        Self::parse_as(text, file, env, Purpose::Smartcar)
+    }
+
+    /// Reads the file at `path` for a command that only reads the store (`history`, `status`,
+    /// `vehicles list`, `plan`): every key is checked as usual, but no Smartcar credential is
+    /// required and no secret is read (a secret file may be readable by the daemon's account
+    /// only). The secrets of such a config are empty.
+    pub fn load_for_reading(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "{}: cannot read the config file: {e}",
+                path.display()
+            ))
+        })?;
+        let mut cfg = Self::parse_as(&text, &path.display().to_string(), env, Purpose::Reading)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// The config of a read command: `config` (from `--config` or `$CARPULSE_CONFIG`) or the
+    /// default file, read with [`Config::load_for_reading`], and `db` (from `--db`) as the
+    /// store. With `--db`, a default file that is missing or unreadable is no error: every
+    /// other key takes its default.
+    pub fn for_reading(
+        config: Option<&Path>,
+        db: Option<&Path>,
+        env: &dyn Env,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = match config {
+            Some(path) => Self::load_for_reading(path, env)?,
+            None => {
+                let path = Path::new(DEFAULT_CONFIG_PATH);
+                match Self::load_for_reading(path, env) {
+                    Ok(cfg) => cfg,
+                    Err(_) if db.is_some() && std::fs::File::open(path).is_err() => {
+                        Self::defaults_for_reading(env)
+                    }
+                    Err(_) if !path.exists() => {
+                        return Err(ConfigError(format!(
+                            "no config file at {DEFAULT_CONFIG_PATH}: name the store with --db PATH, or the config with --config FILE (or $CARPULSE_CONFIG)"
+                        )))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if let Some(db) = db {
+            cfg.store.path = db.to_path_buf();
+        }
+        Ok(cfg)
+    }
+
+    /// Every default, for a read command run with `--db` and no config file.
+    pub fn defaults_for_reading(env: &dyn Env) -> Config {
+        // An empty text validates in Reading mode; should it ever not, that is a bug here.
+        Self::parse_as("", "(defaults)", env, Purpose::Reading)
+            .unwrap_or_else(|e| unreachable!("the defaults must validate: {e}"))
+    }
+
+    fn parse_as(
+        text: &str,
+        file: &str,
+        env: &dyn Env,
+        purpose: Purpose,
+    ) -> Result<Config, ConfigError> {
         let origin = Origin { file, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| origin.line_of(s.start));
@@ -321,8 +389,16 @@ impl Config {
                 None => format!("{file}: {msg}"),
             })
         })?;
-        validate(raw, &origin, env)
+        validate(raw, &origin, env, purpose)
     }
+}
+
+/// What a config is loaded for: talking to Smartcar (credentials required, secrets resolved)
+/// or reading the store only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Smartcar,
+    Reading,
 }
 
 fn span<T>(v: &S<T>) -> Option<std::ops::Range<usize>> {
@@ -335,11 +411,18 @@ fn string_or(v: &S<String>, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, ConfigError> {
+fn validate(
+    raw: RawConfig,
+    o: &Origin<'_>,
+    env: &dyn Env,
+    purpose: Purpose,
+) -> Result<Config, ConfigError> {
     let sc = &raw.smartcar;
+    let reading = purpose == Purpose::Reading;
 
     let client_id = match &sc.client_id {
         Some(id) if !id.get_ref().trim().is_empty() => id.get_ref().trim().to_string(),
+        _ if reading => String::new(),
         Some(id) => {
             return o.err(
                 "smartcar.client_id",
@@ -355,16 +438,20 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             )
         }
     };
-    let client_secret = resolve_secret(
-        SecretKeys {
-            value: &sc.client_secret,
-            file: &sc.client_secret_file,
-            env: ENV_CLIENT_SECRET,
-            key: "smartcar.client_secret",
-        },
-        o,
-        env,
-    )?
+    let client_secret = if reading {
+        Some(Secret::new(String::new()))
+    } else {
+        resolve_secret(
+            SecretKeys {
+                value: &sc.client_secret,
+                file: &sc.client_secret_file,
+                env: ENV_CLIENT_SECRET,
+                key: "smartcar.client_secret",
+            },
+            o,
+            env,
+        )?
+    }
     .ok_or_else(|| {
         o.error(
             "smartcar.client_secret",
@@ -456,7 +543,19 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
     }
     let [connect_url, token_url, api_v2_url, api_v3_url] = urls.map(|(u, _)| u);
 
-    let api_credentials = api_credentials(sc, o, env)?;
+    let api_credentials = if reading {
+        // Only whether API Authentication is configured matters to a reader.
+        sc.api_client_id
+            .as_ref()
+            .filter(|id| !id.get_ref().trim().is_empty())
+            .map(|id| crate::smartcar::iam::AppCredentials {
+                client_id: id.get_ref().trim().to_string(),
+                client_secret: Secret::new(String::new()),
+                iam_url: string_or(&sc.iam_url, DEFAULT_IAM_URL),
+            })
+    } else {
+        api_credentials(sc, o, env)?
+    };
 
     let store_path = string_or(&raw.store.path, DEFAULT_STORE_PATH);
     if store_path.trim().is_empty() {
@@ -504,6 +603,14 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
         "metrics.stale_after",
         o,
     )?;
+
+    let web_config_file = match &raw.metrics.web_config_file {
+        None => None,
+        Some(f) if f.get_ref().trim().is_empty() => None,
+        // Read by `run` before it binds (a broken file is a config error, exit 78), not here:
+        // the other commands never serve metrics and may not be allowed to read its key.
+        Some(f) => Some(PathBuf::from(f.get_ref())),
+    };
 
     let battery = string_or(&raw.schedule.battery, DEFAULT_BATTERY_CRON);
     check_cron(&battery, "schedule.battery", span(&raw.schedule.battery), o)?;
@@ -629,6 +736,7 @@ fn validate(raw: RawConfig, o: &Origin<'_>, env: &dyn Env) -> Result<Config, Con
             listen,
             per_vehicle_max,
             stale_after,
+            web_config_file,
         },
         schedule: ScheduleConfig {
             battery,
@@ -1124,5 +1232,34 @@ mod tests {
             e.contains("schedule.no_data_every: must be at least 1m"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn read_commands_need_no_credentials_and_read_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        // A secret file this user cannot read (or that is not there) is not read at all.
+        std::fs::write(
+            &p,
+            "[smartcar]\nclient_secret_file = \"/nonexistent/secret\"\napi_client_id = \"client_x\"\n\n[store]\npath = \"/data/c.db\"\n",
+        )
+        .unwrap();
+        let c = Config::load_for_reading(&p, &no_env()).unwrap();
+        assert_eq!(c.store.path, PathBuf::from("/data/c.db"));
+        assert_eq!(c.smartcar.client_id, "");
+        assert!(c.smartcar.app_auth(), "API Authentication is still seen");
+        // Every other key is checked as usual.
+        std::fs::write(&p, "[schedule]\nbattery = \"*/15 * * * *\"\n").unwrap();
+        let e = Config::load_for_reading(&p, &no_env()).unwrap_err().0;
+        assert!(e.contains(":2: schedule.battery"), "{e}");
+        // --db wins over store.path; with --db and no file, the defaults.
+        std::fs::write(&p, "[store]\npath = \"/data/c.db\"\n").unwrap();
+        let c = Config::for_reading(Some(&p), Some(Path::new("x.db")), &no_env()).unwrap();
+        assert_eq!(c.store.path, PathBuf::from("x.db"));
+        let d = Config::defaults_for_reading(&no_env());
+        assert_eq!(d.store.path, PathBuf::from(DEFAULT_STORE_PATH));
+        assert_eq!(d.schedule.battery, DEFAULT_BATTERY_CRON);
+        // The commands that talk to Smartcar still require the credentials.
+        assert!(Config::load(&p, &no_env()).is_err());
     }
 }

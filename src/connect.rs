@@ -2,6 +2,12 @@
 //! the redirect URI (`http://localhost:8000/exchange` by default, the one Smartcar users already
 //! register), checks `state`, exchanges the code, discovers the user's vehicles and stores the
 //! connection (token pair durably, before anything else) and its vehicles.
+//!
+//! On a headless server the browser runs elsewhere: either an SSH tunnel carries its redirect
+//! to the server (`ssh -L 8000:localhost:8000 host`), or `--paste` reads the address the
+//! browser ended on, pasted from its address bar, instead of serving the redirect URI
+//! ([`Redirect::Paste`]). A redirect port that is taken is an error naming the address, never
+//! a silent fallback to another address the browser may not reach.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -58,8 +64,48 @@ pub fn authorize_url(cfg: &Config, redirect_uri: &str, state: &str) -> anyhow::R
     Ok(url.to_string())
 }
 
+/// Where the browser's redirect comes back.
+pub enum Redirect {
+    /// Served on these listeners (bound on the redirect URI's host and port).
+    Serve(Vec<TcpListener>),
+    /// Read from this input: the address the browser ended on, pasted by the user (a line).
+    Paste(Box<dyn tokio::io::AsyncBufRead + Unpin + Send>),
+}
+
+impl From<Vec<TcpListener>> for Redirect {
+    fn from(listeners: Vec<TcpListener>) -> Redirect {
+        Redirect::Serve(listeners)
+    }
+}
+
+/// The redirect source a CLI command asked for: stdin with `--paste`, else the redirect URI
+/// bound with [`bind_redirect`].
+pub async fn redirect_for_cli(cfg: &Config, paste: bool) -> anyhow::Result<Redirect> {
+    if paste {
+        return Ok(Redirect::Paste(Box::new(tokio::io::BufReader::new(
+            tokio::io::stdin(),
+        ))));
+    }
+    Ok(Redirect::Serve(
+        bind_redirect(&cfg.smartcar.redirect_uri).await?,
+    ))
+}
+
+/// What to tell the user about the redirect, after the URL.
+pub fn redirect_hint(cfg: &Config, redirect: &Redirect) -> String {
+    match redirect {
+        Redirect::Serve(_) => format!("waiting on {}", cfg.smartcar.redirect_uri),
+        Redirect::Paste(_) => format!(
+            "then copy the address your browser ends on (it starts with {}; the page itself may \
+             fail to load) and paste it here",
+            cfg.smartcar.redirect_uri
+        ),
+    }
+}
+
 /// Binds the host and port of the redirect URI. `localhost` is bound on 127.0.0.1 and, when
-/// the machine has it, [::1] too, since a browser may resolve either.
+/// the machine has IPv6, [::1] too, since a browser may resolve either. An address in use is
+/// an error naming it: a browser sent to the other program would never come back here.
 pub async fn bind_redirect(redirect_uri: &str) -> anyhow::Result<Vec<TcpListener>> {
     let url = Url::parse(redirect_uri)
         .with_context(|| format!("smartcar.redirect_uri {redirect_uri:?}"))?;
@@ -86,20 +132,26 @@ pub async fn bind_redirect(redirect_uri: &str) -> anyhow::Result<Vec<TcpListener
         resolved.collect()
     };
     let mut listeners = Vec::new();
-    let mut first_err = None;
     for a in addrs {
         match TcpListener::bind(a).await {
             Ok(l) => listeners.push(l),
-            Err(e) => {
-                first_err.get_or_insert(format!("{a}: {e}"));
+            // No IPv6 on this machine: no browser here resolves localhost to [::1] either.
+            Err(e)
+                if host == "localhost"
+                    && a.is_ipv6()
+                    && (e.kind() == std::io::ErrorKind::AddrNotAvailable
+                        || e.raw_os_error() == Some(97)) =>
+            {
+                tracing::debug!(addr = %a, error = %e, "no IPv6 loopback; serving the redirect on IPv4 only");
             }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+                "cannot serve the redirect URI {redirect_uri}: {a} is in use by another program \
+                 (another `carpulse connect`?). Stop it, or run `carpulse connect --paste` (no \
+                 listener: paste the address the browser ends on), or set smartcar.redirect_uri \
+                 to a free port you registered with Smartcar"
+            ),
+            Err(e) => bail!("cannot serve the redirect URI {redirect_uri} on {a}: {e}"),
         }
-    }
-    if listeners.is_empty() {
-        bail!(
-            "cannot listen on the redirect URI {redirect_uri} ({}); is another `carpulse connect` running?",
-            first_err.unwrap_or_default()
-        );
     }
     Ok(listeners)
 }
@@ -121,11 +173,11 @@ struct CallbackState {
 pub async fn run(
     cfg: &Config,
     store: &Store,
-    listeners: Vec<TcpListener>,
+    redirect: impl Into<Redirect>,
     on_url: impl FnOnce(&str),
     wait: Duration,
 ) -> anyhow::Result<Connected> {
-    run_with(cfg, store, listeners, on_url, wait, &Options::default()).await
+    run_with(cfg, store, redirect, on_url, wait, &Options::default()).await
 }
 
 /// What `carpulse reauth` adds to a plain connect.
@@ -141,7 +193,7 @@ pub struct Options {
 pub async fn run_with(
     cfg: &Config,
     store: &Store,
-    listeners: Vec<TcpListener>,
+    redirect: impl Into<Redirect>,
     on_url: impl FnOnce(&str),
     wait: Duration,
     options: &Options,
@@ -156,7 +208,7 @@ pub async fn run_with(
         u.query_pairs_mut().append_pair("make", make);
         url = u.to_string().replace('+', "%20");
     }
-    await_callback(cfg, listeners, &url, &state, on_url, wait, |p| async move {
+    await_callback(cfg, redirect, &url, &state, on_url, wait, |p| async move {
         // Connect names the user on the redirect, alongside the code or instead of it
         // (smartcar-api.md §10.2; `user_id`, or `userId` in the migration guide).
         let user_hint = p
@@ -194,13 +246,13 @@ pub async fn run_with(
     .await
 }
 
-/// Serves the redirect URI on `listeners`, hands `url` to `on_url`, and waits up to `wait` for
-/// the redirect that carries this flow's `state` (others are refused and ignored). An `error`
-/// redirect ends the flow; otherwise `finish` gets the parameters, and the browser is shown its
-/// message or its error.
+/// Serves the redirect URI on `listeners` (or reads pasted addresses), hands `url` to `on_url`,
+/// and waits up to `wait` for the redirect that carries this flow's `state` (others are refused
+/// and ignored). An `error` redirect ends the flow; otherwise `finish` gets the parameters, and
+/// the browser (or, pasted, the terminal) is shown its message or its error.
 pub async fn await_callback<T, F, Fut>(
     cfg: &Config,
-    listeners: Vec<TcpListener>,
+    redirect: impl Into<Redirect>,
     url: &str,
     state: &str,
     on_url: impl FnOnce(&str),
@@ -211,6 +263,12 @@ where
     F: FnOnce(HashMap<String, String>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<(T, String)>>,
 {
+    let listeners = match redirect.into() {
+        Redirect::Serve(listeners) => listeners,
+        Redirect::Paste(input) => {
+            return await_paste(cfg, input, url, state, on_url, wait, finish).await;
+        }
+    };
     let redirect = Url::parse(&cfg.smartcar.redirect_uri).context("smartcar.redirect_uri")?;
     let path = redirect.path().to_string();
     let (tx, mut rx) = mpsc::channel::<Callback>(4);
@@ -235,6 +293,72 @@ where
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), futures_join(servers)).await;
     result
+}
+
+/// [`await_callback`] without a listener: each line of `input` is an address the browser
+/// ended on (or its query string); the one with this flow's `state` is taken.
+async fn await_paste<T, F, Fut>(
+    cfg: &Config,
+    mut input: Box<dyn tokio::io::AsyncBufRead + Unpin + Send>,
+    url: &str,
+    state: &str,
+    on_url: impl FnOnce(&str),
+    wait: Duration,
+    finish: F,
+) -> anyhow::Result<T>
+where
+    F: FnOnce(HashMap<String, String>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(T, String)>>,
+{
+    use tokio::io::AsyncBufReadExt;
+    on_url(url);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout_at(deadline, input.read_line(&mut line))
+            .await
+            .map_err(|_| anyhow::anyhow!("no address pasted within {} s", wait.as_secs()))?
+            .context("reading the pasted address")?;
+        if n == 0 {
+            bail!("the input ended before an address was pasted");
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let Some(params) = pasted_params(line) else {
+            eprintln!(
+                "that is not the address the browser ended on (it starts with {}); paste it again:",
+                cfg.smartcar.redirect_uri
+            );
+            continue;
+        };
+        if params.get("state").map(String::as_str) != Some(state) {
+            eprintln!(
+                "that address belongs to another Connect (its state does not match); paste the address of this one:"
+            );
+            continue;
+        }
+        if let Some(err) = params.get("error") {
+            let desc = params.get("error_description").cloned().unwrap_or_default();
+            bail!("Smartcar Connect answered {err}: {desc}");
+        }
+        let (value, msg) = finish(params).await?;
+        eprintln!("{msg}");
+        return Ok(value);
+    }
+}
+
+/// The query parameters of a pasted address: a whole URL, or only its query string.
+fn pasted_params(text: &str) -> Option<HashMap<String, String>> {
+    let query = match Url::parse(text) {
+        Ok(u) => u.query()?.to_owned(),
+        Err(_) => text.trim_start_matches('?').to_owned(),
+    };
+    let params: HashMap<String, String> = oauth2::url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    params.contains_key("state").then_some(params)
 }
 
 async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
@@ -539,20 +663,20 @@ pub fn describe(c: &Connected) -> String {
     out
 }
 
-/// `carpulse connect` from the command line.
-pub async fn run_cli(cfg: Config, wait: Duration) -> anyhow::Result<()> {
+/// `carpulse connect` from the command line; `paste`: read the browser's final address from
+/// stdin instead of serving the redirect URI.
+pub async fn run_cli(cfg: Config, wait: Duration, paste: bool) -> anyhow::Result<()> {
+    // Bound first: a taken port fails before a store is created.
+    let redirect = redirect_for_cli(&cfg, paste).await?;
+    let hint = redirect_hint(&cfg, &redirect);
     let store = Store::open(&cfg.store.path, None)
         .with_context(|| format!("opening the store {}", cfg.store.path.display()))?;
-    let listeners = bind_redirect(&cfg.smartcar.redirect_uri).await?;
     let result = run(
         &cfg,
         &store,
-        listeners,
+        redirect,
         |url| {
-            eprintln!(
-                "Open this URL in a browser and approve access (waiting on {}):",
-                cfg.smartcar.redirect_uri
-            );
+            eprintln!("Open this URL in a browser and approve access ({hint}):");
             println!("{url}");
         },
         wait,
@@ -609,5 +733,17 @@ mod tests {
         let (a, b) = (random_state(), random_state());
         assert_eq!(a.len(), 32);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_pasted_address_or_query_gives_its_parameters() {
+        let p = pasted_params("http://localhost:8000/exchange?code=c0de&state=st%3D1&user_id=u")
+            .unwrap();
+        assert_eq!(p["code"], "c0de");
+        assert_eq!(p["state"], "st=1");
+        let p = pasted_params("?code=x&state=y").unwrap();
+        assert_eq!((p["code"].as_str(), p["state"].as_str()), ("x", "y"));
+        assert!(pasted_params("hello").is_none());
+        assert!(pasted_params("http://localhost:8000/exchange").is_none());
     }
 }

@@ -122,6 +122,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             listen: metrics_listen,
             per_vehicle_max: crate::config::DEFAULT_PER_VEHICLE_MAX,
             stale_after: Duration::from_secs(120),
+            web_config_file: None,
         },
         schedule: ScheduleConfig {
             battery: args.battery_cron.clone(),
@@ -161,7 +162,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("metrics: http://{addr}/metrics");
     println!(
-        "history: sqlite3 {} 'SELECT vehicle_id, datetime(time, \"unixepoch\"), soc_percent, range_km FROM battery_history ORDER BY recorded_at DESC LIMIT 10'",
+        "history: carpulse history --db {0}   (or: sqlite3 {0} \"SELECT vehicle_id, datetime(time, 'unixepoch'), soc_percent, range_km FROM battery_history ORDER BY recorded_at DESC LIMIT 10\")",
         args.db.display()
     );
     println!("stop with Ctrl-C");

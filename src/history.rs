@@ -1,5 +1,7 @@
 //! `carpulse history`: stored readings through the same views users query with sqlite3 or
-//! Grafana, as a table, CSV or JSON.
+//! Grafana, as a table for people (local times with their zone, vehicles by make and model) or
+//! CSV/JSON for programs (the views' columns, every time as unix milliseconds, then the
+//! vehicle's name and every time again as ISO-8601 UTC in a `_utc` column). Reads the store only: no Smartcar credentials needed.
 
 use std::fmt::Write as _;
 
@@ -7,11 +9,13 @@ use anyhow::{bail, Context};
 
 use crate::config::Config;
 use crate::domain::{now_ms, UnixMillis};
-use crate::report::open_read_only;
+use crate::output::{iso_utc, local, vehicle_label, vehicle_name};
+use crate::report::{open_read_only, resolve_vehicle};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HistoryArgs {
-    /// Only this vehicle (Smartcar id).
+    /// Only this vehicle: its Smartcar id, an id prefix, or its make and/or model ("tesla
+    /// model 3"), as `carpulse vehicles list` shows them.
     #[arg(long)]
     pub vehicle: Option<String>,
     /// Which readings: battery, charge, odometer, or events (poll outcomes).
@@ -23,12 +27,14 @@ pub struct HistoryArgs {
     /// Until (same forms as --since); default now.
     #[arg(long)]
     pub until: Option<String>,
-    /// Output format: table, csv or json.
+    /// Output format: table (local times), csv or json (unix ms and ISO-8601 UTC).
     #[arg(long, default_value = "table", value_parser = ["table", "csv", "json"])]
     pub format: String,
     /// At most this many rows (newest first).
     #[arg(long, default_value_t = 1000)]
     pub limit: u32,
+    #[command(flatten)]
+    pub store: crate::cli::StoreArgs,
 }
 
 /// Parses a `--since`/`--until` value into unix ms.
@@ -47,10 +53,64 @@ pub fn parse_time(s: &str, now: UnixMillis) -> Result<UnixMillis, String> {
     ))
 }
 
-pub async fn run(cfg: &Config, args: &HistoryArgs) -> anyhow::Result<()> {
-    let out = query(cfg, args, now_ms())?;
-    print!("{out}");
+/// `carpulse history`, written to `out`.
+pub async fn run(
+    cfg: &Config,
+    args: &HistoryArgs,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    let text = query(cfg, args, now_ms())?;
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
     Ok(())
+}
+
+/// The columns of one kind: the view, its time column, and the value columns after
+/// `vehicle_id` and the times.
+fn columns(
+    kind: &str,
+) -> anyhow::Result<(
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+)> {
+    Ok(match kind {
+        "battery" => (
+            "battery_history",
+            &["recorded_at", "fetched_at"],
+            &["soc_percent", "range_km"],
+        ),
+        "charge" => (
+            "charge_history",
+            &["recorded_at", "fetched_at"],
+            &["plugged_in", "state"],
+        ),
+        "odometer" => (
+            "odometer_history",
+            &["recorded_at", "fetched_at"],
+            &["odometer_km"],
+        ),
+        "events" => (
+            "poll_events",
+            &["at"],
+            &[
+                "endpoint",
+                "outcome",
+                "http_status",
+                "error_type",
+                "error_code",
+            ],
+        ),
+        other => bail!("unknown --kind {other}"),
+    })
+}
+
+/// One row: the vehicle's id and name, its times (unix ms) and its values.
+struct Row {
+    vehicle_id: String,
+    name: String,
+    times: Vec<Option<UnixMillis>>,
+    values: Vec<serde_json::Value>,
 }
 
 /// Runs the query and renders it; separate from printing so it can be tested.
@@ -63,65 +123,53 @@ pub fn query(cfg: &Config, args: &HistoryArgs, now: UnixMillis) -> anyhow::Resul
     if until < since {
         bail!("--until is before --since");
     }
-    let (view, time_col, cols): (&str, &str, &[&str]) = match args.kind.as_str() {
-        "battery" => (
-            "battery_history",
-            "recorded_at",
-            &[
-                "vehicle_id",
-                "recorded_at",
-                "fetched_at",
-                "soc_percent",
-                "range_km",
-            ],
-        ),
-        "charge" => (
-            "charge_history",
-            "recorded_at",
-            &[
-                "vehicle_id",
-                "recorded_at",
-                "fetched_at",
-                "plugged_in",
-                "state",
-            ],
-        ),
-        "odometer" => (
-            "odometer_history",
-            "recorded_at",
-            &["vehicle_id", "recorded_at", "fetched_at", "odometer_km"],
-        ),
-        "events" => (
-            "poll_events",
-            "at",
-            &[
-                "vehicle_id",
-                "at",
-                "endpoint",
-                "outcome",
-                "http_status",
-                "error_type",
-                "error_code",
-            ],
-        ),
-        other => bail!("unknown --kind {other}"),
-    };
+    let (view, times, values) = columns(&args.kind)?;
     let c = open_read_only(&cfg.store.path)?;
+    let vehicle = match &args.vehicle {
+        Some(q) => Some(resolve_vehicle(&c, q)?.id),
+        None => None,
+    };
+    let time_col = times[0];
     let sql = format!(
-        "SELECT {} FROM {view} WHERE {time_col} >= ?1 AND {time_col} <= ?2 AND (?3 IS NULL OR vehicle_id = ?3)
-         ORDER BY {time_col} DESC LIMIT ?4",
-        cols.join(", ")
+        "SELECT h.vehicle_id, v.make, v.model, v.year, {}, {}
+         FROM {view} h LEFT JOIN vehicles v ON v.vehicle_id = h.vehicle_id
+         WHERE h.{time_col} >= ?1 AND h.{time_col} <= ?2 AND (?3 IS NULL OR h.vehicle_id = ?3)
+         ORDER BY h.{time_col} DESC LIMIT ?4",
+        times
+            .iter()
+            .map(|t| format!("h.{t}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        values
+            .iter()
+            .map(|t| format!("h.{t}"))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     let mut stmt = c
         .prepare(&sql)
         .with_context(|| format!("querying {view}"))?;
-    let mut rows = stmt.query(rusqlite::params![since, until, args.vehicle, args.limit])?;
-    let mut table: Vec<Vec<serde_json::Value>> = Vec::new();
+    let mut rows = stmt.query(rusqlite::params![since, until, vehicle, args.limit])?;
+    let mut table = Vec::new();
     while let Some(r) = rows.next()? {
-        let mut row = Vec::with_capacity(cols.len());
-        for i in 0..cols.len() {
-            let v: rusqlite::types::Value = r.get(i)?;
-            row.push(match v {
+        let id: String = r.get(0)?;
+        let name = vehicle_name(
+            r.get::<_, Option<String>>(1)?.as_deref(),
+            r.get::<_, Option<String>>(2)?.as_deref(),
+            r.get(3)?,
+        );
+        let mut row = Row {
+            vehicle_id: id,
+            name,
+            times: Vec::with_capacity(times.len()),
+            values: Vec::with_capacity(values.len()),
+        };
+        for i in 0..times.len() {
+            row.times.push(r.get(4 + i)?);
+        }
+        for i in 0..values.len() {
+            let v: rusqlite::types::Value = r.get(4 + times.len() + i)?;
+            row.values.push(match v {
                 rusqlite::types::Value::Null => serde_json::Value::Null,
                 rusqlite::types::Value::Integer(n) => n.into(),
                 rusqlite::types::Value::Real(f) => {
@@ -133,7 +181,7 @@ pub fn query(cfg: &Config, args: &HistoryArgs, now: UnixMillis) -> anyhow::Resul
         }
         table.push(row);
     }
-    Ok(render(cols, &table, &args.format))
+    Ok(render(times, values, &table, &args.format, &local))
 }
 
 fn cell(v: &serde_json::Value) -> String {
@@ -144,71 +192,95 @@ fn cell(v: &serde_json::Value) -> String {
     }
 }
 
-fn render(cols: &[&str], rows: &[Vec<serde_json::Value>], format: &str) -> String {
+fn csv_cell(s: String) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+/// The machine-readable columns: the view's own first (vehicle_id, the times as unix ms, the
+/// values, in the order scripts already read them), then what was added for people reading CSV
+/// and JSON: the vehicle's make, model and year, and each time as ISO-8601 UTC (`_utc`).
+fn machine_columns(times: &[&str], values: &[&str]) -> Vec<String> {
+    let mut cols = vec!["vehicle_id".to_owned()];
+    cols.extend(times.iter().map(|t| (*t).to_owned()));
+    cols.extend(values.iter().map(|v| (*v).to_owned()));
+    cols.push("vehicle".to_owned());
+    cols.extend(times.iter().map(|t| format!("{t}_utc")));
+    cols
+}
+
+fn machine_row(r: &Row) -> Vec<serde_json::Value> {
+    let mut out = vec![r.vehicle_id.clone().into()];
+    out.extend(
+        r.times
+            .iter()
+            .map(|t| t.map_or(serde_json::Value::Null, Into::into)),
+    );
+    out.extend(r.values.iter().cloned());
+    out.push(r.name.clone().into());
+    out.extend(
+        r.times
+            .iter()
+            .map(|t| t.map_or(serde_json::Value::Null, |ms| iso_utc(ms).into())),
+    );
+    out
+}
+
+fn render(
+    times: &[&str],
+    values: &[&str],
+    rows: &[Row],
+    format: &str,
+    local: &dyn Fn(UnixMillis) -> String,
+) -> String {
     let mut out = String::new();
     match format {
         "json" => {
+            let cols = machine_columns(times, values);
             let objs: Vec<serde_json::Value> = rows
                 .iter()
                 .map(|r| {
-                    serde_json::Value::Object(
-                        cols.iter()
-                            .map(|c| c.to_string())
-                            .zip(r.iter().cloned())
-                            .collect(),
-                    )
+                    serde_json::Value::Object(cols.iter().cloned().zip(machine_row(r)).collect())
                 })
                 .collect();
             out = serde_json::to_string_pretty(&objs).unwrap_or_default();
             out.push('\n');
         }
         "csv" => {
-            let _ = writeln!(out, "{}", cols.join(","));
+            let _ = writeln!(out, "{}", machine_columns(times, values).join(","));
             for r in rows {
-                let cells: Vec<String> = r
-                    .iter()
-                    .map(|v| {
-                        let s = cell(v);
-                        if s.contains([',', '"', '\n']) {
-                            format!("\"{}\"", s.replace('"', "\"\""))
-                        } else {
-                            s
-                        }
-                    })
-                    .collect();
+                let cells: Vec<String> = machine_row(r).iter().map(|v| csv_cell(cell(v))).collect();
                 let _ = writeln!(out, "{}", cells.join(","));
             }
         }
         _ => {
-            // For people: times as UTC dates (csv and json keep the store's milliseconds).
+            let mut header = vec!["VEHICLE".to_owned()];
+            header.extend(times.iter().map(|t| t.to_uppercase()));
+            header.extend(values.iter().map(|v| v.to_uppercase()));
             let text: Vec<Vec<String>> = rows
                 .iter()
                 .map(|r| {
-                    r.iter()
-                        .zip(cols)
-                        .map(|(v, c)| match (v.as_i64(), *c) {
-                            (Some(ms), "recorded_at" | "fetched_at" | "at") => {
-                                chrono::DateTime::from_timestamp_millis(ms)
-                                    .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
-                                    .unwrap_or_else(|| ms.to_string())
-                            }
-                            _ => cell(v),
-                        })
-                        .collect()
+                    let mut line = vec![vehicle_label(&r.vehicle_id, &r.name)];
+                    line.extend(r.times.iter().map(|t| t.map(local).unwrap_or_default()));
+                    line.extend(r.values.iter().map(cell));
+                    line
                 })
                 .collect();
-            let widths: Vec<usize> = cols
+            let widths: Vec<usize> = header
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
                     text.iter()
-                        .map(|r| r[i].len())
+                        .map(|r| r[i].chars().count())
                         .max()
                         .unwrap_or(0)
                         .max(c.len())
                 })
                 .collect();
-            let line = |cells: Vec<String>| {
+            let line = |cells: &[String]| {
                 cells
                     .iter()
                     .zip(&widths)
@@ -218,12 +290,8 @@ fn render(cols: &[&str], rows: &[Vec<serde_json::Value>], format: &str) -> Strin
                     .trim_end()
                     .to_string()
             };
-            let _ = writeln!(
-                out,
-                "{}",
-                line(cols.iter().map(|c| c.to_uppercase()).collect())
-            );
-            for r in text {
+            let _ = writeln!(out, "{}", line(&header));
+            for r in &text {
                 let _ = writeln!(out, "{}", line(r));
             }
             if rows.is_empty() {
@@ -251,17 +319,44 @@ mod tests {
     }
 
     #[test]
-    fn csv_quotes_and_json_objects() {
-        let cols = ["a", "b"];
-        let rows = vec![vec![serde_json::json!("x,y"), serde_json::json!(1.5)]];
-        assert_eq!(render(&cols, &rows, "csv"), "a,b\n\"x,y\",1.5\n");
-        let j: serde_json::Value = serde_json::from_str(&render(&cols, &rows, "json")).unwrap();
-        assert_eq!(j, serde_json::json!([{"a": "x,y", "b": 1.5}]));
-        assert_eq!(render(&cols, &rows, "table"), "A    B\nx,y  1.5\n");
-        let timed = vec![vec![serde_json::json!(1_700_000_000_123i64)]];
+    fn formats_for_people_and_programs() {
+        let rows = vec![Row {
+            vehicle_id: "5f2d4a21-0569".into(),
+            name: "TESLA Model 3 2021".into(),
+            times: vec![Some(1_700_000_000_123), Some(1_700_000_001_000)],
+            values: vec![serde_json::json!(68.5), serde_json::json!("a,b")],
+        }];
+        let times = ["recorded_at", "fetched_at"];
+        let values = ["soc_percent", "note"];
+        let cet = chrono::FixedOffset::east_opt(3600).unwrap();
+        let local = |ms| crate::output::local_in(&cet, ms);
         assert_eq!(
-            render(&["recorded_at"], &timed, "table"),
-            "RECORDED_AT\n2023-11-14 22:13:20.123\n"
+            render(&times, &values, &rows, "csv", &local),
+            "vehicle_id,recorded_at,fetched_at,soc_percent,note,vehicle,recorded_at_utc,fetched_at_utc\n\
+             5f2d4a21-0569,1700000000123,1700000001000,68.5,\"a,b\",TESLA Model 3 2021,2023-11-14T22:13:20.123Z,2023-11-14T22:13:21.000Z\n"
         );
+        let j: serde_json::Value =
+            serde_json::from_str(&render(&times, &values, &rows, "json", &local)).unwrap();
+        assert_eq!(j[0]["recorded_at"], 1_700_000_000_123i64);
+        assert_eq!(j[0]["recorded_at_utc"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(j[0]["vehicle"], "TESLA Model 3 2021");
+        let table = render(&times, &values, &rows, "table", &local);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            [
+                "VEHICLE",
+                "RECORDED_AT",
+                "FETCHED_AT",
+                "SOC_PERCENT",
+                "NOTE"
+            ]
+        );
+        assert_eq!(
+            lines[1],
+            "TESLA Model 3 2021 (5f2d4a21)  2023-11-14 23:13:20 +01:00  2023-11-14 23:13:21 +01:00  68.5         a,b"
+        );
+        assert_eq!(lines[0].find("RECORDED_AT"), lines[1].find("2023"));
+        assert!(render(&times, &values, &[], "table", &local).ends_with("(no rows)\n"));
     }
 }

@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use carpulse::cli::{Cli, Command, VehiclesCommand};
+use carpulse::cli::{Cli, Command, StoreArgs, VehiclesCommand};
 use carpulse::config::{Config, ConfigError, ProcessEnv, DEFAULT_CONFIG_PATH, EX_CONFIG};
 use clap::Parser;
 
@@ -21,6 +21,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // `carpulse status | head -1`: the reader has what it wanted.
+        Err(e) if carpulse::output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
             eprintln!("carpulse: config error: {e}");
             ExitCode::from(EX_CONFIG)
@@ -71,29 +73,46 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(Config::load(&path, &ProcessEnv)?)
 }
 
+/// The config of a read command: no Smartcar credentials needed; `--db` names the store.
+fn read_config(cli: &Cli, store: &StoreArgs) -> anyhow::Result<Config> {
+    Ok(Config::for_reading(
+        cli.config.as_deref(),
+        store.db.as_deref(),
+        &ProcessEnv,
+    )?)
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    // Not locked here: the daemon's tasks on other threads print too.
+    let mut out = std::io::stdout();
     match &cli.command {
         Command::Run => carpulse::app::run(load_config(&cli)?).await,
-        Command::Connect { wait } => carpulse::connect::run_cli(load_config(&cli)?, *wait).await,
+        Command::Connect { wait, paste } => {
+            carpulse::connect::run_cli(load_config(&cli)?, *wait, *paste).await
+        }
         Command::Reauth {
             vehicle,
             flow,
             wait,
-        } => carpulse::reauth::run_cli(load_config(&cli)?, vehicle, *flow, *wait).await,
-        Command::Vehicles { action } => {
-            let cfg = load_config(&cli)?;
-            match action {
-                VehiclesCommand::List => carpulse::report::vehicles_list(&cfg).await,
-                VehiclesCommand::Remove { id } => carpulse::report::vehicles_remove(&cfg, id).await,
-                VehiclesCommand::Disable { id } => {
-                    carpulse::report::vehicles_enable(&cfg, id, false).await
-                }
-                VehiclesCommand::Enable { id } => {
-                    carpulse::report::vehicles_enable(&cfg, id, true).await
-                }
+            paste,
+        } => carpulse::reauth::run_cli(load_config(&cli)?, vehicle, *flow, *wait, *paste).await,
+        Command::Vehicles { action } => match action {
+            VehiclesCommand::List { store } => {
+                carpulse::report::vehicles_list(&read_config(&cli, store)?, &mut out).await
             }
+            VehiclesCommand::Remove { id } => {
+                carpulse::report::vehicles_remove(&load_config(&cli)?, id).await
+            }
+            VehiclesCommand::Disable { id } => {
+                carpulse::report::vehicles_enable(&load_config(&cli)?, id, false).await
+            }
+            VehiclesCommand::Enable { id } => {
+                carpulse::report::vehicles_enable(&load_config(&cli)?, id, true).await
+            }
+        },
+        Command::Status { store } => {
+            carpulse::report::status(&read_config(&cli, store)?, &mut out).await
         }
-        Command::Status => carpulse::report::status(&load_config(&cli)?).await,
         Command::Doctor { yes } => {
             if carpulse::doctor::run_cli(&load_config(&cli)?, *yes).await? {
                 Ok(())
@@ -101,8 +120,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("carpulse doctor found problems (see above)")
             }
         }
-        Command::Plan { force } => carpulse::plan::run(&load_config(&cli)?, *force),
-        Command::History(args) => carpulse::history::run(&load_config(&cli)?, args).await,
+        Command::Plan { force, store } => {
+            carpulse::plan::run(&read_config(&cli, store)?, *force, &mut out)
+        }
+        Command::History(args) => {
+            carpulse::history::run(&read_config(&cli, &args.store)?, args, &mut out).await
+        }
         Command::Simulator(args) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             carpulse::signals::spawn_handler(shutdown.clone())?;

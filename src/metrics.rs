@@ -1,9 +1,17 @@
 //! The Prometheus metrics of DESIGN §3 in one explicit struct (passed around, never global, so a
-//! test builds its own and reads it), and the loopback HTTP listener serving `/metrics` and
-//! `/healthz`. Tokens, secrets and VINs never become label values.
+//! test builds its own and reads it), and the HTTP listener serving `/metrics` and `/healthz`
+//! (loopback by default; TLS and basic auth through [`crate::webconfig`]). Tokens, secrets and
+//! VINs never become label values.
+//!
+//! Every label set that is known in advance (outcomes, endpoints, jobs, tables, states) starts at
+//! 0, so `rate()`, `increase()` and alerts have a series to work on from the first scrape: an
+//! alert on the first `billing` answer cannot fire on a series that appears with that answer.
+//! A vehicle that cannot be polled keeps its series (last readings, reading age) with
+//! `carpulse_vehicle_up 0` and its `carpulse_vehicle_state`, so alerts on either fire.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -11,20 +19,99 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{
-    BatteryReading, ChargeReading, ChargeState, OdometerReading, VehicleId, VehicleInfo,
+    ApiVersion, BatteryReading, ChargeReading, ChargeState, OdometerReading, UnixMillis, VehicleId,
+    VehicleInfo,
 };
+use crate::smartcar::ErrorKind;
+
+/// The states of `carpulse_vehicle_state` and `carpulse_vehicles`, one per vehicle: `ok`
+/// (polled normally), then why not, in the order that wins when several apply.
+pub const VEHICLE_STATES: [&str; 7] = [
+    "ok",
+    "disabled",
+    "revoked",
+    "no_user_id",
+    "needs_reauth",
+    "paused",
+    "no_data",
+];
+
+/// The `endpoint` label: what a poll asks of a vehicle (one Smartcar request may answer several).
+pub const ENDPOINTS: [&str; 6] = [
+    "battery",
+    "charge",
+    "odometer",
+    "info",
+    "vin",
+    "capabilities",
+];
+
+/// The `job` label of the skip counters.
+pub const JOBS: [&str; 2] = ["battery", "info"];
+
+/// The `signal` label of the per-vehicle reading time and age.
+pub const SIGNALS: [&str; 3] = ["battery", "charge", "odometer"];
+
+/// The `reason` label of `carpulse_polls_skipped_total` (gate skips, then connection holds).
+pub const SKIP_REASONS: [&str; 8] = [
+    "paused",
+    "waiting",
+    "app_throttled",
+    "disabled",
+    "budget",
+    "needs_reauth",
+    "revoked",
+    "no_user_id",
+];
+
+/// The `table` label of the row counters.
+pub const TABLES: [&str; 5] = ["battery", "charge", "odometer", "poll_events", "vehicles"];
+
+/// The `outcome` label of `carpulse_token_refreshes_total`.
+pub const REFRESH_OUTCOMES: [&str; 4] = ["ok", "rejected", "error", "persist_failed"];
+
+/// The `status` label of `carpulse_connections`.
+pub const CONNECTION_STATUSES: [&str; 3] = ["active", "needs_reauth", "revoked"];
+
+/// The `api` label: `v2` (Vehicle API v2.0) or `v3` (signals).
+pub fn api_label(api: ApiVersion) -> &'static str {
+    match api {
+        ApiVersion::V2 => "v2",
+        ApiVersion::V3 => "v3",
+    }
+}
+
+/// The revision carpulse was built from (`build.rs`: git, or `$CARPULSE_REVISION` when
+/// packaging from a tarball), `unknown` when neither said.
+pub const REVISION: &str = env!("CARPULSE_REVISION");
+
+/// Per-vehicle bookkeeping the registry cannot answer (prometheus 0.14 neither lists nor
+/// removes by partial labels). One std mutex: held for map updates only, never across an await.
+#[derive(Default)]
+struct Known {
+    /// The label set of each vehicle's info series, to replace it when make/model/year change.
+    info: HashMap<VehicleId, [String; 4]>,
+    /// The latest `recorded_at` of each (vehicle, signal), for `carpulse_reading_age_seconds`
+    /// of vehicles the poller does not ask (held, disabled) or has not asked yet.
+    recorded: HashMap<(VehicleId, &'static str), UnixMillis>,
+    /// Every stored vehicle, with why it is not polled (`disabled`, `revoked`, ...), or `None`.
+    fleet: HashMap<VehicleId, Option<&'static str>>,
+    /// Whether `set_fleet` has been called (before it, the fleet is whoever a state names).
+    fleet_known: bool,
+    /// Vehicles with `carpulse_vehicle_state` series, to drop them when a vehicle goes.
+    stated: HashSet<VehicleId>,
+    /// Vehicles with a `carpulse_smartcar_calls_billed` series.
+    billed: HashSet<VehicleId>,
+}
 
 /// Every family carpulse exports. Cloning is cheap (the families are reference-counted).
-/// The states of `carpulse_vehicle_state` and `carpulse_vehicles`.
-pub const VEHICLE_STATES: [&str; 4] = ["revoked", "no_data", "no_user_id", "needs_reauth"];
-
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -38,8 +125,16 @@ pub struct Metrics {
     pub reading_age: GaugeVec,
     pub vehicle_up: GaugeVec,
     pub token_expiry: GaugeVec,
+    /// Per endpoint of a poll, its outcome (see [`Metrics::endpoint`]).
     pub polls: IntCounterVec,
+    /// Deprecated: observed once per endpoint of a request, so a v3 listing that answers
+    /// battery and charge was observed twice. Kept while the poller still feeds it; its
+    /// successor is `carpulse_smartcar_request_duration_seconds` ([`Metrics::request`]).
     pub poll_duration: HistogramVec,
+    /// Smartcar Vehicle API requests by `api` and `outcome` ([`Metrics::request`]).
+    pub requests: IntCounterVec,
+    /// One sample per Smartcar Vehicle API request ([`Metrics::request`]).
+    pub request_duration: HistogramVec,
     pub token_refreshes: IntCounterVec,
     pub connections: IntGaugeVec,
     pub rows_written: IntCounterVec,
@@ -50,17 +145,21 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// v3 application token requests (API Authentication), by outcome.
     pub app_token_requests: IntCounterVec,
-    pub app_token_expiry: prometheus::Gauge,
-    /// 1 for a vehicle in a state that keeps it from being polled normally (`revoked`,
-    /// `no_data`, `no_user_id`); the series is removed when the state ends.
+    pub app_token_expiry: Gauge,
+    /// 1 for the vehicle's current state, 0 for the others (see [`VEHICLE_STATES`]).
     pub vehicle_state: GaugeVec,
-    /// Fleet-wide counts of those states (always exported).
+    /// Fleet-wide counts per state (always exported; they add up to the stored vehicles).
     pub vehicles_in_state: IntGaugeVec,
-    /// The label set of each vehicle's info series, to replace it when make/model/year change
-    /// (prometheus 0.14 cannot remove by partial labels).
-    info_labels: Arc<std::sync::Mutex<std::collections::HashMap<VehicleId, [String; 4]>>>,
-    /// The (vehicle, state) series of `carpulse_vehicle_state` now set, to remove when over.
-    state_labels: Arc<std::sync::Mutex<std::collections::HashSet<(VehicleId, &'static str)>>>,
+    /// Calls Smartcar billed this calendar month (UTC), per vehicle.
+    pub calls_billed: GaugeVec,
+    /// The same, summed over the fleet (always exported).
+    pub calls_billed_fleet: IntGauge,
+    /// The most any one vehicle was billed this month (always exported; the budget is per
+    /// vehicle, so this is what an alert compares with it when per-vehicle series are off).
+    pub calls_billed_vehicle_max: IntGauge,
+    /// `[budget] calls_per_vehicle_month`; absent when no budget is set.
+    pub calls_budget: IntGaugeVec,
+    known: Arc<Mutex<Known>>,
     /// Whether per-vehicle series are exported (`metrics.per_vehicle`); totals always are.
     per_vehicle: Arc<AtomicBool>,
 }
@@ -76,6 +175,23 @@ fn gauge(
     Ok(g)
 }
 
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::with_opts(Opts::new(name, help))?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn int_gauges(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
 fn counter(
     registry: &Registry,
     name: &str,
@@ -87,81 +203,216 @@ fn counter(
     Ok(c)
 }
 
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help)
+            // Smartcar answers in 3–45 s typically and up to 300 s; the simulator in milliseconds.
+            .buckets(vec![0.05, 0.25, 1.0, 3.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+        labels,
+    )?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+/// Creates the series of every combination of `values` (one slice per label, one or two
+/// labels) at 0.
+fn touch(c: &IntCounterVec, values: &[&[&str]]) {
+    match values {
+        [a] => a.iter().for_each(|x| {
+            c.with_label_values(&[*x]);
+        }),
+        [a, b] => {
+            for x in *a {
+                for y in *b {
+                    c.with_label_values(&[*x, *y]);
+                }
+            }
+        }
+        _ => debug_assert!(false, "touch takes one or two labels"),
+    }
+}
+
+/// Every `outcome` a poll endpoint or request can have: `ok`, each error kind, and
+/// `token_error` (no access token, so no request).
+fn outcomes() -> Vec<&'static str> {
+    let mut v = vec!["ok", "token_error"];
+    v.extend(ErrorKind::ALL.iter().map(|k| k.label()));
+    v
+}
+
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
         let r = Registry::new();
-        let poll_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "carpulse_poll_duration_seconds",
-                "Wall time of one Smartcar request, by endpoint.",
-            )
-            // Smartcar answers in 3–45 s typically and up to 300 s; the simulator in milliseconds.
-            .buckets(vec![0.05, 0.25, 1.0, 3.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
-            &["endpoint"],
-        )?;
-        r.register(Box::new(poll_duration.clone()))?;
-        let connections = IntGaugeVec::new(
-            Opts::new(
-                "carpulse_connections",
-                "Stored Smartcar connections by status.",
-            ),
-            &["status"],
-        )?;
-        r.register(Box::new(connections.clone()))?;
-        let build_info = IntGaugeVec::new(
-            Opts::new("carpulse_build_info", "Always 1; the version as a label."),
-            &["version"],
-        )?;
-        r.register(Box::new(build_info.clone()))?;
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        let app_token_expiry = prometheus::Gauge::with_opts(Opts::new(
-            "carpulse_app_token_expiry_timestamp_seconds",
-            "When the v3 application token expires (unix seconds); 0 before the first.",
+        // The standard process_* families (CPU, memory, open files, start time).
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        r.register(Box::new(app_token_expiry.clone()))?;
-        let vehicles_in_state = IntGaugeVec::new(
-            Opts::new(
-                "carpulse_vehicles",
-                "Vehicles by a state that keeps them from normal polling: revoked (the connection is gone from Smartcar), no_data (Smartcar holds no signals), no_user_id (no Smartcar user id for API Authentication), needs_reauth (per-user tokens refused).",
-            ),
-            &["state"],
+        let v = &["vehicle_id"];
+        let outcomes = outcomes();
+        let polls = counter(
+            &r,
+            "carpulse_polls_total",
+            "Endpoint results of vehicle polls, by endpoint (battery, charge, odometer, info, vin, capabilities) and outcome (ok, token_error or the Smartcar error class). One request can answer several endpoints (a v3 signal listing, a v2 batch): carpulse_smartcar_requests_total counts requests.",
+            &["endpoint", "outcome"],
         )?;
-        r.register(Box::new(vehicles_in_state.clone()))?;
-        for state in VEHICLE_STATES {
-            vehicles_in_state.with_label_values(&[state]).set(0);
-        }
+        touch(&polls, &[&ENDPOINTS, &outcomes]);
+        let requests = counter(
+            &r,
+            "carpulse_smartcar_requests_total",
+            "Requests made to Smartcar's Vehicle API (each a billed call; a v3 listing page or a v2 batch is one request), by api (v2, v3) and outcome (ok or the Smartcar error class).",
+            &["api", "outcome"],
+        )?;
+        let token_refreshes = counter(
+            &r,
+            "carpulse_token_refreshes_total",
+            "Per-user access token refreshes at smartcar.token_url, by outcome (ok; rejected: the owner must reconnect; error: network or server, retried; persist_failed: the rotated pair could not be saved).",
+            &["outcome"],
+        )?;
+        touch(&token_refreshes, &[&REFRESH_OUTCOMES]);
+        let table_counter = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
+            let c = counter(&r, name, help, &["table"])?;
+            touch(&c, &[&TABLES]);
+            Ok(c)
+        };
+        let rows_written = table_counter(
+            "carpulse_rows_written_total",
+            "Rows committed to the store, by table (battery, charge, odometer, poll_events; vehicles for make/model/year and VIN updates).",
+        )?;
+        let rows_dropped = table_counter(
+            "carpulse_rows_dropped_total",
+            "Fetched rows that could not be committed to the store (lost), by table.",
+        )?;
+        let rows_duplicate = table_counter(
+            "carpulse_rows_duplicate_total",
+            "Fetched readings not stored again because that vehicle's reading at that time was stored already, by table.",
+        )?;
+        let ticks_skipped = counter(
+            &r,
+            "carpulse_ticks_skipped_total",
+            "Scheduled ticks skipped because the previous cycle of that job was still running.",
+            &["job"],
+        )?;
+        touch(&ticks_skipped, &[&JOBS]);
+        let polls_skipped = counter(
+            &r,
+            "carpulse_polls_skipped_total",
+            "Vehicle polls not made, by job and reason (paused, waiting: a retry-after or backoff, app_throttled, disabled: every endpoint of the job, budget, and the connection holds needs_reauth, revoked, no_user_id).",
+            &["job", "reason"],
+        )?;
+        touch(&polls_skipped, &[&JOBS, &SKIP_REASONS]);
         let app_token_requests = counter(
             &r,
             "carpulse_app_token_requests_total",
-            "Requests for the v3 application token, by outcome (ok, refused: carpulse's API credentials are wrong, error: network or server).",
+            "Requests for the v3 application token (API Authentication), by outcome (ok; refused: carpulse's API credentials are wrong; error: network or server).",
             &["outcome"],
         )?;
-        for outcome in ["ok", "refused", "error"] {
-            app_token_requests.with_label_values(&[outcome]);
+        touch(&app_token_requests, &[&["ok", "refused", "error"]]);
+        let connections = int_gauges(
+            &r,
+            "carpulse_connections",
+            "Stored Smartcar connections (one per owner account), by status (active, needs_reauth, revoked).",
+            &["status"],
+        )?;
+        for status in CONNECTION_STATUSES {
+            connections.with_label_values(&[status]).set(0);
         }
-        let v = &["vehicle_id"];
+        let vehicles_in_state = int_gauges(
+            &r,
+            "carpulse_vehicles",
+            "Stored vehicles by state: ok (polled), disabled (carpulse vehicles disable), revoked (the owner disconnected carpulse), no_user_id (no Smartcar user id for API Authentication), needs_reauth (per-user tokens refused), paused (BILLING or CONNECTED_SERVICES_ACCOUNT), no_data (Smartcar holds no signals for it). Each vehicle counts once.",
+            &["state"],
+        )?;
+        for state in VEHICLE_STATES {
+            vehicles_in_state.with_label_values(&[state]).set(0);
+        }
+        let build_info = int_gauges(
+            &r,
+            "carpulse_build_info",
+            "Always 1: the carpulse version, the revision it was built from and the Vehicle API it speaks (api: v2, v3; unknown before the config is read).",
+            &["version", "revision", "api"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), REVISION, "unknown"])
+            .set(1);
+        let app_token_expiry = Gauge::with_opts(Opts::new(
+            "carpulse_app_token_expiry_timestamp_seconds",
+            "When the v3 application token expires (unix seconds); 0 before the first, and without API Authentication.",
+        ))?;
+        r.register(Box::new(app_token_expiry.clone()))?;
+        let calls_budget = int_gauges(
+            &r,
+            "carpulse_smartcar_calls_budget",
+            "[budget] calls_per_vehicle_month: the Smartcar calls each vehicle may be billed per calendar month (UTC); absent when no budget is set.",
+            &[],
+        )?;
         Ok(Metrics {
+            polls,
+            poll_duration: histogram(
+                &r,
+                "carpulse_poll_duration_seconds",
+                "Deprecated (observed once per endpoint of a request): use carpulse_smartcar_request_duration_seconds.",
+                &["endpoint"],
+            )?,
+            requests,
+            request_duration: histogram(
+                &r,
+                "carpulse_smartcar_request_duration_seconds",
+                "Wall time of one request to Smartcar's Vehicle API (one sample per request), by api.",
+                &["api"],
+            )?,
+            token_refreshes,
+            connections,
+            rows_written,
+            rows_dropped,
+            rows_duplicate,
+            ticks_skipped,
+            polls_skipped,
+            build_info,
             app_token_requests,
             app_token_expiry,
             vehicle_state: gauge(
                 &r,
                 "carpulse_vehicle_state",
-                "1 while the vehicle is in that state (revoked, no_data, no_user_id, needs_reauth).",
+                "1 for the vehicle's current state, 0 for the others (ok, disabled, revoked, no_user_id, needs_reauth, paused, no_data; see carpulse_vehicles).",
                 &["vehicle_id", "state"],
             )?,
             vehicles_in_state,
-            soc_ratio: gauge(&r, "carpulse_battery_state_of_charge_ratio", "Traction battery state of charge, 0–1.", v)?,
-            range_meters: gauge(&r, "carpulse_battery_range_meters", "Estimated electric range in metres.", v)?,
-            plugged_in: gauge(&r, "carpulse_charge_plugged_in", "1 while a charging cable is connected.", v)?,
+            soc_ratio: gauge(
+                &r,
+                "carpulse_battery_state_of_charge_ratio",
+                "Traction battery state of charge at the vehicle's latest reading, 0–1.",
+                v,
+            )?,
+            range_meters: gauge(
+                &r,
+                "carpulse_battery_range_meters",
+                "Estimated electric range in metres at the vehicle's latest reading.",
+                v,
+            )?,
+            plugged_in: gauge(
+                &r,
+                "carpulse_charge_plugged_in",
+                "1 while a charging cable is connected, at the vehicle's latest reading.",
+                v,
+            )?,
             charge_state: gauge(
                 &r,
                 "carpulse_charge_state",
-                "1 for the current charging state, 0 for the others.",
+                "1 for the current charging state (CHARGING, FULLY_CHARGED, NOT_CHARGING), 0 for the others.",
                 &["vehicle_id", "state"],
             )?,
-            odometer_meters: gauge(&r, "carpulse_odometer_meters", "Odometer in metres.", v)?,
+            odometer_meters: gauge(
+                &r,
+                "carpulse_odometer_meters",
+                "Odometer in metres at the vehicle's latest reading.",
+                v,
+            )?,
             vehicle_info: gauge(
                 &r,
                 "carpulse_vehicle_info",
@@ -171,66 +422,105 @@ impl Metrics {
             reading_timestamp: gauge(
                 &r,
                 "carpulse_reading_timestamp_seconds",
-                "When the vehicle recorded the latest stored reading (unix seconds).",
+                "When the vehicle recorded its latest stored reading of the signal (unix seconds).",
                 &["vehicle_id", "signal"],
-            )?,
-            polls: counter(&r, "carpulse_polls_total", "Smartcar requests by endpoint and outcome.", &["endpoint", "outcome"])?,
-            poll_duration,
-            token_refreshes: counter(&r, "carpulse_token_refreshes_total", "Token refreshes by outcome.", &["outcome"])?,
-            connections,
-            rows_written: counter(&r, "carpulse_rows_written_total", "Rows committed to the store, by table.", &["table"])?,
-            rows_dropped: counter(
-                &r,
-                "carpulse_rows_dropped_total",
-                "Fetched rows that could not be committed, by table.",
-                &["table"],
-            )?,
-            rows_duplicate: counter(
-                &r,
-                "carpulse_rows_duplicate_total",
-                "Fetched rows not stored again because that vehicle's reading at that time was stored already.",
-                &["table"],
-            )?,
-            ticks_skipped: counter(
-                &r,
-                "carpulse_ticks_skipped_total",
-                "Scheduled ticks skipped because the previous cycle of that job was still running.",
-                &["job"],
             )?,
             reading_age: gauge(
                 &r,
                 "carpulse_reading_age_seconds",
-                "Age of the latest stored reading at the vehicle (now - recorded_at), updated every 15 s.",
+                "Age of the vehicle's latest stored reading of the signal (now - recorded_at), updated every 15 s, also while the vehicle is not polled.",
                 &["vehicle_id", "signal"],
             )?,
             vehicle_up: gauge(
                 &r,
                 "carpulse_vehicle_up",
-                "1 when the vehicle's last poll got an answer, 0 when it failed.",
-                &["vehicle_id"],
+                "1 when the vehicle's last poll got an answer; 0 when it failed or the vehicle cannot be polled (see carpulse_vehicle_state).",
+                v,
             )?,
             token_expiry: gauge(
                 &r,
                 "carpulse_token_expiry_timestamp_seconds",
-                "When each connection's access token expires (unix seconds).",
+                "When each connection's per-user access token expires (unix seconds).",
                 &["connection"],
             )?,
-            polls_skipped: counter(
+            calls_billed: gauge(
                 &r,
-                "carpulse_polls_skipped_total",
-                "Vehicle polls not made: paused, waiting out retry-after or a backoff, app throttled, or every endpoint disabled.",
-                &["job", "reason"],
+                "carpulse_smartcar_calls_billed",
+                "Smartcar calls billed for the vehicle this calendar month (UTC): every request, v2 batch item and v3 listing page, failed ones too.",
+                v,
             )?,
-            build_info,
-            info_labels: Arc::default(),
-            state_labels: Arc::default(),
+            calls_billed_fleet: int_gauge(
+                &r,
+                "carpulse_smartcar_calls_billed_fleet",
+                "Smartcar calls billed this calendar month (UTC), summed over every vehicle.",
+            )?,
+            calls_billed_vehicle_max: int_gauge(
+                &r,
+                "carpulse_smartcar_calls_billed_vehicle_max",
+                "The most Smartcar calls any one vehicle was billed this calendar month (UTC); compare with carpulse_smartcar_calls_budget.",
+            )?,
+            calls_budget,
+            known: Arc::default(),
             per_vehicle: Arc::new(AtomicBool::new(true)),
             registry: r,
         })
     }
 
+    fn known(&self) -> MutexGuard<'_, Known> {
+        // A poisoned lock only means a panic elsewhere; the maps are still consistent.
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The Vehicle API in use: the `api` label of `carpulse_build_info`, and the request
+    /// series of that API started at 0.
+    pub fn set_api(&self, api: ApiVersion) {
+        self.build_info.reset();
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), REVISION, api_label(api)])
+            .set(1);
+        let label = api_label(api);
+        for outcome in std::iter::once("ok").chain(ErrorKind::ALL.iter().map(|k| k.label())) {
+            self.requests.with_label_values(&[label, outcome]);
+        }
+        self.request_duration.with_label_values(&[label]);
+    }
+
+    /// Counts one request to Smartcar's Vehicle API: its outcome (`ok` or
+    /// [`ErrorKind::label`]) and its wall time, one sample per request. The poller calls this
+    /// once per HTTP request, whatever number of endpoints the answer carries.
+    pub fn request(&self, api: ApiVersion, outcome: &str, seconds: f64) {
+        let label = api_label(api);
+        self.requests.with_label_values(&[label, outcome]).inc();
+        self.request_duration
+            .with_label_values(&[label])
+            .observe(seconds);
+    }
+
+    /// Counts one endpoint's result of a poll (`carpulse_polls_total`): `ok`, `token_error`,
+    /// or [`ErrorKind::label`]. Once per endpoint a poll asked, however many requests it took.
+    pub fn endpoint(&self, endpoint: &str, outcome: &str) {
+        self.polls.with_label_values(&[endpoint, outcome]).inc();
+    }
+
+    /// Notes the latest `recorded_at` of a signal; returns the newest known (a sleeping car
+    /// may answer an older reading than one already seen, which must not move the time back).
+    fn note_recorded(&self, id: &VehicleId, signal: &'static str, at: UnixMillis) -> UnixMillis {
+        let mut k = self.known();
+        let slot = k.recorded.entry((id.clone(), signal)).or_insert(at);
+        *slot = (*slot).max(at);
+        let newest = *slot;
+        drop(k);
+        self.reading_timestamp
+            .with_label_values(&[id.0.as_str(), signal])
+            .set(newest as f64 / 1000.0);
+        newest
+    }
+
     pub fn record_battery(&self, id: &VehicleId, r: &BatteryReading) {
         if !self.per_vehicle() {
+            return;
+        }
+        if self.note_recorded(id, "battery", r.stamp.recorded_at) > r.stamp.recorded_at {
             return;
         }
         let v = [id.0.as_str()];
@@ -241,13 +531,13 @@ impl Metrics {
         if let Some(km) = r.range_km {
             self.range_meters.with_label_values(&v).set(km * 1000.0);
         }
-        self.reading_timestamp
-            .with_label_values(&[id.0.as_str(), "battery"])
-            .set(r.stamp.recorded_at as f64 / 1000.0);
     }
 
     pub fn record_charge(&self, id: &VehicleId, r: &ChargeReading) {
         if !self.per_vehicle() {
+            return;
+        }
+        if self.note_recorded(id, "charge", r.stamp.recorded_at) > r.stamp.recorded_at {
             return;
         }
         let v = [id.0.as_str()];
@@ -260,21 +550,18 @@ impl Metrics {
                 .with_label_values(&[id.0.as_str(), s.as_str()])
                 .set(on);
         }
-        self.reading_timestamp
-            .with_label_values(&[id.0.as_str(), "charge"])
-            .set(r.stamp.recorded_at as f64 / 1000.0);
     }
 
     pub fn record_odometer(&self, id: &VehicleId, r: &OdometerReading) {
         if !self.per_vehicle() {
             return;
         }
+        if self.note_recorded(id, "odometer", r.stamp.recorded_at) > r.stamp.recorded_at {
+            return;
+        }
         self.odometer_meters
             .with_label_values(&[id.0.as_str()])
             .set(r.odometer_km * 1000.0);
-        self.reading_timestamp
-            .with_label_values(&[id.0.as_str(), "odometer"])
-            .set(r.stamp.recorded_at as f64 / 1000.0);
     }
 
     /// Replaces the vehicle's info series (a changed label set must not leave the old one behind).
@@ -288,13 +575,58 @@ impl Metrics {
             info.model.clone(),
             info.year.to_string(),
         ];
-        let mut known = self.info_labels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = known.insert(id.clone(), labels.clone()) {
+        let mut known = self.known();
+        if let Some(old) = known.info.insert(id.clone(), labels.clone()) {
             if old != labels {
                 let _ = self.vehicle_info.remove_label_values(&old);
             }
         }
         self.vehicle_info.with_label_values(&labels).set(1.0);
+    }
+
+    /// What the store already knows of a vehicle when the daemon starts: its latest readings
+    /// and whether its last poll was answered, so dashboards and alerts have its series from
+    /// the first scrape rather than after its first poll (which may be hours away).
+    pub fn seed_vehicle(
+        &self,
+        id: &VehicleId,
+        battery: Option<&BatteryReading>,
+        charge: Option<&ChargeReading>,
+        odometer: Option<&OdometerReading>,
+        last_poll_answered: Option<bool>,
+    ) {
+        if !self.per_vehicle() {
+            return;
+        }
+        if let Some(r) = battery {
+            self.record_battery(id, r);
+        }
+        if let Some(r) = charge {
+            self.record_charge(id, r);
+        }
+        if let Some(r) = odometer {
+            self.record_odometer(id, r);
+        }
+        if let Some(up) = last_poll_answered {
+            self.vehicle_up
+                .with_label_values(&[id.0.as_str()])
+                .set(if up { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// Sets `carpulse_reading_age_seconds` of every known (vehicle, signal) from its latest
+    /// `recorded_at`, polled or not: a vehicle that cannot be polled keeps ageing, so an
+    /// alert on the age fires.
+    pub fn update_reading_ages(&self, now: UnixMillis) {
+        if !self.per_vehicle() {
+            return;
+        }
+        let k = self.known();
+        for ((id, signal), at) in &k.recorded {
+            self.reading_age
+                .with_label_values(&[id.0.as_str(), signal])
+                .set((now - at) as f64 / 1000.0);
+        }
     }
 
     pub fn per_vehicle(&self) -> bool {
@@ -316,44 +648,135 @@ impl Metrics {
             &self.reading_timestamp,
             &self.reading_age,
             &self.vehicle_up,
+            &self.vehicle_state,
+            &self.calls_billed,
         ] {
             g.reset();
         }
-        self.info_labels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        let mut k = self.known();
+        k.info.clear();
+        k.recorded.clear();
+        k.stated.clear();
+        k.billed.clear();
     }
 
-    /// Drops every series of a vehicle that is no longer polled.
-    /// Sets `carpulse_vehicle_state` and `carpulse_vehicles` to exactly `states`; a vehicle's
-    /// series goes when its state ends.
+    /// The stored vehicles, each with why it is not polled (`disabled`, `revoked`,
+    /// `no_user_id`, `needs_reauth`) or `None` when it is. Every one keeps its series; the
+    /// series of a vehicle no longer stored are dropped. Called at each (re)load of the store.
+    pub fn set_fleet(&self, vehicles: &[(VehicleId, Option<&'static str>)]) {
+        let gone: Vec<VehicleId> = {
+            let mut k = self.known();
+            let now: HashMap<VehicleId, Option<&'static str>> = vehicles.iter().cloned().collect();
+            let gone = k
+                .fleet
+                .keys()
+                .filter(|id| !now.contains_key(*id))
+                .cloned()
+                .collect();
+            k.fleet = now;
+            k.fleet_known = true;
+            gone
+        };
+        for id in &gone {
+            self.forget_vehicle(id);
+        }
+    }
+
+    /// The stored vehicles' ids (see [`Metrics::set_fleet`]).
+    pub fn fleet(&self) -> Vec<VehicleId> {
+        self.known().fleet.keys().cloned().collect()
+    }
+
+    /// Sets `carpulse_vehicle_state` and `carpulse_vehicles` from the fleet's holds (see
+    /// [`Metrics::set_fleet`]) and `states`, the reasons of this moment (`paused`, `no_data`, and
+    /// any hold); a vehicle in neither is `ok`. Where several apply, the first of
+    /// [`VEHICLE_STATES`] after `ok` wins. A vehicle that cannot be polled gets
+    /// `carpulse_vehicle_up 0` (its other series stay).
     pub fn set_vehicle_states(&self, states: &[(VehicleId, &'static str)]) {
+        let rank = |s: &str| VEHICLE_STATES.iter().position(|x| *x == s).unwrap_or(0);
+        let mut k = self.known();
+        let mut current: HashMap<VehicleId, &'static str> = HashMap::new();
+        for (id, hold) in &k.fleet {
+            current.insert(id.clone(), hold.unwrap_or("ok"));
+        }
+        for (id, state) in states {
+            let fleet_known = k.fleet_known;
+            let entry = current.entry(id.clone()).or_insert("ok");
+            if (!fleet_known || k.fleet.contains_key(id))
+                && (*entry == "ok" || rank(state) < rank(entry))
+            {
+                *entry = state;
+            }
+        }
+        // A state naming a vehicle the store no longer has (a reload raced the health pass).
+        if k.fleet_known {
+            current.retain(|id, _| k.fleet.contains_key(id));
+        }
         for state in VEHICLE_STATES {
-            let n = states.iter().filter(|(_, s)| *s == state).count();
+            let n = current.values().filter(|s| **s == state).count();
             self.vehicles_in_state
                 .with_label_values(&[state])
                 .set(n as i64);
         }
-        let now: std::collections::HashSet<(VehicleId, &'static str)> = if self.per_vehicle() {
-            states.iter().cloned().collect()
-        } else {
-            Default::default()
-        };
-        let mut set = self.state_labels.lock().unwrap_or_else(|p| p.into_inner());
-        for (id, state) in set.difference(&now) {
-            let _ = self
-                .vehicle_state
-                .remove_label_values(&[id.0.as_str(), state]);
+        if !self.per_vehicle() {
+            return;
         }
-        for (id, state) in &now {
-            self.vehicle_state
-                .with_label_values(&[id.0.as_str(), state])
-                .set(1.0);
+        for gone in k.stated.iter().filter(|id| !current.contains_key(*id)) {
+            for state in VEHICLE_STATES {
+                let _ = self
+                    .vehicle_state
+                    .remove_label_values(&[gone.0.as_str(), state]);
+            }
         }
-        *set = now;
+        for (id, now) in &current {
+            for state in VEHICLE_STATES {
+                self.vehicle_state
+                    .with_label_values(&[id.0.as_str(), state])
+                    .set(if state == *now { 1.0 } else { 0.0 });
+            }
+            if !matches!(*now, "ok" | "no_data") {
+                self.vehicle_up.with_label_values(&[id.0.as_str()]).set(0.0);
+            }
+        }
+        k.stated = current.into_keys().collect();
     }
 
+    /// Calls billed this month per vehicle (the poller's ledger), their fleet total and
+    /// maximum. Vehicles not listed keep no series.
+    pub fn set_calls_billed(&self, calls: &[(VehicleId, u64)]) {
+        let total: u64 = calls.iter().map(|(_, n)| n).sum();
+        let max = calls.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        self.calls_billed_fleet
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+        self.calls_billed_vehicle_max
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
+        if !self.per_vehicle() {
+            return;
+        }
+        let mut k = self.known();
+        let now: HashSet<VehicleId> = calls.iter().map(|(id, _)| id.clone()).collect();
+        for gone in k.billed.difference(&now) {
+            let _ = self.calls_billed.remove_label_values(&[gone.0.as_str()]);
+        }
+        for (id, n) in calls {
+            self.calls_billed
+                .with_label_values(&[id.0.as_str()])
+                .set(*n as f64);
+        }
+        k.billed = now;
+    }
+
+    /// `[budget] calls_per_vehicle_month` (None: no budget, no series).
+    pub fn set_budget(&self, budget: Option<u64>) {
+        self.calls_budget.reset();
+        if let Some(b) = budget {
+            self.calls_budget
+                .with_label_values::<&str>(&[])
+                .set(i64::try_from(b).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Drops every series of a vehicle that is no longer stored.
     pub fn forget_vehicle(&self, id: &VehicleId) {
         let v = id.0.as_str();
         for g in [
@@ -362,28 +785,36 @@ impl Metrics {
             &self.plugged_in,
             &self.odometer_meters,
             &self.vehicle_up,
+            &self.calls_billed,
         ] {
             let _ = g.remove_label_values(&[v]);
         }
         for s in ChargeState::ALL {
             let _ = self.charge_state.remove_label_values(&[v, s.as_str()]);
         }
-        for signal in ["battery", "charge", "odometer"] {
+        for signal in SIGNALS {
             let _ = self.reading_timestamp.remove_label_values(&[v, signal]);
             let _ = self.reading_age.remove_label_values(&[v, signal]);
         }
-        let old = self
-            .info_labels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        if let Some(old) = old {
+        for state in VEHICLE_STATES {
+            let _ = self.vehicle_state.remove_label_values(&[v, state]);
+        }
+        let mut k = self.known();
+        if let Some(old) = k.info.remove(id) {
             let _ = self.vehicle_info.remove_label_values(&old);
         }
+        k.recorded.retain(|(vid, _), _| vid != id);
+        k.stated.remove(id);
+        k.billed.remove(id);
+        k.fleet.remove(id);
     }
 
+    /// Connections per status; a status with none is 0.
     pub fn set_connections(&self, counts: &[(&str, i64)]) {
         self.connections.reset();
+        for status in CONNECTION_STATUSES {
+            self.connections.with_label_values(&[status]).set(0);
+        }
         for (status, n) in counts {
             self.connections.with_label_values(&[status]).set(*n);
         }
@@ -415,20 +846,43 @@ struct ServerState {
     health: Health,
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`.
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`, in plain HTTP.
 pub async fn serve(
     listener: TcpListener,
     metrics: Metrics,
     health: Health,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    serve_with(listener, metrics, health, None, shutdown).await
+}
+
+/// [`serve`] with the TLS and basic auth of `metrics.web_config_file`, when given.
+pub async fn serve_with(
+    listener: TcpListener,
+    metrics: Metrics,
+    health: Health,
+    web: Option<Arc<crate::webconfig::WebConfig>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(health_handler))
         .with_state(ServerState { metrics, health });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let stop = async move { shutdown.cancelled().await };
+    let Some(web) = web else {
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await;
+    };
+    app = web.layer(app);
+    match web.listener(listener)? {
+        crate::webconfig::Listener::Plain(l) => {
+            axum::serve(l, app).with_graceful_shutdown(stop).await
+        }
+        crate::webconfig::Listener::Tls(l) => {
+            axum::serve(l, app).with_graceful_shutdown(stop).await
+        }
+    }
 }
 
 async fn metrics_handler(State(s): State<ServerState>) -> impl IntoResponse {
@@ -506,7 +960,9 @@ mod tests {
         assert!(text.contains(
             "carpulse_reading_timestamp_seconds{signal=\"battery\",vehicle_id=\"v1\"} 1700000000"
         ));
-        assert!(text.contains("carpulse_build_info{version=\""));
+        assert!(text.contains(&format!(
+            "carpulse_build_info{{api=\"unknown\",revision=\"{REVISION}\",version=\""
+        )));
         m.record_info(
             &id,
             &VehicleInfo {
@@ -553,5 +1009,162 @@ mod tests {
         let text = m.render();
         assert!(!text.contains("vehicle_id="), "{text}");
         assert!(text.contains("carpulse_polls_total{endpoint=\"battery\",outcome=\"ok\"} 1"));
+    }
+
+    fn stamp(at: UnixMillis) -> crate::domain::Stamp {
+        crate::domain::Stamp {
+            recorded_at: at,
+            fetched_at: at + 1000,
+        }
+    }
+
+    #[test]
+    fn known_label_sets_start_at_zero_and_process_metrics_are_there() {
+        let m = Metrics::new().unwrap();
+        m.set_api(ApiVersion::V3);
+        let text = m.render();
+        for series in [
+            "carpulse_polls_total{endpoint=\"battery\",outcome=\"billing\"} 0",
+            "carpulse_polls_total{endpoint=\"capabilities\",outcome=\"token_error\"} 0",
+            "carpulse_smartcar_requests_total{api=\"v3\",outcome=\"ok\"} 0",
+            "carpulse_smartcar_requests_total{api=\"v3\",outcome=\"rate_limited\"} 0",
+            "carpulse_smartcar_request_duration_seconds_count{api=\"v3\"} 0",
+            "carpulse_rows_dropped_total{table=\"battery\"} 0",
+            "carpulse_token_refreshes_total{outcome=\"rejected\"} 0",
+            "carpulse_polls_skipped_total{job=\"info\",reason=\"budget\"} 0",
+            "carpulse_ticks_skipped_total{job=\"battery\"} 0",
+            "carpulse_connections{status=\"needs_reauth\"} 0",
+            "carpulse_vehicles{state=\"paused\"} 0",
+            "carpulse_smartcar_calls_billed_fleet 0",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        assert!(
+            !text.contains("api=\"v2\""),
+            "only the API in use is started"
+        );
+        assert!(
+            text.contains(&format!(
+                "carpulse_build_info{{api=\"v3\",revision=\"{REVISION}\",version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        assert_eq!(text.matches("carpulse_build_info{").count(), 1);
+        #[cfg(target_os = "linux")]
+        for family in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_start_time_seconds",
+            "process_open_fds",
+        ] {
+            assert!(text.contains(&format!("\n{family} ")), "{family}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn one_request_is_one_sample_whatever_it_answers() {
+        let m = Metrics::new().unwrap();
+        m.set_api(ApiVersion::V3);
+        m.request(ApiVersion::V3, "ok", 0.4);
+        m.endpoint("battery", "ok");
+        m.endpoint("charge", "ok");
+        let text = m.render();
+        assert!(text.contains("carpulse_smartcar_requests_total{api=\"v3\",outcome=\"ok\"} 1"));
+        assert!(text.contains("carpulse_smartcar_request_duration_seconds_count{api=\"v3\"} 1"));
+        assert!(text.contains("carpulse_smartcar_request_duration_seconds_sum{api=\"v3\"} 0.4"));
+        assert!(text.contains("carpulse_polls_total{endpoint=\"battery\",outcome=\"ok\"} 1"));
+        assert!(text.contains("carpulse_polls_total{endpoint=\"charge\",outcome=\"ok\"} 1"));
+    }
+
+    #[test]
+    fn a_vehicle_that_cannot_be_polled_keeps_its_series() {
+        let m = Metrics::new().unwrap();
+        let (a, b, c) = (
+            VehicleId("a".into()),
+            VehicleId("b".into()),
+            VehicleId("c".into()),
+        );
+        let now = 1_800_000_000_000;
+        for id in [&a, &b, &c] {
+            m.seed_vehicle(
+                id,
+                Some(&BatteryReading {
+                    stamp: stamp(now - 3_600_000),
+                    soc_percent: 50.0,
+                    range_km: Some(200.0),
+                }),
+                None,
+                None,
+                Some(true),
+            );
+        }
+        m.set_fleet(&[
+            (a.clone(), None),
+            (b.clone(), Some("needs_reauth")),
+            (c.clone(), Some("disabled")),
+        ]);
+        m.set_vehicle_states(&[(b.clone(), "needs_reauth"), (a.clone(), "paused")]);
+        m.update_reading_ages(now);
+        let text = m.render();
+        let has = |s: &str| assert!(text.contains(s), "{s} missing:\n{text}");
+        has("carpulse_vehicle_state{state=\"needs_reauth\",vehicle_id=\"b\"} 1");
+        has("carpulse_vehicle_state{state=\"ok\",vehicle_id=\"b\"} 0");
+        has("carpulse_vehicle_state{state=\"disabled\",vehicle_id=\"c\"} 1");
+        has("carpulse_vehicle_state{state=\"paused\",vehicle_id=\"a\"} 1");
+        has("carpulse_vehicle_up{vehicle_id=\"b\"} 0");
+        has("carpulse_vehicle_up{vehicle_id=\"c\"} 0");
+        has("carpulse_vehicle_up{vehicle_id=\"a\"} 0");
+        has("carpulse_battery_state_of_charge_ratio{vehicle_id=\"b\"} 0.5");
+        has("carpulse_reading_age_seconds{signal=\"battery\",vehicle_id=\"b\"} 3600");
+        has("carpulse_vehicles{state=\"needs_reauth\"} 1");
+        has("carpulse_vehicles{state=\"disabled\"} 1");
+        has("carpulse_vehicles{state=\"paused\"} 1");
+        has("carpulse_vehicles{state=\"ok\"} 0");
+
+        // Re-authorized, b is ok again; c is removed from the store: its series go.
+        m.set_fleet(&[(a.clone(), None), (b.clone(), None)]);
+        m.set_vehicle_states(&[]);
+        let text = m.render();
+        assert!(!text.contains("vehicle_id=\"c\""), "{text}");
+        assert!(text.contains("carpulse_vehicle_state{state=\"ok\",vehicle_id=\"b\"} 1"));
+        assert!(text.contains("carpulse_vehicles{state=\"ok\"} 2"));
+        assert!(text.contains("carpulse_vehicles{state=\"disabled\"} 0"));
+    }
+
+    #[test]
+    fn an_older_reading_does_not_move_the_gauges_back() {
+        let m = Metrics::new().unwrap();
+        let id = VehicleId("v".into());
+        let reading = |at, soc| BatteryReading {
+            stamp: stamp(at),
+            soc_percent: soc,
+            range_km: None,
+        };
+        m.record_battery(&id, &reading(2_000_000, 60.0));
+        m.record_battery(&id, &reading(1_000_000, 40.0));
+        let text = m.render();
+        assert!(text.contains("carpulse_battery_state_of_charge_ratio{vehicle_id=\"v\"} 0.6"));
+        assert!(text.contains(
+            "carpulse_reading_timestamp_seconds{signal=\"battery\",vehicle_id=\"v\"} 2000"
+        ));
+    }
+
+    #[test]
+    fn billed_calls_per_vehicle_fleet_and_budget() {
+        let m = Metrics::new().unwrap();
+        let (a, b) = (VehicleId("a".into()), VehicleId("b".into()));
+        m.set_calls_billed(&[(a.clone(), 120), (b.clone(), 30)]);
+        m.set_budget(Some(500));
+        let text = m.render();
+        assert!(text.contains("carpulse_smartcar_calls_billed{vehicle_id=\"a\"} 120"));
+        assert!(text.contains("carpulse_smartcar_calls_billed_fleet 150"));
+        assert!(text.contains("carpulse_smartcar_calls_billed_vehicle_max 120"));
+        assert!(text.contains("carpulse_smartcar_calls_budget 500"));
+        m.set_calls_billed(&[(a, 121)]);
+        m.set_budget(None);
+        let text = m.render();
+        assert!(!text.contains("vehicle_id=\"b\""));
+        assert!(!text.contains("carpulse_smartcar_calls_budget "));
     }
 }

@@ -177,19 +177,46 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
     Ok((out, total))
 }
 
-/// `carpulse plan [--force]`.
-pub fn run(cfg: &Config, force: bool) -> anyhow::Result<()> {
+/// What the store says was billed this month so far (when there is a store to read): the
+/// fleet's total and the vehicle closest to the budget.
+fn spent_so_far(cfg: &Config) -> Option<String> {
+    let c = crate::report::open_read_only(&cfg.store.path).ok()?;
+    let now = crate::domain::now_ms();
+    let used =
+        crate::store::queries::calls_since(&c, crate::gate::month_start(now), cfg.smartcar.api)
+            .ok()?;
+    let (top, most) = used.iter().max_by_key(|(_, n)| **n)?;
+    Some(format!(
+        "this month so far ({}): {} calls billed for {} vehicle(s); the most, {most}, by {}",
+        cfg.store.path.display(),
+        used.values().sum::<u64>(),
+        used.len(),
+        crate::output::short_id(&top.0)
+    ))
+}
+
+/// `carpulse plan [--force]`, written to `out`.
+pub fn run(cfg: &Config, force: bool, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     let (text, total) = plan(cfg, Utc::now()).map_err(|e| anyhow::anyhow!(e))?;
-    print!("{text}");
+    out.write_all(text.as_bytes())?;
+    if let Some(spent) = spent_so_far(cfg) {
+        writeln!(out, "{spent}")?;
+    }
     let Some(budget) = cfg.budget.calls_per_vehicle_month else {
-        println!("no budget set ([budget] calls_per_vehicle_month); nothing to check against");
+        writeln!(
+            out,
+            "no budget set ([budget] calls_per_vehicle_month); nothing to check against"
+        )?;
+        out.flush()?;
         return Ok(());
     };
     if total <= budget {
-        println!(
+        writeln!(
+            out,
             "within the budget of {budget} calls per vehicle per month ({:.0} % of it)",
             total as f64 * 100.0 / budget as f64
-        );
+        )?;
+        out.flush()?;
         return Ok(());
     }
     let over = format!(
@@ -198,9 +225,11 @@ pub fn run(cfg: &Config, force: bool) -> anyhow::Result<()> {
         total as f64 * 100.0 / budget as f64
     );
     if force {
-        println!("{over}; going ahead because of --force");
+        writeln!(out, "{over}; going ahead because of --force")?;
+        out.flush()?;
         return Ok(());
     }
+    out.flush()?;
     bail!("{over}: slow the schedule down, or pass --force to accept it")
 }
 

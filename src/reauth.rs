@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use oauth2::url::Url;
-use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::connect::{await_callback, Options};
@@ -90,7 +89,7 @@ async fn look_up(store: &Store, vehicle: &VehicleId) -> anyhow::Result<Known> {
 pub async fn run(
     cfg: &Config,
     store: &Store,
-    listeners: Vec<TcpListener>,
+    redirect: impl Into<crate::connect::Redirect>,
     on_url: impl FnOnce(&str),
     wait: Duration,
     vehicle: &VehicleId,
@@ -110,7 +109,7 @@ pub async fn run(
                 must_include: Some(vehicle.clone()),
                 make: known.make.clone(),
             };
-            let c = crate::connect::run_with(cfg, store, listeners, on_url, wait, &options).await?;
+            let c = crate::connect::run_with(cfg, store, redirect, on_url, wait, &options).await?;
             Ok(format!(
                 "{}vehicle {vehicle} is re-authorized through connection {}; its history is kept. \
                  A running daemon picks this up within a minute (or now: systemctl reload carpulse)\n",
@@ -121,7 +120,7 @@ pub async fn run(
         Flow::Reauthenticate => {
             let state = crate::connect::random_state();
             let url = reauthenticate_url(cfg, vehicle, &state)?;
-            await_callback(cfg, listeners, &url, &state, on_url, wait, |p| async move {
+            await_callback(cfg, redirect, &url, &state, on_url, wait, |p| async move {
                 match p.get("vehicle_id") {
                     Some(v) if v == &vehicle.0 => {}
                     Some(other) => bail!("Smartcar re-authenticated vehicle {other}, not {vehicle}"),
@@ -149,20 +148,19 @@ pub async fn run_cli(
     vehicle: &str,
     flow: Option<Flow>,
     wait: Duration,
+    paste: bool,
 ) -> anyhow::Result<()> {
     crate::report::open_read_only(&cfg.store.path)?; // never create a store to re-authorize in
+    let redirect = crate::connect::redirect_for_cli(&cfg, paste).await?;
+    let hint = crate::connect::redirect_hint(&cfg, &redirect);
     let store = Store::open(&cfg.store.path, None)
         .with_context(|| format!("opening the store {}", cfg.store.path.display()))?;
-    let listeners = crate::connect::bind_redirect(&cfg.smartcar.redirect_uri).await?;
     let result = run(
         &cfg,
         &store,
-        listeners,
+        redirect,
         |url| {
-            eprintln!(
-                "Open this URL in a browser, as the vehicle's owner (waiting on {}):",
-                cfg.smartcar.redirect_uri
-            );
+            eprintln!("Open this URL in a browser, as the vehicle's owner ({hint}):");
             println!("{url}");
         },
         wait,

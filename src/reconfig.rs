@@ -91,6 +91,11 @@ pub fn compare(old: &Config, new: &Config) -> Changes {
         "metrics.stale_after",
         true,
     );
+    check(
+        old.metrics.web_config_file != new.metrics.web_config_file,
+        "metrics.web_config_file",
+        false,
+    );
     let (o, n) = (&old.schedule, &new.schedule);
     check(o.battery != n.battery, "schedule.battery", true);
     check(

@@ -1,21 +1,27 @@
-//! The read-mostly CLI commands `vehicles list`, `vehicles remove` and `status`. They read the
-//! store through their own read-only connection (WAL lets them run beside the daemon) and never
-//! create a store that isn't there.
+//! The read-mostly CLI commands `vehicles list`, `vehicles remove` and `status`, and how every
+//! read command names a vehicle ([`resolve_vehicle`]). They read the store through their own
+//! read-only connection (WAL lets them run beside the daemon), never create a store that isn't
+//! there, and need no Smartcar credentials. Output goes to a `&mut dyn Write` (see
+//! [`crate::output`]).
 
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::config::Config;
 use crate::domain::{now_ms, UnixMillis, VehicleId};
+use crate::output::{local, short_id, vehicle_label, vehicle_name};
 use crate::store::{queries, Store};
 
 /// Opens an existing store read-only.
 pub fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
     if !path.exists() {
         bail!(
-            "no store at {} (store.path): run `carpulse connect` first, or point --config at the right file",
+            "no store at {} (store.path, or --db): run `carpulse connect` first, or name the store with --db PATH",
             path.display()
         );
     }
@@ -48,26 +54,114 @@ pub fn ago(at: UnixMillis, now: UnixMillis) -> String {
     }
 }
 
-pub async fn vehicles_list(cfg: &Config) -> anyhow::Result<()> {
+/// A stored vehicle as the read commands name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownVehicle {
+    pub id: String,
+    /// "TESLA Model 3 2021", or "" when not known yet.
+    pub name: String,
+}
+
+/// Every stored vehicle, in the order they were added.
+pub fn known_vehicles(c: &Connection) -> anyhow::Result<Vec<KnownVehicle>> {
+    let mut stmt = c
+        .prepare("SELECT vehicle_id, make, model, year FROM vehicles ORDER BY rowid")
+        .context("listing the stored vehicles")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(KnownVehicle {
+            id: r.get(0)?,
+            name: vehicle_name(
+                r.get::<_, Option<String>>(1)?.as_deref(),
+                r.get::<_, Option<String>>(2)?.as_deref(),
+                r.get(3)?,
+            ),
+        })
+    })?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .context("reading a vehicle row")
+}
+
+/// The stored vehicle `query` names: its id, a unique id prefix, or words of its make, model
+/// and year ("tesla", "model 3", "tesla model 3 2021"), case-insensitively. No match, or
+/// several, is an error that lists the candidates.
+pub fn resolve_vehicle(c: &Connection, query: &str) -> anyhow::Result<KnownVehicle> {
+    let known = known_vehicles(c)?;
+    pick_vehicle(&known, query)
+}
+
+fn pick_vehicle(known: &[KnownVehicle], query: &str) -> anyhow::Result<KnownVehicle> {
+    let q = query.trim().to_lowercase();
+    let list = |vs: &[&KnownVehicle]| -> String {
+        vs.iter()
+            .map(|v| {
+                format!(
+                    "\n  {}  {}",
+                    v.id,
+                    if v.name.is_empty() {
+                        "(make/model not known yet)"
+                    } else {
+                        &v.name
+                    }
+                )
+            })
+            .collect()
+    };
+    if q.is_empty() {
+        bail!("--vehicle is empty");
+    }
+    if let Some(v) = known.iter().find(|v| v.id.to_lowercase() == q) {
+        return Ok(v.clone());
+    }
+    let words: Vec<&str> = q.split_whitespace().collect();
+    let by_prefix: Vec<&KnownVehicle> = known
+        .iter()
+        .filter(|v| v.id.to_lowercase().starts_with(&q))
+        .collect();
+    let by_name: Vec<&KnownVehicle> = known
+        .iter()
+        .filter(|v| {
+            let name = v.name.to_lowercase();
+            let have: Vec<&str> = name.split_whitespace().collect();
+            !have.is_empty() && words.iter().all(|w| have.contains(w))
+        })
+        .collect();
+    let matches = if by_prefix.is_empty() {
+        by_name
+    } else {
+        by_prefix
+    };
+    match matches.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] if known.is_empty() => bail!("no vehicle matches {query:?}: the store has no vehicles (run `carpulse connect`)"),
+        [] => bail!(
+            "no vehicle matches {query:?}; the store has:{}\nname one by its id, an id prefix (e.g. {}) or its make and model",
+            list(&known.iter().collect::<Vec<_>>()),
+            short_id(&known[0].id)
+        ),
+        several => bail!(
+            "{query:?} matches {} vehicles:{}\nname one by a longer id prefix",
+            several.len(),
+            list(several)
+        ),
+    }
+}
+
+pub async fn vehicles_list(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
     let c = open_read_only(&cfg.store.path)?;
     let rows = queries::vehicle_summaries(&c)?;
     if rows.is_empty() {
-        println!("no vehicles stored: run `carpulse connect`");
+        writeln!(out, "no vehicles stored: run `carpulse connect`")?;
         return Ok(());
     }
     let now = now_ms();
-    println!(
+    writeln!(
+        out,
         "{:<38} {:<28} {:<12} {:<8} {:>7} {:>9} {:<14} LAST READING",
         "VEHICLE", "MAKE MODEL YEAR", "CONNECTION", "ENABLED", "SOC %", "RANGE KM", "CHARGE"
-    );
+    )?;
     for s in rows {
         let v = &s.vehicle;
-        let name = format!(
-            "{} {} {}",
-            v.make.as_deref().unwrap_or("?"),
-            v.model.as_deref().unwrap_or("?"),
-            v.year.map(|y| y.to_string()).unwrap_or_default()
-        );
+        let name = vehicle_name(v.make.as_deref(), v.model.as_deref(), v.year);
         let soc = s
             .last_battery
             .as_ref()
@@ -87,20 +181,32 @@ pub async fn vehicles_list(cfg: &Config) -> anyhow::Result<()> {
         let last = s
             .last_battery
             .as_ref()
-            .map(|b| ago(b.stamp.recorded_at, now))
+            .map(|b| {
+                format!(
+                    "{} ({})",
+                    local(b.stamp.recorded_at),
+                    ago(b.stamp.recorded_at, now)
+                )
+            })
             .unwrap_or("never".into());
-        println!(
+        writeln!(
+            out,
             "{:<38} {:<28} {:<12} {:<8} {:>7} {:>9} {:<14} {}",
             v.vehicle_id,
-            name,
+            if name.is_empty() {
+                "?".to_owned()
+            } else {
+                name
+            },
             s.connection_status.as_str(),
             if v.enabled { "yes" } else { "no" },
             soc,
             range,
             charge,
             last
-        );
+        )?;
     }
+    out.flush()?;
     Ok(())
 }
 
@@ -153,21 +259,191 @@ pub async fn vehicles_enable(cfg: &Config, id: &str, enabled: bool) -> anyhow::R
     Ok(())
 }
 
-pub async fn status(cfg: &Config) -> anyhow::Result<()> {
+/// Whether a daemon answers on the metrics address, in words.
+fn daemon_line(cfg: &Config) -> String {
+    let listen = cfg.metrics.listen;
+    // A wildcard listener is reached on loopback.
+    let addr = match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], listen.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listen.port()))
+        }
+        _ => listen,
+    };
+    let tls = cfg.metrics.web_config_file.is_some();
+    let whose = if cfg.source.is_some() {
+        "metrics.listen"
+    } else {
+        "the default metrics.listen: no config read"
+    };
+    match probe(addr, tls) {
+        Probe::Nothing => format!("not running (nothing listens on {addr}, {whose})"),
+        Probe::Carpulse { version, health } => format!(
+            "running: carpulse {version} answers on http://{addr} ({whose}); /healthz: {health}"
+        ),
+        Probe::Auth => format!(
+            "running: something answers on {addr} ({whose}) and asks for basic auth (metrics.web_config_file)"
+        ),
+        Probe::Listening => format!(
+            "something listens on {addr} ({whose}){}",
+            if tls {
+                " with TLS (metrics.web_config_file): most likely the daemon"
+            } else {
+                ", but it does not answer as carpulse"
+            }
+        ),
+    }
+}
+
+enum Probe {
+    Nothing,
+    Listening,
+    Auth,
+    Carpulse { version: String, health: String },
+}
+
+/// Asks the metrics listener, briefly, who it is (GET /metrics) and how it is (GET /healthz).
+fn probe(addr: SocketAddr, tls: bool) -> Probe {
+    let timeout = Duration::from_millis(800);
+    if std::net::TcpStream::connect_timeout(&addr, timeout).is_err() {
+        return Probe::Nothing;
+    }
+    if tls {
+        return Probe::Listening;
+    }
+    let Some((status, body)) = http_get(addr, "/metrics", timeout) else {
+        return Probe::Listening;
+    };
+    if status == 401 {
+        return Probe::Auth;
+    }
+    let Some(version) = body
+        .lines()
+        .find(|l| l.starts_with("carpulse_build_info{"))
+        .and_then(|l| l.split("version=\"").nth(1))
+        .and_then(|v| v.split('"').next())
+    else {
+        return Probe::Listening;
+    };
+    let health = match http_get(addr, "/healthz", timeout) {
+        Some((200, _)) => "ok".to_owned(),
+        Some((_, body)) => format!(
+            "{} problem(s): {}",
+            body.lines().count(),
+            body.lines().collect::<Vec<_>>().join("; ")
+        ),
+        None => "no answer".to_owned(),
+    };
+    Probe::Carpulse {
+        version: version.to_owned(),
+        health,
+    }
+}
+
+/// A minimal HTTP/1.0 GET on loopback: (status, body), or None.
+fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    s.take(4 << 20).read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The endpoints whose last outcome `status` shows.
+const STATUS_ENDPOINTS: [&str; 6] = [
+    "battery",
+    "charge",
+    "odometer",
+    "info",
+    "vin",
+    "capabilities",
+];
+
+/// How far back `status` looks for an endpoint's last outcome.
+const STATUS_LOOKBACK_MS: i64 = 35 * 86_400_000;
+
+/// Each endpoint's last outcome for a vehicle: (endpoint, at, outcome, error type, code).
+type Last = (
+    &'static str,
+    UnixMillis,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+fn last_outcomes(c: &Connection, vehicle: &str, now: UnixMillis) -> anyhow::Result<Vec<Last>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT at, outcome, error_type, error_code FROM poll_events
+         WHERE vehicle_id = ?1 AND endpoint = ?2 AND at > ?3
+         ORDER BY at DESC LIMIT 1",
+    )?;
+    let mut out = Vec::new();
+    for endpoint in STATUS_ENDPOINTS {
+        let row = stmt
+            .query_row(
+                rusqlite::params![vehicle, endpoint, now - STATUS_LOOKBACK_MS],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .with_context(|| format!("reading the last {endpoint} outcome of {vehicle}"))?;
+        if let Some((at, outcome, t, code)) = row {
+            out.push((endpoint, at, outcome, t, code));
+        }
+    }
+    Ok(out)
+}
+
+pub async fn status(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
     let c = open_read_only(&cfg.store.path)?;
     let now = now_ms();
+    let rows = queries::vehicle_summaries(&c)?;
+    let last_write = rows
+        .iter()
+        .filter_map(|s| s.last_poll.as_ref().map(|p| p.at))
+        .max();
+    writeln!(
+        out,
+        "store: {} (last poll recorded {})",
+        cfg.store.path.display(),
+        last_write
+            .map(|at| format!("{}, {}", ago(at, now), local(at)))
+            .unwrap_or_else(|| "never".into())
+    )?;
+    writeln!(out, "daemon: {}", daemon_line(cfg))?;
     let conns = queries::load_connections(&c)?;
-    println!("store: {}", cfg.store.path.display());
-    let app_auth = cfg.smartcar.app_auth();
-    println!(
-        "connections: {} ({})",
+    // Without a config (`--db` alone), the store tells: connections made with API
+    // Authentication hold no token.
+    let guessed = cfg.source.is_none();
+    let app_auth = if guessed {
+        conns.iter().any(|k| k.tokens.refresh_expires_at == 0)
+    } else {
+        cfg.smartcar.app_auth()
+    };
+    writeln!(
+        out,
+        "connections: {} ({}{})",
         conns.len(),
         if app_auth {
             "v3 API Authentication: one application token, kept in memory"
         } else {
             "per-user Connect tokens"
+        },
+        if guessed {
+            "; no config read, so as the store suggests"
+        } else {
+            ""
         }
-    );
+    )?;
+    // Why each connection's vehicles are not polled, if they are not.
+    let mut holds = std::collections::HashMap::new();
     for k in &conns {
         let tokens = if k.tokens.refresh_expires_at == 0 {
             "no token stored (API Authentication)".to_owned()
@@ -178,22 +454,29 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
                 ago(k.tokens.refresh_expires_at, now)
             )
         };
-        println!(
+        writeln!(
+            out,
             "  {:>4}  user {}  {}  {tokens}",
             k.id.0,
             k.user_id,
             k.status.as_str(),
-        );
-        // Why a connection's vehicles are not polled, in words.
-        if k.status == crate::domain::ConnectionStatus::Revoked {
-            println!("        revoked: Smartcar no longer lists it (the owner disconnected carpulse); its vehicles are not polled. Fix: `carpulse connect` as that account");
+        )?;
+        let hold = if k.status == crate::domain::ConnectionStatus::Revoked {
+            writeln!(out, "        revoked: Smartcar no longer lists it (the owner disconnected carpulse); its vehicles are not polled. Fix: `carpulse connect` as that account")?;
+            Some("connection revoked by the owner: `carpulse connect` as that account")
         } else if app_auth && !crate::domain::is_real_user_id(&k.user_id) {
-            println!("        not polled: no Smartcar user id, which API Authentication sends as sc-user-id. Fix: `carpulse connect` as that account again");
+            writeln!(out, "        not polled: no Smartcar user id, which API Authentication sends as sc-user-id. Fix: `carpulse connect` as that account again")?;
+            Some("its connection has no Smartcar user id: `carpulse connect` as that account again")
         } else if !app_auth && k.tokens.refresh_expires_at == 0 {
-            println!("        not polled: made with API Authentication, so it holds no per-user token. Fix: set smartcar.api_client_id and its secret again, or `carpulse connect` without them");
-        }
+            writeln!(out, "        not polled: made with API Authentication, so it holds no per-user token. Fix: set smartcar.api_client_id and its secret again, or `carpulse connect` without them")?;
+            Some("its connection holds no per-user token (made with API Authentication)")
+        } else if !app_auth && k.status == crate::domain::ConnectionStatus::NeedsReauth {
+            Some("its connection needs re-authorization: `carpulse reauth VEHICLE`")
+        } else {
+            None
+        };
+        holds.insert(k.id, hold);
     }
-    let rows = queries::vehicle_summaries(&c)?;
     // A store not yet migrated by this version has no blocks or billed calls to show.
     let blocks = queries::load_blocks(&c).unwrap_or_default();
     let month = queries::calls_since(&c, crate::gate::month_start(now), cfg.smartcar.api)
@@ -203,48 +486,78 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
         .calls_per_vehicle_month
         .map(|b| format!(" of {b}"))
         .unwrap_or_default();
-    println!("vehicles: {}", rows.len());
+    writeln!(
+        out,
+        "vehicles: {}; Smartcar calls billed this month: {}{}",
+        rows.len(),
+        month.values().sum::<u64>(),
+        if budget.is_empty() {
+            String::new()
+        } else {
+            format!(" (budget{budget} per vehicle)")
+        }
+    )?;
     for s in rows {
-        let last = match &s.last_poll {
-            Some(p) => format!(
-                "last poll {} {} {}{}",
-                ago(p.at, now),
-                p.endpoint,
-                p.outcome,
-                match (&p.error_type, &p.error_code) {
-                    (Some(t), Some(c)) => format!(" ({t}:{c})"),
-                    (Some(t), None) => format!(" ({t})"),
-                    _ => String::new(),
-                }
-            ),
-            None => "never polled".into(),
-        };
-        println!(
-            "  {}  {}  {}; {} calls this month{budget}",
-            s.vehicle.vehicle_id,
-            if s.vehicle.enabled {
-                "enabled"
-            } else {
-                "disabled"
-            },
-            last,
-            month.get(&s.vehicle.vehicle_id).copied().unwrap_or(0)
-        );
-        for b in blocks
-            .iter()
-            .filter(|b| b.vehicle_id == s.vehicle.vehicle_id)
-        {
+        let v = &s.vehicle;
+        let id = v.vehicle_id.0.as_str();
+        let name = vehicle_name(v.make.as_deref(), v.model.as_deref(), v.year);
+        let mut blocked: Vec<String> = Vec::new();
+        if !v.enabled {
+            blocked.push("disabled: `carpulse vehicles enable ID` to poll it again".into());
+        }
+        if let Some(Some(why)) = holds.get(&v.connection_id) {
+            blocked.push((*why).to_owned());
+        }
+        for b in blocks.iter().filter(|b| b.vehicle_id == v.vehicle_id) {
             let what = match (b.endpoint.as_str(), b.until) {
-                ("*", _) => "paused".to_owned(),
+                ("*", _) => format!("paused ({}): `carpulse reauth ID` or `carpulse vehicles enable ID` once fixed", b.reason),
                 ("~", Some(until)) if until <= now => continue,
                 ("~", Some(until)) if b.reason == "no_data" => format!(
                     "Smartcar holds no signals for it (an empty listing; likely not subscribed to a webhook: subscribe it in Smartcar's dashboard); asked again {}",
                     ago(until, now)
                 ),
-                ("~", Some(until)) => format!("not called until {}", ago(until, now)),
-                (endpoint, _) => format!("not polled: {endpoint}"),
+                ("~", Some(until)) => format!("waiting ({}): not called until {}", b.reason, ago(until, now)),
+                (endpoint, _) => format!("not polled: {endpoint} ({}; from {})", b.reason, b.source),
             };
-            println!("      {what} ({}; from {})", b.reason, b.source);
+            blocked.push(what);
+        }
+        let polled = v.enabled && !matches!(holds.get(&v.connection_id), Some(Some(_)));
+        writeln!(
+            out,
+            "  {}  {}  {}; {} calls billed this month{budget}",
+            vehicle_label(id, &name),
+            id,
+            if polled { "polled" } else { "NOT POLLED" },
+            month.get(&v.vehicle_id).copied().unwrap_or(0)
+        )?;
+        for b in &blocked {
+            writeln!(out, "      {b}")?;
+        }
+        let last = last_outcomes(&c, id, now)?;
+        if last.is_empty() {
+            match &s.last_poll {
+                Some(p) => writeln!(
+                    out,
+                    "      last polled {} ({}: {})",
+                    ago(p.at, now),
+                    p.endpoint,
+                    p.outcome
+                )?,
+                None => writeln!(out, "      never polled")?,
+            }
+        }
+        for (endpoint, at, outcome, t, code) in last {
+            let why = match (t, code) {
+                (Some(t), Some(c)) => format!(" ({t}:{c})"),
+                (Some(t), None) => format!(" ({t})"),
+                _ => String::new(),
+            };
+            writeln!(
+                out,
+                "      {endpoint:<12} {:<16} {}{why}",
+                outcome,
+                ago(at, now)
+            )?;
         }
     }
     let mut stmt = c.prepare(
@@ -264,15 +577,18 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
             ))
         })?
         .collect::<Result<_, _>>()?;
-    println!("recent errors (24 h): {}", errors.len());
+    writeln!(out, "recent errors (24 h): {}", errors.len())?;
     for (v, at, ep, outcome, t, code) in errors {
-        println!(
-            "  {}  {v}  {ep}  {outcome}  {}{}",
+        writeln!(
+            out,
+            "  {}  {}  {ep}  {outcome}  {}{}",
             ago(at, now),
+            short_id(&v),
             t.unwrap_or_default(),
             code.map(|c| format!(":{c}")).unwrap_or_default()
-        );
+        )?;
     }
+    out.flush()?;
     Ok(())
 }
 
@@ -287,5 +603,46 @@ mod tests {
         assert_eq!(ago(0, 5_400_000), "1 h 30 min ago");
         assert_eq!(ago(3_600_000 * 3, 0), "in 3 h 0 min");
         assert_eq!(ago(0, 86_400_000 * 3), "3 days ago");
+    }
+
+    #[test]
+    fn vehicles_by_id_prefix_or_make_and_model() {
+        use super::{pick_vehicle, KnownVehicle};
+        let v = |id: &str, name: &str| KnownVehicle {
+            id: id.into(),
+            name: name.into(),
+        };
+        let known = [
+            v("5f2d4a21-aaaa", "TESLA Model 3 2021"),
+            v("5f2d9999-bbbb", "TESLA Model Y 2022"),
+            v("c0ffee00-cccc", "VOLKSWAGEN ID.4 2023"),
+        ];
+        let pick = |q: &str| {
+            pick_vehicle(&known, q)
+                .map(|k| k.id)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(pick("c0ffee00-cccc").unwrap(), "c0ffee00-cccc");
+        assert_eq!(pick("C0FF").unwrap(), "c0ffee00-cccc");
+        assert_eq!(pick("model 3").unwrap(), "5f2d4a21-aaaa");
+        assert_eq!(pick("tesla model y").unwrap(), "5f2d9999-bbbb");
+        assert_eq!(pick("id.4").unwrap(), "c0ffee00-cccc");
+        let e = pick("tesla").unwrap_err();
+        assert!(
+            e.contains("matches 2 vehicles") && e.contains("5f2d9999-bbbb"),
+            "{e}"
+        );
+        let e = pick("5f2d").unwrap_err();
+        assert!(e.contains("matches 2 vehicles"), "{e}");
+        let e = pick("typo").unwrap_err();
+        assert!(
+            e.contains("no vehicle matches \"typo\"")
+                && e.contains("c0ffee00-cccc  VOLKSWAGEN ID.4 2023"),
+            "{e}"
+        );
+        assert!(pick_vehicle(&[], "x")
+            .unwrap_err()
+            .to_string()
+            .contains("no vehicles"));
     }
 }

@@ -372,7 +372,7 @@ async fn read_commands(cfg: &str, vehicle_ids: &[String]) {
             .find(|l| l.contains(id.as_str()))
             .unwrap_or_else(|| panic!("{id} in {status}"));
         assert!(
-            line.ends_with(&format!("; {calls} calls this month")),
+            line.ends_with(&format!("; {calls} calls billed this month")),
             "{line}"
         );
     }
@@ -391,9 +391,10 @@ async fn read_commands(cfg: &str, vehicle_ids: &[String]) {
     ])
     .await;
     let mut rows = csv.lines();
+    // The view's columns first, as before; the vehicle's name and ISO-8601 times after them.
     assert_eq!(
         rows.next(),
-        Some("vehicle_id,recorded_at,fetched_at,soc_percent,range_km")
+        Some("vehicle_id,recorded_at,fetched_at,soc_percent,range_km,vehicle,recorded_at_utc,fetched_at_utc")
     );
     let rows: Vec<&str> = rows.collect();
     assert!(rows.len() >= 2, "{csv}");

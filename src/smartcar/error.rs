@@ -66,6 +66,32 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, so the metrics can start each `outcome` series at 0 (an alert on the first
+    /// failure of a kind needs the series to exist before it).
+    pub const ALL: [ErrorKind; 21] = [
+        ErrorKind::Authentication,
+        ErrorKind::Permission,
+        ErrorKind::Validation,
+        ErrorKind::NotFound,
+        ErrorKind::ConnectedServicesAccount,
+        ErrorKind::VehicleState,
+        ErrorKind::RateLimitVehicle,
+        ErrorKind::RateLimitApp,
+        ErrorKind::Billing,
+        ErrorKind::Compatibility,
+        ErrorKind::Server,
+        ErrorKind::Upstream,
+        ErrorKind::Transport,
+        ErrorKind::Timeout,
+        ErrorKind::Decode,
+        ErrorKind::Other,
+        ErrorKind::AccessDenied,
+        ErrorKind::NoReading,
+        ErrorKind::NoData,
+        ErrorKind::PlanLocked,
+        ErrorKind::Rejected,
+    ];
+
     /// The metric `outcome` label (DESIGN §3, `carpulse_polls_total`).
     pub fn label(&self) -> &'static str {
         match self {
@@ -516,6 +542,41 @@ mod tests {
         for (kind, label) in table {
             assert_eq!(kind.label(), label);
         }
+    }
+
+    #[test]
+    fn all_lists_every_kind_once() {
+        // A new variant fails this match to compile, which points here and at ALL.
+        fn known(k: ErrorKind) -> bool {
+            use ErrorKind::*;
+            match k {
+                Authentication
+                | Permission
+                | Validation
+                | NotFound
+                | ConnectedServicesAccount
+                | VehicleState
+                | RateLimitVehicle
+                | RateLimitApp
+                | Billing
+                | Compatibility
+                | Server
+                | Upstream
+                | Transport
+                | Timeout
+                | Decode
+                | Other
+                | AccessDenied
+                | NoReading
+                | NoData
+                | PlanLocked
+                | Rejected => true,
+            }
+        }
+        let labels: std::collections::HashSet<_> =
+            ErrorKind::ALL.iter().map(|k| k.label()).collect();
+        assert_eq!(labels.len(), 21, "ALL has 21 distinct kinds");
+        assert!(ErrorKind::ALL.iter().all(|k| known(*k)));
     }
 
     #[test]
