@@ -88,6 +88,10 @@ impl Daemon {
             .with_context(|| format!("opening the store {}", config.store.path.display()))?;
         let client =
             SmartcarClient::new(client_config(&config)).context("creating the Smartcar client")?;
+        let m = metrics.clone();
+        client.observe_requests(Arc::new(move |api, outcome, seconds| {
+            m.request(api, outcome, seconds)
+        }));
         let app = match (&config.smartcar.api_credentials, config.smartcar.app_auth()) {
             (Some(creds), true) => Some(Arc::new(crate::app_token::AppAuth::new(
                 client.clone(),
@@ -117,9 +121,7 @@ impl Daemon {
             tokens.clone(),
             store.clone(),
             metrics.clone(),
-            config.poll.concurrency,
-            config.poll.max_in_flight,
-            config.poll.timeout,
+            &config.poll,
         );
         poller.set_no_data_every(config.schedule.no_data_every);
         poller.set_spread(

@@ -146,10 +146,10 @@ impl Poller {
         tokens: Arc<TokenManager>,
         store: Store,
         metrics: Metrics,
-        concurrency: usize,
-        max_in_flight: usize,
-        timeout: Duration,
+        poll: &crate::config::PollConfig,
     ) -> Arc<Self> {
+        let (concurrency, max_in_flight, timeout) =
+            (poll.concurrency, poll.max_in_flight, poll.timeout);
         Arc::new(Poller {
             api,
             client,
@@ -362,7 +362,10 @@ impl Poller {
         self.note_cycle(job, grown, spread, late_ms);
         let t = tally.lock().unwrap_or_else(|p| p.into_inner()).clone();
         report.ok = t.ok;
-        report.failed = t.failed + report.vehicles.saturating_sub(t.ok + t.failed + t.busy + t.skipped);
+        report.failed = t.failed
+            + report
+                .vehicles
+                .saturating_sub(t.ok + t.failed + t.busy + t.skipped);
         report.busy = t.busy;
         report.skipped = t.skipped;
         report.readings = t.readings;
@@ -649,7 +652,6 @@ impl Poller {
             }
         };
         self.note_latency(started.elapsed());
-        let elapsed = started.elapsed().as_secs_f64();
         let at = now_ms();
 
         let mut items = Vec::new();
@@ -685,10 +687,7 @@ impl Poller {
                 failed = true;
                 warn!(error = %e, "no access token; vehicle not polled");
                 for endpoint in job_endpoints(job) {
-                    self.metrics
-                        .polls
-                        .with_label_values(&[endpoint, "token_error"])
-                        .inc();
+                    self.count(endpoint, "token_error");
                     items.push(WriteItem::Event(event(
                         v,
                         at,
@@ -721,7 +720,7 @@ impl Poller {
                 }
                 warn!(error = %e, ?reaction, "request failed");
                 for endpoint in &allowed {
-                    self.failed(v, at, endpoint, &e, elapsed, &mut items);
+                    self.failed(v, at, endpoint, &e, &mut items);
                 }
             }
             Ok(results) => {
@@ -736,7 +735,7 @@ impl Poller {
                         if let (Ok(payload), false) =
                             (result, disabled.iter().any(|d| d == endpoint))
                         {
-                            self.record(v, at, endpoint, "ok", None, elapsed, &mut items);
+                            self.record(v, at, endpoint, "ok", None, &mut items);
                             readings += self.apply(v, payload, &mut items);
                         }
                         continue;
@@ -744,7 +743,7 @@ impl Poller {
                     match result {
                         Ok(payload) => {
                             self.gates().succeeded(&v.id);
-                            self.record(v, at, endpoint, "ok", None, elapsed, &mut items);
+                            self.record(v, at, endpoint, "ok", None, &mut items);
                             readings += self.apply(v, payload, &mut items);
                         }
                         Err(e) => {
@@ -766,7 +765,7 @@ impl Poller {
                                 waited = Some(crate::gate::cause(&e));
                             }
                             warn!(endpoint, error = %e, ?reaction, "endpoint failed");
-                            self.failed(v, at, endpoint, &e, elapsed, &mut items);
+                            self.failed(v, at, endpoint, &e, &mut items);
                         }
                     }
                 }
@@ -822,7 +821,6 @@ impl Poller {
     }
 
     /// Counts one endpoint's outcome and queues its `poll_events` row.
-    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         v: &PolledVehicle,
@@ -830,10 +828,9 @@ impl Poller {
         endpoint: &str,
         outcome: &str,
         e: Option<&ApiError>,
-        elapsed: f64,
         items: &mut Vec<WriteItem>,
     ) {
-        self.count(endpoint, outcome, elapsed);
+        self.count(endpoint, outcome);
         items.push(WriteItem::Event(event(v, at, endpoint, outcome, e)));
     }
 
@@ -846,10 +843,9 @@ impl Poller {
         at: i64,
         endpoint: &str,
         e: &ApiError,
-        elapsed: f64,
         items: &mut Vec<WriteItem>,
     ) {
-        self.record(v, at, endpoint, e.kind.label(), Some(e), elapsed, items);
+        self.record(v, at, endpoint, e.kind.label(), Some(e), items);
         let blocked = match crate::gate::reaction(e, at) {
             Reaction::DisableEndpoint if e.code.as_deref() != Some("SIGNAL_NOT_PROVIDED") => {
                 endpoint
@@ -870,15 +866,10 @@ impl Poller {
         }
     }
 
-    fn count(&self, endpoint: &str, outcome: &str, elapsed: f64) {
-        self.metrics
-            .polls
-            .with_label_values(&[endpoint, outcome])
-            .inc();
-        self.metrics
-            .poll_duration
-            .with_label_values(&[endpoint])
-            .observe(elapsed);
+    /// One endpoint's result (requests and their durations are counted where they are made:
+    /// [`SmartcarClient::observe_requests`]).
+    fn count(&self, endpoint: &str, outcome: &str) {
+        self.metrics.endpoint(endpoint, outcome);
     }
 
     /// Turns a payload into store items and gauges; returns the number of readings.
@@ -993,7 +984,6 @@ impl Poller {
             self.refund(&v.id, 1);
             return Ok(None);
         };
-        let started = Instant::now();
         let ask = async {
             let access = self.tokens.access(v.connection).await?;
             let first = self.unavailable_once(v, &access).await;
@@ -1032,12 +1022,12 @@ impl Poller {
         });
         // Recorded and gated like a poll: an outcome in poll_events and polls_total, a
         // retry-after or backoff honoured, a billing pause kept.
-        let (at, elapsed) = (now_ms(), started.elapsed().as_secs_f64());
+        let at = now_ms();
         let mut items = Vec::new();
         let mut readings = Vec::new();
         match &r {
             Ok(caps) => {
-                self.record(v, at, CAPABILITIES, "ok", None, elapsed, &mut items);
+                self.record(v, at, CAPABILITIES, "ok", None, &mut items);
                 // A v3 listing's readings were paid for: stored like a poll's.
                 let blocked: Vec<&str> = caps.unavailable.iter().map(|(e, _)| *e).collect();
                 let disabled = self.gate_of(&v.id).0;
@@ -1046,7 +1036,7 @@ impl Poller {
                         if !blocked.contains(&r.endpoint)
                             && !disabled.iter().any(|d| d == r.endpoint)
                         {
-                            self.record(v, at, r.endpoint, "ok", None, elapsed, &mut items);
+                            self.record(v, at, r.endpoint, "ok", None, &mut items);
                             self.apply(v, payload.clone(), &mut items);
                             if let Payload::Battery(b) = payload {
                                 readings.push(("battery", b.stamp.recorded_at));
@@ -1061,21 +1051,13 @@ impl Poller {
             Err(DiscoveryError::Api(e))
                 if crate::gate::reaction(e, at) == Reaction::DisableEndpoint =>
             {
-                self.record(
-                    v,
-                    at,
-                    CAPABILITIES,
-                    e.kind.label(),
-                    Some(e),
-                    elapsed,
-                    &mut items,
-                );
+                self.record(v, at, CAPABILITIES, e.kind.label(), Some(e), &mut items);
             }
             Err(DiscoveryError::Api(e)) => {
                 let reaction = self
                     .gates()
                     .failed(&v.id, CAPABILITIES, e, at, rand::random());
-                self.failed(v, at, CAPABILITIES, e, elapsed, &mut items);
+                self.failed(v, at, CAPABILITIES, e, &mut items);
                 if is_wait(&reaction) {
                     self.keep_wait(v, at, Some(crate::gate::cause(e)), &mut items);
                 }
@@ -1084,15 +1066,7 @@ impl Poller {
                 TokenError::NeedsReauth(_) | TokenError::Revoked(_) | TokenError::NoUserId(_),
             )) => {}
             Err(DiscoveryError::Token(_)) => {
-                self.record(
-                    v,
-                    at,
-                    CAPABILITIES,
-                    "token_error",
-                    None,
-                    elapsed,
-                    &mut items,
-                );
+                self.record(v, at, CAPABILITIES, "token_error", None, &mut items);
             }
         }
         bill_events(&mut items, billed);

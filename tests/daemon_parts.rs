@@ -133,9 +133,11 @@ async fn poller_for(
         tokens,
         w.store.clone(),
         metrics.clone(),
-        2,
-        2,
-        Duration::from_secs(10),
+        &carpulse::config::PollConfig {
+            concurrency: 2,
+            max_in_flight: 2,
+            timeout: Duration::from_secs(10),
+        },
     );
     poller.set_vehicles(
         connected

@@ -173,7 +173,13 @@ struct Inner {
     /// Per Vehicle API request, in ms (`poll.timeout`; SIGHUP may change it).
     timeout_ms: std::sync::atomic::AtomicU64,
     v3_page_size: Option<u32>,
+    /// Told of every Vehicle API request: its API, outcome label and wall time (the daemon
+    /// counts them in `carpulse_smartcar_requests_total`).
+    on_request: std::sync::OnceLock<RequestObserver>,
 }
+
+/// See [`SmartcarClient::observe_requests`].
+pub type RequestObserver = Arc<dyn Fn(ApiVersion, &'static str, f64) + Send + Sync>;
 
 impl fmt::Debug for SmartcarClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -258,8 +264,15 @@ impl SmartcarClient {
                 unit_system: cfg.unit_system,
                 timeout_ms: std::sync::atomic::AtomicU64::new(cfg.timeout.as_millis() as u64),
                 v3_page_size: cfg.v3_page_size,
+                on_request: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Calls `f` after every Vehicle API request with its API, outcome (`ok` or the error's
+    /// label) and wall time. Set once; later calls are ignored.
+    pub fn observe_requests(&self, f: RequestObserver) {
+        let _ = self.inner.on_request.set(f);
     }
 
     /// A new per-request timeout for Vehicle API calls (`poll.timeout` changed on SIGHUP).
@@ -413,7 +426,31 @@ impl SmartcarClient {
     /// [`send`](Self::send) for a call Smartcar does not bill to a vehicle (`/v3/connections`,
     /// smartcar-api.md §10.3).
     pub(crate) async fn send_unbilled(&self, req: RequestBuilder) -> Result<RawResponse, ApiError> {
-        let resp = req.send().await.map_err(|e| ApiError::from_reqwest(&e))?;
+        let request = req.build().map_err(|e| ApiError::from_reqwest(&e))?;
+        let api = if request.url().as_str().starts_with(self.inner.v2.as_str()) {
+            ApiVersion::V2
+        } else {
+            ApiVersion::V3
+        };
+        let started = std::time::Instant::now();
+        let result = self.send_raw(request).await;
+        if let Some(observe) = self.inner.on_request.get() {
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) => e.kind.label(),
+            };
+            observe(api, outcome, started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn send_raw(&self, request: reqwest::Request) -> Result<RawResponse, ApiError> {
+        let resp = self
+            .inner
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| ApiError::from_reqwest(&e))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp

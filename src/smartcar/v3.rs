@@ -62,7 +62,15 @@ pub struct SignalsPage {
 }
 
 /// The signals carpulse reads from a listing; the others are counted and skipped.
-const READ: [&str; 7] = [SOC, RANGE, CABLE, DETAILED_STATUS, IS_CHARGING, VIN, ODOMETER];
+const READ: [&str; 7] = [
+    SOC,
+    RANGE,
+    CABLE,
+    DETAILED_STATUS,
+    IS_CHARGING,
+    VIN,
+    ODOMETER,
+];
 
 /// A listing page as it arrives, with every part carpulse does not read left unparsed.
 #[derive(serde::Deserialize)]
@@ -1169,8 +1177,16 @@ mod tests {
     fn the_fast_parser_reads_documented_pages_and_skips_the_rest() {
         let v = page(
             vec![
-                sig(SOC, json!({"unit": "percent", "value": 75}), json!(1_752_104_118_549_i64)),
-                sig("climate-cabintemperature", json!({"unit": "celsius", "value": 21}), Value::Null),
+                sig(
+                    SOC,
+                    json!({"unit": "percent", "value": 75}),
+                    json!(1_752_104_118_549_i64),
+                ),
+                sig(
+                    "climate-cabintemperature",
+                    json!({"unit": "celsius", "value": 21}),
+                    Value::Null,
+                ),
             ],
             json!("/vehicles/v/signals?page=2"),
         );
