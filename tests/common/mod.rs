@@ -91,6 +91,18 @@ impl Proc {
         assert!(ok, "kill {signal} {pid}");
     }
 
+    /// Every stdout line not read yet, up to the end of the stream: lines may still be on
+    /// their way from the reader task after the process has exited.
+    pub async fn rest_of_stdout(&mut self) -> Vec<String> {
+        let mut rest = Vec::new();
+        while let Ok(Some(l)) =
+            tokio::time::timeout(Duration::from_secs(10), self.stdout.recv()).await
+        {
+            rest.push(l);
+        }
+        rest
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr_log.lock().unwrap().join("\n")
     }
@@ -256,11 +268,7 @@ pub async fn connect(config: &Path, http: &reqwest::Client) -> Vec<String> {
     assert_eq!(page.status(), 200, "the callback page after approval");
     let code = c.wait(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "connect exit code; stderr:\n{}", c.stderr());
-    let mut rest = Vec::new();
-    while let Ok(l) = c.stdout.try_recv() {
-        rest.push(l);
-    }
-    rest
+    c.rest_of_stdout().await
 }
 
 /// The value of one series in Prometheus text, matched on the given labels.
