@@ -20,6 +20,7 @@ pub mod demo;
 pub mod discovery;
 pub mod doctor;
 pub mod domain;
+pub mod exit;
 pub mod gate;
 pub mod history;
 pub mod metrics;
