@@ -119,11 +119,11 @@ impl Daemon {
             crate::smartcar::Job::Info,
             crate::poller::default_spread(&config.schedule.info),
         );
-        let listener = TcpListener::bind(config.metrics.listen)
-            .await
-            .with_context(|| {
-                format!("metrics.listen: cannot listen on {}", config.metrics.listen)
-            })?;
+        let listener = TcpListener::bind(config.metrics.listen).await.context(
+            crate::exit::Permanent::Listener {
+                addr: config.metrics.listen,
+            },
+        )?;
         let daemon = Daemon {
             config,
             store,

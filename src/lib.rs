@@ -23,6 +23,7 @@ pub mod domain;
 pub mod exit;
 pub mod gate;
 pub mod history;
+pub mod logging;
 pub mod metrics;
 pub mod plan;
 pub mod poller;
