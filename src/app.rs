@@ -271,6 +271,13 @@ impl Daemon {
         let refresher_stop = shutdown.clone();
         tasks.spawn(tokens.clone().run(refresher_stop));
 
+        // Retention and scheduled backups of the store (see maintenance).
+        tasks.spawn(crate::maintenance::run(
+            store.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ));
+
         let health_stop = shutdown.clone();
         let (h, t, p, m) = (
             health.clone(),

@@ -24,6 +24,7 @@ pub mod exit;
 pub mod gate;
 pub mod history;
 pub mod logging;
+pub mod maintenance;
 pub mod metrics;
 pub mod plan;
 pub mod poller;
