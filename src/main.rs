@@ -63,7 +63,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let cfg = load_config(&cli)?;
             match action {
                 VehiclesCommand::List => carpulse::report::vehicles_list(&cfg).await,
-                VehiclesCommand::Remove { id } => carpulse::report::vehicles_remove(&cfg, id).await,
+                VehiclesCommand::Remove { id, purge, yes } => {
+                    carpulse::admin::vehicles_remove(&cfg.store.path, id, *purge, *yes).await
+                }
                 VehiclesCommand::Disable { id } => {
                     carpulse::report::vehicles_enable(&cfg, id, false).await
                 }
@@ -88,5 +90,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             carpulse::simulator::run_cli(args.clone(), shutdown).await
         }
         Command::Demo(args) => carpulse::demo::run(args.clone()).await,
+        Command::Backup { dest, db } => {
+            let store = match db {
+                Some(db) => db.clone(),
+                None => load_config(&cli)?.store.path,
+            };
+            carpulse::admin::backup(&store, dest).await
+        }
+        Command::Migrate { dry_run } => {
+            carpulse::admin::migrate(&load_config(&cli)?.store.path, *dry_run).await
+        }
     }
 }

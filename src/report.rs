@@ -1,6 +1,6 @@
-//! The read-mostly CLI commands `vehicles list`, `vehicles remove` and `status`. They read the
-//! store through their own read-only connection (WAL lets them run beside the daemon) and never
-//! create a store that isn't there.
+//! The read-mostly CLI commands `vehicles list`, `vehicles enable/disable` and `status`
+//! (`vehicles remove` is in `admin`). They read the store through their own read-only
+//! connection (WAL lets them run beside the daemon) and never create a store that isn't there.
 
 use std::path::Path;
 
@@ -102,20 +102,6 @@ pub async fn vehicles_list(cfg: &Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-pub async fn vehicles_remove(cfg: &Config, id: &str) -> anyhow::Result<()> {
-    open_read_only(&cfg.store.path)?; // refuses to create a store just to remove from it
-    let store = Store::open(&cfg.store.path, None)?;
-    let vid = VehicleId(id.to_string());
-    let removed = store.call(move |c| queries::remove_vehicle(c, &vid)).await;
-    store.close().await?;
-    if removed? {
-        println!("removed vehicle {id} and its history");
-        Ok(())
-    } else {
-        bail!("no vehicle {id} in the store (see `carpulse vehicles list`)")
-    }
 }
 
 pub async fn vehicles_enable(cfg: &Config, id: &str, enabled: bool) -> anyhow::Result<()> {
