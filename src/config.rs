@@ -1081,9 +1081,14 @@ mod tests {
     #[test]
     fn the_example_file_is_valid() {
         let text = include_str!("../config/carpulse.example.toml");
-        let c = Config::parse(text, "carpulse.example.toml", &no_env()).unwrap();
+        // It names /etc/carpulse/client_secret, which the environment variable overrides.
+        let env = MapEnv(HashMap::from([(ENV_CLIENT_SECRET, "s".to_string())]));
+        let c = Config::parse(text, "carpulse.example.toml", &env).unwrap();
         assert_eq!(c.smartcar.api, ApiVersion::V3);
         assert_eq!(c.schedule.info, DEFAULT_INFO_CRON);
+        assert_eq!(c.retention, crate::store::retention::Policy::default());
+        assert_eq!(c.backup.schedule.as_deref(), Some("0 30 3 * * *"));
+        assert_eq!(c.backup.dir, PathBuf::from("/var/lib/carpulse/backups"));
     }
 
     #[test]
@@ -1191,7 +1196,10 @@ mod tests {
         )]));
         let c = Config::parse(&text, "c.toml", &env).unwrap();
         assert_eq!(c.smartcar.client_secret.expose(), "from-credential");
-        assert!(c.smartcar.api_credentials.is_none(), "an empty credential is none");
+        assert!(
+            c.smartcar.api_credentials.is_none(),
+            "an empty credential is none"
+        );
         // The environment variable still wins; without a credential the file key is read.
         let env2 = MapEnv(HashMap::from([
             (ENV_CREDENTIALS_DIRECTORY, creds.display().to_string()),
@@ -1232,7 +1240,10 @@ mod tests {
     #[test]
     fn retention_and_backup_defaults_and_limits() {
         let c = Config::parse(MINIMAL, "c.toml", &no_env()).unwrap();
-        assert_eq!(c.retention.readings, None, "readings are kept forever by default");
+        assert_eq!(
+            c.retention.readings, None,
+            "readings are kept forever by default"
+        );
         assert_eq!(
             c.retention.ok_poll_events,
             Some(Duration::from_secs(90 * 86_400))
