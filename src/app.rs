@@ -74,8 +74,8 @@ impl Daemon {
     /// Opens the store, loads connections and vehicles, binds the metrics listener.
     pub async fn build(config: Config) -> anyhow::Result<Daemon> {
         let metrics = Metrics::new().context("creating the metrics registry")?;
-        let store = Store::open(&config.store.path, Some(write_observer(&metrics)))
-            .with_context(|| format!("opening the store {}", config.store.path.display()))?;
+        // The error names the file itself (and carries exit code 73).
+        let store = Store::open(&config.store.path, Some(write_observer(&metrics)))?;
         let client =
             SmartcarClient::new(client_config(&config)).context("creating the Smartcar client")?;
         let app = match (&config.smartcar.api_credentials, config.smartcar.app_auth()) {

@@ -65,11 +65,7 @@ async fn a_backup_of_a_live_store_is_complete_and_checked_and_a_restore_runs() {
     );
     let code = backup.wait(Duration::from_secs(60)).await;
     assert_eq!(code, Some(0), "{}", backup.stderr());
-    let mut out = Vec::new();
-    while let Ok(l) = backup.stdout.try_recv() {
-        out.push(l);
-    }
-    let out = out.join("\n");
+    let out = crate::stdout_of(&mut backup).await;
     assert!(out.contains("PRAGMA integrity_check: ok"), "{out}");
     assert!(out.contains("readings"), "{out}");
     assert!(

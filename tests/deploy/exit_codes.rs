@@ -30,12 +30,9 @@ async fn a_port_in_use_exits_69_naming_the_address() {
     let cfg = config(dir.path(), &dir.path().join("c.db"), &addr);
     let mut run = spawn("run", &["--config", cfg.to_str().unwrap(), "run"], &[]);
     assert_eq!(run.wait(Duration::from_secs(30)).await, Some(69));
-    assert!(
-        run.stderr()
-            .contains(&format!("metrics.listen: cannot listen on {addr}")),
-        "{}",
-        run.stderr()
-    );
+    let needle = format!("metrics.listen: cannot listen on {addr}");
+    let err = crate::stderr_with(&run, &needle).await;
+    assert!(err.contains(&needle), "{err}");
 }
 
 #[tokio::test]
@@ -48,11 +45,13 @@ async fn an_unusable_store_exits_73_naming_the_file() {
     let cfg = config(dir.path(), &store, &format!("127.0.0.1:{}", free_port()));
     let mut run = spawn("run", &["--config", cfg.to_str().unwrap(), "run"], &[]);
     assert_eq!(run.wait(Duration::from_secs(30)).await, Some(73));
-    assert!(
-        run.stderr()
-            .contains(&format!("opening the store {}", store.display())),
-        "{}",
-        run.stderr()
+    let needle = format!("opening the store {}", store.display());
+    let err = crate::stderr_with(&run, &needle).await;
+    assert!(err.contains(&needle), "{err}");
+    assert_eq!(
+        err.matches("opening the store").count(),
+        1,
+        "said once: {err}"
     );
 
     // A store written by a newer carpulse: refused, untouched, 73.
@@ -64,7 +63,8 @@ async fn an_unusable_store_exits_73_naming_the_file() {
     let cfg = config(dir.path(), &newer, &format!("127.0.0.1:{}", free_port()));
     let mut run = spawn("run", &["--config", cfg.to_str().unwrap(), "run"], &[]);
     assert_eq!(run.wait(Duration::from_secs(30)).await, Some(73));
-    assert!(run.stderr().contains("newer carpulse"), "{}", run.stderr());
+    let err = crate::stderr_with(&run, "newer carpulse").await;
+    assert!(err.contains("newer carpulse"), "{err}");
     assert_eq!(std::fs::read(&newer).unwrap(), before, "not modified");
 }
 

@@ -80,6 +80,28 @@ where
     }
 }
 
+/// The process's stderr once it holds `needle` (its lines are read by a task that may still be
+/// catching up after the process exited), or what it holds after 10 s.
+pub async fn stderr_with(p: &common::Proc, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = p.stderr();
+        if text.contains(needle) || tokio::time::Instant::now() >= deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Everything the process wrote on stdout, once its reader saw the end of it (after `wait`).
+pub async fn stdout_of(p: &mut common::Proc) -> String {
+    let mut out = Vec::new();
+    while let Ok(Some(l)) = tokio::time::timeout(Duration::from_secs(10), p.stdout.recv()).await {
+        out.push(l);
+    }
+    out.join("\n")
+}
+
 /// One integer from the history at `db` (read-only, as any reader).
 pub fn db_i64(db: &Path, sql: &str) -> i64 {
     let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)

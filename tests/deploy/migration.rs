@@ -44,14 +44,6 @@ fn holds(path: &Path, secret: &str) -> bool {
     bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
 }
 
-fn stdout_of(p: &mut crate::common::Proc) -> String {
-    let mut out = Vec::new();
-    while let Ok(l) = p.stdout.try_recv() {
-        out.push(l);
-    }
-    out.join("\n")
-}
-
 #[tokio::test]
 async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     let dir = tempfile::tempdir().unwrap();
@@ -77,7 +69,7 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
         "{}",
         dry.stderr()
     );
-    let out = stdout_of(&mut dry);
+    let out = crate::stdout_of(&mut dry).await;
     for expected in [
         "schema version 2; this carpulse writes version 3",
         "3: a history a Grafana account may read",
@@ -102,7 +94,9 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
         "{}",
         run.stderr()
     );
-    assert!(stdout_of(&mut run).contains("migrated to schema version 3"));
+    assert!(crate::stdout_of(&mut run)
+        .await
+        .contains("migrated to schema version 3"));
 
     // The snapshot: the old store as it was (tokens and all), private, and openable.
     let snapshot = std::fs::read_dir(dir.path())
@@ -172,7 +166,9 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     // Migrating again: nothing to do.
     let mut again = spawn("migrate", &["--config", cfg, "migrate", "--dry-run"], &[]);
     assert_eq!(again.wait(Duration::from_secs(30)).await, Some(0));
-    assert!(stdout_of(&mut again).contains("nothing to migrate"));
+    assert!(crate::stdout_of(&mut again)
+        .await
+        .contains("nothing to migrate"));
 }
 
 #[tokio::test]
@@ -202,7 +198,9 @@ async fn purging_a_vehicle_asks_first_and_removing_keeps_its_history() {
         "{}",
         remove.stderr()
     );
-    assert!(stdout_of(&mut remove).contains("its history stays"));
+    assert!(crate::stdout_of(&mut remove)
+        .await
+        .contains("its history stays"));
     assert_eq!(crate::db_i64(&db, "SELECT enabled FROM vehicles"), 0);
     assert_eq!(
         crate::db_i64(&db, "SELECT count(*) FROM battery_history"),
