@@ -183,8 +183,11 @@ fn sysusers_and_tmpfiles_make_what_the_unit_and_the_store_need() {
     assert_eq!(backups[2..5], ["0750", "carpulse", "carpulse"]);
     let example = read("config/carpulse.example.toml");
     assert!(example.contains("dir = \"/var/lib/carpulse/backups\""));
-    // cargo-deb packages the unit, carpulse.sysusers and carpulse.tmpfiles from systemd/ (its
-    // unit-scripts) and adds the sysusers snippet; the postinst applies tmpfiles after it.
+    // cargo-deb packages the unit and carpulse.sysusers from systemd/ (its unit-scripts) and
+    // adds the sysusers snippet; tmpfiles is an asset, applied by the postinst after it.
+    assert!(deb_assets()
+        .iter()
+        .any(|(s, d)| s == "systemd/carpulse.tmpfiles" && d == "usr/lib/tmpfiles.d/carpulse.conf"));
     let cargo: toml::Value = toml::from_str(&read("Cargo.toml")).unwrap();
     let units = &cargo["package"]["metadata"]["deb"]["systemd-units"];
     assert_eq!(units["unit-name"].as_str(), Some("carpulse"));
