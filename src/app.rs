@@ -84,8 +84,8 @@ impl Daemon {
         };
         let metrics = Metrics::new().context("creating the metrics registry")?;
         metrics.set_api(config.smartcar.api);
-        let store = Store::open(&config.store.path, Some(write_observer(&metrics)))
-            .with_context(|| format!("opening the store {}", config.store.path.display()))?;
+        // The error names the file itself (and carries exit code 73).
+        let store = Store::open(&config.store.path, Some(write_observer(&metrics)))?;
         let client =
             SmartcarClient::new(client_config(&config)).context("creating the Smartcar client")?;
         let m = metrics.clone();
@@ -132,11 +132,11 @@ impl Daemon {
             crate::smartcar::Job::Info,
             crate::poller::default_spread(&config.schedule.info),
         );
-        let listener = TcpListener::bind(config.metrics.listen)
-            .await
-            .with_context(|| {
-                format!("metrics.listen: cannot listen on {}", config.metrics.listen)
-            })?;
+        let listener = TcpListener::bind(config.metrics.listen).await.context(
+            crate::exit::Permanent::Listener {
+                addr: config.metrics.listen,
+            },
+        )?;
         let daemon = Daemon {
             config,
             store,
@@ -294,6 +294,13 @@ impl Daemon {
 
         let refresher_stop = shutdown.clone();
         tasks.spawn(tokens.clone().run(refresher_stop));
+
+        // Retention and scheduled backups of the store (see maintenance).
+        tasks.spawn(crate::maintenance::run(
+            store.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ));
 
         let health_stop = shutdown.clone();
         let (h, t, p, m) = (

@@ -50,7 +50,7 @@ pub enum Command {
         #[arg(long)]
         paste: bool,
     },
-    /// List or remove stored vehicles.
+    /// List, disable, enable or remove stored vehicles.
     Vehicles {
         #[command(subcommand)]
         action: VehiclesCommand,
@@ -86,6 +86,22 @@ pub enum Command {
     Simulator(SimulatorArgs),
     /// Simulator + Connect + daemon in one process on a local SQLite file; no account needed.
     Demo(DemoArgs),
+    /// An online, consistent copy of the history (while the daemon writes), checked with
+    /// PRAGMA integrity_check and row counts. Tokens are not in it (they rotate; see the README).
+    Backup {
+        /// Where the copy goes; an existing file is never overwritten.
+        dest: PathBuf,
+        /// The history to copy, instead of the config's store.path (then no config is read).
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+    },
+    /// Migrate the store's schema to this carpulse's (the daemon does it at start); a
+    /// snapshot is taken first.
+    Migrate {
+        /// Only say what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,10 +111,17 @@ pub enum VehiclesCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Remove a vehicle and its history from the store.
+    /// Stop polling a vehicle and keep its history (as `disable`); with --purge, delete the
+    /// vehicle and its whole history. Asks on a terminal.
     Remove {
         /// The Smartcar vehicle id.
         id: String,
+        /// Delete the vehicle's history too (cannot be undone).
+        #[arg(long)]
+        purge: bool,
+        /// Do not ask (for scripts).
+        #[arg(long)]
+        yes: bool,
     },
     /// Stop polling a vehicle (its history stays); a running daemon notices within a minute
     /// or at once on SIGHUP.

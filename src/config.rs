@@ -52,6 +52,20 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub poll: PollConfig,
     pub budget: BudgetConfig,
+    /// `[retention]`: what the daemon prunes, and when.
+    pub retention: crate::store::retention::Policy,
+    /// `[backup]`: the daemon's scheduled backups.
+    pub backup: BackupConfig,
+}
+
+/// `[backup]`: with a `schedule`, the daemon writes a checked copy of the history to `dir`
+/// (`carpulse-<UTC time>.db`) and keeps the `keep` newest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupConfig {
+    /// Cron with a seconds field, validated; None: no scheduled backups.
+    pub schedule: Option<String>,
+    pub keep: usize,
+    pub dir: PathBuf,
 }
 
 /// Smartcar bills per call, each batch item counting (the free tier is about 500 calls per
@@ -169,6 +183,16 @@ pub const ENV_URL_OVERRIDES: [(&str, &str); 4] = [
     ("CARPULSE_API_V3_URL", "smartcar.api_v3_url"),
 ];
 pub const ENV_CLIENT_SECRET: &str = "CARPULSE_CLIENT_SECRET";
+/// Set by systemd for a unit with `LoadCredential=`: the directory holding its credentials.
+pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+/// The credential names the unit loads (`LoadCredential=client_secret:...`).
+pub const CREDENTIAL_CLIENT_SECRET: &str = "client_secret";
+pub const CREDENTIAL_API_CLIENT_SECRET: &str = "api_client_secret";
+pub const DEFAULT_BACKUP_KEEP: usize = 7;
+/// Poll events must cover the current month: the call budget is counted from them.
+pub const MIN_POLL_EVENTS_RETENTION: Duration = Duration::from_secs(35 * 86_400);
+/// Raw readings of today and yesterday always stay.
+pub const MIN_READINGS_RETENTION: Duration = Duration::from_secs(2 * 86_400);
 pub const ENV_API_CLIENT_SECRET: &str = "CARPULSE_API_CLIENT_SECRET";
 pub const ENV_IAM_URL: &str = "CARPULSE_IAM_URL";
 
@@ -189,6 +213,26 @@ struct RawConfig {
     poll: RawPoll,
     #[serde(default)]
     budget: RawBudget,
+    #[serde(default)]
+    retention: RawRetention,
+    #[serde(default)]
+    backup: RawBackup,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    readings: S<String>,
+    poll_events_ok: S<String>,
+    poll_events_other: S<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBackup {
+    schedule: S<String>,
+    keep: S<i64>,
+    dir: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -447,6 +491,7 @@ fn validate(
                 file: &sc.client_secret_file,
                 env: ENV_CLIENT_SECRET,
                 key: "smartcar.client_secret",
+                credential: CREDENTIAL_CLIENT_SECRET,
             },
             o,
             env,
@@ -456,7 +501,10 @@ fn validate(
         o.error(
             "smartcar.client_secret",
             None,
-            format!("missing: set client_secret, client_secret_file or ${ENV_CLIENT_SECRET}"),
+            format!(
+                "missing: set client_secret, client_secret_file or ${ENV_CLIENT_SECRET}, or give \
+                 the unit the credential {CREDENTIAL_CLIENT_SECRET} (/etc/carpulse/client_secret)"
+            ),
         )
     })?;
 
@@ -712,6 +760,9 @@ fn validate(
         );
     }
 
+    let retention = retention(&raw.retention, o)?;
+    let backup = backup(&raw.backup, &store_path, o)?;
+
     Ok(Config {
         source: None,
         smartcar: SmartcarConfig {
@@ -754,6 +805,109 @@ fn validate(
         budget: BudgetConfig {
             calls_per_vehicle_month,
         },
+        retention,
+        backup,
+    })
+}
+
+/// A retention key: `"forever"` or a duration of at least `min`.
+fn keep_for(
+    v: &S<String>,
+    default: Option<Duration>,
+    min: Duration,
+    key: &str,
+    why: &str,
+    o: &Origin<'_>,
+) -> Result<Option<Duration>, ConfigError> {
+    let Some(s) = v else {
+        return Ok(default);
+    };
+    if s.get_ref().trim() == "forever" {
+        return Ok(None);
+    }
+    let d = parse_duration(s.get_ref())
+        .or_else(|e| o.err(key, Some(s.span()), format!("{e}, or \"forever\"")))?;
+    if d < min {
+        return o.err(
+            key,
+            Some(s.span()),
+            format!(
+                "must be at least {} ({why}), or \"forever\"",
+                format_duration(min)
+            ),
+        );
+    }
+    Ok(Some(d))
+}
+
+fn retention(
+    raw: &RawRetention,
+    o: &Origin<'_>,
+) -> Result<crate::store::retention::Policy, ConfigError> {
+    let defaults = crate::store::retention::Policy::default();
+    let events_why = "the monthly call budget is counted from poll events";
+    Ok(crate::store::retention::Policy {
+        readings: keep_for(
+            &raw.readings,
+            defaults.readings,
+            MIN_READINGS_RETENTION,
+            "retention.readings",
+            "today's and yesterday's readings always stay",
+            o,
+        )?,
+        ok_poll_events: keep_for(
+            &raw.poll_events_ok,
+            defaults.ok_poll_events,
+            MIN_POLL_EVENTS_RETENTION,
+            "retention.poll_events_ok",
+            events_why,
+            o,
+        )?,
+        other_poll_events: keep_for(
+            &raw.poll_events_other,
+            defaults.other_poll_events,
+            MIN_POLL_EVENTS_RETENTION,
+            "retention.poll_events_other",
+            events_why,
+            o,
+        )?,
+    })
+}
+
+fn backup(raw: &RawBackup, store_path: &str, o: &Origin<'_>) -> Result<BackupConfig, ConfigError> {
+    let schedule = match &raw.schedule {
+        None => None,
+        Some(c) => {
+            check_cron(c.get_ref(), "backup.schedule", Some(c.span()), o)?;
+            Some(c.get_ref().clone())
+        }
+    };
+    let keep = match &raw.keep {
+        None => DEFAULT_BACKUP_KEEP,
+        Some(n) if (1..=10_000).contains(n.get_ref()) => *n.get_ref() as usize,
+        Some(n) => {
+            return o.err(
+                "backup.keep",
+                Some(n.span()),
+                format!("{} is out of range 1..=10000", n.get_ref()),
+            )
+        }
+    };
+    let dir = match &raw.dir {
+        Some(d) if d.get_ref().trim().is_empty() => {
+            return o.err("backup.dir", Some(d.span()), "must not be empty".into())
+        }
+        Some(d) => PathBuf::from(d.get_ref()),
+        None => Path::new(store_path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("backups"),
+    };
+    Ok(BackupConfig {
+        schedule,
+        keep,
+        dir,
     })
 }
 
@@ -764,10 +918,32 @@ struct SecretKeys<'a> {
     env: &'static str,
     /// `smartcar.client_secret`; the file key is this with `_file`.
     key: &'static str,
+    /// The systemd credential's name (`LoadCredential=client_secret:...`).
+    credential: &'static str,
 }
 
-/// Precedence: the environment variable, then the `_file` key (systemd credentials), then the
-/// value in the file. Both file keys at once is refused as ambiguous. `None`: none is set.
+/// The secret systemd passed as credential `name` (`$CREDENTIALS_DIRECTORY/name`), if there
+/// is one and it is not empty (the unit's `SetCredential=name:` default is empty: the
+/// operator did not provide that file).
+fn credential(env: &dyn Env, name: &str) -> Result<Option<Secret>, ConfigError> {
+    let Some(dir) = env.var(ENV_CREDENTIALS_DIRECTORY) else {
+        return Ok(None);
+    };
+    let path = Path::new(&dir).join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(Some(Secret::new(s.trim().to_string()))),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ConfigError(format!(
+            "{}: cannot read the systemd credential {name}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Precedence: the environment variable, then the systemd credential (`LoadCredential=`, read
+/// from `$CREDENTIALS_DIRECTORY`), then the `_file` key, then the value in the file. Both file
+/// keys at once is refused as ambiguous. `None`: none is set.
 fn resolve_secret(
     k: SecretKeys<'_>,
     o: &Origin<'_>,
@@ -783,6 +959,9 @@ fn resolve_secret(
     }
     if let Some(v) = env.var(k.env).filter(|v| !v.trim().is_empty()) {
         return Ok(Some(Secret::new(v.trim().to_string())));
+    }
+    if let Some(secret) = credential(env, k.credential)? {
+        return Ok(Some(secret));
     }
     if let Some(f) = k.file {
         let path = f.get_ref();
@@ -822,6 +1001,7 @@ fn api_credentials(
             file: &sc.api_client_secret_file,
             env: ENV_API_CLIENT_SECRET,
             key: "smartcar.api_client_secret",
+            credential: CREDENTIAL_API_CLIENT_SECRET,
         },
         o,
         env,
@@ -1029,9 +1209,14 @@ mod tests {
     #[test]
     fn the_example_file_is_valid() {
         let text = include_str!("../config/carpulse.example.toml");
-        let c = Config::parse(text, "carpulse.example.toml", &no_env()).unwrap();
+        // It names /etc/carpulse/client_secret, which the environment variable overrides.
+        let env = MapEnv(HashMap::from([(ENV_CLIENT_SECRET, "s".to_string())]));
+        let c = Config::parse(text, "carpulse.example.toml", &env).unwrap();
         assert_eq!(c.smartcar.api, ApiVersion::V3);
         assert_eq!(c.schedule.info, DEFAULT_INFO_CRON);
+        assert_eq!(c.retention, crate::store::retention::Policy::default());
+        assert_eq!(c.backup.schedule.as_deref(), Some("0 30 3 * * *"));
+        assert_eq!(c.backup.dir, PathBuf::from("/var/lib/carpulse/backups"));
     }
 
     #[test]
@@ -1117,6 +1302,130 @@ mod tests {
         let missing =
             "[smartcar]\nclient_id = \"a\"\nclient_secret_file = \"/nonexistent/carpulse\"\n";
         assert!(err(missing).starts_with("c.toml:3: smartcar.client_secret_file: cannot read"));
+    }
+
+    #[test]
+    fn systemd_credentials_come_before_the_file_key_and_an_empty_one_is_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("credentials");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::write(creds.join(CREDENTIAL_CLIENT_SECRET), "from-credential\n").unwrap();
+        // The unit's SetCredential= default when /etc/carpulse/api_client_secret is absent.
+        std::fs::write(creds.join(CREDENTIAL_API_CLIENT_SECRET), "").unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!(
+            "[smartcar]\nclient_id = \"a\"\nclient_secret_file = \"{}\"\n",
+            file.display()
+        );
+        let env = MapEnv(HashMap::from([(
+            ENV_CREDENTIALS_DIRECTORY,
+            creds.display().to_string(),
+        )]));
+        let c = Config::parse(&text, "c.toml", &env).unwrap();
+        assert_eq!(c.smartcar.client_secret.expose(), "from-credential");
+        assert!(
+            c.smartcar.api_credentials.is_none(),
+            "an empty credential is none"
+        );
+        // The environment variable still wins; without a credential the file key is read.
+        let env2 = MapEnv(HashMap::from([
+            (ENV_CREDENTIALS_DIRECTORY, creds.display().to_string()),
+            (ENV_CLIENT_SECRET, "from-env".to_string()),
+        ]));
+        assert_eq!(
+            Config::parse(&text, "c.toml", &env2)
+                .unwrap()
+                .smartcar
+                .client_secret
+                .expose(),
+            "from-env"
+        );
+        std::fs::remove_file(creds.join(CREDENTIAL_CLIENT_SECRET)).unwrap();
+        assert_eq!(
+            Config::parse(&text, "c.toml", &env)
+                .unwrap()
+                .smartcar
+                .client_secret
+                .expose(),
+            "from-file"
+        );
+        // The API secret from its credential turns API Authentication on with its id.
+        std::fs::write(creds.join(CREDENTIAL_API_CLIENT_SECRET), "api-secret").unwrap();
+        let c = Config::parse(
+            &format!("{text}api_client_id = \"client_x\"\n"),
+            "c.toml",
+            &env,
+        )
+        .unwrap();
+        let creds = c.smartcar.api_credentials.unwrap();
+        assert_eq!(creds.client_secret.expose(), "api-secret");
+        // Missing everywhere: the message names the credential too.
+        let e = err("[smartcar]\nclient_id = \"a\"\n");
+        assert!(e.contains("credential client_secret"), "{e}");
+    }
+
+    #[test]
+    fn retention_and_backup_defaults_and_limits() {
+        let c = Config::parse(MINIMAL, "c.toml", &no_env()).unwrap();
+        assert_eq!(
+            c.retention.readings, None,
+            "readings are kept forever by default"
+        );
+        assert_eq!(
+            c.retention.ok_poll_events,
+            Some(Duration::from_secs(90 * 86_400))
+        );
+        assert_eq!(c.retention.other_poll_events, None);
+        assert_eq!(c.backup.schedule, None);
+        assert_eq!(c.backup.keep, DEFAULT_BACKUP_KEEP);
+        assert_eq!(c.backup.dir, PathBuf::from("/var/lib/carpulse/backups"));
+
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}[retention]\nreadings = \"400d\"\npoll_events_ok = \"forever\"\n\
+                 poll_events_other = \"180d\"\n[backup]\nschedule = \"0 30 3 * * *\"\nkeep = 3\n\
+                 dir = \"/srv/backups\"\n"
+            ),
+            "c.toml",
+            &no_env(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.retention.readings,
+            Some(Duration::from_secs(400 * 86_400))
+        );
+        assert_eq!(c.retention.ok_poll_events, None);
+        assert_eq!(
+            c.retention.other_poll_events,
+            Some(Duration::from_secs(180 * 86_400))
+        );
+        assert_eq!(c.backup.schedule.as_deref(), Some("0 30 3 * * *"));
+        assert_eq!(c.backup.keep, 3);
+        assert_eq!(c.backup.dir, PathBuf::from("/srv/backups"));
+
+        for (text, expected) in [
+            (
+                "[retention]\npoll_events_ok = \"7d\"\n",
+                "c.toml:5: retention.poll_events_ok: must be at least 35d",
+            ),
+            (
+                "[retention]\nreadings = \"1d\"\n",
+                "c.toml:5: retention.readings: must be at least 2d",
+            ),
+            (
+                "[retention]\nreadings = \"always\"\n",
+                "c.toml:5: retention.readings:",
+            ),
+            (
+                "[backup]\nschedule = \"0 3 * * *\"\n",
+                "c.toml:5: backup.schedule:",
+            ),
+            ("[backup]\nkeep = 0\n", "c.toml:5: backup.keep:"),
+        ] {
+            let e = err(&format!("{MINIMAL}{text}"));
+            assert!(e.starts_with(expected), "{e}");
+        }
     }
 
     #[test]

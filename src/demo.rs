@@ -138,6 +138,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             timeout: Duration::from_secs(30),
         },
         budget: Default::default(),
+        retention: Default::default(),
+        backup: crate::config::BackupConfig {
+            schedule: None,
+            keep: crate::config::DEFAULT_BACKUP_KEEP,
+            dir: args
+                .db
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."))
+                .join("backups"),
+        },
     };
     for (key, expr) in [
         ("--battery-cron", &config.schedule.battery),

@@ -9,7 +9,11 @@
 //! readings go to the store's writer and its outcomes to [`metrics`]. [`connect`] runs the
 //! OAuth consent flow, [`simulator`] is a Smartcar look-alike for offline use, and [`app`] wires
 //! the daemon together with one shutdown path. [`demo`] runs all of it in one process.
+//! [`maintenance`] prunes and backs up the store while the daemon runs; [`admin`] holds the
+//! operator's commands that copy, migrate or delete; [`exit`] maps failures to exit codes
+//! systemd can act on, and [`logging`] gives journald each line's priority.
 
+pub mod admin;
 pub mod app;
 pub mod app_token;
 pub mod cli;
@@ -20,8 +24,11 @@ pub mod demo;
 pub mod discovery;
 pub mod doctor;
 pub mod domain;
+pub mod exit;
 pub mod gate;
 pub mod history;
+pub mod logging;
+pub mod maintenance;
 pub mod metrics;
 pub mod output;
 pub mod plan;

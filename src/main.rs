@@ -1,12 +1,12 @@
 //! The `carpulse` binary: parse the command line, set up logging, load the config, hand over to
-//! the library, and turn the result into an exit code (78, EX_CONFIG, for a bad config, which
-//! systemd is told not to retry; 1 for anything else).
+//! the library, and turn the result into an exit code ([`carpulse::exit`]: 78 for a bad config,
+//! 73 for an unusable store, 69 for an unusable listener, which systemd is told not to retry;
+//! 1 for anything else).
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use carpulse::cli::{Cli, Command, StoreArgs, VehiclesCommand};
-use carpulse::config::{Config, ConfigError, ProcessEnv, DEFAULT_CONFIG_PATH, EX_CONFIG};
+use carpulse::config::{Config, ProcessEnv, DEFAULT_CONFIG_PATH};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -23,13 +23,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // `carpulse status | head -1`: the reader has what it wanted.
         Err(e) if carpulse::output::is_broken_pipe(&e) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
-            eprintln!("carpulse: config error: {e}");
-            ExitCode::from(EX_CONFIG)
-        }
         Err(e) => {
-            eprintln!("carpulse: {e:#}");
-            ExitCode::FAILURE
+            let code = carpulse::exit::code(&e);
+            if code == carpulse::exit::EX_CONFIG {
+                carpulse::logging::fatal(&format!("config error: {e}"));
+            } else {
+                carpulse::logging::fatal(&format!("{e:#}"));
+            }
+            ExitCode::from(code)
         }
     }
 }
@@ -52,17 +53,7 @@ fn init_logging(command: &Command) {
         Command::Demo(_) => "info,carpulse::poller=debug",
         _ => "info",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Colours only on a terminal: journald and log files get plain text.
-    // A log write that fails (stderr's reader is gone) is dropped; reporting it would write to
-    // the same broken stderr and panic, killing whichever task logged.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .log_internal_errors(false)
-        .init();
+    carpulse::logging::init(default);
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
@@ -100,8 +91,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             VehiclesCommand::List { store } => {
                 carpulse::report::vehicles_list(&read_config(&cli, store)?, &mut out).await
             }
-            VehiclesCommand::Remove { id } => {
-                carpulse::report::vehicles_remove(&load_config(&cli)?, id).await
+            VehiclesCommand::Remove { id, purge, yes } => {
+                let cfg = load_config(&cli)?;
+                carpulse::admin::vehicles_remove(&cfg.store.path, id, *purge, *yes).await
             }
             VehiclesCommand::Disable { id } => {
                 carpulse::report::vehicles_enable(&load_config(&cli)?, id, false).await
@@ -132,5 +124,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             carpulse::simulator::run_cli(args.clone(), shutdown).await
         }
         Command::Demo(args) => carpulse::demo::run(args.clone()).await,
+        Command::Backup { dest, db } => {
+            let store = match db {
+                Some(db) => db.clone(),
+                None => load_config(&cli)?.store.path,
+            };
+            carpulse::admin::backup(&store, dest).await
+        }
+        Command::Migrate { dry_run } => {
+            carpulse::admin::migrate(&load_config(&cli)?.store.path, *dry_run).await
+        }
     }
 }

@@ -76,6 +76,14 @@ pub fn compare(old: &Config, new: &Config) -> Changes {
         false,
     );
     check(old.store.path != new.store.path, "store.path", false);
+    check(old.retention != new.retention, "retention", false);
+    check(
+        old.backup.schedule != new.backup.schedule,
+        "backup.schedule",
+        false,
+    );
+    check(old.backup.keep != new.backup.keep, "backup.keep", false);
+    check(old.backup.dir != new.backup.dir, "backup.dir", false);
     check(
         old.metrics.listen != new.metrics.listen,
         "metrics.listen",
@@ -175,7 +183,8 @@ mod tests {
                 "budget.calls_per_vehicle_month"
             ]
         );
-        assert_eq!(c.need_restart, ["smartcar.api", "store.path"]);
+        // backup.dir defaults to beside the store, so it moves with it.
+        assert_eq!(c.need_restart, ["smartcar.api", "store.path", "backup.dir"]);
         assert!(c.schedule());
         let secret = Config::parse(
             "[smartcar]\nclient_id = \"a\"\nclient_secret = \"other\"\n",

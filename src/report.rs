@@ -1,8 +1,8 @@
-//! The read-mostly CLI commands `vehicles list`, `vehicles remove` and `status`, and how every
-//! read command names a vehicle ([`resolve_vehicle`]). They read the store through their own
-//! read-only connection (WAL lets them run beside the daemon), never create a store that isn't
-//! there, and need no Smartcar credentials. Output goes to a `&mut dyn Write` (see
-//! [`crate::output`]).
+//! The read-mostly CLI commands `vehicles list`, `vehicles enable/disable` and `status`
+//! (`vehicles remove` is in `admin`), and how every read command names a vehicle
+//! ([`resolve_vehicle`]). They read the store through their own read-only connection (WAL lets
+//! them run beside the daemon), never create a store that isn't there, and need no Smartcar
+//! credentials. Output goes to a `&mut dyn Write` (see [`crate::output`]).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -208,20 +208,6 @@ pub async fn vehicles_list(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<
     }
     out.flush()?;
     Ok(())
-}
-
-pub async fn vehicles_remove(cfg: &Config, id: &str) -> anyhow::Result<()> {
-    open_read_only(&cfg.store.path)?; // refuses to create a store just to remove from it
-    let store = Store::open(&cfg.store.path, None)?;
-    let vid = VehicleId(id.to_string());
-    let removed = store.call(move |c| queries::remove_vehicle(c, &vid)).await;
-    store.close().await?;
-    if removed? {
-        println!("removed vehicle {id} and its history");
-        Ok(())
-    } else {
-        bail!("no vehicle {id} in the store (see `carpulse vehicles list`)")
-    }
 }
 
 pub async fn vehicles_enable(cfg: &Config, id: &str, enabled: bool) -> anyhow::Result<()> {

@@ -877,10 +877,12 @@ async fn a_rotated_pair_the_store_refused_is_saved_once_it_can_be() {
     let tokens = tokens_for(&w, &metrics).await;
     let first = tokens.access(connected.connection).await.unwrap();
 
-    // The disk refuses every update of the connection row.
-    let side = rusqlite::Connection::open(&w.config.store.path).unwrap();
+    // The disk refuses every update of the token store's pair.
+    let side =
+        rusqlite::Connection::open(carpulse::store::token_store::path_for(&w.config.store.path))
+            .unwrap();
     side.execute_batch(
-        "CREATE TRIGGER refuse BEFORE UPDATE ON connections
+        "CREATE TRIGGER refuse BEFORE UPDATE ON connection_tokens
          BEGIN SELECT RAISE(ABORT, 'disk says no'); END;",
     )
     .unwrap();
@@ -890,8 +892,10 @@ async fn a_rotated_pair_the_store_refused_is_saved_once_it_can_be() {
         .unwrap();
     assert_ne!(rotated.token, first.token, "rotated and in use");
     let stored_access = |side: &rusqlite::Connection| -> String {
-        side.query_row("SELECT access_token FROM connections", [], |r| r.get(0))
-            .unwrap()
+        side.query_row("SELECT access_token FROM connection_tokens", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
     };
     assert_eq!(stored_access(&side), first.token.expose());
     assert!(metrics

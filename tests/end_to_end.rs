@@ -100,13 +100,15 @@ async fn walking_skeleton(api: &str) {
             .unwrap();
         assert_eq!(conns as usize, USERS);
     }
-    let mode = std::fs::metadata(&setup.db).unwrap();
     use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(
-        mode.permissions().mode() & 0o777,
-        0o600,
-        "the store is created 0600"
+        mode(&setup.db),
+        0o640,
+        "the history is created 0640 (carpulse's group may read it)"
     );
+    let tokens_path = carpulse::store::token_store::path_for(&setup.db);
+    assert_eq!(mode(&tokens_path), 0o600, "the token store is created 0600");
 
     // As under systemd: readiness and stopping arrive on $NOTIFY_SOCKET.
     let notify_path = setup.dir.path().join("notify");
@@ -300,8 +302,9 @@ async fn walking_skeleton(api: &str) {
     // Secrets stay out of the log.
     let log = daemon.stderr();
     assert!(!log.contains("test-secret"));
-    let tokens: Vec<String> = db
-        .prepare("SELECT access_token FROM connections")
+    let token_db = rusqlite::Connection::open(&tokens_path).unwrap();
+    let tokens: Vec<String> = token_db
+        .prepare("SELECT access_token FROM connection_tokens")
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()

@@ -3739,3 +3739,29 @@ fn the_management_token_flag_reaches_the_config_and_never_a_log_line() {
         assert!(help.contains(needle), "{needle} not in --help");
     }
 }
+
+#[tokio::test]
+async fn the_tokens_endpoint_lists_every_token_issued() {
+    let sim = spawn(stable_cfg()).await;
+    let code = sim.code(&[]).await;
+    let first = sim.exchange(&code).await;
+    let refresh = first["refresh_token"].as_str().unwrap();
+    let rotated: Value = sim.refresh(refresh).await.json().await.unwrap();
+    let listed: Value = sim
+        .client
+        .get(sim.url("/_simulator/tokens"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let has =
+        |kind: &str, token: &Value| listed[kind].as_array().unwrap().iter().any(|t| t == token);
+    for pair in [&first, &rotated] {
+        assert!(has("access", &pair["access_token"]), "{listed}");
+        assert!(has("refresh", &pair["refresh_token"]), "{listed}");
+    }
+    assert_eq!(listed["access"].as_array().unwrap().len(), 2);
+    assert!(listed["app"].as_array().unwrap().is_empty());
+}

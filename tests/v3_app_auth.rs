@@ -140,10 +140,18 @@ async fn api_authentication_end_to_end() {
     assert_eq!(
         db_i64(
             &setup.db,
-            "SELECT count(*) FROM connections WHERE access_token = '' AND refresh_token = '' AND status = 'active'"
+            "SELECT count(*) FROM connections WHERE access_expires_at = 0 AND refresh_expires_at = 0 AND status = 'active'"
         ),
         2,
         "API Authentication stores no token"
+    );
+    assert_eq!(
+        db_i64(
+            &carpulse::store::token_store::path_for(&setup.db),
+            "SELECT count(*) FROM connection_tokens"
+        ),
+        0,
+        "nor does the token store"
     );
     for (user, _) in &users {
         assert_eq!(

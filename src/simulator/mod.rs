@@ -1062,6 +1062,7 @@ fn router(sim: SimState) -> Router {
             get(faults_list).post(faults_set).delete(faults_clear),
         )
         .route("/_simulator/revoke", post(revoke_handler))
+        .route("/_simulator/tokens", get(tokens_handler))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(sim.clone(), log_and_count))
         .with_state(sim)
@@ -1266,6 +1267,14 @@ async fn faults_clear(
 ) -> Json<Value> {
     sim.faults.clear(q.get("vehicle_id").map(String::as_str));
     Json(sim.faults.to_json())
+}
+
+/// Test introspection: every token string issued in the last day (`access`, `refresh`, `app`).
+/// The simulator's tokens are worthless outside it; a test checks that none of them reached a
+/// file or log line it must not.
+async fn tokens_handler(State(sim): State<SimState>) -> Json<Value> {
+    let (access, refresh, app) = sim.tokens.issued();
+    Json(json!({ "access": access, "refresh": refresh, "app": app }))
 }
 
 async fn stats_handler(State(sim): State<SimState>) -> Json<Value> {

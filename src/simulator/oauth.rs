@@ -150,6 +150,20 @@ impl TokenStore {
         }
     }
 
+    /// Every access, refresh and application token issued in the last day (the tables keep
+    /// them that long), for `GET /_simulator/tokens`: a test looks for them where they must
+    /// not be (a history file, a log).
+    pub(crate) fn issued(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let t = self.lock();
+        let mut access: Vec<String> = t.access.keys().cloned().collect();
+        let mut refresh: Vec<String> = t.refresh.keys().cloned().collect();
+        let mut app: Vec<String> = t.app.keys().cloned().collect();
+        access.sort();
+        refresh.sort();
+        app.sort();
+        (access, refresh, app)
+    }
+
     /// Revokes a user's connection (as a user removing the app in their account would).
     pub(crate) fn revoke(&self, user: usize) {
         self.lock().revoked.insert(user);

@@ -3,7 +3,8 @@
 //! Users query the store directly (DESIGN §3), so its schema only ever moves forward: migration
 //! N brings `user_version` from N-1 to N inside one transaction, so a crash leaves the store at
 //! a version it fully has. A store whose `user_version` is newer than this build knows was
-//! written by a newer carpulse; it is refused before anything touches it.
+//! written by a newer carpulse; it is refused before anything touches it. The store snapshots
+//! itself before migrating (see `super::open_connection`), which is the way back.
 
 use anyhow::{bail, Context};
 use rusqlite::{Connection, TransactionBehavior};
@@ -13,7 +14,61 @@ use rusqlite::{Connection, TransactionBehavior};
 pub const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
     include_str!("migrations/0002_blocks_and_calls.sql"),
+    include_str!("migrations/0003_history_without_tokens.sql"),
 ];
+
+/// The first schema whose history holds no token (they live in the token store).
+pub const FIRST_WITHOUT_TOKENS: i64 = 3;
+
+/// What migration `version` does, from the first line of its SQL (`-- carpulse schema N: ...`).
+pub fn describe(version: i64) -> &'static str {
+    let Some(sql) = usize::try_from(version - 1)
+        .ok()
+        .and_then(|i| MIGRATIONS.get(i))
+    else {
+        return "";
+    };
+    let first = sql.lines().next().unwrap_or("");
+    let text = first.trim_start_matches("--").trim();
+    match text.split_once(": ") {
+        Some((_, what)) => what,
+        None => text,
+    }
+}
+
+/// Refuses to drop the token columns while a pair in them is not yet in the token store: the
+/// migration must never be the place a connection is lost.
+fn check_tokens_moved(tx: &rusqlite::Transaction<'_>) -> anyhow::Result<()> {
+    if !super::token_store::history_holds_tokens(tx)? {
+        return Ok(());
+    }
+    let held: i64 = tx
+        .query_row(
+            "SELECT count(*) FROM main.connections WHERE access_token <> '' OR refresh_token <> ''",
+            [],
+            |r| r.get(0),
+        )
+        .context("counting the tokens still in the history")?;
+    if held == 0 {
+        return Ok(());
+    }
+    if !super::token_store::attached(tx) {
+        bail!("{held} connection(s) hold tokens in the history and no token store is attached: not migrating");
+    }
+    let missing: i64 = tx
+        .query_row(
+            "SELECT count(*) FROM main.connections c
+             WHERE (c.access_token <> '' OR c.refresh_token <> '')
+               AND NOT EXISTS (SELECT 1 FROM tokens.connection_tokens t WHERE t.connection_id = c.id)",
+            [],
+            |r| r.get(0),
+        )
+        .context("checking that every token is in the token store")?;
+    if missing > 0 {
+        bail!("{missing} connection(s) hold tokens that are not in the token store yet: not migrating");
+    }
+    Ok(())
+}
 
 /// The schema version this build writes.
 pub fn latest_version() -> i64 {
@@ -59,6 +114,9 @@ pub fn migrate(c: &mut Connection) -> anyhow::Result<i64> {
         if version >= target {
             continue; // already applied; the transaction rolls back on drop, having changed nothing
         }
+        if target == FIRST_WITHOUT_TOKENS {
+            check_tokens_moved(&tx)?;
+        }
         tx.execute_batch(sql)
             .with_context(|| format!("applying schema migration {target}"))?;
         tx.pragma_update(None, "user_version", target)
@@ -91,15 +149,23 @@ mod tests {
             .unwrap();
         names.sort();
         for expected in [
+            "battery_daily",
             "battery_history",
-            "battery_readings",
+            "battery_hourly",
+            "battery_rollup_hourly",
+            "blocked_endpoints",
             "charge_history",
-            "charge_readings",
+            "charge_session_log",
+            "charge_sessions",
             "connections",
+            "odometer_daily",
             "odometer_history",
-            "odometer_readings",
-            "poll_event_log",
+            "odometer_rollup_daily",
+            "poll_endpoints",
             "poll_events",
+            "poll_log",
+            "readings",
+            "retention_cutoffs",
             "store_state",
             "vehicles",
         ] {
@@ -118,12 +184,65 @@ mod tests {
             "charge_history",
             "odometer_history",
             "poll_events",
+            "battery_hourly",
+            "battery_daily",
+            "odometer_daily",
+            "charge_sessions",
         ] {
             let n: i64 = c
                 .query_row(&format!("SELECT count(*) FROM {view}"), [], |r| r.get(0))
                 .unwrap();
             assert_eq!(n, 0);
         }
+    }
+
+    #[test]
+    fn the_history_holds_no_token_column() {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate(&mut c).unwrap();
+        let columns: Vec<String> = c
+            .prepare("SELECT name FROM pragma_table_info('connections')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(!columns.iter().any(|c| c.contains("token")), "{columns:?}");
+        assert!(columns.iter().any(|c| c == "refresh_expires_at"));
+    }
+
+    #[test]
+    fn tokens_in_an_old_history_block_the_migration_until_they_are_moved() {
+        let mut c = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..2] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", 2).unwrap();
+        c.execute_batch(
+            "INSERT INTO connections VALUES (1, 'u', 'active', 'acc-1', 'ref-1', 5, 6, 0, 0)",
+        )
+        .unwrap();
+        let err = migrate(&mut c).unwrap_err();
+        assert!(format!("{err:#}").contains("not migrating"), "{err:#}");
+        assert_eq!(current_version(&c).unwrap(), 2);
+        super::super::token_store::attach(&c, std::path::Path::new(":memory:")).unwrap();
+        assert_eq!(
+            super::super::token_store::import_from_history(&mut c).unwrap(),
+            1
+        );
+        assert_eq!(migrate(&mut c).unwrap(), latest_version());
+        let moved: String = c
+            .query_row(
+                "SELECT refresh_token FROM tokens.connection_tokens WHERE connection_id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(moved, "ref-1");
+        assert_eq!(
+            describe(3),
+            "a history a Grafana account may read, shaped to last for years."
+        );
     }
 
     #[test]

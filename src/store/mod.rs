@@ -8,11 +8,19 @@
 //! block it. Messages are handled in the order they were queued, so a [`Store::call`] sees
 //! every write queued before it.
 //!
-//! Opening creates the file with mode 0600 (it holds refresh tokens) before SQLite touches it,
-//! refuses a store written by a newer carpulse, sets the pragmas and migrates ([`migrate`]).
+//! Two files (DESIGN §3 "tokens never live in it"): the history at `store.path`, created 0640
+//! so that an account in carpulse's group (Grafana) can read it, with its `-wal` and `-shm`
+//! kept on disk between runs (a reader without write access to the directory cannot create
+//! them); and the token store beside it, 0600 ([`token_store`]), attached to the same
+//! connection. Opening refuses a store written by a newer carpulse, snapshots a store before
+//! migrating it ([`backup::snapshot_before_migration`]), moves tokens out of an old history
+//! and then VACUUMs it so that no page keeps their bytes.
 
+pub mod backup;
 pub mod migrate;
 pub mod queries;
+pub mod retention;
+pub mod token_store;
 mod writer;
 
 pub use writer::{WriteItem, WriteObserver, WriteReport};
@@ -74,12 +82,17 @@ fn closed() -> anyhow::Error {
 }
 
 impl Store {
-    /// Creates (0600) / opens, sets pragmas, migrates, starts the owner thread.
-    /// `on_write` is called on the owner thread after each committed write batch (the daemon
-    /// feeds its metrics from it); a failed batch is reported too, with every row dropped.
+    /// Creates (history 0640, tokens 0600) / opens, sets pragmas, migrates, starts the owner
+    /// thread. `on_write` is called on the owner thread after each committed write batch (the
+    /// daemon feeds its metrics from it); a failed batch is reported too, with every row
+    /// dropped. An error carries [`crate::exit::Permanent::Store`] (exit 73) unless the file
+    /// was only busy.
     pub fn open(path: &Path, on_write: Option<WriteObserver>) -> anyhow::Result<Store> {
-        let conn = open_connection(path)
-            .with_context(|| format!("opening the store {}", path.display()))?;
+        let conn = open_connection(path).map_err(|e| {
+            e.context(crate::exit::Permanent::Store {
+                path: path.to_path_buf(),
+            })
+        })?;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let owner = Owner {
             conn,
@@ -151,24 +164,82 @@ impl Store {
     }
 }
 
-/// Creates the file 0600 (and its directory), opens it, refuses a newer schema, sets the
-/// pragmas and migrates.
+/// Mode of the history file (and so of its `-wal` and `-shm`, which SQLite creates with the
+/// database file's mode): readable by carpulse's group, never by others.
+pub const HISTORY_MODE: u32 = 0o640;
+
+/// Creates `path` with exactly `mode` (whatever the umask) if it does not exist; true if it
+/// was created. Run as root in a directory another account owns (`sudo carpulse connect` in
+/// `/var/lib/carpulse`), the new file is given to that account, as SQLite does with the
+/// journals it creates, so the daemon can still open it.
+pub(crate) fn create_private_file(path: &Path, mode: u32) -> anyhow::Result<bool> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let file = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => {
+            return Err(e).with_context(|| format!("creating {} (mode {mode:o})", path.display()))
+        }
+    };
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {} to {mode:o}", path.display()))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let (Ok(me), Ok(owner)) = (file.metadata(), std::fs::metadata(dir)) {
+        if me.uid() == 0 && owner.uid() != 0 {
+            std::os::unix::fs::fchown(&file, Some(owner.uid()), Some(owner.gid())).with_context(
+                || {
+                    format!(
+                        "giving {} to the owner of {}",
+                        path.display(),
+                        dir.display()
+                    )
+                },
+            )?;
+        }
+    }
+    Ok(true)
+}
+
+/// Keeps the `-wal` and `-shm` files when the last connection closes (SQLITE_FCNTL_PERSIST_WAL),
+/// so that a reader who may not create files in the directory (Grafana, in carpulse's group)
+/// can open the history while the daemon is stopped.
+fn persist_wal(c: &Connection) -> anyhow::Result<()> {
+    let mut on: std::os::raw::c_int = 1;
+    // SAFETY: the handle is valid while `c` lives; SQLITE_FCNTL_PERSIST_WAL reads and writes
+    // the one int it is given, which outlives the call.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            c.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            (&mut on as *mut std::os::raw::c_int).cast(),
+        )
+    };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        bail!("keeping the WAL files between runs (SQLITE_FCNTL_PERSIST_WAL) failed: code {rc}");
+    }
+    Ok(())
+}
+
+/// Creates the history 0640 (and its directory), opens it, refuses a newer schema, sets the
+/// pragmas, attaches the token store, snapshots and migrates an older schema.
 fn open_connection(path: &Path) -> anyhow::Result<Connection> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating the directory {}", parent.display()))?;
     }
-    // Created by us, not by SQLite, so the mode is 0600 from the first byte: the file will
-    // hold refresh tokens. SQLite gives its -wal and -shm files the database file's mode.
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(_) => tracing::info!(path = %path.display(), "created a new store"),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e).context("creating the store file with mode 0600"),
+    // Created by us, not by SQLite, so the mode is right from the first byte; SQLite gives its
+    // -wal and -shm files the database file's mode.
+    if create_private_file(path, HISTORY_MODE)? {
+        tracing::info!(path = %path.display(), "created a new store");
     }
     let mut conn = Connection::open_with_flags(
         path,
@@ -179,18 +250,80 @@ fn open_connection(path: &Path) -> anyhow::Result<Connection> {
         .context("setting busy_timeout")?;
     // Before any pragma that could rewrite the header: a newer store must stay untouched.
     migrate::refuse_newer(&conn)?;
+    let from = migrate::current_version(&conn)?;
+    if from == 0 {
+        // Only takes effect before the first table: a new store frees pruned pages with
+        // `PRAGMA incremental_vacuum` (retention); an older one gets it from the VACUUM below.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .context("setting auto_vacuum=INCREMENTAL")?;
+    }
     let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .pragma_update_and_check(Some("main"), "journal_mode", "WAL", |r| r.get(0))
         .context("setting journal_mode=WAL")?;
     if !mode.eq_ignore_ascii_case("wal") {
         bail!("the store could not be switched to WAL (journal_mode is {mode})");
     }
-    conn.pragma_update(None, "synchronous", "NORMAL")
+    persist_wal(&conn)?;
+    conn.pragma_update(Some("main"), "synchronous", "NORMAL")
         .context("setting synchronous=NORMAL")?;
     conn.pragma_update(None, "foreign_keys", true)
         .context("setting foreign_keys=ON")?;
+    token_store::attach(&conn, &token_store::path_for(path))?;
+    if from > 0 && from < migrate::latest_version() {
+        let snapshot = backup::snapshot_before_migration(&conn, path, from)
+            .context("snapshotting the store before migrating it")?;
+        tracing::info!(
+            snapshot = %snapshot.display(),
+            from,
+            to = migrate::latest_version(),
+            "snapshot taken before migrating the store (restore it with an older carpulse to go back)"
+        );
+    }
+    let moved = token_store::import_from_history(&mut conn)?;
+    if moved > 0 {
+        tracing::info!(
+            connections = moved,
+            tokens = %token_store::path_for(path).display(),
+            "moved OAuth tokens out of the history into the token store"
+        );
+    }
     migrate::migrate(&mut conn).context("migrating the schema")?;
+    if from > 0 && from < migrate::FIRST_WITHOUT_TOKENS {
+        scrub_after_token_move(&conn, path)?;
+    }
     Ok(conn)
+}
+
+/// After the tokens left an old history: VACUUM (so no free page or WAL frame keeps their
+/// bytes, and auto_vacuum=INCREMENTAL takes effect), empty the WAL, and open the files to the
+/// group as a new store would be.
+fn scrub_after_token_move(conn: &Connection, path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+        .context("setting auto_vacuum=INCREMENTAL")?;
+    conn.execute_batch("VACUUM main")
+        .context("VACUUM after moving the tokens out of the history")?;
+    let busy: i64 = conn
+        .query_row("PRAGMA main.wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .context("emptying the WAL after moving the tokens out")?;
+    if busy != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            "a reader kept the WAL from being emptied; it is emptied at the next checkpoint"
+        );
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o777 == 0o600 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(HISTORY_MODE))
+                .with_context(|| format!("making {} group-readable", file.display()))?;
+        }
+    }
+    tracing::info!(path = %path.display(), "the history holds no token any more: it is now group-readable (0640)");
+    Ok(())
 }
 
 /// State of the owner thread.
@@ -284,7 +417,7 @@ impl Owner {
     fn shutdown(self) -> anyhow::Result<()> {
         let path = self.path;
         self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            .query_row("PRAGMA main.wal_checkpoint(TRUNCATE)", [], |r| {
                 r.get::<_, i64>(0)
             })
             .with_context(|| format!("checkpointing the WAL of {}", path.display()))?;

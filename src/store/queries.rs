@@ -47,14 +47,15 @@ pub struct VehicleSummary {
     pub last_poll: Option<PollEvent>,
 }
 
-/// Runs `f` in an IMMEDIATE transaction committed with `synchronous=FULL`, then puts the
-/// connection back to NORMAL whatever happened (the writer's batches stay cheap).
+/// Runs `f` in an IMMEDIATE transaction committed with `synchronous=FULL` (the token store
+/// always is; the history is for this transaction), then puts the history back to NORMAL
+/// whatever happened (the writer's batches stay cheap).
 fn durably<R>(
     c: &mut Connection,
     what: &str,
     f: impl FnOnce(&rusqlite::Transaction<'_>) -> anyhow::Result<R>,
 ) -> anyhow::Result<R> {
-    c.pragma_update(None, "synchronous", "FULL")
+    c.pragma_update(Some("main"), "synchronous", "FULL")
         .with_context(|| format!("{what}: setting synchronous=FULL"))?;
     let result: anyhow::Result<R> = (|| {
         let tx = c
@@ -65,15 +66,50 @@ fn durably<R>(
         Ok(r)
     })();
     let restore = c
-        .pragma_update(None, "synchronous", "NORMAL")
+        .pragma_update(Some("main"), "synchronous", "NORMAL")
         .with_context(|| format!("{what}: restoring synchronous=NORMAL"));
     let r = result?;
     restore?;
     Ok(r)
 }
 
-/// Upsert by user_id: a reconnect replaces the tokens and sets status active. Its own
-/// transaction, synchronous=FULL.
+/// The token store's half of a connection upsert: the pair, keyed by connection and user.
+/// A row another user left under this id (a restored history reused it) is replaced.
+fn put_tokens(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    user_id: &str,
+    tokens: &TokenPair,
+    now: UnixMillis,
+) -> anyhow::Result<()> {
+    tx.execute(
+        "INSERT INTO tokens.connection_tokens (connection_id, user_id, access_token,
+             refresh_token, access_expires_at, refresh_expires_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (connection_id) DO UPDATE SET
+             user_id = excluded.user_id,
+             access_token = excluded.access_token,
+             refresh_token = excluded.refresh_token,
+             access_expires_at = excluded.access_expires_at,
+             refresh_expires_at = excluded.refresh_expires_at,
+             updated_at = excluded.updated_at",
+        params![
+            id,
+            user_id,
+            tokens.access_token.expose(),
+            tokens.refresh_token.expose(),
+            tokens.access_expires_at,
+            tokens.refresh_expires_at,
+            now
+        ],
+    )
+    .context("storing the tokens in the token store")?;
+    Ok(())
+}
+
+/// Upsert by user_id: a reconnect replaces the tokens and sets status active. One
+/// transaction over the history (who, status, expiry) and the token store (the pair), with
+/// synchronous=FULL for both.
 pub fn upsert_connection(
     c: &mut Connection,
     user_id: &str,
@@ -83,21 +119,17 @@ pub fn upsert_connection(
     durably(c, "saving the connection", |tx| {
         let id: i64 = tx
             .query_row(
-                "INSERT INTO connections (user_id, status, access_token, refresh_token,
-                     access_expires_at, refresh_expires_at, created_at, updated_at)
-                 VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?6)
+                "INSERT INTO connections (user_id, status, access_expires_at,
+                     refresh_expires_at, created_at, updated_at)
+                 VALUES (?1, 'active', ?2, ?3, ?4, ?4)
                  ON CONFLICT (user_id) DO UPDATE SET
                      status = 'active',
-                     access_token = excluded.access_token,
-                     refresh_token = excluded.refresh_token,
                      access_expires_at = excluded.access_expires_at,
                      refresh_expires_at = excluded.refresh_expires_at,
                      updated_at = excluded.updated_at
                  RETURNING id",
                 params![
                     user_id,
-                    tokens.access_token.expose(),
-                    tokens.refresh_token.expose(),
                     tokens.access_expires_at,
                     tokens.refresh_expires_at,
                     now
@@ -105,6 +137,7 @@ pub fn upsert_connection(
                 |r| r.get(0),
             )
             .context("inserting or updating the connection row")?;
+        put_tokens(tx, id, user_id, tokens, now)?;
         Ok(ConnectionId(id))
     })
 }
@@ -120,9 +153,9 @@ pub fn upsert_app_connection(
     durably(c, "saving the connection", |tx| {
         let id: i64 = tx
             .query_row(
-                "INSERT INTO connections (user_id, status, access_token, refresh_token,
-                     access_expires_at, refresh_expires_at, created_at, updated_at)
-                 VALUES (?1, 'active', '', '', 0, 0, ?2, ?2)
+                "INSERT INTO connections (user_id, status, access_expires_at,
+                     refresh_expires_at, created_at, updated_at)
+                 VALUES (?1, 'active', 0, 0, ?2, ?2)
                  ON CONFLICT (user_id) DO UPDATE SET
                      status = 'active',
                      updated_at = excluded.updated_at
@@ -131,12 +164,38 @@ pub fn upsert_app_connection(
                 |r| r.get(0),
             )
             .context("inserting or updating the connection row")?;
+        // A pair another user left under this id is not this user's.
+        tx.execute(
+            "DELETE FROM tokens.connection_tokens WHERE connection_id = ?1 AND user_id <> ?2",
+            params![id, user_id],
+        )
+        .context("clearing a stale pair from the token store")?;
         Ok(ConnectionId(id))
     })
 }
 
-/// Persists a rotated pair durably: its own transaction with `PRAGMA synchronous=FULL` for it,
-/// NORMAL after. Fails if the connection does not exist (a rotated token must never vanish).
+/// The history's copy of a pair's expiry times (`connections.access_expires_at`, ...), which
+/// `carpulse status` and readers of the history show. Not the pair itself, and not critical:
+/// the token store is the truth, so a failure here is logged and the pair stays saved.
+fn copy_expiry(c: &Connection, id: ConnectionId, tokens: &TokenPair, now: UnixMillis) {
+    let result = c.execute(
+        "UPDATE connections SET access_expires_at = ?2, refresh_expires_at = ?3, updated_at = ?4
+         WHERE id = ?1",
+        params![
+            id.0,
+            tokens.access_expires_at,
+            tokens.refresh_expires_at,
+            now
+        ],
+    );
+    if let Err(e) = result {
+        tracing::warn!(connection = %id, error = %e, "the token pair is saved, but the history's copy of its expiry could not be updated");
+    }
+}
+
+/// Persists a rotated pair durably: its own transaction in the token store (always
+/// `synchronous=FULL`). Fails if the connection has no pair stored (a rotated token must never
+/// vanish).
 pub fn save_tokens(
     c: &mut Connection,
     id: ConnectionId,
@@ -146,9 +205,9 @@ pub fn save_tokens(
     durably(c, "saving rotated tokens", |tx| {
         let n = tx
             .execute(
-                "UPDATE connections SET access_token = ?2, refresh_token = ?3,
+                "UPDATE tokens.connection_tokens SET access_token = ?2, refresh_token = ?3,
                      access_expires_at = ?4, refresh_expires_at = ?5, updated_at = ?6
-                 WHERE id = ?1",
+                 WHERE connection_id = ?1",
                 params![
                     id.0,
                     tokens.access_token.expose(),
@@ -160,10 +219,12 @@ pub fn save_tokens(
             )
             .with_context(|| format!("updating the tokens of connection {id}"))?;
         if n == 0 {
-            bail!("connection {id} is not in the store; its rotated tokens were not saved");
+            bail!("connection {id} is not in the token store; its rotated tokens were not saved");
         }
         Ok(())
-    })
+    })?;
+    copy_expiry(c, id, tokens, now);
+    Ok(())
 }
 
 /// What became of a rotated pair.
@@ -175,8 +236,9 @@ pub enum Rotation {
     Superseded(ConnectionRecord),
 }
 
-/// Saves a rotated pair only while the store still holds the refresh token it came from, so
-/// a refresher never overwrites a reconnect's newer grant. Durable, like [`save_tokens`].
+/// Saves a rotated pair only while the token store still holds the refresh token it came
+/// from, so a refresher never overwrites a reconnect's newer grant. Durable, like
+/// [`save_tokens`]; the history's copy of the expiry is updated after the pair is committed.
 pub fn save_rotated(
     c: &mut Connection,
     id: ConnectionId,
@@ -187,9 +249,9 @@ pub fn save_rotated(
     let saved = durably(c, "saving rotated tokens", |tx| {
         let n = tx
             .execute(
-                "UPDATE connections SET access_token = ?2, refresh_token = ?3,
+                "UPDATE tokens.connection_tokens SET access_token = ?2, refresh_token = ?3,
                      access_expires_at = ?4, refresh_expires_at = ?5, updated_at = ?6
-                 WHERE id = ?1 AND refresh_token = ?7",
+                 WHERE connection_id = ?1 AND refresh_token = ?7",
                 params![
                     id.0,
                     tokens.access_token.expose(),
@@ -204,6 +266,7 @@ pub fn save_rotated(
         Ok(n == 1)
     })?;
     if saved {
+        copy_expiry(c, id, tokens, now);
         return Ok(Rotation::Saved);
     }
     match load_connections(c)?.into_iter().find(|r| r.id == id) {
@@ -244,26 +307,43 @@ fn parse_status(id: i64, s: &str) -> ConnectionStatus {
     })
 }
 
-/// Every connection with its tokens, by id.
+/// Every connection with its tokens, by id. The pairs come from the token store when it is
+/// attached (the daemon, `connect`): a per-user connection whose pair is missing there (a
+/// history restored without its token store) is reported `needs_reauth`. Without the token
+/// store (a read-only reader of the history) the tokens are empty and the expiry times are the
+/// history's copy.
 pub fn load_connections(c: &Connection) -> anyhow::Result<Vec<ConnectionRecord>> {
-    let mut stmt = c
-        .prepare(
-            "SELECT id, user_id, status, access_token, refresh_token, access_expires_at,
-                    refresh_expires_at
-             FROM connections ORDER BY id",
-        )
-        .context("preparing the connections query")?;
+    let with_tokens = super::token_store::attached(c);
+    let sql = if with_tokens {
+        "SELECT c.id, c.user_id, c.status, t.access_token, t.refresh_token,
+                coalesce(t.access_expires_at, c.access_expires_at),
+                coalesce(t.refresh_expires_at, c.refresh_expires_at),
+                t.connection_id IS NULL AND c.refresh_expires_at > 0
+         FROM connections c
+         LEFT JOIN tokens.connection_tokens t
+                ON t.connection_id = c.id AND t.user_id = c.user_id
+         ORDER BY c.id"
+    } else {
+        "SELECT id, user_id, status, NULL, NULL, access_expires_at, refresh_expires_at, 0
+         FROM connections ORDER BY id"
+    };
+    let mut stmt = c.prepare(sql).context("preparing the connections query")?;
     let rows = stmt
         .query_map([], |r| {
             let id: i64 = r.get(0)?;
             let status: String = r.get(2)?;
+            let lost: bool = r.get(7)?;
+            let status = match parse_status(id, &status) {
+                ConnectionStatus::Active if lost => ConnectionStatus::NeedsReauth,
+                s => s,
+            };
             Ok(ConnectionRecord {
                 id: ConnectionId(id),
                 user_id: r.get(1)?,
-                status: parse_status(id, &status),
+                status,
                 tokens: TokenPair {
-                    access_token: Secret::new(r.get::<_, String>(3)?),
-                    refresh_token: Secret::new(r.get::<_, String>(4)?),
+                    access_token: Secret::new(r.get::<_, Option<String>>(3)?.unwrap_or_default()),
+                    refresh_token: Secret::new(r.get::<_, Option<String>>(4)?.unwrap_or_default()),
                     access_expires_at: r.get(5)?,
                     refresh_expires_at: r.get(6)?,
                 },
@@ -348,8 +428,9 @@ pub fn set_vehicle_enabled(
     Ok(n > 0)
 }
 
-/// Deletes the vehicle and its history; false if unknown. The history goes with it through the
-/// `vehicles_after_delete` trigger, which also tells the writer to drop its cached key.
+/// Deletes the vehicle and its history (`vehicles remove --purge`); false if unknown. The
+/// history goes with it through the `vehicles_after_delete` trigger, which also tells the
+/// writer to drop its cached key.
 pub fn remove_vehicle(c: &mut Connection, vehicle_id: &VehicleId) -> anyhow::Result<bool> {
     let tx = c
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -365,6 +446,67 @@ pub fn remove_vehicle(c: &mut Connection, vehicle_id: &VehicleId) -> anyhow::Res
     Ok(n > 0)
 }
 
+/// What a purge of one vehicle would delete, for the question `vehicles remove --purge` asks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistoryCounts {
+    pub battery: i64,
+    pub charge: i64,
+    pub odometer: i64,
+    pub poll_events: i64,
+    /// Hours, days and sessions summarised by retention.
+    pub rollups: i64,
+}
+
+/// The history rows of one vehicle; None if the vehicle is unknown.
+pub fn history_counts(
+    c: &Connection,
+    vehicle_id: &VehicleId,
+) -> anyhow::Result<Option<HistoryCounts>> {
+    let key: Option<i64> = c
+        .query_row(
+            "SELECT id FROM vehicles WHERE vehicle_id = ?1",
+            [&vehicle_id.0],
+            |r| r.get(0),
+        )
+        .optional()
+        .with_context(|| format!("looking up vehicle {vehicle_id}"))?;
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    let (battery, charge, odometer) = c
+        .query_row(
+            "SELECT count(soc_cp), count(charge_state), count(odometer_m) FROM readings
+             WHERE vehicle = ?1",
+            [key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .with_context(|| format!("counting the readings of {vehicle_id}"))?;
+    let poll_events = c
+        .query_row(
+            "SELECT count(*) FROM poll_log e JOIN poll_endpoints p ON (e.endpoints & p.bit) <> 0
+             WHERE e.vehicle = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .with_context(|| format!("counting the poll events of {vehicle_id}"))?;
+    let rollups = c
+        .query_row(
+            "SELECT (SELECT count(*) FROM battery_rollup_hourly WHERE vehicle = ?1)
+                  + (SELECT count(*) FROM odometer_rollup_daily WHERE vehicle = ?1)
+                  + (SELECT count(*) FROM charge_session_log WHERE vehicle = ?1)",
+            [key],
+            |r| r.get(0),
+        )
+        .with_context(|| format!("counting the rollups of {vehicle_id}"))?;
+    Ok(Some(HistoryCounts {
+        battery,
+        charge,
+        odometer,
+        poll_events,
+        rollups,
+    }))
+}
+
 /// Stored ms + lag back to a [`Stamp`].
 fn stamp(recorded_at: i64, lag: i64) -> Stamp {
     Stamp {
@@ -373,9 +515,29 @@ fn stamp(recorded_at: i64, lag: i64) -> Stamp {
     }
 }
 
+/// How far back from a vehicle's newest reading its latest reading of each kind is looked for.
+const LATEST_WINDOW_MS: i64 = 31 * 86_400_000;
+
+/// Fails with what to do when the history has an older schema than this carpulse reads (a
+/// read-only command run after an upgrade, before the daemon restarted and migrated it).
+pub fn require_current_schema(c: &Connection) -> anyhow::Result<()> {
+    let version = super::migrate::current_version(c)?;
+    let latest = super::migrate::latest_version();
+    if version < latest {
+        bail!(
+            "the store has schema version {version} and this carpulse reads version {latest}: \
+             restart the daemon (systemctl restart carpulse) or run `carpulse migrate` to \
+             migrate it (a snapshot is kept)"
+        );
+    }
+    Ok(())
+}
+
 /// Every vehicle with its connection status and latest readings, for `vehicles list` and
-/// `status`. Each "latest" is one primary-key (or index) seek, so this stays cheap per vehicle.
+/// `status`. Each "latest" is a short walk back on the primary key, so this stays cheap per
+/// vehicle.
 pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> {
+    require_current_schema(c)?;
     let mut vehicles = c
         .prepare(&format!(
             "SELECT {VEHICLE_COLUMNS}, v.id, c.id, c.status
@@ -393,28 +555,46 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
         .collect::<Result<Vec<_>, _>>()
         .context("reading a vehicle row for the summary")?;
 
+    // Each kind's latest is the newest row holding it, looked for within a month of the
+    // vehicle's newest row: a car that never reports a kind (an ICE car has no battery) costs
+    // a bounded walk, not a scan of its whole history.
     let mut battery = c.prepare_cached(
-        "SELECT recorded_at, fetch_lag_ms, soc_cp, range_m FROM battery_readings
-         WHERE vehicle = ?1 ORDER BY recorded_at DESC LIMIT 1",
+        "SELECT recorded_at, coalesce(battery_lag_ms, fetch_lag_ms), soc_cp, range_m
+         FROM readings
+         WHERE vehicle = ?1 AND soc_cp IS NOT NULL
+           AND recorded_at >= (SELECT max(recorded_at) FROM readings WHERE vehicle = ?1) - ?2
+         ORDER BY recorded_at DESC LIMIT 1",
     )?;
     let mut charge = c.prepare_cached(
-        "SELECT recorded_at, fetch_lag_ms, plugged_in, state FROM charge_readings
-         WHERE vehicle = ?1 ORDER BY recorded_at DESC LIMIT 1",
+        "SELECT recorded_at, coalesce(charge_lag_ms, fetch_lag_ms), plugged_in, charge_state
+         FROM readings
+         WHERE vehicle = ?1 AND charge_state IS NOT NULL
+           AND recorded_at >= (SELECT max(recorded_at) FROM readings WHERE vehicle = ?1) - ?2
+         ORDER BY recorded_at DESC LIMIT 1",
     )?;
     let mut odometer = c.prepare_cached(
-        "SELECT recorded_at, fetch_lag_ms, odometer_m FROM odometer_readings
-         WHERE vehicle = ?1 ORDER BY recorded_at DESC LIMIT 1",
+        "SELECT recorded_at, coalesce(odometer_lag_ms, fetch_lag_ms), odometer_m
+         FROM readings
+         WHERE vehicle = ?1 AND odometer_m IS NOT NULL
+           AND recorded_at >= (SELECT max(recorded_at) FROM readings WHERE vehicle = ?1) - ?2
+         ORDER BY recorded_at DESC LIMIT 1",
     )?;
+    // The newest poll; of its rows, a failure before a success, and the last endpoint.
     let mut poll = c.prepare_cached(
-        "SELECT at, endpoint, outcome, http_status, error_type, error_code FROM poll_event_log
-         WHERE vehicle = ?1 ORDER BY at DESC, id DESC LIMIT 1",
+        "SELECT e.at,
+                (SELECT name FROM poll_endpoints p WHERE (e.endpoints & p.bit) <> 0
+                 ORDER BY p.bit DESC LIMIT 1),
+                e.outcome, e.http_status, e.error_type, e.error_code
+         FROM poll_log e
+         WHERE e.vehicle = ?1
+         ORDER BY e.at DESC, e.outcome <> 'ok' DESC, e.endpoints DESC LIMIT 1",
     )?;
 
     let mut out = Vec::with_capacity(rows.len());
     for (vehicle, key, conn_id, status) in rows {
         let vid = vehicle.vehicle_id.clone();
         let last_battery = battery
-            .query_row([key], |r| {
+            .query_row([key, LATEST_WINDOW_MS], |r| {
                 Ok(BatteryReading {
                     stamp: stamp(r.get(0)?, r.get(1)?),
                     soc_percent: r.get::<_, i64>(2)? as f64 / 100.0,
@@ -424,7 +604,7 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
             .optional()
             .with_context(|| format!("reading the last battery reading of {vid}"))?;
         let last_charge = charge
-            .query_row([key], |r| {
+            .query_row([key, LATEST_WINDOW_MS], |r| {
                 let code: i64 = r.get(3)?;
                 Ok((
                     stamp(r.get(0)?, r.get(1)?),
@@ -443,7 +623,7 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
                 })
             });
         let last_odometer = odometer
-            .query_row([key], |r| {
+            .query_row([key, LATEST_WINDOW_MS], |r| {
                 Ok(OdometerReading {
                     stamp: stamp(r.get(0)?, r.get(1)?),
                     odometer_km: r.get::<_, i64>(2)? as f64 / 1000.0,
@@ -456,7 +636,7 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
                 Ok(PollEvent {
                     vehicle_id: vid.clone(),
                     at: r.get(0)?,
-                    endpoint: r.get(1)?,
+                    endpoint: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
                     outcome: r.get(2)?,
                     http_status: r
                         .get::<_, Option<i64>>(3)?
@@ -488,6 +668,7 @@ mod tests {
     pub(crate) fn memory_store() -> Connection {
         let mut c = Connection::open_in_memory().unwrap();
         c.pragma_update(None, "foreign_keys", true).unwrap();
+        crate::store::token_store::attach(&c, std::path::Path::new(":memory:")).unwrap();
         migrate(&mut c).unwrap();
         c
     }
@@ -535,9 +716,22 @@ mod tests {
         save_tokens(&mut c, id, &third, 4_000).unwrap();
         assert_eq!(load_connections(&c).unwrap()[0].tokens, third);
         let sync: i64 = c
-            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .pragma_query_value(Some("main"), "synchronous", |r| r.get(0))
             .unwrap();
-        assert_eq!(sync, 1, "synchronous is back to NORMAL after a token save");
+        assert_eq!(sync, 1, "the history is back to NORMAL after a token save");
+        let sync: i64 = c
+            .pragma_query_value(Some("tokens"), "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "the token store is always FULL");
+        // The history keeps a copy of the expiry, never the pair.
+        let expiry: i64 = c
+            .query_row(
+                "SELECT refresh_expires_at FROM main.connections WHERE id = ?1",
+                [id.0],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(expiry, third.refresh_expires_at);
 
         let created: (i64, i64) = c
             .query_row(
@@ -612,7 +806,8 @@ mod tests {
 
         // Removal takes the history with it.
         c.execute(
-            "INSERT INTO battery_readings VALUES ((SELECT id FROM vehicles), 5, 1, 5000, NULL)",
+            "INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, soc_cp)
+             VALUES ((SELECT id FROM vehicles), 5, 1, 5000)",
             [],
         )
         .unwrap();
@@ -620,7 +815,7 @@ mod tests {
         assert!(!remove_vehicle(&mut c, &v).unwrap());
         assert!(load_vehicles(&c).unwrap().is_empty());
         let left: i64 = c
-            .query_row("SELECT count(*) FROM battery_readings", [], |r| r.get(0))
+            .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0);
         let epoch: i64 = c
@@ -645,13 +840,16 @@ mod tests {
             )
             .unwrap();
         c.execute_batch(&format!(
-            "INSERT INTO battery_readings VALUES ({key}, 1000, 5, 5000, 100000),
-                                                ({key}, 2000, 7, 6834, 312400);
-             INSERT INTO charge_readings VALUES ({key}, 1500, 3, 1, 2);
-             INSERT INTO odometer_readings VALUES ({key}, 1700, 0, 12345678);
-             INSERT INTO poll_event_log (vehicle, at, endpoint, outcome, http_status, error_type, error_code)
-                 VALUES ({key}, 900, 'battery', 'ok', 200, NULL, NULL),
-                        ({key}, 2100, 'charge', 'vehicle_state', 409, 'VEHICLE_STATE', 'ASLEEP');"
+            "INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, soc_cp, range_m)
+                 VALUES ({key}, 1000, 5, 5000, 100000), ({key}, 2000, 7, 6834, 312400);
+             INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, plugged_in, charge_state)
+                 VALUES ({key}, 1500, 3, 1, 2);
+             INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, odometer_m)
+                 VALUES ({key}, 1700, 0, 12345678);
+             INSERT INTO poll_log (vehicle, at, endpoints, outcome, http_status, error_type, error_code)
+                 VALUES ({key}, 900, 1, 'ok', 200, NULL, NULL),
+                        ({key}, 2100, 1, 'ok', 200, NULL, NULL),
+                        ({key}, 2100, 2, 'vehicle_state', 409, 'VEHICLE_STATE', 'ASLEEP');"
         ))
         .unwrap();
         set_connection_status(&c, conn, ConnectionStatus::NeedsReauth, 1).unwrap();
@@ -901,6 +1099,10 @@ pub fn lift_pause(c: &Connection, vehicle_id: &VehicleId, cause: &str) -> anyhow
     .with_context(|| format!("lifting the pause of vehicle {vehicle_id}"))
 }
 
+/// The `poll_endpoints` bits of the info job's endpoints (`info`, `vin`, `odometer`), fixed
+/// by schema 3.
+const INFO_JOB_BITS: i64 = 4 | 8 | 16;
+
 /// Smartcar calls billed per vehicle since `since`, from `poll_events`: each poll's first
 /// event row carries its billed `calls` (the others 0). Rows from before schema 2 have none:
 /// their polls (events sharing an `at`) count as in v2 one call per event (a billed call or
@@ -921,17 +1123,15 @@ pub fn calls_since(
         .context("reading a vehicle row")?;
     let mut billed = c
         .prepare_cached(
-            "SELECT coalesce(sum(calls), 0) FROM poll_event_log
+            "SELECT coalesce(sum(calls), 0) FROM poll_log
              WHERE vehicle = ?1 AND at >= ?2 AND calls IS NOT NULL",
         )
         .context("preparing the billed calls query")?;
     let mut legacy = c
         .prepare_cached(
-            "SELECT count(*), max(endpoint IN ('info', 'vin', 'odometer')),
-                    max(outcome IN ('needs_reauth', 'token_error'))
-             FROM poll_event_log
+            "SELECT at, endpoints, outcome IN ('needs_reauth', 'token_error') FROM poll_log
              WHERE vehicle = ?1 AND at >= ?2 AND calls IS NULL
-             GROUP BY at",
+             ORDER BY at",
         )
         .context("preparing the older polls query")?;
     let mut used = std::collections::HashMap::new();
@@ -940,17 +1140,22 @@ pub fn calls_since(
             .query_row(params![key, since], |r| r.get::<_, i64>(0))
             .with_context(|| format!("counting the calls of vehicle {vehicle}"))?
             .max(0) as u64;
-        let polls = legacy
+        let rows = legacy
             .query_map(params![key, since], |r| {
                 Ok((
-                    r.get::<_, i64>(0)?.max(0) as u64,
-                    r.get::<_, bool>(1)?,
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
                     r.get::<_, bool>(2)?,
                 ))
             })
-            .with_context(|| format!("reading the older polls of vehicle {vehicle}"))?;
-        for poll in polls {
-            let (events, info, no_token) = poll.context("reading a poll row")?;
+            .with_context(|| format!("reading the older polls of vehicle {vehicle}"))?
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading a poll row")?;
+        // A poll is every row sharing its `at`: its events are the endpoints of all of them.
+        for poll in rows.chunk_by(|a, b| a.0 == b.0) {
+            let events: u64 = poll.iter().map(|p| u64::from(p.1.count_ones())).sum();
+            let info = poll.iter().any(|p| p.1 & INFO_JOB_BITS != 0);
+            let no_token = poll.iter().any(|p| p.2);
             n += match api {
                 _ if no_token => 0,
                 crate::domain::ApiVersion::V2 => events,

@@ -71,37 +71,46 @@ fn battery(recorded_at: i64, fetched_at: i64, soc: f64, range: Option<f64>) -> R
 }
 
 #[tokio::test]
-async fn open_creates_a_0600_wal_store_with_the_latest_schema_in_a_new_directory() {
+async fn open_creates_a_group_readable_history_and_a_private_token_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/dir/carpulse.db");
     let store = Store::open(&path, None).unwrap();
     seed(&store, &["v1"]).await; // forces a WAL write
-    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "db file mode {mode:o}");
+    let mode_of = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode_of(&path), 0o640, "history file mode");
     let wal = path.with_file_name("carpulse.db-wal");
-    let wal_mode = std::fs::metadata(&wal).unwrap().permissions().mode() & 0o777;
-    assert_eq!(wal_mode, 0o600, "wal file mode {wal_mode:o}");
-    let (journal, fk, sync, busy, version) = store
+    let shm = path.with_file_name("carpulse.db-shm");
+    assert_eq!(mode_of(&wal), 0o640, "history -wal mode");
+    assert_eq!(mode_of(&shm), 0o640, "history -shm mode");
+    let tokens = path.with_file_name("carpulse.tokens.db");
+    assert_eq!(mode_of(&tokens), 0o600, "token store mode");
+    let (journal, fk, sync, token_sync, busy, version, vacuum) = store
         .call(|c| {
             Ok((
-                c.pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0))?,
+                c.pragma_query_value(Some("main"), "journal_mode", |r| r.get::<_, String>(0))?,
                 c.pragma_query_value(None, "foreign_keys", |r| r.get::<_, i64>(0))?,
-                c.pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0))?,
+                c.pragma_query_value(Some("main"), "synchronous", |r| r.get::<_, i64>(0))?,
+                c.pragma_query_value(Some("tokens"), "synchronous", |r| r.get::<_, i64>(0))?,
                 c.pragma_query_value(None, "busy_timeout", |r| r.get::<_, i64>(0))?,
                 migrate::current_version(c)?,
+                c.pragma_query_value(Some("main"), "auto_vacuum", |r| r.get::<_, i64>(0))?,
             ))
         })
         .await
         .unwrap();
     assert_eq!(journal, "wal");
     assert_eq!(fk, 1);
-    assert_eq!(sync, 1, "NORMAL");
+    assert_eq!(sync, 1, "history NORMAL");
+    assert_eq!(token_sync, 2, "token store FULL");
     assert_eq!(busy, 5000);
     assert_eq!(version, migrate::latest_version());
+    assert_eq!(vacuum, 2, "auto_vacuum=INCREMENTAL");
     store.close().await.unwrap();
-    // close checkpointed: the WAL is gone or empty.
-    let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-    assert_eq!(wal_len, 0);
+    // close checkpointed: the WAL is empty, and kept with the -shm for readers who may not
+    // create files in the directory.
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+    assert!(shm.exists());
+    assert_eq!(mode_of(&wal), 0o640);
 }
 
 #[tokio::test]
@@ -590,8 +599,8 @@ async fn tokens_round_trip_and_never_appear_in_any_view() {
         .unwrap();
     assert_eq!(
         views.len(),
-        5,
-        "the four history views and blocked_endpoints"
+        12,
+        "the four history views, blocked_endpoints, four rollup views and their three raw parts"
     );
     let mut cells = 0;
     for view in views {
@@ -611,6 +620,25 @@ async fn tokens_round_trip_and_never_appear_in_any_view() {
         }
     }
     assert!(cells > 0, "the views had rows to check");
+    drop(c);
+    // Not a byte of a token in the history or its WAL; the token store has them.
+    for file in ["t.db", "t.db-wal", "t.db-shm"] {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+        for secret in [ACCESS, REFRESH] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{file} holds a token"
+            );
+        }
+    }
+    let tokens = std::fs::read(dir.path().join("t.tokens.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("t.tokens.db-wal")).unwrap_or_default();
+    assert!(
+        [tokens, wal]
+            .iter()
+            .any(|b| b.windows(REFRESH.len()).any(|w| w == REFRESH.as_bytes())),
+        "the token store holds the refresh token"
+    );
 }
 
 #[tokio::test]
@@ -684,7 +712,7 @@ async fn close_commits_what_was_queued_and_later_use_is_an_error() {
     assert!(other.call(|_| Ok(())).await.is_err());
     let c = Connection::open(&path).unwrap();
     let n: i64 = c
-        .query_row("SELECT count(*) FROM battery_readings", [], |r| r.get(0))
+        .query_row("SELECT count(*) FROM battery_history", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 500);
 }
@@ -725,9 +753,9 @@ async fn store_size_per_battery_reading() {
     store.flush().await.unwrap();
     let (rows, table_bytes, payload): (i64, i64, i64) = store
         .call(|c| {
-            let rows = c.query_row("SELECT count(*) FROM battery_readings", [], |r| r.get(0))?;
+            let rows = c.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
             let (bytes, payload) = c.query_row(
-                "SELECT sum(pgsize), sum(payload) FROM dbstat WHERE name = 'battery_readings'",
+                "SELECT sum(pgsize), sum(payload) FROM dbstat WHERE name = 'readings'",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
@@ -739,7 +767,7 @@ async fn store_size_per_battery_reading() {
     let file = std::fs::metadata(&path).unwrap().len();
     assert_eq!(rows, 100_000);
     println!(
-        "battery_readings: {rows} rows, table {table_bytes} B on disk = {:.1} B/reading \
+        "readings (battery only): {rows} rows, table {table_bytes} B on disk = {:.1} B/reading \
          (payload {:.1} B/reading); whole file {file} B = {:.1} B/reading",
         table_bytes as f64 / rows as f64,
         payload as f64 / rows as f64,
@@ -747,53 +775,85 @@ async fn store_size_per_battery_reading() {
     );
 }
 
-/// The query users run most (one vehicle, a time window, through a view) must be two index
-/// seeks, never a scan: that is what keeps "last 30 days of one car" in milliseconds.
+/// The query users run most (one vehicle, a time window, through a view) must be index seeks,
+/// never a scan: that is what keeps "last 30 days of one car" in milliseconds, and a rollup
+/// view over years of one car as cheap as reading that car's rows.
 #[test]
 fn one_vehicle_time_window_through_the_views_is_an_index_search() {
     let mut c = Connection::open_in_memory().unwrap();
     migrate::migrate(&mut c).unwrap();
-    for (view, time, table_plan) in [
-        (
-            "battery_history",
-            "recorded_at",
-            "SEARCH b USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
-        ),
-        (
-            "charge_history",
-            "recorded_at",
-            "SEARCH c USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
-        ),
-        (
-            "odometer_history",
-            "recorded_at",
-            "SEARCH o USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
-        ),
-        (
-            "poll_events",
-            "at",
-            "SEARCH e USING INDEX poll_event_log_vehicle_at (vehicle=? AND at>?)",
-        ),
-    ] {
+    let plan = |view: &str, time: &str| -> Vec<String> {
         let q = format!(
             "EXPLAIN QUERY PLAN SELECT * FROM {view} WHERE vehicle_id = ?1 AND {time} >= ?2 \
              ORDER BY {time}"
         );
-        let plan: Vec<String> = c
-            .prepare(&q)
+        c.prepare(&q)
             .unwrap()
             .query_map(["v", "0"], |r| r.get(3))
             .unwrap()
             .collect::<Result<_, _>>()
-            .unwrap();
+            .unwrap()
+    };
+    let vehicle = "SEARCH v USING COVERING INDEX sqlite_autoindex_vehicles_1 (vehicle_id=?)";
+    for (view, time, table_plan) in [
+        (
+            "battery_history",
+            "recorded_at",
+            "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
+        ),
+        (
+            "charge_history",
+            "recorded_at",
+            "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
+        ),
+        (
+            "odometer_history",
+            "recorded_at",
+            "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
+        ),
+    ] {
         assert_eq!(
-            plan,
-            vec![
-                "SEARCH v USING COVERING INDEX sqlite_autoindex_vehicles_1 (vehicle_id=?)"
-                    .to_string(),
-                table_plan.to_string()
-            ],
+            plan(view, time),
+            vec![vehicle.to_string(), table_plan.to_string()],
             "{view}"
+        );
+    }
+    let events = plan("poll_events", "at");
+    assert!(
+        events
+            .iter()
+            .any(|s| s == "SEARCH e USING PRIMARY KEY (vehicle=? AND at>?)"),
+        "poll_events: {events:?}"
+    );
+    // Rollup views: the vehicle is pushed into every part; no part scans a table.
+    for (view, time) in [
+        ("battery_hourly", "hour"),
+        ("battery_daily", "day"),
+        ("odometer_daily", "day"),
+        ("charge_sessions", "started_at"),
+    ] {
+        let steps = plan(view, time);
+        // A scan of a co-routine (a view's or CTE's rows) is fine; a scan of a table is not.
+        let routines: Vec<&str> = steps
+            .iter()
+            .filter_map(|s| {
+                s.strip_prefix("CO-ROUTINE ")
+                    .or_else(|| s.strip_prefix("MATERIALIZE "))
+            })
+            .collect();
+        let scans: Vec<&String> = steps
+            .iter()
+            .filter(|s| {
+                s.strip_prefix("SCAN ").is_some_and(|what| {
+                    let name = what.split(' ').next().unwrap_or("");
+                    name != view && !routines.contains(&name) && !name.starts_with("(subquery")
+                })
+            })
+            .collect();
+        assert!(scans.is_empty(), "{view} scans a table: {steps:?}");
+        assert!(
+            steps.iter().any(|s| s.contains("(vehicle=?")),
+            "{view} seeks the vehicle: {steps:?}"
         );
     }
 }

@@ -1,0 +1,173 @@
+//! The daemon's housekeeping of its store: retention (`[retention]`, hourly) and scheduled
+//! backups (`[backup]`). One task, started by `app` beside the others and stopped by the same
+//! shutdown token.
+//!
+//! Retention runs as many small steps, each one `Store::call` on the owner thread
+//! ([`crate::store::retention`]): the writer's batches queued meanwhile go between two steps,
+//! so pruning never holds up a poll. A backup reads the history through a connection of its
+//! own on a blocking thread; WAL lets it copy a consistent snapshot while the writer goes on.
+//! A failure of either is logged and tried again at the next run; it never stops the daemon.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{BackupConfig, Config};
+use crate::store::retention::{self, Policy};
+use crate::store::Store;
+
+/// The first retention run waits this long after start (the daemon settles first), then runs
+/// every [`RETENTION_EVERY`].
+const RETENTION_FIRST: Duration = Duration::from_secs(60);
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Retention and scheduled backups until `shutdown`.
+pub async fn run(store: Store, config: Config, shutdown: CancellationToken) {
+    let retention = retention_loop(&store, config.retention, &shutdown);
+    let backups = backup_loop(&config.store.path, &config.backup, &shutdown);
+    tokio::join!(retention, backups);
+}
+
+async fn retention_loop(store: &Store, policy: Policy, shutdown: &CancellationToken) {
+    let mut wait = RETENTION_FIRST;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = RETENTION_EVERY;
+        match retention_once(store, &policy, shutdown).await {
+            Ok(s) if s.readings_deleted + s.events_deleted > 0 => info!(
+                readings = s.readings_deleted,
+                poll_events = s.events_deleted,
+                steps = s.steps,
+                "retention: pruned what [retention] no longer keeps (readings summarised first)"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                "retention failed; trying again at the next run"
+            ),
+        }
+    }
+}
+
+/// One retention run through the owner thread, a step at a time; stops early on shutdown.
+pub async fn retention_once(
+    store: &Store,
+    policy: &Policy,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<retention::Summary> {
+    let now = crate::domain::now_ms();
+    let tasks = retention::plan_for(policy, now);
+    let mut summary = retention::Summary::default();
+    if tasks.is_empty() {
+        return Ok(summary);
+    }
+    let vehicles = store.call(|c| retention::vehicles(c)).await?;
+    for (vehicle, _) in vehicles {
+        for task in &tasks {
+            loop {
+                if shutdown.is_cancelled() {
+                    return Ok(summary);
+                }
+                let t = *task;
+                let (n, done) = store.call(move |c| t.step(c, vehicle)).await?;
+                summary.steps += 1;
+                match task {
+                    retention::Task::Events { .. } => summary.events_deleted += n,
+                    retention::Task::Readings { .. } => summary.readings_deleted += n,
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+    }
+    if summary.readings_deleted + summary.events_deleted > 0 {
+        while !shutdown.is_cancelled() && store.call(|c| retention::vacuum_step(c)).await? > 0 {}
+    }
+    Ok(summary)
+}
+
+async fn backup_loop(history: &Path, cfg: &BackupConfig, shutdown: &CancellationToken) {
+    let Some(schedule) = &cfg.schedule else {
+        return;
+    };
+    let cron = match crate::config::parse_cron(schedule) {
+        Ok(c) => c,
+        Err(e) => {
+            // The config was validated at start; this cannot happen, but must not panic.
+            warn!(error = %e, "backup.schedule does not parse; no scheduled backups");
+            return;
+        }
+    };
+    info!(schedule, dir = %cfg.dir.display(), keep = cfg.keep, "scheduled backups on");
+    loop {
+        let now = chrono::Utc::now();
+        let Ok(next) = cron.find_next_occurrence(&now, false) else {
+            warn!(
+                schedule,
+                "backup.schedule has no next time; no more scheduled backups"
+            );
+            return;
+        };
+        let wait = (next - now).to_std().unwrap_or_default();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let (history, cfg) = (history.to_path_buf(), cfg.clone());
+        let job = tokio::task::spawn_blocking(move || backup_once(&history, &cfg));
+        let result = tokio::select! {
+            // The copy runs on; its partial file is cleaned up by the next scheduled backup.
+            _ = shutdown.cancelled() => return,
+            r = job => r,
+        };
+        match result {
+            Ok(Ok((report, deleted))) => info!(
+                path = %report.path.display(),
+                bytes = report.bytes,
+                rows = report.counts.iter().map(|(_, n)| n).sum::<i64>(),
+                deleted_old = deleted.len(),
+                "scheduled backup written and checked (integrity_check ok, row counts equal)"
+            ),
+            Ok(Err(e)) => warn!(
+                error = format!("{e:#}"),
+                "scheduled backup failed; trying again at the next scheduled time"
+            ),
+            Err(e) => warn!(error = %e, "scheduled backup task failed"),
+        }
+    }
+}
+
+/// One scheduled backup into `cfg.dir`, then the oldest beyond `cfg.keep` are deleted.
+pub fn backup_once(
+    history: &Path,
+    cfg: &BackupConfig,
+) -> anyhow::Result<(crate::store::backup::Report, Vec<PathBuf>)> {
+    use anyhow::Context;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(&cfg.dir)
+        .with_context(|| format!("creating backup.dir {}", cfg.dir.display()))?;
+    // Partial copies an interrupted backup left (a stop in the middle of one).
+    if let Ok(entries) = std::fs::read_dir(&cfg.dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("carpulse-") && name.contains(".db.partial-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let dest = cfg
+        .dir
+        .join(crate::store::backup::scheduled_name(chrono::Utc::now()));
+    let report = crate::store::backup::backup(history, &dest)?;
+    let deleted = crate::store::backup::prune_scheduled(&cfg.dir, cfg.keep)?;
+    Ok((report, deleted))
+}

@@ -1,0 +1,452 @@
+//! A year of four vehicles at the default cadence (v3 battery listing every 15 minutes: battery,
+//! charge and odometer readings and four `ok` events per poll, a daily info poll, 2 % of polls
+//! answered "asleep"), written through the real store writer tick by tick as the daemon would.
+//! Default retention must keep it under 2 MB per vehicle, and the rollup views must agree with
+//! the raw readings they summarise, before and after `retention.readings` prunes them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use carpulse::domain::{
+    BatteryReading, ChargeReading, ChargeState, OdometerReading, PollEvent, Reading, Secret, Stamp,
+    TokenPair, VehicleId,
+};
+use carpulse::store::retention::{self, Policy};
+use carpulse::store::{queries, Store, WriteItem};
+
+const VEHICLES: usize = 4;
+const DAYS: i64 = 365;
+const TICK_MS: i64 = 15 * 60_000;
+/// 2026-01-01T00:00:00Z
+const START: i64 = 1_767_225_600_000;
+const END: i64 = START + DAYS * 86_400_000;
+
+fn vid(i: usize) -> VehicleId {
+    VehicleId(format!("{i:08x}-5f2d-4a21-8343-5727e965c661"))
+}
+
+/// A car's day: drives 08:00–08:45 and 17:30–18:30, charges from 21:00 until full on three
+/// nights in four (sessions that run past midnight), parked otherwise.
+struct Car {
+    soc: f64,
+    odometer_km: f64,
+    plugged: bool,
+    charging: bool,
+}
+
+impl Car {
+    fn step(&mut self, t: i64, i: usize) -> (f64, bool, ChargeState) {
+        let minute = (t / 60_000).rem_euclid(1440);
+        let day = t / 86_400_000;
+        let driving = (480..525).contains(&minute) || (1050..1110).contains(&minute);
+        if driving {
+            self.plugged = false;
+            self.charging = false;
+            self.soc = (self.soc - 1.7 - i as f64 * 0.1).max(5.0);
+            self.odometer_km += 11.3 + i as f64;
+        } else if minute == 1260 && (day + i as i64) % 4 != 0 {
+            self.plugged = true;
+            self.charging = true;
+        }
+        if self.charging {
+            self.soc = (self.soc + 2.9).min(90.0);
+            if self.soc >= 90.0 {
+                self.charging = false;
+            }
+        }
+        let state = match (self.plugged, self.charging) {
+            (_, true) => ChargeState::Charging,
+            (true, false) => ChargeState::FullyCharged,
+            (false, false) => ChargeState::NotCharging,
+        };
+        // A little noise on the range estimate, as cars report it.
+        let range = self.soc * 4.1 + ((t / TICK_MS) % 7) as f64 * 0.3;
+        (range, self.plugged, state)
+    }
+}
+
+fn event(v: &VehicleId, at: i64, endpoint: &str, outcome: &str, calls: u64) -> WriteItem {
+    let failed = outcome != "ok";
+    WriteItem::Event(PollEvent {
+        vehicle_id: v.clone(),
+        at,
+        endpoint: endpoint.into(),
+        outcome: outcome.into(),
+        http_status: Some(if failed { 409 } else { 200 }),
+        error_type: failed.then(|| "VEHICLE_STATE".into()),
+        error_code: failed.then(|| "ASLEEP".into()),
+        calls: Some(calls),
+    })
+}
+
+/// Writes the year through the writer, one batch per tick (every vehicle's poll of that tick).
+async fn write_year(store: &Store) {
+    let ids: Vec<VehicleId> = (0..VEHICLES).map(vid).collect();
+    let seed = ids.clone();
+    store
+        .call(move |c| {
+            let tokens = TokenPair {
+                access_token: Secret::new("a"),
+                refresh_token: Secret::new("r"),
+                access_expires_at: START,
+                refresh_expires_at: START,
+            };
+            let conn = queries::upsert_connection(c, "user-1", &tokens, START)?;
+            for v in &seed {
+                queries::upsert_vehicle(c, conn, v, None, START)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let mut cars: Vec<Car> = (0..VEHICLES)
+        .map(|i| Car {
+            soc: 60.0 + i as f64,
+            odometer_km: 12_000.0 * (i + 1) as f64,
+            plugged: false,
+            charging: false,
+        })
+        .collect();
+    let mut t = START;
+    let mut n = 0u64;
+    while t < END {
+        let mut items = Vec::with_capacity(VEHICLES * 8);
+        for (i, v) in ids.iter().enumerate() {
+            n += 1;
+            let at = t + i as i64 * 977; // each vehicle at its own offset in the tick
+            let (range, plugged, state) = cars[i].step(t, i);
+            if n % 50 == 0 {
+                // Asleep: a failed poll, no reading.
+                items.push(event(v, at, "battery", "vehicle_state", 1));
+                items.push(event(v, at, "charge", "vehicle_state", 0));
+                continue;
+            }
+            let stamp = Stamp {
+                recorded_at: at - 40_000 - (n % 13) as i64 * 1_000,
+                fetched_at: at + 1_200 + (n % 7) as i64 * 100,
+            };
+            let car = &cars[i];
+            items.push(event(v, at, "battery", "ok", 1));
+            items.push(WriteItem::Reading(
+                v.clone(),
+                Reading::Battery(BatteryReading {
+                    stamp,
+                    soc_percent: (car.soc * 100.0).round() / 100.0,
+                    range_km: Some((range * 1000.0).round() / 1000.0),
+                }),
+            ));
+            items.push(event(v, at, "charge", "ok", 0));
+            items.push(WriteItem::Reading(
+                v.clone(),
+                Reading::Charge(ChargeReading {
+                    stamp,
+                    plugged_in: plugged,
+                    state,
+                }),
+            ));
+            // The v3 listing also carries the odometer and the VIN.
+            items.push(event(v, at, "odometer", "ok", 0));
+            items.push(WriteItem::Reading(
+                v.clone(),
+                Reading::Odometer(OdometerReading {
+                    stamp,
+                    odometer_km: (car.odometer_km * 1000.0).round() / 1000.0,
+                }),
+            ));
+            items.push(event(v, at, "vin", "ok", 0));
+            if (t / 60_000).rem_euclid(1440) == 240 {
+                items.push(event(v, at + 5, "info", "ok", 1));
+                items.push(WriteItem::Vin(v.clone(), "5YJ3E1EA7KF000001".into()));
+            }
+        }
+        store.write(items).await.unwrap();
+        t += TICK_MS;
+    }
+    store.flush().await.unwrap();
+}
+
+type Rows = Vec<Vec<rusqlite::types::Value>>;
+
+async fn rows(store: &Store, sql: &'static str) -> Rows {
+    store
+        .call(move |c| {
+            let mut stmt = c.prepare(sql)?;
+            let n = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| {
+                    (0..n).map(|i| r.get(i)).collect::<Result<Vec<_>, _>>()
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+        .unwrap()
+}
+
+fn f(v: &rusqlite::types::Value) -> f64 {
+    match v {
+        rusqlite::types::Value::Integer(i) => *i as f64,
+        rusqlite::types::Value::Real(r) => *r,
+        other => panic!("not a number: {other:?}"),
+    }
+}
+
+/// Checks each view row against the expected row, column by column (numbers to 1e-9).
+fn agree(what: &str, view: &Rows, expected: &Rows) {
+    assert_eq!(view.len(), expected.len(), "{what}: row count");
+    for (a, b) in view.iter().zip(expected) {
+        for (x, y) in a.iter().zip(b) {
+            match (x, y) {
+                (rusqlite::types::Value::Text(x), rusqlite::types::Value::Text(y)) => {
+                    assert_eq!(x, y, "{what}: {a:?} vs {b:?}")
+                }
+                (rusqlite::types::Value::Null, rusqlite::types::Value::Null) => {}
+                (x, y) => assert!((f(x) - f(y)).abs() < 1e-9, "{what}: {a:?} vs {b:?}"),
+            }
+        }
+    }
+}
+
+/// Charging sessions computed here, independently of the SQL: runs of CHARGING readings,
+/// ended by the next reading.
+fn sessions_from(charge: &Rows, battery: &BTreeMap<(String, i64), f64>) -> Rows {
+    use rusqlite::types::Value;
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < charge.len() {
+        let (v, at, state) = (&charge[i][0], f(&charge[i][1]) as i64, &charge[i][2]);
+        if *state != Value::Text("CHARGING".into()) {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j + 1 < charge.len()
+            && charge[j + 1][0] == *v
+            && charge[j + 1][2] == Value::Text("CHARGING".into())
+        {
+            j += 1;
+        }
+        let vehicle = match v {
+            Value::Text(s) => s.clone(),
+            _ => unreachable!(),
+        };
+        let ender = (j + 1 < charge.len() && charge[j + 1][0] == *v).then(|| j + 1);
+        let soc_at = |k: usize| {
+            battery
+                .get(&(vehicle.clone(), f(&charge[k][1]) as i64))
+                .copied()
+        };
+        let soc_end = ender.and_then(soc_at).or_else(|| soc_at(j));
+        out.push(vec![
+            v.clone(),
+            Value::Integer(at),
+            ender.map_or(Value::Null, |k| charge[k][1].clone()),
+            Value::Integer((j - i + 1) as i64),
+            soc_at(i).map_or(Value::Null, Value::Real),
+            soc_end.map_or(Value::Null, Value::Real),
+            ender.map_or(Value::Null, |k| charge[k][2].clone()),
+        ]);
+        i = j + 1;
+    }
+    out
+}
+
+const HOURLY_VIEW: &str = "SELECT vehicle_id, hour, readings, soc_avg_percent, soc_min_percent,
+    soc_max_percent, range_avg_km, range_min_km, range_max_km FROM battery_hourly
+    ORDER BY vehicle_id, hour";
+const HOURLY_RAW: &str = "SELECT vehicle_id, CAST(recorded_at / 3600000 AS INTEGER) * 3600000,
+    count(*), avg(soc_percent), min(soc_percent), max(soc_percent), avg(range_km),
+    min(range_km), max(range_km) FROM battery_history GROUP BY 1, 2 ORDER BY 1, 2";
+const DAILY_VIEW: &str = "SELECT vehicle_id, day, readings, soc_avg_percent, soc_min_percent,
+    soc_max_percent, range_avg_km FROM battery_daily ORDER BY vehicle_id, day";
+const DAILY_RAW: &str = "SELECT vehicle_id, CAST(recorded_at / 86400000 AS INTEGER) * 86400000,
+    count(*), avg(soc_percent), min(soc_percent), max(soc_percent), avg(range_km)
+    FROM battery_history GROUP BY 1, 2 ORDER BY 1, 2";
+const ODOMETER_VIEW: &str = "SELECT vehicle_id, day, readings, odometer_min_km, odometer_max_km, km
+    FROM odometer_daily ORDER BY vehicle_id, day";
+const ODOMETER_RAW: &str = "SELECT vehicle_id, CAST(recorded_at / 86400000 AS INTEGER) * 86400000,
+    count(*), min(odometer_km), max(odometer_km), max(odometer_km) - min(odometer_km)
+    FROM odometer_history GROUP BY 1, 2 ORDER BY 1, 2";
+const SESSIONS_VIEW: &str = "SELECT vehicle_id, started_at, ended_at, readings, soc_start_percent,
+    soc_end_percent, end_state FROM charge_sessions ORDER BY vehicle_id, started_at";
+
+#[tokio::test]
+async fn a_year_with_default_retention_stays_under_2_mb_per_vehicle_and_rollups_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("year.db");
+    let store = Store::open(&path, None).unwrap();
+    write_year(&store).await;
+
+    // The rollup views agree with the raw readings they summarise.
+    agree(
+        "battery_hourly",
+        &rows(&store, HOURLY_VIEW).await,
+        &rows(&store, HOURLY_RAW).await,
+    );
+    agree(
+        "battery_daily",
+        &rows(&store, DAILY_VIEW).await,
+        &rows(&store, DAILY_RAW).await,
+    );
+    agree(
+        "odometer_daily",
+        &rows(&store, ODOMETER_VIEW).await,
+        &rows(&store, ODOMETER_RAW).await,
+    );
+    let charge = rows(
+        &store,
+        "SELECT vehicle_id, recorded_at, state FROM charge_history ORDER BY vehicle_id, recorded_at",
+    )
+    .await;
+    let battery: BTreeMap<(String, i64), f64> = rows(
+        &store,
+        "SELECT vehicle_id, recorded_at, soc_percent FROM battery_history",
+    )
+    .await
+    .iter()
+    .map(|r| match &r[0] {
+        rusqlite::types::Value::Text(v) => ((v.clone(), f(&r[1]) as i64), f(&r[2])),
+        _ => unreachable!(),
+    })
+    .collect();
+    let sessions = rows(&store, SESSIONS_VIEW).await;
+    assert!(
+        sessions.len() > 200 * VEHICLES,
+        "{} sessions",
+        sessions.len()
+    );
+    agree(
+        "charge_sessions",
+        &sessions,
+        &sessions_from(&charge, &battery),
+    );
+
+    // Default retention: ok poll events older than 90 days go, everything else stays.
+    let policy = Policy::default();
+    let summary = store
+        .call(move |c| retention::run_all(c, &policy, END))
+        .await
+        .unwrap();
+    assert!(summary.events_deleted > 0);
+    assert_eq!(
+        summary.readings_deleted, 0,
+        "readings are kept forever by default"
+    );
+    let oldest_ok = f(&rows(
+        &store,
+        "SELECT min(at) FROM poll_events WHERE outcome = 'ok'",
+    )
+    .await[0][0]) as i64;
+    assert!(oldest_ok >= END - 90 * 86_400_000);
+    let failures = rows(
+        &store,
+        "SELECT count(*) FROM poll_events WHERE outcome <> 'ok'",
+    )
+    .await;
+    assert!(f(&failures[0][0]) > 0.0, "failed polls are kept");
+    let battery_rows = f(&rows(&store, "SELECT count(*) FROM battery_history").await[0][0]);
+    store.close().await.unwrap();
+
+    let bytes = std::fs::metadata(&path).unwrap().len()
+        + std::fs::metadata(dir.path().join("year.db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+    let per_vehicle = bytes as f64 / VEHICLES as f64;
+    println!(
+        "a vehicle-year at 15 min with default retention: {:.2} MB per vehicle ({:.1} bytes per \
+         poll; {battery_rows} battery readings)",
+        per_vehicle / 1e6,
+        per_vehicle / (DAYS * 96) as f64
+    );
+    assert!(
+        per_vehicle < 2.0e6,
+        "{per_vehicle} bytes per vehicle-year is over 2 MB"
+    );
+}
+
+/// `retention.readings` summarises before it deletes: the rollup views show the same rows
+/// before and after, while the raw readings below the cutoff are gone.
+#[tokio::test]
+async fn pruned_readings_live_on_in_the_rollup_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prune.db");
+    let store = Store::open(&path, None).unwrap();
+    write_year(&store).await;
+    let before = [
+        rows(&store, HOURLY_VIEW).await,
+        rows(&store, DAILY_VIEW).await,
+        rows(&store, ODOMETER_VIEW).await,
+        rows(&store, SESSIONS_VIEW).await,
+    ];
+    let policy = Policy {
+        readings: Some(Duration::from_secs(30 * 86_400)),
+        ..Policy::default()
+    };
+    let summary = store
+        .call(move |c| retention::run_all(c, &policy, END))
+        .await
+        .unwrap();
+    assert!(summary.readings_deleted > 0);
+    // Small steps: about a week of one vehicle each.
+    assert!(
+        summary.steps as i64 >= VEHICLES as i64 * (DAYS - 30) / retention::DAYS_PER_STEP,
+        "{summary:?}"
+    );
+    let after = [
+        rows(&store, HOURLY_VIEW).await,
+        rows(&store, DAILY_VIEW).await,
+        rows(&store, ODOMETER_VIEW).await,
+        rows(&store, SESSIONS_VIEW).await,
+    ];
+    for (name, (b, a)) in [
+        "battery_hourly",
+        "battery_daily",
+        "odometer_daily",
+        "charge_sessions",
+    ]
+    .iter()
+    .zip(before.iter().zip(after.iter()))
+    {
+        agree(name, a, b);
+    }
+    let oldest =
+        f(&rows(&store, "SELECT min(recorded_at) FROM battery_history").await[0][0]) as i64;
+    assert!(
+        oldest >= END - 31 * 86_400_000,
+        "raw readings below the cutoff are gone"
+    );
+    assert!(oldest < END - 29 * 86_400_000, "the last 30 days stay raw");
+    // A late reading below the cutoff joins its hour's summary at the next run.
+    const HOUR_SQL: &str = "SELECT readings, soc_min_percent FROM battery_hourly
+         WHERE vehicle_id = '00000000-5f2d-4a21-8343-5727e965c661' AND hour = 1767243600000";
+    let hour_before = f(&rows(&store, HOUR_SQL).await[0][0]);
+    let late_at = START + 3_600_000 * 5 + 60_000;
+    store
+        .write(vec![WriteItem::Reading(
+            vid(0),
+            Reading::Battery(BatteryReading {
+                stamp: Stamp {
+                    recorded_at: late_at,
+                    fetched_at: END,
+                },
+                soc_percent: 10.0,
+                range_km: None,
+            }),
+        )])
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    store
+        .call(move |c| retention::run_all(c, &policy, END))
+        .await
+        .unwrap();
+    let hour = rows(&store, HOUR_SQL).await;
+    assert_eq!(hour.len(), 1);
+    assert_eq!(
+        f(&hour[0][0]),
+        hour_before + 1.0,
+        "the hour's readings and the late one"
+    );
+    assert_eq!(f(&hour[0][1]), 10.0);
+    store.close().await.unwrap();
+}
