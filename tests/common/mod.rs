@@ -23,6 +23,9 @@ pub struct Proc {
     pub stdout: mpsc::UnboundedReceiver<String>,
     pub stderr_log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pub name: String,
+    /// The task copying stderr into `stderr_log`: [`Proc::wait`] lets it reach the end of the
+    /// stream, so `stderr()` after an exit holds everything the process wrote.
+    stderr_done: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
@@ -40,33 +43,42 @@ pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let out = child.stdout.take().unwrap();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(out).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
-            let _ = tx.send(l);
+    Proc::from_child(name, child)
+}
+
+impl Proc {
+    /// Wraps a child spawned with piped stdout and stderr: stdout lines arrive on `stdout`,
+    /// stderr lines are echoed with the name and kept for [`Proc::stderr`].
+    pub fn from_child(name: &str, mut child: Child) -> Proc {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let out = child.stdout.take().unwrap();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let _ = tx.send(l);
+            }
+        });
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let err = child.stderr.take().unwrap();
+        let log2 = log.clone();
+        let tag = name.to_string();
+        let stderr_done = tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                eprintln!("[{tag}] {l}");
+                log2.lock().unwrap().push(l);
+            }
+        });
+        Proc {
+            child,
+            stdout: rx,
+            stderr_log: log,
+            name: name.to_string(),
+            stderr_done: Some(stderr_done),
         }
-    });
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let err = child.stderr.take().unwrap();
-    let log2 = log.clone();
-    let tag = name.to_string();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(err).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
-            eprintln!("[{tag}] {l}");
-            log2.lock().unwrap().push(l);
-        }
-    });
-    Proc {
-        child,
-        stdout: rx,
-        stderr_log: log,
-        name: name.to_string(),
     }
 }
 
@@ -119,11 +131,15 @@ impl Proc {
     }
 
     pub async fn wait(&mut self, within: Duration) -> Option<i32> {
-        match tokio::time::timeout(within, self.child.wait()).await {
+        let code = match tokio::time::timeout(within, self.child.wait()).await {
             Ok(Ok(s)) => s.code(),
             Ok(Err(e)) => panic!("{}: wait: {e}", self.name),
             Err(_) => panic!("{}: did not exit within {within:?}", self.name),
+        };
+        if let Some(done) = self.stderr_done.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
         }
+        code
     }
 }
 

@@ -12,7 +12,6 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::common::{self, Proc};
@@ -37,34 +36,10 @@ fn spawn_as(name: &str, bin: &Path, args: &[&str], uid: u32, gid: u32) -> Proc {
         .env_remove("CARPULSE_API_CLIENT_SECRET")
         .env_remove("CREDENTIALS_DIRECTORY")
         .kill_on_drop(true);
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-    let (tx, stdout) = tokio::sync::mpsc::unbounded_channel();
-    let out = child.stdout.take().unwrap();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(out).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
-            let _ = tx.send(l);
-        }
-    });
-    let stderr_log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = stderr_log.clone();
-    let err = child.stderr.take().unwrap();
-    let tag = name.to_string();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(err).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
-            eprintln!("[{tag}] {l}");
-            log.lock().unwrap().push(l);
-        }
-    });
-    Proc {
-        child,
-        stdout,
-        stderr_log,
-        name: name.to_string(),
-    }
+    Proc::from_child(name, child)
 }
 
 /// sqlite3 as the reader: (success, stdout, stderr).
