@@ -226,8 +226,9 @@ pub async fn connect(config: &Path, http: &reqwest::Client) -> Vec<String> {
     assert_eq!(page.status(), 200, "the callback page after approval");
     let code = c.wait(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "connect exit code; stderr:\n{}", c.stderr());
+    // Until the reader task has seen the end of stdout: it may lag the exit under load.
     let mut rest = Vec::new();
-    while let Ok(l) = c.stdout.try_recv() {
+    while let Ok(Some(l)) = tokio::time::timeout(Duration::from_secs(10), c.stdout.recv()).await {
         rest.push(l);
     }
     rest
