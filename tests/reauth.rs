@@ -32,7 +32,7 @@ async fn reauth(
     let _ = http.get(format!("{url}{extra}")).send().await;
     let code = p.wait(Duration::from_secs(30)).await;
     let mut out = String::new();
-    while let Ok(l) = p.stdout.try_recv() {
+    for l in p.rest_of_stdout().await {
         out.push_str(&l);
         out.push('\n');
     }

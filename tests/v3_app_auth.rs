@@ -333,11 +333,7 @@ async fn api_authentication_end_to_end() {
     // `status` shows the revocation.
     let mut status = spawn("status", &["--config", cfg, "status"], &[]);
     assert_eq!(status.wait(Duration::from_secs(20)).await, Some(0));
-    let mut out = Vec::new();
-    while let Ok(l) = status.stdout.try_recv() {
-        out.push(l);
-    }
-    let out = out.join("\n");
+    let out = status.rest_of_stdout().await.join("\n");
     assert!(
         out.contains(&format!("user {revoked_user}  revoked")),
         "{out}"

@@ -91,6 +91,18 @@ impl Proc {
         assert!(ok, "kill {signal} {pid}");
     }
 
+    /// The stdout lines not read yet, up to its end (call after `wait`: the reader task may lag
+    /// the exit under load, so what it has at that moment is not all there is).
+    pub async fn rest_of_stdout(&mut self) -> Vec<String> {
+        let mut rest = Vec::new();
+        while let Ok(Some(l)) =
+            tokio::time::timeout(Duration::from_secs(10), self.stdout.recv()).await
+        {
+            rest.push(l);
+        }
+        rest
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr_log.lock().unwrap().join("\n")
     }
@@ -226,12 +238,7 @@ pub async fn connect(config: &Path, http: &reqwest::Client) -> Vec<String> {
     assert_eq!(page.status(), 200, "the callback page after approval");
     let code = c.wait(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "connect exit code; stderr:\n{}", c.stderr());
-    // Until the reader task has seen the end of stdout: it may lag the exit under load.
-    let mut rest = Vec::new();
-    while let Ok(Some(l)) = tokio::time::timeout(Duration::from_secs(10), c.stdout.recv()).await {
-        rest.push(l);
-    }
-    rest
+    c.rest_of_stdout().await
 }
 
 /// The value of one series in Prometheus text, matched on the given labels.
