@@ -177,11 +177,7 @@ impl Daemon {
             .iter()
             .map(|c| (c.id, connection_hold(c.status, &c.user_id, app_auth)))
             .collect();
-        let active: std::collections::HashSet<_> = holds
-            .iter()
-            .filter(|(_, hold)| hold.is_none())
-            .map(|(id, _)| *id)
-            .collect();
+        let active = unheld(&holds);
         let n_connections = connections.len();
         let needs_reauth = holds
             .values()
@@ -618,11 +614,7 @@ pub async fn reload(
         .into_iter()
         .map(|c| (c.0, connection_hold(c.2, &c.1, tokens.app_auth())))
         .collect();
-    let active: std::collections::HashSet<_> = holds
-        .iter()
-        .filter(|(_, hold)| hold.is_none())
-        .map(|(id, _)| *id)
-        .collect();
+    let active = unheld(&holds);
     poller.set_held(held_vehicles(&vehicles, &holds));
     // Every stored vehicle keeps its series (a held or disabled one with vehicle_up 0); a
     // removed one loses them.
@@ -676,6 +668,17 @@ fn connection_hold(
         ConnectionStatus::NeedsReauth if !app_auth => Some("needs_reauth"),
         _ => None,
     }
+}
+
+/// The connections whose vehicles are polled: those with no hold.
+fn unheld(
+    holds: &std::collections::HashMap<crate::domain::ConnectionId, Option<&'static str>>,
+) -> std::collections::HashSet<crate::domain::ConnectionId> {
+    holds
+        .iter()
+        .filter(|(_, hold)| hold.is_none())
+        .map(|(id, _)| *id)
+        .collect()
 }
 
 /// The enabled vehicles whose connection is held, with why.
