@@ -117,7 +117,7 @@ pub struct MetricsConfig {
     pub per_vehicle_max: usize,
     /// `/healthz` fails when a vehicle has had no answered poll for this long.
     pub stale_after: Duration,
-    /// TLS and basic auth for the listener ([`crate::webconfig`]); validated at load.
+    /// TLS and basic auth for the listener ([`crate::daemon::webconfig`]); validated at load.
     pub web_config_file: Option<PathBuf>,
 }
 

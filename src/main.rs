@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         // `carpulse status | head -1`: the reader has what it wanted.
-        Err(e) if carpulse::output::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if carpulse::cli::output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let code = carpulse::exit::code(&e);
             if code == carpulse::exit::EX_CONFIG {
@@ -50,7 +50,7 @@ fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
 fn init_logging(command: &Command) {
     // The demo shows every poll; the daemon logs one line per cycle unless RUST_LOG says more.
     let default = match command {
-        Command::Demo(_) => "info,carpulse::poller=debug",
+        Command::Demo(_) => "info,carpulse::daemon::poller=debug",
         _ => "info",
     };
     carpulse::logging::init(default);
@@ -77,62 +77,64 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     // Not locked here: the daemon's tasks on other threads print too.
     let mut out = std::io::stdout();
     match &cli.command {
-        Command::Run => carpulse::app::run(load_config(&cli)?).await,
+        Command::Run => carpulse::daemon::run(load_config(&cli)?).await,
         Command::Connect { wait, paste } => {
-            carpulse::connect::run_cli(load_config(&cli)?, *wait, *paste).await
+            carpulse::cli::connect::run_cli(load_config(&cli)?, *wait, *paste).await
         }
         Command::Reauth {
             vehicle,
             flow,
             wait,
             paste,
-        } => carpulse::reauth::run_cli(load_config(&cli)?, vehicle, *flow, *wait, *paste).await,
+        } => {
+            carpulse::cli::reauth::run_cli(load_config(&cli)?, vehicle, *flow, *wait, *paste).await
+        }
         Command::Vehicles { action } => match action {
             VehiclesCommand::List { store } => {
-                carpulse::report::vehicles_list(&read_config(&cli, store)?, &mut out).await
+                carpulse::cli::report::vehicles_list(&read_config(&cli, store)?, &mut out).await
             }
             VehiclesCommand::Remove { id, purge, yes } => {
                 let cfg = load_config(&cli)?;
-                carpulse::admin::vehicles_remove(&cfg.store.path, id, *purge, *yes).await
+                carpulse::cli::admin::vehicles_remove(&cfg.store.path, id, *purge, *yes).await
             }
             VehiclesCommand::Disable { id } => {
-                carpulse::report::vehicles_enable(&load_config(&cli)?, id, false).await
+                carpulse::cli::report::vehicles_enable(&load_config(&cli)?, id, false).await
             }
             VehiclesCommand::Enable { id } => {
-                carpulse::report::vehicles_enable(&load_config(&cli)?, id, true).await
+                carpulse::cli::report::vehicles_enable(&load_config(&cli)?, id, true).await
             }
         },
         Command::Status { store } => {
-            carpulse::report::status(&read_config(&cli, store)?, &mut out).await
+            carpulse::cli::report::status(&read_config(&cli, store)?, &mut out).await
         }
         Command::Doctor { yes } => {
-            if carpulse::doctor::run_cli(&load_config(&cli)?, *yes).await? {
+            if carpulse::cli::doctor::run_cli(&load_config(&cli)?, *yes).await? {
                 Ok(())
             } else {
                 anyhow::bail!("carpulse doctor found problems (see above)")
             }
         }
         Command::Plan { force, store } => {
-            carpulse::plan::run(&read_config(&cli, store)?, *force, &mut out)
+            carpulse::cli::plan::run(&read_config(&cli, store)?, *force, &mut out)
         }
         Command::History(args) => {
-            carpulse::history::run(&read_config(&cli, &args.store)?, args, &mut out).await
+            carpulse::cli::history::run(&read_config(&cli, &args.store)?, args, &mut out).await
         }
         Command::Simulator(args) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
-            carpulse::signals::spawn_handler(shutdown.clone())?;
+            carpulse::daemon::signals::spawn_handler(shutdown.clone())?;
             carpulse::simulator::run_cli(args.clone(), shutdown).await
         }
-        Command::Demo(args) => carpulse::demo::run(args.clone()).await,
+        Command::Demo(args) => carpulse::cli::demo::run(args.clone()).await,
         Command::Backup { dest, db } => {
             let store = match db {
                 Some(db) => db.clone(),
                 None => load_config(&cli)?.store.path,
             };
-            carpulse::admin::backup(&store, dest).await
+            carpulse::cli::admin::backup(&store, dest).await
         }
         Command::Migrate { dry_run } => {
-            carpulse::admin::migrate(&load_config(&cli)?.store.path, *dry_run).await
+            carpulse::cli::admin::migrate(&load_config(&cli)?.store.path, *dry_run).await
         }
     }
 }

@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use carpulse::config::{Config, Env};
+use carpulse::daemon::metrics::Metrics;
+use carpulse::daemon::poller::{PolledVehicle, Poller};
+use carpulse::daemon::tokens::TokenManager;
 use carpulse::domain::{ApiVersion, ConnectionStatus, Secret, TokenPair};
-use carpulse::metrics::Metrics;
-use carpulse::poller::{PolledVehicle, Poller};
 use carpulse::simulator::{self, SimulatorConfig};
 use carpulse::smartcar::{Job, SmartcarClient};
 use carpulse::store::{queries, Store};
-use carpulse::tokens::TokenManager;
 use tokio_util::sync::CancellationToken;
 
 struct NoEnv;
@@ -68,7 +68,7 @@ async fn world_with(api: &str, sim_cfg: SimulatorConfig) -> World {
     );
     let config = Config::parse(&text, "parts.toml", &NoEnv).unwrap();
     let store = Store::open(&config.store.path, None).unwrap();
-    let client = SmartcarClient::new(carpulse::app::client_config(&config)).unwrap();
+    let client = SmartcarClient::new(carpulse::daemon::client_config(&config)).unwrap();
     World {
         base,
         config,
@@ -80,11 +80,11 @@ async fn world_with(api: &str, sim_cfg: SimulatorConfig) -> World {
 }
 
 /// Connect through the library, playing the browser with a redirect-following client.
-async fn connect(w: &World) -> carpulse::connect::Connected {
+async fn connect(w: &World) -> carpulse::cli::connect::Connected {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut cfg = w.config.clone();
     cfg.smartcar.redirect_uri = format!("http://{}/exchange", listener.local_addr().unwrap());
-    carpulse::connect::run(
+    carpulse::cli::connect::run(
         &cfg,
         &w.store,
         vec![listener],
@@ -119,7 +119,7 @@ async fn tokens_for(w: &World, metrics: &Metrics) -> std::sync::Arc<TokenManager
 async fn poller_for(
     w: &World,
     api: &str,
-    connected: &carpulse::connect::Connected,
+    connected: &carpulse::cli::connect::Connected,
 ) -> (std::sync::Arc<Poller>, Metrics) {
     let metrics = Metrics::new().unwrap();
     let tokens = tokens_for(w, &metrics).await;
@@ -499,7 +499,7 @@ async fn a_server_error_backs_the_vehicle_off_while_the_others_go_on() {
 
 #[tokio::test]
 async fn healthz_names_stale_vehicles_and_connections_that_need_reauth() {
-    use carpulse::metrics::Health;
+    use carpulse::daemon::metrics::Health;
     let w = world("v3", Duration::from_secs(7200)).await;
     let connected = connect(&w).await;
     let metrics = Metrics::new().unwrap();
@@ -510,7 +510,7 @@ async fn healthz_names_stale_vehicles_and_connections_that_need_reauth() {
     let health = Health::default();
     let now = carpulse::domain::now_ms();
 
-    carpulse::app::check_health(
+    carpulse::daemon::check_health(
         &health,
         &tokens,
         &poller,
@@ -542,7 +542,7 @@ async fn healthz_names_stale_vehicles_and_connections_that_need_reauth() {
 
     // Nothing answered for longer than stale_after: every vehicle is named.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    carpulse::app::check_health(
+    carpulse::daemon::check_health(
         &health,
         &tokens,
         &poller,
@@ -580,7 +580,7 @@ async fn healthz_names_stale_vehicles_and_connections_that_need_reauth() {
     };
     tokens.load(vec![expired]);
     assert!(tokens.access(connected.connection).await.is_err());
-    carpulse::app::check_health(
+    carpulse::daemon::check_health(
         &health,
         &tokens,
         &poller,
@@ -642,7 +642,7 @@ async fn the_monthly_budget_stops_polling_short_of_it() {
     // 6 calls a month; a v2 battery poll is one batch of 2 items. The first vehicle already
     // spent 1 this month.
     let now = carpulse::domain::now_ms();
-    poller.set_ledger(carpulse::gate::Ledger::new(
+    poller.set_ledger(carpulse::daemon::gate::Ledger::new(
         Some(6),
         std::collections::HashMap::from([(first.clone(), 1)]),
         now,
@@ -686,7 +686,7 @@ async fn the_monthly_budget_stops_polling_short_of_it() {
 }
 
 /// A BEV and an ICE car (which is which depends on the simulator's seed), connected.
-async fn bev_and_ice(api: &str) -> (World, carpulse::connect::Connected) {
+async fn bev_and_ice(api: &str) -> (World, carpulse::cli::connect::Connected) {
     let w = world_with(
         api,
         SimulatorConfig {
@@ -730,11 +730,11 @@ async fn v3_discovery_at_connect_keeps_the_ice_car_out_of_battery_polls() {
         "{:?}",
         connected.unavailable
     );
-    assert!(carpulse::connect::describe(&connected)
+    assert!(carpulse::cli::connect::describe(&connected)
         .contains("not polled: battery (COMPATIBILITY:VEHICLE_NOT_CAPABLE)"));
 
     let (poller, metrics) = poller_for(&w, "v3", &connected).await;
-    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+    carpulse::daemon::adopt_stored_blocks(&w.store, &poller)
         .await
         .unwrap();
     let before = requests(&w, "v3").await;
@@ -746,10 +746,10 @@ async fn v3_discovery_at_connect_keeps_the_ice_car_out_of_battery_polls() {
         .contains("carpulse_polls_skipped_total{job=\"battery\",reason=\"disabled\"} 1"));
     // Two hours after start with a 1 h stale_after, the ICE car (never asked by the battery
     // job) is judged against the info job's daily cadence: /healthz stays quiet.
-    let health = carpulse::metrics::Health::default();
+    let health = carpulse::daemon::metrics::Health::default();
     let tokens = tokens_for(&w, &metrics).await;
     let two_hours_ago = carpulse::domain::now_ms() - 2 * 3_600_000;
-    carpulse::app::check_health(
+    carpulse::daemon::check_health(
         &health,
         &tokens,
         &poller,
@@ -766,7 +766,7 @@ async fn v3_discovery_at_connect_keeps_the_ice_car_out_of_battery_polls() {
         .call(move |c| queries::clear_blocks(c, &id, false))
         .await
         .unwrap();
-    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+    carpulse::daemon::adopt_stored_blocks(&w.store, &poller)
         .await
         .unwrap();
     let before = requests(&w, "v3").await;
@@ -809,7 +809,7 @@ async fn v2_blocks_learnt_from_answers_survive_a_restart_until_the_vehicle_is_en
 
     // "Restart": a new poller adopts the stored blocks and never asks the ICE car again.
     let (poller, _) = poller_for(&w, "v2", &connected).await;
-    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+    carpulse::daemon::adopt_stored_blocks(&w.store, &poller)
         .await
         .unwrap();
     let before = requests(&w, "v2").await;
@@ -825,7 +825,7 @@ async fn v2_blocks_learnt_from_answers_survive_a_restart_until_the_vehicle_is_en
         .await
         .unwrap();
     assert_eq!(lifted, 2);
-    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+    carpulse::daemon::adopt_stored_blocks(&w.store, &poller)
         .await
         .unwrap();
     let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
@@ -852,7 +852,7 @@ async fn v2_discovery_leaves_what_the_consent_did_not_grant_out_of_the_batch() {
         );
     }
     let (poller, _) = poller_for(&w, "v2", &connected).await;
-    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+    carpulse::daemon::adopt_stored_blocks(&w.store, &poller)
         .await
         .unwrap();
     let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
@@ -944,7 +944,7 @@ async fn a_capability_reading_is_recorded_billed_and_gated_like_a_poll() {
     )
     .await;
     let (poller, metrics) = poller_for(&w, "v2", &connected).await;
-    let pass = carpulse::discovery::Discovery::default()
+    let pass = carpulse::daemon::discovery::Discovery::default()
         .run_due(
             &w.store,
             &poller,
@@ -1027,7 +1027,7 @@ async fn a_retry_after_outlives_a_restart() {
 
     // "Restart": a new poller adopts the stored wait and does not call the car early.
     let (poller, metrics) = poller_for(&w, "v2", &connected).await;
-    carpulse::app::adopt_stored_blocks(&w.store, &poller)
+    carpulse::daemon::adopt_stored_blocks(&w.store, &poller)
         .await
         .unwrap();
     let r = poller.cycle(Job::Battery, CancellationToken::new()).await;
@@ -1053,7 +1053,7 @@ async fn a_v3_page_size_makes_a_poll_one_billed_call() {
     assert_eq!(poller.calls_this_month(first), 2);
 
     w.config.smartcar.v3_page_size = Some(50);
-    w.client = SmartcarClient::new(carpulse::app::client_config(&w.config)).unwrap();
+    w.client = SmartcarClient::new(carpulse::daemon::client_config(&w.config)).unwrap();
     let (poller, _) = poller_for(&w, "v3", &connected).await;
     let before = requests(&w, "v3").await;
     let r = poller.cycle(Job::Battery, CancellationToken::new()).await;

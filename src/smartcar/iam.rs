@@ -1,7 +1,7 @@
 //! v3 API Authentication (smartcar-api.md §1.7, §10.1): the application token from
 //! `POST {iam_url}` with `grant_type=client_credentials` and the API credentials in the form
 //! body (not a Basic header). One token serves every user of the app for an hour; there is no
-//! refresh token, so nothing here is ever stored: [`crate::app_token`] keeps it in memory.
+//! refresh token, so nothing here is ever stored: [`crate::daemon::app_token`] keeps it in memory.
 
 use std::time::Duration;
 

@@ -560,7 +560,7 @@ pub fn unavailable_in(signals: &[Signal], units: UnitSystem) -> Vec<(&'static st
                     ErrorKind::Permission | ErrorKind::Compatibility | ErrorKind::PlanLocked
                 ) && e.code.as_deref() != Some("SIGNAL_NOT_PROVIDED") =>
             {
-                Some((r.endpoint, crate::gate::cause(&e)))
+                Some((r.endpoint, crate::daemon::gate::cause(&e)))
             }
             _ => None,
         })

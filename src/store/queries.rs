@@ -1067,7 +1067,7 @@ pub const ACCOUNT_PAUSE_RECHECK_MS: i64 = 6 * 3_600_000;
 /// next month (UTC); CONNECTED_SERVICES_ACCOUNT after [`ACCOUNT_PAUSE_RECHECK_MS`] (a poll
 /// checks; still failing, it pauses again).
 pub fn expire_blocks(c: &Connection, now: UnixMillis) -> anyhow::Result<Vec<Block>> {
-    let month = crate::gate::month_start(now);
+    let month = crate::daemon::gate::month_start(now);
     let recheck = now - ACCOUNT_PAUSE_RECHECK_MS;
     let mut stmt = c
         .prepare(
@@ -1160,7 +1160,7 @@ pub fn calls_since(
                 _ if no_token => 0,
                 crate::domain::ApiVersion::V2 => events,
                 crate::domain::ApiVersion::V3 => {
-                    crate::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
+                    crate::cli::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
                 }
             };
         }

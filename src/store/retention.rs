@@ -3,7 +3,7 @@
 //! Each step is one short transaction about one vehicle (a few days of its readings, or a
 //! few thousand of its poll events), so the writer's batches, queued meanwhile on the same
 //! thread, wait milliseconds at most: pruning never blocks a poll. The daemon runs the steps
-//! one `Store::call` at a time ([`crate::maintenance`]); [`run_all`] runs them in a row.
+//! one `Store::call` at a time ([`crate::daemon::maintenance`]); [`run_all`] runs them in a row.
 //!
 //! Raw readings older than `retention.readings` are first summarised into the rollup tables
 //! (hourly battery, daily odometer, charging sessions) in the same transaction that deletes

@@ -34,7 +34,7 @@ pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env("RUST_LOG", "info,carpulse::poller=debug")
+        .env("RUST_LOG", "info,carpulse::daemon::poller=debug")
         .env_remove("CARPULSE_CONFIG")
         .env_remove("CARPULSE_CLIENT_SECRET")
         .env_remove("CARPULSE_API_CLIENT_SECRET")

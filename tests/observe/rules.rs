@@ -67,7 +67,7 @@ fn the_exposition_passes_promtools_lint() {
         return;
     };
     // Every family, with per-vehicle series, as a running daemon exports them.
-    let m = carpulse::metrics::Metrics::new().unwrap();
+    let m = carpulse::daemon::metrics::Metrics::new().unwrap();
     m.set_api(carpulse::domain::ApiVersion::V3);
     let id = carpulse::domain::VehicleId("v1".into());
     m.seed_vehicle(

@@ -1,6 +1,6 @@
 //! The Prometheus metrics of DESIGN §3 in one explicit struct (passed around, never global, so a
 //! test builds its own and reads it), and the HTTP listener serving `/metrics` and `/healthz`
-//! (loopback by default; TLS and basic auth through [`crate::webconfig`]). Tokens, secrets and
+//! (loopback by default; TLS and basic auth through [`crate::daemon::webconfig`]). Tokens, secrets and
 //! VINs never become label values.
 //!
 //! Every label set that is known in advance (outcomes, endpoints, jobs, tables, states) starts at
@@ -861,7 +861,7 @@ pub async fn serve_with(
     listener: TcpListener,
     metrics: Metrics,
     health: Health,
-    web: Option<Arc<crate::webconfig::WebConfig>>,
+    web: Option<Arc<crate::daemon::webconfig::WebConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut app = Router::new()
@@ -876,10 +876,10 @@ pub async fn serve_with(
     };
     app = web.layer(app);
     match web.listener(listener)? {
-        crate::webconfig::Listener::Plain(l) => {
+        crate::daemon::webconfig::Listener::Plain(l) => {
             axum::serve(l, app).with_graceful_shutdown(stop).await
         }
-        crate::webconfig::Listener::Tls(l) => {
+        crate::daemon::webconfig::Listener::Tls(l) => {
             axum::serve(l, app).with_graceful_shutdown(stop).await
         }
     }

@@ -12,11 +12,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::app::Daemon;
 use crate::config::{
     Config, MetricsConfig, Mode, PollConfig, ScheduleConfig, SmartcarConfig, StoreConfig,
     DEFAULT_SCOPE,
 };
+use crate::daemon::Daemon;
 use crate::domain::{ApiVersion, Secret, UnitSystem};
 use crate::simulator::{self, SimulatorConfig};
 use crate::store::Store;
@@ -57,7 +57,8 @@ pub struct DemoArgs {
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    crate::signals::spawn_handler(shutdown.clone()).context("installing signal handlers")?;
+    crate::daemon::signals::spawn_handler(shutdown.clone())
+        .context("installing signal handlers")?;
 
     let app_auth = args.api == "v3" && args.auth == "app";
     let sim_cfg = SimulatorConfig {
@@ -205,7 +206,7 @@ async fn connect_all(config: &Config, callback: TcpListener, users: usize) -> an
         config.smartcar.redirect_uri = format!("http://{}/exchange", l.local_addr()?);
         let config = &config;
         let b = browser.clone();
-        let connected = crate::connect::run(
+        let connected = crate::cli::connect::run(
             config,
             &store,
             vec![l],
@@ -221,7 +222,7 @@ async fn connect_all(config: &Config, callback: TcpListener, users: usize) -> an
             Duration::from_secs(30),
         )
         .await?;
-        print!("{}", crate::connect::describe(&connected));
+        print!("{}", crate::cli::connect::describe(&connected));
     }
     store.close().await?;
     Ok(())

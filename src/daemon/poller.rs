@@ -12,14 +12,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::daemon::gate::{Gates, Ledger, Reaction, Skip};
+use crate::daemon::metrics::Metrics;
+use crate::daemon::schedule::{job_endpoints, job_label};
+use crate::daemon::tokens::{Access, TokenError, TokenManager};
 use crate::domain::{now_ms, ApiVersion, ConnectionId, PollEvent, Reading, UnixMillis, VehicleId};
-use crate::gate::{Gates, Ledger, Reaction, Skip};
-use crate::metrics::Metrics;
-use crate::schedule::{job_endpoints, job_label};
 use crate::smartcar::error::{ApiError, ErrorKind};
 use crate::smartcar::{Capabilities, EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::store::{Store, WriteItem};
-use crate::tokens::{Access, TokenError, TokenManager};
 
 /// How often a cycle checks whether its next vehicle is overdue (and adds workers).
 const GROW_CHECK: Duration = Duration::from_millis(250);
@@ -711,7 +711,7 @@ impl Poller {
                     .gates()
                     .failed(&v.id, allowed[0], &e, at, rand::random());
                 if is_wait(&reaction) {
-                    waited = Some(crate::gate::cause(&e));
+                    waited = Some(crate::daemon::gate::cause(&e));
                 }
                 if reaction == Reaction::DisableEndpoint {
                     for endpoint in &allowed[1..] {
@@ -750,7 +750,7 @@ impl Poller {
                             failed = true;
                             // One answer, one step of backoff: two endpoints failing together
                             // (battery and charge of one request) must not double the wait.
-                            let reaction = crate::gate::reaction(&e, at);
+                            let reaction = crate::daemon::gate::reaction(&e, at);
                             let timed = matches!(
                                 reaction,
                                 Reaction::BackOff { .. }
@@ -762,7 +762,7 @@ impl Poller {
                                 self.gates().failed(&v.id, endpoint, &e, at, rand::random());
                             }
                             if is_wait(&reaction) {
-                                waited = Some(crate::gate::cause(&e));
+                                waited = Some(crate::daemon::gate::cause(&e));
                             }
                             warn!(endpoint, error = %e, ?reaction, "endpoint failed");
                             self.failed(v, at, endpoint, &e, &mut items);
@@ -846,7 +846,7 @@ impl Poller {
         items: &mut Vec<WriteItem>,
     ) {
         self.record(v, at, endpoint, e.kind.label(), Some(e), items);
-        let blocked = match crate::gate::reaction(e, at) {
+        let blocked = match crate::daemon::gate::reaction(e, at) {
             Reaction::DisableEndpoint if e.code.as_deref() != Some("SIGNAL_NOT_PROVIDED") => {
                 endpoint
             }
@@ -860,7 +860,7 @@ impl Poller {
             items.push(WriteItem::Block {
                 vehicle_id: v.id.clone(),
                 endpoint: blocked.to_owned(),
-                reason: crate::gate::cause(e),
+                reason: crate::daemon::gate::cause(e),
                 at,
             });
         }
@@ -1049,7 +1049,7 @@ impl Poller {
             // This server or vehicle has no such reading (404, 403, 501, ...): recorded, not
             // blocked; discovery notes the try and asks again when due.
             Err(DiscoveryError::Api(e))
-                if crate::gate::reaction(e, at) == Reaction::DisableEndpoint =>
+                if crate::daemon::gate::reaction(e, at) == Reaction::DisableEndpoint =>
             {
                 self.record(v, at, CAPABILITIES, e.kind.label(), Some(e), &mut items);
             }
@@ -1059,7 +1059,7 @@ impl Poller {
                     .failed(&v.id, CAPABILITIES, e, at, rand::random());
                 self.failed(v, at, CAPABILITIES, e, &mut items);
                 if is_wait(&reaction) {
-                    self.keep_wait(v, at, Some(crate::gate::cause(e)), &mut items);
+                    self.keep_wait(v, at, Some(crate::daemon::gate::cause(e)), &mut items);
                 }
             }
             Err(DiscoveryError::Token(
@@ -1174,7 +1174,7 @@ fn bill_events(items: &mut [WriteItem], billed: u64) {
 fn call_cost(api: ApiVersion, job: Job, open: &[&str]) -> u64 {
     match api {
         ApiVersion::V2 => open.len() as u64,
-        ApiVersion::V3 => crate::plan::calls_per_run(api, job_label(job)).0,
+        ApiVersion::V3 => crate::cli::plan::calls_per_run(api, job_label(job)).0,
     }
 }
 

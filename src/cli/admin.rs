@@ -111,7 +111,7 @@ fn confirm(question: &str) -> anyhow::Result<bool> {
 /// the vehicle and all its history are deleted, after a question on a terminal; without a
 /// terminal, only with `--yes`.
 pub async fn vehicles_remove(store: &Path, id: &str, purge: bool, yes: bool) -> anyhow::Result<()> {
-    crate::report::open_read_only(store)?; // never create a store to remove from it
+    crate::cli::report::open_read_only(store)?; // never create a store to remove from it
     let vid = VehicleId(id.to_string());
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     if !purge {
@@ -140,7 +140,7 @@ pub async fn vehicles_remove(store: &Path, id: &str, purge: bool, yes: bool) -> 
         return Ok(());
     }
     let counts = {
-        let c = crate::report::open_read_only(store)?;
+        let c = crate::cli::report::open_read_only(store)?;
         queries::require_current_schema(&c)?;
         queries::history_counts(&c, &vid)?
     };

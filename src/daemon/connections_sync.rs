@@ -11,12 +11,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tracing::{info, warn};
 
-use crate::app_token::AppAuth;
+use crate::daemon::app_token::AppAuth;
+use crate::daemon::tokens::TokenManager;
 use crate::domain::{is_real_user_id, now_ms, ConnectionStatus, VehicleId};
 use crate::smartcar::connections::V3Connection;
 use crate::smartcar::SmartcarClient;
 use crate::store::{queries, Store};
-use crate::tokens::TokenManager;
 
 /// How often the connections are read when nothing asks sooner.
 pub const CHECK_EVERY: Duration = Duration::from_secs(3600);
@@ -121,7 +121,7 @@ pub async fn check_once(
                 .await
                 .with_context(|| format!("storing vehicle {}", v.vehicle_id))?;
             let blocked = crate::smartcar::not_granted(&v.permissions);
-            crate::discovery::save(store, &v.vehicle_id, &blocked).await?;
+            crate::daemon::discovery::save(store, &v.vehicle_id, &blocked).await?;
             info!(vehicle = %v.vehicle_id, user = %conn.user_id, "a vehicle was added to a connected account; polled from now on");
             report.added.push(v.vehicle_id.clone());
         }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::demo::DemoArgs;
+use crate::cli::demo::DemoArgs;
 use crate::simulator::SimulatorArgs;
 
 /// carpulse: a telemetry logger for Smartcar-connected vehicles (SQLite history, Prometheus metrics).
@@ -42,7 +42,7 @@ pub enum Command {
         /// The Smartcar vehicle id (see `carpulse vehicles list`).
         vehicle: String,
         #[arg(long, value_enum)]
-        flow: Option<crate::reauth::Flow>,
+        flow: Option<crate::cli::reauth::Flow>,
         /// How long to wait for the browser to come back.
         #[arg(long, default_value = "10m", value_parser = parse_duration_arg)]
         wait: std::time::Duration,
@@ -81,7 +81,7 @@ pub enum Command {
         yes: bool,
     },
     /// Stored readings of one or all vehicles.
-    History(crate::history::HistoryArgs),
+    History(crate::cli::history::HistoryArgs),
     /// The Smartcar-compatible vehicle simulator, on loopback.
     Simulator(SimulatorArgs),
     /// Simulator + Connect + daemon in one process on a local SQLite file; no account needed.

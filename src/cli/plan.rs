@@ -180,18 +180,21 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
 /// What the store says was billed this month so far (when there is a store to read): the
 /// fleet's total and the vehicle closest to the budget.
 fn spent_so_far(cfg: &Config) -> Option<String> {
-    let c = crate::report::open_read_only(&cfg.store.path).ok()?;
+    let c = crate::cli::report::open_read_only(&cfg.store.path).ok()?;
     let now = crate::domain::now_ms();
-    let used =
-        crate::store::queries::calls_since(&c, crate::gate::month_start(now), cfg.smartcar.api)
-            .ok()?;
+    let used = crate::store::queries::calls_since(
+        &c,
+        crate::daemon::gate::month_start(now),
+        cfg.smartcar.api,
+    )
+    .ok()?;
     let (top, most) = used.iter().max_by_key(|(_, n)| **n)?;
     Some(format!(
         "this month so far ({}): {} calls billed for {} vehicle(s); the most, {most}, by {}",
         cfg.store.path.display(),
         used.values().sum::<u64>(),
         used.len(),
-        crate::output::short_id(&top.0)
+        crate::cli::output::short_id(&top.0)
     ))
 }
 

@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::daemon::metrics::Metrics;
 use crate::domain::{
     now_ms, ConnectionId, ConnectionStatus, Secret, TokenPair, UnixMillis,
     REFRESH_TOKEN_LIFETIME_MS,
 };
-use crate::metrics::Metrics;
 use crate::smartcar::error::AuthError;
 use crate::smartcar::SmartcarClient;
 use crate::store::queries::{self, ConnectionRecord};
@@ -139,7 +139,7 @@ pub struct TokenManager {
     inflight: TaskTracker,
     /// With v3 API Authentication: the fleet's application token. Then every request uses it
     /// with the connection's user id, and no per-user pair is refreshed.
-    app: Option<Arc<crate::app_token::AppAuth>>,
+    app: Option<Arc<crate::daemon::app_token::AppAuth>>,
 }
 
 /// How long shutdown waits for refreshes in flight (a token request is bounded at 20 s).
@@ -161,7 +161,7 @@ impl TokenManager {
         client: SmartcarClient,
         metrics: Metrics,
         margin: Duration,
-        app: Arc<crate::app_token::AppAuth>,
+        app: Arc<crate::daemon::app_token::AppAuth>,
     ) -> Arc<Self> {
         Self::build(store, client, metrics, margin, Some(app))
     }
@@ -171,7 +171,7 @@ impl TokenManager {
         client: SmartcarClient,
         metrics: Metrics,
         margin: Duration,
-        app: Option<Arc<crate::app_token::AppAuth>>,
+        app: Option<Arc<crate::daemon::app_token::AppAuth>>,
     ) -> Arc<Self> {
         Arc::new(TokenManager {
             store,
@@ -193,7 +193,7 @@ impl TokenManager {
     /// The application token with the connection's user id (API Authentication).
     async fn app_access(
         &self,
-        app: &crate::app_token::AppAuth,
+        app: &crate::daemon::app_token::AppAuth,
         slot: &Slot,
         rejected: Option<&Secret>,
     ) -> Result<Access, TokenError> {

@@ -2,7 +2,7 @@
 //! (`vehicles remove` is in `admin`), and how every read command names a vehicle
 //! ([`resolve_vehicle`]). They read the store through their own read-only connection (WAL lets
 //! them run beside the daemon), never create a store that isn't there, and need no Smartcar
-//! credentials. Output goes to a `&mut dyn Write` (see [`crate::output`]).
+//! credentials. Output goes to a `&mut dyn Write` (see [`crate::cli::output`]).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
+use crate::cli::output::{local, short_id, vehicle_label, vehicle_name};
 use crate::config::Config;
 use crate::domain::{now_ms, UnixMillis, VehicleId};
-use crate::output::{local, short_id, vehicle_label, vehicle_name};
 use crate::store::{queries, Store};
 
 /// Opens an existing store read-only.
@@ -465,7 +465,7 @@ pub async fn status(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     // A store not yet migrated by this version has no blocks or billed calls to show.
     let blocks = queries::load_blocks(&c).unwrap_or_default();
-    let month = queries::calls_since(&c, crate::gate::month_start(now), cfg.smartcar.api)
+    let month = queries::calls_since(&c, crate::daemon::gate::month_start(now), cfg.smartcar.api)
         .unwrap_or_default();
     let budget = cfg
         .budget

@@ -7,7 +7,7 @@ use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use tracing::{debug, warn};
 
 use crate::config::ScheduleConfig;
-use crate::metrics::Metrics;
+use crate::daemon::metrics::Metrics;
 use crate::smartcar::Job;
 
 /// Ticks waiting for the poller. Small on purpose: the poller spawns each cycle at once, so a

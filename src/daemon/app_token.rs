@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::daemon::metrics::Metrics;
 use crate::domain::{now_ms, Secret};
-use crate::metrics::Metrics;
 use crate::smartcar::error::AuthError;
 use crate::smartcar::iam::{AppCredentials, AppToken};
 use crate::smartcar::SmartcarClient;

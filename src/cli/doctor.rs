@@ -87,7 +87,7 @@ pub async fn run(
 ) -> anyhow::Result<Report> {
     let sc = &cfg.smartcar;
     let mut r = Report::default();
-    let client = SmartcarClient::new(crate::app::client_config(cfg))?;
+    let client = SmartcarClient::new(crate::daemon::client_config(cfg))?;
     r.heading("Configuration");
     r.info(format!(
         "api = {}, mode = {}, page size = {}",
@@ -327,17 +327,17 @@ fn report_listing(cfg: &Config, who: &str, l: &Listing, client: &SmartcarClient,
             Ok(_) => r.ok(format!("{who}: {} reads", res.endpoint)),
             Err(e) => match e.kind {
                 ErrorKind::PlanLocked => r.problem(
-                    format!("{who}: {} is locked by the app's Smartcar plan ({})", res.endpoint, crate::gate::cause(e)),
+                    format!("{who}: {} is locked by the app's Smartcar plan ({})", res.endpoint, crate::daemon::gate::cause(e)),
                     "upgrade the plan in Smartcar's dashboard, or accept that carpulse does not store it",
                 ),
                 ErrorKind::Permission => r.problem(
-                    format!("{who}: {} is not granted ({})", res.endpoint, crate::gate::cause(e)),
+                    format!("{who}: {} is not granted ({})", res.endpoint, crate::daemon::gate::cause(e)),
                     "run `carpulse reauth VEHICLE` and approve that permission",
                 ),
                 ErrorKind::Compatibility => r.info(format!(
                     "{who}: the vehicle cannot answer {} ({}); carpulse does not poll it",
                     res.endpoint,
-                    crate::gate::cause(e)
+                    crate::daemon::gate::cause(e)
                 )),
                 _ => r.info(format!("{who}: no {} reading this time ({e})", res.endpoint)),
             },

@@ -12,8 +12,8 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::daemon::poller::{DiscoveryError, PolledVehicle, Poller};
 use crate::domain::{now_ms, UnixMillis, VehicleId};
-use crate::poller::{DiscoveryError, PolledVehicle, Poller};
 use crate::store::{queries, Store};
 
 /// Capability readings in flight at once.
@@ -100,7 +100,8 @@ impl Discovery {
                 // nothing: what earlier readings found stays, polls find out the rest, and
                 // the reading is tried again when due.
                 Err(DiscoveryError::Api(e))
-                    if crate::gate::reaction(&e, now) == crate::gate::Reaction::DisableEndpoint =>
+                    if crate::daemon::gate::reaction(&e, now)
+                        == crate::daemon::gate::Reaction::DisableEndpoint =>
                 {
                     warn!(vehicle = %v.id, error = %e, "capabilities cannot be read here; keeping what is known");
                     let vid = v.id.clone();
@@ -126,7 +127,7 @@ impl Discovery {
             save(store, &v.id, &blocked).await?;
         }
         if pass.read > 0 {
-            crate::app::adopt_stored_blocks(store, poller).await?;
+            crate::daemon::adopt_stored_blocks(store, poller).await?;
         }
         info!(
             read = pass.read,

@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use oauth2::url::Url;
 
+use crate::cli::connect::{await_callback, Options};
 use crate::config::Config;
-use crate::connect::{await_callback, Options};
 use crate::domain::{ConnectionStatus, VehicleId};
 use crate::store::{queries, Store};
 
@@ -89,7 +89,7 @@ async fn look_up(store: &Store, vehicle: &VehicleId) -> anyhow::Result<Known> {
 pub async fn run(
     cfg: &Config,
     store: &Store,
-    redirect: impl Into<crate::connect::Redirect>,
+    redirect: impl Into<crate::cli::connect::Redirect>,
     on_url: impl FnOnce(&str),
     wait: Duration,
     vehicle: &VehicleId,
@@ -109,16 +109,17 @@ pub async fn run(
                 must_include: Some(vehicle.clone()),
                 make: known.make.clone(),
             };
-            let c = crate::connect::run_with(cfg, store, redirect, on_url, wait, &options).await?;
+            let c =
+                crate::cli::connect::run_with(cfg, store, redirect, on_url, wait, &options).await?;
             Ok(format!(
                 "{}vehicle {vehicle} is re-authorized through connection {}; its history is kept. \
                  A running daemon picks this up within a minute (or now: systemctl reload carpulse)\n",
-                crate::connect::describe(&c),
+                crate::cli::connect::describe(&c),
                 c.connection
             ))
         }
         Flow::Reauthenticate => {
-            let state = crate::connect::random_state();
+            let state = crate::cli::connect::random_state();
             let url = reauthenticate_url(cfg, vehicle, &state)?;
             await_callback(cfg, redirect, &url, &state, on_url, wait, |p| async move {
                 match p.get("vehicle_id") {
@@ -150,9 +151,9 @@ pub async fn run_cli(
     wait: Duration,
     paste: bool,
 ) -> anyhow::Result<()> {
-    crate::report::open_read_only(&cfg.store.path)?; // never create a store to re-authorize in
-    let redirect = crate::connect::redirect_for_cli(&cfg, paste).await?;
-    let hint = crate::connect::redirect_hint(&cfg, &redirect);
+    crate::cli::report::open_read_only(&cfg.store.path)?; // never create a store to re-authorize in
+    let redirect = crate::cli::connect::redirect_for_cli(&cfg, paste).await?;
+    let hint = crate::cli::connect::redirect_hint(&cfg, &redirect);
     let store = Store::open(&cfg.store.path, None)
         .with_context(|| format!("opening the store {}", cfg.store.path.display()))?;
     let result = run(

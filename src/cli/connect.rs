@@ -200,7 +200,7 @@ pub async fn run_with(
 ) -> anyhow::Result<Connected> {
     // Built here, from this flow's config: the code exchange must name the same redirect URI
     // as the authorize URL did.
-    let client = SmartcarClient::new(crate::app::client_config(cfg))?;
+    let client = SmartcarClient::new(crate::daemon::client_config(cfg))?;
     let state = random_state();
     let mut url = authorize_url(cfg, &cfg.smartcar.redirect_uri, &state)?;
     if let Some(make) = &options.make {
@@ -522,7 +522,7 @@ async fn finish(
         match client.capabilities(cfg.smartcar.api, &ctx, &id).await {
             Ok(caps) => {
                 let blocked = caps.unavailable;
-                crate::discovery::save(store, &id, &blocked).await?;
+                crate::daemon::discovery::save(store, &id, &blocked).await?;
                 unavailable.insert(id.clone(), blocked);
             }
             Err(e) => {
@@ -591,7 +591,7 @@ async fn finish_app(
             .await
             .with_context(|| format!("storing vehicle {id}"))?;
         let blocked = crate::smartcar::not_granted(&conn.permissions);
-        crate::discovery::save(store, &id, &blocked).await?;
+        crate::daemon::discovery::save(store, &id, &blocked).await?;
         unavailable.insert(id.clone(), blocked);
         vehicles.push((id, conn.vehicle));
     }

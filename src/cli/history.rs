@@ -7,10 +7,10 @@ use std::fmt::Write as _;
 
 use anyhow::{bail, Context};
 
+use crate::cli::output::{iso_utc, local, vehicle_label, vehicle_name};
+use crate::cli::report::{open_read_only, resolve_vehicle};
 use crate::config::Config;
 use crate::domain::{now_ms, UnixMillis};
-use crate::output::{iso_utc, local, vehicle_label, vehicle_name};
-use crate::report::{open_read_only, resolve_vehicle};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HistoryArgs {
@@ -329,7 +329,7 @@ mod tests {
         let times = ["recorded_at", "fetched_at"];
         let values = ["soc_percent", "note"];
         let cet = chrono::FixedOffset::east_opt(3600).unwrap();
-        let local = |ms| crate::output::local_in(&cet, ms);
+        let local = |ms| crate::cli::output::local_in(&cet, ms);
         assert_eq!(
             render(&times, &values, &rows, "csv", &local),
             "vehicle_id,recorded_at,fetched_at,soc_percent,note,vehicle,recorded_at_utc,fetched_at_utc\n\

@@ -14,13 +14,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ScheduleConfig};
+use crate::daemon::metrics::{self, Health, Metrics};
+use crate::daemon::poller::{PolledVehicle, Poller};
+use crate::daemon::schedule::{self, job_label};
+use crate::daemon::tokens::TokenManager;
 use crate::domain::ConnectionStatus;
-use crate::metrics::{self, Health, Metrics};
-use crate::poller::{PolledVehicle, Poller};
-use crate::schedule::{self, job_label};
 use crate::smartcar::{ClientConfig, SmartcarClient};
 use crate::store::{queries, Store, WriteObserver, WriteReport};
-use crate::tokens::TokenManager;
 
 /// How long in-flight polls may run on after a stop request before they are abandoned.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -35,9 +35,9 @@ pub struct Daemon {
     listener: TcpListener,
     client: SmartcarClient,
     /// The application token, with v3 API Authentication.
-    app: Option<Arc<crate::app_token::AppAuth>>,
+    app: Option<Arc<crate::daemon::app_token::AppAuth>>,
     /// TLS and basic auth of the metrics listener (`metrics.web_config_file`).
-    web: Option<Arc<crate::webconfig::WebConfig>>,
+    web: Option<Arc<crate::daemon::webconfig::WebConfig>>,
 }
 
 /// The Smartcar client settings a config implies.
@@ -77,9 +77,11 @@ impl Daemon {
     pub async fn build(config: Config) -> anyhow::Result<Daemon> {
         // First: a broken web config is a config error (exit 78) before anything is opened.
         let web = match &config.metrics.web_config_file {
-            Some(path) => Some(Arc::new(crate::webconfig::WebConfig::load(path).map_err(
-                |e| crate::config::ConfigError(format!("metrics.web_config_file: {e}")),
-            )?)),
+            Some(path) => Some(Arc::new(
+                crate::daemon::webconfig::WebConfig::load(path).map_err(|e| {
+                    crate::config::ConfigError(format!("metrics.web_config_file: {e}"))
+                })?,
+            )),
             None => None,
         };
         let metrics = Metrics::new().context("creating the metrics registry")?;
@@ -93,7 +95,7 @@ impl Daemon {
             m.request(api, outcome, seconds)
         }));
         let app = match (&config.smartcar.api_credentials, config.smartcar.app_auth()) {
-            (Some(creds), true) => Some(Arc::new(crate::app_token::AppAuth::new(
+            (Some(creds), true) => Some(Arc::new(crate::daemon::app_token::AppAuth::new(
                 client.clone(),
                 creds.clone(),
                 metrics.clone(),
@@ -126,11 +128,11 @@ impl Daemon {
         poller.set_no_data_every(config.schedule.no_data_every);
         poller.set_spread(
             crate::smartcar::Job::Battery,
-            crate::poller::default_spread(&config.schedule.battery),
+            crate::daemon::poller::default_spread(&config.schedule.battery),
         );
         poller.set_spread(
             crate::smartcar::Job::Info,
-            crate::poller::default_spread(&config.schedule.info),
+            crate::daemon::poller::default_spread(&config.schedule.info),
         );
         let listener = TcpListener::bind(config.metrics.listen).await.context(
             crate::exit::Permanent::Listener {
@@ -292,7 +294,7 @@ impl Daemon {
         tasks.spawn(tokens.clone().run(refresher_stop));
 
         // Retention and scheduled backups of the store (see maintenance).
-        tasks.spawn(crate::maintenance::run(
+        tasks.spawn(crate::daemon::maintenance::run(
             store.clone(),
             config.clone(),
             shutdown.clone(),
@@ -344,7 +346,7 @@ impl Daemon {
             let client = client.clone();
             let sync_now = sync_now.clone();
             tasks.spawn(async move {
-                let mut every = tokio::time::interval(crate::connections_sync::CHECK_EVERY);
+                let mut every = tokio::time::interval(crate::daemon::connections_sync::CHECK_EVERY);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 let mut last: Option<tokio::time::Instant> = None;
                 loop {
@@ -356,7 +358,7 @@ impl Daemon {
                             // Many vehicles of one revoked user answer together: one check,
                             // at most one per MIN_GAP (deferred, never dropped).
                             let wait = last.map_or(Duration::ZERO, |l| {
-                                crate::connections_sync::MIN_GAP.saturating_sub(l.elapsed())
+                                crate::daemon::connections_sync::MIN_GAP.saturating_sub(l.elapsed())
                             });
                             tokio::select! {
                                 _ = stop.cancelled() => return,
@@ -365,7 +367,8 @@ impl Daemon {
                         }
                     }
                     last = Some(tokio::time::Instant::now());
-                    match crate::connections_sync::check_once(&client, &app, &st, &t).await {
+                    match crate::daemon::connections_sync::check_once(&client, &app, &st, &t).await
+                    {
                         Ok(report) => {
                             info!(
                                 listed = report.listed,
@@ -393,7 +396,7 @@ impl Daemon {
         }
 
         let reload_now = Arc::new(tokio::sync::Notify::new());
-        crate::signals::spawn_reload_handler(reload_now.clone(), shutdown.clone())
+        crate::daemon::signals::spawn_reload_handler(reload_now.clone(), shutdown.clone())
             .context("installing the SIGHUP handler")?;
         let reload_stop = shutdown.clone();
         let (st, t, p, m) = (
@@ -403,7 +406,7 @@ impl Daemon {
             metrics.clone(),
         );
         let per_vehicle_max = config.metrics.per_vehicle_max;
-        let discovery = Arc::new(crate::discovery::Discovery::default());
+        let discovery = Arc::new(crate::daemon::discovery::Discovery::default());
         let discover_live = live.clone();
         let discover = move |st: Store, p: Arc<Poller>, stop: CancellationToken| {
             let discovery = discovery.clone();
@@ -448,15 +451,15 @@ impl Daemon {
             .await
             .context("starting the schedule")?;
 
-        crate::sdnotify::notify("READY=1");
-        if let Some(every) = crate::sdnotify::watchdog_interval() {
+        crate::daemon::sdnotify::notify("READY=1");
+        if let Some(every) = crate::daemon::sdnotify::watchdog_interval() {
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tick.tick() => crate::sdnotify::notify("WATCHDOG=1"),
+                        _ = tick.tick() => crate::daemon::sdnotify::notify("WATCHDOG=1"),
                     }
                 }
             });
@@ -466,7 +469,7 @@ impl Daemon {
         let gap_of = |s: &ScheduleConfig| {
             s.battery_charging
                 .as_deref()
-                .map(|c| crate::poller::default_spread(c) * 2)
+                .map(|c| crate::daemon::poller::default_spread(c) * 2)
                 .unwrap_or_default()
         };
         let mut charging_gap = gap_of(&config.schedule);
@@ -512,11 +515,11 @@ impl Daemon {
                             }
                             poller.set_spread(
                                 crate::smartcar::Job::Battery,
-                                crate::poller::default_spread(&new.battery),
+                                crate::daemon::poller::default_spread(&new.battery),
                             );
                             poller.set_spread(
                                 crate::smartcar::Job::Info,
-                                crate::poller::default_spread(&new.info),
+                                crate::daemon::poller::default_spread(&new.info),
                             );
                             info!(battery = %new.battery, info = %new.info, battery_charging = ?new.battery_charging, "schedule changed");
                         }
@@ -545,7 +548,7 @@ impl Daemon {
             }
         }
 
-        crate::sdnotify::notify("STOPPING=1");
+        crate::daemon::sdnotify::notify("STOPPING=1");
         info!("stopping: no new polls; waiting for in-flight ones");
         schedule.shutdown().await;
         cycles.close();
@@ -788,7 +791,7 @@ pub async fn load_ledger(
     // Seeded with or without a budget: `carpulse_smartcar_calls_billed` reports the month's
     // calls from the store, not only those since this process started.
     let now = crate::domain::now_ms();
-    let since = crate::gate::month_start(now);
+    let since = crate::daemon::gate::month_start(now);
     let used = store
         .call(move |c| queries::calls_since(c, since, api))
         .await
@@ -806,7 +809,7 @@ pub async fn load_ledger(
 }
 
 /// SIGHUP: re-reads the config file and applies what a running daemon can take on (see
-/// [`crate::reconfig`]). A file that no longer parses changes nothing.
+/// [`crate::daemon::reconfig`]). A file that no longer parses changes nothing.
 async fn reconfigure(
     live: &std::sync::RwLock<Config>,
     store: &Store,
@@ -825,7 +828,7 @@ async fn reconfigure(
             return;
         }
     };
-    let changes = crate::reconfig::compare(&current, &new);
+    let changes = crate::daemon::reconfig::compare(&current, &new);
     if !changes.need_restart.is_empty() {
         warn!(
             keys = changes.need_restart.join(", "),
@@ -977,10 +980,11 @@ pub async fn check_health(
 /// `carpulse run`: the daemon until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    crate::signals::spawn_handler(shutdown.clone()).context("installing signal handlers")?;
+    crate::daemon::signals::spawn_handler(shutdown.clone())
+        .context("installing signal handlers")?;
     if let (Some(budget), Ok((_, calls))) = (
         config.budget.calls_per_vehicle_month,
-        crate::plan::plan(&config, chrono::Utc::now()),
+        crate::cli::plan::plan(&config, chrono::Utc::now()),
     ) {
         if calls > budget {
             warn!(

@@ -1,0 +1,27 @@
+//! `carpulse run`, stage by stage. [`app`] wires the daemon and owns its one shutdown path;
+//! [`tokens`] keeps each connection's Connect token fresh (persisting every rotated pair before
+//! it is used) and [`app_token`] the application token of API Authentication;
+//! [`connections_sync`] follows `/v3/connections`; [`schedule`] turns cron lines into ticks;
+//! [`poller`] turns a tick into polls through the [`crate::smartcar`] client, admitted by
+//! [`gate`] (waits, blocks, the monthly budget) and skipping what [`discovery`] found a vehicle
+//! cannot answer; readings go to the store's writer and outcomes to [`metrics`], served (with
+//! [`webconfig`]'s TLS and basic auth) on the metrics listener. [`maintenance`] prunes and
+//! backs up the store while the daemon runs, [`reconfig`] applies SIGHUP, [`signals`] and
+//! [`sdnotify`] speak to the OS and systemd.
+
+pub mod app;
+pub mod app_token;
+pub mod connections_sync;
+pub mod discovery;
+pub mod gate;
+pub mod maintenance;
+pub mod metrics;
+pub mod poller;
+pub mod reconfig;
+pub mod schedule;
+pub mod sdnotify;
+pub mod signals;
+pub mod tokens;
+pub mod webconfig;
+
+pub use app::{adopt_stored_blocks, check_health, client_config, run, Daemon};
