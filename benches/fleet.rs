@@ -227,6 +227,20 @@ async fn run(p: Params) -> anyhow::Result<()> {
     while Instant::now() < warm {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // FLEET_PROFILE=FILE: a CPU profile of the daemon over the measured window (perf).
+    let mut perf = match std::env::var("FLEET_PROFILE") {
+        Ok(out) => Some(
+            Command::new("perf")
+                .args(["record", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384"])
+                .args(["-p", &pid.to_string(), "-o", &out, "--", "sleep"])
+                .arg(p.seconds.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting perf (apt-get install linux-perf)")?,
+        ),
+        Err(_) => None,
+    };
     let (cpu0, _, _) = sample(pid)?;
     let polls0 = stored_polls(&http, &metrics).await;
     let t0 = Instant::now();
@@ -241,6 +255,10 @@ async fn run(p: Params) -> anyhow::Result<()> {
     let (cpu1, rss, hwm) = sample(pid)?;
     let polls1 = stored_polls(&http, &metrics).await;
     let window = t0.elapsed().as_secs_f64();
+    if let Some(perf) = perf.as_mut() {
+        // perf ends with its `sleep`; killing it would lose the profile.
+        perf.wait().context("waiting for perf")?;
+    }
     let polls = polls1 - polls0;
     let per_poll_us = if polls > 0.0 {
         (cpu1 - cpu0) / polls * 1e6
