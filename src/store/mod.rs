@@ -45,7 +45,7 @@ const MAX_BATCH_ITEMS: usize = 50_000;
 /// every page touched) cost more than the rows of a poll in the fleet profile, so polls that
 /// answer within a few milliseconds of each other share one; a reading is committed this much
 /// later at most. Anything that is not a write ends the wait at once.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 /// Batches at least this large are committed without lingering.
 const LINGER_UNTIL_ITEMS: usize = 2_000;
 
