@@ -394,7 +394,7 @@ impl SmartcarClient {
     pub(crate) fn vehicle_request(
         &self,
         method: Method,
-        url: &str,
+        url: impl reqwest::IntoUrl,
         access: &Secret,
         user_id: Option<&str>,
     ) -> RequestBuilder {

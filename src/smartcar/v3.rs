@@ -114,6 +114,12 @@ struct AttrsDto<'a> {
 }
 
 #[derive(serde::Deserialize)]
+struct SignalMetaDto {
+    #[serde(default, rename = "oemUpdatedAt")]
+    oem_updated_at: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
 struct LinksDto<'a> {
     #[serde(borrow, default)]
     next: Option<std::borrow::Cow<'a, str>>,
@@ -160,20 +166,23 @@ pub fn parse_signals_bytes(
         if !READ.iter().any(|c| c.eq_ignore_ascii_case(code)) {
             continue;
         }
-        let mut attributes = serde_json::Map::new();
-        attributes.insert("code".into(), Value::from(code));
-        if let Some(st) = raw(attrs.and_then(|a| a.status).or(item.status)) {
-            attributes.insert("status".into(), st);
-        }
-        if let Some(b) = raw(attrs.and_then(|a| a.body).or(item.body)) {
-            attributes.insert("body".into(), b);
-        }
-        let mut v = serde_json::Map::new();
-        v.insert("attributes".into(), Value::Object(attributes));
-        if let Some(m) = raw(item.meta.or(attrs.and_then(|a| a.meta))) {
-            v.insert("meta".into(), m);
-        }
-        signals.extend(parse_signal(&Value::Object(v), fetched_at, request_id));
+        let status = raw(attrs.and_then(|a| a.status).or(item.status));
+        let body = raw(attrs.and_then(|a| a.body).or(item.body)).unwrap_or(Value::Null);
+        // Only `oemUpdatedAt` of a signal's meta is read; the rest is skipped unparsed.
+        let recorded = item
+            .meta
+            .or(attrs.and_then(|a| a.meta))
+            .and_then(|m| serde_json::from_str::<SignalMetaDto>(m.get()).ok())
+            .and_then(|m| m.oem_updated_at)
+            .and_then(|v| parse_epoch_value(&v));
+        signals.push(signal_from_parts(
+            code,
+            status.as_ref(),
+            body,
+            recorded,
+            fetched_at,
+            request_id,
+        ));
     }
     let next = page
         .links
@@ -246,17 +255,41 @@ fn parse_signal(s: &Value, fetched_at: UnixMillis, request_id: Option<&str>) -> 
     let code = attrs
         .get("code")
         .or_else(|| s.get("id"))
-        .and_then(Value::as_str)?
-        .trim()
-        .to_ascii_lowercase();
+        .and_then(Value::as_str)?;
     let status = attrs.get("status").or_else(|| s.get("status"));
+    let body = attrs
+        .get("body")
+        .or_else(|| s.get("body"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let recorded = s
+        .get("meta")
+        .or_else(|| attrs.get("meta"))
+        .and_then(|m| m.get("oemUpdatedAt"))
+        .and_then(parse_epoch_value);
+    Some(signal_from_parts(
+        code, status, body, recorded, fetched_at, request_id,
+    ))
+}
+
+/// One signal from its parts, however the listing carried them (the tolerant tree parser and
+/// the fast byte parser both end here).
+fn signal_from_parts(
+    code: &str,
+    status: Option<&Value>,
+    body: Value,
+    recorded: Option<UnixMillis>,
+    fetched_at: UnixMillis,
+    request_id: Option<&str>,
+) -> Signal {
+    let code = code.trim().to_ascii_lowercase();
     let status_value = status
         .and_then(|st| st.get("value"))
         .and_then(Value::as_str)
         .unwrap_or("SUCCESS");
     // UNAVAILABLE (smartcar-api.md §10.4): no reading this time, nothing wrong.
     if status_value.eq_ignore_ascii_case("UNAVAILABLE") {
-        return Some(Signal {
+        return Signal {
             error: Some(ApiError {
                 request_id: request_id.map(str::to_owned),
                 ..no_reading(&code, "UNAVAILABLE")
@@ -265,7 +298,7 @@ fn parse_signal(s: &Value, fetched_at: UnixMillis, request_id: Option<&str>) -> 
             body: Value::Null,
             recorded: None,
             fetched_at,
-        });
+        };
     }
     let failed = status_value.eq_ignore_ascii_case("ERROR");
     let error = failed.then(|| {
@@ -292,23 +325,13 @@ fn parse_signal(s: &Value, fetched_at: UnixMillis, request_id: Option<&str>) -> 
         }
         e
     });
-    let body = attrs
-        .get("body")
-        .or_else(|| s.get("body"))
-        .cloned()
-        .unwrap_or(Value::Null);
-    let recorded = s
-        .get("meta")
-        .or_else(|| attrs.get("meta"))
-        .and_then(|m| m.get("oemUpdatedAt"))
-        .and_then(parse_epoch_value);
-    Some(Signal {
+    Signal {
         code,
         error,
         body,
         recorded,
         fetched_at,
-    })
+    }
 }
 
 /// A vehicle resource with or without the `data` wrapper and `attributes`.
@@ -449,7 +472,7 @@ pub(crate) async fn listing(
     for page_no in 1..=MAX_PAGES {
         visited.insert(url.as_str().to_owned());
         let raw = client
-            .send(client.vehicle_request(Method::GET, url.as_str(), ctx.access_token, ctx.user_id))
+            .send(client.vehicle_request(Method::GET, url.clone(), ctx.access_token, ctx.user_id))
             .await
             .map_err(|e| whole_listing_failed(id, e))?;
         let rid = raw.request_id();
