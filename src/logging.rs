@@ -92,11 +92,11 @@ pub fn init(default: &str) {
 
 /// The last words of a failed command, with the priority prefix under journald.
 pub fn fatal(message: &str) {
-    if stderr_is_journal() {
-        eprintln!("<3>carpulse: {message}");
-    } else {
-        eprintln!("carpulse: {message}");
-    }
+    use std::io::Write;
+    let prefix = if stderr_is_journal() { "<3>" } else { "" };
+    // Not eprintln!: with stderr's reader gone it would panic, and the exit code would be
+    // 101 instead of the one that says what failed.
+    let _ = writeln!(std::io::stderr(), "{prefix}carpulse: {message}");
 }
 
 #[cfg(test)]

@@ -11,12 +11,13 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{Config, ScheduleConfig};
+use crate::daemon::cycles::Cycles;
 use crate::daemon::metrics::{self, Health, Metrics};
 use crate::daemon::poller::{PolledVehicle, Poller};
-use crate::daemon::schedule::{self, job_label};
+use crate::daemon::supervisor::Supervisor;
 use crate::daemon::tokens::TokenManager;
 use crate::domain::ConnectionStatus;
 use crate::smartcar::{ClientConfig, SmartcarClient};
@@ -126,14 +127,6 @@ impl Daemon {
             &config.poll,
         );
         poller.set_no_data_every(config.schedule.no_data_every);
-        poller.set_spread(
-            crate::smartcar::Job::Battery,
-            crate::daemon::poller::default_spread(&config.schedule.battery),
-        );
-        poller.set_spread(
-            crate::smartcar::Job::Info,
-            crate::daemon::poller::default_spread(&config.schedule.info),
-        );
         let listener = TcpListener::bind(config.metrics.listen).await.context(
             crate::exit::Permanent::Listener {
                 addr: config.metrics.listen,
@@ -261,332 +254,291 @@ impl Daemon {
             app,
             web,
         } = self;
-        let addr = listener.local_addr()?;
-        let scheme = match &web {
-            Some(w) if w.tls() => "https",
-            _ => "http",
+        announce(&listener, web.as_deref(), &config)?;
+        let s = Shared {
+            live: Arc::new(std::sync::RwLock::new(config.clone())),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            tokens: tokens.clone(),
+            poller: poller.clone(),
+            shutdown: shutdown.clone(),
         };
-        info!(
-            metrics = %format!("{scheme}://{addr}/metrics"),
-            basic_auth = web.as_ref().is_some_and(|w| w.basic_auth()),
-            api = ?config.smartcar.api,
-            battery = %config.schedule.battery,
-            info = %config.schedule.info,
-            "carpulse running"
-        );
-
-        // Every long-running part is on one tracker; an unexpected end of any of them stops
-        // the daemon (systemd restarts it) rather than leaving it half alive.
-        let tasks = TaskTracker::new();
-        let failed = CancellationToken::new();
-
-        let server_stop = shutdown.clone();
-        let server_failed = failed.clone();
-        let (m, h) = (metrics.clone(), health.clone());
-        tasks.spawn(async move {
-            if let Err(e) = metrics::serve_with(listener, m, h, web, server_stop.clone()).await {
-                error!(error = %e, "the metrics server stopped");
-                server_failed.cancel();
-            }
+        let mut tasks = Supervisor::new();
+        let (m, h, stop) = (metrics.clone(), health.clone(), shutdown.clone());
+        tasks.spawn("the metrics listener", async move {
+            let served = metrics::serve_with(listener, m, h, web, stop).await;
+            served.context("serving /metrics")
         });
-
-        let refresher_stop = shutdown.clone();
-        tasks.spawn(tokens.clone().run(refresher_stop));
-
-        // Retention and scheduled backups of the store (see maintenance).
-        tasks.spawn(crate::daemon::maintenance::run(
-            store.clone(),
-            config.clone(),
-            shutdown.clone(),
-        ));
-
-        let health_stop = shutdown.clone();
-        let (h, t, p, m) = (
-            health.clone(),
-            tokens.clone(),
-            poller.clone(),
-            metrics.clone(),
-        );
-        // The config as last (re)loaded: SIGHUP swaps it, the tasks below read it when they
-        // run. A std lock, held only to copy a value out.
-        let live = Arc::new(std::sync::RwLock::new(config.clone()));
-        let read_live = |live: &std::sync::RwLock<Config>| {
-            live.read().unwrap_or_else(|p| p.into_inner()).clone()
-        };
-        let health_live = live.clone();
-        tasks.spawn(async move {
-            let started = crate::domain::now_ms();
-            let mut every = tokio::time::interval(HEALTH_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tokio::select! {
-                    _ = health_stop.cancelled() => return,
-                    _ = every.tick() => {
-                        let live = read_live(&health_live);
-                        m.set_budget(live.budget.calls_per_vehicle_month);
-                        check_health(&h, &t, &p, &m, live.metrics.stale_after, started).await
-                    }
-                }
-            }
-        });
-
-        // API Authentication: `/v3/connections` says who is connected (see connections_sync).
-        let sync_now = Arc::new(tokio::sync::Notify::new());
-        let sync_on_hup = sync_now.clone();
-        if let Some(app) = app.clone() {
-            let (st, t, p, m) = (
-                store.clone(),
-                tokens.clone(),
-                poller.clone(),
-                metrics.clone(),
-            );
-            let stop = shutdown.clone();
-            let denied = poller.connections_check();
-            let per_vehicle_max = config.metrics.per_vehicle_max;
-            let client = client.clone();
-            let sync_now = sync_now.clone();
-            tasks.spawn(async move {
-                let mut every = tokio::time::interval(crate::daemon::connections_sync::CHECK_EVERY);
-                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                let mut last: Option<tokio::time::Instant> = None;
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = every.tick() => {}
-                        _ = sync_now.notified() => {}
-                        _ = denied.notified() => {
-                            // Many vehicles of one revoked user answer together: one check,
-                            // at most one per MIN_GAP (deferred, never dropped).
-                            let wait = last.map_or(Duration::ZERO, |l| {
-                                crate::daemon::connections_sync::MIN_GAP.saturating_sub(l.elapsed())
-                            });
-                            tokio::select! {
-                                _ = stop.cancelled() => return,
-                                _ = tokio::time::sleep(wait) => {}
-                            }
-                        }
-                    }
-                    last = Some(tokio::time::Instant::now());
-                    match crate::daemon::connections_sync::check_once(&client, &app, &st, &t).await
-                    {
-                        Ok(report) => {
-                            info!(
-                                listed = report.listed,
-                                revoked = report.revoked.len(),
-                                restored = report.restored.len(),
-                                added = report.added.len(),
-                                "connections checked (GET /v3/connections)"
-                            );
-                            if report.changed() {
-                                if let Err(e) = reload(&st, &t, &p, &m, per_vehicle_max).await {
-                                    warn!(
-                                        error = format!("{e:#}"),
-                                        "reloading after the connections check failed"
-                                    );
-                                }
-                            }
-                        }
-                        Err(e) => warn!(
-                            error = format!("{e:#}"),
-                            "checking connections failed; trying again later"
-                        ),
-                    }
-                }
-            });
-        }
-
-        let reload_now = Arc::new(tokio::sync::Notify::new());
-        crate::daemon::signals::spawn_reload_handler(reload_now.clone(), shutdown.clone())
-            .context("installing the SIGHUP handler")?;
-        let reload_stop = shutdown.clone();
-        let (st, t, p, m) = (
-            store.clone(),
-            tokens.clone(),
-            poller.clone(),
-            metrics.clone(),
-        );
-        let per_vehicle_max = config.metrics.per_vehicle_max;
-        let discovery = Arc::new(crate::daemon::discovery::Discovery::default());
-        let discover_live = live.clone();
-        let discover = move |st: Store, p: Arc<Poller>, stop: CancellationToken| {
-            let discovery = discovery.clone();
-            let discover_every = read_live(&discover_live).schedule.discover_every;
-            async move {
-                if let Err(e) = discovery.run_due(&st, &p, discover_every, &stop).await {
-                    warn!(error = format!("{e:#}"), "capability discovery failed");
-                }
-            }
-        };
-        // Capabilities never read (a store from before discovery, a connect that could not
-        // read them) or due are read after each reload, the first a minute after start: the
-        // first polls go out undelayed, and a vehicle's one wasted call teaches the same.
-        let discoveries = tasks.clone();
-        let config_live = live.clone();
-        let (schedule_tx, mut schedule_rx) = tokio::sync::mpsc::channel::<ScheduleConfig>(1);
-        tasks.spawn(async move {
-            let mut every = tokio::time::interval(RELOAD_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            every.tick().await; // the first tick is immediate; the daemon just loaded
-            loop {
-                let hup = tokio::select! {
-                    _ = reload_stop.cancelled() => return,
-                    _ = every.tick() => false,
-                    _ = reload_now.notified() => true,
-                };
-                if hup {
-                    reconfigure(&config_live, &st, &t, &p, &schedule_tx).await;
-                    sync_on_hup.notify_one();
-                }
-                if let Err(e) = reload(&st, &t, &p, &m, per_vehicle_max).await {
-                    warn!(
-                        error = format!("{e:#}"),
-                        "reloading the vehicle set failed; keeping the current one"
-                    );
-                }
-                discoveries.spawn(discover(st.clone(), p.clone(), reload_stop.clone()));
-            }
-        });
-
-        let (mut schedule, mut ticks) = schedule::start(&config.schedule, &metrics)
-            .await
-            .context("starting the schedule")?;
-
+        let discoveries = TaskTracker::new();
+        let mut schedule_rx =
+            spawn_services(&mut tasks, &s, &config, health, client, app, &discoveries)?;
+        let (api, m) = (config.smartcar.api, metrics.clone());
+        let mut cycles = Cycles::start(poller.clone(), api, m, &config.schedule).await?;
         crate::daemon::sdnotify::notify("READY=1");
         if let Some(every) = crate::daemon::sdnotify::watchdog_interval() {
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => crate::daemon::sdnotify::notify("WATCHDOG=1"),
-                    }
-                }
-            });
+            tasks.spawn("the watchdog", watchdog(every, shutdown.clone()));
         }
-
-        // A vehicle the base cron just answered is not asked again by the charging cron.
-        let gap_of = |s: &ScheduleConfig| {
-            s.battery_charging
-                .as_deref()
-                .map(|c| crate::daemon::poller::default_spread(c) * 2)
-                .unwrap_or_default()
+        let failure = tokio::select! {
+            // First: every task ends once shutdown is signalled, and that end is no failure.
+            biased;
+            _ = shutdown.cancelled() => None,
+            why = tasks.first_end() => Some(why),
+            e = cycles.dispatch(&mut schedule_rx) => Some(format!("{e:#}")),
         };
-        let mut charging_gap = gap_of(&config.schedule);
-
-        // Polls get their own token: on shutdown they are given a grace period first.
-        let polls_cancel = CancellationToken::new();
-        let cycles = TaskTracker::new();
-        let start_cycle = |tick: schedule::Tick, charging_gap: Duration| {
-            let poller = poller.clone();
-            let cancel = polls_cancel.clone();
-            let job = tick.job;
-            cycles.spawn(async move {
-                if tick.plugged_in_only {
-                    poller.cycle_plugged_in(job, charging_gap, cancel).await;
-                } else {
-                    poller.cycle(job, cancel).await;
-                }
-            });
-            tracing::debug!(
-                job = job_label(job),
-                plugged_in_only = tick.plugged_in_only,
-                "cycle started"
-            );
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = failed.cancelled() => {
-                    shutdown.cancel();
-                    break;
-                }
-                Some(new) = schedule_rx.recv() => {
-                    // The new crons start before the old ones stop: no tick is lost between.
-                    match schedule::start(&new, &metrics).await {
-                        Ok((next, next_ticks)) => {
-                            let old = std::mem::replace(&mut schedule, next);
-                            let mut old_ticks = std::mem::replace(&mut ticks, next_ticks);
-                            old.shutdown().await;
-                            charging_gap = gap_of(&new);
-                            // Ticks the old crons queued meanwhile still run.
-                            while let Ok(tick) = old_ticks.try_recv() {
-                                start_cycle(tick, charging_gap);
-                            }
-                            poller.set_spread(
-                                crate::smartcar::Job::Battery,
-                                crate::daemon::poller::default_spread(&new.battery),
-                            );
-                            poller.set_spread(
-                                crate::smartcar::Job::Info,
-                                crate::daemon::poller::default_spread(&new.info),
-                            );
-                            info!(battery = %new.battery, info = %new.info, battery_charging = ?new.battery_charging, "schedule changed");
-                        }
-                        Err(e) => warn!(error = format!("{e:#}"), "the new schedule did not start; keeping the old one"),
-                    }
-                }
-                tick = ticks.recv() => {
-                    let Some(tick) = tick else {
-                        // The scheduler is gone: nothing will poll again, so stop cleanly.
-                        error!("the schedule stopped unexpectedly; stopping the daemon");
-                        shutdown.cancel();
-                        break;
-                    };
-                    // Jobs due in the same second share one v3 listing.
-                    let mut due = vec![tick];
-                    if config.smartcar.api == crate::domain::ApiVersion::V3 {
-                        let until = tokio::time::Instant::now() + TICK_COALESCE;
-                        while let Ok(Some(more)) = tokio::time::timeout_at(until, ticks.recv()).await {
-                            due.push(more);
-                        }
-                    }
-                    for tick in schedule::merge_ticks(config.smartcar.api, due) {
-                        start_cycle(tick, charging_gap);
-                    }
-                }
-            }
-        }
-
+        shutdown.cancel();
         crate::daemon::sdnotify::notify("STOPPING=1");
         info!("stopping: no new polls; waiting for in-flight ones");
-        schedule.shutdown().await;
-        cycles.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, cycles.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                grace_s = SHUTDOWN_GRACE.as_secs(),
-                "in-flight polls did not finish in time; abandoning them"
-            );
-            polls_cancel.cancel();
-            cycles.wait().await;
-        }
-        tasks.close();
+        cycles.drain(SHUTDOWN_GRACE).await;
+        discoveries.close();
         // Refreshes in flight get up to 25 s (see tokens.rs); past 30 s, leave rather than
         // be killed by systemd mid-flush.
-        if tokio::time::timeout(Duration::from_secs(30), tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!("background tasks did not stop within 30 s; flushing and exiting anyway");
-        }
+        let _ = tokio::time::timeout(STOP_GRACE, discoveries.wait()).await;
+        tasks.stop(STOP_GRACE).await;
         // The last store handles, so that close() also stops the owner thread (WAL checkpoint).
-        drop(poller);
-        drop(tokens);
+        drop((s, poller, tokens));
         store.close().await.context("flushing the store")?;
         info!("stopped");
-        if failed.is_cancelled() {
-            anyhow::bail!("a daemon task failed; see the log above");
+        match failure {
+            Some(why) => anyhow::bail!("a daemon task failed: {why}"),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
-/// How long ticks are gathered after the first of a second, so crons due together (the
-/// daily info job and a battery tick) share one v3 listing.
-const TICK_COALESCE: Duration = Duration::from_millis(300);
+/// Starts the daemon's services under `tasks`: the token refresher, store maintenance, the
+/// health check, the connections check (API Authentication) and the reload loop (with
+/// SIGHUP), whose capability reads go on `discoveries`. Returns where SIGHUP's new schedules
+/// arrive.
+fn spawn_services(
+    tasks: &mut Supervisor,
+    s: &Shared,
+    config: &Config,
+    health: Health,
+    client: SmartcarClient,
+    app: Option<Arc<crate::daemon::app_token::AppAuth>>,
+    discoveries: &TaskTracker,
+) -> anyhow::Result<tokio::sync::mpsc::Receiver<ScheduleConfig>> {
+    let (t, stop) = (s.tokens.clone(), s.shutdown.clone());
+    tasks.spawn("the token refresher", async move {
+        t.run(stop).await;
+        Ok(())
+    });
+    let (st, cfg, stop) = (s.store.clone(), config.clone(), s.shutdown.clone());
+    tasks.spawn("store maintenance", async move {
+        crate::daemon::maintenance::run(st, cfg, stop).await;
+        Ok(())
+    });
+    tasks.spawn("the health check", health_loop(s.clone(), health));
+    let sync_now = Arc::new(tokio::sync::Notify::new());
+    if let Some(app) = app {
+        let sync = connections_loop(s.clone(), client, app, sync_now.clone());
+        tasks.spawn("the connections check", sync);
+    }
+    let reload_now = Arc::new(tokio::sync::Notify::new());
+    crate::daemon::signals::spawn_reload_handler(reload_now.clone(), s.shutdown.clone())
+        .context("installing the SIGHUP handler")?;
+    let (schedule_tx, schedule_rx) = tokio::sync::mpsc::channel::<ScheduleConfig>(1);
+    let reloads = reload_loop(
+        s.clone(),
+        reload_now,
+        sync_now,
+        schedule_tx,
+        discoveries.clone(),
+    );
+    tasks.spawn("the reload loop", reloads);
+    Ok(schedule_rx)
+}
+
+/// How long the background tasks get to stop after the polls have.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// What the daemon's tasks share.
+#[derive(Clone)]
+struct Shared {
+    /// The config as last (re)loaded: SIGHUP swaps it, the tasks read it when they run. A std
+    /// lock, held only to copy a value out.
+    live: Arc<std::sync::RwLock<Config>>,
+    store: Store,
+    metrics: Metrics,
+    tokens: Arc<TokenManager>,
+    poller: Arc<Poller>,
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    fn config(&self) -> Config {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn reload(&self) -> anyhow::Result<()> {
+        let per_vehicle_max = self.config().metrics.per_vehicle_max;
+        reload(
+            &self.store,
+            &self.tokens,
+            &self.poller,
+            &self.metrics,
+            per_vehicle_max,
+        )
+        .await
+    }
+}
+
+/// The one line that says the daemon runs, and where its metrics are.
+fn announce(
+    listener: &TcpListener,
+    web: Option<&crate::daemon::webconfig::WebConfig>,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let scheme = if web.is_some_and(|w| w.tls()) {
+        "https"
+    } else {
+        "http"
+    };
+    info!(
+        metrics = %format!("{scheme}://{addr}/metrics"),
+        basic_auth = web.is_some_and(|w| w.basic_auth()),
+        api = ?config.smartcar.api,
+        battery = %config.schedule.battery,
+        info = %config.schedule.info,
+        "carpulse running"
+    );
+    Ok(())
+}
+
+/// `/healthz` and the budget gauge, every [`HEALTH_EVERY`].
+async fn health_loop(s: Shared, health: Health) -> anyhow::Result<()> {
+    let started = crate::domain::now_ms();
+    let mut every = tokio::time::interval(HEALTH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = s.shutdown.cancelled() => return Ok(()),
+            _ = every.tick() => {}
+        }
+        let live = s.config();
+        s.metrics.set_budget(live.budget.calls_per_vehicle_month);
+        let stale_after = live.metrics.stale_after;
+        check_health(
+            &health,
+            &s.tokens,
+            &s.poller,
+            &s.metrics,
+            stale_after,
+            started,
+        )
+        .await
+    }
+}
+
+/// API Authentication: `/v3/connections` says who is connected (see connections_sync):
+/// hourly, on SIGHUP, and after an ACCESS_DENIED.
+async fn connections_loop(
+    s: Shared,
+    client: SmartcarClient,
+    app: Arc<crate::daemon::app_token::AppAuth>,
+    sync_now: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<()> {
+    use crate::daemon::connections_sync::{check_once, CHECK_EVERY, MIN_GAP};
+    let denied = s.poller.connections_check();
+    let mut every = tokio::time::interval(CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = s.shutdown.cancelled() => return Ok(()),
+            _ = every.tick() => {}
+            _ = sync_now.notified() => {}
+            _ = denied.notified() => {
+                // Many vehicles of one revoked user answer together: one check, at most one
+                // per MIN_GAP (deferred, never dropped).
+                let wait = last.map_or(Duration::ZERO, |l| MIN_GAP.saturating_sub(l.elapsed()));
+                tokio::select! {
+                    _ = s.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        last = Some(tokio::time::Instant::now());
+        match check_once(&client, &app, &s.store, &s.tokens).await {
+            Ok(report) => {
+                info!(
+                    listed = report.listed,
+                    revoked = report.revoked.len(),
+                    restored = report.restored.len(),
+                    added = report.added.len(),
+                    "connections checked (GET /v3/connections)"
+                );
+                if report.changed() {
+                    if let Err(e) = s.reload().await {
+                        warn!(
+                            error = format!("{e:#}"),
+                            "reloading after the connections check failed"
+                        );
+                    }
+                }
+            }
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                "checking connections failed; trying again later"
+            ),
+        }
+    }
+}
+
+/// Re-reads the store every [`RELOAD_EVERY`] and on SIGHUP (which also re-reads the config
+/// and the connections); after each, capabilities never read or due are read, the first a
+/// minute after start: the first polls go out undelayed.
+async fn reload_loop(
+    s: Shared,
+    reload_now: Arc<tokio::sync::Notify>,
+    sync_now: Arc<tokio::sync::Notify>,
+    schedule_tx: tokio::sync::mpsc::Sender<ScheduleConfig>,
+    discoveries: TaskTracker,
+) -> anyhow::Result<()> {
+    let discovery = Arc::new(crate::daemon::discovery::Discovery::default());
+    let mut every = tokio::time::interval(RELOAD_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    every.tick().await; // the first tick is immediate; the daemon just loaded
+    loop {
+        let hup = tokio::select! {
+            _ = s.shutdown.cancelled() => return Ok(()),
+            _ = every.tick() => false,
+            _ = reload_now.notified() => true,
+        };
+        if hup {
+            reconfigure(&s.live, &s.store, &s.tokens, &s.poller, &schedule_tx).await;
+            sync_now.notify_one();
+        }
+        if let Err(e) = s.reload().await {
+            warn!(
+                error = format!("{e:#}"),
+                "reloading the vehicle set failed; keeping the current one"
+            );
+        }
+        let (discovery, s) = (discovery.clone(), s.clone());
+        discoveries.spawn(async move {
+            let every = s.config().schedule.discover_every;
+            if let Err(e) = discovery
+                .run_due(&s.store, &s.poller, every, &s.shutdown)
+                .await
+            {
+                warn!(error = format!("{e:#}"), "capability discovery failed");
+            }
+        });
+    }
+}
+
+/// systemd's watchdog (`WatchdogSec=`): alive as long as the runtime runs tasks.
+async fn watchdog(every: Duration, stop: CancellationToken) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => crate::daemon::sdnotify::notify("WATCHDOG=1"),
+        }
+    }
+}
 
 /// How often the store is re-read for vehicles and connections that `carpulse connect` or
 /// `carpulse vehicles` changed (SIGHUP does it at once).

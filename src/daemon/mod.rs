@@ -12,6 +12,7 @@
 pub mod app;
 pub mod app_token;
 pub mod connections_sync;
+pub mod cycles;
 pub mod discovery;
 pub mod gate;
 pub mod maintenance;
@@ -21,6 +22,7 @@ pub mod reconfig;
 pub mod schedule;
 pub mod sdnotify;
 pub mod signals;
+pub mod supervisor;
 pub mod tokens;
 pub mod webconfig;
 
