@@ -262,3 +262,45 @@ pub fn is_real_user_id(user_id: &str) -> bool {
     let u = user_id.trim();
     !u.is_empty() && !u.starts_with("vehicles:")
 }
+
+/// What a stored block holds back: the `endpoint` column of `vehicle_blocks`, where the two
+/// vehicle-wide kinds are spelled `*` and `~` (so SQL and older stores read them as before).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum BlockScope {
+    /// One endpoint the vehicle cannot answer, until a new consent or `vehicles enable`.
+    Endpoint(String),
+    /// The whole vehicle is paused (billing, a vehicle-wide refusal): `*`.
+    Vehicle,
+    /// The whole vehicle waits until the block's `until` (a retry-after, a backoff): `~`.
+    Wait,
+}
+
+impl BlockScope {
+    const VEHICLE: &'static str = "*";
+    const WAIT: &'static str = "~";
+
+    /// The column's spelling.
+    pub fn column(&self) -> &str {
+        match self {
+            BlockScope::Endpoint(e) => e,
+            BlockScope::Vehicle => Self::VEHICLE,
+            BlockScope::Wait => Self::WAIT,
+        }
+    }
+
+    pub fn from_column(s: &str) -> BlockScope {
+        match s {
+            Self::VEHICLE => BlockScope::Vehicle,
+            Self::WAIT => BlockScope::Wait,
+            e => BlockScope::Endpoint(e.to_owned()),
+        }
+    }
+
+    /// The endpoint, when only one is held back.
+    pub fn endpoint(&self) -> Option<&str> {
+        match self {
+            BlockScope::Endpoint(e) => Some(e),
+            _ => None,
+        }
+    }
+}

@@ -791,7 +791,7 @@ async fn v2_blocks_learnt_from_answers_survive_a_restart_until_the_vehicle_is_en
     let blocks = w.store.call(|c| queries::load_blocks(c)).await.unwrap();
     let mut stored: Vec<(&str, &str, &str)> = blocks
         .iter()
-        .map(|b| (b.endpoint.as_str(), b.source.as_str(), b.reason.as_str()))
+        .map(|b| (b.scope.column(), b.source.as_str(), b.reason.as_str()))
         .collect();
     stored.sort();
     assert_eq!(
@@ -1008,7 +1008,7 @@ async fn a_retry_after_outlives_a_restart() {
         .await
         .unwrap()
         .into_iter()
-        .filter(|b| b.endpoint == "~")
+        .filter(|b| b.scope == carpulse::domain::BlockScope::Wait)
         .collect();
     assert_eq!(waits.len(), 1, "{waits:?}");
     assert_eq!(waits[0].vehicle_id, limited);

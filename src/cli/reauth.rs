@@ -73,7 +73,7 @@ async fn look_up(store: &Store, vehicle: &VehicleId) -> anyhow::Result<Known> {
                 .unwrap_or(ConnectionStatus::NeedsReauth);
             let paused_by_account = queries::load_blocks(c)?.iter().any(|b| {
                 b.vehicle_id == id
-                    && b.endpoint == "*"
+                    && b.scope == crate::domain::BlockScope::Vehicle
                     && b.reason.starts_with("CONNECTED_SERVICES_ACCOUNT")
             });
             Ok(Known {

@@ -495,15 +495,16 @@ pub async fn status(cfg: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
             blocked.push((*why).to_owned());
         }
         for b in blocks.iter().filter(|b| b.vehicle_id == v.vehicle_id) {
-            let what = match (b.endpoint.as_str(), b.until) {
-                ("*", _) => format!("paused ({}): `carpulse reauth ID` or `carpulse vehicles enable ID` once fixed", b.reason),
-                ("~", Some(until)) if until <= now => continue,
-                ("~", Some(until)) if b.reason == "no_data" => format!(
+            use crate::domain::BlockScope;
+            let what = match (&b.scope, b.until) {
+                (BlockScope::Vehicle, _) => format!("paused ({}): `carpulse reauth ID` or `carpulse vehicles enable ID` once fixed", b.reason),
+                (BlockScope::Wait, Some(until)) if until <= now => continue,
+                (BlockScope::Wait, Some(until)) if b.reason == "no_data" => format!(
                     "Smartcar holds no signals for it (an empty listing; likely not subscribed to a webhook: subscribe it in Smartcar's dashboard); asked again {}",
                     ago(until, now)
                 ),
-                ("~", Some(until)) => format!("waiting ({}): not called until {}", b.reason, ago(until, now)),
-                (endpoint, _) => format!("not polled: {endpoint} ({}; from {})", b.reason, b.source),
+                (BlockScope::Wait, Some(until)) => format!("waiting ({}): not called until {}", b.reason, ago(until, now)),
+                (scope, _) => format!("not polled: {} ({}; from {})", scope.column(), b.reason, b.source),
             };
             blocked.push(what);
         }

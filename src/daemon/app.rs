@@ -707,7 +707,7 @@ pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Resu
     let blocks = store
         .call(move |c| {
             for lifted in queries::expire_blocks(c, read_at)? {
-                if lifted.endpoint == "*" {
+                if lifted.scope == crate::domain::BlockScope::Vehicle {
                     info!(vehicle = %lifted.vehicle_id, reason = lifted.reason, "pause over; the vehicle is polled again");
                 }
             }
@@ -715,17 +715,17 @@ pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Resu
         })
         .await
         .context("loading blocked endpoints")?;
-    let mut by_vehicle: std::collections::HashMap<_, Vec<(String, String)>> = Default::default();
+    let mut by_vehicle: std::collections::HashMap<_, Vec<_>> = Default::default();
     let mut waits = std::collections::HashMap::new();
     for b in blocks {
         match b.until {
-            Some(until) if b.endpoint == "~" => {
+            Some(until) if b.scope == crate::domain::BlockScope::Wait => {
                 waits.insert(b.vehicle_id, until);
             }
             _ => by_vehicle
                 .entry(b.vehicle_id)
                 .or_default()
-                .push((b.endpoint, b.reason)),
+                .push((b.scope, b.reason)),
         }
     }
     poller.adopt_blocks(&by_vehicle, &waits, read_at);

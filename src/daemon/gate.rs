@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::domain::{UnixMillis, VehicleId};
+use crate::domain::{BlockScope, UnixMillis, VehicleId};
 use crate::smartcar::error::{ApiError, ErrorKind};
 
 /// How long a block this process set is kept by [`Gates::adopt_blocks`] though the store's
@@ -257,35 +257,34 @@ impl Gates {
     /// Backoff and `retry-after` are untouched.
     pub fn adopt_blocks(
         &mut self,
-        blocks: &HashMap<VehicleId, Vec<(String, String)>>,
+        blocks: &HashMap<VehicleId, Vec<(BlockScope, String)>>,
         read_at: UnixMillis,
     ) {
         let recent = read_at - ADOPT_GRACE.as_millis() as i64;
+        let paused = |rows: &[(BlockScope, String)]| {
+            rows.iter()
+                .find(|(s, _)| *s == BlockScope::Vehicle)
+                .map(|(_, why)| (why.clone(), 0))
+        };
+        let disabled = |rows: &[(BlockScope, String)]| -> Vec<String> {
+            rows.iter()
+                .filter_map(|(s, _)| s.endpoint().map(str::to_owned))
+                .collect()
+        };
         for (id, g) in self.vehicles.iter_mut() {
             let rows = blocks.get(id).map(Vec::as_slice).unwrap_or_default();
             g.disabled.retain(|_, at| *at >= recent && *at > 0);
-            for (e, _) in rows.iter().filter(|(e, _)| e != "*") {
-                g.disabled.entry(e.clone()).or_insert(0);
+            for e in disabled(rows) {
+                g.disabled.entry(e).or_insert(0);
             }
             let kept = g.paused.take().filter(|(_, at)| *at >= recent && *at > 0);
-            g.paused = rows
-                .iter()
-                .find(|(e, _)| e == "*")
-                .map(|(_, why)| (why.clone(), 0))
-                .or(kept);
+            g.paused = paused(rows).or(kept);
         }
         for (id, rows) in blocks {
             if !self.vehicles.contains_key(id) {
                 let g = self.vehicles.entry(id.clone()).or_default();
-                g.disabled = rows
-                    .iter()
-                    .filter(|(e, _)| e != "*")
-                    .map(|(e, _)| (e.clone(), 0))
-                    .collect();
-                g.paused = rows
-                    .iter()
-                    .find(|(e, _)| e == "*")
-                    .map(|(_, why)| (why.clone(), 0));
+                g.disabled = disabled(rows).into_iter().map(|e| (e, 0)).collect();
+                g.paused = paused(rows);
             }
         }
     }
@@ -354,7 +353,10 @@ mod tests {
         assert_eq!(g.admit(&a, &JOB, t + 60_000), Ok(JOB.to_vec()));
         assert_eq!(g.admit(&b, &JOB, t + 60_000), Ok(JOB.to_vec()));
         // Stored rows are adopted, and dropped once the store drops them.
-        let stored = HashMap::from([(a.clone(), vec![("*".to_string(), "BILLING".to_string())])]);
+        let stored = HashMap::from([(
+            a.clone(),
+            vec![(BlockScope::Vehicle, "BILLING".to_string())],
+        )]);
         g.adopt_blocks(&stored, t + 61_000);
         assert_eq!(g.admit(&a, &JOB, t + 61_000), Err(Skip::Paused));
         assert_eq!(g.describe(&a).1.as_deref(), Some("BILLING"));

@@ -16,7 +16,9 @@ use crate::daemon::gate::{Gates, Ledger, Reaction, Skip};
 use crate::daemon::metrics::Metrics;
 use crate::daemon::schedule::{job_endpoints, job_label};
 use crate::daemon::tokens::{Access, TokenError, TokenManager};
-use crate::domain::{now_ms, ApiVersion, ConnectionId, PollEvent, Reading, UnixMillis, VehicleId};
+use crate::domain::{
+    now_ms, ApiVersion, BlockScope, ConnectionId, PollEvent, Reading, UnixMillis, VehicleId,
+};
 use crate::smartcar::error::{ApiError, ErrorKind};
 use crate::smartcar::{Capabilities, EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::store::{Store, WriteItem};
@@ -565,7 +567,7 @@ impl Poller {
     /// Adopts the store's blocked endpoints and pauses (see [`Gates::adopt_blocks`]).
     pub fn adopt_blocks(
         &self,
-        blocks: &HashMap<VehicleId, Vec<(String, String)>>,
+        blocks: &HashMap<VehicleId, Vec<(BlockScope, String)>>,
         waits: &HashMap<VehicleId, UnixMillis>,
         read_at: UnixMillis,
     ) {
@@ -848,18 +850,18 @@ impl Poller {
         self.record(v, at, endpoint, e.kind.label(), Some(e), items);
         let blocked = match crate::daemon::gate::reaction(e, at) {
             Reaction::DisableEndpoint if e.code.as_deref() != Some("SIGNAL_NOT_PROVIDED") => {
-                endpoint
+                BlockScope::Endpoint(endpoint.to_owned())
             }
-            Reaction::Pause => "*",
+            Reaction::Pause => BlockScope::Vehicle,
             _ => return,
         };
         let known = items
             .iter()
-            .any(|i| matches!(i, WriteItem::Block { endpoint: b, .. } if b.as_str() == blocked));
+            .any(|i| matches!(i, WriteItem::Block { scope, .. } if *scope == blocked));
         if !known {
             items.push(WriteItem::Block {
                 vehicle_id: v.id.clone(),
-                endpoint: blocked.to_owned(),
+                scope: blocked,
                 reason: crate::daemon::gate::cause(e),
                 at,
             });

@@ -910,14 +910,14 @@ mod tests {
     }
 }
 
-/// One thing a vehicle cannot be asked for (`endpoint` `*`: the whole vehicle is paused).
+/// One thing a vehicle cannot be asked for: an endpoint, or the whole vehicle.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Block {
     pub vehicle_id: VehicleId,
-    pub endpoint: String,
+    pub scope: crate::domain::BlockScope,
     pub source: String,
     pub reason: String,
-    /// For a wait (`~`): no call before then.
+    /// For a [`crate::domain::BlockScope::Wait`]: no call before then.
     pub until: Option<UnixMillis>,
 }
 
@@ -925,7 +925,7 @@ pub struct Block {
 fn block_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Block> {
     Ok(Block {
         vehicle_id: VehicleId(r.get(0)?),
-        endpoint: r.get(1)?,
+        scope: crate::domain::BlockScope::from_column(r.get_ref(1)?.as_str()?),
         source: r.get(2)?,
         reason: r.get(3)?,
         until: r.get(4)?,

@@ -912,7 +912,7 @@ async fn blocks_discovery_replaces_its_own_rows_and_each_lift_lifts_its_kind() {
     seed(&store, &["car", "other"]).await;
     let block = |endpoint: &str, at| WriteItem::Block {
         vehicle_id: vid("car"),
-        endpoint: endpoint.into(),
+        scope: crate::domain::BlockScope::from_column(endpoint),
         reason: "PERMISSION".into(),
         at,
     };
@@ -933,7 +933,7 @@ async fn blocks_discovery_replaces_its_own_rows_and_each_lift_lifts_its_kind() {
                 .await
                 .unwrap()
                 .into_iter()
-                .map(|b| (b.vehicle_id.0, b.endpoint, b.source))
+                .map(|b| (b.vehicle_id.0, b.scope.column().to_owned(), b.source))
                 .collect();
             v.sort();
             v
@@ -1009,7 +1009,7 @@ async fn waits_and_quota_pauses_end_and_account_pauses_are_checked_again() {
     const NOV_20: i64 = 1_795_132_800_000; // 2026-11-20T00:00:00Z
     let block = |v: &str, endpoint: &str, reason: &str, at| WriteItem::Block {
         vehicle_id: vid(v),
-        endpoint: endpoint.into(),
+        scope: crate::domain::BlockScope::from_column(endpoint),
         reason: reason.into(),
         at,
     };

@@ -29,11 +29,11 @@ pub enum WriteItem {
     Info(VehicleId, VehicleInfo),
     /// Updates the VIN.
     Vin(VehicleId, String),
-    /// An answer said the endpoint (`*`: the whole vehicle) cannot be asked for until the
+    /// An answer said the endpoint (or the whole vehicle) cannot be asked for until the
     /// owner reconnects or re-enables the vehicle; kept so a restart does not ask again.
     Block {
         vehicle_id: VehicleId,
-        endpoint: String,
+        scope: crate::domain::BlockScope,
         reason: String,
         at: UnixMillis,
     },
@@ -294,7 +294,7 @@ impl Writer {
                 }
                 WriteItem::Block {
                     vehicle_id,
-                    endpoint,
+                    scope,
                     reason,
                     at,
                 } => match self.key(&tx, vehicle_id)? {
@@ -306,9 +306,9 @@ impl Writer {
                                      (vehicle, endpoint, source, reason, since)
                                  VALUES (?1, ?2, 'poll', ?3, ?4)",
                             )?
-                            .execute(params![key, endpoint, reason, at])
+                            .execute(params![key, scope.column(), reason, at])
                             .with_context(|| {
-                                format!("blocking {endpoint} of vehicle {vehicle_id}")
+                                format!("blocking {} of vehicle {vehicle_id}", scope.column())
                             })?;
                         if n == 0 {
                             Outcome::Duplicate
@@ -328,12 +328,18 @@ impl Writer {
                         tx.prepare_cached(
                             "INSERT INTO vehicle_blocks
                                  (vehicle, endpoint, source, reason, since, until)
-                             VALUES (?1, '~', 'poll', ?2, ?3, ?4)
+                             VALUES (?1, ?5, 'poll', ?2, ?3, ?4)
                              ON CONFLICT (vehicle, endpoint) DO UPDATE SET
                                  reason = excluded.reason, since = excluded.since,
                                  until = max(coalesce(until, 0), excluded.until)",
                         )?
-                        .execute(params![key, reason, at, until])
+                        .execute(params![
+                            key,
+                            reason,
+                            at,
+                            until,
+                            crate::domain::BlockScope::Wait.column()
+                        ])
                         .with_context(|| format!("recording the wait of vehicle {vehicle_id}"))?;
                         Outcome::Written
                     }
