@@ -571,9 +571,7 @@ impl Poller {
     ) {
         let mut gates = self.gates();
         gates.adopt_blocks(blocks, read_at);
-        for (id, until) in waits {
-            gates.wait_until(id, *until);
-        }
+        gates.adopt_waits(waits, read_at);
     }
 
     /// A new consent lifts what the old one could not give (disabled endpoints, a pause).
@@ -587,6 +585,17 @@ impl Poller {
         job_endpoints(job)
             .iter()
             .all(|e| disabled.iter().any(|d| d == e))
+    }
+
+    /// Whether nothing at all is polled for the vehicle: every endpoint of every job
+    /// disabled (`/healthz` names it).
+    pub fn all_blocked(&self, id: &VehicleId) -> bool {
+        let all: Vec<&str> = job_endpoints(Job::Battery)
+            .iter()
+            .chain(job_endpoints(Job::Info))
+            .copied()
+            .collect();
+        self.gates().all_blocked(id, &all)
     }
 
     /// Disabled endpoints and pause reason of a vehicle, for status output and tests.

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::error::{api_error_from, ApiError, ErrorBody, ErrorKind};
 use super::time::{parse_epoch_value, stamp};
-use super::units::{v3_percent, DistanceUnit};
+use super::units::{plausible_km, v3_percent, DistanceUnit};
 use super::v2::{num, parse_info, value_bool};
 use super::{EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::domain::{
@@ -605,7 +605,12 @@ fn distance_km(s: &Signal, units: UnitSystem) -> Result<f64, ApiError> {
             .ok_or_else(|| decode(&s.code, &format!("unknown distance unit {u:?}")))?,
         None => DistanceUnit::of_system(units),
     };
-    Ok(unit.to_km(value))
+    plausible_km(unit.to_km(value)).ok_or_else(|| {
+        decode(
+            &s.code,
+            "distance is negative, not finite or beyond 10 million km",
+        )
+    })
 }
 
 /// "battery" and "charge" from a signal listing.
@@ -656,13 +661,16 @@ pub fn pick_info_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResul
 fn pick_battery(signals: &[Signal], units: UnitSystem) -> Result<BatteryReading, ApiError> {
     let soc = body_of(signals, SOC)?;
     let value = num(&soc.body, "value").ok_or_else(|| unusable(soc, "missing numeric `value`"))?;
-    let soc_percent =
-        v3_percent(value, unit_of(soc)).ok_or_else(|| decode(SOC, "unit is not a percentage"))?;
-    // Range is optional: a failed or odd range must not cost the state of charge.
+    let soc_percent = v3_percent(value, unit_of(soc)).map_err(|why| decode(SOC, why))?;
+    // Range is optional: a failed or odd range must not cost the state of charge. An absurd
+    // one is that value lost, counted as a decode error of the battery endpoint.
     let range_km = match body_of(signals, RANGE) {
         Ok(r) => match distance_km(r, units) {
             Ok(km) => Some(km),
             Err(e) => {
+                if e.kind == ErrorKind::Decode {
+                    super::reject("battery", "range is undecodable or out of range");
+                }
                 tracing::debug!(error = %e, "ignoring unusable range signal");
                 None
             }
