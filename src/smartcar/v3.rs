@@ -469,8 +469,36 @@ pub(crate) async fn listing(
         }
         out.pages = page_no;
         out.items += page.items;
+        // A page that repeats the signals already read (a server that serves page 1 under
+        // every link) ends the listing: each page is a billed call (issue 11, endless paging).
+        let repeat = !page.signals.is_empty()
+            && page.signals.iter().all(|s| {
+                out.signals
+                    .iter()
+                    .any(|o| o.code == s.code && o.body == s.body)
+            });
+        if repeat {
+            tracing::warn!(
+                vehicle = %id,
+                page = page_no,
+                "the signal listing repeats itself; not following links.next further"
+            );
+            break;
+        }
         out.signals.extend(page.signals);
         out.vehicle = out.vehicle.or(page.vehicle);
+        // The listing said how many items it holds: once they are read, a further link is
+        // not followed.
+        if page
+            .total_count
+            .is_some_and(|total| out.items as u64 >= total)
+        {
+            break;
+        }
+        // An empty page after the first ends the listing whatever it links to.
+        if page.items == 0 && page_no > 1 {
+            break;
+        }
         let Some(next) = page.next else { break };
         match resolve_next(client.v3_base(), &url, &next) {
             Ok(n) if visited.contains(n.as_str()) => {
