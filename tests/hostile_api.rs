@@ -662,3 +662,121 @@ async fn odd_expires_in_is_bounded_and_a_missing_refresh_token_is_kept_with_a_wa
     let log = w2.stop(daemon).await;
     assert!(log.contains("absurdly large"), "{log}");
 }
+
+/// Item 5, `/healthz`: a car whose every endpoint a typed PERMISSION error disabled is not a
+/// quiet car with the 26 h "ICE" threshold but a silent one: `/healthz` answers 503 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_names_a_vehicle_whose_every_endpoint_is_disabled() {
+    let w = World::start("v3", 2, &[], "10s").await;
+    let text = std::fs::read_to_string(&w.setup.config)
+        .unwrap()
+        .replace("info = \"0 0 4 * * *\"", "info = \"* * * * * *\"");
+    std::fs::write(&w.setup.config, text).unwrap();
+    let car = w.cars[0].clone();
+    w.fault(json!({"kind": "permission", "vehicle_id": car}))
+        .await;
+    let daemon = w.run();
+    let url = format!("http://127.0.0.1:{}/healthz", w.setup.metrics_port);
+    wait_for("every endpoint of the car disabled", WITHIN, || async {
+        let b = w.blocks(&car);
+        ["battery", "charge", "info", "odometer"]
+            .iter()
+            .all(|e| b.iter().any(|(x, _, _)| x == e))
+    })
+    .await;
+    let body = std::sync::Mutex::new(String::new());
+    wait_for("/healthz names the car", WITHIN, || async {
+        match w.http.get(&url).send().await {
+            Ok(r) if r.status() == 503 => {
+                let text = r.text().await.unwrap_or_default();
+                let named = text.contains(&car) && text.contains("every endpoint is disabled");
+                *body.lock().unwrap() = text;
+                named
+            }
+            _ => false,
+        }
+    })
+    .await;
+    let body = body.into_inner().unwrap();
+    assert!(
+        !body.contains(&w.cars[1]),
+        "the healthy car is not named: {body}"
+    );
+    w.stop(daemon).await;
+}
+
+/// Items 8 and 9 in v2: `percentRemaining` 250 and a negative odometer are decode errors of
+/// that reading (never stored), and year 0 is not stored over a known year.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_absurd_values_are_refused_per_reading() {
+    let w = World::start("v2", 3, &[], "10s").await;
+    let text = std::fs::read_to_string(&w.setup.config)
+        .unwrap()
+        .replace("info = \"0 0 4 * * *\"", "info = \"* * * * * *\"");
+    std::fs::write(&w.setup.config, text).unwrap();
+    let (soc, odo, year) = (w.cars[0].clone(), w.cars[1].clone(), w.cars[2].clone());
+    w.fault(
+        json!({"kind": "absurd", "vehicle_id": soc, "field": "percentRemaining", "value": 250}),
+    )
+    .await;
+    w.fault(json!({"kind": "absurd", "vehicle_id": odo, "field": "distance", "value": -5}))
+        .await;
+    w.fault(json!({"kind": "absurd", "vehicle_id": year, "field": "year", "value": 0}))
+        .await;
+    let known_year: Option<i64> = w
+        .db()
+        .query_row(
+            "SELECT year FROM vehicles WHERE vehicle_id = ?1",
+            [&year],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let daemon = w.run();
+    wait_for(
+        "decode errors for SoC and odometer, info answered",
+        WITHIN,
+        || async {
+            w.has_event(&soc, "battery", "decode")
+                && w.has_event(&odo, "odometer", "decode")
+                && w.has_event(&year, "info", "ok")
+        },
+    )
+    .await;
+    let db = w.db();
+    let count = |table: &str, car: &str| -> i64 {
+        db.query_row(
+            &format!("SELECT count(*) FROM {table} WHERE vehicle_id = ?1"),
+            [car],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(count("battery_history", &soc), 0);
+    assert_eq!(count("odometer_history", &odo), 0);
+    assert!(
+        w.has_event(&soc, "charge", "ok"),
+        "its other readings count"
+    );
+    let stored_year: Option<i64> = db
+        .query_row(
+            "SELECT year FROM vehicles WHERE vehicle_id = ?1",
+            [&year],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        stored_year, known_year,
+        "year 0 never overwrites the known year"
+    );
+    let text = w.metrics().await;
+    assert!(
+        metric(
+            &text,
+            "carpulse_decode_errors_total",
+            &[("endpoint", "info")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    w.stop(daemon).await;
+}

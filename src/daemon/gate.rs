@@ -59,10 +59,14 @@ pub fn reaction(e: &ApiError, now: UnixMillis) -> Reaction {
         Reaction::WaitUntil(now.saturating_add(wait.min(MAX_WAIT).as_millis() as i64))
     };
     match e.kind {
-        // A value that could not be decoded (one signal, one endpoint) is that reading lost,
-        // counted: the car and the server are fine, so the next tick asks again as usual. It
-        // never backs off the vehicle's other, healthy readings (issue 11, item 8).
-        ErrorKind::VehicleState | ErrorKind::NoReading | ErrorKind::Decode => Reaction::NextTick,
+        ErrorKind::VehicleState | ErrorKind::NoReading => Reaction::NextTick,
+        // A value that could not be decoded (one signal, one endpoint of a good answer) is
+        // that reading lost, counted: the car and the server answered, so the next tick asks
+        // again as usual. It never backs off the vehicle's other, healthy readings (issue 11,
+        // item 8). An answer that could not be read at all still backs off (below).
+        ErrorKind::Decode if e.code.as_deref() == Some(crate::smartcar::error::BAD_VALUE) => {
+            Reaction::NextTick
+        }
         // The slow cadence of a vehicle Smartcar holds no data for; the poller puts
         // `schedule.no_data_every` in `retry_after`.
         ErrorKind::NoData => wait_until(e.retry_after.unwrap_or(NO_DATA_WAIT)),
@@ -84,6 +88,7 @@ pub fn reaction(e: &ApiError, now: UnixMillis) -> Reaction {
         | ErrorKind::Upstream
         | ErrorKind::Transport
         | ErrorKind::Timeout
+        | ErrorKind::Decode
         | ErrorKind::Other
         | ErrorKind::Rejected
         | ErrorKind::TooLarge
@@ -492,9 +497,15 @@ mod tests {
     fn a_decode_error_is_next_tick_not_a_backoff() {
         let mut g = Gates::default();
         let v = VehicleId("v".into());
-        let r = g.failed(&v, "battery", &err(ErrorKind::Decode, None, None), 0, 0.0);
+        let bad = ApiError::bad_value(Some(200), "signal x: value outside 0-100 %");
+        let r = g.failed(&v, "battery", &bad, 0, 0.0);
         assert_eq!(r, Reaction::NextTick);
         assert!(g.admit(&v, &JOB, 1).is_ok());
+        // An answer that could not be read at all is the server's trouble: backoff.
+        let r = g.failed(&v, "battery", &err(ErrorKind::Decode, None, None), 0, 0.0);
+        assert!(matches!(r, Reaction::BackOff { .. }));
+        g.succeeded(&v);
+        g.clear_wait(&v);
         let r = g.failed(&v, "battery", &err(ErrorKind::TooLarge, None, None), 0, 0.0);
         assert!(matches!(r, Reaction::BackOff { .. }));
         assert_eq!(g.admit(&v, &JOB, 1), Err(Skip::Waiting));

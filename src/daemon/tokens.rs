@@ -31,9 +31,10 @@ const USE_SAFETY_MS: i64 = 15_000;
 /// window for a used refresh token (1 min by the most cautious reading of the docs).
 const PROMPT_RETRIES: u32 = 3;
 const PROMPT_RETRY_DELAY: Duration = Duration::from_secs(5);
-/// The least time between two refreshes of one connection, whatever its token's lifetime
-/// says: an odd `expires_in` can never make a refresh storm (issue 11).
-const MIN_REFRESH_INTERVAL_MS: i64 = 5_000;
+/// The least time between two background refreshes of one connection, whatever its token's
+/// lifetime says (an odd `expires_in` of 0 or less is already read as 7200 s, see
+/// `smartcar::auth::bounded_expires_in`).
+const MIN_REFRESH_INTERVAL_MS: i64 = 2_000;
 /// `400 invalid_request` answers in a row before the owner is blamed (`needs_reauth`): one
 /// can be a Smartcar hiccup or a proxy's, and a reconnect costs every owner a browser trip.
 const INVALID_REQUEST_TRIES: u32 = 3;
@@ -386,12 +387,7 @@ impl TokenManager {
             return Err(TokenError::NeedsReauth(id));
         }
         let now = now_ms();
-        let issued_at = st.tokens.refresh_expires_at - REFRESH_TOKEN_LIFETIME_MS;
-        // A pair this fresh is used while it is valid, however short its life: no refresh
-        // storm from an odd `expires_in`.
-        let just_issued =
-            now - issued_at < MIN_REFRESH_INTERVAL_MS && now < st.tokens.access_expires_at;
-        if now >= st.tokens.access_expires_at - USE_SAFETY_MS && !just_issued {
+        if now >= st.tokens.access_expires_at - USE_SAFETY_MS {
             match st.retry_at {
                 // Backing off after failures: use what is still valid, else say so at once
                 // rather than hammering the token endpoint from every poll.
@@ -838,7 +834,7 @@ mod tests {
     #[test]
     fn a_zero_lifetime_token_does_not_spin() {
         let t = pair(1_000_000, 0);
-        assert_eq!(refresh_due_at(&t, Duration::from_secs(600), 1.0), 1_005_000);
+        assert_eq!(refresh_due_at(&t, Duration::from_secs(600), 1.0), 1_002_000);
     }
 
     #[test]

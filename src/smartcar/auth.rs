@@ -240,17 +240,15 @@ fn normalize(resp: HttpResponse) -> HttpResponse {
     HttpResponse::from_parts(parts, body)
 }
 
-/// The shortest `expires_in` taken as given: a shorter one (a test server's) is read as this,
-/// so no answer can make carpulse refresh more often (issue 11: `expires_in: 0` made about two
-/// refreshes a second).
-pub const MIN_EXPIRES_IN_SECS: u64 = 5;
 /// The longest `expires_in` taken as given (Smartcar documents "always 7200"): a larger one
 /// (`1e12`) is read as a day, so a wrong answer cannot keep a dead token in use for ever.
 pub const MAX_EXPIRES_IN_SECS: u64 = 86_400;
 
 /// `expires_in` as carpulse uses it: missing, unparsable, zero or negative (dropped by
-/// [`normalize`]) are Smartcar's documented 7200 s; the rest is kept within
-/// [`MIN_EXPIRES_IN_SECS`]..=[`MAX_EXPIRES_IN_SECS`]. Odd answers are logged.
+/// [`normalize`]) are Smartcar's documented 7200 s (issue 11: `expires_in: 0` made about two
+/// refreshes a second); more than [`MAX_EXPIRES_IN_SECS`] is that. A short positive lifetime
+/// is taken as given (a token used past its real expiry only earns 401s). Odd answers are
+/// logged.
 pub fn bounded_expires_in(expires_in: Option<std::time::Duration>) -> u64 {
     match expires_in.map(|d| d.as_secs()) {
         None | Some(0) => {
@@ -268,7 +266,7 @@ pub fn bounded_expires_in(expires_in: Option<std::time::Duration>) -> u64 {
             );
             MAX_EXPIRES_IN_SECS
         }
-        Some(s) => s.max(MIN_EXPIRES_IN_SECS),
+        Some(s) => s,
     }
 }
 
@@ -387,10 +385,7 @@ mod tests {
             bounded_expires_in(Some(Duration::from_secs(1_000_000_000_000))),
             MAX_EXPIRES_IN_SECS
         );
-        assert_eq!(
-            bounded_expires_in(Some(Duration::from_secs(1))),
-            MIN_EXPIRES_IN_SECS
-        );
+        assert_eq!(bounded_expires_in(Some(Duration::from_secs(1))), 1);
         assert_eq!(bounded_expires_in(Some(Duration::from_secs(7200))), 7200);
         // Negative and non-numeric values never reach oauth2: normalize drops them.
         for body in [

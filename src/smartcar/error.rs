@@ -276,6 +276,17 @@ impl ApiError {
         }
     }
 
+    /// One reading (or signal) of an otherwise good answer that could not be decoded or is
+    /// out of range: kind [`ErrorKind::Decode`] with code [`BAD_VALUE`], so the poller tells it
+    /// from an answer it could not read at all: that reading is lost, counted, and asked for
+    /// again next tick, never a backoff of the vehicle (issue 11, item 8).
+    pub fn bad_value(status: Option<u16>, description: impl Into<String>) -> Self {
+        ApiError {
+            code: Some(BAD_VALUE.to_owned()),
+            ..ApiError::decode(status, description)
+        }
+    }
+
     /// A request that failed before an HTTP answer: timeout or transport. reqwest's messages
     /// name the URL (vehicle ids, never tokens: those travel in headers).
     pub fn from_reqwest(err: &reqwest::Error) -> Self {
@@ -320,6 +331,10 @@ impl ApiError {
         }
     }
 }
+
+/// The `code` of a decode error that concerns one reading, not the whole answer (see
+/// [`ApiError::bad_value`]); it is what `poll_events.error_code` shows for it.
+pub const BAD_VALUE: &str = "BAD_VALUE";
 
 /// The token endpoint failed (smartcar-api.md §1.5). Never carries a token or the secret.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -314,7 +314,7 @@ pub fn parse_batch(
                 Some(item) => parse_item(item, p.endpoint, top),
                 None => Err(ApiError {
                     request_id: top.request_id.clone(),
-                    ..ApiError::decode(
+                    ..ApiError::bad_value(
                         Some(200),
                         format!("batch answer has no item for {}", p.path),
                     )
@@ -384,9 +384,10 @@ pub fn parse_item(item: &Value, endpoint: &str, top: &TopLevel) -> Result<Payloa
         .and_then(parse_unit_system)
         .unwrap_or(top.unit_system);
     let dist = DistanceUnit::of_system(units);
+    // One item of a good batch answer: that reading lost, the other items kept.
     let decode = |m: String| ApiError {
         request_id: top.request_id.clone(),
-        ..ApiError::decode(status.or(Some(200)), format!("{endpoint}: {m}"))
+        ..ApiError::bad_value(status.or(Some(200)), format!("{endpoint}: {m}"))
     };
     match endpoint {
         "battery" => {

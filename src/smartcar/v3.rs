@@ -608,8 +608,9 @@ fn body_of<'a>(signals: &'a [Signal], code: &str) -> Result<&'a Signal, ApiError
     }
 }
 
+/// One signal that could not be read: that reading lost, the rest of the listing kept.
 fn decode(code: &str, what: &str) -> ApiError {
-    ApiError::decode(None, format!("signal {code}: {what}"))
+    ApiError::bad_value(None, format!("signal {code}: {what}"))
 }
 
 /// A signal whose `value` is not what `what` says: no reading this time when the value is
