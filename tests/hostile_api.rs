@@ -780,3 +780,29 @@ async fn v2_absurd_values_are_refused_per_reading() {
     );
     w.stop(daemon).await;
 }
+
+/// Item 7 at the token endpoint: a 10 MB answer is cut off at 64 KB, a transient failure
+/// retried with the same refresh token; the connection stays active and the retry succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_token_answer_is_cut_off_and_retried() {
+    let w = World::start("v3", 1, &["--token-lifetime", "6"], "10s").await;
+    w.fault(json!({"kind": "huge", "target": "token", "bytes": 10 * 1024 * 1024, "count": 1}))
+        .await;
+    let daemon = w.run();
+    wait_for("a refresh after the huge answer", WITHIN, || async {
+        metric(
+            &w.metrics().await,
+            "carpulse_token_refreshes_total",
+            &[("outcome", "ok")],
+        )
+        .is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    let status: String = w
+        .db()
+        .query_row("SELECT status FROM connections", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(status, "active");
+    let log = w.stop(daemon).await;
+    assert!(log.contains("larger than 65536 bytes"), "{log}");
+}
