@@ -956,8 +956,10 @@ pub async fn check_health(
         }
         let since = fresh.last_answered.unwrap_or(started);
         // A car the battery job has nothing to ask (an ICE car, a consent without battery and
-        // charge) is answered by the info job only, at its slower cadence.
-        let stale_ms = if poller.job_blocked(&vehicle, crate::smartcar::Job::Battery) {
+        // charge) is answered by the info job only, at its slower cadence. Only when Smartcar
+        // said so in a typed error (COMPATIBILITY, PERMISSION, not granted, plan-locked): any
+        // other block keeps the normal threshold, so /healthz does not stay quiet for a day.
+        let stale_ms = if poller.job_not_capable(&vehicle, crate::smartcar::Job::Battery) {
             stale_ms.max(BATTERYLESS_STALE_AFTER.as_millis() as i64)
         } else {
             stale_ms

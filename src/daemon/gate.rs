@@ -158,6 +158,8 @@ struct Gate {
     paused: Option<(String, UnixMillis)>,
     /// Disabled endpoints, each with when this process disabled it (0: adopted from the store).
     disabled: HashMap<String, UnixMillis>,
+    /// Why each disabled endpoint is (`TYPE:CODE` or a discovery's reason), when known.
+    reasons: HashMap<String, String>,
 }
 
 /// The gates of every vehicle, plus the app-wide throttle.
@@ -245,11 +247,9 @@ impl Gates {
                 self.app_not_before = self.app_not_before.max(now + wait.as_millis() as i64);
             }
             Reaction::DisableEndpoint => {
-                self.vehicles
-                    .entry(id.clone())
-                    .or_default()
-                    .disabled
-                    .insert(endpoint.to_owned(), now);
+                let g = self.vehicles.entry(id.clone()).or_default();
+                g.disabled.insert(endpoint.to_owned(), now);
+                g.reasons.insert(endpoint.to_owned(), cause(e));
             }
             Reaction::Pause => {
                 self.vehicles.entry(id.clone()).or_default().paused = Some((cause(e), now));
@@ -283,8 +283,9 @@ impl Gates {
         for (id, g) in self.vehicles.iter_mut() {
             let rows = blocks.get(id).map(Vec::as_slice).unwrap_or_default();
             g.disabled.retain(|_, at| *at >= recent && *at > 0);
-            for (e, _) in rows.iter().filter(|(e, _)| e != "*") {
+            for (e, why) in rows.iter().filter(|(e, _)| e != "*") {
                 g.disabled.entry(e.clone()).or_insert(0);
+                g.reasons.insert(e.clone(), why.clone());
             }
             let kept = g.paused.take().filter(|(_, at)| *at >= recent && *at > 0);
             g.paused = rows
@@ -300,6 +301,11 @@ impl Gates {
                     .iter()
                     .filter(|(e, _)| e != "*")
                     .map(|(e, _)| (e.clone(), 0))
+                    .collect();
+                g.reasons = rows
+                    .iter()
+                    .filter(|(e, _)| e != "*")
+                    .map(|(e, why)| (e.clone(), why.clone()))
                     .collect();
                 g.paused = rows
                     .iter()
@@ -337,6 +343,24 @@ impl Gates {
         }
     }
 
+    /// Whether every one of `endpoints` is disabled because the car or its consent cannot
+    /// give it (COMPATIBILITY, PERMISSION or a permission not granted, a plan-locked signal
+    /// group): a fact about the car, like an ICE car's battery. Blocks for other reasons
+    /// (VALIDATION, RESOURCE_NOT_FOUND, SERVER:RECORD_NOT_FOUND) are not.
+    pub fn not_capable(&self, id: &VehicleId, endpoints: &[&str]) -> bool {
+        self.vehicles.get(id).is_some_and(|g| {
+            endpoints.iter().all(|e| {
+                g.disabled.contains_key(*e)
+                    && g.reasons.get(*e).is_some_and(|why| {
+                        let why = why.to_ascii_lowercase();
+                        ["compatibility", "permission", "plan_locked", "not granted"]
+                            .iter()
+                            .any(|p| why.starts_with(p))
+                    })
+            })
+        })
+    }
+
     /// Forgets the vehicle's wait and backoff (`carpulse vehicles enable`: the operator says
     /// ask again now).
     pub fn clear_wait(&mut self, id: &VehicleId) {
@@ -367,6 +391,7 @@ impl Gates {
     pub fn reset(&mut self, id: &VehicleId) {
         if let Some(g) = self.vehicles.get_mut(id) {
             g.disabled.clear();
+            g.reasons.clear();
             g.paused = None;
         }
     }
@@ -521,8 +546,37 @@ mod tests {
             g.failed(&v, e, &err(ErrorKind::Permission, None, None), 0, 0.0);
         }
         assert!(g.all_blocked(&v, &all));
+        assert!(g.not_capable(&v, &["battery", "charge"]));
         g.reset(&v);
         assert!(!g.all_blocked(&v, &all));
+        // A typed 404 on battery is no fact about the car: not an "ICE car".
+        let mut nf = err(ErrorKind::NotFound, Some("PATH"), None);
+        nf.error_type = Some("RESOURCE_NOT_FOUND".into());
+        g.failed(&v, "battery", &nf, 0, 0.0);
+        g.failed(
+            &v,
+            "charge",
+            &err(ErrorKind::Compatibility, None, None),
+            0,
+            0.0,
+        );
+        assert!(!g.not_capable(&v, &["battery", "charge"]));
+        // Stored discovery reasons count as facts.
+        let stored = HashMap::from([(
+            v.clone(),
+            vec![
+                (
+                    "battery".to_string(),
+                    "not granted: read_battery".to_string(),
+                ),
+                (
+                    "charge".to_string(),
+                    "COMPATIBILITY:VEHICLE_NOT_CAPABLE".to_string(),
+                ),
+            ],
+        )]);
+        g.adopt_blocks(&stored, 10_000);
+        assert!(g.not_capable(&v, &["battery", "charge"]));
     }
 
     #[test]

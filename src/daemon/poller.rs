@@ -598,6 +598,12 @@ impl Poller {
         self.gates().all_blocked(id, &all)
     }
 
+    /// Whether every endpoint of `job` is disabled because the car or its consent cannot give
+    /// it (see [`Gates::not_capable`]): an ICE car's battery job.
+    pub fn job_not_capable(&self, id: &VehicleId, job: Job) -> bool {
+        self.gates().not_capable(id, job_endpoints(job))
+    }
+
     /// Disabled endpoints and pause reason of a vehicle, for status output and tests.
     pub fn gate_of(&self, id: &VehicleId) -> (Vec<String>, Option<String>) {
         self.gates().describe(id)
