@@ -720,7 +720,7 @@ fn note_unknown_status(raw: &str) {
     if seen.len() < 64 && !seen.iter().any(|s| s == raw) {
         seen.push(raw.to_owned());
         tracing::info!(
-            value = %crate::smartcar::error::excerpt(raw, 40),
+            value = %crate::smartcar::scrub::scrub_to(raw, &[], 40),
             "unknown charge-detailedchargingstatus; taking the state from charge-ischarging"
         );
     }
