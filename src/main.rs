@@ -87,9 +87,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Reauth {
             vehicle,
+            retry: true,
+            ..
+        } => carpulse::cli::reauth::retry_cli(load_config(&cli)?, vehicle).await,
+        Command::Reauth {
+            vehicle,
             flow,
             wait,
             paste,
+            retry: false,
         } => {
             carpulse::cli::reauth::run_cli(load_config(&cli)?, vehicle, *flow, *wait, *paste).await
         }

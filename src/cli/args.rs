@@ -49,6 +49,11 @@ pub enum Command {
         /// Serve nothing: paste the address the browser ended on (see `connect --paste`).
         #[arg(long)]
         paste: bool,
+        /// No browser: try the grant on file (the stored refresh token) once more. For a
+        /// connection marked needs_reauth by a refusal that may have been a hiccup (a proxy,
+        /// a Smartcar incident). If Smartcar refuses it again, run without --retry.
+        #[arg(long, conflicts_with_all = ["flow", "paste"])]
+        retry: bool,
     },
     /// List, disable, enable or remove stored vehicles.
     Vehicles {

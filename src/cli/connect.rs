@@ -340,7 +340,12 @@ where
             continue;
         }
         if let Some(err) = params.get("error") {
-            let desc = params.get("error_description").cloned().unwrap_or_default();
+            // Text from the redirect: scrubbed and cut like any answer's text.
+            let err = crate::smartcar::scrub::scrub_field(err, &[]);
+            let desc = crate::smartcar::scrub::scrub(
+                params.get("error_description").map_or("", String::as_str),
+                &[],
+            );
             bail!("Smartcar Connect answered {err}: {desc}");
         }
         let (value, msg) = finish(params).await?;
@@ -400,7 +405,12 @@ where
             continue;
         }
         if let Some(err) = p.get("error") {
-            let desc = p.get("error_description").cloned().unwrap_or_default();
+            // Text from the redirect: scrubbed and cut like any answer's text.
+            let err = crate::smartcar::scrub::scrub_field(err, &[]);
+            let desc = crate::smartcar::scrub::scrub(
+                p.get("error_description").map_or("", String::as_str),
+                &[],
+            );
             let _ = cb
                 .reply
                 .send(Err(format!("Smartcar Connect answered {err}: {desc}")));

@@ -370,7 +370,7 @@ fn report_failure(who: &str, e: &ApiError, app: bool, r: &mut Report) {
         ),
         ErrorKind::Rejected => r.problem(
             format!("{who}: the listing was refused as a whole{rid}: {e}"),
-            "a MISSING_PARAMETER names what carpulse did not send (tell us: it is a bug); otherwise Smartcar may be having an incident, try again later",
+            "a MISSING_PARAMETER names what carpulse did not send (tell us: it is a bug); an answer without Smartcar's error envelope came from something in between (a proxy, a load balancer); otherwise Smartcar may be having an incident, try again later",
         ),
         _ => r.problem(
             format!("{who}: the listing failed{rid}: {e}"),

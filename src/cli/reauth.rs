@@ -174,6 +174,89 @@ pub async fn run_cli(
     Ok(())
 }
 
+/// `carpulse reauth VEHICLE --retry`: tries the grant on file once more (one refresh with
+/// the stored refresh token). On success the rotated pair is saved before anything else and
+/// the connection is active again; a running daemon adopts it at its next reload. Only for a
+/// connection marked `needs_reauth`: refreshing an active one here would race the daemon's own
+/// single-flight refresh.
+pub async fn retry_stored_grant(
+    cfg: &Config,
+    store: &Store,
+    vehicle: &VehicleId,
+) -> anyhow::Result<String> {
+    let id = vehicle.clone();
+    let record = store
+        .call(move |c| {
+            let Some(v) = queries::load_vehicles(c)?
+                .into_iter()
+                .find(|v| v.vehicle_id == id)
+            else {
+                bail!("no vehicle {id} in the store (see `carpulse vehicles list`)");
+            };
+            queries::load_connections(c)?
+                .into_iter()
+                .find(|k| k.id == v.connection_id)
+                .with_context(|| format!("vehicle {id}: its connection is not in the store"))
+        })
+        .await?;
+    let conn = record.id;
+    if record.status != ConnectionStatus::NeedsReauth {
+        return Ok(format!(
+            "connection {conn} of vehicle {vehicle} is {}, not needs_reauth: nothing to retry\n",
+            record.status.as_str()
+        ));
+    }
+    let client = crate::smartcar::SmartcarClient::new(crate::daemon::app::client_config(cfg))
+        .context("creating the Smartcar client")?;
+    let old = record.tokens.refresh_token.clone();
+    let pair = match client.refresh(&old).await {
+        Ok(pair) => pair,
+        Err(e) if e.needs_reauth() => bail!(
+            "Smartcar refused the grant on file again ({e}): the owner must reconnect; run              `carpulse reauth {vehicle}` without --retry"
+        ),
+        Err(e) => bail!(
+            "the token endpoint could not be reached or refused carpulse itself ({e}); the              connection stays needs_reauth; try again later"
+        ),
+    };
+    let saved = store
+        .call(move |c| {
+            let r = queries::save_rotated(c, conn, &old, &pair, crate::domain::now_ms())?;
+            if matches!(r, queries::Rotation::Saved) {
+                queries::set_connection_status(
+                    c,
+                    conn,
+                    ConnectionStatus::Active,
+                    crate::domain::now_ms(),
+                )?;
+            }
+            Ok(r)
+        })
+        .await
+        .with_context(|| format!("saving the refreshed tokens of connection {conn}"))?;
+    match saved {
+        queries::Rotation::Saved => Ok(format!(
+            "connection {conn} of vehicle {vehicle}: Smartcar accepted the grant on file; the \
+             connection is active again. A running daemon picks this up within a minute (or \
+             now: systemctl reload carpulse)\n"
+        )),
+        queries::Rotation::Superseded(_) => Ok(format!(
+            "connection {conn} of vehicle {vehicle}: a newer grant was stored meanwhile (a \
+             reconnect); it is kept\n"
+        )),
+    }
+}
+
+/// `carpulse reauth VEHICLE --retry` from the command line.
+pub async fn retry_cli(cfg: Config, vehicle: &str) -> anyhow::Result<()> {
+    crate::cli::report::open_read_only(&cfg.store.path)?; // never create a store here
+    let store = Store::open(&cfg.store.path, None)
+        .with_context(|| format!("opening the store {}", cfg.store.path.display()))?;
+    let result = retry_stored_grant(&cfg, &store, &VehicleId(vehicle.to_owned())).await;
+    store.close().await?;
+    print!("{}", result?);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

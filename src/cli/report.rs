@@ -221,8 +221,9 @@ pub async fn vehicles_enable(cfg: &Config, id: &str, enabled: bool) -> anyhow::R
             }
             // Enabling says the owner fixed what stopped it (billing, an account, a
             // permission): what answers blocked is asked again.
+            // A wait (retry-after, backoff) too: the operator asks for a poll now.
             let lifted = if enabled {
-                queries::clear_blocks(c, &vid, true)?
+                queries::clear_blocks(c, &vid, true)? + queries::clear_wait(c, &vid)?
             } else {
                 0
             };
@@ -239,7 +240,7 @@ pub async fn vehicles_enable(cfg: &Config, id: &str, enabled: bool) -> anyhow::R
     );
     if lifted > 0 {
         println!(
-            "lifted {lifted} block(s) that earlier answers had set (a pause or disabled endpoints)"
+            "lifted {lifted} block(s) that earlier answers had set (a pause, disabled endpoints or a wait)"
         );
     }
     Ok(())

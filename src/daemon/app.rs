@@ -95,6 +95,8 @@ impl Daemon {
         client.observe_requests(Arc::new(move |api, outcome, seconds| {
             m.request(api, outcome, seconds)
         }));
+        let m = metrics.clone();
+        client.observe_decode_errors(Arc::new(move |endpoint| m.decode_error(endpoint)));
         let app = match (&config.smartcar.api_credentials, config.smartcar.app_auth()) {
             (Some(creds), true) => Some(Arc::new(crate::daemon::app_token::AppAuth::new(
                 client.clone(),
@@ -706,6 +708,14 @@ pub async fn adopt_stored_blocks(store: &Store, poller: &Poller) -> anyhow::Resu
         .context("flushing the writer before reading blocks")?;
     let blocks = store
         .call(move |c| {
+            let max_until = crate::daemon::gate::capped_until(i64::MAX, read_at);
+            let corrected = queries::cap_waits(c, max_until)?;
+            if corrected > 0 {
+                warn!(
+                    corrected,
+                    "stored waits ended more than a day from now; corrected to a day"
+                );
+            }
             for lifted in queries::expire_blocks(c, read_at)? {
                 if lifted.scope == crate::domain::BlockScope::Vehicle {
                     info!(vehicle = %lifted.vehicle_id, reason = lifted.reason, "pause over; the vehicle is polled again");
@@ -888,10 +898,20 @@ pub async fn check_health(
         if poller.gate_of(&vehicle).1.is_some() {
             states.push((vehicle.clone(), "paused"));
         }
+        // Nothing left to ask: not a quiet car but a silent one (issue 11, item 5).
+        if poller.all_blocked(&vehicle) {
+            problems.push(format!(
+                "vehicle {vehicle}: every endpoint is disabled ({}), so it is not polled at all; `carpulse status` shows why; after fixing the cause run `carpulse vehicles enable {vehicle}` (or reconnect the owner)",
+                poller.gate_of(&vehicle).0.join(", ")
+            ));
+            continue;
+        }
         let since = fresh.last_answered.unwrap_or(started);
         // A car the battery job has nothing to ask (an ICE car, a consent without battery and
-        // charge) is answered by the info job only, at its slower cadence.
-        let stale_ms = if poller.job_blocked(&vehicle, crate::smartcar::Job::Battery) {
+        // charge) is answered by the info job only, at its slower cadence. Only when Smartcar
+        // said so in a typed error (COMPATIBILITY, PERMISSION, not granted, plan-locked): any
+        // other block keeps the normal threshold, so /healthz does not stay quiet for a day.
+        let stale_ms = if poller.job_not_capable(&vehicle, crate::smartcar::Job::Battery) {
             stale_ms.max(BATTERYLESS_STALE_AFTER.as_millis() as i64)
         } else {
             stale_ms

@@ -25,6 +25,15 @@ const UPSTREAM_RATE_LIMIT_WAIT: Duration = Duration::from_secs(30 * 60);
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How long a vehicle with an empty v3 signal store waits when no cadence was given.
 pub const NO_DATA_WAIT: Duration = Duration::from_secs(3600);
+/// The longest any wait may last, whatever set it (a `retry-after` in either form, a backoff,
+/// a configured cadence, a stored `until`): a day. A longer one is a server's mistake or a
+/// corrupt row, and must never silence a vehicle for good (issue 11, item 2).
+pub const MAX_WAIT: Duration = Duration::from_secs(86_400);
+
+/// `until`, or `now + MAX_WAIT` when it lies further out.
+pub fn capped_until(until: UnixMillis, now: UnixMillis) -> UnixMillis {
+    until.min(now.saturating_add(MAX_WAIT.as_millis() as i64))
+}
 
 /// What to do after one failed endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,18 +55,22 @@ pub enum Reaction {
 }
 
 pub fn reaction(e: &ApiError, now: UnixMillis) -> Reaction {
+    let wait_until = |wait: Duration| {
+        Reaction::WaitUntil(now.saturating_add(wait.min(MAX_WAIT).as_millis() as i64))
+    };
     match e.kind {
         ErrorKind::VehicleState | ErrorKind::NoReading => Reaction::NextTick,
+        // A value that could not be decoded (one signal, one endpoint of a good answer) is
+        // that reading lost, counted: the car and the server answered, so the next tick asks
+        // again as usual. It never backs off the vehicle's other, healthy readings (issue 11,
+        // item 8). An answer that could not be read at all still backs off (below).
+        ErrorKind::Decode if e.code.as_deref() == Some(crate::smartcar::error::BAD_VALUE) => {
+            Reaction::NextTick
+        }
         // The slow cadence of a vehicle Smartcar holds no data for; the poller puts
         // `schedule.no_data_every` in `retry_after`.
-        ErrorKind::NoData => {
-            let wait = e.retry_after.unwrap_or(NO_DATA_WAIT);
-            Reaction::WaitUntil(now + wait.as_millis() as i64)
-        }
-        ErrorKind::RateLimitVehicle => {
-            let wait = e.retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
-            Reaction::WaitUntil(now + wait.as_millis() as i64)
-        }
+        ErrorKind::NoData => wait_until(e.retry_after.unwrap_or(NO_DATA_WAIT)),
+        ErrorKind::RateLimitVehicle => wait_until(e.retry_after.unwrap_or(DEFAULT_RETRY_AFTER)),
         ErrorKind::RateLimitApp => Reaction::ThrottleApp,
         ErrorKind::Upstream if e.code.as_deref() == Some("RATE_LIMIT") => Reaction::BackOff {
             at_least: UPSTREAM_RATE_LIMIT_WAIT,
@@ -78,6 +91,7 @@ pub fn reaction(e: &ApiError, now: UnixMillis) -> Reaction {
         | ErrorKind::Decode
         | ErrorKind::Other
         | ErrorKind::Rejected
+        | ErrorKind::TooLarge
         | ErrorKind::AccessDenied => Reaction::BackOff {
             at_least: Duration::ZERO,
         },
@@ -136,11 +150,16 @@ impl Skip {
 #[derive(Default, Debug)]
 struct Gate {
     not_before: UnixMillis,
+    /// When this process set `not_before` (0: adopted from the store), so a stored wait
+    /// lifted by `vehicles enable` is told apart from one still on its way to the store.
+    wait_at: UnixMillis,
     failures: u32,
     /// Why the vehicle is paused, and when this process paused it (0: adopted from the store).
     paused: Option<(String, UnixMillis)>,
     /// Disabled endpoints, each with when this process disabled it (0: adopted from the store).
     disabled: HashMap<String, UnixMillis>,
+    /// Why each disabled endpoint is (`TYPE:CODE` or a discovery's reason), when known.
+    reasons: HashMap<String, String>,
 }
 
 /// The gates of every vehicle, plus the app-wide throttle.
@@ -212,13 +231,15 @@ impl Gates {
             Reaction::NextTick | Reaction::Auth => {}
             Reaction::WaitUntil(at) => {
                 let g = self.vehicles.entry(id.clone()).or_default();
-                g.not_before = g.not_before.max(*at);
+                g.not_before = g.not_before.max(capped_until(*at, now));
+                g.wait_at = now;
             }
             Reaction::BackOff { at_least } => {
                 let g = self.vehicles.entry(id.clone()).or_default();
                 g.failures += 1;
-                let wait = backoff(g.failures, jitter).max(*at_least);
+                let wait = backoff(g.failures, jitter).max(*at_least).min(MAX_WAIT);
                 g.not_before = g.not_before.max(now + wait.as_millis() as i64);
+                g.wait_at = now;
             }
             Reaction::ThrottleApp => {
                 self.app_failures += 1;
@@ -226,11 +247,9 @@ impl Gates {
                 self.app_not_before = self.app_not_before.max(now + wait.as_millis() as i64);
             }
             Reaction::DisableEndpoint => {
-                self.vehicles
-                    .entry(id.clone())
-                    .or_default()
-                    .disabled
-                    .insert(endpoint.to_owned(), now);
+                let g = self.vehicles.entry(id.clone()).or_default();
+                g.disabled.insert(endpoint.to_owned(), now);
+                g.reasons.insert(endpoint.to_owned(), cause(e));
             }
             Reaction::Pause => {
                 self.vehicles.entry(id.clone()).or_default().paused = Some((cause(e), now));
@@ -266,16 +285,18 @@ impl Gates {
                 .find(|(s, _)| *s == BlockScope::Vehicle)
                 .map(|(_, why)| (why.clone(), 0))
         };
-        let disabled = |rows: &[(BlockScope, String)]| -> Vec<String> {
+        // (endpoint, why) of each disabled endpoint.
+        let disabled = |rows: &[(BlockScope, String)]| -> Vec<(String, String)> {
             rows.iter()
-                .filter_map(|(s, _)| s.endpoint().map(str::to_owned))
+                .filter_map(|(s, why)| s.endpoint().map(|e| (e.to_owned(), why.clone())))
                 .collect()
         };
         for (id, g) in self.vehicles.iter_mut() {
             let rows = blocks.get(id).map(Vec::as_slice).unwrap_or_default();
             g.disabled.retain(|_, at| *at >= recent && *at > 0);
-            for e in disabled(rows) {
-                g.disabled.entry(e).or_insert(0);
+            for (e, why) in disabled(rows) {
+                g.disabled.entry(e.clone()).or_insert(0);
+                g.reasons.insert(e, why);
             }
             let kept = g.paused.take().filter(|(_, at)| *at >= recent && *at > 0);
             g.paused = paused(rows).or(kept);
@@ -283,16 +304,75 @@ impl Gates {
         for (id, rows) in blocks {
             if !self.vehicles.contains_key(id) {
                 let g = self.vehicles.entry(id.clone()).or_default();
-                g.disabled = disabled(rows).into_iter().map(|e| (e, 0)).collect();
+                let off = disabled(rows);
+                g.disabled = off.iter().map(|(e, _)| (e.clone(), 0)).collect();
+                g.reasons = off.into_iter().collect();
                 g.paused = paused(rows);
             }
         }
     }
 
-    /// No call to the vehicle before `until` (a stored retry-after or backoff).
-    pub fn wait_until(&mut self, id: &VehicleId, until: UnixMillis) {
+    /// No call to the vehicle before `until` (a stored retry-after or backoff), but never
+    /// past [`MAX_WAIT`] from `now`: a stored `until` beyond it (an older carpulse stored an
+    /// HTTP-date uncapped, a hand-edited row) is corrected here, when it is loaded.
+    pub fn wait_until(&mut self, id: &VehicleId, until: UnixMillis, now: UnixMillis) {
         let g = self.vehicles.entry(id.clone()).or_default();
-        g.not_before = g.not_before.max(until);
+        g.not_before = g.not_before.max(capped_until(until, now));
+    }
+
+    /// Takes the stored waits, read at `read_at`, as the truth, like [`Gates::adopt_blocks`]:
+    /// a stored wait is honoured (capped at [`MAX_WAIT`]); a wait the store no longer holds
+    /// (`carpulse vehicles enable` lifted it) is forgotten, unless this process set it within
+    /// [`ADOPT_GRACE`] of the read (its row may still be on its way).
+    pub fn adopt_waits(&mut self, waits: &HashMap<VehicleId, UnixMillis>, read_at: UnixMillis) {
+        let recent = read_at - ADOPT_GRACE.as_millis() as i64;
+        for (id, g) in self.vehicles.iter_mut() {
+            if waits.contains_key(id) || g.not_before <= read_at {
+                continue;
+            }
+            if g.wait_at == 0 || g.wait_at < recent {
+                g.not_before = 0;
+                g.failures = 0;
+            }
+        }
+        for (id, until) in waits {
+            self.wait_until(id, *until, read_at);
+        }
+    }
+
+    /// Whether every one of `endpoints` is disabled because the car or its consent cannot
+    /// give it (COMPATIBILITY, PERMISSION or a permission not granted, a plan-locked signal
+    /// group): a fact about the car, like an ICE car's battery. Blocks for other reasons
+    /// (VALIDATION, RESOURCE_NOT_FOUND, SERVER:RECORD_NOT_FOUND) are not.
+    pub fn not_capable(&self, id: &VehicleId, endpoints: &[&str]) -> bool {
+        self.vehicles.get(id).is_some_and(|g| {
+            endpoints.iter().all(|e| {
+                g.disabled.contains_key(*e)
+                    && g.reasons.get(*e).is_some_and(|why| {
+                        let why = why.to_ascii_lowercase();
+                        ["compatibility", "permission", "plan_locked", "not granted"]
+                            .iter()
+                            .any(|p| why.starts_with(p))
+                    })
+            })
+        })
+    }
+
+    /// Forgets the vehicle's wait and backoff (`carpulse vehicles enable`: the operator says
+    /// ask again now).
+    pub fn clear_wait(&mut self, id: &VehicleId) {
+        if let Some(g) = self.vehicles.get_mut(id) {
+            g.not_before = 0;
+            g.failures = 0;
+        }
+    }
+
+    /// Whether every one of `endpoints` is disabled for the vehicle: then nothing is polled
+    /// at all, which `/healthz` reports (a pause has its own state and reason).
+    pub fn all_blocked(&self, id: &VehicleId, endpoints: &[&str]) -> bool {
+        self.vehicles
+            .get(id)
+            .is_some_and(|g| endpoints.iter().all(|e| g.disabled.contains_key(*e)))
     }
 
     /// When the vehicle may be called again, if it has to wait.
@@ -308,6 +388,7 @@ impl Gates {
     pub fn reset(&mut self, id: &VehicleId) {
         if let Some(g) = self.vehicles.get_mut(id) {
             g.disabled.clear();
+            g.reasons.clear();
             g.paused = None;
         }
     }
@@ -404,6 +485,98 @@ mod tests {
             g.admit(&v, &JOB, 300_000 + 30 * 60_000 - 1),
             Err(Skip::Waiting)
         );
+    }
+
+    #[test]
+    fn every_wait_is_capped_at_a_day() {
+        let mut g = Gates::default();
+        let v = VehicleId("v".into());
+        let now = 1_000_000;
+        let day = MAX_WAIT.as_millis() as i64;
+        let far = err(ErrorKind::RateLimitVehicle, None, Some(u64::MAX / 4_000));
+        assert_eq!(
+            g.failed(&v, "battery", &far, now, 0.0),
+            Reaction::WaitUntil(now + day)
+        );
+        assert_eq!(g.not_before(&v), Some(now + day));
+        let mut no_data = err(ErrorKind::NoData, None, None);
+        no_data.retry_after = Some(Duration::from_secs(400 * 86_400));
+        assert_eq!(reaction(&no_data, now), Reaction::WaitUntil(now + day));
+        // A stored `until` in year 9999 is corrected when loaded.
+        let w = VehicleId("w".into());
+        g.adopt_waits(&HashMap::from([(w.clone(), 253_402_300_799_000)]), now);
+        assert_eq!(g.not_before(&w), Some(now + day));
+        assert!(g.admit(&w, &JOB, now + day).is_ok());
+        // The store no longer holds it (`vehicles enable`): forgotten at the next adoption.
+        g.adopt_waits(&HashMap::new(), now + 1);
+        assert!(g.admit(&w, &JOB, now + 1).is_ok());
+        // A wait this process set just before the read is kept (its row is on its way).
+        g.failed(&v, "battery", &far, now + 2, 0.0);
+        g.adopt_waits(&HashMap::new(), now + 3);
+        assert_eq!(g.admit(&v, &JOB, now + 3), Err(Skip::Waiting));
+        g.clear_wait(&v);
+        assert!(g.admit(&v, &JOB, now + 3).is_ok());
+    }
+
+    #[test]
+    fn a_decode_error_is_next_tick_not_a_backoff() {
+        let mut g = Gates::default();
+        let v = VehicleId("v".into());
+        let bad = ApiError::bad_value(Some(200), "signal x: value outside 0-100 %");
+        let r = g.failed(&v, "battery", &bad, 0, 0.0);
+        assert_eq!(r, Reaction::NextTick);
+        assert!(g.admit(&v, &JOB, 1).is_ok());
+        // An answer that could not be read at all is the server's trouble: backoff.
+        let r = g.failed(&v, "battery", &err(ErrorKind::Decode, None, None), 0, 0.0);
+        assert!(matches!(r, Reaction::BackOff { .. }));
+        g.succeeded(&v);
+        g.clear_wait(&v);
+        let r = g.failed(&v, "battery", &err(ErrorKind::TooLarge, None, None), 0, 0.0);
+        assert!(matches!(r, Reaction::BackOff { .. }));
+        assert_eq!(g.admit(&v, &JOB, 1), Err(Skip::Waiting));
+    }
+
+    #[test]
+    fn all_blocked_means_every_endpoint() {
+        let mut g = Gates::default();
+        let v = VehicleId("v".into());
+        let all = ["battery", "charge", "info", "vin", "odometer"];
+        assert!(!g.all_blocked(&v, &all));
+        for e in all {
+            g.failed(&v, e, &err(ErrorKind::Permission, None, None), 0, 0.0);
+        }
+        assert!(g.all_blocked(&v, &all));
+        assert!(g.not_capable(&v, &["battery", "charge"]));
+        g.reset(&v);
+        assert!(!g.all_blocked(&v, &all));
+        // A typed 404 on battery is no fact about the car: not an "ICE car".
+        let mut nf = err(ErrorKind::NotFound, Some("PATH"), None);
+        nf.error_type = Some("RESOURCE_NOT_FOUND".into());
+        g.failed(&v, "battery", &nf, 0, 0.0);
+        g.failed(
+            &v,
+            "charge",
+            &err(ErrorKind::Compatibility, None, None),
+            0,
+            0.0,
+        );
+        assert!(!g.not_capable(&v, &["battery", "charge"]));
+        // Stored discovery reasons count as facts.
+        let stored = HashMap::from([(
+            v.clone(),
+            vec![
+                (
+                    BlockScope::Endpoint("battery".into()),
+                    "not granted: read_battery".to_string(),
+                ),
+                (
+                    BlockScope::Endpoint("charge".into()),
+                    "COMPATIBILITY:VEHICLE_NOT_CAPABLE".to_string(),
+                ),
+            ],
+        )]);
+        g.adopt_blocks(&stored, 10_000);
+        assert!(g.not_capable(&v, &["battery", "charge"]));
     }
 
     #[test]

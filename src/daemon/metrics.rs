@@ -142,6 +142,9 @@ pub struct Metrics {
     pub rows_duplicate: IntCounterVec,
     pub ticks_skipped: IntCounterVec,
     pub polls_skipped: IntCounterVec,
+    /// Values and endpoints of an answer that could not be decoded or were out of range (see
+    /// [`Metrics::decode_error`]).
+    pub decode_errors: IntCounterVec,
     pub build_info: IntGaugeVec,
     /// v3 application token requests (API Authentication), by outcome.
     pub app_token_requests: IntCounterVec,
@@ -306,6 +309,13 @@ impl Metrics {
             &["job", "reason"],
         )?;
         touch(&polls_skipped, &[&JOBS, &SKIP_REASONS]);
+        let decode_errors = counter(
+            &r,
+            "carpulse_decode_errors_total",
+            "Readings of an answer that could not be decoded or were out of range (SoC outside 0-100 %, a negative or non-finite distance, an implausible year), by endpoint: that value is not stored or exported; the vehicle's other readings are, and it is asked again next tick.",
+            &["endpoint"],
+        )?;
+        touch(&decode_errors, &[&ENDPOINTS]);
         let app_token_requests = counter(
             &r,
             "carpulse_app_token_requests_total",
@@ -373,6 +383,7 @@ impl Metrics {
             rows_duplicate,
             ticks_skipped,
             polls_skipped,
+            decode_errors,
             build_info,
             app_token_requests,
             app_token_expiry,
@@ -494,6 +505,12 @@ impl Metrics {
         self.request_duration
             .with_label_values(&[label])
             .observe(seconds);
+    }
+
+    /// Counts one value or endpoint of an answer that could not be decoded or was out of range
+    /// (`carpulse_decode_errors_total`).
+    pub fn decode_error(&self, endpoint: &str) {
+        self.decode_errors.with_label_values(&[endpoint]).inc();
     }
 
     /// Counts one endpoint's result of a poll (`carpulse_polls_total`): `ok`, `token_error`,

@@ -573,9 +573,7 @@ impl Poller {
     ) {
         let mut gates = self.gates();
         gates.adopt_blocks(blocks, read_at);
-        for (id, until) in waits {
-            gates.wait_until(id, *until);
-        }
+        gates.adopt_waits(waits, read_at);
     }
 
     /// A new consent lifts what the old one could not give (disabled endpoints, a pause).
@@ -589,6 +587,23 @@ impl Poller {
         job_endpoints(job)
             .iter()
             .all(|e| disabled.iter().any(|d| d == e))
+    }
+
+    /// Whether nothing at all is polled for the vehicle: every endpoint of every job
+    /// disabled (`/healthz` names it).
+    pub fn all_blocked(&self, id: &VehicleId) -> bool {
+        let all: Vec<&str> = job_endpoints(Job::Battery)
+            .iter()
+            .chain(job_endpoints(Job::Info))
+            .copied()
+            .collect();
+        self.gates().all_blocked(id, &all)
+    }
+
+    /// Whether every endpoint of `job` is disabled because the car or its consent cannot give
+    /// it (see [`Gates::not_capable`]): an ICE car's battery job.
+    pub fn job_not_capable(&self, id: &VehicleId, job: Job) -> bool {
+        self.gates().not_capable(id, job_endpoints(job))
     }
 
     /// Disabled endpoints and pause reason of a vehicle, for status output and tests.

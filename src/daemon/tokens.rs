@@ -31,6 +31,15 @@ const USE_SAFETY_MS: i64 = 15_000;
 /// window for a used refresh token (1 min by the most cautious reading of the docs).
 const PROMPT_RETRIES: u32 = 3;
 const PROMPT_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// The least time between two background refreshes of one connection, whatever its token's
+/// lifetime says (an odd `expires_in` of 0 or less is already read as 7200 s, see
+/// `smartcar::auth::bounded_expires_in`).
+const MIN_REFRESH_INTERVAL_MS: i64 = 2_000;
+/// `400 invalid_request` answers in a row before the owner is blamed (`needs_reauth`): one
+/// can be a Smartcar hiccup or a proxy's, and a reconnect costs every owner a browser trip.
+const INVALID_REQUEST_TRIES: u32 = 3;
+/// The wait after the first such answer; it doubles with each further one.
+const INVALID_REQUEST_BACKOFF: Duration = Duration::from_secs(5);
 /// Backoff after the prompt retries failed.
 const BACKOFF_MIN: Duration = Duration::from_secs(30);
 const BACKOFF_MAX: Duration = Duration::from_secs(600);
@@ -67,8 +76,8 @@ pub fn refresh_due_at(tokens: &TokenPair, margin: Duration, jitter: f64) -> Unix
     let lifetime = (tokens.access_expires_at - issued_at).max(0);
     let lead = (margin.as_millis() as i64).min(lifetime / 2);
     let jitter_ms = (lead as f64 * 0.1 * jitter.clamp(0.0, 1.0)) as i64;
-    // At least a second after issue, so a zero-lifetime token can't spin.
-    (tokens.access_expires_at - lead - jitter_ms).max(issued_at + 1000)
+    // At least MIN_REFRESH_INTERVAL_MS after issue, so a tiny lifetime can't spin.
+    (tokens.access_expires_at - lead - jitter_ms).max(issued_at + MIN_REFRESH_INTERVAL_MS)
 }
 
 struct Slot {
@@ -113,6 +122,8 @@ struct SlotState {
     /// Set while `tokens` is a rotated pair the store refused: the refresh token the store
     /// still holds, which the save must replace. The background task retries the save.
     unsaved_from: Option<Secret>,
+    /// `invalid_request` refusals in a row (see [`INVALID_REQUEST_TRIES`]).
+    invalid_requests: u32,
 }
 
 /// What a poll needs to make a request for a connection. `Debug` is safe: the token is a `Secret`.
@@ -253,6 +264,7 @@ impl TokenManager {
                         status: r.status,
                         failures: 0,
                         retry_at: None,
+                        invalid_requests: 0,
                     }),
                 }),
             );
@@ -297,6 +309,7 @@ impl TokenManager {
                         st.unsaved_from = None;
                         st.status = ConnectionStatus::Active;
                         st.failures = 0;
+                        st.invalid_requests = 0;
                         st.retry_at = None;
                         slot.publish(&st);
                         changed.push(r.id);
@@ -458,10 +471,40 @@ impl TokenManager {
                 message: format!("the refresh task ended abnormally: {e}"),
             }),
         };
+        // `invalid_request` is blamed on the owner only after a few in a row, with a backoff
+        // between them; until then it is handled like a transient failure.
+        let invalid_request =
+            matches!(&result, Err(AuthError::Rejected { error, .. }) if error == "invalid_request");
+        if invalid_request {
+            st.invalid_requests += 1;
+        }
+        let blame_owner = match &result {
+            Err(_) if invalid_request => st.invalid_requests >= INVALID_REQUEST_TRIES,
+            Err(e) => e.needs_reauth(),
+            Ok(_) => false,
+        };
         match result {
+            Err(e) if invalid_request && !blame_owner => {
+                self.metrics
+                    .token_refreshes
+                    .with_label_values(&["error"])
+                    .inc();
+                let wait = INVALID_REQUEST_BACKOFF * (1 << (st.invalid_requests - 1).min(8));
+                st.retry_at = Some(now_ms() + wait.as_millis() as i64);
+                warn!(
+                    connection = %id,
+                    error = %e,
+                    attempt = st.invalid_requests,
+                    of = INVALID_REQUEST_TRIES,
+                    retry_in_s = wait.as_secs(),
+                    "the token endpoint answered invalid_request; retrying the same grant before asking the owner to reconnect"
+                );
+                Err(TokenError::Refresh { id, source: e })
+            }
             Ok((pair, unsaved_from)) => {
                 st.tokens = pair;
                 st.unsaved_from = unsaved_from;
+                st.invalid_requests = 0;
                 st.failures = 0;
                 st.retry_at = None;
                 slot.publish(st);
@@ -476,7 +519,7 @@ impl TokenManager {
                 );
                 Ok(())
             }
-            Err(e) if e.needs_reauth() => {
+            Err(e) if blame_owner => {
                 // A reconnect may have stored a new grant since this pair was loaded: then the
                 // refusal concerns the old grant only, and the new one is adopted.
                 // What the store holds for the grant in use (an unsaved pair's predecessor).
@@ -791,7 +834,7 @@ mod tests {
     #[test]
     fn a_zero_lifetime_token_does_not_spin() {
         let t = pair(1_000_000, 0);
-        assert_eq!(refresh_due_at(&t, Duration::from_secs(600), 1.0), 1_001_000);
+        assert_eq!(refresh_due_at(&t, Duration::from_secs(600), 1.0), 1_002_000);
     }
 
     #[test]

@@ -51,10 +51,48 @@ pub enum FaultKind {
     Malformed,
     /// The connection drops mid-answer.
     Drop,
+    /// An error page (status `status`, default 502, `text/plain`) that echoes the request's
+    /// headers, `Authorization` included: what a careless proxy does. With `target: "token"`
+    /// at the token endpoint.
+    EchoError,
+    /// A proxy's HTML error page: status `status` (default 404; 400 and 403 are as likely),
+    /// `text/html`, no Smartcar error envelope. With `target: "token"` at the token endpoint.
+    HtmlError,
+    /// A 200 whose body is `bytes` long (default 50 MB) of JSON-looking filler, streamed
+    /// without `content-length`.
+    Huge,
+    /// The real answer, one byte every `delay` seconds (default 10).
+    SlowDrip,
+    /// 429 RATE_LIMIT:VEHICLE with `retry-after` as an HTTP-date (`date`, default
+    /// `Fri, 31 Dec 9999 23:59:59 GMT`).
+    RetryAfterDate,
+    /// The real answer with one value replaced: every `field` of the JSON (a v2 key such as
+    /// `percentRemaining` or `year`, or a v3 signal code, whose `body.value` is set) becomes
+    /// `value` (SoC 250, -5, 1e308, a negative odometer, year 0...).
+    Absurd,
+    /// A v3 signal listing whose `links.next` always names one more page (of the same data).
+    EndlessPaging,
+    /// Token endpoint: `400 {"error":"invalid_request"}` (as a Smartcar hiccup or a proxy
+    /// could answer), for `count` requests.
+    InvalidRequest,
+    /// Token endpoint: a 200 whose `expires_in` is `value` (default 0; -5, 1e12, "soon").
+    OddExpiresIn,
+    /// Token endpoint: a 200 without `refresh_token`.
+    NoRefreshToken,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 14] = [
+    pub const ALL: [FaultKind; 24] = [
+        FaultKind::EchoError,
+        FaultKind::HtmlError,
+        FaultKind::Huge,
+        FaultKind::SlowDrip,
+        FaultKind::RetryAfterDate,
+        FaultKind::Absurd,
+        FaultKind::EndlessPaging,
+        FaultKind::InvalidRequest,
+        FaultKind::OddExpiresIn,
+        FaultKind::NoRefreshToken,
         FaultKind::RateLimit,
         FaultKind::AppRateLimit,
         FaultKind::Asleep,
@@ -75,7 +113,24 @@ impl FaultKind {
     pub fn is_transport(self) -> bool {
         matches!(
             self,
-            FaultKind::Slow | FaultKind::Malformed | FaultKind::Drop
+            FaultKind::Slow
+                | FaultKind::Malformed
+                | FaultKind::Drop
+                | FaultKind::EchoError
+                | FaultKind::HtmlError
+                | FaultKind::Huge
+                | FaultKind::SlowDrip
+                | FaultKind::RetryAfterDate
+                | FaultKind::Absurd
+                | FaultKind::EndlessPaging
+        )
+    }
+
+    /// Faults of the token endpoint only (never taken by a vehicle request).
+    pub fn is_token_only(self) -> bool {
+        matches!(
+            self,
+            FaultKind::InvalidRequest | FaultKind::OddExpiresIn | FaultKind::NoRefreshToken
         )
     }
 
@@ -95,6 +150,16 @@ impl FaultKind {
             FaultKind::Slow => "slow",
             FaultKind::Malformed => "malformed",
             FaultKind::Drop => "drop",
+            FaultKind::EchoError => "echo_error",
+            FaultKind::HtmlError => "html_error",
+            FaultKind::Huge => "huge",
+            FaultKind::SlowDrip => "slow_drip",
+            FaultKind::RetryAfterDate => "retry_after_date",
+            FaultKind::Absurd => "absurd",
+            FaultKind::EndlessPaging => "endless_paging",
+            FaultKind::InvalidRequest => "invalid_request",
+            FaultKind::OddExpiresIn => "odd_expires_in",
+            FaultKind::NoRefreshToken => "no_refresh_token",
         }
     }
 
@@ -178,8 +243,21 @@ impl FaultKind {
                 "The vehicle is not capable of performing your request.",
                 None,
             ),
-            // Transport faults never become an API error; a server error if one is asked for.
-            FaultKind::Slow | FaultKind::Malformed | FaultKind::Drop => new(
+            // Transport and token faults never become an API error; a server error if one is
+            // asked for.
+            FaultKind::Slow
+            | FaultKind::Malformed
+            | FaultKind::Drop
+            | FaultKind::EchoError
+            | FaultKind::HtmlError
+            | FaultKind::Huge
+            | FaultKind::SlowDrip
+            | FaultKind::RetryAfterDate
+            | FaultKind::Absurd
+            | FaultKind::EndlessPaging
+            | FaultKind::InvalidRequest
+            | FaultKind::OddExpiresIn
+            | FaultKind::NoRefreshToken => new(
                 500,
                 "SERVER",
                 Some("INTERNAL"),
@@ -210,9 +288,35 @@ pub struct Fault {
     pub count: Option<u64>,
     #[serde(default = "default_retry_after")]
     pub retry_after: u64,
-    /// Seconds a `slow` answer is held back.
+    /// Seconds a `slow` answer is held back (`slow_drip`: between two bytes).
     #[serde(default = "default_delay")]
     pub delay: f64,
+    /// `echo_error`, `html_error`: the status answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// `huge`: the body's length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// `retry_after_date`: the `retry-after` value sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date: Option<String>,
+    /// `absurd`: the JSON key or v3 signal code whose value is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// `absurd`, `odd_expires_in`: the value put there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    /// `"token"`: an `echo_error`, `html_error`, `huge` or `slow_drip` fault applies to the
+    /// token endpoint instead of vehicle requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+impl Fault {
+    /// Whether the fault is for the token endpoint rather than vehicle requests.
+    pub fn at_token_endpoint(&self) -> bool {
+        self.kind.is_token_only() || self.target.as_deref() == Some("token")
+    }
 }
 
 fn default_delay() -> f64 {
@@ -230,6 +334,12 @@ impl Fault {
             count: None,
             retry_after: default_retry_after(),
             delay: default_delay(),
+            status: None,
+            bytes: None,
+            date: None,
+            field: None,
+            value: None,
+            target: None,
         }
     }
 }
@@ -388,7 +498,14 @@ impl Table {
     /// Uses one request of the vehicle's fault, else the fleet's, of the transport or the API
     /// family; spent faults are removed.
     fn take(&mut self, vehicle_id: &str, transport: bool) -> Option<Fault> {
-        let fits = |f: &&mut Fault| f.kind.is_transport() == transport;
+        self.take_where(vehicle_id, |f| {
+            f.kind.is_transport() == transport && !f.at_token_endpoint()
+        })
+    }
+
+    /// Uses one request of the vehicle's (or the fleet's) first fault `fits` accepts.
+    fn take_where(&mut self, vehicle_id: &str, fits: impl Fn(&Fault) -> bool) -> Option<Fault> {
+        let fits = |f: &&mut Fault| fits(f);
         let fault = take_one(self.vehicles.get_mut(vehicle_id).filter(fits))
             .or_else(|| take_one(self.fleet.as_mut().filter(fits)));
         self.vehicles.retain(|_, f| f.count != Some(0));
@@ -425,6 +542,16 @@ impl Faults {
         }
         recent.extend(std::iter::repeat_n(now, cost as usize));
         Ok(())
+    }
+
+    /// The fleet-wide fault set for the token endpoint (`invalid_request`, `odd_expires_in`,
+    /// `no_refresh_token`, or a response fault with `target: "token"`), if any.
+    pub(crate) fn token(&self, stats: &Stats) -> Option<Fault> {
+        let fault = self.lock().take_where("", Fault::at_token_endpoint);
+        if fault.is_some() {
+            bump(&stats.faults_served);
+        }
+        fault
     }
 
     /// The transport fault (slow, malformed, drop) for one request to `vehicle_id`, if any.

@@ -33,6 +33,7 @@ mod consent;
 mod errors;
 pub mod faults;
 mod fleet;
+mod hostile;
 pub use fleet::Powertrain;
 mod management;
 mod oauth;
@@ -282,7 +283,9 @@ pub struct SimulatorArgs {
     /// A fault from the start, repeatable: KIND[@VEHICLE_ID][*COUNT], e.g. `asleep`,
     /// `rate_limit@<id>`, `server*3`. Kinds: rate_limit, app_rate_limit, asleep, unreachable,
     /// server, upstream, upstream_rate_limit, permission, connected_services_account,
-    /// compatibility, billing, slow, malformed, drop. Without @, fleet-wide; without *, until
+    /// compatibility, billing, slow, malformed, drop, echo_error, html_error, huge, slow_drip,
+    /// retry_after_date, absurd, endless_paging; at the token endpoint (fleet-wide only):
+    /// invalid_request, odd_expires_in, no_refresh_token. Without @, fleet-wide; without *, until
     /// cleared through /_simulator/faults (a vehicle's connected_services_account fault also by
     /// the re-auth flow, /oauth/reauthenticate).
     #[arg(long = "fault", value_name = "SPEC", value_parser = faults::parse_spec)]
@@ -1142,13 +1145,38 @@ async fn log_and_count(State(sim): State<SimState>, request: Request, next: Next
             .error(0)
             .into_api_response(api, &fleet::random_uuid());
     }
-    let transport = vehicle_in_path(&path).and_then(|id| sim.faults.transport(id, &sim.stats));
+    let transport = if path == "/oauth/token" {
+        sim.faults.token(&sim.stats)
+    } else {
+        vehicle_in_path(&path).and_then(|id| sim.faults.transport(id, &sim.stats))
+    };
     if let Some(f) = &transport {
         if f.kind == faults::FaultKind::Slow {
             tokio::time::sleep(Duration::from_secs_f64(f.delay.max(0.0))).await;
         }
+        let api = if path.starts_with("/v3/") {
+            Api::V3
+        } else {
+            Api::V2
+        };
+        if let Some(r) = hostile::before(f, request.headers(), api) {
+            return r;
+        }
     }
+    // The v3 listing page asked for (endless paging links one further).
+    let page = request
+        .uri()
+        .query()
+        .and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("page="))
+                .and_then(|p| p.parse::<usize>().ok())
+        })
+        .unwrap_or(1);
     let mut response = next.run(request).await;
+    if let Some(f) = &transport {
+        response = hostile::after(f, response, page).await;
+    }
     match transport.map(|f| f.kind) {
         Some(faults::FaultKind::Malformed) if response.status().is_success() => {
             *response.body_mut() = axum::body::Body::from("{\"percentRemaining\": 0.5, \"ran");

@@ -19,7 +19,7 @@ use oauth2::{
 };
 use serde_json::Value;
 
-use super::error::{excerpt, parse_error_body, AuthError};
+use super::error::{parse_error_body, AuthError};
 use super::{ClientConfig, SmartcarClient};
 use crate::domain::{now_ms, Secret, TokenPair, REFRESH_TOKEN_LIFETIME_MS};
 
@@ -105,10 +105,17 @@ impl SmartcarClient {
         let secrets = [refresh_token.expose(), self.inner.client_secret.expose()];
         match result {
             Ok(tok) => {
-                let refresh = tok
-                    .refresh_token()
-                    .map(|r| r.secret().as_str())
-                    .unwrap_or(refresh_token.expose());
+                let refresh = match tok.refresh_token() {
+                    Some(r) => r.secret().as_str(),
+                    None => {
+                        // Smartcar always rotates; an answer without a new one is odd, and the
+                        // old token may die with its grace window: said out loud.
+                        tracing::warn!(
+                            "the refresh answer carried no refresh_token; keeping the old one (Smartcar normally rotates it on every refresh)"
+                        );
+                        refresh_token.expose()
+                    }
+                };
                 Ok(pair(
                     issued_at,
                     tok.access_token().secret(),
@@ -150,17 +157,37 @@ impl<'c> AsyncHttpClient<'c> for RecordingHttp {
         Box::pin(async move {
             // The token endpoint answers in well under a second; a refresh must not wait out
             // the vehicle API's 310 s (the used refresh token's grace window is ~1 minute).
-            let resp = tokio::time::timeout(TOKEN_TIMEOUT, self.http.call(request))
+            // One deadline for the whole exchange, the body included (a slow drip ends here).
+            let deadline = tokio::time::Instant::now() + TOKEN_TIMEOUT;
+            let timed_out = || {
+                HttpClientError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer from the token endpoint within {} s",
+                        TOKEN_TIMEOUT.as_secs()
+                    ),
+                ))
+            };
+            let request: reqwest::Request = request.try_into().map_err(Box::new)?;
+            let response = tokio::time::timeout_at(deadline, self.http.execute(request))
                 .await
-                .map_err(|_| {
-                    HttpClientError::Io(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no answer from the token endpoint within {} s",
-                            TOKEN_TIMEOUT.as_secs()
-                        ),
-                    ))
-                })??;
+                .map_err(|_| timed_out())?
+                .map_err(Box::new)?;
+            let mut builder = oauth2::http::Response::builder()
+                .status(response.status())
+                .version(response.version());
+            for (name, value) in response.headers() {
+                builder = builder.header(name, value);
+            }
+            // Read with a bound (64 KB): a huge answer is never held in memory.
+            let body = super::read_limited(response, super::TOKEN_BODY_LIMIT, deadline)
+                .await
+                .map_err(|e| match e {
+                    super::BodyError::Transport(e) => HttpClientError::Reqwest(Box::new(e)),
+                    super::BodyError::Deadline => timed_out(),
+                    too_large => HttpClientError::Other(too_large.to_string()),
+                })?;
+            let resp = builder.body(body).map_err(HttpClientError::Http)?;
             let status = resp.status().as_u16();
             if let Ok(mut s) = self.seen.lock() {
                 s.status = Some(status);
@@ -213,15 +240,43 @@ fn normalize(resp: HttpResponse) -> HttpResponse {
     HttpResponse::from_parts(parts, body)
 }
 
+/// The longest `expires_in` taken as given (Smartcar documents "always 7200"): a larger one
+/// (`1e12`) is read as a day, so a wrong answer cannot keep a dead token in use for ever.
+pub const MAX_EXPIRES_IN_SECS: u64 = 86_400;
+
+/// `expires_in` as carpulse uses it: missing, unparsable, zero or negative (dropped by
+/// [`normalize`]) are Smartcar's documented 7200 s (issue 11: `expires_in: 0` made about two
+/// refreshes a second); more than [`MAX_EXPIRES_IN_SECS`] is that. A short positive lifetime
+/// is taken as given (a token used past its real expiry only earns 401s). Odd answers are
+/// logged.
+pub fn bounded_expires_in(expires_in: Option<std::time::Duration>) -> u64 {
+    match expires_in.map(|d| d.as_secs()) {
+        None | Some(0) => {
+            tracing::warn!(
+                default_s = DEFAULT_EXPIRES_IN_SECS,
+                "the token answer had no usable expires_in (missing, zero, negative or not a number); assuming Smartcar's documented lifetime"
+            );
+            DEFAULT_EXPIRES_IN_SECS
+        }
+        Some(s) if s > MAX_EXPIRES_IN_SECS => {
+            tracing::warn!(
+                expires_in_s = s,
+                max_s = MAX_EXPIRES_IN_SECS,
+                "the token answer's expires_in is absurdly large; using the maximum"
+            );
+            MAX_EXPIRES_IN_SECS
+        }
+        Some(s) => s,
+    }
+}
+
 fn pair(
     issued_at: i64,
     access: &str,
     refresh: &str,
     expires_in: Option<std::time::Duration>,
 ) -> TokenPair {
-    let expires_ms = expires_in
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(DEFAULT_EXPIRES_IN_SECS as i64 * 1000);
+    let expires_ms = bounded_expires_in(expires_in) as i64 * 1000;
     TokenPair {
         access_token: Secret::new(access),
         refresh_token: Secret::new(refresh),
@@ -230,13 +285,10 @@ fn pair(
     }
 }
 
-/// Replaces every secret we sent in `text` (a server may echo the token in its description).
+/// Replaces every secret we sent in `text`, in every encoding (a server may echo the token or
+/// the Basic header in its description), and cuts it (see [`super::scrub`]).
 fn scrub(text: &str, secrets: &[&str]) -> String {
-    let mut out = text.to_string();
-    for s in secrets.iter().filter(|s| s.len() >= 4) {
-        out = out.replace(s, "[redacted]");
-    }
-    out
+    super::scrub::scrub(text, secrets)
 }
 
 /// OAuth `error` values that mean "try again later", not "this grant is dead".
@@ -287,14 +339,12 @@ fn map_error(err: TokenError, seen: &Mutex<Seen>, secrets: &[&str]) -> AuthError
         };
     }
     let parsed = parse_error_body(&body);
-    let description = parsed
-        .description
-        .as_deref()
-        .map(|d| scrub(&excerpt(d, 200), secrets));
+    // Scrubbed before it is cut, so a secret at the cut cannot leave half of itself behind.
+    let description = parsed.description.as_deref().map(|d| scrub(d, secrets));
     let error = parsed
         .error_type
         .clone()
-        .map(|e| scrub(&e, secrets))
+        .map(|e| super::scrub::scrub_field(&e, secrets))
         .unwrap_or_else(|| format!("http_{status}"));
     if status >= 500 || status == 429 || status == 408 || is_transient_oauth_error(&error) {
         let mut message = format!("HTTP {status}: {error}");
@@ -321,6 +371,34 @@ mod tests {
         assert_eq!(p.refresh_expires_at, 1_000 + REFRESH_TOKEN_LIFETIME_MS);
         let p = pair(0, "a", "r", None);
         assert_eq!(p.access_expires_at, 7_200_000);
+    }
+
+    #[test]
+    fn odd_expires_in_values_are_bounded() {
+        use std::time::Duration;
+        assert_eq!(bounded_expires_in(None), DEFAULT_EXPIRES_IN_SECS);
+        assert_eq!(
+            bounded_expires_in(Some(Duration::ZERO)),
+            DEFAULT_EXPIRES_IN_SECS
+        );
+        assert_eq!(
+            bounded_expires_in(Some(Duration::from_secs(1_000_000_000_000))),
+            MAX_EXPIRES_IN_SECS
+        );
+        assert_eq!(bounded_expires_in(Some(Duration::from_secs(1))), 1);
+        assert_eq!(bounded_expires_in(Some(Duration::from_secs(7200))), 7200);
+        // Negative and non-numeric values never reach oauth2: normalize drops them.
+        for body in [
+            r#"{"access_token":"a","expires_in":-5,"refresh_token":"r"}"#,
+            r#"{"access_token":"a","expires_in":"soon","refresh_token":"r"}"#,
+        ] {
+            let resp = oauth2::http::Response::builder()
+                .status(200)
+                .body(body.as_bytes().to_vec())
+                .unwrap();
+            let v: Value = serde_json::from_slice(normalize(resp).body()).unwrap();
+            assert!(v.get("expires_in").is_none(), "{body}");
+        }
     }
 
     #[test]

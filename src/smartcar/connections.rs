@@ -152,6 +152,7 @@ impl SmartcarClient {
             q.append_pair("page[size]", &PAGE_SIZE.to_string());
         }
         let mut visited: HashSet<String> = HashSet::new();
+        let mut seen: HashSet<(String, VehicleId)> = HashSet::new();
         let mut out: Vec<V3Connection> = Vec::new();
         let mut complete = false;
         for _ in 0..MAX_CONNECTION_PAGES {
@@ -165,7 +166,21 @@ impl SmartcarClient {
                 ..ApiError::decode(Some(raw.status), m)
             })?;
             let got = page.connections.len();
-            out.extend(page.connections);
+            let before = out.len();
+            for c in page.connections {
+                if seen.insert((c.user_id.clone(), c.vehicle_id.clone())) {
+                    out.push(c);
+                }
+            }
+            // A page that lists nothing new (a server that serves page 1 under every link)
+            // or nothing at all while linking further: stopped, and taken as partial.
+            if (got > 0 && out.len() == before) || (got == 0 && page.next.is_some()) {
+                tracing::warn!(
+                    pages = visited.len(),
+                    "GET /v3/connections: a page listed nothing new; the listing is taken as partial"
+                );
+                break;
+            }
             let next = match (page.next, page.paging) {
                 (Some(n), _) => resolve_next(self.v3_base(), &url, &n).ok(),
                 // No link: the next page number, while the total says there is more.
@@ -201,8 +216,6 @@ impl SmartcarClient {
         if let Some(u) = user {
             out.retain(|c| c.user_id == u);
         }
-        let mut seen = HashSet::new();
-        out.retain(|c| seen.insert((c.user_id.clone(), c.vehicle_id.clone())));
         Ok(ConnectionList {
             connections: out,
             complete,

@@ -61,14 +61,18 @@ pub enum ErrorKind {
     PlanLocked,
     /// A top-level 400 or 404 on a v3 collection call (`/signals`): the request was refused
     /// as a whole (a missing `sc-user-id`, a Smartcar incident), which says nothing about what
-    /// the vehicle can answer (§10.4). Backed off, never stored as a block.
+    /// the vehicle can answer (§10.4). Backed off, never stored as a block. Also any
+    /// 400/403/404/430/501 without Smartcar's typed error envelope (a proxy's HTML page): only
+    /// a typed error may disable an endpoint or pause a vehicle (issue 11, item 5).
     Rejected,
+    /// An answer larger than the body limit (2 MB for the Vehicle API): not read, backed off.
+    TooLarge,
 }
 
 impl ErrorKind {
     /// Every kind, so the metrics can start each `outcome` series at 0 (an alert on the first
     /// failure of a kind needs the series to exist before it).
-    pub const ALL: [ErrorKind; 21] = [
+    pub const ALL: [ErrorKind; 22] = [
         ErrorKind::Authentication,
         ErrorKind::Permission,
         ErrorKind::Validation,
@@ -90,6 +94,7 @@ impl ErrorKind {
         ErrorKind::NoData,
         ErrorKind::PlanLocked,
         ErrorKind::Rejected,
+        ErrorKind::TooLarge,
     ];
 
     /// The metric `outcome` label (DESIGN §3, `carpulse_polls_total`).
@@ -116,6 +121,7 @@ impl ErrorKind {
             ErrorKind::NoData => "no_data",
             ErrorKind::PlanLocked => "plan_locked",
             ErrorKind::Rejected => "rejected",
+            ErrorKind::TooLarge => "too_large",
         }
     }
 
@@ -130,6 +136,8 @@ impl ErrorKind {
                 | ErrorKind::Upstream
                 | ErrorKind::Transport
                 | ErrorKind::Timeout
+                | ErrorKind::Rejected
+                | ErrorKind::TooLarge
         )
     }
 }
@@ -268,6 +276,17 @@ impl ApiError {
         }
     }
 
+    /// One reading (or signal) of an otherwise good answer that could not be decoded or is
+    /// out of range: kind [`ErrorKind::Decode`] with code [`BAD_VALUE`], so the poller tells it
+    /// from an answer it could not read at all: that reading is lost, counted, and asked for
+    /// again next tick, never a backoff of the vehicle (issue 11, item 8).
+    pub fn bad_value(status: Option<u16>, description: impl Into<String>) -> Self {
+        ApiError {
+            code: Some(BAD_VALUE.to_owned()),
+            ..ApiError::decode(status, description)
+        }
+    }
+
     /// A request that failed before an HTTP answer: timeout or transport. reqwest's messages
     /// name the URL (vehicle ids, never tokens: those travel in headers).
     pub fn from_reqwest(err: &reqwest::Error) -> Self {
@@ -288,6 +307,18 @@ impl ApiError {
         ApiError::new(kind, msg)
     }
 
+    /// Every text field taken from the answer (type, code, description, request id) scrubbed
+    /// of the secrets carpulse holds and of `extra` (the request's own token), and cut to a
+    /// bounded length: what an error carries reaches logs, `poll_events` and `/healthz`.
+    pub fn scrubbed(mut self, extra: &[&str]) -> Self {
+        use super::scrub::{scrub, scrub_field};
+        self.error_type = self.error_type.map(|t| scrub_field(&t, extra));
+        self.code = self.code.map(|c| scrub_field(&c, extra));
+        self.description = self.description.map(|d| scrub(&d, extra));
+        self.request_id = self.request_id.map(|r| scrub_field(&r, extra));
+        self
+    }
+
     /// The v3 "signal not provided by this vehicle" error (COMPATIBILITY:SIGNAL_NOT_PROVIDED).
     pub fn signal_not_provided(signal: &str) -> Self {
         ApiError {
@@ -300,6 +331,10 @@ impl ApiError {
         }
     }
 }
+
+/// The `code` of a decode error that concerns one reading, not the whole answer (see
+/// [`ApiError::bad_value`]); it is what `poll_events.error_code` shows for it.
+pub const BAD_VALUE: &str = "BAD_VALUE";
 
 /// The token endpoint failed (smartcar-api.md §1.5). Never carries a token or the secret.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -364,18 +399,23 @@ pub fn parse_error_body(body: &[u8]) -> ErrorBody {
             let text = String::from_utf8_lossy(body);
             let text = text.trim();
             ErrorBody {
-                description: (!text.is_empty()).then(|| excerpt(text, 200)),
+                description: (!text.is_empty()).then(|| excerpt(text, RAW_TEXT)),
                 ..ErrorBody::default()
             }
         }
     }
 }
 
+/// How much of one text field of an error body is kept before [`ApiError::scrubbed`] (or the
+/// token endpoint's scrub) cuts it to its final length: enough that a secret starting inside
+/// the kept part is still whole when the scrubber looks for it.
+const RAW_TEXT: usize = 2_000;
+
 /// [`parse_error_body`] on an already-parsed JSON value (batch item bodies arrive that way).
 pub fn parse_error_value(v: &Value) -> ErrorBody {
     let Some(obj) = v.as_object() else {
         return ErrorBody {
-            description: v.as_str().map(|s| excerpt(s, 200)),
+            description: v.as_str().map(|s| excerpt(s, RAW_TEXT)),
             ..ErrorBody::default()
         };
     };
@@ -440,7 +480,28 @@ pub fn api_error_from(
     request_id: Option<String>,
 ) -> ApiError {
     let status = status.or(parsed.status);
-    let kind = classify(status, parsed.error_type.as_deref(), parsed.code.as_deref());
+    let mut kind = classify(status, parsed.error_type.as_deref(), parsed.code.as_deref());
+    // Only Smartcar's own typed envelope may disable an endpoint or pause a vehicle: a bare
+    // status (a proxy's HTML 404, a load balancer's 403) says nothing about the vehicle, so it
+    // is backed off like any transient failure and never stored as a block.
+    let typed = parsed
+        .error_type
+        .as_deref()
+        .and_then(|t| classify_type(t, parsed.code.as_deref()))
+        .is_some();
+    if !typed
+        && matches!(
+            kind,
+            ErrorKind::Permission
+                | ErrorKind::Validation
+                | ErrorKind::NotFound
+                | ErrorKind::ConnectedServicesAccount
+                | ErrorKind::Billing
+                | ErrorKind::Compatibility
+        )
+    {
+        kind = ErrorKind::Rejected;
+    }
     ApiError {
         kind,
         status,
@@ -462,9 +523,21 @@ pub fn parse_retry_after(value: &str, now_ms: i64) -> Option<Duration> {
     if let Ok(secs) = v.parse::<f64>() {
         return secs_capped(secs);
     }
-    let date = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let delta = date.timestamp_millis().saturating_sub(now_ms).max(0);
-    Some(Duration::from_millis(delta as u64))
+    // RFC 9110 §10.2.3: an HTTP-date (IMF-fixdate; RFC 2822 parsing also takes the obsolete
+    // forms' common cases). A date in the past is "now"; one beyond a day is capped like the
+    // seconds form (a `Fri, 31 Dec 9999` must not silence a vehicle for ever, issue 11 item 2).
+    let date = chrono::DateTime::parse_from_rfc2822(v)
+        .ok()
+        .map(|d| d.timestamp_millis())
+        .or_else(|| {
+            // RFC 850 / asctime forms, which RFC 9110 still asks recipients to accept.
+            ["%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y"]
+                .iter()
+                .find_map(|f| chrono::NaiveDateTime::parse_from_str(v, f).ok())
+                .map(|t| t.and_utc().timestamp_millis())
+        })?;
+    let delta = date.saturating_sub(now_ms).max(0);
+    Some(cap_retry_after(Duration::from_millis(delta as u64)))
 }
 
 /// A day at most: a larger `retry-after` is a server's mistake, not a plan.
@@ -488,7 +561,7 @@ pub fn retry_after_value(v: &Value, now_ms: i64) -> Option<Duration> {
 
 fn str_field(v: &Value, key: &str) -> Option<String> {
     match v.get(key)? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::String(s) if !s.is_empty() => Some(excerpt(s, RAW_TEXT)),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
@@ -570,12 +643,13 @@ mod tests {
                 | NoReading
                 | NoData
                 | PlanLocked
-                | Rejected => true,
+                | Rejected
+                | TooLarge => true,
             }
         }
         let labels: std::collections::HashSet<_> =
             ErrorKind::ALL.iter().map(|k| k.label()).collect();
-        assert_eq!(labels.len(), 21, "ALL has 21 distinct kinds");
+        assert_eq!(labels.len(), 22, "ALL has 22 distinct kinds");
         assert!(ErrorKind::ALL.iter().all(|k| known(*k)));
     }
 
@@ -850,6 +924,63 @@ mod review_tests {
         assert_eq!(retry_after_value(&serde_json::json!(1e300), 0), Some(day));
         assert_eq!(retry_after_value(&serde_json::json!(-1.0), 0), None);
         assert_eq!(parse_retry_after("30", 0), Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_far_http_date_is_capped_at_a_day_and_a_past_one_is_now() {
+        let day = Duration::from_secs(86_400);
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z")
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            Some(day)
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after("Monday, 30-Nov-26 12:01:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Mon Nov 30 12:00:30 2026", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after_value(&serde_json::json!("Fri, 31 Dec 9999 23:59:59 GMT"), now),
+            Some(day)
+        );
+    }
+
+    #[test]
+    fn only_a_typed_error_can_block() {
+        let api = |status: u16, body: &str| {
+            api_error_from(Some(status), parse_error_body(body.as_bytes()), None, None)
+        };
+        for status in [400, 403, 404, 430, 501] {
+            let e = api(status, "<html><body>Not Found</body></html>");
+            assert_eq!(e.kind, ErrorKind::Rejected, "HTML {status}");
+            assert!(e.kind.is_transient());
+            let e = api(status, "");
+            assert_eq!(e.kind, ErrorKind::Rejected, "empty {status}");
+            let e = api(status, r#"{"message":"forbidden by proxy"}"#);
+            assert_eq!(e.kind, ErrorKind::Rejected, "untyped JSON {status}");
+        }
+        let e = api(
+            403,
+            r#"{"type":"PERMISSION","code":null,"description":"x"}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::Permission);
+        let e = api(
+            501,
+            r#"{"errors":[{"status":"501","type":"COMPATIBILITY","code":"VEHICLE_NOT_CAPABLE"}]}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::Compatibility);
+        // Transient statuses keep their meaning without a type.
+        assert_eq!(api(409, "<html/>").kind, ErrorKind::VehicleState);
+        assert_eq!(api(429, "<html/>").kind, ErrorKind::RateLimitVehicle);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::error::{excerpt, parse_error_body, AuthError};
+use super::error::{parse_error_body, AuthError};
 use super::SmartcarClient;
 use crate::domain::{now_ms, Secret, UnixMillis};
 
@@ -44,6 +44,9 @@ impl SmartcarClient {
     /// [`AuthError::Transient`]. Neither ever carries the secret or the token.
     pub async fn app_token(&self, creds: &AppCredentials) -> Result<AppToken, AuthError> {
         let issued_at = now_ms();
+        // Its answers' text is scrubbed of this secret in every form it travels in.
+        super::scrub::register_client(&creds.client_id, creds.client_secret.expose());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", creds.client_id.as_str()),
@@ -61,9 +64,12 @@ impl SmartcarClient {
                 message: format!("POST smartcar.iam_url: {}", scrub(&e.to_string(), creds)),
             })?;
         let status = resp.status().as_u16();
-        let body = resp.bytes().await.map_err(|e| AuthError::Transient {
-            message: format!("reading the IAM answer: {}", scrub(&e.to_string(), creds)),
-        })?;
+        // Read with a bound (64 KB) and the request's deadline: never a huge answer in memory.
+        let body = super::read_limited(resp, super::TOKEN_BODY_LIMIT, deadline)
+            .await
+            .map_err(|e| AuthError::Transient {
+                message: format!("reading the IAM answer: {}", scrub(&e.to_string(), creds)),
+            })?;
         if (200..300).contains(&status) {
             return parse_app_token(&body, issued_at).map_err(|m| AuthError::Transient {
                 message: format!("the IAM endpoint answered {status} with {m}"),
@@ -83,6 +89,7 @@ impl SmartcarClient {
             status: Some(status),
             error: parsed
                 .error_type
+                .map(|e| super::scrub::scrub_field(&e, &[creds.client_secret.expose()]))
                 .unwrap_or_else(|| format!("http_{status}")),
             description,
         })
@@ -114,13 +121,7 @@ pub fn parse_app_token(body: &[u8], issued_at: UnixMillis) -> Result<AppToken, S
 }
 
 fn scrub(text: &str, creds: &AppCredentials) -> String {
-    let secret = creds.client_secret.expose();
-    let t = if secret.is_empty() {
-        text.to_owned()
-    } else {
-        text.replace(secret, "[redacted]")
-    };
-    excerpt(&t, 200)
+    super::scrub::scrub(text, &[creds.client_secret.expose()])
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ pub mod auth;
 pub mod connections;
 pub mod error;
 pub mod iam;
+pub mod scrub;
 pub mod time;
 pub mod units;
 pub mod v2;
@@ -77,6 +78,39 @@ pub async fn count_billed<F: std::future::Future>(f: F) -> (F::Output, u64) {
             (out, BILLED.with(|c| c.get()))
         })
         .await
+}
+
+tokio::task_local! {
+    /// Values a parser refused inside an otherwise good reading (an absurd range, year), by
+    /// endpoint, while [`SmartcarClient::fetch_only`] runs: counted as decode errors.
+    static REJECTS: std::cell::RefCell<Vec<&'static str>>;
+}
+
+/// Notes that one value of `endpoint`'s reading was refused (out of range, undecodable): it is
+/// not stored or exported, the rest of the reading is. Logged here, counted by the caller.
+pub(crate) fn reject(endpoint: &'static str, why: &'static str) {
+    tracing::warn!(
+        endpoint,
+        why,
+        "a value in Smartcar's answer is out of range; not stored"
+    );
+    let _ = REJECTS.try_with(|r| r.borrow_mut().push(endpoint));
+}
+
+/// Makes the text of one result safe to keep: errors scrubbed (see [`scrub`]), make, model and
+/// VIN cut and scrubbed (they reach the store, labels and `vehicles list`).
+fn finish_result(r: &mut EndpointResult, token: &str) {
+    match &mut r.result {
+        Err(e) => *e = e.clone().scrubbed(&[token]),
+        Ok(Payload::Info(info)) => finish_info(info, token),
+        Ok(Payload::Vin(vin)) => *vin = scrub::scrub_field(vin, &[token]),
+        Ok(_) => {}
+    }
+}
+
+fn finish_info(info: &mut VehicleInfo, token: &str) {
+    info.make = scrub::scrub_field(&info.make, &[token]);
+    info.model = scrub::scrub_field(&info.model, &[token]);
 }
 
 /// Adds `n` billed calls to the enclosing [`count_billed`], if any.
@@ -176,7 +210,13 @@ struct Inner {
     /// Told of every Vehicle API request: its API, outcome label and wall time (the daemon
     /// counts them in `carpulse_smartcar_requests_total`).
     on_request: std::sync::OnceLock<RequestObserver>,
+    /// Told of every value or endpoint that could not be decoded or was out of range (the
+    /// daemon counts them in `carpulse_decode_errors_total`).
+    on_decode: std::sync::OnceLock<DecodeObserver>,
 }
+
+/// See [`SmartcarClient::observe_decode_errors`].
+pub type DecodeObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// See [`SmartcarClient::observe_requests`].
 pub type RequestObserver = Arc<dyn Fn(ApiVersion, &'static str, f64) + Send + Sync>;
@@ -214,12 +254,12 @@ impl RawResponse {
     /// short excerpt logged at debug (never the whole body: it could be huge).
     pub fn json<T: DeserializeOwned>(&self, what: &str) -> Result<T, ApiError> {
         serde_json::from_slice(&self.body).map_err(|e| {
-            let text = String::from_utf8_lossy(&self.body);
+            let text = String::from_utf8_lossy(&self.body[..self.body.len().min(4096)]);
             tracing::debug!(
                 what,
                 status = self.status,
                 error = %e,
-                body = %error::excerpt(&text, 200),
+                body = %scrub::scrub(&text, &[]),
                 "unexpected response body"
             );
             ApiError {
@@ -249,6 +289,8 @@ impl SmartcarClient {
             .build()
             .context("building the HTTP client")?;
         let oauth = auth::build_oauth(&cfg)?;
+        // Every answer's text is scrubbed of the client secret in the forms it travels in.
+        scrub::register_client(&cfg.client_id, cfg.client_secret.expose());
         let v2 = trim_base(&cfg.api_v2_url);
         let v3 = trim_base(&cfg.api_v3_url);
         Url::parse(&v2).with_context(|| format!("api_v2_url {v2:?} is not a URL"))?;
@@ -265,6 +307,7 @@ impl SmartcarClient {
                 timeout_ms: std::sync::atomic::AtomicU64::new(cfg.timeout.as_millis() as u64),
                 v3_page_size: cfg.v3_page_size,
                 on_request: std::sync::OnceLock::new(),
+                on_decode: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -273,6 +316,44 @@ impl SmartcarClient {
     /// label) and wall time. Set once; later calls are ignored.
     pub fn observe_requests(&self, f: RequestObserver) {
         let _ = self.inner.on_request.set(f);
+    }
+
+    /// Calls `f` with the endpoint of every reading (or single value of one) that could not be
+    /// decoded or was out of range. Set once; later calls are ignored.
+    pub fn observe_decode_errors(&self, f: DecodeObserver) {
+        let _ = self.inner.on_decode.set(f);
+    }
+
+    /// Runs a fetch with the answer-text rules every caller gets: errors and texts scrubbed
+    /// of secrets and cut, decode errors (whole endpoints and single values) counted.
+    async fn finished<F>(&self, token: &str, f: F) -> Result<Vec<EndpointResult>, ApiError>
+    where
+        F: std::future::Future<Output = Result<Vec<EndpointResult>, ApiError>>,
+    {
+        let (out, mut rejects) = REJECTS
+            .scope(std::cell::RefCell::new(Vec::new()), async move {
+                let out = f.await;
+                (out, REJECTS.with(|r| r.take()))
+            })
+            .await;
+        let out = match out {
+            Ok(mut results) => {
+                for r in &mut results {
+                    finish_result(r, token);
+                    if matches!(&r.result, Err(e) if e.kind == ErrorKind::Decode) {
+                        rejects.push(r.endpoint);
+                    }
+                }
+                Ok(results)
+            }
+            Err(e) => Err(e.scrubbed(&[token])),
+        };
+        if let Some(observe) = self.inner.on_decode.get() {
+            for endpoint in rejects {
+                observe(endpoint);
+            }
+        }
+        out
     }
 
     /// A new per-request timeout for Vehicle API calls (`poll.timeout` changed on SIGHUP).
@@ -290,12 +371,17 @@ impl SmartcarClient {
 
     /// `GET {v2}/user`: the Smartcar user id of the token's account.
     pub async fn user_id(&self, access: &Secret) -> Result<String, ApiError> {
-        v2::user_id(self, access).await
+        v2::user_id(self, access)
+            .await
+            .map(|id| scrub::scrub_field(&id, &[access.expose()]))
+            .map_err(|e| e.scrubbed(&[access.expose()]))
     }
 
     /// Every vehicle id the token covers, paged `GET {v2}/vehicles?limit=50&offset=N`.
     pub async fn list_vehicles(&self, access: &Secret) -> Result<Vec<VehicleId>, ApiError> {
-        v2::list_vehicles(self, access).await
+        v2::list_vehicles(self, access)
+            .await
+            .map_err(|e| e.scrubbed(&[access.expose()]))
     }
 
     /// Make, model and year of one vehicle.
@@ -305,10 +391,16 @@ impl SmartcarClient {
         ctx: &RequestCtx<'_>,
         id: &VehicleId,
     ) -> Result<VehicleInfo, ApiError> {
-        match api {
+        let token = ctx.access_token.expose();
+        let info = match api {
             ApiVersion::V2 => v2::vehicle_info(self, ctx, id).await,
             ApiVersion::V3 => v3::vehicle_info(self, ctx, id).await,
-        }
+        };
+        info.map(|mut i| {
+            finish_info(&mut i, token);
+            i
+        })
+        .map_err(|e| e.scrubbed(&[token]))
     }
 
     /// Runs one job for one vehicle. `Err` means the whole request failed (auth, app rate
@@ -336,9 +428,16 @@ impl SmartcarClient {
         job: Job,
         only: &[&str],
     ) -> Result<Vec<EndpointResult>, ApiError> {
+        let token = ctx.access_token.expose();
         match api {
-            ApiVersion::V2 => v2::fetch(self, ctx, id, job, only).await,
-            ApiVersion::V3 => v3::fetch(self, ctx, id, job, only).await,
+            ApiVersion::V2 => {
+                self.finished(token, v2::fetch(self, ctx, id, job, only))
+                    .await
+            }
+            ApiVersion::V3 => {
+                self.finished(token, v3::fetch(self, ctx, id, job, only))
+                    .await
+            }
         }
     }
 
@@ -355,7 +454,9 @@ impl SmartcarClient {
     ) -> Result<Capabilities, ApiError> {
         match api {
             ApiVersion::V2 => {
-                let granted = v2::permissions(self, ctx, id).await?;
+                let granted = v2::permissions(self, ctx, id)
+                    .await
+                    .map_err(|e| e.scrubbed(&[ctx.access_token.expose()]))?;
                 if granted.is_empty() {
                     // A consent grants something; an empty list says nothing reliable.
                     tracing::warn!(vehicle = %id, "GET /permissions listed nothing; blocking nothing");
@@ -366,7 +467,25 @@ impl SmartcarClient {
                     readings: Vec::new(),
                 })
             }
-            ApiVersion::V3 => v3::capabilities(self, ctx, id).await,
+            ApiVersion::V3 => {
+                let token = ctx.access_token.expose();
+                let mut unavailable = Vec::new();
+                let readings = self
+                    .finished(token, async {
+                        let caps = v3::capabilities(self, ctx, id).await?;
+                        unavailable = caps
+                            .unavailable
+                            .into_iter()
+                            .map(|(e, why)| (e, scrub::scrub_field(&why, &[token])))
+                            .collect();
+                        Ok(caps.readings)
+                    })
+                    .await?;
+                Ok(Capabilities {
+                    unavailable,
+                    readings,
+                })
+            }
         }
     }
 
@@ -445,19 +564,44 @@ impl SmartcarClient {
     }
 
     async fn send_raw(&self, request: reqwest::Request) -> Result<RawResponse, ApiError> {
+        // The request's own bearer token: an answer that echoes it is scrubbed of it.
+        let bearer = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned)
+            .unwrap_or_default();
+        let scrub = |e: ApiError| e.scrubbed(&[bearer.as_str()]);
+        // One deadline for the whole exchange, body included: a body that drips a byte at a
+        // time ends here, not when the server tires of it.
+        let timeout = request.timeout().copied().unwrap_or(Duration::from_millis(
+            self.inner
+                .timeout_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ));
+        let deadline = tokio::time::Instant::now() + timeout;
         let resp = self
             .inner
             .http
             .execute(request)
             .await
-            .map_err(|e| ApiError::from_reqwest(&e))?;
+            .map_err(|e| scrub(ApiError::from_reqwest(&e)))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = resp
-            .bytes()
+        let body = read_limited(resp, VEHICLE_BODY_LIMIT, deadline)
             .await
-            .map_err(|e| ApiError::from_reqwest(&e))?
-            .to_vec();
+            .map_err(|e| {
+                let e = scrub(e.into_api_error(status, timeout));
+                if e.kind == ErrorKind::TooLarge {
+                    tracing::warn!(
+                        status,
+                        limit_bytes = VEHICLE_BODY_LIMIT,
+                        "an answer larger than the limit was cut off and not read; backing off"
+                    );
+                }
+                e
+            })?;
         let fetched_at = now_ms();
         let raw = RawResponse {
             status,
@@ -471,12 +615,12 @@ impl SmartcarClient {
         let retry_after = raw
             .header("retry-after")
             .and_then(|v| error::parse_retry_after(v, fetched_at));
-        let err = error::api_error_from(
+        let err = scrub(error::api_error_from(
             Some(status),
             error::parse_error_body(&raw.body),
             retry_after,
             raw.request_id(),
-        );
+        ));
         tracing::debug!(
             status,
             outcome = err.kind.label(),
@@ -485,6 +629,89 @@ impl SmartcarClient {
             "request failed"
         );
         Err(err)
+    }
+}
+
+/// The most a Vehicle API answer (or a `/v3/connections` page) may hold: a v3 listing of every
+/// signal is a few tens of KB, a page of 100 connections about 60 KB. Larger is a server's
+/// mistake or an attack, and is not read into memory (issue 11, item 7).
+pub const VEHICLE_BODY_LIMIT: usize = 2 * 1024 * 1024;
+/// The most a token endpoint (or IAM) answer may hold: four short fields.
+pub const TOKEN_BODY_LIMIT: usize = 64 * 1024;
+
+/// Why a body could not be read in full.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    /// Larger than the limit (announced by `content-length` or found while reading).
+    TooLarge {
+        limit: usize,
+    },
+    /// The request's deadline passed while the body was still coming.
+    Deadline,
+    Transport(reqwest::Error),
+}
+
+impl BodyError {
+    fn into_api_error(self, status: u16, timeout: Duration) -> ApiError {
+        match self {
+            BodyError::TooLarge { limit } => ApiError {
+                status: Some(status),
+                ..ApiError::new(
+                    ErrorKind::TooLarge,
+                    format!("the answer is larger than {limit} bytes; not read"),
+                )
+            },
+            BodyError::Deadline => ApiError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the answer's body did not arrive within {} s",
+                    timeout.as_secs()
+                ),
+            ),
+            BodyError::Transport(e) => ApiError::from_reqwest(&e),
+        }
+    }
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BodyError::TooLarge { limit } => {
+                write!(f, "the answer is larger than {limit} bytes; not read")
+            }
+            BodyError::Deadline => f.write_str("the answer's body did not arrive in time"),
+            BodyError::Transport(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Reads a body chunk by chunk, never holding more than `limit` bytes, and gives up at
+/// `deadline`. A `content-length` above the limit is refused before a byte is read.
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<u8>, BodyError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let mut body = Vec::with_capacity(
+        resp.content_length()
+            .map(|n| n as usize)
+            .unwrap_or(8 * 1024)
+            .min(limit),
+    );
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Err(_) => return Err(BodyError::Deadline),
+            Ok(Err(e)) => return Err(BodyError::Transport(e)),
+            Ok(Ok(None)) => return Ok(body),
+            Ok(Ok(Some(c))) => c,
+        };
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
     }
 }
 

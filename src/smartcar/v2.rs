@@ -14,7 +14,9 @@ use serde_json::{json, Map, Value};
 
 use super::error::{api_error_from, parse_error_value, retry_after_value, ApiError, ErrorKind};
 use super::time::{parse_data_age, stamp};
-use super::units::{parse_unit_system, v2_fraction_to_percent, DistanceUnit};
+use super::units::{
+    parse_unit_system, plausible_km, plausible_year, v2_fraction_to_percent, DistanceUnit,
+};
 use super::{EndpointResult, Job, Payload, RawResponse, RequestCtx, SmartcarClient};
 use crate::domain::{
     BatteryReading, ChargeReading, ChargeState, OdometerReading, Secret, UnitSystem, UnixMillis,
@@ -312,7 +314,7 @@ pub fn parse_batch(
                 Some(item) => parse_item(item, p.endpoint, top),
                 None => Err(ApiError {
                     request_id: top.request_id.clone(),
-                    ..ApiError::decode(
+                    ..ApiError::bad_value(
                         Some(200),
                         format!("batch answer has no item for {}", p.path),
                     )
@@ -382,18 +384,36 @@ pub fn parse_item(item: &Value, endpoint: &str, top: &TopLevel) -> Result<Payloa
         .and_then(parse_unit_system)
         .unwrap_or(top.unit_system);
     let dist = DistanceUnit::of_system(units);
+    // One item of a good batch answer: that reading lost, the other items kept.
     let decode = |m: String| ApiError {
         request_id: top.request_id.clone(),
-        ..ApiError::decode(status.or(Some(200)), format!("{endpoint}: {m}"))
+        ..ApiError::bad_value(status.or(Some(200)), format!("{endpoint}: {m}"))
     };
     match endpoint {
         "battery" => {
             let pct =
                 num(body, "percentRemaining").ok_or_else(|| decode(missing("percentRemaining")))?;
+            let soc_percent = v2_fraction_to_percent(pct)
+                .ok_or_else(|| decode("`percentRemaining` is outside 0-1 (0-100 %)".to_string()))?;
+            // The range is optional: an absurd one is that value lost (counted), never the
+            // state of charge with it.
+            let range_km = match raw_num(body, "range") {
+                None => None,
+                Some(r) => {
+                    let km = plausible_km(dist.to_km(r));
+                    if km.is_none() {
+                        super::reject(
+                            "battery",
+                            "range is negative, not finite or beyond 10 million km",
+                        );
+                    }
+                    km
+                }
+            };
             Ok(Payload::Battery(BatteryReading {
                 stamp: st,
-                soc_percent: v2_fraction_to_percent(pct),
-                range_km: num(body, "range").map(|r| dist.to_km(r)),
+                soc_percent,
+                range_km,
             }))
         }
         "charge" => {
@@ -411,10 +431,13 @@ pub fn parse_item(item: &Value, endpoint: &str, top: &TopLevel) -> Result<Payloa
             }))
         }
         "odometer" => {
-            let d = num(body, "distance").ok_or_else(|| decode(missing("distance")))?;
+            let d = raw_num(body, "distance").ok_or_else(|| decode(missing("distance")))?;
+            let odometer_km = plausible_km(dist.to_km(d)).ok_or_else(|| {
+                decode("`distance` is negative, not finite or beyond 10 million km".to_string())
+            })?;
             Ok(Payload::Odometer(OdometerReading {
                 stamp: st,
-                odometer_km: dist.to_km(d),
+                odometer_km,
             }))
         }
         "vin" => body
@@ -439,6 +462,16 @@ pub(crate) fn num(v: &Value, key: &str) -> Option<f64> {
         _ => None,
     }
     .filter(|f: &f64| f.is_finite())
+}
+
+/// A number as sent, non-finite ones included (so the caller can refuse them as out of range
+/// rather than as missing).
+fn raw_num(v: &Value, key: &str) -> Option<f64> {
+    match v.get(key)? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 /// A boolean, tolerating "true"/"false" strings and 0/1.
@@ -468,7 +501,18 @@ pub fn parse_info(v: &Value) -> Result<VehicleInfo, String> {
     };
     let make = text("make").ok_or("missing `make`")?;
     let model = text("model").unwrap_or_default();
-    let year = num(v, "year").map(|y| y as i32).unwrap_or(0);
+    // An implausible year (0, 2147483647) is that value lost (0: unknown), counted; make and
+    // model still count.
+    let year = match raw_num(v, "year") {
+        None => 0,
+        Some(y) => {
+            use chrono::Datelike;
+            plausible_year(y, chrono::Utc::now().year()).unwrap_or_else(|| {
+                super::reject("info", "year is implausible");
+                0
+            })
+        }
+    };
     Ok(VehicleInfo { make, model, year })
 }
 

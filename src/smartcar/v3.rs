@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::error::{api_error_from, ApiError, ErrorBody, ErrorKind};
 use super::time::{parse_epoch_value, stamp};
-use super::units::{v3_percent, DistanceUnit};
+use super::units::{plausible_km, v3_percent, DistanceUnit};
 use super::v2::{num, parse_info, value_bool};
 use super::{EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::domain::{
@@ -492,8 +492,36 @@ pub(crate) async fn listing(
         }
         out.pages = page_no;
         out.items += page.items;
+        // A page that repeats the signals already read (a server that serves page 1 under
+        // every link) ends the listing: each page is a billed call (issue 11, endless paging).
+        let repeat = !page.signals.is_empty()
+            && page.signals.iter().all(|s| {
+                out.signals
+                    .iter()
+                    .any(|o| o.code == s.code && o.body == s.body)
+            });
+        if repeat {
+            tracing::warn!(
+                vehicle = %id,
+                page = page_no,
+                "the signal listing repeats itself; not following links.next further"
+            );
+            break;
+        }
         out.signals.extend(page.signals);
         out.vehicle = out.vehicle.or(page.vehicle);
+        // The listing said how many items it holds: once they are read, a further link is
+        // not followed.
+        if page
+            .total_count
+            .is_some_and(|total| out.items as u64 >= total)
+        {
+            break;
+        }
+        // An empty page after the first ends the listing whatever it links to.
+        if page.items == 0 && page_no > 1 {
+            break;
+        }
         let Some(next) = page.next else { break };
         match resolve_next(client.v3_base(), &url, &next) {
             Ok(n) if visited.contains(n.as_str()) => {
@@ -603,8 +631,9 @@ fn body_of<'a>(signals: &'a [Signal], code: &str) -> Result<&'a Signal, ApiError
     }
 }
 
+/// One signal that could not be read: that reading lost, the rest of the listing kept.
 fn decode(code: &str, what: &str) -> ApiError {
-    ApiError::decode(None, format!("signal {code}: {what}"))
+    ApiError::bad_value(None, format!("signal {code}: {what}"))
 }
 
 /// A signal whose `value` is not what `what` says: no reading this time when the value is
@@ -628,7 +657,12 @@ fn distance_km(s: &Signal, units: UnitSystem) -> Result<f64, ApiError> {
             .ok_or_else(|| decode(&s.code, &format!("unknown distance unit {u:?}")))?,
         None => DistanceUnit::of_system(units),
     };
-    Ok(unit.to_km(value))
+    plausible_km(unit.to_km(value)).ok_or_else(|| {
+        decode(
+            &s.code,
+            "distance is negative, not finite or beyond 10 million km",
+        )
+    })
 }
 
 /// "battery" and "charge" from a signal listing.
@@ -679,13 +713,16 @@ pub fn pick_info_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResul
 fn pick_battery(signals: &[Signal], units: UnitSystem) -> Result<BatteryReading, ApiError> {
     let soc = body_of(signals, SOC)?;
     let value = num(&soc.body, "value").ok_or_else(|| unusable(soc, "missing numeric `value`"))?;
-    let soc_percent =
-        v3_percent(value, unit_of(soc)).ok_or_else(|| decode(SOC, "unit is not a percentage"))?;
-    // Range is optional: a failed or odd range must not cost the state of charge.
+    let soc_percent = v3_percent(value, unit_of(soc)).map_err(|why| decode(SOC, why))?;
+    // Range is optional: a failed or odd range must not cost the state of charge. An absurd
+    // one is that value lost, counted as a decode error of the battery endpoint.
     let range_km = match body_of(signals, RANGE) {
         Ok(r) => match distance_km(r, units) {
             Ok(km) => Some(km),
             Err(e) => {
+                if e.kind == ErrorKind::Decode {
+                    super::reject("battery", "range is undecodable or out of range");
+                }
                 tracing::debug!(error = %e, "ignoring unusable range signal");
                 None
             }
@@ -706,7 +743,7 @@ fn note_unknown_status(raw: &str) {
     if seen.len() < 64 && !seen.iter().any(|s| s == raw) {
         seen.push(raw.to_owned());
         tracing::info!(
-            value = %crate::smartcar::error::excerpt(raw, 40),
+            value = %crate::smartcar::scrub::scrub_to(raw, &[], 40),
             "unknown charge-detailedchargingstatus; taking the state from charge-ischarging"
         );
     }

@@ -1042,6 +1042,28 @@ pub fn clear_blocks(
     Ok(n)
 }
 
+/// Lifts a vehicle's wait (`~`: a `retry-after` or backoff): `carpulse vehicles enable` says
+/// ask again now. Returns how many were lifted (0 or 1).
+pub fn clear_wait(c: &Connection, vehicle_id: &VehicleId) -> anyhow::Result<usize> {
+    c.execute(
+        "DELETE FROM vehicle_blocks
+         WHERE vehicle = (SELECT id FROM vehicles WHERE vehicle_id = ?1) AND endpoint = '~'",
+        [&vehicle_id.0],
+    )
+    .with_context(|| format!("lifting the wait of vehicle {vehicle_id}"))
+}
+
+/// Corrects every stored wait that ends after `max_until` to end then (an older carpulse
+/// stored an HTTP-date `retry-after` uncapped: "in 2,912,109 days"). Returns how many rows
+/// were corrected.
+pub fn cap_waits(c: &Connection, max_until: UnixMillis) -> anyhow::Result<usize> {
+    c.execute(
+        "UPDATE vehicle_blocks SET until = ?1 WHERE endpoint = '~' AND until > ?1",
+        [max_until],
+    )
+    .context("correcting waits that end too far out")
+}
+
 /// Enabled vehicles whose capabilities were never read, or not since `before`.
 pub fn vehicles_to_discover(c: &Connection, before: UnixMillis) -> anyhow::Result<Vec<VehicleId>> {
     let mut stmt = c

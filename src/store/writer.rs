@@ -281,7 +281,10 @@ impl Writer {
                 WriteItem::Info(vid, info) => {
                     let n = tx
                         .prepare_cached(
-                            "UPDATE vehicles SET make = ?2, model = ?3, year = ?4
+                            // Year 0 is "unknown" (missing, or refused as implausible):
+                            // it never overwrites a year already known.
+                            "UPDATE vehicles SET make = ?2, model = ?3,
+                                 year = coalesce(nullif(?4, 0), year)
                              WHERE vehicle_id = ?1",
                         )?
                         .execute(params![vid.0, info.make, info.model, info.year])
