@@ -13,8 +13,17 @@
 //! - **idle CPU**: between ticks;
 //! - **bytes per poll**: the store's size after a checkpoint divided by the polls it holds.
 //!
+//! Scenarios (`FLEET_SCENARIO`): `steady` (the default: the fleet every 10 s, polls spread as
+//! the daemon spreads them), `ceiling` (every vehicle due at once, `schedule.spread = "0s"`,
+//! every 30 s: a whole tick's stored polls per second), `latency` (answers in 3-8 s, a
+//! per-minute cron: how long a tick takes to poll every vehicle), `idle` (nothing due after the
+//! start's polls: start to first stored poll, and CPU while idle). `FLEET_RUNS=3` repeats the
+//! run and prints the median (min-max) of every figure; `FLEET_PROFILE=FILE` records a perf
+//! profile of the daemon over the measured window.
+//!
 //! Knobs (environment): `FLEET_VEHICLES` (10000), `FLEET_API` (`v3`, with API Authentication,
-//! or `v2`), `FLEET_LATENCY` (none, or `3-8` seconds), `FLEET_CRON` (`*/10 * * * * *`),
+//! or `v2`), `FLEET_LATENCY` (the scenario's, or `3-8` seconds; `none`), `FLEET_CRON` (the
+//! scenario's),
 //! `FLEET_SECONDS` (measurement window, 30), `FLEET_PER_VEHICLE` (`false`: per-vehicle metrics
 //! off, as the 10,000-vehicle target asks), `FLEET_CONCURRENCY` (`poll.concurrency`, unset:
 //! the default), `FLEET_MAX_IN_FLIGHT` (`poll.max_in_flight`), `FLEET_DAEMON_LOG` (a file for the daemon's log at info; unset: warnings
@@ -39,6 +48,8 @@ const REDIRECT: &str = "http://127.0.0.1:9/cb";
 const VEHICLES_PER_USER: usize = 100;
 
 struct Params {
+    scenario: Scenario,
+    runs: usize,
     vehicles: usize,
     api: String,
     latency: Option<String>,
@@ -47,6 +58,24 @@ struct Params {
     per_vehicle: bool,
     concurrency: Option<usize>,
     max_in_flight: Option<usize>,
+    /// `schedule.spread`, when the scenario sets it.
+    spread: Option<&'static str>,
+}
+
+/// What a run measures (`FLEET_SCENARIO`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Scenario {
+    /// The fleet on a cron, polls spread as by default: CPU per stored poll, RSS, bytes.
+    Steady,
+    /// Every vehicle due at once (`schedule.spread = "0s"`): stored polls per second over a
+    /// whole tick, and CPU per poll in it.
+    Ceiling,
+    /// Real latency (3-8 s unless FLEET_LATENCY says otherwise) on a per-minute cron: how long
+    /// the first tick takes to poll every vehicle.
+    Latency,
+    /// Nothing due after the start: start to first stored poll (every vehicle is due at start,
+    /// never polled), then the daemon's CPU while idle.
+    Idle,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -56,13 +85,30 @@ fn env_or(name: &str, default: &str) -> String {
 impl Params {
     fn from_env(smoke: bool) -> anyhow::Result<Params> {
         let (vehicles, seconds) = if smoke { ("200", "5") } else { ("10000", "30") };
+        let scenario = match env_or("FLEET_SCENARIO", "steady").as_str() {
+            "steady" => Scenario::Steady,
+            "ceiling" => Scenario::Ceiling,
+            "latency" => Scenario::Latency,
+            "idle" => Scenario::Idle,
+            other => bail!("FLEET_SCENARIO={other}: steady, ceiling, latency or idle"),
+        };
+        let (cron, latency, spread) = match scenario {
+            Scenario::Steady => ("*/10 * * * * *", None, None),
+            Scenario::Ceiling => ("*/30 * * * * *", None, Some("0s")),
+            Scenario::Latency => ("0 * * * * *", Some("3-8"), None),
+            Scenario::Idle => ("0 0 0 1 1 *", None, None),
+        };
         Ok(Params {
+            scenario,
+            runs: env_or("FLEET_RUNS", "1").parse()?,
+            spread,
             vehicles: env_or("FLEET_VEHICLES", vehicles).parse()?,
             api: env_or("FLEET_API", "v3"),
             latency: std::env::var("FLEET_LATENCY")
                 .ok()
-                .filter(|s| !s.is_empty()),
-            cron: env_or("FLEET_CRON", "*/10 * * * * *"),
+                .or(latency.map(str::to_owned))
+                .filter(|s| !s.is_empty() && s != "none"),
+            cron: env_or("FLEET_CRON", cron),
             seconds: env_or("FLEET_SECONDS", seconds).parse()?,
             per_vehicle: env_or("FLEET_PER_VEHICLE", "false").parse()?,
             concurrency: std::env::var("FLEET_CONCURRENCY")
@@ -132,10 +178,54 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?
-        .block_on(run(p))
+        .block_on(async {
+            let mut all: Vec<Vec<Figure>> = Vec::new();
+            for i in 0..p.runs.max(1) {
+                let figures = run(&p).await?;
+                print_run(&p, i + 1, &figures);
+                all.push(figures);
+            }
+            if all.len() > 1 {
+                print_summary(&all);
+            }
+            Ok(())
+        })
 }
 
-async fn run(p: Params) -> anyhow::Result<()> {
+/// One measured figure of a run: name, value, unit.
+type Figure = (&'static str, f64, &'static str);
+
+fn print_run(p: &Params, run: usize, figures: &[Figure]) {
+    println!(
+        "fleet run {run}: scenario {:?}, {} vehicles, api {}, latency {}, cron {:?}, per-vehicle metrics {}",
+        p.scenario,
+        p.vehicles,
+        p.api,
+        p.latency.as_deref().unwrap_or("none"),
+        p.cron,
+        p.per_vehicle
+    );
+    for (name, value, unit) in figures {
+        println!("  {name:<28} {value:>12.1} {unit}");
+    }
+}
+
+/// Median (min-max) of each figure over the runs.
+fn print_summary(runs: &[Vec<Figure>]) {
+    println!("summary of {} runs: median (min-max)", runs.len());
+    for (i, (name, _, unit)) in runs[0].iter().enumerate() {
+        let mut v: Vec<f64> = runs.iter().filter_map(|r| r.get(i).map(|f| f.1)).collect();
+        v.sort_by(f64::total_cmp);
+        let median = v[v.len() / 2];
+        println!(
+            "  {name:<28} {median:>12.1} {unit} ({:.1}-{:.1})",
+            v[0],
+            v[v.len() - 1]
+        );
+    }
+}
+
+async fn run(p: &Params) -> anyhow::Result<Vec<Figure>> {
     let dir = tempfile::tempdir()?;
     let users = p.vehicles.div_ceil(VEHICLES_PER_USER).max(1);
     let per_user = p.vehicles.clamp(1, VEHICLES_PER_USER);
@@ -186,14 +276,14 @@ async fn run(p: Params) -> anyhow::Result<()> {
 
     let db = dir.path().join("fleet.db");
     let t = Instant::now();
-    let n = fill_store(&http, &base, &db, &p, users).await?;
+    let n = fill_store(&http, &base, &db, p, users).await?;
     eprintln!("store: {n} vehicles connected in {:?}", t.elapsed());
 
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let config = dir.path().join("carpulse.toml");
-    std::fs::write(&config, config_text(&base, &db, metrics_port, &p))?;
+    std::fs::write(&config, config_text(&base, &db, metrics_port, p))?;
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
 
     let started = Instant::now();
@@ -212,94 +302,136 @@ async fn run(p: Params) -> anyhow::Result<()> {
     let pid = daemon.id();
     let _daemon = Proc(daemon);
 
+    let mut figures: Vec<Figure> = Vec::new();
+    let n = p.vehicles as f64;
+    let polls = || stored_polls(&http, &metrics);
     // First stored poll.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while stored_polls(&http, &metrics).await < 1.0 {
+    while polls().await < 1.0 {
         if Instant::now() > deadline {
             bail!("no poll stored within 120 s");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let first_poll = started.elapsed();
+    figures.push((
+        "first stored poll",
+        started.elapsed().as_secs_f64() * 1e3,
+        "ms after start",
+    ));
+    let perf_for = |seconds: u64| profile(pid, seconds);
+    match p.scenario {
+        Scenario::Steady => {
+            // Warm up one full tick, then measure a window.
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            let mut perf = perf_for(p.seconds)?;
+            let (cpu0, _, _) = sample(pid)?;
+            let polls0 = polls().await;
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(p.seconds) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let (cpu1, _, _) = sample(pid)?;
+            let done = polls().await - polls0;
+            finish_profile(perf.as_mut())?;
+            let window = t0.elapsed().as_secs_f64();
+            figures.push(("stored polls per second", done / window, "/s"));
+            figures.push(("cpu per stored poll", per_poll_us(cpu1 - cpu0, done), "us"));
+            figures.push(("cpu", (cpu1 - cpu0) / window * 100.0, "% of a core"));
+        }
+        Scenario::Ceiling | Scenario::Latency => {
+            // The first tick warms connections up; the second is measured from its first
+            // stored poll to its last.
+            let first_tick = polls().await;
+            let measured_from = first_tick.max(1.0).ceil();
+            wait_for(&polls, measured_from + n - 1.0, 180).await?;
+            let start = wait_for(&polls, measured_from + n, 180).await?;
+            let t0 = Instant::now();
+            let mut perf = perf_for(p.seconds)?;
+            let (cpu0, _, _) = sample(pid)?;
+            let end = wait_for(&polls, start + n - 1.0, 180).await?;
+            let took = t0.elapsed().as_secs_f64();
+            let (cpu1, _, _) = sample(pid)?;
+            finish_profile(perf.as_mut())?;
+            let done = end - start;
+            figures.push(("tick: every vehicle polled in", took, "s"));
+            figures.push(("stored polls per second", done / took, "/s"));
+            figures.push(("cpu per stored poll", per_poll_us(cpu1 - cpu0, done), "us"));
+        }
+        Scenario::Idle => {
+            // The start's polls of every vehicle, then quiet.
+            wait_for(&polls, n, 120).await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let (cpu0, _, _) = sample(pid)?;
+            let t0 = Instant::now();
+            tokio::time::sleep(Duration::from_secs(p.seconds)).await;
+            let (cpu1, _, _) = sample(pid)?;
+            figures.push((
+                "idle cpu",
+                (cpu1 - cpu0) / t0.elapsed().as_secs_f64() * 100.0,
+                "% of a core",
+            ));
+        }
+    }
+    let (_, rss, hwm) = sample(pid)?;
+    figures.push(("rss", rss as f64 / 1024.0, "MiB"));
+    figures.push(("peak rss", hwm as f64 / 1024.0, "MiB"));
+    let total = polls().await;
+    figures.push((
+        "store bytes per stored poll",
+        store_bytes(&db, total)?,
+        "B (file after checkpoint / polls)",
+    ));
+    Ok(figures)
+}
 
-    // Warm up one full tick, then measure a window.
-    let warm = Instant::now() + Duration::from_secs(12);
-    while Instant::now() < warm {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // FLEET_PROFILE=FILE: a CPU profile of the daemon over the measured window (perf).
-    let mut perf = match std::env::var("FLEET_PROFILE") {
-        Ok(out) => Some(
-            Command::new("perf")
-                .args([
-                    "record",
-                    "-e",
-                    "cpu-clock",
-                    "-F",
-                    "999",
-                    "--call-graph",
-                    "dwarf,16384",
-                ])
-                .args(["-p", &pid.to_string(), "-o", &out, "--", "sleep"])
-                .arg(p.seconds.to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting perf (apt-get install linux-perf)")?,
-        ),
-        Err(_) => None,
-    };
-    let (cpu0, _, _) = sample(pid)?;
-    let polls0 = stored_polls(&http, &metrics).await;
-    let t0 = Instant::now();
-    let mut max_rate: f64 = 0.0;
-    let mut last = (t0, polls0);
-    while t0.elapsed() < Duration::from_secs(p.seconds) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = (Instant::now(), stored_polls(&http, &metrics).await);
-        max_rate = max_rate.max((now.1 - last.1) / (now.0 - last.0).as_secs_f64());
-        last = now;
-    }
-    let (cpu1, rss, hwm) = sample(pid)?;
-    let polls1 = stored_polls(&http, &metrics).await;
-    let window = t0.elapsed().as_secs_f64();
-    if let Some(perf) = perf.as_mut() {
-        // perf ends with its `sleep`; killing it would lose the profile.
-        perf.wait().context("waiting for perf")?;
-    }
-    let polls = polls1 - polls0;
-    let per_poll_us = if polls > 0.0 {
-        (cpu1 - cpu0) / polls * 1e6
+fn per_poll_us(cpu_seconds: f64, polls: f64) -> f64 {
+    if polls > 0.0 {
+        cpu_seconds / polls * 1e6
     } else {
         f64::NAN
-    };
+    }
+}
 
-    // Idle CPU: a window with no tick (only with a per-minute or slower cron).
-    let bytes = store_bytes(&db, polls1)?;
-    println!(
-        "fleet: {} vehicles, api {}, latency {}, cron {:?}, per-vehicle metrics {}",
-        p.vehicles,
-        p.api,
-        p.latency.as_deref().unwrap_or("none"),
-        p.cron,
-        p.per_vehicle
-    );
-    println!(
-        "  first stored poll      {:>10.0} ms after start",
-        first_poll.as_secs_f64() * 1e3
-    );
-    println!("  stored polls           {polls:>10.0} in {window:.1} s ({:.0}/s average, {max_rate:.0}/s best second)", polls / window);
-    println!("  cpu per stored poll    {per_poll_us:>10.1} us");
-    println!(
-        "  cpu                    {:>10.1} % of a core",
-        (cpu1 - cpu0) / window * 100.0
-    );
-    println!(
-        "  rss                    {:>10.1} MiB (peak {:.1} MiB)",
-        rss as f64 / 1024.0,
-        hwm as f64 / 1024.0
-    );
-    println!("  store                  {bytes:>10.1} bytes per stored poll (file after checkpoint / polls)");
+/// Polls the counter every 20 ms until it reaches `target`; returns the value reached.
+async fn wait_for<F, Fut>(polls: &F, target: f64, seconds: u64) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let now = polls().await;
+        if now >= target {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            bail!("stored polls reached {now}, not {target}, within {seconds} s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// FLEET_PROFILE=FILE: a CPU profile of the daemon over the measured window (perf).
+fn profile(pid: u32, seconds: u64) -> anyhow::Result<Option<Child>> {
+    let Ok(out) = std::env::var("FLEET_PROFILE") else {
+        return Ok(None);
+    };
+    let child = Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "999"])
+        .args(["--call-graph", "dwarf,16384", "-p", &pid.to_string()])
+        .args(["-o", &out, "--", "sleep", &seconds.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting perf (apt-get install linux-perf)")?;
+    Ok(Some(child))
+}
+
+/// perf ends with its `sleep`; killing it would lose the profile.
+fn finish_profile(perf: Option<&mut Child>) -> anyhow::Result<()> {
+    if let Some(perf) = perf {
+        perf.wait().context("waiting for perf")?;
+    }
     Ok(())
 }
 
@@ -342,7 +474,7 @@ per_vehicle = {per_vehicle}
 battery = "{cron}"
 info = "0 0 0 1 1 *"
 discover_every = "365d"
-
+{spread}
 [poll]
 {concurrency}timeout = "30s"
 "#,
@@ -350,6 +482,10 @@ discover_every = "365d"
         db = db.display(),
         per_vehicle = p.per_vehicle,
         cron = p.cron,
+        spread = p
+            .spread
+            .map(|s| format!("spread = \"{s}\"\n"))
+            .unwrap_or_default(),
     )
 }
 

@@ -137,6 +137,10 @@ pub struct ScheduleConfig {
     /// How often a vehicle with an empty v3 signal store (smartcar-api.md §10.5) is asked
     /// again: slowly, so it does not burn the call budget.
     pub no_data_every: Duration,
+    /// The window a tick's polls are spread over (each vehicle at a fixed offset in it), so a
+    /// tick is not a burst at Smartcar; `None`: a quarter of the cron's period, at most a
+    /// minute. `0s` polls every due vehicle at once (the fleet benchmark's ceiling).
+    pub spread: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -287,6 +291,7 @@ struct RawSchedule {
     refresh_margin: S<String>,
     discover_every: S<String>,
     no_data_every: S<String>,
+    spread: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -689,6 +694,19 @@ fn validate(
         "schedule.no_data_every",
         o,
     )?;
+    let spread = match &raw.schedule.spread {
+        None => None,
+        Some(s) => Some(
+            parse_duration(s.get_ref()).or_else(|e| o.err("schedule.spread", Some(s.span()), e))?,
+        ),
+    };
+    if spread.is_some_and(|s| s > Duration::from_secs(3600)) {
+        return o.err(
+            "schedule.spread",
+            span(&raw.schedule.spread),
+            "must be at most 1h".into(),
+        );
+    }
     if no_data_every < Duration::from_secs(60) {
         return o.err(
             "schedule.no_data_every",
@@ -796,6 +814,7 @@ fn validate(
             refresh_margin,
             discover_every,
             no_data_every,
+            spread,
         },
         poll: PollConfig {
             concurrency,
@@ -1541,6 +1560,23 @@ mod tests {
             e.contains("schedule.no_data_every: must be at least 1m"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn spread_is_optional_and_at_most_an_hour() {
+        let c = Config::parse(MINIMAL, "c.toml", &no_env()).unwrap();
+        assert_eq!(c.schedule.spread, None);
+        let c = Config::parse(
+            &format!("{MINIMAL}[schedule]\nspread = \"0s\"\n"),
+            "c.toml",
+            &no_env(),
+        )
+        .unwrap();
+        assert_eq!(c.schedule.spread, Some(Duration::ZERO));
+        let e = err(&format!("{MINIMAL}[schedule]\nspread = \"2h\"\n"));
+        assert!(e.contains("schedule.spread: must be at most 1h"), "{e}");
+        let e = err(&format!("{MINIMAL}[schedule]\nspread = \"soon\"\n"));
+        assert!(e.contains("schedule.spread"), "{e}");
     }
 
     #[test]

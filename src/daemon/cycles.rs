@@ -147,8 +147,9 @@ impl Cycles {
 }
 
 fn set_spreads(poller: &Poller, cfg: &ScheduleConfig) {
-    poller.set_spread(Job::Battery, default_spread(&cfg.battery));
-    poller.set_spread(Job::Info, default_spread(&cfg.info));
+    let spread = |cron: &str| cfg.spread.unwrap_or_else(|| default_spread(cron));
+    poller.set_spread(Job::Battery, spread(&cfg.battery));
+    poller.set_spread(Job::Info, spread(&cfg.info));
 }
 
 fn charging_gap(cfg: &ScheduleConfig) -> Duration {

@@ -20,7 +20,10 @@ impl Changes {
         self.applied.iter().any(|k| {
             matches!(
                 *k,
-                "schedule.battery" | "schedule.battery_charging" | "schedule.info"
+                "schedule.battery"
+                    | "schedule.battery_charging"
+                    | "schedule.info"
+                    | "schedule.spread"
             )
         })
     }
@@ -127,6 +130,7 @@ pub fn compare(old: &Config, new: &Config) -> Changes {
         "schedule.no_data_every",
         true,
     );
+    check(o.spread != n.spread, "schedule.spread", true);
     check(
         old.poll.concurrency != new.poll.concurrency,
         "poll.concurrency",
