@@ -18,6 +18,19 @@ fn battery_rows(db: &std::path::Path, vehicle: &str) -> i64 {
     .unwrap()
 }
 
+/// Waits (30 s at most) until the vehicle has at least `n` battery rows.
+async fn rows_reach(db: &std::path::Path, vehicle: &str, n: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while battery_rows(db, vehicle) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{vehicle}: {} battery rows, not {n}, within 30 s",
+            battery_rows(db, vehicle)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn vehicle_ids(http: &reqwest::Client, base: &str, user: usize) -> Vec<String> {
     let fleet = get_json(http, &format!("{base}/_simulator/vehicles")).await;
     fleet["users"][user]["vehicles"]
@@ -91,8 +104,7 @@ async fn sighup_picks_up_a_new_account_and_a_disabled_vehicle() {
     let second = vehicle_ids(&http, &base, 1).await;
 
     let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(battery_rows(&setup.db, &first[0]) > 0);
+    rows_reach(&setup.db, &first[0], 1).await;
 
     // While it runs: a second account connects, and one of the first account's cars is disabled.
     connect(&setup.config, &http).await;
@@ -105,16 +117,17 @@ async fn sighup_picks_up_a_new_account_and_a_disabled_vehicle() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
     daemon.signal("-HUP");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The new account's cars are polled once the reload took; a poll of the disabled car
+    // already in flight then has landed by the new account's second poll.
+    rows_reach(&setup.db, &second[0], 1).await;
     let disabled_then = battery_rows(&setup.db, &first[1]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    assert!(
-        battery_rows(&setup.db, &second[0]) > 0,
-        "the new account's vehicles are polled"
-    );
+    rows_reach(
+        &setup.db,
+        &second[0],
+        battery_rows(&setup.db, &second[0]) + 2,
+    )
+    .await;
     assert_eq!(
         battery_rows(&setup.db, &first[1]),
         disabled_then,
