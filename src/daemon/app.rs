@@ -38,6 +38,8 @@ pub struct Daemon {
     app: Option<Arc<crate::daemon::app_token::AppAuth>>,
     /// TLS and basic auth of the metrics listener (`metrics.web_config_file`).
     web: Option<Arc<crate::daemon::webconfig::WebConfig>>,
+    /// One daemon per store: held until the store is closed.
+    lock: crate::store::lock::DaemonLock,
 }
 
 /// The Smartcar client settings a config implies.
@@ -86,6 +88,18 @@ impl Daemon {
         };
         let metrics = Metrics::new().context("creating the metrics registry")?;
         metrics.set_api(config.smartcar.api);
+        // Before the store is opened (a second daemon must not migrate or write it): another
+        // `carpulse run` on this store is exit 75 naming its pid; a lock file that cannot be
+        // made is the store's failure (73).
+        let lock = crate::store::lock::DaemonLock::acquire(&config.store.path).map_err(|e| {
+            if e.is::<crate::store::lock::AlreadyRunning>() {
+                e
+            } else {
+                e.context(crate::exit::Permanent::Store {
+                    path: config.store.path.clone(),
+                })
+            }
+        })?;
         // The error names the file itself (and carries exit code 73).
         let store = Store::open(&config.store.path, Some(write_observer(&metrics)))?;
         let client =
@@ -150,6 +164,7 @@ impl Daemon {
             client,
             app,
             web,
+            lock,
         };
         daemon.load().await?;
         load_ledger(
@@ -260,6 +275,7 @@ impl Daemon {
             client,
             app,
             web,
+            lock,
         } = self;
         let addr = listener.local_addr()?;
         let scheme = match &web {
@@ -314,6 +330,7 @@ impl Daemon {
             live.read().unwrap_or_else(|p| p.into_inner()).clone()
         };
         let health_live = live.clone();
+        let health_store = store.clone();
         tasks.spawn(async move {
             let started = crate::domain::now_ms();
             let mut every = tokio::time::interval(HEALTH_EVERY);
@@ -324,7 +341,10 @@ impl Daemon {
                     _ = every.tick() => {
                         let live = read_live(&health_live);
                         m.set_budget(live.budget.calls_per_vehicle_month);
-                        check_health(&h, &t, &p, &m, live.metrics.stale_after, started).await
+                        check_health(&h, &t, &p, &m, live.metrics.stale_after, started).await;
+                        // Refused writes and dropped rows (the store's own view).
+                        let store_problems = health_store.problems(crate::domain::now_ms());
+                        h.lock().unwrap_or_else(|p| p.into_inner()).problems.extend(store_problems);
                     }
                 }
             }
@@ -573,9 +593,15 @@ impl Daemon {
             warn!("background tasks did not stop within 30 s; flushing and exiting anyway");
         }
         // The last store handles, so that close() also stops the owner thread (WAL checkpoint).
+        let lost = tokens.lost_pairs();
         drop(poller);
         drop(tokens);
         store.close().await.context("flushing the store")?;
+        // Only now may another daemon take the store.
+        drop(lock);
+        if lost > 0 {
+            anyhow::bail!("{lost} rotated token pair(s) could be saved neither in the store nor in the fallback file beside it; see the log above");
+        }
         info!("stopped");
         if failed.is_cancelled() {
             anyhow::bail!("a daemon task failed; see the log above");
@@ -900,6 +926,11 @@ pub async fn check_health(
 ) {
     let now = crate::domain::now_ms();
     let mut problems = Vec::new();
+    for (id, user) in tokens.unsaved_connections() {
+        problems.push(format!(
+            "connection {id} (Smartcar user {user}): its rotated token pair is only in memory because the store refuses to save it (see the log); free the disk or release the store's lock. A stop writes it to the fallback file beside the store"
+        ));
+    }
     for (id, user, status, expires_at) in tokens.overview().await {
         // A connection made with API Authentication holds no token of its own.
         if expires_at > 0 {
