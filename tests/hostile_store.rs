@@ -307,3 +307,252 @@ async fn a_second_daemon_on_one_store_refuses_to_start() {
     assert_eq!(again.terminate(Duration::from_secs(30)).await, Some(0));
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
+
+/// A token endpoint in front of the simulator's: it records every refresh token sent and the
+/// pair answered, and holds refresh requests until the test releases them (a slow Smartcar).
+struct SlowTokenEndpoint {
+    url: String,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    answered: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    arrived: std::sync::Arc<tokio::sync::Notify>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+async fn slow_token_endpoint(sim_base: &str) -> SlowTokenEndpoint {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, StatusCode};
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (release, released) = tokio::sync::watch::channel(false);
+    let target = format!("{sim_base}/oauth/token");
+    let (s, a, n) = (sent.clone(), answered.clone(), arrived.clone());
+    let handler = move |headers: HeaderMap, body: Bytes| {
+        let (s, a, n, target) = (s.clone(), a.clone(), n.clone(), target.clone());
+        let mut released = released.clone();
+        async move {
+            let form: Vec<(String, String)> = url_form(&body);
+            if let Some((_, token)) = form.iter().find(|(k, _)| k == "refresh_token") {
+                s.lock().unwrap().push(token.clone());
+                n.notify_one();
+                let _ = released.wait_for(|go| *go).await;
+            }
+            let mut req = reqwest::Client::new().post(&target).body(body.to_vec());
+            for name in ["authorization", "content-type", "accept"] {
+                if let Some(v) = headers.get(name) {
+                    req = req.header(name, v.as_bytes());
+                }
+            }
+            let resp = req.send().await.expect("forwarding to the simulator");
+            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+            let text = resp.text().await.unwrap();
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let Some(r) = v["refresh_token"].as_str() {
+                    a.lock().unwrap().push(r.to_owned());
+                }
+            }
+            (status, [("content-type", "application/json")], text)
+        }
+    };
+    let app = axum::Router::new().route("/oauth/token", axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/oauth/token", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    SlowTokenEndpoint {
+        url,
+        sent,
+        answered,
+        arrived,
+        release,
+    }
+}
+
+/// `application/x-www-form-urlencoded` pairs (what a token request carries).
+fn url_form(body: &[u8]) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let s = s.replace('+', " ");
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+/// Item 13: SIGTERM while a refresh is in flight (and polls wait for its token). The refresh
+/// finishes and its pair is saved before the exit, and the same refresh token is never sent a
+/// second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_refresh_keeps_it_single_flight_and_saved() {
+    let http = reqwest::Client::new();
+    // 40 s tokens: the refresher rotates at half-life (~20 s); a poll would rotate on its own
+    // within 15 s of expiry (25 s), so polls are waiting on the held refresh by then.
+    let (mut sim, base) = start_simulator(&[
+        "--token-lifetime",
+        "40",
+        "--refresh-grace",
+        "5",
+        "--report-interval",
+        "1",
+    ])
+    .await;
+    let endpoint = slow_token_endpoint(&base).await;
+    let setup = write_config(
+        &base,
+        "v3",
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let text = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace(&format!("{base}/oauth/token"), &endpoint.url);
+    std::fs::write(&setup.config, text).unwrap();
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let issued_at = now_s();
+
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    tokio::time::timeout(Duration::from_secs(60), endpoint.arrived.notified())
+        .await
+        .expect("a refresh reaches the token endpoint");
+    // Past the point where polls want a new token themselves: they wait on the refresh.
+    wait_for(
+        "polls need the new token",
+        Duration::from_secs(30),
+        || async { now_s() > issued_at + 27.0 },
+    )
+    .await;
+    daemon.signal("-TERM");
+    // The daemon is stopping; only now does Smartcar answer the refresh.
+    wait_for(
+        "the daemon says it is stopping",
+        Duration::from_secs(10),
+        || async { daemon.stderr().contains("stopping") },
+    )
+    .await;
+    endpoint.release.send(true).unwrap();
+    assert_eq!(daemon.wait(Duration::from_secs(60)).await, Some(0));
+
+    let sent = endpoint.sent.lock().unwrap().clone();
+    let mut unique = sent.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        sent.len(),
+        unique.len(),
+        "a refresh token was sent twice: {} sends",
+        sent.len()
+    );
+    let answered = endpoint.answered.lock().unwrap().clone();
+    let stored: String = {
+        let c = rusqlite::Connection::open(tokens_db(&setup.db)).unwrap();
+        c.query_row("SELECT refresh_token FROM connection_tokens", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    assert_eq!(
+        Some(&stored),
+        answered.last(),
+        "the pair answered during the stop is the one stored"
+    );
+    let s = stats(&http, &base).await;
+    assert_eq!(stat(&s, "grace_refresh_token_uses"), 0, "{s}");
+    assert_eq!(stat(&s, "invalidated_refresh_token_uses"), 0, "{s}");
+    assert_eq!(connection_status(&setup.db), "active");
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
+
+/// Items 10 and 11: a user's `sqlite3` holds the history's write lock for 25 s. The daemon
+/// keeps the rows it could not write, `/healthz` says the store refuses writes, and once the
+/// lock is gone every row is stored: nothing dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_external_write_lock_loses_no_row() {
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&["--report-interval", "1"]).await;
+    let setup = write_config(
+        &base,
+        "v3",
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    wait_for("first rows are stored", Duration::from_secs(30), || async {
+        battery_rows(&setup.db) > 0
+    })
+    .await;
+
+    let locked_at_ms = (now_s() * 1000.0) as i64;
+    let lock = WriteLock::take(&setup.db);
+    let body = healthz_until(
+        &http,
+        setup.metrics_port,
+        Duration::from_secs(60),
+        |s, b| s == 503 && b.contains("refuses writes"),
+    )
+    .await;
+    assert!(body.contains("kept in memory"), "{body}");
+    wait_for(
+        "the lock has been held 25 s",
+        Duration::from_secs(60),
+        || async { (now_s() * 1000.0) as i64 - locked_at_ms > 25_000 },
+    )
+    .await;
+    let released_at_ms = (now_s() * 1000.0) as i64;
+    lock.release();
+
+    let fetched_while_locked = || {
+        let c = rusqlite::Connection::open(&setup.db).unwrap();
+        c.query_row(
+            "SELECT count(*) FROM battery_history WHERE fetched_at BETWEEN ?1 AND ?2",
+            [locked_at_ms + 6_000, released_at_ms],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+    };
+    wait_for(
+        "readings fetched while the lock was held are stored",
+        Duration::from_secs(30),
+        || async { fetched_while_locked() >= 10 },
+    )
+    .await;
+    healthz_until(
+        &http,
+        setup.metrics_port,
+        Duration::from_secs(40),
+        |s, _| s == 200,
+    )
+    .await;
+    let m = metrics_text(&http, setup.metrics_port).await;
+    for table in ["battery", "charge", "odometer", "poll_events", "vehicles"] {
+        assert_eq!(
+            metric(&m, "carpulse_rows_dropped_total", &[("table", table)]),
+            Some(0.0),
+            "{table}"
+        );
+    }
+    assert_eq!(daemon.terminate(Duration::from_secs(30)).await, Some(0));
+    assert!(
+        daemon.stderr().contains("the store accepts writes again"),
+        "{}",
+        daemon.stderr()
+    );
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
