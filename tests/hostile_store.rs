@@ -556,3 +556,187 @@ async fn a_long_external_write_lock_loses_no_row() {
     );
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
+
+/// `carpulse run` with the soft descriptor limit of a default service (1024), as the issue's
+/// run had; this test process itself may hold more.
+fn spawn_with_nofile_1024(args: &[&str]) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .env("RUST_LOG", "info")
+        .env_remove("CARPULSE_CONFIG");
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1024,
+                rlim_max: 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    Proc::from_child("run", cmd.spawn().expect("spawning carpulse run"))
+}
+
+/// Raises this process's soft descriptor limit so it can hold the flood itself.
+fn raise_own_nofile(to: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < to {
+            lim.rlim_cur = to.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+}
+
+/// Item 4: 1,100 idle connections to the metrics port of a daemon limited to 1,024
+/// descriptors. `/healthz` still answers and polls are still stored; the listener never holds
+/// more than its cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_starves_nothing() {
+    raise_own_nofile(4096);
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&["--report-interval", "1"]).await;
+    let setup = write_config(
+        &base,
+        "v3",
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let mut daemon = spawn_with_nofile_1024(&["--config", cfg, "run"]);
+    wait_for("the daemon answers", Duration::from_secs(30), || async {
+        healthz(&http, setup.metrics_port).await.is_some()
+    })
+    .await;
+
+    // The flood: connections that never send a byte, held open for the rest of the test.
+    let addr = format!("127.0.0.1:{}", setup.metrics_port);
+    let mut idle = Vec::new();
+    for _ in 0..1100 {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => idle.push(s),
+            Ok(Err(e)) => panic!("connecting #{}: {e}", idle.len()),
+            Err(_) => break, // the backlog is full: that is a flood too
+        }
+    }
+    assert!(idle.len() >= 1000, "opened {} connections", idle.len());
+
+    // Health still answers (a fresh client: no pooled connection), and polls still store.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    healthz_until(
+        &fresh,
+        setup.metrics_port,
+        Duration::from_secs(60),
+        |s, _| s == 200,
+    )
+    .await;
+    let before = battery_rows(&setup.db);
+    wait_for(
+        "polls are stored during the flood",
+        Duration::from_secs(30),
+        || async { battery_rows(&setup.db) > before },
+    )
+    .await;
+    let m = metrics_text(&fresh, setup.metrics_port).await;
+    let fds = metric(&m, "process_open_fds", &[]).expect("process_open_fds");
+    assert!(fds < 300.0, "the daemon holds {fds} descriptors");
+    assert!(
+        !daemon.stderr().contains("Too many open files"),
+        "{}",
+        daemon.stderr()
+    );
+    drop(idle);
+    assert_eq!(daemon.terminate(Duration::from_secs(30)).await, Some(0));
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
+
+/// Item 4: a client that sends its headers a byte at a time, and one that keeps a connection
+/// idle after a request, are both cut off after the request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_idle_keep_alives_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut sim, base) = start_simulator(&[]).await;
+    let setup = write_config(
+        &base,
+        "v3",
+        "battery = \"0 0 * * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    let http = reqwest::Client::new();
+    wait_for("the daemon answers", Duration::from_secs(30), || async {
+        healthz(&http, setup.metrics_port).await.is_some()
+    })
+    .await;
+    let addr = format!("127.0.0.1:{}", setup.metrics_port);
+
+    // Slow headers: a byte a second never completes a request; the server hangs up.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut closed = false;
+    for b in request.iter() {
+        if slow.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => break, // an answer (a 408 or similar) before the end: also cut off
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "a byte-a-second request was never cut off");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(30), "cut off after {waited:?}");
+
+    // Idle keep-alive: one request, then silence; the server closes the connection.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(40), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "an idle keep-alive connection stayed open");
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 "),
+        "answered first"
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(30)).await, Some(0));
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
