@@ -740,3 +740,102 @@ async fn slow_headers_and_idle_keep_alives_are_cut_off() {
     assert_eq!(daemon.terminate(Duration::from_secs(30)).await, Some(0));
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
+
+/// Lower items: store files made 0644 are corrected at the next open (tokens 0600, history
+/// 0640); `vehicles list`, `status` and `history` never print a terminal escape that came
+/// from an answer; every read command refuses a store of a newer schema (exit 73).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modes_escapes_and_newer_schemas() {
+    use std::os::unix::fs::PermissionsExt;
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&["--report-interval", "1"]).await;
+    let setup = write_config(
+        &base,
+        "v3",
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+
+    // Loosened by hand (or an old umask, or a cp): corrected at the next open.
+    let tokens = tokens_db(&setup.db);
+    for f in [&setup.db, &tokens] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // Make and model as a hostile answer could carry them.
+    {
+        let c = rusqlite::Connection::open(&setup.db).unwrap();
+        c.execute(
+            "UPDATE vehicles SET make = ?1, model = ?2",
+            [
+                "\u{1b}]0;pwned\u{7}TESLA\u{1b}[2J",
+                "Model\u{9b}31m 3\r\u{1b}]8;;http://x\u{1b}\\",
+            ],
+        )
+        .unwrap();
+    }
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    wait_for("readings are stored", Duration::from_secs(30), || async {
+        battery_rows(&setup.db) > 0
+    })
+    .await;
+    assert_eq!(daemon.terminate(Duration::from_secs(30)).await, Some(0));
+    for (f, want) in [(&setup.db, 0o640), (&tokens, 0o600)] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, want, "{}", f.display());
+    }
+
+    let db = setup.db.to_str().unwrap();
+    let read = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env_remove("CARPULSE_CONFIG")
+            .output()
+            .unwrap()
+    };
+    for args in [
+        vec!["vehicles", "list", "--db", db],
+        vec!["status", "--db", db],
+        vec!["history", "--db", db, "--limit", "5"],
+        vec!["history", "--db", db, "--limit", "5", "--format", "csv"],
+    ] {
+        let out = read(&args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            !text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{args:?} printed a control character: {text:?}"
+        );
+        if args[0] != "history" || args.len() == 5 {
+            assert!(text.contains("TESLA"), "{args:?}: {text}");
+        }
+    }
+
+    // A store written by a newer carpulse: every read command refuses it, untouched.
+    {
+        let c = rusqlite::Connection::open(&setup.db).unwrap();
+        c.pragma_update(None, "user_version", 999).unwrap();
+    }
+    let before = std::fs::read(&setup.db).unwrap();
+    for args in [
+        vec!["vehicles", "list", "--db", db],
+        vec!["status", "--db", db],
+        vec!["history", "--db", db],
+    ] {
+        let out = read(&args);
+        assert_eq!(out.status.code(), Some(73), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("newer carpulse"), "{args:?}: {err}");
+    }
+    assert!(
+        std::fs::read(&setup.db).unwrap() == before,
+        "the newer store was modified"
+    );
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}

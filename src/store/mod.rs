@@ -330,6 +330,37 @@ pub(crate) fn create_private_file(path: &Path, mode: u32) -> anyhow::Result<bool
     Ok(true)
 }
 
+/// Takes away every permission bit of `path` (and of its `-wal` and `-shm`) outside `allowed`,
+/// so a store file made 0644 by hand, a `cp` or an old umask is corrected at every open
+/// (issue 11); a stricter mode is kept. Files that do not exist are skipped.
+pub(crate) fn tighten_modes(path: &Path, allowed: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & !allowed != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & allowed))
+                .with_context(|| {
+                    format!(
+                        "correcting the mode of {} from {mode:o} to {:o}",
+                        file.display(),
+                        mode & allowed
+                    )
+                })?;
+            tracing::warn!(
+                file = %file.display(),
+                from = format!("{mode:o}"),
+                to = format!("{:o}", mode & allowed),
+                "corrected the mode of a store file"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the `-wal` and `-shm` files when the last connection closes (SQLITE_FCNTL_PERSIST_WAL),
 /// so that a reader who may not create files in the directory (Grafana, in carpulse's group)
 /// can open the history while the daemon is stopped.
@@ -362,6 +393,13 @@ fn open_connection(path: &Path) -> anyhow::Result<Connection> {
     // -wal and -shm files the database file's mode.
     if create_private_file(path, HISTORY_MODE)? {
         tracing::info!(path = %path.display(), "created a new store");
+    } else if let Err(e) = tighten_modes(path, HISTORY_MODE) {
+        // The history holds no secret: a mode we may not change is worth a warning, not a
+        // refusal to run (the token store's is refused, see token_store::attach).
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "the history's mode could not be corrected"
+        );
     }
     let mut conn = Connection::open_with_flags(
         path,
