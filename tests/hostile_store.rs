@@ -839,3 +839,51 @@ async fn modes_escapes_and_newer_schemas() {
     );
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
+
+/// Item 1, the last resort: when neither the store nor the fallback file takes a rotated pair
+/// at shutdown, `carpulse run` exits non-zero and says so (systemd and the operator see it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_saved_nowhere_is_a_failed_exit() {
+    let http = reqwest::Client::new();
+    // 20 s tokens: rotated within seconds of the start.
+    let (mut sim, base) =
+        start_simulator(&["--token-lifetime", "20", "--report-interval", "1"]).await;
+    let setup = write_config(
+        &base,
+        "v3",
+        "battery = \"*/2 * * * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    wait_for("the daemon answers", Duration::from_secs(30), || async {
+        healthz(&http, setup.metrics_port).await.is_some()
+    })
+    .await;
+    // The fallback file cannot be written: a non-empty directory stands where it goes (root
+    // cannot rename a file over that either). Made after the start, whose merge would refuse it.
+    let fallback = setup.db.with_file_name("carpulse.unsaved-tokens.json");
+    std::fs::create_dir_all(fallback.join("occupied")).unwrap();
+    let lock = WriteLock::take(&tokens_db(&setup.db));
+    wait_for(
+        "a rotated pair is only in memory",
+        Duration::from_secs(90),
+        || async {
+            daemon
+                .stderr()
+                .contains("the rotated token pair is only in memory")
+        },
+    )
+    .await;
+    let code = daemon.terminate(Duration::from_secs(90)).await;
+    lock.release();
+    assert_ne!(code, Some(0), "{}", daemon.stderr());
+    assert!(
+        daemon
+            .stderr()
+            .contains("could be saved neither in the store nor in the fallback file"),
+        "{}",
+        daemon.stderr()
+    );
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}

@@ -24,6 +24,9 @@ use crate::store::{queries, Store, WriteObserver, WriteReport};
 
 /// How long in-flight polls may run on after a stop request before they are abandoned.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long the token manager may take at shutdown: a refresh in flight (bounded at 25 s),
+/// then one last save of the pairs the store refused and the fallback file.
+const TOKENS_STOP_GRACE: Duration = Duration::from_secs(45);
 
 pub struct Daemon {
     config: Config,
@@ -306,8 +309,12 @@ impl Daemon {
             }
         });
 
+        // Apart from `tasks`: at shutdown the token manager finishes a refresh in flight, saves
+        // what the store refused or writes the fallback file, and is given longer for it.
         let refresher_stop = shutdown.clone();
-        tasks.spawn(tokens.clone().run(refresher_stop));
+        let token_task = TaskTracker::new();
+        token_task.spawn(tokens.clone().run(refresher_stop));
+        token_task.close();
 
         // Retention and scheduled backups of the store (see maintenance).
         tasks.spawn(crate::daemon::maintenance::run(
@@ -584,16 +591,27 @@ impl Daemon {
             cycles.wait().await;
         }
         tasks.close();
-        // Refreshes in flight get up to 25 s (see tokens.rs); past 30 s, leave rather than
-        // be killed by systemd mid-flush.
-        if tokio::time::timeout(Duration::from_secs(30), tasks.wait())
-            .await
-            .is_err()
-        {
+        // Refreshes in flight get up to 25 s (see tokens.rs), then the last save of pairs the
+        // store refused; past the bounds, leave rather than be killed by systemd mid-flush.
+        let (others, token_manager) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(30), tasks.wait()),
+            tokio::time::timeout(TOKENS_STOP_GRACE, token_task.wait()),
+        );
+        if others.is_err() {
             warn!("background tasks did not stop within 30 s; flushing and exiting anyway");
         }
+        let lost = if token_manager.is_err() {
+            let unsaved = tokens.unsaved_count();
+            error!(
+                unsaved,
+                grace_s = TOKENS_STOP_GRACE.as_secs(),
+                "the token manager did not finish its last save in time; rotated pairs only in memory are lost"
+            );
+            unsaved
+        } else {
+            tokens.lost_pairs()
+        };
         // The last store handles, so that close() also stops the owner thread (WAL checkpoint).
-        let lost = tokens.lost_pairs();
         drop(poller);
         drop(tokens);
         store.close().await.context("flushing the store")?;

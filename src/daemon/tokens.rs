@@ -155,7 +155,9 @@ pub struct TokenManager {
     app: Option<Arc<crate::daemon::app_token::AppAuth>>,
     /// Set once shutdown began: no refresh starts after it (one in flight still finishes and
     /// is saved), so the last save at shutdown sees every pair there will be.
-    stopping: std::sync::atomic::AtomicBool,
+    /// Shared with refresh tasks, whose save stops retrying once the daemon stops (the last
+    /// save and the fallback file take over, within systemd's stop timeout).
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     /// Rotated pairs that neither the store nor the fallback file took at shutdown: the
     /// daemon exits non-zero (see [`TokenManager::lost_pairs`]).
     lost: std::sync::atomic::AtomicUsize,
@@ -201,7 +203,7 @@ impl TokenManager {
             runner: Mutex::new(None),
             inflight: TaskTracker::new(),
             app,
-            stopping: std::sync::atomic::AtomicBool::new(false),
+            stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             lost: std::sync::atomic::AtomicUsize::new(0),
         })
     }
@@ -459,11 +461,12 @@ impl TokenManager {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return (st, Err(TokenError::Stopping(id)));
         }
-        let (client, store, metrics, task_slot) = (
+        let (client, store, metrics, task_slot, stopping) = (
             self.client.clone(),
             self.store.clone(),
             self.metrics.clone(),
             slot.clone(),
+            self.stopping.clone(),
         );
         let task = self.inflight.spawn(async move {
             let mut st = st;
@@ -492,7 +495,7 @@ impl TokenManager {
             let result = match result {
                 Ok(pair) => {
                     let (pair, unsaved_from) =
-                        persist(&store, &metrics, id, &stored_token, pair).await;
+                        persist(&store, &metrics, id, &stored_token, pair, &stopping).await;
                     st.tokens = pair;
                     st.unsaved_from = unsaved_from;
                     st.failures = 0;
@@ -626,6 +629,12 @@ impl TokenManager {
     /// daemon exits non-zero when there are any (their owners will have to reconnect).
     pub fn lost_pairs(&self) -> usize {
         self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Pairs only in memory right now (for a shutdown that could not wait for [`Self::run`]
+    /// to finish its last save: they are lost with the process).
+    pub fn unsaved_count(&self) -> usize {
+        self.slots().values().filter(|s| s.view().unsaved).count()
     }
 
     /// Recounts `carpulse_connections{status}` from the loaded slots' published views.
@@ -818,6 +827,7 @@ async fn persist(
     id: ConnectionId,
     refreshed: &Secret,
     pair: TokenPair,
+    stopping: &std::sync::atomic::AtomicBool,
 ) -> (TokenPair, Option<Secret>) {
     for attempt in 1..=3 {
         match save_once(store, id, refreshed, &pair).await {
@@ -825,6 +835,9 @@ async fn persist(
             Ok(None) => return (pair, None),
             Err(e) => {
                 error!(connection = %id, attempt, error = format!("{e:#}"), "cannot persist the rotated token pair");
+                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    break; // the last save at shutdown tries once more, then the fallback file
+                }
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
             }
         }
