@@ -154,9 +154,9 @@ pub struct TokenManager {
     /// with the connection's user id, and no per-user pair is refreshed.
     app: Option<Arc<crate::daemon::app_token::AppAuth>>,
     /// Set once shutdown began: no refresh starts after it (one in flight still finishes and
-    /// is saved), so the last save at shutdown sees every pair there will be.
-    /// Shared with refresh tasks, whose save stops retrying once the daemon stops (the last
-    /// save and the fallback file take over, within systemd's stop timeout).
+    /// is saved), so the last save at shutdown sees every pair there will be. Shared with the
+    /// refresh tasks, whose save stops retrying once it is set (the last save and the
+    /// fallback file take over, within systemd's stop timeout).
     stopping: Arc<std::sync::atomic::AtomicBool>,
     /// Rotated pairs that neither the store nor the fallback file took at shutdown: the
     /// daemon exits non-zero (see [`TokenManager::lost_pairs`]).
@@ -768,7 +768,10 @@ impl TokenManager {
                     refresh_due_at(&st.tokens, self.margin(), rand::random::<f64>())
                 });
                 match st.unsaved_from {
-                    Some(_) => due.min(now_ms() + UNSAVED_RETRY.as_millis() as i64),
+                    // Only the save is retried while the pair is unsaved (no rotation), at its
+                    // own pace: a full disk refuses at once, and a due time already past must
+                    // not turn the retries into a busy loop.
+                    Some(_) => now_ms() + UNSAVED_RETRY.as_millis() as i64,
                     None => due,
                 }
             };
