@@ -639,6 +639,7 @@ async fn a_flood_of_idle_connections_starves_nothing() {
         }
     }
     assert!(idle.len() >= 1000, "opened {} connections", idle.len());
+    let flood_started = std::time::Instant::now();
 
     // Health still answers (a fresh client: no pooled connection), and polls still store.
     let fresh = reqwest::Client::builder()
@@ -661,6 +662,11 @@ async fn a_flood_of_idle_connections_starves_nothing() {
     .await;
     let m = metrics_text(&fresh, setup.metrics_port).await;
     let fds = metric(&m, "process_open_fds", &[]).expect("process_open_fds");
+    eprintln!(
+        "flood: {} idle connections held, /healthz 200 after {:?}, daemon holds {fds} descriptors",
+        idle.len(),
+        flood_started.elapsed()
+    );
     assert!(fds < 300.0, "the daemon holds {fds} descriptors");
     assert!(
         !daemon.stderr().contains("Too many open files"),
