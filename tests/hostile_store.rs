@@ -833,6 +833,7 @@ async fn modes_escapes_and_newer_schemas() {
         vec!["vehicles", "list", "--db", db],
         vec!["status", "--db", db],
         vec!["history", "--db", db],
+        vec!["plan", "--db", db],
     ] {
         let out = read(&args);
         assert_eq!(out.status.code(), Some(73), "{args:?}");
