@@ -532,6 +532,49 @@ async fn a_refused_transaction_keeps_its_rows_and_stores_them_later() {
     store.close().await.unwrap();
 }
 
+/// Memory stays bounded while the store refuses writes: rows past [`super::PENDING_MAX`] are
+/// dropped and counted, the rest wait.
+#[tokio::test]
+async fn rows_past_the_bound_are_dropped_and_counted_while_the_store_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, reports) = open_recording(&dir.path().join("f.db"));
+    seed(&store, &["v"]).await;
+    store
+        .call(|c| Ok(c.pragma_update(None, "query_only", true)?))
+        .await
+        .unwrap();
+    let over = 25;
+    let rows: Vec<_> = (0..(super::PENDING_MAX + over) as i64)
+        .map(|i| WriteItem::Reading(vid("v"), battery(i, i, 50.0, None)))
+        .collect();
+    store.write(rows).await.unwrap();
+    store.flush().await.unwrap();
+    let h = store.health();
+    assert_eq!(h.pending_rows, super::PENDING_MAX);
+    assert_eq!(h.dropped_rows, over as u64);
+    assert_eq!(
+        total(&reports, WriteReport::dropped_in, "battery"),
+        over as u64
+    );
+    let problems = store.problems(crate::domain::now_ms());
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[1].contains("dropped rows"), "{problems:?}");
+    store
+        .call(|c| Ok(c.pragma_update(None, "query_only", false)?))
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    let c = rusqlite::Connection::open(dir.path().join("f.db")).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM battery_history", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        n,
+        super::PENDING_MAX as i64,
+        "the kept rows are stored at close"
+    );
+}
+
 /// Rows still refused when the store closes are offered for a bounded time, then dropped and
 /// counted: a stop never hangs on a locked store.
 #[tokio::test]
