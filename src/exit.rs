@@ -7,6 +7,7 @@
 //! | 78 EX_CONFIG | the config file is missing, unreadable or invalid ([`crate::config::ConfigError`]) |
 //! | 73 EX_CANTCREAT | the store cannot be created, opened or migrated (permissions, a newer schema, a corrupt file, a full disk) |
 //! | 69 EX_UNAVAILABLE | `metrics.listen` cannot be bound (in use, not an address of this host, not allowed) |
+//! | 75 EX_TEMPFAIL | another `carpulse run` holds the store (the message names its pid) |
 //! | 1 | anything else, including a store that was only busy (another process held its lock): a restart may cure those |
 
 use std::net::SocketAddr;
@@ -18,6 +19,9 @@ pub use crate::config::EX_CONFIG;
 pub const EX_UNAVAILABLE: u8 = 69;
 /// sysexits' EX_CANTCREAT: the store cannot be created or used.
 pub const EX_CANTCREAT: u8 = 73;
+/// sysexits' EX_TEMPFAIL: another `carpulse run` holds the store ([`crate::store::lock`]);
+/// trying again once it has stopped may work.
+pub const EX_TEMPFAIL: u8 = 75;
 
 /// A failure a restart cannot cure, attached as context to the error that caused it.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,9 @@ fn only_busy(e: &anyhow::Error) -> bool {
 pub fn code(e: &anyhow::Error) -> u8 {
     if e.downcast_ref::<crate::config::ConfigError>().is_some() {
         return EX_CONFIG;
+    }
+    if e.is::<crate::store::lock::AlreadyRunning>() {
+        return EX_TEMPFAIL;
     }
     match e.downcast_ref::<Permanent>() {
         Some(Permanent::Store { .. }) if !only_busy(e) => EX_CANTCREAT,

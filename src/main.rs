@@ -78,8 +78,9 @@ fn read_config(cli: &Cli, store: &StoreArgs) -> anyhow::Result<Config> {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    // Not locked here: the daemon's tasks on other threads print too.
-    let mut out = std::io::stdout();
+    // Not locked here: the daemon's tasks on other threads print too. Printable: the read
+    // commands print text from Smartcar's answers, never a terminal escape in it.
+    let mut out = carpulse::cli::output::Printable::new(std::io::stdout());
     match &cli.command {
         Command::Run => carpulse::daemon::run(load_config(&cli)?).await,
         Command::Connect { wait, paste } => {

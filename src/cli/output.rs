@@ -55,6 +55,55 @@ pub fn short_id(id: &str) -> &str {
     }
 }
 
+/// A writer that makes text safe for a terminal: every control character except newline and
+/// tab (C0, DEL and C1, which carry escape sequences: cursor moves, a new window title, a
+/// cleared screen, OSC 8 links) becomes U+FFFD. Make, model, ids, reasons and error codes come
+/// from Smartcar's answers, so the read commands print through it (issue 11).
+pub struct Printable<W> {
+    inner: W,
+    /// The last byte written was 0xC2, which starts a C1 control (U+0080..U+009F) or a
+    /// printable character, depending on the next byte.
+    c2: bool,
+}
+
+const REPLACEMENT: &[u8] = "\u{FFFD}".as_bytes();
+
+impl<W> Printable<W> {
+    pub fn new(inner: W) -> Printable<W> {
+        Printable { inner, c2: false }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Printable<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = Vec::with_capacity(buf.len() + 2);
+        for &b in buf {
+            if std::mem::take(&mut self.c2) {
+                if (0x80..=0x9f).contains(&b) {
+                    out.extend_from_slice(REPLACEMENT);
+                    continue;
+                }
+                out.push(0xc2);
+            }
+            match b {
+                b'\n' | b'\t' => out.push(b),
+                0x00..=0x1f | 0x7f => out.extend_from_slice(REPLACEMENT),
+                0xc2 => self.c2 = true,
+                _ => out.push(b),
+            }
+        }
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if std::mem::take(&mut self.c2) {
+            self.inner.write_all(&[0xc2])?;
+        }
+        self.inner.flush()
+    }
+}
+
 /// "TESLA Model 3 2021" (what is known of it), or "" when nothing is.
 pub fn vehicle_name(make: Option<&str>, model: Option<&str>, year: Option<i32>) -> String {
     let year = year.map(|y| y.to_string());
@@ -78,6 +127,31 @@ pub fn vehicle_label(id: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_escapes_never_reach_the_terminal() {
+        use std::io::Write;
+        let mut out = Printable::new(Vec::new());
+        let hostile =
+            "\u{1b}]0;pwned\u{7}TESLA\u{1b}[2J Model\u{9b}31m 3\r\u{7f}\tok\nnext é ünï\n";
+        // Written in pieces that split the two bytes of U+009B.
+        let bytes = hostile.as_bytes();
+        let split = bytes.iter().position(|b| *b == 0xc2).unwrap() + 1;
+        out.write_all(&bytes[..split]).unwrap();
+        out.write_all(&bytes[split..]).unwrap();
+        out.flush().unwrap();
+        let text = String::from_utf8(out.inner).unwrap();
+        assert!(
+            !text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{text:?}"
+        );
+        assert_eq!(
+            text,
+            "\u{fffd}]0;pwned\u{fffd}TESLA\u{fffd}[2J Model\u{fffd}31m 3\u{fffd}\u{fffd}\tok\nnext é ünï\n"
+        );
+    }
 
     #[test]
     fn times_for_people_and_programs() {

@@ -178,31 +178,39 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
 }
 
 /// What the store says was billed this month so far (when there is a store to read): the
-/// fleet's total and the vehicle closest to the budget.
-fn spent_so_far(cfg: &Config) -> Option<String> {
-    let c = crate::cli::report::open_read_only(&cfg.store.path).ok()?;
+/// fleet's total and the vehicle closest to the budget. A store written by a newer carpulse
+/// is refused (exit 73), as by every command; no store, or an unreadable one, says nothing.
+fn spent_so_far(cfg: &Config) -> anyhow::Result<Option<String>> {
+    let c = match crate::cli::report::open_read_only(&cfg.store.path) {
+        Ok(c) => c,
+        Err(e) if e.is::<crate::exit::Permanent>() => return Err(e),
+        Err(_) => return Ok(None),
+    };
     let now = crate::domain::now_ms();
-    let used = crate::store::queries::calls_since(
+    let Ok(used) = crate::store::queries::calls_since(
         &c,
         crate::daemon::gate::month_start(now),
         cfg.smartcar.api,
-    )
-    .ok()?;
-    let (top, most) = used.iter().max_by_key(|(_, n)| **n)?;
-    Some(format!(
+    ) else {
+        return Ok(None);
+    };
+    let Some((top, most)) = used.iter().max_by_key(|(_, n)| **n) else {
+        return Ok(None);
+    };
+    Ok(Some(format!(
         "this month so far ({}): {} calls billed for {} vehicle(s); the most, {most}, by {}",
         cfg.store.path.display(),
         used.values().sum::<u64>(),
         used.len(),
         crate::cli::output::short_id(&top.0)
-    ))
+    )))
 }
 
 /// `carpulse plan [--force]`, written to `out`.
 pub fn run(cfg: &Config, force: bool, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     let (text, total) = plan(cfg, Utc::now()).map_err(|e| anyhow::anyhow!(e))?;
     out.write_all(text.as_bytes())?;
-    if let Some(spent) = spent_so_far(cfg) {
+    if let Some(spent) = spent_so_far(cfg)? {
         writeln!(out, "{spent}")?;
     }
     let Some(budget) = cfg.budget.calls_per_vehicle_month else {

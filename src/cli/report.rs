@@ -31,6 +31,12 @@ pub fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
     )
     .with_context(|| format!("opening {} read-only", path.display()))?;
     c.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Its tables and views may mean something else: refuse, as the daemon does (exit 73).
+    crate::store::migrate::refuse_newer(&c).map_err(|e| {
+        e.context(crate::exit::Permanent::Store {
+            path: path.to_path_buf(),
+        })
+    })?;
     Ok(c)
 }
 

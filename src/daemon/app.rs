@@ -25,6 +25,9 @@ use crate::store::{queries, Store, WriteObserver, WriteReport};
 
 /// How long in-flight polls may run on after a stop request before they are abandoned.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long the token manager may take at shutdown: a refresh in flight (bounded at 25 s),
+/// then one last save of the pairs the store refused and the fallback file.
+const TOKENS_STOP_GRACE: Duration = Duration::from_secs(45);
 
 pub struct Daemon {
     config: Config,
@@ -39,6 +42,8 @@ pub struct Daemon {
     app: Option<Arc<crate::daemon::app_token::AppAuth>>,
     /// TLS and basic auth of the metrics listener (`metrics.web_config_file`).
     web: Option<Arc<crate::daemon::webconfig::WebConfig>>,
+    /// One daemon per store: held until the store is closed.
+    lock: crate::store::lock::DaemonLock,
 }
 
 /// The Smartcar client settings a config implies.
@@ -87,6 +92,18 @@ impl Daemon {
         };
         let metrics = Metrics::new().context("creating the metrics registry")?;
         metrics.set_api(config.smartcar.api);
+        // Before the store is opened (a second daemon must not migrate or write it): another
+        // `carpulse run` on this store is exit 75 naming its pid; a lock file that cannot be
+        // made is the store's failure (73).
+        let lock = crate::store::lock::DaemonLock::acquire(&config.store.path).map_err(|e| {
+            if e.is::<crate::store::lock::AlreadyRunning>() {
+                e
+            } else {
+                e.context(crate::exit::Permanent::Store {
+                    path: config.store.path.clone(),
+                })
+            }
+        })?;
         // The error names the file itself (and carries exit code 73).
         let store = Store::open(&config.store.path, Some(write_observer(&metrics)))?;
         let client =
@@ -145,6 +162,7 @@ impl Daemon {
             client,
             app,
             web,
+            lock,
         };
         daemon.load().await?;
         load_ledger(
@@ -255,6 +273,7 @@ impl Daemon {
             client,
             app,
             web,
+            lock,
         } = self;
         announce(&listener, web.as_deref(), &config)?;
         let s = Shared {
@@ -271,6 +290,11 @@ impl Daemon {
             let served = metrics::serve_with(listener, m, h, web, stop).await;
             served.context("serving /metrics")
         });
+        // Apart from `tasks`: at shutdown the token manager finishes a refresh in flight, saves
+        // what the store refused or writes the fallback file, and is given longer for it.
+        let token_task = TaskTracker::new();
+        token_task.spawn(tokens.clone().run(shutdown.clone()));
+        token_task.close();
         let discoveries = TaskTracker::new();
         let mut schedule_rx =
             spawn_services(&mut tasks, &s, &config, health, client, app, &discoveries)?;
@@ -291,14 +315,14 @@ impl Daemon {
         crate::daemon::sdnotify::notify("STOPPING=1");
         info!("stopping: no new polls; waiting for in-flight ones");
         cycles.drain(SHUTDOWN_GRACE).await;
-        discoveries.close();
-        // Refreshes in flight get up to 25 s (see tokens.rs); past 30 s, leave rather than
-        // be killed by systemd mid-flush.
-        let _ = tokio::time::timeout(STOP_GRACE, discoveries.wait()).await;
-        tasks.stop(STOP_GRACE).await;
+        let lost = stop_tasks(tasks, discoveries, token_task, &tokens).await;
         // The last store handles, so that close() also stops the owner thread (WAL checkpoint).
         drop((s, poller, tokens));
         store.close().await.context("flushing the store")?;
+        drop(lock); // only now may another daemon take the store
+        if lost > 0 {
+            anyhow::bail!("{lost} rotated token pair(s) could be saved neither in the store nor in the fallback file beside it; see the log above");
+        }
         info!("stopped");
         match failure {
             Some(why) => anyhow::bail!("a daemon task failed: {why}"),
@@ -307,7 +331,7 @@ impl Daemon {
     }
 }
 
-/// Starts the daemon's services under `tasks`: the token refresher, store maintenance, the
+/// Starts the daemon's services under `tasks`: store maintenance, the
 /// health check, the connections check (API Authentication) and the reload loop (with
 /// SIGHUP), whose capability reads go on `discoveries`. Returns where SIGHUP's new schedules
 /// arrive.
@@ -320,11 +344,6 @@ fn spawn_services(
     app: Option<Arc<crate::daemon::app_token::AppAuth>>,
     discoveries: &TaskTracker,
 ) -> anyhow::Result<tokio::sync::mpsc::Receiver<ScheduleConfig>> {
-    let (t, stop) = (s.tokens.clone(), s.shutdown.clone());
-    tasks.spawn("the token refresher", async move {
-        t.run(stop).await;
-        Ok(())
-    });
     let (st, cfg, stop) = (s.store.clone(), config.clone(), s.shutdown.clone());
     tasks.spawn("store maintenance", async move {
         crate::daemon::maintenance::run(st, cfg, stop).await;
@@ -353,6 +372,34 @@ fn spawn_services(
 
 /// How long the background tasks get to stop after the polls have.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Stops the background tasks, capability reads and the token manager, each within its grace
+/// (refreshes in flight get up to 25 s, see tokens.rs; past the bounds, leave rather than be
+/// killed by systemd mid-flush). Returns how many rotated pairs could be saved nowhere.
+async fn stop_tasks(
+    tasks: Supervisor,
+    discoveries: TaskTracker,
+    token_task: TaskTracker,
+    tokens: &TokenManager,
+) -> usize {
+    discoveries.close();
+    let others = async {
+        let _ = tokio::time::timeout(STOP_GRACE, discoveries.wait()).await;
+        tasks.stop(STOP_GRACE).await;
+    };
+    let token_manager = tokio::time::timeout(TOKENS_STOP_GRACE, token_task.wait());
+    let ((), token_manager) = tokio::join!(others, token_manager);
+    if token_manager.is_ok() {
+        return tokens.lost_pairs();
+    }
+    let unsaved = tokens.unsaved_count();
+    tracing::error!(
+        unsaved,
+        grace_s = TOKENS_STOP_GRACE.as_secs(),
+        "the token manager did not finish its last save in time; rotated pairs only in memory are lost"
+    );
+    unsaved
+}
 
 /// What the daemon's tasks share.
 #[derive(Clone)]
@@ -429,7 +476,11 @@ async fn health_loop(s: Shared, health: Health) -> anyhow::Result<()> {
             stale_after,
             started,
         )
-        .await
+        .await;
+        // Refused writes and dropped rows (the store's own view).
+        let store_problems = s.store.problems(crate::domain::now_ms());
+        let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+        h.problems.extend(store_problems);
     }
 }
 
@@ -862,6 +913,11 @@ pub async fn check_health(
 ) {
     let now = crate::domain::now_ms();
     let mut problems = Vec::new();
+    for (id, user) in tokens.unsaved_connections() {
+        problems.push(format!(
+            "connection {id} (Smartcar user {user}): its rotated token pair is only in memory because the store refuses to save it (see the log); free the disk or release the store's lock. A stop writes it to the fallback file beside the store"
+        ));
+    }
     for (id, user, status, expires_at) in tokens.overview().await {
         // A connection made with API Authentication holds no token of its own.
         if expires_at > 0 {

@@ -887,18 +887,171 @@ pub async fn serve_with(
         .with_state(ServerState { metrics, health });
     let stop = async move { shutdown.cancelled().await };
     let Some(web) = web else {
-        return axum::serve(listener, app)
+        return axum::serve(Guarded::new(listener), app)
             .with_graceful_shutdown(stop)
             .await;
     };
     app = web.layer(app);
     match web.listener(listener)? {
         crate::daemon::webconfig::Listener::Plain(l) => {
-            axum::serve(l, app).with_graceful_shutdown(stop).await
+            axum::serve(Guarded::new(l), app)
+                .with_graceful_shutdown(stop)
+                .await
         }
         crate::daemon::webconfig::Listener::Tls(l) => {
-            axum::serve(l, app).with_graceful_shutdown(stop).await
+            axum::serve(Guarded::new(l), app)
+                .with_graceful_shutdown(stop)
+                .await
         }
+    }
+}
+
+/// Connections the metrics listener holds at once. A Prometheus server or two, `curl` and
+/// `carpulse status` need a handful; past it a new connection is closed as soon as it is
+/// accepted, so a flood of idle connections can never take the descriptors polling needs
+/// (issue 11: 1,100 idle connections exhausted 1,024 descriptors).
+pub const CONNECTIONS_MAX: usize = 64;
+/// How long a connection has to send a complete request, counted from its accept or from the
+/// last byte of the previous response: bounds slow headers and idle keep-alives alike. Reading
+/// does not extend it, so a client dribbling a byte at a time cannot hold a slot.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An `axum::serve` listener that caps connections at [`CONNECTIONS_MAX`] and gives each a
+/// [`Deadline`]. Accepting (and closing) past the cap, instead of leaving connections in the
+/// kernel's backlog, keeps a legitimate request from queueing behind a thousand idle ones.
+pub struct Guarded<L> {
+    inner: L,
+    slots: Arc<tokio::sync::Semaphore>,
+    /// When a refusal was last logged (a flood is logged once a minute, not per connection).
+    refused_logged: Option<std::time::Instant>,
+}
+
+impl<L> Guarded<L> {
+    pub fn new(inner: L) -> Guarded<L> {
+        Guarded {
+            inner,
+            slots: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX)),
+            refused_logged: None,
+        }
+    }
+}
+
+impl<L> axum::serve::Listener for Guarded<L>
+where
+    L: axum::serve::Listener,
+{
+    type Io = Deadline<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (io, addr) = self.inner.accept().await;
+            match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => return (Deadline::new(io, slot), addr),
+                Err(_) => {
+                    drop(io);
+                    let now = std::time::Instant::now();
+                    if self.refused_logged.is_none_or(|at| {
+                        now.duration_since(at) >= std::time::Duration::from_secs(60)
+                    }) {
+                        tracing::warn!(
+                            max = CONNECTIONS_MAX,
+                            "metrics listener: too many connections; closing new ones until some end"
+                        );
+                        self.refused_logged = Some(now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection of the metrics listener: holds one of its slots, and fails its reads once
+/// [`REQUEST_TIMEOUT`] has passed since it was accepted or last wrote (hyper then closes it).
+pub struct Deadline<Io> {
+    io: Io,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<Io> Deadline<Io> {
+    fn new(io: Io, slot: tokio::sync::OwnedSemaphorePermit) -> Deadline<Io> {
+        Deadline {
+            io,
+            timer: Box::pin(tokio::time::sleep(REQUEST_TIMEOUT)),
+            _slot: slot,
+        }
+    }
+}
+
+impl<Io: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Deadline<Io> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if std::future::Future::poll(this.timer.as_mut(), cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no complete request in time",
+            )));
+        }
+        std::pin::Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<Io: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Deadline<Io> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + REQUEST_TIMEOUT);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + REQUEST_TIMEOUT);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

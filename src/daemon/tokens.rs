@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -22,7 +23,7 @@ use crate::domain::{
 use crate::smartcar::error::AuthError;
 use crate::smartcar::SmartcarClient;
 use crate::store::queries::{self, ConnectionRecord};
-use crate::store::Store;
+use crate::store::{fallback, Store};
 
 /// Within this of expiry a token is refreshed before use even if the background task has not
 /// got to it (a suspended laptop, a clock jump).
@@ -59,6 +60,8 @@ pub enum TokenError {
     NoUserId(ConnectionId),
     #[error("the v3 application token could not be had: {0}")]
     AppAuth(AuthError),
+    #[error("connection {0}: the daemon is stopping; no new token refresh is started")]
+    Stopping(ConnectionId),
     #[error("refreshing the token of connection {id} failed: {source}")]
     Refresh {
         id: ConnectionId,
@@ -89,7 +92,10 @@ struct Slot {
     /// A background refresher runs for this slot (so a reload does not start a second one).
     refresher: std::sync::atomic::AtomicBool,
     /// A tokio mutex because it is held across the refresh request: that is the single flight.
-    state: tokio::sync::Mutex<SlotState>,
+    /// In an `Arc` so that the refresh task itself can own the lock ([`OwnedMutexGuard`]): a
+    /// caller dropped at shutdown then leaves the lock with the request in flight, and nobody
+    /// can start a second refresh with the same refresh token until its answer is applied.
+    state: Arc<tokio::sync::Mutex<SlotState>>,
 }
 
 #[derive(Clone)]
@@ -97,6 +103,8 @@ struct View {
     token: Secret,
     expires_at: UnixMillis,
     status: ConnectionStatus,
+    /// A rotated pair the store refused is only in memory (`/healthz` says so).
+    unsaved: bool,
 }
 
 impl Slot {
@@ -108,7 +116,12 @@ impl Slot {
             token: st.tokens.access_token.clone(),
             expires_at: st.tokens.access_expires_at,
             status: st.status,
+            unsaved: st.unsaved_from.is_some(),
         };
+    }
+
+    async fn lock(&self) -> OwnedMutexGuard<SlotState> {
+        self.state.clone().lock_owned().await
     }
 }
 
@@ -151,6 +164,14 @@ pub struct TokenManager {
     /// With v3 API Authentication: the fleet's application token. Then every request uses it
     /// with the connection's user id, and no per-user pair is refreshed.
     app: Option<Arc<crate::daemon::app_token::AppAuth>>,
+    /// Set once shutdown began: no refresh starts after it (one in flight still finishes and
+    /// is saved), so the last save at shutdown sees every pair there will be. Shared with the
+    /// refresh tasks, whose save stops retrying once it is set (the last save and the
+    /// fallback file take over, within systemd's stop timeout).
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Rotated pairs that neither the store nor the fallback file took at shutdown: the
+    /// daemon exits non-zero (see [`TokenManager::lost_pairs`]).
+    lost: std::sync::atomic::AtomicUsize,
 }
 
 /// How long shutdown waits for refreshes in flight (a token request is bounded at 20 s).
@@ -193,6 +214,8 @@ impl TokenManager {
             runner: Mutex::new(None),
             inflight: TaskTracker::new(),
             app,
+            stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            lost: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -230,7 +253,7 @@ impl TokenManager {
     /// stores it.
     pub async fn set_status(&self, id: ConnectionId, status: ConnectionStatus) {
         let Ok(slot) = self.slot(id) else { return };
-        let mut st = slot.state.lock().await;
+        let mut st = slot.lock().await;
         st.status = status;
         slot.publish(&st);
         drop(st);
@@ -256,16 +279,17 @@ impl TokenManager {
                         token: r.tokens.access_token.clone(),
                         expires_at: r.tokens.access_expires_at,
                         status: r.status,
+                        unsaved: false,
                     }),
                     refresher: std::sync::atomic::AtomicBool::new(false),
-                    state: tokio::sync::Mutex::new(SlotState {
+                    state: Arc::new(tokio::sync::Mutex::new(SlotState {
                         unsaved_from: None,
                         tokens: r.tokens,
                         status: r.status,
                         failures: 0,
                         retry_at: None,
                         invalid_requests: 0,
-                    }),
+                    })),
                 }),
             );
         }
@@ -287,7 +311,7 @@ impl TokenManager {
                     changed.push(id);
                 }
                 Some(slot) => {
-                    let mut st = slot.state.lock().await;
+                    let mut st = slot.lock().await;
                     let newer = r.tokens.refresh_expires_at > st.tokens.refresh_expires_at;
                     // A revocation the connections check stored, or its end (a reconnect, or
                     // the connection listed again): no new pair, only the status changes.
@@ -382,7 +406,7 @@ impl TokenManager {
                 user_id: None,
             });
         }
-        let mut st = slot.state.lock().await;
+        let mut st = slot.lock().await;
         if st.status == ConnectionStatus::NeedsReauth {
             return Err(TokenError::NeedsReauth(id));
         }
@@ -393,7 +417,11 @@ impl TokenManager {
                 // rather than hammering the token endpoint from every poll.
                 Some(at) if now < at && now < st.tokens.access_expires_at => {}
                 Some(at) if now < at => return Err(TokenError::BackingOff(id)),
-                _ => self.refresh_locked(&slot, &mut st).await?,
+                _ => {
+                    let (back, result) = self.refresh(&slot, st).await;
+                    st = back;
+                    result?
+                }
             }
         }
         Ok(Access {
@@ -413,12 +441,14 @@ impl TokenManager {
         if let Some(app) = &self.app {
             return self.app_access(app, &slot, Some(rejected)).await;
         }
-        let mut st = slot.state.lock().await;
+        let mut st = slot.lock().await;
         if st.status == ConnectionStatus::NeedsReauth {
             return Err(TokenError::NeedsReauth(id));
         }
         if &st.tokens.access_token == rejected {
-            self.refresh_locked(&slot, &mut st).await?;
+            let (back, result) = self.refresh(&slot, st).await;
+            st = back;
+            result?;
         }
         Ok(Access {
             token: st.tokens.access_token.clone(),
@@ -426,25 +456,40 @@ impl TokenManager {
         })
     }
 
-    /// One refresh of a connection whose lock is held: prompt retries with the same refresh
-    /// token on transient failures, persist-before-use on success, `needs_reauth` on refusal.
-    async fn refresh_locked(&self, slot: &Slot, st: &mut SlotState) -> Result<(), TokenError> {
+    /// One refresh of a connection whose lock `st` is held: prompt retries with the same
+    /// refresh token on transient failures, persist-before-use on success, `needs_reauth` on
+    /// refusal. Returns the lock with the outcome.
+    ///
+    /// Single flight through shutdown: the request, the save of its answer and the update of
+    /// the slot run as a task that owns the lock. If the caller is dropped (the daemon stops,
+    /// a poll is abandoned), the task still finishes, applies the rotated pair and only then
+    /// lets go of the lock, so no one can send the used refresh token a second time. Once the
+    /// daemon is stopping, no new refresh starts at all.
+    async fn refresh(
+        &self,
+        slot: &Arc<Slot>,
+        st: OwnedMutexGuard<SlotState>,
+    ) -> (OwnedMutexGuard<SlotState>, Result<(), TokenError>) {
         let id = slot.id;
-        // The request and the save of its answer run as a task of their own: if the caller is
-        // cancelled (shutdown) after Smartcar rotated the pair, the new pair is still saved.
-        let (client, store, metrics) = (
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return (st, Err(TokenError::Stopping(id)));
+        }
+        let (client, store, metrics, task_slot, stopping) = (
             self.client.clone(),
             self.store.clone(),
             self.metrics.clone(),
+            slot.clone(),
+            self.stopping.clone(),
         );
-        let refresh_token = st.tokens.refresh_token.clone();
-        // The store holds the token this pair replaces, or, while an earlier pair is unsaved,
-        // the one before it.
-        let stored_token = st
-            .unsaved_from
-            .clone()
-            .unwrap_or_else(|| refresh_token.clone());
         let task = self.inflight.spawn(async move {
+            let mut st = st;
+            let refresh_token = st.tokens.refresh_token.clone();
+            // The store holds the token this pair replaces, or, while an earlier pair is
+            // unsaved, the one before it.
+            let stored_token = st
+                .unsaved_from
+                .clone()
+                .unwrap_or_else(|| refresh_token.clone());
             let mut attempt = 0;
             let result = loop {
                 attempt += 1;
@@ -460,16 +505,38 @@ impl TokenManager {
                     Err(e) => break Err(e),
                 }
             };
-            match result {
-                Ok(pair) => Ok(persist(&store, &metrics, id, &stored_token, pair).await),
+            let result = match result {
+                Ok(pair) => {
+                    let (pair, unsaved_from) =
+                        persist(&store, &metrics, id, &stored_token, pair, &stopping).await;
+                    st.tokens = pair;
+                    st.unsaved_from = unsaved_from;
+                    st.invalid_requests = 0;
+                    st.failures = 0;
+                    st.retry_at = None;
+                    task_slot.publish(&st);
+                    metrics.token_refreshes.with_label_values(&["ok"]).inc();
+                    info!(
+                        connection = %id,
+                        access_expires_at = st.tokens.access_expires_at,
+                        "refreshed access token"
+                    );
+                    Ok(())
+                }
                 Err(e) => Err(e),
-            }
+            };
+            (st, result)
         });
-        let result = match task.await {
+        let (mut st, result) = match task.await {
             Ok(r) => r,
-            Err(e) => Err(AuthError::Transient {
-                message: format!("the refresh task ended abnormally: {e}"),
-            }),
+            Err(e) => {
+                // The task panicked and its lock went with it; take it again.
+                let st = slot.lock().await;
+                let e = AuthError::Transient {
+                    message: format!("the refresh task ended abnormally: {e}"),
+                };
+                return (st, Err(TokenError::Refresh { id, source: e }));
+            }
         };
         // `invalid_request` is blamed on the owner only after a few in a row, with a backoff
         // between them; until then it is handled like a transient failure.
@@ -499,26 +566,9 @@ impl TokenManager {
                     retry_in_s = wait.as_secs(),
                     "the token endpoint answered invalid_request; retrying the same grant before asking the owner to reconnect"
                 );
-                Err(TokenError::Refresh { id, source: e })
+                (st, Err(TokenError::Refresh { id, source: e }))
             }
-            Ok((pair, unsaved_from)) => {
-                st.tokens = pair;
-                st.unsaved_from = unsaved_from;
-                st.invalid_requests = 0;
-                st.failures = 0;
-                st.retry_at = None;
-                slot.publish(st);
-                self.metrics
-                    .token_refreshes
-                    .with_label_values(&["ok"])
-                    .inc();
-                info!(
-                    connection = %id,
-                    access_expires_at = st.tokens.access_expires_at,
-                    "refreshed access token"
-                );
-                Ok(())
-            }
+            Ok(()) => (st, Ok(())),
             Err(e) if blame_owner => {
                 // A reconnect may have stored a new grant since this pair was loaded: then the
                 // refusal concerns the old grant only, and the new one is adopted.
@@ -542,8 +592,8 @@ impl TokenManager {
                         st.unsaved_from = None;
                         st.failures = 0;
                         st.retry_at = None;
-                        slot.publish(st);
-                        return Ok(());
+                        slot.publish(&st);
+                        return (st, Ok(()));
                     }
                 }
                 self.metrics
@@ -552,7 +602,7 @@ impl TokenManager {
                     .inc();
                 error!(connection = %id, error = %e, "Smartcar refused the refresh token; the connection needs re-authorization (run `carpulse reauth VEHICLE`)");
                 st.status = ConnectionStatus::NeedsReauth;
-                slot.publish(st);
+                slot.publish(&st);
                 let store_result = self
                     .store
                     .call(move |c| {
@@ -568,7 +618,7 @@ impl TokenManager {
                     error!(connection = %id, error = format!("{err:#}"), "cannot record needs_reauth in the store");
                 }
                 self.update_connection_gauge().await;
-                Err(TokenError::Refresh { id, source: e })
+                (st, Err(TokenError::Refresh { id, source: e }))
             }
             Err(e) => {
                 self.metrics
@@ -584,27 +634,50 @@ impl TokenManager {
                 } else {
                     warn!(connection = %id, error = %e, retry_in_s = backoff.as_secs(), "token refresh failed; backing off");
                 }
-                Err(TokenError::Refresh { id, source: e })
+                (st, Err(TokenError::Refresh { id, source: e }))
             }
         }
     }
 
     /// Every loaded connection: id, user, status and access-token expiry. A connection busy
-    /// refreshing is reported as active with its previous expiry.
+    /// refreshing is reported as active with its previous expiry (read from the published
+    /// views, so `/healthz` never waits behind a refresh in flight).
     pub async fn overview(&self) -> Vec<(ConnectionId, String, ConnectionStatus, UnixMillis)> {
         let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
-        let mut out = Vec::with_capacity(slots.len());
-        for s in slots {
-            let st = s.state.lock().await;
-            out.push((
-                s.id,
-                s.user_id.clone(),
-                st.status,
-                st.tokens.access_expires_at,
-            ));
-        }
+        let mut out: Vec<_> = slots
+            .iter()
+            .map(|s| {
+                let v = s.view();
+                (s.id, s.user_id.clone(), v.status, v.expires_at)
+            })
+            .collect();
         out.sort_by_key(|c| c.0);
         out
+    }
+
+    /// Connections whose rotated pair the store refused, so it lives only in memory: the
+    /// daemon's emergency (`/healthz` answers 503 naming them; never the tokens).
+    pub fn unsaved_connections(&self) -> Vec<(ConnectionId, String)> {
+        let mut out: Vec<_> = self
+            .slots()
+            .values()
+            .filter(|s| s.view().unsaved)
+            .map(|s| (s.id, s.user_id.clone()))
+            .collect();
+        out.sort_by_key(|c| c.0);
+        out
+    }
+
+    /// Rotated pairs that neither the store nor the fallback file took at shutdown; the
+    /// daemon exits non-zero when there are any (their owners will have to reconnect).
+    pub fn lost_pairs(&self) -> usize {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Pairs only in memory right now (for a shutdown that could not wait for [`Self::run`]
+    /// to finish its last save: they are lost with the process).
+    pub fn unsaved_count(&self) -> usize {
+        self.slots().values().filter(|s| s.view().unsaved).count()
     }
 
     /// Recounts `carpulse_connections{status}` from the loaded slots' published views.
@@ -643,6 +716,9 @@ impl TokenManager {
             self.spawn_refresher(id);
         }
         shutdown.cancelled().await;
+        // From here on no refresh starts (one in flight finishes and is saved by its task).
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.runner.lock().unwrap_or_else(|p| p.into_inner()).take();
         tracker.close();
         tracker.wait().await;
@@ -653,24 +729,64 @@ impl TokenManager {
         {
             error!("a token refresh was still in flight at shutdown; its rotated pair may be lost");
         }
-        // A rotated pair the store refused so far gets a last chance: after this process, only
-        // the store remembers it.
-        let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        self.save_before_exit().await;
+    }
+
+    /// A rotated pair the store refused so far gets a last chance: after this process, only
+    /// the store remembers it. If the store still refuses, the pairs go to a 0600 file beside
+    /// it ([`fallback`]), which the next start merges into the token store; if even that
+    /// fails they are counted in [`TokenManager::lost_pairs`] and the daemon exits non-zero.
+    async fn save_before_exit(&self) {
+        let mut slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        slots.sort_by_key(|s| s.id);
+        let mut refused = Vec::new();
         for slot in slots {
-            let mut st = slot.state.lock().await;
+            let mut st = slot.lock().await;
             let Some(stored) = st.unsaved_from.clone() else {
                 continue;
             };
             match save_once(&self.store, slot.id, &stored, &st.tokens).await {
                 Ok(_) => {
                     st.unsaved_from = None;
+                    slot.publish(&st);
                     info!(connection = %slot.id, "the rotated token pair is saved");
                 }
-                Err(e) => error!(
-                    connection = %slot.id,
-                    error = format!("{e:#}"),
-                    "the rotated token pair could not be saved before exit; the connection will need re-authorization (carpulse reauth)"
-                ),
+                Err(e) => {
+                    error!(
+                        connection = %slot.id,
+                        error = format!("{e:#}"),
+                        "the store still refuses the rotated token pair; writing it to the fallback file"
+                    );
+                    refused.push(fallback::Unsaved {
+                        connection_id: slot.id,
+                        user_id: slot.user_id.clone(),
+                        replaces: stored,
+                        tokens: st.tokens.clone(),
+                    });
+                }
+            }
+        }
+        if refused.is_empty() {
+            return;
+        }
+        let path = fallback::path_for(self.store.path());
+        match fallback::write(&path, &refused) {
+            Ok(()) => warn!(
+                file = %path.display(),
+                connections = refused.len(),
+                "the rotated token pairs the store refused are in the fallback file (mode 0600); the next start merges them into the token store"
+            ),
+            Err(e) => {
+                self.lost
+                    .store(refused.len(), std::sync::atomic::Ordering::SeqCst);
+                for u in &refused {
+                    error!(
+                        connection = %u.connection_id,
+                        file = %path.display(),
+                        error = format!("{e:#}"),
+                        "the rotated token pair could be saved neither in the store nor in the fallback file; the connection will need re-authorization (carpulse reauth)"
+                    );
+                }
             }
         }
     }
@@ -687,7 +803,7 @@ impl TokenManager {
     async fn keep_fresh(&self, slot: Arc<Slot>, shutdown: CancellationToken) {
         loop {
             let due = {
-                let st = slot.state.lock().await;
+                let st = slot.lock().await;
                 if st.status == ConnectionStatus::NeedsReauth {
                     return;
                 }
@@ -695,7 +811,10 @@ impl TokenManager {
                     refresh_due_at(&st.tokens, self.margin(), rand::random::<f64>())
                 });
                 match st.unsaved_from {
-                    Some(_) => due.min(now_ms() + UNSAVED_RETRY.as_millis() as i64),
+                    // Only the save is retried while the pair is unsaved (no rotation), at its
+                    // own pace: a full disk refuses at once, and a due time already past must
+                    // not turn the retries into a busy loop.
+                    Some(_) => now_ms() + UNSAVED_RETRY.as_millis() as i64,
                     None => due,
                 }
             };
@@ -704,7 +823,7 @@ impl TokenManager {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            let mut st = slot.state.lock().await;
+            let mut st = slot.lock().await;
             if let Some(stored) = st.unsaved_from.clone() {
                 match save_once(&self.store, slot.id, &stored, &st.tokens).await {
                     Ok(newer) => {
@@ -717,6 +836,10 @@ impl TokenManager {
                     }
                     Err(e) => {
                         error!(connection = %slot.id, error = format!("{e:#}"), "the rotated token pair is still not saved");
+                        // No proactive rotation while the pair is unsaved: each one would make
+                        // a new only-copy. A poll whose token is about to expire still
+                        // refreshes (see `access`).
+                        continue;
                     }
                 }
             }
@@ -727,10 +850,11 @@ impl TokenManager {
                 continue;
             }
             // Errors are logged and counted inside; the loop goes on with the backoff it set.
-            // On shutdown the wait ends, but the request itself runs on (see `inflight`).
+            // On shutdown the wait ends, but the request itself runs on with the lock (see
+            // `refresh`).
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.refresh_locked(&slot, &mut st) => {}
+                _ = self.refresh(&slot, st) => {}
             }
         }
     }
@@ -749,6 +873,7 @@ async fn persist(
     id: ConnectionId,
     refreshed: &Secret,
     pair: TokenPair,
+    stopping: &std::sync::atomic::AtomicBool,
 ) -> (TokenPair, Option<Secret>) {
     for attempt in 1..=3 {
         match save_once(store, id, refreshed, &pair).await {
@@ -756,6 +881,9 @@ async fn persist(
             Ok(None) => return (pair, None),
             Err(e) => {
                 error!(connection = %id, attempt, error = format!("{e:#}"), "cannot persist the rotated token pair");
+                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    break; // the last save at shutdown tries once more, then the fallback file
+                }
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
             }
         }

@@ -275,6 +275,10 @@ fn trim_base(url: &str) -> String {
     url.trim().trim_end_matches('/').to_string()
 }
 
+/// Idle connections the HTTP client keeps per host (issue 11: file descriptors are shared
+/// with the metrics listener and the store).
+const POOL_IDLE_PER_HOST: usize = 64;
+
 impl SmartcarClient {
     /// Builds the client; fails on a malformed URL or when TLS cannot initialise.
     pub fn new(cfg: ClientConfig) -> anyhow::Result<Self> {
@@ -286,6 +290,10 @@ impl SmartcarClient {
             // the code or refresh token elsewhere); the Vehicle API never redirects either,
             // so one redirect-free client serves both.
             .redirect(reqwest::redirect::Policy::none())
+            // Bounded pool: idle connections kept for reuse cost a descriptor each; the busy
+            // ones are bounded by poll.max_in_flight. Smartcar is one or two hosts.
+            .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
+            .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .context("building the HTTP client")?;
         let oauth = auth::build_oauth(&cfg)?;

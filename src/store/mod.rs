@@ -17,6 +17,8 @@
 //! and then VACUUMs it so that no page keeps their bytes.
 
 pub mod backup;
+pub mod fallback;
+pub mod lock;
 pub mod migrate;
 pub mod queries;
 pub mod retention;
@@ -48,6 +50,88 @@ const MAX_BATCH_ITEMS: usize = 50_000;
 const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 /// Batches at least this large are committed without lingering.
 const LINGER_UNTIL_ITEMS: usize = 2_000;
+/// Rows kept in memory while the store refuses writes (a user's `sqlite3` holding the write
+/// lock past the busy timeout, a full disk): about 20 MB at most, hours of a small fleet's
+/// polls. Rows past it are dropped and counted (`carpulse_rows_dropped_total`).
+pub const PENDING_MAX: usize = 100_000;
+/// How often rows the store refused are offered again (each try waits up to the busy timeout).
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How long closing keeps offering refused rows before it drops them (counted): a stop must
+/// end within systemd's TimeoutStopSec.
+const CLOSE_RETRY: Duration = Duration::from_secs(8);
+/// The owner's nap between looks at its queue while rows wait for a retry.
+const RETRY_NAP: Duration = Duration::from_millis(50);
+/// How often a store that keeps refusing writes is logged again.
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What the writer knows about the store's health, for `/healthz`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Since when (unix ms) writes are refused; `None` once a write is committed again.
+    pub failing_since: Option<crate::domain::UnixMillis>,
+    /// The last refusal (no secrets: SQLite's message and our context).
+    pub last_error: Option<String>,
+    /// Rows kept in memory for the next try.
+    pub pending_rows: usize,
+    /// Rows the writer dropped since start (a batch refused for good, or past [`PENDING_MAX`]).
+    pub dropped_rows: u64,
+    /// When it last dropped any.
+    pub last_dropped_at: Option<crate::domain::UnixMillis>,
+}
+
+/// How long rows dropped by the store keep `/healthz` at 503.
+pub const DROPPED_HEALTH_WINDOW_MS: i64 = 15 * 60 * 1000;
+
+/// The `/healthz` lines for a store's health at `now` (see [`Store::problems`]).
+pub fn health_problems(
+    h: &StoreHealth,
+    path: &Path,
+    now: crate::domain::UnixMillis,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(since) = h.failing_since {
+        out.push(format!(
+            "the store {} refuses writes for {} s ({}); {} row(s) are kept in memory and tried again every {} s (at most {PENDING_MAX}; past that they are dropped)",
+            path.display(),
+            (now - since).max(0) / 1000,
+            h.last_error.as_deref().unwrap_or("no detail"),
+            h.pending_rows,
+            RETRY_EVERY.as_secs(),
+        ));
+    }
+    if let Some(at) = h
+        .last_dropped_at
+        .filter(|at| now - at < DROPPED_HEALTH_WINDOW_MS)
+    {
+        out.push(format!(
+            "the store dropped rows {} s ago ({} since start, carpulse_rows_dropped_total); this clears {} min after the last drop",
+            (now - at).max(0) / 1000,
+            h.dropped_rows,
+            DROPPED_HEALTH_WINDOW_MS / 60_000,
+        ));
+    }
+    out
+}
+
+type SharedHealth = std::sync::Arc<std::sync::Mutex<StoreHealth>>;
+
+fn lock_health(h: &SharedHealth) -> std::sync::MutexGuard<'_, StoreHealth> {
+    // Held only to copy or set a few fields; a poisoned one still holds valid data.
+    h.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether SQLite refused a write for a reason that may pass (a lock, a full disk, an I/O or
+/// read-only error), so the batch is kept and retried rather than dropped.
+fn retryable(e: &anyhow::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<rusqlite::Error>(),
+            Some(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(f.code, DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure | ReadOnly)
+        )
+    })
+}
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -67,6 +151,9 @@ enum Control {
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Msg>,
+    health: SharedHealth,
+    /// The history's path (the token store and the fallback file are named after it).
+    path: std::sync::Arc<PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -88,23 +175,57 @@ impl Store {
     /// dropped. An error carries [`crate::exit::Permanent::Store`] (exit 73) unless the file
     /// was only busy.
     pub fn open(path: &Path, on_write: Option<WriteObserver>) -> anyhow::Result<Store> {
-        let conn = open_connection(path).map_err(|e| {
+        let mut conn = open_connection(path).map_err(|e| {
             e.context(crate::exit::Permanent::Store {
                 path: path.to_path_buf(),
             })
         })?;
+        // Before anyone reads a token: the pairs the daemon could only save beside the store
+        // at its last stop. Not a permanent failure (exit 1, so systemd tries again): the
+        // file stays until the store takes them, and the stale pairs are never used.
+        fallback::merge(&mut conn, path).with_context(|| {
+            format!(
+                "merging the token pairs saved at the last stop ({}) into the token store; they stay in that file until it works",
+                fallback::path_for(path).display()
+            )
+        })?;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let health = SharedHealth::default();
         let owner = Owner {
             conn,
             writer: writer::Writer::default(),
             on_write,
             path: path.to_path_buf(),
+            pending: Vec::new(),
+            retry_at: std::time::Instant::now(),
+            logged_at: None,
+            health: health.clone(),
         };
         std::thread::Builder::new()
             .name("carpulse-store".into())
             .spawn(move || owner.run(rx))
             .context("starting the store's owner thread")?;
-        Ok(Store { tx })
+        Ok(Store {
+            tx,
+            health,
+            path: std::sync::Arc::new(path.to_path_buf()),
+        })
+    }
+
+    /// The writer's view of the store's health: refused writes, rows waiting, rows dropped.
+    pub fn health(&self) -> StoreHealth {
+        lock_health(&self.health).clone()
+    }
+
+    /// What `/healthz` should say about the store at `now`: writes refused (with the rows kept
+    /// for a retry), and rows dropped within [`DROPPED_HEALTH_WINDOW_MS`].
+    pub fn problems(&self, now: crate::domain::UnixMillis) -> Vec<String> {
+        health_problems(&self.health(), &self.path, now)
+    }
+
+    /// The history's path, as opened.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Runs `f` on the owner thread (for reads and small writes like token saves), after every
@@ -137,7 +258,8 @@ impl Store {
         self.tx.send(Msg::Write(items)).await.map_err(|_| closed())
     }
 
-    /// Resolves when everything queued before it is committed (or reported dropped).
+    /// Resolves when everything queued before it is committed, reported dropped, or kept for
+    /// a retry because the store refuses writes (see [`Store::health`]).
     pub async fn flush(&self) -> anyhow::Result<()> {
         let (reply, done) = oneshot::channel();
         self.tx
@@ -208,6 +330,37 @@ pub(crate) fn create_private_file(path: &Path, mode: u32) -> anyhow::Result<bool
     Ok(true)
 }
 
+/// Takes away every permission bit of `path` (and of its `-wal` and `-shm`) outside `allowed`,
+/// so a store file made 0644 by hand, a `cp` or an old umask is corrected at every open
+/// (issue 11); a stricter mode is kept. Files that do not exist are skipped.
+pub(crate) fn tighten_modes(path: &Path, allowed: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & !allowed != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & allowed))
+                .with_context(|| {
+                    format!(
+                        "correcting the mode of {} from {mode:o} to {:o}",
+                        file.display(),
+                        mode & allowed
+                    )
+                })?;
+            tracing::warn!(
+                file = %file.display(),
+                from = format!("{mode:o}"),
+                to = format!("{:o}", mode & allowed),
+                "corrected the mode of a store file"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the `-wal` and `-shm` files when the last connection closes (SQLITE_FCNTL_PERSIST_WAL),
 /// so that a reader who may not create files in the directory (Grafana, in carpulse's group)
 /// can open the history while the daemon is stopped.
@@ -240,6 +393,13 @@ fn open_connection(path: &Path) -> anyhow::Result<Connection> {
     // -wal and -shm files the database file's mode.
     if create_private_file(path, HISTORY_MODE)? {
         tracing::info!(path = %path.display(), "created a new store");
+    } else if let Err(e) = tighten_modes(path, HISTORY_MODE) {
+        // The history holds no secret: a mode we may not change is worth a warning, not a
+        // refusal to run (the token store's is refused, see token_store::attach).
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "the history's mode could not be corrected"
+        );
     }
     let mut conn = Connection::open_with_flags(
         path,
@@ -332,6 +492,14 @@ struct Owner {
     writer: writer::Writer,
     on_write: Option<WriteObserver>,
     path: PathBuf,
+    /// Rows the store refused for a reason that may pass, oldest first, at most
+    /// [`PENDING_MAX`]; offered again every [`RETRY_EVERY`]. A [`Store::call`] does not see
+    /// them until they are committed.
+    pending: Vec<WriteItem>,
+    retry_at: std::time::Instant,
+    /// When the refusal was last logged (once a minute while it lasts).
+    logged_at: Option<std::time::Instant>,
+    health: SharedHealth,
 }
 
 impl Owner {
@@ -340,7 +508,28 @@ impl Owner {
     /// so order is kept.
     fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         let mut closers = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            let first = if self.pending.is_empty() {
+                match rx.blocking_recv() {
+                    Some(m) => m,
+                    None => break,
+                }
+            } else {
+                // Rows wait for a retry: look at the queue between tries instead of blocking.
+                match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        let now = std::time::Instant::now();
+                        if now >= self.retry_at {
+                            self.retry_pending();
+                        } else {
+                            std::thread::sleep((self.retry_at - now).min(RETRY_NAP));
+                        }
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            };
             let mut batch = Vec::new();
             let mut other = None;
             match first {
@@ -364,7 +553,7 @@ impl Owner {
                 }
             }
             if !batch.is_empty() {
-                self.write(&batch);
+                self.write(batch);
             }
             match other {
                 None => {}
@@ -404,17 +593,141 @@ impl Owner {
         }
     }
 
-    fn write(&mut self, batch: &[WriteItem]) {
-        let report = self.writer.write_batch(&mut self.conn, batch);
+    /// Writes a batch; while earlier rows wait for a retry, it joins them (and is tried with
+    /// them when the retry is due).
+    fn write(&mut self, batch: Vec<WriteItem>) {
+        if self.pending.is_empty() {
+            self.attempt(batch);
+            return;
+        }
+        self.keep(batch);
+        if std::time::Instant::now() >= self.retry_at {
+            self.retry_pending();
+        }
+    }
+
+    fn retry_pending(&mut self) {
+        let rows = std::mem::take(&mut self.pending);
+        if !rows.is_empty() {
+            self.attempt(rows);
+        }
+    }
+
+    /// One transaction for `rows`. Refused for a reason that may pass: kept for a retry (not
+    /// dropped after the busy timeout, DESIGN §2.4). Refused for good: dropped and counted.
+    fn attempt(&mut self, rows: Vec<WriteItem>) {
+        match self.writer.try_write(&mut self.conn, &rows) {
+            Ok(report) => {
+                let was = {
+                    let mut h = lock_health(&self.health);
+                    h.pending_rows = 0;
+                    h.last_error = None;
+                    h.failing_since.take()
+                };
+                if let Some(since) = was {
+                    tracing::info!(
+                        path = %self.path.display(),
+                        rows = rows.len(),
+                        refused_for_s = (crate::domain::now_ms() - since) / 1000,
+                        "the store accepts writes again; the rows kept meanwhile are stored"
+                    );
+                    self.logged_at = None;
+                }
+                self.observe(&report);
+            }
+            Err(e) if retryable(&e) => {
+                let error = format!("{e:#}");
+                let now = std::time::Instant::now();
+                if self
+                    .logged_at
+                    .is_none_or(|at| now.duration_since(at) >= REFUSED_LOG_EVERY)
+                {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        error,
+                        rows = rows.len(),
+                        retry_every_s = RETRY_EVERY.as_secs(),
+                        max_rows = PENDING_MAX,
+                        "the store refuses writes; keeping the rows in memory and trying again"
+                    );
+                    self.logged_at = Some(now);
+                }
+                {
+                    let mut h = lock_health(&self.health);
+                    h.failing_since.get_or_insert_with(crate::domain::now_ms);
+                    h.last_error = Some(error);
+                }
+                self.retry_at = now + RETRY_EVERY;
+                self.keep(rows);
+            }
+            Err(e) => {
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = format!("{e:#}"),
+                    rows = rows.len(),
+                    "store write batch failed; all of its rows are dropped"
+                );
+                self.drop_rows(&rows);
+            }
+        }
+    }
+
+    /// Adds rows to those waiting for a retry, up to [`PENDING_MAX`]; the newest past it are
+    /// dropped and counted.
+    fn keep(&mut self, mut rows: Vec<WriteItem>) {
+        let room = PENDING_MAX.saturating_sub(self.pending.len());
+        if rows.len() > room {
+            let over = rows.split_off(room);
+            tracing::error!(
+                rows = over.len(),
+                max_rows = PENDING_MAX,
+                "too many rows wait for the store; dropping the newest"
+            );
+            self.drop_rows(&over);
+        }
+        self.pending.extend(rows);
+        lock_health(&self.health).pending_rows = self.pending.len();
+    }
+
+    fn drop_rows(&mut self, rows: &[WriteItem]) {
+        {
+            let mut h = lock_health(&self.health);
+            h.dropped_rows += rows.len() as u64;
+            h.last_dropped_at = Some(crate::domain::now_ms());
+        }
+        self.observe(&writer::dropped(rows));
+    }
+
+    fn observe(&self, report: &WriteReport) {
         if let Some(observer) = &self.on_write {
-            if catch_unwind(AssertUnwindSafe(|| observer(&report))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| observer(report))).is_err() {
                 tracing::error!("the store's write observer panicked");
             }
         }
     }
 
-    /// Checkpoints the WAL into the main file and closes the connection.
-    fn shutdown(self) -> anyhow::Result<()> {
+    /// Offers rows still waiting for a last [`CLOSE_RETRY`], then checkpoints the WAL into the
+    /// main file and closes the connection.
+    fn shutdown(mut self) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + CLOSE_RETRY;
+        while !self.pending.is_empty() && std::time::Instant::now() < deadline {
+            let wait = self
+                .retry_at
+                .saturating_duration_since(std::time::Instant::now());
+            std::thread::sleep(
+                wait.min(deadline.saturating_duration_since(std::time::Instant::now())),
+            );
+            self.retry_pending();
+        }
+        if !self.pending.is_empty() {
+            let rows = std::mem::take(&mut self.pending);
+            tracing::error!(
+                path = %self.path.display(),
+                rows = rows.len(),
+                "the store still refuses writes at shutdown; dropping the rows kept for it"
+            );
+            self.drop_rows(&rows);
+        }
         let path = self.path;
         self.conn
             .query_row("PRAGMA main.wal_checkpoint(TRUNCATE)", [], |r| {

@@ -73,6 +73,23 @@ fn durably<R>(
     Ok(r)
 }
 
+/// A transaction on the token store only (always `synchronous=FULL`). Deferred, so that its
+/// first statement (a write to `tokens.*`) locks the token store alone: `BEGIN IMMEDIATE`
+/// would take the write lock of every attached file, and a user's `sqlite3` holding the
+/// history's write lock would then keep a rotated pair from being saved.
+fn durably_tokens<R>(
+    c: &mut Connection,
+    what: &str,
+    f: impl FnOnce(&rusqlite::Transaction<'_>) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
+    let tx = c
+        .transaction_with_behavior(TransactionBehavior::Deferred)
+        .with_context(|| format!("{what}: starting the transaction"))?;
+    let r = f(&tx)?;
+    tx.commit().with_context(|| format!("{what}: committing"))?;
+    Ok(r)
+}
+
 /// The token store's half of a connection upsert: the pair, keyed by connection and user.
 /// A row another user left under this id (a restored history reused it) is replaced.
 fn put_tokens(
@@ -202,7 +219,7 @@ pub fn save_tokens(
     tokens: &TokenPair,
     now: UnixMillis,
 ) -> anyhow::Result<()> {
-    durably(c, "saving rotated tokens", |tx| {
+    durably_tokens(c, "saving rotated tokens", |tx| {
         let n = tx
             .execute(
                 "UPDATE tokens.connection_tokens SET access_token = ?2, refresh_token = ?3,
@@ -246,7 +263,7 @@ pub fn save_rotated(
     tokens: &TokenPair,
     now: UnixMillis,
 ) -> anyhow::Result<Rotation> {
-    let saved = durably(c, "saving rotated tokens", |tx| {
+    let saved = durably_tokens(c, "saving rotated tokens", |tx| {
         let n = tx
             .execute(
                 "UPDATE tokens.connection_tokens SET access_token = ?2, refresh_token = ?3,

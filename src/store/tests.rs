@@ -452,12 +452,14 @@ async fn duplicates_are_counted_as_duplicates_and_unknown_vehicles_as_dropped() 
     store.close().await.unwrap();
 }
 
+/// A store that refuses writes for a reason that may pass (read-only here, as a remounted or
+/// full disk would; a lock held past the busy timeout is the same): the rows are kept, not
+/// dropped, `/healthz` is told, and they are stored once the store takes writes again.
 #[tokio::test]
-async fn a_failed_transaction_reports_every_row_dropped_and_the_writer_keeps_going() {
+async fn a_refused_transaction_keeps_its_rows_and_stores_them_later() {
     let dir = tempfile::tempdir().unwrap();
     let (store, reports) = open_recording(&dir.path().join("f.db"));
     seed(&store, &["v"]).await;
-    // Make every write fail at the SQLite level, as a full or read-only disk would.
     store
         .call(|c| Ok(c.pragma_update(None, "query_only", true)?))
         .await
@@ -480,9 +482,18 @@ async fn a_failed_transaction_reports_every_row_dropped_and_the_writer_keeps_goi
         .await
         .unwrap();
     store.flush().await.unwrap();
-    assert_eq!(total(&reports, WriteReport::dropped_in, "battery"), 2);
-    assert_eq!(total(&reports, WriteReport::dropped_in, "poll_events"), 1);
+    assert_eq!(total(&reports, WriteReport::dropped_in, "battery"), 0);
     assert_eq!(total(&reports, WriteReport::written_in, "battery"), 0);
+    let h = store.health();
+    assert_eq!(h.pending_rows, 3, "{h:?}");
+    assert!(h.failing_since.is_some(), "{h:?}");
+    let problems = store.problems(crate::domain::now_ms());
+    assert!(
+        problems.len() == 1
+            && problems[0].contains("refuses writes")
+            && problems[0].contains("3 row(s)"),
+        "{problems:?}"
+    );
 
     store
         .call(|c| Ok(c.pragma_update(None, "query_only", false)?))
@@ -495,13 +506,22 @@ async fn a_failed_transaction_reports_every_row_dropped_and_the_writer_keeps_goi
         )])
         .await
         .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.health().pending_rows > 0 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", store.health());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     store.flush().await.unwrap();
-    assert_eq!(total(&reports, WriteReport::written_in, "battery"), 1);
+    assert_eq!(total(&reports, WriteReport::written_in, "battery"), 3);
+    assert_eq!(total(&reports, WriteReport::written_in, "poll_events"), 1);
+    assert_eq!(total(&reports, WriteReport::dropped_in, "battery"), 0);
+    assert_eq!(store.health().failing_since, None);
+    assert!(store.problems(crate::domain::now_ms()).is_empty());
     let n: i64 = store
         .call(|c| Ok(c.query_row("SELECT count(*) FROM battery_history", [], |r| r.get(0))?))
         .await
         .unwrap();
-    assert_eq!(n, 1);
+    assert_eq!(n, 3);
     // A panicking call doesn't take the owner thread down either.
     let err = store
         .call(|_c| -> anyhow::Result<()> { panic!("boom") })
@@ -510,6 +530,76 @@ async fn a_failed_transaction_reports_every_row_dropped_and_the_writer_keeps_goi
     assert!(format!("{err:#}").contains("panicked"));
     store.flush().await.unwrap();
     store.close().await.unwrap();
+}
+
+/// Memory stays bounded while the store refuses writes: rows past [`super::PENDING_MAX`] are
+/// dropped and counted, the rest wait.
+#[tokio::test]
+async fn rows_past_the_bound_are_dropped_and_counted_while_the_store_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, reports) = open_recording(&dir.path().join("f.db"));
+    seed(&store, &["v"]).await;
+    store
+        .call(|c| Ok(c.pragma_update(None, "query_only", true)?))
+        .await
+        .unwrap();
+    let over = 25;
+    let rows: Vec<_> = (0..(super::PENDING_MAX + over) as i64)
+        .map(|i| WriteItem::Reading(vid("v"), battery(i, i, 50.0, None)))
+        .collect();
+    store.write(rows).await.unwrap();
+    store.flush().await.unwrap();
+    let h = store.health();
+    assert_eq!(h.pending_rows, super::PENDING_MAX);
+    assert_eq!(h.dropped_rows, over as u64);
+    assert_eq!(
+        total(&reports, WriteReport::dropped_in, "battery"),
+        over as u64
+    );
+    let problems = store.problems(crate::domain::now_ms());
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[1].contains("dropped rows"), "{problems:?}");
+    store
+        .call(|c| Ok(c.pragma_update(None, "query_only", false)?))
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    let c = rusqlite::Connection::open(dir.path().join("f.db")).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM battery_history", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        n,
+        super::PENDING_MAX as i64,
+        "the kept rows are stored at close"
+    );
+}
+
+/// Rows still refused when the store closes are offered for a bounded time, then dropped and
+/// counted: a stop never hangs on a locked store.
+#[tokio::test]
+async fn rows_still_refused_at_close_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, reports) = open_recording(&dir.path().join("f.db"));
+    seed(&store, &["v"]).await;
+    store
+        .call(|c| Ok(c.pragma_update(None, "query_only", true)?))
+        .await
+        .unwrap();
+    store
+        .write(vec![WriteItem::Reading(
+            vid("v"),
+            battery(1, 1, 10.0, None),
+        )])
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(store.health().pending_rows, 1);
+    let probe = store.clone();
+    store.close().await.unwrap();
+    assert_eq!(total(&reports, WriteReport::dropped_in, "battery"), 1);
+    assert_eq!(probe.health().dropped_rows, 1);
+    assert!(probe.health().last_dropped_at.is_some());
 }
 
 #[tokio::test]

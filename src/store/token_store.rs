@@ -54,6 +54,8 @@ pub fn attach(c: &Connection, path: &Path) -> anyhow::Result<()> {
     if path != Path::new(":memory:") {
         super::create_private_file(path, 0o600)
             .with_context(|| format!("creating the token store {}", path.display()))?;
+        // Tokens: never readable by anyone but carpulse, whatever made the file looser.
+        super::tighten_modes(path, 0o600)?;
     }
     let name = path
         .to_str()

@@ -98,6 +98,15 @@ impl WriteReport {
     }
 }
 
+/// Every item of `items` counted as dropped.
+pub(crate) fn dropped(items: &[WriteItem]) -> WriteReport {
+    let mut counts = Counts::default();
+    for item in items {
+        counts.dropped[item.label() as usize] += 1;
+    }
+    counts.into_report()
+}
+
 /// Called on the owner thread after each write batch (committed or failed).
 pub type WriteObserver = std::sync::Arc<dyn Fn(&WriteReport) + Send + Sync>;
 
@@ -178,28 +187,23 @@ struct EventRow<'a> {
 }
 
 impl Writer {
-    /// Writes `items` in one transaction. On failure the whole batch is reported as dropped
-    /// (and logged); the caller keeps going.
-    pub(crate) fn write_batch(&mut self, c: &mut Connection, items: &[WriteItem]) -> WriteReport {
+    /// Writes `items` in one transaction; on failure nothing is written or counted and the
+    /// caller decides (keep the batch for a retry, or drop it with [`dropped`]).
+    pub(crate) fn try_write(
+        &mut self,
+        c: &mut Connection,
+        items: &[WriteItem],
+    ) -> anyhow::Result<WriteReport> {
         let mut counts = Counts::default();
         match self.try_batch(c, items, &mut counts) {
-            Ok(()) => counts.into_report(),
+            Ok(()) => Ok(counts.into_report()),
             Err(error) => {
                 // The caches may hold what the rolled-back transaction read or wrote.
                 self.keys.clear();
                 self.vins.clear();
                 self.epoch = None;
                 self.bits.clear();
-                tracing::error!(
-                    error = format!("{error:#}"),
-                    rows = items.len(),
-                    "store write batch failed; all of its rows are dropped"
-                );
-                let mut counts = Counts::default();
-                for item in items {
-                    counts.dropped[item.label() as usize] += 1;
-                }
-                counts.into_report()
+                Err(error)
             }
         }
     }

@@ -68,6 +68,12 @@ fn the_unit_matches_the_code_and_the_package() {
         BTreeSet::from([exit::EX_CONFIG, exit::EX_CANTCREAT, exit::EX_UNAVAILABLE])
     );
     assert_eq!(one("Type"), "notify");
+    // Enough descriptors for poll.max_in_flight requests plus the capped metrics listener.
+    let nofile: u64 = one("LimitNOFILE").parse().unwrap();
+    assert!(
+        nofile >= 1024 + carpulse::daemon::metrics::CONNECTIONS_MAX as u64 + 256,
+        "LimitNOFILE={nofile}"
+    );
     assert!(!one("WatchdogSec").is_empty());
     assert!(
         !values("ProcSubset").iter().any(|v| v == "pid"),
