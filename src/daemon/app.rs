@@ -284,38 +284,23 @@ impl Daemon {
             poller: poller.clone(),
             shutdown: shutdown.clone(),
         };
-        let mut tasks = Supervisor::new();
-        let (m, h, stop) = (metrics.clone(), health.clone(), shutdown.clone());
-        tasks.spawn("the metrics listener", async move {
-            let served = metrics::serve_with(listener, m, h, web, stop).await;
-            served.context("serving /metrics")
-        });
-        // Apart from `tasks`: at shutdown the token manager finishes a refresh in flight, saves
-        // what the store refused or writes the fallback file, and is given longer for it.
-        let token_task = TaskTracker::new();
-        token_task.spawn(tokens.clone().run(shutdown.clone()));
-        token_task.close();
-        let discoveries = TaskTracker::new();
-        let mut schedule_rx =
-            spawn_services(&mut tasks, &s, &config, health, client, app, &discoveries)?;
+        let (mut services, mut schedule_rx) =
+            Services::start(&s, &config, listener, web, health, client, app)?;
         let (api, m) = (config.smartcar.api, metrics.clone());
         let mut cycles = Cycles::start(poller.clone(), api, m, &config.schedule).await?;
         crate::daemon::sdnotify::notify("READY=1");
-        if let Some(every) = crate::daemon::sdnotify::watchdog_interval() {
-            tasks.spawn("the watchdog", watchdog(every, shutdown.clone()));
-        }
         let failure = tokio::select! {
             // First: every task ends once shutdown is signalled, and that end is no failure.
             biased;
             _ = shutdown.cancelled() => None,
-            why = tasks.first_end() => Some(why),
+            why = services.tasks.first_end() => Some(why),
             e = cycles.dispatch(&mut schedule_rx) => Some(format!("{e:#}")),
         };
         shutdown.cancel();
         crate::daemon::sdnotify::notify("STOPPING=1");
         info!("stopping: no new polls; waiting for in-flight ones");
         cycles.drain(SHUTDOWN_GRACE).await;
-        let lost = stop_tasks(tasks, discoveries, token_task, &tokens).await;
+        let lost = services.stop(&tokens).await;
         // The last store handles, so that close() also stops the owner thread (WAL checkpoint).
         drop((s, poller, tokens));
         store.close().await.context("flushing the store")?;
@@ -331,74 +316,102 @@ impl Daemon {
     }
 }
 
-/// Starts the daemon's services under `tasks`: store maintenance, the
-/// health check, the connections check (API Authentication) and the reload loop (with
-/// SIGHUP), whose capability reads go on `discoveries`. Returns where SIGHUP's new schedules
-/// arrive.
-fn spawn_services(
-    tasks: &mut Supervisor,
-    s: &Shared,
-    config: &Config,
-    health: Health,
-    client: SmartcarClient,
-    app: Option<Arc<crate::daemon::app_token::AppAuth>>,
-    discoveries: &TaskTracker,
-) -> anyhow::Result<tokio::sync::mpsc::Receiver<ScheduleConfig>> {
-    let (st, cfg, stop) = (s.store.clone(), config.clone(), s.shutdown.clone());
-    tasks.spawn("store maintenance", async move {
-        crate::daemon::maintenance::run(st, cfg, stop).await;
-        Ok(())
-    });
-    tasks.spawn("the health check", health_loop(s.clone(), health));
-    let sync_now = Arc::new(tokio::sync::Notify::new());
-    if let Some(app) = app {
-        let sync = connections_loop(s.clone(), client, app, sync_now.clone());
-        tasks.spawn("the connections check", sync);
-    }
-    let reload_now = Arc::new(tokio::sync::Notify::new());
-    crate::daemon::signals::spawn_reload_handler(reload_now.clone(), s.shutdown.clone())
-        .context("installing the SIGHUP handler")?;
-    let (schedule_tx, schedule_rx) = tokio::sync::mpsc::channel::<ScheduleConfig>(1);
-    let reloads = reload_loop(
-        s.clone(),
-        reload_now,
-        sync_now,
-        schedule_tx,
-        discoveries.clone(),
-    );
-    tasks.spawn("the reload loop", reloads);
-    Ok(schedule_rx)
-}
-
 /// How long the background tasks get to stop after the polls have.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
-/// Stops the background tasks, capability reads and the token manager, each within its grace
-/// (refreshes in flight get up to 25 s, see tokens.rs; past the bounds, leave rather than be
-/// killed by systemd mid-flush). Returns how many rotated pairs could be saved nowhere.
-async fn stop_tasks(
+/// The daemon's long-running parts besides the polls: supervised tasks (the metrics listener,
+/// store maintenance, the health check, the connections check, the reload loop, the
+/// watchdog), the capability reads the reloads start, and the token manager, which is kept
+/// apart because at shutdown it finishes a refresh in flight, saves what the store refused or
+/// writes the fallback file, and is given longer for it.
+struct Services {
     tasks: Supervisor,
     discoveries: TaskTracker,
     token_task: TaskTracker,
-    tokens: &TokenManager,
-) -> usize {
-    discoveries.close();
-    let others = async {
-        let _ = tokio::time::timeout(STOP_GRACE, discoveries.wait()).await;
-        tasks.stop(STOP_GRACE).await;
-    };
-    let token_manager = tokio::time::timeout(TOKENS_STOP_GRACE, token_task.wait());
-    let ((), token_manager) = tokio::join!(others, token_manager);
-    if token_manager.is_ok() {
-        return tokens.lost_pairs();
+}
+
+impl Services {
+    /// Starts them all; returns where SIGHUP's new schedules arrive.
+    fn start(
+        s: &Shared,
+        config: &Config,
+        listener: TcpListener,
+        web: Option<Arc<crate::daemon::webconfig::WebConfig>>,
+        health: Health,
+        client: SmartcarClient,
+        app: Option<Arc<crate::daemon::app_token::AppAuth>>,
+    ) -> anyhow::Result<(Services, tokio::sync::mpsc::Receiver<ScheduleConfig>)> {
+        let mut tasks = Supervisor::new();
+        let (m, h, stop) = (s.metrics.clone(), health.clone(), s.shutdown.clone());
+        tasks.spawn("the metrics listener", async move {
+            let served = metrics::serve_with(listener, m, h, web, stop).await;
+            served.context("serving /metrics")
+        });
+        let token_task = TaskTracker::new();
+        token_task.spawn(s.tokens.clone().run(s.shutdown.clone()));
+        token_task.close();
+        let (st, cfg, stop) = (s.store.clone(), config.clone(), s.shutdown.clone());
+        tasks.spawn("store maintenance", async move {
+            crate::daemon::maintenance::run(st, cfg, stop).await;
+            Ok(())
+        });
+        tasks.spawn("the health check", health_loop(s.clone(), health));
+        let sync_now = Arc::new(tokio::sync::Notify::new());
+        if let Some(app) = app {
+            let sync = connections_loop(s.clone(), client, app, sync_now.clone());
+            tasks.spawn("the connections check", sync);
+        }
+        let reload_now = Arc::new(tokio::sync::Notify::new());
+        crate::daemon::signals::spawn_reload_handler(reload_now.clone(), s.shutdown.clone())
+            .context("installing the SIGHUP handler")?;
+        let (schedule_tx, schedule_rx) = tokio::sync::mpsc::channel::<ScheduleConfig>(1);
+        let discoveries = TaskTracker::new();
+        let reloads = reload_loop(
+            s.clone(),
+            reload_now,
+            sync_now,
+            schedule_tx,
+            discoveries.clone(),
+        );
+        tasks.spawn("the reload loop", reloads);
+        if let Some(every) = crate::daemon::sdnotify::watchdog_interval() {
+            tasks.spawn("the watchdog", watchdog(every, s.shutdown.clone()));
+        }
+        let services = Services {
+            tasks,
+            discoveries,
+            token_task,
+        };
+        Ok((services, schedule_rx))
     }
-    let unsaved = tokens.unsaved_count();
-    tracing::error!(
-        unsaved,
-        grace_s = TOKENS_STOP_GRACE.as_secs(),
-        "the token manager did not finish its last save in time; rotated pairs only in memory are lost"
-    );
-    unsaved
+
+    /// Stops everything, each within its grace (refreshes in flight get up to 25 s, see
+    /// tokens.rs; past the bounds, leave rather than be killed by systemd mid-flush). Returns
+    /// how many rotated pairs could be saved nowhere.
+    async fn stop(self, tokens: &TokenManager) -> usize {
+        let Services {
+            tasks,
+            discoveries,
+            token_task,
+        } = self;
+        discoveries.close();
+        let others = async {
+            let _ = tokio::time::timeout(STOP_GRACE, discoveries.wait()).await;
+            tasks.stop(STOP_GRACE).await;
+        };
+        let token_manager = tokio::time::timeout(TOKENS_STOP_GRACE, token_task.wait());
+        let ((), token_manager) = tokio::join!(others, token_manager);
+        if token_manager.is_ok() {
+            return tokens.lost_pairs();
+        }
+        let unsaved = tokens.unsaved_count();
+        tracing::error!(
+            unsaved,
+            grace_s = TOKENS_STOP_GRACE.as_secs(),
+            "the token manager did not finish its last save in time; rotated pairs only in memory are lost"
+        );
+        unsaved
+    }
 }
 
 /// What the daemon's tasks share.
