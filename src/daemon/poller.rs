@@ -559,7 +559,7 @@ impl Poller {
         self.ledger
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .used(id)
+            .used(id, now_ms())
     }
 
     /// Adopts the store's blocked endpoints and pauses (see [`Gates::adopt_blocks`]).
