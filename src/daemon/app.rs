@@ -247,6 +247,21 @@ impl Daemon {
         &self.metrics
     }
 
+    /// Polls now without serving (`carpulse poll` when no daemon runs), then closes the store.
+    pub async fn poll_now(
+        self,
+        req: &crate::daemon::control::PollRequest,
+    ) -> anyhow::Result<Vec<crate::daemon::control::PollResult>> {
+        let api = self.config.smartcar.api;
+        let Daemon { store, poller, .. } = self;
+        let results =
+            crate::daemon::control::poll_now(&poller, &store, api, req, CancellationToken::new())
+                .await;
+        drop(poller);
+        store.close().await.context("flushing the store")?;
+        results
+    }
+
     /// Serves until `shutdown` is cancelled; returns after the writer is flushed.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Daemon {
@@ -283,8 +298,18 @@ impl Daemon {
         let server_stop = shutdown.clone();
         let server_failed = failed.clone();
         let (m, h) = (metrics.clone(), health.clone());
+        // `POST /poll` (carpulse poll), behind the same web config as /metrics.
+        let control = crate::daemon::control::router(
+            poller.clone(),
+            store.clone(),
+            config.smartcar.api,
+            web.as_ref().is_some_and(|w| w.basic_auth()),
+            shutdown.clone(),
+        );
         tasks.spawn(async move {
-            if let Err(e) = metrics::serve_with(listener, m, h, web, server_stop.clone()).await {
+            if let Err(e) =
+                metrics::serve_with(listener, m, h, web, control, server_stop.clone()).await
+            {
                 error!(error = %e, "the metrics server stopped");
                 server_failed.cancel();
             }

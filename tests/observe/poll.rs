@@ -1,0 +1,205 @@
+//! `carpulse poll` through the real binary against the simulator: without a daemon the poll
+//! runs in-process on the store; with one it is asked of the daemon (`POST /poll`), so the
+//! daemon's gates and counters see it; an unknown vehicle is an error that lists the known
+//! ones; a failed or refused poll exits non-zero.
+
+use std::time::Duration;
+
+use super::carpulse;
+use super::common::{self, connect, metric, spawn, start_simulator, wait_for, write_config};
+
+/// A schedule that never runs while a test does (03:00 and 04:00 UTC on 1 January).
+const NEVER: &str = "battery = \"0 0 3 1 1 *\"\ninfo = \"0 0 4 1 1 *\"";
+
+fn vehicles(db: &std::path::Path) -> Vec<String> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut s = c
+        .prepare("SELECT vehicle_id FROM vehicles ORDER BY rowid")
+        .unwrap();
+    let ids = s.query_map([], |r| r.get(0)).unwrap();
+    ids.map(Result::unwrap).collect()
+}
+
+fn count(db: &std::path::Path, sql: &str) -> i64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+async fn metrics_text(http: &reqwest::Client, port: u16) -> Option<String> {
+    let r = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .ok()?;
+    r.text().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_runs_in_process_without_a_daemon_and_through_the_daemon_with_one() {
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&[]).await;
+    let setup = write_config(&base, "v2", NEVER);
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let ids = vehicles(&setup.db);
+    assert_eq!(ids.len(), 2, "{ids:?}");
+
+    // An unknown vehicle is an error that lists the known ones.
+    let (code, out, err) = carpulse(&["--config", cfg, "poll", "--vehicle", "typo"], &[]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("no vehicle matches \"typo\"")
+            && err.contains(&ids[0])
+            && err.contains(&ids[1]),
+        "{err}"
+    );
+
+    // No daemon: polled in-process, one battery reading per vehicle stored and printed.
+    let (code, out, err) = carpulse(&["--config", cfg, "poll", "--job", "battery"], &[]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.starts_with("no daemon answers on 127.0.0.1:"), "{out}");
+    assert_eq!(out.matches("  battery: ok").count(), 2, "{out}");
+    assert_eq!(out.matches("  stored: battery ").count(), 2, "{out}");
+    assert!(out.contains("answers: battery ok, charge ok"), "{out}");
+    assert_eq!(count(&setup.db, "SELECT count(*) FROM battery_history"), 2);
+    assert_eq!(
+        count(
+            &setup.db,
+            "SELECT count(*) FROM poll_events WHERE endpoint = 'battery' AND outcome = 'ok'"
+        ),
+        2
+    );
+    // What the simulator served is what was stored.
+    let served = sim_soc(&http, &base, &ids[0]).await;
+    let stored: f64 = rusqlite::Connection::open(&setup.db)
+        .unwrap()
+        .query_row(
+            "SELECT soc_percent FROM battery_history WHERE vehicle_id = ?1",
+            [&ids[0]],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        (served - stored).abs() < 0.01,
+        "served {served}, stored {stored}"
+    );
+
+    // A daemon runs: the poll is asked of it, through its gates and counters.
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    let port = setup.metrics_port;
+    wait_for(
+        "the daemon serves /metrics",
+        Duration::from_secs(30),
+        || {
+            let http = http.clone();
+            async move { metrics_text(&http, port).await.is_some() }
+        },
+    )
+    .await;
+    let prefix = &ids[0][..8];
+    let (code, out, err) = carpulse(
+        &[
+            "--config",
+            cfg,
+            "poll",
+            "--vehicle",
+            prefix,
+            "--job",
+            "battery",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{out}\n{err}\ndaemon:\n{}", daemon.stderr());
+    assert!(
+        out.starts_with(&format!(
+            "polled through the daemon at http://127.0.0.1:{port}/poll"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches(": ok").count(),
+        1,
+        "one vehicle, one job:\n{out}"
+    );
+    let m = metrics_text(&http, port).await.unwrap();
+    // The daily cron has not run: the daemon's only battery poll is the one asked for, and
+    // its two calls (battery and charge in one batch) are on the vehicle's bill.
+    assert_eq!(
+        metric(
+            &m,
+            "carpulse_polls_total",
+            &[("endpoint", "battery"), ("outcome", "ok")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    let billed = metric(
+        &m,
+        "carpulse_smartcar_calls_billed",
+        &[("vehicle_id", &ids[0])],
+    );
+    assert!(billed.is_some_and(|n| n >= 2.0), "{billed:?}");
+    assert!(daemon.stderr().contains("poll now requested"));
+
+    // A refusal is the daemon's: a 429 makes the vehicle wait, and the next poll asked of it
+    // is skipped by the daemon's gate. Both exit non-zero and say why.
+    let set = http
+        .post(format!("{base}/_simulator/faults"))
+        .json(&serde_json::json!({"vehicle_id": ids[0], "kind": "rate_limit", "count": 1, "retry_after": 600}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+    let (code, out, _) = carpulse(
+        &[
+            "--config",
+            cfg,
+            "poll",
+            "--vehicle",
+            &ids[0],
+            "--job",
+            "battery",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("battery: failed") && out.contains("rate_limited"),
+        "{out}"
+    );
+    let (code, out, err) = carpulse(
+        &[
+            "--config",
+            cfg,
+            "poll",
+            "--vehicle",
+            &ids[0],
+            "--job",
+            "battery",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("battery: skipped") && out.contains("retry-after"),
+        "{out}"
+    );
+    assert!(err.contains("1 of 1 poll(s) did not succeed"), "{err}");
+
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
+
+/// The state of charge the simulator last served a vehicle (its ground truth).
+async fn sim_soc(http: &reqwest::Client, base: &str, vehicle: &str) -> f64 {
+    let served = common::get_json(
+        http,
+        &format!("{base}/_simulator/served?vehicle_id={vehicle}"),
+    )
+    .await;
+    served["battery"]
+        .as_array()
+        .and_then(|b| b.last())
+        .and_then(|b| b["soc_percent"].as_f64())
+        .unwrap_or_else(|| panic!("no battery served to {vehicle}: {served}"))
+}
