@@ -218,6 +218,95 @@ fn what_was_stored(
     Ok((events, stored))
 }
 
+/// One period of a cron line: the time between its next two runs (None: it does not parse
+/// or never runs twice).
+pub fn period(cron: &str) -> Option<std::time::Duration> {
+    let c = crate::config::parse_cron(cron).ok()?;
+    let now = chrono::Utc::now();
+    let a = c.find_next_occurrence(&now, false).ok()?;
+    let b = c.find_next_occurrence(&a, false).ok()?;
+    (b - a).to_std().ok()
+}
+
+/// The vehicles each job should poll at start: those whose last reading of that job (battery
+/// for `battery`, odometer for `info`) was fetched more than one `period` of the job before
+/// `now`, or never. In v3 a vehicle due for both is polled by the info job alone (its listing
+/// carries the battery). `last` is (vehicle, last battery fetch, last odometer fetch).
+pub fn due_at_start(
+    api: ApiVersion,
+    last: &[(VehicleId, Option<UnixMillis>, Option<UnixMillis>)],
+    periods: [Option<std::time::Duration>; 2],
+    now: UnixMillis,
+) -> [std::collections::HashSet<VehicleId>; 2] {
+    let older = |at: Option<UnixMillis>, period: Option<std::time::Duration>| match period {
+        None => false,
+        Some(p) => at.is_none_or(|at| now - at > p.as_millis() as i64),
+    };
+    let mut due: [std::collections::HashSet<VehicleId>; 2] = Default::default();
+    for (id, battery, odometer) in last {
+        let info = older(*odometer, periods[1]);
+        let battery = older(*battery, periods[0]) && !(api == ApiVersion::V3 && info);
+        if battery {
+            due[0].insert(id.clone());
+        }
+        if info {
+            due[1].insert(id.clone());
+        }
+    }
+    due
+}
+
+/// `carpulse run` at start: polls at once the vehicles whose last reading is older than one
+/// period of its job (a daily schedule would otherwise leave a new or long-stopped vehicle
+/// without data until its next run). Unspread, through the usual gates and budget.
+pub async fn catch_up(
+    poller: Arc<Poller>,
+    store: Store,
+    api: ApiVersion,
+    schedule: crate::config::ScheduleConfig,
+    cancel: CancellationToken,
+) {
+    let polled: std::collections::HashSet<VehicleId> =
+        poller.vehicles().into_iter().map(|v| v.id).collect();
+    let summaries = match store
+        .call(|c| crate::store::queries::vehicle_summaries(c))
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "cannot read the last readings; the first polls come with the schedule"
+            );
+            return;
+        }
+    };
+    let last: Vec<_> = summaries
+        .into_iter()
+        .filter(|s| polled.contains(&s.vehicle.vehicle_id))
+        .map(|s| {
+            (
+                s.vehicle.vehicle_id,
+                s.last_battery.map(|b| b.stamp.fetched_at),
+                s.last_odometer.map(|o| o.stamp.fetched_at),
+            )
+        })
+        .collect();
+    let periods = [period(&schedule.battery), period(&schedule.info)];
+    let due = due_at_start(api, &last, periods, now_ms());
+    for (job, ids) in [Job::Battery, Job::Info].into_iter().zip(due) {
+        if ids.is_empty() || cancel.is_cancelled() {
+            continue;
+        }
+        tracing::info!(
+            job = job_label(job),
+            vehicles = ids.len(),
+            "polling now the vehicles whose last reading is older than one period of the schedule"
+        );
+        poller.cycle_now(job, &ids, cancel.clone()).await;
+    }
+}
+
 /// The peer's address, for the loopback rule (axum's `ConnectInfo`, for plain and TLS
 /// listeners alike).
 #[derive(Clone, Copy, Debug)]
@@ -300,6 +389,49 @@ async fn poll_handler(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vehicle_is_due_at_start_when_its_last_reading_is_older_than_a_period() {
+        let hour = std::time::Duration::from_secs(3600);
+        let day = hour * 24;
+        let now = 10 * 86_400_000;
+        let h = 3_600_000;
+        let (fresh, stale, never) = (
+            VehicleId("fresh".into()),
+            VehicleId("stale".into()),
+            VehicleId("never".into()),
+        );
+        let last = vec![
+            (fresh.clone(), Some(now - h / 2), Some(now - 20 * h)),
+            (stale.clone(), Some(now - 2 * h), Some(now - 30 * h)),
+            (never.clone(), None, None),
+        ];
+        let [battery, info] = due_at_start(ApiVersion::V2, &last, [Some(hour), Some(day)], now);
+        assert_eq!(
+            battery,
+            [stale.clone(), never.clone()].into_iter().collect()
+        );
+        assert_eq!(info, [stale.clone(), never.clone()].into_iter().collect());
+        // v3: one listing (the info job's) carries the battery too.
+        let [battery, info] = due_at_start(ApiVersion::V3, &last, [Some(hour), Some(day)], now);
+        assert!(battery.is_empty(), "{battery:?}");
+        assert_eq!(info.len(), 2);
+        // Exactly one period old is not older than a period.
+        let edge = vec![(fresh.clone(), Some(now - h), Some(now))];
+        let [battery, _] = due_at_start(ApiVersion::V2, &edge, [Some(hour), Some(day)], now);
+        assert!(battery.is_empty());
+    }
+
+    #[test]
+    fn a_period_is_the_gap_between_two_runs() {
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(period("0 0 4 * * *"), Some(day));
+        assert_eq!(
+            period("0 */15 * * * *"),
+            Some(std::time::Duration::from_secs(900))
+        );
+        assert_eq!(period("nonsense"), None);
+    }
 
     #[test]
     fn jobs_default_to_both_and_v3_reads_them_in_one_listing() {

@@ -236,6 +236,22 @@ impl Poller {
             .await
     }
 
+    /// Polls the vehicles among `ids` for `job` now, unspread (the catch-up at start: their
+    /// last reading is older than a period of the job, see [`crate::daemon::control`]).
+    pub async fn cycle_now(
+        self: &Arc<Self>,
+        job: Job,
+        ids: &HashSet<VehicleId>,
+        cancel: CancellationToken,
+    ) -> CycleReport {
+        let due = self
+            .vehicles()
+            .into_iter()
+            .filter(|v| ids.contains(&v.id))
+            .collect();
+        self.cycle_of(job, due, Duration::ZERO, cancel).await
+    }
+
     /// The charging cadence: polls only vehicles that were plugged in at their last charge
     /// reading and were not answered within `min_gap` (the base cron may just have run).
     pub async fn cycle_plugged_in(

@@ -1,9 +1,10 @@
-//! `carpulse poll` through the real binary against the simulator: without a daemon the poll
-//! runs in-process on the store; with one it is asked of the daemon (`POST /poll`), so the
-//! daemon's gates and counters see it; an unknown vehicle is an error that lists the known
-//! ones; a failed or refused poll exits non-zero.
+//! `carpulse poll` and the poll at start of `carpulse run`, through the real binary against the
+//! simulator: without a daemon the poll runs in-process on the store; with one it is asked of
+//! the daemon (`POST /poll`), so the daemon's gates and counters see it; an unknown vehicle is
+//! an error that lists the known ones; a failed or refused poll exits non-zero. With a daily
+//! cron, `run` polls at once a vehicle whose last reading is older than a day.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::carpulse;
 use super::common::{self, connect, metric, spawn, start_simulator, wait_for, write_config};
@@ -202,4 +203,54 @@ async fn sim_soc(http: &reqwest::Client, base: &str, vehicle: &str) -> f64 {
         .and_then(|b| b.last())
         .and_then(|b| b["soc_percent"].as_f64())
         .unwrap_or_else(|| panic!("no battery served to {vehicle}: {served}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_polls_at_start_a_vehicle_whose_last_reading_is_older_than_a_period() {
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&[]).await;
+    // Daily crons: without the poll at start, the first reading would come at 03:00 UTC.
+    let setup = write_config(
+        &base,
+        "v2",
+        "battery = \"0 0 3 * * *\"\ninfo = \"0 0 4 * * *\"",
+    );
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    assert_eq!(count(&setup.db, "SELECT count(*) FROM battery_history"), 0);
+
+    let started = Instant::now();
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    let db = setup.db.clone();
+    wait_for(
+        "a battery and an odometer reading of each vehicle",
+        Duration::from_secs(30),
+        || {
+            let db = db.clone();
+            async move {
+                count(
+                    &db,
+                    "SELECT count(DISTINCT vehicle_id) FROM battery_history",
+                ) == 2
+                    && count(
+                        &db,
+                        "SELECT count(DISTINCT vehicle_id) FROM odometer_history",
+                    ) == 2
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "MEASURED: both vehicles' first readings stored {} ms after the daemon was spawned",
+        started.elapsed().as_millis()
+    );
+    assert!(
+        daemon
+            .stderr()
+            .contains("polling now the vehicles whose last reading is older than one period"),
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    let _ = sim.terminate(Duration::from_secs(10)).await;
 }
