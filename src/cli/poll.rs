@@ -87,21 +87,7 @@ async fn through_daemon(
     let mut scheme = "http";
     if let Some(cert) = tls_cert_file(cfg)? {
         scheme = "https";
-        // The daemon is reached by a loopback address its certificate does not name; the
-        // certificate itself must still be the one metrics.web_config_file serves (or chain
-        // to a trusted CA).
-        let pem = std::fs::read(&cert).with_context(|| {
-            format!(
-                "reading {} (metrics.web_config_file's cert_file)",
-                cert.display()
-            )
-        })?;
-        for c in reqwest::Certificate::from_pem_bundle(&pem)
-            .with_context(|| format!("{}: not a PEM certificate", cert.display()))?
-        {
-            http = http.add_root_certificate(c);
-        }
-        http = http.danger_accept_invalid_hostnames(true);
+        http = http.use_preconfigured_tls(pinned_tls(&cert)?);
     }
     let http = http.build().context("creating the HTTP client")?;
     let url = format!("{scheme}://{addr}{POLL_PATH}");
@@ -152,6 +138,85 @@ fn tls_cert_file(cfg: &Config) -> anyhow::Result<Option<std::path::PathBuf>> {
         Some(dir) => dir.join(c),
         None => c.into(),
     }))
+}
+
+/// A TLS client that accepts exactly the certificate `metrics.web_config_file` names: the
+/// daemon is reached on a loopback address its certificate need not name, and whoever could
+/// answer there instead (another local program on a free port) cannot present that
+/// certificate's key. The basic auth password is only sent after that check.
+fn pinned_tls(cert: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let pem = std::fs::read(cert).with_context(|| {
+        format!(
+            "reading {} (metrics.web_config_file's cert_file)",
+            cert.display()
+        )
+    })?;
+    let pinned = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .with_context(|| format!("{} holds no PEM certificate", cert.display()))?
+        .with_context(|| format!("{}: not a PEM certificate", cert.display()))?
+        .into_owned();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(Pinned {
+            cert: pinned,
+            algorithms: provider.signature_verification_algorithms,
+        }))
+        .with_no_client_auth();
+    Ok(cfg)
+}
+
+/// See [`pinned_tls`].
+#[derive(Debug)]
+struct Pinned {
+    cert: rustls::pki_types::CertificateDer<'static>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.cert.as_ref() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 /// No daemon: the daemon's own parts, built on the store, poll once and close it.

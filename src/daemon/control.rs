@@ -363,12 +363,18 @@ pub fn router(
         })
 }
 
+/// Who may ask for polls: anyone who passed basic auth, else only this host (loopback; an
+/// IPv4-mapped IPv6 loopback address too).
+fn admitted(authenticated: bool, peer: std::net::IpAddr) -> bool {
+    authenticated || peer.to_canonical().is_loopback()
+}
+
 async fn poll_handler(
     State(s): State<ControlState>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     Json(req): Json<PollRequest>,
 ) -> axum::response::Response {
-    if !s.authenticated && !peer.0.ip().is_loopback() {
+    if !admitted(s.authenticated, peer.0.ip()) {
         tracing::warn!(peer = %peer.0, "POST /poll refused: not from loopback and no basic auth configured");
         return (
             StatusCode::FORBIDDEN,
@@ -431,6 +437,18 @@ mod tests {
             Some(std::time::Duration::from_secs(900))
         );
         assert_eq!(period("nonsense"), None);
+    }
+
+    #[test]
+    fn without_basic_auth_only_loopback_may_ask_for_polls() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        for local in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
+            assert!(admitted(false, ip(local)), "{local}");
+        }
+        for remote in ["192.0.2.7", "2001:db8::1", "::ffff:192.0.2.7", "0.0.0.0"] {
+            assert!(!admitted(false, ip(remote)), "{remote}");
+            assert!(admitted(true, ip(remote)), "{remote} with basic auth");
+        }
     }
 
     #[test]

@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::carpulse;
 use super::common::{self, connect, metric, spawn, start_simulator, wait_for, write_config};
+use super::{carpulse, write};
 
 /// A schedule that never runs while a test does (03:00 and 04:00 UTC on 1 January).
 const NEVER: &str = "battery = \"0 0 3 1 1 *\"\ninfo = \"0 0 4 1 1 *\"";
@@ -251,6 +251,149 @@ async fn run_polls_at_start_a_vehicle_whose_last_reading_is_older_than_a_period(
         "{}",
         daemon.stderr()
     );
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_reaches_a_daemon_behind_tls_and_basic_auth_and_names_what_it_cannot_poll() {
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&[]).await;
+    let setup = write_config(&base, "v2", NEVER);
+    // The test web config: TLS with the fixture certificate, user prometheus / scrape-secret.
+    let web = super::repo().join("tests/fixtures/web-config.yml");
+    let text = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "[metrics]\n",
+        &format!("[metrics]\nweb_config_file = \"{}\"\n", web.display()),
+    );
+    std::fs::write(&setup.config, text).unwrap();
+    let cfg = setup.config.to_str().unwrap();
+    connect(&setup.config, &http).await;
+    let ids = vehicles(&setup.db);
+
+    let mut daemon = spawn("run", &["--config", cfg, "run"], &[]);
+    let port = setup.metrics_port;
+    wait_for(
+        "the daemon listens",
+        Duration::from_secs(30),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    let poll = |envs: &'static [(&'static str, &'static str)], vehicle: String| {
+        let cfg = cfg.to_owned();
+        async move {
+            carpulse(
+                &[
+                    "--config",
+                    &cfg,
+                    "poll",
+                    "--vehicle",
+                    &vehicle,
+                    "--job",
+                    "battery",
+                ],
+                envs,
+            )
+        }
+    };
+
+    // No credentials, or wrong ones: the daemon asks for them, and the error says how.
+    for envs in [
+        &[][..],
+        &[
+            ("CARPULSE_METRICS_USER", "prometheus"),
+            ("CARPULSE_METRICS_PASSWORD", "wrong"),
+        ][..],
+    ] {
+        let (code, out, err) = poll(envs, ids[0].clone()).await;
+        assert_eq!(code, Some(1), "{out}\n{err}");
+        assert!(
+            err.contains("asks for basic auth") && err.contains("CARPULSE_METRICS_PASSWORD"),
+            "{err}"
+        );
+    }
+    const RIGHT: &[(&str, &str)] = &[
+        ("CARPULSE_METRICS_USER", "prometheus"),
+        ("CARPULSE_METRICS_PASSWORD", "scrape-secret"),
+    ];
+    let (code, out, err) = poll(RIGHT, ids[0].clone()).await;
+    assert_eq!(code, Some(0), "{out}\n{err}\ndaemon:\n{}", daemon.stderr());
+    assert!(
+        out.starts_with(&format!(
+            "polled through the daemon at https://127.0.0.1:{port}/poll"
+        )) && out.contains("battery: ok"),
+        "{out}"
+    );
+
+    // A listener whose certificate is not the one the web config names gets no password: the
+    // client pins that certificate (here the CLI's config names the CA's instead).
+    let impostor = write(
+        setup.dir.path(),
+        "impostor-web.yml",
+        &format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+            super::repo().join("tests/fixtures/tls/ca.crt").display(),
+            super::repo()
+                .join("tests/fixtures/tls/server.key")
+                .display()
+        ),
+    );
+    let other = write(
+        setup.dir.path(),
+        "other.toml",
+        &std::fs::read_to_string(&setup.config)
+            .unwrap()
+            .replace(&web.display().to_string(), &impostor.display().to_string()),
+    );
+    let (code, out, err) = carpulse(
+        &[
+            "--config",
+            other.to_str().unwrap(),
+            "poll",
+            "--job",
+            "battery",
+        ],
+        RIGHT,
+    );
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains(&format!(
+            "asking the daemon at https://127.0.0.1:{port}/poll"
+        )) && err.contains("certificate"),
+        "{err}"
+    );
+
+    // A vehicle the daemon does not poll (disabled, and the daemon told on SIGHUP) is named
+    // with why; the poll fails.
+    let (code, _, err) = carpulse(&["--config", cfg, "vehicles", "disable", &ids[1]], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    daemon.signal("-HUP");
+    let log = daemon.stderr_log.clone();
+    wait_for(
+        "the daemon reloads its vehicles",
+        Duration::from_secs(30),
+        || {
+            let log = log.clone();
+            async move {
+                log.lock()
+                    .unwrap()
+                    .iter()
+                    .any(|l| l.contains("vehicle set reloaded"))
+            }
+        },
+    )
+    .await;
+    let (code, out, _) = poll(RIGHT, ids[1].clone()).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("battery: not_polled") && out.contains("disabled"),
+        "{out}"
+    );
+
     assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
