@@ -107,10 +107,15 @@ pub async fn poll_now(
         let hold = held.iter().find(|(h, _)| h == &id).map(|(_, why)| *why);
         tasks.spawn(async move {
             let mut out = Vec::new();
+            let mut last_end = UnixMillis::MIN;
             for job in jobs {
-                let started = now_ms();
+                // Disjoint windows even when one job ends and the next starts in the same ms.
+                let started = now_ms().max(last_end.saturating_add(1));
                 let outcome = poller.poll_one(&id, job, cancel.clone()).await;
-                out.push((id.clone(), job, started, outcome));
+                // The poll's rows carry times inside this window (a vehicle's next job
+                // starts after it, so each job reports only its own rows).
+                last_end = now_ms().max(started);
+                out.push((id.clone(), job, (started, last_end), outcome));
             }
             (i, hold, out)
         });
@@ -124,7 +129,7 @@ pub async fn poll_now(
     store.flush().await.context("flushing the polls' rows")?;
     let mut results = Vec::new();
     for (_, hold, polls) in done {
-        for (id, job, started, outcome) in polls {
+        for (id, job, window, outcome) in polls {
             let (outcome, reason) = match outcome {
                 Some(VehicleOutcome::Ok(_)) => ("ok", None),
                 Some(VehicleOutcome::Failed(_)) => ("failed", None),
@@ -143,7 +148,7 @@ pub async fn poll_now(
             };
             let key = id.0.clone();
             let (events, stored) = store
-                .call(move |c| what_was_stored(c, &key, started))
+                .call(move |c| what_was_stored(c, &key, window))
                 .await
                 .with_context(|| format!("reading back the poll of vehicle {id}"))?;
             results.push(PollResult {
@@ -176,18 +181,19 @@ type Stored = (
     Vec<(String, UnixMillis)>,
 );
 
-/// The `poll_events` rows and readings a vehicle's poll left since `since` (ms).
+/// The `poll_events` rows and readings a vehicle's poll left within `(from, to)` (ms, both
+/// included).
 fn what_was_stored(
     c: &rusqlite::Connection,
     vehicle: &str,
-    since: UnixMillis,
+    (from, to): (UnixMillis, UnixMillis),
 ) -> anyhow::Result<Stored> {
     let mut events = Vec::new();
     let mut stmt = c.prepare(
         "SELECT endpoint, outcome, error_type, error_code FROM poll_events
-         WHERE vehicle_id = ?1 AND at >= ?2 ORDER BY at, endpoint",
+         WHERE vehicle_id = ?1 AND at BETWEEN ?2 AND ?3 ORDER BY at, endpoint",
     )?;
-    let rows = stmt.query_map(rusqlite::params![vehicle, since], |r| {
+    let rows = stmt.query_map(rusqlite::params![vehicle, from, to], |r| {
         let (t, code): (Option<String>, Option<String>) = (r.get(2)?, r.get(3)?);
         let cause = match (t, code) {
             (Some(t), Some(c)) => Some(format!("{t}:{c}")),
@@ -201,14 +207,14 @@ fn what_was_stored(
     let mut stored = Vec::new();
     for sql in [
         "SELECT 'battery ' || printf('%.1f %%', soc_percent) || coalesce(printf(' %.1f km', range_km), ''), recorded_at
-         FROM battery_history WHERE vehicle_id = ?1 AND fetched_at >= ?2",
+         FROM battery_history WHERE vehicle_id = ?1 AND fetched_at BETWEEN ?2 AND ?3",
         "SELECT 'charge ' || state || CASE plugged_in WHEN 1 THEN ' (plugged in)' ELSE ' (unplugged)' END, recorded_at
-         FROM charge_history WHERE vehicle_id = ?1 AND fetched_at >= ?2",
+         FROM charge_history WHERE vehicle_id = ?1 AND fetched_at BETWEEN ?2 AND ?3",
         "SELECT 'odometer ' || printf('%.1f km', odometer_km), recorded_at
-         FROM odometer_history WHERE vehicle_id = ?1 AND fetched_at >= ?2",
+         FROM odometer_history WHERE vehicle_id = ?1 AND fetched_at BETWEEN ?2 AND ?3",
     ] {
         let mut stmt = c.prepare(sql)?;
-        let rows = stmt.query_map(rusqlite::params![vehicle, since], |r| {
+        let rows = stmt.query_map(rusqlite::params![vehicle, from, to], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?;
         for row in rows {

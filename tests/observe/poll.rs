@@ -55,13 +55,49 @@ async fn poll_runs_in_process_without_a_daemon_and_through_the_daemon_with_one()
         "{err}"
     );
 
-    // No daemon: polled in-process, one battery reading per vehicle stored and printed.
-    let (code, out, err) = carpulse(&["--config", cfg, "poll", "--job", "battery"], &[]);
+    // No daemon: polled in-process, both jobs (v2: two batches), each vehicle's battery and
+    // odometer reading stored and printed under the job that read it.
+    let (code, out, err) = carpulse(&["--config", cfg, "poll"], &[]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.starts_with("no daemon answers on 127.0.0.1:"), "{out}");
-    assert_eq!(out.matches("  battery: ok").count(), 2, "{out}");
-    assert_eq!(out.matches("  stored: battery ").count(), 2, "{out}");
-    assert!(out.contains("answers: battery ok, charge ok"), "{out}");
+    let blocks: Vec<&str> = out
+        .split("\n")
+        .filter(|l| !l.starts_with("  ") && !l.trim().is_empty())
+        .skip(1)
+        .collect();
+    assert_eq!(blocks.len(), 4, "two vehicles, two jobs:\n{out}");
+    for (i, job) in out
+        .split("\n")
+        .filter(|l| !l.starts_with("  "))
+        .skip(1)
+        .take(4)
+        .enumerate()
+    {
+        let want = if i % 2 == 0 {
+            "battery: ok"
+        } else {
+            "info: ok"
+        };
+        assert!(job.ends_with(want), "{job}\n{out}");
+    }
+    let sections: Vec<&str> = out.split(": ok\n").collect();
+    for (i, section) in sections.iter().enumerate().skip(1) {
+        let (battery, info) = (
+            section.contains("stored: battery"),
+            section.contains("stored: odometer"),
+        );
+        let battery_job = i % 2 == 1;
+        assert_eq!(
+            (battery, info),
+            (battery_job, !battery_job),
+            "each job shows its own rows:\n{out}"
+        );
+    }
+    assert_eq!(
+        out.matches("answers: battery ok, charge ok").count(),
+        2,
+        "{out}"
+    );
     assert_eq!(count(&setup.db, "SELECT count(*) FROM battery_history"), 2);
     assert_eq!(
         count(
