@@ -132,6 +132,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             refresh_margin: Duration::from_secs(600),
             discover_every: crate::config::DEFAULT_DISCOVER_EVERY,
             no_data_every: crate::config::DEFAULT_NO_DATA_EVERY,
+            poll_at_start: true,
         },
         poll: PollConfig {
             concurrency: 8,

@@ -504,13 +504,15 @@ impl Daemon {
         let cycles = TaskTracker::new();
         // Vehicles whose last reading is older than one period of a job are polled now, not
         // at its next run (which a daily cron puts up to a day away).
-        cycles.spawn(crate::daemon::control::catch_up(
-            poller.clone(),
-            store.clone(),
-            config.smartcar.api,
-            config.schedule.clone(),
-            polls_cancel.clone(),
-        ));
+        if config.schedule.poll_at_start {
+            cycles.spawn(crate::daemon::control::catch_up(
+                poller.clone(),
+                store.clone(),
+                config.smartcar.api,
+                config.schedule.clone(),
+                polls_cancel.clone(),
+            ));
+        }
         let start_cycle = |tick: schedule::Tick, charging_gap: Duration| {
             let poller = poller.clone();
             let cancel = polls_cancel.clone();
