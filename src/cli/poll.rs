@@ -24,6 +24,9 @@ pub const PASSWORD_ENV: &str = "CARPULSE_METRICS_PASSWORD";
 /// How long to wait for a daemon to accept the connection before polling in-process.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 
+/// `carpulse poll`: resolves `vehicle` against the store (an unknown one lists the stored
+/// vehicles), asks the daemon or polls in-process, prints the results to `out`, and fails
+/// when a poll did not succeed (the exit code a script checks).
 pub async fn run(
     cfg: &Config,
     vehicle: Option<&str>,
