@@ -141,6 +141,10 @@ pub struct ScheduleConfig {
     /// tick is not a burst at Smartcar; `None`: a quarter of the cron's period, at most a
     /// minute. `0s` polls every due vehicle at once (the fleet benchmark's ceiling).
     pub spread: Option<Duration>,
+    /// At start, poll at once each vehicle whose last reading of a job is older than one
+    /// period of that job's cron (instead of waiting for its next run). Default true; read at
+    /// start only.
+    pub poll_at_start: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -292,6 +296,7 @@ struct RawSchedule {
     discover_every: S<String>,
     no_data_every: S<String>,
     spread: S<String>,
+    poll_at_start: S<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -682,6 +687,19 @@ fn validate(
         "schedule.refresh_margin",
         o,
     )?;
+    let poll_at_start = match raw.schedule.poll_at_start.as_ref() {
+        None => true,
+        Some(v) => match v.get_ref() {
+            toml::Value::Boolean(b) => *b,
+            other => {
+                return o.err(
+                    "schedule.poll_at_start",
+                    Some(v.span()),
+                    format!("{other} is not true or false"),
+                )
+            }
+        },
+    };
     let discover_every = duration_or(
         &raw.schedule.discover_every,
         DEFAULT_DISCOVER_EVERY,
@@ -815,6 +833,7 @@ fn validate(
             discover_every,
             no_data_every,
             spread,
+            poll_at_start,
         },
         poll: PollConfig {
             concurrency,
@@ -1549,6 +1568,20 @@ mod tests {
         assert!(e.contains("smartcar.iam_url"), "{e}");
         // The secret never appears in an error.
         assert!(!e.contains("\"x\""), "{e}");
+    }
+
+    #[test]
+    fn poll_at_start_is_on_unless_turned_off() {
+        let c = Config::parse(MINIMAL, "c.toml", &no_env()).unwrap();
+        assert!(c.schedule.poll_at_start);
+        let off = format!("{MINIMAL}[schedule]\npoll_at_start = false\n");
+        let c = Config::parse(&off, "c.toml", &no_env()).unwrap();
+        assert!(!c.schedule.poll_at_start);
+        let e = err(&format!("{MINIMAL}[schedule]\npoll_at_start = \"no\"\n"));
+        assert!(
+            e.contains("c.toml:5: schedule.poll_at_start: \"no\" is not true or false"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -55,6 +55,8 @@ fn init_logging(command: &Command) {
     // The demo shows every poll; the daemon logs one line per cycle unless RUST_LOG says more.
     let default = match command {
         Command::Demo(_) => "info,carpulse::daemon::poller=debug",
+        // The command prints what it did; the in-process poller's lines are for trouble.
+        Command::Poll { .. } => "warn",
         _ => "info",
     };
     carpulse::logging::init(default);
@@ -127,6 +129,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plan { force, store } => {
             carpulse::cli::plan::run(&read_config(&cli, store)?, *force, &mut out)
+        }
+        Command::Poll { vehicle, job } => {
+            carpulse::cli::poll::run(
+                &load_config(&cli)?,
+                vehicle.as_deref(),
+                job.as_deref(),
+                &mut out,
+            )
+            .await
         }
         Command::History(args) => {
             carpulse::cli::history::run(&read_config(&cli, &args.store)?, args, &mut out).await

@@ -449,7 +449,8 @@ async fn faults_through_the_daemon(api: &str, inject: Inject) {
     let setup = write_config(
         &base,
         api,
-        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+        // No poll at start: the faults are set for the first ticks of the battery cron.
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"\npoll_at_start = false",
     );
     // A short poll.timeout, so the slow car's answer comes too late.
     let config_text = std::fs::read_to_string(&setup.config).unwrap();
@@ -1049,7 +1050,8 @@ async fn reconnect_scenario(faults: &[Value], keep: &[usize]) -> Reconnected {
     let setup = write_config(
         &base,
         "v3",
-        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+        // No poll at start: the faults are set for the first ticks of the battery cron.
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"\npoll_at_start = false",
     );
     let cfg = setup.config.to_str().unwrap();
     connect(&setup.config, &http).await;
@@ -1265,7 +1267,8 @@ async fn sigterm_stops_the_daemon_even_when_its_log_pipe_is_broken() {
     let setup = write_config(
         "http://127.0.0.1:9",
         "v3",
-        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"",
+        // No poll at start: the faults are set for the first ticks of the battery cron.
+        "battery = \"* * * * * *\"\ninfo = \"0 0 4 * * *\"\npoll_at_start = false",
     );
     let mut child = tokio::process::Command::new(BIN)
         .args(["--config", setup.config.to_str().unwrap(), "run"])

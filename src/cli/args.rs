@@ -85,6 +85,18 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Poll now: every vehicle, or the one --vehicle names, for both jobs or --job. Asked of
+    /// the running daemon (on metrics.listen) when there is one, so it goes through its gates
+    /// and counts against its budget; otherwise polled in-process on the store. Prints what
+    /// was stored; exits 1 when a poll did not succeed.
+    Poll {
+        /// A Smartcar id, an id prefix, or words of make, model and year.
+        #[arg(long)]
+        vehicle: Option<String>,
+        /// Only this job (default: both; in v3 one listing carries both).
+        #[arg(long, value_parser = ["battery", "info"])]
+        job: Option<String>,
+    },
     /// Stored readings of one or all vehicles.
     History(crate::cli::history::HistoryArgs),
     /// The Smartcar-compatible vehicle simulator, on loopback.

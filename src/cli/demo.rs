@@ -133,6 +133,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             discover_every: crate::config::DEFAULT_DISCOVER_EVERY,
             no_data_every: crate::config::DEFAULT_NO_DATA_EVERY,
             spread: None,
+            poll_at_start: true,
         },
         poll: PollConfig {
             concurrency: 8,

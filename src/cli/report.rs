@@ -252,11 +252,10 @@ pub async fn vehicles_enable(cfg: &Config, id: &str, enabled: bool) -> anyhow::R
     Ok(())
 }
 
-/// Whether a daemon answers on the metrics address, in words.
-fn daemon_line(cfg: &Config) -> String {
-    let listen = cfg.metrics.listen;
-    // A wildcard listener is reached on loopback.
-    let addr = match listen.ip() {
+/// Where a daemon listening on `listen` (`metrics.listen`) is reached from this host: a
+/// wildcard listener on loopback.
+pub fn reach(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
         std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
             SocketAddr::from(([127, 0, 0, 1], listen.port()))
         }
@@ -264,7 +263,12 @@ fn daemon_line(cfg: &Config) -> String {
             SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listen.port()))
         }
         _ => listen,
-    };
+    }
+}
+
+/// Whether a daemon answers on the metrics address, in words.
+fn daemon_line(cfg: &Config) -> String {
+    let addr = reach(cfg.metrics.listen);
     let tls = cfg.metrics.web_config_file.is_some();
     let whose = if cfg.source.is_some() {
         "metrics.listen"

@@ -260,6 +260,21 @@ impl Daemon {
         &self.metrics
     }
 
+    /// Polls now without serving (`carpulse poll` when no daemon runs), then closes the store.
+    pub async fn poll_now(
+        self,
+        req: &crate::daemon::control::PollRequest,
+    ) -> anyhow::Result<Vec<crate::daemon::control::PollResult>> {
+        let api = self.config.smartcar.api;
+        let Daemon { store, poller, .. } = self;
+        let results =
+            crate::daemon::control::poll_now(&poller, &store, api, req, CancellationToken::new())
+                .await;
+        drop(poller);
+        store.close().await.context("flushing the store")?;
+        results
+    }
+
     /// Serves until `shutdown` is cancelled; returns after the writer is flushed.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Daemon {
@@ -288,6 +303,9 @@ impl Daemon {
             Services::start(&s, &config, listener, web, health, client, app)?;
         let (api, m) = (config.smartcar.api, metrics.clone());
         let mut cycles = Cycles::start(poller.clone(), api, m, &config.schedule).await?;
+        if config.schedule.poll_at_start {
+            cycles.catch_up(store.clone(), &config.schedule);
+        }
         crate::daemon::sdnotify::notify("READY=1");
         let failure = tokio::select! {
             // First: every task ends once shutdown is signalled, and that end is no failure.
@@ -342,9 +360,17 @@ impl Services {
         app: Option<Arc<crate::daemon::app_token::AppAuth>>,
     ) -> anyhow::Result<(Services, tokio::sync::mpsc::Receiver<ScheduleConfig>)> {
         let mut tasks = Supervisor::new();
+        // `POST /poll` (carpulse poll), behind the same web config as /metrics.
+        let control = crate::daemon::control::router(
+            s.poller.clone(),
+            s.store.clone(),
+            config.smartcar.api,
+            web.as_ref().is_some_and(|w| w.basic_auth()),
+            s.shutdown.clone(),
+        );
         let (m, h, stop) = (s.metrics.clone(), health.clone(), s.shutdown.clone());
         tasks.spawn("the metrics listener", async move {
-            let served = metrics::serve_with(listener, m, h, web, stop).await;
+            let served = metrics::serve_with(listener, m, h, web, control, stop).await;
             served.context("serving /metrics")
         });
         let token_task = TaskTracker::new();

@@ -89,6 +89,18 @@ impl Cycles {
         }
     }
 
+    /// Vehicles whose last reading is older than one period of a job are polled now, not at
+    /// its next run (which a daily cron puts up to a day away).
+    pub fn catch_up(&self, store: crate::store::Store, cfg: &ScheduleConfig) {
+        self.running.spawn(crate::daemon::control::catch_up(
+            self.poller.clone(),
+            store,
+            self.api,
+            cfg.clone(),
+            self.cancel.clone(),
+        ));
+    }
+
     fn start_cycle(&self, tick: Tick) {
         let (poller, cancel, gap) = (self.poller.clone(), self.cancel.clone(), self.charging_gap);
         self.running.spawn(async move {

@@ -739,7 +739,13 @@ impl Ledger {
         self.last.get(&(id.clone(), job)).copied().unwrap_or(0)
     }
 
-    pub fn used(&self, id: &VehicleId) -> u64 {
+    /// Calls this vehicle made in the month `now` falls in. Asked for a month the ledger has
+    /// not rolled into yet (no vehicle was admitted since the 1st), that is 0: the count kept
+    /// belongs to the month before, whether or not this vehicle is polled again.
+    pub fn used(&self, id: &VehicleId, now: UnixMillis) -> u64 {
+        if month_of(now) != self.month {
+            return 0;
+        }
         self.used.get(id).copied().unwrap_or(0)
     }
 }
@@ -760,12 +766,47 @@ mod ledger_tests {
         assert!(l.allows(&VehicleId("w".into()), 5, NOV_29));
         let december = NOV_29 + 3 * 86_400_000;
         assert!(l.allows(&v, 5, december), "a new month, a new budget");
-        assert_eq!(l.used(&v), 0);
+        assert_eq!(l.used(&v, december), 0);
         assert!(Ledger::new(None, HashMap::new(), NOV_29).allows(&v, u64::MAX / 2, NOV_29));
+    }
+
+    /// 2026-12-01T00:00:00Z: the first millisecond of December.
+    const DEC_1: UnixMillis = 1_796_083_200_000;
+
+    #[test]
+    fn the_month_rolls_over_for_vehicles_not_polled_since_the_1st() {
+        let (v, w) = (VehicleId("v".into()), VehicleId("w".into()));
+        let last_of_november = DEC_1 - 1;
+        let mut l = Ledger::new(Some(10), HashMap::from([(w.clone(), 4)]), NOV_29);
+        assert!(l.allows(&v, 6, last_of_november));
+        l.spend(&v, 6, last_of_november);
+        assert_eq!(l.used(&v, last_of_november), 6);
+        assert_eq!(l.used(&w, last_of_november), 4);
+        // Nobody has been polled in December yet: what November spent is not December's.
+        assert_eq!(
+            l.used(&v, DEC_1),
+            0,
+            "v at the first millisecond of December"
+        );
+        assert_eq!(l.used(&w, DEC_1), 0, "w, not polled since November");
+        assert_eq!(l.used(&w, DEC_1 + 20 * 86_400_000), 0);
+        // Another vehicle's poll rolls the ledger; w, still not polled, stays at 0, and v's
+        // full budget is there again.
+        let x = VehicleId("x".into());
+        assert!(l.allows(&x, 1, DEC_1 + 1));
+        l.spend(&x, 1, DEC_1 + 1);
+        assert_eq!(l.used(&x, DEC_1 + 1), 1);
+        assert_eq!(l.used(&w, DEC_1 + 1), 0);
+        assert!(l.allows(&v, 10, DEC_1 + 2));
+        // Asked about the month before after the roll, nothing is invented either.
+        assert_eq!(l.used(&x, last_of_november), 0);
     }
 
     #[test]
     fn month_boundaries_are_utc() {
+        assert_eq!(month_of(DEC_1 - 1), (2026, 11));
+        assert_eq!(month_of(DEC_1), (2026, 12));
+        assert_eq!(month_start(DEC_1 + 5), DEC_1);
         assert_eq!(month_of(NOV_29), (2026, 11));
         assert_eq!(month_start(NOV_29), 1_793_491_200_000); // 2026-11-01T00:00:00Z
     }

@@ -870,28 +870,35 @@ pub async fn serve(
     health: Health,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_with(listener, metrics, health, None, shutdown).await
+    serve_with(listener, metrics, health, None, Router::new(), shutdown).await
 }
 
-/// [`serve`] with the TLS and basic auth of `metrics.web_config_file`, when given.
+/// [`serve`] with the TLS and basic auth of `metrics.web_config_file`, when given, and the
+/// routes of `extra` (the daemon's `POST /poll`, [`crate::daemon::control`]) behind them too.
+/// Handlers learn the peer's address ([`crate::daemon::control::Peer`]).
 pub async fn serve_with(
     listener: TcpListener,
     metrics: Metrics,
     health: Health,
     web: Option<Arc<crate::daemon::webconfig::WebConfig>>,
+    extra: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    use crate::daemon::control::Peer;
     let mut app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(health_handler))
-        .with_state(ServerState { metrics, health });
+        .with_state(ServerState { metrics, health })
+        .merge(extra);
     let stop = async move { shutdown.cancelled().await };
     let Some(web) = web else {
+        let app = app.into_make_service_with_connect_info::<Peer>();
         return axum::serve(Guarded::new(listener), app)
             .with_graceful_shutdown(stop)
             .await;
     };
     app = web.layer(app);
+    let app = app.into_make_service_with_connect_info::<Peer>();
     match web.listener(listener)? {
         crate::daemon::webconfig::Listener::Plain(l) => {
             axum::serve(Guarded::new(l), app)

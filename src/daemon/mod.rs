@@ -7,11 +7,12 @@
 //! cannot answer; readings go to the store's writer and outcomes to [`metrics`], served (with
 //! [`webconfig`]'s TLS and basic auth) on the metrics listener. [`maintenance`] prunes and
 //! backs up the store while the daemon runs, [`reconfig`] applies SIGHUP, [`signals`] and
-//! [`sdnotify`] speak to the OS and systemd.
+//! [`sdnotify`] speak to the OS and systemd; [`control`] is `POST /poll` (poll now).
 
 pub mod app;
 pub mod app_token;
 pub mod connections_sync;
+pub mod control;
 pub mod cycles;
 pub mod discovery;
 pub mod gate;

@@ -117,11 +117,15 @@ pub struct Freshness {
     pub no_data_since: Option<UnixMillis>,
 }
 
-enum VehicleOutcome {
+/// What polling one vehicle for one job came to (readings handed to the writer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VehicleOutcome {
     Ok(usize),
     Failed(usize),
+    /// Its previous poll of this job was still running.
     Busy,
-    Skipped,
+    /// Not called, and why (the `reason` label of `carpulse_polls_skipped_total`).
+    Skipped(&'static str),
 }
 
 impl CycleReport {
@@ -136,7 +140,7 @@ impl CycleReport {
                 self.readings += n;
             }
             VehicleOutcome::Busy => self.busy += 1,
-            VehicleOutcome::Skipped => self.skipped += 1,
+            VehicleOutcome::Skipped(_) => self.skipped += 1,
         }
     }
 }
@@ -230,7 +234,24 @@ impl Poller {
     /// Polls every vehicle for `job` and waits for all of them. `cancel` abandons requests
     /// still in flight (shutdown); what was already fetched is still handed to the writer.
     pub async fn cycle(self: &Arc<Self>, job: Job, cancel: CancellationToken) -> CycleReport {
-        self.cycle_of(job, self.vehicles(), cancel).await
+        self.cycle_of(job, self.vehicles(), self.spread(job), cancel)
+            .await
+    }
+
+    /// Polls the vehicles among `ids` for `job` now, unspread (the catch-up at start: their
+    /// last reading is older than a period of the job, see [`crate::daemon::control`]).
+    pub async fn cycle_now(
+        self: &Arc<Self>,
+        job: Job,
+        ids: &HashSet<VehicleId>,
+        cancel: CancellationToken,
+    ) -> CycleReport {
+        let due = self
+            .vehicles()
+            .into_iter()
+            .filter(|v| ids.contains(&v.id))
+            .collect();
+        self.cycle_of(job, due, Duration::ZERO, cancel).await
     }
 
     /// The charging cadence: polls only vehicles that were plugged in at their last charge
@@ -263,17 +284,17 @@ impl Poller {
                     .is_none_or(|at| at <= recent)
             })
             .collect();
-        self.cycle_of(job, due, cancel).await
+        self.cycle_of(job, due, self.spread(job), cancel).await
     }
 
     async fn cycle_of(
         self: &Arc<Self>,
         job: Job,
         vehicles: Vec<PolledVehicle>,
+        spread: Duration,
         cancel: CancellationToken,
     ) -> CycleReport {
         let started = Instant::now();
-        let spread = self.spread(job);
         // A time-ordered queue: each vehicle at its own fixed offset inside the spread window,
         // so a tick is not a burst (Smartcar's app-wide limit, the pool, the writer).
         let mut queue: Vec<(Duration, PolledVehicle)> = vehicles
@@ -384,6 +405,20 @@ impl Poller {
             "poll cycle done"
         );
         report
+    }
+
+    /// Polls one vehicle for `job` now, outside any cycle (`carpulse poll`): through the same
+    /// gates, budget, pool and busy rule as a scheduled poll, with no spread delay. `None`:
+    /// the vehicle is not one this poller polls (unknown, disabled, or held by its connection).
+    pub async fn poll_one(
+        &self,
+        id: &VehicleId,
+        job: Job,
+        cancel: CancellationToken,
+    ) -> Option<VehicleOutcome> {
+        let v = self.vehicles().into_iter().find(|v| &v.id == id)?;
+        let span = tracing::info_span!("poll", vehicle = %v.id, job = job_label(job), now = true);
+        Some(self.poll_vehicle(&v, job, cancel).instrument(span).await)
     }
 
     /// Workers a cycle of `due` vehicles starts with, between `poll.concurrency` and
@@ -561,7 +596,7 @@ impl Poller {
         self.ledger
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .used(id)
+            .used(id, now_ms())
     }
 
     /// Adopts the store's blocked endpoints and pauses (see [`Gates::adopt_blocks`]).
@@ -642,7 +677,7 @@ impl Poller {
                     .polls_skipped
                     .with_label_values(&[job_label(job), skip.label()])
                     .inc();
-                return VehicleOutcome::Skipped;
+                return VehicleOutcome::Skipped(skip.label());
             }
         };
         // The permit bounds concurrent requests; closed only if the poller is dropped.
@@ -698,7 +733,7 @@ impl Poller {
                         .with_label_values(&[v.id.0.as_str()])
                         .set(0.0);
                 }
-                return VehicleOutcome::Skipped;
+                return VehicleOutcome::Skipped(reason);
             }
             Err(Failure::Token(e)) => {
                 failed = true;

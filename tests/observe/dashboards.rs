@@ -312,7 +312,11 @@ fn the_fleet_dashboard_covers_what_issue_10_lists() {
         "carpulse_app_token_expiry_timestamp_seconds",
         "battery_history",
         "charge_history",
-        "odometer_history",
+        // The history dashboard reads the rollups where they exist (issue 10): odometer per
+        // day, hourly battery beside the raw readings, charging sessions.
+        "odometer_daily",
+        "battery_hourly",
+        "charge_sessions",
         "poll_events",
     ] {
         assert!(all.contains(family), "no panel shows {family}");

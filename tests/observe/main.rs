@@ -5,6 +5,8 @@
 //! - `cli`: read commands with `--db` and no credentials, a closed pipe, vehicle names,
 //!   times, `status` on a running and a stopped daemon (the demo's store).
 //! - `connect`: `connect --paste` and a taken callback port.
+//! - `poll`: `carpulse poll` in-process and through a running daemon, and the poll at start
+//!   of `carpulse run`.
 //! - `sql`: every SQL query of the README and of the Grafana history dashboard against a
 //!   seeded store, with the rows they must return.
 //! - `dashboards`: the Grafana JSON and provisioning files as Grafana loads them.
@@ -18,6 +20,7 @@ mod common;
 mod cli;
 mod connect;
 mod dashboards;
+mod poll;
 mod prometheus;
 mod rules;
 mod seed;

@@ -12,6 +12,9 @@
 //! - C `cccc3333-…` HYUNDAI IONIQ 5 2023: battery only in the last few hours (the README's
 //!   "last 24 h" query), falling: 60 and 50 % in one hour, 40 % in the next.
 //!
+//! - D `dddd4444-…` CITROËN 2CV 'Charleston' 1986: an apostrophe in its model (Grafana's
+//!   `$vehicle` must survive it); one battery reading, 03-03 06:00, 33 % and 99 km.
+//!
 //! Poll events: two failures of A (03-01 and 03-02) among ok ones, and a poll of A an hour
 //! and more ago (battery ok, charge rate_limited).
 
@@ -24,6 +27,7 @@ use carpulse::store::{queries, Store, WriteItem};
 pub const A: &str = "aaaa1111-0000-4000-8000-000000000001";
 pub const B: &str = "bbbb2222-0000-4000-8000-000000000002";
 pub const C: &str = "cccc3333-0000-4000-8000-000000000003";
+pub const D: &str = "dddd4444-0000-4000-8000-000000000004";
 
 /// 2026-03-01T00:00:00Z in unix ms.
 pub const DAY1: i64 = 1_772_323_200_000;
@@ -103,6 +107,7 @@ pub async fn seed(path: &std::path::Path, now: i64) {
                 (A, "TESLA", "Model 3", 2021),
                 (B, "VOLKSWAGEN", "ID.4", 2023),
                 (C, "HYUNDAI", "IONIQ 5", 2023),
+                (D, "CITROËN", "2CV 'Charleston'", 1986),
             ] {
                 queries::upsert_vehicle(
                     c,
@@ -162,6 +167,8 @@ pub async fn seed(path: &std::path::Path, now: i64) {
         battery(C, r + 10 * 60_000, 60.0, 300.0),
         battery(C, r + 40 * 60_000, 50.0, 250.0),
         battery(C, r + HOUR + 5 * 60_000, 40.0, 200.0),
+        // D
+        battery(D, h(2, 6), 33.0, 99.0),
         // events
         event(A, h(0, 8), "battery", "ok", None),
         event(

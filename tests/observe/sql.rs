@@ -142,17 +142,25 @@ async fn every_readme_query_returns_the_expected_rows() {
     assert!(one_liners >= 1);
 }
 
-/// Grafana's variables, as Grafana fills them: `$__from`/`$__to` in ms, `${vehicle:singlequote}`
-/// as the chosen texts, quoted and comma-separated.
+/// Grafana's variables, as Grafana fills them: `$__from`/`$__to` in ms, `$vehicle` as the chosen
+/// texts, quoted and comma-separated: `${vehicle:sqlstring}` doubles an apostrophe in a value
+/// (SQL's own quoting); `${vehicle:singlequote}` puts a backslash before it, which SQLite does
+/// not read as an escape (a name with an apostrophe broke the query).
 fn fill(sql: &str, from: i64, to: i64, vehicles: &[&str]) -> String {
-    let list = vehicles
-        .iter()
-        .map(|v| format!("'{v}'"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let quoted = |escape: &dyn Fn(&str) -> String| {
+        vehicles
+            .iter()
+            .map(|v| format!("'{}'", escape(v)))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     sql.replace("$__from", &from.to_string())
         .replace("$__to", &to.to_string())
-        .replace("${vehicle:singlequote}", &list)
+        .replace("${vehicle:sqlstring}", &quoted(&|v| v.replace('\'', "''")))
+        .replace(
+            "${vehicle:singlequote}",
+            &quoted(&|v| v.replace('\'', "\\'")),
+        )
 }
 
 #[tokio::test]
@@ -160,8 +168,34 @@ async fn every_history_dashboard_query_returns_the_expected_rows() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("carpulse.db");
     seed::seed(&db, carpulse::domain::now_ms()).await;
+    check_history_dashboard(&db, false);
+    // The same numbers once retention has summarised every raw reading older than a day into
+    // the rollups (hourly battery, daily odometer, charging sessions): the dashboard reads
+    // them where the raw readings are gone. Only the charging timeline is raw-only.
+    let pruned = dir.path().join("pruned.db");
+    std::fs::copy(&db, &pruned).unwrap();
+    let mut c = rusqlite::Connection::open(&pruned).unwrap();
+    let policy = carpulse::store::retention::Policy {
+        readings: Some(std::time::Duration::from_secs(86_400)),
+        ok_poll_events: None,
+        other_poll_events: None,
+    };
+    carpulse::store::retention::run_all(&mut c, &policy, carpulse::domain::now_ms()).unwrap();
+    drop(c);
+    assert_eq!(
+        run(&pruned, "SELECT count(*) FROM battery_history WHERE vehicle_id <> 'cccc3333-0000-4000-8000-000000000003'"),
+        rows(&[&["0"]]),
+        "retention summarised the March readings"
+    );
+    check_history_dashboard(&pruned, true);
+}
+
+fn check_history_dashboard(db: &std::path::Path, pruned: bool) {
+    let db = db.to_path_buf();
     let (ta, tb) = ("TESLA Model 3 (aaaa1111)", "VOLKSWAGEN ID.4 (bbbb2222)");
-    let all = [ta, tb, "HYUNDAI IONIQ 5 (cccc3333)"];
+    // An apostrophe in the model, as Grafana's variable passes it.
+    let td = "CITROËN 2CV 'Charleston' (dddd4444)";
+    let all = [ta, tb, "HYUNDAI IONIQ 5 (cccc3333)", td];
     let (from, to) = (DAY1, DAY1 + 3 * DAY);
     let s = |ms: i64| (ms / 1000).to_string();
     let secs = |ms: i64| format!("{:?}", ms as f64 / 1000.0);
@@ -175,9 +209,10 @@ async fn every_history_dashboard_query_returns_the_expected_rows() {
         let title = q.at.split('"').nth(1).unwrap_or(&q.at).to_owned();
         let (vehicles, want): (&[&str], Vec<Vec<String>>) = match title.as_str() {
             // The variable: every vehicle, by make and model.
-            _ if q.at.contains("variable $vehicle") => {
-                (&[], rows(&[&["HYUNDAI IONIQ 5 (cccc3333)"], &[ta], &[tb]]))
-            }
+            _ if q.at.contains("variable $vehicle") => (
+                &[],
+                rows(&[&[td], &["HYUNDAI IONIQ 5 (cccc3333)"], &[ta], &[tb]]),
+            ),
             "State of charge" => (
                 &[ta],
                 [
@@ -204,6 +239,7 @@ async fn every_history_dashboard_query_returns_the_expected_rows() {
                     .map(|(d, hr, v)| vec![secs(h(*d, *hr)), (*v).to_owned(), tb.to_owned()])
                     .collect(),
             ),
+            "Charging" if pruned => (&[ta], vec![]),
             "Charging" => (
                 &[ta],
                 [
@@ -284,6 +320,15 @@ async fn every_history_dashboard_query_returns_the_expected_rows() {
         };
         let sql = fill(&q.text, from, to, vehicles);
         assert_eq!(run(&db, &sql), want, "{}\n{sql}", q.at);
+        // The vehicle with an apostrophe in its name, chosen alone.
+        let only_d = run(&db, &fill(&q.text, from, to, &[td]));
+        let want_d = match title.as_str() {
+            "State of charge" => vec![vec![secs(h(2, 6)), "33.0".into(), td.into()]],
+            "Range" => vec![vec![secs(h(2, 6)), "99.0".into(), td.into()]],
+            _ if q.at.contains("variable $vehicle") => only_d.clone(),
+            _ => vec![],
+        };
+        assert_eq!(only_d, want_d, "{}: $vehicle = {td:?}", q.at);
         // The time range applies: nothing from the week before.
         if !q.at.contains("variable") {
             let before = fill(&q.text, DAY1 - 7 * DAY, DAY1 - DAY, vehicles);
