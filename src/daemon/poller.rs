@@ -23,6 +23,10 @@ use crate::smartcar::error::{ApiError, ErrorKind};
 use crate::smartcar::{Capabilities, EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::store::{Store, WriteItem};
 
+/// Polls one runtime thread completes a millisecond at most (the daemon's CPU per poll is
+/// ~0.1 ms; see BENCHMARKS.md): what [`Poller::useful_workers`] sizes the pool by.
+const POLLS_PER_MS: usize = 10;
+
 /// How often a cycle checks whether its next vehicle is overdue (and adds workers).
 const GROW_CHECK: Duration = Duration::from_millis(250);
 
@@ -369,7 +373,7 @@ impl Poller {
                         tokio::time::Instant::now().saturating_duration_since(start + *offset)
                             > late_after(spread)
                     });
-                    if overdue && workers < max {
+                    if overdue && workers < max.min(self.useful_workers()) {
                         let more = workers.min(max - workers);
                         for _ in 0..more {
                             spawn_worker(&mut tasks);
@@ -448,7 +452,6 @@ impl Poller {
         }
         let last = self.pacing.lock().unwrap_or_else(|p| p.into_inner())[job_index(job)];
         let wanted = match last {
-            _ if spread.is_zero() => due,
             // The first cycle starts small and grows while it falls behind (see cycle_of).
             None => concurrency,
             // It grew within the cycle; half of that is where the next starts growing from.
@@ -456,6 +459,20 @@ impl Poller {
             Some((workers, false)) => workers - workers / 4,
         };
         wanted.clamp(concurrency, max).min(due.max(1))
+    }
+
+    /// The most workers that can help at the latency Smartcar answers with: one thread
+    /// completes at most [`POLLS_PER_MS`] polls a millisecond, so past `latency × that` more
+    /// requests in flight only queue (here or at the server) and cost a connection each. With
+    /// Smartcar's 3-45 s that is never the bound (`poll.max_in_flight` is); against a server
+    /// answering in a millisecond it keeps a tick due all at once from opening a thousand
+    /// connections (the fleet benchmark's ceiling).
+    fn useful_workers(&self) -> usize {
+        let (_, concurrency) = *self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        let latency_ms = self.latency_ms.load(std::sync::atomic::Ordering::Relaxed);
+        (latency_ms as usize)
+            .saturating_mul(POLLS_PER_MS)
+            .max(concurrency)
     }
 
     /// Remembers how a cycle kept time: late when a poll started more than a quarter of the
