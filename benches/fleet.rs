@@ -231,7 +231,15 @@ async fn run(p: Params) -> anyhow::Result<()> {
     let mut perf = match std::env::var("FLEET_PROFILE") {
         Ok(out) => Some(
             Command::new("perf")
-                .args(["record", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384"])
+                .args([
+                    "record",
+                    "-e",
+                    "cpu-clock",
+                    "-F",
+                    "999",
+                    "--call-graph",
+                    "dwarf,16384",
+                ])
                 .args(["-p", &pid.to_string(), "-o", &out, "--", "sleep"])
                 .arg(p.seconds.to_string())
                 .stdout(Stdio::null())
