@@ -339,20 +339,20 @@ async fn run(p: &Params) -> anyhow::Result<Vec<Figure>> {
             figures.push(("cpu", (cpu1 - cpu0) / window * 100.0, "% of a core"));
         }
         Scenario::Ceiling | Scenario::Latency => {
-            // The first tick warms connections up; the second is measured from its first
-            // stored poll to its last.
-            let first_tick = polls().await;
-            let measured_from = first_tick.max(1.0).ceil();
-            wait_for(&polls, measured_from + n - 1.0, 180).await?;
-            let start = wait_for(&polls, measured_from + n, 180).await?;
+            // The first tick (the poll at start) warms connections up. Once every vehicle was
+            // polled and the count stood still (the tick is over), the next tick is measured
+            // from its first stored poll to its last.
+            wait_for(&polls, n, 300).await?;
+            let base = wait_still(&polls, Duration::from_secs(2), 300).await?;
+            wait_for(&polls, base + 1.0, 300).await?;
             let t0 = Instant::now();
             let mut perf = perf_for(p.seconds)?;
             let (cpu0, _, _) = sample(pid)?;
-            let end = wait_for(&polls, start + n - 1.0, 180).await?;
+            let end = wait_for(&polls, base + n, 300).await?;
             let took = t0.elapsed().as_secs_f64();
             let (cpu1, _, _) = sample(pid)?;
             finish_profile(perf.as_mut())?;
-            let done = end - start;
+            let done = end - base;
             figures.push(("tick: every vehicle polled in", took, "s"));
             figures.push(("stored polls per second", done / took, "/s"));
             figures.push(("cpu per stored poll", per_poll_us(cpu1 - cpu0, done), "us"));
@@ -408,6 +408,28 @@ where
             bail!("stored polls reached {now}, not {target}, within {seconds} s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the counter has not moved for `still`; returns its value then.
+async fn wait_still<F, Fut>(polls: &F, still: Duration, seconds: u64) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut last = (polls().await, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = polls().await;
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() >= still {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            bail!("stored polls never stood still for {still:?} within {seconds} s");
+        }
     }
 }
 
