@@ -714,9 +714,12 @@ fn validate(
     )?;
     let spread = match &raw.schedule.spread {
         None => None,
-        Some(s) => Some(
-            parse_duration(s.get_ref()).or_else(|e| o.err("schedule.spread", Some(s.span()), e))?,
-        ),
+        Some(_) => Some(duration_or(
+            &raw.schedule.spread,
+            Duration::ZERO,
+            "schedule.spread",
+            o,
+        )?),
     };
     if spread.is_some_and(|s| s > Duration::from_secs(3600)) {
         return o.err(

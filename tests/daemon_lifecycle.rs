@@ -20,15 +20,11 @@ fn battery_rows(db: &std::path::Path, vehicle: &str) -> i64 {
 
 /// Waits (30 s at most) until the vehicle has at least `n` battery rows.
 async fn rows_reach(db: &std::path::Path, vehicle: &str, n: i64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while battery_rows(db, vehicle) < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{vehicle}: {} battery rows, not {n}, within 30 s",
-            battery_rows(db, vehicle)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{vehicle}: {n} battery rows");
+    wait_for(&what, Duration::from_secs(30), || async {
+        battery_rows(db, vehicle) >= n
+    })
+    .await;
 }
 
 async fn vehicle_ids(http: &reqwest::Client, base: &str, user: usize) -> Vec<String> {
