@@ -530,6 +530,7 @@ fn token_server() -> TokenServer {
         unit_system: UnitSystem::Metric,
         timeout: std::time::Duration::from_secs(10),
         v3_page_size: None,
+        max_in_flight: carpulse::config::DEFAULT_MAX_IN_FLIGHT,
     })
     .unwrap();
     TokenServer { rt, answer, client }

@@ -145,6 +145,7 @@ async fn start(
         unit_system: units,
         timeout,
         v3_page_size: None,
+        max_in_flight: carpulse::config::DEFAULT_MAX_IN_FLIGHT,
     })
     .unwrap();
     Harness { client, seen }
@@ -385,6 +386,7 @@ async fn token_endpoint_outages_are_transient() {
         unit_system: UnitSystem::Metric,
         timeout: Duration::from_secs(5),
         v3_page_size: None,
+        max_in_flight: carpulse::config::DEFAULT_MAX_IN_FLIGHT,
     })
     .unwrap();
     let err = client.refresh(&Secret::new("r-net")).await.unwrap_err();
@@ -1002,6 +1004,7 @@ fn client_futures_are_send() {
         unit_system: UnitSystem::Metric,
         timeout: Duration::from_secs(1),
         v3_page_size: None,
+        max_in_flight: carpulse::config::DEFAULT_MAX_IN_FLIGHT,
     })
     .unwrap();
     let token = Secret::new(ACCESS);

@@ -59,6 +59,7 @@ pub fn client_config(cfg: &Config) -> ClientConfig {
         unit_system: sc.unit_system,
         timeout: cfg.poll.timeout,
         v3_page_size: sc.v3_page_size,
+        max_in_flight: cfg.poll.max_in_flight,
     }
 }
 

@@ -134,6 +134,8 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// `pageSize` asked of the v3 signal list (None: the server's default).
     pub v3_page_size: Option<u32>,
+    /// `poll.max_in_flight`: idle connections kept per host (see [`SmartcarClient::new`]).
+    pub max_in_flight: usize,
 }
 
 /// Who a Vehicle API request is made for.
@@ -275,13 +277,6 @@ fn trim_base(url: &str) -> String {
     url.trim().trim_end_matches('/').to_string()
 }
 
-/// Idle connections the HTTP client keeps per host (issue 11: file descriptors are shared
-/// with the metrics listener and the store, and the unit allows 16,384). As many as the
-/// default `poll.max_in_flight`: a pool smaller than the polls in flight closes and reopens
-/// connections between a tick's polls, and the fleet benchmark's 10,000 vehicles at 3-8 s
-/// took twice as long per tick with 64.
-const POOL_IDLE_PER_HOST: usize = crate::config::DEFAULT_MAX_IN_FLIGHT;
-
 impl SmartcarClient {
     /// Builds the client; fails on a malformed URL or when TLS cannot initialise.
     pub fn new(cfg: ClientConfig) -> anyhow::Result<Self> {
@@ -293,9 +288,12 @@ impl SmartcarClient {
             // the code or refresh token elsewhere); the Vehicle API never redirects either,
             // so one redirect-free client serves both.
             .redirect(reqwest::redirect::Policy::none())
-            // Bounded pool: idle connections kept for reuse cost a descriptor each; the busy
-            // ones are bounded by poll.max_in_flight. Smartcar is one or two hosts.
-            .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
+            // Bounded pool (Smartcar is one or two hosts): idle connections kept per host, as
+            // many as polls in flight (`poll.max_in_flight`, which also bounds the busy ones;
+            // each costs a descriptor, within the unit's 16,384). A smaller pool closes and
+            // reopens connections between a tick's polls: at 64, the fleet benchmark's 10,000
+            // vehicles at 3-8 s took twice as long per tick.
+            .pool_max_idle_per_host(cfg.max_in_flight.max(1))
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .context("building the HTTP client")?;
