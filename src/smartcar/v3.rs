@@ -76,7 +76,7 @@ const READ: [&str; 7] = [
 #[derive(serde::Deserialize)]
 struct PageDto<'a> {
     #[serde(borrow)]
-    data: Vec<ItemDto<'a>>,
+    data: ItemsDto<'a>,
     #[serde(borrow, default)]
     links: Option<LinksDto<'a>>,
     #[serde(default)]
@@ -99,6 +99,69 @@ struct ItemDto<'a> {
     body: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow, default)]
     meta: Option<&'a serde_json::value::RawValue>,
+}
+
+/// `data` of a listing page: the items carpulse reads, kept as they arrive (borrowed, their
+/// values unparsed), and how many items there were. The others are dropped as they are read,
+/// never gathered into a list of every item.
+struct ItemsDto<'a> {
+    read: Vec<ItemDto<'a>>,
+    count: usize,
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for ItemsDto<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = ItemsDto<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of signals")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = ItemsDto {
+                    read: Vec::with_capacity(READ.len()),
+                    count: 0,
+                };
+                while let Some(item) = seq.next_element::<ItemDto<'de>>()? {
+                    out.count += 1;
+                    if item.read_code().is_some() {
+                        out.read.push(item);
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(Visit(std::marker::PhantomData))
+    }
+}
+
+impl ItemDto<'_> {
+    /// The item's code when it is one carpulse reads (`attributes.code`, else `code`, else
+    /// `id`, as the tolerant parser picks it).
+    fn read_code(&self) -> Option<&str> {
+        let code = self
+            .attributes
+            .as_ref()
+            .and_then(|a| a.code.as_deref())
+            .or(self.code.as_deref())
+            .or(self.id.as_deref())?
+            .trim();
+        READ.iter()
+            .any(|c| c.eq_ignore_ascii_case(code))
+            .then_some(code)
+    }
+}
+
+/// A signal's `status`, typed: only a failed signal's `error` becomes a value.
+#[derive(serde::Deserialize)]
+struct StatusDto<'a> {
+    #[serde(borrow, default)]
+    value: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    error: Option<Value>,
 }
 
 #[derive(serde::Deserialize)]
@@ -147,26 +210,26 @@ pub fn parse_signals_bytes(
     fetched_at: UnixMillis,
     request_id: Option<&str>,
 ) -> Option<SignalsPage> {
-    let page: PageDto<'_> = serde_json::from_slice(body).ok()?;
+    // Validated as UTF-8 once, here: parsed from a `str`, serde_json neither re-validates each
+    // raw value it hands back nor each string (from a byte slice it did both, a second pass
+    // over most of the listing).
+    let body = std::str::from_utf8(body).ok()?;
+    let page: PageDto<'_> = serde_json::from_str(body).ok()?;
     let raw = |r: Option<&serde_json::value::RawValue>| -> Option<Value> {
         r.and_then(|r| serde_json::from_str(r.get()).ok())
     };
-    let items = page.data.len();
-    let mut signals = Vec::with_capacity(READ.len());
-    for item in page.data {
-        let attrs = item.attributes.as_ref();
-        let Some(code) = attrs
-            .and_then(|a| a.code.as_deref())
-            .or(item.code.as_deref())
-            .or(item.id.as_deref())
-        else {
+    let items = page.data.count;
+    let mut signals = Vec::with_capacity(page.data.read.len());
+    for item in &page.data.read {
+        let Some(code) = item.read_code() else {
             continue;
         };
-        let code = code.trim();
-        if !READ.iter().any(|c| c.eq_ignore_ascii_case(code)) {
-            continue;
-        }
-        let status = raw(attrs.and_then(|a| a.status).or(item.status));
+        let attrs = item.attributes.as_ref();
+        // A status that is not the documented object: the tolerant parser decides.
+        let status = match attrs.and_then(|a| a.status).or(item.status) {
+            Some(r) => Some(serde_json::from_str::<StatusDto<'_>>(r.get()).ok()?),
+            None => None,
+        };
         let body = raw(attrs.and_then(|a| a.body).or(item.body)).unwrap_or(Value::Null);
         // Only `oemUpdatedAt` of a signal's meta is read; the rest is skipped unparsed.
         let recorded = item
@@ -177,7 +240,8 @@ pub fn parse_signals_bytes(
             .and_then(|v| parse_epoch_value(&v));
         signals.push(signal_from_parts(
             code,
-            status.as_ref(),
+            status.as_ref().and_then(|s| s.value.as_deref()),
+            status.as_ref().and_then(|s| s.error.as_ref()),
             body,
             recorded,
             fetched_at,
@@ -257,6 +321,10 @@ fn parse_signal(s: &Value, fetched_at: UnixMillis, request_id: Option<&str>) -> 
         .or_else(|| s.get("id"))
         .and_then(Value::as_str)?;
     let status = attrs.get("status").or_else(|| s.get("status"));
+    let status_value = status
+        .and_then(|st| st.get("value"))
+        .and_then(Value::as_str);
+    let error = status.and_then(|st| st.get("error"));
     let body = attrs
         .get("body")
         .or_else(|| s.get("body"))
@@ -268,25 +336,31 @@ fn parse_signal(s: &Value, fetched_at: UnixMillis, request_id: Option<&str>) -> 
         .and_then(|m| m.get("oemUpdatedAt"))
         .and_then(parse_epoch_value);
     Some(signal_from_parts(
-        code, status, body, recorded, fetched_at, request_id,
+        code,
+        status_value,
+        error,
+        body,
+        recorded,
+        fetched_at,
+        request_id,
     ))
 }
 
 /// One signal from its parts, however the listing carried them (the tolerant tree parser and
 /// the fast byte parser both end here).
+///
+/// `status_value` is `status.value` when it is a string, `error` is `status.error`.
 fn signal_from_parts(
     code: &str,
-    status: Option<&Value>,
+    status_value: Option<&str>,
+    error: Option<&Value>,
     body: Value,
     recorded: Option<UnixMillis>,
     fetched_at: UnixMillis,
     request_id: Option<&str>,
 ) -> Signal {
     let code = code.trim().to_ascii_lowercase();
-    let status_value = status
-        .and_then(|st| st.get("value"))
-        .and_then(Value::as_str)
-        .unwrap_or("SUCCESS");
+    let status_value = status_value.unwrap_or("SUCCESS");
     // UNAVAILABLE (smartcar-api.md §10.4): no reading this time, nothing wrong.
     if status_value.eq_ignore_ascii_case("UNAVAILABLE") {
         return Signal {
@@ -302,7 +376,7 @@ fn signal_from_parts(
     }
     let failed = status_value.eq_ignore_ascii_case("ERROR");
     let error = failed.then(|| {
-        let e = status.and_then(|st| st.get("error"));
+        let e = error;
         let field = |k: &str| {
             e.and_then(|e| e.get(k))
                 .and_then(Value::as_str)
