@@ -707,7 +707,10 @@ impl Poller {
             return VehicleOutcome::Failed(0);
         }
         let started = Instant::now();
-        let fetch = crate::smartcar::count_billed(self.fetch_with_auth_retry(v, job, &allowed));
+        // Boxed once here rather than copied through the select and the poll's own future.
+        let fetch = Box::pin(crate::smartcar::count_billed(
+            self.fetch_with_auth_retry(v, job, &allowed),
+        ));
         let (results, billed) = tokio::select! {
             (r, billed) = fetch => {
                 // Charged on admission at the estimate; what the poll really cost counts (a
