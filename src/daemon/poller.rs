@@ -36,6 +36,23 @@ fn late_after(spread: Duration) -> Duration {
     (spread / 4).max(Duration::from_secs(1))
 }
 
+/// When a cycle adds workers: its next vehicle is this overdue. Tighter than [`late_after`]
+/// (which only marks the cycle late for the next one's sizing): at a quarter of a 60 s window
+/// a tick at 3-8 s latency grew 15 s too late and ended ~7 s past its window (fleet bench).
+fn grow_after(spread: Duration) -> Duration {
+    late_after(spread).min(Duration::from_secs(2))
+}
+
+/// Workers a tick of `due` vehicles over `spread` needs at `latency_ms` per poll: the due rate
+/// times the latency (Little's law), with a quarter to spare; 0 for a burst (`spread` zero,
+/// sized by [`Poller::useful_workers`] instead).
+fn workers_needed(due: usize, spread: Duration, latency_ms: f64) -> usize {
+    if spread.is_zero() {
+        return 0;
+    }
+    (due as f64 * latency_ms / spread.as_millis() as f64 * 1.25).ceil() as usize
+}
+
 /// A vehicle the poller polls.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolledVehicle {
@@ -371,7 +388,7 @@ impl Poller {
                     let i = next.load(std::sync::atomic::Ordering::Relaxed);
                     let overdue = queue.get(i).is_some_and(|(offset, _)| {
                         tokio::time::Instant::now().saturating_duration_since(start + *offset)
-                            > late_after(spread)
+                            > grow_after(spread)
                     });
                     if overdue && workers < max.min(self.useful_workers()) {
                         let more = workers.min(max - workers);
@@ -405,6 +422,8 @@ impl Poller {
             skipped = report.skipped,
             readings = report.readings,
             workers,
+            // How late the latest-starting poll was against its vehicle's due time.
+            late_ms,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "poll cycle done"
         );
@@ -458,7 +477,10 @@ impl Poller {
             Some((workers, true)) => workers / 2,
             Some((workers, false)) => workers - workers / 4,
         };
-        wanted.clamp(concurrency, max).min(due.max(1))
+        // What the due rate needs at the latency seen so far, from the start of the tick
+        // rather than after it fell behind.
+        let needed = workers_needed(due, spread, latency_ms).min(self.useful_workers());
+        wanted.max(needed).clamp(concurrency, max).min(due.max(1))
     }
 
     /// The most workers that can help at the latency Smartcar answers with: one thread
@@ -1318,6 +1340,24 @@ fn event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tick_is_sized_by_its_due_rate_times_the_latency() {
+        // 10,000 due over 60 s at 5.5 s: ~917 in flight on average, a quarter more to spare.
+        assert_eq!(
+            workers_needed(10_000, Duration::from_secs(60), 5_500.0),
+            1146
+        );
+        // The same fleet answering in 2 ms over 10 s needs a few workers only.
+        assert_eq!(workers_needed(10_000, Duration::from_secs(10), 2.0), 3);
+        // A burst is sized by the latency alone (useful_workers), not by a rate.
+        assert_eq!(workers_needed(10_000, Duration::ZERO, 5_500.0), 0);
+        // Growth starts within two seconds of a missed due time, sooner than a quarter of
+        // a long window.
+        assert_eq!(grow_after(Duration::from_secs(60)), Duration::from_secs(2));
+        assert_eq!(grow_after(Duration::ZERO), Duration::from_secs(1));
+        assert_eq!(late_after(Duration::from_secs(60)), Duration::from_secs(15));
+    }
 
     #[test]
     fn offsets_are_stable_spread_and_inside_the_window() {
