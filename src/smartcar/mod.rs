@@ -438,13 +438,15 @@ impl SmartcarClient {
         only: &[&str],
     ) -> Result<Vec<EndpointResult>, ApiError> {
         let token = ctx.access_token.expose();
+        // Boxed: a job's fetch is ~6 KB of future, which every level above it (the task
+        // local, the timeout, the retry) would otherwise hold inline and copy when moved.
         match api {
             ApiVersion::V2 => {
-                self.finished(token, v2::fetch(self, ctx, id, job, only))
+                self.finished(token, Box::pin(v2::fetch(self, ctx, id, job, only)))
                     .await
             }
             ApiVersion::V3 => {
-                self.finished(token, v3::fetch(self, ctx, id, job, only))
+                self.finished(token, Box::pin(v3::fetch(self, ctx, id, job, only)))
                     .await
             }
         }
