@@ -206,12 +206,114 @@ fn spent_so_far(cfg: &Config) -> anyhow::Result<Option<String>> {
     )))
 }
 
+/// How fast Smartcar answers, as the pace check assumes: typically ~10 s, at worst 45 s
+/// (smartcar-api.md: a request that wakes the car takes 3-45 s).
+const TYPICAL_LATENCY_S: f64 = 10.0;
+const WORST_LATENCY_S: f64 = 45.0;
+
+/// Whether `vehicles` can be polled on the schedule with `poll.max_in_flight` requests at
+/// once: per job, the requests in flight a tick needs to stay inside its spread window at a
+/// typical latency, how long it takes when that is more than the pool, and a warning when at
+/// the worst latency a tick would not finish before the next one (the daemon's log says the
+/// same at run time, from the latency it sees).
+pub fn pace(cfg: &Config, vehicles: u64, from: DateTime<Utc>) -> Result<String, String> {
+    let mut out = String::new();
+    let max = cfg.poll.max_in_flight.max(1) as f64;
+    let _ = writeln!(
+        out,
+        "pace for {vehicles} enabled vehicle(s), poll.max_in_flight = {} (Smartcar answers in \
+         3-45 s; ~{TYPICAL_LATENCY_S:.0} s assumed, {WORST_LATENCY_S:.0} s at worst):",
+        cfg.poll.max_in_flight
+    );
+    let n = vehicles as f64;
+    for (job, expr) in [
+        ("battery", &cfg.schedule.battery),
+        ("info", &cfg.schedule.info),
+    ] {
+        let cron = parse_cron(expr).map_err(|e| format!("schedule.{job}: {e}"))?;
+        let gap = cron
+            .find_next_occurrence(&from, false)
+            .and_then(|a| cron.find_next_occurrence(&a, false).map(|b| b - a))
+            .ok()
+            .and_then(|d| d.to_std().ok())
+            .unwrap_or_default()
+            .as_secs_f64();
+        let spread = cfg
+            .schedule
+            .spread
+            .unwrap_or_else(|| crate::daemon::poller::default_spread(expr))
+            .as_secs_f64();
+        // Little's law: the due rate (vehicles over the spread) times the latency.
+        let needed = if spread > 0.0 {
+            (n * TYPICAL_LATENCY_S / spread).ceil()
+        } else {
+            n
+        };
+        let typical = (n * TYPICAL_LATENCY_S / max).max(spread);
+        let worst = (n * WORST_LATENCY_S / max).max(spread);
+        let verdict = if gap > 0.0 && worst > gap {
+            format!(
+                "WARNING: at {WORST_LATENCY_S:.0} s a tick takes ~{}, longer than the {} between \
+                 ticks: raise poll.max_in_flight or slow schedule.{job}",
+                human(worst),
+                human(gap)
+            )
+        } else if needed > max {
+            format!(
+                "needs ~{needed:.0} in flight to keep within its {} spread; with {} a tick takes \
+                 ~{} (at worst ~{}), before the next one",
+                human(spread),
+                cfg.poll.max_in_flight,
+                human(typical),
+                human(worst)
+            )
+        } else {
+            format!(
+                "~{needed:.0} in flight keeps within its {} spread (at worst a tick takes ~{})",
+                human(spread),
+                human(worst)
+            )
+        };
+        let _ = writeln!(out, "  {job:<8} every {:<9} {verdict}", human(gap));
+    }
+    Ok(out)
+}
+
+/// Seconds as "45 s", "7.5 min" or "2.0 h".
+fn human(s: f64) -> String {
+    if s < 120.0 {
+        format!("{s:.0} s")
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+/// Enabled vehicles in the store, when there is one to read.
+fn enabled_vehicles(cfg: &Config) -> Option<u64> {
+    let c = crate::cli::report::open_read_only(&cfg.store.path).ok()?;
+    c.query_row("SELECT count(*) FROM vehicles WHERE enabled", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .ok()
+    .and_then(|n| u64::try_from(n).ok())
+    .filter(|n| *n > 0)
+}
+
 /// `carpulse plan [--force]`, written to `out`.
 pub fn run(cfg: &Config, force: bool, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     let (text, total) = plan(cfg, Utc::now()).map_err(|e| anyhow::anyhow!(e))?;
     out.write_all(text.as_bytes())?;
     if let Some(spent) = spent_so_far(cfg)? {
         writeln!(out, "{spent}")?;
+    }
+    if let Some(vehicles) = enabled_vehicles(cfg) {
+        out.write_all(
+            pace(cfg, vehicles, Utc::now())
+                .map_err(|e| anyhow::anyhow!(e))?
+                .as_bytes(),
+        )?;
     }
     let Some(budget) = cfg.budget.calls_per_vehicle_month else {
         writeln!(
@@ -247,6 +349,37 @@ pub fn run(cfg: &Config, force: bool, out: &mut dyn std::io::Write) -> anyhow::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fleet_config(battery: &str, max_in_flight: usize) -> Config {
+        let mut cfg = Config::defaults_for_reading(&crate::config::ProcessEnv);
+        cfg.schedule.battery = battery.to_owned();
+        cfg.schedule.info = "0 0 4 * * *".to_owned();
+        cfg.schedule.spread = None;
+        cfg.poll.max_in_flight = max_in_flight;
+        cfg
+    }
+
+    #[test]
+    fn pace_says_what_a_fleet_needs_in_flight_and_when_a_tick_cannot_finish() {
+        // 10,000 every 15 min over the default 60 s spread: ~1,667 in flight at 10 s, more
+        // than the default 1,024, yet a tick ends long before the next.
+        let p = pace(&fleet_config("0 */15 * * * *", 1024), 10_000, from()).unwrap();
+        assert!(
+            p.contains("pace for 10000 enabled vehicle(s), poll.max_in_flight = 1024"),
+            "{p}"
+        );
+        assert!(p.contains("battery  every 15.0 min  needs ~1667 in flight to keep within its 60 s spread; with 1024 a tick takes ~98 s (at worst ~7.3 min), before the next one"), "{p}");
+        assert!(!p.contains("WARNING"), "{p}");
+        // Every 5 min with 64 in flight: at 45 s a tick takes ~117 min, past the next tick.
+        let p = pace(&fleet_config("0 */5 * * * *", 64), 10_000, from()).unwrap();
+        assert!(p.contains("battery  every 5.0 min   WARNING: at 45 s a tick takes ~117.2 min, longer than the 5.0 min between ticks"), "{p}");
+        // A few cars fit easily.
+        let p = pace(&fleet_config("0 */15 * * * *", 1024), 3, from()).unwrap();
+        assert!(
+            p.contains("battery  every 15.0 min  ~1 in flight keeps within its 60 s spread"),
+            "{p}"
+        );
+    }
 
     fn from() -> DateTime<Utc> {
         DateTime::parse_from_rfc3339("2026-11-01T00:00:30Z")

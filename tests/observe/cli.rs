@@ -84,6 +84,13 @@ async fn read_commands_need_only_the_store() {
         plan.starts_with("calls per vehicle in a 30-day month"),
         "{plan}"
     );
+    // With a store, plan also says whether its vehicles (the seed's four enabled ones) fit the pace.
+    assert!(
+        plan.contains("pace for 4 enabled vehicle(s), poll.max_in_flight = 1024")
+            && plan
+                .contains("  battery  every 15.0 min  ~1 in flight keeps within its 60 s spread"),
+        "{plan}"
+    );
 
     // A config that names the store and holds no credentials (or names a secret file this
     // user cannot read) serves the read commands as well.
