@@ -437,7 +437,8 @@ fn tick_span(db: &Path, since: i64) -> anyhow::Result<f64> {
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     match (first, last) {
-        (Some(f), Some(l)) => Ok((l - f) as f64 / 1e3),
+        // A tick answered within one millisecond (a smoke run) still has a span to divide by.
+        (Some(f), Some(l)) => Ok(((l - f) as f64 / 1e3).max(1e-3)),
         _ => bail!("no poll in poll_log since {since}"),
     }
 }

@@ -231,27 +231,52 @@ pub fn pace(cfg: &Config, vehicles: u64, from: DateTime<Utc>) -> Result<String, 
         ("info", &cfg.schedule.info),
     ] {
         let cron = parse_cron(expr).map_err(|e| format!("schedule.{job}: {e}"))?;
-        let gap = cron
-            .find_next_occurrence(&from, false)
-            .and_then(|a| cron.find_next_occurrence(&a, false).map(|b| b - a))
-            .ok()
-            .and_then(|d| d.to_std().ok())
-            .unwrap_or_default()
-            .as_secs_f64();
+        // The shortest gap between two runs in the month ahead (an uneven cron's short gap is
+        // the one a slow tick overruns); counted run by run up to a bound.
+        let (mut gap, mut prev, mut t): (f64, Option<DateTime<Utc>>, _) =
+            (f64::INFINITY, None, from);
+        let end = from + ChronoDuration::days(MONTH_DAYS);
+        for _ in 0..10_000 {
+            let Ok(next) = cron.find_next_occurrence(&t, false) else {
+                break;
+            };
+            if next > end {
+                break;
+            }
+            if let Some(p) = prev {
+                gap = gap.min((next - p).num_milliseconds() as f64 / 1e3);
+            }
+            prev = Some(next);
+            t = next;
+        }
+        if !gap.is_finite() {
+            let _ = writeln!(
+                out,
+                "  {job:<8} runs at most once in the next {MONTH_DAYS} days: nothing to pace"
+            );
+            continue;
+        }
         let spread = cfg
             .schedule
             .spread
             .unwrap_or_else(|| crate::daemon::poller::default_spread(expr))
             .as_secs_f64();
-        // Little's law: the due rate (vehicles over the spread) times the latency.
+        // What the daemon starts a tick with: the due rate times the latency, a quarter to
+        // spare (all at once when there is no spread).
         let needed = if spread > 0.0 {
-            (n * TYPICAL_LATENCY_S / spread).ceil()
+            crate::daemon::poller::workers_needed(
+                vehicles as usize,
+                std::time::Duration::from_secs_f64(spread),
+                TYPICAL_LATENCY_S * 1e3,
+            ) as f64
         } else {
             n
         };
-        let typical = (n * TYPICAL_LATENCY_S / max).max(spread);
-        let worst = (n * WORST_LATENCY_S / max).max(spread);
-        let verdict = if gap > 0.0 && worst > gap {
+        // A tick lasts its spread, or as long as the pool needs for the fleet, plus the last
+        // answer's own latency.
+        let typical = (n * TYPICAL_LATENCY_S / max).max(spread) + TYPICAL_LATENCY_S;
+        let worst = (n * WORST_LATENCY_S / max).max(spread) + WORST_LATENCY_S;
+        let verdict = if worst > gap {
             format!(
                 "WARNING: at {WORST_LATENCY_S:.0} s a tick takes ~{}, longer than the {} between \
                  ticks: raise poll.max_in_flight or slow schedule.{job}",
@@ -361,22 +386,28 @@ mod tests {
 
     #[test]
     fn pace_says_what_a_fleet_needs_in_flight_and_when_a_tick_cannot_finish() {
-        // 10,000 every 15 min over the default 60 s spread: ~1,667 in flight at 10 s, more
+        // 10,000 every 15 min over the default 60 s spread: ~2,084 in flight at 10 s, more
         // than the default 1,024, yet a tick ends long before the next.
         let p = pace(&fleet_config("0 */15 * * * *", 1024), 10_000, from()).unwrap();
         assert!(
             p.contains("pace for 10000 enabled vehicle(s), poll.max_in_flight = 1024"),
             "{p}"
         );
-        assert!(p.contains("battery  every 15.0 min  needs ~1667 in flight to keep within its 60 s spread; with 1024 a tick takes ~98 s (at worst ~7.3 min), before the next one"), "{p}");
+        assert!(p.contains("battery  every 15.0 min  needs ~2084 in flight to keep within its 60 s spread; with 1024 a tick takes ~108 s (at worst ~8.1 min), before the next one"), "{p}");
         assert!(!p.contains("WARNING"), "{p}");
         // Every 5 min with 64 in flight: at 45 s a tick takes ~117 min, past the next tick.
         let p = pace(&fleet_config("0 */5 * * * *", 64), 10_000, from()).unwrap();
-        assert!(p.contains("battery  every 5.0 min   WARNING: at 45 s a tick takes ~117.2 min, longer than the 5.0 min between ticks"), "{p}");
+        assert!(p.contains("battery  every 5.0 min   WARNING: at 45 s a tick takes ~117.9 min, longer than the 5.0 min between ticks"), "{p}");
         // A few cars fit easily.
         let p = pace(&fleet_config("0 */15 * * * *", 1024), 3, from()).unwrap();
         assert!(
-            p.contains("battery  every 15.0 min  ~1 in flight keeps within its 60 s spread"),
+            p.contains("battery  every 15.0 min  ~1 in flight keeps within its 60 s spread (at worst a tick takes ~105 s)"),
+            "{p}"
+        );
+        // A cron that does not run twice in the month ahead has no pace to keep.
+        let p = pace(&fleet_config("0 0 0 1 1 *", 1024), 10_000, from()).unwrap();
+        assert!(
+            p.contains("battery  runs at most once in the next 30 days: nothing to pace"),
             "{p}"
         );
     }

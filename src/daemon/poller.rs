@@ -46,11 +46,13 @@ fn grow_after(spread: Duration) -> Duration {
 /// Workers a tick of `due` vehicles over `spread` needs at `latency_ms` per poll: the due rate
 /// times the latency (Little's law), with a quarter to spare; 0 for a burst (`spread` zero,
 /// sized by [`Poller::useful_workers`] instead).
-fn workers_needed(due: usize, spread: Duration, latency_ms: f64) -> usize {
-    if spread.is_zero() {
+pub(crate) fn workers_needed(due: usize, spread: Duration, latency_ms: f64) -> usize {
+    let spread_ms = spread.as_secs_f64() * 1e3;
+    if spread_ms <= 0.0 {
         return 0;
     }
-    (due as f64 * latency_ms / spread.as_millis() as f64 * 1.25).ceil() as usize
+    // A float cast saturates: absurd inputs give usize::MAX, clamped by the caller.
+    (due as f64 * latency_ms / spread_ms * 1.25).ceil() as usize
 }
 
 /// A vehicle the poller polls.
@@ -422,7 +424,7 @@ impl Poller {
             skipped = report.skipped,
             readings = report.readings,
             workers,
-            // How late the latest-starting poll was against its vehicle's due time.
+            // The most any poll of the cycle started after its vehicle's due time.
             late_ms,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "poll cycle done"
@@ -445,12 +447,13 @@ impl Poller {
     }
 
     /// Workers a cycle of `due` vehicles starts with, between `poll.concurrency` and
-    /// `poll.max_in_flight`: the job's first cycle starts at `poll.concurrency`; later ones
-    /// at what the last one ended with (it grows within a cycle that falls behind), a quarter
-    /// fewer when that one kept time, so the pool settles at the fewest that keep up. Sizing
-    /// by latency alone would overshoot when the server is the bottleneck (more requests in
-    /// flight only queue there, and each costs a connection's memory here). The latency
-    /// estimate still tells when even `poll.max_in_flight` cannot keep up.
+    /// `poll.max_in_flight`: the more of two answers. One is history: the job's first cycle
+    /// starts at `poll.concurrency`, later ones at what the last one ended with (it grows
+    /// within a cycle that falls behind), half when that one ran late, a quarter fewer when it
+    /// kept time, so the pool settles at the fewest that keep up. The other is the due rate
+    /// times the latency seen so far ([`workers_needed`], at most [`Self::useful_workers`]),
+    /// so a tick at seconds of latency does not start small and fall behind first. The
+    /// latency estimate also tells when even `poll.max_in_flight` cannot keep up.
     fn workers_for(&self, job: Job, due: usize, spread: Duration) -> usize {
         let (_, concurrency) = *self.limits.lock().unwrap_or_else(|p| p.into_inner());
         let max = self.max_in_flight.max(concurrency);
@@ -471,9 +474,11 @@ impl Poller {
         }
         let last = self.pacing.lock().unwrap_or_else(|p| p.into_inner())[job_index(job)];
         let wanted = match last {
-            // The first cycle starts small and grows while it falls behind (see cycle_of).
+            // The first cycle starts small (unless the rate below needs more) and grows while
+            // it falls behind (see cycle_of).
             None => concurrency,
-            // It grew within the cycle; half of that is where the next starts growing from.
+            // It ran late (its latest poll a quarter of the spread past due); half of what it
+            // grew to is where the next starts growing from.
             Some((workers, true)) => workers / 2,
             Some((workers, false)) => workers - workers / 4,
         };
