@@ -543,9 +543,13 @@ pub(crate) async fn listing(
     ctx: &RequestCtx<'_>,
     id: &VehicleId,
 ) -> Result<Listing, ApiError> {
-    let first = client.v3_url(&format!("/vehicles/{}/signals", id.0));
-    let mut url = Url::parse(&first)
-        .map_err(|e| ApiError::new(ErrorKind::Other, format!("bad signals URL: {e}")))?;
+    // Built from the base parsed at start (no parse of a formatted string per poll, which
+    // was ~1 % of a poll's CPU), the id as one percent-encoded path segment.
+    let mut url = client.v3_base().clone();
+    url.path_segments_mut()
+        .map_err(|()| ApiError::new(ErrorKind::Other, "the v3 base URL cannot take a path"))?
+        .pop_if_empty()
+        .extend(["vehicles", id.0.as_str(), "signals"]);
     // Later pages come from `links.next`, which carries the size the server settled on.
     if let Some(size) = client.v3_page_size() {
         url.query_pairs_mut()
