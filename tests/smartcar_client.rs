@@ -804,6 +804,35 @@ async fn v3_battery_job_follows_relative_next_links() {
 }
 
 #[tokio::test]
+async fn v3_a_vehicle_id_is_one_path_segment() {
+    // An id with a slash or a space stays one percent-encoded segment of the listing's path
+    // (never a path of its own, never a query).
+    let h = metric(|r| {
+        assert_eq!(r.path, "/v3/vehicles/veh%203%2Fx%3F/signals");
+        assert_eq!(r.query, "");
+        answer(
+            200,
+            json!({"data": [signal("tractionbattery-stateofcharge", json!({"unit":"percent","value":75}), json!(1752104118549_i64))],
+                   "links": {"next": null}}),
+        )
+    })
+    .await;
+    let token = Secret::new(ACCESS);
+    let out = h
+        .client
+        .fetch(
+            ApiVersion::V3,
+            &ctx(&token, Some("user-77")),
+            &vid("veh 3/x?"),
+            Job::Battery,
+        )
+        .await
+        .unwrap();
+    assert_eq!(h.requests().len(), 1);
+    assert!(matches!(out[0].result, Ok(Payload::Battery(_))), "{out:?}");
+}
+
+#[tokio::test]
 async fn v3_info_job_fetches_the_vehicle_when_not_included() {
     let h = metric(|r| match r.path.as_str() {
         "/v3/vehicles/veh-4/signals" => answer(
