@@ -207,7 +207,18 @@ fn print_run(p: &Params, run: usize, figures: &[Figure]) {
         p.per_vehicle
     );
     for (name, value, unit) in figures {
-        println!("  {name:<28} {value:>12.1} {unit}");
+        let d = decimals(*value);
+        println!("  {name:<28} {value:>12.d$} {unit}");
+    }
+}
+
+/// Decimals to print: one, but two under 1 (idle CPU is a few hundredths of a percent, and
+/// `/proc`'s 10 ms ticks resolve 0.05 % over a 20 s window).
+fn decimals(v: f64) -> usize {
+    if v.abs() < 1.0 {
+        2
+    } else {
+        1
     }
 }
 
@@ -218,8 +229,9 @@ fn print_summary(runs: &[Vec<Figure>]) {
         let mut v: Vec<f64> = runs.iter().filter_map(|r| r.get(i).map(|f| f.1)).collect();
         v.sort_by(f64::total_cmp);
         let median = v[v.len() / 2];
+        let d = decimals(median);
         println!(
-            "  {name:<28} {median:>12.1} {unit} ({:.1}-{:.1})",
+            "  {name:<28} {median:>12.d$} {unit} ({:.d$}-{:.d$})",
             v[0],
             v[v.len() - 1]
         );
@@ -362,10 +374,12 @@ async fn run(p: &Params) -> anyhow::Result<Vec<Figure>> {
             // The start's polls of every vehicle, then quiet.
             wait_for(&polls, n, 120).await?;
             tokio::time::sleep(Duration::from_secs(3)).await;
+            let mut perf = perf_for(p.seconds)?;
             let (cpu0, _, _) = sample(pid)?;
             let t0 = Instant::now();
             tokio::time::sleep(Duration::from_secs(p.seconds)).await;
             let (cpu1, _, _) = sample(pid)?;
+            finish_profile(perf.as_mut())?;
             figures.push((
                 "idle cpu",
                 (cpu1 - cpu0) / t0.elapsed().as_secs_f64() * 100.0,
