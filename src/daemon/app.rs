@@ -497,7 +497,7 @@ fn announce(
 
 /// `/healthz` and the budget gauge, every [`HEALTH_EVERY`].
 async fn health_loop(s: Shared, health: Health) -> anyhow::Result<()> {
-    let started = crate::domain::now_ms();
+    let mut check = crate::daemon::health::HealthCheck::new(crate::domain::now_ms());
     let mut every = tokio::time::interval(HEALTH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -508,15 +508,9 @@ async fn health_loop(s: Shared, health: Health) -> anyhow::Result<()> {
         let live = s.config();
         s.metrics.set_budget(live.budget.calls_per_vehicle_month);
         let stale_after = live.metrics.stale_after;
-        check_health(
-            &health,
-            &s.tokens,
-            &s.poller,
-            &s.metrics,
-            stale_after,
-            started,
-        )
-        .await;
+        check
+            .check(&health, &s.tokens, &s.poller, &s.metrics, stale_after)
+            .await;
         // Refused writes and dropped rows (the store's own view).
         let store_problems = s.store.problems(crate::domain::now_ms());
         let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
@@ -926,124 +920,8 @@ async fn reconfigure(
     *live.write().unwrap_or_else(|p| p.into_inner()) = next;
 }
 
-/// `/healthz` staleness for a car only the info job asks (daily by default, plus slack).
-const BATTERYLESS_STALE_AFTER: Duration = Duration::from_secs(26 * 3600);
-
 /// How often `/healthz` and the freshness gauges are brought up to date.
 const HEALTH_EVERY: Duration = Duration::from_secs(15);
-
-fn human(ms: i64) -> String {
-    let s = ms / 1000;
-    if s >= 3600 {
-        format!("{} h {} min", s / 3600, (s % 3600) / 60)
-    } else {
-        format!("{} min", s / 60)
-    }
-}
-
-/// Recomputes `/healthz` (connections needing re-auth, vehicles with no answered poll for
-/// `stale_after`) and the freshness gauges.
-pub async fn check_health(
-    health: &Health,
-    tokens: &TokenManager,
-    poller: &Poller,
-    metrics: &Metrics,
-    stale_after: Duration,
-    started: crate::domain::UnixMillis,
-) {
-    let now = crate::domain::now_ms();
-    let mut problems = Vec::new();
-    for (id, user) in tokens.unsaved_connections() {
-        problems.push(format!(
-            "connection {id} (Smartcar user {user}): its rotated token pair is only in memory because the store refuses to save it (see the log); free the disk or release the store's lock. A stop writes it to the fallback file beside the store"
-        ));
-    }
-    for (id, user, status, expires_at) in tokens.overview().await {
-        // A connection made with API Authentication holds no token of its own.
-        if expires_at > 0 {
-            metrics
-                .token_expiry
-                .with_label_values(&[id.to_string().as_str()])
-                .set(expires_at as f64 / 1000.0);
-        }
-        match (status, tokens.app_auth()) {
-            (ConnectionStatus::NeedsReauth, false) => problems.push(format!(
-                "connection {id} (Smartcar user {user}) needs re-authorization: run `carpulse reauth VEHICLE` for one of its vehicles (or `carpulse connect` as that account)"
-            )),
-            (ConnectionStatus::Revoked, _) => problems.push(format!(
-                "connection {id} (Smartcar user {user}) is revoked: Smartcar no longer lists it, so its vehicles are not polled; run `carpulse connect` as that account to connect again"
-            )),
-            (_, true) if !crate::domain::is_real_user_id(&user) => problems.push(format!(
-                "connection {id} has no Smartcar user id, which API Authentication sends as sc-user-id: run `carpulse connect` as that account again"
-            )),
-            _ => {}
-        }
-    }
-    let mut states = poller.held();
-    metrics.update_reading_ages(now);
-    let stale_ms = stale_after.as_millis() as i64;
-    for (vehicle, fresh) in poller.freshness() {
-        if let Some(since) = fresh.no_data_since {
-            problems.push(format!(
-                "vehicle {vehicle}: Smartcar holds no signals for it since {} ago (an empty listing); it is most likely not subscribed to a webhook: subscribe it in Smartcar's dashboard. Asked again every schedule.no_data_every",
-                human(now - since)
-            ));
-            states.push((vehicle.clone(), "no_data"));
-            continue;
-        }
-        if poller.gate_of(&vehicle).1.is_some() {
-            states.push((vehicle.clone(), "paused"));
-        }
-        // Nothing left to ask: not a quiet car but a silent one (issue 11, item 5).
-        if poller.all_blocked(&vehicle) {
-            problems.push(format!(
-                "vehicle {vehicle}: every endpoint is disabled ({}), so it is not polled at all; `carpulse status` shows why; after fixing the cause run `carpulse vehicles enable {vehicle}` (or reconnect the owner)",
-                poller.gate_of(&vehicle).0.join(", ")
-            ));
-            continue;
-        }
-        let since = fresh.last_answered.unwrap_or(started);
-        // A car the battery job has nothing to ask (an ICE car, a consent without battery and
-        // charge) is answered by the info job only, at its slower cadence. Only when Smartcar
-        // said so in a typed error (COMPATIBILITY, PERMISSION, not granted, plan-locked): any
-        // other block keeps the normal threshold, so /healthz does not stay quiet for a day.
-        let stale_ms = if poller.job_not_capable(&vehicle, crate::smartcar::Job::Battery) {
-            stale_ms.max(BATTERYLESS_STALE_AFTER.as_millis() as i64)
-        } else {
-            stale_ms
-        };
-        if now - since > stale_ms {
-            problems.push(format!(
-                "vehicle {vehicle}: no answered poll for {} (metrics.stale_after is {})",
-                human(now - since),
-                human(stale_ms)
-            ));
-        }
-        if metrics.per_vehicle() {
-            for (signal, recorded) in &fresh.recorded {
-                metrics
-                    .reading_age
-                    .with_label_values(&[vehicle.0.as_str(), signal])
-                    .set((now - recorded) as f64 / 1000.0);
-            }
-        }
-    }
-    metrics.set_vehicle_states(&states);
-    let billed: Vec<_> = metrics
-        .fleet()
-        .into_iter()
-        .chain(poller.vehicles().into_iter().map(|v| v.id))
-        .collect::<std::collections::HashSet<_>>()
-        .into_iter()
-        .map(|id| {
-            let n = poller.calls_this_month(&id);
-            (id, n)
-        })
-        .collect();
-    metrics.set_calls_billed(&billed);
-    let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
-    h.problems = problems;
-}
 
 /// `carpulse run`: the daemon until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {

@@ -109,6 +109,8 @@ struct Known {
     stated: HashSet<VehicleId>,
     /// Vehicles with a `carpulse_smartcar_calls_billed` series.
     billed: HashSet<VehicleId>,
+    /// Bumped when `fleet` changes: the health check sets the fleet's states again only then.
+    fleet_changes: u64,
 }
 
 /// Every family carpulse exports. Cloning is cheap (the families are reference-counted).
@@ -690,6 +692,9 @@ impl Metrics {
                 .filter(|id| !now.contains_key(*id))
                 .cloned()
                 .collect();
+            if !k.fleet_known || k.fleet != now {
+                k.fleet_changes += 1;
+            }
             k.fleet = now;
             k.fleet_known = true;
             gone
@@ -697,6 +702,12 @@ impl Metrics {
         for id in &gone {
             self.forget_vehicle(id);
         }
+    }
+
+    /// A count that moves whenever the stored vehicles or their holds change (see
+    /// [`Metrics::set_fleet`]).
+    pub fn fleet_changes(&self) -> u64 {
+        self.known().fleet_changes
     }
 
     /// The stored vehicles' ids (see [`Metrics::set_fleet`]).
@@ -823,7 +834,9 @@ impl Metrics {
         k.recorded.retain(|(vid, _), _| vid != id);
         k.stated.remove(id);
         k.billed.remove(id);
-        k.fleet.remove(id);
+        if k.fleet.remove(id).is_some() {
+            k.fleet_changes += 1;
+        }
     }
 
     /// Connections per status; a status with none is 0.

@@ -108,6 +108,10 @@ pub struct Poller {
     held: Mutex<Vec<(VehicleId, &'static str)>>,
     /// `schedule.no_data_every`, as ms (SIGHUP may change it).
     no_data_every_ms: std::sync::atomic::AtomicU64,
+    /// Bumped when freshness, the vehicle set or the held vehicles change; with the gates'
+    /// and the ledger's own counts it is [`Poller::changes`], which lets the health check
+    /// skip walking a fleet in which nothing moved.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 /// How fresh a vehicle's data is, for `/healthz` and `carpulse_reading_age_seconds`.
@@ -183,12 +187,35 @@ impl Poller {
             no_data_every_ms: std::sync::atomic::AtomicU64::new(
                 crate::config::DEFAULT_NO_DATA_EVERY.as_millis() as u64,
             ),
+            changes: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Moves whenever what the health check reads here changes: freshness, the vehicle set,
+    /// the held vehicles, the gates' blocks and pauses, the ledger's counts.
+    pub fn changes(&self) -> (u64, u64, u64) {
+        let own = self.changes.load(std::sync::atomic::Ordering::Relaxed);
+        let gates = self.gates().changes();
+        let ledger = self
+            .ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .changes();
+        (own, gates, ledger)
     }
 
     /// Sets the vehicles held back by their connection (revoked, no user id, needs_reauth).
     pub fn set_held(&self, held: Vec<(VehicleId, &'static str)>) {
-        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = held;
+        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if *h != held {
+            *h = held;
+            self.changed();
+        }
     }
 
     /// See [`Poller::set_held`].
@@ -213,10 +240,15 @@ impl Poller {
         let mut f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
         let entry = f.entry(id.clone()).or_default();
         entry.no_data_since.get_or_insert(at);
+        self.changed();
     }
 
     pub fn set_vehicles(&self, vehicles: Vec<PolledVehicle>) {
-        *self.vehicles.lock().unwrap_or_else(|p| p.into_inner()) = vehicles;
+        let mut v = self.vehicles.lock().unwrap_or_else(|p| p.into_inner());
+        if *v != vehicles {
+            *v = vehicles;
+            self.changed();
+        }
     }
 
     /// Spreads the polls of one tick of `job` over `window`.
@@ -546,6 +578,7 @@ impl Poller {
     fn note_answer(&self, id: &VehicleId, at: UnixMillis, readings: &[(&'static str, UnixMillis)]) {
         let mut f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
         let entry = f.entry(id.clone()).or_default();
+        self.changed();
         entry.last_answered = Some(at);
         entry.no_data_since = None;
         for (signal, recorded) in readings {
@@ -584,6 +617,7 @@ impl Poller {
     /// Sets the monthly call budget, with this month's calls so far.
     pub fn set_ledger(&self, ledger: Ledger) {
         *self.ledger.lock().unwrap_or_else(|p| p.into_inner()) = ledger;
+        self.changed();
     }
 
     /// See [`Ledger::seed`].
