@@ -159,14 +159,14 @@ impl Cycles {
 }
 
 fn set_spreads(poller: &Poller, cfg: &ScheduleConfig) {
-    let spread = |cron: &str| cfg.spread.unwrap_or_else(|| default_spread(cron));
+    let spread = |cron: &crate::config::Cron| cfg.spread.unwrap_or_else(|| default_spread(cron));
     poller.set_spread(Job::Battery, spread(&cfg.battery));
     poller.set_spread(Job::Info, spread(&cfg.info));
 }
 
 fn charging_gap(cfg: &ScheduleConfig) -> Duration {
     cfg.battery_charging
-        .as_deref()
+        .as_ref()
         .map(|c| default_spread(c) * 2)
         .unwrap_or_default()
 }

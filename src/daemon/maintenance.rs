@@ -93,21 +93,14 @@ pub async fn retention_once(
 }
 
 async fn backup_loop(history: &Path, cfg: &BackupConfig, shutdown: &CancellationToken) {
-    let Some(schedule) = &cfg.schedule else {
+    let Some(cron) = &cfg.schedule else {
         return;
     };
-    let cron = match crate::config::parse_cron(schedule) {
-        Ok(c) => c,
-        Err(e) => {
-            // The config was validated at start; this cannot happen, but must not panic.
-            warn!(error = %e, "backup.schedule does not parse; no scheduled backups");
-            return;
-        }
-    };
+    let schedule = cron.as_str();
     info!(schedule, dir = %cfg.dir.display(), keep = cfg.keep, "scheduled backups on");
     loop {
         let now = chrono::Utc::now();
-        let Ok(next) = cron.find_next_occurrence(&now, false) else {
+        let Some(next) = cron.next_after(&now) else {
             warn!(
                 schedule,
                 "backup.schedule has no next time; no more scheduled backups"

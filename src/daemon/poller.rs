@@ -1306,19 +1306,8 @@ pub fn offset_in(id: &VehicleId, window: Duration) -> Duration {
 
 /// The default spread of a job: a quarter of the time between two of its runs, at most a
 /// minute, so one tick's polls are done well before the next tick.
-pub fn default_spread(cron: &str) -> Duration {
-    let Ok(c) = crate::config::parse_cron(cron) else {
-        return Duration::ZERO;
-    };
-    let now = chrono::Utc::now();
-    let (Ok(a), Ok(b)) = (
-        c.find_next_occurrence(&now, false),
-        c.find_next_occurrence(&now, false)
-            .and_then(|a| c.find_next_occurrence(&a, false)),
-    ) else {
-        return Duration::ZERO;
-    };
-    let gap = (b - a).to_std().unwrap_or_default();
+pub fn default_spread(cron: &crate::config::Cron) -> Duration {
+    let gap = cron.period_after(&chrono::Utc::now()).unwrap_or_default();
     (gap / 4).min(Duration::from_secs(60))
 }
 
@@ -1369,9 +1358,9 @@ mod tests {
 
     #[test]
     fn default_spread_is_a_quarter_of_the_gap_at_most_a_minute() {
-        assert_eq!(default_spread("*/2 * * * * *"), Duration::from_millis(500));
-        assert_eq!(default_spread("0 */15 * * * *"), Duration::from_secs(60));
-        assert_eq!(default_spread("0 * * * * *"), Duration::from_secs(15));
-        assert_eq!(default_spread("nonsense"), Duration::ZERO);
+        let spread = |c: &str| default_spread(&crate::config::Cron::parse(c).unwrap());
+        assert_eq!(spread("*/2 * * * * *"), Duration::from_millis(500));
+        assert_eq!(spread("0 */15 * * * *"), Duration::from_secs(60));
+        assert_eq!(spread("0 * * * * *"), Duration::from_secs(15));
     }
 }

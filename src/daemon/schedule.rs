@@ -73,10 +73,7 @@ pub async fn start(
         scheduler.add(cron).await?;
         // Say when the first poll comes: with the default 15-minute cron a new user would
         // otherwise wonder why nothing happens.
-        if let Ok(next) = crate::config::parse_cron(expr).and_then(|c| {
-            c.find_next_occurrence(&chrono::Utc::now(), false)
-                .map_err(|e| e.to_string())
-        }) {
+        if let Some(next) = expr.next_after(&chrono::Utc::now()) {
             tracing::info!(job = job_label(job), plugged_in_only, cron = %expr, next = %next.to_rfc3339(), "scheduled");
         }
     }
