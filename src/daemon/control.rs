@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::poller::{Poller, VehicleOutcome};
-use crate::daemon::schedule::job_label;
 use crate::domain::{now_ms, ApiVersion, UnixMillis, VehicleId};
 use crate::smartcar::Job;
 use crate::store::Store;
@@ -66,17 +65,15 @@ impl PollResult {
 pub fn jobs_for(api: ApiVersion, names: &[String]) -> anyhow::Result<Vec<Job>> {
     let mut jobs = Vec::new();
     for n in names {
-        let job = match n.as_str() {
-            "battery" => Job::Battery,
-            "info" => Job::Info,
-            other => anyhow::bail!("unknown job {other:?}: battery or info"),
+        let Some(job) = Job::from_label(n) else {
+            anyhow::bail!("unknown job {n:?}: battery or info");
         };
         if !jobs.contains(&job) {
             jobs.push(job);
         }
     }
     if jobs.is_empty() {
-        jobs = vec![Job::Battery, Job::Info];
+        jobs = Job::ALL.to_vec();
     }
     if api == ApiVersion::V3 && jobs.contains(&Job::Info) {
         jobs = vec![Job::Info];
@@ -153,7 +150,7 @@ pub async fn poll_now(
                 .with_context(|| format!("reading back the poll of vehicle {id}"))?;
             results.push(PollResult {
                 vehicle_id: id.0,
-                job: job_label(job).to_owned(),
+                job: job.label().to_owned(),
                 outcome: outcome.to_owned(),
                 reason,
                 events,
@@ -300,7 +297,7 @@ pub async fn catch_up(
             continue;
         }
         tracing::info!(
-            job = job_label(job),
+            job = job.label(),
             vehicles = ids.len(),
             "polling now the vehicles whose last reading is older than one period of the schedule"
         );

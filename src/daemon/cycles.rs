@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::config::ScheduleConfig;
 use crate::daemon::metrics::Metrics;
 use crate::daemon::poller::{default_spread, Poller};
-use crate::daemon::schedule::{self, job_label, Schedule, Tick};
+use crate::daemon::schedule::{self, Schedule, Tick};
 use crate::domain::ApiVersion;
 use crate::smartcar::Job;
 
@@ -111,7 +111,7 @@ impl Cycles {
             }
         });
         debug!(
-            job = job_label(tick.job),
+            job = tick.job.label(),
             plugged_in_only = tick.plugged_in_only,
             "cycle started"
         );

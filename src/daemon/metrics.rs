@@ -54,7 +54,10 @@ pub const ENDPOINTS: [&str; 6] = [
 ];
 
 /// The `job` label of the skip counters.
-pub const JOBS: [&str; 2] = ["battery", "info"];
+pub const JOBS: [&str; 2] = [
+    crate::smartcar::Job::Battery.label(),
+    crate::smartcar::Job::Info.label(),
+];
 
 /// The `signal` label of the per-vehicle reading time and age.
 pub const SIGNALS: [&str; 3] = ["battery", "charge", "odometer"];
