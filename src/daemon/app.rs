@@ -299,6 +299,7 @@ impl Daemon {
             tokens: tokens.clone(),
             poller: poller.clone(),
             shutdown: shutdown.clone(),
+            reloaded: Arc::default(),
         };
         let (mut services, mut schedule_rx) =
             Services::start(&s, &config, listener, web, health, client, app)?;
@@ -452,6 +453,39 @@ struct Shared {
     tokens: Arc<TokenManager>,
     poller: Arc<Poller>,
     shutdown: CancellationToken,
+    /// A std lock, held to compare or set a value.
+    reloaded: Arc<std::sync::Mutex<Reloads>>,
+}
+
+/// What the last whole periodic reload read, and how many reloads on demand there were.
+#[derive(Debug, Default)]
+struct Reloads {
+    on_demand: u64,
+    /// The inputs of the last whole periodic reload, with `on_demand` at its start.
+    last: Option<(u64, ReloadInputs)>,
+}
+
+/// What a reload's outcome depends on, besides the blocks it always adopts: the commits other
+/// processes made to the history and the token store (`PRAGMA data_version` moves only for
+/// another connection's commit: `carpulse connect`, `vehicles`, `reauth`; never for the
+/// daemon's own writes, which it already holds in memory), the holds of the connections (the
+/// token manager's own changes, from memory) and `metrics.per_vehicle_max`. While they stand
+/// still the periodic reload only adopts the blocks: at 10,000 vehicles reading and comparing
+/// the vehicle set every minute was the largest thing an idle daemon did (issue 8).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ReloadInputs {
+    versions: (i64, i64),
+    holds: Vec<(crate::domain::ConnectionId, Option<&'static str>)>,
+    per_vehicle_max: usize,
+}
+
+/// `PRAGMA data_version` of the history and of the token store.
+fn data_versions(c: &rusqlite::Connection) -> anyhow::Result<(i64, i64)> {
+    let main = c.query_row("PRAGMA main.data_version", [], |r| r.get(0))?;
+    let tokens = c
+        .query_row("PRAGMA tokens.data_version", [], |r| r.get(0))
+        .context("PRAGMA tokens.data_version (is the token store attached?)")?;
+    Ok((main, tokens))
 }
 
 impl Shared {
@@ -459,7 +493,18 @@ impl Shared {
         self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    fn reloaded(&self) -> std::sync::MutexGuard<'_, Reloads> {
+        self.reloaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reload on demand (SIGHUP, a changed connections check): always the whole of it; the
+    /// next periodic one is whole too.
     async fn reload(&self) -> anyhow::Result<()> {
+        self.reloaded().on_demand += 1;
+        self.reload_whole().await
+    }
+
+    async fn reload_whole(&self) -> anyhow::Result<()> {
         let per_vehicle_max = self.config().metrics.per_vehicle_max;
         reload(
             &self.store,
@@ -469,6 +514,40 @@ impl Shared {
             per_vehicle_max,
         )
         .await
+    }
+
+    /// The reload every [`RELOAD_EVERY`]: whole when anything it reads may have changed since
+    /// the last whole one (see [`ReloadInputs`]) or another reload ran meanwhile; otherwise
+    /// only the blocks (pauses and waits expire with time).
+    async fn reload_periodic(&self) -> anyhow::Result<()> {
+        let epoch = self.reloaded().on_demand;
+        let versions = self.store.call(|c| data_versions(c)).await?;
+        let app_auth = self.tokens.app_auth();
+        let mut holds: Vec<_> = self
+            .tokens
+            .overview()
+            .await
+            .into_iter()
+            .map(|c| (c.0, connection_hold(c.2, &c.1, app_auth)))
+            .collect();
+        holds.sort_unstable_by_key(|h| h.0);
+        let inputs = ReloadInputs {
+            versions,
+            holds,
+            per_vehicle_max: self.config().metrics.per_vehicle_max,
+        };
+        // Unchanged, and no reload on demand since the last whole one (nor while reading).
+        let unchanged = {
+            let r = self.reloaded();
+            r.on_demand == epoch && r.last.as_ref() == Some(&(epoch, inputs.clone()))
+        };
+        if unchanged {
+            return adopt_stored_blocks(&self.store, &self.poller).await;
+        }
+        self.reloaded().last = None;
+        self.reload_whole().await?;
+        self.reloaded().last = Some((epoch, inputs));
+        Ok(())
     }
 }
 
@@ -597,7 +676,12 @@ async fn reload_loop(
             reconfigure(&s.live, &s.store, &s.tokens, &s.poller, &schedule_tx).await;
             sync_now.notify_one();
         }
-        if let Err(e) = s.reload().await {
+        let reloaded = if hup {
+            s.reload().await
+        } else {
+            s.reload_periodic().await
+        };
+        if let Err(e) = reloaded {
             warn!(
                 error = format!("{e:#}"),
                 "reloading the vehicle set failed; keeping the current one"
@@ -942,4 +1026,53 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let daemon = Daemon::build(config).await?;
     daemon.run_until_stopped(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The periodic reload is skipped on this: another process's commit to the history or to
+    /// the token store moves `data_version`, the daemon's own writes do not.
+    #[tokio::test]
+    async fn data_versions_move_for_other_processes_commits_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        let store = Store::open(&path, None).unwrap();
+        let versions = || store.call(|c| data_versions(c));
+        let start = versions().await.unwrap();
+        // The daemon's own writes (a connection, a vehicle) through its one connection.
+        store
+            .call(|c| {
+                let tokens = crate::domain::TokenPair {
+                    access_token: crate::domain::Secret::new("a"),
+                    refresh_token: crate::domain::Secret::new("r"),
+                    access_expires_at: 1,
+                    refresh_expires_at: 1,
+                };
+                let conn = queries::upsert_connection(c, "user-1", &tokens, 1)?;
+                queries::upsert_vehicle(c, conn, &crate::domain::VehicleId("v1".into()), None, 1)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(versions().await.unwrap(), start);
+        // `carpulse vehicles disable` from another process: the history's version moves.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other
+            .execute("UPDATE vehicles SET enabled = 0", [])
+            .unwrap();
+        let after_history = versions().await.unwrap();
+        assert_ne!(after_history.0, start.0);
+        assert_eq!(after_history.1, start.1);
+        // A pair written to the token store by another process (`carpulse reauth`).
+        let tokens =
+            rusqlite::Connection::open(crate::store::token_store::path_for(&path)).unwrap();
+        tokens
+            .execute("UPDATE connection_tokens SET access_token = 'b'", [])
+            .unwrap();
+        let after_tokens = versions().await.unwrap();
+        assert_ne!(after_tokens.1, after_history.1);
+        store.close().await.unwrap();
+    }
 }
