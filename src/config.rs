@@ -62,8 +62,8 @@ pub struct Config {
 /// (`carpulse-<UTC time>.db`) and keeps the `keep` newest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupConfig {
-    /// Cron with a seconds field, validated; None: no scheduled backups.
-    pub schedule: Option<String>,
+    /// None: no scheduled backups.
+    pub schedule: Option<Cron>,
     pub keep: usize,
     pub dir: PathBuf,
 }
@@ -123,13 +123,13 @@ pub struct MetricsConfig {
 
 #[derive(Clone, Debug)]
 pub struct ScheduleConfig {
-    /// Cron with a seconds field, validated; battery + charge.
-    pub battery: String,
-    /// Cron with a seconds field, validated; make/model/year, VIN, odometer.
-    pub info: String,
+    /// Battery + charge.
+    pub battery: Cron,
+    /// Make/model/year, VIN, odometer.
+    pub info: Cron,
     /// A faster battery cron for vehicles that are plugged in (their state changes by the
     /// minute); parked cars keep the base cron, which spares their 12 V battery.
-    pub battery_charging: Option<String>,
+    pub battery_charging: Option<Cron>,
     pub refresh_margin: Duration,
     /// How often each vehicle's capabilities (granted permissions, supported signals) are
     /// read again; also read at connect and when never read.
@@ -670,17 +670,27 @@ fn validate(
         Some(f) => Some(PathBuf::from(f.get_ref())),
     };
 
-    let battery = string_or(&raw.schedule.battery, DEFAULT_BATTERY_CRON);
-    check_cron(&battery, "schedule.battery", span(&raw.schedule.battery), o)?;
+    let battery = check_cron(
+        &string_or(&raw.schedule.battery, DEFAULT_BATTERY_CRON),
+        "schedule.battery",
+        span(&raw.schedule.battery),
+        o,
+    )?;
     let battery_charging = match &raw.schedule.battery_charging {
         None => None,
-        Some(c) => {
-            check_cron(c.get_ref(), "schedule.battery_charging", Some(c.span()), o)?;
-            Some(c.get_ref().clone())
-        }
+        Some(c) => Some(check_cron(
+            c.get_ref(),
+            "schedule.battery_charging",
+            Some(c.span()),
+            o,
+        )?),
     };
-    let info = string_or(&raw.schedule.info, DEFAULT_INFO_CRON);
-    check_cron(&info, "schedule.info", span(&raw.schedule.info), o)?;
+    let info = check_cron(
+        &string_or(&raw.schedule.info, DEFAULT_INFO_CRON),
+        "schedule.info",
+        span(&raw.schedule.info),
+        o,
+    )?;
     let refresh_margin = duration_or(
         &raw.schedule.refresh_margin,
         DEFAULT_REFRESH_MARGIN,
@@ -918,10 +928,12 @@ fn retention(
 fn backup(raw: &RawBackup, store_path: &str, o: &Origin<'_>) -> Result<BackupConfig, ConfigError> {
     let schedule = match &raw.schedule {
         None => None,
-        Some(c) => {
-            check_cron(c.get_ref(), "backup.schedule", Some(c.span()), o)?;
-            Some(c.get_ref().clone())
-        }
+        Some(c) => Some(check_cron(
+            c.get_ref(),
+            "backup.schedule",
+            Some(c.span()),
+            o,
+        )?),
     };
     let keep = match &raw.keep {
         None => DEFAULT_BACKUP_KEEP,
@@ -1115,14 +1127,79 @@ fn check_http_url(
     }
 }
 
-/// Parses a cron expression exactly as tokio-cron-scheduler will (seconds field required).
-pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
-    croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Required)
-        .dom_and_dow(true)
-        .build()
-        .parse(expr)
-        .map_err(|e| e.to_string())
+/// A cron line with a seconds field (`schedule.battery`, `schedule.info`,
+/// `schedule.battery_charging`, `backup.schedule`), parsed once where the config is loaded, so
+/// a bad one is a config error naming its key and line and no later reader parses it again
+/// (or has to decide what to do when it does not parse). It keeps the text as written: logs,
+/// `carpulse plan` and tokio-cron-scheduler (which parses its own copy the same way) take it.
+#[derive(Clone)]
+pub struct Cron {
+    text: String,
+    parsed: croner::Cron,
+}
+
+impl Cron {
+    /// Parses `expr` exactly as tokio-cron-scheduler will (seconds field required).
+    pub fn parse(expr: &str) -> Result<Cron, String> {
+        let parsed = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Required)
+            .dom_and_dow(true)
+            .build()
+            .parse(expr)
+            .map_err(|e| e.to_string())?;
+        Ok(Cron {
+            text: expr.to_owned(),
+            parsed,
+        })
+    }
+
+    /// The expression as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The first run strictly after `t` (None: it never runs again).
+    pub fn next_after(
+        &self,
+        t: &chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.parsed.find_next_occurrence(t, false).ok()
+    }
+
+    /// Whether the line runs at `t` (to the second).
+    pub fn runs_at(&self, t: &chrono::DateTime<chrono::Utc>) -> bool {
+        self.parsed.is_time_matching(t).unwrap_or(false)
+    }
+
+    /// The time between its next two runs from `now` (None: it does not run twice more).
+    pub fn period_after(&self, now: &chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+        let a = self.next_after(now)?;
+        let b = self.next_after(&a)?;
+        (b - a).to_std().ok()
+    }
+}
+
+/// Two lines are the same when written the same (what SIGHUP compares).
+impl PartialEq for Cron {
+    fn eq(&self, other: &Cron) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Cron {}
+
+/// As the text, so logs read as they did when the config held strings.
+impl std::fmt::Debug for Cron {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.text, f)
+    }
+}
+
+/// As the text; honours width and alignment (`carpulse plan` lines its schedules up).
+impl std::fmt::Display for Cron {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(&self.text)
+    }
 }
 
 fn check_cron(
@@ -1130,8 +1207,8 @@ fn check_cron(
     key: &str,
     at: Option<std::ops::Range<usize>>,
     o: &Origin<'_>,
-) -> Result<(), ConfigError> {
-    parse_cron(expr).map(|_| ()).or_else(|e| {
+) -> Result<Cron, ConfigError> {
+    Cron::parse(expr).or_else(|e| {
         o.err(
             key,
             at,
@@ -1241,7 +1318,7 @@ mod tests {
         assert_eq!(c.store.path, PathBuf::from(DEFAULT_STORE_PATH));
         assert_eq!(c.metrics.listen.to_string(), DEFAULT_METRICS_LISTEN);
         assert_eq!(c.metrics.per_vehicle_max, DEFAULT_PER_VEHICLE_MAX);
-        assert_eq!(c.schedule.battery, DEFAULT_BATTERY_CRON);
+        assert_eq!(c.schedule.battery.as_str(), DEFAULT_BATTERY_CRON);
         assert_eq!(c.schedule.refresh_margin, Duration::from_secs(600));
         assert_eq!(c.poll.concurrency, 8);
         assert_eq!(c.poll.timeout, Duration::from_secs(310));
@@ -1254,9 +1331,12 @@ mod tests {
         let env = MapEnv(HashMap::from([(ENV_CLIENT_SECRET, "s".to_string())]));
         let c = Config::parse(text, "carpulse.example.toml", &env).unwrap();
         assert_eq!(c.smartcar.api, ApiVersion::V3);
-        assert_eq!(c.schedule.info, DEFAULT_INFO_CRON);
+        assert_eq!(c.schedule.info.as_str(), DEFAULT_INFO_CRON);
         assert_eq!(c.retention, crate::store::retention::Policy::default());
-        assert_eq!(c.backup.schedule.as_deref(), Some("0 30 3 * * *"));
+        assert_eq!(
+            c.backup.schedule.as_ref().map(Cron::as_str),
+            Some("0 30 3 * * *")
+        );
         assert_eq!(c.backup.dir, PathBuf::from("/var/lib/carpulse/backups"));
     }
 
@@ -1269,6 +1349,63 @@ mod tests {
         // Five fields (no seconds) is the classic mistake.
         let e = err(&format!("{MINIMAL}[schedule]\ninfo = \"*/15 * * * *\"\n"));
         assert!(e.starts_with("c.toml:5: schedule.info:"), "{e}");
+    }
+
+    #[test]
+    fn every_cron_key_is_parsed_once_at_load_and_a_bad_one_names_key_and_line() {
+        let e = err(&format!(
+            "{MINIMAL}[schedule]\nbattery_charging = \"*/5 * * * *\"\n"
+        ));
+        assert!(e.starts_with("c.toml:5: schedule.battery_charging:"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}[backup]\ndir = \"/tmp/b\"\nschedule = \"nightly\"\n"
+        ));
+        assert!(e.starts_with("c.toml:6: backup.schedule:"), "{e}");
+        let c = Config::parse(
+            &format!("{MINIMAL}[schedule]\nbattery_charging = \"0 */5 * * * *\"\n"),
+            "c.toml",
+            &no_env(),
+        )
+        .unwrap();
+        let charging = c.schedule.battery_charging.as_ref().map(Cron::as_str);
+        assert_eq!(charging, Some("0 */5 * * * *"));
+    }
+
+    #[test]
+    fn a_cron_keeps_its_text_and_answers_its_runs() {
+        let c = Cron::parse("0 */15 * * * *").unwrap();
+        assert_eq!(c.as_str(), "0 */15 * * * *");
+        // Logs and `carpulse plan` read it as the text it was.
+        assert_eq!(
+            format!("{c}|{c:<16}|{c:?}"),
+            "0 */15 * * * *|0 */15 * * * *  |\"0 */15 * * * *\""
+        );
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        };
+        assert_eq!(
+            c.next_after(&at("2026-11-30T10:07:00Z")),
+            Some(at("2026-11-30T10:15:00Z"))
+        );
+        // Strictly after: a run at `t` is not the next one.
+        assert_eq!(
+            c.next_after(&at("2026-11-30T10:15:00Z")),
+            Some(at("2026-11-30T10:30:00Z"))
+        );
+        assert!(c.runs_at(&at("2026-11-30T10:45:00Z")));
+        assert!(!c.runs_at(&at("2026-11-30T10:45:01Z")));
+        assert_eq!(
+            c.period_after(&at("2026-11-30T10:07:00Z")),
+            Some(Duration::from_secs(900))
+        );
+        // Equal when written the same (SIGHUP compares configs).
+        assert_eq!(c, Cron::parse("0 */15 * * * *").unwrap());
+        assert_ne!(c, Cron::parse("0 0 * * * *").unwrap());
+        // No seconds field, or not cron at all: refused with the parser's reason.
+        assert!(Cron::parse("*/15 * * * *").is_err());
+        assert!(Cron::parse("every minute").is_err());
     }
 
     #[test]
@@ -1441,7 +1578,10 @@ mod tests {
             c.retention.other_poll_events,
             Some(Duration::from_secs(180 * 86_400))
         );
-        assert_eq!(c.backup.schedule.as_deref(), Some("0 30 3 * * *"));
+        assert_eq!(
+            c.backup.schedule.as_ref().map(Cron::as_str),
+            Some("0 30 3 * * *")
+        );
         assert_eq!(c.backup.keep, 3);
         assert_eq!(c.backup.dir, PathBuf::from("/srv/backups"));
 
@@ -1639,7 +1779,7 @@ mod tests {
         assert_eq!(c.store.path, PathBuf::from("x.db"));
         let d = Config::defaults_for_reading(&no_env());
         assert_eq!(d.store.path, PathBuf::from(DEFAULT_STORE_PATH));
-        assert_eq!(d.schedule.battery, DEFAULT_BATTERY_CRON);
+        assert_eq!(d.schedule.battery.as_str(), DEFAULT_BATTERY_CRON);
         // The commands that talk to Smartcar still require the credentials.
         assert!(Config::load(&p, &no_env()).is_err());
     }

@@ -1063,3 +1063,127 @@ async fn a_v3_page_size_makes_a_poll_one_billed_call() {
     assert_eq!(poller.calls_this_month(first), 1);
     w.stop.cancel();
 }
+
+/// Issue 8: the health loop keeps its last walk of the fleet while nothing moves, yet what
+/// `/healthz` says still follows the clock (a vehicle turning stale) and every change (a
+/// poll answered, a pause adopted from the store, a vehicle removed).
+#[tokio::test]
+async fn a_health_check_reuses_its_walk_only_while_nothing_moves() {
+    use carpulse::daemon::health::HealthCheck;
+    use carpulse::daemon::metrics::Health;
+    let w = world("v3", Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    let metrics = Metrics::new().unwrap();
+    // Per-vehicle series age with the clock and are walked every time; a fleet too large for
+    // them is what the reuse is for.
+    metrics.set_per_vehicle(false);
+    let tokens = tokens_for(&w, &metrics).await;
+    let (poller, _) = poller_for(&w, "v3", &connected).await;
+    let health = Health::default();
+    let problems = || health.lock().unwrap().problems.clone();
+    let stale_after = Duration::from_millis(1500);
+    let mut check = HealthCheck::new(carpulse::domain::now_ms());
+
+    let report = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(report.ok, 3, "{report:?}");
+    check
+        .check(&health, &tokens, &poller, &metrics, stale_after)
+        .await;
+    assert!(problems().is_empty(), "{:?}", problems());
+    assert_eq!(check.walks(), 1);
+    // Nothing moved: the walk is reused, and the answer is the same.
+    check
+        .check(&health, &tokens, &poller, &metrics, stale_after)
+        .await;
+    assert!(problems().is_empty(), "{:?}", problems());
+    assert_eq!(
+        check.walks(),
+        1,
+        "nothing changed, yet the fleet was walked"
+    );
+
+    // Only time moves: the vehicles still turn stale, from a second walk at that moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while problems().len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no vehicle turned stale: {:?}",
+            problems()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        check
+            .check(&health, &tokens, &poller, &metrics, stale_after)
+            .await;
+    }
+    assert!(
+        problems().iter().all(|p| p.contains("no answered poll")),
+        "{:?}",
+        problems()
+    );
+    assert_eq!(
+        check.walks(),
+        2,
+        "walked again only when the first turned stale"
+    );
+
+    // A poll answered: walked again, healthy again.
+    let report = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(report.ok, 3, "{report:?}");
+    check
+        .check(&health, &tokens, &poller, &metrics, stale_after)
+        .await;
+    assert!(problems().is_empty(), "{:?}", problems());
+    assert_eq!(check.walks(), 3);
+
+    // A pause the store holds (what a reload adopts), without any poll: the state counts it.
+    let (first, _) = &connected.vehicles[0];
+    let blocks = [(
+        first.clone(),
+        vec![(
+            carpulse::domain::BlockScope::Vehicle,
+            "BILLING:VEHICLE_LIMIT".to_string(),
+        )],
+    )]
+    .into();
+    poller.adopt_blocks(&blocks, &Default::default(), carpulse::domain::now_ms());
+    check
+        .check(&health, &tokens, &poller, &metrics, stale_after)
+        .await;
+    assert_eq!(check.walks(), 4);
+    assert!(
+        metrics
+            .render()
+            .contains("carpulse_vehicles{state=\"paused\"} 1"),
+        "{}",
+        metrics.render()
+    );
+    // The same blocks adopted again (the next reload): nothing moved.
+    poller.adopt_blocks(&blocks, &Default::default(), carpulse::domain::now_ms());
+    check
+        .check(&health, &tokens, &poller, &metrics, stale_after)
+        .await;
+    assert_eq!(check.walks(), 4);
+
+    // A vehicle removed (a reload's new vehicle set): walked again.
+    poller.set_vehicles(
+        connected.vehicles[1..]
+            .iter()
+            .map(|(id, _)| PolledVehicle {
+                id: id.clone(),
+                connection: connected.connection,
+            })
+            .collect(),
+    );
+    check
+        .check(&health, &tokens, &poller, &metrics, stale_after)
+        .await;
+    assert_eq!(check.walks(), 5);
+    assert!(
+        metrics
+            .render()
+            .contains("carpulse_vehicles{state=\"paused\"} 0"),
+        "{}",
+        metrics.render()
+    );
+    w.stop.cancel();
+}

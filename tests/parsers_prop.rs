@@ -770,7 +770,7 @@ proptest! {
         prop_assert_eq!(cfg.poll.concurrency, concurrency);
         prop_assert_eq!(cfg.metrics.listen.port(), port);
         prop_assert_eq!(cfg.budget.calls_per_vehicle_month, Some(budget));
-        prop_assert_eq!(cfg.schedule.battery, format!("0 */{minutes} * * * *"));
+        prop_assert_eq!(cfg.schedule.battery.as_str(), format!("0 */{minutes} * * * *"));
         prop_assert_eq!(cfg.schedule.refresh_margin, std::time::Duration::from_secs(minutes * 60));
     }
 }

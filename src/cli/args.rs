@@ -94,7 +94,7 @@ pub enum Command {
         #[arg(long)]
         vehicle: Option<String>,
         /// Only this job (default: both; in v3 one listing carries both).
-        #[arg(long, value_parser = ["battery", "info"])]
+        #[arg(long, value_parser = crate::smartcar::Job::ALL.map(crate::smartcar::Job::label))]
         job: Option<String>,
     },
     /// Stored readings of one or all vehicles.

@@ -91,6 +91,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("binding the Connect callback")?;
     let base = format!("http://{sim_addr}");
+    let cron = |key: &str, expr: &str| {
+        crate::config::Cron::parse(expr).map_err(|e| anyhow::anyhow!("{key} {expr:?}: {e}"))
+    };
     let config = Config {
         source: None,
         smartcar: SmartcarConfig {
@@ -126,9 +129,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             web_config_file: None,
         },
         schedule: ScheduleConfig {
-            battery: args.battery_cron.clone(),
+            battery: cron("--battery-cron", &args.battery_cron)?,
             battery_charging: None,
-            info: args.info_cron.clone(),
+            info: cron("--info-cron", &args.info_cron)?,
             refresh_margin: Duration::from_secs(600),
             discover_every: crate::config::DEFAULT_DISCOVER_EVERY,
             no_data_every: crate::config::DEFAULT_NO_DATA_EVERY,
@@ -153,12 +156,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 .join("backups"),
         },
     };
-    for (key, expr) in [
-        ("--battery-cron", &config.schedule.battery),
-        ("--info-cron", &config.schedule.info),
-    ] {
-        crate::config::parse_cron(expr).map_err(|e| anyhow::anyhow!("{key} {expr:?}: {e}"))?;
-    }
 
     connect_all(&config, callback, sim_cfg.users).await?;
 

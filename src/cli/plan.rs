@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use anyhow::bail;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 
-use crate::config::{parse_cron, Config};
+use crate::config::{Config, Cron};
 use crate::domain::ApiVersion;
 
 /// A month for billing purposes.
@@ -30,36 +30,34 @@ pub fn calls_per_run(api: ApiVersion, job: &str) -> (u64, &'static str) {
 
 /// How many runs of `a` in the `MONTH_DAYS` days after `from` fall on a run of `b` (same
 /// second). Counted run by run up to [`COUNT_CAP`]; past that, 0 (the conservative answer).
-pub fn coinciding_runs(a: &str, b: &str, from: DateTime<Utc>) -> Result<u64, String> {
-    let (ca, cb) = (parse_cron(a)?, parse_cron(b)?);
+pub fn coinciding_runs(a: &Cron, b: &Cron, from: DateTime<Utc>) -> u64 {
     let end = from + ChronoDuration::days(MONTH_DAYS);
     let (mut n, mut seen, mut t) = (0, 0u64, from);
-    while let Ok(next) = ca.find_next_occurrence(&t, false) {
+    while let Some(next) = a.next_after(&t) {
         if next > end {
-            return Ok(n);
+            return n;
         }
         seen += 1;
         if seen > COUNT_CAP {
-            return Ok(0);
+            return 0;
         }
-        if cb.is_time_matching(&next).unwrap_or(false) {
+        if b.runs_at(&next) {
             n += 1;
         }
         t = next;
     }
-    Ok(n)
+    n
 }
 
 /// How many times `expr` fires in the `MONTH_DAYS` days after `from`.
-pub fn runs_per_month(expr: &str, from: DateTime<Utc>) -> Result<u64, String> {
-    let cron = parse_cron(expr)?;
+pub fn runs_per_month(cron: &Cron, from: DateTime<Utc>) -> u64 {
     // find_next_occurrence step by step: croner's own iterator skips every other second of
     // a per-second pattern (it steps past a match and then searches exclusively again).
     let count_until = |end: DateTime<Utc>, cap: u64| -> u64 {
         let (mut n, mut t) = (0, from);
         while n < cap {
-            match cron.find_next_occurrence(&t, false) {
-                Ok(next) if next <= end => {
+            match cron.next_after(&t) {
+                Some(next) if next <= end => {
                     n += 1;
                     t = next;
                 }
@@ -71,10 +69,10 @@ pub fn runs_per_month(expr: &str, from: DateTime<Utc>) -> Result<u64, String> {
     let month_end = from + ChronoDuration::days(MONTH_DAYS);
     let n = count_until(month_end, COUNT_CAP);
     if n < COUNT_CAP {
-        return Ok(n);
+        return n;
     }
     // Second-level schedules: count one day and scale (they are periodic within a day).
-    Ok(count_until(from + ChronoDuration::days(1), COUNT_CAP * 10) * MONTH_DAYS as u64)
+    count_until(from + ChronoDuration::days(1), COUNT_CAP * 10) * MONTH_DAYS as u64
 }
 
 /// The plan as text, and the total calls per vehicle per month.
@@ -93,15 +91,14 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
     // Under v3 a battery tick that falls on an info tick is not made: the info job's listing
     // answers both (schedule::merge_ticks).
     let shared = match api {
-        ApiVersion::V3 => coinciding_runs(&cfg.schedule.info, &cfg.schedule.battery, from)
-            .map_err(|e| format!("schedule: {e}"))?,
+        ApiVersion::V3 => coinciding_runs(&cfg.schedule.info, &cfg.schedule.battery, from),
         ApiVersion::V2 => 0,
     };
     for (job, expr) in [
         ("battery", &cfg.schedule.battery),
         ("info", &cfg.schedule.info),
     ] {
-        let mut runs = runs_per_month(expr, from).map_err(|e| format!("schedule.{job}: {e}"))?;
+        let mut runs = runs_per_month(expr, from);
         if job == "battery" {
             runs = runs.saturating_sub(shared);
         }
@@ -116,8 +113,7 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
     // The charging cron adds calls only while a vehicle is plugged in: shown, not totalled.
     let charging = match &cfg.schedule.battery_charging {
         Some(expr) => {
-            let runs = runs_per_month(expr, from)
-                .map_err(|e| format!("schedule.battery_charging: {e}"))?;
+            let runs = runs_per_month(expr, from);
             let (per, _) = calls_per_run(api, "battery");
             Some((expr.clone(), runs, per))
         }
@@ -420,12 +416,12 @@ mod tests {
 
     #[test]
     fn monthly_runs_of_common_schedules() {
-        assert_eq!(runs_per_month("0 */15 * * * *", from()), Ok(30 * 24 * 4));
-        assert_eq!(runs_per_month("0 0 4 * * *", from()), Ok(30));
-        assert_eq!(runs_per_month("0 0 */6 * * *", from()), Ok(120));
+        let runs = |c: &str| runs_per_month(&Cron::parse(c).unwrap(), from());
+        assert_eq!(runs("0 */15 * * * *"), 30 * 24 * 4);
+        assert_eq!(runs("0 0 4 * * *"), 30);
+        assert_eq!(runs("0 0 */6 * * *"), 120);
         // Every second: counted over a day and scaled.
-        assert_eq!(runs_per_month("* * * * * *", from()), Ok(30 * 86_400));
-        assert!(runs_per_month("every minute", from()).is_err());
+        assert_eq!(runs("* * * * * *"), 30 * 86_400);
     }
 
     #[test]
@@ -456,7 +452,7 @@ mod tests {
         let (_, total) = plan(&cfg, from()).unwrap();
         assert_eq!(total, 2880 * 2 + 30 * 3 + 5);
         // The charging cron is shown as a worst case, outside the total.
-        cfg.schedule.battery_charging = Some("0 */30 * * * *".into());
+        cfg.schedule.battery_charging = Some(Cron::parse("0 */30 * * * *").unwrap());
         let (text, with_charging) = plan(&cfg, from()).unwrap();
         assert_eq!(with_charging, total);
         assert!(

@@ -299,6 +299,7 @@ impl Daemon {
             tokens: tokens.clone(),
             poller: poller.clone(),
             shutdown: shutdown.clone(),
+            reloaded: Arc::default(),
         };
         let (mut services, mut schedule_rx) =
             Services::start(&s, &config, listener, web, health, client, app)?;
@@ -452,6 +453,39 @@ struct Shared {
     tokens: Arc<TokenManager>,
     poller: Arc<Poller>,
     shutdown: CancellationToken,
+    /// A std lock, held to compare or set a value.
+    reloaded: Arc<std::sync::Mutex<Reloads>>,
+}
+
+/// What the last whole periodic reload read, and how many reloads on demand there were.
+#[derive(Debug, Default)]
+struct Reloads {
+    on_demand: u64,
+    /// The inputs of the last whole periodic reload, with `on_demand` at its start.
+    last: Option<(u64, ReloadInputs)>,
+}
+
+/// What a reload's outcome depends on, besides the blocks it always adopts: the commits other
+/// processes made to the history and the token store (`PRAGMA data_version` moves only for
+/// another connection's commit: `carpulse connect`, `vehicles`, `reauth`; never for the
+/// daemon's own writes, which it already holds in memory), the holds of the connections (the
+/// token manager's own changes, from memory) and `metrics.per_vehicle_max`. While they stand
+/// still the periodic reload only adopts the blocks: at 10,000 vehicles reading and comparing
+/// the vehicle set every minute was the largest thing an idle daemon did (issue 8).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ReloadInputs {
+    versions: (i64, i64),
+    holds: Vec<(crate::domain::ConnectionId, Option<&'static str>)>,
+    per_vehicle_max: usize,
+}
+
+/// `PRAGMA data_version` of the history and of the token store.
+fn data_versions(c: &rusqlite::Connection) -> anyhow::Result<(i64, i64)> {
+    let main = c.query_row("PRAGMA main.data_version", [], |r| r.get(0))?;
+    let tokens = c
+        .query_row("PRAGMA tokens.data_version", [], |r| r.get(0))
+        .context("PRAGMA tokens.data_version (is the token store attached?)")?;
+    Ok((main, tokens))
 }
 
 impl Shared {
@@ -459,7 +493,18 @@ impl Shared {
         self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    fn reloaded(&self) -> std::sync::MutexGuard<'_, Reloads> {
+        self.reloaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reload on demand (SIGHUP, a changed connections check): always the whole of it; the
+    /// next periodic one is whole too.
     async fn reload(&self) -> anyhow::Result<()> {
+        self.reloaded().on_demand += 1;
+        self.reload_whole().await
+    }
+
+    async fn reload_whole(&self) -> anyhow::Result<()> {
         let per_vehicle_max = self.config().metrics.per_vehicle_max;
         reload(
             &self.store,
@@ -469,6 +514,40 @@ impl Shared {
             per_vehicle_max,
         )
         .await
+    }
+
+    /// The reload every [`RELOAD_EVERY`]: whole when anything it reads may have changed since
+    /// the last whole one (see [`ReloadInputs`]) or another reload ran meanwhile; otherwise
+    /// only the blocks (pauses and waits expire with time).
+    async fn reload_periodic(&self) -> anyhow::Result<()> {
+        let epoch = self.reloaded().on_demand;
+        let versions = self.store.call(|c| data_versions(c)).await?;
+        let app_auth = self.tokens.app_auth();
+        let mut holds: Vec<_> = self
+            .tokens
+            .overview()
+            .await
+            .into_iter()
+            .map(|c| (c.0, connection_hold(c.2, &c.1, app_auth)))
+            .collect();
+        holds.sort_unstable_by_key(|h| h.0);
+        let inputs = ReloadInputs {
+            versions,
+            holds,
+            per_vehicle_max: self.config().metrics.per_vehicle_max,
+        };
+        // Unchanged, and no reload on demand since the last whole one (nor while reading).
+        let unchanged = {
+            let r = self.reloaded();
+            r.on_demand == epoch && r.last.as_ref() == Some(&(epoch, inputs.clone()))
+        };
+        if unchanged {
+            return adopt_stored_blocks(&self.store, &self.poller).await;
+        }
+        self.reloaded().last = None;
+        self.reload_whole().await?;
+        self.reloaded().last = Some((epoch, inputs));
+        Ok(())
     }
 }
 
@@ -497,7 +576,7 @@ fn announce(
 
 /// `/healthz` and the budget gauge, every [`HEALTH_EVERY`].
 async fn health_loop(s: Shared, health: Health) -> anyhow::Result<()> {
-    let started = crate::domain::now_ms();
+    let mut check = crate::daemon::health::HealthCheck::new(crate::domain::now_ms());
     let mut every = tokio::time::interval(HEALTH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -508,15 +587,9 @@ async fn health_loop(s: Shared, health: Health) -> anyhow::Result<()> {
         let live = s.config();
         s.metrics.set_budget(live.budget.calls_per_vehicle_month);
         let stale_after = live.metrics.stale_after;
-        check_health(
-            &health,
-            &s.tokens,
-            &s.poller,
-            &s.metrics,
-            stale_after,
-            started,
-        )
-        .await;
+        check
+            .check(&health, &s.tokens, &s.poller, &s.metrics, stale_after)
+            .await;
         // Refused writes and dropped rows (the store's own view).
         let store_problems = s.store.problems(crate::domain::now_ms());
         let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
@@ -603,7 +676,12 @@ async fn reload_loop(
             reconfigure(&s.live, &s.store, &s.tokens, &s.poller, &schedule_tx).await;
             sync_now.notify_one();
         }
-        if let Err(e) = s.reload().await {
+        let reloaded = if hup {
+            s.reload().await
+        } else {
+            s.reload_periodic().await
+        };
+        if let Err(e) = reloaded {
             warn!(
                 error = format!("{e:#}"),
                 "reloading the vehicle set failed; keeping the current one"
@@ -926,124 +1004,8 @@ async fn reconfigure(
     *live.write().unwrap_or_else(|p| p.into_inner()) = next;
 }
 
-/// `/healthz` staleness for a car only the info job asks (daily by default, plus slack).
-const BATTERYLESS_STALE_AFTER: Duration = Duration::from_secs(26 * 3600);
-
 /// How often `/healthz` and the freshness gauges are brought up to date.
 const HEALTH_EVERY: Duration = Duration::from_secs(15);
-
-fn human(ms: i64) -> String {
-    let s = ms / 1000;
-    if s >= 3600 {
-        format!("{} h {} min", s / 3600, (s % 3600) / 60)
-    } else {
-        format!("{} min", s / 60)
-    }
-}
-
-/// Recomputes `/healthz` (connections needing re-auth, vehicles with no answered poll for
-/// `stale_after`) and the freshness gauges.
-pub async fn check_health(
-    health: &Health,
-    tokens: &TokenManager,
-    poller: &Poller,
-    metrics: &Metrics,
-    stale_after: Duration,
-    started: crate::domain::UnixMillis,
-) {
-    let now = crate::domain::now_ms();
-    let mut problems = Vec::new();
-    for (id, user) in tokens.unsaved_connections() {
-        problems.push(format!(
-            "connection {id} (Smartcar user {user}): its rotated token pair is only in memory because the store refuses to save it (see the log); free the disk or release the store's lock. A stop writes it to the fallback file beside the store"
-        ));
-    }
-    for (id, user, status, expires_at) in tokens.overview().await {
-        // A connection made with API Authentication holds no token of its own.
-        if expires_at > 0 {
-            metrics
-                .token_expiry
-                .with_label_values(&[id.to_string().as_str()])
-                .set(expires_at as f64 / 1000.0);
-        }
-        match (status, tokens.app_auth()) {
-            (ConnectionStatus::NeedsReauth, false) => problems.push(format!(
-                "connection {id} (Smartcar user {user}) needs re-authorization: run `carpulse reauth VEHICLE` for one of its vehicles (or `carpulse connect` as that account)"
-            )),
-            (ConnectionStatus::Revoked, _) => problems.push(format!(
-                "connection {id} (Smartcar user {user}) is revoked: Smartcar no longer lists it, so its vehicles are not polled; run `carpulse connect` as that account to connect again"
-            )),
-            (_, true) if !crate::domain::is_real_user_id(&user) => problems.push(format!(
-                "connection {id} has no Smartcar user id, which API Authentication sends as sc-user-id: run `carpulse connect` as that account again"
-            )),
-            _ => {}
-        }
-    }
-    let mut states = poller.held();
-    metrics.update_reading_ages(now);
-    let stale_ms = stale_after.as_millis() as i64;
-    for (vehicle, fresh) in poller.freshness() {
-        if let Some(since) = fresh.no_data_since {
-            problems.push(format!(
-                "vehicle {vehicle}: Smartcar holds no signals for it since {} ago (an empty listing); it is most likely not subscribed to a webhook: subscribe it in Smartcar's dashboard. Asked again every schedule.no_data_every",
-                human(now - since)
-            ));
-            states.push((vehicle.clone(), "no_data"));
-            continue;
-        }
-        if poller.gate_of(&vehicle).1.is_some() {
-            states.push((vehicle.clone(), "paused"));
-        }
-        // Nothing left to ask: not a quiet car but a silent one (issue 11, item 5).
-        if poller.all_blocked(&vehicle) {
-            problems.push(format!(
-                "vehicle {vehicle}: every endpoint is disabled ({}), so it is not polled at all; `carpulse status` shows why; after fixing the cause run `carpulse vehicles enable {vehicle}` (or reconnect the owner)",
-                poller.gate_of(&vehicle).0.join(", ")
-            ));
-            continue;
-        }
-        let since = fresh.last_answered.unwrap_or(started);
-        // A car the battery job has nothing to ask (an ICE car, a consent without battery and
-        // charge) is answered by the info job only, at its slower cadence. Only when Smartcar
-        // said so in a typed error (COMPATIBILITY, PERMISSION, not granted, plan-locked): any
-        // other block keeps the normal threshold, so /healthz does not stay quiet for a day.
-        let stale_ms = if poller.job_not_capable(&vehicle, crate::smartcar::Job::Battery) {
-            stale_ms.max(BATTERYLESS_STALE_AFTER.as_millis() as i64)
-        } else {
-            stale_ms
-        };
-        if now - since > stale_ms {
-            problems.push(format!(
-                "vehicle {vehicle}: no answered poll for {} (metrics.stale_after is {})",
-                human(now - since),
-                human(stale_ms)
-            ));
-        }
-        if metrics.per_vehicle() {
-            for (signal, recorded) in &fresh.recorded {
-                metrics
-                    .reading_age
-                    .with_label_values(&[vehicle.0.as_str(), signal])
-                    .set((now - recorded) as f64 / 1000.0);
-            }
-        }
-    }
-    metrics.set_vehicle_states(&states);
-    let billed: Vec<_> = metrics
-        .fleet()
-        .into_iter()
-        .chain(poller.vehicles().into_iter().map(|v| v.id))
-        .collect::<std::collections::HashSet<_>>()
-        .into_iter()
-        .map(|id| {
-            let n = poller.calls_this_month(&id);
-            (id, n)
-        })
-        .collect();
-    metrics.set_calls_billed(&billed);
-    let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
-    h.problems = problems;
-}
 
 /// `carpulse run`: the daemon until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -1064,4 +1026,53 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let daemon = Daemon::build(config).await?;
     daemon.run_until_stopped(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The periodic reload is skipped on this: another process's commit to the history or to
+    /// the token store moves `data_version`, the daemon's own writes do not.
+    #[tokio::test]
+    async fn data_versions_move_for_other_processes_commits_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        let store = Store::open(&path, None).unwrap();
+        let versions = || store.call(|c| data_versions(c));
+        let start = versions().await.unwrap();
+        // The daemon's own writes (a connection, a vehicle) through its one connection.
+        store
+            .call(|c| {
+                let tokens = crate::domain::TokenPair {
+                    access_token: crate::domain::Secret::new("a"),
+                    refresh_token: crate::domain::Secret::new("r"),
+                    access_expires_at: 1,
+                    refresh_expires_at: 1,
+                };
+                let conn = queries::upsert_connection(c, "user-1", &tokens, 1)?;
+                queries::upsert_vehicle(c, conn, &crate::domain::VehicleId("v1".into()), None, 1)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(versions().await.unwrap(), start);
+        // `carpulse vehicles disable` from another process: the history's version moves.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other
+            .execute("UPDATE vehicles SET enabled = 0", [])
+            .unwrap();
+        let after_history = versions().await.unwrap();
+        assert_ne!(after_history.0, start.0);
+        assert_eq!(after_history.1, start.1);
+        // A pair written to the token store by another process (`carpulse reauth`).
+        let tokens =
+            rusqlite::Connection::open(crate::store::token_store::path_for(&path)).unwrap();
+        tokens
+            .execute("UPDATE connection_tokens SET access_token = 'b'", [])
+            .unwrap();
+        let after_tokens = versions().await.unwrap();
+        assert_ne!(after_tokens.1, after_history.1);
+        store.close().await.unwrap();
+    }
 }

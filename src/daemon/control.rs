@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::poller::{Poller, VehicleOutcome};
-use crate::daemon::schedule::job_label;
 use crate::domain::{now_ms, ApiVersion, UnixMillis, VehicleId};
 use crate::smartcar::Job;
 use crate::store::Store;
@@ -66,17 +65,15 @@ impl PollResult {
 pub fn jobs_for(api: ApiVersion, names: &[String]) -> anyhow::Result<Vec<Job>> {
     let mut jobs = Vec::new();
     for n in names {
-        let job = match n.as_str() {
-            "battery" => Job::Battery,
-            "info" => Job::Info,
-            other => anyhow::bail!("unknown job {other:?}: battery or info"),
+        let Some(job) = Job::from_label(n) else {
+            anyhow::bail!("unknown job {n:?}: battery or info");
         };
         if !jobs.contains(&job) {
             jobs.push(job);
         }
     }
     if jobs.is_empty() {
-        jobs = vec![Job::Battery, Job::Info];
+        jobs = Job::ALL.to_vec();
     }
     if api == ApiVersion::V3 && jobs.contains(&Job::Info) {
         jobs = vec![Job::Info];
@@ -153,7 +150,7 @@ pub async fn poll_now(
                 .with_context(|| format!("reading back the poll of vehicle {id}"))?;
             results.push(PollResult {
                 vehicle_id: id.0,
-                job: job_label(job).to_owned(),
+                job: job.label().to_owned(),
                 outcome: outcome.to_owned(),
                 reason,
                 events,
@@ -224,14 +221,9 @@ fn what_was_stored(
     Ok((events, stored))
 }
 
-/// One period of a cron line: the time between its next two runs (None: it does not parse
-/// or never runs twice).
-pub fn period(cron: &str) -> Option<std::time::Duration> {
-    let c = crate::config::parse_cron(cron).ok()?;
-    let now = chrono::Utc::now();
-    let a = c.find_next_occurrence(&now, false).ok()?;
-    let b = c.find_next_occurrence(&a, false).ok()?;
-    (b - a).to_std().ok()
+/// One period of a cron line: the time between its next two runs (None: it never runs twice).
+pub fn period(cron: &crate::config::Cron) -> Option<std::time::Duration> {
+    cron.period_after(&chrono::Utc::now())
 }
 
 /// The vehicles each job should poll at start: those whose last reading of that job (battery
@@ -305,7 +297,7 @@ pub async fn catch_up(
             continue;
         }
         tracing::info!(
-            job = job_label(job),
+            job = job.label(),
             vehicles = ids.len(),
             "polling now the vehicles whose last reading is older than one period of the schedule"
         );
@@ -452,12 +444,12 @@ mod tests {
     #[test]
     fn a_period_is_the_gap_between_two_runs() {
         let day = std::time::Duration::from_secs(86_400);
+        let period = |c: &str| period(&crate::config::Cron::parse(c).unwrap());
         assert_eq!(period("0 0 4 * * *"), Some(day));
         assert_eq!(
             period("0 */15 * * * *"),
             Some(std::time::Duration::from_secs(900))
         );
-        assert_eq!(period("nonsense"), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::config::ScheduleConfig;
 use crate::daemon::metrics::Metrics;
 use crate::daemon::poller::{default_spread, Poller};
-use crate::daemon::schedule::{self, job_label, Schedule, Tick};
+use crate::daemon::schedule::{self, Schedule, Tick};
 use crate::domain::ApiVersion;
 use crate::smartcar::Job;
 
@@ -111,7 +111,7 @@ impl Cycles {
             }
         });
         debug!(
-            job = job_label(tick.job),
+            job = tick.job.label(),
             plugged_in_only = tick.plugged_in_only,
             "cycle started"
         );
@@ -159,14 +159,14 @@ impl Cycles {
 }
 
 fn set_spreads(poller: &Poller, cfg: &ScheduleConfig) {
-    let spread = |cron: &str| cfg.spread.unwrap_or_else(|| default_spread(cron));
+    let spread = |cron: &crate::config::Cron| cfg.spread.unwrap_or_else(|| default_spread(cron));
     poller.set_spread(Job::Battery, spread(&cfg.battery));
     poller.set_spread(Job::Info, spread(&cfg.info));
 }
 
 fn charging_gap(cfg: &ScheduleConfig) -> Duration {
     cfg.battery_charging
-        .as_deref()
+        .as_ref()
         .map(|c| default_spread(c) * 2)
         .unwrap_or_default()
 }

@@ -168,6 +168,11 @@ pub struct Gates {
     vehicles: HashMap<VehicleId, Gate>,
     app_not_before: UnixMillis,
     app_failures: u32,
+    /// Bumped whenever what [`Gates::describe`], [`Gates::all_blocked`] and
+    /// [`Gates::not_capable`] answer changes (disabled endpoints, their reasons, a pause):
+    /// the health check walks the fleet again only when it moved (see
+    /// `daemon::health`). Waits and backoffs are not counted: `/healthz` does not read them.
+    changes: u64,
 }
 
 /// `base · 2^(failures-1)`, capped, with up to 20 % jitter (`jitter` in 0..1) so vehicles that
@@ -250,12 +255,20 @@ impl Gates {
                 let g = self.vehicles.entry(id.clone()).or_default();
                 g.disabled.insert(endpoint.to_owned(), now);
                 g.reasons.insert(endpoint.to_owned(), cause(e));
+                self.changes += 1;
             }
             Reaction::Pause => {
                 self.vehicles.entry(id.clone()).or_default().paused = Some((cause(e), now));
+                self.changes += 1;
             }
         }
         r
+    }
+
+    /// A count that moves whenever a vehicle's disabled endpoints, their reasons or its pause
+    /// change (the health check compares it with the last one it saw).
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Endpoints disabled for a vehicle, and why it is paused (for status and logs).
@@ -291,15 +304,30 @@ impl Gates {
                 .filter_map(|(s, why)| s.endpoint().map(|e| (e.to_owned(), why.clone())))
                 .collect()
         };
+        // Counted only when something a reader sees moved: a reload adopts the same blocks
+        // every minute, and an unchanged fleet must not make the health check walk it again.
+        let mut changed = false;
         for (id, g) in self.vehicles.iter_mut() {
             let rows = blocks.get(id).map(Vec::as_slice).unwrap_or_default();
-            g.disabled.retain(|_, at| *at >= recent && *at > 0);
+            // A stored block is dropped and taken again from `rows`: changed only if the
+            // set of endpoints differs once that is done.
+            let old = std::mem::take(&mut g.disabled);
+            g.disabled = old
+                .iter()
+                .filter(|(_, at)| **at >= recent && **at > 0)
+                .map(|(e, at)| (e.clone(), *at))
+                .collect();
             for (e, why) in disabled(rows) {
                 g.disabled.entry(e.clone()).or_insert(0);
+                changed |= g.reasons.get(&e) != Some(&why);
                 g.reasons.insert(e, why);
             }
-            let kept = g.paused.take().filter(|(_, at)| *at >= recent && *at > 0);
+            changed |=
+                g.disabled.len() != old.len() || g.disabled.keys().any(|e| !old.contains_key(e));
+            let old = g.paused.take();
+            let kept = old.clone().filter(|(_, at)| *at >= recent && *at > 0);
             g.paused = paused(rows).or(kept);
+            changed |= g.paused.as_ref().map(|p| &p.0) != old.as_ref().map(|p| &p.0);
         }
         for (id, rows) in blocks {
             if !self.vehicles.contains_key(id) {
@@ -308,7 +336,11 @@ impl Gates {
                 g.disabled = off.iter().map(|(e, _)| (e.clone(), 0)).collect();
                 g.reasons = off.into_iter().collect();
                 g.paused = paused(rows);
+                changed |= !g.disabled.is_empty() || g.paused.is_some();
             }
+        }
+        if changed {
+            self.changes += 1;
         }
     }
 
@@ -387,6 +419,9 @@ impl Gates {
     /// backoff still running stays: the car and Smartcar's limits did not change with it.
     pub fn reset(&mut self, id: &VehicleId) {
         if let Some(g) = self.vehicles.get_mut(id) {
+            if !g.disabled.is_empty() || !g.reasons.is_empty() || g.paused.is_some() {
+                self.changes += 1;
+            }
             g.disabled.clear();
             g.reasons.clear();
             g.paused = None;
@@ -411,6 +446,42 @@ mod tests {
     }
 
     const JOB: [&str; 2] = ["battery", "charge"];
+
+    #[test]
+    fn changes_count_what_describe_answers_and_not_the_same_blocks_adopted_again() {
+        let mut g = Gates::default();
+        let (a, b) = (VehicleId("a".into()), VehicleId("b".into()));
+        let t = 1_000_000;
+        let blocks: HashMap<VehicleId, Vec<(BlockScope, String)>> = [(
+            a.clone(),
+            vec![(BlockScope::Endpoint("charge".into()), "PERMISSION".into())],
+        )]
+        .into();
+        g.adopt_blocks(&blocks, t);
+        let after_first = g.changes();
+        assert!(after_first > 0, "a new block is a change");
+        // A reload every minute adopts the same rows: nothing moved.
+        g.adopt_blocks(&blocks, t + 60_000);
+        g.adopt_blocks(&blocks, t + 120_000);
+        assert_eq!(g.changes(), after_first);
+        // Waits and backoffs are not what /healthz reads.
+        g.failed(&b, "battery", &err(ErrorKind::Server, None, None), t, 0.0);
+        g.succeeded(&b);
+        assert_eq!(g.changes(), after_first);
+        // A pause is; so is lifting it.
+        g.failed(&b, "battery", &err(ErrorKind::Billing, None, None), t, 0.0);
+        let paused = g.changes();
+        assert!(paused > after_first);
+        g.reset(&b);
+        assert!(g.changes() > paused);
+        let reset = g.changes();
+        g.reset(&b);
+        assert_eq!(g.changes(), reset, "nothing left to lift");
+        // The store no longer holds the block (`vehicles enable`): a change.
+        g.adopt_blocks(&HashMap::new(), t + 180_000);
+        assert!(g.changes() > reset);
+        assert_eq!(g.describe(&a), (vec![], None));
+    }
 
     #[test]
     fn the_store_is_the_truth_except_for_blocks_set_just_before_its_read() {
@@ -657,6 +728,9 @@ pub struct Ledger {
     used: HashMap<VehicleId, u64>,
     /// The billed calls of each (vehicle, job)'s latest poll.
     last: HashMap<(VehicleId, &'static str), u64>,
+    /// Bumped at every change of a count: the health check sets the billed-calls gauges
+    /// again only when it moved.
+    changes: u64,
 }
 
 /// (year, month) of a unix-ms time, UTC.
@@ -683,7 +757,14 @@ impl Ledger {
             month: month_of(now),
             used,
             last: HashMap::new(),
+            changes: 0,
         }
+    }
+
+    /// A count that moves at every change of what [`Ledger::used`] answers (but for the month
+    /// turning, which a reader checks itself).
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     fn roll(&mut self, now: UnixMillis) {
@@ -691,6 +772,7 @@ impl Ledger {
         if m != self.month {
             self.month = m;
             self.used.clear();
+            self.changes += 1;
         }
     }
 
@@ -706,6 +788,7 @@ impl Ledger {
     pub fn spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) {
         self.roll(now);
         *self.used.entry(id.clone()).or_default() += cost;
+        self.changes += 1;
     }
 
     pub fn set_budget(&mut self, budget: Option<u64>) {
@@ -717,6 +800,7 @@ impl Ledger {
     pub fn seed(&mut self, budget: Option<u64>, counted: HashMap<VehicleId, u64>, now: UnixMillis) {
         self.roll(now);
         self.budget = budget;
+        self.changes += 1;
         for (id, n) in counted {
             let used = self.used.entry(id).or_default();
             *used = (*used).max(n);
@@ -729,6 +813,7 @@ impl Ledger {
     pub fn settle(&mut self, id: &VehicleId, job: Option<&'static str>, charged: u64, billed: u64) {
         let n = self.used.entry(id.clone()).or_default();
         *n = n.saturating_sub(charged) + billed;
+        self.changes += 1;
         if let (Some(job), true) = (job, billed > 0) {
             self.last.insert((id.clone(), job), billed);
         }

@@ -54,7 +54,10 @@ pub const ENDPOINTS: [&str; 6] = [
 ];
 
 /// The `job` label of the skip counters.
-pub const JOBS: [&str; 2] = ["battery", "info"];
+pub const JOBS: [&str; 2] = [
+    crate::smartcar::Job::Battery.label(),
+    crate::smartcar::Job::Info.label(),
+];
 
 /// The `signal` label of the per-vehicle reading time and age.
 pub const SIGNALS: [&str; 3] = ["battery", "charge", "odometer"];
@@ -109,6 +112,8 @@ struct Known {
     stated: HashSet<VehicleId>,
     /// Vehicles with a `carpulse_smartcar_calls_billed` series.
     billed: HashSet<VehicleId>,
+    /// Bumped when `fleet` changes: the health check sets the fleet's states again only then.
+    fleet_changes: u64,
 }
 
 /// Every family carpulse exports. Cloning is cheap (the families are reference-counted).
@@ -690,6 +695,9 @@ impl Metrics {
                 .filter(|id| !now.contains_key(*id))
                 .cloned()
                 .collect();
+            if !k.fleet_known || k.fleet != now {
+                k.fleet_changes += 1;
+            }
             k.fleet = now;
             k.fleet_known = true;
             gone
@@ -697,6 +705,12 @@ impl Metrics {
         for id in &gone {
             self.forget_vehicle(id);
         }
+    }
+
+    /// A count that moves whenever the stored vehicles or their holds change (see
+    /// [`Metrics::set_fleet`]).
+    pub fn fleet_changes(&self) -> u64 {
+        self.known().fleet_changes
     }
 
     /// The stored vehicles' ids (see [`Metrics::set_fleet`]).
@@ -712,6 +726,10 @@ impl Metrics {
     pub fn set_vehicle_states(&self, states: &[(VehicleId, &'static str)]) {
         let rank = |s: &str| VEHICLE_STATES.iter().position(|x| *x == s).unwrap_or(0);
         let mut k = self.known();
+        self.count_vehicle_states(&k, states);
+        if !self.per_vehicle() {
+            return;
+        }
         let mut current: HashMap<VehicleId, &'static str> = HashMap::new();
         for (id, hold) in &k.fleet {
             current.insert(id.clone(), hold.unwrap_or("ok"));
@@ -728,15 +746,6 @@ impl Metrics {
         // A state naming a vehicle the store no longer has (a reload raced the health pass).
         if k.fleet_known {
             current.retain(|id, _| k.fleet.contains_key(id));
-        }
-        for state in VEHICLE_STATES {
-            let n = current.values().filter(|s| **s == state).count();
-            self.vehicles_in_state
-                .with_label_values(&[state])
-                .set(n as i64);
-        }
-        if !self.per_vehicle() {
-            return;
         }
         for gone in k.stated.iter().filter(|id| !current.contains_key(*id)) {
             for state in VEHICLE_STATES {
@@ -756,6 +765,45 @@ impl Metrics {
             }
         }
         k.stated = current.into_keys().collect();
+    }
+
+    /// `carpulse_vehicles` as [`Metrics::set_vehicle_states`] defines it, counted without a
+    /// copy of the fleet: only the few vehicles named in `states` are looked up (at 10,000
+    /// vehicles the copy was a fifth of a health check's cost, issue 8).
+    fn count_vehicle_states(&self, k: &Known, states: &[(VehicleId, &'static str)]) {
+        let rank = |s: &str| VEHICLE_STATES.iter().position(|x| *x == s).unwrap_or(0);
+        let slot = |s: &str| VEHICLE_STATES.iter().position(|x| *x == s);
+        let base = |id: &VehicleId| k.fleet.get(id).copied().flatten().unwrap_or("ok");
+        // The state of each vehicle a reason of this moment names, where it wins.
+        let mut named: HashMap<&VehicleId, &'static str> = HashMap::new();
+        for (id, state) in states {
+            if k.fleet_known && !k.fleet.contains_key(id) {
+                continue; // a reload raced the health pass: the store no longer has it
+            }
+            let now = named.get(id).copied().unwrap_or_else(|| base(id));
+            if now == "ok" || rank(state) < rank(now) {
+                named.insert(id, state);
+            }
+        }
+        let mut counts = [0i64; VEHICLE_STATES.len()];
+        for hold in k.fleet.values() {
+            if let Some(i) = slot(hold.unwrap_or("ok")) {
+                counts[i] += 1;
+            }
+        }
+        for (id, state) in &named {
+            if k.fleet.contains_key(*id) {
+                if let Some(i) = slot(base(id)) {
+                    counts[i] -= 1;
+                }
+            }
+            if let Some(i) = slot(state) {
+                counts[i] += 1;
+            }
+        }
+        for (state, n) in VEHICLE_STATES.iter().zip(counts) {
+            self.vehicles_in_state.with_label_values(&[state]).set(n);
+        }
     }
 
     /// Calls billed this month per vehicle (the poller's ledger), their fleet total and
@@ -823,7 +871,9 @@ impl Metrics {
         k.recorded.retain(|(vid, _), _| vid != id);
         k.stated.remove(id);
         k.billed.remove(id);
-        k.fleet.remove(id);
+        if k.fleet.remove(id).is_some() {
+            k.fleet_changes += 1;
+        }
     }
 
     /// Connections per status; a status with none is 0.

@@ -5,7 +5,8 @@
 //! [`poller`] turns a tick into polls through the [`crate::smartcar`] client, admitted by
 //! [`gate`] (waits, blocks, the monthly budget) and skipping what [`discovery`] found a vehicle
 //! cannot answer; readings go to the store's writer and outcomes to [`metrics`], served (with
-//! [`webconfig`]'s TLS and basic auth) on the metrics listener. [`maintenance`] prunes and
+//! [`webconfig`]'s TLS and basic auth) on the metrics listener, beside `/healthz`, which
+//! [`health`] keeps. [`maintenance`] prunes and
 //! backs up the store while the daemon runs, [`reconfig`] applies SIGHUP, [`signals`] and
 //! [`sdnotify`] speak to the OS and systemd; [`control`] is `POST /poll` (poll now).
 
@@ -16,6 +17,7 @@ pub mod control;
 pub mod cycles;
 pub mod discovery;
 pub mod gate;
+pub mod health;
 pub mod maintenance;
 pub mod metrics;
 pub mod poller;
@@ -27,4 +29,5 @@ pub mod supervisor;
 pub mod tokens;
 pub mod webconfig;
 
-pub use app::{adopt_stored_blocks, check_health, client_config, run, Daemon};
+pub use app::{adopt_stored_blocks, client_config, run, Daemon};
+pub use health::check_health;

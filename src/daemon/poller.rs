@@ -127,6 +127,10 @@ pub struct Poller {
     held: Mutex<Vec<(VehicleId, &'static str)>>,
     /// `schedule.no_data_every`, as ms (SIGHUP may change it).
     no_data_every_ms: std::sync::atomic::AtomicU64,
+    /// Bumped when freshness, the vehicle set or the held vehicles change; with the gates'
+    /// and the ledger's own counts it is [`Poller::changes`], which lets the health check
+    /// skip walking a fleet in which nothing moved.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 /// How fresh a vehicle's data is, for `/healthz` and `carpulse_reading_age_seconds`.
@@ -202,12 +206,35 @@ impl Poller {
             no_data_every_ms: std::sync::atomic::AtomicU64::new(
                 crate::config::DEFAULT_NO_DATA_EVERY.as_millis() as u64,
             ),
+            changes: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Moves whenever what the health check reads here changes: freshness, the vehicle set,
+    /// the held vehicles, the gates' blocks and pauses, the ledger's counts.
+    pub fn changes(&self) -> (u64, u64, u64) {
+        let own = self.changes.load(std::sync::atomic::Ordering::Relaxed);
+        let gates = self.gates().changes();
+        let ledger = self
+            .ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .changes();
+        (own, gates, ledger)
     }
 
     /// Sets the vehicles held back by their connection (revoked, no user id, needs_reauth).
     pub fn set_held(&self, held: Vec<(VehicleId, &'static str)>) {
-        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = held;
+        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if *h != held {
+            *h = held;
+            self.changed();
+        }
     }
 
     /// See [`Poller::set_held`].
@@ -232,10 +259,15 @@ impl Poller {
         let mut f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
         let entry = f.entry(id.clone()).or_default();
         entry.no_data_since.get_or_insert(at);
+        self.changed();
     }
 
     pub fn set_vehicles(&self, vehicles: Vec<PolledVehicle>) {
-        *self.vehicles.lock().unwrap_or_else(|p| p.into_inner()) = vehicles;
+        let mut v = self.vehicles.lock().unwrap_or_else(|p| p.into_inner());
+        if *v != vehicles {
+            *v = vehicles;
+            self.changed();
+        }
     }
 
     /// Spreads the polls of one tick of `job` over `window`.
@@ -573,6 +605,7 @@ impl Poller {
     fn note_answer(&self, id: &VehicleId, at: UnixMillis, readings: &[(&'static str, UnixMillis)]) {
         let mut f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
         let entry = f.entry(id.clone()).or_default();
+        self.changed();
         entry.last_answered = Some(at);
         entry.no_data_since = None;
         for (signal, recorded) in readings {
@@ -611,6 +644,7 @@ impl Poller {
     /// Sets the monthly call budget, with this month's calls so far.
     pub fn set_ledger(&self, ledger: Ledger) {
         *self.ledger.lock().unwrap_or_else(|p| p.into_inner()) = ledger;
+        self.changed();
     }
 
     /// See [`Ledger::seed`].
@@ -1302,19 +1336,8 @@ pub fn offset_in(id: &VehicleId, window: Duration) -> Duration {
 
 /// The default spread of a job: a quarter of the time between two of its runs, at most a
 /// minute, so one tick's polls are done well before the next tick.
-pub fn default_spread(cron: &str) -> Duration {
-    let Ok(c) = crate::config::parse_cron(cron) else {
-        return Duration::ZERO;
-    };
-    let now = chrono::Utc::now();
-    let (Ok(a), Ok(b)) = (
-        c.find_next_occurrence(&now, false),
-        c.find_next_occurrence(&now, false)
-            .and_then(|a| c.find_next_occurrence(&a, false)),
-    ) else {
-        return Duration::ZERO;
-    };
-    let gap = (b - a).to_std().unwrap_or_default();
+pub fn default_spread(cron: &crate::config::Cron) -> Duration {
+    let gap = cron.period_after(&chrono::Utc::now()).unwrap_or_default();
     (gap / 4).min(Duration::from_secs(60))
 }
 
@@ -1383,9 +1406,9 @@ mod tests {
 
     #[test]
     fn default_spread_is_a_quarter_of_the_gap_at_most_a_minute() {
-        assert_eq!(default_spread("*/2 * * * * *"), Duration::from_millis(500));
-        assert_eq!(default_spread("0 */15 * * * *"), Duration::from_secs(60));
-        assert_eq!(default_spread("0 * * * * *"), Duration::from_secs(15));
-        assert_eq!(default_spread("nonsense"), Duration::ZERO);
+        let spread = |c: &str| default_spread(&crate::config::Cron::parse(c).unwrap());
+        assert_eq!(spread("*/2 * * * * *"), Duration::from_millis(500));
+        assert_eq!(spread("0 */15 * * * *"), Duration::from_secs(60));
+        assert_eq!(spread("0 * * * * *"), Duration::from_secs(15));
     }
 }

@@ -53,14 +53,14 @@ pub async fn start(
             let metrics = metrics.clone();
             Box::pin(async move {
                 match tx.try_send(tick) {
-                    Ok(()) => debug!(job = job_label(job), "tick"),
+                    Ok(()) => debug!(job = job.label(), "tick"),
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         metrics
                             .ticks_skipped
-                            .with_label_values(&[job_label(job)])
+                            .with_label_values(&[job.label()])
                             .inc();
                         warn!(
-                            job = job_label(job),
+                            job = job.label(),
                             "tick skipped: the poller has not taken the previous ones"
                         );
                     }
@@ -69,15 +69,12 @@ pub async fn start(
                 }
             })
         })
-        .map_err(|e| anyhow::anyhow!("schedule.{}: {expr:?}: {e}", job_label(job)))?;
+        .map_err(|e| anyhow::anyhow!("schedule.{}: {expr:?}: {e}", job.label()))?;
         scheduler.add(cron).await?;
         // Say when the first poll comes: with the default 15-minute cron a new user would
         // otherwise wonder why nothing happens.
-        if let Ok(next) = crate::config::parse_cron(expr).and_then(|c| {
-            c.find_next_occurrence(&chrono::Utc::now(), false)
-                .map_err(|e| e.to_string())
-        }) {
-            tracing::info!(job = job_label(job), plugged_in_only, cron = %expr, next = %next.to_rfc3339(), "scheduled");
+        if let Some(next) = expr.next_after(&chrono::Utc::now()) {
+            tracing::info!(job = job.label(), plugged_in_only, cron = %expr, next = %next.to_rfc3339(), "scheduled");
         }
     }
     scheduler.start().await?;
@@ -92,15 +89,11 @@ impl Schedule {
     }
 }
 
-/// The `job` label of metrics and logs, and the config key of the job's cron.
+/// [`Job::label`], under the name the poller still uses.
 pub fn job_label(job: Job) -> &'static str {
-    match job {
-        Job::Battery => "battery",
-        Job::Info => "info",
-    }
+    job.label()
 }
 
-/// The endpoints a job reads, for outcomes that concern the whole request.
 /// Ticks that fall due together become one cycle per listing: under v3 an Info tick answers
 /// everything a Battery tick would, so a plain Battery tick beside it is dropped.
 pub fn merge_ticks(api: crate::domain::ApiVersion, ticks: Vec<Tick>) -> Vec<Tick> {
@@ -115,11 +108,9 @@ pub fn merge_ticks(api: crate::domain::ApiVersion, ticks: Vec<Tick>) -> Vec<Tick
     out
 }
 
+/// [`Job::endpoints`], under the name the poller still uses.
 pub fn job_endpoints(job: Job) -> &'static [&'static str] {
-    match job {
-        Job::Battery => &["battery", "charge"],
-        Job::Info => &["info", "vin", "odometer"],
-    }
+    job.endpoints()
 }
 
 #[cfg(test)]

@@ -155,6 +155,35 @@ pub enum Job {
     Info,
 }
 
+impl Job {
+    /// Every job, in the order `carpulse poll` runs them.
+    pub const ALL: [Job; 2] = [Job::Battery, Job::Info];
+
+    /// Its name: the `job` label of metrics and logs, `carpulse poll --job`, and the config
+    /// key of its cron (`schedule.<label>`). One spelling, kept here, instead of a string at
+    /// every call site.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Job::Battery => "battery",
+            Job::Info => "info",
+        }
+    }
+
+    /// The logical endpoints it reads (the `endpoint` of its poll events and of the gates'
+    /// blocks), for outcomes that concern the whole request.
+    pub const fn endpoints(self) -> &'static [&'static str] {
+        match self {
+            Job::Battery => &["battery", "charge"],
+            Job::Info => &["info", "vin", "odometer"],
+        }
+    }
+
+    /// The job a [`Job::label`] names.
+    pub fn from_label(label: &str) -> Option<Job> {
+        Job::ALL.into_iter().find(|j| j.label() == label)
+    }
+}
+
 /// The outcome of one logical endpoint of a job: a poll event and maybe a reading each.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EndpointResult {
@@ -732,6 +761,18 @@ pub(crate) async fn read_limited(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_owns_its_label_and_endpoints() {
+        for job in Job::ALL {
+            assert_eq!(Job::from_label(job.label()), Some(job));
+        }
+        assert_eq!(Job::from_label("odometer"), None);
+        // The spellings are a contract: metric labels, config keys, `poll --job`.
+        assert_eq!(Job::ALL.map(Job::label), ["battery", "info"]);
+        assert_eq!(Job::Battery.endpoints(), ["battery", "charge"]);
+        assert_eq!(Job::Info.endpoints(), ["info", "vin", "odometer"]);
+    }
 
     #[test]
     fn base_urls_tolerate_trailing_slashes() {

@@ -450,3 +450,77 @@ async fn pruned_readings_live_on_in_the_rollup_views() {
     assert_eq!(f(&hour[0][1]), 10.0);
     store.close().await.unwrap();
 }
+
+/// The daemon's hourly pass (`maintenance::retention_once`, one owner-thread call per step)
+/// prunes what the policy no longer keeps and gives steps only to vehicles that have some
+/// (issue 8: probing costs an index seek, a step a statement; most vehicles have nothing).
+#[tokio::test]
+async fn the_daemons_retention_pass_steps_only_through_vehicles_with_old_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("hourly.db"), None).unwrap();
+    let ids: Vec<VehicleId> = (0..40).map(vid).collect();
+    let seed = ids.clone();
+    store
+        .call(move |c| {
+            let tokens = TokenPair {
+                access_token: Secret::new("a"),
+                refresh_token: Secret::new("r"),
+                access_expires_at: START,
+                refresh_expires_at: START,
+            };
+            let conn = queries::upsert_connection(c, "user-1", &tokens, START)?;
+            for v in &seed {
+                queries::upsert_vehicle(c, conn, v, None, START)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let now = carpulse::domain::now_ms();
+    let old = now - 100 * 86_400_000;
+    let mut items = Vec::new();
+    for v in &ids {
+        items.push(event(v, now - 60_000, "battery", "ok", 1));
+    }
+    // Of 40 vehicles, two have ok events past the default 90 days, one an old failure.
+    items.push(event(&ids[3], old, "battery", "ok", 1));
+    items.push(event(&ids[3], old + 1, "charge", "ok", 0));
+    items.push(event(&ids[17], old, "battery", "ok", 1));
+    items.push(event(&ids[30], old, "battery", "asleep", 1));
+    store.write(items).await.unwrap();
+    store.flush().await.unwrap();
+
+    let summary = carpulse::daemon::maintenance::retention_once(
+        &store,
+        &Policy::default(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.events_deleted, 3, "{summary:?}");
+    assert_eq!(
+        summary.steps, 2,
+        "one step each for the two vehicles with old ok events"
+    );
+    let left = rows(
+        &store,
+        "SELECT count(*), sum(outcome = 'ok'), min(at) FROM poll_events",
+    )
+    .await;
+    assert_eq!(
+        f(&left[0][0]) as i64,
+        41,
+        "40 recent events and the old failure"
+    );
+    assert_eq!(f(&left[0][1]) as i64, 40);
+    assert_eq!(f(&left[0][2]) as i64, old, "failures are kept");
+    // Nothing left to prune: no step at all.
+    let again = carpulse::daemon::maintenance::retention_once(
+        &store,
+        &Policy::default(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, Default::default());
+}
