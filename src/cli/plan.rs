@@ -212,7 +212,7 @@ const WORST_LATENCY_S: f64 = 45.0;
 /// typical latency, how long it takes when that is more than the pool, and a warning when at
 /// the worst latency a tick would not finish before the next one (the daemon's log says the
 /// same at run time, from the latency it sees).
-pub fn pace(cfg: &Config, vehicles: u64, from: DateTime<Utc>) -> Result<String, String> {
+pub fn pace(cfg: &Config, vehicles: u64, from: DateTime<Utc>) -> String {
     let mut out = String::new();
     let max = cfg.poll.max_in_flight.max(1) as f64;
     let _ = writeln!(
@@ -226,14 +226,14 @@ pub fn pace(cfg: &Config, vehicles: u64, from: DateTime<Utc>) -> Result<String, 
         ("battery", &cfg.schedule.battery),
         ("info", &cfg.schedule.info),
     ] {
-        let cron = parse_cron(expr).map_err(|e| format!("schedule.{job}: {e}"))?;
+        let cron = expr;
         // The shortest gap between two runs in the month ahead (an uneven cron's short gap is
         // the one a slow tick overruns); counted run by run up to a bound.
         let (mut gap, mut prev, mut t): (f64, Option<DateTime<Utc>>, _) =
             (f64::INFINITY, None, from);
         let end = from + ChronoDuration::days(MONTH_DAYS);
         for _ in 0..10_000 {
-            let Ok(next) = cron.find_next_occurrence(&t, false) else {
+            let Some(next) = cron.next_after(&t) else {
                 break;
             };
             if next > end {
@@ -297,7 +297,7 @@ pub fn pace(cfg: &Config, vehicles: u64, from: DateTime<Utc>) -> Result<String, 
         };
         let _ = writeln!(out, "  {job:<8} every {:<9} {verdict}", human(gap));
     }
-    Ok(out)
+    out
 }
 
 /// Seconds as "45 s", "7.5 min" or "2.0 h".
@@ -330,11 +330,7 @@ pub fn run(cfg: &Config, force: bool, out: &mut dyn std::io::Write) -> anyhow::R
         writeln!(out, "{spent}")?;
     }
     if let Some(vehicles) = enabled_vehicles(cfg) {
-        out.write_all(
-            pace(cfg, vehicles, Utc::now())
-                .map_err(|e| anyhow::anyhow!(e))?
-                .as_bytes(),
-        )?;
+        out.write_all(pace(cfg, vehicles, Utc::now()).as_bytes())?;
     }
     let Some(budget) = cfg.budget.calls_per_vehicle_month else {
         writeln!(
@@ -373,8 +369,8 @@ mod tests {
 
     fn fleet_config(battery: &str, max_in_flight: usize) -> Config {
         let mut cfg = Config::defaults_for_reading(&crate::config::ProcessEnv);
-        cfg.schedule.battery = battery.to_owned();
-        cfg.schedule.info = "0 0 4 * * *".to_owned();
+        cfg.schedule.battery = Cron::parse(battery).unwrap();
+        cfg.schedule.info = Cron::parse("0 0 4 * * *").unwrap();
         cfg.schedule.spread = None;
         cfg.poll.max_in_flight = max_in_flight;
         cfg
@@ -384,7 +380,7 @@ mod tests {
     fn pace_says_what_a_fleet_needs_in_flight_and_when_a_tick_cannot_finish() {
         // 10,000 every 15 min over the default 60 s spread: ~2,084 in flight at 10 s, more
         // than the default 1,024, yet a tick ends long before the next.
-        let p = pace(&fleet_config("0 */15 * * * *", 1024), 10_000, from()).unwrap();
+        let p = pace(&fleet_config("0 */15 * * * *", 1024), 10_000, from());
         assert!(
             p.contains("pace for 10000 enabled vehicle(s), poll.max_in_flight = 1024"),
             "{p}"
@@ -392,16 +388,16 @@ mod tests {
         assert!(p.contains("battery  every 15.0 min  needs ~2084 in flight to keep within its 60 s spread; with 1024 a tick takes ~108 s (at worst ~8.1 min), before the next one"), "{p}");
         assert!(!p.contains("WARNING"), "{p}");
         // Every 5 min with 64 in flight: at 45 s a tick takes ~117 min, past the next tick.
-        let p = pace(&fleet_config("0 */5 * * * *", 64), 10_000, from()).unwrap();
+        let p = pace(&fleet_config("0 */5 * * * *", 64), 10_000, from());
         assert!(p.contains("battery  every 5.0 min   WARNING: at 45 s a tick takes ~117.9 min, longer than the 5.0 min between ticks"), "{p}");
         // A few cars fit easily.
-        let p = pace(&fleet_config("0 */15 * * * *", 1024), 3, from()).unwrap();
+        let p = pace(&fleet_config("0 */15 * * * *", 1024), 3, from());
         assert!(
             p.contains("battery  every 15.0 min  ~1 in flight keeps within its 60 s spread (at worst a tick takes ~105 s)"),
             "{p}"
         );
         // A cron that does not run twice in the month ahead has no pace to keep.
-        let p = pace(&fleet_config("0 0 0 1 1 *", 1024), 10_000, from()).unwrap();
+        let p = pace(&fleet_config("0 0 0 1 1 *", 1024), 10_000, from());
         assert!(
             p.contains("battery  runs at most once in the next 30 days: nothing to pace"),
             "{p}"
