@@ -14,7 +14,6 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::daemon::gate::{Gates, Ledger, Reaction, Skip};
 use crate::daemon::metrics::Metrics;
-use crate::daemon::schedule::{job_endpoints, job_label};
 use crate::daemon::tokens::{Access, TokenError, TokenManager};
 use crate::domain::{
     now_ms, ApiVersion, BlockScope, ConnectionId, PollEvent, Reading, UnixMillis, VehicleId,
@@ -392,7 +391,7 @@ impl Poller {
                     );
                     let outcome = tokio::select! {
                         _ = tokio::time::sleep_until(due) => {
-                            let span = tracing::info_span!("poll", vehicle = %v.id, job = job_label(job));
+                            let span = tracing::info_span!("poll", vehicle = %v.id, job = job.label());
                             me.poll_vehicle(v, job, cancel.clone()).instrument(span).await
                         }
                         _ = cancel.cancelled() => VehicleOutcome::Failed(0),
@@ -448,7 +447,7 @@ impl Poller {
         report.skipped = t.skipped;
         report.readings = t.readings;
         info!(
-            job = job_label(job),
+            job = job.label(),
             vehicles = report.vehicles,
             ok = report.ok,
             failed = report.failed,
@@ -474,7 +473,7 @@ impl Poller {
         cancel: CancellationToken,
     ) -> Option<VehicleOutcome> {
         let v = self.vehicles().into_iter().find(|v| &v.id == id)?;
-        let span = tracing::info_span!("poll", vehicle = %v.id, job = job_label(job), now = true);
+        let span = tracing::info_span!("poll", vehicle = %v.id, job = job.label(), now = true);
         Some(self.poll_vehicle(&v, job, cancel).instrument(span).await)
     }
 
@@ -558,7 +557,7 @@ impl Poller {
         job: Job,
         cancel: CancellationToken,
     ) -> VehicleOutcome {
-        let key = (v.id.clone(), job_label(job));
+        let key = (v.id.clone(), job.label());
         if !self
             .busy
             .lock()
@@ -666,7 +665,7 @@ impl Poller {
         self.ledger
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .settle(id, Some(job_label(job)), charged, billed);
+            .settle(id, Some(job.label()), charged, billed);
     }
 
     /// Calls this vehicle made this month, as the ledger counts them.
@@ -697,7 +696,7 @@ impl Poller {
     /// Whether every endpoint of `job` is blocked for the vehicle (its polls are skipped).
     pub fn job_blocked(&self, id: &VehicleId, job: Job) -> bool {
         let (disabled, _) = self.gates().describe(id);
-        job_endpoints(job)
+        job.endpoints()
             .iter()
             .all(|e| disabled.iter().any(|d| d == e))
     }
@@ -705,9 +704,10 @@ impl Poller {
     /// Whether nothing at all is polled for the vehicle: every endpoint of every job
     /// disabled (`/healthz` names it).
     pub fn all_blocked(&self, id: &VehicleId) -> bool {
-        let all: Vec<&str> = job_endpoints(Job::Battery)
+        let all: Vec<&str> = Job::Battery
+            .endpoints()
             .iter()
-            .chain(job_endpoints(Job::Info))
+            .chain(Job::Info.endpoints())
             .copied()
             .collect();
         self.gates().all_blocked(id, &all)
@@ -716,7 +716,7 @@ impl Poller {
     /// Whether every endpoint of `job` is disabled because the car or its consent cannot give
     /// it (see [`Gates::not_capable`]): an ICE car's battery job.
     pub fn job_not_capable(&self, id: &VehicleId, job: Job) -> bool {
-        self.gates().not_capable(id, job_endpoints(job))
+        self.gates().not_capable(id, job.endpoints())
     }
 
     /// Disabled endpoints and pause reason of a vehicle, for status output and tests.
@@ -734,11 +734,11 @@ impl Poller {
         let mut cost = 0;
         let admitted = self
             .gates()
-            .admit(&v.id, job_endpoints(job), now_ms())
+            .admit(&v.id, job.endpoints(), now_ms())
             .and_then(|open| {
                 let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
                 // What this job last cost the vehicle, if more than the plan says (pages).
-                cost = call_cost(self.api, job, &open).max(ledger.last_cost(&v.id, job_label(job)));
+                cost = call_cost(self.api, job, &open).max(ledger.last_cost(&v.id, job.label()));
                 if ledger.allows(&v.id, cost, now_ms()) {
                     // Counted when admitted: a request that fails is billed all the same.
                     ledger.spend(&v.id, cost, now_ms());
@@ -753,7 +753,7 @@ impl Poller {
                 debug!(reason = skip.label(), "not polled");
                 self.metrics
                     .polls_skipped
-                    .with_label_values(&[job_label(job), skip.label()])
+                    .with_label_values(&[job.label(), skip.label()])
                     .inc();
                 return VehicleOutcome::Skipped(skip.label());
             }
@@ -806,7 +806,7 @@ impl Poller {
                 debug!(reason, "not polled");
                 self.metrics
                     .polls_skipped
-                    .with_label_values(&[job_label(job), reason])
+                    .with_label_values(&[job.label(), reason])
                     .inc();
                 if self.metrics.per_vehicle() {
                     self.metrics
@@ -819,7 +819,7 @@ impl Poller {
             Err(Failure::Token(e)) => {
                 failed = true;
                 warn!(error = %e, "no access token; vehicle not polled");
-                for endpoint in job_endpoints(job) {
+                for endpoint in job.endpoints() {
                     self.count(endpoint, "token_error");
                     items.push(WriteItem::Event(event(
                         v,
@@ -1307,7 +1307,7 @@ fn bill_events(items: &mut [WriteItem], billed: u64) {
 fn call_cost(api: ApiVersion, job: Job, open: &[&str]) -> u64 {
     match api {
         ApiVersion::V2 => open.len() as u64,
-        ApiVersion::V3 => crate::cli::plan::calls_per_run(api, job_label(job)).0,
+        ApiVersion::V3 => crate::cli::plan::calls_per_run(api, job.label()).0,
     }
 }
 

@@ -89,11 +89,6 @@ impl Schedule {
     }
 }
 
-/// [`Job::label`], under the name the poller still uses.
-pub fn job_label(job: Job) -> &'static str {
-    job.label()
-}
-
 /// Ticks that fall due together become one cycle per listing: under v3 an Info tick answers
 /// everything a Battery tick would, so a plain Battery tick beside it is dropped.
 pub fn merge_ticks(api: crate::domain::ApiVersion, ticks: Vec<Tick>) -> Vec<Tick> {
@@ -106,11 +101,6 @@ pub fn merge_ticks(api: crate::domain::ApiVersion, ticks: Vec<Tick>) -> Vec<Tick
         }
     }
     out
-}
-
-/// [`Job::endpoints`], under the name the poller still uses.
-pub fn job_endpoints(job: Job) -> &'static [&'static str] {
-    job.endpoints()
 }
 
 #[cfg(test)]
