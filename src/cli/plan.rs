@@ -28,43 +28,38 @@ pub fn calls_per_run(api: ApiVersion, job: &str) -> (u64, &'static str) {
     }
 }
 
+/// The runs of `cron` after `from` up to `end`, one by one. Stepped with
+/// [`Cron::next_after`]: croner's own iterator skips every other second of a per-second
+/// pattern (it steps past a match and then searches exclusively again).
+fn runs_until(
+    cron: &Cron,
+    from: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+    std::iter::successors(cron.next_after(&from), move |t| cron.next_after(t))
+        .take_while(move |t| *t <= end)
+}
+
 /// How many runs of `a` in the `MONTH_DAYS` days after `from` fall on a run of `b` (same
 /// second). Counted run by run up to [`COUNT_CAP`]; past that, 0 (the conservative answer).
 pub fn coinciding_runs(a: &Cron, b: &Cron, from: DateTime<Utc>) -> u64 {
     let end = from + ChronoDuration::days(MONTH_DAYS);
-    let (mut n, mut seen, mut t) = (0, 0u64, from);
-    while let Some(next) = a.next_after(&t) {
-        if next > end {
-            return n;
-        }
-        seen += 1;
-        if seen > COUNT_CAP {
+    let mut n = 0;
+    for (seen, run) in runs_until(a, from, end).enumerate() {
+        if seen as u64 >= COUNT_CAP {
             return 0;
         }
-        if b.runs_at(&next) {
+        if b.runs_at(&run) {
             n += 1;
         }
-        t = next;
     }
     n
 }
 
 /// How many times `expr` fires in the `MONTH_DAYS` days after `from`.
 pub fn runs_per_month(cron: &Cron, from: DateTime<Utc>) -> u64 {
-    // find_next_occurrence step by step: croner's own iterator skips every other second of
-    // a per-second pattern (it steps past a match and then searches exclusively again).
     let count_until = |end: DateTime<Utc>, cap: u64| -> u64 {
-        let (mut n, mut t) = (0, from);
-        while n < cap {
-            match cron.next_after(&t) {
-                Some(next) if next <= end => {
-                    n += 1;
-                    t = next;
-                }
-                _ => break,
-            }
-        }
-        n
+        runs_until(cron, from, end).take(cap as usize).count() as u64
     };
     let month_end = from + ChronoDuration::days(MONTH_DAYS);
     let n = count_until(month_end, COUNT_CAP);
@@ -226,25 +221,14 @@ pub fn pace(cfg: &Config, vehicles: u64, from: DateTime<Utc>) -> String {
         ("battery", &cfg.schedule.battery),
         ("info", &cfg.schedule.info),
     ] {
-        let cron = expr;
         // The shortest gap between two runs in the month ahead (an uneven cron's short gap is
         // the one a slow tick overruns); counted run by run up to a bound.
-        let (mut gap, mut prev, mut t): (f64, Option<DateTime<Utc>>, _) =
-            (f64::INFINITY, None, from);
         let end = from + ChronoDuration::days(MONTH_DAYS);
-        for _ in 0..10_000 {
-            let Some(next) = cron.next_after(&t) else {
-                break;
-            };
-            if next > end {
-                break;
-            }
-            if let Some(p) = prev {
-                gap = gap.min((next - p).num_milliseconds() as f64 / 1e3);
-            }
-            prev = Some(next);
-            t = next;
-        }
+        let runs: Vec<_> = runs_until(expr, from, end).take(10_000).collect();
+        let gap = runs
+            .windows(2)
+            .map(|w| (w[1] - w[0]).num_milliseconds() as f64 / 1e3)
+            .fold(f64::INFINITY, f64::min);
         if !gap.is_finite() {
             let _ = writeln!(
                 out,
