@@ -522,14 +522,7 @@ impl Shared {
     async fn reload_periodic(&self) -> anyhow::Result<()> {
         let epoch = self.reloaded().on_demand;
         let versions = self.store.call(|c| data_versions(c)).await?;
-        let app_auth = self.tokens.app_auth();
-        let mut holds: Vec<_> = self
-            .tokens
-            .overview()
-            .await
-            .into_iter()
-            .map(|c| (c.0, connection_hold(c.2, &c.1, app_auth)))
-            .collect();
+        let mut holds: Vec<_> = connection_holds(&self.tokens).await.into_iter().collect();
         holds.sort_unstable_by_key(|h| h.0);
         let inputs = ReloadInputs {
             versions,
@@ -734,12 +727,7 @@ pub async fn reload(
         .await
         .context("loading vehicles")?;
     let started = tokens.merge(connections).await;
-    let holds: std::collections::HashMap<_, _> = tokens
-        .overview()
-        .await
-        .into_iter()
-        .map(|c| (c.0, connection_hold(c.2, &c.1, tokens.app_auth())))
-        .collect();
+    let holds = connection_holds(tokens).await;
     let active = unheld(&holds);
     poller.set_held(held_vehicles(&vehicles, &holds));
     // Every stored vehicle keeps its series (a held or disabled one with vehicle_up 0); a
@@ -777,6 +765,19 @@ pub async fn reload(
         );
     }
     Ok(())
+}
+
+/// Every connection the token manager holds, with its [`connection_hold`].
+async fn connection_holds(
+    tokens: &TokenManager,
+) -> std::collections::HashMap<crate::domain::ConnectionId, Option<&'static str>> {
+    let app_auth = tokens.app_auth();
+    tokens
+        .overview()
+        .await
+        .into_iter()
+        .map(|c| (c.0, connection_hold(c.2, &c.1, app_auth)))
+        .collect()
 }
 
 /// Why a connection's vehicles are not polled, if they are not: `revoked` (Smartcar no longer
