@@ -31,6 +31,13 @@ use crate::domain::{
 };
 use crate::smartcar::ErrorKind;
 
+/// Whether `state` replaces `current` as a vehicle's state: anything beats `ok`, otherwise
+/// the earlier in [`VEHICLE_STATES`] wins (one rule for the per-vehicle series and the counts).
+fn state_wins(state: &str, current: &str) -> bool {
+    let rank = |s: &str| VEHICLE_STATES.iter().position(|x| *x == s).unwrap_or(0);
+    current == "ok" || rank(state) < rank(current)
+}
+
 /// The states of `carpulse_vehicle_state` and `carpulse_vehicles`, one per vehicle: `ok`
 /// (polled normally), then why not, in the order that wins when several apply.
 pub const VEHICLE_STATES: [&str; 7] = [
@@ -724,7 +731,6 @@ impl Metrics {
     /// [`VEHICLE_STATES`] after `ok` wins. A vehicle that cannot be polled gets
     /// `carpulse_vehicle_up 0` (its other series stay).
     pub fn set_vehicle_states(&self, states: &[(VehicleId, &'static str)]) {
-        let rank = |s: &str| VEHICLE_STATES.iter().position(|x| *x == s).unwrap_or(0);
         let mut k = self.known();
         self.count_vehicle_states(&k, states);
         if !self.per_vehicle() {
@@ -737,9 +743,7 @@ impl Metrics {
         for (id, state) in states {
             let fleet_known = k.fleet_known;
             let entry = current.entry(id.clone()).or_insert("ok");
-            if (!fleet_known || k.fleet.contains_key(id))
-                && (*entry == "ok" || rank(state) < rank(entry))
-            {
+            if (!fleet_known || k.fleet.contains_key(id)) && state_wins(state, entry) {
                 *entry = state;
             }
         }
@@ -771,7 +775,6 @@ impl Metrics {
     /// copy of the fleet: only the few vehicles named in `states` are looked up (at 10,000
     /// vehicles the copy was a fifth of a health check's cost, issue 8).
     fn count_vehicle_states(&self, k: &Known, states: &[(VehicleId, &'static str)]) {
-        let rank = |s: &str| VEHICLE_STATES.iter().position(|x| *x == s).unwrap_or(0);
         let slot = |s: &str| VEHICLE_STATES.iter().position(|x| *x == s);
         let base = |id: &VehicleId| k.fleet.get(id).copied().flatten().unwrap_or("ok");
         // The state of each vehicle a reason of this moment names, where it wins.
@@ -781,7 +784,7 @@ impl Metrics {
                 continue; // a reload raced the health pass: the store no longer has it
             }
             let now = named.get(id).copied().unwrap_or_else(|| base(id));
-            if now == "ok" || rank(state) < rank(now) {
+            if state_wins(state, now) {
                 named.insert(id, state);
             }
         }
