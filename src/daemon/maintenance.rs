@@ -69,6 +69,10 @@ pub async fn retention_once(
     if tasks.is_empty() {
         return Ok(summary);
     }
+    let all = tasks.clone();
+    store
+        .call(move |c| retention::hide_ok_events(c, &all))
+        .await?;
     let vehicles: Vec<i64> = store
         .call(|c| retention::vehicles(c))
         .await?

@@ -24,6 +24,7 @@ pub const COUNTED: &[&str] = &[
     "connections",
     "vehicles",
     "readings",
+    "reading_lags",
     "poll_log",
     "vehicle_blocks",
     "battery_rollup_hourly",

@@ -15,6 +15,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
     include_str!("migrations/0002_blocks_and_calls.sql"),
     include_str!("migrations/0003_history_without_tokens.sql"),
+    include_str!("migrations/0004_polls_beside_their_readings.sql"),
 ];
 
 /// The first schema whose history holds no token (they live in the token store).

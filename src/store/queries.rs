@@ -500,8 +500,14 @@ pub fn history_counts(
         .with_context(|| format!("counting the readings of {vehicle_id}"))?;
     let poll_events = c
         .query_row(
-            "SELECT count(*) FROM poll_log e JOIN poll_endpoints p ON (e.endpoints & p.bit) <> 0
-             WHERE e.vehicle = ?1",
+            "SELECT (SELECT count(*) FROM poll_log e
+                     JOIN poll_endpoints p ON (e.endpoints & p.bit) <> 0
+                     WHERE e.vehicle = ?1)
+                  + (SELECT count(*) FROM readings r
+                     JOIN poll_endpoints p ON (r.poll_endpoints & p.bit) <> 0
+                     WHERE r.vehicle = ?1 AND r.poll_endpoints IS NOT NULL
+                       AND r.recorded_at + r.fetch_lag_ms
+                           >= (SELECT ok_events_since FROM store_state WHERE id = 1))",
             [key],
             |r| r.get(0),
         )
@@ -576,35 +582,54 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
     // vehicle's newest row: a car that never reports a kind (an ICE car has no battery) costs
     // a bounded walk, not a scan of its whole history.
     let mut battery = c.prepare_cached(
-        "SELECT recorded_at, coalesce(battery_lag_ms, fetch_lag_ms), soc_cp, range_m
-         FROM readings
+        "SELECT recorded_at, coalesce((SELECT battery_lag_ms FROM reading_lags l
+                                      WHERE l.vehicle = r.vehicle AND l.recorded_at = r.recorded_at),
+                                     fetch_lag_ms), soc_cp, range_m
+         FROM readings r
          WHERE vehicle = ?1 AND soc_cp IS NOT NULL
            AND recorded_at >= (SELECT max(recorded_at) FROM readings WHERE vehicle = ?1) - ?2
          ORDER BY recorded_at DESC LIMIT 1",
     )?;
     let mut charge = c.prepare_cached(
-        "SELECT recorded_at, coalesce(charge_lag_ms, fetch_lag_ms), plugged_in, charge_state
-         FROM readings
+        "SELECT recorded_at, coalesce((SELECT charge_lag_ms FROM reading_lags l
+                                      WHERE l.vehicle = r.vehicle AND l.recorded_at = r.recorded_at),
+                                     fetch_lag_ms), plugged_in, charge_state
+         FROM readings r
          WHERE vehicle = ?1 AND charge_state IS NOT NULL
            AND recorded_at >= (SELECT max(recorded_at) FROM readings WHERE vehicle = ?1) - ?2
          ORDER BY recorded_at DESC LIMIT 1",
     )?;
     let mut odometer = c.prepare_cached(
-        "SELECT recorded_at, coalesce(odometer_lag_ms, fetch_lag_ms), odometer_m
-         FROM readings
+        "SELECT recorded_at, coalesce((SELECT odometer_lag_ms FROM reading_lags l
+                                      WHERE l.vehicle = r.vehicle AND l.recorded_at = r.recorded_at),
+                                     fetch_lag_ms), odometer_m
+         FROM readings r
          WHERE vehicle = ?1 AND odometer_m IS NOT NULL
            AND recorded_at >= (SELECT max(recorded_at) FROM readings WHERE vehicle = ?1) - ?2
          ORDER BY recorded_at DESC LIMIT 1",
     )?;
-    // The newest poll; of its rows, a failure before a success, and the last endpoint.
+    // The newest poll; of its rows, a failure before a success, and the last endpoint. An `ok`
+    // poll kept beside its readings (schema 4) is the newest such row, looked for within a
+    // month of the vehicle's newest reading.
     let mut poll = c.prepare_cached(
-        "SELECT e.at,
-                (SELECT name FROM poll_endpoints p WHERE (e.endpoints & p.bit) <> 0
-                 ORDER BY p.bit DESC LIMIT 1),
-                e.outcome, e.http_status, e.error_type, e.error_code
-         FROM poll_log e
-         WHERE e.vehicle = ?1
-         ORDER BY e.at DESC, e.outcome <> 'ok' DESC, e.endpoints DESC LIMIT 1",
+        "SELECT at, (SELECT name FROM poll_endpoints p WHERE (bits & p.bit) <> 0
+                     ORDER BY p.bit DESC LIMIT 1),
+                outcome, http_status, error_type, error_code
+         FROM (SELECT * FROM (SELECT e.at AS at, e.endpoints AS bits, e.outcome AS outcome,
+                                     e.http_status AS http_status, e.error_type AS error_type,
+                                     e.error_code AS error_code
+                              FROM poll_log e WHERE e.vehicle = ?1
+                              ORDER BY e.at DESC, e.outcome <> 'ok' DESC, e.endpoints DESC
+                              LIMIT 1)
+               UNION ALL
+               SELECT * FROM (SELECT r.recorded_at + r.fetch_lag_ms, r.poll_endpoints, 'ok',
+                                     NULL, NULL, NULL
+                              FROM readings r
+                              WHERE r.vehicle = ?1 AND r.poll_endpoints IS NOT NULL
+                                AND r.recorded_at >= (SELECT max(recorded_at) FROM readings
+                                                      WHERE vehicle = ?1) - ?2
+                              ORDER BY r.recorded_at DESC LIMIT 1))
+         ORDER BY at DESC, outcome <> 'ok' DESC, bits DESC LIMIT 1",
     )?;
 
     let mut out = Vec::with_capacity(rows.len());
@@ -649,7 +674,7 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
             .optional()
             .with_context(|| format!("reading the last odometer reading of {vid}"))?;
         let last_poll = poll
-            .query_row([key], |r| {
+            .query_row([key, LATEST_WINDOW_MS], |r| {
                 Ok(PollEvent {
                     vehicle_id: vid.clone(),
                     at: r.get(0)?,
@@ -1142,8 +1167,9 @@ pub fn lift_pause(c: &Connection, vehicle_id: &VehicleId, cause: &str) -> anyhow
 /// by schema 3.
 const INFO_JOB_BITS: i64 = 4 | 8 | 16;
 
-/// Smartcar calls billed per vehicle since `since`, from `poll_events`: each poll's first
-/// event row carries its billed `calls` (the others 0). Rows from before schema 2 have none:
+/// Smartcar calls billed per vehicle since `since`, from `poll_events`' tables: each poll's
+/// first event row carries its billed `calls` (the others 0), in `poll_log` or, for an `ok`
+/// poll kept beside its readings, in `readings.poll_calls`. Rows from before schema 2 have none:
 /// their polls (events sharing an `at`) count as in v2 one call per event (a billed call or
 /// batch item), in v3 the poll's plan price, and not at all when no token was at hand. Per
 /// vehicle, so each query runs on the (vehicle, at) index.
@@ -1173,10 +1199,25 @@ pub fn calls_since(
              ORDER BY at",
         )
         .context("preparing the older polls query")?;
+    // Polls kept beside their readings (schema 4): their reading is at most a day older
+    // than the poll, so the month's are found from a day before it on the primary key.
+    let mut kept = c
+        .prepare_cached(
+            "SELECT coalesce(sum(poll_calls), 0) FROM readings
+             WHERE vehicle = ?1 AND recorded_at >= ?2 - ?3 AND poll_endpoints IS NOT NULL
+               AND recorded_at + fetch_lag_ms >= ?2",
+        )
+        .context("preparing the kept polls' calls query")?;
     let mut used = std::collections::HashMap::new();
     for (key, vehicle) in keys {
         let mut n: u64 = billed
             .query_row(params![key, since], |r| r.get::<_, i64>(0))
+            .with_context(|| format!("counting the calls of vehicle {vehicle}"))?
+            .max(0) as u64;
+        n += kept
+            .query_row(params![key, since, super::writer::KEEP_LAG_MAX_MS], |r| {
+                r.get::<_, i64>(0)
+            })
             .with_context(|| format!("counting the calls of vehicle {vehicle}"))?
             .max(0) as u64;
         let rows = legacy

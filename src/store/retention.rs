@@ -258,6 +258,11 @@ pub fn prune_readings_step(
                 params![vehicle, cutoff],
             )
             .context("deleting late readings")?;
+        tx.execute(
+            "DELETE FROM reading_lags WHERE vehicle = ?1 AND recorded_at < ?2",
+            params![vehicle, cutoff],
+        )
+        .context("deleting the lags of late readings")?;
     }
     let oldest: Option<i64> = tx
         .query_row(
@@ -306,6 +311,11 @@ pub fn prune_readings_step(
             params![vehicle, from, until],
         )
         .context("deleting summarised readings")?;
+    tx.execute(
+        "DELETE FROM reading_lags WHERE vehicle = ?1 AND recorded_at >= ?2 AND recorded_at < ?3",
+        params![vehicle, from, until],
+    )
+    .context("deleting the lags of summarised readings")?;
     tx.execute(
         "INSERT INTO retention_cutoffs (vehicle, readings_before) VALUES (?1, ?2)
          ON CONFLICT (vehicle) DO UPDATE SET readings_before = excluded.readings_before",
@@ -384,6 +394,23 @@ pub fn has_work(c: &Connection, task: &Task, vehicle: i64) -> anyhow::Result<boo
         .with_context(|| format!("looking for old poll events of vehicle key {vehicle}"))
 }
 
+/// Moves `poll_events`' horizon for the `ok` polls kept beside their readings (schema 4) to
+/// the `ok` events task's `before`: those rows stay in `readings` (they are readings), and the
+/// view stops showing their events, as deleting them from `poll_log` does for the others. Only
+/// ever forward; one row, once per pass.
+pub fn hide_ok_events(c: &Connection, tasks: &[Task]) -> anyhow::Result<()> {
+    for task in tasks {
+        if let Task::Events { ok: true, before } = *task {
+            c.prepare_cached(
+                "UPDATE store_state SET ok_events_since = ?1 WHERE id = 1 AND ok_events_since < ?1",
+            )?
+            .execute([before])
+            .context("moving the horizon of the ok poll events")?;
+        }
+    }
+    Ok(())
+}
+
 /// Of `vehicles`, those `tasks` have work for (see [`has_work`]), each with those tasks.
 pub fn due(
     c: &Connection,
@@ -429,6 +456,7 @@ impl Task {
 /// the vacuum.
 pub fn run_all(c: &mut Connection, policy: &Policy, now: UnixMillis) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
+    hide_ok_events(c, &plan_for(policy, now))?;
     for (vehicle, _) in vehicles(c)? {
         for task in plan_for(policy, now) {
             loop {

@@ -902,9 +902,15 @@ fn one_vehicle_time_window_through_the_views_is_an_index_search() {
             "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
         ),
     ] {
+        // A kind's own fetch lag, where it has one, is one primary-key lookup per row.
+        let lags = "SEARCH l USING PRIMARY KEY (vehicle=? AND recorded_at=?) LEFT-JOIN";
         assert_eq!(
             plan(view, time),
-            vec![vehicle.to_string(), table_plan.to_string()],
+            vec![
+                vehicle.to_string(),
+                table_plan.to_string(),
+                lags.to_string()
+            ],
             "{view}"
         );
     }
@@ -913,6 +919,19 @@ fn one_vehicle_time_window_through_the_views_is_an_index_search() {
         events
             .iter()
             .any(|s| s == "SEARCH e USING PRIMARY KEY (vehicle=? AND at>?)"),
+        "poll_events: {events:?}"
+    );
+    // The `ok` polls kept beside their readings: the vehicle's rows, never the whole table.
+    assert!(
+        events
+            .iter()
+            .any(|s| s == "SEARCH r USING PRIMARY KEY (vehicle=?)"),
+        "poll_events: {events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|s| s.starts_with("SCAN r") || s.starts_with("SCAN e")),
         "poll_events: {events:?}"
     );
     // Rollup views: the vehicle is pushed into every part; no part scans a table.
@@ -1153,5 +1172,284 @@ async fn waits_and_quota_pauses_end_and_account_pauses_are_checked_again() {
         .map(|b| b.vehicle_id.0)
         .collect();
     assert_eq!(left, ["billing", "perm"]);
+    store.close().await.unwrap();
+}
+
+fn ok_event(v: &VehicleId, at: i64, endpoint: &str, calls: u64) -> WriteItem {
+    WriteItem::Event(PollEvent {
+        vehicle_id: v.clone(),
+        at,
+        endpoint: endpoint.into(),
+        outcome: "ok".into(),
+        http_status: None,
+        error_type: None,
+        error_code: None,
+        calls: Some(calls),
+    })
+}
+
+/// One v3 listing's poll as the poller queues it: each `ok` event before the reading it brought.
+fn listing_poll(v: &VehicleId, at: i64, recorded_at: i64, fetched_at: i64) -> Vec<WriteItem> {
+    let stamp = Stamp {
+        recorded_at,
+        fetched_at,
+    };
+    vec![
+        ok_event(v, at, "battery", 1),
+        WriteItem::Reading(
+            v.clone(),
+            battery(recorded_at, fetched_at, 71.5, Some(280.0)),
+        ),
+        ok_event(v, at, "charge", 0),
+        WriteItem::Reading(
+            v.clone(),
+            Reading::Charge(ChargeReading {
+                stamp,
+                plugged_in: true,
+                state: ChargeState::Charging,
+            }),
+        ),
+        ok_event(v, at, "odometer", 0),
+        WriteItem::Reading(
+            v.clone(),
+            Reading::Odometer(OdometerReading {
+                stamp,
+                odometer_km: 12_345.6,
+            }),
+        ),
+    ]
+}
+
+type EventRow = (
+    i64,
+    String,
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+);
+
+fn poll_events_of(c: &Connection) -> rusqlite::Result<Vec<EventRow>> {
+    c.prepare(
+        "SELECT at, endpoint, outcome, http_status, error_code, calls FROM poll_events
+         ORDER BY at, endpoint",
+    )?
+    .query_map([], |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    })?
+    .collect()
+}
+
+/// Schema 4: an `ok` poll that stored a new reading row is kept in that row, not in
+/// `poll_log`, and `poll_events` shows it exactly as before; a poll whose readings were already
+/// stored, a failure, or an answer that took long to read still goes to `poll_log`. A batch
+/// written twice keeps one of each; retention hides old `ok` polls without touching readings;
+/// the month's billed calls count both places.
+#[tokio::test]
+async fn polls_that_stored_readings_are_kept_beside_them_and_shown_as_before() {
+    const T: i64 = 1_767_225_600_000; // 2026-01-01
+    let dir = tempfile::tempdir().unwrap();
+    let (store, reports) = open_recording(&dir.path().join("kept.db"));
+    seed(&store, &["veh-a"]).await;
+    let a = vid("veh-a");
+
+    // A poll at T+5,000 whose answer arrived at T+4,990, data recorded at T.
+    let first = listing_poll(&a, T + 5_000, T, T + 4_990);
+    store.write(first.clone()).await.unwrap();
+    store.flush().await.unwrap();
+    // The same batch again (a replay, as a fallback file's): nothing new.
+    store.write(first).await.unwrap();
+    store.flush().await.unwrap();
+    // The car did not report since: the next poll's readings are duplicates.
+    store
+        .write(listing_poll(&a, T + 900_000, T, T + 899_995))
+        .await
+        .unwrap();
+    // A new reading, but the battery's answer dripped in for 5 s before the poll's time.
+    store
+        .write(vec![
+            ok_event(&a, T + 1_800_000, "battery", 1),
+            WriteItem::Reading(a.clone(), battery(T + 1_700_000, T + 1_795_000, 70.0, None)),
+        ])
+        .await
+        .unwrap();
+    // A poll that stored a battery reading while its charge endpoint failed.
+    store
+        .write(vec![
+            ok_event(&a, T + 2_700_000, "battery", 2),
+            WriteItem::Reading(
+                a.clone(),
+                battery(T + 2_600_000, T + 2_700_000, 69.0, Some(270.0)),
+            ),
+            WriteItem::Event(PollEvent {
+                vehicle_id: a.clone(),
+                at: T + 2_700_000,
+                endpoint: "charge".into(),
+                outcome: "vehicle_state".into(),
+                http_status: Some(409),
+                error_type: Some("VEHICLE_STATE".into()),
+                error_code: Some("ASLEEP".into()),
+                calls: Some(0),
+            }),
+        ])
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+
+    let ok = |at: i64, e: &str, calls: i64| {
+        (at, e.to_string(), "ok".to_string(), None, None, Some(calls))
+    };
+    let expected = vec![
+        ok(T + 5_000, "battery", 1),
+        ok(T + 5_000, "charge", 0),
+        ok(T + 5_000, "odometer", 0),
+        ok(T + 900_000, "battery", 1),
+        ok(T + 900_000, "charge", 0),
+        ok(T + 900_000, "odometer", 0),
+        ok(T + 1_800_000, "battery", 1),
+        ok(T + 2_700_000, "battery", 2),
+        (
+            T + 2_700_000,
+            "charge".to_string(),
+            "vehicle_state".to_string(),
+            Some(409),
+            Some("ASLEEP".to_string()),
+            Some(0),
+        ),
+    ];
+    type Rows = (
+        Vec<EventRow>,
+        Vec<(i64, i64, String)>,
+        Vec<(i64, Option<i64>)>,
+    );
+    let (events, log, kept): Rows = store
+        .call(|c| {
+            let log = c
+                .prepare("SELECT at, endpoints, outcome FROM poll_log ORDER BY at")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let kept = c
+                .prepare("SELECT recorded_at, poll_endpoints FROM readings ORDER BY recorded_at")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            Ok((poll_events_of(c)?, log, kept))
+        })
+        .await
+        .unwrap();
+    assert_eq!(events, expected);
+    // In poll_log: only the poll that stored nothing new, the slow answer, and the failure.
+    assert_eq!(
+        log,
+        vec![
+            (T + 900_000, 1 | 2 | 16, "ok".to_string()),
+            (T + 1_800_000, 1, "ok".to_string()),
+            (T + 2_700_000, 2, "vehicle_state".to_string()),
+        ]
+    );
+    assert_eq!(
+        kept,
+        vec![
+            (T, Some(1 | 2 | 16)),
+            (T + 1_700_000, None),
+            (T + 2_600_000, Some(1))
+        ]
+    );
+    // Each event and reading counted once as written, the replay's as duplicates.
+    assert_eq!(total(&reports, WriteReport::written_in, "poll_events"), 9);
+    assert_eq!(
+        total(&reports, WriteReport::duplicates_in, "poll_events"),
+        3
+    );
+    assert_eq!(total(&reports, WriteReport::written_in, "battery"), 3);
+    assert_eq!(total(&reports, WriteReport::duplicates_in, "battery"), 2);
+    assert_eq!(total(&reports, WriteReport::written_in, "charge"), 1);
+
+    // The kept row's fetched_at is its poll's time (10 ms after the answer's arrival); the
+    // slow answer's reading keeps its own.
+    let fetched: Vec<i64> = store
+        .call(|c| {
+            c.prepare("SELECT fetched_at FROM battery_history ORDER BY recorded_at")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()
+                .map_err(Into::into)
+        })
+        .await
+        .unwrap();
+    assert_eq!(fetched, vec![T + 5_000, T + 1_795_000, T + 2_700_000]);
+
+    // Billed this month: 1 + 1 + 1 + 2.
+    let calls = store
+        .call(|c| queries::calls_since(c, T, crate::domain::ApiVersion::V3))
+        .await
+        .unwrap();
+    assert_eq!(calls.get(&a), Some(&5));
+
+    // 91 days on, the default retention lets the `ok` events go, in both places; the
+    // readings and the failure stay.
+    let (after, readings) = store
+        .call(|c| {
+            retention::run_all(c, &retention::Policy::default(), T + 91 * 86_400_000)?;
+            let n: i64 = c.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
+            Ok((poll_events_of(c)?, n))
+        })
+        .await
+        .unwrap();
+    assert_eq!(after, expected[8..].to_vec());
+    assert_eq!(readings, 3);
+    store.close().await.unwrap();
+}
+
+/// A kind that joins its instant's row from a later answer keeps its own fetch time (in
+/// `reading_lags`), and the views show each kind's as written.
+#[tokio::test]
+async fn a_kind_joining_a_row_later_keeps_its_own_fetch_time() {
+    const T: i64 = 1_767_225_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open_recording(&dir.path().join("lags.db"));
+    seed(&store, &["veh-a"]).await;
+    let a = vid("veh-a");
+    store
+        .write(vec![WriteItem::Reading(
+            a.clone(),
+            battery(T, T + 2_000, 50.0, None),
+        )])
+        .await
+        .unwrap();
+    store
+        .write(vec![WriteItem::Reading(
+            a.clone(),
+            Reading::Charge(ChargeReading {
+                stamp: Stamp {
+                    recorded_at: T,
+                    fetched_at: T + 9_000,
+                },
+                plugged_in: false,
+                state: ChargeState::NotCharging,
+            }),
+        )])
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    let (battery_at, charge_at, lags): (i64, i64, i64) = store
+        .call(|c| {
+            Ok((
+                c.query_row("SELECT fetched_at FROM battery_history", [], |r| r.get(0))?,
+                c.query_row("SELECT fetched_at FROM charge_history", [], |r| r.get(0))?,
+                c.query_row("SELECT count(*) FROM reading_lags", [], |r| r.get(0))?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!((battery_at, charge_at, lags), (T + 2_000, T + 9_000, 1));
+    let summary = store.call(|c| queries::vehicle_summaries(c)).await.unwrap();
+    let last_charge = summary[0].last_charge.as_ref().map(|c| c.stamp.fetched_at);
+    assert_eq!(last_charge, Some(T + 9_000));
     store.close().await.unwrap();
 }

@@ -6,17 +6,20 @@
 //! commit (and its fsync at checkpoints) is paid once per batch, not once per row. A reading
 //! that was fetched is either committed or counted as dropped, never lost silently (DESIGN §2.4).
 //!
-//! Shapes for size (schema 3): the readings of one instant share a row of `readings` (a v3
-//! listing's battery, charge and odometer), and a poll's events with the same outcome share a
-//! row of `poll_log` whose `endpoints` is a bitmask; the views show them as before. That is
-//! what keeps a vehicle-year at the default cadence under 2 MB.
+//! Shapes for size (schemas 3 and 4): the readings of one instant share a row of `readings` (a
+//! v3 listing's battery, charge and odometer), written by one INSERT; the `ok` events of the
+//! poll that created that row are kept in it (`poll_endpoints`, `poll_calls`: its time is the
+//! row's fetched_at), and only the other events (failures, polls whose readings were already
+//! stored) become `poll_log` rows, a poll's events with the same outcome sharing one row whose
+//! `endpoints` is a bitmask. The views show them as before. That keeps what a poll leaves on
+//! disk near 40 bytes, and the store thread's work per poll to one row insert.
 
 use std::collections::HashMap;
 
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use crate::domain::{PollEvent, Reading, UnixMillis, VehicleId, VehicleInfo};
+use crate::domain::{PollEvent, Reading, Stamp, UnixMillis, VehicleId, VehicleInfo};
 
 /// One row (or vehicle update) bound for the store.
 #[derive(Clone, Debug, PartialEq)]
@@ -184,6 +187,84 @@ struct EventRow<'a> {
     calls: Option<u64>,
     /// How many events it holds (each is counted under `poll_events`).
     events: u64,
+    /// Kept in a `readings` row (Written), or found already kept there (Duplicate); None:
+    /// bound for `poll_log`.
+    kept: Option<Outcome>,
+}
+
+impl EventRow<'_> {
+    /// Only a clean `ok` poll is kept beside its readings: the `poll_events` view shows such
+    /// rows with no status and no error.
+    fn keepable(&self) -> bool {
+        let k = &self.key;
+        self.kept.is_none()
+            && k.outcome == "ok"
+            && k.http_status.is_none()
+            && k.error_type.is_none()
+            && k.error_code.is_none()
+    }
+}
+
+/// How long after its answer arrived a poll may be stamped (its event's `at` is taken once
+/// the answer is read and parsed): a row keeping the poll's event takes the poll's time as
+/// its fetched_at, so at most this much later than the answer's arrival. Beyond it (a body
+/// that dripped in), the event goes to `poll_log` and the reading keeps its own time.
+const KEEP_SHIFT_MAX_MS: i64 = 1_000;
+
+/// How old a reading may be at its poll for the row to keep the poll's event: a poll is found
+/// from its time by looking this far back in `recorded_at` ([`crate::store::queries`]).
+pub(crate) const KEEP_LAG_MAX_MS: i64 = 86_400_000;
+
+/// One kind's values, scaled as stored.
+#[derive(Clone, Copy)]
+enum Values {
+    Battery { soc_cp: i64, range_m: Option<i64> },
+    Charge { plugged_in: i64, state: i64 },
+    Odometer { odometer_m: i64 },
+}
+
+impl Values {
+    /// None when a value can't be stored honestly (NaN, infinite, absurd).
+    fn of(reading: &Reading) -> Option<Values> {
+        Some(match reading {
+            Reading::Battery(b) => Values::Battery {
+                soc_cp: scaled(b.soc_percent, 100.0)?,
+                range_m: match b.range_km {
+                    None => None,
+                    Some(r) => Some(scaled(r, 1000.0)?),
+                },
+            },
+            Reading::Charge(ch) => Values::Charge {
+                plugged_in: ch.plugged_in as i64,
+                state: ch.state.code(),
+            },
+            Reading::Odometer(o) => Values::Odometer {
+                odometer_m: scaled(o.odometer_km, 1000.0)?,
+            },
+        })
+    }
+
+    /// Its index in [`LABELS`] and in a [`Group`]'s values.
+    fn kind(&self) -> usize {
+        match self {
+            Values::Battery { .. } => Label::Battery as usize,
+            Values::Charge { .. } => Label::Charge as usize,
+            Values::Odometer { .. } => Label::Odometer as usize,
+        }
+    }
+}
+
+/// The readings of one vehicle at one instant in a batch, bound for one row.
+struct Group<'a> {
+    vehicle: i64,
+    vid: &'a VehicleId,
+    recorded_at: UnixMillis,
+    /// The first kind's arrival: the row's fetch lag is from it.
+    fetched_at: UnixMillis,
+    /// Battery, charge, odometer (as [`Label`]), each with its own arrival.
+    values: [Option<(Values, UnixMillis)>; 3],
+    /// The event row of the poll that read them.
+    poll: Option<usize>,
 }
 
 impl Writer {
@@ -236,14 +317,49 @@ impl Writer {
         let mut invalid = 0u64;
         let mut events: Vec<EventRow<'_>> = Vec::new();
         let mut event_index: HashMap<EventKey<'_>, usize> = HashMap::new();
+        // The event row of the latest `Event` item, with its vehicle key.
+        let mut last_event: Option<(i64, usize)> = None;
+        let mut groups: Vec<Group<'_>> = Vec::new();
+        let mut group_index: HashMap<(i64, UnixMillis), usize> = HashMap::new();
+        // A kind met twice at one instant: the second goes through the per-kind path.
+        let mut extras: Vec<(i64, &VehicleId, Stamp, Values)> = Vec::new();
         for item in items {
             let label = item.label() as usize;
             let outcome = match item {
                 WriteItem::Reading(vid, reading) => match self.key(&tx, vid)? {
                     None => Outcome::Unknown,
-                    Some(key) => insert_reading(&tx, key, reading).with_context(|| {
-                        format!("storing a {} reading of {vid}", reading.table())
-                    })?,
+                    Some(key) => {
+                        let Some(values) = Values::of(reading) else {
+                            counts.dropped[label] += 1;
+                            invalid += 1;
+                            continue;
+                        };
+                        // Gathered here, stored after the loop: one row per instant, with
+                        // the poll whose events came just before it (a poll's items are
+                        // queued together, each `ok` event before the readings it brought).
+                        let stamp = reading.stamp();
+                        let poll = last_event.filter(|(k, _)| *k == key).map(|(_, i)| i);
+                        match group_index.get(&(key, stamp.recorded_at)) {
+                            Some(&g) if groups[g].values[values.kind()].is_none() => {
+                                groups[g].values[values.kind()] = Some((values, stamp.fetched_at));
+                            }
+                            Some(_) => extras.push((key, vid, stamp, values)),
+                            None => {
+                                group_index.insert((key, stamp.recorded_at), groups.len());
+                                let mut group = Group {
+                                    vehicle: key,
+                                    vid,
+                                    recorded_at: stamp.recorded_at,
+                                    fetched_at: stamp.fetched_at,
+                                    values: [None, None, None],
+                                    poll,
+                                };
+                                group.values[values.kind()] = Some((values, stamp.fetched_at));
+                                groups.push(group);
+                            }
+                        }
+                        continue;
+                    }
                 },
                 WriteItem::Event(ev) => match self.key(&tx, &ev.vehicle_id)? {
                     None => Outcome::Unknown,
@@ -258,7 +374,7 @@ impl Writer {
                             error_type: ev.error_type.as_deref(),
                             error_code: ev.error_code.as_deref(),
                         };
-                        match event_index.get(&event_key) {
+                        let i = match event_index.get(&event_key) {
                             Some(&i) => {
                                 let row = &mut events[i];
                                 row.endpoints |= bit;
@@ -267,6 +383,7 @@ impl Writer {
                                     (None, None) => None,
                                     (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
                                 };
+                                i
                             }
                             None => {
                                 let i = events.len();
@@ -275,10 +392,13 @@ impl Writer {
                                     endpoints: bit,
                                     calls: ev.calls,
                                     events: 1,
+                                    kept: None,
                                 });
                                 event_index.insert(event_key, i);
+                                i
                             }
-                        }
+                        };
+                        last_event = Some((key, i));
                         continue;
                     }
                 },
@@ -387,18 +507,28 @@ impl Writer {
                         });
                     }
                 }
-                Outcome::Invalid => {
-                    counts.dropped[label] += 1;
-                    invalid += 1;
-                }
             }
+        }
+        for group in &groups {
+            store_group(&tx, group, &mut events, counts).with_context(|| {
+                format!(
+                    "storing the readings of {} recorded at {}",
+                    group.vid, group.recorded_at
+                )
+            })?;
+        }
+        for (key, vid, stamp, values) in &extras {
+            let outcome = upsert_kind(&tx, *key, stamp, values)
+                .with_context(|| format!("storing a {} reading of {vid}", LABELS[values.kind()]))?;
+            count(counts, values.kind(), outcome);
         }
         for row in &events {
             let label = Label::PollEvents as usize;
-            match insert_event(&tx, row).context("storing a poll event")? {
-                Outcome::Written => counts.written[label] += row.events,
-                _ => counts.duplicates[label] += row.events,
-            }
+            let outcome = match row.kept {
+                Some(outcome) => outcome,
+                None => insert_event(&tx, row).context("storing a poll event")?,
+            };
+            count_n(counts, label, outcome, row.events);
         }
         tx.commit().context("committing the write batch")?;
         if let Some(example) = unknown {
@@ -458,11 +588,11 @@ impl Writer {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Outcome {
     Written,
     Duplicate,
     Unknown,
-    Invalid,
 }
 
 fn inserted(n: usize) -> Outcome {
@@ -473,68 +603,216 @@ fn inserted(n: usize) -> Outcome {
     }
 }
 
-/// Stores a reading in its instant's row of `readings`: a new row, or the columns of its kind
-/// in a row another kind started (with its own fetch lag where that differs). A kind already
-/// in the row is a duplicate.
-fn insert_reading(tx: &Transaction<'_>, key: i64, reading: &Reading) -> anyhow::Result<Outcome> {
-    let stamp = reading.stamp();
-    let lag = stamp.fetched_at.saturating_sub(stamp.recorded_at);
-    let n = match reading {
-        Reading::Battery(b) => {
-            let Some(soc_cp) = scaled(b.soc_percent, 100.0) else {
-                return Ok(Outcome::Invalid);
+fn count(counts: &mut Counts, label: usize, outcome: Outcome) {
+    count_n(counts, label, outcome, 1);
+}
+
+fn count_n(counts: &mut Counts, label: usize, outcome: Outcome, n: u64) {
+    match outcome {
+        Outcome::Written => counts.written[label] += n,
+        Outcome::Duplicate => counts.duplicates[label] += n,
+        Outcome::Unknown => counts.dropped[label] += n,
+    }
+}
+
+/// Stores one instant's readings: a new row with every kind in one INSERT, keeping the `ok`
+/// events of the poll that read them when it may; if the row is already there, each kind joins
+/// it on its own (a kind already in it is a duplicate) and the poll's events go to `poll_log`,
+/// unless the row already keeps this very poll (a batch written twice).
+fn store_group(
+    tx: &Transaction<'_>,
+    g: &Group<'_>,
+    events: &mut [EventRow<'_>],
+    counts: &mut Counts,
+) -> anyhow::Result<()> {
+    let keep = g.poll.filter(|&i| {
+        let row = &events[i];
+        let shift = row.key.at - g.fetched_at;
+        row.keepable()
+            && (0..=KEEP_SHIFT_MAX_MS).contains(&shift)
+            && row.key.at - g.recorded_at <= KEEP_LAG_MAX_MS
+    });
+    // The row's fetched_at: the poll's time when it keeps the poll (its kinds that arrived
+    // with the first keep no lag of their own), else the first kind's arrival.
+    let row_fetched = match keep {
+        Some(i) => events[i].key.at,
+        None => g.fetched_at,
+    };
+    let row_lag = row_fetched.saturating_sub(g.recorded_at);
+    let mut own_lags: [Option<i64>; 3] = [None; 3];
+    for (lag, v) in own_lags.iter_mut().zip(&g.values) {
+        if let Some((_, fetched)) = v {
+            let fetched = if *fetched == g.fetched_at {
+                row_fetched
+            } else {
+                *fetched
             };
-            let range_m = match b.range_km {
-                None => None,
-                Some(r) => match scaled(r, 1000.0) {
-                    Some(m) => Some(m),
-                    None => return Ok(Outcome::Invalid),
-                },
-            };
+            let l = fetched.saturating_sub(g.recorded_at);
+            *lag = (l != row_lag).then_some(l);
+        }
+    }
+    let (mut soc_cp, mut range_m, mut plugged_in, mut state, mut odometer_m) =
+        (None, None, None, None, None);
+    for (v, _) in g.values.iter().flatten() {
+        match *v {
+            Values::Battery {
+                soc_cp: s,
+                range_m: r,
+            } => (soc_cp, range_m) = (Some(s), r),
+            Values::Charge {
+                plugged_in: p,
+                state: s,
+            } => (plugged_in, state) = (Some(p), Some(s)),
+            Values::Odometer { odometer_m: o } => odometer_m = Some(o),
+        }
+    }
+    let (poll_endpoints, poll_calls) = match keep {
+        Some(i) => (
+            Some(events[i].endpoints),
+            Some(events[i].calls.unwrap_or(0) as i64),
+        ),
+        None => (None, None),
+    };
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, soc_cp, range_m,
+                 plugged_in, charge_state, odometer_m, poll_endpoints, poll_calls)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (vehicle, recorded_at) DO NOTHING",
+        )?
+        .execute(params![
+            g.vehicle,
+            g.recorded_at,
+            row_lag,
+            soc_cp,
+            range_m,
+            plugged_in,
+            state,
+            odometer_m,
+            poll_endpoints,
+            poll_calls
+        ])?;
+    if n == 1 {
+        if own_lags.iter().any(Option::is_some) {
             tx.prepare_cached(
+                "INSERT INTO reading_lags (vehicle, recorded_at, battery_lag_ms, charge_lag_ms,
+                     odometer_lag_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (vehicle, recorded_at) DO UPDATE SET
+                     battery_lag_ms = excluded.battery_lag_ms,
+                     charge_lag_ms = excluded.charge_lag_ms,
+                     odometer_lag_ms = excluded.odometer_lag_ms",
+            )?
+            .execute(params![
+                g.vehicle,
+                g.recorded_at,
+                own_lags[0],
+                own_lags[1],
+                own_lags[2]
+            ])?;
+        }
+        for (v, _) in g.values.iter().flatten() {
+            count(counts, v.kind(), Outcome::Written);
+        }
+        if let Some(i) = keep {
+            events[i].kept = Some(Outcome::Written);
+        }
+        return Ok(());
+    }
+    // The instant's row is already there: each kind joins it as it arrived.
+    for (v, fetched) in g.values.iter().flatten() {
+        let stamp = Stamp {
+            recorded_at: g.recorded_at,
+            fetched_at: *fetched,
+        };
+        count(counts, v.kind(), upsert_kind(tx, g.vehicle, &stamp, v)?);
+    }
+    if let Some(i) = g.poll.filter(|&i| events[i].keepable()) {
+        let kept: Option<(Option<i64>, i64)> = tx
+            .prepare_cached(
+                "SELECT poll_endpoints, fetch_lag_ms FROM readings
+                 WHERE vehicle = ?1 AND recorded_at = ?2",
+            )?
+            .query_row(params![g.vehicle, g.recorded_at], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if kept.is_some_and(|(bits, lag)| {
+            bits == Some(events[i].endpoints) && g.recorded_at + lag == events[i].key.at
+        }) {
+            events[i].kept = Some(Outcome::Duplicate);
+        }
+    }
+    Ok(())
+}
+
+/// Stores one kind in its instant's row: a new row, or its columns in a row another kind
+/// started (its own fetch lag in `reading_lags` where that differs from the row's). A kind
+/// already in the row is a duplicate.
+fn upsert_kind(
+    tx: &Transaction<'_>,
+    key: i64,
+    stamp: &Stamp,
+    values: &Values,
+) -> anyhow::Result<Outcome> {
+    let lag = stamp.fetched_at.saturating_sub(stamp.recorded_at);
+    let returned = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> anyhow::Result<Option<i64>> {
+        Ok(tx
+            .prepare_cached(sql)?
+            .query_row(p, |r| r.get(0))
+            .optional()?)
+    };
+    let (row_lag, column) = match *values {
+        Values::Battery { soc_cp, range_m } => (
+            returned(
                 "INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, soc_cp, range_m)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (vehicle, recorded_at) DO UPDATE SET
                      soc_cp = excluded.soc_cp,
-                     range_m = excluded.range_m,
-                     battery_lag_ms = nullif(excluded.fetch_lag_ms, fetch_lag_ms)
-                 WHERE soc_cp IS NULL",
-            )?
-            .execute(params![key, stamp.recorded_at, lag, soc_cp, range_m])?
-        }
-        Reading::Charge(ch) => tx
-            .prepare_cached(
+                     range_m = excluded.range_m
+                 WHERE soc_cp IS NULL
+                 RETURNING fetch_lag_ms",
+                params![key, stamp.recorded_at, lag, soc_cp, range_m],
+            )?,
+            "battery_lag_ms",
+        ),
+        Values::Charge { plugged_in, state } => (
+            returned(
                 "INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, plugged_in, charge_state)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (vehicle, recorded_at) DO UPDATE SET
                      plugged_in = excluded.plugged_in,
-                     charge_state = excluded.charge_state,
-                     charge_lag_ms = nullif(excluded.fetch_lag_ms, fetch_lag_ms)
-                 WHERE charge_state IS NULL",
-            )?
-            .execute(params![
-                key,
-                stamp.recorded_at,
-                lag,
-                ch.plugged_in as i64,
-                ch.state.code()
-            ])?,
-        Reading::Odometer(o) => {
-            let Some(m) = scaled(o.odometer_km, 1000.0) else {
-                return Ok(Outcome::Invalid);
-            };
-            tx.prepare_cached(
+                     charge_state = excluded.charge_state
+                 WHERE charge_state IS NULL
+                 RETURNING fetch_lag_ms",
+                params![key, stamp.recorded_at, lag, plugged_in, state],
+            )?,
+            "charge_lag_ms",
+        ),
+        Values::Odometer { odometer_m } => (
+            returned(
                 "INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, odometer_m)
                  VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (vehicle, recorded_at) DO UPDATE SET
-                     odometer_m = excluded.odometer_m,
-                     odometer_lag_ms = nullif(excluded.fetch_lag_ms, fetch_lag_ms)
-                 WHERE odometer_m IS NULL",
-            )?
-            .execute(params![key, stamp.recorded_at, lag, m])?
-        }
+                     odometer_m = excluded.odometer_m
+                 WHERE odometer_m IS NULL
+                 RETURNING fetch_lag_ms",
+                params![key, stamp.recorded_at, lag, odometer_m],
+            )?,
+            "odometer_lag_ms",
+        ),
     };
-    Ok(inserted(n))
+    let Some(row_lag) = row_lag else {
+        return Ok(Outcome::Duplicate);
+    };
+    if row_lag != lag {
+        tx.prepare_cached(&format!(
+            "INSERT INTO reading_lags (vehicle, recorded_at, {column}) VALUES (?1, ?2, ?3)
+             ON CONFLICT (vehicle, recorded_at) DO UPDATE SET {column} = excluded.{column}"
+        ))?
+        .execute(params![key, stamp.recorded_at, lag])?;
+    }
+    Ok(Outcome::Written)
 }
 
 /// One `poll_log` row; a row already there for the same poll and endpoints is a duplicate.

@@ -28,7 +28,7 @@ fn old_store(path: &Path) {
          INSERT INTO vehicles (id, vehicle_id, connection_id, added_at) VALUES (1, 'veh-1', 1, 1);
          INSERT INTO battery_readings VALUES (1, 1767225600000, 900, 5000, 300000),
                                              (1, 1767226500000, 800, 4990, 299000);
-         INSERT INTO charge_readings VALUES (1, 1767225600000, 900, 1, 1);
+         INSERT INTO charge_readings VALUES (1, 1767225600000, 700, 1, 1);
          INSERT INTO odometer_readings VALUES (1, 1767225600000, 900, 12345000);
          INSERT INTO poll_event_log (vehicle, at, endpoint, outcome, http_status, calls)
              VALUES (1, 1767225601000, 'battery', 'ok', 200, 1),
@@ -71,8 +71,9 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     );
     let out = crate::stdout_of(&mut dry).await;
     for expected in [
-        "schema version 2; this carpulse writes version 3",
+        "schema version 2; this carpulse writes version 4",
         "3: a history a Grafana account may read",
+        "4: a poll that stored readings is kept beside them",
         "snapshot of the store",
         "the OAuth tokens of 1 connection(s) move to",
         "carpulse.tokens.db",
@@ -96,14 +97,14 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     );
     assert!(crate::stdout_of(&mut run)
         .await
-        .contains("migrated to schema version 3"));
+        .contains("migrated to schema version 4"));
 
     // The snapshot: the old store as it was (tokens and all), private, and openable.
     let snapshot = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.to_string_lossy().contains("carpulse.db.before-schema-3."))
+        .find(|p| p.to_string_lossy().contains("carpulse.db.before-schema-4."))
         .expect("a snapshot before the migration");
     assert_eq!(
         std::fs::metadata(&snapshot).unwrap().permissions().mode() & 0o777,
@@ -116,7 +117,7 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     );
 
     // The history: same readings and events, no token anywhere in its files, group-readable.
-    assert_eq!(crate::db_i64(&db, "PRAGMA user_version"), 3);
+    assert_eq!(crate::db_i64(&db, "PRAGMA user_version"), 4);
     assert_eq!(
         crate::db_i64(&db, "SELECT count(*) FROM battery_history"),
         2
@@ -127,6 +128,19 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
         1
     );
     assert_eq!(crate::db_i64(&db, "SELECT sum(calls) FROM poll_events"), 1);
+    // Each kind keeps its own fetch time through schemas 3 and 4 (the charge came 200 ms
+    // sooner than the battery at the same instant).
+    assert_eq!(
+        crate::db_i64(
+            &db,
+            "SELECT fetched_at FROM battery_history ORDER BY recorded_at LIMIT 1"
+        ),
+        1_767_225_600_900
+    );
+    assert_eq!(
+        crate::db_i64(&db, "SELECT fetched_at FROM charge_history"),
+        1_767_225_600_700
+    );
     assert_eq!(
         crate::db_i64(&db, "SELECT refresh_expires_at FROM connections"),
         1_900_000_000_000
