@@ -176,7 +176,8 @@ fn event(v: &VehicleId, at: i64, endpoint: &str, outcome: &str, calls: u64) -> W
         at,
         endpoint: endpoint.into(),
         outcome: outcome.into(),
-        http_status: Some(if failed { 409 } else { 200 }),
+        // As the poller writes them: an `ok` event has no status, a failure its answer's.
+        http_status: failed.then_some(409),
         error_type: failed.then(|| "VEHICLE_STATE".into()),
         error_code: failed.then(|| "ASLEEP".into()),
         calls: Some(calls),
@@ -274,7 +275,8 @@ async fn write_year(store: &Store, p: &Params) -> anyhow::Result<Written> {
             }
             let stamp = Stamp {
                 recorded_at: at - 40_000 - (n % 13) as i64 * 1_000,
-                fetched_at: at + 1_200 + (n % 7) as i64 * 100,
+                // The answer arrives just before the poll's time (taken once it is read).
+                fetched_at: at - (n % 3) as i64,
             };
             w.battery_readings += 1;
             if i == probe {
