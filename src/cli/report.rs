@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags};
 
 use crate::cli::output::{local, short_id, vehicle_label, vehicle_name};
 use crate::config::Config;
@@ -377,19 +377,9 @@ type Last = (
 );
 
 fn last_outcomes(c: &Connection, vehicle: &str, now: UnixMillis) -> anyhow::Result<Vec<Last>> {
-    let mut stmt = c.prepare_cached(
-        "SELECT at, outcome, error_type, error_code FROM poll_events
-         WHERE vehicle_id = ?1 AND endpoint = ?2 AND at > ?3
-         ORDER BY at DESC LIMIT 1",
-    )?;
     let mut out = Vec::new();
     for endpoint in STATUS_ENDPOINTS {
-        let row = stmt
-            .query_row(
-                rusqlite::params![vehicle, endpoint, now - STATUS_LOOKBACK_MS],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()
+        let row = queries::last_outcome(c, vehicle, endpoint, now - STATUS_LOOKBACK_MS)
             .with_context(|| format!("reading the last {endpoint} outcome of {vehicle}"))?;
         if let Some((at, outcome, t, code)) = row {
             out.push((endpoint, at, outcome, t, code));

@@ -1163,6 +1163,48 @@ pub fn lift_pause(c: &Connection, vehicle_id: &VehicleId, cause: &str) -> anyhow
     .with_context(|| format!("lifting the pause of vehicle {vehicle_id}"))
 }
 
+/// (at, outcome, error type, error code) of a `poll_events` row.
+pub type LastOutcome = (UnixMillis, String, Option<String>, Option<String>);
+
+/// A vehicle's last outcome of `endpoint` after `since`, as `poll_events` has it: (at,
+/// outcome, error type, error code). Two index searches, where the same question to the view
+/// walks the vehicle's whole history of readings (the `ok` polls kept beside their readings
+/// have no index on their time; their reading is at most a day older than the poll).
+pub fn last_outcome(
+    c: &Connection,
+    vehicle_id: &str,
+    endpoint: &str,
+    since: UnixMillis,
+) -> anyhow::Result<Option<LastOutcome>> {
+    c.prepare_cached(
+        "SELECT at, outcome, error_type, error_code FROM (
+             SELECT * FROM (SELECT e.at AS at, e.outcome AS outcome, e.error_type AS error_type,
+                                   e.error_code AS error_code, 0 AS kept
+                            FROM vehicles v
+                            JOIN poll_endpoints p ON p.name = ?2
+                            JOIN poll_log e ON e.vehicle = v.id AND e.at > ?3
+                            WHERE v.vehicle_id = ?1 AND (e.endpoints & p.bit) <> 0
+                            ORDER BY e.at DESC, e.outcome <> 'ok' DESC LIMIT 1)
+             UNION ALL
+             SELECT * FROM (SELECT r.recorded_at + r.fetch_lag_ms, 'ok', NULL, NULL, 1
+                            FROM vehicles v
+                            JOIN poll_endpoints p ON p.name = ?2
+                            JOIN readings r ON r.vehicle = v.id AND r.recorded_at > ?3 - ?4
+                            WHERE v.vehicle_id = ?1 AND (r.poll_endpoints & p.bit) <> 0
+                              AND r.recorded_at + r.fetch_lag_ms > ?3
+                              AND r.recorded_at + r.fetch_lag_ms
+                                  >= (SELECT ok_events_since FROM store_state WHERE id = 1)
+                            ORDER BY r.recorded_at DESC LIMIT 1))
+         ORDER BY at DESC, kept LIMIT 1",
+    )?
+    .query_row(
+        params![vehicle_id, endpoint, since, super::writer::KEEP_LAG_MAX_MS],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )
+    .optional()
+    .with_context(|| format!("reading the last {endpoint} outcome of {vehicle_id}"))
+}
+
 /// The `poll_endpoints` bits of the info job's endpoints (`info`, `vin`, `odometer`), fixed
 /// by schema 3.
 const INFO_JOB_BITS: i64 = 4 | 8 | 16;

@@ -1384,6 +1384,31 @@ async fn polls_that_stored_readings_are_kept_beside_them_and_shown_as_before() {
         .unwrap();
     assert_eq!(fetched, vec![T + 5_000, T + 1_795_000, T + 2_700_000]);
 
+    // Each endpoint's last outcome, from the two tables, as the view has it.
+    let last = store
+        .call(|c| {
+            ["battery", "charge", "odometer", "info"]
+                .into_iter()
+                .map(|e| queries::last_outcome(c, "veh-a", e, T))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        last,
+        vec![
+            Some((T + 2_700_000, "ok".to_string(), None, None)),
+            Some((
+                T + 2_700_000,
+                "vehicle_state".to_string(),
+                Some("VEHICLE_STATE".to_string()),
+                Some("ASLEEP".to_string())
+            )),
+            Some((T + 900_000, "ok".to_string(), None, None)),
+            None,
+        ]
+    );
+
     // Billed this month: 1 + 1 + 1 + 2.
     let calls = store
         .call(|c| queries::calls_since(c, T, crate::domain::ApiVersion::V3))
