@@ -36,11 +36,33 @@ pub fn parse_data_age(s: &str) -> Option<UnixMillis> {
 pub fn parse_epoch_value(v: &Value) -> Option<UnixMillis> {
     match v {
         Value::Number(n) => epoch_number(n.as_f64()?),
-        Value::String(s) => match s.trim().parse::<f64>() {
-            Ok(n) => epoch_number(n),
-            Err(_) => parse_iso(s),
-        },
+        Value::String(s) => parse_epoch_text(s),
         _ => None,
+    }
+}
+
+/// [`parse_epoch_value`] of a JSON string's content.
+pub fn parse_epoch_text(s: &str) -> Option<UnixMillis> {
+    match s.trim().parse::<f64>() {
+        Ok(n) => epoch_number(n),
+        Err(_) => parse_iso(s),
+    }
+}
+
+/// [`parse_epoch_value`] of a JSON value's text, without building the value: a number, or a
+/// string (escapes and all).
+pub fn parse_epoch_json(text: &str) -> Option<UnixMillis> {
+    if text.starts_with('"') {
+        // Borrowed unless it has escapes (a `Cow<str>` would always copy).
+        match serde_json::from_str::<&str>(text) {
+            Ok(s) => parse_epoch_text(s),
+            Err(_) => parse_epoch_text(&serde_json::from_str::<String>(text).ok()?),
+        }
+    } else {
+        match serde_json::from_str::<Value>(text).ok()? {
+            Value::Number(n) => epoch_number(n.as_f64()?),
+            _ => None,
+        }
     }
 }
 

@@ -12,9 +12,9 @@ use reqwest::{Method, Url};
 use serde_json::Value;
 
 use super::error::{api_error_from, ApiError, ErrorBody, ErrorKind};
-use super::time::{parse_epoch_value, stamp};
+use super::time::{parse_epoch_json, parse_epoch_value, stamp};
 use super::units::{plausible_km, v3_percent, DistanceUnit};
-use super::v2::{num, parse_info, value_bool};
+use super::v2::{parse_info, value_bool};
 use super::{EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::domain::{
     BatteryReading, ChargeReading, ChargeState, OdometerReading, UnitSystem, UnixMillis, VehicleId,
@@ -39,11 +39,131 @@ pub struct Signal {
     pub code: String,
     /// Set when `status.value` is ERROR, classified from `status.error.type`/`code`.
     pub error: Option<ApiError>,
-    pub body: Value,
+    pub body: SignalBody,
     /// `meta.oemUpdatedAt`, when given and parsable.
     pub recorded: Option<UnixMillis>,
     /// When the page holding the signal arrived.
     pub fetched_at: UnixMillis,
+}
+
+/// What carpulse reads of a signal's `body`: its `value` and `unit`. Read straight into these
+/// three fields rather than kept as a tree (a map and its keys per signal on every poll).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SignalBody {
+    /// `body.value` as sent (`Some(Null)`: an explicit null); None when the body has none.
+    pub value: Option<Value>,
+    /// `body.unit`, when it is a string.
+    pub unit: Option<String>,
+    /// The body is absent or null: no reading this time (smartcar-api.md §10.4).
+    pub bodiless: bool,
+}
+
+impl SignalBody {
+    const NONE: SignalBody = SignalBody {
+        value: None,
+        unit: None,
+        bodiless: true,
+    };
+
+    /// From a body already parsed (the tolerant tree parser).
+    fn of_value(body: Option<&Value>) -> SignalBody {
+        match body {
+            None | Some(Value::Null) => SignalBody::NONE,
+            Some(b) => SignalBody {
+                value: b.get("value").cloned(),
+                unit: b.get("unit").and_then(Value::as_str).map(str::to_owned),
+                bodiless: false,
+            },
+        }
+    }
+
+    /// From the body's text (the byte parser); None when it is an object serde would read
+    /// differently from the tree parser (a duplicate key), so the caller falls back.
+    fn of_raw(body: Option<&serde_json::value::RawValue>) -> Option<SignalBody> {
+        let Some(raw) = body else {
+            return Some(SignalBody::NONE);
+        };
+        let text = raw.get();
+        if text == "null" {
+            return Some(SignalBody::NONE);
+        }
+        // Not an object (an array would be read by position): no `value`, as the tree says.
+        if !text.starts_with('{') {
+            return Some(SignalBody {
+                value: None,
+                unit: None,
+                bodiless: false,
+            });
+        }
+        let dto: BodyDto<'_> = serde_json::from_str(text).ok()?;
+        Some(SignalBody {
+            value: dto.value,
+            unit: dto
+                .unit
+                .filter(|u| u.get().starts_with('"'))
+                .and_then(|u| serde_json::from_str::<Text<'_>>(u.get()).ok())
+                .map(|t| t.0.into_owned()),
+            bodiless: false,
+        })
+    }
+
+    /// `value` as a finite number (a numeric string counts), as the v2 parser reads numbers.
+    fn number(&self) -> Option<f64> {
+        match self.value.as_ref()? {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+        .filter(|f: &f64| f.is_finite())
+    }
+}
+
+/// A string that borrows from the body when it has no escapes. serde's own `Cow<str>` copies
+/// whenever it sits inside an `Option`, `#[serde(borrow)]` or not: an allocation per field per
+/// item of every listing.
+struct Text<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
+
+impl Text<'_> {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A signal's `body` as it arrives: `value` kept whatever its type (null included), `unit`
+/// left as text until it is known to be a string.
+#[derive(serde::Deserialize)]
+struct BodyDto<'a> {
+    #[serde(default, deserialize_with = "present")]
+    value: Option<Value>,
+    #[serde(borrow, default)]
+    unit: Option<&'a serde_json::value::RawValue>,
+}
+
+/// A member that is there, null or not (serde's `Option` makes a null `None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    <Value as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 /// One page of `GET /vehicles/{id}/signals`.
@@ -88,11 +208,11 @@ struct PageDto<'a> {
 #[derive(serde::Deserialize)]
 struct ItemDto<'a> {
     #[serde(borrow, default)]
-    id: Option<std::borrow::Cow<'a, str>>,
+    id: Option<Text<'a>>,
     #[serde(borrow, default)]
     attributes: Option<AttrsDto<'a>>,
     #[serde(borrow, default)]
-    code: Option<std::borrow::Cow<'a, str>>,
+    code: Option<Text<'a>>,
     #[serde(borrow, default)]
     status: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow, default)]
@@ -147,9 +267,10 @@ impl ItemDto<'_> {
         let code = self
             .attributes
             .as_ref()
-            .and_then(|a| a.code.as_deref())
-            .or(self.code.as_deref())
-            .or(self.id.as_deref())?
+            .and_then(|a| a.code.as_ref())
+            .or(self.code.as_ref())
+            .or(self.id.as_ref())?
+            .as_str()
             .trim();
         READ.iter()
             .any(|c| c.eq_ignore_ascii_case(code))
@@ -161,7 +282,7 @@ impl ItemDto<'_> {
 #[derive(serde::Deserialize)]
 struct StatusDto<'a> {
     #[serde(borrow, default)]
-    value: Option<std::borrow::Cow<'a, str>>,
+    value: Option<Text<'a>>,
     #[serde(default)]
     error: Option<Value>,
 }
@@ -169,7 +290,7 @@ struct StatusDto<'a> {
 #[derive(serde::Deserialize)]
 struct AttrsDto<'a> {
     #[serde(borrow, default)]
-    code: Option<std::borrow::Cow<'a, str>>,
+    code: Option<Text<'a>>,
     #[serde(borrow, default)]
     status: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow, default)]
@@ -179,15 +300,15 @@ struct AttrsDto<'a> {
 }
 
 #[derive(serde::Deserialize)]
-struct SignalMetaDto {
-    #[serde(default, rename = "oemUpdatedAt")]
-    oem_updated_at: Option<Value>,
+struct SignalMetaDto<'a> {
+    #[serde(borrow, default, rename = "oemUpdatedAt")]
+    oem_updated_at: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(serde::Deserialize)]
 struct LinksDto<'a> {
     #[serde(borrow, default)]
-    next: Option<std::borrow::Cow<'a, str>>,
+    next: Option<Text<'a>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -240,17 +361,20 @@ pub fn parse_signals_bytes(
             Some(_) => return None,
             None => None,
         };
-        let body = raw(attrs.and_then(|a| a.body).or(item.body)).unwrap_or(Value::Null);
+        let body = SignalBody::of_raw(attrs.and_then(|a| a.body).or(item.body))?;
         // Only `oemUpdatedAt` of a signal's meta is read; the rest is skipped unparsed.
         let recorded = item
             .meta
             .or(attrs.and_then(|a| a.meta))
-            .and_then(|m| serde_json::from_str::<SignalMetaDto>(m.get()).ok())
+            .and_then(|m| serde_json::from_str::<SignalMetaDto<'_>>(m.get()).ok())
             .and_then(|m| m.oem_updated_at)
-            .and_then(|v| parse_epoch_value(&v));
+            .and_then(|r| parse_epoch_json(r.get()));
         signals.push(signal_from_parts(
             code,
-            status.as_ref().and_then(|s| s.value.as_deref()),
+            status
+                .as_ref()
+                .and_then(|s| s.value.as_ref())
+                .map(Text::as_str),
             status.as_ref().and_then(|s| s.error.as_ref()),
             body,
             recorded,
@@ -261,7 +385,7 @@ pub fn parse_signals_bytes(
     let next = page
         .links
         .and_then(|l| l.next)
-        .map(|n| n.trim().to_owned())
+        .map(|n| n.as_str().trim().to_owned())
         .filter(|n| !n.is_empty());
     let vehicle = page
         .included
@@ -335,11 +459,7 @@ fn parse_signal(s: &Value, fetched_at: UnixMillis, request_id: Option<&str>) -> 
         .and_then(|st| st.get("value"))
         .and_then(Value::as_str);
     let error = status.and_then(|st| st.get("error"));
-    let body = attrs
-        .get("body")
-        .or_else(|| s.get("body"))
-        .cloned()
-        .unwrap_or(Value::Null);
+    let body = SignalBody::of_value(attrs.get("body").or_else(|| s.get("body")));
     let recorded = s
         .get("meta")
         .or_else(|| attrs.get("meta"))
@@ -364,7 +484,7 @@ fn signal_from_parts(
     code: &str,
     status_value: Option<&str>,
     error: Option<&Value>,
-    body: Value,
+    body: SignalBody,
     recorded: Option<UnixMillis>,
     fetched_at: UnixMillis,
     request_id: Option<&str>,
@@ -379,7 +499,7 @@ fn signal_from_parts(
                 ..no_reading(&code, "UNAVAILABLE")
             }),
             code,
-            body: Value::Null,
+            body: SignalBody::NONE,
             recorded: None,
             fetched_at,
         };
@@ -727,7 +847,7 @@ fn decode(code: &str, what: &str) -> ApiError {
 /// A signal whose `value` is not what `what` says: no reading this time when the value is
 /// null or the body absent (smartcar-api.md §10.4), a decode error otherwise.
 fn unusable(s: &Signal, what: &str) -> ApiError {
-    if s.body.is_null() || s.body.get("value").is_some_and(Value::is_null) {
+    if s.body.bodiless || s.body.value.as_ref().is_some_and(Value::is_null) {
         no_reading(&s.code, "null value")
     } else {
         decode(&s.code, what)
@@ -735,11 +855,14 @@ fn unusable(s: &Signal, what: &str) -> ApiError {
 }
 
 fn unit_of(s: &Signal) -> Option<&str> {
-    s.body.get("unit").and_then(Value::as_str)
+    s.body.unit.as_deref()
 }
 
 fn distance_km(s: &Signal, units: UnitSystem) -> Result<f64, ApiError> {
-    let value = num(&s.body, "value").ok_or_else(|| unusable(s, "missing numeric `value`"))?;
+    let value = s
+        .body
+        .number()
+        .ok_or_else(|| unusable(s, "missing numeric `value`"))?;
     let unit = match unit_of(s) {
         Some(u) => DistanceUnit::parse(u)
             .ok_or_else(|| decode(&s.code, &format!("unknown distance unit {u:?}")))?,
@@ -775,7 +898,8 @@ pub fn pick_info_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResul
             Some(e) => Err(e.clone()),
             None => vin
                 .body
-                .get("value")
+                .value
+                .as_ref()
                 .and_then(Value::as_str)
                 .map(|v| Payload::Vin(v.trim().to_string()))
                 .ok_or_else(|| unusable(vin, "missing string `value`")),
@@ -800,7 +924,10 @@ pub fn pick_info_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResul
 
 fn pick_battery(signals: &[Signal], units: UnitSystem) -> Result<BatteryReading, ApiError> {
     let soc = body_of(signals, SOC)?;
-    let value = num(&soc.body, "value").ok_or_else(|| unusable(soc, "missing numeric `value`"))?;
+    let value = soc
+        .body
+        .number()
+        .ok_or_else(|| unusable(soc, "missing numeric `value`"))?;
     let soc_percent = v3_percent(value, unit_of(soc)).map_err(|why| decode(SOC, why))?;
     // Range is optional: a failed or odd range must not cost the state of charge. An absurd
     // one is that value lost, counted as a decode error of the battery endpoint.
@@ -841,13 +968,15 @@ fn pick_charge(signals: &[Signal]) -> Result<ChargeReading, ApiError> {
     let cable = body_of(signals, CABLE)?;
     let plugged_in = cable
         .body
-        .get("value")
+        .value
+        .as_ref()
         .and_then(value_bool)
         .ok_or_else(|| unusable(cable, "missing boolean `value`"))?;
     let detailed = body_of(signals, DETAILED_STATUS).and_then(|s| {
         let raw = s
             .body
-            .get("value")
+            .value
+            .as_ref()
             .and_then(Value::as_str)
             .ok_or_else(|| unusable(s, "missing string `value`"))?;
         match ChargeState::parse(raw) {
@@ -869,7 +998,8 @@ fn pick_charge(signals: &[Signal]) -> Result<ChargeReading, ApiError> {
             Ok(s) => {
                 let charging = s
                     .body
-                    .get("value")
+                    .value
+                    .as_ref()
                     .and_then(value_bool)
                     .ok_or_else(|| unusable(s, "missing boolean `value`"))?;
                 let st = if charging {
@@ -990,6 +1120,53 @@ mod tests {
         bytes.splice(at..at, *b"x\xff\xfe");
         let fast = parse_signals_bytes(&bytes, F, None);
         assert!(fast.is_some_and(|p| p.signals.len() == 2));
+    }
+
+    /// The byte parser reads a signal's body and time into the same parts as the tree parser,
+    /// whatever shape they come in: a null or absent body, a body that is not an object, an
+    /// explicit null value, a unit that is not a string or has escapes, a time as an ISO
+    /// string (escaped too) or a number.
+    #[test]
+    fn both_parsers_read_odd_bodies_and_times_alike() {
+        let bodies = [
+            json!({"unit":"percent","value":75}),
+            Value::Null,
+            json!([75, "percent"]),
+            json!(75),
+            json!({"value":null,"unit":"percent"}),
+            json!({"value":"75.5","unit":5}),
+            // Serialised with escapes (a quote, a tab): the byte parser must not borrow those.
+            json!({"value":75,"unit":"per\"cent","extra":{"a":[1,2]}}),
+            json!({"unit":"percent"}),
+        ];
+        let times = [
+            json!(1752104118549_i64),
+            json!(1752104118.5),
+            json!("2025-07-09T23:35:18.549Z"),
+            json!("\t2025-07-09T23:35:18.549Z"),
+            json!("1752104118"),
+            json!(true),
+            Value::Null,
+        ];
+        for body in &bodies {
+            for time in &times {
+                let mut item = sig(SOC, body.clone(), time.clone());
+                if body.is_null() {
+                    item["attributes"].as_object_mut().unwrap().remove("body");
+                }
+                let v = page(vec![item], Value::Null);
+                let bytes = serde_json::to_vec(&v).unwrap();
+                let fast = parse_signals_bytes(&bytes, F, None).expect("the documented shape");
+                assert_eq!(fast, parse(&v), "{body} at {time}");
+            }
+        }
+        let b = SignalBody::of_value(Some(&json!({"value":null})));
+        assert!(!b.bodiless && b.value == Some(Value::Null) && b.number().is_none());
+        assert!(SignalBody::of_value(None).bodiless);
+        assert_eq!(
+            SignalBody::of_value(Some(&json!({"value":" 68.5 ","unit":"km"}))).number(),
+            Some(68.5)
+        );
     }
 
     #[test]
