@@ -252,17 +252,7 @@ pub fn prune_readings_step(
     let mut deleted = 0;
     if cutoff > i64::MIN {
         summarise(&tx, vehicle, i64::MIN, cutoff)?;
-        deleted += tx
-            .execute(
-                "DELETE FROM readings WHERE vehicle = ?1 AND recorded_at < ?2",
-                params![vehicle, cutoff],
-            )
-            .context("deleting late readings")?;
-        tx.execute(
-            "DELETE FROM reading_lags WHERE vehicle = ?1 AND recorded_at < ?2",
-            params![vehicle, cutoff],
-        )
-        .context("deleting the lags of late readings")?;
+        deleted += drop_readings(&tx, vehicle, i64::MIN, cutoff).context("late readings")?;
     }
     let oldest: Option<i64> = tx
         .query_row(
@@ -305,17 +295,7 @@ pub fn prune_readings_step(
     let from = cutoff;
     summarise(&tx, vehicle, from, until)?;
     keep_sessions(&tx, vehicle, from, until)?;
-    deleted += tx
-        .execute(
-            "DELETE FROM readings WHERE vehicle = ?1 AND recorded_at >= ?2 AND recorded_at < ?3",
-            params![vehicle, from, until],
-        )
-        .context("deleting summarised readings")?;
-    tx.execute(
-        "DELETE FROM reading_lags WHERE vehicle = ?1 AND recorded_at >= ?2 AND recorded_at < ?3",
-        params![vehicle, from, until],
-    )
-    .context("deleting the lags of summarised readings")?;
+    deleted += drop_readings(&tx, vehicle, from, until).context("summarised readings")?;
     tx.execute(
         "INSERT INTO retention_cutoffs (vehicle, readings_before) VALUES (?1, ?2)
          ON CONFLICT (vehicle) DO UPDATE SET readings_before = excluded.readings_before",
@@ -324,6 +304,40 @@ pub fn prune_readings_step(
     .context("moving the retention cutoff")?;
     tx.commit().context("retention: committing")?;
     Ok((deleted, until >= target))
+}
+
+/// Deletes a vehicle's raw readings recorded in `[from, until)` and their own fetch lags. The
+/// `ok` polls kept in those rows (schema 4) are poll events, which `retention.poll_events_ok`
+/// keeps, not readings: the ones `poll_events` still shows move to `poll_log` first, so the
+/// view and the month's billed calls are the same before and after. Returns the readings
+/// deleted.
+fn drop_readings(
+    tx: &rusqlite::Transaction<'_>,
+    vehicle: i64,
+    from: UnixMillis,
+    until: UnixMillis,
+) -> anyhow::Result<usize> {
+    tx.execute(
+        "INSERT INTO poll_log (vehicle, at, endpoints, outcome, calls)
+         SELECT vehicle, recorded_at + fetch_lag_ms, poll_endpoints, 'ok', poll_calls
+         FROM readings
+         WHERE vehicle = ?1 AND recorded_at >= ?2 AND recorded_at < ?3
+           AND poll_endpoints IS NOT NULL
+           AND recorded_at + fetch_lag_ms >= (SELECT ok_events_since FROM store_state WHERE id = 1)
+         ON CONFLICT (vehicle, at, endpoints) DO NOTHING",
+        params![vehicle, from, until],
+    )
+    .context("keeping the poll events of the readings let go")?;
+    tx.execute(
+        "DELETE FROM reading_lags WHERE vehicle = ?1 AND recorded_at >= ?2 AND recorded_at < ?3",
+        params![vehicle, from, until],
+    )
+    .context("deleting the readings' own fetch lags")?;
+    tx.execute(
+        "DELETE FROM readings WHERE vehicle = ?1 AND recorded_at >= ?2 AND recorded_at < ?3",
+        params![vehicle, from, until],
+    )
+    .context("deleting readings")
 }
 
 /// Gives up to [`VACUUM_PAGES_PER_STEP`] free pages back to the file system (a store created
@@ -394,15 +408,16 @@ pub fn has_work(c: &Connection, task: &Task, vehicle: i64) -> anyhow::Result<boo
         .with_context(|| format!("looking for old poll events of vehicle key {vehicle}"))
 }
 
-/// Moves `poll_events`' horizon for the `ok` polls kept beside their readings (schema 4) to
-/// the `ok` events task's `before`: those rows stay in `readings` (they are readings), and the
-/// view stops showing their events, as deleting them from `poll_log` does for the others. Only
-/// ever forward; one row, once per pass.
+/// Sets `poll_events`' horizon for the `ok` polls kept beside their readings (schema 4) to the
+/// `ok` events task's `before`: those rows stay in `readings` (they are readings), and the view
+/// stops showing their events, as deleting them from `poll_log` does for the others. Set, not
+/// only moved forward: a pass run once with a clock far ahead must not hide later polls for
+/// months (the hidden rows are still there). One row, once per pass.
 pub fn hide_ok_events(c: &Connection, tasks: &[Task]) -> anyhow::Result<()> {
     for task in tasks {
         if let Task::Events { ok: true, before } = *task {
             c.prepare_cached(
-                "UPDATE store_state SET ok_events_since = ?1 WHERE id = 1 AND ok_events_since < ?1",
+                "UPDATE store_state SET ok_events_since = ?1 WHERE id = 1 AND ok_events_since <> ?1",
             )?
             .execute([before])
             .context("moving the horizon of the ok poll events")?;

@@ -921,11 +921,12 @@ fn one_vehicle_time_window_through_the_views_is_an_index_search() {
             .any(|s| s == "SEARCH e USING PRIMARY KEY (vehicle=? AND at>?)"),
         "poll_events: {events:?}"
     );
-    // The `ok` polls kept beside their readings: the vehicle's rows, never the whole table.
+    // The `ok` polls kept beside their readings: the vehicle's rows since the `ok` events'
+    // horizon, never the whole table.
     assert!(
         events
             .iter()
-            .any(|s| s == "SEARCH r USING PRIMARY KEY (vehicle=?)"),
+            .any(|s| s == "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)"),
         "poll_events: {events:?}"
     );
     assert!(
@@ -1476,5 +1477,75 @@ async fn a_kind_joining_a_row_later_keeps_its_own_fetch_time() {
     let summary = store.call(|c| queries::vehicle_summaries(c)).await.unwrap();
     let last_charge = summary[0].last_charge.as_ref().map(|c| c.stamp.fetched_at);
     assert_eq!(last_charge, Some(T + 9_000));
+    store.close().await.unwrap();
+}
+
+/// Pruning raw readings (`retention.readings` shorter than `poll_events_ok`) must not take the
+/// `ok` polls kept in those rows with them: they move to `poll_log`, so `poll_events` and the
+/// month's billed calls are the same before and after.
+#[tokio::test]
+async fn pruning_readings_keeps_the_polls_they_carried() {
+    const T: i64 = 1_767_225_600_000; // 2026-01-01
+    const DAY: i64 = 86_400_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open_recording(&dir.path().join("pruned.db"));
+    seed(&store, &["veh-a"]).await;
+    let a = vid("veh-a");
+    for day in 0..20 {
+        let recorded = T + day * DAY + 3_600_000;
+        let at = recorded + 60_000;
+        // No charge reading: a charging session would hold the raw readings back.
+        let poll = vec![
+            ok_event(&a, at, "battery", 1),
+            WriteItem::Reading(a.clone(), battery(recorded, at, 60.0, Some(250.0))),
+            ok_event(&a, at, "odometer", 0),
+            WriteItem::Reading(
+                a.clone(),
+                Reading::Odometer(OdometerReading {
+                    stamp: Stamp {
+                        recorded_at: recorded,
+                        fetched_at: at,
+                    },
+                    odometer_km: 1_000.0 + day as f64,
+                }),
+            ),
+        ];
+        store.write(poll).await.unwrap();
+    }
+    store.flush().await.unwrap();
+    let before = store
+        .call(|c| {
+            let calls = queries::calls_since(c, T, crate::domain::ApiVersion::V3)?;
+            Ok((poll_events_of(c)?, calls))
+        })
+        .await
+        .unwrap();
+    assert_eq!(before.0.len(), 40, "20 polls of two endpoints");
+    assert_eq!(before.1.get(&a), Some(&20));
+    let policy = retention::Policy {
+        readings: Some(std::time::Duration::from_secs(7 * 86_400)),
+        ..retention::Policy::default()
+    };
+    let (after, readings, logged) = store
+        .call(move |c| {
+            let summary = retention::run_all(c, &policy, T + 20 * DAY)?;
+            assert!(summary.readings_deleted >= 12, "{summary:?}");
+            let calls = queries::calls_since(c, T, crate::domain::ApiVersion::V3)?;
+            let readings: i64 = c.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
+            let logged: i64 = c.query_row("SELECT count(*) FROM poll_log", [], |r| r.get(0))?;
+            Ok(((poll_events_of(c)?, calls), readings, logged))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        after, before,
+        "poll_events and the billed calls survive the pruning"
+    );
+    assert!(readings <= 8, "{readings} raw rows left");
+    assert_eq!(
+        logged,
+        20 - readings,
+        "each pruned row's poll moved to poll_log"
+    );
     store.close().await.unwrap();
 }

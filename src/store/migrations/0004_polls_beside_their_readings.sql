@@ -96,7 +96,9 @@ WHERE r.odometer_m IS NOT NULL;
 -- One row per endpoint of each poll; the poll's billed calls on its first endpoint, 0 on the
 -- others (NULL on rows from before schema 2), so summing `calls` gives what was billed. The
 -- second arm: the `ok` polls kept beside the readings they stored (their time is the row's
--- fetched_at), while retention keeps `ok` events.
+-- fetched_at), while retention keeps `ok` events. A kept reading is at most a day older than its
+-- poll (KEEP_LAG_MAX_MS in src/store/writer.rs), so the horizon also bounds `recorded_at`: a
+-- primary-key range rather than every row of the vehicle.
 CREATE VIEW poll_events AS
 SELECT v.vehicle_id  AS vehicle_id,
        e.at          AS at,
@@ -124,4 +126,5 @@ FROM readings r
 JOIN vehicles v ON v.id = r.vehicle
 JOIN poll_endpoints p ON (r.poll_endpoints & p.bit) <> 0
 WHERE r.poll_endpoints IS NOT NULL
+  AND r.recorded_at >= (SELECT ok_events_since FROM store_state WHERE id = 1) - 86400000
   AND r.recorded_at + r.fetch_lag_ms >= (SELECT ok_events_since FROM store_state WHERE id = 1);
