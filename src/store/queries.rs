@@ -609,8 +609,10 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
          ORDER BY recorded_at DESC LIMIT 1",
     )?;
     // The newest poll; of its rows, a failure before a success, and the last endpoint. An `ok`
-    // poll kept beside its readings (schema 4) is the newest such row, looked for within a
-    // month of the vehicle's newest reading.
+    // poll kept beside its readings (schema 4): the latest of the rows within a day before the
+    // newest row keeping one (a kept reading is at most a day older than its poll, and the
+    // newest reading is not always the newest poll's), looked for within a month of the
+    // vehicle's newest reading.
     let mut poll = c.prepare_cached(
         "SELECT at, (SELECT name FROM poll_endpoints p WHERE (bits & p.bit) <> 0
                      ORDER BY p.bit DESC LIMIT 1),
@@ -622,13 +624,17 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
                               ORDER BY e.at DESC, e.outcome <> 'ok' DESC, e.endpoints DESC
                               LIMIT 1)
                UNION ALL
-               SELECT * FROM (SELECT r.recorded_at + r.fetch_lag_ms, r.poll_endpoints, 'ok',
-                                     NULL, NULL, NULL
+               SELECT * FROM (SELECT r.recorded_at + r.fetch_lag_ms AS at, r.poll_endpoints,
+                                     'ok', NULL, NULL, NULL
                               FROM readings r
                               WHERE r.vehicle = ?1 AND r.poll_endpoints IS NOT NULL
-                                AND r.recorded_at >= (SELECT max(recorded_at) FROM readings
-                                                      WHERE vehicle = ?1) - ?2
-                              ORDER BY r.recorded_at DESC LIMIT 1))
+                                AND r.recorded_at >= (SELECT k.recorded_at FROM readings k
+                                                      WHERE k.vehicle = ?1
+                                                        AND k.poll_endpoints IS NOT NULL
+                                                        AND k.recorded_at >= (SELECT max(recorded_at)
+                                                            FROM readings WHERE vehicle = ?1) - ?2
+                                                      ORDER BY k.recorded_at DESC LIMIT 1) - ?3
+                              ORDER BY at DESC LIMIT 1))
          ORDER BY at DESC, outcome <> 'ok' DESC, bits DESC LIMIT 1",
     )?;
 
@@ -674,20 +680,23 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
             .optional()
             .with_context(|| format!("reading the last odometer reading of {vid}"))?;
         let last_poll = poll
-            .query_row([key, LATEST_WINDOW_MS], |r| {
-                Ok(PollEvent {
-                    vehicle_id: vid.clone(),
-                    at: r.get(0)?,
-                    endpoint: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                    outcome: r.get(2)?,
-                    http_status: r
-                        .get::<_, Option<i64>>(3)?
-                        .and_then(|s| u16::try_from(s).ok()),
-                    error_type: r.get(4)?,
-                    error_code: r.get(5)?,
-                    calls: None,
-                })
-            })
+            .query_row(
+                [key, LATEST_WINDOW_MS, super::writer::KEEP_LAG_MAX_MS],
+                |r| {
+                    Ok(PollEvent {
+                        vehicle_id: vid.clone(),
+                        at: r.get(0)?,
+                        endpoint: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        outcome: r.get(2)?,
+                        http_status: r
+                            .get::<_, Option<i64>>(3)?
+                            .and_then(|s| u16::try_from(s).ok()),
+                        error_type: r.get(4)?,
+                        error_code: r.get(5)?,
+                        calls: None,
+                    })
+                },
+            )
             .optional()
             .with_context(|| format!("reading the last poll event of {vid}"))?;
         out.push(VehicleSummary {
@@ -1186,7 +1195,7 @@ pub fn last_outcome(
                             WHERE v.vehicle_id = ?1 AND (e.endpoints & p.bit) <> 0
                             ORDER BY e.at DESC, e.outcome <> 'ok' DESC LIMIT 1)
              UNION ALL
-             SELECT * FROM (SELECT r.recorded_at + r.fetch_lag_ms, 'ok', NULL, NULL, 1
+             SELECT * FROM (SELECT r.recorded_at + r.fetch_lag_ms AS at, 'ok', NULL, NULL, 1
                             FROM vehicles v
                             JOIN poll_endpoints p ON p.name = ?2
                             JOIN readings r ON r.vehicle = v.id AND r.recorded_at > ?3 - ?4
@@ -1194,7 +1203,14 @@ pub fn last_outcome(
                               AND r.recorded_at + r.fetch_lag_ms > ?3
                               AND r.recorded_at + r.fetch_lag_ms
                                   >= (SELECT ok_events_since FROM store_state WHERE id = 1)
-                            ORDER BY r.recorded_at DESC LIMIT 1))
+                              -- the newest poll is among the rows within a day before the
+                              -- newest row keeping one (not always that row)
+                              AND r.recorded_at >= (SELECT k.recorded_at FROM readings k
+                                                    WHERE k.vehicle = v.id
+                                                      AND (k.poll_endpoints & p.bit) <> 0
+                                                      AND k.recorded_at > ?3 - ?4
+                                                    ORDER BY k.recorded_at DESC LIMIT 1) - ?4
+                            ORDER BY at DESC LIMIT 1))
          ORDER BY at DESC, kept LIMIT 1",
     )?
     .query_row(

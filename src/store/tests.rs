@@ -1549,3 +1549,76 @@ async fn pruning_readings_keeps_the_polls_they_carried() {
     );
     store.close().await.unwrap();
 }
+
+/// The newest poll is not always kept in the newest reading: a later poll may store only an
+/// older instant (a kind whose data is older). `status` and the summaries still find it.
+#[tokio::test]
+async fn the_newest_poll_is_found_when_it_kept_an_older_reading() {
+    const T: i64 = 1_767_225_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open_recording(&dir.path().join("newest.db"));
+    seed(&store, &["veh-a"]).await;
+    let a = vid("veh-a");
+    let charge = |recorded_at: i64, fetched_at: i64| {
+        WriteItem::Reading(
+            a.clone(),
+            Reading::Charge(ChargeReading {
+                stamp: Stamp {
+                    recorded_at,
+                    fetched_at,
+                },
+                plugged_in: false,
+                state: ChargeState::NotCharging,
+            }),
+        )
+    };
+    let (p1, p2) = (T + 10_000, T + 20_000);
+    // P1 stores battery at T+5s (keeps P1) and charge at T+1s.
+    store
+        .write(vec![
+            ok_event(&a, p1, "battery", 1),
+            WriteItem::Reading(a.clone(), battery(T + 5_000, p1, 50.0, None)),
+            ok_event(&a, p1, "charge", 0),
+            charge(T + 1_000, p1),
+        ])
+        .await
+        .unwrap();
+    // A failed charge poll between them.
+    store
+        .write(vec![WriteItem::Event(PollEvent {
+            vehicle_id: a.clone(),
+            at: T + 15_000,
+            endpoint: "charge".into(),
+            outcome: "vehicle_state".into(),
+            http_status: Some(409),
+            error_type: Some("VEHICLE_STATE".into()),
+            error_code: Some("ASLEEP".into()),
+            calls: Some(1),
+        })])
+        .await
+        .unwrap();
+    // P2: the battery unchanged, a new charge reading at T+3s (older than P1's battery row).
+    store
+        .write(vec![
+            ok_event(&a, p2, "battery", 1),
+            WriteItem::Reading(a.clone(), battery(T + 5_000, p1, 50.0, None)),
+            ok_event(&a, p2, "charge", 0),
+            charge(T + 3_000, p2),
+        ])
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    let (last, summary) = store
+        .call(|c| {
+            Ok((
+                queries::last_outcome(c, "veh-a", "charge", T)?,
+                queries::vehicle_summaries(c)?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(last, Some((p2, "ok".to_string(), None, None)));
+    let newest = summary[0].last_poll.as_ref().map(|p| (p.at, p.outcome.clone()));
+    assert_eq!(newest, Some((p2, "ok".to_string())));
+    store.close().await.unwrap();
+}
