@@ -1618,7 +1618,10 @@ async fn the_newest_poll_is_found_when_it_kept_an_older_reading() {
         .await
         .unwrap();
     assert_eq!(last, Some((p2, "ok".to_string(), None, None)));
-    let newest = summary[0].last_poll.as_ref().map(|p| (p.at, p.outcome.clone()));
+    let newest = summary[0]
+        .last_poll
+        .as_ref()
+        .map(|p| (p.at, p.outcome.clone()));
     assert_eq!(newest, Some((p2, "ok".to_string())));
     store.close().await.unwrap();
 }

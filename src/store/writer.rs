@@ -719,27 +719,35 @@ fn store_group(
         }
         return Ok(());
     }
-    // The instant's row is already there: each kind joins it as it arrived.
+    // The instant's row is already there (a car that did not report since): read once what it
+    // holds; a kind it has is a duplicate, a kind it lacks joins it as it arrived.
+    let row: Option<([bool; 3], Option<i64>, i64)> = tx
+        .prepare_cached(
+            "SELECT soc_cp IS NOT NULL, charge_state IS NOT NULL, odometer_m IS NOT NULL,
+                    poll_endpoints, fetch_lag_ms
+             FROM readings WHERE vehicle = ?1 AND recorded_at = ?2",
+        )?
+        .query_row(params![g.vehicle, g.recorded_at], |r| {
+            Ok(([r.get(0)?, r.get(1)?, r.get(2)?], r.get(3)?, r.get(4)?))
+        })
+        .optional()?;
     for (v, fetched) in g.values.iter().flatten() {
+        if row.is_some_and(|(has, _, _)| has[v.kind()]) {
+            count(counts, v.kind(), Outcome::Duplicate);
+            continue;
+        }
         let stamp = Stamp {
             recorded_at: g.recorded_at,
             fetched_at: *fetched,
         };
         count(counts, v.kind(), upsert_kind(tx, g.vehicle, &stamp, v)?);
     }
-    if let Some(i) = g.poll.filter(|&i| events[i].keepable()) {
-        let kept: Option<(Option<i64>, i64)> = tx
-            .prepare_cached(
-                "SELECT poll_endpoints, fetch_lag_ms FROM readings
-                 WHERE vehicle = ?1 AND recorded_at = ?2",
-            )?
-            .query_row(params![g.vehicle, g.recorded_at], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        if kept.is_some_and(|(bits, lag)| {
-            bits == Some(events[i].endpoints) && g.recorded_at + lag == events[i].key.at
-        }) {
+    // The same poll already kept in it (a batch written twice) is a duplicate, not a new event.
+    if let (Some(i), Some((_, bits, lag))) = (g.poll, row) {
+        if events[i].keepable()
+            && bits == Some(events[i].endpoints)
+            && g.recorded_at + lag == events[i].key.at
+        {
             events[i].kept = Some(Outcome::Duplicate);
         }
     }
