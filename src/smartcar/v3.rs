@@ -166,6 +166,13 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
     <Value as serde::Deserialize>::deserialize(d).map(Some)
 }
 
+/// [`present`] for a member kept as text.
+fn present_raw<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de serde_json::value::RawValue>, D::Error> {
+    <&serde_json::value::RawValue as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 /// One page of `GET /vehicles/{id}/signals`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SignalsPage {
@@ -213,11 +220,13 @@ struct ItemDto<'a> {
     attributes: Option<AttrsDto<'a>>,
     #[serde(borrow, default)]
     code: Option<Text<'a>>,
-    #[serde(borrow, default)]
+    // `present_raw`: a null member is kept (as the tree parser keeps it), not taken for an
+    // absent one that the item's own member would then stand in for.
+    #[serde(borrow, default, deserialize_with = "present_raw")]
     status: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present_raw")]
     body: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present_raw")]
     meta: Option<&'a serde_json::value::RawValue>,
 }
 
@@ -291,11 +300,13 @@ struct StatusDto<'a> {
 struct AttrsDto<'a> {
     #[serde(borrow, default)]
     code: Option<Text<'a>>,
-    #[serde(borrow, default)]
+    // `present_raw`: a null member is kept (as the tree parser keeps it), not taken for an
+    // absent one that the item's own member would then stand in for.
+    #[serde(borrow, default, deserialize_with = "present_raw")]
     status: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present_raw")]
     body: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present_raw")]
     meta: Option<&'a serde_json::value::RawValue>,
 }
 
@@ -363,9 +374,11 @@ pub fn parse_signals_bytes(
         };
         let body = SignalBody::of_raw(attrs.and_then(|a| a.body).or(item.body))?;
         // Only `oemUpdatedAt` of a signal's meta is read; the rest is skipped unparsed.
+        // A meta that is not an object has no time (serde would read an array by position).
         let recorded = item
             .meta
             .or(attrs.and_then(|a| a.meta))
+            .filter(|m| m.get().starts_with('{'))
             .and_then(|m| serde_json::from_str::<SignalMetaDto<'_>>(m.get()).ok())
             .and_then(|m| m.oem_updated_at)
             .and_then(|r| parse_epoch_json(r.get()));
@@ -1160,6 +1173,26 @@ mod tests {
                 assert_eq!(fast, parse(&v), "{body} at {time}");
             }
         }
+        // A null in `attributes` is not taken for an absent member (the item's own would stand
+        // in for it), and an item's `meta` that is an array has no time.
+        let mut item = sig(
+            SOC,
+            json!({"value":75,"unit":"percent"}),
+            json!(1752104118549_i64),
+        );
+        item["attributes"]["body"] = Value::Null;
+        item["body"] = json!({"value":80,"unit":"percent"});
+        item["attributes"]["status"] = Value::Null;
+        item["status"] = json!({"value":"ERROR","error":{"type":"PERMISSION","code":"X"}});
+        let mut dated = sig(RANGE, json!({"value":300,"unit":"km"}), Value::Null);
+        dated["meta"] = json!(["2025-07-09T23:35:18Z"]);
+        let v = page(vec![item, dated], Value::Null);
+        let bytes = serde_json::to_vec(&v).unwrap();
+        let fast = parse_signals_bytes(&bytes, F, None).expect("the documented shape");
+        assert_eq!(fast, parse(&v));
+        assert!(fast.signals[0].body.bodiless && fast.signals[0].error.is_none());
+        assert_eq!(fast.signals[1].recorded, None);
+
         let b = SignalBody::of_value(Some(&json!({"value":null})));
         assert!(!b.bodiless && b.value == Some(Value::Null) && b.number().is_none());
         assert!(SignalBody::of_value(None).bodiless);
