@@ -286,6 +286,30 @@ async fn walking_skeleton(api: &str) {
         )
         .unwrap();
     assert!(ok_events > 0);
+    // The polls that stored new readings are kept beside them (schema 4), not in poll_log:
+    // the daemon queues a poll's events with its readings in the order the writer links.
+    let (kept, fresh_rows): (i64, i64) = db
+        .query_row(
+            "SELECT count(poll_endpoints), count(*) FROM readings",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(
+        kept > 0,
+        "{kept} of {fresh_rows} reading rows keep their poll"
+    );
+    let logged_ok: i64 = db
+        .query_row(
+            "SELECT count(*) FROM poll_log WHERE outcome = 'ok' AND endpoints & 1 <> 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        logged_ok < kept,
+        "battery polls in poll_log ({logged_ok}) should be the few whose readings were known"
+    );
 
     // The simulator's view of what carpulse did wrong: nothing.
     let stats = get_json(&http, &format!("{base}/_simulator/stats")).await;
