@@ -281,7 +281,7 @@ fn both_v3(v: &Value) -> Result<Option<v3::SignalsPage>, TestCaseError> {
         let wanted: Vec<&v3::Signal> = slow
             .signals
             .iter()
-            .filter(|s| read.contains(&s.code.as_str()))
+            .filter(|s| read.contains(&&*s.code))
             .collect();
         prop_assert_eq!(fast.signals.iter().collect::<Vec<_>>(), wanted, "{}", v);
         prop_assert_eq!((&fast.next, fast.items), (&slow.next, slow.items));

@@ -35,8 +35,9 @@ pub const ODOMETER: &str = "odometer-traveleddistance";
 /// One signal of a listing, reduced to what the picks need.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Signal {
-    /// Lower-case kebab code, e.g. `tractionbattery-stateofcharge`.
-    pub code: String,
+    /// Lower-case kebab code, e.g. `tractionbattery-stateofcharge`: one of [`READ`]'s own
+    /// strings when it is one carpulse reads (no copy per signal per poll).
+    pub code: std::borrow::Cow<'static, str>,
     /// Set when `status.value` is ERROR, classified from `status.error.type`/`code`.
     pub error: Option<ApiError>,
     pub body: SignalBody,
@@ -502,7 +503,12 @@ fn signal_from_parts(
     fetched_at: UnixMillis,
     request_id: Option<&str>,
 ) -> Signal {
-    let code = code.trim().to_ascii_lowercase();
+    let code = code.trim();
+    let code: std::borrow::Cow<'static, str> =
+        match READ.iter().find(|r| r.eq_ignore_ascii_case(code)) {
+            Some(known) => std::borrow::Cow::Borrowed(known),
+            None => std::borrow::Cow::Owned(code.to_ascii_lowercase()),
+        };
     let status_value = status_value.unwrap_or("SUCCESS");
     // UNAVAILABLE (smartcar-api.md §10.4): no reading this time, nothing wrong.
     if status_value.eq_ignore_ascii_case("UNAVAILABLE") {
@@ -1074,7 +1080,7 @@ mod tests {
             let read: Vec<&Signal> = slow
                 .signals
                 .iter()
-                .filter(|s| READ.contains(&s.code.as_str()))
+                .filter(|s| READ.contains(&&*s.code))
                 .collect();
             assert_eq!(fast.signals.iter().collect::<Vec<_>>(), read, "{v}");
             assert_eq!(
