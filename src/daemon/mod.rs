@@ -16,6 +16,7 @@ pub mod connections_sync;
 pub mod control;
 pub mod cycles;
 pub mod discovery;
+pub mod fleet;
 pub mod gate;
 pub mod health;
 pub mod maintenance;
