@@ -2,7 +2,9 @@
 //! bounded pool (`poll.concurrency`), each request bounded by `poll.timeout`. One vehicle's
 //! failure is logged, counted and recorded in `poll_events`, never fatal, and a slow vehicle
 //! holds one slot of the pool, never the cycle: a vehicle still busy from an earlier tick is
-//! skipped rather than queued twice.
+//! skipped rather than queued twice. Every poll starts with the [`Fleet`] table's admit and
+//! ends with its settle (through a ticket); between them, [`Poller::outcome`] turns the
+//! answer into store items and what the table learns from it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
