@@ -66,6 +66,20 @@ impl Table {
     }
 }
 
+/// What the health check reads of one polled vehicle ([`Fleet::views`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VehicleView {
+    pub id: VehicleId,
+    pub freshness: Freshness,
+    /// Why it is paused, if it is.
+    pub paused: Option<String>,
+    /// Its disabled endpoints, when they are every endpoint of every job (nothing is polled).
+    pub all_blocked: Option<Vec<String>>,
+    /// Every battery endpoint is disabled because the car or its consent cannot give it (see
+    /// [`Gates::not_capable`]): an ICE car.
+    pub battery_not_capable: bool,
+}
+
 /// Why [`Fleet::admit`] refused a poll.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -392,6 +406,43 @@ impl Fleet {
             .collect()
     }
 
+    /// Every polled vehicle as the health check reads it, in one lock (rather than four per
+    /// vehicle).
+    pub fn views(&self) -> Vec<VehicleView> {
+        let all: Vec<&str> = Job::Battery
+            .endpoints()
+            .iter()
+            .chain(Job::Info.endpoints())
+            .copied()
+            .collect();
+        let t = self.lock();
+        t.entries
+            .iter()
+            .map(|e| {
+                let id = &e.vehicle.id;
+                let (disabled, paused) = t.gates.describe(id);
+                VehicleView {
+                    id: id.clone(),
+                    freshness: e.freshness.clone(),
+                    paused,
+                    all_blocked: t.gates.all_blocked(id, &all).then_some(disabled),
+                    battery_not_capable: t.gates.not_capable(id, Job::Battery.endpoints()),
+                }
+            })
+            .collect()
+    }
+
+    /// Calls each of `ids` made in the month `now` falls in, in one lock.
+    pub fn calls_of(&self, ids: Vec<VehicleId>, now: UnixMillis) -> Vec<(VehicleId, u64)> {
+        let t = self.lock();
+        ids.into_iter()
+            .map(|id| {
+                let n = t.ledger.used(&id, now);
+                (id, n)
+            })
+            .collect()
+    }
+
     /// Disabled endpoints and pause reason of a vehicle.
     pub fn gate_of(&self, id: &VehicleId) -> (Vec<String>, Option<String>) {
         self.lock().gates.describe(id)
@@ -682,5 +733,47 @@ mod tests {
         assert_eq!(f.changes(), same);
         // The ledger outlives the row: v0's month still counts if it comes back.
         assert_eq!(f.calls_this_month(&v0, NOW), 2);
+    }
+
+    #[test]
+    fn views_read_the_whole_fleet_for_the_health_check() {
+        let f = fleet_of(3);
+        let fail = |id: &VehicleId, endpoints: &[&'static str], kind| {
+            let (t, _) = f.admit(id, None, Job::Info, ApiVersion::V2, NOW).unwrap();
+            let gate = endpoints
+                .iter()
+                .map(|endpoint| GateStep::Failed {
+                    endpoint,
+                    error: ApiError::new(kind, "no"),
+                    jitter: 0.0,
+                })
+                .collect();
+            f.settle(
+                t,
+                Settlement {
+                    at: NOW,
+                    gate,
+                    ..Default::default()
+                },
+            );
+        };
+        let (v0, v1) = (vehicle(0).id, vehicle(1).id);
+        fail(&v0, &["battery", "charge"], ErrorKind::Compatibility);
+        fail(&v1, &["info"], ErrorKind::Billing);
+        let views = f.views();
+        assert_eq!(views.len(), 3);
+        assert!(views[0].battery_not_capable && views[0].all_blocked.is_none());
+        assert!(views[1].paused.is_some() && !views[1].battery_not_capable);
+        assert_eq!(views[2].paused, None);
+        fail(&v0, &["info", "vin", "odometer"], ErrorKind::Permission);
+        assert_eq!(
+            f.views()[0].all_blocked.as_deref().map(<[String]>::len),
+            Some(5)
+        );
+        assert_eq!(
+            f.calls_of(vec![v0, v1], NOW),
+            vec![(vehicle(0).id, 0), (vehicle(1).id, 0)],
+            "settled at 0 billed"
+        );
     }
 }

@@ -624,6 +624,16 @@ impl Poller {
         self.fleet.seed_ledger(budget, counted, now_ms());
     }
 
+    /// Every polled vehicle as the health check reads it (one lock for the fleet).
+    pub fn vehicle_views(&self) -> Vec<crate::daemon::fleet::VehicleView> {
+        self.fleet.views()
+    }
+
+    /// Calls each of `ids` made this month, as the ledger counts them (one lock).
+    pub fn calls_of(&self, ids: Vec<VehicleId>) -> Vec<(VehicleId, u64)> {
+        self.fleet.calls_of(ids, now_ms())
+    }
+
     /// Calls this vehicle made this month, as the ledger counts them.
     pub fn calls_this_month(&self, id: &VehicleId) -> u64 {
         self.fleet.calls_this_month(id, now_ms())
