@@ -726,8 +726,9 @@ pub struct Ledger {
     budget: Option<u64>,
     month: (i32, u32),
     used: HashMap<VehicleId, u64>,
-    /// The billed calls of each (vehicle, job)'s latest poll.
-    last: HashMap<(VehicleId, &'static str), u64>,
+    /// The billed calls of each vehicle's latest poll, per job (a job's label, or
+    /// `capabilities`): a short list per vehicle, so a look-up needs no key to be built.
+    last: HashMap<VehicleId, Vec<(&'static str, u64)>>,
     /// Bumped at every change of a count: the health check sets the billed-calls gauges
     /// again only when it moved.
     changes: u64,
@@ -787,7 +788,13 @@ impl Ledger {
 
     pub fn spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) {
         self.roll(now);
-        *self.used.entry(id.clone()).or_default() += cost;
+        // The key is cloned only the first time: every poll spends and settles.
+        match self.used.get_mut(id) {
+            Some(n) => *n += cost,
+            None => {
+                self.used.insert(id.clone(), cost);
+            }
+        }
         self.changes += 1;
     }
 
@@ -811,17 +818,31 @@ impl Ledger {
     /// Smartcar, e.g. no token or shutdown), and remembers a job's real cost, so the next
     /// admission of it is charged that much.
     pub fn settle(&mut self, id: &VehicleId, job: Option<&'static str>, charged: u64, billed: u64) {
-        let n = self.used.entry(id.clone()).or_default();
-        *n = n.saturating_sub(charged) + billed;
+        match self.used.get_mut(id) {
+            Some(n) => *n = n.saturating_sub(charged) + billed,
+            None => {
+                self.used.insert(id.clone(), billed);
+            }
+        }
         self.changes += 1;
         if let (Some(job), true) = (job, billed > 0) {
-            self.last.insert((id.clone(), job), billed);
+            let jobs = match self.last.get_mut(id) {
+                Some(jobs) => jobs,
+                None => self.last.entry(id.clone()).or_default(),
+            };
+            match jobs.iter_mut().find(|(j, _)| *j == job) {
+                Some(last) => last.1 = billed,
+                None => jobs.push((job, billed)),
+            }
         }
     }
 
     /// What `job` last cost this vehicle (0: not known yet).
     pub fn last_cost(&self, id: &VehicleId, job: &'static str) -> u64 {
-        self.last.get(&(id.clone(), job)).copied().unwrap_or(0)
+        self.last
+            .get(id)
+            .and_then(|jobs| jobs.iter().find(|(j, _)| *j == job))
+            .map_or(0, |(_, n)| *n)
     }
 
     /// Calls this vehicle made in the month `now` falls in. Asked for a month the ledger has

@@ -199,7 +199,9 @@ fn walk(
     let mut problems = Vec::new();
     let mut valid_until = UnixMillis::MAX;
     let mut states = poller.held();
-    for (vehicle, fresh) in poller.freshness() {
+    // One lock of the fleet table for the whole walk, not four per vehicle.
+    for view in poller.vehicle_views() {
+        let (vehicle, fresh) = (view.id, view.freshness);
         if let Some(since) = fresh.no_data_since {
             problems.push(VehicleProblem::NoData {
                 vehicle: vehicle.clone(),
@@ -208,12 +210,12 @@ fn walk(
             states.push((vehicle, "no_data"));
             continue;
         }
-        if poller.gate_of(&vehicle).1.is_some() {
+        if view.paused.is_some() {
             states.push((vehicle.clone(), "paused"));
         }
         // Nothing left to ask: not a quiet car but a silent one (issue 11, item 5).
-        if poller.all_blocked(&vehicle) {
-            let disabled = poller.gate_of(&vehicle).0.join(", ");
+        if let Some(disabled) = view.all_blocked {
+            let disabled = disabled.join(", ");
             problems.push(VehicleProblem::AllBlocked { vehicle, disabled });
             continue;
         }
@@ -222,7 +224,7 @@ fn walk(
         // charge) is answered by the info job only, at its slower cadence. Only when Smartcar
         // said so in a typed error (COMPATIBILITY, PERMISSION, not granted, plan-locked): any
         // other block keeps the normal threshold, so /healthz does not stay quiet for a day.
-        let stale_ms = if poller.job_not_capable(&vehicle, crate::smartcar::Job::Battery) {
+        let stale_ms = if view.battery_not_capable {
             inputs
                 .stale_ms
                 .max(BATTERYLESS_STALE_AFTER.as_millis() as i64)
@@ -249,17 +251,14 @@ fn walk(
         }
     }
     metrics.set_vehicle_states(&states);
-    let billed: Vec<_> = metrics
+    let ids: Vec<_> = metrics
         .fleet()
         .into_iter()
         .chain(poller.vehicles().into_iter().map(|v| v.id))
         .collect::<std::collections::HashSet<_>>()
         .into_iter()
-        .map(|id| {
-            let n = poller.calls_this_month(&id);
-            (id, n)
-        })
         .collect();
+    let billed = poller.calls_of(ids);
     metrics.set_calls_billed(&billed);
     Walk {
         inputs,

@@ -2,7 +2,9 @@
 //! bounded pool (`poll.concurrency`), each request bounded by `poll.timeout`. One vehicle's
 //! failure is logged, counted and recorded in `poll_events`, never fatal, and a slow vehicle
 //! holds one slot of the pool, never the cycle: a vehicle still busy from an earlier tick is
-//! skipped rather than queued twice.
+//! skipped rather than queued twice. Every poll starts with the [`Fleet`] table's admit and
+//! ends with its settle (through a ticket); between them, [`Poller::outcome`] turns the
+//! answer into store items and what the table learns from it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::daemon::gate::{Gates, Ledger, Reaction, Skip};
+use crate::daemon::fleet::{job_index, Fleet, GateStep, Refusal, Settlement};
+use crate::daemon::gate::{Ledger, Reaction};
 use crate::daemon::metrics::Metrics;
 use crate::daemon::tokens::{Access, TokenError, TokenManager};
 use crate::domain::{
@@ -106,19 +109,12 @@ pub struct Poller {
     /// Per job: the workers its last cycle had and whether it fell behind (see `workers_for`).
     pacing: Mutex<[Option<(usize, bool)>; 2]>,
     pool: Arc<Semaphore>,
-    /// Std mutexes: held for a clone or an insert, never across an await.
-    vehicles: Mutex<Vec<PolledVehicle>>,
-    /// Per job (battery, info): the window a tick's polls are spread over.
+    /// Per job (battery, info): the window a tick's polls are spread over. Std mutexes
+    /// here: held for a copy or an assignment, never across an await.
     spreads: Mutex<[Duration; 2]>,
-    busy: Mutex<HashSet<(VehicleId, &'static str)>>,
-    /// What earlier outcomes allow next (retry-after, backoff, disabled endpoints, pauses).
-    gates: Mutex<Gates>,
-    /// Calls per vehicle this month against `[budget] calls_per_vehicle_month`.
-    ledger: Mutex<Ledger>,
-    /// Vehicles whose latest charge reading says plugged in (the charging cadence polls them).
-    plugged: Mutex<HashSet<VehicleId>>,
-    /// Per vehicle: when a poll was last answered and when each signal was last recorded.
-    freshness: Mutex<std::collections::HashMap<VehicleId, Freshness>>,
+    /// The polled vehicles and their state (busy, plugged in, freshness, gates, ledger):
+    /// a poll starts with [`Fleet::admit`] and ends with [`Fleet::settle`].
+    fleet: Fleet,
     /// Woken when a vehicle answers ACCESS_DENIED: its connection is checked against
     /// `/v3/connections` rather than its token refreshed (smartcar-api.md §10.4).
     connections_check: Arc<tokio::sync::Notify>,
@@ -126,9 +122,9 @@ pub struct Poller {
     held: Mutex<Vec<(VehicleId, &'static str)>>,
     /// `schedule.no_data_every`, as ms (SIGHUP may change it).
     no_data_every_ms: std::sync::atomic::AtomicU64,
-    /// Bumped when freshness, the vehicle set or the held vehicles change; with the gates'
-    /// and the ledger's own counts it is [`Poller::changes`], which lets the health check
-    /// skip walking a fleet in which nothing moved.
+    /// Bumped when the held vehicles change; with the fleet table's counts (freshness and
+    /// the vehicle set, the gates, the ledger) it is [`Poller::changes`], which lets the
+    /// health check skip walking a fleet in which nothing moved.
     changes: std::sync::atomic::AtomicU64,
 }
 
@@ -193,13 +189,8 @@ impl Poller {
             latency_ms: std::sync::atomic::AtomicU64::new(5_000),
             pacing: Mutex::new([None; 2]),
             pool: Arc::new(Semaphore::new(max_in_flight.max(concurrency).max(1))),
-            vehicles: Mutex::new(Vec::new()),
             spreads: Mutex::new([Duration::ZERO; 2]),
-            busy: Mutex::new(HashSet::new()),
-            gates: Mutex::new(Gates::default()),
-            ledger: Mutex::new(Ledger::default()),
-            freshness: Mutex::new(Default::default()),
-            plugged: Mutex::new(HashSet::new()),
+            fleet: Fleet::default(),
             connections_check: Arc::new(tokio::sync::Notify::new()),
             held: Mutex::new(Vec::new()),
             no_data_every_ms: std::sync::atomic::AtomicU64::new(
@@ -218,13 +209,9 @@ impl Poller {
     /// the held vehicles, the gates' blocks and pauses, the ledger's counts.
     pub fn changes(&self) -> (u64, u64, u64) {
         let own = self.changes.load(std::sync::atomic::Ordering::Relaxed);
-        let gates = self.gates().changes();
-        let ledger = self
-            .ledger
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .changes();
-        (own, gates, ledger)
+        let (table, gates, ledger) = self.fleet.changes();
+        // Both counts only grow: their sum moves whenever either does.
+        (own.wrapping_add(table), gates, ledger)
     }
 
     /// Sets the vehicles held back by their connection (revoked, no user id, needs_reauth).
@@ -254,19 +241,9 @@ impl Poller {
         );
     }
 
-    fn note_no_data(&self, id: &VehicleId, at: UnixMillis) {
-        let mut f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = f.entry(id.clone()).or_default();
-        entry.no_data_since.get_or_insert(at);
-        self.changed();
-    }
-
+    /// The vehicles to poll; those that stay keep their state (see [`Fleet::set_vehicles`]).
     pub fn set_vehicles(&self, vehicles: Vec<PolledVehicle>) {
-        let mut v = self.vehicles.lock().unwrap_or_else(|p| p.into_inner());
-        if *v != vehicles {
-            *v = vehicles;
-            self.changed();
-        }
+        self.fleet.set_vehicles(vehicles);
     }
 
     /// Spreads the polls of one tick of `job` over `window`.
@@ -279,17 +256,14 @@ impl Poller {
     }
 
     pub fn vehicles(&self) -> Vec<PolledVehicle> {
-        self.vehicles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.fleet.vehicles()
     }
 
     /// Polls every vehicle for `job` and waits for all of them. `cancel` abandons requests
     /// still in flight (shutdown); what was already fetched is still handed to the writer.
     pub async fn cycle(self: &Arc<Self>, job: Job, cancel: CancellationToken) -> CycleReport {
-        self.cycle_of(job, self.vehicles(), self.spread(job), cancel)
-            .await
+        let all = self.fleet.slotted(|_| true);
+        self.cycle_of(job, all, self.spread(job), cancel).await
     }
 
     /// Polls the vehicles among `ids` for `job` now, unspread (the catch-up at start: their
@@ -300,11 +274,7 @@ impl Poller {
         ids: &HashSet<VehicleId>,
         cancel: CancellationToken,
     ) -> CycleReport {
-        let due = self
-            .vehicles()
-            .into_iter()
-            .filter(|v| ids.contains(&v.id))
-            .collect();
+        let due = self.fleet.slotted(|id| ids.contains(id));
         self.cycle_of(job, due, Duration::ZERO, cancel).await
     }
 
@@ -316,46 +286,27 @@ impl Poller {
         min_gap: Duration,
         cancel: CancellationToken,
     ) -> CycleReport {
-        let plugged = self
-            .plugged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let recent = now_ms() - min_gap.as_millis() as i64;
-        let fresh = self
-            .freshness
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let due: Vec<PolledVehicle> = self
-            .vehicles()
-            .into_iter()
-            .filter(|v| plugged.contains(&v.id))
-            .filter(|v| {
-                fresh
-                    .get(&v.id)
-                    .and_then(|f| f.last_answered)
-                    .is_none_or(|at| at <= recent)
-            })
-            .collect();
+        let due = self.fleet.plugged_in(recent);
         self.cycle_of(job, due, self.spread(job), cancel).await
     }
 
     async fn cycle_of(
         self: &Arc<Self>,
         job: Job,
-        vehicles: Vec<PolledVehicle>,
+        vehicles: Vec<(usize, PolledVehicle)>,
         spread: Duration,
         cancel: CancellationToken,
     ) -> CycleReport {
         let started = Instant::now();
         // A time-ordered queue: each vehicle at its own fixed offset inside the spread window,
-        // so a tick is not a burst (Smartcar's app-wide limit, the pool, the writer).
-        let mut queue: Vec<(Duration, PolledVehicle)> = vehicles
+        // so a tick is not a burst (Smartcar's app-wide limit, the pool, the writer). Each
+        // carries its slot in the fleet table, so admission finds its row without hashing.
+        let mut queue: Vec<(Duration, usize, PolledVehicle)> = vehicles
             .into_iter()
-            .map(|v| (offset_in(&v.id, spread), v))
+            .map(|(slot, v)| (offset_in(&v.id, spread), slot, v))
             .collect();
-        queue.sort_by_key(|(offset, _)| *offset);
+        queue.sort_by_key(|(offset, _, _)| *offset);
         let mut report = CycleReport {
             vehicles: queue.len(),
             ..Default::default()
@@ -382,7 +333,7 @@ impl Poller {
             tasks.spawn(async move {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((offset, v)) = queue.get(i) else { return };
+                    let Some((offset, slot, v)) = queue.get(i) else { return };
                     let due = start + *offset;
                     let late = tokio::time::Instant::now().saturating_duration_since(due);
                     lateness.fetch_max(
@@ -392,7 +343,7 @@ impl Poller {
                     let outcome = tokio::select! {
                         _ = tokio::time::sleep_until(due) => {
                             let span = tracing::info_span!("poll", vehicle = %v.id, job = job.label());
-                            me.poll_vehicle(v, job, cancel.clone()).instrument(span).await
+                            me.poll_vehicle(v, Some(*slot), job, cancel.clone()).instrument(span).await
                         }
                         _ = cancel.cancelled() => VehicleOutcome::Failed(0),
                     };
@@ -419,7 +370,7 @@ impl Poller {
                 },
                 _ = check.tick() => {
                     let i = next.load(std::sync::atomic::Ordering::Relaxed);
-                    let overdue = queue.get(i).is_some_and(|(offset, _)| {
+                    let overdue = queue.get(i).is_some_and(|(offset, _, _)| {
                         tokio::time::Instant::now().saturating_duration_since(start + *offset)
                             > grow_after(spread)
                     });
@@ -474,7 +425,11 @@ impl Poller {
     ) -> Option<VehicleOutcome> {
         let v = self.vehicles().into_iter().find(|v| &v.id == id)?;
         let span = tracing::info_span!("poll", vehicle = %v.id, job = job.label(), now = true);
-        Some(self.poll_vehicle(&v, job, cancel).instrument(span).await)
+        Some(
+            self.poll_vehicle(&v, None, job, cancel)
+                .instrument(span)
+                .await,
+        )
     }
 
     /// Workers a cycle of `due` vehicles starts with, between `poll.concurrency` and
@@ -551,68 +506,90 @@ impl Poller {
             .store(new.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// One poll of one vehicle: admitted by the fleet table (the only way a poll starts),
+    /// fetched within a pool slot, its answer turned into store items by [`Poller::outcome`]
+    /// and settled in the table (the only way it ends). `slot`: the vehicle's row in the
+    /// table, when the caller knows it.
     async fn poll_vehicle(
         &self,
         v: &PolledVehicle,
+        slot: Option<usize>,
         job: Job,
         cancel: CancellationToken,
     ) -> VehicleOutcome {
-        let key = (v.id.clone(), job.label());
-        if !self
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone())
-        {
-            debug!("still busy with the previous poll; skipped");
-            return VehicleOutcome::Busy;
-        }
-        // Released on every way out, a panic or a cancelled task included: a key left
-        // behind would mark the vehicle busy until restart.
-        struct Release<'a>(
-            &'a Mutex<HashSet<(VehicleId, &'static str)>>,
-            (VehicleId, &'static str),
-        );
-        impl Drop for Release<'_> {
-            fn drop(&mut self) {
-                self.0
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&self.1);
+        // Asked before taking a pool slot: a vehicle that must not be called costs nothing.
+        let (ticket, allowed) = match self.fleet.admit(&v.id, slot, job, self.api, now_ms()) {
+            Ok(admitted) => admitted,
+            Err(Refusal::Busy) => {
+                debug!("still busy with the previous poll; skipped");
+                return VehicleOutcome::Busy;
             }
+            Err(Refusal::Gone) => {
+                debug!("no longer polled (a reload removed it); skipped");
+                return VehicleOutcome::Skipped("removed");
+            }
+            Err(Refusal::Skip(skip)) => {
+                debug!(reason = skip.label(), "not polled");
+                self.metrics
+                    .polls_skipped
+                    .with_label_values(&[job.label(), skip.label()])
+                    .inc();
+                return VehicleOutcome::Skipped(skip.label());
+            }
+        };
+        // From here on every way out settles, abandons or drops the ticket, so the vehicle is
+        // never left busy (a panic or a cancelled task drops it: freed and refunded).
+        // The permit bounds concurrent requests; closed only if the poller is dropped.
+        let Ok(_permit) = self.pool.clone().acquire_owned().await else {
+            return VehicleOutcome::Failed(0);
+        };
+        if cancel.is_cancelled() {
+            return VehicleOutcome::Failed(0);
         }
-        let _release = Release(&self.busy, key);
-        self.poll_vehicle_inner(v, job, cancel).await
-    }
-
-    fn gates(&self) -> std::sync::MutexGuard<'_, Gates> {
-        self.gates.lock().unwrap_or_else(|p| p.into_inner())
+        let started = Instant::now();
+        // Boxed once here rather than copied through the select and the poll's own future.
+        let fetch = Box::pin(crate::smartcar::count_billed(
+            self.fetch_with_auth_retry(v, job, &allowed),
+        ));
+        let (results, billed) = tokio::select! {
+            out = fetch => out,
+            _ = cancel.cancelled() => {
+                debug!("abandoned at shutdown");
+                ticket.abandon();
+                return VehicleOutcome::Failed(0);
+            }
+        };
+        self.note_latency(started.elapsed());
+        let at = now_ms();
+        let polled = self.outcome(v, job, &allowed, results, at);
+        let Polled {
+            mut items,
+            mut settlement,
+            failed,
+            readings,
+            waited,
+            skipped,
+        } = polled;
+        // Charged on admission at the estimate; what the poll really cost counts (a v3
+        // listing of several pages, nothing when no token was at hand).
+        settlement.billed = billed;
+        let settled = self.fleet.settle(ticket, settlement);
+        if let Some(reason) = skipped {
+            return VehicleOutcome::Skipped(reason);
+        }
+        self.keep_wait(v, at, waited, settled.not_before, &mut items);
+        bill_events(&mut items, billed);
+        self.write(items).await;
+        if failed {
+            VehicleOutcome::Failed(readings)
+        } else {
+            VehicleOutcome::Ok(readings)
+        }
     }
 
     /// Every polled vehicle's freshness (vehicles never answered have a default entry).
     pub fn freshness(&self) -> Vec<(VehicleId, Freshness)> {
-        let f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
-        self.vehicles()
-            .into_iter()
-            .map(|v| {
-                let fresh = f.get(&v.id).cloned().unwrap_or_default();
-                (v.id, fresh)
-            })
-            .collect()
-    }
-
-    fn note_answer(&self, id: &VehicleId, at: UnixMillis, readings: &[(&'static str, UnixMillis)]) {
-        let mut f = self.freshness.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = f.entry(id.clone()).or_default();
-        self.changed();
-        entry.last_answered = Some(at);
-        entry.no_data_since = None;
-        for (signal, recorded) in readings {
-            match entry.recorded.iter_mut().find(|(s, _)| s == signal) {
-                Some(slot) => slot.1 = slot.1.max(*recorded),
-                None => entry.recorded.push((signal, *recorded)),
-            }
-        }
+        self.fleet.freshness()
     }
 
     fn no_data_every(&self) -> Duration {
@@ -634,71 +611,52 @@ impl Poller {
 
     /// A new `[budget] calls_per_vehicle_month` (SIGHUP); what was spent this month stays.
     pub fn set_budget(&self, budget: Option<u64>) {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_budget(budget);
+        self.fleet.set_budget(budget);
     }
 
     /// Sets the monthly call budget, with this month's calls so far.
     pub fn set_ledger(&self, ledger: Ledger) {
-        *self.ledger.lock().unwrap_or_else(|p| p.into_inner()) = ledger;
-        self.changed();
+        self.fleet.set_ledger(ledger);
     }
 
     /// See [`Ledger::seed`].
     pub fn seed_ledger(&self, budget: Option<u64>, counted: HashMap<VehicleId, u64>) {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .seed(budget, counted, now_ms());
+        self.fleet.seed_ledger(budget, counted, now_ms());
     }
 
-    fn refund(&self, id: &VehicleId, cost: u64) {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .settle(id, None, cost, 0);
+    /// Every polled vehicle as the health check reads it (one lock for the fleet).
+    pub fn vehicle_views(&self) -> Vec<crate::daemon::fleet::VehicleView> {
+        self.fleet.views()
     }
 
-    fn settle(&self, id: &VehicleId, job: Job, charged: u64, billed: u64) {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .settle(id, Some(job.label()), charged, billed);
+    /// Calls each of `ids` made this month, as the ledger counts them (one lock).
+    pub fn calls_of(&self, ids: Vec<VehicleId>) -> Vec<(VehicleId, u64)> {
+        self.fleet.calls_of(ids, now_ms())
     }
 
     /// Calls this vehicle made this month, as the ledger counts them.
     pub fn calls_this_month(&self, id: &VehicleId) -> u64 {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .used(id, now_ms())
+        self.fleet.calls_this_month(id, now_ms())
     }
 
-    /// Adopts the store's blocked endpoints and pauses (see [`Gates::adopt_blocks`]).
+    /// Adopts the store's blocked endpoints and pauses (see [`crate::daemon::gate::Gates::adopt_blocks`]).
     pub fn adopt_blocks(
         &self,
         blocks: &HashMap<VehicleId, Vec<(BlockScope, String)>>,
         waits: &HashMap<VehicleId, UnixMillis>,
         read_at: UnixMillis,
     ) {
-        let mut gates = self.gates();
-        gates.adopt_blocks(blocks, read_at);
-        gates.adopt_waits(waits, read_at);
+        self.fleet.adopt_blocks(blocks, waits, read_at);
     }
 
     /// A new consent lifts what the old one could not give (disabled endpoints, a pause).
     pub fn reset_gate(&self, id: &VehicleId) {
-        self.gates().reset(id);
+        self.fleet.reset_gate(id);
     }
 
     /// Whether every endpoint of `job` is blocked for the vehicle (its polls are skipped).
     pub fn job_blocked(&self, id: &VehicleId, job: Job) -> bool {
-        let (disabled, _) = self.gates().describe(id);
-        job.endpoints()
-            .iter()
-            .all(|e| disabled.iter().any(|d| d == e))
+        self.fleet.all_blocked(id, job.endpoints())
     }
 
     /// Whether nothing at all is polled for the vehicle: every endpoint of every job
@@ -710,88 +668,43 @@ impl Poller {
             .chain(Job::Info.endpoints())
             .copied()
             .collect();
-        self.gates().all_blocked(id, &all)
+        self.fleet.all_blocked(id, &all)
     }
 
     /// Whether every endpoint of `job` is disabled because the car or its consent cannot give
-    /// it (see [`Gates::not_capable`]): an ICE car's battery job.
+    /// it (see [`crate::daemon::gate::Gates::not_capable`]): an ICE car's battery job.
     pub fn job_not_capable(&self, id: &VehicleId, job: Job) -> bool {
-        self.gates().not_capable(id, job.endpoints())
+        self.fleet.not_capable(id, job.endpoints())
     }
 
     /// Disabled endpoints and pause reason of a vehicle, for status output and tests.
     pub fn gate_of(&self, id: &VehicleId) -> (Vec<String>, Option<String>) {
-        self.gates().describe(id)
+        self.fleet.gate_of(id)
     }
 
-    async fn poll_vehicle_inner(
+    /// The outcome step: turns a poll's answer into store items and metrics, and into what
+    /// the fleet table learns from it at settlement (gate steps in order, freshness, plugged
+    /// in). It reads the table only when a v3 listing carries another job's reading (is that
+    /// endpoint disabled?); everything else it decides from the answer alone.
+    fn outcome(
         &self,
         v: &PolledVehicle,
         job: Job,
-        cancel: CancellationToken,
-    ) -> VehicleOutcome {
-        // Asked before taking a pool slot: a vehicle that must not be called costs nothing.
-        let mut cost = 0;
-        let admitted = self
-            .gates()
-            .admit(&v.id, job.endpoints(), now_ms())
-            .and_then(|open| {
-                let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
-                // What this job last cost the vehicle, if more than the plan says (pages).
-                cost = call_cost(self.api, job, &open).max(ledger.last_cost(&v.id, job.label()));
-                if ledger.allows(&v.id, cost, now_ms()) {
-                    // Counted when admitted: a request that fails is billed all the same.
-                    ledger.spend(&v.id, cost, now_ms());
-                    Ok(open)
-                } else {
-                    Err(Skip::Budget)
-                }
-            });
-        let allowed = match admitted {
-            Ok(endpoints) => endpoints,
-            Err(skip) => {
-                debug!(reason = skip.label(), "not polled");
-                self.metrics
-                    .polls_skipped
-                    .with_label_values(&[job.label(), skip.label()])
-                    .inc();
-                return VehicleOutcome::Skipped(skip.label());
-            }
+        allowed: &[&'static str],
+        results: Result<Vec<EndpointResult>, Failure>,
+        at: UnixMillis,
+    ) -> Polled {
+        let mut p = Polled {
+            items: Vec::new(),
+            settlement: Settlement {
+                at,
+                ..Default::default()
+            },
+            failed: false,
+            readings: 0,
+            waited: None,
+            skipped: None,
         };
-        // The permit bounds concurrent requests; closed only if the poller is dropped.
-        let Ok(_permit) = self.pool.clone().acquire_owned().await else {
-            self.refund(&v.id, cost);
-            return VehicleOutcome::Failed(0);
-        };
-        if cancel.is_cancelled() {
-            self.refund(&v.id, cost);
-            return VehicleOutcome::Failed(0);
-        }
-        let started = Instant::now();
-        // Boxed once here rather than copied through the select and the poll's own future.
-        let fetch = Box::pin(crate::smartcar::count_billed(
-            self.fetch_with_auth_retry(v, job, &allowed),
-        ));
-        let (results, billed) = tokio::select! {
-            (r, billed) = fetch => {
-                // Charged on admission at the estimate; what the poll really cost counts (a
-                // v3 listing of several pages, nothing when no token was at hand).
-                self.settle(&v.id, job, cost, billed);
-                (r, billed)
-            }
-            _ = cancel.cancelled() => {
-                debug!("abandoned at shutdown");
-                return VehicleOutcome::Failed(0);
-            }
-        };
-        self.note_latency(started.elapsed());
-        let at = now_ms();
-
-        let mut items = Vec::new();
-        let mut failed = false;
-        let mut readings = 0;
-        // Why this poll made the vehicle wait (a retry-after, a backoff), if it did.
-        let mut waited: Option<String> = None;
         match results {
             // Known before any call: not a poll but a skip, until the reload drops the vehicle
             // (the refusal that caused it was recorded as token_error).
@@ -814,14 +727,15 @@ impl Poller {
                         .with_label_values(&[v.id.0.as_str()])
                         .set(0.0);
                 }
-                return VehicleOutcome::Skipped(reason);
+                p.skipped = Some(reason);
+                return p;
             }
             Err(Failure::Token(e)) => {
-                failed = true;
+                p.failed = true;
                 warn!(error = %e, "no access token; vehicle not polled");
                 for endpoint in job.endpoints() {
                     self.count(endpoint, "token_error");
-                    items.push(WriteItem::Event(event(
+                    p.items.push(WriteItem::Event(event(
                         v,
                         at,
                         endpoint,
@@ -831,56 +745,67 @@ impl Poller {
                 }
             }
             Err(Failure::Api(mut e)) => {
-                failed = true;
+                p.failed = true;
                 match e.kind {
                     ErrorKind::NoData => {
                         e.retry_after = Some(self.no_data_every());
-                        self.note_no_data(&v.id, at);
+                        p.settlement.no_data_at = Some(at);
                     }
                     ErrorKind::AccessDenied => self.connections_check.notify_one(),
                     _ => {}
                 }
-                let reaction = self
-                    .gates()
-                    .failed(&v.id, allowed[0], &e, at, rand::random());
+                let reaction = crate::daemon::gate::reaction(&e, at);
                 if is_wait(&reaction) {
-                    waited = Some(crate::daemon::gate::cause(&e));
+                    p.waited = Some(crate::daemon::gate::cause(&e));
                 }
+                p.settlement.gate.push(GateStep::Failed {
+                    endpoint: allowed[0],
+                    error: e.clone(),
+                    jitter: rand::random(),
+                });
                 if reaction == Reaction::DisableEndpoint {
                     for endpoint in &allowed[1..] {
-                        self.gates().failed(&v.id, endpoint, &e, at, 0.0);
+                        p.settlement.gate.push(GateStep::Failed {
+                            endpoint,
+                            error: e.clone(),
+                            jitter: 0.0,
+                        });
                     }
                 }
                 warn!(error = %e, ?reaction, "request failed");
-                for endpoint in &allowed {
-                    self.failed(v, at, endpoint, &e, &mut items);
+                for endpoint in allowed {
+                    self.failed(v, at, endpoint, &e, &mut p.items);
                 }
             }
             Ok(results) => {
                 let mut delayed = false;
-                let disabled = self.gate_of(&v.id).0;
+                // The vehicle's disabled endpoints, read once and only when needed.
+                let mut disabled: Option<Vec<String>> = None;
                 for EndpointResult { endpoint, result } in results {
                     // What was disabled is not stored or counted, even when a combined answer
                     // (v3 signals, a v2 batch) still carries it.
                     if !allowed.contains(&endpoint) {
                         // A v3 listing carries other jobs' readings too: paid for, so kept
                         // (when not disabled); their failures are left to their own job.
-                        if let (Ok(payload), false) =
-                            (result, disabled.iter().any(|d| d == endpoint))
-                        {
-                            self.record(v, at, endpoint, "ok", None, &mut items);
-                            readings += self.apply(v, payload, &mut items);
+                        if let Ok(payload) = result {
+                            let off = disabled.get_or_insert_with(|| self.fleet.gate_of(&v.id).0);
+                            if !off.iter().any(|d| d == endpoint) {
+                                self.record(v, at, endpoint, "ok", None, &mut p.items);
+                                p.readings +=
+                                    self.apply(v, payload, &mut p.items, &mut p.settlement.plugged);
+                            }
                         }
                         continue;
                     }
                     match result {
                         Ok(payload) => {
-                            self.gates().succeeded(&v.id);
-                            self.record(v, at, endpoint, "ok", None, &mut items);
-                            readings += self.apply(v, payload, &mut items);
+                            p.settlement.gate.push(GateStep::Succeeded);
+                            self.record(v, at, endpoint, "ok", None, &mut p.items);
+                            p.readings +=
+                                self.apply(v, payload, &mut p.items, &mut p.settlement.plugged);
                         }
                         Err(e) => {
-                            failed = true;
+                            p.failed = true;
                             // One answer, one step of backoff: two endpoints failing together
                             // (battery and charge of one request) must not double the wait.
                             let reaction = crate::daemon::gate::reaction(&e, at);
@@ -890,32 +815,38 @@ impl Poller {
                                     | Reaction::WaitUntil(_)
                                     | Reaction::ThrottleApp
                             );
-                            if !(timed && delayed) {
-                                delayed |= timed;
-                                self.gates().failed(&v.id, endpoint, &e, at, rand::random());
-                            }
                             if is_wait(&reaction) {
-                                waited = Some(crate::daemon::gate::cause(&e));
+                                p.waited = Some(crate::daemon::gate::cause(&e));
                             }
                             warn!(endpoint, error = %e, ?reaction, "endpoint failed");
-                            self.failed(v, at, endpoint, &e, &mut items);
+                            self.failed(v, at, endpoint, &e, &mut p.items);
+                            if !(timed && delayed) {
+                                delayed |= timed;
+                                p.settlement.gate.push(GateStep::Failed {
+                                    endpoint,
+                                    error: e,
+                                    jitter: rand::random(),
+                                });
+                            }
                         }
                     }
                 }
             }
         }
-        let answered = items
+        let answered = p
+            .items
             .iter()
             .any(|i| matches!(i, WriteItem::Event(e) if e.outcome == "ok"));
         if answered {
-            let recorded: Vec<(&'static str, UnixMillis)> = items
+            let recorded: Vec<(&'static str, UnixMillis)> = p
+                .items
                 .iter()
                 .filter_map(|i| match i {
                     WriteItem::Reading(_, r) => Some((r.table(), r.stamp().recorded_at)),
                     _ => None,
                 })
                 .collect();
-            self.note_answer(&v.id, at, &recorded);
+            p.settlement.answered = Some((at, recorded));
         }
         if self.metrics.per_vehicle() {
             self.metrics
@@ -923,27 +854,22 @@ impl Poller {
                 .with_label_values(&[v.id.0.as_str()])
                 .set(if answered { 1.0 } else { 0.0 });
         }
-        self.keep_wait(v, at, waited, &mut items);
-        bill_events(&mut items, billed);
-        self.write(items).await;
-        if failed {
-            VehicleOutcome::Failed(readings)
-        } else {
-            VehicleOutcome::Ok(readings)
-        }
+        p
     }
 
     /// Queues the vehicle's wait (`retry-after`, backoff) for the store when `waited` says this
-    /// answer caused one, so a restart does not call early.
+    /// answer caused one, so a restart does not call early; `not_before` is the gate's, as
+    /// settlement left it.
     fn keep_wait(
         &self,
         v: &PolledVehicle,
         at: UnixMillis,
         waited: Option<String>,
+        not_before: Option<UnixMillis>,
         items: &mut Vec<WriteItem>,
     ) {
         let Some(reason) = waited else { return };
-        if let Some(until) = self.gates().not_before(&v.id).filter(|u| *u > at) {
+        if let Some(until) = not_before.filter(|u| *u > at) {
             items.push(WriteItem::Wait {
                 vehicle_id: v.id.clone(),
                 until,
@@ -1006,7 +932,14 @@ impl Poller {
     }
 
     /// Turns a payload into store items and gauges; returns the number of readings.
-    fn apply(&self, v: &PolledVehicle, payload: Payload, items: &mut Vec<WriteItem>) -> usize {
+    /// `plugged` takes a charge reading's plugged-in state, for settlement.
+    fn apply(
+        &self,
+        v: &PolledVehicle,
+        payload: Payload,
+        items: &mut Vec<WriteItem>,
+        plugged: &mut Option<bool>,
+    ) -> usize {
         let id = &v.id;
         match payload {
             Payload::Battery(r) => {
@@ -1021,14 +954,7 @@ impl Poller {
                 1
             }
             Payload::Charge(r) => {
-                {
-                    let mut plugged = self.plugged.lock().unwrap_or_else(|p| p.into_inner());
-                    if r.plugged_in || r.state == crate::domain::ChargeState::Charging {
-                        plugged.insert(id.clone());
-                    } else {
-                        plugged.remove(id);
-                    }
-                }
+                *plugged = Some(r.plugged_in || r.state == crate::domain::ChargeState::Charging);
                 self.metrics.record_charge(id, &r);
                 debug!(
                     plugged_in = r.plugged_in,
@@ -1092,29 +1018,11 @@ impl Poller {
         v: &PolledVehicle,
         cancel: &CancellationToken,
     ) -> Result<Option<Vec<(&'static str, String)>>, DiscoveryError> {
-        let now = now_ms();
-        if self.gates().admit(&v.id, &[CAPABILITIES], now).is_err() {
+        let Some(ticket) = self.fleet.admit_discovery(&v.id, now_ms()) else {
             return Ok(None);
-        }
-        // Not while the vehicle is being polled: two requests at once invite a 429.
-        let busy = self
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|(id, _)| id == &v.id);
-        if busy {
-            return Ok(None);
-        }
-        {
-            let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
-            if !ledger.allows(&v.id, 1, now) {
-                return Ok(None);
-            }
-            ledger.spend(&v.id, 1, now);
-        }
+        };
+        // Dropped on the way out unsettled: the reserved call is refunded.
         let Ok(_permit) = self.pool.clone().acquire_owned().await else {
-            self.refund(&v.id, 1);
             return Ok(None);
         };
         let ask = async {
@@ -1133,18 +1041,23 @@ impl Poller {
         };
         let (r, billed): (Result<Capabilities, DiscoveryError>, u64) = tokio::select! {
             out = crate::smartcar::count_billed(ask) => out,
-            _ = cancel.cancelled() => return Ok(None),
+            _ = cancel.cancelled() => {
+                ticket.abandon();
+                return Ok(None);
+            }
         };
-        self.ledger
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .settle(&v.id, Some(CAPABILITIES), 1, billed);
+        let at = now_ms();
+        let mut settlement = Settlement {
+            at,
+            billed,
+            ..Default::default()
+        };
         let r = r.map_err(|e| match e {
             DiscoveryError::Api(mut e) => {
                 match e.kind {
                     ErrorKind::NoData => {
                         e.retry_after = Some(self.no_data_every());
-                        self.note_no_data(&v.id, now_ms());
+                        settlement.no_data_at = Some(at);
                     }
                     ErrorKind::AccessDenied => self.connections_check.notify_one(),
                     _ => {}
@@ -1155,29 +1068,29 @@ impl Poller {
         });
         // Recorded and gated like a poll: an outcome in poll_events and polls_total, a
         // retry-after or backoff honoured, a billing pause kept.
-        let at = now_ms();
         let mut items = Vec::new();
-        let mut readings = Vec::new();
+        let mut waited = None;
         match &r {
             Ok(caps) => {
                 self.record(v, at, CAPABILITIES, "ok", None, &mut items);
                 // A v3 listing's readings were paid for: stored like a poll's.
                 let blocked: Vec<&str> = caps.unavailable.iter().map(|(e, _)| *e).collect();
                 let disabled = self.gate_of(&v.id).0;
+                let mut readings = Vec::new();
                 for r in &caps.readings {
                     if let Ok(payload) = &r.result {
                         if !blocked.contains(&r.endpoint)
                             && !disabled.iter().any(|d| d == r.endpoint)
                         {
                             self.record(v, at, r.endpoint, "ok", None, &mut items);
-                            self.apply(v, payload.clone(), &mut items);
+                            self.apply(v, payload.clone(), &mut items, &mut settlement.plugged);
                             if let Payload::Battery(b) = payload {
                                 readings.push(("battery", b.stamp.recorded_at));
                             }
                         }
                     }
                 }
-                self.note_answer(&v.id, at, &readings);
+                settlement.answered = Some((at, readings));
             }
             // This server or vehicle has no such reading (404, 403, 501, ...): recorded, not
             // blocked; discovery notes the try and asks again when due.
@@ -1187,12 +1100,15 @@ impl Poller {
                 self.record(v, at, CAPABILITIES, e.kind.label(), Some(e), &mut items);
             }
             Err(DiscoveryError::Api(e)) => {
-                let reaction = self
-                    .gates()
-                    .failed(&v.id, CAPABILITIES, e, at, rand::random());
+                let reaction = crate::daemon::gate::reaction(e, at);
+                settlement.gate.push(GateStep::Failed {
+                    endpoint: CAPABILITIES,
+                    error: e.clone(),
+                    jitter: rand::random(),
+                });
                 self.failed(v, at, CAPABILITIES, e, &mut items);
                 if is_wait(&reaction) {
-                    self.keep_wait(v, at, Some(crate::daemon::gate::cause(e)), &mut items);
+                    waited = Some(crate::daemon::gate::cause(e));
                 }
             }
             Err(DiscoveryError::Token(
@@ -1202,6 +1118,8 @@ impl Poller {
                 self.record(v, at, CAPABILITIES, "token_error", None, &mut items);
             }
         }
+        let settled = self.fleet.settle(ticket, settlement);
+        self.keep_wait(v, at, waited, settled.not_before, &mut items);
         bill_events(&mut items, billed);
         self.write(items).await;
         r.map(|caps| Some(caps.unavailable))
@@ -1302,22 +1220,6 @@ fn bill_events(items: &mut [WriteItem], billed: u64) {
     }
 }
 
-/// What one poll of `open` endpoints is billed: in v2 every batch item and the info call
-/// count; a v3 poll costs its plan price whatever it reads.
-fn call_cost(api: ApiVersion, job: Job, open: &[&str]) -> u64 {
-    match api {
-        ApiVersion::V2 => open.len() as u64,
-        ApiVersion::V3 => crate::cli::plan::calls_per_run(api, job.label()).0,
-    }
-}
-
-fn job_index(job: Job) -> usize {
-    match job {
-        Job::Battery => 0,
-        Job::Info => 1,
-    }
-}
-
 /// A vehicle's fixed offset in `window`: from a hash of its id, so it is the same every tick
 /// (an even cadence per vehicle) and different between vehicles.
 pub fn offset_in(id: &VehicleId, window: Duration) -> Duration {
@@ -1339,6 +1241,19 @@ pub fn offset_in(id: &VehicleId, window: Duration) -> Duration {
 pub fn default_spread(cron: &crate::config::Cron) -> Duration {
     let gap = cron.period_after(&chrono::Utc::now()).unwrap_or_default();
     (gap / 4).min(Duration::from_secs(60))
+}
+
+/// What one answer came to (see [`Poller::outcome`]).
+struct Polled {
+    items: Vec<WriteItem>,
+    settlement: Settlement,
+    failed: bool,
+    /// Readings handed to the writer.
+    readings: usize,
+    /// Why this poll made the vehicle wait (a retry-after, a backoff), if it did.
+    waited: Option<String>,
+    /// Not a poll after all (the connection needs a human): the skip reason.
+    skipped: Option<&'static str>,
 }
 
 enum Failure {
