@@ -560,7 +560,7 @@ impl Poller {
             }
         };
         self.note_latency(started.elapsed());
-        let at = now_ms();
+        let at = answered_at(results.as_ref().map(Vec::as_slice).unwrap_or(&[]));
         let polled = self.outcome(v, job, &allowed, results, at);
         let Polled {
             mut items,
@@ -1046,7 +1046,7 @@ impl Poller {
                 return Ok(None);
             }
         };
-        let at = now_ms();
+        let at = answered_at(r.as_ref().map(|c| c.readings.as_slice()).unwrap_or(&[]));
         let mut settlement = Settlement {
             at,
             billed,
@@ -1259,6 +1259,23 @@ struct Polled {
 enum Failure {
     Token(TokenError),
     Api(ApiError),
+}
+
+/// A poll's time: when its answer arrived, the latest `fetched_at` of the readings it brought
+/// (now when it brought none). The readings a poll stores are kept with its `ok` events in one
+/// row (schema 4), whose `fetched_at` is then exactly the poll's `at` in `poll_events`.
+fn answered_at(results: &[EndpointResult]) -> UnixMillis {
+    let now = now_ms();
+    results
+        .iter()
+        .filter_map(|r| match &r.result {
+            Ok(Payload::Battery(b)) => Some(b.stamp.fetched_at),
+            Ok(Payload::Charge(c)) => Some(c.stamp.fetched_at),
+            Ok(Payload::Odometer(o)) => Some(o.stamp.fetched_at),
+            _ => None,
+        })
+        .max()
+        .map_or(now, |arrived| arrived.min(now))
 }
 
 fn event(

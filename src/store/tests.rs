@@ -1261,8 +1261,8 @@ async fn polls_that_stored_readings_are_kept_beside_them_and_shown_as_before() {
     seed(&store, &["veh-a"]).await;
     let a = vid("veh-a");
 
-    // A poll at T+5,000 whose answer arrived at T+4,990, data recorded at T.
-    let first = listing_poll(&a, T + 5_000, T, T + 4_990);
+    // A poll at T+5,000 (when its answer arrived), data recorded at T.
+    let first = listing_poll(&a, T + 5_000, T, T + 5_000);
     store.write(first.clone()).await.unwrap();
     store.flush().await.unwrap();
     // The same batch again (a replay, as a fallback file's): nothing new.
@@ -1273,7 +1273,8 @@ async fn polls_that_stored_readings_are_kept_beside_them_and_shown_as_before() {
         .write(listing_poll(&a, T + 900_000, T, T + 899_995))
         .await
         .unwrap();
-    // A new reading, but the battery's answer dripped in for 5 s before the poll's time.
+    // A new reading, but a poll stamped later than the answer's arrival (a page of a longer
+    // listing that came earlier): the reading keeps its time, the poll goes to poll_log.
     store
         .write(vec![
             ok_event(&a, T + 1_800_000, "battery", 1),
@@ -1372,8 +1373,7 @@ async fn polls_that_stored_readings_are_kept_beside_them_and_shown_as_before() {
     assert_eq!(total(&reports, WriteReport::duplicates_in, "battery"), 2);
     assert_eq!(total(&reports, WriteReport::written_in, "charge"), 1);
 
-    // The kept row's fetched_at is its poll's time (10 ms after the answer's arrival); the
-    // slow answer's reading keeps its own.
+    // Every reading keeps its own arrival as fetched_at, kept with its poll or not.
     let fetched: Vec<i64> = store
         .call(|c| {
             c.prepare("SELECT fetched_at FROM battery_history ORDER BY recorded_at")?

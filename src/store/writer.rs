@@ -205,12 +205,6 @@ impl EventRow<'_> {
     }
 }
 
-/// How long after its answer arrived a poll may be stamped (its event's `at` is taken once
-/// the answer is read and parsed): a row keeping the poll's event takes the poll's time as
-/// its fetched_at, so at most this much later than the answer's arrival. Beyond it (a body
-/// that dripped in), the event goes to `poll_log` and the reading keeps its own time.
-const KEEP_SHIFT_MAX_MS: i64 = 1_000;
-
 /// How old a reading may be at its poll for the row to keep the poll's event: a poll is found
 /// from its time by looking this far back in `recorded_at` ([`crate::store::queries`]).
 pub(crate) const KEEP_LAG_MAX_MS: i64 = 86_400_000;
@@ -625,28 +619,22 @@ fn store_group(
     events: &mut [EventRow<'_>],
     counts: &mut Counts,
 ) -> anyhow::Result<()> {
+    // A row keeps the poll whose time is its readings' arrival (the poller stamps a poll with
+    // it), so the view's `at` for it, recorded_at + fetch lag, is the poll's own, and no
+    // reading's fetched_at is altered. A poll stamped otherwise (a page of a longer listing
+    // that arrived earlier) goes to `poll_log`.
     let keep = g.poll.filter(|&i| {
         let row = &events[i];
-        let shift = row.key.at - g.fetched_at;
         row.keepable()
-            && (0..=KEEP_SHIFT_MAX_MS).contains(&shift)
+            && row.key.at == g.fetched_at
             && row.key.at - g.recorded_at <= KEEP_LAG_MAX_MS
     });
-    // The row's fetched_at: the poll's time when it keeps the poll (its kinds that arrived
-    // with the first keep no lag of their own), else the first kind's arrival.
-    let row_fetched = match keep {
-        Some(i) => events[i].key.at,
-        None => g.fetched_at,
-    };
-    let row_lag = row_fetched.saturating_sub(g.recorded_at);
+    // The row's fetch lag is its first kind's; another kind that arrived at another time keeps
+    // its own in `reading_lags`.
+    let row_lag = g.fetched_at.saturating_sub(g.recorded_at);
     let mut own_lags: [Option<i64>; 3] = [None; 3];
     for (lag, v) in own_lags.iter_mut().zip(&g.values) {
         if let Some((_, fetched)) = v {
-            let fetched = if *fetched == g.fetched_at {
-                row_fetched
-            } else {
-                *fetched
-            };
             let l = fetched.saturating_sub(g.recorded_at);
             *lag = (l != row_lag).then_some(l);
         }

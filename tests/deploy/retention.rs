@@ -124,8 +124,8 @@ async fn write_year(store: &Store) {
             }
             let stamp = Stamp {
                 recorded_at: at - 40_000 - (n % 13) as i64 * 1_000,
-                // The answer arrives just before the poll's time (taken once it is read).
-                fetched_at: at - (n % 3) as i64,
+                // The poller stamps a poll with its answer's arrival.
+                fetched_at: at,
             };
             let car = &cars[i];
             items.push(event(v, at, "battery", "ok", 1));
