@@ -1236,20 +1236,36 @@ pub fn calls_since(
     since: UnixMillis,
     api: crate::domain::ApiVersion,
 ) -> anyhow::Result<std::collections::HashMap<VehicleId, u64>> {
+    // One statement for the fleet (a start reads it for every vehicle before the first poll):
+    // per vehicle, the calls `poll_log` holds, plus those of the polls kept beside their
+    // readings (schema 4: a kept reading is at most a day older than its poll, so the month's
+    // are found from a day before it on the primary key), and whether rows from before
+    // schema 2 (no `calls`) need counting poll by poll.
     let mut vehicles = c
-        .prepare("SELECT id, vehicle_id FROM vehicles")
-        .context("preparing the vehicle list")?;
-    let keys = vehicles
-        .query_map([], |r| Ok((r.get::<_, i64>(0)?, VehicleId(r.get(1)?))))
-        .context("listing vehicles")?
-        .collect::<Result<Vec<_>, _>>()
-        .context("reading a vehicle row")?;
-    let mut billed = c
-        .prepare_cached(
-            "SELECT coalesce(sum(calls), 0) FROM poll_log
-             WHERE vehicle = ?1 AND at >= ?2 AND calls IS NOT NULL",
+        .prepare(
+            "SELECT v.id, v.vehicle_id,
+                    (SELECT coalesce(sum(e.calls), 0) FROM poll_log e
+                     WHERE e.vehicle = v.id AND e.at >= ?1 AND e.calls IS NOT NULL)
+                  + (SELECT coalesce(sum(r.poll_calls), 0) FROM readings r
+                     WHERE r.vehicle = v.id AND r.recorded_at >= ?1 - ?2
+                       AND r.poll_endpoints IS NOT NULL AND r.recorded_at + r.fetch_lag_ms >= ?1),
+                    EXISTS (SELECT 1 FROM poll_log e
+                            WHERE e.vehicle = v.id AND e.at >= ?1 AND e.calls IS NULL)
+             FROM vehicles v",
         )
         .context("preparing the billed calls query")?;
+    let counted = vehicles
+        .query_map(params![since, super::writer::KEEP_LAG_MAX_MS], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                VehicleId(r.get(1)?),
+                r.get::<_, i64>(2)?,
+                r.get::<_, bool>(3)?,
+            ))
+        })
+        .context("counting the calls of each vehicle")?
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading a vehicle's calls")?;
     let mut legacy = c
         .prepare_cached(
             "SELECT at, endpoints, outcome IN ('needs_reauth', 'token_error') FROM poll_log
@@ -1257,27 +1273,15 @@ pub fn calls_since(
              ORDER BY at",
         )
         .context("preparing the older polls query")?;
-    // Polls kept beside their readings (schema 4): their reading is at most a day older
-    // than the poll, so the month's are found from a day before it on the primary key.
-    let mut kept = c
-        .prepare_cached(
-            "SELECT coalesce(sum(poll_calls), 0) FROM readings
-             WHERE vehicle = ?1 AND recorded_at >= ?2 - ?3 AND poll_endpoints IS NOT NULL
-               AND recorded_at + fetch_lag_ms >= ?2",
-        )
-        .context("preparing the kept polls' calls query")?;
     let mut used = std::collections::HashMap::new();
-    for (key, vehicle) in keys {
-        let mut n: u64 = billed
-            .query_row(params![key, since], |r| r.get::<_, i64>(0))
-            .with_context(|| format!("counting the calls of vehicle {vehicle}"))?
-            .max(0) as u64;
-        n += kept
-            .query_row(params![key, since, super::writer::KEEP_LAG_MAX_MS], |r| {
-                r.get::<_, i64>(0)
-            })
-            .with_context(|| format!("counting the calls of vehicle {vehicle}"))?
-            .max(0) as u64;
+    for (key, vehicle, billed, older) in counted {
+        let mut n = billed.max(0) as u64;
+        if !older {
+            if n > 0 {
+                used.insert(vehicle, n);
+            }
+            continue;
+        }
         let rows = legacy
             .query_map(params![key, since], |r| {
                 Ok((
