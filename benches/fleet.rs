@@ -468,18 +468,19 @@ where
 }
 
 /// Seconds from the first to the last poll answered at or after `since` (Unix ms), from the
-/// store's `poll_log`.
+/// store's `poll_events` (since schema 4 an `ok` poll that stored readings is kept beside them,
+/// not in `poll_log`; the view shows both).
 fn tick_span(db: &Path, since: i64) -> anyhow::Result<f64> {
     let c = rusqlite::Connection::open(db)?;
     let (first, last): (Option<i64>, Option<i64>) = c.query_row(
-        "SELECT min(at), max(at) FROM poll_log WHERE at >= ?1",
+        "SELECT min(at), max(at) FROM poll_events WHERE at >= ?1",
         [since],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     match (first, last) {
         // A tick answered within one millisecond (a smoke run) still has a span to divide by.
         (Some(f), Some(l)) => Ok(((l - f) as f64 / 1e3).max(1e-3)),
-        _ => bail!("no poll in poll_log since {since}"),
+        _ => bail!("no poll in poll_events since {since}"),
     }
 }
 
