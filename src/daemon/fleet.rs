@@ -198,7 +198,7 @@ pub fn job_index(job: Job) -> usize {
 pub fn call_cost(api: ApiVersion, job: Job, open: &[Endpoint]) -> u64 {
     match api {
         ApiVersion::V2 => open.len() as u64,
-        ApiVersion::V3 => crate::cli::plan::calls_per_run(api, job.label()).0,
+        ApiVersion::V3 => crate::cli::plan::calls_per_run(api, job).0,
     }
 }
 
