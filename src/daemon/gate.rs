@@ -707,6 +707,26 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_block_of_an_endpoint_this_build_does_not_know_is_kept_and_shown() {
+        // Names read from the store are not necessarily an `Endpoint`: kept as written.
+        assert_eq!(Endpoint::parse("tires"), None);
+        let mut g = Gates::default();
+        let v = VehicleId("v".into());
+        let blocks: HashMap<VehicleId, Vec<(BlockScope, String)>> = [(
+            v.clone(),
+            vec![
+                (BlockScope::Endpoint("tires".into()), "PERMISSION".into()),
+                (BlockScope::Endpoint("charge".into()), "PERMISSION".into()),
+            ],
+        )]
+        .into();
+        g.adopt_blocks(&blocks, 1_000);
+        assert_eq!(g.describe(&v).0, vec!["charge", "tires"]);
+        assert_eq!(g.admit(&v, &JOB, 1_000), Ok(vec![Endpoint::Battery]));
+        assert!(!g.all_blocked(&v, &JOB));
+    }
+
+    #[test]
     fn permission_and_compatibility_disable_only_that_endpoint() {
         let mut g = Gates::default();
         let v = VehicleId("v".into());
