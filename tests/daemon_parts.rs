@@ -722,7 +722,10 @@ async fn v3_discovery_at_connect_keeps_the_ice_car_out_of_battery_polls() {
         "{:?}",
         connected.unavailable
     );
-    let mut blocked: Vec<&str> = connected.unavailable[&ice[0]].iter().map(|b| b.0).collect();
+    let mut blocked: Vec<&str> = connected.unavailable[&ice[0]]
+        .iter()
+        .map(|b| b.0.as_str())
+        .collect();
     blocked.sort();
     assert_eq!(
         blocked,
@@ -848,7 +851,10 @@ async fn v2_discovery_leaves_what_the_consent_did_not_grant_out_of_the_batch() {
     for (id, _) in &connected.vehicles {
         assert_eq!(
             connected.unavailable[id],
-            vec![("charge", "not granted: read_charge".to_string())]
+            vec![(
+                carpulse::smartcar::Endpoint::Charge,
+                "not granted: read_charge".to_string()
+            )]
         );
     }
     let (poller, _) = poller_for(&w, "v2", &connected).await;

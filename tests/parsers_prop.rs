@@ -132,7 +132,7 @@ const PATHS: [BatchPath; 4] = [v2::BATTERY, v2::CHARGE, v2::ODOMETER, v2::VIN];
 fn payload(results: &[EndpointResult], endpoint: &str) -> Option<Payload> {
     results
         .iter()
-        .find(|r| r.endpoint == endpoint)
+        .find(|r| r.endpoint.as_str() == endpoint)
         .and_then(|r| r.result.as_ref().ok().cloned())
 }
 
@@ -159,7 +159,7 @@ proptest! {
         if let Ok(results) = v2::parse_batch(&body, &PATHS, &top()) {
             prop_assert_eq!(results.len(), PATHS.len(), "one result per asked path");
         }
-        for endpoint in ["battery", "charge", "odometer", "vin", "info", "nonsense"] {
+        for endpoint in carpulse::smartcar::Endpoint::ALL {
             let _ = v2::parse_item(&body, endpoint, &top());
         }
     }
@@ -406,7 +406,7 @@ proptest! {
         let p = both_v3(&page)?.expect("a listing");
         for r in v3::pick_all(&p.signals, UnitSystem::Metric) {
             prop_assert!(r.result.as_ref().map_or(true, plausible), "{:?}", r);
-            if r.endpoint == "battery" || r.endpoint == "odometer" {
+            if matches!(r.endpoint.as_str(), "battery" | "odometer") {
                 prop_assert!(r.result.is_err(), "{}: {:?}", r.endpoint, r.result);
             }
         }

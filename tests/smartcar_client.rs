@@ -19,7 +19,8 @@ use carpulse::domain::{
     UnitSystem, VehicleId, VehicleInfo, REFRESH_TOKEN_LIFETIME_MS,
 };
 use carpulse::smartcar::{
-    ApiError, AuthError, ClientConfig, ErrorKind, Job, Payload, RequestCtx, SmartcarClient,
+    ApiError, AuthError, ClientConfig, Endpoint, ErrorKind, Job, Payload, RequestCtx,
+    SmartcarClient,
 };
 
 /// One request as the server saw it.
@@ -493,8 +494,8 @@ async fn v2_permissions_are_paged_and_an_odd_answer_is_an_error_not_an_empty_gra
     assert_eq!(
         got,
         [
-            ("charge", "not granted: read_charge".to_string()),
-            ("odometer", "not granted: read_odometer".to_string())
+            (Endpoint::Charge, "not granted: read_charge".to_string()),
+            (Endpoint::Odometer, "not granted: read_odometer".to_string())
         ]
     );
     assert!(h.requests()[1].query.contains("offset=2"));
@@ -557,7 +558,7 @@ async fn v2_battery_job_is_one_batch_with_per_item_outcomes() {
     assert_eq!(reqs[0].header("sc-unit-system"), Some("metric"));
 
     assert_eq!(out.len(), 2);
-    assert_eq!(out[0].endpoint, "battery");
+    assert_eq!(out[0].endpoint.as_str(), "battery");
     match &out[0].result {
         Ok(Payload::Battery(b)) => {
             assert_eq!(b.soc_percent, 68.0);
@@ -567,7 +568,7 @@ async fn v2_battery_job_is_one_batch_with_per_item_outcomes() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(out[1].endpoint, "charge");
+    assert_eq!(out[1].endpoint.as_str(), "charge");
     let e = out[1].result.clone().unwrap_err();
     assert_eq!(e.kind, ErrorKind::RateLimitVehicle);
     assert_eq!(e.status, Some(429));
@@ -605,7 +606,7 @@ async fn v2_info_job_in_imperial_units() {
         .fetch(ApiVersion::V2, &ctx(&token, None), &vid("veh-2"), Job::Info)
         .await
         .unwrap();
-    let endpoints: Vec<&str> = out.iter().map(|r| r.endpoint).collect();
+    let endpoints: Vec<&str> = out.iter().map(|r| r.endpoint.as_str()).collect();
     assert_eq!(endpoints, ["info", "vin", "odometer"]);
     assert_eq!(
         out[0].result,
@@ -773,10 +774,10 @@ async fn v3_battery_job_follows_relative_next_links() {
 
     // The listing's every reading comes back, whichever job asked: battery, charge, then the
     // odometer (not listed here, so an error for it that the poller leaves to its own job).
-    let endpoints: Vec<&str> = out.iter().map(|r| r.endpoint).collect();
+    let endpoints: Vec<&str> = out.iter().map(|r| r.endpoint.as_str()).collect();
     assert_eq!(endpoints, ["battery", "charge", "odometer"]);
     assert!(out[2].result.is_err());
-    assert_eq!(out[0].endpoint, "battery");
+    assert_eq!(out[0].endpoint.as_str(), "battery");
     let fetched = match &out[0].result {
         Ok(Payload::Battery(b)) => {
             assert_eq!(b.soc_percent, 75.0);
@@ -787,7 +788,7 @@ async fn v3_battery_job_follows_relative_next_links() {
         other => panic!("{other:?}"),
     };
     assert!(fetched >= 1752104118549);
-    assert_eq!(out[1].endpoint, "charge");
+    assert_eq!(out[1].endpoint.as_str(), "charge");
     match &out[1].result {
         // detailed status failed → fallback to charge-ischarging; oemUpdatedAt in seconds
         Ok(Payload::Charge(ChargeReading {
@@ -859,7 +860,7 @@ async fn v3_info_job_fetches_the_vehicle_when_not_included() {
         .fetch(ApiVersion::V3, &ctx(&token, None), &vid("veh-4"), Job::Info)
         .await
         .unwrap();
-    let endpoints: Vec<&str> = out.iter().map(|r| r.endpoint).collect();
+    let endpoints: Vec<&str> = out.iter().map(|r| r.endpoint.as_str()).collect();
     assert_eq!(endpoints, ["info", "battery", "charge", "vin", "odometer"]);
     assert_eq!(
         out[0].result,
@@ -888,10 +889,13 @@ async fn v3_info_job_fetches_the_vehicle_when_not_included() {
         &ctx(&token, None),
         &vid("veh-4"),
         Job::Info,
-        &["vin", "odometer"],
+        &[
+            carpulse::smartcar::Endpoint::Vin,
+            carpulse::smartcar::Endpoint::Odometer,
+        ],
     ))
     .await;
-    let endpoints: Vec<&str> = out.unwrap().iter().map(|r| r.endpoint).collect();
+    let endpoints: Vec<&str> = out.unwrap().iter().map(|r| r.endpoint.as_str()).collect();
     assert_eq!(
         endpoints,
         ["battery", "charge", "vin", "odometer"],

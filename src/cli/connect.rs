@@ -41,7 +41,7 @@ pub struct Connected {
     pub vehicles: Vec<(VehicleId, Option<VehicleInfo>)>,
     /// Per vehicle, the endpoints it cannot answer (endpoint, reason), as read at connect;
     /// no entry when they could not be read (the daemon reads them).
-    pub unavailable: std::collections::HashMap<VehicleId, Vec<(&'static str, String)>>,
+    pub unavailable: std::collections::HashMap<VehicleId, Vec<(crate::smartcar::Endpoint, String)>>,
 }
 
 /// The Connect URL (smartcar-api.md §1.1). `approval_prompt=force` so a reconnect shows the

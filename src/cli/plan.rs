@@ -9,6 +9,7 @@ use chrono::{DateTime, Duration as ChronoDuration, Utc};
 
 use crate::config::{Config, Cron};
 use crate::domain::ApiVersion;
+use crate::smartcar::Job;
 
 /// A month for billing purposes.
 pub const MONTH_DAYS: i64 = 30;
@@ -16,15 +17,15 @@ pub const MONTH_DAYS: i64 = 30;
 const COUNT_CAP: u64 = 200_000;
 
 /// Billed calls one run of a job makes for one vehicle, and what they are.
-pub fn calls_per_run(api: ApiVersion, job: &str) -> (u64, &'static str) {
+pub fn calls_per_run(api: ApiVersion, job: Job) -> (u64, &'static str) {
     match (api, job) {
-        (ApiVersion::V2, "battery") => (2, "one batch of /battery and /charge: 2 items"),
-        (ApiVersion::V2, _) => (
+        (ApiVersion::V2, Job::Battery) => (2, "one batch of /battery and /charge: 2 items"),
+        (ApiVersion::V2, Job::Info) => (
             3,
             "GET /vehicles/{id} + a batch of /vin and /odometer: 1 + 2",
         ),
-        (ApiVersion::V3, "battery") => (1, "GET /signals (+1 per extra page)"),
-        (ApiVersion::V3, _) => (2, "GET /vehicles/{id} + GET /signals (+1 per extra page)"),
+        (ApiVersion::V3, Job::Battery) => (1, "GET /signals (+1 per extra page)"),
+        (ApiVersion::V3, Job::Info) => (2, "GET /vehicles/{id} + GET /signals (+1 per extra page)"),
     }
 }
 
@@ -90,11 +91,11 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
         ApiVersion::V2 => 0,
     };
     for (job, expr) in [
-        ("battery", &cfg.schedule.battery),
-        ("info", &cfg.schedule.info),
+        (Job::Battery, &cfg.schedule.battery),
+        (Job::Info, &cfg.schedule.info),
     ] {
         let mut runs = runs_per_month(expr, from);
-        if job == "battery" {
+        if job == Job::Battery {
             runs = runs.saturating_sub(shared);
         }
         let (per, what) = calls_per_run(api, job);
@@ -102,14 +103,15 @@ pub fn plan(cfg: &Config, from: DateTime<Utc>) -> Result<(String, u64), String> 
         total += calls;
         let _ = writeln!(
             out,
-            "  {job:<8} {expr:<18} {runs:>9} runs x {per} = {calls:>10} calls   ({what})"
+            "  {job:<8} {expr:<18} {runs:>9} runs x {per} = {calls:>10} calls   ({what})",
+            job = job.label()
         );
     }
     // The charging cron adds calls only while a vehicle is plugged in: shown, not totalled.
     let charging = match &cfg.schedule.battery_charging {
         Some(expr) => {
             let runs = runs_per_month(expr, from);
-            let (per, _) = calls_per_run(api, "battery");
+            let (per, _) = calls_per_run(api, Job::Battery);
             Some((expr.clone(), runs, per))
         }
         None => None,

@@ -15,6 +15,7 @@ use rusqlite::{Connection, OpenFlags};
 use crate::cli::output::{local, short_id, vehicle_label, vehicle_name};
 use crate::config::Config;
 use crate::domain::{now_ms, UnixMillis, VehicleId};
+use crate::smartcar::Endpoint;
 use crate::store::{queries, Store};
 
 /// Opens an existing store read-only.
@@ -355,31 +356,25 @@ fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<(u16, Str
 }
 
 /// The endpoints whose last outcome `status` shows.
-const STATUS_ENDPOINTS: [&str; 6] = [
-    "battery",
-    "charge",
-    "odometer",
-    "info",
-    "vin",
-    "capabilities",
+const STATUS_ENDPOINTS: [Endpoint; 6] = [
+    Endpoint::Battery,
+    Endpoint::Charge,
+    Endpoint::Odometer,
+    Endpoint::Info,
+    Endpoint::Vin,
+    Endpoint::Capabilities,
 ];
 
 /// How far back `status` looks for an endpoint's last outcome.
 const STATUS_LOOKBACK_MS: i64 = 35 * 86_400_000;
 
 /// Each endpoint's last outcome for a vehicle: (endpoint, at, outcome, error type, code).
-type Last = (
-    &'static str,
-    UnixMillis,
-    String,
-    Option<String>,
-    Option<String>,
-);
+type Last = (Endpoint, UnixMillis, String, Option<String>, Option<String>);
 
 fn last_outcomes(c: &Connection, vehicle: &str, now: UnixMillis) -> anyhow::Result<Vec<Last>> {
     let mut out = Vec::new();
     for endpoint in STATUS_ENDPOINTS {
-        let row = queries::last_outcome(c, vehicle, endpoint, now - STATUS_LOOKBACK_MS)
+        let row = queries::last_outcome(c, vehicle, endpoint.as_str(), now - STATUS_LOOKBACK_MS)
             .with_context(|| format!("reading the last {endpoint} outcome of {vehicle}"))?;
         if let Some((at, outcome, t, code)) = row {
             out.push((endpoint, at, outcome, t, code));

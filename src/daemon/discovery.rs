@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::daemon::poller::{DiscoveryError, PolledVehicle, Poller};
 use crate::domain::{now_ms, UnixMillis, VehicleId};
+use crate::smartcar::Endpoint;
 use crate::store::{queries, Store};
 
 /// Capability readings in flight at once.
@@ -144,14 +145,14 @@ impl Discovery {
 pub async fn save(
     store: &Store,
     id: &VehicleId,
-    blocked: &[(&'static str, String)],
+    blocked: &[(Endpoint, String)],
 ) -> anyhow::Result<()> {
     for (endpoint, reason) in blocked {
-        info!(vehicle = %id, endpoint, reason, "not polled: the vehicle cannot answer it");
+        info!(vehicle = %id, endpoint = endpoint.as_str(), reason, "not polled: the vehicle cannot answer it");
     }
     let rows: Vec<(String, String)> = blocked
         .iter()
-        .map(|(e, r)| (e.to_string(), r.clone()))
+        .map(|(e, r)| (e.as_str().to_owned(), r.clone()))
         .collect();
     let vid = id.clone();
     store

@@ -17,10 +17,10 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::daemon::gate::{Gates, Ledger, Skip};
-use crate::daemon::poller::{Freshness, PolledVehicle, CAPABILITIES};
+use crate::daemon::poller::{Freshness, PolledVehicle};
 use crate::domain::{ApiVersion, BlockScope, UnixMillis, VehicleId};
 use crate::smartcar::error::ApiError;
-use crate::smartcar::Job;
+use crate::smartcar::{Endpoint, Job};
 
 /// One vehicle's row.
 #[derive(Debug)]
@@ -108,7 +108,7 @@ pub struct Ticket<'f> {
     slot: Option<usize>,
     /// The job whose busy flag it holds; `None` for a capability discovery (holds none).
     job: Option<Job>,
-    /// The ledger's job key: the job's label or [`CAPABILITIES`].
+    /// The ledger's job key: the job's label or `"capabilities"` ([`Endpoint::Capabilities`]).
     label: &'static str,
     cost: u64,
     done: bool,
@@ -156,7 +156,7 @@ fn release(t: &mut Table, ticket: &Ticket<'_>) {
 pub enum GateStep {
     Succeeded,
     Failed {
-        endpoint: &'static str,
+        endpoint: Endpoint,
         error: ApiError,
         jitter: f64,
     },
@@ -195,10 +195,10 @@ pub fn job_index(job: Job) -> usize {
 
 /// What one poll of `open` endpoints is billed: in v2 every batch item and the info call
 /// count; a v3 poll costs its plan price whatever it reads.
-pub fn call_cost(api: ApiVersion, job: Job, open: &[&str]) -> u64 {
+pub fn call_cost(api: ApiVersion, job: Job, open: &[Endpoint]) -> u64 {
     match api {
         ApiVersion::V2 => open.len() as u64,
-        ApiVersion::V3 => crate::cli::plan::calls_per_run(api, job.label()).0,
+        ApiVersion::V3 => crate::cli::plan::calls_per_run(api, job).0,
     }
 }
 
@@ -288,7 +288,7 @@ impl Fleet {
         job: Job,
         api: ApiVersion,
         now: UnixMillis,
-    ) -> Result<(Ticket<'_>, Vec<&'static str>), Refusal> {
+    ) -> Result<(Ticket<'_>, Vec<Endpoint>), Refusal> {
         let mut t = self.lock();
         let slot = t.slot(id, hint).ok_or(Refusal::Gone)?;
         let j = job_index(job);
@@ -323,7 +323,7 @@ impl Fleet {
     /// budget. `None`: not now. It marks nothing busy: polls are not held up by it.
     pub fn admit_discovery(&self, id: &VehicleId, now: UnixMillis) -> Option<Ticket<'_>> {
         let mut t = self.lock();
-        if t.gates.admit(id, &[CAPABILITIES], now).is_err() {
+        if t.gates.admit(id, &[Endpoint::Capabilities], now).is_err() {
             return None;
         }
         let slot = t.slot(id, None);
@@ -339,7 +339,7 @@ impl Fleet {
             id: id.clone(),
             slot,
             job: None,
-            label: CAPABILITIES,
+            label: Endpoint::Capabilities.as_str(),
             cost: 1,
             done: false,
         })
@@ -365,7 +365,7 @@ impl Fleet {
                     jitter,
                 } => {
                     failed = true;
-                    t.gates.failed(id, endpoint, error, s.at, *jitter);
+                    t.gates.failed(id, *endpoint, error, s.at, *jitter);
                 }
             }
         }
@@ -409,7 +409,7 @@ impl Fleet {
     /// Every polled vehicle as the health check reads it, in one lock (rather than four per
     /// vehicle).
     pub fn views(&self) -> Vec<VehicleView> {
-        let all: Vec<&str> = Job::Battery
+        let all: Vec<Endpoint> = Job::Battery
             .endpoints()
             .iter()
             .chain(Job::Info.endpoints())
@@ -449,12 +449,12 @@ impl Fleet {
     }
 
     /// Whether every one of `endpoints` is disabled for the vehicle.
-    pub fn all_blocked(&self, id: &VehicleId, endpoints: &[&str]) -> bool {
+    pub fn all_blocked(&self, id: &VehicleId, endpoints: &[Endpoint]) -> bool {
         self.lock().gates.all_blocked(id, endpoints)
     }
 
     /// See [`Gates::not_capable`].
-    pub fn not_capable(&self, id: &VehicleId, endpoints: &[&str]) -> bool {
+    pub fn not_capable(&self, id: &VehicleId, endpoints: &[Endpoint]) -> bool {
         self.lock().gates.not_capable(id, endpoints)
     }
 
@@ -552,7 +552,7 @@ mod tests {
         let (ticket, open) = f
             .admit(&v0, Some(0), Job::Battery, ApiVersion::V2, NOW)
             .unwrap();
-        assert_eq!(open, vec!["battery", "charge"]);
+        assert_eq!(open, vec![Endpoint::Battery, Endpoint::Charge]);
         assert_eq!(ticket.cost(), 2, "v2: one call per batch item");
         assert_eq!(
             f.admit(&v0, Some(0), Job::Battery, ApiVersion::V2, NOW)
@@ -666,7 +666,7 @@ mod tests {
                 at: NOW + 1,
                 billed: 1,
                 gate: vec![GateStep::Failed {
-                    endpoint: "battery",
+                    endpoint: Endpoint::Battery,
                     error: e,
                     jitter: 0.0,
                 }],
@@ -738,11 +738,11 @@ mod tests {
     #[test]
     fn views_read_the_whole_fleet_for_the_health_check() {
         let f = fleet_of(3);
-        let fail = |id: &VehicleId, endpoints: &[&'static str], kind| {
+        let fail = |id: &VehicleId, endpoints: &[Endpoint], kind| {
             let (t, _) = f.admit(id, None, Job::Info, ApiVersion::V2, NOW).unwrap();
             let gate = endpoints
                 .iter()
-                .map(|endpoint| GateStep::Failed {
+                .map(|&endpoint| GateStep::Failed {
                     endpoint,
                     error: ApiError::new(kind, "no"),
                     jitter: 0.0,
@@ -758,14 +758,14 @@ mod tests {
             );
         };
         let (v0, v1) = (vehicle(0).id, vehicle(1).id);
-        fail(&v0, &["battery", "charge"], ErrorKind::Compatibility);
-        fail(&v1, &["info"], ErrorKind::Billing);
+        fail(&v0, Job::Battery.endpoints(), ErrorKind::Compatibility);
+        fail(&v1, &[Endpoint::Info], ErrorKind::Billing);
         let views = f.views();
         assert_eq!(views.len(), 3);
         assert!(views[0].battery_not_capable && views[0].all_blocked.is_none());
         assert!(views[1].paused.is_some() && !views[1].battery_not_capable);
         assert_eq!(views[2].paused, None);
-        fail(&v0, &["info", "vin", "odometer"], ErrorKind::Permission);
+        fail(&v0, Job::Info.endpoints(), ErrorKind::Permission);
         assert_eq!(
             f.views()[0].all_blocked.as_deref().map(<[String]>::len),
             Some(5)

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::domain::{BlockScope, UnixMillis, VehicleId};
 use crate::smartcar::error::{ApiError, ErrorKind};
+use crate::smartcar::Endpoint;
 
 /// How long a block this process set is kept by [`Gates::adopt_blocks`] though the store's
 /// snapshot lacks it: the writer is flushed before the read, so only a block set in the
@@ -157,6 +158,8 @@ struct Gate {
     /// Why the vehicle is paused, and when this process paused it (0: adopted from the store).
     paused: Option<(String, UnixMillis)>,
     /// Disabled endpoints, each with when this process disabled it (0: adopted from the store).
+    /// Keyed by the stored name, not [`Endpoint`]: a block row may name an endpoint this build
+    /// does not know, and it must still show in `describe` and count in `adopt_blocks`.
     disabled: HashMap<String, UnixMillis>,
     /// Why each disabled endpoint is (`TYPE:CODE` or a discovery's reason), when known.
     reasons: HashMap<String, String>,
@@ -185,12 +188,12 @@ pub fn backoff(failures: u32, jitter: f64) -> Duration {
 
 impl Gates {
     /// The endpoints of a job that may be called now, or why none may.
-    pub fn admit<'e>(
+    pub fn admit(
         &self,
         id: &VehicleId,
-        endpoints: &[&'e str],
+        endpoints: &[Endpoint],
         now: UnixMillis,
-    ) -> Result<Vec<&'e str>, Skip> {
+    ) -> Result<Vec<Endpoint>, Skip> {
         if now < self.app_not_before {
             return Err(Skip::AppThrottled);
         }
@@ -203,10 +206,10 @@ impl Gates {
         if now < g.not_before {
             return Err(Skip::Waiting);
         }
-        let open: Vec<&str> = endpoints
+        let open: Vec<Endpoint> = endpoints
             .iter()
             .copied()
-            .filter(|e| !g.disabled.contains_key(*e))
+            .filter(|e| !g.disabled.contains_key(e.as_str()))
             .collect();
         if open.is_empty() {
             return Err(Skip::Disabled);
@@ -226,7 +229,7 @@ impl Gates {
     pub fn failed(
         &mut self,
         id: &VehicleId,
-        endpoint: &str,
+        endpoint: Endpoint,
         e: &ApiError,
         now: UnixMillis,
         jitter: f64,
@@ -253,8 +256,8 @@ impl Gates {
             }
             Reaction::DisableEndpoint => {
                 let g = self.vehicles.entry(id.clone()).or_default();
-                g.disabled.insert(endpoint.to_owned(), now);
-                g.reasons.insert(endpoint.to_owned(), cause(e));
+                g.disabled.insert(endpoint.as_str().to_owned(), now);
+                g.reasons.insert(endpoint.as_str().to_owned(), cause(e));
                 self.changes += 1;
             }
             Reaction::Pause => {
@@ -376,11 +379,11 @@ impl Gates {
     /// give it (COMPATIBILITY, PERMISSION or a permission not granted, a plan-locked signal
     /// group): a fact about the car, like an ICE car's battery. Blocks for other reasons
     /// (VALIDATION, RESOURCE_NOT_FOUND, SERVER:RECORD_NOT_FOUND) are not.
-    pub fn not_capable(&self, id: &VehicleId, endpoints: &[&str]) -> bool {
+    pub fn not_capable(&self, id: &VehicleId, endpoints: &[Endpoint]) -> bool {
         self.vehicles.get(id).is_some_and(|g| {
             endpoints.iter().all(|e| {
-                g.disabled.contains_key(*e)
-                    && g.reasons.get(*e).is_some_and(|why| {
+                g.disabled.contains_key(e.as_str())
+                    && g.reasons.get(e.as_str()).is_some_and(|why| {
                         let why = why.to_ascii_lowercase();
                         ["compatibility", "permission", "plan_locked", "not granted"]
                             .iter()
@@ -401,10 +404,12 @@ impl Gates {
 
     /// Whether every one of `endpoints` is disabled for the vehicle: then nothing is polled
     /// at all, which `/healthz` reports (a pause has its own state and reason).
-    pub fn all_blocked(&self, id: &VehicleId, endpoints: &[&str]) -> bool {
-        self.vehicles
-            .get(id)
-            .is_some_and(|g| endpoints.iter().all(|e| g.disabled.contains_key(*e)))
+    pub fn all_blocked(&self, id: &VehicleId, endpoints: &[Endpoint]) -> bool {
+        self.vehicles.get(id).is_some_and(|g| {
+            endpoints
+                .iter()
+                .all(|e| g.disabled.contains_key(e.as_str()))
+        })
     }
 
     /// When the vehicle may be called again, if it has to wait.
@@ -445,7 +450,7 @@ mod tests {
         }
     }
 
-    const JOB: [&str; 2] = ["battery", "charge"];
+    const JOB: [Endpoint; 2] = [Endpoint::Battery, Endpoint::Charge];
 
     #[test]
     fn changes_count_what_describe_answers_and_not_the_same_blocks_adopted_again() {
@@ -465,11 +470,23 @@ mod tests {
         g.adopt_blocks(&blocks, t + 120_000);
         assert_eq!(g.changes(), after_first);
         // Waits and backoffs are not what /healthz reads.
-        g.failed(&b, "battery", &err(ErrorKind::Server, None, None), t, 0.0);
+        g.failed(
+            &b,
+            Endpoint::Battery,
+            &err(ErrorKind::Server, None, None),
+            t,
+            0.0,
+        );
         g.succeeded(&b);
         assert_eq!(g.changes(), after_first);
         // A pause is; so is lifting it.
-        g.failed(&b, "battery", &err(ErrorKind::Billing, None, None), t, 0.0);
+        g.failed(
+            &b,
+            Endpoint::Battery,
+            &err(ErrorKind::Billing, None, None),
+            t,
+            0.0,
+        );
         let paused = g.changes();
         assert!(paused > after_first);
         g.reset(&b);
@@ -490,15 +507,21 @@ mod tests {
         let t = 1_000_000;
         g.failed(
             &a,
-            "charge",
+            Endpoint::Charge,
             &err(ErrorKind::Permission, None, None),
             t,
             0.0,
         );
-        g.failed(&b, "battery", &err(ErrorKind::Billing, None, None), t, 0.0);
+        g.failed(
+            &b,
+            Endpoint::Battery,
+            &err(ErrorKind::Billing, None, None),
+            t,
+            0.0,
+        );
         // A snapshot read the same instant lacks both rows (still queued): both are kept.
         g.adopt_blocks(&HashMap::new(), t + 500);
-        assert_eq!(g.admit(&a, &JOB, t + 500), Ok(vec!["battery"]));
+        assert_eq!(g.admit(&a, &JOB, t + 500), Ok(vec![Endpoint::Battery]));
         assert_eq!(g.admit(&b, &JOB, t + 500), Err(Skip::Paused));
         // A minute on, the store lacks them because they were lifted: both go.
         g.adopt_blocks(&HashMap::new(), t + 60_000);
@@ -522,7 +545,7 @@ mod tests {
         let v = VehicleId("v".into());
         let r = g.failed(
             &v,
-            "battery",
+            Endpoint::Battery,
             &err(ErrorKind::RateLimitVehicle, Some("VEHICLE"), Some(120)),
             1_000,
             0.0,
@@ -539,19 +562,19 @@ mod tests {
         let mut g = Gates::default();
         let v = VehicleId("v".into());
         let e = err(ErrorKind::Server, Some("INTERNAL"), None);
-        g.failed(&v, "battery", &e, 0, 0.0);
+        g.failed(&v, Endpoint::Battery, &e, 0, 0.0);
         assert_eq!(g.admit(&v, &JOB, 59_999), Err(Skip::Waiting));
         assert!(g.admit(&v, &JOB, 60_000).is_ok());
-        g.failed(&v, "battery", &e, 60_000, 0.0);
+        g.failed(&v, Endpoint::Battery, &e, 60_000, 0.0);
         assert_eq!(g.admit(&v, &JOB, 60_000 + 119_999), Err(Skip::Waiting));
         assert!(g.admit(&v, &JOB, 180_000).is_ok());
         g.succeeded(&v);
-        g.failed(&v, "battery", &e, 200_000, 0.0);
+        g.failed(&v, Endpoint::Battery, &e, 200_000, 0.0);
         assert!(g.admit(&v, &JOB, 260_000).is_ok(), "back to the first step");
         assert_eq!(backoff(40, 0.0), BACKOFF_MAX);
         assert_eq!(backoff(1, 1.0), BACKOFF_BASE.mul_f64(1.2));
         let upstream = err(ErrorKind::Upstream, Some("RATE_LIMIT"), None);
-        g.failed(&v, "battery", &upstream, 300_000, 0.0);
+        g.failed(&v, Endpoint::Battery, &upstream, 300_000, 0.0);
         assert_eq!(
             g.admit(&v, &JOB, 300_000 + 30 * 60_000 - 1),
             Err(Skip::Waiting)
@@ -566,7 +589,7 @@ mod tests {
         let day = MAX_WAIT.as_millis() as i64;
         let far = err(ErrorKind::RateLimitVehicle, None, Some(u64::MAX / 4_000));
         assert_eq!(
-            g.failed(&v, "battery", &far, now, 0.0),
+            g.failed(&v, Endpoint::Battery, &far, now, 0.0),
             Reaction::WaitUntil(now + day)
         );
         assert_eq!(g.not_before(&v), Some(now + day));
@@ -582,7 +605,7 @@ mod tests {
         g.adopt_waits(&HashMap::new(), now + 1);
         assert!(g.admit(&w, &JOB, now + 1).is_ok());
         // A wait this process set just before the read is kept (its row is on its way).
-        g.failed(&v, "battery", &far, now + 2, 0.0);
+        g.failed(&v, Endpoint::Battery, &far, now + 2, 0.0);
         g.adopt_waits(&HashMap::new(), now + 3);
         assert_eq!(g.admit(&v, &JOB, now + 3), Err(Skip::Waiting));
         g.clear_wait(&v);
@@ -594,15 +617,27 @@ mod tests {
         let mut g = Gates::default();
         let v = VehicleId("v".into());
         let bad = ApiError::bad_value(Some(200), "signal x: value outside 0-100 %");
-        let r = g.failed(&v, "battery", &bad, 0, 0.0);
+        let r = g.failed(&v, Endpoint::Battery, &bad, 0, 0.0);
         assert_eq!(r, Reaction::NextTick);
         assert!(g.admit(&v, &JOB, 1).is_ok());
         // An answer that could not be read at all is the server's trouble: backoff.
-        let r = g.failed(&v, "battery", &err(ErrorKind::Decode, None, None), 0, 0.0);
+        let r = g.failed(
+            &v,
+            Endpoint::Battery,
+            &err(ErrorKind::Decode, None, None),
+            0,
+            0.0,
+        );
         assert!(matches!(r, Reaction::BackOff { .. }));
         g.succeeded(&v);
         g.clear_wait(&v);
-        let r = g.failed(&v, "battery", &err(ErrorKind::TooLarge, None, None), 0, 0.0);
+        let r = g.failed(
+            &v,
+            Endpoint::Battery,
+            &err(ErrorKind::TooLarge, None, None),
+            0,
+            0.0,
+        );
         assert!(matches!(r, Reaction::BackOff { .. }));
         assert_eq!(g.admit(&v, &JOB, 1), Err(Skip::Waiting));
     }
@@ -611,27 +646,33 @@ mod tests {
     fn all_blocked_means_every_endpoint() {
         let mut g = Gates::default();
         let v = VehicleId("v".into());
-        let all = ["battery", "charge", "info", "vin", "odometer"];
+        let all = [
+            Endpoint::Battery,
+            Endpoint::Charge,
+            Endpoint::Info,
+            Endpoint::Vin,
+            Endpoint::Odometer,
+        ];
         assert!(!g.all_blocked(&v, &all));
         for e in all {
             g.failed(&v, e, &err(ErrorKind::Permission, None, None), 0, 0.0);
         }
         assert!(g.all_blocked(&v, &all));
-        assert!(g.not_capable(&v, &["battery", "charge"]));
+        assert!(g.not_capable(&v, &[Endpoint::Battery, Endpoint::Charge]));
         g.reset(&v);
         assert!(!g.all_blocked(&v, &all));
         // A typed 404 on battery is no fact about the car: not an "ICE car".
         let mut nf = err(ErrorKind::NotFound, Some("PATH"), None);
         nf.error_type = Some("RESOURCE_NOT_FOUND".into());
-        g.failed(&v, "battery", &nf, 0, 0.0);
+        g.failed(&v, Endpoint::Battery, &nf, 0, 0.0);
         g.failed(
             &v,
-            "charge",
+            Endpoint::Charge,
             &err(ErrorKind::Compatibility, None, None),
             0,
             0.0,
         );
-        assert!(!g.not_capable(&v, &["battery", "charge"]));
+        assert!(!g.not_capable(&v, &[Endpoint::Battery, Endpoint::Charge]));
         // Stored discovery reasons count as facts.
         let stored = HashMap::from([(
             v.clone(),
@@ -647,7 +688,7 @@ mod tests {
             ],
         )]);
         g.adopt_blocks(&stored, 10_000);
-        assert!(g.not_capable(&v, &["battery", "charge"]));
+        assert!(g.not_capable(&v, &[Endpoint::Battery, Endpoint::Charge]));
     }
 
     #[test]
@@ -656,7 +697,7 @@ mod tests {
         let v = VehicleId("v".into());
         let r = g.failed(
             &v,
-            "battery",
+            Endpoint::Battery,
             &err(ErrorKind::VehicleState, Some("ASLEEP"), None),
             0,
             0.0,
@@ -666,26 +707,49 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_block_of_an_endpoint_this_build_does_not_know_is_kept_and_shown() {
+        // Names read from the store are not necessarily an `Endpoint`: kept as written.
+        assert_eq!(Endpoint::parse("tires"), None);
+        let mut g = Gates::default();
+        let v = VehicleId("v".into());
+        let blocks: HashMap<VehicleId, Vec<(BlockScope, String)>> = [(
+            v.clone(),
+            vec![
+                (BlockScope::Endpoint("tires".into()), "PERMISSION".into()),
+                (BlockScope::Endpoint("charge".into()), "PERMISSION".into()),
+            ],
+        )]
+        .into();
+        g.adopt_blocks(&blocks, 1_000);
+        assert_eq!(g.describe(&v).0, vec!["charge", "tires"]);
+        assert_eq!(g.admit(&v, &JOB, 1_000), Ok(vec![Endpoint::Battery]));
+        assert!(!g.all_blocked(&v, &JOB));
+    }
+
+    #[test]
     fn permission_and_compatibility_disable_only_that_endpoint() {
         let mut g = Gates::default();
         let v = VehicleId("v".into());
         g.failed(
             &v,
-            "charge",
+            Endpoint::Charge,
             &err(ErrorKind::Compatibility, Some("VEHICLE_NOT_CAPABLE"), None),
             0,
             0.0,
         );
-        assert_eq!(g.admit(&v, &JOB, 0), Ok(vec!["battery"]));
+        assert_eq!(g.admit(&v, &JOB, 0), Ok(vec![Endpoint::Battery]));
         g.failed(
             &v,
-            "battery",
+            Endpoint::Battery,
             &err(ErrorKind::Permission, None, None),
             0,
             0.0,
         );
         assert_eq!(g.admit(&v, &JOB, 0), Err(Skip::Disabled));
-        assert_eq!(g.admit(&v, &["odometer"], 0), Ok(vec!["odometer"]));
+        assert_eq!(
+            g.admit(&v, &[Endpoint::Odometer], 0),
+            Ok(vec![Endpoint::Odometer])
+        );
         assert_eq!(g.describe(&v).0, vec!["battery", "charge"]);
         g.reset(&v);
         assert!(g.admit(&v, &JOB, 0).is_ok());
@@ -697,7 +761,7 @@ mod tests {
         let v = VehicleId("v".into());
         let mut billing = err(ErrorKind::Billing, Some("VEHICLE_REQUEST_LIMIT"), None);
         billing.error_type = Some("BILLING".into());
-        g.failed(&v, "battery", &billing, 0, 0.0);
+        g.failed(&v, Endpoint::Battery, &billing, 0, 0.0);
         assert_eq!(g.admit(&v, &JOB, i64::MAX / 2), Err(Skip::Paused));
         assert_eq!(
             g.describe(&v).1.as_deref(),
@@ -707,7 +771,7 @@ mod tests {
         let w = VehicleId("w".into());
         g.failed(
             &w,
-            "battery",
+            Endpoint::Battery,
             &err(ErrorKind::RateLimitApp, Some("SMARTCAR_API"), None),
             0,
             0.0,

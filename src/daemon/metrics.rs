@@ -29,7 +29,7 @@ use crate::domain::{
     ApiVersion, BatteryReading, ChargeReading, ChargeState, OdometerReading, UnixMillis, VehicleId,
     VehicleInfo,
 };
-use crate::smartcar::ErrorKind;
+use crate::smartcar::{Endpoint, ErrorKind};
 
 /// Whether `state` replaces `current` as a vehicle's state: anything beats `ok`, otherwise
 /// the earlier in [`VEHICLE_STATES`] wins (one rule for the per-vehicle series and the counts).
@@ -52,12 +52,12 @@ pub const VEHICLE_STATES: [&str; 7] = [
 
 /// The `endpoint` label: what a poll asks of a vehicle (one Smartcar request may answer several).
 pub const ENDPOINTS: [&str; 6] = [
-    "battery",
-    "charge",
-    "odometer",
-    "info",
-    "vin",
-    "capabilities",
+    Endpoint::Battery.as_str(),
+    Endpoint::Charge.as_str(),
+    Endpoint::Odometer.as_str(),
+    Endpoint::Info.as_str(),
+    Endpoint::Vin.as_str(),
+    Endpoint::Capabilities.as_str(),
 ];
 
 /// The `job` label of the skip counters.
@@ -521,14 +521,18 @@ impl Metrics {
 
     /// Counts one value or endpoint of an answer that could not be decoded or was out of range
     /// (`carpulse_decode_errors_total`).
-    pub fn decode_error(&self, endpoint: &str) {
-        self.decode_errors.with_label_values(&[endpoint]).inc();
+    pub fn decode_error(&self, endpoint: Endpoint) {
+        self.decode_errors
+            .with_label_values(&[endpoint.as_str()])
+            .inc();
     }
 
     /// Counts one endpoint's result of a poll (`carpulse_polls_total`): `ok`, `token_error`,
     /// or [`ErrorKind::label`]. Once per endpoint a poll asked, however many requests it took.
-    pub fn endpoint(&self, endpoint: &str, outcome: &str) {
-        self.polls.with_label_values(&[endpoint, outcome]).inc();
+    pub fn endpoint(&self, endpoint: Endpoint, outcome: &str) {
+        self.polls
+            .with_label_values(&[endpoint.as_str(), outcome])
+            .inc();
     }
 
     /// Notes the latest `recorded_at` of a signal; returns the newest known (a sleeping car
@@ -1297,8 +1301,8 @@ mod tests {
         let m = Metrics::new().unwrap();
         m.set_api(ApiVersion::V3);
         m.request(ApiVersion::V3, "ok", 0.4);
-        m.endpoint("battery", "ok");
-        m.endpoint("charge", "ok");
+        m.endpoint(Endpoint::Battery, "ok");
+        m.endpoint(Endpoint::Charge, "ok");
         let text = m.render();
         assert!(text.contains("carpulse_smartcar_requests_total{api=\"v3\",outcome=\"ok\"} 1"));
         assert!(text.contains("carpulse_smartcar_request_duration_seconds_count{api=\"v3\"} 1"));

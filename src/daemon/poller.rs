@@ -22,7 +22,9 @@ use crate::domain::{
     now_ms, ApiVersion, BlockScope, ConnectionId, PollEvent, Reading, UnixMillis, VehicleId,
 };
 use crate::smartcar::error::{ApiError, ErrorKind};
-use crate::smartcar::{Capabilities, EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
+use crate::smartcar::{
+    Capabilities, Endpoint, EndpointResult, Job, Payload, RequestCtx, SmartcarClient,
+};
 use crate::store::{Store, WriteItem};
 
 /// Polls one runtime thread completes a millisecond at most (the daemon's CPU per poll is
@@ -63,9 +65,6 @@ pub struct PolledVehicle {
     pub id: VehicleId,
     pub connection: ConnectionId,
 }
-
-/// The `endpoint` of a capability reading in `poll_events`, `polls_total` and the gates.
-pub const CAPABILITIES: &str = "capabilities";
 
 /// Why a capability discovery failed.
 #[derive(Debug, thiserror::Error)]
@@ -662,7 +661,7 @@ impl Poller {
     /// Whether nothing at all is polled for the vehicle: every endpoint of every job
     /// disabled (`/healthz` names it).
     pub fn all_blocked(&self, id: &VehicleId) -> bool {
-        let all: Vec<&str> = Job::Battery
+        let all: Vec<Endpoint> = Job::Battery
             .endpoints()
             .iter()
             .chain(Job::Info.endpoints())
@@ -690,7 +689,7 @@ impl Poller {
         &self,
         v: &PolledVehicle,
         job: Job,
-        allowed: &[&'static str],
+        allowed: &[Endpoint],
         results: Result<Vec<EndpointResult>, Failure>,
         at: UnixMillis,
     ) -> Polled {
@@ -733,7 +732,7 @@ impl Poller {
             Err(Failure::Token(e)) => {
                 p.failed = true;
                 warn!(error = %e, "no access token; vehicle not polled");
-                for endpoint in job.endpoints() {
+                for &endpoint in job.endpoints() {
                     self.count(endpoint, "token_error");
                     p.items.push(WriteItem::Event(event(
                         v,
@@ -764,7 +763,7 @@ impl Poller {
                     jitter: rand::random(),
                 });
                 if reaction == Reaction::DisableEndpoint {
-                    for endpoint in &allowed[1..] {
+                    for &endpoint in &allowed[1..] {
                         p.settlement.gate.push(GateStep::Failed {
                             endpoint,
                             error: e.clone(),
@@ -773,7 +772,7 @@ impl Poller {
                     }
                 }
                 warn!(error = %e, ?reaction, "request failed");
-                for endpoint in allowed {
+                for &endpoint in allowed {
                     self.failed(v, at, endpoint, &e, &mut p.items);
                 }
             }
@@ -789,7 +788,7 @@ impl Poller {
                         // (when not disabled); their failures are left to their own job.
                         if let Ok(payload) = result {
                             let off = disabled.get_or_insert_with(|| self.fleet.gate_of(&v.id).0);
-                            if !off.iter().any(|d| d == endpoint) {
+                            if !off.iter().any(|d| d == endpoint.as_str()) {
                                 self.record(v, at, endpoint, "ok", None, &mut p.items);
                                 p.readings +=
                                     self.apply(v, payload, &mut p.items, &mut p.settlement.plugged);
@@ -818,7 +817,7 @@ impl Poller {
                             if is_wait(&reaction) {
                                 p.waited = Some(crate::daemon::gate::cause(&e));
                             }
-                            warn!(endpoint, error = %e, ?reaction, "endpoint failed");
+                            warn!(endpoint = endpoint.as_str(), error = %e, ?reaction, "endpoint failed");
                             self.failed(v, at, endpoint, &e, &mut p.items);
                             if !(timed && delayed) {
                                 delayed |= timed;
@@ -884,7 +883,7 @@ impl Poller {
         &self,
         v: &PolledVehicle,
         at: i64,
-        endpoint: &str,
+        endpoint: Endpoint,
         outcome: &str,
         e: Option<&ApiError>,
         items: &mut Vec<WriteItem>,
@@ -900,14 +899,14 @@ impl Poller {
         &self,
         v: &PolledVehicle,
         at: i64,
-        endpoint: &str,
+        endpoint: Endpoint,
         e: &ApiError,
         items: &mut Vec<WriteItem>,
     ) {
         self.record(v, at, endpoint, e.kind.label(), Some(e), items);
         let blocked = match crate::daemon::gate::reaction(e, at) {
             Reaction::DisableEndpoint if e.code.as_deref() != Some("SIGNAL_NOT_PROVIDED") => {
-                BlockScope::Endpoint(endpoint.to_owned())
+                BlockScope::Endpoint(endpoint.as_str().to_owned())
             }
             Reaction::Pause => BlockScope::Vehicle,
             _ => return,
@@ -927,7 +926,7 @@ impl Poller {
 
     /// One endpoint's result (requests and their durations are counted where they are made:
     /// [`SmartcarClient::observe_requests`]).
-    fn count(&self, endpoint: &str, outcome: &str) {
+    fn count(&self, endpoint: Endpoint, outcome: &str) {
         self.metrics.endpoint(endpoint, outcome);
     }
 
@@ -1017,7 +1016,7 @@ impl Poller {
         &self,
         v: &PolledVehicle,
         cancel: &CancellationToken,
-    ) -> Result<Option<Vec<(&'static str, String)>>, DiscoveryError> {
+    ) -> Result<Option<Vec<(Endpoint, String)>>, DiscoveryError> {
         let Some(ticket) = self.fleet.admit_discovery(&v.id, now_ms()) else {
             return Ok(None);
         };
@@ -1072,15 +1071,15 @@ impl Poller {
         let mut waited = None;
         match &r {
             Ok(caps) => {
-                self.record(v, at, CAPABILITIES, "ok", None, &mut items);
+                self.record(v, at, Endpoint::Capabilities, "ok", None, &mut items);
                 // A v3 listing's readings were paid for: stored like a poll's.
-                let blocked: Vec<&str> = caps.unavailable.iter().map(|(e, _)| *e).collect();
+                let blocked: Vec<Endpoint> = caps.unavailable.iter().map(|(e, _)| *e).collect();
                 let disabled = self.gate_of(&v.id).0;
                 let mut readings = Vec::new();
                 for r in &caps.readings {
                     if let Ok(payload) = &r.result {
                         if !blocked.contains(&r.endpoint)
-                            && !disabled.iter().any(|d| d == r.endpoint)
+                            && !disabled.iter().any(|d| d == r.endpoint.as_str())
                         {
                             self.record(v, at, r.endpoint, "ok", None, &mut items);
                             self.apply(v, payload.clone(), &mut items, &mut settlement.plugged);
@@ -1097,16 +1096,23 @@ impl Poller {
             Err(DiscoveryError::Api(e))
                 if crate::daemon::gate::reaction(e, at) == Reaction::DisableEndpoint =>
             {
-                self.record(v, at, CAPABILITIES, e.kind.label(), Some(e), &mut items);
+                self.record(
+                    v,
+                    at,
+                    Endpoint::Capabilities,
+                    e.kind.label(),
+                    Some(e),
+                    &mut items,
+                );
             }
             Err(DiscoveryError::Api(e)) => {
                 let reaction = crate::daemon::gate::reaction(e, at);
                 settlement.gate.push(GateStep::Failed {
-                    endpoint: CAPABILITIES,
+                    endpoint: Endpoint::Capabilities,
                     error: e.clone(),
                     jitter: rand::random(),
                 });
-                self.failed(v, at, CAPABILITIES, e, &mut items);
+                self.failed(v, at, Endpoint::Capabilities, e, &mut items);
                 if is_wait(&reaction) {
                     waited = Some(crate::daemon::gate::cause(e));
                 }
@@ -1115,7 +1121,14 @@ impl Poller {
                 TokenError::NeedsReauth(_) | TokenError::Revoked(_) | TokenError::NoUserId(_),
             )) => {}
             Err(DiscoveryError::Token(_)) => {
-                self.record(v, at, CAPABILITIES, "token_error", None, &mut items);
+                self.record(
+                    v,
+                    at,
+                    Endpoint::Capabilities,
+                    "token_error",
+                    None,
+                    &mut items,
+                );
             }
         }
         let settled = self.fleet.settle(ticket, settlement);
@@ -1149,7 +1162,7 @@ impl Poller {
         &self,
         v: &PolledVehicle,
         job: Job,
-        only: &[&str],
+        only: &[Endpoint],
     ) -> Result<Vec<EndpointResult>, Failure> {
         let access = self
             .tokens
@@ -1176,7 +1189,7 @@ impl Poller {
         &self,
         v: &PolledVehicle,
         job: Job,
-        only: &[&str],
+        only: &[Endpoint],
         access: &Access,
     ) -> Result<Vec<EndpointResult>, ApiError> {
         let ctx = RequestCtx {
@@ -1281,14 +1294,14 @@ fn answered_at(results: &[EndpointResult]) -> UnixMillis {
 fn event(
     v: &PolledVehicle,
     at: i64,
-    endpoint: &str,
+    endpoint: Endpoint,
     outcome: &str,
     e: Option<&ApiError>,
 ) -> PollEvent {
     PollEvent {
         vehicle_id: v.id.clone(),
         at,
-        endpoint: endpoint.to_string(),
+        endpoint: endpoint.as_str().to_owned(),
         outcome: outcome.to_string(),
         http_status: e.and_then(|e| e.status),
         error_type: e.and_then(|e| e.error_type.clone()),

@@ -28,17 +28,18 @@
 //! }
 //! pub struct RequestCtx<'a> { pub access_token: &'a Secret, pub user_id: Option<&'a str> }
 //! pub enum Job { Battery /* battery + charge */, Info /* info + vin + odometer */ }
-//! pub struct EndpointResult { pub endpoint: &'static str, pub result: Result<Payload, ApiError> }
+//! pub struct EndpointResult { pub endpoint: Endpoint, pub result: Result<Payload, ApiError> }
 //! pub enum Payload { Battery(BatteryReading), Charge(ChargeReading), Odometer(OdometerReading), Info(VehicleInfo), Vin(String) }
 //! ```
 //!
 //! Layout: [`auth`] the token endpoint, [`v2`] and [`v3`] the two Vehicle APIs (pure parsing
-//! functions plus the requests), [`error`] the taxonomy and the one error-body parser,
+//! functions plus the requests), [`endpoint`] the typed endpoint names, [`error`] the taxonomy and the one error-body parser,
 //! [`time`] and [`units`] the tolerant conversions. This file owns the one `reqwest::Client`
 //! and the request/response plumbing every call shares.
 
 pub mod auth;
 pub mod connections;
+pub mod endpoint;
 pub mod error;
 pub mod iam;
 pub mod scrub;
@@ -61,6 +62,7 @@ use crate::domain::{
     UnixMillis, VehicleId, VehicleInfo,
 };
 
+pub use endpoint::Endpoint;
 pub use error::{classify, ApiError, AuthError, ErrorKind};
 
 tokio::task_local! {
@@ -83,14 +85,14 @@ pub async fn count_billed<F: std::future::Future>(f: F) -> (F::Output, u64) {
 tokio::task_local! {
     /// Values a parser refused inside an otherwise good reading (an absurd range, year), by
     /// endpoint, while [`SmartcarClient::fetch_only`] runs: counted as decode errors.
-    static REJECTS: std::cell::RefCell<Vec<&'static str>>;
+    static REJECTS: std::cell::RefCell<Vec<Endpoint>>;
 }
 
 /// Notes that one value of `endpoint`'s reading was refused (out of range, undecodable): it is
 /// not stored or exported, the rest of the reading is. Logged here, counted by the caller.
-pub(crate) fn reject(endpoint: &'static str, why: &'static str) {
+pub(crate) fn reject(endpoint: Endpoint, why: &'static str) {
     tracing::warn!(
-        endpoint,
+        endpoint = endpoint.as_str(),
         why,
         "a value in Smartcar's answer is out of range; not stored"
     );
@@ -171,10 +173,10 @@ impl Job {
 
     /// The logical endpoints it reads (the `endpoint` of its poll events and of the gates'
     /// blocks), for outcomes that concern the whole request.
-    pub const fn endpoints(self) -> &'static [&'static str] {
+    pub const fn endpoints(self) -> &'static [Endpoint] {
         match self {
-            Job::Battery => &["battery", "charge"],
-            Job::Info => &["info", "vin", "odometer"],
+            Job::Battery => &[Endpoint::Battery, Endpoint::Charge],
+            Job::Info => &[Endpoint::Info, Endpoint::Vin, Endpoint::Odometer],
         }
     }
 
@@ -187,8 +189,8 @@ impl Job {
 /// The outcome of one logical endpoint of a job: a poll event and maybe a reading each.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EndpointResult {
-    /// "battery", "charge", "info", "vin", "odometer".
-    pub endpoint: &'static str,
+    /// Battery, charge, info, vin or odometer.
+    pub endpoint: Endpoint,
     pub result: Result<Payload, ApiError>,
 }
 
@@ -206,13 +208,13 @@ pub enum Payload {
 /// and any readings the answer carried (a v3 listing), which the caller stores.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Capabilities {
-    pub unavailable: Vec<(&'static str, String)>,
+    pub unavailable: Vec<(Endpoint, String)>,
     pub readings: Vec<EndpointResult>,
 }
 
 /// The endpoints whose permission is missing from `granted` (v2 `/permissions`, v3
 /// `/connections` both list permission names).
-pub fn not_granted(granted: &[String]) -> Vec<(&'static str, String)> {
+pub fn not_granted(granted: &[String]) -> Vec<(Endpoint, String)> {
     v2::ENDPOINT_PERMISSIONS
         .iter()
         .filter(|(_, p)| !granted.iter().any(|g| g == p))
@@ -247,7 +249,7 @@ struct Inner {
 }
 
 /// See [`SmartcarClient::observe_decode_errors`].
-pub type DecodeObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
+pub type DecodeObserver = Arc<dyn Fn(Endpoint) + Send + Sync>;
 
 /// See [`SmartcarClient::observe_requests`].
 pub type RequestObserver = Arc<dyn Fn(ApiVersion, &'static str, f64) + Send + Sync>;
@@ -464,7 +466,7 @@ impl SmartcarClient {
         ctx: &RequestCtx<'_>,
         id: &VehicleId,
         job: Job,
-        only: &[&str],
+        only: &[Endpoint],
     ) -> Result<Vec<EndpointResult>, ApiError> {
         let token = ctx.access_token.expose();
         // Boxed: a job's fetch is ~6 KB of future, which every level above it (the task
@@ -770,8 +772,14 @@ mod tests {
         assert_eq!(Job::from_label("odometer"), None);
         // The spellings are a contract: metric labels, config keys, `poll --job`.
         assert_eq!(Job::ALL.map(Job::label), ["battery", "info"]);
-        assert_eq!(Job::Battery.endpoints(), ["battery", "charge"]);
-        assert_eq!(Job::Info.endpoints(), ["info", "vin", "odometer"]);
+        let names = |job: Job| {
+            job.endpoints()
+                .iter()
+                .map(|e| e.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(Job::Battery), ["battery", "charge"]);
+        assert_eq!(names(Job::Info), ["info", "vin", "odometer"]);
     }
 
     #[test]

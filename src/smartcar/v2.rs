@@ -17,7 +17,7 @@ use super::time::{parse_data_age, stamp};
 use super::units::{
     parse_unit_system, plausible_km, plausible_year, v2_fraction_to_percent, DistanceUnit,
 };
-use super::{EndpointResult, Job, Payload, RawResponse, RequestCtx, SmartcarClient};
+use super::{Endpoint, EndpointResult, Job, Payload, RawResponse, RequestCtx, SmartcarClient};
 use crate::domain::{
     BatteryReading, ChargeReading, ChargeState, OdometerReading, Secret, UnitSystem, UnixMillis,
     VehicleId, VehicleInfo,
@@ -148,12 +148,12 @@ pub(crate) async fn vehicle_info(
 }
 
 /// The permission each polled endpoint needs (smartcar-api.md §2.2).
-pub const ENDPOINT_PERMISSIONS: &[(&str, &str)] = &[
-    ("battery", "read_battery"),
-    ("charge", "read_charge"),
-    ("info", "read_vehicle_info"),
-    ("vin", "read_vin"),
-    ("odometer", "read_odometer"),
+pub const ENDPOINT_PERMISSIONS: &[(Endpoint, &str)] = &[
+    (Endpoint::Battery, "read_battery"),
+    (Endpoint::Charge, "read_charge"),
+    (Endpoint::Info, "read_vehicle_info"),
+    (Endpoint::Vin, "read_vin"),
+    (Endpoint::Odometer, "read_odometer"),
 ];
 
 pub(crate) async fn fetch(
@@ -161,9 +161,9 @@ pub(crate) async fn fetch(
     ctx: &RequestCtx<'_>,
     id: &VehicleId,
     job: Job,
-    only: &[&str],
+    only: &[Endpoint],
 ) -> Result<Vec<EndpointResult>, ApiError> {
-    let wanted = |e: &str| only.is_empty() || only.contains(&e);
+    let wanted = |e: Endpoint| only.is_empty() || only.contains(&e);
     let paths = |all: &[BatchPath]| -> Vec<BatchPath> {
         all.iter().copied().filter(|p| wanted(p.endpoint)).collect()
     };
@@ -175,7 +175,7 @@ pub(crate) async fn fetch(
             // car must not double the poll's wall time.
             let (info, batch) = tokio::join!(
                 async {
-                    if wanted("info") {
+                    if wanted(Endpoint::Info) {
                         Some(vehicle_info(client, ctx, id).await)
                     } else {
                         None
@@ -190,7 +190,7 @@ pub(crate) async fn fetch(
                 Some(info) => results.insert(
                     0,
                     EndpointResult {
-                        endpoint: "info",
+                        endpoint: Endpoint::Info,
                         result: info.map(Payload::Info),
                     },
                 ),
@@ -205,24 +205,24 @@ pub(crate) async fn fetch(
 #[derive(Clone, Copy, Debug)]
 pub struct BatchPath {
     pub path: &'static str,
-    pub endpoint: &'static str,
+    pub endpoint: Endpoint,
 }
 
 pub const BATTERY: BatchPath = BatchPath {
     path: "/battery",
-    endpoint: "battery",
+    endpoint: Endpoint::Battery,
 };
 pub const CHARGE: BatchPath = BatchPath {
     path: "/charge",
-    endpoint: "charge",
+    endpoint: Endpoint::Charge,
 };
 pub const VIN: BatchPath = BatchPath {
     path: "/vin",
-    endpoint: "vin",
+    endpoint: Endpoint::Vin,
 };
 pub const ODOMETER: BatchPath = BatchPath {
     path: "/odometer",
-    endpoint: "odometer",
+    endpoint: Endpoint::Odometer,
 };
 
 /// The request body of `POST /vehicles/{id}/batch`.
@@ -355,7 +355,7 @@ fn looks_like_error(body: &Value) -> bool {
 }
 
 /// One batch item → the endpoint's payload or its classified error.
-pub fn parse_item(item: &Value, endpoint: &str, top: &TopLevel) -> Result<Payload, ApiError> {
+pub fn parse_item(item: &Value, endpoint: Endpoint, top: &TopLevel) -> Result<Payload, ApiError> {
     let headers = item.get("headers").and_then(Value::as_object);
     let null = Value::Null;
     let body = item.get("body").unwrap_or(&null);
@@ -390,7 +390,7 @@ pub fn parse_item(item: &Value, endpoint: &str, top: &TopLevel) -> Result<Payloa
         ..ApiError::bad_value(status.or(Some(200)), format!("{endpoint}: {m}"))
     };
     match endpoint {
-        "battery" => {
+        Endpoint::Battery => {
             let pct =
                 num(body, "percentRemaining").ok_or_else(|| decode(missing("percentRemaining")))?;
             let soc_percent = v2_fraction_to_percent(pct)
@@ -403,7 +403,7 @@ pub fn parse_item(item: &Value, endpoint: &str, top: &TopLevel) -> Result<Payloa
                     let km = plausible_km(dist.to_km(r));
                     if km.is_none() {
                         super::reject(
-                            "battery",
+                            Endpoint::Battery,
                             "range is negative, not finite or beyond 10 million km",
                         );
                     }
@@ -416,7 +416,7 @@ pub fn parse_item(item: &Value, endpoint: &str, top: &TopLevel) -> Result<Payloa
                 range_km,
             }))
         }
-        "charge" => {
+        Endpoint::Charge => {
             let plugged =
                 boolean(body, "isPluggedIn").ok_or_else(|| decode(missing("isPluggedIn")))?;
             let state = body
@@ -430,7 +430,7 @@ pub fn parse_item(item: &Value, endpoint: &str, top: &TopLevel) -> Result<Payloa
                 state,
             }))
         }
-        "odometer" => {
+        Endpoint::Odometer => {
             let d = raw_num(body, "distance").ok_or_else(|| decode(missing("distance")))?;
             let odometer_km = plausible_km(dist.to_km(d)).ok_or_else(|| {
                 decode("`distance` is negative, not finite or beyond 10 million km".to_string())
@@ -440,13 +440,13 @@ pub fn parse_item(item: &Value, endpoint: &str, top: &TopLevel) -> Result<Payloa
                 odometer_km,
             }))
         }
-        "vin" => body
+        Endpoint::Vin => body
             .get("vin")
             .and_then(Value::as_str)
             .map(|v| Payload::Vin(v.trim().to_string()))
             .ok_or_else(|| decode(missing("vin"))),
-        "info" => parse_info(body).map(Payload::Info).map_err(decode),
-        other => Err(decode(format!("no parser for endpoint {other}"))),
+        Endpoint::Info => parse_info(body).map(Payload::Info).map_err(decode),
+        Endpoint::Capabilities => Err(decode(format!("no parser for endpoint {endpoint}"))),
     }
 }
 
@@ -508,7 +508,7 @@ pub fn parse_info(v: &Value) -> Result<VehicleInfo, String> {
         Some(y) => {
             use chrono::Datelike;
             plausible_year(y, chrono::Utc::now().year()).unwrap_or_else(|| {
-                super::reject("info", "year is implausible");
+                super::reject(Endpoint::Info, "year is implausible");
                 0
             })
         }
@@ -551,7 +551,7 @@ mod tests {
         ]});
         let r = parse_batch(&body, &[BATTERY, CHARGE], &top(UnitSystem::Metric)).unwrap();
         assert_eq!(r.len(), 2);
-        assert_eq!(r[0].endpoint, "battery");
+        assert_eq!(r[0].endpoint, Endpoint::Battery);
         let recorded = parse_data_age("2025-05-09T15:40:57.000Z").unwrap();
         assert_eq!(
             r[0].result,
@@ -564,7 +564,7 @@ mod tests {
                 range_km: Some(275.0),
             }))
         );
-        assert_eq!(r[1].endpoint, "charge");
+        assert_eq!(r[1].endpoint, Endpoint::Charge);
         let e = r[1].result.clone().unwrap_err();
         assert_eq!(e.kind, ErrorKind::RateLimitVehicle);
         assert_eq!(e.status, Some(429));

@@ -15,7 +15,7 @@ use super::error::{api_error_from, ApiError, ErrorBody, ErrorKind};
 use super::time::{parse_epoch_json, parse_epoch_value, stamp};
 use super::units::{plausible_km, v3_percent, DistanceUnit};
 use super::v2::{parse_info, value_bool};
-use super::{EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
+use super::{Endpoint, EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::domain::{
     BatteryReading, ChargeReading, ChargeState, OdometerReading, UnitSystem, UnixMillis, VehicleId,
     VehicleInfo,
@@ -781,13 +781,13 @@ pub(crate) async fn fetch(
     ctx: &RequestCtx<'_>,
     id: &VehicleId,
     job: Job,
-    only: &[&str],
+    only: &[Endpoint],
 ) -> Result<Vec<EndpointResult>, ApiError> {
     let listing = listing(client, ctx, id).await?;
     let units = client.unit_system();
     let mut out = Vec::with_capacity(5);
     // `GET /vehicles/{id}` is a billed call of its own: not made when info is not wanted.
-    if job == Job::Info && (only.is_empty() || only.contains(&"info")) {
+    if job == Job::Info && (only.is_empty() || only.contains(&Endpoint::Info)) {
         let info = match listing.vehicle {
             Some(info) => Ok(info),
             None => match vehicle_info(client, ctx, id).await {
@@ -797,7 +797,7 @@ pub(crate) async fn fetch(
             },
         };
         out.push(EndpointResult {
-            endpoint: "info",
+            endpoint: Endpoint::Info,
             result: info.map(Payload::Info),
         });
     }
@@ -828,7 +828,7 @@ pub(crate) async fn capabilities(
 }
 
 /// The pure half of [`unavailable`].
-pub fn unavailable_in(signals: &[Signal], units: UnitSystem) -> Vec<(&'static str, String)> {
+pub fn unavailable_in(signals: &[Signal], units: UnitSystem) -> Vec<(Endpoint, String)> {
     pick_all(signals, units)
         .into_iter()
         .filter_map(|r| match r.result {
@@ -899,11 +899,11 @@ fn distance_km(s: &Signal, units: UnitSystem) -> Result<f64, ApiError> {
 pub fn pick_battery_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResult> {
     vec![
         EndpointResult {
-            endpoint: "battery",
+            endpoint: Endpoint::Battery,
             result: pick_battery(signals, units).map(Payload::Battery),
         },
         EndpointResult {
-            endpoint: "charge",
+            endpoint: Endpoint::Charge,
             result: pick_charge(signals).map(Payload::Charge),
         },
     ]
@@ -924,7 +924,7 @@ pub fn pick_info_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResul
                 .ok_or_else(|| unusable(vin, "missing string `value`")),
         };
         out.push(EndpointResult {
-            endpoint: "vin",
+            endpoint: Endpoint::Vin,
             result,
         });
     }
@@ -935,7 +935,7 @@ pub fn pick_info_job(signals: &[Signal], units: UnitSystem) -> Vec<EndpointResul
         }))
     });
     out.push(EndpointResult {
-        endpoint: "odometer",
+        endpoint: Endpoint::Odometer,
         result: odometer,
     });
     out
@@ -955,7 +955,7 @@ fn pick_battery(signals: &[Signal], units: UnitSystem) -> Result<BatteryReading,
             Ok(km) => Some(km),
             Err(e) => {
                 if e.kind == ErrorKind::Decode {
-                    super::reject("battery", "range is undecodable or out of range");
+                    super::reject(Endpoint::Battery, "range is undecodable or out of range");
                 }
                 tracing::debug!(error = %e, "ignoring unusable range signal");
                 None
@@ -1254,8 +1254,11 @@ mod tests {
         assert_eq!(
             got,
             [
-                ("battery", "COMPATIBILITY:VEHICLE_NOT_CAPABLE".to_string()),
-                ("charge", "PERMISSION:NOT_GRANTED".to_string()),
+                (
+                    Endpoint::Battery,
+                    "COMPATIBILITY:VEHICLE_NOT_CAPABLE".to_string()
+                ),
+                (Endpoint::Charge, "PERMISSION:NOT_GRANTED".to_string()),
             ]
         );
         // Signals merely missing from a listing block nothing.
@@ -1286,7 +1289,7 @@ mod tests {
             Value::Null,
         ));
         let r = pick_battery_job(&p.signals, UnitSystem::Metric);
-        assert_eq!(r[0].endpoint, "battery");
+        assert_eq!(r[0].endpoint, Endpoint::Battery);
         assert_eq!(
             r[0].result,
             Ok(Payload::Battery(BatteryReading {
@@ -1298,7 +1301,7 @@ mod tests {
                 range_km: Some(160.9344),
             }))
         );
-        assert_eq!(r[1].endpoint, "charge");
+        assert_eq!(r[1].endpoint, Endpoint::Charge);
         assert_eq!(
             r[1].result,
             Ok(Payload::Charge(ChargeReading {
@@ -1364,7 +1367,7 @@ mod tests {
 
         let r = pick_info_job(&p.signals, UnitSystem::Metric);
         assert_eq!(r.len(), 2);
-        assert_eq!(r[0].endpoint, "vin");
+        assert_eq!(r[0].endpoint, Endpoint::Vin);
         assert_eq!(r[0].result.clone().unwrap_err().kind, ErrorKind::Permission);
         assert_eq!(
             r[1].result,
@@ -1380,7 +1383,7 @@ mod tests {
         let p = parse(&page(vec![], Value::Null));
         let r = pick_info_job(&p.signals, UnitSystem::Metric);
         assert_eq!(r.len(), 1);
-        assert_eq!(r[0].endpoint, "odometer");
+        assert_eq!(r[0].endpoint, Endpoint::Odometer);
         assert_eq!(
             r[0].result.clone().unwrap_err().code.as_deref(),
             Some("SIGNAL_NOT_PROVIDED")
@@ -1504,17 +1507,17 @@ mod tests {
             Value::Null,
         ));
         let r = pick_all(&p.signals, UnitSystem::Metric);
-        let by = |e: &str| r.iter().find(|x| x.endpoint == e).unwrap().result.clone();
+        let by = |e: Endpoint| r.iter().find(|x| x.endpoint == e).unwrap().result.clone();
         // UNAVAILABLE: no reading this time, not a decode failure.
-        let e = by("battery").unwrap_err();
+        let e = by(Endpoint::Battery).unwrap_err();
         assert_eq!(e.kind, ErrorKind::NoReading);
         // An ERROR item with a body is still an error, classified by its type.
-        let e = by("charge").unwrap_err();
+        let e = by(Endpoint::Charge).unwrap_err();
         assert_eq!(e.kind, ErrorKind::VehicleState);
         assert_eq!(e.code.as_deref(), Some("NOT_CHARGING"));
         // ISO-8601 oemUpdatedAt and `km`.
         assert_eq!(
-            by("odometer"),
+            by(Endpoint::Odometer),
             Ok(Payload::Odometer(OdometerReading {
                 stamp: Stamp {
                     recorded_at: 1_752_102_918_549,
@@ -1537,7 +1540,10 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::PlanLocked);
         assert_eq!(
             unavailable_in(&locked.signals, UnitSystem::Metric),
-            [("charge", "plan_locked:BILLING:INVALID_PLAN".to_string())]
+            [(
+                Endpoint::Charge,
+                "plan_locked:BILLING:INVALID_PLAN".to_string()
+            )]
         );
         // A null value where a number belongs is no reading either.
         let null_soc = parse(&page(

@@ -1302,7 +1302,12 @@ pub fn calls_since(
                 _ if no_token => 0,
                 crate::domain::ApiVersion::V2 => events,
                 crate::domain::ApiVersion::V3 => {
-                    crate::cli::plan::calls_per_run(api, if info { "info" } else { "battery" }).0
+                    let job = if info {
+                        crate::smartcar::Job::Info
+                    } else {
+                        crate::smartcar::Job::Battery
+                    };
+                    crate::cli::plan::calls_per_run(api, job).0
                 }
             };
         }
