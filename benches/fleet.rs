@@ -381,7 +381,7 @@ async fn run(p: &Params) -> anyhow::Result<Vec<Figure>> {
             // While the tick runs the counter is read only every 250 ms: each read is a scrape
             // the daemon renders (at 20 ms, as before, the scrapes were ~30 % of its CPU in
             // the latency scenario). The tick's span comes from the store instead: the first
-            // and the last `poll_log.at` of the tick (the time each poll was answered).
+            // and the last `poll_events.at` of the tick (the time each poll was answered).
             wait_for(&polls, n, 300, FINE).await?;
             let base = wait_still(&polls, Duration::from_secs(2), 300).await?;
             let since = carpulse::domain::now_ms();
