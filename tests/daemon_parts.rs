@@ -1108,8 +1108,11 @@ async fn a_health_check_reuses_its_walk_only_while_nothing_moves() {
         "nothing changed, yet the fleet was walked"
     );
 
-    // Only time moves: the vehicles still turn stale, from a second walk at that moment.
+    // Only time moves: the vehicles still turn stale, each from a walk at the moment the next
+    // one does (three answers a few ms apart usually share one check; under a loaded machine
+    // they may not), and no walk in between.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut checks = 0;
     while problems().len() < 3 {
         assert!(
             std::time::Instant::now() < deadline,
@@ -1120,26 +1123,28 @@ async fn a_health_check_reuses_its_walk_only_while_nothing_moves() {
         check
             .check(&health, &tokens, &poller, &metrics, stale_after)
             .await;
+        checks += 1;
     }
     assert!(
         problems().iter().all(|p| p.contains("no answered poll")),
         "{:?}",
         problems()
     );
-    assert_eq!(
-        check.walks(),
-        2,
-        "walked again only when the first turned stale"
+    let walked = check.walks() - 1;
+    assert!(
+        (1..=3).contains(&walked) && checks >= 10,
+        "walked {walked} times in {checks} checks: only when a vehicle turned stale"
     );
 
     // A poll answered: walked again, healthy again.
     let report = poller.cycle(Job::Battery, CancellationToken::new()).await;
     assert_eq!(report.ok, 3, "{report:?}");
+    let before = check.walks();
     check
         .check(&health, &tokens, &poller, &metrics, stale_after)
         .await;
     assert!(problems().is_empty(), "{:?}", problems());
-    assert_eq!(check.walks(), 3);
+    assert_eq!(check.walks(), before + 1);
 
     // A pause the store holds (what a reload adopts), without any poll: the state counts it.
     let (first, _) = &connected.vehicles[0];
@@ -1155,7 +1160,7 @@ async fn a_health_check_reuses_its_walk_only_while_nothing_moves() {
     check
         .check(&health, &tokens, &poller, &metrics, stale_after)
         .await;
-    assert_eq!(check.walks(), 4);
+    assert_eq!(check.walks(), before + 2);
     assert!(
         metrics
             .render()
@@ -1168,7 +1173,7 @@ async fn a_health_check_reuses_its_walk_only_while_nothing_moves() {
     check
         .check(&health, &tokens, &poller, &metrics, stale_after)
         .await;
-    assert_eq!(check.walks(), 4);
+    assert_eq!(check.walks(), before + 2);
 
     // A vehicle removed (a reload's new vehicle set): walked again.
     poller.set_vehicles(
@@ -1183,7 +1188,7 @@ async fn a_health_check_reuses_its_walk_only_while_nothing_moves() {
     check
         .check(&health, &tokens, &poller, &metrics, stale_after)
         .await;
-    assert_eq!(check.walks(), 5);
+    assert_eq!(check.walks(), before + 3);
     assert!(
         metrics
             .render()
