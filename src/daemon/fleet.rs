@@ -409,12 +409,7 @@ impl Fleet {
     /// Every polled vehicle as the health check reads it, in one lock (rather than four per
     /// vehicle).
     pub fn views(&self) -> Vec<VehicleView> {
-        let all: Vec<Endpoint> = Job::Battery
-            .endpoints()
-            .iter()
-            .chain(Job::Info.endpoints())
-            .copied()
-            .collect();
+        let all = Job::EVERY_ENDPOINT;
         let t = self.lock();
         t.entries
             .iter()

@@ -661,13 +661,7 @@ impl Poller {
     /// Whether nothing at all is polled for the vehicle: every endpoint of every job
     /// disabled (`/healthz` names it).
     pub fn all_blocked(&self, id: &VehicleId) -> bool {
-        let all: Vec<Endpoint> = Job::Battery
-            .endpoints()
-            .iter()
-            .chain(Job::Info.endpoints())
-            .copied()
-            .collect();
-        self.fleet.all_blocked(id, &all)
+        self.fleet.all_blocked(id, &Job::EVERY_ENDPOINT)
     }
 
     /// Whether every endpoint of `job` is disabled because the car or its consent cannot give

@@ -180,6 +180,16 @@ impl Job {
         }
     }
 
+    /// Every job's endpoints, in [`Job::ALL`]'s order: what "nothing at all is polled"
+    /// is checked against (a test keeps it equal to the jobs' own lists).
+    pub const EVERY_ENDPOINT: [Endpoint; 5] = [
+        Endpoint::Battery,
+        Endpoint::Charge,
+        Endpoint::Info,
+        Endpoint::Vin,
+        Endpoint::Odometer,
+    ];
+
     /// The job a [`Job::label`] names.
     pub fn from_label(label: &str) -> Option<Job> {
         Job::ALL.into_iter().find(|j| j.label() == label)
@@ -763,6 +773,15 @@ pub(crate) async fn read_limited(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_endpoint_is_the_jobs_endpoints_in_order() {
+        let chained: Vec<Endpoint> = Job::ALL
+            .iter()
+            .flat_map(|j| j.endpoints().iter().copied())
+            .collect();
+        assert_eq!(Job::EVERY_ENDPOINT.to_vec(), chained);
+    }
 
     #[test]
     fn a_job_owns_its_label_and_endpoints() {
