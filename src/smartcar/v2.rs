@@ -456,18 +456,22 @@ fn missing(field: &str) -> String {
 
 /// A number, tolerating a numeric string.
 pub(crate) fn num(v: &Value, key: &str) -> Option<f64> {
-    match v.get(key)? {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-    .filter(|f: &f64| f.is_finite())
+    value_num(v.get(key)?)
+}
+
+/// [`num`] of a value itself (a v3 signal's `body.value`).
+pub(crate) fn value_num(v: &Value) -> Option<f64> {
+    value_raw_num(v).filter(|f: &f64| f.is_finite())
 }
 
 /// A number as sent, non-finite ones included (so the caller can refuse them as out of range
 /// rather than as missing).
 fn raw_num(v: &Value, key: &str) -> Option<f64> {
-    match v.get(key)? {
+    value_raw_num(v.get(key)?)
+}
+
+fn value_raw_num(v: &Value) -> Option<f64> {
+    match v {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::error::{api_error_from, ApiError, ErrorBody, ErrorKind};
 use super::time::{parse_epoch_json, parse_epoch_value, stamp};
 use super::units::{plausible_km, v3_percent, DistanceUnit};
-use super::v2::{parse_info, value_bool};
+use super::v2::{parse_info, value_bool, value_num};
 use super::{Endpoint, EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::domain::{
     BatteryReading, ChargeReading, ChargeState, OdometerReading, UnitSystem, UnixMillis, VehicleId,
@@ -110,12 +110,7 @@ impl SignalBody {
 
     /// `value` as a finite number (a numeric string counts), as the v2 parser reads numbers.
     fn number(&self) -> Option<f64> {
-        match self.value.as_ref()? {
-            Value::Number(n) => n.as_f64(),
-            Value::String(s) => s.trim().parse().ok(),
-            _ => None,
-        }
-        .filter(|f: &f64| f.is_finite())
+        self.value.as_ref().and_then(value_num)
     }
 }
 
