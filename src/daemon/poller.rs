@@ -31,6 +31,11 @@ use crate::store::{Store, WriteItem};
 /// ~0.1 ms; see BENCHMARKS.md): what [`Poller::useful_workers`] sizes the pool by.
 const POLLS_PER_MS: usize = 10;
 
+/// Due times inside a spread window are rounded up to this grain, so polls due within it
+/// start together: the runtime wakes once for several and their answers share an `epoll`
+/// wait, instead of one wake-up per poll (fleet bench: see BENCHMARKS.md).
+const DUE_GRAIN: Duration = Duration::from_millis(10);
+
 /// How often a cycle checks whether its next vehicle is overdue (and adds workers).
 const GROW_CHECK: Duration = Duration::from_millis(250);
 
@@ -303,7 +308,7 @@ impl Poller {
         // carries its slot in the fleet table, so admission finds its row without hashing.
         let mut queue: Vec<(Duration, usize, PolledVehicle)> = vehicles
             .into_iter()
-            .map(|(slot, v)| (offset_in(&v.id, spread), slot, v))
+            .map(|(slot, v)| (on_grain(offset_in(&v.id, spread), spread), slot, v))
             .collect();
         queue.sort_by_key(|(offset, _, _)| *offset);
         let mut report = CycleReport {
@@ -1243,6 +1248,19 @@ pub fn offset_in(id: &VehicleId, window: Duration) -> Duration {
     Duration::from_millis(h % ms)
 }
 
+/// `offset` rounded up to [`DUE_GRAIN`], kept inside `window` (a window shorter than the grain
+/// keeps its offsets).
+fn on_grain(offset: Duration, window: Duration) -> Duration {
+    let grain = DUE_GRAIN.as_millis() as u64;
+    let ms = offset.as_millis() as u64;
+    let up = ms.div_ceil(grain) * grain;
+    if up < window.as_millis() as u64 {
+        Duration::from_millis(up)
+    } else {
+        offset
+    }
+}
+
 /// The default spread of a job: a quarter of the time between two of its runs, at most a
 /// minute, so one tick's polls are done well before the next tick.
 pub fn default_spread(cron: &crate::config::Cron) -> Duration {
@@ -1341,6 +1359,38 @@ mod tests {
             "roughly even: {first_half} of 200"
         );
         assert_eq!(offset_in(&ids[0], Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn due_times_share_a_grain_and_stay_inside_the_window() {
+        let w = Duration::from_millis(2_500);
+        let ms = |m: u64| Duration::from_millis(m);
+        // Rounded up to the grain: polls due within 10 ms start together, never early.
+        assert_eq!(on_grain(ms(1), w), ms(10));
+        assert_eq!(on_grain(ms(10), w), ms(10));
+        assert_eq!(on_grain(ms(11), w), ms(20));
+        assert_eq!(on_grain(ms(0), w), ms(0));
+        // Never pushed out of the window (the next tick's polls stay after this tick's).
+        assert_eq!(on_grain(ms(2_495), w), ms(2_495));
+        assert_eq!(on_grain(ms(3), ms(5)), ms(3));
+        // Across a fleet the order of due times is kept and the offsets still spread.
+        let ids: Vec<VehicleId> = (0..1_000)
+            .map(|i| VehicleId(format!("vehicle-{i}")))
+            .collect();
+        let mut pairs: Vec<(Duration, Duration)> = ids
+            .iter()
+            .map(|id| {
+                let o = offset_in(id, w);
+                (o, on_grain(o, w))
+            })
+            .collect();
+        pairs.sort();
+        assert!(pairs.windows(2).all(|p| p[0].1 <= p[1].1));
+        assert!(pairs
+            .iter()
+            .all(|(o, g)| g >= o && *g < w && *g - *o < DUE_GRAIN));
+        let grains: std::collections::BTreeSet<Duration> = pairs.iter().map(|p| p.1).collect();
+        assert!(grains.len() > 200, "{} distinct start times", grains.len());
     }
 
     #[test]
