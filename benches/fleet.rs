@@ -28,7 +28,8 @@
 //! `FLEET_SECONDS` (measurement window, 30), `FLEET_PER_VEHICLE` (`false`: per-vehicle metrics
 //! off, as the 10,000-vehicle target asks), `FLEET_CONCURRENCY` (`poll.concurrency`, unset:
 //! the default), `FLEET_MAX_IN_FLIGHT` (`poll.max_in_flight`), `FLEET_DAEMON_LOG` (a file for the daemon's log at info; unset: warnings
-//! only, discarded). Build with `--release` (`cargo bench` does). Without `--bench` (`cargo test
+//! only, discarded), `FLEET_BIN` (the `carpulse` binary whose `run` is measured, to compare two
+//! builds against the same simulator and store; unset: the one cargo built). Build with `--release` (`cargo bench` does). Without `--bench` (`cargo test
 //! --benches`) it is a 5-second smoke run of 200 vehicles.
 
 use std::io::BufRead as _;
@@ -327,7 +328,8 @@ async fn run(p: &Params) -> anyhow::Result<Vec<Figure>> {
         Ok(path) => ("info", Stdio::from(std::fs::File::create(path)?)),
         Err(_) => ("warn", Stdio::null()),
     };
-    let daemon = Command::new(BIN)
+    let bin = std::env::var("FLEET_BIN").unwrap_or_else(|_| BIN.to_string());
+    let daemon = Command::new(bin)
         .args(["--config", config.to_str().context("path")?, "run"])
         .env("RUST_LOG", log_level)
         .stdout(Stdio::null())
