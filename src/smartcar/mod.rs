@@ -323,7 +323,9 @@ impl SmartcarClient {
     pub fn new(cfg: ClientConfig) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("carpulse/", env!("CARGO_PKG_VERSION")))
-            .timeout(cfg.timeout)
+            // No client-wide timeout: every exchange has its own deadline over the answer and
+            // its body (`send_raw`, the token and IAM requests), one timer per request where a
+            // reqwest timeout added a second (and a boxed sleep) to each.
             .connect_timeout(cfg.timeout.min(Duration::from_secs(30)))
             // oauth2 advises against redirects on the token endpoint (a redirect could carry
             // the code or refresh token elsewhere); the Vehicle API never redirects either,
@@ -575,12 +577,7 @@ impl SmartcarClient {
             .request(method, url)
             .header(AUTHORIZATION, format!("Bearer {}", access.expose()))
             .header("sc-unit-system", self.inner.unit_system.as_str())
-            .header(ACCEPT, "application/json")
-            .timeout(Duration::from_millis(
-                self.inner
-                    .timeout_ms
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            ));
+            .header(ACCEPT, "application/json");
         if let Some(user) = user_id {
             req = req.header("sc-user-id", user);
         }
@@ -636,17 +633,17 @@ impl SmartcarClient {
                 .load(std::sync::atomic::Ordering::Relaxed),
         ));
         let deadline = tokio::time::Instant::now() + timeout;
-        let resp = self
-            .inner
-            .http
-            .execute(request)
-            .await
-            .map_err(|e| scrub(ApiError::from_reqwest(&e)))?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = read_limited(resp, VEHICLE_BODY_LIMIT, deadline)
-            .await
-            .map_err(|e| {
+        let exchange = async {
+            let mut resp = self
+                .inner
+                .http
+                .execute(request)
+                .await
+                .map_err(|e| scrub(ApiError::from_reqwest(&e)))?;
+            let status = resp.status().as_u16();
+            // Taken, not cloned: the body is read without them.
+            let headers = std::mem::take(resp.headers_mut());
+            let body = read_body(resp, VEHICLE_BODY_LIMIT).await.map_err(|e| {
                 let e = scrub(e.into_api_error(status, timeout));
                 if e.kind == ErrorKind::TooLarge {
                     tracing::warn!(
@@ -657,6 +654,17 @@ impl SmartcarClient {
                 }
                 e
             })?;
+            Ok::<_, ApiError>((status, headers, body))
+        };
+        let (status, headers, body) =
+            tokio::time::timeout_at(deadline, exchange)
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        ErrorKind::Timeout,
+                        format!("no complete answer within {} s", timeout.as_secs()),
+                    )
+                })??;
         let fetched_at = now_ms();
         let raw = RawResponse {
             status,
@@ -743,10 +751,18 @@ impl fmt::Display for BodyError {
 /// Reads a body chunk by chunk, never holding more than `limit` bytes, and gives up at
 /// `deadline`. A `content-length` above the limit is refused before a byte is read.
 pub(crate) async fn read_limited(
-    mut resp: reqwest::Response,
+    resp: reqwest::Response,
     limit: usize,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<u8>, BodyError> {
+    tokio::time::timeout_at(deadline, read_body(resp, limit))
+        .await
+        .unwrap_or(Err(BodyError::Deadline))
+}
+
+/// [`read_limited`] without a deadline of its own, for a caller whose deadline already
+/// covers the whole exchange (one timer per request, not one per chunk).
+async fn read_body(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
     if resp.content_length().is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge { limit });
     }
@@ -757,11 +773,10 @@ pub(crate) async fn read_limited(
             .min(limit),
     );
     loop {
-        let chunk = match tokio::time::timeout_at(deadline, resp.chunk()).await {
-            Err(_) => return Err(BodyError::Deadline),
-            Ok(Err(e)) => return Err(BodyError::Transport(e)),
-            Ok(Ok(None)) => return Ok(body),
-            Ok(Ok(Some(c))) => c,
+        let chunk = match resp.chunk().await {
+            Err(e) => return Err(BodyError::Transport(e)),
+            Ok(None) => return Ok(body),
+            Ok(Some(c)) => c,
         };
         if body.len() + chunk.len() > limit {
             return Err(BodyError::TooLarge { limit });
