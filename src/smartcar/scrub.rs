@@ -121,8 +121,12 @@ pub fn scrub_to(text: &str, extra: &[&str], max: usize) -> String {
         Some((i, _)) => &text[..i],
         None => text,
     };
+    // A secret longer than the text cannot be in it, nor can any of its encodings (none is
+    // shorter than the secret): the make, model and VIN of every poll are shorter than any
+    // token, so they skip the encodings and the copies below.
+    let fits = |len: usize| len >= MIN_SECRET_LEN && len <= head.len();
     let mut out = head.to_owned();
-    for e in extra.iter().filter(|e| e.len() >= MIN_SECRET_LEN) {
+    for e in extra.iter().filter(|e| fits(e.len())) {
         for form in encodings(e) {
             if out.contains(&form) {
                 out = out.replace(&form, REDACTED);
@@ -132,17 +136,19 @@ pub fn scrub_to(text: &str, extra: &[&str], max: usize) -> String {
     {
         let pinned = PINNED.read().unwrap_or_else(|p| p.into_inner());
         for p in pinned.iter() {
-            if out.contains(p.as_str()) {
+            if p.len() <= out.len() && out.contains(p.as_str()) {
                 out = out.replace(p.as_str(), REDACTED);
             }
         }
     }
     // Control characters (terminal escapes, a newline that would forge a log line) never
     // leave an answer either.
-    let out: String = out
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    if out.chars().any(char::is_control) {
+        out = out
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+    }
     super::error::excerpt(out.trim(), max)
 }
 
@@ -181,6 +187,17 @@ mod tests {
         assert!(out.ends_with(REDACTED), "{out}");
         let out = scrub("client_secret=scrub-test-secret&x=1", &[]);
         assert_eq!(out, "client_secret=[redacted]&x=1");
+    }
+
+    #[test]
+    fn a_secret_is_found_in_a_text_exactly_its_length_and_short_texts_pass_whole() {
+        let token = "tok/en+1234";
+        assert_eq!(scrub_field(token, &[token]), REDACTED);
+        // Its form encoding is longer than the raw token and still found when it fits.
+        assert_eq!(scrub_field("tok%2Fen%2B1234", &[token]), REDACTED);
+        assert_eq!(scrub_field(" Model 3 ", &[token]), "Model 3");
+        assert_eq!(scrub_field("5YJ3E1EA7KF000001", &[token]), "5YJ3E1EA7KF000001");
+        assert_eq!(scrub_field("", &[token]), "");
     }
 
     #[test]
