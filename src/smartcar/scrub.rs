@@ -196,7 +196,10 @@ mod tests {
         // Its form encoding is longer than the raw token and still found when it fits.
         assert_eq!(scrub_field("tok%2Fen%2B1234", &[token]), REDACTED);
         assert_eq!(scrub_field(" Model 3 ", &[token]), "Model 3");
-        assert_eq!(scrub_field("5YJ3E1EA7KF000001", &[token]), "5YJ3E1EA7KF000001");
+        assert_eq!(
+            scrub_field("5YJ3E1EA7KF000001", &[token]),
+            "5YJ3E1EA7KF000001"
+        );
         assert_eq!(scrub_field("", &[token]), "");
     }
 

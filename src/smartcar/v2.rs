@@ -470,7 +470,7 @@ fn raw_num(v: &Value, key: &str) -> Option<f64> {
     value_raw_num(v.get(key)?)
 }
 
-fn value_raw_num(v: &Value) -> Option<f64> {
+pub(crate) fn value_raw_num(v: &Value) -> Option<f64> {
     match v {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => s.trim().parse().ok(),
@@ -498,16 +498,22 @@ pub(crate) fn value_bool(v: &Value) -> Option<bool> {
 
 /// `{"id","make","model","year"}` (year as a number or a numeric string).
 pub fn parse_info(v: &Value) -> Result<VehicleInfo, String> {
-    let text = |k: &str| {
-        v.get(k)
-            .and_then(Value::as_str)
-            .map(|s| s.trim().to_string())
-    };
-    let make = text("make").ok_or("missing `make`")?;
-    let model = text("model").unwrap_or_default();
+    let text = |k: &str| v.get(k).and_then(Value::as_str);
+    info_from_parts(text("make"), text("model"), raw_num(v, "year"))
+}
+
+/// Vehicle info from its three members as read (by [`parse_info`] or v3's byte parser):
+/// `make` required, `model` may be missing, `year` kept only when plausible.
+pub(crate) fn info_from_parts(
+    make: Option<&str>,
+    model: Option<&str>,
+    year: Option<f64>,
+) -> Result<VehicleInfo, String> {
+    let make = make.ok_or("missing `make`")?.trim().to_string();
+    let model = model.map(|m| m.trim().to_string()).unwrap_or_default();
     // An implausible year (0, 2147483647) is that value lost (0: unknown), counted; make and
     // model still count.
-    let year = match raw_num(v, "year") {
+    let year = match year {
         None => 0,
         Some(y) => {
             use chrono::Datelike;

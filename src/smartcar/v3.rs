@@ -332,6 +332,48 @@ struct IncludedDto<'a> {
     vehicle: Option<&'a serde_json::value::RawValue>,
 }
 
+/// `included.vehicle` in its documented shape: an object whose `attributes` object holds the
+/// make, model and year (smartcar-api.md §10). Any other shape (a `data` wrapper, members at
+/// the top, a duplicate key) is left to the tree parser, which the answer must agree with.
+#[derive(serde::Deserialize)]
+struct IncludedVehicleDto<'a> {
+    #[serde(borrow, default, deserialize_with = "present_raw")]
+    data: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default, deserialize_with = "present_raw")]
+    attributes: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct VehicleAttrsDto<'a> {
+    #[serde(borrow, default)]
+    make: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    model: Option<Text<'a>>,
+    #[serde(default)]
+    year: Option<Value>,
+}
+
+/// The included vehicle read without a tree (it came with every listing and cost more than a
+/// signal: ~3 % of a poll's CPU in the fleet profile). `None`: not the documented shape, the
+/// caller asks [`parse_vehicle`].
+fn vehicle_of_raw(raw: &serde_json::value::RawValue) -> Option<Result<VehicleInfo, String>> {
+    // An array would be read into the structs by position; the tree reads no member of it.
+    if !raw.get().starts_with('{') {
+        return None;
+    }
+    let dto: IncludedVehicleDto<'_> = serde_json::from_str(raw.get()).ok()?;
+    if dto.data.is_some() {
+        return None;
+    }
+    let attrs = dto.attributes.filter(|a| a.get().starts_with('{'))?;
+    let a: VehicleAttrsDto<'_> = serde_json::from_str(attrs.get()).ok()?;
+    Some(super::v2::info_from_parts(
+        a.make.as_ref().map(Text::as_str),
+        a.model.as_ref().map(Text::as_str),
+        a.year.as_ref().and_then(super::v2::value_raw_num),
+    ))
+}
+
 /// [`parse_signals_page`] straight from the answer's bytes: only the signals carpulse reads
 /// are turned into values. `None` when the body is not shaped as expected, so the caller can
 /// fall back to the tolerant tree parser.
@@ -398,8 +440,11 @@ pub fn parse_signals_bytes(
         .filter(|n| !n.is_empty());
     let vehicle = page
         .included
-        .and_then(|i| raw(i.vehicle))
-        .and_then(|v| parse_vehicle(&v).ok());
+        .and_then(|i| i.vehicle)
+        .and_then(|r| match vehicle_of_raw(r) {
+            Some(info) => info.ok(),
+            None => raw(Some(r)).and_then(|v| parse_vehicle(&v).ok()),
+        });
     Some(SignalsPage {
         signals,
         next,
@@ -1201,6 +1246,56 @@ mod tests {
             SignalBody::of_value(Some(&json!({"value":" 68.5 ","unit":"km"}))).number(),
             Some(68.5)
         );
+    }
+
+    #[test]
+    fn both_parsers_read_the_included_vehicle_alike() {
+        let vehicles = [
+            json!({"id":"v","type":"vehicle","attributes":{"make":" Tesla ","model":"Model 3","year":2024}}),
+            json!({"attributes":{"make":"Tesla"}}),
+            json!({"attributes":{"make":"Tesla","model":null,"year":null}}),
+            json!({"attributes":{"make":"Tesla","year":"2019"}}),
+            json!({"attributes":{"make":"Tesla","year":" 2019 "}}),
+            json!({"attributes":{"make":"Tesla","year":2019.5}}),
+            json!({"attributes":{"make":"Tesla","year":3000}}),
+            json!({"attributes":{"make":"Tesla","year":true}}),
+            json!({"attributes":{"make":"Te\"sla\t","model":"M\u{e9}gane"}}),
+            json!({"attributes":{"make":7}}),
+            json!({"attributes":{"make":null}}),
+            json!({"attributes":{"model":"Model 3"}}),
+            json!({"attributes":null,"make":"Tesla"}),
+            json!({"attributes":["Tesla"],"make":"Tesla"}),
+            json!({"data":{"attributes":{"make":"Tesla","year":2020}}}),
+            json!({"data":null,"attributes":{"make":"Tesla"}}),
+            json!({"make":"Tesla","model":"S","year":2015}),
+            json!([{"attributes":{"make":"Tesla"}}]),
+            json!("Tesla"),
+            Value::Null,
+        ];
+        for vehicle in vehicles {
+            let mut v = page(
+                vec![sig(SOC, json!({"unit":"percent","value":75}), Value::Null)],
+                Value::Null,
+            );
+            v["included"]["vehicle"] = vehicle.clone();
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let fast = parse_signals_bytes(&bytes, F, Some("rid")).expect("the documented shape");
+            let slow = parse_signals_page(&v, F, Some("rid")).unwrap();
+            assert_eq!(fast.vehicle, slow.vehicle, "{vehicle}");
+        }
+        // The documented shape is read without a tree; the others go to the tree parser.
+        let raw = |v: Value| serde_json::value::RawValue::from_string(v.to_string()).unwrap();
+        let documented = raw(json!({"attributes":{"make":"Tesla","model":"Model 3","year":2024}}));
+        assert_eq!(
+            vehicle_of_raw(&documented).map(|r| r.map(|i| (i.make, i.year))),
+            Some(Ok(("Tesla".to_string(), 2024)))
+        );
+        assert!(vehicle_of_raw(&raw(json!({"data":{"attributes":{"make":"T"}}}))).is_none());
+        assert!(vehicle_of_raw(&raw(json!([{"attributes":{"make":"T"}}]))).is_none());
+        // A duplicate member: both take the last one.
+        let text = br#"{"data":[],"included":{"vehicle":{"attributes":{"make":"A","make":"B"}}}}"#;
+        let fast = parse_signals_bytes(text, F, None).expect("a page");
+        assert_eq!(fast.vehicle.map(|v| v.make), Some("B".to_string()));
     }
 
     #[test]
