@@ -789,6 +789,9 @@ mod tests {
 pub struct Ledger {
     budget: Option<u64>,
     month: (i32, u32),
+    /// The month's first millisecond and the next month's: every admit, spend and look-up
+    /// asks whether the month turned, two comparisons instead of a calendar conversion.
+    span: (UnixMillis, UnixMillis),
     used: HashMap<VehicleId, u64>,
     /// The billed calls of each vehicle's latest poll, per job (a job's label, or
     /// `capabilities`): a short list per vehicle, so a look-up needs no key to be built.
@@ -808,10 +811,24 @@ pub fn month_of(at: UnixMillis) -> (i32, u32) {
 /// The first millisecond of the month `at` falls in, UTC.
 pub fn month_start(at: UnixMillis) -> UnixMillis {
     let (y, m) = month_of(at);
+    first_of(y, m).unwrap_or(0)
+}
+
+fn first_of(y: i32, m: u32) -> Option<UnixMillis> {
     chrono::NaiveDate::from_ymd_opt(y, m, 1)
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc().timestamp_millis())
-        .unwrap_or(0)
+}
+
+/// The month `at` falls in, UTC, as its first millisecond and the next month's (an empty
+/// span where the calendar ends, so every time is outside it and asks again).
+fn month_span(at: UnixMillis) -> (UnixMillis, UnixMillis) {
+    let (y, m) = month_of(at);
+    let next = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    match (first_of(y, m), first_of(next.0, next.1)) {
+        (Some(start), Some(end)) => (start, end),
+        _ => (0, 0),
+    }
 }
 
 impl Ledger {
@@ -820,6 +837,7 @@ impl Ledger {
         Ledger {
             budget,
             month: month_of(now),
+            span: month_span(now),
             used,
             last: HashMap::new(),
             changes: 0,
@@ -832,7 +850,15 @@ impl Ledger {
         self.changes
     }
 
+    fn in_month(&self, now: UnixMillis) -> bool {
+        now >= self.span.0 && now < self.span.1
+    }
+
     fn roll(&mut self, now: UnixMillis) {
+        if self.in_month(now) {
+            return;
+        }
+        self.span = month_span(now);
         let m = month_of(now);
         if m != self.month {
             self.month = m;
@@ -913,7 +939,7 @@ impl Ledger {
     /// not rolled into yet (no vehicle was admitted since the 1st), that is 0: the count kept
     /// belongs to the month before, whether or not this vehicle is polled again.
     pub fn used(&self, id: &VehicleId, now: UnixMillis) -> u64 {
-        if month_of(now) != self.month {
+        if !self.in_month(now) && month_of(now) != self.month {
             return 0;
         }
         self.used.get(id).copied().unwrap_or(0)
@@ -974,6 +1000,9 @@ mod ledger_tests {
 
     #[test]
     fn month_boundaries_are_utc() {
+        assert_eq!(month_span(NOV_29), (1_793_491_200_000, DEC_1));
+        assert_eq!(month_span(DEC_1).0, DEC_1);
+        assert_eq!(month_span(DEC_1 - 1).1, DEC_1);
         assert_eq!(month_of(DEC_1 - 1), (2026, 11));
         assert_eq!(month_of(DEC_1), (2026, 12));
         assert_eq!(month_start(DEC_1 + 5), DEC_1);
