@@ -25,6 +25,7 @@ use prometheus::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::daemon::vehicle_gauges::VehicleGauges;
 use crate::domain::{
     ApiVersion, BatteryReading, ChargeReading, ChargeState, OdometerReading, UnixMillis, VehicleId,
     VehicleInfo,
@@ -110,7 +111,8 @@ struct Known {
     info: HashMap<VehicleId, [String; 4]>,
     /// The latest `recorded_at` of each (vehicle, signal), for `carpulse_reading_age_seconds`
     /// of vehicles the poller does not ask (held, disabled) or has not asked yet.
-    recorded: HashMap<(VehicleId, &'static str), UnixMillis>,
+    /// One entry per vehicle, by [`SIGNALS`] position (a key per signal cloned the id thrice).
+    recorded: HashMap<VehicleId, [Option<UnixMillis>; SIGNALS.len()]>,
     /// Every stored vehicle, with why it is not polled (`disabled`, `revoked`, ...), or `None`.
     fleet: HashMap<VehicleId, Option<&'static str>>,
     /// Whether `set_fleet` has been called (before it, the fleet is whoever a state names).
@@ -123,19 +125,22 @@ struct Known {
     fleet_changes: u64,
 }
 
+/// How many per-vehicle families there are (see [`Metrics::vehicle_families`]).
+const VEHICLE_FAMILIES: usize = 11;
+
 /// Every family carpulse exports. Cloning is cheap (the families are reference-counted).
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    pub soc_ratio: GaugeVec,
-    pub range_meters: GaugeVec,
-    pub plugged_in: GaugeVec,
-    pub charge_state: GaugeVec,
-    pub odometer_meters: GaugeVec,
-    pub vehicle_info: GaugeVec,
-    pub reading_timestamp: GaugeVec,
-    pub reading_age: GaugeVec,
-    pub vehicle_up: GaugeVec,
+    pub soc_ratio: VehicleGauges,
+    pub range_meters: VehicleGauges,
+    pub plugged_in: VehicleGauges,
+    pub charge_state: VehicleGauges,
+    pub odometer_meters: VehicleGauges,
+    pub vehicle_info: VehicleGauges,
+    pub reading_timestamp: VehicleGauges,
+    pub reading_age: VehicleGauges,
+    pub vehicle_up: VehicleGauges,
     pub token_expiry: GaugeVec,
     /// Per endpoint of a poll, its outcome (see [`Metrics::endpoint`]).
     pub polls: IntCounterVec,
@@ -162,11 +167,11 @@ pub struct Metrics {
     pub app_token_requests: IntCounterVec,
     pub app_token_expiry: Gauge,
     /// 1 for the vehicle's current state, 0 for the others (see [`VEHICLE_STATES`]).
-    pub vehicle_state: GaugeVec,
+    pub vehicle_state: VehicleGauges,
     /// Fleet-wide counts per state (always exported; they add up to the stored vehicles).
     pub vehicles_in_state: IntGaugeVec,
     /// Calls Smartcar billed this calendar month (UTC), per vehicle.
-    pub calls_billed: GaugeVec,
+    pub calls_billed: VehicleGauges,
     /// The same, summed over the fleet (always exported).
     pub calls_billed_fleet: IntGauge,
     /// The most any one vehicle was billed this month (always exported; the budget is per
@@ -399,79 +404,68 @@ impl Metrics {
             build_info,
             app_token_requests,
             app_token_expiry,
-            vehicle_state: gauge(
-                &r,
+            vehicle_state: VehicleGauges::new(
                 "carpulse_vehicle_state",
                 "1 for the vehicle's current state, 0 for the others (ok, disabled, revoked, no_user_id, needs_reauth, paused, no_data; see carpulse_vehicles).",
                 &["vehicle_id", "state"],
-            )?,
+            ),
             vehicles_in_state,
-            soc_ratio: gauge(
-                &r,
+            soc_ratio: VehicleGauges::new(
                 "carpulse_battery_state_of_charge_ratio",
                 "Traction battery state of charge at the vehicle's latest reading, 0–1.",
                 v,
-            )?,
-            range_meters: gauge(
-                &r,
+            ),
+            range_meters: VehicleGauges::new(
                 "carpulse_battery_range_meters",
                 "Estimated electric range in metres at the vehicle's latest reading.",
                 v,
-            )?,
-            plugged_in: gauge(
-                &r,
+            ),
+            plugged_in: VehicleGauges::new(
                 "carpulse_charge_plugged_in",
                 "1 while a charging cable is connected, at the vehicle's latest reading.",
                 v,
-            )?,
-            charge_state: gauge(
-                &r,
+            ),
+            charge_state: VehicleGauges::new(
                 "carpulse_charge_state",
                 "1 for the current charging state (CHARGING, FULLY_CHARGED, NOT_CHARGING), 0 for the others.",
                 &["vehicle_id", "state"],
-            )?,
-            odometer_meters: gauge(
-                &r,
+            ),
+            odometer_meters: VehicleGauges::new(
                 "carpulse_odometer_meters",
                 "Odometer in metres at the vehicle's latest reading.",
                 v,
-            )?,
-            vehicle_info: gauge(
-                &r,
+            ),
+            vehicle_info: VehicleGauges::new(
                 "carpulse_vehicle_info",
                 "Always 1; make, model and year as labels.",
                 &["vehicle_id", "make", "model", "year"],
-            )?,
-            reading_timestamp: gauge(
-                &r,
+            ),
+            reading_timestamp: VehicleGauges::new(
                 "carpulse_reading_timestamp_seconds",
                 "When the vehicle recorded its latest stored reading of the signal (unix seconds).",
                 &["vehicle_id", "signal"],
-            )?,
-            reading_age: gauge(
-                &r,
+            ),
+            reading_age: VehicleGauges::new(
                 "carpulse_reading_age_seconds",
                 "Age of the vehicle's latest stored reading of the signal (now - recorded_at), updated every 15 s, also while the vehicle is not polled.",
                 &["vehicle_id", "signal"],
-            )?,
-            vehicle_up: gauge(
-                &r,
+            ),
+            vehicle_up: VehicleGauges::new(
                 "carpulse_vehicle_up",
                 "1 when the vehicle's last poll got an answer; 0 when it failed or the vehicle cannot be polled (see carpulse_vehicle_state).",
                 v,
-            )?,
+            ),
             token_expiry: gauge(
                 &r,
                 "carpulse_token_expiry_timestamp_seconds",
                 "When each connection's per-user access token expires (unix seconds).",
                 &["connection"],
             )?,
-            calls_billed: gauge(
-                &r,
+            calls_billed: VehicleGauges::new(
                 "carpulse_smartcar_calls_billed",
                 "Smartcar calls billed for the vehicle this calendar month (UTC): every request, v2 batch item and v3 listing page, failed ones too.",
                 v,
-            )?,
+            ),
             calls_billed_fleet: int_gauge(
                 &r,
                 "carpulse_smartcar_calls_billed_fleet",
@@ -539,7 +533,12 @@ impl Metrics {
     /// may answer an older reading than one already seen, which must not move the time back).
     fn note_recorded(&self, id: &VehicleId, signal: &'static str, at: UnixMillis) -> UnixMillis {
         let mut k = self.known();
-        let slot = k.recorded.entry((id.clone(), signal)).or_insert(at);
+        let i = SIGNALS.iter().position(|s| *s == signal).unwrap_or(0);
+        let times = match k.recorded.get_mut(id) {
+            Some(t) => t,
+            None => k.recorded.entry(id.clone()).or_default(),
+        };
+        let slot = times[i].get_or_insert(at);
         *slot = (*slot).max(at);
         let newest = *slot;
         drop(k);
@@ -655,10 +654,14 @@ impl Metrics {
             return;
         }
         let k = self.known();
-        for ((id, signal), at) in &k.recorded {
-            self.reading_age
-                .with_label_values(&[id.0.as_str(), signal])
-                .set((now - at) as f64 / 1000.0);
+        for (id, times) in &k.recorded {
+            for (signal, at) in SIGNALS.iter().zip(times) {
+                if let Some(at) = at {
+                    self.reading_age
+                        .with_label_values(&[id.0.as_str(), signal])
+                        .set((now - at) as f64 / 1000.0);
+                }
+            }
         }
     }
 
@@ -671,19 +674,7 @@ impl Metrics {
         if !self.per_vehicle.swap(on, Ordering::Relaxed) || on {
             return;
         }
-        for g in [
-            &self.soc_ratio,
-            &self.range_meters,
-            &self.plugged_in,
-            &self.charge_state,
-            &self.odometer_meters,
-            &self.vehicle_info,
-            &self.reading_timestamp,
-            &self.reading_age,
-            &self.vehicle_up,
-            &self.vehicle_state,
-            &self.calls_billed,
-        ] {
+        for g in self.vehicle_families() {
             g.reset();
         }
         let mut k = self.known();
@@ -875,7 +866,7 @@ impl Metrics {
         if let Some(old) = k.info.remove(id) {
             let _ = self.vehicle_info.remove_label_values(&old);
         }
-        k.recorded.retain(|(vid, _), _| vid != id);
+        k.recorded.remove(id);
         k.stated.remove(id);
         k.billed.remove(id);
         if k.fleet.remove(id).is_some() {
@@ -896,12 +887,43 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let encoder = TextEncoder::new();
-        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
-            tracing::error!(error = %e, "cannot encode metrics");
+        let mut text = String::new();
+        for part in 0..=VEHICLE_FAMILIES {
+            self.render_part(part, &mut text);
         }
-        String::from_utf8(buf).unwrap_or_default()
+        text
+    }
+
+    /// Part `part` of [`Metrics::render`]: 0 is the registry's families, then one per-vehicle
+    /// family each, so `/metrics` sends one at a time (at 10,000 vehicles with per-vehicle
+    /// series on the whole text is ~18 MB; a family is 5 MB at most).
+    fn render_part(&self, part: usize, out: &mut String) {
+        if part == 0 {
+            let mut buf = Vec::new();
+            if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+                tracing::error!(error = %e, "cannot encode metrics");
+            }
+            out.push_str(&String::from_utf8(buf).unwrap_or_default());
+        } else if let Some(family) = self.vehicle_families().get(part - 1) {
+            family.render(out);
+        }
+    }
+
+    /// The per-vehicle families, kept outside the registry (see [`VehicleGauges`]).
+    fn vehicle_families(&self) -> [&VehicleGauges; VEHICLE_FAMILIES] {
+        [
+            &self.soc_ratio,
+            &self.range_meters,
+            &self.plugged_in,
+            &self.charge_state,
+            &self.odometer_meters,
+            &self.vehicle_info,
+            &self.reading_timestamp,
+            &self.reading_age,
+            &self.vehicle_up,
+            &self.vehicle_state,
+            &self.calls_billed,
+        ]
     }
 }
 
@@ -1125,8 +1147,40 @@ async fn metrics_handler(State(s): State<ServerState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render(),
+        axum::body::Body::new(RenderedBody {
+            metrics: s.metrics,
+            next: 0,
+        }),
     )
+}
+
+/// `/metrics` written a part at a time as the client reads it (see [`Metrics::render_part`]):
+/// only one family's text is held at once, not the whole exposition.
+struct RenderedBody {
+    metrics: Metrics,
+    next: usize,
+}
+
+impl axum::body::HttpBody for RenderedBody {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let mut text = String::new();
+        // Empty parts (a family without series) are skipped rather than sent as empty frames.
+        while text.is_empty() && self.next <= VEHICLE_FAMILIES {
+            let part = self.next;
+            self.next += 1;
+            self.metrics.render_part(part, &mut text);
+        }
+        if text.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(text.into()))))
+    }
 }
 
 async fn health_handler(State(s): State<ServerState>) -> impl IntoResponse {
@@ -1250,6 +1304,54 @@ mod tests {
             recorded_at: at,
             fetched_at: at + 1000,
         }
+    }
+
+    /// `/metrics` over real HTTP is the rendered text, sent a family at a time.
+    #[tokio::test]
+    async fn metrics_are_served_over_http_as_rendered() {
+        let m = Metrics::new().unwrap();
+        for i in 0..50 {
+            let id = VehicleId(format!("v{i:02}"));
+            m.record_battery(
+                &id,
+                &BatteryReading {
+                    stamp: stamp(1_700_000_000_000 + i),
+                    soc_percent: 50.0,
+                    range_km: Some(100.0),
+                },
+            );
+        }
+        m.set_vehicle_states(&[(VehicleId("v07".into()), "paused")]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, m.clone(), Health::default(), stop.clone()));
+        let resp = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        let body = resp.text().await.unwrap();
+        stop.cancel();
+        let _ = server.await;
+        // The process collector's figures move between two renders; everything else is equal.
+        let stable = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.contains("process_"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(stable(&body), stable(&m.render()));
+        assert!(body.contains("carpulse_battery_state_of_charge_ratio{vehicle_id=\"v49\"} 0.5"));
+        assert!(body.contains("carpulse_vehicle_state{state=\"paused\",vehicle_id=\"v07\"} 1"));
+        assert_eq!(
+            body.matches("# TYPE carpulse_battery_range_meters gauge")
+                .count(),
+            1
+        );
     }
 
     #[test]

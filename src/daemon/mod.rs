@@ -29,6 +29,7 @@ pub mod sdnotify;
 pub mod signals;
 pub mod supervisor;
 pub mod tokens;
+pub mod vehicle_gauges;
 pub mod webconfig;
 
 pub use app::{adopt_stored_blocks, client_config, run, Daemon};

@@ -1,0 +1,352 @@
+//! Gauge families whose series each belong to one vehicle (`vehicle_id` is their first label),
+//! kept compactly and written straight to the text exposition format.
+//!
+//! Why not the `prometheus` crate's `GaugeVec`: each of its series carries a clone of its
+//! family's descriptor (name, help text, label names) and its label pairs as protobuf
+//! messages, ~1 KB a series. A vehicle has ~25 per-vehicle series, so 10,000 vehicles with
+//! per-vehicle metrics on took ~270 MB (fleet bench: 310 MiB RSS against 43 MiB with them off).
+//! Here a series is its vehicle's shared id, the values of its other labels and an `f64`.
+//!
+//! The text is what the crate's `TextEncoder` writes for a gauge family (`# HELP`, `# TYPE`,
+//! one line per series with the labels sorted by name, values formatted by `f64`'s `Display`),
+//! so scrapers see no difference; a family without series is not written at all, as the
+//! crate's `gather` leaves it out.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// One vehicle's series of a family: which values its labels after `vehicle_id` have (an
+/// index into the family's [`Series::combos`]) and the gauge's value.
+type VehicleSeries = Vec<(u32, f64)>;
+
+/// A family's series. The other labels' values are few (states, signals; make, model and
+/// year are per model, not per vehicle) and kept once each.
+#[derive(Default)]
+struct Series {
+    by_vehicle: HashMap<Arc<str>, VehicleSeries>,
+    /// Every combination of the labels after `vehicle_id` seen, in declared order.
+    combos: Vec<Box<[Box<str>]>>,
+}
+
+impl Series {
+    /// The index of `rest` among the combinations, added when new.
+    fn combo<V: AsRef<str>>(&mut self, rest: &[V]) -> u32 {
+        if let Some(i) = self.find(rest) {
+            return i;
+        }
+        self.combos
+            .push(rest.iter().map(|r| Box::from(r.as_ref())).collect());
+        u32::try_from(self.combos.len() - 1).unwrap_or(u32::MAX)
+    }
+
+    fn find<V: AsRef<str>>(&self, rest: &[V]) -> Option<u32> {
+        self.combos
+            .iter()
+            .position(|c| same(c, rest))
+            .and_then(|i| u32::try_from(i).ok())
+    }
+}
+
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    /// Declared label names; the first is `vehicle_id`.
+    labels: &'static [&'static str],
+    /// Indexes into `labels` in the order the text writes them (sorted by name).
+    order: Vec<usize>,
+    series: Mutex<Series>,
+}
+
+/// A per-vehicle gauge family (see the module doc). Cloning shares the family.
+#[derive(Clone)]
+pub struct VehicleGauges(Arc<Family>);
+
+/// One series of a family, named by its label values (vehicle id first).
+pub struct SeriesRef<'a, V: AsRef<str>> {
+    family: &'a Family,
+    values: &'a [V],
+}
+
+/// A label set that names no series of the family.
+#[derive(Debug)]
+pub struct NoSuchSeries;
+
+impl VehicleGauges {
+    /// A family named `name`; `labels[0]` must be `vehicle_id`.
+    pub fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Self {
+        debug_assert_eq!(labels.first(), Some(&"vehicle_id"));
+        let mut order: Vec<usize> = (0..labels.len()).collect();
+        order.sort_by_key(|i| labels[*i]);
+        VehicleGauges(Arc::new(Family {
+            name,
+            help,
+            labels,
+            order,
+            series: Mutex::new(Series::default()),
+        }))
+    }
+
+    /// The series with these label values (vehicle id first, then the others in declared
+    /// order), as `GaugeVec::with_label_values` names one.
+    pub fn with_label_values<'a, V: AsRef<str>>(&'a self, values: &'a [V]) -> SeriesRef<'a, V> {
+        SeriesRef {
+            family: &self.0,
+            values,
+        }
+    }
+
+    /// Drops one series.
+    pub fn remove_label_values<V: AsRef<str>>(&self, values: &[V]) -> Result<(), NoSuchSeries> {
+        let Some((id, rest)) = values.split_first() else {
+            return Err(NoSuchSeries);
+        };
+        let mut all = self.0.lock();
+        let Some(combo) = all.find(rest) else {
+            return Err(NoSuchSeries);
+        };
+        let Some(series) = all.by_vehicle.get_mut(id.as_ref()) else {
+            return Err(NoSuchSeries);
+        };
+        let before = series.len();
+        series.retain(|(c, _)| *c != combo);
+        let removed = series.len() < before;
+        if series.is_empty() {
+            all.by_vehicle.remove(id.as_ref());
+        }
+        if removed {
+            Ok(())
+        } else {
+            Err(NoSuchSeries)
+        }
+    }
+
+    /// Drops every series of one vehicle.
+    pub fn remove_vehicle(&self, id: &str) {
+        self.0.lock().by_vehicle.remove(id);
+    }
+
+    /// Drops every series.
+    pub fn reset(&self) {
+        let mut all = self.0.lock();
+        all.by_vehicle.clear();
+        all.combos.clear();
+    }
+
+    /// How many series the family holds.
+    pub fn len(&self) -> usize {
+        self.0.lock().by_vehicle.values().map(Vec::len).sum()
+    }
+
+    /// Whether the family holds no series (then [`VehicleGauges::render`] writes nothing).
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().by_vehicle.is_empty()
+    }
+
+    /// Appends the family in the text exposition format, series sorted by label values.
+    pub fn render(&self, out: &mut String) {
+        let f = &*self.0;
+        let all = f.lock();
+        if all.by_vehicle.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "# HELP {} {}", f.name, escape(f.help, false));
+        let _ = writeln!(out, "# TYPE {} gauge", f.name);
+        // Sorted as the crate's `gather` sorts: by the label values, in the order of the
+        // label names.
+        let mut rows: Vec<(&Arc<str>, u32, f64)> = Vec::with_capacity(all.by_vehicle.len());
+        for (id, series) in &all.by_vehicle {
+            rows.extend(series.iter().map(|(combo, v)| (id, *combo, *v)));
+        }
+        rows.sort_unstable_by(|a, b| {
+            f.order
+                .iter()
+                .map(|&i| {
+                    value_of(&all.combos, a.0, a.1, i).cmp(value_of(&all.combos, b.0, b.1, i))
+                })
+                .find(|o| o.is_ne())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        // One allocation for the family's text (a doubling String held old and new at once).
+        out.reserve(rows.len() * (f.name.len() + 64 + 24 * f.labels.len()));
+        for (id, combo, value) in rows {
+            out.push_str(f.name);
+            let mut sep = '{';
+            for &i in &f.order {
+                out.push(sep);
+                out.push_str(f.labels[i]);
+                out.push_str("=\"");
+                out.push_str(&escape(value_of(&all.combos, id, combo, i), true));
+                out.push('"');
+                sep = ',';
+            }
+            out.push('}');
+            let _ = writeln!(out, " {value}");
+        }
+    }
+}
+
+impl Family {
+    fn lock(&self) -> MutexGuard<'_, Series> {
+        // A poisoned lock only means a panic elsewhere; the map is still consistent.
+        self.series.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<V: AsRef<str>> SeriesRef<'_, V> {
+    /// Sets the series, creating it at its first value.
+    pub fn set(&self, value: f64) {
+        let Some((id, rest)) = self.values.split_first() else {
+            return;
+        };
+        // A label set of the wrong length is a programming error: the crate panics, this
+        // keeps the daemon up and the series out.
+        if self.values.len() != self.family.labels.len() {
+            debug_assert!(false, "{}: wrong number of labels", self.family.name);
+            return;
+        }
+        let mut all = self.family.lock();
+        let combo = all.combo(rest);
+        let series = match all.by_vehicle.get_mut(id.as_ref()) {
+            Some(s) => s,
+            None => all.by_vehicle.entry(Arc::from(id.as_ref())).or_default(),
+        };
+        match series.iter_mut().find(|(c, _)| *c == combo) {
+            Some((_, v)) => *v = value,
+            None => series.push((combo, value)),
+        }
+    }
+
+    /// The series' value (0 when it has none, as a new gauge reads).
+    pub fn get(&self) -> f64 {
+        let Some((id, rest)) = self.values.split_first() else {
+            return 0.0;
+        };
+        let all = self.family.lock();
+        let Some(combo) = all.find(rest) else {
+            return 0.0;
+        };
+        all.by_vehicle
+            .get(id.as_ref())
+            .and_then(|s| s.iter().find(|(c, _)| *c == combo))
+            .map_or(0.0, |(_, v)| *v)
+    }
+}
+
+/// The value of label `i` (declared order) of a series: the vehicle's id, or one of its
+/// combination's values.
+fn value_of<'a>(combos: &'a [Box<[Box<str>]>], id: &'a str, combo: u32, i: usize) -> &'a str {
+    if i == 0 {
+        id
+    } else {
+        combos
+            .get(combo as usize)
+            .and_then(|c| c.get(i - 1))
+            .map_or("", |v| &**v)
+    }
+}
+
+fn same<V: AsRef<str>>(extra: &[Box<str>], rest: &[V]) -> bool {
+    extra.len() == rest.len() && extra.iter().zip(rest).all(|(a, b)| &**a == b.as_ref())
+}
+
+/// The text format's escaping, as the crate's encoder does it: `\` and a newline always, `"`
+/// in label values.
+fn escape(v: &str, quote: bool) -> std::borrow::Cow<'_, str> {
+    if !(v.contains(['\\', '\n']) || quote && v.contains('"')) {
+        return v.into();
+    }
+    let mut out = String::with_capacity(v.len() + 8);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::{Encoder as _, GaugeVec, Opts, Registry, TextEncoder};
+
+    /// The same series through the crate's `GaugeVec` and its encoder, for comparison.
+    fn crate_text(name: &str, help: &str, labels: &[&str], sets: &[(&[&str], f64)]) -> String {
+        let r = Registry::new();
+        let g = GaugeVec::new(Opts::new(name, help), labels).unwrap();
+        r.register(Box::new(g.clone())).unwrap();
+        for (values, v) in sets {
+            g.with_label_values(values).set(*v);
+        }
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&r.gather(), &mut buf).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    /// A family's name, label names and the series set in it.
+    type Case = (
+        &'static str,
+        &'static [&'static str],
+        Vec<(&'static [&'static str], f64)>,
+    );
+
+    #[test]
+    fn the_text_is_what_the_crate_writes() {
+        let cases: [Case; 3] = [
+            (
+                "t_soc_ratio",
+                &["vehicle_id"],
+                vec![(&["v2"], 0.5), (&["v1"], 0.999), (&["v3"], 1700000000.0)],
+            ),
+            (
+                "t_state",
+                &["vehicle_id", "state"],
+                vec![
+                    (&["v1", "ok"], 1.0),
+                    (&["v1", "disabled"], 0.0),
+                    (&["a\"b\\c\nd", "ok"], -2.5),
+                ],
+            ),
+            (
+                "t_info",
+                &["vehicle_id", "make", "model", "year"],
+                vec![(&["v1", "TESLA", "Model \"3\"", "2021"], 1.0)],
+            ),
+        ];
+        for (name, labels, sets) in cases {
+            let help = "Help with a \\ backslash\nand a newline.";
+            let ours = VehicleGauges::new(name, help, labels);
+            for (values, v) in &sets {
+                ours.with_label_values(values).set(*v);
+            }
+            let mut text = String::new();
+            ours.render(&mut text);
+            assert_eq!(text, crate_text(name, help, labels, &sets), "{name}");
+        }
+    }
+
+    #[test]
+    fn series_are_set_read_removed_and_reset() {
+        let g = VehicleGauges::new("t_state", "h", &["vehicle_id", "state"]);
+        let mut text = String::new();
+        g.render(&mut text);
+        assert_eq!(text, "", "an empty family is not written");
+        g.with_label_values(&["v1", "ok"]).set(1.0);
+        g.with_label_values(&["v1", "ok"]).set(0.0);
+        g.with_label_values(&["v1", "paused"]).set(1.0);
+        g.with_label_values(&["v2".to_string(), "ok".to_string()])
+            .set(1.0);
+        assert_eq!(g.len(), 3);
+        assert_eq!(g.with_label_values(&["v1", "paused"]).get(), 1.0);
+        assert!(g.remove_label_values(&["v1", "paused"]).is_ok());
+        assert!(g.remove_label_values(&["v1", "paused"]).is_err());
+        assert_eq!(g.len(), 2);
+        g.remove_vehicle("v1");
+        assert_eq!(g.len(), 1);
+        g.reset();
+        assert!(g.is_empty());
+    }
+}
