@@ -689,8 +689,9 @@ async fn tokens_round_trip_and_never_appear_in_any_view() {
         .unwrap();
     assert_eq!(
         views.len(),
-        12,
-        "the four history views, blocked_endpoints, four rollup views and their three raw parts"
+        13,
+        "the four history views, blocked_endpoints, four rollup views and their three raw \
+         parts, poll_outcomes_daily"
     );
     let mut cells = 0;
     for view in views {
@@ -964,6 +965,61 @@ fn one_vehicle_time_window_through_the_views_is_an_index_search() {
         assert!(
             steps.iter().any(|s| s.contains("(vehicle=?")),
             "{view} seeks the vehicle: {steps:?}"
+        );
+    }
+}
+
+/// `poll_outcomes_daily` reaches every row by a primary-key range of one vehicle: for one
+/// vehicle, that vehicle's alone; over every vehicle filtered on time only (the history
+/// dashboard's "Poll outcomes per day" with all vehicles), each vehicle's range in turn, the
+/// live arms from the rollup's watermark on. Never a scan of readings, poll_log or the rollup.
+#[test]
+fn poll_outcomes_per_day_are_index_searches_for_one_vehicle_and_for_the_fleet() {
+    let mut c = Connection::open_in_memory().unwrap();
+    migrate::migrate(&mut c).unwrap();
+    let plan = |sql: &str| -> Vec<String> {
+        c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map([], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let one =
+        plan("SELECT * FROM poll_outcomes_daily WHERE vehicle_id = 'v' AND day >= 0 ORDER BY day");
+    let vehicle = "SEARCH v USING COVERING INDEX sqlite_autoindex_vehicles_1 (vehicle_id=?)";
+    for step in [
+        "SEARCH d USING PRIMARY KEY (vehicle=? AND day>? AND day<?)",
+        "SEARCH e USING PRIMARY KEY (vehicle=? AND at>?)",
+        "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
+    ] {
+        assert!(one.iter().any(|s| s == step), "{step}: {one:?}");
+    }
+    assert_eq!(
+        one.iter().filter(|s| *s == vehicle).count(),
+        3,
+        "each arm seeks the one vehicle: {one:?}"
+    );
+    let fleet = plan(
+        "SELECT o.day / 1000 AS time, sum(o.polls) AS value, o.outcome AS outcome
+         FROM poll_outcomes_daily o
+         WHERE o.day BETWEEN 0 AND 604800000
+         GROUP BY 1, 3 ORDER BY 1, 3",
+    );
+    for step in [
+        "SEARCH d USING PRIMARY KEY (vehicle=? AND day>? AND day<?)",
+        "SEARCH e USING PRIMARY KEY (vehicle=? AND at>?)",
+        "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
+    ] {
+        assert!(fleet.iter().any(|s| s == step), "{step}: {fleet:?}");
+    }
+    for table in ["d", "e", "r", "poll_rollup_daily", "poll_log", "readings"] {
+        assert!(
+            !fleet
+                .iter()
+                .chain(&one)
+                .any(|s| s.split(' ').take(2).eq(["SCAN", table])),
+            "a scan of {table}: {one:?} {fleet:?}"
         );
     }
 }

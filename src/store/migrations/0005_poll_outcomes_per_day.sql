@@ -1,0 +1,96 @@
+-- carpulse schema 5: poll outcomes per day, summarised, so a fleet's days read in milliseconds.
+--
+-- * poll_rollup_daily: per vehicle, UTC day, endpoint (poll_endpoints.bit) and outcome, the
+--   poll_events rows of that day (`polls`) and their billed calls (`calls`, NULL where every
+--   row's was). Filled for closed days, a vehicle at a time, by maintenance on the owner
+--   thread (src/store/rollup.rs), always before retention lets those days' events go: the
+--   counts outlive `retention.ok_poll_events`.
+-- * store_state.polls_summarised_before: the watermark, a UTC midnight. Days before it are read
+--   from the rollup, days from it on from the events themselves. It moves only when every
+--   vehicle's days below the new value are summarised, so a pass cut short counts nothing
+--   twice (rows for days at or past the watermark are not shown until it passes them).
+-- * poll_outcomes_daily (view): those rows, for summarised days and, aggregated live, for the
+--   days after. The live arm reaches each vehicle's events by primary-key ranges from the
+--   watermark on (poll_log (vehicle, at), readings (vehicle, recorded_at)), so a query over
+--   every vehicle reads a day or so of each, never a vehicle's whole history.
+-- poll_events keeps its name, columns and rows.
+
+CREATE TABLE poll_rollup_daily (
+    vehicle  INTEGER NOT NULL,
+    day      INTEGER NOT NULL,
+    endpoint INTEGER NOT NULL,
+    outcome  TEXT    NOT NULL,
+    polls    INTEGER NOT NULL,
+    calls    INTEGER,
+    PRIMARY KEY (vehicle, day, endpoint, outcome)
+) WITHOUT ROWID;
+
+ALTER TABLE store_state ADD COLUMN polls_summarised_before INTEGER NOT NULL DEFAULT 0;
+
+DROP TRIGGER vehicles_after_delete;
+CREATE TRIGGER vehicles_after_delete AFTER DELETE ON vehicles
+BEGIN
+    DELETE FROM readings              WHERE vehicle = old.id;
+    DELETE FROM reading_lags          WHERE vehicle = old.id;
+    DELETE FROM poll_log              WHERE vehicle = old.id;
+    DELETE FROM vehicle_blocks        WHERE vehicle = old.id;
+    DELETE FROM retention_cutoffs     WHERE vehicle = old.id;
+    DELETE FROM battery_rollup_hourly WHERE vehicle = old.id;
+    DELETE FROM odometer_rollup_daily WHERE vehicle = old.id;
+    DELETE FROM charge_session_log    WHERE vehicle = old.id;
+    DELETE FROM poll_rollup_daily     WHERE vehicle = old.id;
+    UPDATE store_state SET vehicle_epoch = vehicle_epoch + 1 WHERE id = 1;
+END;
+
+-- The live arms group the rows of both places poll_events reads, with its expressions (a
+-- poll's billed calls on its first endpoint), vehicles first (CROSS JOIN fixes the order) so
+-- each vehicle's events are one primary-key range from the watermark on, and a filter on
+-- vehicle_id is a search of that vehicle alone. They stay two flat arms rather than one
+-- aggregate over a compound: SQLite does not push a vehicle_id filter through an aggregate
+-- into a compound below it, and would read every vehicle. So a live day may have two `ok`
+-- rows for an endpoint (polls that stored new readings, and polls that did not): sum them.
+-- The `ok` polls kept in readings are found by recorded_at from a day before the later of the
+-- watermark and the `ok` horizon (a kept reading is at most a day older than its poll:
+-- KEEP_LAG_MAX_MS in writer.rs).
+CREATE VIEW poll_outcomes_daily AS
+SELECT v.vehicle_id   AS vehicle_id,
+       d.day          AS day,
+       d.day / 1000.0 AS time,
+       p.name         AS endpoint,
+       d.outcome      AS outcome,
+       d.polls        AS polls,
+       d.calls        AS calls
+FROM vehicles v
+CROSS JOIN poll_rollup_daily d ON d.vehicle = v.id
+JOIN poll_endpoints p ON p.bit = d.endpoint
+WHERE d.day < (SELECT polls_summarised_before FROM store_state WHERE id = 1)
+UNION ALL
+SELECT v.vehicle_id,
+       e.at / 86400000 * 86400000,
+       (e.at / 86400000 * 86400000) / 1000.0,
+       p.name,
+       e.outcome,
+       count(*),
+       sum(CASE WHEN (e.endpoints & (p.bit - 1)) = 0 THEN e.calls ELSE e.calls * 0 END)
+FROM vehicles v
+CROSS JOIN poll_log e ON e.vehicle = v.id
+JOIN poll_endpoints p ON (e.endpoints & p.bit) <> 0
+WHERE e.at >= (SELECT polls_summarised_before FROM store_state WHERE id = 1)
+GROUP BY v.vehicle_id, e.at / 86400000, p.name, e.outcome
+UNION ALL
+SELECT v.vehicle_id,
+       (r.recorded_at + r.fetch_lag_ms) / 86400000 * 86400000,
+       ((r.recorded_at + r.fetch_lag_ms) / 86400000 * 86400000) / 1000.0,
+       p.name,
+       'ok',
+       count(*),
+       sum(CASE WHEN (r.poll_endpoints & (p.bit - 1)) = 0 THEN r.poll_calls ELSE 0 END)
+FROM vehicles v
+CROSS JOIN readings r ON r.vehicle = v.id
+JOIN poll_endpoints p ON (r.poll_endpoints & p.bit) <> 0
+WHERE r.poll_endpoints IS NOT NULL
+  AND r.recorded_at >= (SELECT max(polls_summarised_before, ok_events_since)
+                        FROM store_state WHERE id = 1) - 86400000
+  AND r.recorded_at + r.fetch_lag_ms >= (SELECT max(polls_summarised_before, ok_events_since)
+                                         FROM store_state WHERE id = 1)
+GROUP BY v.vehicle_id, (r.recorded_at + r.fetch_lag_ms) / 86400000, p.name;
