@@ -82,7 +82,9 @@ pub fn first_event(c: &Connection, vehicle: i64, from: UnixMillis) -> anyhow::Re
 }
 
 /// Rewrites `vehicle`'s rollup rows for the days in `[from, until)` (UTC midnights, `from` at
-/// or after the watermark) from its events, with the expressions of `poll_events`.
+/// or after the watermark) from its events: per day, endpoint set and outcome, the polls and
+/// the sum of their billed calls, which the view spreads over the endpoints as `poll_events`
+/// does (the calls on the first, 0 on the others).
 fn summarise(
     tx: &rusqlite::Transaction<'_>,
     vehicle: i64,
@@ -95,23 +97,17 @@ fn summarise(
     )
     .context("clearing the days to summarise")?;
     tx.execute(
-        "INSERT INTO poll_rollup_daily (vehicle, day, endpoint, outcome, polls, calls)
-         SELECT ?1, day, endpoint, outcome, sum(polls), sum(calls) FROM (
-             SELECT e.at / 86400000 * 86400000 AS day, p.bit AS endpoint, e.outcome AS outcome,
-                    count(*) AS polls,
-                    sum(CASE WHEN (e.endpoints & (p.bit - 1)) = 0 THEN e.calls
-                             ELSE e.calls * 0 END) AS calls
+        "INSERT INTO poll_rollup_daily (vehicle, day, endpoints, outcome, polls, calls)
+         SELECT ?1, day, endpoints, outcome, sum(polls), sum(calls) FROM (
+             SELECT e.at / 86400000 * 86400000 AS day, e.endpoints AS endpoints,
+                    e.outcome AS outcome, count(*) AS polls, sum(e.calls) AS calls
              FROM poll_log e
-             JOIN poll_endpoints p ON (e.endpoints & p.bit) <> 0
              WHERE e.vehicle = ?1 AND e.at >= ?2 AND e.at < ?3
              GROUP BY 1, 2, 3
              UNION ALL
-             SELECT (r.recorded_at + r.fetch_lag_ms) / 86400000 * 86400000, p.bit, 'ok',
-                    count(*),
-                    sum(CASE WHEN (r.poll_endpoints & (p.bit - 1)) = 0 THEN r.poll_calls
-                             ELSE 0 END)
+             SELECT (r.recorded_at + r.fetch_lag_ms) / 86400000 * 86400000, r.poll_endpoints,
+                    'ok', count(*), sum(r.poll_calls)
              FROM readings r
-             JOIN poll_endpoints p ON (r.poll_endpoints & p.bit) <> 0
              WHERE r.vehicle = ?1 AND r.recorded_at >= ?2 - ?4 AND r.recorded_at < ?3 + ?4
                AND r.poll_endpoints IS NOT NULL
                AND r.recorded_at + r.fetch_lag_ms
@@ -119,7 +115,7 @@ fn summarise(
                AND r.recorded_at + r.fetch_lag_ms < ?3
              GROUP BY 1, 2
          ) WHERE true
-         GROUP BY day, endpoint, outcome",
+         GROUP BY day, endpoints, outcome",
         params![vehicle, from, until, KEEP_LAG_MS],
     )
     .context("summarising poll outcomes by day")

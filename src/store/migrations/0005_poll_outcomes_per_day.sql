@@ -1,28 +1,33 @@
 -- carpulse schema 5: poll outcomes per day, summarised, so a fleet's days read in milliseconds.
 --
--- * poll_rollup_daily: per vehicle, UTC day, endpoint (poll_endpoints.bit) and outcome, the
---   poll_events rows of that day (`polls`) and their billed calls (`calls`, NULL where every
---   row's was). Filled for closed days, a vehicle at a time, by maintenance on the owner
---   thread (src/store/rollup.rs), always before retention lets those days' events go: the
---   counts outlive `retention.ok_poll_events`.
+-- * poll_rollup_daily: per vehicle, UTC day, endpoints and outcome, the polls of that day
+--   (`polls`) and their billed calls (`calls`, NULL where every poll's was). `endpoints` is a
+--   poll's bitmask of poll_endpoints.bit, as in poll_log: the endpoints one poll answered
+--   together share a row (a v3 listing's battery, charge, odometer and VIN: one row a day, not
+--   four), which keeps the rollup at about 0.8 bytes per poll. Filled for closed days, a vehicle
+--   at a time, by maintenance on the owner thread (src/store/rollup.rs), always before
+--   retention lets those days' events go: the counts outlive `retention.ok_poll_events`.
 -- * store_state.polls_summarised_before: the watermark, a UTC midnight. Days before it are read
 --   from the rollup, days from it on from the events themselves. It moves only when every
 --   vehicle's days below the new value are summarised, so a pass cut short counts nothing
 --   twice (rows for days at or past the watermark are not shown until it passes them).
--- * poll_outcomes_daily (view): those rows, for summarised days and, aggregated live, for the
---   days after. The live arm reaches each vehicle's events by primary-key ranges from the
---   watermark on (poll_log (vehicle, at), readings (vehicle, recorded_at)), so a query over
---   every vehicle reads a day or so of each, never a vehicle's whole history.
+-- * poll_outcomes_daily (view): per vehicle, day, endpoint and outcome, the poll_events rows
+--   (`polls`) and their `calls`, from the rollup for summarised days and aggregated live for the
+--   days after. Every arm reaches its rows by primary-key ranges of one vehicle (the live ones
+--   from the watermark on: poll_log (vehicle, at), readings (vehicle, recorded_at)), so a query
+--   over every vehicle reads a day or so of each one's events, never its whole history.
+--   A day may have more than one row for an endpoint and outcome (polls of different endpoint
+--   sets; live, polls kept in readings and in poll_log): sum `polls` and `calls`.
 -- poll_events keeps its name, columns and rows.
 
 CREATE TABLE poll_rollup_daily (
-    vehicle  INTEGER NOT NULL,
-    day      INTEGER NOT NULL,
-    endpoint INTEGER NOT NULL,
-    outcome  TEXT    NOT NULL,
-    polls    INTEGER NOT NULL,
-    calls    INTEGER,
-    PRIMARY KEY (vehicle, day, endpoint, outcome)
+    vehicle   INTEGER NOT NULL,
+    day       INTEGER NOT NULL,
+    endpoints INTEGER NOT NULL,
+    outcome   TEXT    NOT NULL,
+    polls     INTEGER NOT NULL,
+    calls     INTEGER,
+    PRIMARY KEY (vehicle, day, endpoints, outcome)
 ) WITHOUT ROWID;
 
 ALTER TABLE store_state ADD COLUMN polls_summarised_before INTEGER NOT NULL DEFAULT 0;
@@ -42,13 +47,14 @@ BEGIN
     UPDATE store_state SET vehicle_epoch = vehicle_epoch + 1 WHERE id = 1;
 END;
 
--- The live arms group the rows of both places poll_events reads, with its expressions (a
--- poll's billed calls on its first endpoint), vehicles first (CROSS JOIN fixes the order) so
+-- Every arm spreads a row's endpoints with poll_events' expressions (a poll's billed calls on
+-- its first endpoint, 0 on the others). The live arms group the rows of both places
+-- poll_events reads, vehicles first (CROSS JOIN fixes the order) so
 -- each vehicle's events are one primary-key range from the watermark on, and a filter on
 -- vehicle_id is a search of that vehicle alone. They stay two flat arms rather than one
 -- aggregate over a compound: SQLite does not push a vehicle_id filter through an aggregate
 -- into a compound below it, and would read every vehicle. So a live day may have two `ok`
--- rows for an endpoint (polls that stored new readings, and polls that did not): sum them.
+-- rows for an endpoint (polls that stored new readings, and polls that did not).
 -- The `ok` polls kept in readings are found by recorded_at from a day before the later of the
 -- watermark and the `ok` horizon (a kept reading is at most a day older than its poll:
 -- KEEP_LAG_MAX_MS in writer.rs).
@@ -59,10 +65,10 @@ SELECT v.vehicle_id   AS vehicle_id,
        p.name         AS endpoint,
        d.outcome      AS outcome,
        d.polls        AS polls,
-       d.calls        AS calls
+       CASE WHEN (d.endpoints & (p.bit - 1)) = 0 THEN d.calls ELSE d.calls * 0 END AS calls
 FROM vehicles v
 CROSS JOIN poll_rollup_daily d ON d.vehicle = v.id
-JOIN poll_endpoints p ON p.bit = d.endpoint
+JOIN poll_endpoints p ON (d.endpoints & p.bit) <> 0
 WHERE d.day < (SELECT polls_summarised_before FROM store_state WHERE id = 1)
 UNION ALL
 SELECT v.vehicle_id,
