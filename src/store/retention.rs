@@ -14,6 +14,10 @@
 //! or session is ever split between the two. The summaries use the same expressions as the
 //! views' raw arms (schema 3); the store tests check that they agree.
 //!
+//! Poll events are let go only below the poll rollup's watermark ([`crate::store::rollup`],
+//! [`within_watermark`]): their days' counts are in `poll_rollup_daily` first, so
+//! `poll_outcomes_daily` keeps every day whatever `poll_events` keeps.
+//!
 //! Freed pages go back to the file system with `PRAGMA incremental_vacuum`, a few megabytes
 //! per step.
 
