@@ -491,6 +491,7 @@ async fn the_daemons_retention_pass_steps_only_through_vehicles_with_old_events(
     items.push(event(&ids[30], old, "battery", "asleep", 1));
     store.write(items).await.unwrap();
     store.flush().await.unwrap();
+    let outcomes = rows(&store, OUTCOMES_RAW).await;
 
     let summary = carpulse::daemon::maintenance::retention_once(
         &store,
@@ -516,6 +517,18 @@ async fn the_daemons_retention_pass_steps_only_through_vehicles_with_old_events(
     );
     assert_eq!(f(&left[0][1]) as i64, 40);
     assert_eq!(f(&left[0][2]) as i64, old, "failures are kept");
+    // The pass summarised the closed days first: the pruned days' counts are still there.
+    assert!(summary.rollup_steps >= 3, "{summary:?}");
+    let watermark = store
+        .call(|c| carpulse::store::rollup::watermark(c))
+        .await
+        .unwrap();
+    assert!(watermark > old, "{watermark}");
+    agree(
+        "poll outcomes per day after the daemon's pass",
+        &rows(&store, OUTCOMES_VIEW).await,
+        &outcomes,
+    );
     // Nothing left to prune: no step at all.
     let again = carpulse::daemon::maintenance::retention_once(
         &store,
