@@ -48,17 +48,16 @@ BEGIN
 END;
 
 -- Every arm spreads a row's endpoints with poll_events' expressions (a poll's billed calls on
--- its first endpoint, 0 on the others), after grouping: the live arms count the rows of both
--- places poll_events reads per vehicle, day and endpoint set first (a few rows a day to
--- spread, not every poll: a third of the time of spreading first), vehicles first (CROSS JOIN fixes the order) so
--- each vehicle's events are one primary-key range from the watermark on, and a filter on
--- vehicle_id is a search of that vehicle alone. They stay two flat arms rather than one
--- aggregate over a compound: SQLite does not push a vehicle_id filter through an aggregate
--- into a compound below it, and would read every vehicle. So a live day may have two `ok`
--- rows for an endpoint (polls that stored new readings, and polls that did not).
--- The `ok` polls kept in readings are found by recorded_at from a day before the later of the
--- watermark and the `ok` horizon (a kept reading is at most a day older than its poll:
--- KEEP_LAG_MAX_MS in writer.rs).
+-- its first endpoint, 0 on the others). The live arms group first, per vehicle, day and
+-- endpoint set, and spread the few groups after (spreading every poll first took three times
+-- as long). Vehicles come first in every arm (CROSS JOIN fixes the order), so each vehicle's
+-- rows are one primary-key range, and a filter on vehicle_id searches that vehicle alone. The
+-- live arms stay two rather than one aggregate over a compound: SQLite does not push a
+-- vehicle_id filter through an aggregate into a compound below it, and would read every
+-- vehicle; so a live day may have two `ok` rows for an endpoint (polls that stored new
+-- readings, and polls that did not). The `ok` polls kept in readings are found by recorded_at
+-- from a day before the later of the watermark and the `ok` horizon (a kept reading is within
+-- a day of its poll: KEEP_LAG_MAX_MS in writer.rs).
 CREATE VIEW poll_outcomes_daily AS
 SELECT v.vehicle_id   AS vehicle_id,
        d.day          AS day,
