@@ -29,7 +29,15 @@
 //!   full month, be about 2,900): the bench fails otherwise. A query over its target prints
 //!   its `EXPLAIN QUERY PLAN`;
 //! - **where the bytes go**: each table's and index's share of the bytes per poll (`dbstat`),
-//!   as built and after retention, for the first run.
+//!   as built and after retention, for the first run;
+//! - **the history dashboard's "Poll outcomes per day" panel**, after retention, with every
+//!   vehicle selected (Grafana's `${vehicle:sqlstring}` filled with every vehicle's label, as
+//!   its "All" sends it) over the last 7 and the last 30 days of the year, [`PANEL_RUNS`] times
+//!   each on a fresh read-only connection: the query the dashboard ships
+//!   (`config/grafana/dashboards/carpulse-history.json`, on `poll_outcomes_daily`) and the one it
+//!   shipped before schema 5 ([`PANEL_SQL_BEFORE`], on `poll_events`), with their
+//!   `EXPLAIN QUERY PLAN`. Both windows are whole UTC days, so both must return the same rows:
+//!   the bench fails otherwise.
 //!
 //! Knobs (environment): `STORAGE_VEHICLES` (100), `STORAGE_DAYS` (365; the year ends on
 //! 2027-01-01, so fewer days start later and a month the store does not hold fully is
@@ -75,6 +83,18 @@ const MONTH_SQL: &str = "SELECT time, soc_percent, range_km FROM battery_history
     WHERE vehicle_id = ?1 AND recorded_at >= ?2 AND recorded_at < ?3 ORDER BY recorded_at";
 const DAILY_SQL: &str = "SELECT time, soc_avg_percent, soc_min_percent, soc_max_percent,
     range_avg_km FROM battery_daily WHERE vehicle_id = ?1 AND day >= ?2 AND day < ?3 ORDER BY day";
+
+/// Timed runs of each panel query per build (the one before schema 5 reads every vehicle's
+/// events since the `ok` horizon: ~1 s each here).
+const PANEL_RUNS: usize = 5;
+/// The history dashboard's "Poll outcomes per day" query as it shipped with schema 4 (on
+/// `poll_events`, whose kept `ok` polls have no index on their time).
+const PANEL_SQL_BEFORE: &str = "SELECT CAST(strftime('%s', date(e.time, 'unixepoch')) AS INTEGER) AS time, count(*) AS value, e.outcome AS outcome
+FROM poll_events e JOIN vehicles v ON v.vehicle_id = e.vehicle_id
+WHERE e.at BETWEEN $__from AND $__to
+  AND coalesce(v.make || ' ' || v.model || ' ', '') || '(' || substr(v.vehicle_id, 1, 8) || ')' IN (${vehicle:sqlstring})
+GROUP BY 1, 3 ORDER BY 1, 3";
+const PANEL_TITLE: &str = "Poll outcomes per day";
 
 struct Params {
     vehicles: usize,
@@ -397,6 +417,112 @@ fn time_query(
     Ok((times, rows))
 }
 
+/// The shipped history dashboard's query of the panel titled `title`.
+fn dashboard_sql(title: &str) -> anyhow::Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config/grafana/dashboards/carpulse-history.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let d: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    d["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["title"] == title)
+        .and_then(|p| p["targets"][0]["rawQueryText"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("no panel {title:?} with a query in {}", path.display()))
+}
+
+/// A panel's SQL as Grafana sends it: `$__from`/`$__to` in ms, `${vehicle:sqlstring}` the
+/// chosen vehicles' labels, quoted (here all of them: the variable's "All").
+fn grafana_fill(db: &Path, sql: &str, (from, to): (i64, i64)) -> anyhow::Result<String> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut stmt = c.prepare(
+        "SELECT coalesce(make || ' ' || model || ' ', '') || '(' || substr(vehicle_id, 1, 8) || ')'
+         FROM vehicles ORDER BY 1",
+    )?;
+    let labels = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .map(|l| l.map(|l| format!("'{}'", l.replace('\'', "''"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(sql
+        .replace("$__from", &from.to_string())
+        .replace("$__to", &to.to_string())
+        .replace("${vehicle:sqlstring}", &labels.join(",")))
+}
+
+/// Times of [`PANEL_RUNS`] runs of a filled panel query (fresh read-only connection each, open
+/// to last row), the rows of the last one (as text) and its plan.
+fn time_panel(db: &Path, sql: &str) -> anyhow::Result<(Vec<f64>, Vec<Vec<String>>, String)> {
+    let mut times = Vec::with_capacity(PANEL_RUNS);
+    let mut rows = Vec::new();
+    for _ in 0..PANEL_RUNS {
+        let began = Instant::now();
+        let c = Connection::open_with_flags(
+            db,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .context("opening the store read-only")?;
+        let mut stmt = c.prepare(sql).context("preparing the panel's query")?;
+        let columns = stmt.column_count();
+        rows = stmt
+            .query_map([], |r| {
+                (0..columns)
+                    .map(|i| Ok(format!("{:?}", r.get::<_, rusqlite::types::Value>(i)?)))
+                    .collect::<rusqlite::Result<Vec<String>>>()
+            })
+            .context("running the panel's query")?
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(stmt);
+        drop(c);
+        times.push(began.elapsed().as_secs_f64() * 1e3);
+    }
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let plan = c
+        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?
+        .query_map([], |r| r.get::<_, String>(3))?
+        .collect::<Result<Vec<_>, _>>()?
+        .join("\n      ");
+    Ok((times, rows, plan))
+}
+
+/// The panel over one window: the query before schema 5 and the shipped one.
+struct PanelRun {
+    days: i64,
+    before: Vec<f64>,
+    now: Vec<f64>,
+    rows: usize,
+    plan_before: String,
+    plan_now: String,
+}
+
+fn measure_panel(db: &Path, days: i64) -> anyhow::Result<PanelRun> {
+    let window = (END - days * DAY_MS, END);
+    let shipped = dashboard_sql(PANEL_TITLE)?;
+    let (before, rows_before, plan_before) =
+        time_panel(db, &grafana_fill(db, PANEL_SQL_BEFORE, window)?)?;
+    let (now, rows_now, plan_now) = time_panel(db, &grafana_fill(db, &shipped, window)?)?;
+    ensure!(
+        rows_now == rows_before,
+        "{PANEL_TITLE}, last {days} days: poll_outcomes_daily gave {rows_now:?}, poll_events \
+         {rows_before:?}"
+    );
+    ensure!(
+        !rows_now.is_empty(),
+        "{PANEL_TITLE}, last {days} days: no rows"
+    );
+    Ok(PanelRun {
+        days,
+        before,
+        now,
+        rows: rows_now.len(),
+        plan_before,
+        plan_now,
+    })
+}
+
 fn query_plan(db: &Path, sql: &str, vehicle: &str, (from, to): (i64, i64)) -> String {
     let plan = || -> anyhow::Result<String> {
         let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
@@ -448,6 +574,7 @@ struct Run {
     retention_s: f64,
     events_deleted: usize,
     queries: Vec<Option<QueryRun>>,
+    panel: Vec<PanelRun>,
 }
 
 /// A query of the block: a label, its SQL, its window, and the rows it must return.
@@ -545,6 +672,12 @@ fn one_run(p: &Params, dir: &Path, run: usize) -> anyhow::Result<Run> {
         results.push(Some(QueryRun { times, rows, plan }));
     }
     let queries = results;
+    let mut panel = Vec::new();
+    for days in [7, 30] {
+        if days <= p.days {
+            panel.push(measure_panel(&db, days)?);
+        }
+    }
     if let Some(keep) = &p.keep {
         std::fs::copy(&db, keep)
             .with_context(|| format!("STORAGE_KEEP: copying the store to {}", keep.display()))?;
@@ -564,6 +697,7 @@ fn one_run(p: &Params, dir: &Path, run: usize) -> anyhow::Result<Run> {
         retention_s,
         events_deleted: summary.events_deleted,
         queries,
+        panel,
     })
 }
 
@@ -744,6 +878,39 @@ fn main() -> anyhow::Result<()> {
                 println!("      plan: {}", q.plan);
             }
         }
+    }
+    for (k, panel) in first.panel.iter().enumerate() {
+        let of = |f: &dyn Fn(&PanelRun) -> &Vec<f64>| -> (f64, f64, f64) {
+            let per_run: Vec<&PanelRun> = runs.iter().filter_map(|r| r.panel.get(k)).collect();
+            let medians: Vec<f64> = per_run.iter().map(|p| median(f(p))).collect();
+            let all: Vec<f64> = per_run.iter().flat_map(|p| f(p).clone()).collect();
+            let (lo, hi) = min_max(&all);
+            (median(&medians), lo, hi)
+        };
+        let label = format!(
+            "\"{PANEL_TITLE}\", all {} vehicles, last {} days",
+            p.vehicles, panel.days
+        );
+        for (what, (m, lo, hi)) in [
+            ("before (poll_events)", of(&|p| &p.before)),
+            ("now (poll_outcomes_daily)", of(&|p| &p.now)),
+        ] {
+            println!(
+                "  {label}, {what}: {m:.2} ms ({lo:.2}–{hi:.2}) over {}×{PANEL_RUNS} runs, {} rows",
+                runs.len(),
+                panel.rows
+            );
+        }
+    }
+    if let Some(panel) = first.panel.first() {
+        println!(
+            "      plan before, last {} days: {}",
+            panel.days, panel.plan_before
+        );
+        println!(
+            "      plan now, last {} days: {}",
+            panel.days, panel.plan_now
+        );
     }
     Ok(())
 }

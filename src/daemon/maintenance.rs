@@ -7,6 +7,11 @@
 //! so pruning never holds up a poll. A backup reads the history through a connection of its
 //! own on a blocking thread; WAL lets it copy a consistent snapshot while the writer goes on.
 //! A failure of either is logged and tried again at the next run; it never stops the daemon.
+//!
+//! Each retention run starts with the poll rollup's pass ([`crate::store::rollup`]): the
+//! closed days' poll outcomes are summarised, a vehicle at a time, and only then may retention
+//! let those days' events go (never past the rollup's watermark), so the daily counts
+//! outlive the events.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::config::{BackupConfig, Config};
 use crate::store::retention::{self, Policy};
+use crate::store::rollup;
 use crate::store::Store;
 
 /// The first retention run waits this long after start (the daemon settles first), then runs
@@ -46,7 +52,12 @@ async fn retention_loop(store: &Store, policy: Policy, shutdown: &CancellationTo
                 readings = s.readings_deleted,
                 poll_events = s.events_deleted,
                 steps = s.steps,
+                rollup_steps = s.rollup_steps,
                 "retention: pruned what [retention] no longer keeps (readings summarised first)"
+            ),
+            Ok(s) if s.rollup_steps > 0 => info!(
+                rollup_steps = s.rollup_steps,
+                "poll outcomes of the closed days summarised (poll_outcomes_daily)"
             ),
             Ok(_) => {}
             Err(e) => warn!(
@@ -57,16 +68,69 @@ async fn retention_loop(store: &Store, policy: Policy, shutdown: &CancellationTo
     }
 }
 
+/// The poll rollup's pass through the owner thread up to the days closed at `now`, a step at
+/// a time; stops early on shutdown, leaving the watermark where it was (the next pass redoes
+/// the steps, which rewrite their days whole). Returns the steps run and the watermark after.
+pub async fn rollup_once(
+    store: &Store,
+    now: crate::domain::UnixMillis,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<rollup::Pass> {
+    let target = rollup::closed_before(now);
+    let from = store.call(|c| rollup::watermark(c)).await?;
+    let mut pass = rollup::Pass {
+        steps: 0,
+        watermark: from,
+    };
+    if from >= target {
+        return Ok(pass);
+    }
+    let vehicles: Vec<i64> = store
+        .call(|c| retention::vehicles(c))
+        .await?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    for chunk in vehicles.chunks(PROBE_CHUNK) {
+        let chunk = chunk.to_vec();
+        let due = store
+            .call(move |c| rollup::due(c, &chunk, from, target))
+            .await?;
+        for vehicle in due {
+            let mut cursor = from;
+            while cursor < target {
+                if shutdown.is_cancelled() {
+                    return Ok(pass);
+                }
+                cursor = store
+                    .call(move |c| rollup::step(c, vehicle, cursor, target))
+                    .await?;
+                pass.steps += 1;
+            }
+        }
+    }
+    // Vehicles added during the pass have no event before `target`: their first poll came
+    // after the pass began, and so after every day it summarises had closed.
+    store.call(move |c| rollup::advance(c, target)).await?;
+    pass.watermark = target;
+    Ok(pass)
+}
+
 /// One retention run through the owner thread, a step at a time; stops early on shutdown.
+/// The poll rollup's pass runs first, and no poll event goes past its watermark.
 pub async fn retention_once(
     store: &Store,
     policy: &Policy,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<retention::Summary> {
     let now = crate::domain::now_ms();
-    let tasks = retention::plan_for(policy, now);
-    let mut summary = retention::Summary::default();
-    if tasks.is_empty() {
+    let pass = rollup_once(store, now, shutdown).await?;
+    let mut summary = retention::Summary {
+        rollup_steps: pass.steps,
+        ..Default::default()
+    };
+    let tasks = retention::within_watermark(&retention::plan_for(policy, now), pass.watermark);
+    if tasks.is_empty() || shutdown.is_cancelled() {
         return Ok(summary);
     }
     let all = tasks.clone();

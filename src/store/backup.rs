@@ -30,6 +30,7 @@ pub const COUNTED: &[&str] = &[
     "battery_rollup_hourly",
     "odometer_rollup_daily",
     "charge_session_log",
+    "poll_rollup_daily",
 ];
 
 /// What a backup copied and found.

@@ -16,6 +16,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_blocks_and_calls.sql"),
     include_str!("migrations/0003_history_without_tokens.sql"),
     include_str!("migrations/0004_polls_beside_their_readings.sql"),
+    include_str!("migrations/0005_poll_outcomes_per_day.sql"),
 ];
 
 /// The first schema whose history holds no token (they live in the token store).
@@ -165,6 +166,8 @@ mod tests {
             "poll_endpoints",
             "poll_events",
             "poll_log",
+            "poll_outcomes_daily",
+            "poll_rollup_daily",
             "readings",
             "retention_cutoffs",
             "store_state",
@@ -189,6 +192,7 @@ mod tests {
             "battery_daily",
             "odometer_daily",
             "charge_sessions",
+            "poll_outcomes_daily",
         ] {
             let n: i64 = c
                 .query_row(&format!("SELECT count(*) FROM {view}"), [], |r| r.get(0))

@@ -22,6 +22,7 @@ pub mod lock;
 pub mod migrate;
 pub mod queries;
 pub mod retention;
+pub mod rollup;
 pub mod token_store;
 mod writer;
 

@@ -14,6 +14,10 @@
 //! or session is ever split between the two. The summaries use the same expressions as the
 //! views' raw arms (schema 3); the store tests check that they agree.
 //!
+//! Poll events are let go only below the poll rollup's watermark ([`crate::store::rollup`],
+//! [`within_watermark`]): their days' counts are in `poll_rollup_daily` first, so
+//! `poll_outcomes_daily` keeps every day whatever `poll_events` keeps.
+//!
 //! Freed pages go back to the file system with `PRAGMA incremental_vacuum`, a few megabytes
 //! per step.
 
@@ -362,6 +366,8 @@ pub struct Summary {
     pub readings_deleted: usize,
     pub events_deleted: usize,
     pub steps: usize,
+    /// Steps of the poll rollup's pass that ran first ([`crate::store::rollup`]).
+    pub rollup_steps: usize,
 }
 
 /// The pruning a policy asks for at `now`, to run for each vehicle step by step (the daemon
@@ -426,6 +432,24 @@ pub fn hide_ok_events(c: &Connection, tasks: &[Task]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tasks` with no poll event let go past `watermark`, the poll rollup's
+/// ([`crate::store::rollup`]): a day's events are deleted or hidden only once its counts are
+/// in `poll_rollup_daily`, so `poll_outcomes_daily` keeps every day. Under a policy shorter
+/// than a day, events wait for their day to close and be summarised (an hour or so past
+/// midnight), then go.
+pub fn within_watermark(tasks: &[Task], watermark: UnixMillis) -> Vec<Task> {
+    tasks
+        .iter()
+        .map(|task| match *task {
+            Task::Events { ok, before } => Task::Events {
+                ok,
+                before: before.min(watermark),
+            },
+            readings => readings,
+        })
+        .collect()
+}
+
 /// Of `vehicles`, those `tasks` have work for (see [`has_work`]), each with those tasks.
 pub fn due(
     c: &Connection,
@@ -467,13 +491,16 @@ impl Task {
     }
 }
 
-/// The whole retention of a store in place (tests, and a store no daemon is writing), then
-/// the vacuum.
+/// The whole retention of a store in place (tests, and a store no daemon is writing): the
+/// poll rollup's pass first, then the pruning it allows, then the vacuum.
 pub fn run_all(c: &mut Connection, policy: &Policy, now: UnixMillis) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
-    hide_ok_events(c, &plan_for(policy, now))?;
+    let pass = super::rollup::run_all(c, now)?;
+    summary.rollup_steps = pass.steps;
+    let tasks = within_watermark(&plan_for(policy, now), pass.watermark);
+    hide_ok_events(c, &tasks)?;
     for (vehicle, _) in vehicles(c)? {
-        for task in plan_for(policy, now) {
+        for &task in &tasks {
             loop {
                 let (n, done) = task.step(c, vehicle)?;
                 summary.steps += 1;

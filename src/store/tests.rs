@@ -689,8 +689,9 @@ async fn tokens_round_trip_and_never_appear_in_any_view() {
         .unwrap();
     assert_eq!(
         views.len(),
-        12,
-        "the four history views, blocked_endpoints, four rollup views and their three raw parts"
+        13,
+        "the four history views, blocked_endpoints, four rollup views and their three raw \
+         parts, poll_outcomes_daily"
     );
     let mut cells = 0;
     for view in views {
@@ -964,6 +965,61 @@ fn one_vehicle_time_window_through_the_views_is_an_index_search() {
         assert!(
             steps.iter().any(|s| s.contains("(vehicle=?")),
             "{view} seeks the vehicle: {steps:?}"
+        );
+    }
+}
+
+/// `poll_outcomes_daily` reaches every row by a primary-key range of one vehicle: for one
+/// vehicle, that vehicle's alone; over every vehicle filtered on time only (the history
+/// dashboard's "Poll outcomes per day" with all vehicles), each vehicle's range in turn, the
+/// live arms from the rollup's watermark on. Never a scan of readings, poll_log or the rollup.
+#[test]
+fn poll_outcomes_per_day_are_index_searches_for_one_vehicle_and_for_the_fleet() {
+    let mut c = Connection::open_in_memory().unwrap();
+    migrate::migrate(&mut c).unwrap();
+    let plan = |sql: &str| -> Vec<String> {
+        c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map([], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let one =
+        plan("SELECT * FROM poll_outcomes_daily WHERE vehicle_id = 'v' AND day >= 0 ORDER BY day");
+    let vehicle = "SEARCH v USING COVERING INDEX sqlite_autoindex_vehicles_1 (vehicle_id=?)";
+    for step in [
+        "SEARCH d USING PRIMARY KEY (vehicle=? AND day>? AND day<?)",
+        "SEARCH e USING PRIMARY KEY (vehicle=? AND at>?)",
+        "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
+    ] {
+        assert!(one.iter().any(|s| s == step), "{step}: {one:?}");
+    }
+    assert_eq!(
+        one.iter().filter(|s| *s == vehicle).count(),
+        3,
+        "each arm seeks the one vehicle: {one:?}"
+    );
+    let fleet = plan(
+        "SELECT o.day / 1000 AS time, sum(o.polls) AS value, o.outcome AS outcome
+         FROM poll_outcomes_daily o
+         WHERE o.day BETWEEN 0 AND 604800000
+         GROUP BY 1, 3 ORDER BY 1, 3",
+    );
+    for step in [
+        "SEARCH d USING PRIMARY KEY (vehicle=? AND day>? AND day<?)",
+        "SEARCH e USING PRIMARY KEY (vehicle=? AND at>?)",
+        "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
+    ] {
+        assert!(fleet.iter().any(|s| s == step), "{step}: {fleet:?}");
+    }
+    for table in ["d", "e", "r", "poll_rollup_daily", "poll_log", "readings"] {
+        assert!(
+            !fleet
+                .iter()
+                .chain(&one)
+                .any(|s| s.split(' ').take(2).eq(["SCAN", table])),
+            "a scan of {table}: {one:?} {fleet:?}"
         );
     }
 }
@@ -1623,5 +1679,132 @@ async fn the_newest_poll_is_found_when_it_kept_an_older_reading() {
         .as_ref()
         .map(|p| (p.at, p.outcome.clone()));
     assert_eq!(newest, Some((p2, "ok".to_string())));
+    store.close().await.unwrap();
+}
+
+/// The rows of a query, each cell as text, from an independent connection.
+fn text_rows(path: &Path, sql: &str) -> Vec<Vec<String>> {
+    let c = Connection::open(path).unwrap();
+    let mut stmt = c.prepare(sql).unwrap();
+    let n = stmt.column_count();
+    let rows = stmt
+        .query_map([], |r| {
+            (0..n)
+                .map(|i| Ok(format!("{:?}", r.get::<_, rusqlite::types::Value>(i)?)))
+                .collect::<rusqlite::Result<Vec<String>>>()
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    rows
+}
+
+/// A schema 4 store (polls kept beside their readings, failures and repeated `ok` polls in
+/// poll_log, an `ok` horizon set) migrates to schema 5 keeping every row, and the new daily view
+/// counts what poll_events shows, live at first and from the rollup once a pass has run.
+#[tokio::test]
+async fn a_schema_4_store_migrates_and_its_poll_outcomes_per_day_match_poll_events() {
+    const DAY: i64 = 86_400_000;
+    const T: i64 = 1_767_225_600_000; // 2026-01-01T00:00Z
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("four.db");
+    {
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "journal_mode", "WAL").unwrap();
+        for sql in &migrate::MIGRATIONS[..4] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", 4).unwrap();
+        let mut sql = String::from(
+            "INSERT INTO connections (id, user_id, status, access_expires_at, refresh_expires_at,
+                 created_at, updated_at) VALUES (1, 'u', 'active', 0, 0, 0, 0);
+             INSERT INTO vehicles (id, vehicle_id, connection_id, added_at)
+                 VALUES (1, 'veh-a', 1, 0), (2, 'veh-b', 1, 0);
+             UPDATE store_state SET ok_events_since = ",
+        );
+        // The `ok` horizon in the middle of day 2: the kept polls before it are hidden.
+        sql.push_str(&format!("{};\n", T + 2 * DAY + 12 * 3_600_000));
+        for day in 0..6 {
+            for (vehicle, tick) in [(1, 0), (1, 6), (1, 12), (1, 18), (2, 3), (2, 15)] {
+                let at = T + day * DAY + tick * 3_600_000;
+                // A poll kept beside its reading (battery + charge, one billed call), the
+                // reading 40 s older than the poll; late in the day, one whose reading is
+                // from the day before.
+                let recorded = if tick == 0 {
+                    at - 3_600_000
+                } else {
+                    at - 40_000
+                };
+                sql.push_str(&format!(
+                    "INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, soc_cp,
+                         poll_endpoints, poll_calls)
+                     VALUES ({vehicle}, {recorded}, {}, 5000, 3, 1);\n",
+                    at - recorded
+                ));
+                // A repeated `ok` poll (nothing new) and a failure, in poll_log.
+                sql.push_str(&format!(
+                    "INSERT INTO poll_log (vehicle, at, endpoints, outcome, calls)
+                         VALUES ({vehicle}, {}, 1, 'ok', 1);
+                     INSERT INTO poll_log (vehicle, at, endpoints, outcome, http_status,
+                         error_type, error_code, calls)
+                         VALUES ({vehicle}, {}, 3, 'vehicle_state', 409, 'VEHICLE_STATE',
+                                 'ASLEEP', 1);\n",
+                    at + 60_000,
+                    at + 120_000
+                ));
+            }
+        }
+        c.execute_batch(&sql).unwrap();
+    }
+    const EVENTS: &str = "SELECT vehicle_id, at, endpoint, outcome, http_status, error_type,
+        error_code, calls FROM poll_events ORDER BY vehicle_id, at, endpoint, outcome";
+    const BY_DAY: &str = "SELECT vehicle_id, at / 86400000 * 86400000, endpoint, outcome,
+        count(*), sum(calls) FROM poll_events GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4";
+    const VIEW: &str = "SELECT vehicle_id, day, endpoint, outcome, sum(polls), sum(calls)
+        FROM poll_outcomes_daily GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4";
+    let events = text_rows(&path, EVENTS);
+    let readings = text_rows(
+        &path,
+        "SELECT * FROM readings ORDER BY vehicle, recorded_at",
+    );
+    let by_day = text_rows(&path, BY_DAY);
+    assert!(events.len() > 100, "{}", events.len());
+
+    let store = Store::open(&path, None).unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(
+        store.call(|c| migrate::current_version(c)).await.unwrap(),
+        5
+    );
+    assert_eq!(text_rows(&path, EVENTS), events, "poll_events unchanged");
+    assert_eq!(
+        text_rows(
+            &path,
+            "SELECT * FROM readings ORDER BY vehicle, recorded_at"
+        ),
+        readings
+    );
+    assert_eq!(text_rows(&path, VIEW), by_day, "live: nothing summarised");
+    let pass = store
+        .call(|c| rollup::run_all(c, T + 10 * DAY))
+        .await
+        .unwrap();
+    assert_eq!(pass.watermark, T + 9 * DAY);
+    assert!(pass.steps >= 2, "{pass:?}");
+    assert_eq!(text_rows(&path, VIEW), by_day, "from the rollup");
+    assert_eq!(text_rows(&path, EVENTS), events, "poll_events unchanged");
+    // Removing a vehicle removes its summaries with the rest of its history.
+    store
+        .call(|c| Ok(c.execute("DELETE FROM vehicles WHERE vehicle_id = 'veh-b'", [])?))
+        .await
+        .unwrap();
+    assert_eq!(
+        text_rows(
+            &path,
+            "SELECT count(*) FROM poll_rollup_daily WHERE vehicle = 2"
+        ),
+        vec![vec!["Integer(0)".to_string()]]
+    );
+    assert_eq!(text_rows(&path, VIEW), text_rows(&path, BY_DAY));
     store.close().await.unwrap();
 }

@@ -206,7 +206,9 @@ impl EventRow<'_> {
 }
 
 /// How old a reading may be at its poll for the row to keep the poll's event: a poll is found
-/// from its time by looking this far back in `recorded_at` ([`crate::store::queries`]).
+/// from its time by looking this far back in `recorded_at` ([`crate::store::queries`]). Nor
+/// may it be further ahead of its poll (a car's clock that runs ahead): the poll rollup finds
+/// a day's kept polls within this margin of the day ([`crate::store::rollup`]).
 pub(crate) const KEEP_LAG_MAX_MS: i64 = 86_400_000;
 
 /// One kind's values, scaled as stored.
@@ -627,7 +629,7 @@ fn store_group(
         let row = &events[i];
         row.keepable()
             && row.key.at == g.fetched_at
-            && row.key.at - g.recorded_at <= KEEP_LAG_MAX_MS
+            && (row.key.at - g.recorded_at).abs() <= KEEP_LAG_MAX_MS
     });
     // The row's fetch lag is its first kind's; another kind that arrived at another time keeps
     // its own in `reading_lags`.

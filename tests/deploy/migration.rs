@@ -71,9 +71,10 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     );
     let out = crate::stdout_of(&mut dry).await;
     for expected in [
-        "schema version 2; this carpulse writes version 4",
+        "schema version 2; this carpulse writes version 5",
         "3: a history a Grafana account may read",
         "4: a poll that stored readings is kept beside them",
+        "5: poll outcomes per day, summarised",
         "snapshot of the store",
         "the OAuth tokens of 1 connection(s) move to",
         "carpulse.tokens.db",
@@ -97,14 +98,14 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     );
     assert!(crate::stdout_of(&mut run)
         .await
-        .contains("migrated to schema version 4"));
+        .contains("migrated to schema version 5"));
 
     // The snapshot: the old store as it was (tokens and all), private, and openable.
     let snapshot = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.to_string_lossy().contains("carpulse.db.before-schema-4."))
+        .find(|p| p.to_string_lossy().contains("carpulse.db.before-schema-5."))
         .expect("a snapshot before the migration");
     assert_eq!(
         std::fs::metadata(&snapshot).unwrap().permissions().mode() & 0o777,
@@ -117,7 +118,7 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     );
 
     // The history: same readings and events, no token anywhere in its files, group-readable.
-    assert_eq!(crate::db_i64(&db, "PRAGMA user_version"), 4);
+    assert_eq!(crate::db_i64(&db, "PRAGMA user_version"), 5);
     assert_eq!(
         crate::db_i64(&db, "SELECT count(*) FROM battery_history"),
         2
@@ -128,6 +129,15 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
         1
     );
     assert_eq!(crate::db_i64(&db, "SELECT sum(calls) FROM poll_events"), 1);
+    // Schema 5's daily view shows the same polls (nothing summarised yet: all live).
+    assert_eq!(
+        crate::db_i64(&db, "SELECT sum(polls) FROM poll_outcomes_daily"),
+        crate::db_i64(&db, "SELECT count(*) FROM poll_events")
+    );
+    assert_eq!(
+        crate::db_i64(&db, "SELECT sum(calls) FROM poll_outcomes_daily"),
+        1
+    );
     // Each kind keeps its own fetch time through schemas 3 and 4 (the charge came 200 ms
     // sooner than the battery at the same instant).
     assert_eq!(

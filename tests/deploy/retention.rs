@@ -491,6 +491,7 @@ async fn the_daemons_retention_pass_steps_only_through_vehicles_with_old_events(
     items.push(event(&ids[30], old, "battery", "asleep", 1));
     store.write(items).await.unwrap();
     store.flush().await.unwrap();
+    let outcomes = rows(&store, OUTCOMES_RAW).await;
 
     let summary = carpulse::daemon::maintenance::retention_once(
         &store,
@@ -516,6 +517,18 @@ async fn the_daemons_retention_pass_steps_only_through_vehicles_with_old_events(
     );
     assert_eq!(f(&left[0][1]) as i64, 40);
     assert_eq!(f(&left[0][2]) as i64, old, "failures are kept");
+    // The pass summarised the closed days first: the pruned days' counts are still there.
+    assert!(summary.rollup_steps >= 3, "{summary:?}");
+    let watermark = store
+        .call(|c| carpulse::store::rollup::watermark(c))
+        .await
+        .unwrap();
+    assert!(watermark > old, "{watermark}");
+    agree(
+        "poll outcomes per day after the daemon's pass",
+        &rows(&store, OUTCOMES_VIEW).await,
+        &outcomes,
+    );
     // Nothing left to prune: no step at all.
     let again = carpulse::daemon::maintenance::retention_once(
         &store,
@@ -525,4 +538,133 @@ async fn the_daemons_retention_pass_steps_only_through_vehicles_with_old_events(
     .await
     .unwrap();
     assert_eq!(again, Default::default());
+}
+
+const OUTCOMES_VIEW: &str = "SELECT vehicle_id, day, endpoint, outcome, sum(polls), sum(calls)
+    FROM poll_outcomes_daily GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4";
+const OUTCOMES_RAW: &str = "SELECT vehicle_id, at / 86400000 * 86400000, endpoint, outcome,
+    count(*), sum(calls) FROM poll_events GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4";
+
+/// The rows of `rows` whose day (their second column) is `from` or later.
+fn days_from(rows: &Rows, from: i64) -> Rows {
+    rows.iter()
+        .filter(|r| (f(&r[1]) as i64) >= from)
+        .cloned()
+        .collect()
+}
+
+/// `poll_outcomes_daily` counts what `poll_events` holds, per vehicle, day, endpoint and
+/// outcome: live before the rollup's pass, from the rollup after it, and for the summarised
+/// days still after retention let their `ok` events go. A pass cut short counts nothing twice.
+#[tokio::test]
+async fn poll_outcomes_per_day_outlive_the_poll_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("outcomes.db"), None).unwrap();
+    write_year(&store).await;
+    let events = rows(&store, OUTCOMES_RAW).await;
+    assert!(
+        events.len() > VEHICLES * DAYS as usize * 4,
+        "{} rows",
+        events.len()
+    );
+    agree(
+        "nothing summarised",
+        &rows(&store, OUTCOMES_VIEW).await,
+        &events,
+    );
+
+    // A pass cut short: two vehicles' first steps written, the watermark not moved.
+    let (first, second) = store
+        .call(|c| {
+            let target = carpulse::store::rollup::closed_before(END);
+            let keys = retention::vehicles(c)?;
+            let a = carpulse::store::rollup::step(c, keys[0].0, 0, target)?;
+            let b = carpulse::store::rollup::step(c, keys[1].0, 0, target)?;
+            // The same step again rewrites its days: still once each.
+            carpulse::store::rollup::step(c, keys[1].0, 0, target)?;
+            Ok((a, b))
+        })
+        .await
+        .unwrap();
+    assert!(first > START && second > START);
+    agree(
+        "a pass cut short",
+        &rows(&store, OUTCOMES_VIEW).await,
+        &events,
+    );
+
+    let pass = store
+        .call(|c| carpulse::store::rollup::run_all(c, END))
+        .await
+        .unwrap();
+    // The year's last day closes at END, and is summarised 15 minutes after.
+    assert_eq!(pass.watermark, END - 86_400_000);
+    assert!(pass.steps >= VEHICLES * (DAYS as usize - 1) / 7, "{pass:?}");
+    agree("summarised", &rows(&store, OUTCOMES_VIEW).await, &events);
+    let summarised: i64 = store
+        .call(|c| Ok(c.query_row("SELECT count(*) FROM poll_rollup_daily", [], |r| r.get(0))?))
+        .await
+        .unwrap();
+    assert!(summarised > 0);
+
+    // Default retention: the `ok` events older than 90 days leave poll_events, not the counts.
+    let summary = store
+        .call(|c| retention::run_all(c, &Policy::default(), END))
+        .await
+        .unwrap();
+    assert!(summary.events_deleted > 0, "{summary:?}");
+    assert_eq!(summary.rollup_steps, 0, "the pass before had done it all");
+    let after_events = rows(&store, OUTCOMES_RAW).await;
+    assert!(after_events.len() < events.len(), "ok events were let go");
+    let horizon = END - 90 * 86_400_000;
+    agree(
+        "poll_events after retention, from its horizon on",
+        &days_from(&after_events, horizon),
+        &days_from(&events, horizon),
+    );
+    agree(
+        "every day's counts after retention",
+        &rows(&store, OUTCOMES_VIEW).await,
+        &events,
+    );
+    store.close().await.unwrap();
+}
+
+/// Retention never lets an event go before its day is summarised: under a policy shorter
+/// than a day, the open day's events wait (the rollup's watermark bounds the pruning).
+#[tokio::test]
+async fn retention_waits_for_the_rollup_of_a_day_before_letting_its_events_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("short.db"), None).unwrap();
+    write_year(&store).await;
+    let events = rows(&store, OUTCOMES_RAW).await;
+    let policy = Policy {
+        readings: None,
+        ok_poll_events: Some(Duration::from_secs(60)),
+        other_poll_events: Some(Duration::from_secs(60)),
+    };
+    // At 00:05 on the day after the year, its last day is not closed yet: it keeps its events.
+    let now = END + 5 * 60_000;
+    store
+        .call(move |c| retention::run_all(c, &policy, now))
+        .await
+        .unwrap();
+    let last_day = END - 86_400_000;
+    let left = rows(&store, OUTCOMES_RAW).await;
+    assert!(!left.is_empty());
+    assert!(
+        left.iter().all(|r| f(&r[1]) as i64 == last_day),
+        "only the last, open day's events are left"
+    );
+    agree(
+        "the last day's events are all there",
+        &left,
+        &days_from(&events, last_day),
+    );
+    agree(
+        "every day's counts",
+        &rows(&store, OUTCOMES_VIEW).await,
+        &events,
+    );
+    store.close().await.unwrap();
 }
