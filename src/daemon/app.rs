@@ -201,6 +201,27 @@ impl Daemon {
             .count();
         self.poller.set_held(held_vehicles(&vehicles, &holds));
         self.metrics.set_fleet(&fleet_states(&vehicles, &holds));
+        let polled: Vec<PolledVehicle> = vehicles
+            .iter()
+            .filter(|v| v.enabled && active.contains(&v.connection_id))
+            .map(|v| PolledVehicle {
+                id: v.vehicle_id.clone(),
+                connection: v.connection_id,
+            })
+            .collect();
+        self.tokens.load(connections);
+        // Decided before the info series are recorded: for a fleet over the limit they were
+        // built for every vehicle and then reset, and the map that tracked them kept its
+        // capacity (2.2 MiB at 10,000 vehicles, heaptrack: BENCHMARKS.md).
+        let per_vehicle = polled.len() <= self.config.metrics.per_vehicle_max;
+        if !per_vehicle {
+            info!(
+                vehicles = polled.len(),
+                per_vehicle_max = self.config.metrics.per_vehicle_max,
+                "per-vehicle metrics are off for a fleet this size (metrics.per_vehicle); totals are exported"
+            );
+        }
+        self.metrics.set_per_vehicle(per_vehicle);
         for v in vehicles.iter() {
             if let (Some(make), Some(model), Some(year)) = (&v.make, &v.model, v.year) {
                 self.metrics.record_info(
@@ -213,24 +234,7 @@ impl Daemon {
                 );
             }
         }
-        let polled: Vec<PolledVehicle> = vehicles
-            .into_iter()
-            .filter(|v| v.enabled && active.contains(&v.connection_id))
-            .map(|v| PolledVehicle {
-                id: v.vehicle_id,
-                connection: v.connection_id,
-            })
-            .collect();
-        self.tokens.load(connections);
-        let per_vehicle = polled.len() <= self.config.metrics.per_vehicle_max;
-        if !per_vehicle {
-            info!(
-                vehicles = polled.len(),
-                per_vehicle_max = self.config.metrics.per_vehicle_max,
-                "per-vehicle metrics are off for a fleet this size (metrics.per_vehicle); totals are exported"
-            );
-        }
-        self.metrics.set_per_vehicle(per_vehicle);
+        drop(vehicles);
         if per_vehicle {
             seed_metrics(&self.store, &self.metrics).await;
         }

@@ -677,11 +677,13 @@ impl Metrics {
         for g in self.vehicle_families() {
             g.reset();
         }
+        // Emptied with their capacity: a fleet over the limit stays over it, and the maps of
+        // 10,000 vehicles' series hold megabytes once cleared.
         let mut k = self.known();
-        k.info.clear();
-        k.recorded.clear();
-        k.stated.clear();
-        k.billed.clear();
+        k.info = HashMap::new();
+        k.recorded = HashMap::new();
+        k.stated = HashSet::new();
+        k.billed = HashSet::new();
     }
 
     /// The stored vehicles, each with why it is not polled (`disabled`, `revoked`,
