@@ -126,11 +126,10 @@ impl VehicleGauges {
         self.0.lock().by_vehicle.remove(id);
     }
 
-    /// Drops every series.
+    /// Drops every series, with the memory that held them (per-vehicle series switched off
+    /// at 10,000 vehicles stay off).
     pub fn reset(&self) {
-        let mut all = self.0.lock();
-        all.by_vehicle.clear();
-        all.combos.clear();
+        *self.0.lock() = Series::default();
     }
 
     /// How many series the family holds.
