@@ -235,7 +235,10 @@ impl Daemon {
             }
         }
         drop(vehicles);
-        if per_vehicle {
+        // With a catch-up at start, it seeds them from the summaries it reads anyway (reading
+        // them twice on the one store thread put ~0.25 s before the first poll at 10,000
+        // vehicles: BENCHMARKS.md).
+        if per_vehicle && !self.config.schedule.poll_at_start {
             seed_metrics(&self.store, &self.metrics).await;
         }
         if needs_reauth > 0 {
@@ -853,17 +856,7 @@ fn fleet_states(
 /// was answered), so they are there from the first scrape. A failure only costs that.
 async fn seed_metrics(store: &Store, metrics: &Metrics) {
     match store.call(|c| queries::vehicle_summaries(c)).await {
-        Ok(summaries) => {
-            for s in summaries {
-                metrics.seed_vehicle(
-                    &s.vehicle.vehicle_id,
-                    s.last_battery.as_ref(),
-                    s.last_charge.as_ref(),
-                    s.last_odometer.as_ref(),
-                    s.last_poll.as_ref().map(|p| p.outcome == "ok"),
-                );
-            }
-        }
+        Ok(summaries) => metrics.seed_from(&summaries),
         Err(e) => warn!(
             error = format!("{e:#}"),
             "cannot read the latest readings for the metrics; they appear with the next polls"

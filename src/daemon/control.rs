@@ -260,12 +260,13 @@ pub fn due_at_start(
 pub async fn catch_up(
     poller: Arc<Poller>,
     store: Store,
+    metrics: crate::daemon::metrics::Metrics,
     api: ApiVersion,
     schedule: crate::config::ScheduleConfig,
     cancel: CancellationToken,
 ) {
     let periods = [period(&schedule.battery), period(&schedule.info)];
-    let Some(due) = due_now(&poller, &store, api, periods).await else {
+    let Some(due) = due_now(&poller, &store, &metrics, api, periods).await else {
         return;
     };
     for (job, ids) in [Job::Battery, Job::Info].into_iter().zip(due) {
@@ -289,6 +290,7 @@ pub async fn catch_up(
 async fn due_now(
     poller: &Poller,
     store: &Store,
+    metrics: &crate::daemon::metrics::Metrics,
     api: ApiVersion,
     periods: [Option<std::time::Duration>; 2],
 ) -> Option<[std::collections::HashSet<VehicleId>; 2]> {
@@ -307,6 +309,9 @@ async fn due_now(
             return None;
         }
     };
+    // The per-vehicle gauges start from these same summaries (the daemon's load leaves them
+    // to the catch-up: one read of every vehicle's summary at start, not two).
+    metrics.seed_from(&summaries);
     let last: Vec<_> = summaries
         .into_iter()
         .filter(|s| polled.contains(&s.vehicle.vehicle_id))

@@ -95,6 +95,7 @@ impl Cycles {
         self.running.spawn(crate::daemon::control::catch_up(
             self.poller.clone(),
             store,
+            self.metrics.clone(),
             self.api,
             cfg.clone(),
             self.cancel.clone(),

@@ -640,9 +640,26 @@ impl Metrics {
             self.record_odometer(id, r);
         }
         if let Some(up) = last_poll_answered {
+            // Not over a poll's own answer: the catch-up seeds while the schedule may poll.
             self.vehicle_up
                 .with_label_values(&[id.0.as_str()])
-                .set(if up { 1.0 } else { 0.0 });
+                .set_if_absent(if up { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// [`Metrics::seed_vehicle`] for every vehicle of the store's summaries.
+    pub fn seed_from(&self, summaries: &[crate::store::queries::VehicleSummary]) {
+        if !self.per_vehicle() {
+            return;
+        }
+        for s in summaries {
+            self.seed_vehicle(
+                &s.vehicle.vehicle_id,
+                s.last_battery.as_ref(),
+                s.last_charge.as_ref(),
+                s.last_odometer.as_ref(),
+                s.last_poll.as_ref().map(|p| p.outcome == "ok"),
+            );
         }
     }
 

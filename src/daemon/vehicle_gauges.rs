@@ -216,6 +216,24 @@ impl<V: AsRef<str>> SeriesRef<'_, V> {
         }
     }
 
+    /// Sets the series only if it has no value yet (a start's seed from the store must not
+    /// overwrite what a poll already said).
+    pub fn set_if_absent(&self, value: f64) {
+        let Some((id, rest)) = self.values.split_first() else {
+            return;
+        };
+        let all = self.family.lock();
+        let present = all.find(rest).is_some_and(|combo| {
+            all.by_vehicle
+                .get(id.as_ref())
+                .is_some_and(|s| s.iter().any(|(c, _)| *c == combo))
+        });
+        drop(all);
+        if !present {
+            self.set(value);
+        }
+    }
+
     /// The series' value (0 when it has none, as a new gauge reads).
     pub fn get(&self) -> f64 {
         let Some((id, rest)) = self.values.split_first() else {
@@ -335,7 +353,13 @@ mod tests {
         assert_eq!(text, "", "an empty family is not written");
         g.with_label_values(&["v1", "ok"]).set(1.0);
         g.with_label_values(&["v1", "ok"]).set(0.0);
-        g.with_label_values(&["v1", "paused"]).set(1.0);
+        g.with_label_values(&["v1", "ok"]).set_if_absent(5.0);
+        assert_eq!(
+            g.with_label_values(&["v1", "ok"]).get(),
+            0.0,
+            "kept: it had a value"
+        );
+        g.with_label_values(&["v1", "paused"]).set_if_absent(1.0);
         g.with_label_values(&["v2".to_string(), "ok".to_string()])
             .set(1.0);
         assert_eq!(g.len(), 3);

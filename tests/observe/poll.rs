@@ -288,7 +288,51 @@ async fn run_polls_at_start_a_vehicle_whose_last_reading_is_older_than_a_period(
         daemon.stderr()
     );
     assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+
+    // Started again with every reading fresh, nothing is due: the per-vehicle gauges come
+    // from the store, seeded by the catch-up from the summaries it reads (the daemon's load
+    // leaves the seed to it), and no poll is made.
+    let polls = count(&setup.db, "SELECT count(*) FROM poll_events");
+    let mut daemon = spawn("run again", &["--config", cfg, "run"], &[]);
+    let port = setup.metrics_port;
+    let text = wait_for_text(&http, port, "both vehicles' state of charge", |m| {
+        m.matches("carpulse_battery_state_of_charge_ratio{vehicle_id=")
+            .count()
+            == 2
+    })
+    .await;
+    for id in vehicles(&setup.db) {
+        assert!(
+            text.contains(&format!("carpulse_vehicle_up{{vehicle_id=\"{id}\"}} 1")),
+            "{id}: the stored last poll was answered\n{text}"
+        );
+    }
+    assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
+    assert_eq!(
+        count(&setup.db, "SELECT count(*) FROM poll_events"),
+        polls,
+        "nothing was due, nothing was polled"
+    );
     let _ = sim.terminate(Duration::from_secs(10)).await;
+}
+
+/// Waits for the daemon's `/metrics` to satisfy `ok`, and returns that text.
+async fn wait_for_text(
+    http: &reqwest::Client,
+    port: u16,
+    what: &str,
+    ok: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(text) = metrics_text(http, port).await {
+            if ok(&text) {
+                return text;
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
