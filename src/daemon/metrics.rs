@@ -107,8 +107,6 @@ pub const REVISION: &str = env!("CARPULSE_REVISION");
 /// removes by partial labels). One std mutex: held for map updates only, never across an await.
 #[derive(Default)]
 struct Known {
-    /// The label set of each vehicle's info series, to replace it when make/model/year change.
-    info: HashMap<VehicleId, [String; 4]>,
     /// The latest `recorded_at` of each (vehicle, signal), for `carpulse_reading_age_seconds`
     /// of vehicles the poller does not ask (held, disabled) or has not asked yet.
     /// One entry per vehicle, by [`SIGNALS`] position (a key per signal cloned the id thrice).
@@ -601,19 +599,10 @@ impl Metrics {
         if !self.per_vehicle() {
             return;
         }
-        let labels = [
-            id.0.clone(),
-            info.make.clone(),
-            info.model.clone(),
-            info.year.to_string(),
-        ];
-        let mut known = self.known();
-        if let Some(old) = known.info.insert(id.clone(), labels.clone()) {
-            if old != labels {
-                let _ = self.vehicle_info.remove_label_values(&old);
-            }
-        }
-        self.vehicle_info.with_label_values(&labels).set(1.0);
+        let year = info.year.to_string();
+        self.vehicle_info
+            .with_label_values(&[id.0.as_str(), &info.make, &info.model, &year])
+            .set_alone(1.0);
     }
 
     /// What the store already knows of a vehicle when the daemon starts: its latest readings
@@ -697,7 +686,6 @@ impl Metrics {
         // Emptied with their capacity: a fleet over the limit stays over it, and the maps of
         // 10,000 vehicles' series hold megabytes once cleared.
         let mut k = self.known();
-        k.info = HashMap::new();
         k.recorded = HashMap::new();
         k.stated = HashSet::new();
         k.billed = HashSet::new();
@@ -766,11 +754,7 @@ impl Metrics {
             current.retain(|id, _| k.fleet.contains_key(id));
         }
         for gone in k.stated.iter().filter(|id| !current.contains_key(*id)) {
-            for state in VEHICLE_STATES {
-                let _ = self
-                    .vehicle_state
-                    .remove_label_values(&[gone.0.as_str(), state]);
-            }
+            self.vehicle_state.remove_vehicle(&gone.0);
         }
         for (id, now) in &current {
             for state in VEHICLE_STATES {
@@ -860,31 +844,10 @@ impl Metrics {
 
     /// Drops every series of a vehicle that is no longer stored.
     pub fn forget_vehicle(&self, id: &VehicleId) {
-        let v = id.0.as_str();
-        for g in [
-            &self.soc_ratio,
-            &self.range_meters,
-            &self.plugged_in,
-            &self.odometer_meters,
-            &self.vehicle_up,
-            &self.calls_billed,
-        ] {
-            let _ = g.remove_label_values(&[v]);
-        }
-        for s in ChargeState::ALL {
-            let _ = self.charge_state.remove_label_values(&[v, s.as_str()]);
-        }
-        for signal in SIGNALS {
-            let _ = self.reading_timestamp.remove_label_values(&[v, signal]);
-            let _ = self.reading_age.remove_label_values(&[v, signal]);
-        }
-        for state in VEHICLE_STATES {
-            let _ = self.vehicle_state.remove_label_values(&[v, state]);
+        for g in self.vehicle_families() {
+            g.remove_vehicle(&id.0);
         }
         let mut k = self.known();
-        if let Some(old) = k.info.remove(id) {
-            let _ = self.vehicle_info.remove_label_values(&old);
-        }
         k.recorded.remove(id);
         k.stated.remove(id);
         k.billed.remove(id);

@@ -216,6 +216,22 @@ impl<V: AsRef<str>> SeriesRef<'_, V> {
         }
     }
 
+    /// Sets the series and drops the vehicle's other series of the family, at once (a
+    /// family with one series per vehicle whose labels change, like make, model and year).
+    pub fn set_alone(&self, value: f64) {
+        let Some((id, rest)) = self.values.split_first() else {
+            return;
+        };
+        if self.values.len() != self.family.labels.len() {
+            debug_assert!(false, "{}: wrong number of labels", self.family.name);
+            return;
+        }
+        let mut all = self.family.lock();
+        let combo = all.combo(rest);
+        all.by_vehicle
+            .insert(Arc::from(id.as_ref()), vec![(combo, value)]);
+    }
+
     /// Sets the series only if it has no value yet (a start's seed from the store must not
     /// overwrite what a poll already said).
     pub fn set_if_absent(&self, value: f64) {
@@ -367,6 +383,11 @@ mod tests {
         assert!(g.remove_label_values(&["v1", "paused"]).is_ok());
         assert!(g.remove_label_values(&["v1", "paused"]).is_err());
         assert_eq!(g.len(), 2);
+        g.with_label_values(&["v3", "ok"]).set(1.0);
+        g.with_label_values(&["v3", "paused"]).set_alone(1.0);
+        assert_eq!(g.with_label_values(&["v3", "ok"]).get(), 0.0, "dropped");
+        assert_eq!(g.with_label_values(&["v3", "paused"]).get(), 1.0);
+        g.remove_vehicle("v3");
         g.remove_vehicle("v1");
         assert_eq!(g.len(), 1);
         g.reset();
