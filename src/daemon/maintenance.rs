@@ -85,12 +85,7 @@ pub async fn rollup_once(
     if from >= target {
         return Ok(pass);
     }
-    let vehicles: Vec<i64> = store
-        .call(|c| retention::vehicles(c))
-        .await?
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect();
+    let vehicles = vehicle_keys(store).await?;
     for chunk in vehicles.chunks(PROBE_CHUNK) {
         let chunk = chunk.to_vec();
         let due = store
@@ -116,6 +111,16 @@ pub async fn rollup_once(
     Ok(pass)
 }
 
+/// The stored vehicles' integer keys, for the per-vehicle steps of the rollup and retention.
+async fn vehicle_keys(store: &Store) -> anyhow::Result<Vec<i64>> {
+    Ok(store
+        .call(|c| retention::vehicles(c))
+        .await?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect())
+}
+
 /// One retention run through the owner thread, a step at a time; stops early on shutdown.
 /// The poll rollup's pass runs first, and no poll event goes past its watermark.
 pub async fn retention_once(
@@ -137,12 +142,7 @@ pub async fn retention_once(
     store
         .call(move |c| retention::hide_ok_events(c, &all))
         .await?;
-    let vehicles: Vec<i64> = store
-        .call(|c| retention::vehicles(c))
-        .await?
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect();
+    let vehicles = vehicle_keys(store).await?;
     // Most vehicles have nothing old enough: only those found to have some get steps.
     for chunk in vehicles.chunks(PROBE_CHUNK) {
         if shutdown.is_cancelled() {
