@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::error::{api_error_from, ApiError, ErrorBody, ErrorKind};
 use super::time::{parse_epoch_json, parse_epoch_value, stamp};
 use super::units::{plausible_km, v3_percent, DistanceUnit};
-use super::v2::{parse_info, value_bool, value_num};
+use super::v2::{info_from_parts, parse_info, value_bool, value_num, value_raw_num};
 use super::{Endpoint, EndpointResult, Job, Payload, RequestCtx, SmartcarClient};
 use crate::domain::{
     BatteryReading, ChargeReading, ChargeState, OdometerReading, UnitSystem, UnixMillis, VehicleId,
@@ -367,10 +367,10 @@ fn vehicle_of_raw(raw: &serde_json::value::RawValue) -> Option<Result<VehicleInf
     }
     let attrs = dto.attributes.filter(|a| a.get().starts_with('{'))?;
     let a: VehicleAttrsDto<'_> = serde_json::from_str(attrs.get()).ok()?;
-    Some(super::v2::info_from_parts(
+    Some(info_from_parts(
         a.make.as_ref().map(Text::as_str),
         a.model.as_ref().map(Text::as_str),
-        a.year.as_ref().and_then(super::v2::value_raw_num),
+        a.year.as_ref().and_then(value_raw_num),
     ))
 }
 
