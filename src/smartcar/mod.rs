@@ -34,7 +34,8 @@
 //!
 //! Layout: [`auth`] the token endpoint, [`v2`] and [`v3`] the two Vehicle APIs (pure parsing
 //! functions plus the requests), [`endpoint`] the typed endpoint names, [`error`] the taxonomy and the one error-body parser,
-//! [`time`] and [`units`] the tolerant conversions. This file owns the one `reqwest::Client`
+//! [`time`] and [`units`] the tolerant conversions, [`transport`] how a Vehicle API request
+//! travels (hyper directly, or reqwest when a proxy applies). This file owns the clients
 //! and the request/response plumbing every call shares.
 
 pub mod auth;
@@ -44,6 +45,7 @@ pub mod error;
 pub mod iam;
 pub mod scrub;
 pub mod time;
+mod transport;
 pub mod units;
 pub mod v2;
 pub mod v3;
@@ -53,8 +55,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION};
-use reqwest::{Method, RequestBuilder, Url};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION};
+use reqwest::{Method, Url};
 use serde::de::DeserializeOwned;
 
 use crate::domain::{
@@ -240,7 +242,10 @@ pub struct SmartcarClient {
 }
 
 struct Inner {
+    /// Token and IAM requests, and Vehicle API requests when a proxy applies.
     http: reqwest::Client,
+    /// Vehicle API requests when no proxy applies ([`transport`]).
+    direct: Option<transport::Direct>,
     oauth: auth::OAuthClient,
     client_secret: Secret,
     v2: String,
@@ -319,8 +324,20 @@ fn trim_base(url: &str) -> String {
 }
 
 impl SmartcarClient {
-    /// Builds the client; fails on a malformed URL or when TLS cannot initialise.
+    /// Builds the client; fails on a malformed URL or when TLS cannot initialise. Vehicle API
+    /// requests honour the proxy environment (`HTTPS_PROXY`, `NO_PROXY`, …) as reqwest reads it.
     pub fn new(cfg: ClientConfig) -> anyhow::Result<Self> {
+        Self::with_proxies(
+            cfg,
+            &hyper_util::client::proxy::matcher::Matcher::from_system(),
+        )
+    }
+
+    /// [`new`](Self::new) with the proxy rules given instead of read from the environment.
+    pub(crate) fn with_proxies(
+        cfg: ClientConfig,
+        proxies: &hyper_util::client::proxy::matcher::Matcher,
+    ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("carpulse/", env!("CARGO_PKG_VERSION")))
             // No client-wide timeout: every exchange has its own deadline over the answer and
@@ -347,9 +364,16 @@ impl SmartcarClient {
         let v3 = trim_base(&cfg.api_v3_url);
         Url::parse(&v2).with_context(|| format!("api_v2_url {v2:?} is not a URL"))?;
         let v3_url = Url::parse(&v3).with_context(|| format!("api_v3_url {v3:?} is not a URL"))?;
+        let direct = transport::Direct::for_bases(
+            &[v2.as_str(), v3.as_str()],
+            proxies,
+            cfg.timeout.min(Duration::from_secs(30)),
+            cfg.max_in_flight,
+        )?;
         Ok(SmartcarClient {
             inner: Arc::new(Inner {
                 http,
+                direct,
                 oauth,
                 client_secret: cfg.client_secret,
                 v2,
@@ -567,35 +591,49 @@ impl SmartcarClient {
     pub(crate) fn vehicle_request(
         &self,
         method: Method,
-        url: impl reqwest::IntoUrl,
+        url: &str,
         access: &Secret,
         user_id: Option<&str>,
-    ) -> RequestBuilder {
-        let mut req = self
-            .inner
-            .http
-            .request(method, url)
-            .header(AUTHORIZATION, format!("Bearer {}", access.expose()))
-            .header("sc-unit-system", self.inner.unit_system.as_str())
-            .header(ACCEPT, "application/json");
-        if let Some(user) = user_id {
-            req = req.header("sc-user-id", user);
+    ) -> transport::VehicleRequest {
+        let mut headers = HeaderMap::with_capacity(4);
+        // A token is header-safe text; one that is not fails here, as reqwest failed it.
+        if let Ok(mut bearer) = HeaderValue::from_str(&format!("Bearer {}", access.expose())) {
+            bearer.set_sensitive(true);
+            headers.insert(AUTHORIZATION, bearer);
         }
-        req
+        headers.insert(
+            "sc-unit-system",
+            HeaderValue::from_static(self.inner.unit_system.as_str()),
+        );
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(user) = user_id.and_then(|u| HeaderValue::from_str(u).ok()) {
+            headers.insert("sc-user-id", user);
+        }
+        transport::VehicleRequest {
+            method,
+            url: url.to_owned(),
+            headers,
+            body: None,
+        }
     }
 
     /// Sends a request and reads the answer in full; any non-2xx status becomes the parsed
     /// [`ApiError`] with `retry_after` and `request_id` from the headers.
-    pub(crate) async fn send(&self, req: RequestBuilder) -> Result<RawResponse, ApiError> {
+    pub(crate) async fn send(
+        &self,
+        req: transport::VehicleRequest,
+    ) -> Result<RawResponse, ApiError> {
         bill(1);
         self.send_unbilled(req).await
     }
 
     /// [`send`](Self::send) for a call Smartcar does not bill to a vehicle (`/v3/connections`,
     /// smartcar-api.md §10.3).
-    pub(crate) async fn send_unbilled(&self, req: RequestBuilder) -> Result<RawResponse, ApiError> {
-        let request = req.build().map_err(|e| ApiError::from_reqwest(&e))?;
-        let api = if request.url().as_str().starts_with(self.inner.v2.as_str()) {
+    pub(crate) async fn send_unbilled(
+        &self,
+        req: transport::VehicleRequest,
+    ) -> Result<RawResponse, ApiError> {
+        let api = if req.url.starts_with(self.inner.v2.as_str()) {
             ApiVersion::V2
         } else {
             ApiVersion::V3
@@ -604,7 +642,7 @@ impl SmartcarClient {
         // Boxed: reqwest's and hyper's futures are kilobytes; unboxed they sit inline in every
         // future that awaits a request (the poll's, the listing's, …) and are copied each time
         // one of those is moved (memmove was ~9 % of a poll's CPU in the fleet profile).
-        let result = Box::pin(self.send_raw(request)).await;
+        let result = Box::pin(self.send_raw(req)).await;
         if let Some(observe) = self.inner.on_request.get() {
             let outcome = match &result {
                 Ok(_) => "ok",
@@ -615,46 +653,34 @@ impl SmartcarClient {
         result
     }
 
-    async fn send_raw(&self, request: reqwest::Request) -> Result<RawResponse, ApiError> {
+    async fn send_raw(&self, request: transport::VehicleRequest) -> Result<RawResponse, ApiError> {
         // The request's own bearer token: an answer that echoes it is scrubbed of it.
-        let bearer = request
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned)
-            .unwrap_or_default();
+        let bearer = request.bearer().to_owned();
         let scrub = |e: ApiError| e.scrubbed(&[bearer.as_str()]);
         // One deadline for the whole exchange, body included: a body that drips a byte at a
         // time ends here, not when the server tires of it.
-        let timeout = request.timeout().copied().unwrap_or(Duration::from_millis(
+        let timeout = Duration::from_millis(
             self.inner
                 .timeout_ms
                 .load(std::sync::atomic::Ordering::Relaxed),
-        ));
+        );
         let deadline = tokio::time::Instant::now() + timeout;
         let exchange = async {
-            let mut resp = self
-                .inner
-                .http
-                .execute(request)
-                .await
-                .map_err(|e| scrub(ApiError::from_reqwest(&e)))?;
-            let status = resp.status().as_u16();
-            // Taken, not cloned: the body is read without them.
-            let headers = std::mem::take(resp.headers_mut());
-            let body = read_body(resp, VEHICLE_BODY_LIMIT).await.map_err(|e| {
-                let e = scrub(e.into_api_error(status, timeout));
+            let answer = match &self.inner.direct {
+                Some(direct) => direct.exchange(request, VEHICLE_BODY_LIMIT).await,
+                None => self.through_reqwest(request, timeout).await,
+            };
+            answer.map_err(|e| {
+                let e = scrub(e);
                 if e.kind == ErrorKind::TooLarge {
                     tracing::warn!(
-                        status,
+                        status = e.status,
                         limit_bytes = VEHICLE_BODY_LIMIT,
                         "an answer larger than the limit was cut off and not read; backing off"
                     );
                 }
                 e
-            })?;
-            Ok::<_, ApiError>((status, headers, body))
+            })
         };
         let (status, headers, body) =
             tokio::time::timeout_at(deadline, exchange)
@@ -692,6 +718,29 @@ impl SmartcarClient {
             "request failed"
         );
         Err(err)
+    }
+
+    /// One exchange through reqwest (when a proxy applies): status, headers and body, read
+    /// with the same limit as the direct way; the caller's deadline covers it.
+    async fn through_reqwest(
+        &self,
+        request: transport::VehicleRequest,
+        timeout: Duration,
+    ) -> Result<transport::Answer, ApiError> {
+        let request = request.into_reqwest(&self.inner.http)?;
+        let mut resp = self
+            .inner
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| ApiError::from_reqwest(&e))?;
+        let status = resp.status().as_u16();
+        // Taken, not cloned: the body is read without them.
+        let headers = std::mem::take(resp.headers_mut());
+        let body = read_body(resp, VEHICLE_BODY_LIMIT)
+            .await
+            .map_err(|e| e.into_api_error(status, timeout))?;
+        Ok((status, headers, body))
     }
 }
 

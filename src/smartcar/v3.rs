@@ -739,7 +739,7 @@ pub(crate) async fn listing(
     for page_no in 1..=MAX_PAGES {
         visited.insert(url.as_str().to_owned());
         let raw = client
-            .send(client.vehicle_request(Method::GET, url.clone(), ctx.access_token, ctx.user_id))
+            .send(client.vehicle_request(Method::GET, url.as_str(), ctx.access_token, ctx.user_id))
             .await
             .map_err(|e| whole_listing_failed(id, e))?;
         let rid = raw.request_id();

@@ -477,3 +477,137 @@ async fn poll_reaches_a_daemon_behind_tls_and_basic_auth_and_names_what_it_canno
     assert_eq!(daemon.terminate(Duration::from_secs(20)).await, Some(0));
     let _ = sim.terminate(Duration::from_secs(10)).await;
 }
+
+/// A forward proxy on 127.0.0.1:0 that records every request's target and passes it on. A
+/// client that came through a proxy names the whole URL in its request line (absolute form,
+/// RFC 9112 §3.2.2); one that came straight names only the path.
+async fn start_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::body::Body;
+    use axum::extract::Request;
+    use axum::response::Response;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let upstream = reqwest::Client::builder().no_proxy().build().unwrap();
+    let record = seen.clone();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let upstream = upstream.clone();
+        let record = record.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            record
+                .lock()
+                .unwrap()
+                .push(format!("{} {}", parts.method, parts.uri));
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            let mut headers = parts.headers.clone();
+            headers.remove(axum::http::header::HOST);
+            let answer = upstream
+                .request(parts.method, parts.uri.to_string())
+                .headers(headers)
+                .body(body)
+                .send()
+                .await;
+            match answer {
+                Ok(a) => {
+                    let mut out = Response::builder().status(a.status());
+                    for (k, v) in a.headers() {
+                        out = out.header(k, v);
+                    }
+                    out.body(Body::from(a.bytes().await.unwrap())).unwrap()
+                }
+                Err(e) => Response::builder()
+                    .status(502)
+                    .body(Body::from(e.to_string()))
+                    .unwrap(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+/// Vehicle API requests go straight to Smartcar unless the environment names a proxy for its
+/// host; then they go through it (as they did when reqwest sent every request), and the poll
+/// stores what the simulator served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vehicle_api_requests_go_through_the_proxy_the_environment_names() {
+    let http = reqwest::Client::new();
+    let (mut sim, base) = start_simulator(&[]).await;
+    let (proxy, seen) = start_proxy().await;
+    for api in ["v2", "v3"] {
+        let setup = write_config(&base, api, NEVER);
+        let cfg = setup.config.to_str().unwrap().to_owned();
+        connect(&setup.config, &http).await;
+        let ids = vehicles(&setup.db);
+        let vehicle_api = |seen: &[String]| {
+            seen.iter()
+                .filter(|l| l.contains("/vehicles/"))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+
+        // No proxy in the environment: the proxy sees nothing.
+        let args = ["--config", cfg.as_str(), "poll", "--job", "battery"];
+        let quiet = [("HTTP_PROXY", ""), ("http_proxy", ""), ("ALL_PROXY", "")];
+        let (code, out, err) = tokio::task::spawn_blocking({
+            let args = args.map(str::to_owned);
+            move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                carpulse(&args, &quiet)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, Some(0), "{api}: {out}\n{err}");
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "{:?}",
+            seen.lock().unwrap()
+        );
+
+        // HTTP_PROXY names it: every Vehicle API request of the poll goes through it, in
+        // absolute form, and the readings arrive.
+        let proxied = [
+            ("HTTP_PROXY", proxy.clone()),
+            ("NO_PROXY", String::new()),
+            ("no_proxy", String::new()),
+        ];
+        let (code, out, err) = tokio::task::spawn_blocking({
+            let args = args.map(str::to_owned);
+            move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let envs: Vec<(&str, &str)> =
+                    proxied.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                carpulse(&args, &envs)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, Some(0), "{api}: {out}\n{err}");
+        let through = vehicle_api(&seen.lock().unwrap());
+        // (v3 follows the listing's next page through it too.)
+        assert!(
+            through.len() >= ids.len()
+                && through.iter().all(|l| l.contains(&format!(" {base}/")))
+                && ids
+                    .iter()
+                    .all(|id| through.iter().any(|l| l.contains(id.as_str()))),
+            "{api}: every vehicle's requests, in absolute form, to the simulator: {through:?}"
+        );
+        assert_eq!(
+            out.matches("answers: battery ok").count(),
+            ids.len(),
+            "{api}: every vehicle answered through the proxy:\n{out}"
+        );
+        assert_eq!(
+            count(
+                &setup.db,
+                "SELECT count(DISTINCT vehicle_id) FROM battery_history"
+            ),
+            ids.len() as i64
+        );
+        seen.lock().unwrap().clear();
+    }
+    let _ = sim.terminate(Duration::from_secs(10)).await;
+}
