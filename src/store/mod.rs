@@ -18,6 +18,7 @@
 
 pub mod backup;
 pub mod fallback;
+mod hash;
 pub mod lock;
 pub mod migrate;
 pub mod queries;

@@ -14,12 +14,11 @@
 //! `endpoints` is a bitmask. The views show them as before. That keeps what a poll leaves on
 //! disk near 40 bytes, and the store thread's work per poll to one row insert.
 
-use std::collections::HashMap;
-
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::domain::{PollEvent, Reading, Stamp, UnixMillis, VehicleId, VehicleInfo};
+use crate::store::hash::FxHashMap;
 
 /// One row (or vehicle update) bound for the store.
 #[derive(Clone, Debug, PartialEq)]
@@ -157,17 +156,19 @@ fn scaled(x: f64, scale: f64) -> Option<i64> {
     (v.is_finite() && v.abs() < 9.0e15).then_some(v as i64)
 }
 
-/// The writer's state on the owner thread.
+/// The writer's state on the owner thread. Its maps, and a batch's, hash with
+/// [`crate::store::hash::FxHasher`] (a poll looks a vehicle up several times; see there why an
+/// unkeyed hash is acceptable for vehicle ids).
 #[derive(Default)]
 pub(crate) struct Writer {
     /// vehicle_id → vehicles.id. Valid while `store_state.vehicle_epoch` equals `epoch`.
-    keys: HashMap<String, i64>,
+    keys: FxHashMap<String, i64>,
     epoch: Option<i64>,
     /// The VIN last written per vehicle: a v3 listing carries it on every poll, and an
     /// unchanged one is not written again (a page write per poll saved).
-    vins: HashMap<String, String>,
+    vins: FxHashMap<String, String>,
     /// endpoint name → its `poll_endpoints.bit` (names are only ever added).
-    bits: HashMap<String, i64>,
+    bits: FxHashMap<String, i64>,
 }
 
 /// The events of one poll that share an outcome become one `poll_log` row.
@@ -312,11 +313,11 @@ impl Writer {
         let mut unknown_count = 0u64;
         let mut invalid = 0u64;
         let mut events: Vec<EventRow<'_>> = Vec::new();
-        let mut event_index: HashMap<EventKey<'_>, usize> = HashMap::new();
+        let mut event_index: FxHashMap<EventKey<'_>, usize> = FxHashMap::default();
         // The event row of the latest `Event` item, with its vehicle key.
         let mut last_event: Option<(i64, usize)> = None;
         let mut groups: Vec<Group<'_>> = Vec::new();
-        let mut group_index: HashMap<(i64, UnixMillis), usize> = HashMap::new();
+        let mut group_index: FxHashMap<(i64, UnixMillis), usize> = FxHashMap::default();
         // A kind met twice at one instant: the second goes through the per-kind path.
         let mut extras: Vec<(i64, &VehicleId, Stamp, Values)> = Vec::new();
         for item in items {
