@@ -21,7 +21,9 @@
 //!
 //! Knobs (environment): `WRITER_VEHICLES` (10,000), `WRITER_ROUNDS` (2), `WRITER_RATE` (polls
 //! per second, 1,000), `WRITER_RUNS` (3), `WRITER_DIR` (where the stores are built; unset: the
-//! system's temporary directory). Under `perf record -g` the thread's samples are the
+//! system's temporary directory), `WRITER_PRAGMAS` (e.g. `wal_autocheckpoint=4000`, comma
+//! separated: set on the writer's own connection before the polls, to try a setting without a
+//! rebuild). Under `perf record -g` the thread's samples are the
 //! writer's: `perf record -g -t TID` or `perf report --comm carpulse-store`. Without
 //! `--bench` (`cargo test --benches`) it is a smoke run of 50 vehicles.
 
@@ -48,6 +50,7 @@ struct Params {
     rate: f64,
     runs: usize,
     dir: Option<std::path::PathBuf>,
+    pragmas: Vec<(String, String)>,
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
@@ -222,6 +225,14 @@ fn one_run(p: &Params, dir: &Path, run: usize) -> anyhow::Result<Run> {
             })
             .await
             .context("seeding the vehicles")?;
+        for (name, value) in p.pragmas.clone() {
+            store
+                .call(move |c| {
+                    c.pragma_update(None, &name, &value)
+                        .with_context(|| format!("WRITER_PRAGMAS: {name}={value}"))
+                })
+                .await?;
+        }
         store.flush().await?;
         let tid = thread_id("carpulse-store")?;
         let (b0, s0) = (
@@ -291,6 +302,15 @@ fn main() -> anyhow::Result<()> {
         rate: env_parse("WRITER_RATE", if smoke { 5_000.0 } else { 1_000.0 })?,
         runs: env_parse("WRITER_RUNS", if smoke { 1 } else { 3 })?,
         dir: std::env::var_os("WRITER_DIR").map(Into::into),
+        pragmas: std::env::var("WRITER_PRAGMAS")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| match s.split_once('=') {
+                Some((n, v)) => Ok((n.trim().to_owned(), v.trim().to_owned())),
+                None => Err(anyhow::anyhow!("WRITER_PRAGMAS: {s:?} is not name=value")),
+            })
+            .collect::<anyhow::Result<_>>()?,
     };
     ensure!(
         p.vehicles > 0 && p.rounds > 0 && p.runs > 0 && p.rate > 0.0,
@@ -302,11 +322,15 @@ fn main() -> anyhow::Result<()> {
     }
     .context("creating the bench's directory")?;
     println!(
-        "writer: {} vehicles, {} round(s) at {} polls/s (v3 listing: 3 readings + VIN, 4 ok events), {} run(s){}",
+        "writer: {} vehicles, {} round(s) at {} polls/s (v3 listing: 3 readings + VIN, 4 ok events), {} run(s){}{}",
         p.vehicles,
         p.rounds,
         p.rate,
         p.runs,
+        p.pragmas
+            .iter()
+            .map(|(n, v)| format!(", {n}={v}"))
+            .collect::<String>(),
         if cfg!(debug_assertions) {
             " — debug build, times are not representative"
         } else {
