@@ -23,7 +23,9 @@
 //! per second, 1,000), `WRITER_RUNS` (3), `WRITER_DIR` (where the stores are built; unset: the
 //! system's temporary directory), `WRITER_PRAGMAS` (e.g. `wal_autocheckpoint=4000`, comma
 //! separated: set on the writer's own connection before the polls, to try a setting without a
-//! rebuild). Under `perf record -g` the thread's samples are the
+//! rebuild), `WRITER_PAGE_SIZE` (the page size of the new store: the file is made with it, and
+//! `auto_vacuum=INCREMENTAL` as the store makes it, before `Store::open` sees it empty of
+//! tables; unset: the store's own). Under `perf record -g` the thread's samples are the
 //! writer's: `perf record -g -t TID` or `perf report --comm carpulse-store`. Without
 //! `--bench` (`cargo test --benches`) it is a smoke run of 50 vehicles.
 
@@ -51,6 +53,7 @@ struct Params {
     runs: usize,
     dir: Option<std::path::PathBuf>,
     pragmas: Vec<(String, String)>,
+    page_size: Option<u32>,
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
@@ -187,6 +190,14 @@ struct Run {
 
 fn one_run(p: &Params, dir: &Path, run: usize) -> anyhow::Result<Run> {
     let db = dir.join(format!("writer-{run}.db"));
+    if let Some(size) = p.page_size {
+        let c = rusqlite::Connection::open(&db).context("WRITER_PAGE_SIZE: creating the file")?;
+        c.execute_batch(&format!(
+            "PRAGMA page_size = {size}; PRAGMA auto_vacuum = INCREMENTAL;
+             CREATE TABLE page_size_probe (x); DROP TABLE page_size_probe;"
+        ))
+        .context("WRITER_PAGE_SIZE: setting the page size")?;
+    }
     let batches = Arc::new(AtomicU64::new(0));
     let stored = Arc::new(AtomicU64::new(0));
     let dropped = Arc::new(AtomicU64::new(0));
@@ -302,6 +313,10 @@ fn main() -> anyhow::Result<()> {
         rate: env_parse("WRITER_RATE", if smoke { 5_000.0 } else { 1_000.0 })?,
         runs: env_parse("WRITER_RUNS", if smoke { 1 } else { 3 })?,
         dir: std::env::var_os("WRITER_DIR").map(Into::into),
+        page_size: match std::env::var("WRITER_PAGE_SIZE") {
+            Ok(s) => Some(s.parse().context("WRITER_PAGE_SIZE")?),
+            Err(_) => None,
+        },
         pragmas: std::env::var("WRITER_PRAGMAS")
             .unwrap_or_default()
             .split(',')
