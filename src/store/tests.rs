@@ -1808,3 +1808,211 @@ async fn a_schema_4_store_migrates_and_its_poll_outcomes_per_day_match_poll_even
     assert_eq!(text_rows(&path, VIEW), text_rows(&path, BY_DAY));
     store.close().await.unwrap();
 }
+
+/// Issue 8's writer changes (an unkeyed hasher, the parked linger, cached BEGIN/COMMIT) must
+/// not move what a batch stores. One batch holding two polls of one vehicle: a new instant each
+/// time gives two rows, each keeping its poll; the same instant again is a duplicate whose poll
+/// is still recorded (nothing fetched is lost).
+#[tokio::test]
+async fn a_batch_with_the_same_vehicle_twice_stores_both_polls() {
+    const T: i64 = 1_767_225_600_000; // 2026-01-01
+    let dir = tempfile::tempdir().unwrap();
+    let (store, reports) = open_recording(&dir.path().join("twice.db"));
+    seed(&store, &["veh-a", "veh-b"]).await;
+    let (a, b) = (vid("veh-a"), vid("veh-b"));
+    let mut batch = listing_poll(&a, T + 5_000, T, T + 5_000);
+    batch.extend(listing_poll(&b, T + 5_001, T - 7, T + 5_001));
+    batch.extend(listing_poll(&a, T + 15_000, T + 10_000, T + 15_000));
+    // A third poll of veh-a whose car did not report since the second.
+    batch.extend(listing_poll(&a, T + 25_000, T + 10_000, T + 25_000));
+    // One write is one batch: the owner never splits a message.
+    store.write(batch).await.unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(total(&reports, WriteReport::written_in, "battery"), 3);
+    assert_eq!(total(&reports, WriteReport::duplicates_in, "battery"), 1);
+    assert_eq!(total(&reports, WriteReport::dropped_in, "battery"), 0);
+    assert_eq!(total(&reports, WriteReport::written_in, "poll_events"), 12);
+    let (battery, polls) = store
+        .call(|c| {
+            let battery: Vec<(String, i64, i64)> = c
+                .prepare(
+                    "SELECT vehicle_id, recorded_at, fetched_at FROM battery_history
+                     ORDER BY vehicle_id, recorded_at",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let polls: Vec<(String, i64, i64)> = c
+                .prepare(
+                    "SELECT vehicle_id, at, count(*) FROM poll_events WHERE outcome = 'ok'
+                     GROUP BY vehicle_id, at ORDER BY vehicle_id, at",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            Ok((battery, polls))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        battery,
+        vec![
+            ("veh-a".to_string(), T, T + 5_000),
+            ("veh-a".to_string(), T + 10_000, T + 15_000),
+            ("veh-b".to_string(), T - 7, T + 5_001),
+        ]
+    );
+    // Every poll's three events, the duplicate's included.
+    assert_eq!(
+        polls,
+        vec![
+            ("veh-a".to_string(), T + 5_000, 3),
+            ("veh-a".to_string(), T + 15_000, 3),
+            ("veh-a".to_string(), T + 25_000, 3),
+            ("veh-b".to_string(), T + 5_001, 3),
+        ]
+    );
+    store.close().await.unwrap();
+}
+
+/// A vehicle removed between two writes queued back to back (while the owner lingers over the
+/// first): the removal ends the batch, sees the write before it, and the write after it is
+/// counted as dropped, not stored under a stale cached key.
+#[tokio::test]
+async fn a_vehicle_removed_between_two_writes_drops_only_the_later_one() {
+    const T: i64 = 1_767_225_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, reports) = open_recording(&dir.path().join("removed.db"));
+    seed(&store, &["veh-a", "veh-b"]).await;
+    let (a, b) = (vid("veh-a"), vid("veh-b"));
+    store
+        .write(listing_poll(&a, T + 5_000, T, T + 5_000))
+        .await
+        .unwrap();
+    let (seen, removed) = {
+        let remover = store.clone();
+        let remove = tokio::spawn(async move {
+            remover
+                .call(|c| {
+                    let seen: i64 =
+                        c.query_row("SELECT count(*) FROM battery_history", [], |r| r.get(0))?;
+                    Ok((seen, queries::remove_vehicle(c, &vid("veh-a"))?))
+                })
+                .await
+        });
+        // Queued after the call (it is sent before its task yields); both behind the first.
+        tokio::task::yield_now().await;
+        let mut later = listing_poll(&a, T + 15_000, T + 10_000, T + 15_000);
+        later.extend(listing_poll(&b, T + 15_001, T + 10_001, T + 15_001));
+        store.write(later).await.unwrap();
+        remove.await.unwrap().unwrap()
+    };
+    store.flush().await.unwrap();
+    assert!(removed);
+    // The call ran after the first write was committed and before the second.
+    assert_eq!(seen, 1);
+    assert_eq!(total(&reports, WriteReport::written_in, "battery"), 2);
+    assert_eq!(total(&reports, WriteReport::dropped_in, "battery"), 1);
+    assert_eq!(total(&reports, WriteReport::dropped_in, "poll_events"), 3);
+    let rows: Vec<(String, i64)> = store
+        .call(|c| {
+            Ok(
+                c.prepare("SELECT vehicle_id, recorded_at FROM battery_history")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?,
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![("veh-b".to_string(), T + 10_001)]);
+    store.close().await.unwrap();
+}
+
+/// The epoch: a vehicle removed and added again gets a new integer key; the writer's cache,
+/// which held the old one, must follow (a row under the old key would belong to no vehicle, or
+/// to another one that took it).
+#[tokio::test]
+async fn a_vehicle_added_again_is_written_under_its_new_key() {
+    const T: i64 = 1_767_225_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, reports) = open_recording(&dir.path().join("epoch.db"));
+    let conn = seed(&store, &["veh-a"]).await;
+    let a = vid("veh-a");
+    store
+        .write(listing_poll(&a, T + 5_000, T, T + 5_000))
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    let (old_key, new_key) = store
+        .call(move |c| {
+            let key = |c: &Connection| -> rusqlite::Result<i64> {
+                c.query_row(
+                    "SELECT id FROM vehicles WHERE vehicle_id = 'veh-a'",
+                    [],
+                    |r| r.get(0),
+                )
+            };
+            let old = key(c)?;
+            queries::remove_vehicle(c, &vid("veh-a"))?;
+            // Another vehicle takes the freed key; veh-a comes back under a new one.
+            queries::upsert_vehicle(c, conn, &vid("veh-z"), None, 2)?;
+            queries::upsert_vehicle(c, conn, &vid("veh-a"), None, 3)?;
+            Ok((old, key(c)?))
+        })
+        .await
+        .unwrap();
+    assert_ne!(old_key, new_key);
+    store
+        .write(listing_poll(&a, T + 15_000, T + 10_000, T + 15_000))
+        .await
+        .unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(total(&reports, WriteReport::written_in, "battery"), 2);
+    assert_eq!(total(&reports, WriteReport::dropped_in, "battery"), 0);
+    let rows: Vec<(i64, i64)> = store
+        .call(|c| {
+            Ok(c.prepare("SELECT vehicle, recorded_at FROM readings")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![(new_key, T + 10_000)]);
+    store.close().await.unwrap();
+}
+
+/// Many small writes (more items than a lingering batch waits for) all land, and the count of
+/// items waiting for a batch, which decides when the owner stops lingering, is back to zero.
+#[tokio::test]
+async fn many_small_writes_all_land_and_leave_no_count_behind() {
+    const T: i64 = 1_767_225_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, reports) = open_recording(&dir.path().join("many.db"));
+    let names: Vec<String> = (0..100).map(|i| format!("veh-{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    seed(&store, &refs).await;
+    let mut polls = 0u64;
+    for round in 0..10i64 {
+        for name in &names {
+            let at = T + round * 60_000;
+            store
+                .write(listing_poll(&vid(name), at, at - 1_000, at))
+                .await
+                .unwrap();
+            polls += 1;
+        }
+    }
+    assert!(polls as usize * 6 > LINGER_UNTIL_ITEMS);
+    store.flush().await.unwrap();
+    assert_eq!(total(&reports, WriteReport::written_in, "battery"), polls);
+    assert_eq!(
+        total(&reports, WriteReport::written_in, "poll_events"),
+        polls * 3
+    );
+    assert_eq!(
+        store
+            .wake
+            .unbatched
+            .load(std::sync::atomic::Ordering::Acquire),
+        0
+    );
+    store.close().await.unwrap();
+}

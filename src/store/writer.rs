@@ -14,12 +14,11 @@
 //! `endpoints` is a bitmask. The views show them as before. That keeps what a poll leaves on
 //! disk near 40 bytes, and the store thread's work per poll to one row insert.
 
-use std::collections::HashMap;
-
 use anyhow::Context;
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{params, CachedStatement, Connection, OptionalExtension};
 
 use crate::domain::{PollEvent, Reading, Stamp, UnixMillis, VehicleId, VehicleInfo};
+use crate::store::hash::FxHashMap;
 
 /// One row (or vehicle update) bound for the store.
 #[derive(Clone, Debug, PartialEq)]
@@ -157,17 +156,19 @@ fn scaled(x: f64, scale: f64) -> Option<i64> {
     (v.is_finite() && v.abs() < 9.0e15).then_some(v as i64)
 }
 
-/// The writer's state on the owner thread.
+/// The writer's state on the owner thread. Its maps, and a batch's, hash with
+/// [`crate::store::hash::FxHasher`] (a poll looks a vehicle up several times; see there why an
+/// unkeyed hash is acceptable for vehicle ids).
 #[derive(Default)]
 pub(crate) struct Writer {
     /// vehicle_id → vehicles.id. Valid while `store_state.vehicle_epoch` equals `epoch`.
-    keys: HashMap<String, i64>,
+    keys: FxHashMap<String, i64>,
     epoch: Option<i64>,
     /// The VIN last written per vehicle: a v3 listing carries it on every poll, and an
     /// unchanged one is not written again (a page write per poll saved).
-    vins: HashMap<String, String>,
+    vins: FxHashMap<String, String>,
     /// endpoint name → its `poll_endpoints.bit` (names are only ever added).
-    bits: HashMap<String, i64>,
+    bits: FxHashMap<String, i64>,
 }
 
 /// The events of one poll that share an outcome become one `poll_log` row.
@@ -275,6 +276,15 @@ impl Writer {
         match self.try_batch(c, items, &mut counts) {
             Ok(()) => Ok(counts.into_report()),
             Err(error) => {
+                // What `Transaction`'s drop did: nothing of a failed batch stays.
+                if !c.is_autocommit() {
+                    if let Err(e) = c.execute_batch("ROLLBACK") {
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            "rolling back a failed write batch failed"
+                        );
+                    }
+                }
                 // The caches may hold what the rolled-back transaction read or wrote.
                 self.keys.clear();
                 self.vins.clear();
@@ -292,10 +302,13 @@ impl Writer {
         counts: &mut Counts,
     ) -> anyhow::Result<()> {
         // IMMEDIATE: take the write lock first, so the epoch read below can't go stale
-        // before our inserts.
-        let tx = c
-            .transaction_with_behavior(TransactionBehavior::Immediate)
+        // before our inserts. BEGIN and COMMIT are cached statements: `Connection::transaction`
+        // runs them through `execute_batch`, which parses them again for every batch. On an
+        // error the caller ([`Writer::try_write`]) rolls back.
+        c.prepare_cached("BEGIN IMMEDIATE")?
+            .execute([])
             .context("starting the write batch transaction")?;
+        let tx: &Connection = c;
         let epoch: i64 = tx
             .query_row(
                 "SELECT vehicle_epoch FROM store_state WHERE id = 1",
@@ -308,21 +321,24 @@ impl Writer {
             self.vins.clear();
             self.epoch = Some(epoch);
         }
+        // The key of the item before: a poll's items are queued together, so most items
+        // name the vehicle of the one before them, and a string compare beats a lookup.
+        let mut last_key: Option<(&str, i64)> = None;
         let mut unknown: Option<&VehicleId> = None;
         let mut unknown_count = 0u64;
         let mut invalid = 0u64;
         let mut events: Vec<EventRow<'_>> = Vec::new();
-        let mut event_index: HashMap<EventKey<'_>, usize> = HashMap::new();
+        let mut event_index: FxHashMap<EventKey<'_>, usize> = FxHashMap::default();
         // The event row of the latest `Event` item, with its vehicle key.
         let mut last_event: Option<(i64, usize)> = None;
         let mut groups: Vec<Group<'_>> = Vec::new();
-        let mut group_index: HashMap<(i64, UnixMillis), usize> = HashMap::new();
+        let mut group_index: FxHashMap<(i64, UnixMillis), usize> = FxHashMap::default();
         // A kind met twice at one instant: the second goes through the per-kind path.
         let mut extras: Vec<(i64, &VehicleId, Stamp, Values)> = Vec::new();
         for item in items {
             let label = item.label() as usize;
             let outcome = match item {
-                WriteItem::Reading(vid, reading) => match self.key(&tx, vid)? {
+                WriteItem::Reading(vid, reading) => match self.key_near(tx, vid, &mut last_key)? {
                     None => Outcome::Unknown,
                     Some(key) => {
                         let Some(values) = Values::of(reading) else {
@@ -357,11 +373,11 @@ impl Writer {
                         continue;
                     }
                 },
-                WriteItem::Event(ev) => match self.key(&tx, &ev.vehicle_id)? {
+                WriteItem::Event(ev) => match self.key_near(tx, &ev.vehicle_id, &mut last_key)? {
                     None => Outcome::Unknown,
                     Some(key) => {
                         // Gathered here, stored after the loop: one row per poll and outcome.
-                        let bit = self.bit(&tx, &ev.endpoint)?;
+                        let bit = self.bit(tx, &ev.endpoint)?;
                         let event_key = EventKey {
                             vehicle: key,
                             at: ev.at,
@@ -420,7 +436,7 @@ impl Writer {
                     scope,
                     reason,
                     at,
-                } => match self.key(&tx, vehicle_id)? {
+                } => match self.key(tx, vehicle_id)? {
                     None => Outcome::Unknown,
                     Some(key) => {
                         let n = tx
@@ -445,7 +461,7 @@ impl Writer {
                     until,
                     reason,
                     at,
-                } => match self.key(&tx, vehicle_id)? {
+                } => match self.key(tx, vehicle_id)? {
                     None => Outcome::Unknown,
                     Some(key) => {
                         tx.prepare_cached(
@@ -505,8 +521,11 @@ impl Writer {
                 }
             }
         }
+        // Prepared once per batch, not looked up in the statement cache (keyed by its text)
+        // for every row.
+        let mut insert_row = tx.prepare_cached(INSERT_ROW)?;
         for group in &groups {
-            store_group(&tx, group, &mut events, counts).with_context(|| {
+            store_group(tx, &mut insert_row, group, &mut events, counts).with_context(|| {
                 format!(
                     "storing the readings of {} recorded at {}",
                     group.vid, group.recorded_at
@@ -514,7 +533,7 @@ impl Writer {
             })?;
         }
         for (key, vid, stamp, values) in &extras {
-            let outcome = upsert_kind(&tx, *key, stamp, values)
+            let outcome = upsert_kind(tx, *key, stamp, values)
                 .with_context(|| format!("storing a {} reading of {vid}", LABELS[values.kind()]))?;
             count(counts, values.kind(), outcome);
         }
@@ -522,11 +541,14 @@ impl Writer {
             let label = Label::PollEvents as usize;
             let outcome = match row.kept {
                 Some(outcome) => outcome,
-                None => insert_event(&tx, row).context("storing a poll event")?,
+                None => insert_event(tx, row).context("storing a poll event")?,
             };
             count_n(counts, label, outcome, row.events);
         }
-        tx.commit().context("committing the write batch")?;
+        drop(insert_row);
+        tx.prepare_cached("COMMIT")?
+            .execute([])
+            .context("committing the write batch")?;
         if let Some(example) = unknown {
             tracing::warn!(
                 rows = unknown_count,
@@ -542,7 +564,7 @@ impl Writer {
 
     /// The `poll_endpoints` bit of an endpoint name; a name met for the first time gets the
     /// next free bit.
-    fn bit(&mut self, tx: &Transaction<'_>, name: &str) -> anyhow::Result<i64> {
+    fn bit(&mut self, tx: &Connection, name: &str) -> anyhow::Result<i64> {
         if self.bits.is_empty() {
             let mut stmt = tx.prepare_cached("SELECT name, bit FROM poll_endpoints")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
@@ -566,9 +588,29 @@ impl Writer {
         Ok(bit)
     }
 
+    /// [`Writer::key`], answered from `last` when the item before named the same vehicle (a
+    /// vehicle's key does not change within a batch: the epoch is read under its write lock).
+    fn key_near<'i>(
+        &mut self,
+        tx: &Connection,
+        vid: &'i VehicleId,
+        last: &mut Option<(&'i str, i64)>,
+    ) -> anyhow::Result<Option<i64>> {
+        if let Some((id, k)) = *last {
+            if id == vid.0 {
+                return Ok(Some(k));
+            }
+        }
+        let k = self.key(tx, vid)?;
+        if let Some(k) = k {
+            *last = Some((vid.0.as_str(), k));
+        }
+        Ok(k)
+    }
+
     /// The integer key of a vehicle, cached; None if the vehicle is not in the store (not
     /// cached, so a vehicle added later is found).
-    fn key(&mut self, tx: &Transaction<'_>, vid: &VehicleId) -> anyhow::Result<Option<i64>> {
+    fn key(&mut self, tx: &Connection, vid: &VehicleId) -> anyhow::Result<Option<i64>> {
         if let Some(k) = self.keys.get(&vid.0) {
             return Ok(Some(*k));
         }
@@ -611,12 +653,20 @@ fn count_n(counts: &mut Counts, label: usize, outcome: Outcome, n: u64) {
     }
 }
 
+/// A new instant's row, every kind in one INSERT ([`store_group`]).
+const INSERT_ROW: &str =
+    "INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, soc_cp, range_m,
+         plugged_in, charge_state, odometer_m, poll_endpoints, poll_calls)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+     ON CONFLICT (vehicle, recorded_at) DO NOTHING";
+
 /// Stores one instant's readings: a new row with every kind in one INSERT, keeping the `ok`
 /// events of the poll that read them when it may; if the row is already there, each kind joins
 /// it on its own (a kind already in it is a duplicate) and the poll's events go to `poll_log`,
 /// unless the row already keeps this very poll (a batch written twice).
 fn store_group(
-    tx: &Transaction<'_>,
+    tx: &Connection,
+    insert_row: &mut CachedStatement<'_>,
     g: &Group<'_>,
     events: &mut [EventRow<'_>],
     counts: &mut Counts,
@@ -663,25 +713,18 @@ fn store_group(
         ),
         None => (None, None),
     };
-    let n = tx
-        .prepare_cached(
-            "INSERT INTO readings (vehicle, recorded_at, fetch_lag_ms, soc_cp, range_m,
-                 plugged_in, charge_state, odometer_m, poll_endpoints, poll_calls)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT (vehicle, recorded_at) DO NOTHING",
-        )?
-        .execute(params![
-            g.vehicle,
-            g.recorded_at,
-            row_lag,
-            soc_cp,
-            range_m,
-            plugged_in,
-            state,
-            odometer_m,
-            poll_endpoints,
-            poll_calls
-        ])?;
+    let n = insert_row.execute(params![
+        g.vehicle,
+        g.recorded_at,
+        row_lag,
+        soc_cp,
+        range_m,
+        plugged_in,
+        state,
+        odometer_m,
+        poll_endpoints,
+        poll_calls
+    ])?;
     if n == 1 {
         if own_lags.iter().any(Option::is_some) {
             tx.prepare_cached(
@@ -748,7 +791,7 @@ fn store_group(
 /// started (its own fetch lag in `reading_lags` where that differs from the row's). A kind
 /// already in the row is a duplicate.
 fn upsert_kind(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     key: i64,
     stamp: &Stamp,
     values: &Values,
@@ -814,7 +857,7 @@ fn upsert_kind(
 }
 
 /// One `poll_log` row; a row already there for the same poll and endpoints is a duplicate.
-fn insert_event(tx: &Transaction<'_>, row: &EventRow<'_>) -> anyhow::Result<Outcome> {
+fn insert_event(tx: &Connection, row: &EventRow<'_>) -> anyhow::Result<Outcome> {
     let k = &row.key;
     let n = tx
         .prepare_cached(
