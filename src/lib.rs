@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod domain;
 pub mod exit;
+pub(crate) mod hash;
 pub mod logging;
 pub mod simulator;
 pub mod smartcar;

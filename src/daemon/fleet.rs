@@ -19,6 +19,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::daemon::gate::{Gates, Ledger, Skip};
 use crate::daemon::poller::{Freshness, PolledVehicle};
 use crate::domain::{ApiVersion, BlockScope, UnixMillis, VehicleId};
+use crate::hash::FxHashMap;
 use crate::smartcar::error::ApiError;
 use crate::smartcar::{Endpoint, Job};
 
@@ -48,7 +49,8 @@ impl Entry {
 struct Table {
     /// In the order [`Fleet::set_vehicles`] was given; a vehicle's index is its slot.
     entries: Vec<Entry>,
-    slots: HashMap<VehicleId, usize>,
+    /// Fx-hashed: looked up by every poll (see [`crate::hash`]).
+    slots: FxHashMap<VehicleId, usize>,
     gates: Gates,
     ledger: Ledger,
     /// Bumped when freshness or the vehicle set changes (see [`Fleet::changes`]).
@@ -227,7 +229,7 @@ impl Fleet {
             .drain(..)
             .map(|e| (e.vehicle.id.clone(), e))
             .collect();
-        let mut slots = HashMap::with_capacity(vehicles.len());
+        let mut slots = FxHashMap::with_capacity_and_hasher(vehicles.len(), Default::default());
         let mut entries = Vec::with_capacity(vehicles.len());
         for v in vehicles {
             slots.insert(v.id.clone(), entries.len());
@@ -299,12 +301,11 @@ impl Fleet {
             .gates
             .admit(id, job.endpoints(), now)
             .map_err(Refusal::Skip)?;
-        let cost = call_cost(api, job, &open).max(t.ledger.last_cost(id, job.label()));
-        if !t.ledger.allows(id, cost, now) {
-            return Err(Refusal::Skip(Skip::Budget));
-        }
         // Counted when admitted: a request that fails is billed all the same.
-        t.ledger.spend(id, cost, now);
+        let cost = t
+            .ledger
+            .charge(id, job.label(), call_cost(api, job, &open), now)
+            .ok_or(Refusal::Skip(Skip::Budget))?;
         t.entries[slot].busy[j] = true;
         let ticket = Ticket {
             fleet: self,

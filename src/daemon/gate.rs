@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::domain::{BlockScope, UnixMillis, VehicleId};
+use crate::hash::FxHashMap;
 use crate::smartcar::error::{ApiError, ErrorKind};
 use crate::smartcar::Endpoint;
 
@@ -168,7 +169,8 @@ struct Gate {
 /// The gates of every vehicle, plus the app-wide throttle.
 #[derive(Default, Debug)]
 pub struct Gates {
-    vehicles: HashMap<VehicleId, Gate>,
+    /// Fx-hashed: looked up by every poll (see [`crate::hash`]).
+    vehicles: FxHashMap<VehicleId, Gate>,
     app_not_before: UnixMillis,
     app_failures: u32,
     /// Bumped whenever what [`Gates::describe`], [`Gates::all_blocked`] and
@@ -792,10 +794,11 @@ pub struct Ledger {
     /// The month's first millisecond and the next month's: every admit, spend and look-up
     /// asks whether the month turned, two comparisons instead of a calendar conversion.
     span: (UnixMillis, UnixMillis),
-    used: HashMap<VehicleId, u64>,
+    /// Fx-hashed, as `last`: looked up by every poll (see [`crate::hash`]).
+    used: FxHashMap<VehicleId, u64>,
     /// The billed calls of each vehicle's latest poll, per job (a job's label, or
     /// `capabilities`): a short list per vehicle, so a look-up needs no key to be built.
-    last: HashMap<VehicleId, Vec<(&'static str, u64)>>,
+    last: FxHashMap<VehicleId, Vec<(&'static str, u64)>>,
     /// Bumped at every change of a count: the health check sets the billed-calls gauges
     /// again only when it moved.
     changes: u64,
@@ -838,8 +841,8 @@ impl Ledger {
             budget,
             month: month_of(now),
             span: month_span(now),
-            used,
-            last: HashMap::new(),
+            used: used.into_iter().collect(),
+            last: FxHashMap::default(),
             changes: 0,
         }
     }
@@ -874,6 +877,36 @@ impl Ledger {
             None => true,
             Some(b) => self.used.get(id).copied().unwrap_or(0) + cost <= b,
         }
+    }
+
+    /// Admission's one step: charges `floor` calls, or what `job` last cost when more, if that
+    /// fits the budget; `None` (nothing charged) when it does not. What `last_cost`, `allows`
+    /// and `spend` do in turn, with one look-up of the vehicle per table (every poll does it).
+    pub fn charge(
+        &mut self,
+        id: &VehicleId,
+        job: &'static str,
+        floor: u64,
+        now: UnixMillis,
+    ) -> Option<u64> {
+        self.roll(now);
+        let cost = floor.max(self.last_cost(id, job));
+        match self.used.get_mut(id) {
+            Some(n) => {
+                if self.budget.is_some_and(|b| *n + cost > b) {
+                    return None;
+                }
+                *n += cost;
+            }
+            None => {
+                if self.budget.is_some_and(|b| cost > b) {
+                    return None;
+                }
+                self.used.insert(id.clone(), cost);
+            }
+        }
+        self.changes += 1;
+        Some(cost)
     }
 
     pub fn spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) {
@@ -964,6 +997,36 @@ mod ledger_tests {
         assert!(l.allows(&v, 5, december), "a new month, a new budget");
         assert_eq!(l.used(&v, december), 0);
         assert!(Ledger::new(None, HashMap::new(), NOV_29).allows(&v, u64::MAX / 2, NOV_29));
+    }
+
+    #[test]
+    fn charge_takes_the_jobs_last_cost_and_stops_at_the_budget() {
+        let (v, w) = (VehicleId("v".into()), VehicleId("w".into()));
+        let mut l = Ledger::new(Some(6), HashMap::from([(v.clone(), 1)]), NOV_29);
+        assert_eq!(l.charge(&v, "battery", 1, NOV_29), Some(1));
+        // The job cost 3 last time: admission charges that, not the floor.
+        l.settle(&v, Some("battery"), 1, 3);
+        assert_eq!(l.used(&v, NOV_29), 4);
+        assert_eq!(l.charge(&v, "battery", 1, NOV_29), None, "4 + 3 > 6");
+        assert_eq!(l.used(&v, NOV_29), 4, "a refusal charges nothing");
+        assert_eq!(
+            l.charge(&v, "info", 2, NOV_29),
+            Some(2),
+            "another job: its floor"
+        );
+        assert_eq!(l.used(&v, NOV_29), 6);
+        // A vehicle the ledger has not seen: charged from 0, refused past the budget alone.
+        assert_eq!(l.charge(&w, "battery", 7, NOV_29), None);
+        assert_eq!(l.used(&w, NOV_29), 0);
+        assert_eq!(l.charge(&w, "battery", 6, NOV_29), Some(6));
+        let december = NOV_29 + 3 * 86_400_000;
+        assert_eq!(l.charge(&v, "battery", 1, december), Some(3), "a new month");
+        assert_eq!(l.used(&v, december), 3);
+        let mut free = Ledger::new(None, HashMap::new(), NOV_29);
+        assert_eq!(
+            free.charge(&v, "battery", u64::MAX / 2, NOV_29),
+            Some(u64::MAX / 2)
+        );
     }
 
     /// 2026-12-01T00:00:00Z: the first millisecond of December.

@@ -18,7 +18,6 @@
 
 pub mod backup;
 pub mod fallback;
-mod hash;
 pub mod lock;
 pub mod migrate;
 pub mod queries;

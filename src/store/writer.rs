@@ -18,7 +18,7 @@ use anyhow::Context;
 use rusqlite::{params, CachedStatement, Connection, OptionalExtension};
 
 use crate::domain::{PollEvent, Reading, Stamp, UnixMillis, VehicleId, VehicleInfo};
-use crate::store::hash::FxHashMap;
+use crate::hash::FxHashMap;
 
 /// One row (or vehicle update) bound for the store.
 #[derive(Clone, Debug, PartialEq)]
@@ -157,7 +157,7 @@ fn scaled(x: f64, scale: f64) -> Option<i64> {
 }
 
 /// The writer's state on the owner thread. Its maps, and a batch's, hash with
-/// [`crate::store::hash::FxHasher`] (a poll looks a vehicle up several times; see there why an
+/// [`crate::hash::FxHasher`] (a poll looks a vehicle up several times; see there why an
 /// unkeyed hash is acceptable for vehicle ids).
 #[derive(Default)]
 pub(crate) struct Writer {

@@ -1,19 +1,20 @@
-//! A small, fast, non-cryptographic hasher for the writer's maps (FxHash, the multiply-rotate
-//! hash rustc uses for its own tables).
+//! A small, fast, non-cryptographic hasher for the tables a poll looks a vehicle up in (FxHash,
+//! the multiply-rotate hash rustc uses for its own tables): the store writer's key and group
+//! maps, and the daemon's per-vehicle tables (the fleet table's slots, the gates, the ledger).
 //!
-//! Why not std's SipHash: the writer looks a vehicle up several times per poll (its key, its
-//! VIN, the poll's event and reading groups), and SipHash-1-3 on a 36-byte id was 1.2 % of the
-//! daemon's CPU in the fleet profile; Fx is a few multiplications per 8 bytes. Why not a crate
+//! Why not std's SipHash: every poll looks its vehicle up a dozen times across those tables,
+//! and SipHash-1-3 on a 36-byte id was ~3 % of the daemon's CPU in the fleet profile (1.2 % on
+//! the store thread alone); Fx is a few multiplications per 8 bytes. Why not a crate
 //! (`rustc-hash`, `ahash`): it is twenty lines and no new crate may come in for it.
 //!
 //! Why a non-keyed hash is acceptable here: SipHash's random key protects a map whose keys an
-//! attacker chooses (HashDoS). The writer's maps are keyed by integers of our own store
+//! attacker chooses (HashDoS). These maps are keyed by integers of our own store
 //! (`vehicles.id`), by endpoint names of our own code, and by vehicle ids that (a) come from
 //! Smartcar's answers, a party carpulse authenticates and trusts with the fleet's data anyway,
-//! and (b) only enter the key cache once the vehicle is in the store (added by its owner through
-//! Connect). The cache is bounded by the fleet; the per-batch maps by a batch. The worst an
-//! adversarial set of ids could do is make those lookups linear in the fleet, a slower writer,
-//! never a wrong row.
+//! and (b) only enter a table once the vehicle is in the store (added by its owner through
+//! Connect). The tables are bounded by the fleet; the writer's per-batch maps by a batch. The
+//! worst an adversarial set of ids could do is make those lookups linear in the fleet, a slower
+//! poll, never a wrong row.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
