@@ -42,6 +42,7 @@ pub mod connections;
 pub mod endpoint;
 pub mod error;
 pub mod iam;
+mod scan;
 pub mod scrub;
 pub mod time;
 pub mod units;
