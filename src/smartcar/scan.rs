@@ -278,8 +278,38 @@ impl<'a> Scanner<'a> {
 
     /// The rest of a string after its opening quote, through the closing one; whether it
     /// held an escape. Eight bytes at a time while none of them needs a look (a quote, a
-    /// backslash, a control character): most of a listing's bytes are in strings.
+    /// backslash, a control character): most of a listing's bytes are in strings, most of
+    /// them short and plain, which this inlined part ends; escapes and the document's last
+    /// few bytes go to [`Scanner::string_slow`].
+    #[inline]
     fn string_rest(&mut self) -> Option<bool> {
+        let bytes = self.bytes;
+        let mut at = self.at;
+        while let Some(chunk) = bytes.get(at..at + 8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            let found = needs_look(u64::from_le_bytes(word));
+            if found != 0 {
+                // Straight to the first byte that needs a look (a borrow only ever marks
+                // bytes after a real one, so the lowest mark is real).
+                at += (found.trailing_zeros() / 8) as usize;
+                if bytes.get(at) == Some(&b'"') {
+                    self.at = at + 1;
+                    return Some(false);
+                }
+                break;
+            }
+            at += 8;
+        }
+        self.at = at;
+        self.string_slow()
+    }
+
+    /// [`Scanner::string_rest`] from a byte that needs a look or the document's last seven:
+    /// escapes are checked here, then eight at a time again (a loop, not a call back: a
+    /// string of a million escapes must not cost a million stack frames).
+    #[inline(never)]
+    fn string_slow(&mut self) -> Option<bool> {
         let mut escaped = false;
         loop {
             while let Some(chunk) = self.bytes.get(self.at..self.at + 8) {
@@ -287,8 +317,6 @@ impl<'a> Scanner<'a> {
                 word.copy_from_slice(chunk);
                 let found = needs_look(u64::from_le_bytes(word));
                 if found != 0 {
-                    // Straight to the first byte that needs a look (a borrow only ever marks
-                    // bytes after a real one, so the lowest mark is real).
                     self.at += (found.trailing_zeros() / 8) as usize;
                     break;
                 }
@@ -414,6 +442,26 @@ mod tests {
         for case in cases {
             assert_eq!(skips(case), serde_skips(case), "{case:?}");
         }
+    }
+
+    /// Strings of every length up to a few words with a byte that needs a look at every
+    /// place: the eight-at-a-time search stops where the byte-at-a-time one would.
+    #[test]
+    fn strings_are_checked_wherever_their_special_bytes_fall() {
+        for len in 0..20 {
+            for at in 0..len {
+                for special in ["\"", "\\n", "\\u00e9", "\\q", "\u{1}", "\u{e9}", "\\"] {
+                    let mut text: String = "a".repeat(len);
+                    text.replace_range(at..at + 1, special);
+                    for case in [format!("\"{text}\""), format!("[\"{text}\",1]")] {
+                        assert_eq!(skips(&case), serde_skips(&case), "{case:?}");
+                    }
+                }
+            }
+        }
+        // Many escapes in one string: a loop, not a call per escape.
+        let long = format!("\"{}\"", "\\n".repeat(200_000));
+        assert!(skips(&long));
     }
 
     #[test]

@@ -115,46 +115,6 @@ impl SignalBody {
     }
 }
 
-/// A string that borrows from the body when it has no escapes. serde's own `Cow<str>` copies
-/// whenever it sits inside an `Option`, `#[serde(borrow)]` or not: an allocation per field per
-/// item of every listing.
-struct Text<'a>(std::borrow::Cow<'a, str>);
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
-                Ok(Text(std::borrow::Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
-                Ok(Text(std::borrow::Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
-                Ok(Text(std::borrow::Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(Visit)
-    }
-}
-
-impl Text<'_> {
-    fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// A member that is there, null or not (serde's `Option` makes a null `None`), kept as text.
-fn present_raw<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<&'de serde_json::value::RawValue>, D::Error> {
-    <&serde_json::value::RawValue as serde::Deserialize>::deserialize(d).map(Some)
-}
-
 /// One page of `GET /vehicles/{id}/signals`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SignalsPage {
@@ -184,49 +144,40 @@ const READ: [&str; 7] = [
 /// `included.vehicle` in its documented shape: an object whose `attributes` object holds the
 /// make, model and year (smartcar-api.md §10). Any other shape (a `data` wrapper, members at
 /// the top, a duplicate key) is left to the tree parser, which the answer must agree with.
-#[derive(serde::Deserialize)]
-struct IncludedVehicleDto<'a> {
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    data: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    attributes: Option<&'a serde_json::value::RawValue>,
-}
-
-#[derive(serde::Deserialize)]
-struct VehicleAttrsDto<'a> {
-    #[serde(borrow, default)]
-    make: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    model: Option<Text<'a>>,
-    #[serde(default)]
-    year: Option<Value>,
-}
-
+///
 /// The included vehicle read without a tree (it came with every listing and cost more than a
 /// signal: ~3 % of a poll's CPU in the fleet profile). `None`: not the documented shape, the
 /// caller asks [`parse_vehicle`].
-fn vehicle_of_text(raw: &str) -> Option<Result<VehicleInfo, String>> {
+fn vehicle_of_text(raw: &[u8]) -> Option<Result<VehicleInfo, String>> {
     // An array would be read into the structs by position; the tree reads no member of it.
-    if !raw.starts_with('{') {
+    if !raw.starts_with(b"{") {
         return None;
     }
-    let dto: IncludedVehicleDto<'_> = serde_json::from_str(raw).ok()?;
-    if dto.data.is_some() {
+    let [data, attrs] = fields(&mut Scanner::new(raw), [b"data", b"attributes"])?;
+    if data.is_some() {
         return None;
     }
-    let attrs = dto.attributes.filter(|a| a.get().starts_with('{'))?;
-    let a: VehicleAttrsDto<'_> = serde_json::from_str(attrs.get()).ok()?;
-    Some(info_from_parts(
-        a.make.as_ref().map(Text::as_str),
-        a.model.as_ref().map(Text::as_str),
-        a.year.as_ref().and_then(value_raw_num),
-    ))
+    let attrs = attrs.filter(|a| a.starts_with(b"{"))?;
+    let [make, model, year] = fields(&mut Scanner::new(attrs), [b"make", b"model", b"year"])?;
+    // A make or model that is there must be a string or null (anything else: the tree).
+    fn text(t: Option<&[u8]>) -> Option<Option<std::borrow::Cow<'_, str>>> {
+        match t {
+            None | Some(b"null") => Some(None),
+            Some(t) => string_of(t).ok()?.map(Some),
+        }
+    }
+    let (make, model) = (text(make)?, text(model)?);
+    let year = match year {
+        None | Some(b"null") => None,
+        Some(y) => value_raw_num(&serde_json::from_slice::<Value>(y).ok()?),
+    };
+    Some(info_from_parts(make.as_deref(), model.as_deref(), year))
 }
 
 /// [`vehicle_of_text`] of a raw value (the unit tests build them).
 #[cfg(test)]
 fn vehicle_of_raw(raw: &serde_json::value::RawValue) -> Option<Result<VehicleInfo, String>> {
-    vehicle_of_text(raw.get())
+    vehicle_of_text(raw.get().as_bytes())
 }
 
 /// The members of a listing item (or of its `attributes`) that carpulse may read, as spans of
@@ -278,11 +229,14 @@ enum Attrs<'a> {
     Other,
 }
 
-/// One item of `data`, the cursor on its `{`.
-fn scan_item<'a>(s: &mut Scanner<'a>) -> Option<(ItemSpans<'a>, Attrs<'a>)> {
+/// One item of `data`, the cursor on its `{`, read into `item` and `attrs` (both empty on
+/// entry; filled in place rather than returned: a returned pair was a memcpy per item).
+fn scan_item<'a>(
+    s: &mut Scanner<'a>,
+    item: &mut ItemSpans<'a>,
+    attrs: &mut Attrs<'a>,
+) -> Option<()> {
     s.open_object()?;
-    let mut item = ItemSpans::default();
-    let mut attrs = Attrs::Absent;
     let mut first = true;
     while let Member::Key(key) = s.member(&mut first)? {
         if key == b"attributes" {
@@ -290,7 +244,7 @@ fn scan_item<'a>(s: &mut Scanner<'a>) -> Option<(ItemSpans<'a>, Attrs<'a>)> {
                 return None;
             }
             // Read in place: `attributes` is most of an item, scanned once.
-            attrs = if s.peek()? == b'{' {
+            *attrs = if s.peek()? == b'{' {
                 s.open_object()?;
                 let mut a = ItemSpans::default();
                 a.scan(s, false)?;
@@ -307,7 +261,7 @@ fn scan_item<'a>(s: &mut Scanner<'a>) -> Option<(ItemSpans<'a>, Attrs<'a>)> {
             None => s.skip()?,
         }
     }
-    Some((item, attrs))
+    Some(())
 }
 
 /// A span as text. Invalid UTF-8 in a part carpulse reads: `None` (serde rejects it there too).
@@ -389,6 +343,22 @@ fn signal_of_spans(
     let Some(code) = code else {
         return Some(None);
     };
+    // Most codes are plain ASCII: compared as bytes, so an item carpulse does not read costs
+    // no UTF-8 check or copy. (JSON cannot hold a raw tab or newline in a string, so the
+    // ASCII whitespace `str::trim` would cut is a space here.)
+    if let Some(plain) = code
+        .strip_prefix(b"\"")
+        .and_then(|c| c.strip_suffix(b"\""))
+        .filter(|c| c.iter().all(|&b| b != b'\\' && b < 0x80))
+    {
+        let plain = plain.trim_ascii();
+        if !READ
+            .iter()
+            .any(|c| c.as_bytes().eq_ignore_ascii_case(plain))
+        {
+            return Some(None);
+        }
+    }
     let Some(code) = string_of(code).ok()? else {
         return Some(None);
     };
@@ -457,7 +427,9 @@ fn scan_items(
             s.skip()?;
             continue;
         }
-        let (item, attrs) = scan_item(s)?;
+        let mut item = ItemSpans::default();
+        let mut attrs = Attrs::Absent;
+        scan_item(s, &mut item, &mut attrs)?;
         if let Some(signal) = signal_of_spans(&item, &attrs, fetched_at, request_id)? {
             signals.push(signal);
         }
@@ -510,10 +482,11 @@ pub fn parse_signals_bytes(
     };
     let vehicle = match included.and_then(|[v]| v) {
         Some(r) => {
-            let text = text_of(r)?;
-            match vehicle_of_text(text) {
+            // Checked whole, as serde checked it when it handed the vehicle over as text.
+            text_of(r)?;
+            match vehicle_of_text(r) {
                 Some(info) => info.ok(),
-                None => serde_json::from_str::<Value>(text)
+                None => serde_json::from_slice::<Value>(r)
                     .ok()
                     .and_then(|v| parse_vehicle(&v).ok()),
             }
