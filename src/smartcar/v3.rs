@@ -86,7 +86,7 @@ impl SignalBody {
             None | Some(b"null") => return Some(SignalBody::NONE),
             Some(text) => text,
         };
-        // Not an object (an array would be read by position): no `value`, as the tree says.
+        // Not an object: no `value` (the tree's `get` finds no member in an array or a scalar).
         if !text.starts_with(b"{") {
             return Some(SignalBody {
                 value: None,
@@ -141,15 +141,13 @@ const READ: [&str; 7] = [
     ODOMETER,
 ];
 
-/// `included.vehicle` in its documented shape: an object whose `attributes` object holds the
-/// make, model and year (smartcar-api.md §10). Any other shape (a `data` wrapper, members at
-/// the top, a duplicate key) is left to the tree parser, which the answer must agree with.
-///
-/// The included vehicle read without a tree (it came with every listing and cost more than a
-/// signal: ~3 % of a poll's CPU in the fleet profile). `None`: not the documented shape, the
-/// caller asks [`parse_vehicle`].
+/// The included vehicle read from its bytes without a tree (it comes with every listing and
+/// cost more than a signal: ~3 % of a poll's CPU in the fleet profile), in its documented
+/// shape only: an object whose `attributes` object holds the make, model and year
+/// (smartcar-api.md §10). `None` for any other shape (a `data` wrapper, members at the top, a
+/// member named twice, a make that is not a string): the caller asks [`parse_vehicle`], whose
+/// answer this one must equal.
 fn vehicle_of_text(raw: &[u8]) -> Option<Result<VehicleInfo, String>> {
-    // An array would be read into the structs by position; the tree reads no member of it.
     if !raw.starts_with(b"{") {
         return None;
     }
