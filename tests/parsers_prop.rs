@@ -413,10 +413,12 @@ proptest! {
     }
 }
 
-/// Replaces an array where the byte parser expects an object (a listing item, its
+/// Replaces an array where the byte parser once expected an object (a listing item, its
 /// `attributes`, the page's `links`, `meta`, `included`) by an object holding it, and drops an
-/// item's own `code` when it has `attributes` without one (the two parsers differ there too:
-/// see the regression test below).
+/// item's own `code` when it has `attributes` without one: the shapes the serde-struct byte
+/// parser read differently from the tree parser (see the regression test below). The scanner
+/// that replaced it reads them alike; `the_fast_path_agrees_or_declines_on_generated_listings`
+/// generates them unwrapped.
 fn no_arrays_for_structs(page: &mut Value) {
     let wrap = |v: &mut Value| {
         if v.is_array() {
@@ -449,10 +451,10 @@ fn no_arrays_for_structs(page: &mut Value) {
 /// …]` as a signal (with whatever body the array's fifth element holds), and an item whose
 /// `attributes` is `["tractionbattery-stateofcharge"]` too, where the tree parser skips both.
 /// Likewise an item with `attributes` that name no code (`null`, `{}`) and a `code` of its own:
-/// the byte parser falls back to the item's `code`, the tree parser only to its `id`. Left to
-/// the per-signal decoding rewrite of `src/smartcar/v3.rs`.
+/// the byte parser falls back to the item's `code`, the tree parser only to its `id`. Fixed by
+/// the scanner that replaced the derived structs (issue 8): it applies the tree's rules to
+/// whatever shape an item has.
 #[test]
-#[ignore = "the v3 byte parser reads an array or a null in place of an item's parts differently from the tree parser"]
 fn regression_v3_parsers_agree_on_an_array_item() {
     for positional in [
         json!({"data": [[v3::SOC, null, null, {"value": "SUCCESS"}, {"value": 50}]]}),
@@ -475,6 +477,345 @@ fn regression_v3_parsers_agree_on_a_float_read_from_the_same_bytes() {
     let page =
         json!({"data": [signal(v3::SOC, json!({"value": 1.2393211069948165e-46}), FETCHED)]});
     both_v3(&page).unwrap();
+}
+
+// ---------------------------------------------------------------- v3 fast path: agree or decline
+
+/// The one-page listing the hotpath bench times, as `carpulse simulator` serves it.
+const LISTING: &[u8] = include_bytes!("../benches/fixtures/v3-listing.json");
+
+/// The signal codes carpulse reads (the fast path answers only these).
+const READ: [&str; 7] = [
+    v3::SOC,
+    v3::RANGE,
+    v3::CABLE,
+    v3::DETAILED_STATUS,
+    v3::IS_CHARGING,
+    v3::VIN,
+    v3::ODOMETER,
+];
+
+/// The fast path's contract on any body: it answers only a body serde_json accepts (as it
+/// accepts what it skips: syntax, not the UTF-8 or code points of skipped strings), and then
+/// with exactly the tree parser's page (its read signals, link, vehicle and counts). `true`
+/// when it answered.
+fn agree_or_decline(bytes: &[u8]) -> Result<bool, TestCaseError> {
+    let Some(fast) = v3::parse_signals_bytes(bytes, FETCHED, Some("rid")) else {
+        return Ok(false);
+    };
+    let text = String::from_utf8_lossy(bytes);
+    prop_assert!(
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok(),
+        "a body serde_json rejects became a page: {}",
+        text
+    );
+    // A string the tree rejects in a part carpulse skips (invalid UTF-8, a lone surrogate)
+    // was never checked by the fast path (serde skips it unchecked too): nothing to compare.
+    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+        return Ok(true);
+    };
+    let slow = match v3::parse_signals_page(&v, FETCHED, Some("rid")) {
+        Ok(slow) => slow,
+        Err(e) => {
+            return Err(TestCaseError::fail(format!(
+                "tree: {e}, fast: a page: {text}"
+            )))
+        }
+    };
+    let wanted: Vec<&v3::Signal> = slow
+        .signals
+        .iter()
+        .filter(|s| READ.contains(&&*s.code))
+        .collect();
+    prop_assert_eq!(fast.signals.iter().collect::<Vec<_>>(), wanted, "{}", text);
+    prop_assert_eq!(
+        (
+            &fast.next,
+            &fast.vehicle,
+            fast.total_count,
+            fast.items,
+            fast.page_size
+        ),
+        (
+            &slow.next,
+            &slow.vehicle,
+            slow.total_count,
+            slow.items,
+            slow.page_size
+        ),
+        "{}",
+        text
+    );
+    Ok(true)
+}
+
+/// The fixture, and every prefix of it: a truncated answer is never a page (a decode error by
+/// the tree parser), wherever the connection broke.
+#[test]
+fn the_fast_path_reads_the_fixture_and_declines_every_truncation_of_it() {
+    assert!(agree_or_decline(LISTING).unwrap(), "the fixture is a page");
+    let page = v3::parse_signals_bytes(LISTING, FETCHED, None).unwrap();
+    assert_eq!((page.items, page.signals.len()), (18, 7));
+    for end in 0..LISTING.len() {
+        assert!(
+            v3::parse_signals_bytes(&LISTING[..end], FETCHED, None).is_none(),
+            "a page from the first {end} bytes"
+        );
+    }
+}
+
+/// A small deterministic generator (xorshift) driving the rewrites of the fixture below, so
+/// one proptest seed names one rewritten document.
+struct Dice(u64);
+
+impl Dice {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn one_in(&mut self, n: u32) -> bool {
+        self.next() % u64::from(n) == 0
+    }
+}
+
+/// Writes `v` as JSON text, rewritten at random but staying valid JSON with (where no
+/// structural change happens) the same meaning: whitespace between tokens, members reordered,
+/// characters written as `\u` escapes or `\/`; and, at `rate`, changes of meaning the parsers
+/// must agree on: unknown members (deeply nested ones too), a member named twice, a value
+/// wrapped in an array or an object.
+struct Rewriter {
+    dice: Dice,
+    rate: u32,
+    out: String,
+}
+
+impl Rewriter {
+    fn ws(&mut self) {
+        while self.dice.one_in(4) {
+            let w = [' ', '\n', '\t', '\r'][self.dice.below(4)];
+            self.out.push(w);
+        }
+    }
+
+    fn string(&mut self, s: &str) {
+        self.out.push('"');
+        for c in s.chars() {
+            let escape = self.dice.one_in(self.rate);
+            match c {
+                '"' => self.out.push_str("\\\""),
+                '\\' => self.out.push_str("\\\\"),
+                '/' if escape => self.out.push_str("\\/"),
+                c if (c as u32) < 0x20 || escape => {
+                    let mut units = [0u16; 2];
+                    for u in c.encode_utf16(&mut units) {
+                        self.out.push_str(&format!("\\u{u:04x}"));
+                    }
+                }
+                c => self.out.push(c),
+            }
+        }
+        self.out.push('"');
+    }
+
+    fn value(&mut self, v: &Value) {
+        self.ws();
+        if self.dice.one_in(self.rate * 4) {
+            // Nesting: the value one level down.
+            if self.dice.one_in(2) {
+                self.out.push('[');
+                self.value(v);
+                self.out.push(']');
+            } else {
+                self.out.push_str("{\"wrapped\":");
+                self.value(v);
+                self.out.push('}');
+            }
+            self.ws();
+            return;
+        }
+        match v {
+            Value::Object(m) => {
+                let mut members: Vec<(&String, &Value)> = m.iter().collect();
+                for i in (1..members.len()).rev() {
+                    let j = self.dice.below(i + 1);
+                    members.swap(i, j);
+                }
+                self.out.push('{');
+                let mut first = true;
+                for (k, v) in members {
+                    let times = if self.dice.one_in(self.rate * 2) {
+                        2
+                    } else {
+                        1
+                    };
+                    for _ in 0..times {
+                        self.member(&mut first, k, v);
+                    }
+                    if self.dice.one_in(self.rate) {
+                        let depth = self.dice.below(40);
+                        let unknown = format!(
+                            "{}{{\"s\":\"x\\\"y\\u00e9\",\"n\":-1.5e-3,\"t\":[true,false,null,{{}},[]]}}{}",
+                            "[".repeat(depth),
+                            "]".repeat(depth)
+                        );
+                        let unknown: Value = serde_json::from_str(&unknown).unwrap();
+                        self.member(&mut first, "x-unknown", &unknown);
+                    }
+                }
+                self.ws();
+                self.out.push('}');
+            }
+            Value::Array(items) => {
+                self.out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        self.ws();
+                        self.out.push(',');
+                    }
+                    self.value(item);
+                }
+                self.ws();
+                self.out.push(']');
+            }
+            Value::String(s) => self.string(s),
+            other => self.out.push_str(&other.to_string()),
+        }
+        self.ws();
+    }
+
+    fn member(&mut self, first: &mut bool, key: &str, v: &Value) {
+        if !*first {
+            self.out.push(',');
+        }
+        *first = false;
+        self.ws();
+        self.string(key);
+        self.ws();
+        self.out.push(':');
+        self.value(v);
+    }
+}
+
+/// Byte-level damage to the fixture: what a broken proxy, a bad disk or a hostile server
+/// might send.
+#[derive(Clone, Debug)]
+enum Damage {
+    Flip(prop::sample::Index, u8),
+    Insert(prop::sample::Index, &'static str),
+    Delete(prop::sample::Index, usize),
+}
+
+fn damage() -> impl Strategy<Value = Damage> {
+    let text = prop::sample::select(vec![
+        " ", "\n", "\t\r", "\\n", "\\u0041", "\\ud800", "\\u12", "\\x", "\\", "\"", ",", ":", "{",
+        "}", "[", "]", "null", "0", "-", "01", "1e", ".5", "\u{0}", "\u{1f}", "\u{e9}", "\\\"",
+        "\"x\":1,", "[[[[[[",
+    ]);
+    prop_oneof![
+        (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Damage::Flip(i, b)),
+        (any::<prop::sample::Index>(), text).prop_map(|(i, t)| Damage::Insert(i, t)),
+        (any::<prop::sample::Index>(), 1usize..16).prop_map(|(i, n)| Damage::Delete(i, n)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(cases(512))]
+
+    /// Bytes flipped, inserted or deleted anywhere in the fixture: the fast path agrees with
+    /// the tree parser or declines, and never takes a body serde_json rejects.
+    #[test]
+    fn the_fast_path_agrees_or_declines_on_a_damaged_fixture(
+        damages in prop::collection::vec(damage(), 1..4),
+    ) {
+        let mut bytes = LISTING.to_vec();
+        for d in &damages {
+            match d {
+                Damage::Flip(at, b) => {
+                    let at = at.index(bytes.len());
+                    bytes[at] = *b;
+                }
+                Damage::Insert(at, text) => {
+                    let at = at.index(bytes.len() + 1);
+                    bytes.splice(at..at, text.bytes());
+                }
+                Damage::Delete(at, n) => {
+                    let at = at.index(bytes.len());
+                    bytes.drain(at..(at + n).min(bytes.len()));
+                }
+            }
+        }
+        agree_or_decline(&bytes)?;
+    }
+
+    /// The fixture rewritten (whitespace, reordered members, escapes; at `rate`: unknown and
+    /// nested members, duplicates, wrapped values): the fast path agrees or declines.
+    #[test]
+    fn the_fast_path_agrees_or_declines_on_a_rewritten_fixture(
+        seed in 1u64..,
+        rate in 8u32..2000,
+    ) {
+        let fixture: Value = serde_json::from_slice(LISTING).unwrap();
+        let mut w = Rewriter { dice: Dice(seed), rate, out: String::new() };
+        w.value(&fixture);
+        agree_or_decline(w.out.as_bytes())?;
+    }
+
+    /// Generated listings, items of any shape (arrays, nulls and objects in place of items,
+    /// `attributes`, `status`, `body`, `meta`, `links`, `included`) among well-formed signals
+    /// carpulse reads: the fast path agrees or declines.
+    #[test]
+    fn the_fast_path_agrees_or_declines_on_generated_listings(
+        data in prop::collection::vec(
+            prop_oneof![
+                any_json(),
+                prop::collection::vec(
+                    ("[a-z]{1,6}|id|attributes|code|status|body|meta", any_json()),
+                    0..5,
+                ).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                (prop::sample::select(READ.to_vec()), any_json(), any_json(), any_json())
+                    .prop_map(|(code, body, status, attributes)| {
+                        let mut s = signal(code, body, FETCHED);
+                        if !status.is_null() {
+                            s["attributes"]["status"] = status;
+                        }
+                        if attributes.is_array() {
+                            s["attributes"] = attributes;
+                        }
+                        s
+                    }),
+            ],
+            0..6,
+        ),
+        rest in any_json(),
+    ) {
+        let mut page = match rest {
+            Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        page.insert("data".into(), Value::Array(data));
+        agree_or_decline(&serde_json::to_vec(&Value::Object(page)).unwrap())?;
+    }
+
+    /// Any bytes at all: a body serde_json rejects is never a page.
+    #[test]
+    fn the_fast_path_never_takes_what_serde_json_rejects(
+        bytes in prop::collection::vec(
+            prop::sample::select(b"{}[]\":,0123456789-.eE+ \n\\utrfnalsdxyz\x00\x1f\xc3\xa9".to_vec()),
+            0..96,
+        ),
+    ) {
+        let mut body = b"{\"data\":[".to_vec();
+        body.extend_from_slice(&bytes);
+        agree_or_decline(&body)?;
+        agree_or_decline(&bytes)?;
+    }
 }
 
 // ---------------------------------------------------------------- token endpoint

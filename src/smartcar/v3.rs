@@ -12,6 +12,7 @@ use reqwest::{Method, Url};
 use serde_json::Value;
 
 use super::error::{api_error_from, ApiError, ErrorBody, ErrorKind};
+use super::scan::{Member, Scanner};
 use super::time::{parse_epoch_json, parse_epoch_value, stamp};
 use super::units::{plausible_km, v3_percent, DistanceUnit};
 use super::v2::{info_from_parts, parse_info, value_bool, value_num, value_raw_num};
@@ -78,32 +79,32 @@ impl SignalBody {
         }
     }
 
-    /// From the body's text (the byte parser); None when it is an object serde would read
-    /// differently from the tree parser (a duplicate key), so the caller falls back.
-    fn of_raw(body: Option<&serde_json::value::RawValue>) -> Option<SignalBody> {
-        let Some(raw) = body else {
-            return Some(SignalBody::NONE);
+    /// From the body's bytes (the byte parser); None when it is an object the tree parser
+    /// could read differently (a member named twice), so the caller falls back.
+    fn of_span(body: Option<&[u8]>) -> Option<SignalBody> {
+        let text = match body {
+            None | Some(b"null") => return Some(SignalBody::NONE),
+            Some(text) => text,
         };
-        let text = raw.get();
-        if text == "null" {
-            return Some(SignalBody::NONE);
-        }
-        // Not an object (an array would be read by position): no `value`, as the tree says.
-        if !text.starts_with('{') {
+        // Not an object: no `value` (the tree's `get` finds no member in an array or a scalar).
+        if !text.starts_with(b"{") {
             return Some(SignalBody {
                 value: None,
                 unit: None,
                 bodiless: false,
             });
         }
-        let dto: BodyDto<'_> = serde_json::from_str(text).ok()?;
+        let [value, unit] = fields(&mut Scanner::new(text), [b"value", b"unit"])?;
         Some(SignalBody {
-            value: dto.value,
-            unit: dto
-                .unit
-                .filter(|u| u.get().starts_with('"'))
-                .and_then(|u| serde_json::from_str::<Text<'_>>(u.get()).ok())
-                .map(|t| t.0.into_owned()),
+            // An explicit null is kept (`Some(Null)`): it means "no reading", not "no value".
+            value: match value {
+                Some(v) => Some(serde_json::from_slice::<Value>(v).ok()?),
+                None => None,
+            },
+            unit: match unit {
+                Some(u) => string_of(u).ok()?.map(std::borrow::Cow::into_owned),
+                None => None,
+            },
             bodiless: false,
         })
     }
@@ -112,61 +113,6 @@ impl SignalBody {
     fn number(&self) -> Option<f64> {
         self.value.as_ref().and_then(value_num)
     }
-}
-
-/// A string that borrows from the body when it has no escapes. serde's own `Cow<str>` copies
-/// whenever it sits inside an `Option`, `#[serde(borrow)]` or not: an allocation per field per
-/// item of every listing.
-struct Text<'a>(std::borrow::Cow<'a, str>);
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
-                Ok(Text(std::borrow::Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
-                Ok(Text(std::borrow::Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
-                Ok(Text(std::borrow::Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(Visit)
-    }
-}
-
-impl Text<'_> {
-    fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// A signal's `body` as it arrives: `value` kept whatever its type (null included), `unit`
-/// left as text until it is known to be a string.
-#[derive(serde::Deserialize)]
-struct BodyDto<'a> {
-    #[serde(default, deserialize_with = "present")]
-    value: Option<Value>,
-    #[serde(borrow, default)]
-    unit: Option<&'a serde_json::value::RawValue>,
-}
-
-/// A member that is there, null or not (serde's `Option` makes a null `None`).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    <Value as serde::Deserialize>::deserialize(d).map(Some)
-}
-
-/// [`present`] for a member kept as text.
-fn present_raw<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<&'de serde_json::value::RawValue>, D::Error> {
-    <&serde_json::value::RawValue as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 /// One page of `GET /vehicles/{id}/signals`.
@@ -195,263 +141,364 @@ const READ: [&str; 7] = [
     ODOMETER,
 ];
 
-/// A listing page as it arrives, with every part carpulse does not read left unparsed.
-#[derive(serde::Deserialize)]
-struct PageDto<'a> {
-    #[serde(borrow)]
-    data: ItemsDto<'a>,
-    #[serde(borrow, default)]
-    links: Option<LinksDto<'a>>,
-    #[serde(default)]
-    meta: Option<MetaDto>,
-    #[serde(borrow, default)]
-    included: Option<IncludedDto<'a>>,
+/// The included vehicle read from its bytes without a tree (it comes with every listing and
+/// cost more than a signal: ~3 % of a poll's CPU in the fleet profile), in its documented
+/// shape only: an object whose `attributes` object holds the make, model and year
+/// (smartcar-api.md §10). `None` for any other shape (a `data` wrapper, members at the top, a
+/// member named twice, a make that is not a string): the caller asks [`parse_vehicle`], whose
+/// answer this one must equal.
+fn vehicle_of_text(raw: &[u8]) -> Option<Result<VehicleInfo, String>> {
+    if !raw.starts_with(b"{") {
+        return None;
+    }
+    let [data, attrs] = fields(&mut Scanner::new(raw), [b"data", b"attributes"])?;
+    if data.is_some() {
+        return None;
+    }
+    let attrs = attrs.filter(|a| a.starts_with(b"{"))?;
+    let [make, model, year] = fields(&mut Scanner::new(attrs), [b"make", b"model", b"year"])?;
+    // A make or model that is there must be a string or null (anything else: the tree).
+    fn text(t: Option<&[u8]>) -> Option<Option<std::borrow::Cow<'_, str>>> {
+        match t {
+            None | Some(b"null") => Some(None),
+            Some(t) => string_of(t).ok()?.map(Some),
+        }
+    }
+    let (make, model) = (text(make)?, text(model)?);
+    let year = match year {
+        None | Some(b"null") => None,
+        Some(y) => value_raw_num(&serde_json::from_slice::<Value>(y).ok()?),
+    };
+    Some(info_from_parts(make.as_deref(), model.as_deref(), year))
 }
 
-#[derive(serde::Deserialize)]
-struct ItemDto<'a> {
-    #[serde(borrow, default)]
-    id: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    attributes: Option<AttrsDto<'a>>,
-    #[serde(borrow, default)]
-    code: Option<Text<'a>>,
-    // `present_raw`: a null member is kept (as the tree parser keeps it), not taken for an
-    // absent one that the item's own member would then stand in for.
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    status: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    body: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    meta: Option<&'a serde_json::value::RawValue>,
+/// [`vehicle_of_text`] of a raw value (the unit tests build them).
+#[cfg(test)]
+fn vehicle_of_raw(raw: &serde_json::value::RawValue) -> Option<Result<VehicleInfo, String>> {
+    vehicle_of_text(raw.get().as_bytes())
 }
 
-/// `data` of a listing page: the items carpulse reads, kept as they arrive (borrowed, their
-/// values unparsed), and how many items there were. The others are dropped as they are read,
-/// never gathered into a list of every item.
-struct ItemsDto<'a> {
-    read: Vec<ItemDto<'a>>,
-    count: usize,
+/// The members of a listing item (or of its `attributes`) that carpulse may read, as spans of
+/// the answer's bytes, their values unparsed.
+#[derive(Default)]
+struct ItemSpans<'a> {
+    id: Option<&'a [u8]>,
+    code: Option<&'a [u8]>,
+    status: Option<&'a [u8]>,
+    body: Option<&'a [u8]>,
+    meta: Option<&'a [u8]>,
 }
 
-impl<'de: 'a, 'a> serde::Deserialize<'de> for ItemsDto<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
-            type Value = ItemsDto<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a list of signals")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut out = ItemsDto {
-                    read: Vec::with_capacity(READ.len()),
-                    count: 0,
-                };
-                while let Some(item) = seq.next_element::<ItemDto<'de>>()? {
-                    out.count += 1;
-                    if item.read_code().is_some() {
-                        out.read.push(item);
-                    }
-                }
-                Ok(out)
+impl<'a> ItemSpans<'a> {
+    /// Where the member named `key` goes, if carpulse reads it. `id` only at the item's own
+    /// level: the tree parser never looks at `attributes.id`.
+    fn slot(&mut self, key: &[u8], with_id: bool) -> Option<&mut Option<&'a [u8]>> {
+        match key {
+            b"code" => Some(&mut self.code),
+            b"status" => Some(&mut self.status),
+            b"body" => Some(&mut self.body),
+            b"meta" => Some(&mut self.meta),
+            b"id" if with_id => Some(&mut self.id),
+            _ => None,
+        }
+    }
+
+    /// The members of the object at the cursor (after its `{`). A member named twice: `None`
+    /// (the tree keeps the last one; declining is simpler than agreeing, and never seen).
+    fn scan(&mut self, s: &mut Scanner<'a>, with_id: bool) -> Option<()> {
+        let mut first = true;
+        while let Member::Key(key) = s.member(&mut first)? {
+            match self.slot(key, with_id) {
+                Some(slot) if slot.is_none() => *slot = Some(s.value()?),
+                Some(_) => return None,
+                None => s.skip()?,
             }
         }
-        d.deserialize_seq(Visit(std::marker::PhantomData))
+        Some(())
     }
 }
 
-impl ItemDto<'_> {
-    /// The item's code when it is one carpulse reads (`attributes.code`, else `code`, else
-    /// `id`). The tolerant parser differs on one odd shape: with `attributes` but no code in
-    /// it, it takes `id` before the item's `code` (a known disagreement, kept as an ignored
-    /// property test in `tests/parsers_prop.rs`).
-    fn read_code(&self) -> Option<&str> {
-        let code = self
-            .attributes
-            .as_ref()
-            .and_then(|a| a.code.as_ref())
-            .or(self.code.as_ref())
-            .or(self.id.as_ref())?
-            .as_str()
-            .trim();
-        READ.iter()
-            .any(|c| c.eq_ignore_ascii_case(code))
-            .then_some(code)
+/// An item's `attributes`: absent (the tree reads the item's own members), an object (its
+/// members, and the item's own where it lacks one), or anything else (no code of its own:
+/// the tree's `get` finds no member in a null, an array or a scalar).
+enum Attrs<'a> {
+    Absent,
+    Object(ItemSpans<'a>),
+    Other,
+}
+
+/// One item of `data`, the cursor on its `{`, read into `item` and `attrs` (both empty on
+/// entry; filled in place rather than returned: a returned pair was a memcpy per item).
+fn scan_item<'a>(
+    s: &mut Scanner<'a>,
+    item: &mut ItemSpans<'a>,
+    attrs: &mut Attrs<'a>,
+) -> Option<()> {
+    s.open_object()?;
+    let mut first = true;
+    while let Member::Key(key) = s.member(&mut first)? {
+        if key == b"attributes" {
+            if !matches!(attrs, Attrs::Absent) {
+                return None;
+            }
+            // Read in place: `attributes` is most of an item, scanned once.
+            *attrs = if s.peek()? == b'{' {
+                s.open_object()?;
+                let mut a = ItemSpans::default();
+                a.scan(s, false)?;
+                Attrs::Object(a)
+            } else {
+                s.skip()?;
+                Attrs::Other
+            };
+            continue;
+        }
+        match item.slot(key, true) {
+            Some(slot) if slot.is_none() => *slot = Some(s.value()?),
+            Some(_) => return None,
+            None => s.skip()?,
+        }
     }
+    Some(())
 }
 
-/// A signal's `status`, typed: only a failed signal's `error` becomes a value.
-#[derive(serde::Deserialize)]
-struct StatusDto<'a> {
-    #[serde(borrow, default)]
-    value: Option<Text<'a>>,
-    #[serde(default)]
-    error: Option<Value>,
+/// A span as text. Invalid UTF-8 in a part carpulse reads: `None` (serde rejects it there too).
+fn text_of(span: &[u8]) -> Option<&str> {
+    std::str::from_utf8(span).ok()
 }
 
-#[derive(serde::Deserialize)]
-struct AttrsDto<'a> {
-    #[serde(borrow, default)]
-    code: Option<Text<'a>>,
-    // `present_raw`: a null member is kept (as the tree parser keeps it), not taken for an
-    // absent one that the item's own member would then stand in for.
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    status: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    body: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    meta: Option<&'a serde_json::value::RawValue>,
+/// The string a span holds, borrowed when it has no escape. `Ok(None)`: not a string.
+/// `Err(())`: a string serde would reject (invalid UTF-8, a lone surrogate), so the caller
+/// declines.
+fn string_of(span: &[u8]) -> Result<Option<std::borrow::Cow<'_, str>>, ()> {
+    let Some(inner) = span.strip_prefix(b"\"").and_then(|s| s.strip_suffix(b"\"")) else {
+        return Ok(None);
+    };
+    if !inner.contains(&b'\\') {
+        return std::str::from_utf8(inner)
+            .map(|s| Some(std::borrow::Cow::Borrowed(s)))
+            .map_err(drop);
+    }
+    serde_json::from_slice::<String>(span)
+        .map(|s| Some(std::borrow::Cow::Owned(s)))
+        .map_err(drop)
 }
 
-#[derive(serde::Deserialize)]
-struct SignalMetaDto<'a> {
-    #[serde(borrow, default, rename = "oemUpdatedAt")]
-    oem_updated_at: Option<&'a serde_json::value::RawValue>,
-}
-
-#[derive(serde::Deserialize)]
-struct LinksDto<'a> {
-    #[serde(borrow, default)]
-    next: Option<Text<'a>>,
-}
-
-#[derive(serde::Deserialize)]
-struct MetaDto {
-    #[serde(default, rename = "totalCount")]
-    total_count: Option<u64>,
-    #[serde(default, rename = "pageSize")]
-    page_size: Option<u64>,
-}
-
-#[derive(serde::Deserialize)]
-struct IncludedDto<'a> {
-    #[serde(borrow, default)]
-    vehicle: Option<&'a serde_json::value::RawValue>,
-}
-
-/// `included.vehicle` in its documented shape: an object whose `attributes` object holds the
-/// make, model and year (smartcar-api.md §10). Any other shape (a `data` wrapper, members at
-/// the top, a duplicate key) is left to the tree parser, which the answer must agree with.
-#[derive(serde::Deserialize)]
-struct IncludedVehicleDto<'a> {
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    data: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow, default, deserialize_with = "present_raw")]
-    attributes: Option<&'a serde_json::value::RawValue>,
-}
-
-#[derive(serde::Deserialize)]
-struct VehicleAttrsDto<'a> {
-    #[serde(borrow, default)]
-    make: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    model: Option<Text<'a>>,
-    #[serde(default)]
-    year: Option<Value>,
-}
-
-/// The included vehicle read without a tree (it came with every listing and cost more than a
-/// signal: ~3 % of a poll's CPU in the fleet profile). `None`: not the documented shape, the
-/// caller asks [`parse_vehicle`].
-fn vehicle_of_raw(raw: &serde_json::value::RawValue) -> Option<Result<VehicleInfo, String>> {
-    // An array would be read into the structs by position; the tree reads no member of it.
-    if !raw.get().starts_with('{') {
+/// `Value::as_u64` of the number a span holds, without building the value: only a plain
+/// non-negative integer that fits is one (serde reads a fraction, an exponent, `-0` or a
+/// larger integer as a float).
+fn u64_of(span: &[u8]) -> Option<u64> {
+    if span.is_empty() || !span.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let dto: IncludedVehicleDto<'_> = serde_json::from_str(raw.get()).ok()?;
-    if dto.data.is_some() {
-        return None;
-    }
-    let attrs = dto.attributes.filter(|a| a.get().starts_with('{'))?;
-    let a: VehicleAttrsDto<'_> = serde_json::from_str(attrs.get()).ok()?;
-    Some(info_from_parts(
-        a.make.as_ref().map(Text::as_str),
-        a.model.as_ref().map(Text::as_str),
-        a.year.as_ref().and_then(value_raw_num),
-    ))
+    text_of(span)?.parse().ok()
 }
 
-/// [`parse_signals_page`] straight from the answer's bytes: only the signals carpulse reads
-/// are turned into values. `None` when the body is not shaped as expected, so the caller can
-/// fall back to the tolerant tree parser.
+/// The members named in `names` of the object at the cursor (each once; twice: `None`). A
+/// value that is not an object has none of them (as the tree's `get` says), and is skipped.
+fn fields<'a, const N: usize>(
+    s: &mut Scanner<'a>,
+    names: [&[u8]; N],
+) -> Option<[Option<&'a [u8]>; N]> {
+    let mut out = [None; N];
+    if s.peek()? != b'{' {
+        s.skip()?;
+        return Some(out);
+    }
+    s.open_object()?;
+    let mut first = true;
+    while let Member::Key(key) = s.member(&mut first)? {
+        match names.iter().position(|n| *n == key) {
+            Some(i) if out[i].is_none() => out[i] = Some(s.value()?),
+            Some(_) => return None,
+            None => s.skip()?,
+        }
+    }
+    Some(out)
+}
+
+/// The signal an item of `data` makes, with the tree parser's rules ([`parse_signal`]) applied
+/// to spans: `Some(None)` when it is not one carpulse reads (or has no string code), `None`
+/// when the fast path declines the page.
+fn signal_of_spans(
+    item: &ItemSpans<'_>,
+    attrs: &Attrs<'_>,
+    fetched_at: UnixMillis,
+    request_id: Option<&str>,
+) -> Option<Option<Signal>> {
+    let empty = ItemSpans::default();
+    let (own, has_attrs) = match attrs {
+        Attrs::Absent => (&empty, false),
+        Attrs::Object(a) => (a, true),
+        Attrs::Other => (&empty, true),
+    };
+    // `attributes.code`, else `id`; with no `attributes`, the item's own `code`, else `id`.
+    let code = if has_attrs {
+        own.code.or(item.id)
+    } else {
+        item.code.or(item.id)
+    };
+    let Some(code) = code else {
+        return Some(None);
+    };
+    // Most codes are plain ASCII: compared as bytes, so an item carpulse does not read costs
+    // no UTF-8 check or copy. (JSON cannot hold a raw tab or newline in a string, so the
+    // ASCII whitespace `str::trim` would cut is a space here.)
+    if let Some(plain) = code
+        .strip_prefix(b"\"")
+        .and_then(|c| c.strip_suffix(b"\""))
+        .filter(|c| c.iter().all(|&b| b != b'\\' && b < 0x80))
+    {
+        let plain = plain.trim_ascii();
+        if !READ
+            .iter()
+            .any(|c| c.as_bytes().eq_ignore_ascii_case(plain))
+        {
+            return Some(None);
+        }
+    }
+    let Some(code) = string_of(code).ok()? else {
+        return Some(None);
+    };
+    let code = code.trim();
+    if !READ.iter().any(|c| c.eq_ignore_ascii_case(code)) {
+        return Some(None);
+    }
+    // A status that is not the documented object: the tolerant parser decides.
+    let (status_value, error) = match own.status.or(item.status) {
+        Some(b"null") | None => (None, None),
+        Some(r) if r.starts_with(b"{") => {
+            let [value, error] = fields(&mut Scanner::new(r), [b"value", b"error"])?;
+            // `value` must be a string or null (anything else: the tree decides).
+            let value = match value {
+                Some(b"null") | None => None,
+                Some(v) => Some(string_of(v).ok()??),
+            };
+            // `error` is read only where it is used: a failed signal.
+            let failed = value
+                .as_deref()
+                .is_some_and(|v| v.eq_ignore_ascii_case("ERROR"));
+            let error = match error {
+                Some(e) if failed && e != b"null" => Some(serde_json::from_slice::<Value>(e).ok()?),
+                _ => None,
+            };
+            (value, error)
+        }
+        Some(_) => return None,
+    };
+    let body = SignalBody::of_span(own.body.or(item.body))?;
+    // Only `oemUpdatedAt` of a signal's meta is read. A meta that is not an object has no
+    // time.
+    let recorded = match item.meta.or(own.meta) {
+        Some(m) if m.starts_with(b"{") => match fields(&mut Scanner::new(m), [b"oemUpdatedAt"])? {
+            [Some(t)] => parse_epoch_json(text_of(t)?),
+            [None] => None,
+        },
+        _ => None,
+    };
+    Some(Some(signal_from_parts(
+        code,
+        status_value.as_deref(),
+        error.as_ref(),
+        body,
+        recorded,
+        fetched_at,
+        request_id,
+    )))
+}
+
+/// `data`, the cursor on its `[`: the signals carpulse reads pushed to `signals`, and how
+/// many items there were. Not an array: `None` (the tree parser says why).
+fn scan_items(
+    s: &mut Scanner<'_>,
+    signals: &mut Vec<Signal>,
+    fetched_at: UnixMillis,
+    request_id: Option<&str>,
+) -> Option<usize> {
+    s.open_array()?;
+    let mut count = 0;
+    let mut first = true;
+    while s.element(&mut first)? {
+        count += 1;
+        // An item that is not an object names no signal (the tree skips it too).
+        if s.peek()? != b'{' {
+            s.skip()?;
+            continue;
+        }
+        let mut item = ItemSpans::default();
+        let mut attrs = Attrs::Absent;
+        scan_item(s, &mut item, &mut attrs)?;
+        if let Some(signal) = signal_of_spans(&item, &attrs, fetched_at, request_id)? {
+            signals.push(signal);
+        }
+    }
+    Some(count)
+}
+
+/// [`parse_signals_page`] straight from the answer's bytes, by the scanner of
+/// [`super::scan`]: only the signals carpulse reads are turned into values, the other items
+/// are validated and skipped without building anything. `None` when the body is not shaped
+/// as expected or not valid JSON (the scanner accepts what serde_json accepts when it skips
+/// a value), so the caller falls back to the tolerant tree parser: a truncated or malformed
+/// answer is its decode error, never a partial page.
 pub fn parse_signals_bytes(
     body: &[u8],
     fetched_at: UnixMillis,
     request_id: Option<&str>,
 ) -> Option<SignalsPage> {
-    // Validated as UTF-8 once, here: parsed from a `str`, serde_json neither re-validates each
-    // raw value it hands back nor each string (from a byte slice it did both, a second pass
-    // over most of the listing). A body with invalid UTF-8 in a part carpulse skips (a name,
-    // a link) still parses from the bytes, as it did before.
-    let page: PageDto<'_> = match std::str::from_utf8(body) {
-        Ok(text) => serde_json::from_str(text).ok()?,
-        Err(_) => serde_json::from_slice(body).ok()?,
-    };
-    let raw = |r: Option<&serde_json::value::RawValue>| -> Option<Value> {
-        r.and_then(|r| serde_json::from_str(r.get()).ok())
-    };
-    let items = page.data.count;
-    let mut signals = Vec::with_capacity(page.data.read.len());
-    for item in &page.data.read {
-        let Some(code) = item.read_code() else {
-            continue;
-        };
-        let attrs = item.attributes.as_ref();
-        // A status that is not the documented object: the tolerant parser decides (serde
-        // would read an array into the struct by position, which the tree parser does not).
-        let status = match attrs.and_then(|a| a.status).or(item.status) {
-            Some(r) if r.get() == "null" => None,
-            Some(r) if r.get().starts_with('{') => {
-                Some(serde_json::from_str::<StatusDto<'_>>(r.get()).ok()?)
+    let mut s = Scanner::new(body);
+    s.open_object()?;
+    let mut signals = Vec::with_capacity(READ.len());
+    let mut items = None;
+    let mut links = None;
+    let mut meta = None;
+    let mut included = None;
+    let mut first = true;
+    while let Member::Key(key) = s.member(&mut first)? {
+        // A part named twice: the tree keeps the last; the fast path declines.
+        match key {
+            b"data" if items.is_none() => {
+                items = Some(scan_items(&mut s, &mut signals, fetched_at, request_id)?);
             }
-            Some(_) => return None,
-            None => None,
-        };
-        let body = SignalBody::of_raw(attrs.and_then(|a| a.body).or(item.body))?;
-        // Only `oemUpdatedAt` of a signal's meta is read; the rest is skipped unparsed.
-        // A meta that is not an object has no time (serde would read an array by position).
-        let recorded = item
-            .meta
-            .or(attrs.and_then(|a| a.meta))
-            .filter(|m| m.get().starts_with('{'))
-            .and_then(|m| serde_json::from_str::<SignalMetaDto<'_>>(m.get()).ok())
-            .and_then(|m| m.oem_updated_at)
-            .and_then(|r| parse_epoch_json(r.get()));
-        signals.push(signal_from_parts(
-            code,
-            status
-                .as_ref()
-                .and_then(|s| s.value.as_ref())
-                .map(Text::as_str),
-            status.as_ref().and_then(|s| s.error.as_ref()),
-            body,
-            recorded,
-            fetched_at,
-            request_id,
-        ));
+            b"links" if links.is_none() => links = Some(fields(&mut s, [b"next"])?),
+            b"meta" if meta.is_none() => {
+                meta = Some(fields(&mut s, [b"totalCount", b"pageSize"])?);
+            }
+            b"included" if included.is_none() => included = Some(fields(&mut s, [b"vehicle"])?),
+            b"data" | b"links" | b"meta" | b"included" => return None,
+            _ => s.skip()?,
+        }
     }
-    let next = page
-        .links
-        .and_then(|l| l.next)
-        .map(|n| n.as_str().trim().to_owned())
-        .filter(|n| !n.is_empty());
-    let vehicle = page
-        .included
-        .and_then(|i| i.vehicle)
-        .and_then(|r| match vehicle_of_raw(r) {
-            Some(info) => info.ok(),
-            None => raw(Some(r)).and_then(|v| parse_vehicle(&v).ok()),
-        });
+    s.end()?;
+    let items = items?;
+    let next = match links.and_then(|[n]| n) {
+        Some(n) => string_of(n)
+            .ok()?
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty()),
+        None => None,
+    };
+    let vehicle = match included.and_then(|[v]| v) {
+        Some(r) => {
+            // Checked whole, as serde checked it when it handed the vehicle over as text.
+            text_of(r)?;
+            match vehicle_of_text(r) {
+                Some(info) => info.ok(),
+                None => serde_json::from_slice::<Value>(r)
+                    .ok()
+                    .and_then(|v| parse_vehicle(&v).ok()),
+            }
+        }
+        None => None,
+    };
+    let [total_count, page_size] = meta.unwrap_or_default();
     Some(SignalsPage {
         signals,
         next,
         vehicle,
-        total_count: page.meta.as_ref().and_then(|m| m.total_count),
+        total_count: total_count.and_then(u64_of),
         items,
-        page_size: page.meta.and_then(|m| m.page_size),
+        page_size: page_size.and_then(u64_of),
     })
 }
 
