@@ -597,24 +597,34 @@ impl SmartcarClient {
         user_id: Option<&str>,
     ) -> transport::VehicleRequest {
         let mut headers = HeaderMap::with_capacity(4);
-        // A token is header-safe text; one that is not fails here, as reqwest failed it.
-        if let Ok(mut bearer) = HeaderValue::from_str(&format!("Bearer {}", access.expose())) {
-            bearer.set_sensitive(true);
-            headers.insert(AUTHORIZATION, bearer);
+        let mut unsendable = None;
+        // A token is header-safe text; one that is not fails the request unsent.
+        match HeaderValue::from_str(&format!("Bearer {}", access.expose())) {
+            Ok(mut bearer) => {
+                bearer.set_sensitive(true);
+                headers.insert(AUTHORIZATION, bearer);
+            }
+            Err(_) => unsendable = Some("the access token is not valid header text; not sent"),
         }
         headers.insert(
             "sc-unit-system",
             HeaderValue::from_static(self.inner.unit_system.as_str()),
         );
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        if let Some(user) = user_id.and_then(|u| HeaderValue::from_str(u).ok()) {
-            headers.insert("sc-user-id", user);
+        if let Some(user) = user_id {
+            match HeaderValue::from_str(user) {
+                Ok(user) => {
+                    headers.insert("sc-user-id", user);
+                }
+                Err(_) => unsendable = Some("the user id is not valid header text; not sent"),
+            }
         }
         transport::VehicleRequest {
             method,
             url: url.to_owned(),
             headers,
             body: None,
+            unsendable,
         }
     }
 
@@ -864,6 +874,58 @@ mod tests {
         };
         assert_eq!(names(Job::Battery), ["battery", "charge"]);
         assert_eq!(names(Job::Info), ["info", "vin", "odometer"]);
+    }
+
+    /// A token or user id that is not header text fails the request before anything is sent,
+    /// both ways (direct, and through reqwest when a proxy applies): it never goes out without
+    /// its header, which the server would answer 401 and send the connection into a refresh.
+    #[tokio::test]
+    async fn a_request_that_cannot_carry_its_token_is_not_sent() {
+        use hyper_util::client::proxy::matcher::Matcher;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while listener.accept().await.is_ok() {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let cfg = ClientConfig {
+            client_id: "id".into(),
+            client_secret: Secret::new("secret"),
+            redirect_uri: "http://127.0.0.1:9/cb".into(),
+            token_url: format!("{base}/oauth/token"),
+            api_v2_url: format!("{base}/v2.0"),
+            api_v3_url: format!("{base}/v3"),
+            unit_system: UnitSystem::Metric,
+            timeout: Duration::from_secs(5),
+            v3_page_size: None,
+            max_in_flight: 4,
+        };
+        let proxied = Matcher::builder().http("http://127.0.0.1:9").build();
+        for (way, proxies) in [("direct", Matcher::builder().build()), ("reqwest", proxied)] {
+            let client = SmartcarClient::with_proxies(cfg.clone(), &proxies).unwrap();
+            assert_eq!(client.inner.direct.is_some(), way == "direct");
+            let id = VehicleId("v".into());
+            for (token, user, why) in [
+                ("bad\ntoken", Some("user"), "access token"),
+                ("token", Some("bad\r\nuser"), "user id"),
+            ] {
+                let token = Secret::new(token);
+                let ctx = RequestCtx {
+                    access_token: &token,
+                    user_id: user,
+                };
+                let e = client
+                    .fetch(ApiVersion::V3, &ctx, &id, Job::Battery)
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.kind, ErrorKind::Transport, "{way}: {e}");
+                assert!(e.to_string().contains(why), "{way}: {e}");
+            }
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     #[test]

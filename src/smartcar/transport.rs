@@ -40,6 +40,10 @@ pub(crate) struct VehicleRequest {
     pub url: String,
     pub headers: HeaderMap,
     pub body: Option<Bytes>,
+    /// Why the request cannot be sent (a token or user id that is not header text): it fails
+    /// as a transport error without reaching the server, as reqwest failed it, instead of
+    /// going out without the header (a 401 would send the connection into a refresh).
+    pub unsendable: Option<&'static str>,
 }
 
 impl VehicleRequest {
@@ -58,6 +62,14 @@ impl VehicleRequest {
         self
     }
 
+    /// The error of a request that cannot be sent (see `unsendable`).
+    pub fn check(&self) -> Result<(), ApiError> {
+        match self.unsendable {
+            Some(why) => Err(ApiError::new(ErrorKind::Transport, why)),
+            None => Ok(()),
+        }
+    }
+
     /// The bearer token this request carries (its answer is scrubbed of it).
     pub fn bearer(&self) -> &str {
         self.headers
@@ -69,6 +81,7 @@ impl VehicleRequest {
 
     /// The same request for reqwest (the proxied way).
     pub fn into_reqwest(self, http: &reqwest::Client) -> Result<reqwest::Request, ApiError> {
+        self.check()?;
         let mut req = http.request(self.method, self.url).headers(self.headers);
         if let Some(body) = self.body {
             req = req.body(body);
@@ -133,6 +146,7 @@ impl Direct {
     /// Sends `req` and reads its answer, never more than `limit` bytes of body. No deadline of
     /// its own: the caller's covers the whole exchange.
     pub async fn exchange(&self, req: VehicleRequest, limit: usize) -> Result<Answer, ApiError> {
+        req.check()?;
         let uri = uri_of(&req.url)?;
         let mut builder = hyper::Request::builder().method(req.method).uri(uri);
         if let Some(headers) = builder.headers_mut() {
