@@ -193,17 +193,23 @@ impl Family {
 }
 
 impl<V: AsRef<str>> SeriesRef<'_, V> {
-    /// Sets the series, creating it at its first value.
-    pub fn set(&self, value: f64) {
-        let Some((id, rest)) = self.values.split_first() else {
-            return;
-        };
-        // A label set of the wrong length is a programming error: the crate panics, this
-        // keeps the daemon up and the series out.
+    /// The vehicle id and the other label values of a series about to be set; `None` for a
+    /// label set of the wrong length, a programming error: the crate panics, this keeps the
+    /// daemon up and the series out.
+    fn to_set(&self) -> Option<(&V, &[V])> {
+        let parts = self.values.split_first()?;
         if self.values.len() != self.family.labels.len() {
             debug_assert!(false, "{}: wrong number of labels", self.family.name);
-            return;
+            return None;
         }
+        Some(parts)
+    }
+
+    /// Sets the series, creating it at its first value.
+    pub fn set(&self, value: f64) {
+        let Some((id, rest)) = self.to_set() else {
+            return;
+        };
         let mut all = self.family.lock();
         let combo = all.combo(rest);
         let series = match all.by_vehicle.get_mut(id.as_ref()) {
@@ -219,13 +225,9 @@ impl<V: AsRef<str>> SeriesRef<'_, V> {
     /// Sets the series and drops the vehicle's other series of the family, at once (a
     /// family with one series per vehicle whose labels change, like make, model and year).
     pub fn set_alone(&self, value: f64) {
-        let Some((id, rest)) = self.values.split_first() else {
+        let Some((id, rest)) = self.to_set() else {
             return;
         };
-        if self.values.len() != self.family.labels.len() {
-            debug_assert!(false, "{}: wrong number of labels", self.family.name);
-            return;
-        }
         let mut all = self.family.lock();
         let combo = all.combo(rest);
         all.by_vehicle
