@@ -331,10 +331,9 @@ impl Fleet {
         if slot.is_some_and(|s| t.entries[s].busy.iter().any(|b| *b)) {
             return None;
         }
-        if !t.ledger.allows(id, 1, now) {
+        if !t.ledger.try_spend(id, 1, now) {
             return None;
         }
-        t.ledger.spend(id, 1, now);
         Some(Ticket {
             fleet: self,
             id: id.clone(),

@@ -889,24 +889,30 @@ impl Ledger {
         floor: u64,
         now: UnixMillis,
     ) -> Option<u64> {
-        self.roll(now);
         let cost = floor.max(self.last_cost(id, job));
+        self.try_spend(id, cost, now).then_some(cost)
+    }
+
+    /// Spends `cost` calls if they fit this month's budget (what `allows` then `spend` do, with
+    /// one look-up); false, and nothing spent, when they do not.
+    pub fn try_spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) -> bool {
+        self.roll(now);
         match self.used.get_mut(id) {
             Some(n) => {
                 if self.budget.is_some_and(|b| *n + cost > b) {
-                    return None;
+                    return false;
                 }
                 *n += cost;
             }
             None => {
                 if self.budget.is_some_and(|b| cost > b) {
-                    return None;
+                    return false;
                 }
                 self.used.insert(id.clone(), cost);
             }
         }
         self.changes += 1;
-        Some(cost)
+        true
     }
 
     pub fn spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) {
