@@ -253,6 +253,18 @@ impl fmt::Display for ApiError {
     }
 }
 
+/// `head` followed by every cause of `err` (its `source` chain), each after ": ": a transport
+/// error says what failed underneath (a refused connection, a TLS alert), not only that it did.
+pub(crate) fn with_causes(mut head: String, err: &(dyn std::error::Error + 'static)) -> String {
+    let mut source = err.source();
+    while let Some(s) = source {
+        head.push_str(": ");
+        head.push_str(&s.to_string());
+        source = s.source();
+    }
+    head
+}
+
 impl ApiError {
     /// An error with only a kind and a description (transport, decode, synthetic).
     pub fn new(kind: ErrorKind, description: impl Into<String>) -> Self {
@@ -297,14 +309,7 @@ impl ApiError {
         } else {
             ErrorKind::Transport
         };
-        let mut msg = err.to_string();
-        let mut source = std::error::Error::source(err);
-        while let Some(s) = source {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            source = s.source();
-        }
-        ApiError::new(kind, msg)
+        ApiError::new(kind, with_causes(err.to_string(), err))
     }
 
     /// Every text field taken from the answer (type, code, description, request id) scrubbed

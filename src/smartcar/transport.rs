@@ -25,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::error::{ApiError, ErrorKind};
+use super::error::{with_causes, ApiError, ErrorKind};
 
 /// What carpulse sends with every Vehicle API request: `user-agent` as reqwest sent it.
 const AGENT: &str = concat!("carpulse/", env!("CARGO_PKG_VERSION"));
@@ -229,22 +229,13 @@ fn uri_of(url: &str) -> Result<Uri, ApiError> {
 /// A transport error with its whole chain of causes (as `ApiError::from_reqwest` writes it);
 /// a timeout anywhere in the chain (the connect timeout) is a timeout.
 fn transport_error(what: &str, err: &(dyn std::error::Error + 'static)) -> ApiError {
-    let mut msg = format!("{what}: {err}");
-    let mut timeout = false;
-    let mut source = Some(err);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            timeout |= io.kind() == std::io::ErrorKind::TimedOut;
-        }
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            timeout |= h.is_timeout();
-        }
-        if !std::ptr::eq(s, err) {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-        }
-        source = s.source();
-    }
+    let timeout = std::iter::successors(Some(err), |e| e.source()).any(|s| {
+        s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            || s.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout)
+    });
+    let msg = with_causes(format!("{what}: {err}"), err);
     let kind = if timeout {
         ErrorKind::Timeout
     } else {
