@@ -31,10 +31,23 @@ use crate::store::{Store, WriteItem};
 /// ~0.1 ms; see BENCHMARKS.md): what [`Poller::useful_workers`] sizes the pool by.
 const POLLS_PER_MS: usize = 10;
 
-/// Due times inside a spread window are rounded up to this grain, so polls due within it
-/// start together: the runtime wakes once for several and their answers share an `epoll`
-/// wait, instead of one wake-up per poll (fleet bench: see BENCHMARKS.md).
-const DUE_GRAIN: Duration = Duration::from_millis(10);
+/// Due times inside a spread window are rounded up to a grain, so polls due within it start
+/// together: the runtime wakes once for several and their answers share an `epoll` wait,
+/// instead of one wake-up per poll. A wake-up's cost is fixed, so the grain follows the rate:
+/// long enough that about this many polls share one (fleet bench, 2,000 v2 vehicles: ~8 polls
+/// a grain cost 104-108 µs of CPU per poll, ~40 cost 58-62 µs; see BENCHMARKS.md).
+const POLLS_PER_GRAIN: u32 = 32;
+
+/// The shortest grain (a large fleet's polls already share it).
+const MIN_GRAIN: Duration = Duration::from_millis(10);
+
+/// The longest grain: a poll starts at most this much after its spread offset, and a tick
+/// keeps at least [`GRAINS_PER_WINDOW`] start times, so it stays spread (Smartcar's
+/// app-wide limit is a bucket refilled per minute; a second's grain does not burst it).
+const MAX_GRAIN: Duration = Duration::from_secs(1);
+
+/// See [`MAX_GRAIN`].
+const GRAINS_PER_WINDOW: u32 = 8;
 
 /// How often a cycle checks whether its next vehicle is overdue (and adds workers).
 const GROW_CHECK: Duration = Duration::from_millis(250);
@@ -306,9 +319,10 @@ impl Poller {
         // A time-ordered queue: each vehicle at its own fixed offset inside the spread window,
         // so a tick is not a burst (Smartcar's app-wide limit, the pool, the writer). Each
         // carries its slot in the fleet table, so admission finds its row without hashing.
+        let grain = grain_for(vehicles.len(), spread);
         let mut queue: Vec<(Duration, usize, PolledVehicle)> = vehicles
             .into_iter()
-            .map(|(slot, v)| (on_grain(offset_in(&v.id, spread), spread), slot, v))
+            .map(|(slot, v)| (on_grain(offset_in(&v.id, spread), spread, grain), slot, v))
             .collect();
         queue.sort_by_key(|(offset, _, _)| *offset);
         let mut report = CycleReport {
@@ -1248,10 +1262,18 @@ pub fn offset_in(id: &VehicleId, window: Duration) -> Duration {
     Duration::from_millis(h % ms)
 }
 
-/// `offset` rounded up to [`DUE_GRAIN`], kept inside `window` (a window shorter than the grain
+/// The grain `due` polls spread over `window` start on: about [`POLLS_PER_GRAIN`] a grain,
+/// between [`MIN_GRAIN`] and [`MAX_GRAIN`] (and an eighth of the window).
+fn grain_for(due: usize, window: Duration) -> Duration {
+    let due = u32::try_from(due.max(1)).unwrap_or(u32::MAX);
+    let longest = MAX_GRAIN.min(window / GRAINS_PER_WINDOW).max(MIN_GRAIN);
+    (window * POLLS_PER_GRAIN / due).clamp(MIN_GRAIN, longest)
+}
+
+/// `offset` rounded up to `grain`, kept inside `window` (a window shorter than the grain
 /// keeps its offsets).
-fn on_grain(offset: Duration, window: Duration) -> Duration {
-    let grain = DUE_GRAIN.as_millis() as u64;
+fn on_grain(offset: Duration, window: Duration, grain: Duration) -> Duration {
+    let grain = (grain.as_millis() as u64).max(1);
     let ms = offset.as_millis() as u64;
     let up = ms.div_ceil(grain) * grain;
     if up < window.as_millis() as u64 {
@@ -1365,14 +1387,17 @@ mod tests {
     fn due_times_share_a_grain_and_stay_inside_the_window() {
         let w = Duration::from_millis(2_500);
         let ms = |m: u64| Duration::from_millis(m);
+        let g = ms(10);
         // Rounded up to the grain: polls due within 10 ms start together, never early.
-        assert_eq!(on_grain(ms(1), w), ms(10));
-        assert_eq!(on_grain(ms(10), w), ms(10));
-        assert_eq!(on_grain(ms(11), w), ms(20));
-        assert_eq!(on_grain(ms(0), w), ms(0));
+        assert_eq!(on_grain(ms(1), w, g), ms(10));
+        assert_eq!(on_grain(ms(10), w, g), ms(10));
+        assert_eq!(on_grain(ms(11), w, g), ms(20));
+        assert_eq!(on_grain(ms(0), w, g), ms(0));
+        assert_eq!(on_grain(ms(11), w, ms(40)), ms(40));
         // Never pushed out of the window (the next tick's polls stay after this tick's).
-        assert_eq!(on_grain(ms(2_495), w), ms(2_495));
-        assert_eq!(on_grain(ms(3), ms(5)), ms(3));
+        assert_eq!(on_grain(ms(2_495), w, g), ms(2_495));
+        assert_eq!(on_grain(ms(3), ms(5), g), ms(3));
+        assert_eq!(on_grain(ms(3), ms(5), Duration::ZERO), ms(3));
         // Across a fleet the order of due times is kept and the offsets still spread.
         let ids: Vec<VehicleId> = (0..1_000)
             .map(|i| VehicleId(format!("vehicle-{i}")))
@@ -1381,16 +1406,52 @@ mod tests {
             .iter()
             .map(|id| {
                 let o = offset_in(id, w);
-                (o, on_grain(o, w))
+                (o, on_grain(o, w, g))
             })
             .collect();
         pairs.sort();
         assert!(pairs.windows(2).all(|p| p[0].1 <= p[1].1));
         assert!(pairs
             .iter()
-            .all(|(o, g)| g >= o && *g < w && *g - *o < DUE_GRAIN));
+            .all(|(o, on)| on >= o && *on < w && *on - *o < g));
         let grains: std::collections::BTreeSet<Duration> = pairs.iter().map(|p| p.1).collect();
         assert!(grains.len() > 200, "{} distinct start times", grains.len());
+    }
+
+    #[test]
+    fn the_grain_follows_the_rate_and_keeps_a_tick_spread() {
+        let ms = |m: u64| Duration::from_millis(m);
+        let s = |n: u64| Duration::from_secs(n);
+        // 10,000 vehicles in 2.5 s: the shortest grain already holds ~40 polls.
+        assert_eq!(grain_for(10_000, ms(2_500)), MIN_GRAIN);
+        // 2,000 in 2.5 s: 40 ms, ~32 polls a grain.
+        assert_eq!(grain_for(2_000, ms(2_500)), ms(40));
+        // 2,000 on a 15-minute schedule (a minute's spread): under a second.
+        assert_eq!(grain_for(2_000, s(60)), ms(960));
+        // A few cars: at most a second, and at least 8 start times in the window.
+        assert_eq!(grain_for(10, s(60)), MAX_GRAIN);
+        assert_eq!(grain_for(10, s(4)), ms(500));
+        assert_eq!(grain_for(10, ms(40)), MIN_GRAIN);
+        // No spread (the catch-up) and an empty due list do not divide by zero.
+        assert_eq!(grain_for(0, Duration::ZERO), MIN_GRAIN);
+        assert_eq!(grain_for(usize::MAX, s(60)), MIN_GRAIN);
+        // Every poll of a tick still starts inside its window, in its order.
+        for (due, w) in [(2_000, s(60)), (10, s(60)), (300, ms(2_500))] {
+            let g = grain_for(due, w);
+            let ids: Vec<VehicleId> = (0..due).map(|i| VehicleId(format!("v-{i}"))).collect();
+            let mut pairs: Vec<(Duration, Duration)> = ids
+                .iter()
+                .map(|id| {
+                    let o = offset_in(id, w);
+                    (o, on_grain(o, w, g))
+                })
+                .collect();
+            pairs.sort();
+            assert!(pairs.windows(2).all(|p| p[0].1 <= p[1].1));
+            assert!(pairs
+                .iter()
+                .all(|(o, on)| on >= o && *on < w && *on - *o < g));
+        }
     }
 
     #[test]
