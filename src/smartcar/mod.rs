@@ -252,6 +252,8 @@ struct Inner {
     v2: String,
     v3: String,
     v3_url: Url,
+    /// The v3 listing's first-page URL around the vehicle id ([`v3::listing_template`]).
+    v3_listing: Option<(String, String)>,
     unit_system: UnitSystem,
     /// Per Vehicle API request, in ms (`poll.timeout`; SIGHUP may change it).
     timeout_ms: std::sync::atomic::AtomicU64,
@@ -379,6 +381,7 @@ impl SmartcarClient {
                 client_secret: cfg.client_secret,
                 v2,
                 v3,
+                v3_listing: v3::listing_template(&v3_url, cfg.v3_page_size),
                 v3_url,
                 unit_system: cfg.unit_system,
                 timeout_ms: std::sync::atomic::AtomicU64::new(cfg.timeout.as_millis() as u64),
@@ -580,12 +583,17 @@ impl SmartcarClient {
         format!("{}{}", self.inner.v3, path)
     }
 
-    pub(crate) fn v3_page_size(&self) -> Option<u32> {
-        self.inner.v3_page_size
-    }
-
     pub(crate) fn v3_base(&self) -> &Url {
         &self.inner.v3_url
+    }
+
+    /// The first page of `id`'s v3 signal listing (with `v3_page_size`, when set).
+    pub(crate) fn v3_listing_url(&self, id: &VehicleId) -> Result<String, ApiError> {
+        let i = &self.inner;
+        i.v3_listing
+            .as_ref()
+            .and_then(|t| v3::listing_url(t, &i.v3_url, i.v3_page_size, &id.0))
+            .ok_or_else(|| ApiError::new(ErrorKind::Other, "the v3 base URL cannot take a path"))
     }
 
     /// A Vehicle API request with the headers every call carries (smartcar-api.md §2.1, §3.2).
