@@ -78,7 +78,7 @@ fn poll(v: &VehicleId, i: usize, r: usize) -> Vec<WriteItem> {
         fetched_at: at,
     };
     let soc = 40.0 + ((i + r) % 50) as f64 + 0.25;
-    let event = |endpoint: &str, calls: u64| {
+    let event = |endpoint: &'static str, calls: u64| {
         WriteItem::Event(PollEvent {
             vehicle_id: v.clone(),
             at,

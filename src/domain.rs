@@ -1,6 +1,7 @@
 //! Plain data shared by every part of carpulse: ids, readings, tokens. No I/O lives here, so the
 //! store, the Smartcar client, the poller and the tests all speak the same types.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Unix time in milliseconds, UTC: the unit of every time column in the store (DESIGN §3).
@@ -244,10 +245,12 @@ impl Reading {
 pub struct PollEvent {
     pub vehicle_id: VehicleId,
     pub at: UnixMillis,
-    /// `battery`, `charge`, `info`, `vin`, `odometer`, `signals`, ...
-    pub endpoint: String,
+    /// `battery`, `charge`, `info`, `vin`, `odometer`, `signals`, ... Borrowed when the poller
+    /// makes it (its names are static): a v3 poll makes four events, and their two strings each
+    /// were an allocation made on the runtime thread and freed on the store's.
+    pub endpoint: Cow<'static, str>,
     /// `ok` or the error class label (`auth`, `rate_limited`, `vehicle_state`, ...).
-    pub outcome: String,
+    pub outcome: Cow<'static, str>,
     pub http_status: Option<u16>,
     pub error_type: Option<String>,
     pub error_code: Option<String>,

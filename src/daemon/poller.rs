@@ -897,7 +897,7 @@ impl Poller {
         v: &PolledVehicle,
         at: i64,
         endpoint: Endpoint,
-        outcome: &str,
+        outcome: &'static str,
         e: Option<&ApiError>,
         items: &mut Vec<WriteItem>,
     ) {
@@ -1329,14 +1329,14 @@ fn event(
     v: &PolledVehicle,
     at: i64,
     endpoint: Endpoint,
-    outcome: &str,
+    outcome: &'static str,
     e: Option<&ApiError>,
 ) -> PollEvent {
     PollEvent {
         vehicle_id: v.id.clone(),
         at,
-        endpoint: endpoint.as_str().to_owned(),
-        outcome: outcome.to_string(),
+        endpoint: endpoint.as_str().into(),
+        outcome: outcome.into(),
         http_status: e.and_then(|e| e.status),
         error_type: e.and_then(|e| e.error_type.clone()),
         error_code: e.and_then(|e| e.code.clone()),

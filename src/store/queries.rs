@@ -686,8 +686,8 @@ pub fn vehicle_summaries(c: &Connection) -> anyhow::Result<Vec<VehicleSummary>> 
                     Ok(PollEvent {
                         vehicle_id: vid.clone(),
                         at: r.get(0)?,
-                        endpoint: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                        outcome: r.get(2)?,
+                        endpoint: r.get::<_, Option<String>>(1)?.unwrap_or_default().into(),
+                        outcome: r.get::<_, String>(2)?.into(),
                         http_status: r
                             .get::<_, Option<i64>>(3)?
                             .and_then(|s| u16::try_from(s).ok()),

@@ -1232,7 +1232,7 @@ async fn waits_and_quota_pauses_end_and_account_pauses_are_checked_again() {
     store.close().await.unwrap();
 }
 
-fn ok_event(v: &VehicleId, at: i64, endpoint: &str, calls: u64) -> WriteItem {
+fn ok_event(v: &VehicleId, at: i64, endpoint: &'static str, calls: u64) -> WriteItem {
     WriteItem::Event(PollEvent {
         vehicle_id: v.clone(),
         at,
@@ -1677,7 +1677,7 @@ async fn the_newest_poll_is_found_when_it_kept_an_older_reading() {
     let newest = summary[0]
         .last_poll
         .as_ref()
-        .map(|p| (p.at, p.outcome.clone()));
+        .map(|p| (p.at, p.outcome.to_string()));
     assert_eq!(newest, Some((p2, "ok".to_string())));
     store.close().await.unwrap();
 }

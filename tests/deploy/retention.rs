@@ -65,7 +65,13 @@ impl Car {
     }
 }
 
-fn event(v: &VehicleId, at: i64, endpoint: &str, outcome: &str, calls: u64) -> WriteItem {
+fn event(
+    v: &VehicleId,
+    at: i64,
+    endpoint: &'static str,
+    outcome: &'static str,
+    calls: u64,
+) -> WriteItem {
     let failed = outcome != "ok";
     WriteItem::Event(PollEvent {
         vehicle_id: v.clone(),

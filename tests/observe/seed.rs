@@ -88,8 +88,8 @@ fn event(
     WriteItem::Event(PollEvent {
         vehicle_id: VehicleId(id.into()),
         at,
-        endpoint: endpoint.into(),
-        outcome: outcome.into(),
+        endpoint: endpoint.to_owned().into(),
+        outcome: outcome.to_owned().into(),
         http_status: err.map(|e| e.0),
         error_type: err.map(|e| e.1.into()),
         error_code: err.map(|e| e.2.into()),
