@@ -794,14 +794,52 @@ pub struct Ledger {
     /// The month's first millisecond and the next month's: every admit, spend and look-up
     /// asks whether the month turned, two comparisons instead of a calendar conversion.
     span: (UnixMillis, UnixMillis),
-    /// Fx-hashed, as `last`: looked up by every poll (see [`crate::hash`]).
-    used: FxHashMap<VehicleId, u64>,
-    /// The billed calls of each vehicle's latest poll, per job (a job's label, or
-    /// `capabilities`): a short list per vehicle, so a look-up needs no key to be built.
-    last: FxHashMap<VehicleId, Vec<(&'static str, u64)>>,
+    /// Each vehicle's account, Fx-hashed: looked up at every admission and settlement (see
+    /// [`crate::hash`]). One map, not one per fact: at 10,000 vehicles each look-up is a
+    /// cache miss or two (the table, the key's text), and a poll made five.
+    accounts: FxHashMap<VehicleId, Account>,
     /// Bumped at every change of a count: the health check sets the billed-calls gauges
     /// again only when it moved.
     changes: u64,
+}
+
+/// One vehicle's calls this month and what each of its jobs last cost.
+#[derive(Debug, Default)]
+struct Account {
+    used: u64,
+    /// The billed calls of the vehicle's latest poll, per job (a job's label, or
+    /// `capabilities`), in place: a vehicle has two or three.
+    last: [Option<(&'static str, u64)>; LAST_JOBS],
+}
+
+/// Jobs whose last cost an account keeps (battery, info, capabilities, one to spare); a
+/// further job takes the last place.
+const LAST_JOBS: usize = 4;
+
+impl Account {
+    fn used(used: u64) -> Account {
+        Account {
+            used,
+            ..Default::default()
+        }
+    }
+
+    fn last_cost(&self, job: &'static str) -> u64 {
+        self.last
+            .iter()
+            .flatten()
+            .find(|(j, _)| *j == job)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    fn set_last(&mut self, job: &'static str, billed: u64) {
+        let i = self
+            .last
+            .iter()
+            .position(|l| l.is_none_or(|(j, _)| j == job))
+            .unwrap_or(LAST_JOBS - 1);
+        self.last[i] = Some((job, billed));
+    }
 }
 
 /// (year, month) of a unix-ms time, UTC.
@@ -841,8 +879,10 @@ impl Ledger {
             budget,
             month: month_of(now),
             span: month_span(now),
-            used: used.into_iter().collect(),
-            last: FxHashMap::default(),
+            accounts: used
+                .into_iter()
+                .map(|(id, n)| (id, Account::used(n)))
+                .collect(),
             changes: 0,
         }
     }
@@ -865,7 +905,9 @@ impl Ledger {
         let m = month_of(now);
         if m != self.month {
             self.month = m;
-            self.used.clear();
+            for a in self.accounts.values_mut() {
+                a.used = 0;
+            }
             self.changes += 1;
         }
     }
@@ -875,7 +917,7 @@ impl Ledger {
         self.roll(now);
         match self.budget {
             None => true,
-            Some(b) => self.used.get(id).copied().unwrap_or(0) + cost <= b,
+            Some(b) => self.accounts.get(id).map_or(0, |a| a.used) + cost <= b,
         }
     }
 
@@ -889,26 +931,46 @@ impl Ledger {
         floor: u64,
         now: UnixMillis,
     ) -> Option<u64> {
-        let cost = floor.max(self.last_cost(id, job));
-        self.try_spend(id, cost, now).then_some(cost)
+        self.roll(now);
+        let budget = self.budget;
+        let fits = |used: u64, cost: u64| budget.is_none_or(|b| used + cost <= b);
+        let cost = match self.accounts.get_mut(id) {
+            Some(a) => {
+                let cost = floor.max(a.last_cost(job));
+                if !fits(a.used, cost) {
+                    return None;
+                }
+                a.used += cost;
+                cost
+            }
+            None => {
+                if !fits(0, floor) {
+                    return None;
+                }
+                self.accounts.insert(id.clone(), Account::used(floor));
+                floor
+            }
+        };
+        self.changes += 1;
+        Some(cost)
     }
 
     /// Spends `cost` calls if they fit this month's budget (what `allows` then `spend` do, with
     /// one look-up); false, and nothing spent, when they do not.
     pub fn try_spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) -> bool {
         self.roll(now);
-        match self.used.get_mut(id) {
-            Some(n) => {
-                if self.budget.is_some_and(|b| *n + cost > b) {
+        match self.accounts.get_mut(id) {
+            Some(a) => {
+                if self.budget.is_some_and(|b| a.used + cost > b) {
                     return false;
                 }
-                *n += cost;
+                a.used += cost;
             }
             None => {
                 if self.budget.is_some_and(|b| cost > b) {
                     return false;
                 }
-                self.used.insert(id.clone(), cost);
+                self.accounts.insert(id.clone(), Account::used(cost));
             }
         }
         self.changes += 1;
@@ -918,10 +980,10 @@ impl Ledger {
     pub fn spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) {
         self.roll(now);
         // The key is cloned only the first time: every poll spends and settles.
-        match self.used.get_mut(id) {
-            Some(n) => *n += cost,
+        match self.accounts.get_mut(id) {
+            Some(a) => a.used += cost,
             None => {
-                self.used.insert(id.clone(), cost);
+                self.accounts.insert(id.clone(), Account::used(cost));
             }
         }
         self.changes += 1;
@@ -938,8 +1000,8 @@ impl Ledger {
         self.budget = budget;
         self.changes += 1;
         for (id, n) in counted {
-            let used = self.used.entry(id).or_default();
-            *used = (*used).max(n);
+            let a = self.accounts.entry(id).or_default();
+            a.used = a.used.max(n);
         }
     }
 
@@ -947,31 +1009,25 @@ impl Ledger {
     /// Smartcar, e.g. no token or shutdown), and remembers a job's real cost, so the next
     /// admission of it is charged that much.
     pub fn settle(&mut self, id: &VehicleId, job: Option<&'static str>, charged: u64, billed: u64) {
-        match self.used.get_mut(id) {
-            Some(n) => *n = n.saturating_sub(charged) + billed,
-            None => {
-                self.used.insert(id.clone(), billed);
+        let a = match self.accounts.get_mut(id) {
+            Some(a) => {
+                a.used = a.used.saturating_sub(charged) + billed;
+                a
             }
-        }
+            None => self
+                .accounts
+                .entry(id.clone())
+                .or_insert_with(|| Account::used(billed)),
+        };
         self.changes += 1;
         if let (Some(job), true) = (job, billed > 0) {
-            let jobs = match self.last.get_mut(id) {
-                Some(jobs) => jobs,
-                None => self.last.entry(id.clone()).or_default(),
-            };
-            match jobs.iter_mut().find(|(j, _)| *j == job) {
-                Some(last) => last.1 = billed,
-                None => jobs.push((job, billed)),
-            }
+            a.set_last(job, billed);
         }
     }
 
     /// What `job` last cost this vehicle (0: not known yet).
     pub fn last_cost(&self, id: &VehicleId, job: &'static str) -> u64 {
-        self.last
-            .get(id)
-            .and_then(|jobs| jobs.iter().find(|(j, _)| *j == job))
-            .map_or(0, |(_, n)| *n)
+        self.accounts.get(id).map_or(0, |a| a.last_cost(job))
     }
 
     /// Calls this vehicle made in the month `now` falls in. Asked for a month the ledger has
@@ -981,7 +1037,7 @@ impl Ledger {
         if !self.in_month(now) && month_of(now) != self.month {
             return 0;
         }
-        self.used.get(id).copied().unwrap_or(0)
+        self.accounts.get(id).map_or(0, |a| a.used)
     }
 }
 
@@ -1003,6 +1059,34 @@ mod ledger_tests {
         assert!(l.allows(&v, 5, december), "a new month, a new budget");
         assert_eq!(l.used(&v, december), 0);
         assert!(Ledger::new(None, HashMap::new(), NOV_29).allows(&v, u64::MAX / 2, NOV_29));
+    }
+
+    #[test]
+    fn an_account_keeps_each_jobs_last_cost_and_a_new_month_keeps_them() {
+        let v = VehicleId("v".into());
+        let mut l = Ledger::new(None, HashMap::new(), NOV_29);
+        for (job, cost) in [
+            ("battery", 2),
+            ("info", 1),
+            ("capabilities", 5),
+            ("battery", 3),
+        ] {
+            l.settle(&v, Some(job), 0, cost);
+        }
+        assert_eq!(l.last_cost(&v, "battery"), 3, "the latest, not the first");
+        assert_eq!(l.last_cost(&v, "info"), 1);
+        assert_eq!(l.last_cost(&v, "capabilities"), 5);
+        assert_eq!(l.last_cost(&v, "charging"), 0, "never settled");
+        assert_eq!(l.used(&v, NOV_29), 11);
+        // More jobs than places: the newest takes the last place, the first ones stay.
+        l.settle(&v, Some("charging"), 0, 4);
+        l.settle(&v, Some("other"), 0, 6);
+        assert_eq!(l.last_cost(&v, "battery"), 3);
+        assert_eq!(l.last_cost(&v, "other"), 6);
+        // December: the count starts over, what a job costs does not.
+        let december = NOV_29 + 3 * 86_400_000;
+        assert_eq!(l.charge(&v, "battery", 1, december), Some(3));
+        assert_eq!(l.used(&v, december), 3);
     }
 
     #[test]
