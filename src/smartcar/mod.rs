@@ -43,6 +43,7 @@ pub mod connections;
 pub mod endpoint;
 pub mod error;
 pub mod iam;
+mod pool;
 mod scan;
 pub mod scrub;
 pub mod time;

@@ -21,11 +21,10 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
 use hyper::{Method, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::error::{with_causes, ApiError, ErrorKind};
+use super::pool::{for_origin, Origin, Pool};
 
 /// What carpulse sends with every Vehicle API request: `user-agent` as reqwest sent it.
 const AGENT: &str = concat!("carpulse/", env!("CARGO_PKG_VERSION"));
@@ -93,13 +92,16 @@ impl VehicleRequest {
 /// An answer read in full: status, headers, body.
 pub(crate) type Answer = (u16, HeaderMap, Vec<u8>);
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-
-/// hyper's pooled client, configured as reqwest configured it for carpulse.
+/// hyper's HTTP/1 connections, configured as reqwest configured them for carpulse, each
+/// driven by the request using it ([`super::pool`]).
 #[derive(Clone)]
 pub(crate) struct Direct {
-    client: Client<Connector, Full<Bytes>>,
+    pool: std::sync::Arc<Pool>,
 }
+
+/// How many connections a request tries that fail to take it (each a reused one the server
+/// closed while it idled) before one it opens itself.
+const REUSED_TRIES: usize = 4;
 
 impl Direct {
     /// The direct client, or `None` when a proxy applies to one of `bases` (the Vehicle API's
@@ -135,12 +137,48 @@ impl Direct {
             // HTTP/1.1 only (its ALPN set here), as reqwest built without http2 asked.
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(max_idle.max(1))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(https);
-        Ok(Direct { client })
+        let pool = Pool::new(https, max_idle, Duration::from_secs(60));
+        Ok(Direct {
+            pool: std::sync::Arc::new(pool),
+        })
+    }
+
+    /// Sends `request` on a connection to `origin`: an idle one (up to [`REUSED_TRIES`] of
+    /// them, when they turn out closed before taking it), else a new one. Returns the answer's
+    /// head and the connection, which the body is read through.
+    async fn send(
+        &self,
+        origin: &Origin,
+        uri: &Uri,
+        mut request: hyper::Request<Full<Bytes>>,
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, super::pool::Conn), ApiError> {
+        let mut tries = 0;
+        loop {
+            let mut conn = match self.pool.checkout(origin).filter(|_| tries < REUSED_TRIES) {
+                Some(conn) => conn,
+                None => self.pool.connect(uri).await?,
+            };
+            tries += 1;
+            let ready = conn.driver.drive(conn.sender.ready()).await;
+            if let Err(e) = ready {
+                if conn.reused {
+                    continue;
+                }
+                return Err(transport_error("sending the request", &e));
+            }
+            match conn
+                .driver
+                .drive(conn.sender.try_send_request(request))
+                .await
+            {
+                Ok(response) => return Ok((response, conn)),
+                Err(mut e) => match e.take_message() {
+                    // Not sent: a reused connection the server closed; another one takes it.
+                    Some(again) if conn.reused => request = again,
+                    _ => return Err(transport_error("sending the request", e.error())),
+                },
+            }
+        }
     }
 
     /// Sends `req` and reads its answer, never more than `limit` bytes of body. No deadline of
@@ -155,16 +193,15 @@ impl Direct {
                 .entry(USER_AGENT)
                 .or_insert(HeaderValue::from_static(AGENT));
         }
-        let request = builder
+        let mut request = builder
             .body(Full::new(req.body.unwrap_or_default()))
             .map_err(|e| {
                 ApiError::new(ErrorKind::Transport, format!("building the request: {e}"))
             })?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| transport_error("sending the request", &e))?;
+        let uri = request.uri().clone();
+        let origin = Origin::of(&uri)?;
+        for_origin(&mut request);
+        let (response, mut conn) = self.send(&origin, &uri, request).await?;
         let (parts, mut body) = response.into_parts();
         let status = parts.status.as_u16();
         let too_large = || ApiError {
@@ -182,23 +219,29 @@ impl Direct {
         if announced.is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
-        let mut out = Vec::with_capacity(announced.map_or(8 * 1024, |n| n as usize).min(limit));
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                // As reqwest classed it: an answer that breaks off is not a usable body.
-                let mut e = transport_error("reading the answer's body", &e);
-                if e.kind == ErrorKind::Transport {
-                    e.kind = ErrorKind::Decode;
+        let read = async {
+            let mut out = Vec::with_capacity(announced.map_or(8 * 1024, |n| n as usize).min(limit));
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| {
+                    // As reqwest classed it: an answer that breaks off is not a usable body.
+                    let mut e = transport_error("reading the answer's body", &e);
+                    if e.kind == ErrorKind::Transport {
+                        e.kind = ErrorKind::Decode;
+                    }
+                    e
+                })?;
+                if let Ok(data) = frame.into_data() {
+                    if out.len() + data.len() > limit {
+                        return Err(too_large());
+                    }
+                    out.extend_from_slice(&data);
                 }
-                e
-            })?;
-            if let Ok(data) = frame.into_data() {
-                if out.len() + data.len() > limit {
-                    return Err(too_large());
-                }
-                out.extend_from_slice(&data);
             }
-        }
+            Ok(out)
+        };
+        // A connection whose answer was not read to its end is closed (dropped), not reused.
+        let out = conn.driver.drive(read).await?;
+        self.pool.checkin(origin, conn);
         Ok((status, parts.headers, out))
     }
 }
@@ -228,7 +271,7 @@ fn uri_of(url: &str) -> Result<Uri, ApiError> {
 
 /// A transport error with its whole chain of causes (as `ApiError::from_reqwest` writes it);
 /// a timeout anywhere in the chain (the connect timeout) is a timeout.
-fn transport_error(what: &str, err: &(dyn std::error::Error + 'static)) -> ApiError {
+pub(crate) fn transport_error(what: &str, err: &(dyn std::error::Error + 'static)) -> ApiError {
     let timeout = std::iter::successors(Some(err), |e| e.source()).any(|s| {
         s.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
@@ -247,6 +290,139 @@ fn transport_error(what: &str, err: &(dyn std::error::Error + 'static)) -> ApiEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How the test server answers each request of a connection.
+    #[derive(Clone, Copy)]
+    enum Serve {
+        /// Keep-alive answers.
+        KeepAlive,
+        /// Answers the first request, then closes the connection (idle close).
+        CloseAfterOne,
+        /// `Connection: close` answers.
+        SaysClose,
+        /// Announces 100 bytes of body, sends 10, closes.
+        BreaksOff,
+    }
+
+    /// An HTTP/1 server on 127.0.0.1 port 0 answering `{"n":<request number>}`; returns its
+    /// URL and the count of connections it accepted.
+    async fn server(serve: Serve) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let served = std::sync::Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let served = served.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        buf.drain(..end + 4);
+                        let n = served.fetch_add(1, Ordering::SeqCst) + 1;
+                        let body = format!("{{\"n\":{n}}}");
+                        let head = |extra: &str, len: usize| {
+                            format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n{extra}\r\n")
+                        };
+                        let out = match serve {
+                            Serve::KeepAlive | Serve::CloseAfterOne => head("", body.len()) + &body,
+                            Serve::SaysClose => head("connection: close\r\n", body.len()) + &body,
+                            Serve::BreaksOff => head("", 100) + "0123456789",
+                        };
+                        if s.write_all(out.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        if !matches!(serve, Serve::KeepAlive) {
+                            let _ = s.shutdown().await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), accepted)
+    }
+
+    fn get(url: &str) -> VehicleRequest {
+        VehicleRequest {
+            method: Method::GET,
+            url: url.to_owned(),
+            headers: HeaderMap::new(),
+            body: None,
+            unsendable: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_and_a_closed_one_is_replaced() {
+        use std::sync::atomic::Ordering;
+        let direct = Direct::new(Duration::from_secs(5), 8).unwrap();
+        // Keep-alive: three requests, one connection, each answer its own.
+        let (url, accepted) = server(Serve::KeepAlive).await;
+        let origin = Origin::of(&url.parse().unwrap()).unwrap();
+        for n in 1..=3 {
+            let (status, _, body) = direct
+                .exchange(get(&format!("{url}/v3/x")), 1024)
+                .await
+                .unwrap();
+            assert_eq!((status, body), (200, format!("{{\"n\":{n}}}").into_bytes()));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(direct.pool.idle_count(&origin), 1);
+
+        // The server closes each connection after one answer, while it idles here: every next
+        // request finds it closed and goes out on a new one, without an error.
+        let (url, accepted) = server(Serve::CloseAfterOne).await;
+        for n in 1..=3 {
+            let (_, _, body) = direct
+                .exchange(get(&format!("{url}/")), 1024)
+                .await
+                .unwrap();
+            assert_eq!(body, format!("{{\"n\":{n}}}").into_bytes());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+
+        // `connection: close`: not used again.
+        let (url, accepted) = server(Serve::SaysClose).await;
+        for _ in 0..2 {
+            direct
+                .exchange(get(&format!("{url}/")), 1024)
+                .await
+                .unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // An answer that breaks off is a decode error, and its connection is not reused.
+        let (url, accepted) = server(Serve::BreaksOff).await;
+        let origin = Origin::of(&url.parse().unwrap()).unwrap();
+        for _ in 0..2 {
+            let e = direct
+                .exchange(get(&format!("{url}/")), 1024)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Decode, "{e}");
+        }
+        assert_eq!(direct.pool.idle_count(&origin), 0);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // Nobody listening: a transport error, nothing pooled.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone = format!("http://{}/", closed.local_addr().unwrap());
+        drop(closed);
+        let e = direct.exchange(get(&gone), 1024).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Transport, "{e}");
+    }
 
     #[test]
     fn a_proxy_for_the_api_host_sends_requests_through_reqwest() {
