@@ -32,7 +32,7 @@ pub const COUNTED: &[&str] = &[
     "charge_session_log",
     "poll_rollup_daily",
     "poll_rollup_days",
-    "poll_outcome_codes",
+    "poll_outcome_shapes",
 ];
 
 /// What a backup copied and found.

@@ -166,7 +166,7 @@ mod tests {
             "odometer_rollup_daily",
             "poll_endpoints",
             "poll_events",
-            "poll_outcome_codes",
+            "poll_outcome_shapes",
             "poll_log",
             "poll_outcomes_daily",
             "poll_rollup_daily",

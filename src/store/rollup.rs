@@ -96,40 +96,52 @@ pub struct Fact {
     pub calls: Option<i64>,
 }
 
-/// A fact packed into one integer of `poll_rollup_days` (schema 6), or `None` where it does
-/// not fit the fields (it is then kept as a plain `poll_rollup_daily` row):
-/// `endpoints + 256 * (code + 64 * (calls kind + 4 * polls))`, endpoints < 256, the outcome's
-/// code < 64, calls kind 0 where calls = polls, 1 where NULL, 2 where 0. The view
-/// `poll_outcomes_daily` decodes it with shifts and masks; the usual v3 listing day (fewer than
-/// 128 polls) packs into 3 bytes where a plain row takes about 26.
-pub fn pack(endpoints: i64, code: i64, polls: i64, calls: Option<i64>) -> Option<i64> {
-    if !(0..256).contains(&endpoints) || !(0..64).contains(&code) || !(0..1 << 40).contains(&polls)
-    {
-        return None;
+/// How a fact's calls relate to its polls, as `poll_outcome_shapes.calls` keeps it (0: calls =
+/// polls, 1: NULL, 2: 0), or `None` for any other sum (the fact stays a plain row).
+pub fn calls_kind(polls: i64, calls: Option<i64>) -> Option<i64> {
+    match calls {
+        None => Some(1),
+        Some(c) if c == polls => Some(0),
+        Some(0) => Some(2),
+        Some(_) => None,
     }
-    let kind = match calls {
-        None => 1,
-        Some(c) if c == polls => 0,
-        Some(0) => 2,
-        Some(_) => return None,
-    };
-    Some(endpoints + 256 * (code + 64 * (kind + 4 * polls)))
 }
 
-/// The code of an outcome name in `poll_outcome_codes`, added the first time it is met.
-fn outcome_code(tx: &rusqlite::Transaction<'_>, name: &str) -> anyhow::Result<i64> {
-    let known: Option<i64> = tx
-        .prepare_cached("SELECT code FROM poll_outcome_codes WHERE name = ?1")?
-        .query_row([name], |r| r.get(0))
-        .optional()
-        .context("looking up an outcome's code")?;
-    if let Some(code) = known {
-        return Ok(code);
+/// A fact packed into one integer of `poll_rollup_days` (schema 6): `shape + 64 * polls`, its
+/// shape (endpoint set, outcome and calls kind) a code below 64 in `poll_outcome_shapes`; `None`
+/// where it does not fit (it is then kept as a plain `poll_rollup_daily` row). The view
+/// `poll_outcomes_daily` decodes it with a mask and a shift: a day's 96 listings take 2 bytes
+/// where a plain row took about 26.
+pub fn pack(shape: i64, polls: i64) -> Option<i64> {
+    if !(0..64).contains(&shape) || !(0..1 << 40).contains(&polls) {
+        return None;
     }
-    tx.prepare_cached("INSERT INTO poll_outcome_codes (name) VALUES (?1)")?
-        .execute([name])
-        .context("adding an outcome's code")?;
-    Ok(tx.last_insert_rowid())
+    Some(shape + 64 * polls)
+}
+
+/// The shape code of a fact in `poll_outcome_shapes`, added the first time it is met; `None`
+/// where its calls have no kind.
+fn shape(tx: &rusqlite::Transaction<'_>, fact: &Fact) -> anyhow::Result<Option<i64>> {
+    let Some(kind) = calls_kind(fact.polls, fact.calls) else {
+        return Ok(None);
+    };
+    let known: Option<i64> = tx
+        .prepare_cached(
+            "SELECT shape FROM poll_outcome_shapes
+             WHERE endpoints = ?1 AND outcome = ?2 AND calls = ?3",
+        )?
+        .query_row(params![fact.endpoints, fact.outcome, kind], |r| r.get(0))
+        .optional()
+        .context("looking up a poll outcome's shape")?;
+    if known.is_some() {
+        return Ok(known);
+    }
+    tx.prepare_cached(
+        "INSERT INTO poll_outcome_shapes (endpoints, outcome, calls) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![fact.endpoints, fact.outcome, kind])
+    .context("adding a poll outcome's shape")?;
+    Ok(Some(tx.last_insert_rowid()))
 }
 
 /// The facts of `vehicle`'s days in `[from, until)` from its events, per day (ascending), the
@@ -204,8 +216,7 @@ fn summarise(
         let mut packed: Vec<i64> = Vec::with_capacity(FACTS_PER_DAY_ROW);
         while let Some((_, fact)) = facts.get(i).filter(|(d, _)| *d == day) {
             i += 1;
-            let code = outcome_code(tx, &fact.outcome)?;
-            match pack(fact.endpoints, code, fact.polls, fact.calls) {
+            match shape(tx, fact)?.and_then(|shape| pack(shape, fact.polls)) {
                 Some(p) if packed.len() < FACTS_PER_DAY_ROW => packed.push(p),
                 _ => {
                     tx.prepare_cached(

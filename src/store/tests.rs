@@ -2226,28 +2226,15 @@ async fn a_schema_5_store_with_summarised_days_migrates_to_packed_days_with_the_
 /// What packs into a `poll_rollup_days` fact and what stays a plain row.
 #[test]
 fn poll_outcome_facts_pack_only_what_their_fields_hold() {
-    // A v3 listing's day: 3 bytes in SQLite.
-    let listing = rollup::pack(27, 0, 94, Some(94)).unwrap();
-    assert!(listing < 1 << 23, "{listing}");
-    assert_eq!(listing & 255, 27);
-    assert_eq!((listing >> 8) & 63, 0);
-    assert_eq!((listing >> 14) & 3, 0);
-    assert_eq!(listing >> 16, 94);
-    assert_eq!(rollup::pack(3, 1, 2, None).map(|p| (p >> 14) & 3), Some(1));
-    assert_eq!(
-        rollup::pack(3, 1, 2, Some(0)).map(|p| (p >> 14) & 3),
-        Some(2)
-    );
-    assert_eq!(rollup::pack(3, 1, 2, Some(4)), None, "two calls a poll");
-    assert_eq!(
-        rollup::pack(256, 0, 1, Some(1)),
-        None,
-        "an endpoint bit past the field"
-    );
-    assert_eq!(
-        rollup::pack(1, 64, 1, Some(1)),
-        None,
-        "an outcome code past the field"
-    );
-    assert_eq!(rollup::pack(1, 0, 1 << 40, None), None);
+    // A day of 96 listings: 2 bytes in SQLite; a day's one info poll: 1 byte.
+    let listing = rollup::pack(1, 96).unwrap();
+    assert!(listing <= i64::from(i16::MAX), "{listing}");
+    assert_eq!((listing & 63, listing >> 6), (1, 96));
+    assert!(rollup::pack(3, 1).unwrap() <= i64::from(i8::MAX));
+    assert_eq!(rollup::pack(64, 1), None, "a shape past the field");
+    assert_eq!(rollup::pack(1, 1 << 40), None);
+    assert_eq!(rollup::calls_kind(2, Some(2)), Some(0));
+    assert_eq!(rollup::calls_kind(2, None), Some(1));
+    assert_eq!(rollup::calls_kind(2, Some(0)), Some(2));
+    assert_eq!(rollup::calls_kind(2, Some(4)), None, "two calls a poll");
 }

@@ -5,32 +5,31 @@
 -- each on its pages, 0.8 byte a poll. That alone put a year's store at 40.5 bytes per battery
 -- reading after the default retention (issue 8's target: <= 40). Most of a row is the row: its
 -- cell pointer, lengths, the vehicle and the day. Here a vehicle-day is one row, and each of its
--- (endpoints, outcome, polls, calls) facts one integer in it (3 bytes where polls < 128).
+-- facts (endpoints, outcome, polls, calls) one small integer in it.
 --
--- * poll_outcome_codes: a small integer per outcome name ('ok' is 0); the rollup adds a name
---   it meets for the first time (src/store/rollup.rs), as the writer does for poll_endpoints.
--- * poll_rollup_days: per vehicle and UTC day (`day` in ms, the same key as before, so a
+-- * poll_outcome_shapes: a small integer per (endpoint set, outcome, calls kind) met, the
+--   calls kind 0 where a fact's calls = its polls (one billed call a poll, the usual), 1 where
+--   they are NULL, 2 where 0. A fleet meets a handful (a v3 fleet: the listing, the info poll,
+--   the asleep polls); the rollup adds one the first time it meets it (src/store/rollup.rs).
+-- * poll_rollup_days: per vehicle and UTC day (`day` in ms, the same key as schema 5's, so a
 --   filter on the view's `day` is still a primary-key range), up to four facts a, b, c, d,
---   each packed as
---       endpoints + 256 * (outcome code + 64 * (calls kind + 4 * polls))
---   with endpoints < 256 (a poll's bitmask of poll_endpoints.bit), the outcome's code < 64,
---   and the calls kind 0: calls = polls (one billed call a poll, the usual), 1: calls NULL,
---   2: calls 0. The view decodes them with shifts and masks (any SQLite).
+--   each `shape + 64 * polls` (shape < 64): 2 bytes for a day's 96 listings, 1 for its info
+--   poll. The view decodes them with a mask and a shift (any SQLite).
 -- * poll_rollup_daily keeps schema 5's plain rows for the facts that do not pack: a fifth fact
---   of a day, an endpoint bit or outcome code past the field, other calls (e.g. two billed
---   calls a poll). The rollup writes every day's facts into one table or the other, never both.
+--   of a day, a shape past 63, other calls (e.g. two billed calls a poll). The rollup writes
+--   each fact into one table or the other, never both.
 -- * The migration packs what schema 5 summarised and deletes those plain rows: the view shows
 --   the same rows before and after (tests: src/store/tests.rs). The pages they leave go back to
 --   the file system with the next retention pass's incremental vacuum.
 -- poll_outcomes_daily keeps its name, columns and rows; poll_events is untouched.
 
-CREATE TABLE poll_outcome_codes (
-    code INTEGER PRIMARY KEY,
-    name TEXT    NOT NULL UNIQUE
+CREATE TABLE poll_outcome_shapes (
+    shape     INTEGER PRIMARY KEY,
+    endpoints INTEGER NOT NULL,
+    outcome   TEXT    NOT NULL,
+    calls     INTEGER NOT NULL,
+    UNIQUE (endpoints, outcome, calls)
 );
-INSERT INTO poll_outcome_codes (code, name) VALUES (0, 'ok');
-INSERT OR IGNORE INTO poll_outcome_codes (name)
-SELECT DISTINCT outcome FROM poll_rollup_daily ORDER BY outcome;
 
 CREATE TABLE poll_rollup_days (
     vehicle INTEGER NOT NULL,
@@ -42,18 +41,22 @@ CREATE TABLE poll_rollup_days (
     PRIMARY KEY (vehicle, day)
 ) WITHOUT ROWID;
 
+CREATE TEMP TABLE facts AS
+SELECT vehicle, day, endpoints, outcome, polls,
+       CASE WHEN calls IS NULL THEN 1 WHEN calls = polls THEN 0 WHEN calls = 0 THEN 2 END AS kind
+FROM poll_rollup_daily;
+INSERT OR IGNORE INTO poll_outcome_shapes (endpoints, outcome, calls)
+SELECT endpoints, outcome, kind FROM facts WHERE kind IS NOT NULL
+GROUP BY endpoints, outcome, kind ORDER BY sum(polls) DESC;
 CREATE TEMP TABLE packable AS
 SELECT vehicle, day, endpoints, outcome, fact,
        row_number() OVER (PARTITION BY vehicle, day ORDER BY polls DESC, endpoints, outcome) AS slot
 FROM (
-    SELECT r.vehicle, r.day, r.endpoints, r.outcome, r.polls,
-           r.endpoints + 256 * (o.code + 64 * (
-               CASE WHEN r.calls IS NULL THEN 1 WHEN r.calls = r.polls THEN 0 ELSE 2 END
-               + 4 * r.polls)) AS fact
-    FROM poll_rollup_daily r
-    JOIN poll_outcome_codes o ON o.name = r.outcome
-    WHERE r.endpoints BETWEEN 0 AND 255 AND o.code < 64 AND r.polls BETWEEN 0 AND 1099511627775
-      AND (r.calls IS NULL OR r.calls = r.polls OR r.calls = 0)
+    SELECT f.vehicle, f.day, f.endpoints, f.outcome, f.polls, s.shape + 64 * f.polls AS fact
+    FROM facts f
+    JOIN poll_outcome_shapes s
+      ON s.endpoints = f.endpoints AND s.outcome = f.outcome AND s.calls = f.kind
+    WHERE s.shape < 64 AND f.polls BETWEEN 0 AND 1099511627775
 );
 INSERT INTO poll_rollup_days (vehicle, day, a, b, c, d)
 SELECT vehicle, day,
@@ -66,6 +69,7 @@ DELETE FROM poll_rollup_daily
 WHERE (vehicle, day, endpoints, outcome) IN
       (SELECT vehicle, day, endpoints, outcome FROM packable WHERE slot <= 4);
 DROP TABLE packable;
+DROP TABLE facts;
 
 DROP TRIGGER vehicles_after_delete;
 CREATE TRIGGER vehicles_after_delete AFTER DELETE ON vehicles
@@ -93,11 +97,11 @@ SELECT x.vehicle_id   AS vehicle_id,
        x.day          AS day,
        x.day / 1000.0 AS time,
        p.name         AS endpoint,
-       o.name         AS outcome,
-       x.fact >> 16   AS polls,
-       CASE WHEN (x.fact >> 14) & 3 = 1 THEN NULL
-            WHEN (x.fact >> 14) & 3 = 2 THEN 0
-            WHEN (x.fact & 255 & (p.bit - 1)) = 0 THEN x.fact >> 16
+       o.outcome      AS outcome,
+       x.fact >> 6    AS polls,
+       CASE WHEN o.calls = 1 THEN NULL
+            WHEN o.calls = 2 THEN 0
+            WHEN (o.endpoints & (p.bit - 1)) = 0 THEN x.fact >> 6
             ELSE 0 END AS calls
 FROM (
     SELECT v.vehicle_id AS vehicle_id,
@@ -108,8 +112,8 @@ FROM (
     CROSS JOIN (SELECT 1 AS slot UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4) s
     WHERE k.day < (SELECT polls_summarised_before FROM store_state WHERE id = 1)
 ) x
-JOIN poll_outcome_codes o ON o.code = (x.fact >> 8) & 63
-JOIN poll_endpoints p ON (x.fact & 255 & p.bit) <> 0
+JOIN poll_outcome_shapes o ON o.shape = x.fact & 63
+JOIN poll_endpoints p ON (o.endpoints & p.bit) <> 0
 WHERE x.fact IS NOT NULL
 UNION ALL
 SELECT v.vehicle_id   AS vehicle_id,
