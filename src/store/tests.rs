@@ -2238,3 +2238,80 @@ fn poll_outcome_facts_pack_only_what_their_fields_hold() {
     assert_eq!(rollup::calls_kind(2, Some(0)), Some(2));
     assert_eq!(rollup::calls_kind(2, Some(4)), None, "two calls a poll");
 }
+
+/// A day with more facts than a `poll_rollup_days` row holds, or with a fact that does not
+/// pack (polls billed two calls each), keeps the rest as plain `poll_rollup_daily` rows, and
+/// `poll_outcomes_daily` still counts what `poll_events` holds.
+#[tokio::test]
+async fn a_day_with_more_facts_than_a_day_row_holds_keeps_the_rest_as_plain_rows() {
+    const T: i64 = 1_767_225_600_000; // 2026-01-01T00:00Z
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("facts.db");
+    let store = Store::open(&path, None).unwrap();
+    seed(&store, &["veh-a"]).await;
+    let v = vid("veh-a");
+    let mut items = Vec::new();
+    // Six outcomes in one day, the first `n + 1` times each, then one poll billed two calls.
+    for (n, outcome) in [
+        "ok",
+        "vehicle_state",
+        "rate_limited",
+        "upstream",
+        "server",
+        "timeout",
+    ]
+    .iter()
+    .enumerate()
+    {
+        for k in 0..=n as i64 {
+            items.push(WriteItem::Event(PollEvent {
+                vehicle_id: v.clone(),
+                at: T + (n as i64 * 10 + k) * 60_000,
+                endpoint: "battery".into(),
+                outcome: (*outcome).into(),
+                http_status: (*outcome != "ok").then_some(500),
+                error_type: None,
+                error_code: None,
+                calls: Some(1),
+            }));
+        }
+    }
+    items.push(ok_event(&v, T + 7_200_000, "odometer", 2));
+    store.write(items).await.unwrap();
+    store.flush().await.unwrap();
+    let pass = store
+        .call(|c| rollup::run_all(c, T + 2 * 86_400_000))
+        .await
+        .unwrap();
+    assert_eq!(pass.watermark, T + 86_400_000);
+    const VIEW: &str = "SELECT vehicle_id, day, endpoint, outcome, sum(polls), sum(calls)
+        FROM poll_outcomes_daily GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4";
+    const BY_DAY: &str = "SELECT vehicle_id, at / 86400000 * 86400000, endpoint, outcome,
+        count(*), sum(calls) FROM poll_events GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4";
+    assert_eq!(text_rows(&path, VIEW), text_rows(&path, BY_DAY));
+    assert_eq!(text_rows(&path, VIEW).len(), 7);
+    // The four largest counts packed, the two smallest and the two-call poll plain.
+    assert_eq!(
+        text_rows(&path, "SELECT count(d) FROM poll_rollup_days"),
+        vec![vec!["Integer(1)".to_string()]]
+    );
+    assert_eq!(
+        text_rows(
+            &path,
+            "SELECT endpoints, outcome, polls, calls FROM poll_rollup_daily ORDER BY 1, 2"
+        ),
+        [
+            ["Integer(1)", "Text(\"ok\")", "Integer(1)", "Integer(1)"],
+            [
+                "Integer(1)",
+                "Text(\"vehicle_state\")",
+                "Integer(2)",
+                "Integer(2)"
+            ],
+            ["Integer(16)", "Text(\"ok\")", "Integer(1)", "Integer(2)"],
+        ]
+        .map(|r| r.map(String::from).to_vec())
+        .to_vec()
+    );
+    store.close().await.unwrap();
+}
