@@ -31,6 +31,8 @@ pub const COUNTED: &[&str] = &[
     "odometer_rollup_daily",
     "charge_session_log",
     "poll_rollup_daily",
+    "poll_rollup_days",
+    "poll_outcome_shapes",
 ];
 
 /// What a backup copied and found.

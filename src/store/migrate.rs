@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_history_without_tokens.sql"),
     include_str!("migrations/0004_polls_beside_their_readings.sql"),
     include_str!("migrations/0005_poll_outcomes_per_day.sql"),
+    include_str!("migrations/0006_poll_outcome_days_packed.sql"),
 ];
 
 /// The first schema whose history holds no token (they live in the token store).
@@ -165,9 +166,11 @@ mod tests {
             "odometer_rollup_daily",
             "poll_endpoints",
             "poll_events",
+            "poll_outcome_shapes",
             "poll_log",
             "poll_outcomes_daily",
             "poll_rollup_daily",
+            "poll_rollup_days",
             "readings",
             "retention_cutoffs",
             "store_state",

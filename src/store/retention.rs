@@ -15,7 +15,7 @@
 //! views' raw arms (schema 3); the store tests check that they agree.
 //!
 //! Poll events are let go only below the poll rollup's watermark ([`crate::store::rollup`],
-//! [`within_watermark`]): their days' counts are in `poll_rollup_daily` first, so
+//! [`within_watermark`]): their days' counts are in the rollup (`poll_rollup_days`) first, so
 //! `poll_outcomes_daily` keeps every day whatever `poll_events` keeps.
 //!
 //! Freed pages go back to the file system with `PRAGMA incremental_vacuum`, a few megabytes
@@ -434,7 +434,7 @@ pub fn hide_ok_events(c: &Connection, tasks: &[Task]) -> anyhow::Result<()> {
 
 /// `tasks` with no poll event let go past `watermark`, the poll rollup's
 /// ([`crate::store::rollup`]): a day's events are deleted or hidden only once its counts are
-/// in `poll_rollup_daily`, so `poll_outcomes_daily` keeps every day. Under a policy shorter
+/// in the rollup (`poll_rollup_days`), so `poll_outcomes_daily` keeps every day. Under a policy shorter
 /// than a day, events wait for their day to close and be summarised (an hour or so past
 /// midnight), then go.
 pub fn within_watermark(tasks: &[Task], watermark: UnixMillis) -> Vec<Task> {

@@ -989,6 +989,7 @@ fn poll_outcomes_per_day_are_index_searches_for_one_vehicle_and_for_the_fleet() 
         plan("SELECT * FROM poll_outcomes_daily WHERE vehicle_id = 'v' AND day >= 0 ORDER BY day");
     let vehicle = "SEARCH v USING COVERING INDEX sqlite_autoindex_vehicles_1 (vehicle_id=?)";
     for step in [
+        "SEARCH k USING PRIMARY KEY (vehicle=? AND day>? AND day<?)",
         "SEARCH d USING PRIMARY KEY (vehicle=? AND day>? AND day<?)",
         "SEARCH e USING PRIMARY KEY (vehicle=? AND at>?)",
         "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
@@ -997,7 +998,7 @@ fn poll_outcomes_per_day_are_index_searches_for_one_vehicle_and_for_the_fleet() 
     }
     assert_eq!(
         one.iter().filter(|s| *s == vehicle).count(),
-        3,
+        4,
         "each arm seeks the one vehicle: {one:?}"
     );
     let fleet = plan(
@@ -1007,13 +1008,23 @@ fn poll_outcomes_per_day_are_index_searches_for_one_vehicle_and_for_the_fleet() 
          GROUP BY 1, 3 ORDER BY 1, 3",
     );
     for step in [
+        "SEARCH k USING PRIMARY KEY (vehicle=? AND day>? AND day<?)",
         "SEARCH d USING PRIMARY KEY (vehicle=? AND day>? AND day<?)",
         "SEARCH e USING PRIMARY KEY (vehicle=? AND at>?)",
         "SEARCH r USING PRIMARY KEY (vehicle=? AND recorded_at>?)",
     ] {
         assert!(fleet.iter().any(|s| s == step), "{step}: {fleet:?}");
     }
-    for table in ["d", "e", "r", "poll_rollup_daily", "poll_log", "readings"] {
+    for table in [
+        "k",
+        "d",
+        "e",
+        "r",
+        "poll_rollup_days",
+        "poll_rollup_daily",
+        "poll_log",
+        "readings",
+    ] {
         assert!(
             !fleet
                 .iter()
@@ -1774,7 +1785,7 @@ async fn a_schema_4_store_migrates_and_its_poll_outcomes_per_day_match_poll_even
     store.flush().await.unwrap();
     assert_eq!(
         store.call(|c| migrate::current_version(c)).await.unwrap(),
-        5
+        migrate::latest_version()
     );
     assert_eq!(text_rows(&path, EVENTS), events, "poll_events unchanged");
     assert_eq!(
@@ -2013,6 +2024,294 @@ async fn many_small_writes_all_land_and_leave_no_count_behind() {
             .unbatched
             .load(std::sync::atomic::Ordering::Acquire),
         0
+    );
+    store.close().await.unwrap();
+}
+
+/// Schema 5's rollup statement (`src/store/rollup.rs` at schema 5), which filled
+/// `poll_rollup_daily` with one plain row per vehicle, day, endpoint set and outcome: how a
+/// schema 5 daemon left its summarised days, for the migration test below.
+const SCHEMA_5_SUMMARISE: &str = "INSERT INTO poll_rollup_daily
+         (vehicle, day, endpoints, outcome, polls, calls)
+     SELECT ?1, day, endpoints, outcome, sum(polls), sum(calls) FROM (
+         SELECT e.at / 86400000 * 86400000 AS day, e.endpoints AS endpoints,
+                e.outcome AS outcome, count(*) AS polls, sum(e.calls) AS calls
+         FROM poll_log e
+         WHERE e.vehicle = ?1 AND e.at >= ?2 AND e.at < ?3
+         GROUP BY 1, 2, 3
+         UNION ALL
+         SELECT (r.recorded_at + r.fetch_lag_ms) / 86400000 * 86400000, r.poll_endpoints,
+                'ok', count(*), sum(r.poll_calls)
+         FROM readings r
+         WHERE r.vehicle = ?1 AND r.recorded_at >= ?2 - 86400000 AND r.recorded_at < ?3 + 86400000
+           AND r.poll_endpoints IS NOT NULL
+           AND r.recorded_at + r.fetch_lag_ms
+               >= max(?2, (SELECT ok_events_since FROM store_state WHERE id = 1))
+           AND r.recorded_at + r.fetch_lag_ms < ?3
+         GROUP BY 1, 2
+     ) WHERE true
+     GROUP BY day, endpoints, outcome";
+
+/// The history dashboard's "Poll outcomes per day" over every vehicle (its "All"), as the
+/// storage bench runs it, over the first eight days of 2026.
+const PANEL: &str = "SELECT d.day / 1000 AS time, sum(d.polls) AS value, d.outcome AS outcome
+    FROM poll_outcomes_daily d
+    WHERE d.day BETWEEN 1767225600000 AND 1767225600000 + 8 * 86400000
+      AND d.vehicle_id IN (SELECT v.vehicle_id FROM vehicles v)
+    GROUP BY 1, 3 ORDER BY 1, 3";
+
+/// A schema 5 store whose polls were written by the real writer and whose closed days a
+/// schema 5 pass summarised into plain `poll_rollup_daily` rows migrates to schema 6: the
+/// facts that pack move into one `poll_rollup_days` row per vehicle-day, the others (a poll
+/// billed two calls) stay plain, and `poll_outcomes_daily` and the dashboard's panel give the
+/// same rows before, after, after schema 6's own pass over the later days, and after the
+/// default retention (which gives the freed pages back).
+#[tokio::test]
+async fn a_schema_5_store_with_summarised_days_migrates_to_packed_days_with_the_same_rows() {
+    const DAY: i64 = 86_400_000;
+    const T: i64 = 1_767_225_600_000; // 2026-01-01T00:00Z
+    let dir = tempfile::tempdir().unwrap();
+    // The polls, through the real writer (readings and poll_log are the same in schemas 5
+    // and 6): three vehicles, six days, a listing every two hours, asleep at 10:00, a daily
+    // info poll and, for one vehicle, polls billed two calls each (they do not pack).
+    let written = dir.path().join("written.db");
+    let store = Store::open(&written, None).unwrap();
+    let names = ["veh-a", "veh-b", "veh-c"];
+    seed(&store, &names).await;
+    for day in 0..6 {
+        let mut items = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let v = vid(name);
+            for hour in (0..24).step_by(2) {
+                let at = T + day * DAY + hour * 3_600_000 + i as i64 * 60_000;
+                if hour == 10 {
+                    items.push(WriteItem::Event(PollEvent {
+                        vehicle_id: v.clone(),
+                        at,
+                        endpoint: "battery".into(),
+                        outcome: "vehicle_state".into(),
+                        http_status: Some(409),
+                        error_type: Some("VEHICLE_STATE".into()),
+                        error_code: Some("ASLEEP".into()),
+                        calls: Some(1),
+                    }));
+                    continue;
+                }
+                items.extend(listing_poll(&v, at, at - 40_000, at));
+            }
+            items.push(ok_event(&v, T + day * DAY + 4 * 3_600_000 + 5, "info", 1));
+            if i == 2 {
+                items.push(ok_event(&v, T + day * DAY + 13 * 3_600_000, "odometer", 2));
+            }
+        }
+        store.write(items).await.unwrap();
+    }
+    store.flush().await.unwrap();
+    store.close().await.unwrap();
+
+    // The schema 5 store: schema 5's tables, the writer's rows copied in, its first four days
+    // summarised by schema 5's statement and its watermark moved past them.
+    let path = dir.path().join("five.db");
+    {
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "journal_mode", "WAL").unwrap();
+        c.pragma_update(None, "auto_vacuum", "INCREMENTAL").unwrap();
+        for sql in &migrate::MIGRATIONS[..5] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", 5).unwrap();
+        c.execute("ATTACH DATABASE ?1 AS w", [written.to_str().unwrap()])
+            .unwrap();
+        c.execute_batch(
+            "DELETE FROM poll_endpoints;
+             INSERT INTO poll_endpoints SELECT * FROM w.poll_endpoints;
+             INSERT INTO connections SELECT * FROM w.connections;
+             INSERT INTO vehicles SELECT * FROM w.vehicles;
+             INSERT INTO readings SELECT * FROM w.readings;
+             INSERT INTO reading_lags SELECT * FROM w.reading_lags;
+             INSERT INTO poll_log SELECT * FROM w.poll_log;",
+        )
+        .unwrap();
+        c.execute("DETACH DATABASE w", []).unwrap();
+        for vehicle in 1..=3 {
+            c.execute(
+                SCHEMA_5_SUMMARISE,
+                rusqlite::params![vehicle, T, T + 4 * DAY],
+            )
+            .unwrap();
+        }
+        c.execute(
+            "UPDATE store_state SET polls_summarised_before = ?1",
+            [T + 4 * DAY],
+        )
+        .unwrap();
+    }
+    const VIEW: &str = "SELECT vehicle_id, day, endpoint, outcome, sum(polls), sum(calls)
+        FROM poll_outcomes_daily GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4";
+    const BY_DAY: &str = "SELECT vehicle_id, at / 86400000 * 86400000, endpoint, outcome,
+        count(*), sum(calls) FROM poll_events GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4";
+    let plain = text_rows(&path, "SELECT count(*) FROM poll_rollup_daily");
+    // Three facts a vehicle-day (the listing, the asleep poll, the info poll), four for veh-c.
+    assert_eq!(plain, vec![vec!["Integer(40)".to_string()]]);
+    let view = text_rows(&path, VIEW);
+    let panel = text_rows(&path, PANEL);
+    assert_eq!(
+        view,
+        text_rows(&path, BY_DAY),
+        "schema 5 agrees with its events"
+    );
+    assert_eq!(panel.len(), 12, "{panel:?}");
+
+    let store = Store::open(&path, None).unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(
+        store.call(|c| migrate::current_version(c)).await.unwrap(),
+        migrate::latest_version()
+    );
+    assert_eq!(
+        text_rows(&path, VIEW),
+        view,
+        "the same days after the migration"
+    );
+    assert_eq!(text_rows(&path, PANEL), panel, "the same panel");
+    // One row per vehicle-day; only the facts billed two calls a poll stayed plain.
+    assert_eq!(
+        text_rows(&path, "SELECT count(*) FROM poll_rollup_days"),
+        vec![vec!["Integer(12)".to_string()]]
+    );
+    assert_eq!(
+        text_rows(
+            &path,
+            "SELECT vehicle, count(*), sum(polls), sum(calls) FROM poll_rollup_daily GROUP BY 1"
+        ),
+        vec![vec![
+            "Integer(3)".to_string(),
+            "Integer(4)".to_string(),
+            "Integer(4)".to_string(),
+            "Integer(8)".to_string()
+        ]]
+    );
+    // Schema 6's own pass summarises the later days the same way.
+    let pass = store
+        .call(|c| rollup::run_all(c, T + 7 * DAY))
+        .await
+        .unwrap();
+    assert_eq!(pass.watermark, T + 6 * DAY);
+    assert_eq!(
+        text_rows(&path, VIEW),
+        view,
+        "the later days from the packed rows"
+    );
+    assert_eq!(text_rows(&path, PANEL), panel);
+    assert_eq!(
+        text_rows(&path, "SELECT count(*), count(d) FROM poll_rollup_days"),
+        vec![vec!["Integer(18)".to_string(), "Integer(0)".to_string()]]
+    );
+    // The default retention (at 100 days, every `ok` event goes from poll_events) keeps every
+    // day's counts and leaves no free page behind.
+    let summary = store
+        .call(|c| retention::run_all(c, &retention::Policy::default(), T + 100 * DAY))
+        .await
+        .unwrap();
+    assert!(summary.events_deleted > 0, "{summary:?}");
+    assert_eq!(text_rows(&path, VIEW), view, "after retention");
+    assert_eq!(text_rows(&path, PANEL), panel);
+    assert_eq!(
+        text_rows(&path, "PRAGMA freelist_count"),
+        vec![vec!["Integer(0)".to_string()]]
+    );
+    store.close().await.unwrap();
+}
+
+/// What packs into a `poll_rollup_days` fact and what stays a plain row.
+#[test]
+fn poll_outcome_facts_pack_only_what_their_fields_hold() {
+    // A day of 96 listings: 2 bytes in SQLite; a day's one info poll: 1 byte.
+    let listing = rollup::pack(1, 96).unwrap();
+    assert!(listing <= i64::from(i16::MAX), "{listing}");
+    assert_eq!((listing & 63, listing >> 6), (1, 96));
+    assert!(rollup::pack(3, 1).unwrap() <= i64::from(i8::MAX));
+    assert_eq!(rollup::pack(64, 1), None, "a shape past the field");
+    assert_eq!(rollup::pack(1, 1 << 40), None);
+    assert_eq!(rollup::calls_kind(2, Some(2)), Some(0));
+    assert_eq!(rollup::calls_kind(2, None), Some(1));
+    assert_eq!(rollup::calls_kind(2, Some(0)), Some(2));
+    assert_eq!(rollup::calls_kind(2, Some(4)), None, "two calls a poll");
+}
+
+/// A day with more facts than a `poll_rollup_days` row holds, or with a fact that does not
+/// pack (polls billed two calls each), keeps the rest as plain `poll_rollup_daily` rows, and
+/// `poll_outcomes_daily` still counts what `poll_events` holds.
+#[tokio::test]
+async fn a_day_with_more_facts_than_a_day_row_holds_keeps_the_rest_as_plain_rows() {
+    const T: i64 = 1_767_225_600_000; // 2026-01-01T00:00Z
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("facts.db");
+    let store = Store::open(&path, None).unwrap();
+    seed(&store, &["veh-a"]).await;
+    let v = vid("veh-a");
+    let mut items = Vec::new();
+    // Six outcomes in one day, the first `n + 1` times each, then one poll billed two calls.
+    for (n, outcome) in [
+        "ok",
+        "vehicle_state",
+        "rate_limited",
+        "upstream",
+        "server",
+        "timeout",
+    ]
+    .iter()
+    .enumerate()
+    {
+        for k in 0..=n as i64 {
+            items.push(WriteItem::Event(PollEvent {
+                vehicle_id: v.clone(),
+                at: T + (n as i64 * 10 + k) * 60_000,
+                endpoint: "battery".into(),
+                outcome: (*outcome).into(),
+                http_status: (*outcome != "ok").then_some(500),
+                error_type: None,
+                error_code: None,
+                calls: Some(1),
+            }));
+        }
+    }
+    items.push(ok_event(&v, T + 7_200_000, "odometer", 2));
+    store.write(items).await.unwrap();
+    store.flush().await.unwrap();
+    let pass = store
+        .call(|c| rollup::run_all(c, T + 2 * 86_400_000))
+        .await
+        .unwrap();
+    assert_eq!(pass.watermark, T + 86_400_000);
+    const VIEW: &str = "SELECT vehicle_id, day, endpoint, outcome, sum(polls), sum(calls)
+        FROM poll_outcomes_daily GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4";
+    const BY_DAY: &str = "SELECT vehicle_id, at / 86400000 * 86400000, endpoint, outcome,
+        count(*), sum(calls) FROM poll_events GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4";
+    assert_eq!(text_rows(&path, VIEW), text_rows(&path, BY_DAY));
+    assert_eq!(text_rows(&path, VIEW).len(), 7);
+    // The four largest counts packed, the two smallest and the two-call poll plain.
+    assert_eq!(
+        text_rows(&path, "SELECT count(d) FROM poll_rollup_days"),
+        vec![vec!["Integer(1)".to_string()]]
+    );
+    assert_eq!(
+        text_rows(
+            &path,
+            "SELECT endpoints, outcome, polls, calls FROM poll_rollup_daily ORDER BY 1, 2"
+        ),
+        [
+            ["Integer(1)", "Text(\"ok\")", "Integer(1)", "Integer(1)"],
+            [
+                "Integer(1)",
+                "Text(\"vehicle_state\")",
+                "Integer(2)",
+                "Integer(2)"
+            ],
+            ["Integer(16)", "Text(\"ok\")", "Integer(1)", "Integer(2)"],
+        ]
+        .map(|r| r.map(String::from).to_vec())
+        .to_vec()
     );
     store.close().await.unwrap();
 }

@@ -71,7 +71,7 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     );
     let out = crate::stdout_of(&mut dry).await;
     for expected in [
-        "schema version 2; this carpulse writes version 5",
+        "schema version 2; this carpulse writes version 6",
         "3: a history a Grafana account may read",
         "4: a poll that stored readings is kept beside them",
         "5: poll outcomes per day, summarised",
@@ -98,14 +98,14 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     );
     assert!(crate::stdout_of(&mut run)
         .await
-        .contains("migrated to schema version 5"));
+        .contains("migrated to schema version 6"));
 
     // The snapshot: the old store as it was (tokens and all), private, and openable.
     let snapshot = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.to_string_lossy().contains("carpulse.db.before-schema-5."))
+        .find(|p| p.to_string_lossy().contains("carpulse.db.before-schema-6."))
         .expect("a snapshot before the migration");
     assert_eq!(
         std::fs::metadata(&snapshot).unwrap().permissions().mode() & 0o777,
@@ -118,7 +118,7 @@ async fn an_old_store_migrates_keeping_its_history_and_its_tokens_apart() {
     );
 
     // The history: same readings and events, no token anywhere in its files, group-readable.
-    assert_eq!(crate::db_i64(&db, "PRAGMA user_version"), 5);
+    assert_eq!(crate::db_i64(&db, "PRAGMA user_version"), 6);
     assert_eq!(
         crate::db_i64(&db, "SELECT count(*) FROM battery_history"),
         2

@@ -608,7 +608,7 @@ async fn poll_outcomes_per_day_outlive_the_poll_events() {
     assert!(pass.steps >= VEHICLES * (DAYS as usize - 1) / 7, "{pass:?}");
     agree("summarised", &rows(&store, OUTCOMES_VIEW).await, &events);
     let summarised: i64 = store
-        .call(|c| Ok(c.query_row("SELECT count(*) FROM poll_rollup_daily", [], |r| r.get(0))?))
+        .call(|c| Ok(c.query_row("SELECT count(*) FROM poll_rollup_days", [], |r| r.get(0))?))
         .await
         .unwrap();
     assert!(summarised > 0);
