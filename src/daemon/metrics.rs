@@ -31,15 +31,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::vehicle_gauges::{ComputedGauges, VehicleGauges};
-use crate::hash::{FxHashMap, FxHasher};
-
-/// A `HashSet` with [`FxHasher`], as [`FxHashMap`].
-type FxHashSet<T> = HashSet<T, std::hash::BuildHasherDefault<FxHasher>>;
 use crate::domain::{
     ApiVersion, BatteryReading, ChargeReading, ChargeState, OdometerReading, UnixMillis, VehicleId,
     VehicleInfo,
 };
+use crate::hash::{FxHashMap, FxHasher};
 use crate::smartcar::{Endpoint, ErrorKind};
+
+/// A `HashSet` with [`FxHasher`], as [`FxHashMap`].
+type FxHashSet<T> = HashSet<T, std::hash::BuildHasherDefault<FxHasher>>;
 
 /// Whether `state` replaces `current` as a vehicle's state: anything beats `ok`, otherwise
 /// the earlier in [`VEHICLE_STATES`] wins (one rule for the per-vehicle series and the counts).
@@ -116,8 +116,9 @@ pub const REVISION: &str = env!("CARPULSE_REVISION");
 /// removes by partial labels). One std mutex: held for map updates only, never across an await.
 #[derive(Default)]
 struct Known {
-    /// The latest `recorded_at` of each (vehicle, signal), for `carpulse_reading_age_seconds`
-    /// of vehicles the poller does not ask (held, disabled) or has not asked yet.
+    /// The latest `recorded_at` of each (vehicle, signal), what `carpulse_reading_age_seconds`
+    /// is written from at each scrape, for every vehicle, polled or not (held, disabled, not
+    /// asked yet).
     /// One entry per vehicle, by [`SIGNALS`] position (a key per signal cloned the id thrice).
     /// Fx-hashed, as the fleet table is: looked up for every reading and, by the health
     /// check's walk, for every vehicle.
