@@ -1198,3 +1198,71 @@ async fn a_health_check_reuses_its_walk_only_while_nothing_moves() {
     );
     w.stop.cancel();
 }
+
+/// Issue 8: with per-vehicle series on, the health check reuses its walk too, because it sets
+/// no reading age: `carpulse_reading_age_seconds` is written at each scrape from the reading
+/// times, so it grows with the clock with neither a check nor a poll. Switching the series off
+/// and on again walks again, and brings back what the walk sets and the poller's ages.
+#[tokio::test]
+async fn with_per_vehicle_series_the_walk_is_reused_and_ages_are_as_of_each_scrape() {
+    use carpulse::daemon::health::HealthCheck;
+    use carpulse::daemon::metrics::Health;
+    let w = world("v3", Duration::from_secs(7200)).await;
+    let connected = connect(&w).await;
+    // The poller's metrics, as the daemon has one set for everything.
+    let (poller, metrics) = poller_for(&w, "v3", &connected).await;
+    assert!(metrics.per_vehicle());
+    let tokens = tokens_for(&w, &metrics).await;
+    let health = Health::default();
+    let mut check = HealthCheck::new(carpulse::domain::now_ms());
+    let stale_after = Duration::from_secs(3600);
+    let report = poller.cycle(Job::Battery, CancellationToken::new()).await;
+    assert_eq!(report.ok, 3, "{report:?}");
+    for _ in 0..3 {
+        check
+            .check(&health, &tokens, &poller, &metrics, stale_after)
+            .await;
+    }
+    assert_eq!(check.walks(), 1, "nothing moved but the clock");
+    assert!(health.lock().unwrap().problems.is_empty());
+
+    let ages = |text: &str| -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|l| l.starts_with("carpulse_reading_age_seconds{"))
+            .filter_map(|l| {
+                let (series, v) = l.rsplit_once(' ')?;
+                Some((series.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    };
+    let now = carpulse::domain::now_ms();
+    let (a, b) = (
+        ages(&metrics.render_at(now)),
+        ages(&metrics.render_at(now + 60_000)),
+    );
+    assert_eq!(a.len(), 9, "battery, charge, odometer of 3 vehicles: {a:?}");
+    assert_eq!(a.len(), b.len());
+    for ((series, a), (same, b)) in a.iter().zip(&b) {
+        assert_eq!(series, same);
+        assert!((b - a - 60.0).abs() < 1e-6, "{series}: {a} -> {b}");
+    }
+    let billed = |m: &Metrics| {
+        m.render()
+            .matches("carpulse_smartcar_calls_billed{vehicle_id=")
+            .count()
+    };
+    assert_eq!(billed(&metrics), 3);
+
+    // Off drops every per-vehicle series; on again, the next check walks and sets its own
+    // again, and the ages the poller saw are written again.
+    metrics.set_per_vehicle(false);
+    assert!(ages(&metrics.render()).is_empty());
+    metrics.set_per_vehicle(true);
+    check
+        .check(&health, &tokens, &poller, &metrics, stale_after)
+        .await;
+    assert_eq!(check.walks(), 2);
+    assert_eq!(billed(&metrics), 3);
+    assert_eq!(ages(&metrics.render()).len(), 9);
+    w.stop.cancel();
+}

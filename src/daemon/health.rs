@@ -9,8 +9,10 @@
 //! ([`Poller::changes`], [`Metrics::fleet_changes`]). Between two checks in which none of
 //! them moved, only time did: the walk is reused until the first vehicle in it would turn
 //! stale (or the month turns), and only the problem texts, which name how long ago, are
-//! written again. With per-vehicle metrics on (small fleets) the walk runs every time, since
-//! `carpulse_reading_age_seconds` ages with the clock.
+//! written again. The same holds with per-vehicle metrics on: `carpulse_reading_age_seconds`,
+//! which ages with the clock, is written at each scrape from the reading times (see
+//! [`Metrics`]), so the check sets none of it, and switching per-vehicle series on or off
+//! moves [`Metrics::fleet_changes`].
 
 use std::time::Duration;
 
@@ -130,7 +132,6 @@ impl HealthCheck {
     ) {
         let now = crate::domain::now_ms();
         let mut problems = connection_problems(tokens, metrics).await;
-        metrics.update_reading_ages(now);
         // Read before the walk: a change during it moves them again, and the next check walks.
         let inputs = Inputs {
             poller: poller.changes(),
@@ -138,11 +139,10 @@ impl HealthCheck {
             stale_ms: stale_after.as_millis() as i64,
             month: month_of(now),
         };
-        let reuse = !metrics.per_vehicle()
-            && self
-                .last
-                .as_ref()
-                .is_some_and(|w| w.inputs == inputs && now < w.valid_until);
+        let reuse = self
+            .last
+            .as_ref()
+            .is_some_and(|w| w.inputs == inputs && now < w.valid_until);
         if !reuse {
             self.last = Some(walk(poller, metrics, inputs, self.started, now));
             self.walks += 1;
@@ -231,14 +231,9 @@ fn walk(
         } else {
             inputs.stale_ms
         };
-        if metrics.per_vehicle() {
-            for (signal, recorded) in &fresh.recorded {
-                metrics
-                    .reading_age
-                    .with_label_values(&[vehicle.0.as_str(), signal])
-                    .set((now - recorded) as f64 / 1000.0);
-            }
-        }
+        // The ages are written at each scrape from the reading times; the poller's are
+        // noted there too (a no-op when the poller recorded its readings in these metrics).
+        metrics.merge_recorded(&vehicle, &fresh.recorded);
         if now - since > stale_ms {
             problems.push(VehicleProblem::Stale {
                 vehicle,

@@ -2,6 +2,8 @@
 //! read side, each module through real parts (the real binary, real SQLite files, the
 //! simulator on loopback, the real Prometheus server and promtool where installed):
 //!
+//! - `ages`: `carpulse_reading_age_seconds` written at each scrape (it grows with the clock
+//!   between two scrapes without a poll) and a scrape of named families (`?name[]=`).
 //! - `cli`: read commands with `--db` and no credentials, a closed pipe, vehicle names,
 //!   times, `status` on a running and a stopped daemon (the demo's store).
 //! - `connect`: `connect --paste` and a taken callback port.
@@ -17,6 +19,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod ages;
 mod cli;
 mod connect;
 mod dashboards;
