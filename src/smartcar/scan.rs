@@ -464,6 +464,67 @@ mod tests {
         assert!(skips(&long));
     }
 
+    /// Word and block seams: a string whose quote follows an odd or even run of backslashes,
+    /// a control character, an escape or a number, each placed at every offset around the
+    /// first and second 64-byte seams (and so across every eight-byte word of the string
+    /// search), in documents whose length is a multiple of 64 and not. The scanner accepts
+    /// exactly what serde accepts.
+    #[test]
+    fn seams_change_nothing() {
+        let pieces: Vec<String> = [
+            "\\\"x",
+            "\\\\",
+            "\\\\\\\"y",
+            "\\\\\\\\\\\\",
+            "\\",
+            "\\u00e9",
+            "\\u00g9",
+            "\u{1}",
+            "\u{1f}",
+            "\t",
+            "\u{7f}",
+            "\u{e9}",
+            "\"",
+        ]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+        for pad in 0..140 {
+            if !(56..72).contains(&pad) && !(120..136).contains(&pad) && pad > 8 {
+                continue;
+            }
+            let lead = "a".repeat(pad);
+            for piece in &pieces {
+                for tail in ["", "bc", &"z".repeat(70)] {
+                    for text in [
+                        format!("[\"{lead}{piece}{tail}\"]"),
+                        format!("\"{lead}{piece}{tail}\""),
+                        format!("{{\"{lead}\":\"{piece}{tail}\",\"k\":1}}"),
+                    ] {
+                        assert_eq!(skips(&text), serde_skips(&text), "{text:?}");
+                    }
+                }
+            }
+            // Numbers and literals straddling the seam, and a document ending right at it.
+            for scalar in ["-12.5e+3", "1234567", "true", "null", "-0", "01", "1.e5"] {
+                for text in [
+                    format!("[\"{lead}\",{scalar}]"),
+                    format!("[{}{scalar}]", " ".repeat(pad)),
+                ] {
+                    assert_eq!(skips(&text), serde_skips(&text), "{text:?}");
+                }
+            }
+        }
+        for len in [62usize, 63, 64, 65, 127, 128, 129, 192] {
+            // `"aaa…"`: exactly `len` bytes, then cut one short and one byte too many.
+            let text = format!("\"{}\"", "a".repeat(len - 2));
+            assert_eq!(text.len(), len);
+            assert!(skips(&text));
+            assert!(!skips(&text[..len - 1]));
+            assert!(!skips(&format!("{text}\"")));
+        }
+    }
+
     #[test]
     fn nesting_beyond_the_limit_is_declined_not_a_stack_overflow() {
         let deep = "[".repeat(100_000);
