@@ -57,7 +57,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION};
+
+/// Smartcar's own request headers, parsed once (a `&str` key is parsed at every insert).
+const SC_UNIT_SYSTEM: HeaderName = HeaderName::from_static("sc-unit-system");
+const SC_USER_ID: HeaderName = HeaderName::from_static("sc-user-id");
 use reqwest::{Method, Url};
 use serde::de::DeserializeOwned;
 
@@ -607,8 +611,13 @@ impl SmartcarClient {
     ) -> transport::VehicleRequest {
         let mut headers = HeaderMap::with_capacity(4);
         let mut unsendable = None;
-        // A token is header-safe text; one that is not fails the request unsent.
-        match HeaderValue::from_str(&format!("Bearer {}", access.expose())) {
+        // A token is header-safe text; one that is not fails the request unsent. Built in one
+        // buffer the header value then owns (from_str copies its text again).
+        let token = access.expose();
+        let mut bearer = String::with_capacity("Bearer ".len() + token.len());
+        bearer.push_str("Bearer ");
+        bearer.push_str(token);
+        match HeaderValue::from_maybe_shared(bytes::Bytes::from(bearer)) {
             Ok(mut bearer) => {
                 bearer.set_sensitive(true);
                 headers.insert(AUTHORIZATION, bearer);
@@ -616,14 +625,14 @@ impl SmartcarClient {
             Err(_) => unsendable = Some("the access token is not valid header text; not sent"),
         }
         headers.insert(
-            "sc-unit-system",
+            SC_UNIT_SYSTEM,
             HeaderValue::from_static(self.inner.unit_system.as_str()),
         );
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         if let Some(user) = user_id {
             match HeaderValue::from_str(user) {
                 Ok(user) => {
-                    headers.insert("sc-user-id", user);
+                    headers.insert(SC_USER_ID, user);
                 }
                 Err(_) => unsendable = Some("the user id is not valid header text; not sent"),
             }

@@ -151,7 +151,7 @@ impl Direct {
         origin: &Origin,
         uri: &Uri,
         mut request: hyper::Request<Full<Bytes>>,
-    ) -> Result<(hyper::Response<hyper::body::Incoming>, super::pool::Conn), ApiError> {
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, super::pool::Boxed), ApiError> {
         let mut tries = 0;
         loop {
             let mut conn = match self.pool.checkout(origin).filter(|_| tries < REUSED_TRIES) {
