@@ -95,14 +95,22 @@ pub(crate) fn for_origin(req: &mut hyper::Request<Body>) {
     *req.uri_mut() = target;
 }
 
-/// A connection's state machine and whether it has ended.
+/// A connection's state machine, until it ends.
 pub(crate) struct Driver {
-    conn: http1::Connection<Io, Body>,
-    /// The connection ended (closed by either side, or broken): it is never polled again.
-    ended: bool,
+    /// `None` once the connection ended (closed by either side, or broken). It is dropped
+    /// then, not kept: hyper fails a request still queued for it, and the `SendRequest`'s
+    /// `ready` says closed, only when its dispatcher is dropped. A dispatcher kept after a
+    /// quiet close (the server ended an idle keep-alive connection) would take a request and
+    /// never answer it.
+    conn: Option<http1::Connection<Io, Body>>,
 }
 
 impl Driver {
+    /// The connection ended.
+    pub fn ended(&self) -> bool {
+        self.conn.is_none()
+    }
+
     /// Runs `fut` (a step of a request on this connection) to its end while polling the
     /// connection, which does the reading and writing the step waits for. When the connection
     /// ends first, `fut` still runs to its end: hyper fails it (the request was not sent, or
@@ -110,9 +118,9 @@ impl Driver {
     pub async fn drive<F: Future>(&mut self, fut: F) -> F::Output {
         let mut fut = pin!(fut);
         poll_fn(|cx| {
-            if !self.ended {
-                if let Poll::Ready(r) = Pin::new(&mut self.conn).poll(cx) {
-                    self.ended = true;
+            if let Some(conn) = &mut self.conn {
+                if let Poll::Ready(r) = Pin::new(conn).poll(cx) {
+                    self.conn = None;
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "a Vehicle API connection ended");
                     }
@@ -175,7 +183,7 @@ impl Pool {
             let list = idle.iter_mut().find(|(o, _)| o == origin)?;
             let mut found = None;
             while let Some(c) = list.1.pop() {
-                if c.driver.ended || now.duration_since(c.idle_since) > self.idle_timeout {
+                if c.driver.ended() || now.duration_since(c.idle_since) > self.idle_timeout {
                     stale.push(c);
                 } else {
                     found = Some(c);
@@ -193,7 +201,7 @@ impl Pool {
     /// `origin`, unless it ended or the origin has `max_idle` idle already. Those that idled
     /// past the timeout are closed (the oldest are at the bottom).
     pub fn checkin(&self, origin: Origin, mut conn: Boxed) {
-        if conn.driver.ended || conn.sender.is_closed() {
+        if conn.driver.ended() || conn.sender.is_closed() {
             return;
         }
         let now = Instant::now();
@@ -242,7 +250,7 @@ impl Pool {
             .map_err(|e| super::transport::transport_error("connecting", &e))?;
         Ok(Box::new(Conn {
             sender,
-            driver: Driver { conn, ended: false },
+            driver: Driver { conn: Some(conn) },
             reused: false,
             idle_since: Instant::now(),
         }))

@@ -154,7 +154,12 @@ impl Direct {
     ) -> Result<(hyper::Response<hyper::body::Incoming>, super::pool::Boxed), ApiError> {
         let mut tries = 0;
         loop {
-            let mut conn = match self.pool.checkout(origin).filter(|_| tries < REUSED_TRIES) {
+            let idle = if tries < REUSED_TRIES {
+                self.pool.checkout(origin)
+            } else {
+                None
+            };
+            let mut conn = match idle {
                 Some(conn) => conn,
                 None => self.pool.connect(uri).await?,
             };
@@ -290,6 +295,8 @@ pub(crate) fn transport_error(what: &str, err: &(dyn std::error::Error + 'static
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     /// How the test server answers each request of a connection.
     #[derive(Clone, Copy)]
@@ -302,33 +309,52 @@ mod tests {
         SaysClose,
         /// Announces 100 bytes of body, sends 10, closes.
         BreaksOff,
+        /// Keep-alive answers; a connection idle for 50 ms after an answer is closed (a
+        /// server's keep-alive timeout), counted in the server's `closed`.
+        IdleCloses,
     }
 
     /// An HTTP/1 server on 127.0.0.1 port 0 answering `{"n":<request number>}`; returns its
     /// URL and the count of connections it accepted.
-    async fn server(serve: Serve) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
+    async fn server(serve: Serve) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = std::sync::Arc::new(AtomicUsize::new(0));
         let served = std::sync::Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (count, shut) = (accepted.clone(), closed.clone());
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                let served = served.clone();
+                let (served, shut) = (served.clone(), shut.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 1024];
+                    let mut answered = false;
                     loop {
                         let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            match s.read(&mut chunk).await {
+                            let read = s.read(&mut chunk);
+                            let read = if matches!(serve, Serve::IdleCloses) && answered {
+                                match tokio::time::timeout(Duration::from_millis(50), read).await {
+                                    Ok(r) => r,
+                                    Err(_) => {
+                                        let _ = s.shutdown().await;
+                                        drop(s);
+                                        shut.fetch_add(1, Ordering::SeqCst);
+                                        return;
+                                    }
+                                }
+                            } else {
+                                read.await
+                            };
+                            match read {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                             }
                             continue;
                         };
+                        answered = true;
                         buf.drain(..end + 4);
                         let n = served.fetch_add(1, Ordering::SeqCst) + 1;
                         let body = format!("{{\"n\":{n}}}");
@@ -336,14 +362,16 @@ mod tests {
                             format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n{extra}\r\n")
                         };
                         let out = match serve {
-                            Serve::KeepAlive | Serve::CloseAfterOne => head("", body.len()) + &body,
+                            Serve::KeepAlive | Serve::CloseAfterOne | Serve::IdleCloses => {
+                                head("", body.len()) + &body
+                            }
                             Serve::SaysClose => head("connection: close\r\n", body.len()) + &body,
                             Serve::BreaksOff => head("", 100) + "0123456789",
                         };
                         if s.write_all(out.as_bytes()).await.is_err() {
                             return;
                         }
-                        if !matches!(serve, Serve::KeepAlive) {
+                        if !matches!(serve, Serve::KeepAlive | Serve::IdleCloses) {
                             let _ = s.shutdown().await;
                             return;
                         }
@@ -351,7 +379,7 @@ mod tests {
                 });
             }
         });
-        (format!("http://{addr}"), accepted)
+        (format!("http://{addr}"), accepted, closed)
     }
 
     fn get(url: &str) -> VehicleRequest {
@@ -366,10 +394,9 @@ mod tests {
 
     #[tokio::test]
     async fn connections_are_reused_and_a_closed_one_is_replaced() {
-        use std::sync::atomic::Ordering;
         let direct = Direct::new(Duration::from_secs(5), 8).unwrap();
         // Keep-alive: three requests, one connection, each answer its own.
-        let (url, accepted) = server(Serve::KeepAlive).await;
+        let (url, accepted, _) = server(Serve::KeepAlive).await;
         let origin = Origin::of(&url.parse().unwrap()).unwrap();
         for n in 1..=3 {
             let (status, _, body) = direct
@@ -383,7 +410,7 @@ mod tests {
 
         // The server closes each connection after one answer, while it idles here: every next
         // request finds it closed and goes out on a new one, without an error.
-        let (url, accepted) = server(Serve::CloseAfterOne).await;
+        let (url, accepted, _) = server(Serve::CloseAfterOne).await;
         for n in 1..=3 {
             let (_, _, body) = direct
                 .exchange(get(&format!("{url}/")), 1024)
@@ -394,7 +421,7 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
 
         // `connection: close`: not used again.
-        let (url, accepted) = server(Serve::SaysClose).await;
+        let (url, accepted, _) = server(Serve::SaysClose).await;
         for _ in 0..2 {
             direct
                 .exchange(get(&format!("{url}/")), 1024)
@@ -404,7 +431,7 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
 
         // An answer that breaks off is a decode error, and its connection is not reused.
-        let (url, accepted) = server(Serve::BreaksOff).await;
+        let (url, accepted, _) = server(Serve::BreaksOff).await;
         let origin = Origin::of(&url.parse().unwrap()).unwrap();
         for _ in 0..2 {
             let e = direct
@@ -414,6 +441,34 @@ mod tests {
             assert_eq!(e.kind, ErrorKind::Decode, "{e}");
         }
         assert_eq!(direct.pool.idle_count(&origin), 0);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // The server ends a connection that idled here past its keep-alive timeout: the next
+        // request finds it closed when it takes it and goes out on a new one, at once (a
+        // dispatcher kept after that quiet close took the request and never answered).
+        let (url, accepted, closed) = server(Serve::IdleCloses).await;
+        let origin = Origin::of(&url.parse().unwrap()).unwrap();
+        direct
+            .exchange(get(&format!("{url}/")), 1024)
+            .await
+            .unwrap();
+        assert_eq!(direct.pool.idle_count(&origin), 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while closed.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server never closed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let second = tokio::time::timeout(
+            Duration::from_secs(5),
+            direct.exchange(get(&format!("{url}/")), 1024),
+        )
+        .await
+        .expect("a request on a connection the server closed while idle must not hang")
+        .unwrap();
+        assert_eq!(second.2, b"{\"n\":2}".to_vec());
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
 
         // Nobody listening: a transport error, nothing pooled.
