@@ -256,6 +256,25 @@ impl Pool {
         }))
     }
 
+    /// Closes the connections that idled past the timeout (the oldest of each origin are at
+    /// the bottom of its stack).
+    pub fn reap(&self) {
+        let now = Instant::now();
+        let expired: Vec<Boxed> = {
+            let mut idle = self.idle();
+            let mut out = Vec::new();
+            for (_, list) in idle.iter_mut() {
+                let old = list
+                    .iter()
+                    .take_while(|c| now.duration_since(c.idle_since) > self.idle_timeout)
+                    .count();
+                out.extend(list.drain(..old));
+            }
+            out
+        };
+        drop(expired);
+    }
+
     /// Idle connections to `origin` (for tests).
     #[cfg(test)]
     pub fn idle_count(&self, origin: &Origin) -> usize {
@@ -264,6 +283,32 @@ impl Pool {
             .find(|(o, _)| o == origin)
             .map_or(0, |(_, l)| l.len())
     }
+}
+
+/// Closes `pool`'s connections that idled past its timeout, every half timeout, for as long as
+/// the pool lives: between two ticks nothing else takes or returns a connection, and a tick's
+/// thousand connections would hold their buffers (and file descriptors) until the next one.
+/// Without a runtime (a client built outside one) connections are still closed when taken.
+pub(crate) fn reap_in_background(pool: &std::sync::Arc<Pool>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let pool = std::sync::Arc::downgrade(pool);
+    let every = match pool.upgrade() {
+        Some(p) => (p.idle_timeout / 2).max(Duration::from_millis(10)),
+        None => return,
+    };
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            match pool.upgrade() {
+                Some(p) => p.reap(),
+                None => return,
+            }
+        }
+    });
 }
 
 #[cfg(test)]

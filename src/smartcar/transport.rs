@@ -99,6 +99,9 @@ pub(crate) struct Direct {
     pool: std::sync::Arc<Pool>,
 }
 
+/// How long a connection may idle before it is closed (reqwest's and hyper-util's default).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How many connections a request tries that fail to take it (each a reused one the server
 /// closed while it idled) before one it opens itself.
 const REUSED_TRIES: usize = 4;
@@ -116,10 +119,14 @@ impl Direct {
             tracing::info!("a proxy applies to the Vehicle API; its requests go through it");
             return Ok(None);
         }
-        Direct::new(connect_timeout, max_idle).map(Some)
+        Direct::new(connect_timeout, max_idle, IDLE_TIMEOUT).map(Some)
     }
 
-    fn new(connect_timeout: Duration, max_idle: usize) -> anyhow::Result<Direct> {
+    fn new(
+        connect_timeout: Duration,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> anyhow::Result<Direct> {
         use hyper_rustls::ConfigBuilderExt as _;
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -137,10 +144,9 @@ impl Direct {
             // HTTP/1.1 only (its ALPN set here), as reqwest built without http2 asked.
             .enable_http1()
             .wrap_connector(http);
-        let pool = Pool::new(https, max_idle, Duration::from_secs(60));
-        Ok(Direct {
-            pool: std::sync::Arc::new(pool),
-        })
+        let pool = std::sync::Arc::new(Pool::new(https, max_idle, idle_timeout));
+        super::pool::reap_in_background(&pool);
+        Ok(Direct { pool })
     }
 
     /// Sends `request` on a connection to `origin`: an idle one (up to [`REUSED_TRIES`] of
@@ -382,6 +388,30 @@ mod tests {
         (format!("http://{addr}"), accepted, closed)
     }
 
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout_without_a_request() {
+        let direct = Direct::new(Duration::from_secs(5), 8, Duration::from_millis(100)).unwrap();
+        let (url, _, _) = server(Serve::KeepAlive).await;
+        let origin = Origin::of(&url.parse().unwrap()).unwrap();
+        let (a, b) = tokio::join!(
+            direct.exchange(get(&format!("{url}/")), 1024),
+            direct.exchange(get(&format!("{url}/")), 1024)
+        );
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(direct.pool.idle_count(&origin), 2);
+        // No request follows: the reaper closes both (a tick's thousand connections would
+        // otherwise hold their buffers until the next tick).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while direct.pool.idle_count(&origin) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "idle connections kept"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn get(url: &str) -> VehicleRequest {
         VehicleRequest {
             method: Method::GET,
@@ -394,7 +424,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_are_reused_and_a_closed_one_is_replaced() {
-        let direct = Direct::new(Duration::from_secs(5), 8).unwrap();
+        let direct = Direct::new(Duration::from_secs(5), 8, IDLE_TIMEOUT).unwrap();
         // Keep-alive: three requests, one connection, each answer its own.
         let (url, accepted, _) = server(Serve::KeepAlive).await;
         let origin = Origin::of(&url.parse().unwrap()).unwrap();
