@@ -931,12 +931,29 @@ impl Ledger {
         floor: u64,
         now: UnixMillis,
     ) -> Option<u64> {
+        self.spend_with(id, now, |a| floor.max(a.map_or(0, |a| a.last_cost(job))))
+    }
+
+    /// Spends `cost` calls if they fit this month's budget (what `allows` then `spend` do, with
+    /// one look-up); false, and nothing spent, when they do not.
+    pub fn try_spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) -> bool {
+        self.spend_with(id, now, |_| cost).is_some()
+    }
+
+    /// Spends what `cost` says for the vehicle's account (none yet: `None`) if it fits this
+    /// month's budget, with one look-up; returns it, or `None` and nothing spent.
+    fn spend_with(
+        &mut self,
+        id: &VehicleId,
+        now: UnixMillis,
+        cost: impl FnOnce(Option<&Account>) -> u64,
+    ) -> Option<u64> {
         self.roll(now);
         let budget = self.budget;
         let fits = |used: u64, cost: u64| budget.is_none_or(|b| used + cost <= b);
         let cost = match self.accounts.get_mut(id) {
             Some(a) => {
-                let cost = floor.max(a.last_cost(job));
+                let cost = cost(Some(a));
                 if !fits(a.used, cost) {
                     return None;
                 }
@@ -944,37 +961,16 @@ impl Ledger {
                 cost
             }
             None => {
-                if !fits(0, floor) {
+                let cost = cost(None);
+                if !fits(0, cost) {
                     return None;
                 }
-                self.accounts.insert(id.clone(), Account::used(floor));
-                floor
+                self.accounts.insert(id.clone(), Account::used(cost));
+                cost
             }
         };
         self.changes += 1;
         Some(cost)
-    }
-
-    /// Spends `cost` calls if they fit this month's budget (what `allows` then `spend` do, with
-    /// one look-up); false, and nothing spent, when they do not.
-    pub fn try_spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) -> bool {
-        self.roll(now);
-        match self.accounts.get_mut(id) {
-            Some(a) => {
-                if self.budget.is_some_and(|b| a.used + cost > b) {
-                    return false;
-                }
-                a.used += cost;
-            }
-            None => {
-                if self.budget.is_some_and(|b| cost > b) {
-                    return false;
-                }
-                self.accounts.insert(id.clone(), Account::used(cost));
-            }
-        }
-        self.changes += 1;
-        true
     }
 
     pub fn spend(&mut self, id: &VehicleId, cost: u64, now: UnixMillis) {
