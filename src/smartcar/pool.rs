@@ -65,9 +65,9 @@ impl Origin {
 
 /// Makes `req` what an HTTP/1 origin server expects: a `Host` header (with the port when it is
 /// not the scheme's default) unless one is set, and the target in origin form (path and
-/// query), as hyper-util's client did for a connection without a proxy.
-pub(crate) fn for_origin(req: &mut hyper::Request<Body>) {
-    let uri = req.uri().clone();
+/// query), as hyper-util's client did for a connection without a proxy. `uri` is the
+/// request's own (the caller keeps it for the connection's origin).
+pub(crate) fn for_origin(req: &mut hyper::Request<Body>, uri: &Uri) {
     if !req.headers().contains_key(HOST) {
         if let Some(authority) = uri.authority() {
             let host = authority.host();
@@ -218,11 +218,7 @@ impl Pool {
                 }
             };
             let list = &mut idle[i].1;
-            let old = list
-                .iter()
-                .take_while(|c| now.duration_since(c.idle_since) > self.idle_timeout)
-                .count();
-            expired.extend(list.drain(..old));
+            expired.extend(self.expired(list, now));
             if list.len() < self.max_idle {
                 list.push(conn);
                 None
@@ -256,6 +252,16 @@ impl Pool {
         }))
     }
 
+    /// Takes the connections of `list` that idled past the timeout at `now` (its oldest, at the
+    /// bottom), for the caller to close outside the lock.
+    fn expired<'l>(&self, list: &'l mut Vec<Boxed>, now: Instant) -> std::vec::Drain<'l, Boxed> {
+        let old = list
+            .iter()
+            .take_while(|c| now.duration_since(c.idle_since) > self.idle_timeout)
+            .count();
+        list.drain(..old)
+    }
+
     /// Closes the connections that idled past the timeout (the oldest of each origin are at
     /// the bottom of its stack).
     pub fn reap(&self) {
@@ -264,11 +270,7 @@ impl Pool {
             let mut idle = self.idle();
             let mut out = Vec::new();
             for (_, list) in idle.iter_mut() {
-                let old = list
-                    .iter()
-                    .take_while(|c| now.duration_since(c.idle_since) > self.idle_timeout)
-                    .count();
-                out.extend(list.drain(..old));
+                out.extend(self.expired(list, now));
             }
             out
         };
@@ -322,7 +324,8 @@ mod tests {
                 .uri(uri)
                 .body(Body::default())
                 .unwrap();
-            for_origin(&mut r);
+            let uri = r.uri().clone();
+            for_origin(&mut r, &uri);
             (
                 r.uri().to_string(),
                 r.headers()
@@ -356,7 +359,8 @@ mod tests {
             .header(HOST, "other")
             .body(Body::default())
             .unwrap();
-        for_origin(&mut r);
+        let uri = r.uri().clone();
+        for_origin(&mut r, &uri);
         assert_eq!(r.headers()[HOST], "other");
     }
 

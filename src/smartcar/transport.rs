@@ -211,7 +211,7 @@ impl Direct {
             })?;
         let uri = request.uri().clone();
         let origin = Origin::of(&uri)?;
-        for_origin(&mut request);
+        for_origin(&mut request, &uri);
         let (response, mut conn) = self.send(&origin, &uri, request).await?;
         let (parts, mut body) = response.into_parts();
         let status = parts.status.as_u16();
