@@ -1399,21 +1399,7 @@ mod tests {
         assert_eq!(on_grain(ms(3), ms(5), g), ms(3));
         assert_eq!(on_grain(ms(3), ms(5), Duration::ZERO), ms(3));
         // Across a fleet the order of due times is kept and the offsets still spread.
-        let ids: Vec<VehicleId> = (0..1_000)
-            .map(|i| VehicleId(format!("vehicle-{i}")))
-            .collect();
-        let mut pairs: Vec<(Duration, Duration)> = ids
-            .iter()
-            .map(|id| {
-                let o = offset_in(id, w);
-                (o, on_grain(o, w, g))
-            })
-            .collect();
-        pairs.sort();
-        assert!(pairs.windows(2).all(|p| p[0].1 <= p[1].1));
-        assert!(pairs
-            .iter()
-            .all(|(o, on)| on >= o && *on < w && *on - *o < g));
+        let pairs = starts_in_order(1_000, w, g);
         let grains: std::collections::BTreeSet<Duration> = pairs.iter().map(|p| p.1).collect();
         assert!(grains.len() > 200, "{} distinct start times", grains.len());
     }
@@ -1437,21 +1423,26 @@ mod tests {
         assert_eq!(grain_for(usize::MAX, s(60)), MIN_GRAIN);
         // Every poll of a tick still starts inside its window, in its order.
         for (due, w) in [(2_000, s(60)), (10, s(60)), (300, ms(2_500))] {
-            let g = grain_for(due, w);
-            let ids: Vec<VehicleId> = (0..due).map(|i| VehicleId(format!("v-{i}"))).collect();
-            let mut pairs: Vec<(Duration, Duration)> = ids
-                .iter()
-                .map(|id| {
-                    let o = offset_in(id, w);
-                    (o, on_grain(o, w, g))
-                })
-                .collect();
-            pairs.sort();
-            assert!(pairs.windows(2).all(|p| p[0].1 <= p[1].1));
-            assert!(pairs
-                .iter()
-                .all(|(o, on)| on >= o && *on < w && *on - *o < g));
+            starts_in_order(due, w, grain_for(due, w));
         }
+    }
+
+    /// The (offset, start) of `n` vehicles in `w` on grain `g`, sorted, after checking that
+    /// starts keep the offsets' order, stay inside the window and are never early, at most a
+    /// grain late.
+    fn starts_in_order(n: usize, w: Duration, g: Duration) -> Vec<(Duration, Duration)> {
+        let mut pairs: Vec<(Duration, Duration)> = (0..n)
+            .map(|i| {
+                let o = offset_in(&VehicleId(format!("vehicle-{i}")), w);
+                (o, on_grain(o, w, g))
+            })
+            .collect();
+        pairs.sort();
+        assert!(pairs.windows(2).all(|p| p[0].1 <= p[1].1));
+        assert!(pairs
+            .iter()
+            .all(|(o, on)| on >= o && *on < w && *on - *o < g));
+        pairs
     }
 
     #[test]
