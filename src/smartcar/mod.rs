@@ -42,6 +42,7 @@ pub mod auth;
 pub mod connections;
 pub mod endpoint;
 pub mod error;
+mod h1;
 pub mod iam;
 mod pool;
 mod scan;
@@ -292,7 +293,7 @@ impl fmt::Debug for SmartcarClient {
 pub(crate) struct RawResponse {
     pub status: u16,
     pub headers: HeaderMap,
-    pub body: Vec<u8>,
+    pub body: bytes::Bytes,
     /// When the answer arrived: the `fetched_at` of every reading in it.
     pub fetched_at: UnixMillis,
 }
@@ -769,7 +770,7 @@ impl SmartcarClient {
         let body = read_body(resp, VEHICLE_BODY_LIMIT)
             .await
             .map_err(|e| e.into_api_error(status, timeout))?;
-        Ok((status, headers, body))
+        Ok((status, headers, body.into()))
     }
 }
 

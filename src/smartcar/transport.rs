@@ -1,8 +1,8 @@
 //! How a Vehicle API request reaches Smartcar and its answer comes back.
 //!
 //! Two ways, one request type ([`VehicleRequest`]):
-//! - **direct**: hyper's pooled HTTP/1 client (the one reqwest itself drives), with rustls and
-//!   the same webpki roots, TCP_NODELAY and connect timeout reqwest used. The fleet profile put
+//! - **direct**: carpulse's own HTTP/1.1 exchange ([`super::h1`]) on pooled connections, with
+//!   rustls and the same webpki roots, TCP_NODELAY and connect timeout reqwest used. The fleet profile put
 //!   ~15 % of a poll's CPU in reqwest's layers above hyper (its redirect and retry services,
 //!   the URL's parse and its round trip through `Uri`, the header copies the redirect policy
 //!   makes even when redirects are off), for nothing a Vehicle API call uses;
@@ -17,14 +17,14 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::proxy::matcher::Matcher;
 
 use super::error::{with_causes, ApiError, ErrorKind};
-use super::pool::{for_origin, Origin, Pool};
+use super::h1::Failure;
+use super::pool::{Origin, Pool};
 
 /// What carpulse sends with every Vehicle API request: `user-agent` as reqwest sent it.
 const AGENT: &str = concat!("carpulse/", env!("CARGO_PKG_VERSION"));
@@ -89,11 +89,12 @@ impl VehicleRequest {
     }
 }
 
-/// An answer read in full: status, headers, body.
-pub(crate) type Answer = (u16, HeaderMap, Vec<u8>);
+/// An answer read in full: status, headers, body (a view of the buffer the answer was read
+/// into, head and all: not copied out of it).
+pub(crate) type Answer = (u16, HeaderMap, Bytes);
 
-/// hyper's HTTP/1 connections, configured as reqwest configured them for carpulse, each
-/// driven by the request using it ([`super::pool`]).
+/// HTTP/1.1 connections ([`super::h1`]), connected as reqwest connected them for carpulse
+/// (hyper-rustls), each used by one request at a time ([`super::pool`]).
 #[derive(Clone)]
 pub(crate) struct Direct {
     pool: std::sync::Arc<Pool>,
@@ -149,111 +150,51 @@ impl Direct {
         Ok(Direct { pool })
     }
 
-    /// Sends `request` on a connection to `origin`: an idle one (up to [`REUSED_TRIES`] of
-    /// them, when they turn out closed before taking it), else a new one. Returns the answer's
-    /// head and the connection, which the body is read through.
-    async fn send(
-        &self,
-        origin: &Origin,
-        uri: &Uri,
-        mut request: hyper::Request<Full<Bytes>>,
-    ) -> Result<(hyper::Response<hyper::body::Incoming>, super::pool::Boxed), ApiError> {
+    /// Sends `req` and reads its answer, never more than `limit` bytes of body. No deadline of
+    /// its own: the caller's covers the whole exchange.
+    ///
+    /// The request goes out on an idle connection to its origin, else a new one. An idle
+    /// connection the server closed is dropped when taken; one that could not take the
+    /// request (its write failed: the server closed it just then) passes it on to another, up
+    /// to [`REUSED_TRIES`] reused ones, then a new one, as hyper-util retried a request never
+    /// sent. A request that was written is never sent again (each is billed).
+    pub async fn exchange(&self, req: VehicleRequest, limit: usize) -> Result<Answer, ApiError> {
+        req.check()?;
+        let uri = uri_of(&req.url)?;
+        let origin = Origin::of(&uri)?;
+        let mut request = Vec::with_capacity(512);
+        super::h1::encode_request(
+            &mut request,
+            &req.method,
+            &uri,
+            &req.headers,
+            req.body.as_deref(),
+            AGENT,
+        );
         let mut tries = 0;
         loop {
             let idle = if tries < REUSED_TRIES {
-                self.pool.checkout(origin)
+                self.pool.checkout(&origin)
             } else {
                 None
             };
             let mut conn = match idle {
                 Some(conn) => conn,
-                None => self.pool.connect(uri).await?,
+                None => self.pool.connect(&uri).await?,
             };
             tries += 1;
-            let ready = conn.driver.drive(conn.sender.ready()).await;
-            if let Err(e) = ready {
-                if conn.reused {
-                    continue;
-                }
-                return Err(transport_error("sending the request", &e));
-            }
-            match conn
-                .driver
-                .drive(conn.sender.try_send_request(request))
-                .await
-            {
-                Ok(response) => return Ok((response, conn)),
-                Err(mut e) => match e.take_message() {
-                    // Not sent: a reused connection the server closed; another one takes it.
-                    Some(again) if conn.reused => request = again,
-                    _ => return Err(transport_error("sending the request", e.error())),
-                },
-            }
-        }
-    }
-
-    /// Sends `req` and reads its answer, never more than `limit` bytes of body. No deadline of
-    /// its own: the caller's covers the whole exchange.
-    pub async fn exchange(&self, req: VehicleRequest, limit: usize) -> Result<Answer, ApiError> {
-        req.check()?;
-        let uri = uri_of(&req.url)?;
-        let mut builder = hyper::Request::builder().method(req.method).uri(uri);
-        if let Some(headers) = builder.headers_mut() {
-            *headers = req.headers;
-            headers
-                .entry(USER_AGENT)
-                .or_insert(HeaderValue::from_static(AGENT));
-        }
-        let mut request = builder
-            .body(Full::new(req.body.unwrap_or_default()))
-            .map_err(|e| {
-                ApiError::new(ErrorKind::Transport, format!("building the request: {e}"))
-            })?;
-        let uri = request.uri().clone();
-        let origin = Origin::of(&uri)?;
-        for_origin(&mut request, &uri);
-        let (response, mut conn) = self.send(&origin, &uri, request).await?;
-        let (parts, mut body) = response.into_parts();
-        let status = parts.status.as_u16();
-        let too_large = || ApiError {
-            status: Some(status),
-            ..ApiError::new(
-                ErrorKind::TooLarge,
-                format!("the answer is larger than {limit} bytes; not read"),
-            )
-        };
-        let announced = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if announced.is_some_and(|n| n > limit as u64) {
-            return Err(too_large());
-        }
-        let read = async {
-            let mut out = Vec::with_capacity(announced.map_or(8 * 1024, |n| n as usize).min(limit));
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| {
-                    // As reqwest classed it: an answer that breaks off is not a usable body.
-                    let mut e = transport_error("reading the answer's body", &e);
-                    if e.kind == ErrorKind::Transport {
-                        e.kind = ErrorKind::Decode;
+            match conn.h1.exchange(&request, limit).await {
+                Ok(answer) => {
+                    if answer.reusable {
+                        self.pool.checkin(origin, conn);
                     }
-                    e
-                })?;
-                if let Ok(data) = frame.into_data() {
-                    if out.len() + data.len() > limit {
-                        return Err(too_large());
-                    }
-                    out.extend_from_slice(&data);
+                    return Ok((answer.status, answer.headers, answer.body));
                 }
+                Err(Failure::Unsent(_)) if conn.reused => continue,
+                Err(Failure::Unsent(e)) => return Err(transport_error("sending the request", &e)),
+                Err(Failure::Answer(e)) => return Err(e),
             }
-            Ok(out)
-        };
-        // A connection whose answer was not read to its end is closed (dropped), not reused.
-        let out = conn.driver.drive(read).await?;
-        self.pool.checkin(origin, conn);
-        Ok((status, parts.headers, out))
+        }
     }
 }
 
@@ -318,6 +259,11 @@ mod tests {
         /// Keep-alive answers; a connection idle for 50 ms after an answer is closed (a
         /// server's keep-alive timeout), counted in the server's `closed`.
         IdleCloses,
+        /// Keep-alive answers in chunks (with an extension and a trailer), each after a
+        /// `100 Continue`, the head and each chunk written separately.
+        Chunked,
+        /// HTTP/1.0 answers without a length: the body lasts until the connection closes.
+        Http10,
     }
 
     /// An HTTP/1 server on 127.0.0.1 port 0 answering `{"n":<request number>}`; returns its
@@ -373,6 +319,24 @@ mod tests {
                             }
                             Serve::SaysClose => head("connection: close\r\n", body.len()) + &body,
                             Serve::BreaksOff => head("", 100) + "0123456789",
+                            Serve::Chunked => {
+                                let pieces = [
+                                    "HTTP/1.1 100 Continue\r\n\r\n".to_owned(),
+                                    "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                                        .to_owned(),
+                                    format!("3;x=y\r\n{}\r\n", &body[..3]),
+                                    format!("{:x}\r\n{}\r\n", body.len() - 3, &body[3..]),
+                                    "0\r\nx-trailer: 1\r\n\r\n".to_owned(),
+                                ];
+                                for piece in pieces {
+                                    if s.write_all(piece.as_bytes()).await.is_err() {
+                                        return;
+                                    }
+                                    let _ = s.flush().await;
+                                }
+                                continue;
+                            }
+                            Serve::Http10 => format!("HTTP/1.0 200 OK\r\n\r\n{body}"),
                         };
                         if s.write_all(out.as_bytes()).await.is_err() {
                             return;
@@ -433,7 +397,7 @@ mod tests {
                 .exchange(get(&format!("{url}/v3/x")), 1024)
                 .await
                 .unwrap();
-            assert_eq!((status, body), (200, format!("{{\"n\":{n}}}").into_bytes()));
+            assert_eq!((status, body), (200, Bytes::from(format!("{{\"n\":{n}}}"))));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(direct.pool.idle_count(&origin), 1);
@@ -446,7 +410,7 @@ mod tests {
                 .exchange(get(&format!("{url}/")), 1024)
                 .await
                 .unwrap();
-            assert_eq!(body, format!("{{\"n\":{n}}}").into_bytes());
+            assert_eq!(body, Bytes::from(format!("{{\"n\":{n}}}")));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
 
@@ -498,8 +462,40 @@ mod tests {
         .await
         .expect("a request on a connection the server closed while idle must not hang")
         .unwrap();
-        assert_eq!(second.2, b"{\"n\":2}".to_vec());
+        assert_eq!(second.2, &b"{\"n\":2}"[..]);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // A chunked answer after an informational one: the body whole, the connection reused.
+        let (url, accepted, _) = server(Serve::Chunked).await;
+        for n in 1..=2 {
+            let (status, headers, body) = direct
+                .exchange(get(&format!("{url}/")), 1024)
+                .await
+                .unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(headers["transfer-encoding"], "chunked");
+            assert_eq!(body, Bytes::from(format!("{{\"n\":{n}}}")));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // ... and one over the limit is refused as too large.
+        let e = direct
+            .exchange(get(&format!("{url}/")), 4)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TooLarge, "{e}");
+
+        // HTTP/1.0 without a length: the body is what comes until the close; not reused.
+        let (url, accepted, _) = server(Serve::Http10).await;
+        let origin = Origin::of(&url.parse().unwrap()).unwrap();
+        for n in 1..=2 {
+            let (_, _, body) = direct
+                .exchange(get(&format!("{url}/")), 1024)
+                .await
+                .unwrap();
+            assert_eq!(body, Bytes::from(format!("{{\"n\":{n}}}")));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(direct.pool.idle_count(&origin), 0);
 
         // Nobody listening: a transport error, nothing pooled.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
